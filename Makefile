@@ -1,0 +1,62 @@
+# Two commands a newcomer needs: `make run` and `make test`. Both install what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the token host, the tests and the crash tooling need.
+APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
+PYTEST_ARGS ?=
+
+.PHONY: all deps apt venv proto run test unit integration lint typecheck clean
+
+all: deps
+
+deps: apt venv proto
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+proto: $(GEN)
+
+$(GEN) &: proto/signer/v1/signer.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/signer/v1/signer.proto
+
+# Token host and service in the foreground on 127.0.0.1:50051; Ctrl-C stops both.
+run: deps
+	$(VENV)/bin/signer run --dir var
+
+lint: deps
+	$(VENV)/bin/ruff check signer tests
+	$(VENV)/bin/ruff format --check signer tests
+
+typecheck: deps
+	$(VENV)/bin/mypy
+
+test: deps lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: deps
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: deps
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(GEN) .mypy_cache .ruff_cache .pytest_cache

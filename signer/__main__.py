@@ -1,0 +1,5 @@
+import sys
+
+from signer.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""A typed Python client for the signer service.
+
+    from signer.client import SignerClient
+    with SignerClient("127.0.0.1:50051") as c:
+        c.create_key("payments", "ec-p256")
+        sig = c.sign("payments", message=b"hello")
+        assert c.verify("payments", sig.signature, message=b"hello")
+
+gRPC errors come back as the :mod:`signer.errors` class of their status, with the server's
+message; a signature that does not verify is ``False``, not an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import grpc
+
+from signer.errors import BY_CODE, Code, Internal, SignerError
+from signer.v1 import signer_pb2 as pb
+from signer.v1 import signer_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+Key = pb.Key
+KeyVersion = pb.KeyVersion
+
+
+@dataclass(frozen=True)
+class Signature:
+    signature: bytes
+    version: int
+    algorithm: str
+    signature_algorithm: str
+
+
+def _error(exc: grpc.RpcError) -> SignerError:
+    code = exc.code()
+    message = exc.details() or code.name
+    try:
+        cls = BY_CODE[Code(code.name)]
+    except (ValueError, KeyError):
+        cls = Internal
+        message = f"{code.name}: {message}"
+    return cls(message)
+
+
+_FORMATS = {"der": pb.DER, "raw": pb.RAW}
+_PADDINGS = {"pss": pb.PSS, "pkcs1v15": pb.PKCS1V15}
+
+
+class SignerClient:
+    """A connection to one signer service; safe to share between threads."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = 30.0,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(address)
+        self._stub = pb_grpc.SignerServiceStub(self._channel)
+        self._timeout = timeout
+
+    def __enter__(self) -> SignerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def create_key(
+        self, name: str, algorithm: str, scope: str = "", labels: dict[str, str] | None = None
+    ) -> pb.Key:
+        req = pb.CreateKeyRequest(name=name, algorithm=algorithm, scope=scope, labels=labels or {})
+        key: pb.Key = self._call("CreateKey", req)
+        return key
+
+    def get_key(self, name: str) -> pb.Key:
+        key: pb.Key = self._call("GetKey", pb.GetKeyRequest(name=name))
+        return key
+
+    def list_keys(self, page_size: int = 0, page_token: str = "") -> pb.ListKeysResponse:
+        resp: pb.ListKeysResponse = self._call(
+            "ListKeys", pb.ListKeysRequest(page_size=page_size, page_token=page_token)
+        )
+        return resp
+
+    def iter_keys(self, page_size: int = 0) -> Iterator[pb.Key]:
+        """Every key, following pages."""
+        token = ""
+        while True:
+            page = self.list_keys(page_size, token)
+            yield from page.keys
+            token = page.next_page_token
+            if not token:
+                return
+
+    def public_key(
+        self, name: str, version: int = 0, format: Literal["pem", "jwk"] = "pem"
+    ) -> pb.PublicKey:
+        fmt = pb.JWK if format == "jwk" else pb.PEM
+        resp: pb.PublicKey = self._call(
+            "GetPublicKey", pb.GetPublicKeyRequest(name=name, version=version, format=fmt)
+        )
+        return resp
+
+    def rotate(self, name: str) -> pb.Key:
+        key: pb.Key = self._call("RotateKey", pb.RotateKeyRequest(name=name))
+        return key
+
+    def set_primary(self, name: str, version: int) -> pb.Key:
+        key: pb.Key = self._call(
+            "SetPrimaryVersion", pb.SetPrimaryVersionRequest(name=name, version=version)
+        )
+        return key
+
+    def disable(self, name: str, version: int) -> pb.KeyVersion:
+        v: pb.KeyVersion = self._call(
+            "DisableKeyVersion", pb.KeyVersionRequest(name=name, version=version)
+        )
+        return v
+
+    def enable(self, name: str, version: int) -> pb.KeyVersion:
+        v: pb.KeyVersion = self._call(
+            "EnableKeyVersion", pb.KeyVersionRequest(name=name, version=version)
+        )
+        return v
+
+    def schedule_destruction(
+        self, name: str, version: int, waiting_period_seconds: int = 0
+    ) -> pb.KeyVersion:
+        v: pb.KeyVersion = self._call(
+            "ScheduleKeyVersionDestruction",
+            pb.ScheduleKeyVersionDestructionRequest(
+                name=name, version=version, waiting_period_seconds=waiting_period_seconds
+            ),
+        )
+        return v
+
+    def cancel_destruction(self, name: str, version: int) -> pb.KeyVersion:
+        v: pb.KeyVersion = self._call(
+            "CancelKeyVersionDestruction", pb.KeyVersionRequest(name=name, version=version)
+        )
+        return v
+
+    # --- signatures ---------------------------------------------------------------------------
+
+    def sign(
+        self,
+        name: str,
+        *,
+        message: bytes | None = None,
+        digest: bytes | None = None,
+        version: int = 0,
+        signature_format: Literal["der", "raw"] = "der",
+        rsa_padding: Literal["pss", "pkcs1v15"] = "pss",
+    ) -> Signature:
+        """Signs ``message`` (hashed by the service) or a precomputed ``digest``."""
+        req = pb.SignRequest(
+            name=name,
+            version=version,
+            signature_format=_FORMATS[signature_format],
+            rsa_padding=_PADDINGS[rsa_padding],
+        )
+        _set_input(req, message, digest)
+        resp: pb.SignResponse = self._call("Sign", req)
+        return Signature(resp.signature, resp.version, resp.algorithm, resp.signature_algorithm)
+
+    def verify(
+        self,
+        name: str,
+        signature: bytes,
+        *,
+        message: bytes | None = None,
+        digest: bytes | None = None,
+        version: int = 0,
+        signature_format: Literal["der", "raw"] = "der",
+        rsa_padding: Literal["pss", "pkcs1v15"] = "pss",
+    ) -> bool:
+        req = pb.VerifyRequest(
+            name=name,
+            version=version,
+            signature=signature,
+            signature_format=_FORMATS[signature_format],
+            rsa_padding=_PADDINGS[rsa_padding],
+        )
+        _set_input(req, message, digest)
+        resp: pb.VerifyResponse = self._call("Verify", req)
+        return bool(resp.valid)
+
+
+def _set_input(req: Any, message: bytes | None, digest: bytes | None) -> None:
+    if (message is None) == (digest is None):
+        raise TypeError("pass exactly one of message= or digest=")
+    if message is not None:
+        req.message = message
+    else:
+        req.digest = digest

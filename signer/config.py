@@ -1,0 +1,165 @@
+"""Settings: the only reader of configuration files and ``SIGNER_*`` environment variables.
+
+A TOML file gives the settings; ``SIGNER_<SECTION>_<NAME>`` environment variables override single
+non-secret values (``SIGNER_SERVER_LISTEN=127.0.0.1:6000``). Secrets never come from here: the
+token PIN is read from the file named by ``token.pin_file``, by :mod:`signer.token`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from signer.errors import ConfigError
+
+P11KIT_CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+ENV_PREFIX = "SIGNER_"
+DAY = 24 * 3600
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    # Largest message accepted by Sign/Verify; larger ones are refused with INVALID_ARGUMENT.
+    max_message_bytes: int = 1024 * 1024
+    # How long graceful shutdown waits for in-flight calls.
+    grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    module: str = P11KIT_CLIENT_MODULE
+    # P11_KIT_SERVER_ADDRESS for p11-kit-client.so; empty leaves the environment alone.
+    server_address: str = ""
+    # RFC 7512 URI naming the token (token=, serial=, manufacturer=, model= are honoured).
+    uri: str = "pkcs11:token=signer"
+    pin_file: str = ""
+    sessions: int = 8
+    # Whether the module may be called from several threads at once. "auto": yes for
+    # p11-kit-client.so (it locks internally); no for any other module, because python-pkcs11
+    # calls C_Initialize(NULL), which tells a module such as SoftHSM2 it need not lock.
+    thread_safe: str = "auto"
+    health_interval_seconds: float = 1.0
+
+    @property
+    def concurrent(self) -> bool:
+        if self.thread_safe == "auto":
+            return Path(self.module).name == Path(P11KIT_CLIENT_MODULE).name
+        return self.thread_safe == "true"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "var/signer.db"
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    destruction_waiting_period_seconds: int = 7 * DAY
+    # A caller may ask for a longer waiting period, never a shorter one than this.
+    min_destruction_waiting_period_seconds: int = DAY
+    reaper_interval_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    token: TokenConfig = field(default_factory=TokenConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+
+
+T = TypeVar("T")
+
+
+def _coerce(section: str, name: str, raw: Any, typ: type[Any]) -> Any:
+    where = f"{section}.{name}"
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+            return raw.lower() in ("true", "1")
+    elif typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    elif typ is str and isinstance(raw, str):
+        return raw
+    raise ConfigError(f"setting {where} must be {typ.__name__}, got {raw!r}")
+
+
+def _section(cls: type[T], name: str, values: Mapping[str, Any], env: Mapping[str, str]) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for fname, f in fields.items():
+        typ = type(f.default) if f.default is not dataclasses.MISSING else str
+        env_name = f"{ENV_PREFIX}{name}_{fname}".upper()
+        if env_name in env:
+            kwargs[fname] = _coerce(name, fname, env[env_name], typ)
+        elif fname in values:
+            kwargs[fname] = _coerce(name, fname, values[fname], typ)
+    return cls(**kwargs)
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Reads the TOML file at ``path`` (if any), then applies ``SIGNER_*`` overrides."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    sections = {"server": ServerConfig, "token": TokenConfig, "store": StoreConfig, "keys": KeysConfig}
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown section(s) in {path}: {', '.join(sorted(unknown))}")
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        values = data.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] in {path} must be a table")
+        built[name] = _section(cls, name, values, env)
+    cfg = Config(**built)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.token.sessions < 1:
+        raise ConfigError("token.sessions must be at least 1")
+    if cfg.token.thread_safe not in ("auto", "true", "false"):
+        raise ConfigError("token.thread_safe must be auto, true or false")
+    if not cfg.token.uri.startswith("pkcs11:"):
+        raise ConfigError("token.uri must be an RFC 7512 URI starting with 'pkcs11:'")
+    if cfg.server.max_message_bytes < 1:
+        raise ConfigError("server.max_message_bytes must be positive")
+    if cfg.keys.destruction_waiting_period_seconds < cfg.keys.min_destruction_waiting_period_seconds:
+        raise ConfigError(
+            "keys.destruction_waiting_period_seconds is shorter than "
+            "keys.min_destruction_waiting_period_seconds"
+        )

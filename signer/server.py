@@ -1,0 +1,376 @@
+"""The gRPC server: servicer, error interceptor, health, reflection, graceful shutdown.
+
+The servicer only translates between protobuf and :mod:`signer.service`; every call into the
+service runs on a thread pool sized to the token's session pool, so PKCS#11 and SQLite never block
+the event loop. :class:`ErrorInterceptor` is the one place our errors become gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from signer.config import Config
+from signer.errors import Code, SignerError
+from signer.keys import Key, Padding, SigFormat, State, Version, public_jwk_json, public_pem
+from signer.service import Signer
+from signer.store import SQLiteStore
+from signer.token import Pin, Token, object_uri
+from signer.v1 import signer_pb2 as pb
+from signer.v1 import signer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SignerService"].full_name
+
+STATUS: dict[Code, grpc.StatusCode] = {c: getattr(grpc.StatusCode, c.value) for c in Code}
+
+_STATE_TO_PB = {
+    State.ENABLED: pb.ENABLED,
+    State.DISABLED: pb.DISABLED,
+    State.DESTRUCTION_SCHEDULED: pb.DESTRUCTION_SCHEDULED,
+    State.DESTROYED: pb.DESTROYED,
+}
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps :class:`SignerError` to its status; anything else to INTERNAL with a bland message."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # health Watch and reflection streams pass through untouched
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except SignerError as exc:
+                log.info(
+                    "rpc failed", extra={"method": method, "code": exc.code.value, "error": exc.message}
+                )
+                await context.abort(STATUS[exc.code], exc.message)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                log.exception("rpc crashed", extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the service log)")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _ts(t: datetime | None) -> Timestamp | None:
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(t)
+    return ts
+
+
+class SignerServicer(pb_grpc.SignerServiceServicer):  # type: ignore[misc]
+    def __init__(self, signer: Signer, token: Token, executor: ThreadPoolExecutor) -> None:
+        self._signer = signer
+        self._token = token
+        self._executor = executor
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # --- conversions --------------------------------------------------------------------------
+
+    def _version_pb(self, v: Version) -> pb.KeyVersion:
+        return pb.KeyVersion(
+            name=v.name,
+            version=v.version,
+            algorithm=v.algorithm,
+            state=_STATE_TO_PB[v.state],
+            create_time=_ts(v.created),
+            destroy_time=_ts(v.destroy_at),
+            pkcs11_uri=""
+            if v.state is State.DESTROYED
+            else object_uri(self._token.label, f"{v.name}/v{v.version}", v.key_id),
+        )
+
+    def _key_pb(self, k: Key) -> pb.Key:
+        return pb.Key(
+            name=k.name,
+            algorithm=k.algorithm,
+            primary_version=k.primary,
+            versions=[self._version_pb(v) for v in k.versions],
+            create_time=_ts(k.created),
+            scope=k.scope,
+            labels=k.labels,
+        )
+
+    @staticmethod
+    def _input(request: Any) -> tuple[bytes | None, bytes | None]:
+        which = request.WhichOneof("input")
+        return (
+            request.message if which == "message" else None,
+            request.digest if which == "digest" else None,
+        )
+
+    @staticmethod
+    def _fmt(value: int) -> SigFormat:
+        return SigFormat.RAW if value == pb.RAW else SigFormat.DER
+
+    @staticmethod
+    def _pad(value: int) -> Padding:
+        return Padding.PKCS1V15 if value == pb.PKCS1V15 else Padding.PSS
+
+    # --- RPCs ---------------------------------------------------------------------------------
+
+    async def CreateKey(self, request: pb.CreateKeyRequest, context: Any) -> pb.Key:
+        key = await self._run(
+            self._signer.create_key,
+            request.name,
+            request.algorithm,
+            request.scope,
+            dict(request.labels),
+        )
+        return self._key_pb(key)
+
+    async def GetKey(self, request: pb.GetKeyRequest, context: Any) -> pb.Key:
+        return self._key_pb(await self._run(self._signer.get_key, request.name))
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Any) -> pb.ListKeysResponse:
+        keys, token = await self._run(
+            self._signer.list_keys, request.page_size, request.page_token
+        )
+        return pb.ListKeysResponse(keys=[self._key_pb(k) for k in keys], next_page_token=token)
+
+    async def GetPublicKey(self, request: pb.GetPublicKeyRequest, context: Any) -> pb.PublicKey:
+        v, alg = await self._run(self._signer.public_key, request.name, request.version)
+        out = pb.PublicKey(name=v.name, version=v.version, algorithm=alg.name)
+        if request.format == pb.JWK:
+            out.jwk = public_jwk_json(v.public_key_der, alg, f"{v.name}/{v.version}")
+        else:
+            out.pem = public_pem(v.public_key_der)
+        return out
+
+    async def Sign(self, request: pb.SignRequest, context: Any) -> pb.SignResponse:
+        message, digest = self._input(request)
+        r = await self._run(
+            self._signer.sign,
+            request.name,
+            request.version,
+            message,
+            digest,
+            self._fmt(request.signature_format),
+            self._pad(request.rsa_padding),
+        )
+        return pb.SignResponse(
+            signature=r.signature,
+            version=r.version,
+            algorithm=r.algorithm,
+            signature_algorithm=r.signature_algorithm,
+        )
+
+    async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResponse:
+        message, digest = self._input(request)
+        valid, version = await self._run(
+            self._signer.verify,
+            request.name,
+            request.version,
+            message,
+            digest,
+            request.signature,
+            self._fmt(request.signature_format),
+            self._pad(request.rsa_padding),
+        )
+        return pb.VerifyResponse(valid=valid, version=version)
+
+    async def RotateKey(self, request: pb.RotateKeyRequest, context: Any) -> pb.Key:
+        return self._key_pb(await self._run(self._signer.rotate, request.name))
+
+    async def SetPrimaryVersion(self, request: pb.SetPrimaryVersionRequest, context: Any) -> pb.Key:
+        return self._key_pb(
+            await self._run(self._signer.set_primary, request.name, request.version)
+        )
+
+    async def DisableKeyVersion(self, request: pb.KeyVersionRequest, context: Any) -> pb.KeyVersion:
+        return self._version_pb(
+            await self._run(self._signer.disable, request.name, request.version)
+        )
+
+    async def EnableKeyVersion(self, request: pb.KeyVersionRequest, context: Any) -> pb.KeyVersion:
+        return self._version_pb(await self._run(self._signer.enable, request.name, request.version))
+
+    async def ScheduleKeyVersionDestruction(
+        self, request: pb.ScheduleKeyVersionDestructionRequest, context: Any
+    ) -> pb.KeyVersion:
+        return self._version_pb(
+            await self._run(
+                self._signer.schedule_destruction,
+                request.name,
+                request.version,
+                request.waiting_period_seconds,
+            )
+        )
+
+    async def CancelKeyVersionDestruction(
+        self, request: pb.KeyVersionRequest, context: Any
+    ) -> pb.KeyVersion:
+        return self._version_pb(
+            await self._run(self._signer.cancel_destruction, request.name, request.version)
+        )
+
+
+class Server:
+    """Assembles token, store, signer and the gRPC server; owns their lifetimes."""
+
+    def __init__(self, cfg: Config, signer: Signer | None = None, token: Token | None = None) -> None:
+        self.cfg = cfg
+        self.token = token or Token(cfg.token, Pin(cfg.token.pin_file))
+        self.store = SQLiteStore(cfg.store.path)
+        self.signer = signer or Signer(cfg, self.token, self.store)
+        # One thread per token session, plus a few for calls that only touch the store.
+        self.executor = ThreadPoolExecutor(
+            max_workers=cfg.token.sessions + 4, thread_name_prefix="signer"
+        )
+        self.health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._health_lock = asyncio.Lock()
+        self._stopping = False
+        self._serving: bool | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        limit = self.cfg.server.max_message_bytes
+        # gRPC's own limit sits above ours, so an oversized message gets our INVALID_ARGUMENT
+        # naming the limit rather than a bare RESOURCE_EXHAUSTED.
+        grpc_limit = 2 * limit + 64 * 1024
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", grpc_limit),
+                ("grpc.max_send_message_length", grpc_limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_SignerServiceServicer_to_server(
+            SignerServicer(self.signer, self.token, self.executor), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )  # fmt: skip
+        self.port = server.add_insecure_port(self.cfg.server.listen)
+        if self.port == 0:
+            raise SignerError(f"cannot listen on {self.cfg.server.listen}")
+        await self._set_health(False)
+        self.token.on_availability(self._availability_changed)
+        await self.run_blocking(self.token.start)
+        await self._refresh_health()
+        await server.start()
+        self._server = server
+        self._reaper = asyncio.create_task(self._reap_forever())
+        log.info(
+            "service listening",
+            extra={"address": self.cfg.server.listen, "port": self.port, "pkcs11_module": self.cfg.token.module},
+        )
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, fn)
+
+    def _availability_changed(self, up: bool) -> None:
+        # Called from the token's threads; health belongs to the event loop. The coroutine reads
+        # the token's state when it runs, so notifications that arrive out of order cannot leave
+        # a stale status behind.
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and not self._stopping:
+            asyncio.run_coroutine_threadsafe(self._refresh_health(), loop)
+
+    async def _refresh_health(self) -> None:
+        async with self._health_lock:
+            if not self._stopping:
+                await self._set_health(self.token.available)
+
+    async def _set_health(self, up: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if up
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+        if up != self._serving:
+            self._serving = up
+            log.info("health", extra={"serving": up})
+
+    async def _reap_forever(self) -> None:
+        interval = self.cfg.keys.reaper_interval_seconds
+        while True:
+            try:
+                await self.run_blocking(self.signer.reap)
+            except SignerError as exc:
+                log.warning("reaper failed", extra={"error": exc.message})
+            except Exception:
+                log.exception("reaper crashed")
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        """Refuses new calls, drains in-flight ones (up to ``grace_seconds``), then closes."""
+        self._stopping = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self._server is not None:
+            async with self._health_lock:
+                await self._set_health(False)
+            await self._server.stop(self.cfg.server.grace_seconds)
+            self._server = None
+        await self.run_blocking(self.token.close)
+        self.store.close()
+        self.executor.shutdown(wait=True)
+        log.info("service stopped")
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+async def _serve(cfg: Config) -> None:
+    server = Server(cfg)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+
+
+def serve(cfg: Config) -> int:
+    """``signer serve``: runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    asyncio.run(_serve(cfg))
+    return 0

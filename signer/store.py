@@ -1,0 +1,226 @@
+"""Key metadata: names, versions, states, public keys. SQLite by default.
+
+The token holds the private keys; this holds everything else the service needs to know about
+them. :class:`Store` is the small interface a PostgreSQL store would implement too.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from signer.errors import AlreadyExists, NotFound
+from signer.keys import Key, State, Version
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    name            TEXT PRIMARY KEY,
+    algorithm       TEXT NOT NULL,
+    primary_version INTEGER NOT NULL,
+    scope           TEXT NOT NULL DEFAULT '',
+    labels          TEXT NOT NULL DEFAULT '{}',
+    created         REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    name        TEXT NOT NULL REFERENCES keys(name),
+    version     INTEGER NOT NULL,
+    algorithm   TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    key_id      BLOB NOT NULL UNIQUE,
+    public_key  BLOB NOT NULL,
+    created     REAL NOT NULL,
+    destroy_at  REAL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS versions_destroy_at ON versions(destroy_at) WHERE destroy_at IS NOT NULL;
+"""
+
+
+def _ts(t: datetime) -> float:
+    return t.timestamp()
+
+
+def _dt(x: float | None) -> datetime | None:
+    return None if x is None else datetime.fromtimestamp(x, UTC)
+
+
+class Store(Protocol):
+    def create_key(self, key: Key) -> None: ...
+    def get_key(self, name: str) -> Key: ...
+    def list_keys(self, after: str, limit: int) -> list[Key]: ...
+    def add_version(self, version: Version, make_primary: bool) -> None: ...
+    def set_primary(self, name: str, version: int) -> None: ...
+    def set_state(
+        self, name: str, version: int, state: State, destroy_at: datetime | None
+    ) -> None: ...
+    def due_for_destruction(self, now: datetime) -> list[Version]: ...
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    """One SQLite file in WAL mode; one connection per thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = str(path)
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        # executescript manages its own transaction; every statement is IF NOT EXISTS.
+        self._db().executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def _versions(self, db: sqlite3.Connection, name: str) -> tuple[Version, ...]:
+        rows = db.execute(
+            "SELECT name, version, algorithm, state, key_id, public_key, created, destroy_at "
+            "FROM versions WHERE name = ? ORDER BY version",
+            (name,),
+        ).fetchall()
+        return tuple(_version(r) for r in rows)
+
+    def _key(self, db: sqlite3.Connection, row: tuple[str, str, int, str, str, float]) -> Key:
+        name, alg, primary, scope, labels, created = row
+        created_dt = _dt(created)
+        assert created_dt is not None
+        return Key(name, alg, primary, scope, json.loads(labels), created_dt, self._versions(db, name))
+
+    def get_key(self, name: str) -> Key:
+        db = self._db()
+        row = db.execute(
+            "SELECT name, algorithm, primary_version, scope, labels, created FROM keys WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"key {name!r} not found")
+        return self._key(db, row)
+
+    def list_keys(self, after: str, limit: int) -> list[Key]:
+        db = self._db()
+        rows = db.execute(
+            "SELECT name, algorithm, primary_version, scope, labels, created FROM keys "
+            "WHERE name > ? ORDER BY name LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [self._key(db, r) for r in rows]
+
+    def due_for_destruction(self, now: datetime) -> list[Version]:
+        rows = (
+            self._db()
+            .execute(
+                "SELECT name, version, algorithm, state, key_id, public_key, created, destroy_at "
+                "FROM versions WHERE state = ? AND destroy_at <= ? ORDER BY destroy_at",
+                (State.DESTRUCTION_SCHEDULED.value, _ts(now)),
+            )
+            .fetchall()
+        )
+        return [_version(r) for r in rows]
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def create_key(self, key: Key) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO keys (name, algorithm, primary_version, scope, labels, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        key.name,
+                        key.algorithm,
+                        key.primary,
+                        key.scope,
+                        json.dumps(key.labels, sort_keys=True),
+                        _ts(key.created),
+                    ),
+                )
+                for v in key.versions:
+                    _insert_version(db, v)
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"key {key.name!r} already exists") from None
+
+    def add_version(self, version: Version, make_primary: bool) -> None:
+        with self._tx() as db:
+            _insert_version(db, version)
+            if make_primary:
+                db.execute(
+                    "UPDATE keys SET primary_version = ? WHERE name = ?",
+                    (version.version, version.name),
+                )
+
+    def set_primary(self, name: str, version: int) -> None:
+        with self._tx() as db:
+            cur = db.execute("UPDATE keys SET primary_version = ? WHERE name = ?", (version, name))
+            if cur.rowcount != 1:
+                raise NotFound(f"key {name!r} not found")
+
+    def set_state(self, name: str, version: int, state: State, destroy_at: datetime | None) -> None:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE versions SET state = ?, destroy_at = ? WHERE name = ? AND version = ?",
+                (state.value, None if destroy_at is None else _ts(destroy_at), name, version),
+            )
+            if cur.rowcount != 1:
+                raise NotFound(f"key {name!r} has no version {version}")
+
+
+def _insert_version(db: sqlite3.Connection, v: Version) -> None:
+    db.execute(
+        "INSERT INTO versions "
+        "(name, version, algorithm, state, key_id, public_key, created, destroy_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            v.name,
+            v.version,
+            v.algorithm,
+            v.state.value,
+            v.key_id,
+            v.public_key_der,
+            _ts(v.created),
+            None if v.destroy_at is None else _ts(v.destroy_at),
+        ),
+    )
+
+
+def _version(row: tuple[str, int, str, str, bytes, bytes, float, float | None]) -> Version:
+    name, version, alg, state, key_id, pub, created, destroy_at = row
+    created_dt = _dt(created)
+    assert created_dt is not None
+    return Version(name, version, alg, State(state), key_id, pub, created_dt, _dt(destroy_at))

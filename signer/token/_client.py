@@ -1,0 +1,441 @@
+"""The PKCS#11 client: the one place in the service that calls the token.
+
+Session and lock policy (issue #2, "concurrency, correctly")
+------------------------------------------------------------
+* One module instance (one ``C_Initialize``), logged in once, with a fixed pool of read-write
+  sessions. Each session is used by one thread at a time: a thread borrows it from a queue for one
+  operation and gives it back. No session is ever shared between threads, so two threads never
+  run ``C_FindObjectsInit`` or ``C_SignInit`` on the same session (the cause of the GeneralError
+  seen when threads shared a session).
+* python-pkcs11 calls ``C_Initialize(NULL)``: no locking callbacks, no ``CKF_OS_LOCKING_OK``. A
+  module is then entitled to assume it is called from one thread at a time; SoftHSM2 takes that
+  literally and disables its mutexes (the in-process segfault with 4 threads). p11-kit's client
+  locks internally whatever the flags, so the pool is concurrent for it; for any other module the
+  pool has one session and every call is serialised (``token.thread_safe`` overrides this).
+* Object handles are looked up once per (session, key) and cached on the session: no object
+  search per signature. A reconnect starts with empty caches, because handles are only valid
+  within the connection (each p11-kit connection is served by its own ``p11-kit-remote``).
+* A lost token host (DeviceError and friends) marks the connection down at once, so calls fail
+  fast with UNAVAILABLE; a monitor thread reconnects, logs in again and flips health back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import _pkcs11 as _p11
+
+from signer.config import TokenConfig
+from signer.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
+from signer.keys import Algorithm, Family, SignMechanism
+from signer.token.pin import Pin
+from signer.token.uri import TokenURI
+
+log = logging.getLogger(__name__)
+
+# DER-encoded OIDs for CKA_EC_PARAMS.
+_CURVE_OIDS = {
+    "secp256r1": bytes.fromhex("06082a8648ce3d030107"),
+    "secp384r1": bytes.fromhex("06052b81040022"),
+    "secp521r1": bytes.fromhex("06052b81040023"),
+    "ed25519": bytes.fromhex("06032b6570"),
+}
+_CURVES: dict[str, ec.EllipticCurve] = {
+    "secp256r1": ec.SECP256R1(),
+    "secp384r1": ec.SECP384R1(),
+    "secp521r1": ec.SECP521R1(),
+}
+
+# Errors that mean the connection to the token host is gone, not that the request was wrong.
+_CONNECTION_LOST: tuple[type[Exception], ...] = (
+    p11e.DeviceError,
+    p11e.DeviceRemoved,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.UserNotLoggedIn,
+)
+
+_PSS_SHA256 = (Mechanism.SHA256, pkcs11.MGF.SHA256, 32)
+
+# Attributes of every private key we create. Why each matters: TOKEN persists it; PRIVATE makes
+# SoftHSM2 encrypt it at rest and demand a login; SENSITIVE and EXTRACTABLE=false keep its value
+# inside the token for good (and make ALWAYS_SENSITIVE/NEVER_EXTRACTABLE true).
+_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.SIGN: True,
+    Attribute.DECRYPT: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+    # python-pkcs11 may fill these public-key attributes in, which SoftHSM2 rejects on a private
+    # key (CKR_ATTRIBUTE_TYPE_INVALID); DEFAULT drops them from the template.
+    Attribute.ENCRYPT: pkcs11.DEFAULT,
+    Attribute.VERIFY: pkcs11.DEFAULT,
+    Attribute.WRAP: pkcs11.DEFAULT,
+}
+_PUBLIC_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: False,
+    Attribute.VERIFY: True,
+    Attribute.ENCRYPT: False,
+    Attribute.WRAP: False,
+}
+
+
+def mechanism_name(m: Any) -> str:
+    return f"CKM_{m.name}" if isinstance(m, Mechanism) else f"CKM_0x{int(m):08x}"
+
+
+@dataclass
+class _Slot:
+    """One pooled session and the private-key objects already found on it."""
+
+    session: Any
+    keys: dict[bytes, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Connection:
+    token: Any
+    slots: list[_Slot]
+    free: queue.Queue[_Slot]
+    mechanisms: frozenset[str]
+    label: str
+
+
+class Token:
+    """A logged-in PKCS#11 token with a session pool; thread-safe."""
+
+    def __init__(self, cfg: TokenConfig, pin: Pin) -> None:
+        self._cfg = cfg
+        self._pin = pin
+        self._uri = TokenURI.parse(cfg.uri)
+        self._pool_size = cfg.sessions if cfg.concurrent else 1
+        self._lib: Any = None
+        self._conn: _Connection | None = None
+        # A connection marked down whose sessions may still be in a thread's hands.
+        self._dead: _Connection | None = None
+        self._down_reason = "not connected to the token yet"
+        self._state_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._listeners: list[Callable[[bool], None]] = []
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, wait: bool = False) -> None:
+        """Connects (or keeps trying in the background) and starts the health monitor."""
+        if self._cfg.server_address:
+            # p11-kit-client.so reads its server address from the environment when initialised.
+            os.environ["P11_KIT_SERVER_ADDRESS"] = self._cfg.server_address
+        if not Path(self._cfg.module).exists():
+            raise FailedPrecondition(f"PKCS#11 module not found: {self._cfg.module}")
+        self._try_connect()
+        if wait and self._conn is None:
+            raise Unavailable(f"token unavailable: {self._down_reason}")
+        self._monitor = threading.Thread(target=self._run_monitor, name="token-monitor", daemon=True)
+        self._monitor.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+        with self._state_lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                self._drain(conn)
+                for slot in conn.slots:
+                    self._quietly(slot.session.close)
+            if self._lib is not None:
+                self._quietly(self._lib.finalize)
+        self._pin.wipe()
+
+    def on_availability(self, listener: Callable[[bool], None]) -> None:
+        """``listener(True/False)`` is called whenever the token becomes reachable or not."""
+        self._listeners.append(listener)
+
+    @property
+    def available(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def label(self) -> str:
+        conn = self._conn
+        return conn.label if conn is not None else (self._uri.token or "")
+
+    @property
+    def mechanisms(self) -> frozenset[str]:
+        conn = self._conn
+        if conn is None:
+            raise Unavailable(f"token unavailable: {self._down_reason}")
+        return conn.mechanisms
+
+    def missing_mechanisms(self, alg: Algorithm) -> list[str]:
+        have = self.mechanisms
+        return [m for m in alg.required_mechanisms if m not in have]
+
+    def require(self, alg: Algorithm) -> None:
+        """FAILED_PRECONDITION naming the mechanisms the module lacks for ``alg``."""
+        missing = self.missing_mechanisms(alg)
+        if missing:
+            raise FailedPrecondition(
+                f"algorithm {alg.name} is not available: the PKCS#11 module "
+                f"({Path(self._cfg.module).name}) does not offer {', '.join(missing)}"
+            )
+
+    # --- operations ---------------------------------------------------------------------------
+
+    def generate(self, alg: Algorithm, key_id: bytes, label: str) -> bytes:
+        """Generates a key pair in the token; returns the public key as SubjectPublicKeyInfo DER."""
+        self.require(alg)
+        priv_t = dict(_PRIVATE_TEMPLATE)
+        pub_t = dict(_PUBLIC_TEMPLATE)
+        caps = MechanismFlag.SIGN | MechanismFlag.VERIFY
+        with self._session() as slot:
+            s = slot.session
+            if alg.family is Family.RSA:
+                pub, priv = s.generate_keypair(
+                    KeyType.RSA, alg.bits, id=key_id, label=label, store=True,
+                    capabilities=caps, public_template=pub_t, private_template=priv_t,
+                )  # fmt: skip
+            else:
+                curve = alg.curve if alg.family is Family.EC else "ed25519"
+                assert curve is not None
+                pub_t[Attribute.EC_PARAMS] = _CURVE_OIDS[curve]
+                key_type = KeyType.EC if alg.family is Family.EC else KeyType.EC_EDWARDS
+                pub, priv = s.generate_keypair(
+                    key_type, id=key_id, label=label, store=True, capabilities=caps,
+                    public_template=pub_t, private_template=priv_t,
+                )  # fmt: skip
+            slot.keys[key_id] = priv
+            return _spki(alg, pub)
+
+    def sign(self, key_id: bytes, mech: SignMechanism, data: bytes) -> bytes:
+        with self._session() as slot:
+            key = slot.keys.get(key_id)
+            if key is None:
+                key = self._find_private(slot, key_id)
+            if mech is SignMechanism.ECDSA:
+                return bytes(key.sign(data, mechanism=Mechanism.ECDSA))
+            if mech is SignMechanism.RSA_PKCS_PSS:
+                return bytes(
+                    key.sign(data, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=_PSS_SHA256)
+                )
+            if mech is SignMechanism.RSA_PKCS:
+                return bytes(key.sign(data, mechanism=Mechanism.RSA_PKCS))
+            return bytes(key.sign(data, mechanism=Mechanism.EDDSA))
+
+    def destroy(self, key_id: bytes) -> int:
+        """Destroys every object with this CKA_ID; returns how many there were."""
+        with self._session() as slot:
+            objs = list(slot.session.get_objects({Attribute.ID: key_id}))
+            for obj in objs:
+                obj.destroy()
+            conn = self._conn
+            if conn is not None:
+                for other in conn.slots:
+                    other.keys.pop(key_id, None)
+            return len(objs)
+
+    def exists(self, key_id: bytes) -> bool:
+        with self._session() as slot:
+            return any(True for _ in slot.session.get_objects({Attribute.ID: key_id}))
+
+    def ping(self) -> None:
+        """One cheap round trip to the token host (C_GetSessionInfo through python-pkcs11)."""
+        with self._session() as slot:
+            slot.session.token.slot.get_token()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _find_private(self, slot: _Slot, key_id: bytes) -> Any:
+        try:
+            key = slot.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
+        except p11e.NoSuchKey:
+            raise NotFound(f"no private key object with id {key_id.hex()} in the token") from None
+        slot.keys[key_id] = key
+        return key
+
+    @contextmanager
+    def _session(self) -> Iterator[_Slot]:
+        conn = self._conn
+        if conn is None:
+            raise Unavailable(f"token unavailable: {self._down_reason}")
+        slot = conn.free.get()
+        try:
+            yield slot
+        except _CONNECTION_LOST as exc:
+            self._mark_down(conn, f"lost the token host ({type(exc).__name__})")
+            raise Unavailable(f"token unavailable: {self._down_reason}") from None
+        except p11e.MechanismInvalid as exc:
+            raise FailedPrecondition(f"the token refused the mechanism: {type(exc).__name__}") from None
+        except (p11e.DataLenRange, p11e.DataInvalid) as exc:
+            raise InvalidArgument(f"the token refused the input: {type(exc).__name__}") from None
+        except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid) as exc:
+            slot.keys.clear()
+            raise NotFound(f"key object is gone from the token ({type(exc).__name__})") from None
+        except p11e.PKCS11Error as exc:
+            # Whatever else the token says is unexpected; name it, never echo inputs.
+            log.error("token error", extra={"error": type(exc).__name__})
+            raise Internal(f"token error: {type(exc).__name__}") from None
+        finally:
+            conn.free.put(slot)
+
+    def _mark_down(self, conn: _Connection, reason: str) -> None:
+        with self._state_lock:
+            if self._conn is not conn:
+                return
+            self._conn = None
+            self._dead = conn
+            self._down_reason = reason
+        log.warning("token unavailable", extra={"reason": reason})
+        self._notify(False)
+        self._wake.set()
+
+    def _notify(self, up: bool) -> None:
+        for listener in self._listeners:
+            try:
+                listener(up)
+            except Exception:
+                log.exception("availability listener failed")
+
+    def _drain(self, conn: _Connection, timeout: float = 10.0) -> bool:
+        """Takes every session of ``conn`` back (calls on a dead connection fail fast)."""
+        taken: list[_Slot] = []
+        try:
+            for _ in conn.slots:
+                taken.append(conn.free.get(timeout=timeout))
+        except queue.Empty:
+            for slot in taken:
+                conn.free.put(slot)
+            return False
+        return True
+
+    def _try_connect(self) -> bool:
+        with self._state_lock:
+            if self._conn is not None:
+                return True
+            if self._dead is not None:
+                # Calls on a dead connection fail fast; wait for them before C_Finalize.
+                if not self._drain(self._dead, timeout=1.0):
+                    return False
+                self._dead = None
+            try:
+                conn = self._connect()
+            except (p11e.PKCS11Error, Unavailable, OSError) as exc:
+                reason = exc.message if isinstance(exc, Unavailable) else type(exc).__name__
+                self._down_reason = f"cannot reach the token ({reason})"
+                return False
+            self._conn = conn
+        log.info("token connected", extra={"token": conn.label, "sessions": len(conn.slots)})
+        self._notify(True)
+        return True
+
+    def _connect(self) -> _Connection:
+        if self._lib is None:
+            # A fresh lib object, not pkcs11.lib()'s process-wide cache: the pool owns its module.
+            self._lib = _p11.lib(self._cfg.module)
+        elif not self._lib.initialized:
+            self._lib.initialize()
+        else:
+            self._lib.reinitialize()
+        token = self._find_token()
+        slots: list[_Slot] = []
+        try:
+            first = self._pin.login(token)
+            slots.append(_Slot(first))
+            for _ in range(self._pool_size - 1):
+                slots.append(_Slot(token.open(rw=True)))
+            mechs = frozenset(mechanism_name(m) for m in token.slot.get_mechanisms())
+        except p11e.PinIncorrect:
+            for slot in slots:
+                self._quietly(slot.session.close)
+            raise Unavailable("the token rejected the PIN (check token.pin_file)") from None
+        free: queue.Queue[_Slot] = queue.Queue()
+        for slot in slots:
+            free.put(slot)
+        return _Connection(token, slots, free, mechs, token.label)
+
+    def _find_token(self) -> Any:
+        for slot in self._lib.get_slots(token_present=True):
+            tok = slot.get_token()
+            serial = tok.serial.decode("ascii", "replace").strip()
+            if self._uri.matches(tok.label, serial, tok.manufacturer_id, tok.model):
+                return tok
+        raise Unavailable(f"no token matches {self._uri}")
+
+    def _run_monitor(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._cfg.health_interval_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            conn = self._conn
+            if conn is not None:
+                try:
+                    self.ping()
+                except Unavailable:
+                    pass  # _session has marked it down; reconnect on the next tick
+                except Exception:
+                    log.exception("token health check failed")
+                continue
+            if not self._try_connect():
+                log.debug("token still unavailable", extra={"reason": self._down_reason})
+
+    @staticmethod
+    def _quietly(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            log.debug("ignored during cleanup", extra={"error": type(exc).__name__})
+
+
+def _spki(alg: Algorithm, pub: Any) -> bytes:
+    """The public key object's value as SubjectPublicKeyInfo DER, built with cryptography."""
+    key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+    if alg.family is Family.RSA:
+        n = int.from_bytes(pub[Attribute.MODULUS], "big")
+        e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
+        key = rsa.RSAPublicNumbers(e, n).public_key()
+    else:
+        if alg.family is Family.EC:
+            assert alg.curve is not None
+            curve = _CURVES[alg.curve]
+            point = _ec_point(bytes(pub[Attribute.EC_POINT]), 1 + 2 * ((curve.key_size + 7) // 8))
+            key = ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
+        else:
+            key = ed25519.Ed25519PublicKey.from_public_bytes(
+                _ec_point(bytes(pub[Attribute.EC_POINT]), 32)
+            )
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _ec_point(value: bytes, size: int) -> bytes:
+    """CKA_EC_POINT is DER OCTET STRING { point } (PKCS#11 2.40); some modules give it bare."""
+    if len(value) == size:
+        return value
+    header = bytes([0x04, size]) if size < 0x80 else bytes([0x04, 0x81, size])
+    if value.startswith(header) and len(value) == len(header) + size:
+        return value[len(header) :]
+    raise Internal(f"the token returned a malformed CKA_EC_POINT ({len(value)} bytes)")
