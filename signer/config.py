@@ -134,7 +134,12 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
             raise ConfigError(f"configuration file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
-    sections = {"server": ServerConfig, "token": TokenConfig, "store": StoreConfig, "keys": KeysConfig}
+    sections = {
+        "server": ServerConfig,
+        "token": TokenConfig,
+        "store": StoreConfig,
+        "keys": KeysConfig,
+    }
     unknown = set(data) - set(sections)
     if unknown:
         raise ConfigError(f"unknown section(s) in {path}: {', '.join(sorted(unknown))}")
@@ -158,7 +163,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("token.uri must be an RFC 7512 URI starting with 'pkcs11:'")
     if cfg.server.max_message_bytes < 1:
         raise ConfigError("server.max_message_bytes must be positive")
-    if cfg.keys.destruction_waiting_period_seconds < cfg.keys.min_destruction_waiting_period_seconds:
+    if (
+        cfg.keys.destruction_waiting_period_seconds
+        < cfg.keys.min_destruction_waiting_period_seconds
+    ):
         raise ConfigError(
             "keys.destruction_waiting_period_seconds is shorter than "
             "keys.min_destruction_waiting_period_seconds"

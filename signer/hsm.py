@@ -150,12 +150,14 @@ class TokenHost:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, so stop() reaches p11-kit-remote too
-            preexec_fn=disable_core_dumps,  # noqa: PLW1509  (only setrlimit, async-signal-safe enough)
+            preexec_fn=disable_core_dumps,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while not self.paths.socket.exists():
             if self._proc.poll() is not None:
-                raise FailedPrecondition(f"p11-kit server exited with status {self._proc.returncode}")
+                raise FailedPrecondition(
+                    f"p11-kit server exited with status {self._proc.returncode}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
                 raise FailedPrecondition("p11-kit server did not create its socket in time")

@@ -82,7 +82,9 @@ class Algorithm:
 
     def jws_alg(self, pad: Padding = Padding.PSS) -> str:
         if self.family is Family.EC:
-            return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[self.curve or ""]
+            return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[
+                self.curve or ""
+            ]
         if self.family is Family.RSA:
             return "PS256" if pad is Padding.PSS else "RS256"
         return "EdDSA"
@@ -346,12 +348,13 @@ def verify(
     pad: Padding,
     fmt: SigFormat,
 ) -> bool:
-    """Checks a signature with the public key alone; False for any mismatch, never raises for one."""
+    """Checks a signature with the public key alone: False for a mismatch, never an exception."""
     key = load_public_key(der)
     if alg.family is Family.ED25519:
         if digest is not None:
             raise InvalidArgument("ed25519 verifies the message itself: send message, not digest")
-        assert isinstance(key, ed25519.Ed25519PublicKey) and message is not None
+        assert isinstance(key, ed25519.Ed25519PublicKey)
+        assert message is not None
         try:
             key.verify(signature, message)
         except InvalidSignature:

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from signer.config import Config
 from signer.errors import Code, SignerError
 from signer.keys import Key, Padding, SigFormat, State, Version, public_jwk_json, public_pem
-from signer.service import Signer
+from signer.service import Clock, Signer, utcnow
 from signer.store import SQLiteStore
 from signer.token import Pin, Token, object_uri
 from signer.v1 import signer_pb2 as pb
@@ -65,14 +65,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return await inner(request, context)
             except SignerError as exc:
                 log.info(
-                    "rpc failed", extra={"method": method, "code": exc.code.value, "error": exc.message}
+                    "rpc failed",
+                    extra={"method": method, "code": exc.code.value, "error": exc.message},
                 )
                 await context.abort(STATUS[exc.code], exc.message)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
                 log.exception("rpc crashed", extra={"method": method})
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the service log)")
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, "internal error (see the service log)"
+                )
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
@@ -89,7 +92,7 @@ def _ts(t: datetime | None) -> Timestamp | None:
     return ts
 
 
-class SignerServicer(pb_grpc.SignerServiceServicer):  # type: ignore[misc]
+class SignerServicer(pb_grpc.SignerServiceServicer):
     def __init__(self, signer: Signer, token: Token, executor: ThreadPoolExecutor) -> None:
         self._signer = signer
         self._token = token
@@ -157,9 +160,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):  # type: ignore[misc]
         return self._key_pb(await self._run(self._signer.get_key, request.name))
 
     async def ListKeys(self, request: pb.ListKeysRequest, context: Any) -> pb.ListKeysResponse:
-        keys, token = await self._run(
-            self._signer.list_keys, request.page_size, request.page_token
-        )
+        keys, token = await self._run(self._signer.list_keys, request.page_size, request.page_token)
         return pb.ListKeysResponse(keys=[self._key_pb(k) for k in keys], next_page_token=token)
 
     async def GetPublicKey(self, request: pb.GetPublicKeyRequest, context: Any) -> pb.PublicKey:
@@ -242,11 +243,11 @@ class SignerServicer(pb_grpc.SignerServiceServicer):  # type: ignore[misc]
 class Server:
     """Assembles token, store, signer and the gRPC server; owns their lifetimes."""
 
-    def __init__(self, cfg: Config, signer: Signer | None = None, token: Token | None = None) -> None:
+    def __init__(self, cfg: Config, clock: Clock = utcnow) -> None:
         self.cfg = cfg
-        self.token = token or Token(cfg.token, Pin(cfg.token.pin_file))
+        self.token = Token(cfg.token, Pin(cfg.token.pin_file))
         self.store = SQLiteStore(cfg.store.path)
-        self.signer = signer or Signer(cfg, self.token, self.store)
+        self.signer = Signer(cfg, self.token, self.store, clock)
         # One thread per token session, plus a few for calls that only touch the store.
         self.executor = ThreadPoolExecutor(
             max_workers=cfg.token.sessions + 4, thread_name_prefix="signer"
@@ -295,7 +296,11 @@ class Server:
         self._reaper = asyncio.create_task(self._reap_forever())
         log.info(
             "service listening",
-            extra={"address": self.cfg.server.listen, "port": self.port, "pkcs11_module": self.cfg.token.module},
+            extra={
+                "address": self.cfg.server.listen,
+                "port": self.port,
+                "pkcs11_module": self.cfg.token.module,
+            },
         )
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:

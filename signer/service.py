@@ -177,8 +177,7 @@ class Signer:
             limit = self._cfg.server.max_message_bytes
             if len(message) > limit:
                 raise InvalidArgument(
-                    f"message is {len(message)} bytes; the limit is {limit} "
-                    "(send a digest instead)"
+                    f"message is {len(message)} bytes; the limit is {limit} (send a digest instead)"
                 )
 
     def sign(

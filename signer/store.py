@@ -121,12 +121,15 @@ class SQLiteStore:
         name, alg, primary, scope, labels, created = row
         created_dt = _dt(created)
         assert created_dt is not None
-        return Key(name, alg, primary, scope, json.loads(labels), created_dt, self._versions(db, name))
+        return Key(
+            name, alg, primary, scope, json.loads(labels), created_dt, self._versions(db, name)
+        )
 
     def get_key(self, name: str) -> Key:
         db = self._db()
         row = db.execute(
-            "SELECT name, algorithm, primary_version, scope, labels, created FROM keys WHERE name = ?",
+            "SELECT name, algorithm, primary_version, scope, labels, created "
+            "FROM keys WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:

@@ -90,7 +90,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'NAME':<32} {'ALGORITHM':<10} {'PRIMARY':>7} {'VERSIONS':>8}  SCOPE")
     for k in keys:
-        print(f"{k.name:<32} {k.algorithm:<10} {k.primary_version:>7} {len(k.versions):>8}  {k.scope}")
+        print(
+            f"{k.name:<32} {k.algorithm:<10} {k.primary_version:>7} {len(k.versions):>8}  {k.scope}"
+        )
     return EXIT_OK
 
 
@@ -224,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     def client_parser(parent: Any, name: str, help: str) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
         sp.add_argument(
-            "--address", default=DEFAULT_ADDRESS, help=f"service address (default {DEFAULT_ADDRESS})"
+            "--address",
+            default=DEFAULT_ADDRESS,
+            help=f"service address (default {DEFAULT_ADDRESS})",
         )
         return sp
 
     def log_level(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        sp.add_argument(
+            "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        )
 
     # signer hsm ...
     hsm_p = sub.add_parser("hsm", help="the token host (SoftHSM2 behind p11-kit server)")
@@ -321,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--format", choices=["der", "raw"], default="der", help="ECDSA encoding (default der)"
         )
         sp.add_argument(
-            "--padding", choices=["pss", "pkcs1v15"], default="pss", help="RSA padding (default pss)"
+            "--padding",
+            choices=["pss", "pkcs1v15"],
+            default="pss",
+            help="RSA padding (default pss)",
         )
         sp.set_defaults(func=fn)
     return p

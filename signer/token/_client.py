@@ -151,7 +151,9 @@ class Token:
         self._try_connect()
         if wait and self._conn is None:
             raise Unavailable(f"token unavailable: {self._down_reason}")
-        self._monitor = threading.Thread(target=self._run_monitor, name="token-monitor", daemon=True)
+        self._monitor = threading.Thread(
+            target=self._run_monitor, name="token-monitor", daemon=True
+        )
         self._monitor.start()
 
     def close(self) -> None:
@@ -287,7 +289,9 @@ class Token:
             self._mark_down(conn, f"lost the token host ({type(exc).__name__})")
             raise Unavailable(f"token unavailable: {self._down_reason}") from None
         except p11e.MechanismInvalid as exc:
-            raise FailedPrecondition(f"the token refused the mechanism: {type(exc).__name__}") from None
+            raise FailedPrecondition(
+                f"the token refused the mechanism: {type(exc).__name__}"
+            ) from None
         except (p11e.DataLenRange, p11e.DataInvalid) as exc:
             raise InvalidArgument(f"the token refused the input: {type(exc).__name__}") from None
         except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid) as exc:

@@ -23,7 +23,7 @@ _ULONG = ctypes.c_ulong
 
 
 class _TokenInfo(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012  (ctypes wants a plain list)
+    _fields_ = [
         ("label", ctypes.c_char * 32),
         ("manufacturerID", ctypes.c_char * 32),
         ("model", ctypes.c_char * 16),
@@ -56,7 +56,10 @@ def init_token(module: str | Path, label: str, so_pin: bytearray, user_pin: byte
         slot = _slot_with_label(lib, padded)
         session = _ULONG()
         flags = _ULONG(CKF_SERIAL_SESSION | CKF_RW_SESSION)
-        _check(lib.C_OpenSession(_ULONG(slot), flags, None, None, ctypes.byref(session)), "C_OpenSession")
+        _check(
+            lib.C_OpenSession(_ULONG(slot), flags, None, None, ctypes.byref(session)),
+            "C_OpenSession",
+        )
         try:
             _check(lib.C_Login(session, _ULONG(CKU_SO), so, _ULONG(len(so_pin))), "C_Login(SO)")
             _check(lib.C_InitPIN(session, user, _ULONG(len(user_pin))), "C_InitPIN")

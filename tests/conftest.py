@@ -1,0 +1,322 @@
+"""Fixtures shared by every test group. Fixtures are factories where a test may want several.
+
+The integration fixtures start real things: a SoftHSM2 token served by a real ``p11-kit server``
+(one per test session, in a temporary directory), and the real gRPC service on a real loopback
+socket, either in a thread of the test process (``service_factory``, with an injectable clock)
+or as its own process (``service_process_factory``, for tests that inspect or kill it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signer import config as config_mod
+from signer import hsm
+from signer.client import SignerClient
+from signer.server import Server
+
+REPO = Path(__file__).resolve().parent.parent
+SIGNER_BIN = Path(sys.executable).parent / "signer"
+
+
+def _require_tools() -> None:
+    """The integration suite needs the token host's tools; say loudly what is missing."""
+    missing = [t for t in ("p11-kit", "openssl") if shutil.which(t) is None]
+    missing += [m for m in (config_mod.SOFTHSM_MODULE, config_mod.P11KIT_CLIENT_MODULE)
+                if not Path(m).exists()]  # fmt: skip
+    if missing:
+        msg = f"integration tests need {', '.join(missing)}: run 'make test', which installs them"
+        if os.environ.get("CI"):
+            pytest.fail(msg)  # CI must never skip these
+        pytest.skip(msg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class FakeClock:
+    """An injectable clock: ``clock.advance(days=8)`` instead of sleeping."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 1, 1, tzinfo=UTC)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self.now
+
+    def advance(self, **kwargs: float) -> None:
+        with self._lock:
+            self.now += timedelta(**kwargs)
+
+
+@dataclass
+class TokenHostHandle:
+    host: hsm.TokenHost
+    root: Path
+
+    @property
+    def paths(self) -> hsm.HsmPaths:
+        return self.host.paths
+
+    def stop(self) -> None:
+        self.host.stop()
+
+    def start(self) -> None:
+        self.host.start()
+
+    def token_config(self, **overrides: Any) -> config_mod.TokenConfig:
+        values: dict[str, Any] = {
+            "module": config_mod.P11KIT_CLIENT_MODULE,
+            "server_address": self.paths.server_address,
+            "uri": f"pkcs11:token={hsm.DEFAULT_LABEL}",
+            "pin_file": str(self.paths.user_pin),
+            "health_interval_seconds": 0.2,
+        }
+        values.update(overrides)
+        return config_mod.TokenConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def token_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenHostHandle]:
+    """One real token host (SoftHSM2 behind p11-kit server) for the whole test session."""
+    _require_tools()
+    root = tmp_path_factory.mktemp("hsm")
+    hsm.init(root)
+    host = hsm.TokenHost(root)
+    host.start()
+    handle = TokenHostHandle(host, root)
+    yield handle
+    host.stop()
+
+
+@dataclass
+class RunningService:
+    """A real gRPC service in a thread of this process, on a real loopback socket."""
+
+    server: Server
+    address: str
+    clock: FakeClock
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    clients: list[SignerClient] = field(default_factory=list)
+    stopped: bool = False
+
+    def client(self, timeout: float = 30.0) -> SignerClient:
+        c = SignerClient(self.address, timeout=timeout)
+        self.clients.append(c)
+        return c
+
+    def call(self, coro: Any, timeout: float = 60.0) -> Any:
+        """Runs a coroutine on the service's event loop and waits for it."""
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def blocking(self, fn: Callable[[], Any]) -> Any:
+        return self.call(self.server.run_blocking(fn))
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        for c in self.clients:
+            c.close()
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def make_config(
+    tmp_path: Path, token: config_mod.TokenConfig, **sections: dict[str, Any]
+) -> config_mod.Config:
+    server = {"listen": f"127.0.0.1:{free_port()}", "grace_seconds": 5.0}
+    server.update(sections.get("server", {}))
+    keys = {"reaper_interval_seconds": 3600.0}
+    keys.update(sections.get("keys", {}))
+    return config_mod.Config(
+        server=config_mod.ServerConfig(**server),
+        token=token,
+        store=config_mod.StoreConfig(path=str(tmp_path / f"signer-{next(_ids)}.db")),
+        keys=config_mod.KeysConfig(**keys),
+    )
+
+
+_ids = itertools.count()
+
+
+@pytest.fixture
+def service_factory(
+    token_host: TokenHostHandle, tmp_path: Path
+) -> Iterator[Callable[..., RunningService]]:
+    """``service_factory(token=..., server={...}, keys={...})`` starts a service in a thread."""
+    started: list[RunningService] = []
+
+    def start(
+        token: config_mod.TokenConfig | None = None,
+        clock: FakeClock | None = None,
+        **sections: dict[str, Any],
+    ) -> RunningService:
+        cfg = make_config(tmp_path, token or token_host.token_config(), **sections)
+        clock = clock or FakeClock(datetime.now(UTC))
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="test-service", daemon=True)
+        thread.start()
+        server = Server(cfg, clock=clock)
+        svc = RunningService(server, cfg.server.listen, clock, loop, thread)
+        svc.call(server.start())
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in reversed(started):
+        svc.stop()
+
+
+@pytest.fixture
+def service(service_factory: Callable[..., RunningService]) -> RunningService:
+    return service_factory()
+
+
+@pytest.fixture
+def client(service: RunningService) -> SignerClient:
+    return service.client()
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """Key names unique across the session (the token is shared by every test)."""
+    base = request.node.name.lower()
+    base = "".join(ch if ch.isalnum() else "-" for ch in base)[:40].strip("-")
+
+    def make(prefix: str = "k") -> str:
+        return f"{prefix}-{base}-{next(_names)}"
+
+    return make
+
+
+@dataclass
+class ServiceProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    config_path: Path
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self) -> SignerClient:
+        return SignerClient(self.address, timeout=30.0)
+
+    def stop(self, sig: int = 15, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            return self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_toml(path: Path, cfg: config_mod.Config) -> Path:
+    lines = []
+    for section in ("server", "token", "store", "keys"):
+        lines.append(f"[{section}]")
+        for k, v in vars(getattr(cfg, section)).items():
+            if isinstance(v, str):
+                lines.append(f'{k} = "{v}"')
+            else:
+                lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else v}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+@pytest.fixture
+def service_process_factory(
+    token_host: TokenHostHandle, tmp_path: Path
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Starts ``signer serve`` as its own process and waits until it answers health checks."""
+    procs: list[ServiceProcess] = []
+
+    def start(
+        token: config_mod.TokenConfig | None = None, **sections: dict[str, Any]
+    ) -> ServiceProcess:
+        cfg = make_config(tmp_path, token or token_host.token_config(), **sections)
+        n = len(procs)
+        cfg_path = write_toml(tmp_path / f"signer-{n}.toml", cfg)
+        log_path = tmp_path / f"signer-{n}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [str(SIGNER_BIN), "serve", "--config", str(cfg_path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        sp = ServiceProcess(proc, cfg.server.listen, cfg_path, log_path)
+        procs.append(sp)
+        if not wait_until(lambda: _serving(sp.address) or proc.poll() is not None, 30):
+            raise AssertionError(f"service did not start:\n{sp.log()}")
+        if proc.poll() is not None:
+            raise AssertionError(f"service exited with {proc.returncode}:\n{sp.log()}")
+        return sp
+
+    yield start
+    for sp in procs:
+        if sp.proc.poll() is None:
+            sp.proc.kill()
+            sp.proc.wait()
+
+
+def _serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def health_status(address: str, service: str = "") -> str:
+    """The health service's answer for ``service``, by name (SERVING, NOT_SERVING, ...)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
