@@ -103,8 +103,7 @@ def init(root: str | Path, label: str = DEFAULT_LABEL, module: str = SOFTHSM_MOD
     try:
         _write_secret(paths.so_pin, bytes(so_pin))
         _write_secret(paths.user_pin, bytes(user_pin))
-        os.environ["SOFTHSM2_CONF"] = str(paths.conf)
-        init_token(module, label, so_pin, user_pin)
+        init_token(module, paths.conf, label, so_pin, user_pin)
     finally:
         so_pin[:] = bytes(len(so_pin))
         user_pin[:] = bytes(len(user_pin))

@@ -144,6 +144,7 @@ class RunningService:
         self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        self.loop.close()
 
 
 def make_config(

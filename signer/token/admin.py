@@ -9,6 +9,7 @@ are wiped afterwards.
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 from signer.errors import FailedPrecondition
@@ -38,12 +39,26 @@ def _check(rv: int, what: str) -> None:
         raise FailedPrecondition(f"{what} failed: CKR 0x{rv:08x}")
 
 
-def init_token(module: str | Path, label: str, so_pin: bytearray, user_pin: bytearray) -> None:
+def init_token(
+    module: str | Path, conf: Path, label: str, so_pin: bytearray, user_pin: bytearray
+) -> None:
     """Initialises the first free slot of ``module`` as token ``label`` and sets the user PIN.
 
-    SOFTHSM2_CONF must point at the token host's configuration before this is called.
+    ``conf`` is the SoftHSM2 configuration naming the token directory; SoftHSM2 reads it from
+    SOFTHSM2_CONF in C_Initialize, so the variable is set for the duration of this call only.
     """
-    lib = ctypes.CDLL(str(module))
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    try:
+        _init_token(ctypes.CDLL(str(module)), label, so_pin, user_pin)
+    finally:
+        if previous is None:
+            del os.environ["SOFTHSM2_CONF"]
+        else:
+            os.environ["SOFTHSM2_CONF"] = previous
+
+
+def _init_token(lib: ctypes.CDLL, label: str, so_pin: bytearray, user_pin: bytearray) -> None:
     so = (ctypes.c_ubyte * len(so_pin)).from_buffer(so_pin)
     user = (ctypes.c_ubyte * len(user_pin)).from_buffer(user_pin)
     rv = lib.C_Initialize(None)

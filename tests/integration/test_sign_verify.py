@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from signer.client import SignerClient
 from signer.keys import ALGORITHMS
+from signer.server import Server
+from tests.conftest import FakeClock, make_config
 
 pytestmark = pytest.mark.integration
 
@@ -23,12 +28,6 @@ HASHES = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes
 @pytest.fixture(scope="module")
 def keys(token_host, tmp_path_factory):
     """One key per algorithm, created once through a real service (RSA-4096 takes seconds)."""
-    import asyncio
-    import threading
-
-    from signer.server import Server
-    from tests.conftest import FakeClock, make_config
-
     tmp = tmp_path_factory.mktemp("sv")
     cfg = make_config(tmp, token_host.token_config())
     loop = asyncio.new_event_loop()
@@ -46,6 +45,7 @@ def keys(token_host, tmp_path_factory):
     asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     t.join(10)
+    loop.close()
 
 
 def test_service_offers_exactly_what_the_module_supports(keys):
@@ -134,8 +134,6 @@ def test_ecdsa_raw_format_is_fixed_width_r_s(keys, alg):
 
 
 def test_jwk_matches_pem(keys):
-    import json
-
     client, names = keys
     for alg, name in names.items():
         jwk = json.loads(client.public_key(name, format="jwk").jwk)

@@ -1,0 +1,168 @@
+"""The `signer` command line against a real service, and `signer run` as `make run` uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SIGNER_BIN, free_port, health_status, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def signer(*args: str, address: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SIGNER_BIN), *args, "--address", address],
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_readme_round_trip_with_cli_and_openssl(service, unique_name, tmp_path: Path):
+    """The README's sign/verify walk-through, command by command."""
+    name = unique_name("cli")
+    addr = service.address
+    r = signer("keys", "create", name, "--algorithm", "ec-p256", address=addr, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["primary_version"] == 1
+
+    (tmp_path / "hello.txt").write_text("hello, signer\n")
+    r = signer("sign", name, "--in", "hello.txt", "--out", "hello.sig", address=addr, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = signer("verify", name, "--in", "hello.txt", "--signature", "hello.sig",
+               address=addr, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+    r = signer("keys", "public", name, "--out", "pub.pem", address=addr, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ossl = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-verify", "pub.pem",
+         "-signature", "hello.sig", "hello.txt"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert ossl.returncode == 0, ossl.stdout + ossl.stderr
+    assert "Verified OK" in ossl.stdout
+
+    # A tampered message: exit 1, not an error.
+    (tmp_path / "evil.txt").write_text("hello, signer!\n")
+    r = signer("verify", name, "--in", "evil.txt", "--signature", "hello.sig",
+               address=addr, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 1
+    assert "INVALID" in r.stderr
+
+
+def test_cli_digest_version_rotate_list_show_jwk(service, unique_name, tmp_path: Path):
+    import hashlib
+
+    name = unique_name("cli")
+    addr = service.address
+    assert signer("keys", "create", name, "--algorithm", "ec-p384", address=addr,
+                  cwd=tmp_path).returncode == 0  # fmt: skip
+    r = signer("keys", "rotate", name, address=addr, cwd=tmp_path)
+    assert json.loads(r.stdout)["primary_version"] == 2
+    (tmp_path / "d.bin").write_bytes(hashlib.sha384(b"x").digest())
+    r = signer("sign", name, "--in", "d.bin", "--out", "d.sig", "--digest", "--version", "1",
+               address=addr, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stderr)["version"] == 1
+    r = signer("verify", name, "--in", "d.bin", "--signature", "d.sig", "--digest",
+               "--version", "1", address=addr, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    # Version 2 did not make that signature.
+    r = signer("verify", name, "--in", "d.bin", "--signature", "d.sig", "--digest",
+               address=addr, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 1
+
+    r = signer("keys", "list", address=addr, cwd=tmp_path)
+    assert name in r.stdout
+    shown = json.loads(signer("keys", "show", name, address=addr, cwd=tmp_path).stdout)
+    assert [v["state"] for v in shown["versions"]] == ["enabled", "enabled"]
+    assert shown["versions"][0]["pkcs11_uri"].startswith("pkcs11:token=signer;object=")
+    jwk = json.loads(signer("keys", "public", name, "--format", "jwk", address=addr,
+                            cwd=tmp_path).stdout)  # fmt: skip
+    assert (jwk["kty"], jwk["crv"], jwk["kid"]) == ("EC", "P-384", f"{name}/2")
+
+
+def test_cli_errors_exit_2_with_status_and_message(service, tmp_path: Path):
+    (tmp_path / "m").write_text("m")
+    r = signer("sign", "no-such-key", "--in", "m", "--out", "s", address=service.address,
+               cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: NOT_FOUND: key 'no-such-key' not found"
+    r = signer("sign", "k", "--in", "missing-file", "--out", "s", address=service.address,
+               cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2
+    assert "missing-file" in r.stderr
+
+
+def test_signer_help_lists_every_command():
+    out = subprocess.run([str(SIGNER_BIN), "--help"], capture_output=True, text=True).stdout
+    for command in ("hsm", "serve", "run", "keys", "sign", "verify"):
+        assert command in out
+
+
+@pytest.mark.slow
+def test_signer_run_starts_both_and_ctrl_c_stops_both(tmp_path: Path, token_host):
+    """`make run` in miniature: fresh directory, token host + service + demo key, then SIGINT."""
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    state = tmp_path / "var"
+    proc = subprocess.Popen(
+        [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: _serving(addr) or proc.poll() is not None, 60)
+        assert proc.poll() is None, "signer run exited early"
+        # Token files and PINs are owner-only; the service config names the PIN file only.
+        assert (state / "hsm" / "user.pin").stat().st_mode & 0o777 == 0o600
+        assert "pin_file" in (state / "signer.toml").read_text()
+        (tmp_path / "m").write_text("demo")
+        r = signer("sign", "demo", "--in", "m", "--out", "s", address=addr, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        hosts = _processes_mentioning(str(state / "hsm"))
+        assert hosts, "the token host should be running"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "service stopped" in output
+    assert "token host stopped" in output
+    assert wait_until(lambda: not _processes_mentioning(str(state / "hsm")), 10)
+    # A second start reuses the token and the demo key.
+    proc = subprocess.Popen(
+        [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: _serving(addr) or proc.poll() is not None, 60)
+        r = signer("verify", "demo", "--in", "m", "--signature", "s", address=addr, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+def _serving(addr: str) -> bool:
+    try:
+        return health_status(addr) == "SERVING"
+    except Exception:
+        return False
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
