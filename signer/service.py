@@ -191,10 +191,9 @@ class Signer:
     ) -> SignResult:
         check_name(name)
         self._check_input(message, digest)
-        key = self._store.get_key(name)
-        v = key.version(version)
+        v = self._store.get_version(name, version)
         check_usable(v, self.now())
-        alg = algorithm(key.algorithm)
+        alg = algorithm(v.algorithm)
         mech, data = to_be_signed(alg, message, digest, pad)
         raw = self._token.sign(v.key_id, mech, data)
         return SignResult(
@@ -215,10 +214,9 @@ class Signer:
         self._check_input(message, digest)
         if not signature:
             raise InvalidArgument("signature is empty")
-        key = self._store.get_key(name)
-        v = key.version(version)
+        v = self._store.get_version(name, version)
         check_usable(v, self.now())
-        alg = algorithm(key.algorithm)
+        alg = algorithm(v.algorithm)
         return verify(v.public_key_der, alg, signature, message, digest, pad, fmt), v.version
 
     # --- lifecycle ----------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class Store(Protocol):
     def create_key(self, key: Key) -> None: ...
     def get_key(self, name: str) -> Key: ...
     def list_keys(self, after: str, limit: int) -> list[Key]: ...
+    def get_version(self, name: str, version: int) -> Version: ...
     def add_version(self, version: Version, make_primary: bool) -> None: ...
     def set_primary(self, name: str, version: int) -> None: ...
     def set_state(
@@ -135,6 +136,22 @@ class SQLiteStore:
         if row is None:
             raise NotFound(f"key {name!r} not found")
         return self._key(db, row)
+
+    def get_version(self, name: str, version: int) -> Version:
+        """One version (0: the primary) in one query: this is on every signature's path."""
+        db = self._db()
+        row = db.execute(
+            "SELECT v.name, v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, "
+            "v.destroy_at FROM keys k JOIN versions v ON v.name = k.name "
+            "AND v.version = (CASE WHEN ?2 = 0 THEN k.primary_version ELSE ?2 END) "
+            "WHERE k.name = ?1",
+            (name, version),
+        ).fetchone()
+        if row is not None:
+            return _version(row)
+        if db.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone() is None:
+            raise NotFound(f"key {name!r} not found")
+        raise NotFound(f"key {name!r} has no version {version}")
 
     def list_keys(self, after: str, limit: int) -> list[Key]:
         db = self._db()
