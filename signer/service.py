@@ -51,6 +51,8 @@ Clock = Callable[[], datetime]
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 KEY_ID_BYTES = 16
+# Far beyond any sane schedule, and well inside datetime's range (a uint64 on the wire is not).
+MAX_WAITING_PERIOD_SECONDS = 100 * 365 * 24 * 3600
 
 
 def utcnow() -> datetime:
@@ -272,6 +274,11 @@ class Signer:
             raise InvalidArgument(
                 f"waiting_period_seconds must be at least "
                 f"{keys_cfg.min_destruction_waiting_period_seconds}, got {waiting_seconds}"
+            )
+        if waiting_seconds > MAX_WAITING_PERIOD_SECONDS:
+            raise InvalidArgument(
+                f"waiting_period_seconds must be at most {MAX_WAITING_PERIOD_SECONDS}, "
+                f"got {waiting_seconds}"
             )
         check_name(name)
         self._require_version_number(version)

@@ -380,7 +380,12 @@ class Token:
         return _Connection(token, slots, free, mechs, token.label)
 
     def _find_token(self) -> Any:
-        for slot in self._lib.get_slots(token_present=True):
+        slots = self._lib.get_slots(token_present=True)
+        if not slots:
+            # p11-kit-client.so shows no slot at all when its server cannot be reached.
+            where = f" at {self._cfg.server_address}" if self._cfg.server_address else ""
+            raise Unavailable(f"the PKCS#11 module shows no token; is the token host{where} up?")
+        for slot in slots:
             tok = slot.get_token()
             serial = tok.serial.decode("ascii", "replace").strip()
             if self._uri.matches(tok.label, serial, tok.manufacturer_id, tok.model):
