@@ -355,4 +355,6 @@ def _decode_page_token(token: str) -> str:
     try:
         return check_name(base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8"))
     except (binascii.Error, UnicodeError, ValueError, InvalidArgument):
-        raise InvalidArgument("page_token is not one this service issued") from None
+        raise InvalidArgument(
+            "page_token is malformed: pass back next_page_token as given"
+        ) from None

@@ -447,7 +447,7 @@ def test_list_keys_rejects_a_page_size_over_1000(service):
 def test_list_keys_rejects_a_garbage_page_token(service, unique_name, token):
     client = service.client()
     client.create_key(unique_name(), "ec-p256")
-    with pytest.raises(InvalidArgument, match="page_token is not one this service issued"):
+    with pytest.raises(InvalidArgument, match="page_token is malformed"):
         client.list_keys(page_size=3, page_token=token)
 
 
