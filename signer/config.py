@@ -161,6 +161,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("token.thread_safe must be auto, true or false")
     if not cfg.token.uri.startswith("pkcs11:"):
         raise ConfigError("token.uri must be an RFC 7512 URI starting with 'pkcs11:'")
+    for name, value in (
+        ("token.health_interval_seconds", cfg.token.health_interval_seconds),
+        ("keys.reaper_interval_seconds", cfg.keys.reaper_interval_seconds),
+        ("server.grace_seconds", cfg.server.grace_seconds),
+    ):
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    if cfg.keys.min_destruction_waiting_period_seconds < 0:
+        raise ConfigError("keys.min_destruction_waiting_period_seconds must not be negative")
     if cfg.server.max_message_bytes < 1:
         raise ConfigError("server.max_message_bytes must be positive")
     if (

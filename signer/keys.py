@@ -273,7 +273,10 @@ def ec_der_to_raw(der: bytes, alg: Algorithm) -> bytes:
     except ValueError:
         raise InvalidArgument("signature is not a DER ECDSA signature") from None
     width = (alg.bits + 7) // 8
-    return r.to_bytes(width, "big") + s.to_bytes(width, "big")
+    try:
+        return r.to_bytes(width, "big") + s.to_bytes(width, "big")
+    except OverflowError:
+        raise InvalidArgument(f"signature is not a valid {alg.name} ECDSA signature") from None
 
 
 def format_signature(alg: Algorithm, token_signature: bytes, fmt: SigFormat) -> bytes:

@@ -149,6 +149,8 @@ class Signer:
         return replace(key, versions=versions)
 
     def list_keys(self, page_size: int, page_token: str) -> tuple[list[Key], str]:
+        if page_size < 0:
+            raise InvalidArgument(f"page_size must not be negative, got {page_size}")
         if page_size > MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}, got {page_size}")
         size = page_size or DEFAULT_PAGE_SIZE
@@ -337,6 +339,13 @@ class Signer:
                 except Unavailable:
                     log.warning("destruction postponed: token unavailable", extra={"key": v.name})
                     return done
+                except SignerError as exc:
+                    # One version the token will not destroy must not hold up the others.
+                    log.error(
+                        "destruction failed; will retry",
+                        extra={"key": v.name, "version": v.version, "error": exc.message},
+                    )
+                    continue
                 self._store.set_state(v.name, v.version, State.DESTROYED, v.destroy_at)
             log.info("key version destroyed", extra={"key": v.name, "version": v.version})
             done += 1

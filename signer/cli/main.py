@@ -69,9 +69,8 @@ def _print_version(v: pb.KeyVersion) -> None:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    labels = dict(_label(x) for x in args.label)
     with _client(args) as c:
-        _print_key(c.create_key(args.name, args.algorithm, args.scope, labels))
+        _print_key(c.create_key(args.name, args.algorithm, args.scope, dict(args.label)))
     return EXIT_OK
 
 
@@ -268,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--algorithm", required=True, choices=list(ALGORITHMS))
     sp.add_argument("--scope", default="", help="key scope, fixed at creation")
-    sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
     sp.set_defaults(func=cmd_keys_create)
     sp = client_parser(keys_sub, "list", "list keys")
     sp.add_argument("--json", action="store_true")

@@ -30,7 +30,8 @@ class Pin:
     def load(self) -> Pin:
         """Reads the file; refuses one that anybody but its owner could read."""
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO must be refused below, not block start-up on open.
+            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ConfigError(f"PIN file not found: {self._path}") from None
         except OSError as exc:
@@ -54,6 +55,12 @@ class Pin:
         if n == 0 or n > MAX_PIN_BYTES:
             buf[:] = bytes(len(buf))
             raise ConfigError(f"PIN file {self._path} must hold 1 to {MAX_PIN_BYTES} bytes")
+        try:
+            # PKCS#11 PINs are UTF-8; say so now rather than fail at login with a byte in the text.
+            buf[:n].decode("utf-8")
+        except UnicodeDecodeError:
+            buf[:] = bytes(len(buf))
+            raise ConfigError(f"PIN file {self._path} is not UTF-8 text") from None
         self.wipe()
         self._buf = buf
         self._len = n

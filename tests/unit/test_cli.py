@@ -1,0 +1,476 @@
+"""signer.cli.main: the parser's documented forms, exit codes and error printing (fake client)."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from signer.cli import main as cli
+from signer.cli.main import EXIT_ERROR, EXIT_INVALID, EXIT_OK, build_parser, main
+from signer.client import DEFAULT_ADDRESS, Signature
+from signer.errors import NotFound, Unavailable
+from signer.v1 import signer_pb2 as pb
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def ts(t: datetime) -> Timestamp:
+    out = Timestamp()
+    out.FromDatetime(t)
+    return out
+
+
+def pb_key(name: str = "payments") -> pb.Key:
+    return pb.Key(
+        name=name,
+        algorithm="ec-p256",
+        primary_version=1,
+        create_time=ts(T0),
+        scope="team",
+        labels={"env": "prod"},
+        versions=[
+            pb.KeyVersion(
+                name=name,
+                version=1,
+                algorithm="ec-p256",
+                state=pb.ENABLED,
+                create_time=ts(T0),
+                pkcs11_uri="pkcs11:token=signer;object=x",
+            )
+        ],
+    )
+
+
+class FakeClient:
+    """Stands in for SignerClient; configured per test through ``FakeClient.behaviour``."""
+
+    behaviour: ClassVar[dict[str, Any]] = {}
+    instances: ClassVar[list[FakeClient]] = []
+
+    def __init__(self, address: str = DEFAULT_ADDRESS) -> None:
+        self.address = address
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.closed = False
+        FakeClient.instances.append(self)
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed = True
+
+    def _do(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((method, args, kwargs))
+        value = self.behaviour.get(method)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def create_key(self, *a: Any, **k: Any) -> Any:
+        return self._do("create_key", *a, **k)
+
+    def get_key(self, *a: Any, **k: Any) -> Any:
+        return self._do("get_key", *a, **k)
+
+    def iter_keys(self, *a: Any, **k: Any) -> Any:
+        return iter(self._do("iter_keys", *a, **k) or [])
+
+    def public_key(self, *a: Any, **k: Any) -> Any:
+        return self._do("public_key", *a, **k)
+
+    def rotate(self, *a: Any, **k: Any) -> Any:
+        return self._do("rotate", *a, **k)
+
+    def set_primary(self, *a: Any, **k: Any) -> Any:
+        return self._do("set_primary", *a, **k)
+
+    def disable(self, *a: Any, **k: Any) -> Any:
+        return self._do("disable", *a, **k)
+
+    def enable(self, *a: Any, **k: Any) -> Any:
+        return self._do("enable", *a, **k)
+
+    def schedule_destruction(self, *a: Any, **k: Any) -> Any:
+        return self._do("schedule_destruction", *a, **k)
+
+    def cancel_destruction(self, *a: Any, **k: Any) -> Any:
+        return self._do("cancel_destruction", *a, **k)
+
+    def sign(self, *a: Any, **k: Any) -> Any:
+        return self._do("sign", *a, **k)
+
+    def verify(self, *a: Any, **k: Any) -> Any:
+        return self._do("verify", *a, **k)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
+    monkeypatch.setattr(FakeClient, "behaviour", {})
+    monkeypatch.setattr(FakeClient, "instances", [])
+    monkeypatch.setattr(cli, "SignerClient", FakeClient)
+    return FakeClient
+
+
+def only_call(fake: type[FakeClient]) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    (client,) = fake.instances
+    assert client.closed
+    (call,) = client.calls
+    return call
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> Any:
+    return build_parser().parse_args(list(argv))
+
+
+def test_keys_create() -> None:
+    a = parse("keys", "create", "payments", "--algorithm", "ec-p256")
+    assert (a.command, a.keys_command, a.name, a.algorithm) == (
+        "keys",
+        "create",
+        "payments",
+        "ec-p256",
+    )
+    assert (a.scope, a.label, a.address) == ("", [], "127.0.0.1:50051")
+    assert a.func is cli.cmd_keys_create
+    a = parse(
+        "keys",
+        "create",
+        "p",
+        "--algorithm",
+        "ed25519",
+        "--scope",
+        "s",
+        "--label",
+        "a=b",
+        "--label",
+        "c=d",
+    )
+    labels = [x if isinstance(x, tuple) else cli._label(x) for x in a.label]
+    assert (a.scope, labels) == ("s", [("a", "b"), ("c", "d")])
+
+
+def test_keys_create_needs_known_algorithm(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        parse("keys", "create", "p", "--algorithm", "dsa")
+    assert ei.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("keys", "create", "p")
+
+
+def test_keys_list_show_rotate() -> None:
+    a = parse("keys", "list")
+    assert (a.keys_command, a.json, a.address, a.func) == (
+        "list",
+        False,
+        DEFAULT_ADDRESS,
+        cli.cmd_keys_list,
+    )
+    assert parse("keys", "list", "--json").json is True
+    a = parse("keys", "show", "payments")
+    assert (a.name, a.address, a.func) == ("payments", DEFAULT_ADDRESS, cli.cmd_keys_show)
+    a = parse("keys", "rotate", "payments", "--address", "10.0.0.1:9")
+    assert (a.name, a.address, a.func) == ("payments", "10.0.0.1:9", cli.cmd_keys_rotate)
+
+
+@pytest.mark.parametrize("fmt", ["pem", "jwk"])
+def test_keys_public(fmt: str) -> None:
+    a = parse("keys", "public", "payments", "--format", fmt)
+    assert (a.name, a.format, a.version, a.out, a.address) == (
+        "payments",
+        fmt,
+        0,
+        None,
+        DEFAULT_ADDRESS,
+    )
+    assert parse("keys", "public", "payments").format == "pem"
+    with pytest.raises(SystemExit):
+        parse("keys", "public", "payments", "--format", "der")
+
+
+def test_keys_version_ops() -> None:
+    a = parse("keys", "schedule-destruction", "k", "2", "--waiting-period", "86400")
+    assert (a.op, a.name, a.version, a.waiting_period) == ("schedule-destruction", "k", 2, 86400)
+    for op in ("disable", "enable", "cancel-destruction"):
+        a = parse("keys", op, "k", "3")
+        assert (a.op, a.version, a.waiting_period, a.func) == (op, 3, 0, cli.cmd_keys_version_op)
+    a = parse("keys", "set-primary", "k", "4")
+    assert (a.version, a.func) == (4, cli.cmd_keys_set_primary)
+
+
+def test_sign_forms() -> None:
+    a = parse("sign", "payments", "--in", "msg.bin", "--out", "sig.der")
+    assert (a.command, a.name, a.infile, a.out) == ("sign", "payments", "msg.bin", "sig.der")
+    assert (a.digest, a.version, a.format, a.padding, a.address) == (
+        False,
+        0,
+        "der",
+        "pss",
+        DEFAULT_ADDRESS,
+    )
+    assert a.func is cli.cmd_sign
+    a = parse(
+        "sign",
+        "p",
+        "--in",
+        "-",
+        "--out",
+        "s",
+        "--digest",
+        "--version",
+        "3",
+        "--format",
+        "raw",
+        "--padding",
+        "pkcs1v15",
+    )
+    assert (a.infile, a.digest, a.version, a.format, a.padding) == ("-", True, 3, "raw", "pkcs1v15")
+    with pytest.raises(SystemExit):
+        parse("sign", "p", "--in", "f")  # --out is required
+
+
+def test_verify_forms() -> None:
+    a = parse("verify", "payments", "--in", "msg.bin", "--signature", "sig.der")
+    assert (a.command, a.name, a.infile, a.signature) == (
+        "verify",
+        "payments",
+        "msg.bin",
+        "sig.der",
+    )
+    assert (a.digest, a.version, a.address, a.func) == (False, 0, DEFAULT_ADDRESS, cli.cmd_verify)
+    with pytest.raises(SystemExit):
+        parse("verify", "p", "--in", "f")  # --signature is required
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("hsm", "serve", "run", "keys", "sign", "verify"):
+        assert f"\n    {command} " in out, command
+
+
+def test_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main([])
+    assert ei.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+# --- main() with a fake client -----------------------------------------------------------------
+
+
+def test_service_error_exit_2(fake: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:
+    fake.behaviour["get_key"] = NotFound("key 'ghost' not found")
+    assert main(["keys", "show", "ghost", "--address", "127.0.0.1:7"]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    assert captured.err == "error: NOT_FOUND: key 'ghost' not found\n"
+    assert captured.out == ""
+    assert fake.instances[0].address == "127.0.0.1:7"
+    assert fake.instances[0].closed
+
+
+def test_unavailable_exit_2(fake: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:
+    fake.behaviour["iter_keys"] = Unavailable("connection refused")
+    assert main(["keys", "list"]) == EXIT_ERROR
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: connection refused")
+
+
+def test_keys_create_prints_key(fake: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:
+    fake.behaviour["create_key"] = pb_key()
+    rc = main(
+        [
+            "keys",
+            "create",
+            "payments",
+            "--algorithm",
+            "ec-p256",
+            "--scope",
+            "team",
+            "--label",
+            "env=prod",
+            "--label",
+            "x=a=b",
+        ]
+    )
+    assert rc == EXIT_OK
+    assert only_call(fake) == (
+        "create_key",
+        ("payments", "ec-p256", "team", {"env": "prod", "x": "a=b"}),
+        {},
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["name"] == "payments"
+    assert out["created"] == "2026-01-01T00:00:00Z"
+    assert out["labels"] == {"env": "prod"}
+    assert out["versions"] == [
+        {
+            "version": 1,
+            "state": "enabled",
+            "created": "2026-01-01T00:00:00Z",
+            "pkcs11_uri": "pkcs11:token=signer;object=x",
+        }
+    ]
+
+
+def test_keys_create_bad_label_is_usage_error(
+    fake: type[FakeClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.behaviour["create_key"] = pb_key()
+    try:
+        rc = main(["keys", "create", "payments", "--algorithm", "ec-p256", "--label", "novalue"])
+    except SystemExit as exc:
+        rc = exc.code  # type: ignore[assignment]
+    assert rc == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert all(not c.calls for c in fake.instances)
+
+
+def test_keys_list_table_and_json(
+    fake: type[FakeClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.behaviour["iter_keys"] = [pb_key("alpha"), pb_key("beta")]
+    assert main(["keys", "list"]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "ALGORITHM", "PRIMARY", "VERSIONS", "SCOPE"]
+    assert lines[1].split() == ["alpha", "ec-p256", "1", "1", "team"]
+    assert lines[2].split()[0] == "beta"
+    assert main(["keys", "list", "--json"]) == EXIT_OK
+    assert [k["name"] for k in json.loads(capsys.readouterr().out)] == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"), [("pem", "-----BEGIN PUBLIC KEY-----\n"), ("jwk", '{"kty": "EC"}\n')]
+)
+def test_keys_public_output(
+    fake: type[FakeClient],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    fmt: str,
+    expected: str,
+) -> None:
+    fake.behaviour["public_key"] = pb.PublicKey(
+        name="k", version=2, pem="-----BEGIN PUBLIC KEY-----\n", jwk='{"kty": "EC"}'
+    )
+    assert main(["keys", "public", "k", "--format", fmt, "--version", "2"]) == EXIT_OK
+    assert capsys.readouterr().out == expected
+    assert fake.instances[0].calls == [("public_key", ("k", 2, fmt), {})]
+    out = tmp_path / "pub"
+    assert main(["keys", "public", "k", "--format", fmt, "--out", str(out)]) == EXIT_OK
+    assert out.read_text() == expected
+    assert capsys.readouterr().out == ""
+
+
+def test_keys_version_op_calls(fake: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:
+    v = pb.KeyVersion(name="k", version=2, state=pb.DESTRUCTION_SCHEDULED, destroy_time=ts(T0))
+    fake.behaviour["schedule_destruction"] = v
+    assert main(["keys", "schedule-destruction", "k", "2", "--waiting-period", "90000"]) == EXIT_OK
+    assert only_call(fake) == ("schedule_destruction", ("k", 2, 90000), {})
+    assert json.loads(capsys.readouterr().out) == {
+        "name": "k",
+        "version": 2,
+        "state": "destruction_scheduled",
+        "destroy_time": "2026-01-01T00:00:00Z",
+    }
+    fake.behaviour["disable"] = pb.KeyVersion(name="k", version=1, state=pb.DISABLED)
+    assert main(["keys", "disable", "k", "1"]) == EXIT_OK
+    assert fake.instances[-1].calls == [("disable", ("k", 1), {})]
+    assert json.loads(capsys.readouterr().out)["state"] == "disabled"
+
+
+def test_sign_writes_signature(
+    fake: type[FakeClient], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    infile, out = tmp_path / "msg", tmp_path / "sig"
+    infile.write_bytes(b"hello")
+    fake.behaviour["sign"] = Signature(b"\x30\x01sig", 3, "ec-p256", "ECDSA-SHA256")
+    assert main(["sign", "k", "--in", str(infile), "--out", str(out), "--version", "3"]) == EXIT_OK
+    assert out.read_bytes() == b"\x30\x01sig"
+    assert only_call(fake) == (
+        "sign",
+        ("k",),
+        {"version": 3, "signature_format": "der", "rsa_padding": "pss", "message": b"hello"},
+    )
+    report = json.loads(capsys.readouterr().err)
+    assert report == {
+        "name": "k",
+        "version": 3,
+        "algorithm": "ec-p256",
+        "signature_algorithm": "ECDSA-SHA256",
+        "out": str(out),
+    }
+
+
+def test_sign_digest_from_stdin(
+    fake: type[FakeClient], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("sys.stdin", SimpleNamespace(buffer=io.BytesIO(b"\x01" * 32)))
+    fake.behaviour["sign"] = Signature(b"s", 1, "rsa-2048", "RSASSA-PKCS1-v1_5-SHA256")
+    out = tmp_path / "sig"
+    argv = [
+        "sign",
+        "k",
+        "--in",
+        "-",
+        "--out",
+        str(out),
+        "--digest",
+        "--padding",
+        "pkcs1v15",
+        "--format",
+        "raw",
+    ]
+    assert main(argv) == EXIT_OK
+    _, _, kwargs = only_call(fake)
+    assert kwargs == {
+        "version": 0,
+        "signature_format": "raw",
+        "rsa_padding": "pkcs1v15",
+        "digest": b"\x01" * 32,
+    }
+
+
+@pytest.mark.parametrize(
+    ("valid", "rc", "word"), [(True, EXIT_OK, "valid"), (False, EXIT_INVALID, "INVALID")]
+)
+def test_verify_exit_codes(
+    fake: type[FakeClient],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    valid: bool,
+    rc: int,
+    word: str,
+) -> None:
+    infile, sig = tmp_path / "msg", tmp_path / "sig"
+    infile.write_bytes(b"hello")
+    sig.write_bytes(b"signature-bytes")
+    fake.behaviour["verify"] = valid
+    assert main(["verify", "k", "--in", str(infile), "--signature", str(sig)]) == rc
+    assert capsys.readouterr().err == word + "\n"
+    assert only_call(fake) == (
+        "verify",
+        ("k", b"signature-bytes"),
+        {"version": 0, "signature_format": "der", "rsa_padding": "pss", "message": b"hello"},
+    )
+
+
+def test_missing_input_file_exit_2(
+    fake: type[FakeClient], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.bin"
+    assert main(["sign", "k", "--in", str(missing), "--out", str(tmp_path / "s")]) == EXIT_ERROR
+    assert capsys.readouterr().err == f"error: No such file or directory: {missing}\n"
+    assert all(not c.calls for c in fake.instances)
+    assert main(["verify", "k", "--in", str(missing), "--signature", str(missing)]) == EXIT_ERROR
+    assert "No such file or directory" in capsys.readouterr().err

@@ -1,0 +1,300 @@
+"""signer.config: defaults, TOML, SIGNER_* overrides, coercion, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from signer import config
+from signer.config import (
+    DAY,
+    P11KIT_CLIENT_MODULE,
+    SOFTHSM_MODULE,
+    Config,
+    KeysConfig,
+    ServerConfig,
+    StoreConfig,
+    TokenConfig,
+)
+from signer.errors import ConfigError, SignerError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "signer.toml"
+    p.write_text(text)
+    return p
+
+
+# --- defaults ----------------------------------------------------------------------------------
+
+
+def test_defaults_without_file_or_env() -> None:
+    cfg = config.load(None, env={})
+    assert cfg == Config()
+    assert cfg.server.listen == "127.0.0.1:50051"
+    assert cfg.server.max_message_bytes == 1024 * 1024
+    assert cfg.server.grace_seconds == 10.0
+    assert cfg.token.module == P11KIT_CLIENT_MODULE
+    assert cfg.token.server_address == ""
+    assert cfg.token.uri == "pkcs11:token=signer"
+    assert cfg.token.pin_file == ""
+    assert cfg.token.sessions == 8
+    assert cfg.token.thread_safe == "auto"
+    assert cfg.store.path == "var/signer.db"
+    assert cfg.keys.destruction_waiting_period_seconds == 7 * DAY
+    assert cfg.keys.min_destruction_waiting_period_seconds == DAY
+    assert cfg.keys.reaper_interval_seconds == 60.0
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, ""), env={}) == Config()
+
+
+def test_config_is_frozen() -> None:
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.server.listen = "0.0.0.0:1"  # type: ignore[misc]
+
+
+# --- TOML --------------------------------------------------------------------------------------
+
+
+def test_toml_file_sets_every_section(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[server]
+listen = "127.0.0.1:6000"
+max_message_bytes = 4096
+grace_seconds = 3
+
+[token]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+server_address = "unix:path=/tmp/p11.sock"
+uri = "pkcs11:token=other;serial=1234"
+pin_file = "/etc/signer/pin"
+sessions = 2
+thread_safe = "false"
+health_interval_seconds = 0.5
+
+[store]
+path = "/var/lib/signer/keys.db"
+
+[keys]
+destruction_waiting_period_seconds = 172800
+min_destruction_waiting_period_seconds = 3600
+reaper_interval_seconds = 5
+""",
+    )
+    cfg = config.load(path, env={})
+    assert cfg.server == ServerConfig("127.0.0.1:6000", 4096, 3.0)
+    assert isinstance(cfg.server.grace_seconds, float)
+    assert cfg.token == TokenConfig(
+        module=SOFTHSM_MODULE,
+        server_address="unix:path=/tmp/p11.sock",
+        uri="pkcs11:token=other;serial=1234",
+        pin_file="/etc/signer/pin",
+        sessions=2,
+        thread_safe="false",
+        health_interval_seconds=0.5,
+    )
+    assert cfg.store == StoreConfig("/var/lib/signer/keys.db")
+    assert cfg.keys == KeysConfig(172800, 3600, 5.0)
+
+
+def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, "[token]\nsessions = 3\n"), env={})
+    assert cfg.token.sessions == 3
+    assert cfg.token.module == P11KIT_CLIENT_MODULE
+    assert cfg.server == ServerConfig()
+
+
+def test_missing_file_is_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="not found") as ei:
+        config.load(missing, env={})
+    assert str(missing) in ei.value.message
+
+
+def test_invalid_toml_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[server\nlisten = "), env={})
+
+
+def test_config_error_is_a_signer_error() -> None:
+    assert issubclass(ConfigError, SignerError)
+
+
+# --- environment overrides ---------------------------------------------------------------------
+
+
+def test_env_overrides_win_over_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[server]\nlisten = "127.0.0.1:6000"\n[token]\nsessions = 2\n[keys]\n'
+        "reaper_interval_seconds = 5\n",
+    )
+    env = {
+        "SIGNER_SERVER_LISTEN": "127.0.0.1:7000",
+        "SIGNER_TOKEN_SESSIONS": "16",
+        "SIGNER_KEYS_REAPER_INTERVAL_SECONDS": "0.25",
+    }
+    cfg = config.load(path, env=env)
+    assert cfg.server.listen == "127.0.0.1:7000"
+    assert cfg.token.sessions == 16
+    assert cfg.keys.reaper_interval_seconds == 0.25
+
+
+def test_env_override_without_file() -> None:
+    cfg = config.load(
+        None, env={"SIGNER_STORE_PATH": "/tmp/x.db", "SIGNER_TOKEN_THREAD_SAFE": "true"}
+    )
+    assert cfg.store.path == "/tmp/x.db"
+    assert cfg.token.thread_safe == "true"
+
+
+def test_unrelated_env_is_ignored() -> None:
+    cfg = config.load(None, env={"PATH": "/bin", "SIGNERX_SERVER_LISTEN": "nope", "LISTEN": "x"})
+    assert cfg == Config()
+
+
+def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGNER_SERVER_LISTEN", "127.0.0.1:6001")
+    assert config.load(None).server.listen == "127.0.0.1:6001"
+    # An explicit env mapping replaces os.environ entirely.
+    assert config.load(None, env={}).server.listen == "127.0.0.1:50051"
+
+
+# --- type errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "setting"),
+    [
+        ('[token]\nsessions = "many"\n', "token.sessions"),
+        ("[token]\nsessions = 2.5\n", "token.sessions"),
+        ("[token]\nsessions = true\n", "token.sessions"),
+        ("[server]\nlisten = 6000\n", "server.listen"),
+        ('[server]\ngrace_seconds = "soon"\n', "server.grace_seconds"),
+        ("[server]\ngrace_seconds = false\n", "server.grace_seconds"),
+        ("[store]\npath = [1, 2]\n", "store.path"),
+    ],
+)
+def test_file_type_errors_name_the_setting(tmp_path: Path, toml: str, setting: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.load(write(tmp_path, toml), env={})
+    assert f"setting {setting} must be" in ei.value.message
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"SIGNER_TOKEN_SESSIONS": "eight"}, "token.sessions"),
+        ({"SIGNER_SERVER_MAX_MESSAGE_BYTES": "1.5"}, "server.max_message_bytes"),
+        ({"SIGNER_SERVER_GRACE_SECONDS": "abc"}, "server.grace_seconds"),
+    ],
+)
+def test_env_type_errors_name_the_setting(env: dict[str, str], setting: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.load(None, env=env)
+    assert setting in ei.value.message
+
+
+def test_coerce_bool() -> None:
+    # No setting is a bool today, but the coercion is there for the first one.
+    assert config._coerce("s", "n", True, bool) is True
+    assert config._coerce("s", "n", "TRUE", bool) is True
+    assert config._coerce("s", "n", "0", bool) is False
+    with pytest.raises(ConfigError, match=r"s\.n must be bool"):
+        config._coerce("s", "n", "yes", bool)
+
+
+# --- unknown names -----------------------------------------------------------------------------
+
+
+def test_unknown_section_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown section") as ei:
+        config.load(write(tmp_path, "[servre]\nlisten = 'x'\n"), env={})
+    assert "servre" in ei.value.message
+
+
+def test_unknown_setting_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) in \[token\]") as ei:
+        config.load(write(tmp_path, "[token]\nsesions = 2\npin = 'x'\n"), env={})
+    assert "sesions" in ei.value.message
+    assert "pin" in ei.value.message
+
+
+def test_section_must_be_a_table(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[server\].*must be a table"):
+        config.load(write(tmp_path, "server = 5\n"), env={})
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"SIGNER_TOKEN_SESSIONS": "0"}, "token.sessions must be at least 1"),
+        ({"SIGNER_TOKEN_SESSIONS": "-3"}, "token.sessions must be at least 1"),
+        ({"SIGNER_TOKEN_THREAD_SAFE": "yes"}, "token.thread_safe"),
+        ({"SIGNER_TOKEN_THREAD_SAFE": "True"}, "token.thread_safe"),
+        ({"SIGNER_TOKEN_URI": "token=signer"}, "token.uri"),
+        ({"SIGNER_TOKEN_URI": "http://example"}, "token.uri"),
+        ({"SIGNER_SERVER_MAX_MESSAGE_BYTES": "0"}, "server.max_message_bytes"),
+        (
+            {"SIGNER_KEYS_DESTRUCTION_WAITING_PERIOD_SECONDS": str(DAY - 1)},
+            "keys.destruction_waiting_period_seconds is shorter",
+        ),
+        (
+            {
+                "SIGNER_KEYS_DESTRUCTION_WAITING_PERIOD_SECONDS": "100",
+                "SIGNER_KEYS_MIN_DESTRUCTION_WAITING_PERIOD_SECONDS": "101",
+            },
+            "keys.min_destruction_waiting_period_seconds",
+        ),
+    ],
+)
+def test_validation_errors(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.load(None, env=env)
+    assert fragment in ei.value.message
+
+
+def test_waiting_period_equal_to_minimum_is_fine() -> None:
+    cfg = config.load(None, env={"SIGNER_KEYS_DESTRUCTION_WAITING_PERIOD_SECONDS": str(DAY)})
+    assert cfg.keys.destruction_waiting_period_seconds == DAY
+
+
+def test_validation_applies_to_file_values(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"token\.sessions"):
+        config.load(write(tmp_path, "[token]\nsessions = 0\n"), env={})
+
+
+# --- TokenConfig.concurrent --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "thread_safe", "expected"),
+    [
+        (P11KIT_CLIENT_MODULE, "auto", True),
+        ("/opt/elsewhere/p11-kit-client.so", "auto", True),
+        (SOFTHSM_MODULE, "auto", False),
+        ("/usr/lib/libsofthsm2.so", "auto", False),
+        ("/usr/lib/p11-kit-client.so.0", "auto", False),
+        (SOFTHSM_MODULE, "true", True),
+        (P11KIT_CLIENT_MODULE, "false", False),
+        (P11KIT_CLIENT_MODULE, "true", True),
+        (SOFTHSM_MODULE, "false", False),
+    ],
+)
+def test_concurrent(module: str, thread_safe: str, expected: bool) -> None:
+    assert TokenConfig(module=module, thread_safe=thread_safe).concurrent is expected
+
+
+def test_concurrent_from_loaded_config() -> None:
+    cfg = config.load(None, env={"SIGNER_TOKEN_MODULE": SOFTHSM_MODULE})
+    assert cfg.token.concurrent is False
+    assert config.load(None, env={}).token.concurrent is True

@@ -1,0 +1,206 @@
+"""signer.errors, the server's Code -> gRPC status table and the client's way back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from signer import errors
+from signer.client import _error
+from signer.errors import BY_CODE, Code, ConfigError, Internal, SignerError
+from signer.server import STATUS, ErrorInterceptor
+
+WIRE_CLASSES = [
+    errors.InvalidArgument,
+    errors.NotFound,
+    errors.AlreadyExists,
+    errors.FailedPrecondition,
+    errors.Unavailable,
+    errors.Unauthenticated,
+    errors.PermissionDenied,
+    errors.Internal,
+]
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str | None) -> None:
+        super().__init__()
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+
+def all_subclasses(cls: type) -> set[type]:
+    out: set[type] = set()
+    for sub in cls.__subclasses__():
+        out |= {sub} | all_subclasses(sub)
+    return out
+
+
+def test_every_wire_error_class_has_a_distinct_code() -> None:
+    codes = [cls.code for cls in WIRE_CLASSES]
+    assert len(set(codes)) == len(codes)
+    assert set(codes) == set(Code)
+
+
+def test_every_signer_error_subclass_is_accounted_for() -> None:
+    # ConfigError is the one subclass that never goes over the wire; it deliberately shares
+    # FAILED_PRECONDITION and is kept out of BY_CODE. Any new subclass must be one or the other.
+    subclasses = {c for c in all_subclasses(SignerError) if c.__module__ == "signer.errors"}
+    assert subclasses == set(WIRE_CLASSES) | {ConfigError}
+    assert ConfigError not in BY_CODE.values()
+
+
+def test_by_code_maps_each_code_to_its_class() -> None:
+    assert set(BY_CODE) == set(Code)
+    for code, cls in BY_CODE.items():
+        assert cls.code is code
+        assert issubclass(cls, SignerError)
+
+
+def test_code_values_are_their_names() -> None:
+    for c in Code:
+        assert c.value == c.name
+
+
+def test_error_carries_message() -> None:
+    exc = errors.NotFound("key 'x' not found")
+    assert exc.message == "key 'x' not found"
+    assert str(exc) == "key 'x' not found"
+    assert exc.code is Code.NOT_FOUND
+    assert SignerError("x").code is Code.INTERNAL
+
+
+def test_status_maps_every_code_to_same_named_grpc_status() -> None:
+    assert set(STATUS) == set(Code)
+    for code, status in STATUS.items():
+        assert isinstance(status, grpc.StatusCode)
+        assert status.name == code.name
+    assert len(set(STATUS.values())) == len(Code)
+
+
+@pytest.mark.parametrize("cls", WIRE_CLASSES)
+def test_client_maps_status_back_to_class(cls: type[SignerError]) -> None:
+    status = STATUS[cls.code]
+    exc = _error(FakeRpcError(status, "the server said so"))
+    assert type(exc) is cls
+    assert exc.message == "the server said so"
+
+
+@pytest.mark.parametrize("cls", WIRE_CLASSES)
+def test_round_trip_through_server_table(cls: type[SignerError]) -> None:
+    original = cls("message 42")
+    back = _error(FakeRpcError(STATUS[original.code], original.message))
+    assert type(back) is type(original)
+    assert back.message == original.message
+
+
+def test_client_missing_details_uses_code_name() -> None:
+    exc = _error(FakeRpcError(grpc.StatusCode.NOT_FOUND, None))
+    assert isinstance(exc, errors.NotFound)
+    assert exc.message == "NOT_FOUND"
+    exc = _error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, ""))
+    assert isinstance(exc, errors.Unavailable)
+    assert exc.message == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    ],
+)
+def test_unknown_codes_become_internal(status: grpc.StatusCode) -> None:
+    exc = _error(FakeRpcError(status, "boom"))
+    assert type(exc) is Internal
+    assert exc.message == f"{status.name}: boom"
+
+
+# --- ErrorInterceptor ---------------------------------------------------------------------------
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.aborted: list[tuple[grpc.StatusCode, str]] = []
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted.append((code, details))
+        raise grpc.aio.AbortError()
+
+
+class Details:
+    method = "/signer.v1.SignerService/Sign"
+
+
+def intercept(handler: object) -> object:
+    async def continuation(_details: object) -> object:
+        return handler
+
+    return asyncio.run(ErrorInterceptor().intercept_service(continuation, Details()))
+
+
+def call_guarded(behaviour: BaseException | str) -> tuple[object, FakeContext]:
+    async def inner(request: object, context: object) -> object:
+        if isinstance(behaviour, BaseException):
+            raise behaviour
+        return behaviour
+
+    handler = intercept(grpc.unary_unary_rpc_method_handler(inner))
+    ctx = FakeContext()
+
+    async def run() -> object:
+        return await handler.unary_unary("request", ctx)  # type: ignore[attr-defined]
+
+    try:
+        result: object = asyncio.run(run())
+    except grpc.aio.AbortError:
+        result = "aborted"
+    return result, ctx
+
+
+def test_interceptor_passes_results_through() -> None:
+    result, ctx = call_guarded("response")
+    assert (result, ctx.aborted) == ("response", [])
+
+
+@pytest.mark.parametrize("cls", WIRE_CLASSES)
+def test_interceptor_maps_signer_errors(cls: type[SignerError]) -> None:
+    result, ctx = call_guarded(cls("key 'k' version 2 is disabled"))
+    assert result == "aborted"
+    assert ctx.aborted == [(STATUS[cls.code], "key 'k' version 2 is disabled")]
+
+
+def test_interceptor_hides_unexpected_errors() -> None:
+    result, ctx = call_guarded(KeyError("secret detail"))
+    assert result == "aborted"
+    assert len(ctx.aborted) == 1
+    code, details = ctx.aborted[0]
+    assert code is grpc.StatusCode.INTERNAL
+    assert "secret detail" not in details
+    assert "KeyError" not in details
+
+
+def test_interceptor_lets_aborts_through() -> None:
+    result, ctx = call_guarded(grpc.aio.AbortError())
+    assert result == "aborted"
+    assert ctx.aborted == []
+
+
+def test_interceptor_leaves_other_handlers_alone() -> None:
+    assert intercept(None) is None
+    stream = grpc.unary_stream_rpc_method_handler(lambda r, c: iter(()))
+    assert intercept(stream) is stream

@@ -1,0 +1,205 @@
+"""signer.token.pin: the PIN file is owner-only, bounded, never followed through a symlink, and
+its content never shows up in a repr or an error message."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signer.errors import ConfigError
+from signer.token.pin import MAX_PIN_BYTES, Pin
+
+SECRET = "s3cr3t-PIN-9731"
+
+
+class FakeToken:
+    def __init__(self) -> None:
+        self.pins: list[str] = []
+
+    def open(self, rw: bool, user_pin: str) -> Any:
+        assert rw is True
+        self.pins.append(user_pin)
+        return "session"
+
+
+def pin_file(
+    tmp_path: Path, content: bytes | str, mode: int = 0o600, name: str = "user.pin"
+) -> Path:
+    p = tmp_path / name
+    p.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.chmod(p, mode)
+    return p
+
+
+def pin_value(pin: Pin) -> str:
+    token = FakeToken()
+    assert pin.login(token) == "session"
+    return token.pins[-1]
+
+
+def assert_no_secret(exc: BaseException, secret: str = SECRET) -> None:
+    assert isinstance(exc, ConfigError)
+    assert secret not in str(exc)
+    assert secret not in exc.message
+    assert secret not in repr(exc)
+    assert exc.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (SECRET, SECRET),
+        (SECRET + "\n", SECRET),
+        (SECRET + "\r\n", SECRET),
+        (SECRET + "\n\n\n", SECRET),
+        (" spaced pin ", " spaced pin "),
+        ("a\nb\n", "a\nb"),
+        ("1", "1"),
+    ],
+)
+def test_owner_only_file_is_read(tmp_path: Path, content: str, expected: str) -> None:
+    pin = Pin(pin_file(tmp_path, content)).load()
+    assert pin_value(pin) == expected
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o700])
+def test_owner_only_modes_accepted(tmp_path: Path, mode: int) -> None:
+    assert pin_value(Pin(pin_file(tmp_path, SECRET, mode)).load()) == SECRET
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o606, 0o610, 0o601, 0o777])
+def test_group_or_world_accessible_refused(tmp_path: Path, mode: int) -> None:
+    path = pin_file(tmp_path, SECRET, mode)
+    with pytest.raises(ConfigError) as ei:
+        Pin(path).load()
+    assert f"mode {mode:04o}" in ei.value.message
+    assert "readable by group or others" in ei.value.message
+    assert str(path) in ei.value.message
+    assert_no_secret(ei.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PIN file not found"):
+        Pin(tmp_path / "absent.pin").load()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\r\n\n"])
+def test_empty_file_refused(tmp_path: Path, content: bytes) -> None:
+    with pytest.raises(ConfigError, match=f"must hold 1 to {MAX_PIN_BYTES} bytes"):
+        Pin(pin_file(tmp_path, content)).load()
+
+
+def test_longest_pin_accepted(tmp_path: Path) -> None:
+    assert pin_value(Pin(pin_file(tmp_path, "x" * MAX_PIN_BYTES)).load()) == "x" * MAX_PIN_BYTES
+    assert (
+        pin_value(Pin(pin_file(tmp_path, "y" * MAX_PIN_BYTES + "\n")).load()) == "y" * MAX_PIN_BYTES
+    )
+
+
+@pytest.mark.parametrize("size", [MAX_PIN_BYTES + 1, MAX_PIN_BYTES + 2, 4096])
+def test_too_long_file_refused(tmp_path: Path, size: int) -> None:
+    content = (SECRET * (size // len(SECRET) + 1))[:size]
+    with pytest.raises(ConfigError, match="must hold 1 to") as ei:
+        Pin(pin_file(tmp_path, content)).load()
+    assert_no_secret(ei.value)
+
+
+def test_symlink_refused(tmp_path: Path) -> None:
+    target = pin_file(tmp_path, SECRET, name="real.pin")
+    link = tmp_path / "link.pin"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError, match="cannot open PIN file") as ei:
+        Pin(link).load()
+    assert str(link) in ei.value.message
+    assert_no_secret(ei.value)
+
+
+def test_directory_refused(tmp_path: Path) -> None:
+    d = tmp_path / "dir.pin"
+    d.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Pin(d).load()
+
+
+def test_fifo_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.pin"
+    os.mkfifo(fifo, 0o600)
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            Pin(fifo).load()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(1.0)
+    blocked = t.is_alive()
+    if blocked:
+        # Opening the write end lets the blocked open() return; then load() fails on fstat.
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        t.join(5.0)
+    assert not blocked, "Pin.load() blocked opening a FIFO"
+    assert len(errors) == 1
+    assert isinstance(errors[0], ConfigError)
+    assert "not a regular file" in str(errors[0])
+
+
+def test_repr_shows_path_not_pin(tmp_path: Path) -> None:
+    path = pin_file(tmp_path, SECRET)
+    pin = Pin(path).load()
+    assert repr(pin) == f"Pin(path={str(path)!r})"
+    assert SECRET not in repr(pin)
+    assert SECRET not in str(pin)
+
+
+def test_wipe_zeroes_buffer(tmp_path: Path) -> None:
+    pin = Pin(pin_file(tmp_path, SECRET + "\n")).load()
+    buf = pin._buf
+    assert bytes(buf[: len(SECRET)]) == SECRET.encode()
+    pin.wipe()
+    assert len(buf) > 0
+    assert buf == bytearray(len(buf))
+    assert pin._buf == bytearray()
+
+
+def test_reload_wipes_previous_buffer(tmp_path: Path) -> None:
+    path = pin_file(tmp_path, SECRET)
+    pin = Pin(path).load()
+    old = pin._buf
+    pin.load()
+    assert old == bytearray(len(old))
+    assert pin_value(pin) == SECRET
+
+
+def test_login_loads_lazily_and_after_wipe(tmp_path: Path) -> None:
+    path = pin_file(tmp_path, "first")
+    pin = Pin(path)
+    assert pin_value(pin) == "first"
+    path.write_text("second\n")
+    assert pin_value(pin) == "first"  # kept for re-login
+    pin.wipe()
+    assert pin_value(pin) == "second"  # read again after a wipe
+
+
+def test_failed_reload_keeps_no_secret_in_message(tmp_path: Path) -> None:
+    path = pin_file(tmp_path, SECRET)
+    pin = Pin(path).load()
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError) as ei:
+        pin.load()
+    assert_no_secret(ei.value)
+
+
+def test_non_utf8_pin_is_config_error(tmp_path: Path) -> None:
+    path = pin_file(tmp_path, b"\xff\xfe" + SECRET.encode())
+    with pytest.raises(ConfigError, match="UTF-8") as ei:
+        Pin(path).login(FakeToken())
+    assert "0xff" not in str(ei.value)
+    assert_no_secret(ei.value)

@@ -1,0 +1,265 @@
+"""signer.store.SQLiteStore on a temporary file."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from signer.errors import AlreadyExists, NotFound
+from signer.keys import Key, State, Version
+from signer.store import SQLiteStore
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def version(name: str, number: int = 1, state: State = State.ENABLED, **kw: object) -> Version:
+    values: dict[str, object] = {
+        "algorithm": "ec-p256",
+        "key_id": os.urandom(16),
+        "public_key_der": b"spki-" + name.encode() + b"-%d" % number,
+        "created": T0 + timedelta(seconds=number),
+        "destroy_at": None,
+    }
+    values.update(kw)
+    return Version(name=name, version=number, state=state, **values)  # type: ignore[arg-type]
+
+
+def key(name: str, *versions: Version, primary: int = 1, **kw: object) -> Key:
+    vs = versions or (version(name),)
+    return Key(
+        name=name,
+        algorithm=str(kw.get("algorithm", "ec-p256")),
+        primary=primary,
+        scope=str(kw.get("scope", "")),
+        labels=dict(kw.get("labels", {})),  # type: ignore[call-overload]
+        created=T0,
+        versions=tuple(vs),
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "sub" / "signer.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(db_path)
+    yield s
+    s.close()
+
+
+def test_creates_parent_directory(db_path: Path, store: SQLiteStore) -> None:
+    assert db_path.parent.is_dir()
+    assert db_path.exists()
+
+
+def test_create_and_get_round_trip(store: SQLiteStore) -> None:
+    k = key("payments", labels={"env": "prod", "team": "x"}, scope="team:pay")
+    store.create_key(k)
+    got = store.get_key("payments")
+    assert got == k
+    assert got.created == T0
+    assert got.created.tzinfo is not None
+    assert got.versions[0].key_id == k.versions[0].key_id
+    assert got.versions[0].state is State.ENABLED
+
+
+def test_get_missing_is_not_found(store: SQLiteStore) -> None:
+    with pytest.raises(NotFound, match="'nope' not found"):
+        store.get_key("nope")
+
+
+def test_duplicate_name_is_already_exists(store: SQLiteStore) -> None:
+    store.create_key(key("dup"))
+    with pytest.raises(AlreadyExists, match="'dup' already exists"):
+        store.create_key(key("dup"))
+    # The first key is untouched and no second row appeared.
+    assert len(store.get_key("dup").versions) == 1
+    assert [k.name for k in store.list_keys("", 10)] == ["dup"]
+
+
+def test_failed_create_leaves_nothing_behind(store: SQLiteStore) -> None:
+    shared_id = os.urandom(16)
+    store.create_key(key("a", version("a", key_id=shared_id)))
+    # A version whose key_id collides violates UNIQUE: the whole create is rolled back.
+    with pytest.raises(AlreadyExists):
+        store.create_key(key("b", version("b", key_id=shared_id)))
+    with pytest.raises(NotFound):
+        store.get_key("b")
+
+
+def test_list_ordering_and_paging(store: SQLiteStore) -> None:
+    names = ["m", "a", "z", "b0", "b", "k.1", "k-1", "k_1"]
+    for n in names:
+        store.create_key(key(n))
+    assert [k.name for k in store.list_keys("", 100)] == sorted(names)
+    assert [k.name for k in store.list_keys("", 3)] == sorted(names)[:3]
+    assert [k.name for k in store.list_keys("b", 3)] == ["b0", "k-1", "k.1"]
+    assert [k.name for k in store.list_keys("k_1", 3)] == ["m", "z"]
+    assert store.list_keys("z", 3) == []
+    # Walk every page.
+    seen: list[str] = []
+    after = ""
+    while page := store.list_keys(after, 3):
+        seen += [k.name for k in page]
+        after = page[-1].name
+    assert seen == sorted(names)
+
+
+def test_list_includes_versions(store: SQLiteStore) -> None:
+    store.create_key(key("x", version("x", 1), version("x", 2), primary=2))
+    (k,) = store.list_keys("", 10)
+    assert [v.version for v in k.versions] == [1, 2]
+    assert k.primary == 2
+
+
+def test_get_version(store: SQLiteStore) -> None:
+    k = key("gv", version("gv", 1), version("gv", 2), version("gv", 3), primary=2)
+    store.create_key(k)
+    assert store.get_version("gv", 0) == k.versions[1]  # 0 means the primary
+    assert store.get_version("gv", 1) == k.versions[0]
+    assert store.get_version("gv", 3) == k.versions[2]
+    store.set_primary("gv", 3)
+    assert store.get_version("gv", 0).version == 3
+    with pytest.raises(NotFound, match="'gv' has no version 4"):
+        store.get_version("gv", 4)
+    with pytest.raises(NotFound, match="'nope' not found"):
+        store.get_version("nope", 0)
+    with pytest.raises(NotFound, match="'nope' not found"):
+        store.get_version("nope", 1)
+
+
+def test_get_version_does_not_cross_keys(store: SQLiteStore) -> None:
+    store.create_key(key("one", version("one", 1)))
+    store.create_key(key("two", version("two", 1), version("two", 2), primary=2))
+    assert store.get_version("two", 2).name == "two"
+    with pytest.raises(NotFound, match="'one' has no version 2"):
+        store.get_version("one", 2)
+
+
+def test_add_version(store: SQLiteStore) -> None:
+    store.create_key(key("r"))
+    store.add_version(version("r", 2), make_primary=False)
+    k = store.get_key("r")
+    assert [v.version for v in k.versions] == [1, 2]
+    assert k.primary == 1
+    store.add_version(version("r", 3), make_primary=True)
+    k = store.get_key("r")
+    assert [v.version for v in k.versions] == [1, 2, 3]
+    assert k.primary == 3
+
+
+def test_set_primary(store: SQLiteStore) -> None:
+    store.create_key(key("p", version("p", 1), version("p", 2)))
+    store.set_primary("p", 2)
+    assert store.get_key("p").primary == 2
+    with pytest.raises(NotFound, match="'q' not found"):
+        store.set_primary("q", 1)
+
+
+def test_set_state(store: SQLiteStore) -> None:
+    store.create_key(key("s", version("s", 1), version("s", 2)))
+    at = T0 + timedelta(days=7)
+    store.set_state("s", 2, State.DESTRUCTION_SCHEDULED, at)
+    v = store.get_key("s").version(2)
+    assert v.state is State.DESTRUCTION_SCHEDULED
+    assert v.destroy_at == at
+    assert store.get_key("s").version(1).state is State.ENABLED
+    store.set_state("s", 2, State.DISABLED, None)
+    v = store.get_key("s").version(2)
+    assert (v.state, v.destroy_at) == (State.DISABLED, None)
+
+
+def test_set_state_not_found(store: SQLiteStore) -> None:
+    store.create_key(key("s"))
+    with pytest.raises(NotFound, match="no version 9"):
+        store.set_state("s", 9, State.DISABLED, None)
+    with pytest.raises(NotFound):
+        store.set_state("other", 1, State.DISABLED, None)
+
+
+def test_due_for_destruction_respects_time(store: SQLiteStore) -> None:
+    d1, d2 = T0 + timedelta(days=1), T0 + timedelta(days=2)
+    store.create_key(
+        key(
+            "d",
+            version("d", 1),
+            version("d", 2, State.DESTRUCTION_SCHEDULED, destroy_at=d2),
+            version("d", 3, State.DESTRUCTION_SCHEDULED, destroy_at=d1),
+            version("d", 4, State.DISABLED),
+            version("d", 5, State.DESTROYED, destroy_at=d1),
+        )
+    )
+    assert store.due_for_destruction(d1 - timedelta(microseconds=1)) == []
+    assert [v.version for v in store.due_for_destruction(d1)] == [3]
+    assert [v.version for v in store.due_for_destruction(d2 + timedelta(hours=1))] == [3, 2]
+    store.set_state("d", 3, State.DESTROYED, d1)
+    assert [v.version for v in store.due_for_destruction(d2)] == [2]
+    store.set_state("d", 2, State.DISABLED, None)  # cancelled
+    assert store.due_for_destruction(d2 + timedelta(days=100)) == []
+
+
+def test_data_survives_reopen(db_path: Path) -> None:
+    s = SQLiteStore(db_path)
+    k = key("persist", version("persist", 1), version("persist", 2), primary=2, labels={"a": "b"})
+    s.create_key(k)
+    s.set_state("persist", 1, State.DISABLED, None)
+    s.close()
+    s2 = SQLiteStore(db_path)
+    try:
+        got = s2.get_key("persist")
+        assert got.primary == 2
+        assert got.labels == {"a": "b"}
+        assert got.version(1).state is State.DISABLED
+        assert got.version(2) == k.versions[1]
+        with pytest.raises(AlreadyExists):
+            s2.create_key(key("persist"))
+    finally:
+        s2.close()
+
+
+def test_concurrent_writes_from_threads(store: SQLiteStore) -> None:
+    threads_n, per_thread = 8, 10
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads_n)
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                name = f"t{t}-k{i}"
+                store.create_key(key(name))
+                store.add_version(version(name, 2), make_primary=True)
+                store.set_state(name, 1, State.DISABLED, None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert errors == []
+    keys = store.list_keys("", 1000)
+    assert len(keys) == threads_n * per_thread
+    for k in keys:
+        assert k.primary == 2
+        assert [(v.version, v.state) for v in k.versions] == [
+            (1, State.DISABLED),
+            (2, State.ENABLED),
+        ]
+
+
+def test_memory_store() -> None:
+    s = SQLiteStore(":memory:")
+    try:
+        s.create_key(key("mem"))
+        assert s.get_key("mem").name == "mem"
+    finally:
+        s.close()
