@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import grpc
 
-from signer.errors import BY_CODE, Code, Internal, SignerError
+from signer.errors import BY_CODE, Code, Internal, SignerError, Unavailable
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 
@@ -40,6 +40,12 @@ class Signature:
 def _error(exc: grpc.RpcError) -> SignerError:
     code = exc.code()
     message = exc.details() or code.name
+    if code == grpc.StatusCode.CANCELLED:
+        # gRPC's server cancels calls it had not yet dispatched when it starts shutting down
+        # (grpc/grpc#41785): for the caller that is "try again", not a bug.
+        return Unavailable(f"the service cancelled the call ({message}); it may be shutting down")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(f"no answer within the call's deadline ({message})")
     try:
         cls = BY_CODE[Code(code.name)]
     except (ValueError, KeyError):

@@ -21,6 +21,7 @@ Session and lock policy (issue #2, "concurrency, correctly")
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -249,7 +250,7 @@ class Token:
     def destroy(self, key_id: bytes) -> int:
         """Destroys every object with this CKA_ID; returns how many there were."""
         with self._session() as slot:
-            objs = list(slot.session.get_objects({Attribute.ID: key_id}))
+            objs = _search(slot.session, {Attribute.ID: key_id})
             for obj in objs:
                 obj.destroy()
             conn = self._conn
@@ -260,7 +261,7 @@ class Token:
 
     def exists(self, key_id: bytes) -> bool:
         with self._session() as slot:
-            return any(True for _ in slot.session.get_objects({Attribute.ID: key_id}))
+            return bool(_search(slot.session, {Attribute.ID: key_id}))
 
     def ping(self) -> None:
         """One cheap round trip to the token host (C_GetSessionInfo through python-pkcs11)."""
@@ -270,12 +271,15 @@ class Token:
     # --- internals ----------------------------------------------------------------------------
 
     def _find_private(self, slot: _Slot, key_id: bytes) -> Any:
-        try:
-            key = slot.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
-        except p11e.NoSuchKey:
-            raise NotFound(f"no private key object with id {key_id.hex()} in the token") from None
-        slot.keys[key_id] = key
-        return key
+        found = _search(
+            slot.session, {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}
+        )
+        if not found:
+            raise NotFound(f"no private key object with id {key_id.hex()} in the token")
+        if len(found) > 1:
+            raise Internal(f"{len(found)} private key objects share id {key_id.hex()}")
+        slot.keys[key_id] = found[0]
+        return found[0]
 
     @contextmanager
     def _session(self) -> Iterator[_Slot]:
@@ -416,6 +420,23 @@ class Token:
             fn()
         except Exception as exc:
             log.debug("ignored during cleanup", extra={"error": type(exc).__name__})
+
+
+def _search(session: Any, attrs: dict[Attribute, Any]) -> list[Any]:
+    """``session.get_objects`` without python-pkcs11 0.10's leak on a failed C_FindObjectsInit.
+
+    python-pkcs11 marks the search active (and takes the session's operation lock) before it calls
+    C_FindObjectsInit and does not undo that when the call fails: the session stays locked, and
+    the search's ``__del__`` later calls C_FindObjectsFinal and prints a raw traceback.
+    """
+    search = _p11.SearchIter(session, attrs, 16)  # type: ignore[attr-defined]  # not in its stubs
+    try:
+        with search:
+            return [obj for batch in search for obj in batch]
+    except p11e.PKCS11Error:
+        with contextlib.suppress(p11e.PKCS11Error):
+            search._finalize()  # clears the active flag and releases the session's lock
+        raise
 
 
 def _spki(alg: Algorithm, pub: Any) -> bytes:

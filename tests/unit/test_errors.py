@@ -111,13 +111,20 @@ def test_client_missing_details_uses_code_name() -> None:
     assert exc.message == "UNAVAILABLE"
 
 
+@pytest.mark.parametrize("status", [grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED])
+def test_cancelled_and_deadline_mean_try_again(status: grpc.StatusCode) -> None:
+    # A server shutting down cancels undispatched calls (grpc/grpc#41785); a deadline is the
+    # caller's own limit. Neither is a bug in the service, so neither is Internal.
+    exc = _error(FakeRpcError(status, "boom"))
+    assert type(exc) is errors.Unavailable
+    assert "boom" in exc.message
+
+
 @pytest.mark.parametrize(
     "status",
     [
-        grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.DATA_LOSS,
         grpc.StatusCode.ABORTED,

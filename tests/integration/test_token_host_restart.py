@@ -1,0 +1,259 @@
+"""The token host goes away under a running service, and comes back.
+
+The service must answer UNAVAILABLE at once (not hang), report NOT_SERVING, reconnect and log in
+again by itself, report SERVING, and sign with the same keys, all without being restarted.
+
+These tests stop and kill their token host, so they use one of their own (the session's token
+host is shared by every other test).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from signer import config as config_mod
+from signer import hsm
+from signer.client import SignerClient
+from signer.errors import NotFound, Unavailable
+from signer.server import SERVICE_NAME
+from tests.conftest import health_status, wait_until
+
+pytestmark = pytest.mark.integration
+
+FAIL_FAST_SECONDS = 2.0
+RECOVERY_SECONDS = 10.0
+
+
+class DedicatedHost:
+    """A token host of this module's own; tests may stop, kill and replace it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host = hsm.TokenHost(root)
+
+    @property
+    def paths(self) -> hsm.HsmPaths:
+        return self.host.paths
+
+    def ensure_running(self) -> None:
+        if self.host.pid is None:
+            self.host.start()
+
+    def token_config(self) -> config_mod.TokenConfig:
+        return config_mod.TokenConfig(
+            module=config_mod.P11KIT_CLIENT_MODULE,
+            server_address=self.paths.server_address,
+            uri=f"pkcs11:token={hsm.DEFAULT_LABEL}",
+            pin_file=str(self.paths.user_pin),
+            health_interval_seconds=0.2,
+        )
+
+
+@pytest.fixture(scope="module")
+def dedicated(token_host, tmp_path_factory) -> Iterator[DedicatedHost]:
+    # Depending on token_host makes sure the tools are there (and says so when they are not).
+    root = tmp_path_factory.mktemp("hsm-restart")
+    # hsm.init points SOFTHSM2_CONF at the new token, and every service started here points
+    # P11_KIT_SERVER_ADDRESS at it, process-wide. Put both back afterwards, so that nothing else
+    # in this test session is pointed at a token it does not know (or at a stopped host).
+    saved = {k: os.environ.get(k) for k in ("SOFTHSM2_CONF", "P11_KIT_SERVER_ADDRESS")}
+
+    def restore_environment() -> None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    try:
+        hsm.init(root)
+    finally:
+        restore_environment()
+    box = DedicatedHost(root)
+    box.host.start()
+    yield box
+    box.host.stop()
+    restore_environment()
+
+
+@pytest.fixture
+def host(dedicated: DedicatedHost) -> DedicatedHost:
+    """The dedicated host, running at the start of every test whatever the previous one did."""
+    dedicated.ensure_running()
+    return dedicated
+
+
+def health(address: str) -> tuple[str, str]:
+    return health_status(address), health_status(address, SERVICE_NAME)
+
+
+SERVING = ("SERVING", "SERVING")
+NOT_SERVING = ("NOT_SERVING", "NOT_SERVING")
+
+
+def assert_signs_and_verifies(c: SignerClient, name: str, message: bytes) -> None:
+    sig = c.sign(name, message=message)
+    assert sig.version == 1
+    pub = serialization.load_pem_public_key(c.public_key(name).pem.encode())
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(sig.signature, message, ec.ECDSA(hashes.SHA256()))
+    assert c.verify(name, sig.signature, message=message)
+
+
+def assert_fails_fast(c: SignerClient, name: str, calls: int = 5) -> list[float]:
+    """Every Sign answers UNAVAILABLE, each within FAIL_FAST_SECONDS; returns the durations."""
+    took = []
+    for _ in range(calls):
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="token unavailable"):
+            c.sign(name, message=b"while the token host is down")
+        took.append(time.monotonic() - t0)
+    assert max(took) < FAIL_FAST_SECONDS, took
+    return took
+
+
+def wait_for_health(address: str, want: tuple[str, str], timeout: float) -> float:
+    t0 = time.monotonic()
+    assert wait_until(lambda: health(address) == want, timeout, 0.05), (
+        f"health is {health(address)} after {timeout} s, wanted {want}"
+    )
+    return time.monotonic() - t0
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+def test_token_host_stopped_and_restarted_under_a_running_service(
+    host, service_factory, unique_name
+):
+    svc = service_factory(token=host.token_config())
+    c = svc.client(timeout=10)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    assert_signs_and_verifies(c, name, b"before")
+    assert health(svc.address) == SERVING
+
+    for cycle in range(2):  # twice: recovering once must not be all it can do
+        host.host.stop()  # SIGTERM to the group: p11-kit server and every p11-kit-remote
+        assert not host.paths.socket.exists()
+        took = assert_fails_fast(c, name)
+        down = wait_for_health(svc.address, NOT_SERVING, 10)
+        # Creating a key is refused the same way, and leaves nothing behind.
+        never = unique_name("never")
+        with pytest.raises(Unavailable, match="token unavailable"):
+            c.create_key(never, "ec-p256")
+        with pytest.raises(NotFound):
+            c.get_key(never)
+
+        t0 = time.monotonic()
+        host.host.start()
+        up = wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
+        assert_signs_and_verifies(c, name, f"after restart {cycle}".encode())
+        recovered = time.monotonic() - t0
+        print(
+            f"cycle {cycle}: UNAVAILABLE in {max(took) * 1000:.1f} ms (max of {len(took)}), "
+            f"NOT_SERVING after {down:.2f} s, SERVING {up:.2f} s after start, "
+            f"signing {recovered:.2f} s after start"
+        )
+
+    # Still the one key, version 1, and new keys work too.
+    assert [v.version for v in c.get_key(name).versions] == [1]
+    other = unique_name()
+    c.create_key(other, "ec-p256")
+    assert_signs_and_verifies(c, other, b"a new key after the restarts")
+
+
+def test_token_host_sigkilled_and_replaced(host, service_factory, unique_name):
+    svc = service_factory(token=host.token_config())
+    c = svc.client(timeout=10)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    assert_signs_and_verifies(c, name, b"before the kill")
+    assert health(svc.address) == SERVING
+
+    old = host.host
+    pgid = old.pid
+    assert pgid is not None
+    os.killpg(pgid, signal.SIGKILL)  # no clean-up at all: the socket file stays behind
+    old.wait()
+    assert host.paths.socket.exists()
+    took = assert_fails_fast(c, name)
+    down = wait_for_health(svc.address, NOT_SERVING, 10)
+    # The service keeps trying the stale socket, and stays down meanwhile.
+    time.sleep(0.5)
+    assert health(svc.address) == NOT_SERVING
+    assert_fails_fast(c, name, calls=2)
+
+    t0 = time.monotonic()
+    host.host = hsm.TokenHost(host.root)  # a new host on the same directory
+    host.host.start()
+    up = wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
+    assert_signs_and_verifies(c, name, b"after the kill")
+    print(
+        f"SIGKILL: UNAVAILABLE in {max(took) * 1000:.1f} ms, NOT_SERVING after {down:.2f} s, "
+        f"SERVING {up:.2f} s after the new host started, signing {time.monotonic() - t0:.2f} s"
+    )
+
+
+def test_service_started_while_token_host_is_down(host, service_factory, unique_name):
+    host.host.stop()
+    svc = service_factory(token=host.token_config())  # starts; does not wait for the token
+    c = svc.client(timeout=10)
+    assert health(svc.address) == NOT_SERVING
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="token unavailable"):
+        c.create_key(unique_name(), "ec-p256")
+    assert time.monotonic() - t0 < FAIL_FAST_SECONDS
+    # It keeps trying, and stays NOT_SERVING while there is nothing to reach.
+    time.sleep(0.5)
+    assert health(svc.address) == NOT_SERVING
+
+    t0 = time.monotonic()
+    host.host.start()
+    up = wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    assert_signs_and_verifies(c, name, b"first signature of a late token")
+    print(
+        f"late token host: SERVING {up:.2f} s after start, "
+        f"first key signed {time.monotonic() - t0:.2f} s after start"
+    )
+
+
+def test_losing_the_token_host_during_a_key_lookup_leaves_no_unraisable_error(
+    host, service_factory, unique_name, monkeypatch
+):
+    """A lost token host is an answer (UNAVAILABLE), not a stray traceback on stderr.
+
+    The first call on a session that has not used a key yet looks the key up (C_FindObjectsInit).
+    When that is the call that finds the token host gone, python-pkcs11 0.10 leaves its search
+    marked active (SearchIter._initiate raises without clearing it), and the search object's
+    __del__ calls C_FindObjectsFinal on the dead connection: DeviceError, "Exception ignored in
+    'pkcs11._pkcs11.OperationContext.__del__'", printed raw to stderr (not a JSON log line).
+    """
+    seen: list[str] = []
+
+    def record(u: sys.UnraisableHookArgs) -> None:
+        seen.append(f"{u.err_msg or 'Exception ignored in'} {u.object!r}: {u.exc_type.__name__}")
+
+    svc = service_factory(token=host.token_config())
+    c = svc.client(timeout=10)
+    name = unique_name()
+    c.create_key(name, "ec-p256")  # the key's handle is cached on one session only
+    monkeypatch.setattr(sys, "unraisablehook", record)
+    host.host.stop()
+    with pytest.raises(Unavailable, match="token unavailable"):
+        c.sign(name, message=b"the next session looks the key up")  # a fresh session: a search
+    assert_fails_fast(c, name, calls=2)
+    gc.collect()
+    assert seen == [], "losing the token host left an unraisable exception behind"
