@@ -267,18 +267,6 @@ def ec_raw_to_der(raw: bytes) -> bytes:
     return utils.encode_dss_signature(r, s)
 
 
-def ec_der_to_raw(der: bytes, alg: Algorithm) -> bytes:
-    try:
-        r, s = utils.decode_dss_signature(der)
-    except ValueError:
-        raise InvalidArgument("signature is not a DER ECDSA signature") from None
-    width = (alg.bits + 7) // 8
-    try:
-        return r.to_bytes(width, "big") + s.to_bytes(width, "big")
-    except OverflowError:
-        raise InvalidArgument(f"signature is not a valid {alg.name} ECDSA signature") from None
-
-
 def format_signature(alg: Algorithm, token_signature: bytes, fmt: SigFormat) -> bytes:
     """ECDSA tokens return r || s; callers get DER unless they ask for raw (JWS)."""
     if alg.family is Family.EC and fmt is SigFormat.DER:

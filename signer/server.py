@@ -295,6 +295,9 @@ class Server:
         self._server = server
         self._reaper = asyncio.create_task(self._reap_forever())
         log.info(
+            "algorithms offered", extra={"algorithms": ",".join(self.signer.offered_algorithms())}
+        )
+        log.info(
             "service listening",
             extra={
                 "address": self.cfg.server.listen,
