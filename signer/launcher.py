@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from signer import config as config_mod
@@ -64,7 +65,7 @@ async def _run(root: Path, listen: str) -> None:
             )
         print(
             f"signer listening on {cfg.server.listen}, token host on {host.paths.socket}\n"
-            f"  try: signer sign {DEMO_KEY} --in README.md --out /tmp/sig.der\n"
+            f"  try: {sys.argv[0]} sign {DEMO_KEY} --in README.md --out /tmp/sig.der\n"
             "  Ctrl-C stops both.",
             flush=True,
         )

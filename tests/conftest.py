@@ -165,6 +165,17 @@ def make_config(
 _ids = itertools.count()
 
 
+def start_service(cfg: config_mod.Config, clock: FakeClock) -> RunningService:
+    """Starts the real server on its own event loop in a thread; the caller must stop() it."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-service", daemon=True)
+    thread.start()
+    server = Server(cfg, clock=clock)
+    svc = RunningService(server, cfg.server.listen, clock, loop, thread)
+    svc.call(server.start())
+    return svc
+
+
 @pytest.fixture
 def service_factory(
     token_host: TokenHostHandle, tmp_path: Path
@@ -178,13 +189,7 @@ def service_factory(
         **sections: dict[str, Any],
     ) -> RunningService:
         cfg = make_config(tmp_path, token or token_host.token_config(), **sections)
-        clock = clock or FakeClock(datetime.now(UTC))
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="test-service", daemon=True)
-        thread.start()
-        server = Server(cfg, clock=clock)
-        svc = RunningService(server, cfg.server.listen, clock, loop, thread)
-        svc.call(server.start())
+        svc = start_service(cfg, clock or FakeClock(datetime.now(UTC)))
         started.append(svc)
         return svc
 

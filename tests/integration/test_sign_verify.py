@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from signer.client import SignerClient
 from signer.keys import ALGORITHMS
-from signer.server import Server
-from tests.conftest import FakeClock, make_config
+from tests.conftest import FakeClock, make_config, start_service
 
 pytestmark = pytest.mark.integration
 
@@ -28,24 +24,16 @@ HASHES = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes
 @pytest.fixture(scope="module")
 def keys(token_host, tmp_path_factory):
     """One key per algorithm, created once through a real service (RSA-4096 takes seconds)."""
-    tmp = tmp_path_factory.mktemp("sv")
-    cfg = make_config(tmp, token_host.token_config())
-    loop = asyncio.new_event_loop()
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    server = Server(cfg, clock=FakeClock())
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-    client = SignerClient(cfg.server.listen)
+    svc = start_service(
+        make_config(tmp_path_factory.mktemp("sv"), token_host.token_config()), FakeClock()
+    )
+    client = svc.client()
     names = {}
     for alg in P11KIT_ALGORITHMS:
         names[alg] = f"sv-{alg}"
         client.create_key(names[alg], alg)
     yield client, names
-    client.close()
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(10)
-    loop.close()
+    svc.stop()
 
 
 def test_service_offers_exactly_what_the_module_supports(keys):
