@@ -28,6 +28,7 @@ from signer.keys import Key, Padding, SigFormat, State, Version, public_jwk_json
 from signer.service import Clock, Signer, utcnow
 from signer.store import SQLiteStore
 from signer.token import Pin, Token, object_uri
+from signer.token.pin import perturb_freed_memory
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 
@@ -288,6 +289,8 @@ class Server:
         if self.port == 0:
             raise SignerError(f"cannot listen on {self.cfg.server.listen}")
         await self._set_health(False)
+        # Freed C heap (the RPC buffer that carried the PIN, request payloads) is overwritten.
+        perturb_freed_memory()
         self.token.on_availability(self._availability_changed)
         await self.run_blocking(self.token.start)
         await self._refresh_health()

@@ -1,31 +1,124 @@
-"""The token PIN: read from an owner-only file, held only as long as re-login needs it.
+"""The token PIN: read from an owner-only file into a page of its own, and nowhere else.
 
-The PIN never comes from argv or the environment, and never reaches a log line or an error
-message. Locked, dump-excluded memory for it is issue #4; this class is the one place that will
-change for that.
+How the PIN reaches C_Login without copies being left behind:
+
+* It is read with ``readv(2)`` straight into an anonymous ``mmap`` page that is locked in RAM
+  (``mlock``), excluded from core dumps (``MADV_DONTDUMP``) and wiped in any child after fork
+  (``MADV_WIPEONFORK``). No ``bytes`` or ``str`` holds it on the way in: validation walks the
+  page in place.
+* python-pkcs11's ``Token.open(user_pin=...)`` calls ``user_pin.encode('utf-8')`` and passes the
+  resulting ``bytes`` to C_Login. We pass an *empty* ``str`` subclass whose ``encode()`` builds
+  that ``bytes`` directly from the page in one C call (no temporaries) and remembers it; as soon
+  as ``open()`` returns, the ``bytes`` buffer is overwritten with zeros in place, before its
+  last reference goes.
+* The RPC buffer p11-kit-client allocates to carry the PIN is freed by p11-kit without wiping;
+  :func:`perturb_freed_memory` (glibc ``M_PERTURB``) makes every ``free`` overwrite the chunk.
+
+The page is kept only because re-login after a lost token host needs it; :meth:`Pin.wipe`
+zeroes and unmaps it on shutdown. The PIN never comes from argv or the environment, and never
+reaches a log line or an error message.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
 from signer.errors import ConfigError
 
 MAX_PIN_BYTES = 255
+MADV_WIPEONFORK = 18  # Linux 4.14+; not exported by Python 3.11's mmap module
+M_PERTURB = -6  # glibc mallopt parameter
+_BYTES_DATA_OFFSET = sys.getsizeof(b"") - 1  # offset of PyBytesObject.ob_sval
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_bytes_from = ctypes.pythonapi.PyBytes_FromStringAndSize
+_bytes_from.restype = ctypes.py_object
+_bytes_from.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+
+
+def perturb_freed_memory(byte: int = 0xA5) -> bool:
+    """Makes glibc's free() fill released heap chunks, so C buffers that carried the PIN (and
+    request payloads) do not linger. Returns whether glibc accepted it."""
+    return bool(_libc.mallopt(M_PERTURB, byte))
+
+
+def _valid_utf8(view: memoryview) -> bool:
+    """UTF-8 validation that reads the page in place (bytes.decode would copy the PIN)."""
+    i, n = 0, len(view)
+    while i < n:
+        b = view[i]
+        if b < 0x80:
+            i += 1
+            continue
+        if 0xC2 <= b <= 0xDF:
+            extra = 1
+        elif 0xE0 <= b <= 0xEF:
+            extra = 2
+        elif 0xF0 <= b <= 0xF4:
+            extra = 3
+        else:
+            return False
+        for k in range(1, extra + 1):
+            if i + k >= n or not 0x80 <= view[i + k] <= 0xBF:
+                return False
+        i += extra + 1
+    return True
+
+
+def _read_into(fd: int, view: memoryview) -> int:
+    """Fills ``view`` from ``fd`` (up to MAX_PIN_BYTES + 2, enough to see a PIN is too long)."""
+    limit = MAX_PIN_BYTES + 2
+    n = 0
+    while n < limit:
+        got = os.readv(fd, [view[n:limit]])
+        if got == 0:
+            break
+        n += got
+    return n
+
+
+class _LoginPin(str):
+    """An empty ``str`` whose ``encode()`` yields the PIN as a ``bytes`` we can wipe later."""
+
+    _page: mmap.mmap
+    _length: int
+    _handed_out: list[bytes]
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self._page))
+        pin: bytes = _bytes_from(address, self._length)
+        self._handed_out.append(pin)
+        return pin
+
+    def wipe(self) -> None:
+        for pin in self._handed_out:
+            ctypes.memset(id(pin) + _BYTES_DATA_OFFSET, 0, len(pin))
+        self._handed_out.clear()
 
 
 class Pin:
-    """A PIN read from ``path``; its repr shows the path only."""
+    """A PIN read from ``path`` into locked, dump-excluded memory; its repr shows the path only."""
 
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
-        self._buf = bytearray()
+        self._page: mmap.mmap | None = None
+        self._len = 0
+        self._protection = {"dontdump": False, "wipeonfork": False, "mlock": False}
 
     def __repr__(self) -> str:
         return f"Pin(path={str(self._path)!r})"
+
+    @property
+    def protected(self) -> dict[str, bool]:
+        """What protection the page got (mlock can fail under a low RLIMIT_MEMLOCK)."""
+        return dict(self._protection)
 
     def load(self) -> Pin:
         """Reads the file; refuses one that anybody but its owner could read."""
@@ -36,6 +129,7 @@ class Pin:
             raise ConfigError(f"PIN file not found: {self._path}") from None
         except OSError as exc:
             raise ConfigError(f"cannot open PIN file {self._path}: {exc.strerror}") from None
+        page = self._new_page()
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -45,33 +139,66 @@ class Pin:
                     f"PIN file {self._path} is readable by group or others "
                     f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
                 )
-            buf = bytearray(MAX_PIN_BYTES + 2)
-            n = os.readv(fd, [buf])
+            with memoryview(page) as view:
+                n = _read_into(fd, view)
+                # A trailing newline from an editor is not part of the PIN.
+                while n and view[n - 1] in (0x0A, 0x0D):
+                    n -= 1
+                ok_length = 0 < n <= MAX_PIN_BYTES
+                # PKCS#11 PINs are UTF-8; say so now rather than fail at login.
+                ok_text = ok_length and _valid_utf8(view[:n])
+            if not ok_length:
+                raise ConfigError(f"PIN file {self._path} must hold 1 to {MAX_PIN_BYTES} bytes")
+            if not ok_text:
+                raise ConfigError(f"PIN file {self._path} is not UTF-8 text")
+        except BaseException:
+            _zero(page)
+            page.close()
+            raise
         finally:
             os.close(fd)
-        # Trailing newline from editors is not part of the PIN.
-        while n and buf[n - 1] in (0x0A, 0x0D):
-            n -= 1
-        if n == 0 or n > MAX_PIN_BYTES:
-            buf[:] = bytes(len(buf))
-            raise ConfigError(f"PIN file {self._path} must hold 1 to {MAX_PIN_BYTES} bytes")
-        try:
-            # PKCS#11 PINs are UTF-8; say so now rather than fail at login with a byte in the text.
-            buf[:n].decode("utf-8")
-        except UnicodeDecodeError:
-            buf[:] = bytes(len(buf))
-            raise ConfigError(f"PIN file {self._path} is not UTF-8 text") from None
         self.wipe()
-        self._buf = buf
-        self._len = n
+        self._page, self._len = page, n
         return self
+
+    def _new_page(self) -> mmap.mmap:
+        page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            page.madvise(mmap.MADV_DONTDUMP)
+            self._protection["dontdump"] = True
+        except OSError:
+            pass
+        try:
+            page.madvise(MADV_WIPEONFORK)
+            self._protection["wipeonfork"] = True
+        except OSError:
+            pass
+        buf = ctypes.c_char.from_buffer(page)
+        self._protection["mlock"] = _libc.mlock(ctypes.addressof(buf), mmap.PAGESIZE) == 0
+        del buf
+        return page
 
     def login(self, token: Any) -> Any:
         """Opens a read-write session on ``token`` logged in as the user; returns the session."""
-        if not self._buf:
+        if self._page is None:
             self.load()
-        return token.open(rw=True, user_pin=self._buf[: self._len].decode("utf-8"))
+        assert self._page is not None
+        handle = _LoginPin("")
+        handle._page, handle._length, handle._handed_out = self._page, self._len, []
+        try:
+            return token.open(rw=True, user_pin=handle)
+        finally:
+            handle.wipe()
 
     def wipe(self) -> None:
-        self._buf[:] = bytes(len(self._buf))
-        self._buf = bytearray()
+        if self._page is not None:
+            _zero(self._page)
+            self._page.close()
+            self._page = None
+            self._len = 0
+
+
+def _zero(page: mmap.mmap) -> None:
+    page.seek(0)
+    page.write(bytes(len(page)))
+    page.seek(0)

@@ -17,12 +17,19 @@ SECRET = "s3cr3t-PIN-9731"
 
 
 class FakeToken:
+    """Does with the PIN what python-pkcs11's Token.open does: ``user_pin.encode('utf-8')``."""
+
     def __init__(self) -> None:
         self.pins: list[str] = []
+        self.passed: list[str] = []
+        self.encoded: list[bytes] = []
 
     def open(self, rw: bool, user_pin: str) -> Any:
         assert rw is True
-        self.pins.append(user_pin)
+        self.passed.append(str.__str__(user_pin))
+        encoded = user_pin.encode("utf-8")
+        self.encoded.append(encoded)
+        self.pins.append(encoded.decode("utf-8"))  # a copy, as C_Login would see it
         return "session"
 
 
@@ -159,23 +166,61 @@ def test_repr_shows_path_not_pin(tmp_path: Path) -> None:
     assert SECRET not in str(pin)
 
 
-def test_wipe_zeroes_buffer(tmp_path: Path) -> None:
+def test_wipe_zeroes_and_unmaps_the_page(tmp_path: Path) -> None:
     pin = Pin(pin_file(tmp_path, SECRET + "\n")).load()
-    buf = pin._buf
-    assert bytes(buf[: len(SECRET)]) == SECRET.encode()
+    page = pin._page
+    assert page is not None
+    assert page[: len(SECRET)] == SECRET.encode()
     pin.wipe()
-    assert len(buf) > 0
-    assert buf == bytearray(len(buf))
-    assert pin._buf == bytearray()
+    assert pin._page is None
+    assert page.closed
 
 
-def test_reload_wipes_previous_buffer(tmp_path: Path) -> None:
+def test_reload_wipes_previous_page(tmp_path: Path) -> None:
     path = pin_file(tmp_path, SECRET)
     pin = Pin(path).load()
-    old = pin._buf
+    old = pin._page
     pin.load()
-    assert old == bytearray(len(old))
+    assert old is not None
+    assert old.closed
     assert pin_value(pin) == SECRET
+
+
+def test_login_hands_python_pkcs11_an_empty_str_and_wipes_the_bytes(tmp_path: Path) -> None:
+    pin = Pin(pin_file(tmp_path, SECRET)).load()
+    token = FakeToken()
+    pin.login(token)
+    assert token.pins == [SECRET]  # C_Login got the PIN
+    assert token.passed == [""]  # but the str object itself never held it
+    assert token.encoded[0] == bytes(len(SECRET))  # and the bytes it used is zeros now
+
+
+def test_page_is_locked_and_excluded_from_dumps(tmp_path: Path) -> None:
+    pin = Pin(pin_file(tmp_path, SECRET)).load()
+    assert pin.protected["dontdump"]
+    assert pin.protected["wipeonfork"]
+    assert pin._page is not None
+    import ctypes
+
+    buf = ctypes.c_char.from_buffer(pin._page)
+    start = ctypes.addressof(buf)
+    del buf
+    flags = _vm_flags(start)
+    assert "dd" in flags  # VM_DONTDUMP: not in any core dump
+    if pin.protected["mlock"]:
+        assert "lo" in flags  # VM_LOCKED: never swapped out
+
+
+def _vm_flags(address: int) -> set[str]:
+    current = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            current = lo <= address < hi
+        elif current and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    raise AssertionError("mapping not found")
 
 
 def test_login_loads_lazily_and_after_wipe(tmp_path: Path) -> None:
