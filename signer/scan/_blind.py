@@ -1,0 +1,517 @@
+"""Blind mode: private keys found without knowing them, given only public keys.
+
+Structural detectors (compiled into the scanner's one Hyperscan pass, so they cover the whole
+dump): PEM private-key blocks, DER SEQUENCEs shaped like PKCS#8, PKCS#1 and SEC1 private keys
+(loaded with cryptography to confirm), OpenSSH ``openssh-key-v1`` blobs (binary and base64), and
+JWK objects with a ``"d"`` member. A structure that loads is matched against the public keys.
+
+Mathematical checks, within a time budget: windows of the dump's memory read as an RSA prime
+(does it divide N?), an EC scalar (is d*G == Q?) or an Ed25519 seed (does it give the public
+key?), big-endian at every offset and little-endian in 64-bit limbs at 8-aligned addresses
+(an OpenSSL BIGNUM). numpy pre-filters windows cheaply (range of the top byte, parity, few zero
+bytes, enough high bytes: random key material has them, pointers, text and zero pages do not);
+only survivors are verified. Each check reports how much of the memory it covered.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import struct
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from signer.errors import InvalidArgument
+from signer.keys import PublicKeyType
+from signer.scan._result import BlindCheck, Finding
+from signer.scan._secrets import jwk_private_key, public_key_id
+
+# (kind, expression, longest match). Expressions are bytes regexes in Hyperscan syntax.
+STRUCTURAL: tuple[tuple[str, bytes, int], ...] = (
+    (
+        "pem",
+        rb"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY-----\r?\n(?:[A-Za-z0-9+/]{40}|Proc-Type:)",
+        128,
+    ),
+    ("openssh-bin", rb"openssh-key-v1\x00", 15),
+    ("openssh-b64", rb"b3BlbnNzaC1rZXktdjE", 19),
+    (
+        "der-pkcs8",
+        rb"\x30(?:[\x00-\x7f]|\x81[\x80-\xff]|\x82[\x01-\xff][\x00-\xff])"
+        rb"\x02\x01[\x00\x01]\x30[\x00-\x7f]\x06",
+        11,
+    ),
+    (
+        "der-pkcs1",
+        rb"\x30(?:\x81[\x80-\xff]|\x82[\x01-\xff][\x00-\xff])\x02\x01\x00"
+        rb"\x02(?:\x81[\x80-\xff]|\x82[\x01-\xff][\x00-\xff])",
+        12,
+    ),
+    ("der-sec1", rb"\x30(?:[\x00-\x7f]|\x81[\x80-\xff])\x02\x01\x01\x04[\x18-\x42]", 9),
+    ("jwk", rb'"d"[\t\n\r ]{0,8}:[\t\n\r ]{0,8}"[A-Za-z0-9_-]{20}', 40),
+)
+
+_REPRESENTATION = {
+    "pem": "pem-private-key",
+    "openssh-bin": "openssh-private",
+    "openssh-b64": "openssh-private",
+    "der-pkcs8": "der-pkcs8",
+    "der-pkcs1": "der-pkcs1",
+    "der-sec1": "der-sec1",
+    "jwk": "jwk-private",
+}
+
+UNKNOWN = "unknown"  # the owner of a private-key structure that could not be loaded
+_MAX_BLOB = 1 << 16  # no key encoding we look for is larger
+_BLOCK = 1 << 20  # math checks read memory in blocks of this size
+
+
+class PublicKeys:
+    """The public keys of blind mode, by id and by SubjectPublicKeyInfo."""
+
+    def __init__(self, keys: Mapping[str, PublicKeyType] | Sequence[PublicKeyType]) -> None:
+        named = dict(keys) if isinstance(keys, Mapping) else {public_key_id(k): k for k in keys}
+        for name, k in named.items():
+            if not isinstance(
+                k, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+            ):
+                raise InvalidArgument(
+                    f"public key {name!r}: unsupported type {type(k).__name__}; "
+                    "use RSA, EC or Ed25519"
+                )
+        self.keys = named
+        self._by_spki = {_spki(k): name for name, k in named.items()}
+
+    def identify(self, key: Any) -> tuple[str, str]:
+        """(secret id, detail) for a private key found in the dump."""
+        pub = key.public_key()
+        spki = _spki(pub)
+        name = self._by_spki.get(spki)
+        kind = type(pub).__name__.removeprefix("_").replace("PublicKey", "")
+        if name is not None:
+            return name, f"verified: private key of public key {name}"
+        return (
+            f"unknown:{public_key_id(pub)}",
+            f"loads as a {kind} private key that matches none of the given public keys",
+        )
+
+
+def _spki(key: Any) -> bytes:
+    der: bytes = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
+
+
+# --- structural -----------------------------------------------------------------------------
+
+_Loaded = tuple[int, int, Any, str]  # start, end, key or None, detail when no key
+
+
+def _der_extent(buf: memoryview, at: int) -> int | None:
+    if at + 2 > len(buf) or buf[at] != 0x30:
+        return None
+    b = buf[at + 1]
+    if b < 0x80:
+        total = 2 + b
+    elif b == 0x81 and at + 3 <= len(buf):
+        total = 3 + buf[at + 2]
+    elif b == 0x82 and at + 4 <= len(buf):
+        total = 4 + (buf[at + 2] << 8 | buf[at + 3])
+    else:
+        return None
+    return total if at + total <= len(buf) else None
+
+
+def _load_der(buf: memoryview, at: int) -> _Loaded | None:
+    total = _der_extent(buf, at)
+    if total is None:
+        return None
+    try:
+        key = serialization.load_der_private_key(bytes(buf[at : at + total]), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return at, at + total, key, ""
+
+
+_PEM_END = re.compile(rb"-----END [A-Z0-9 ]{0,40}PRIVATE KEY-----")
+_PEM_BODY = re.compile(rb"-----BEGIN [^\n]*\n(?:[A-Za-z0-9+/=]+\r?\n|[A-Za-z-]+:[^\n]*\n)*")
+
+
+def _load_pem(buf: memoryview, at: int) -> _Loaded:
+    text = bytes(buf[at : at + _MAX_BLOB])
+    end = _PEM_END.search(text)
+    if end is None:
+        m = _PEM_BODY.match(text)
+        stop = m.end() if m else text.index(b"\n") + 1
+        return at, at + stop, None, "PEM private-key block without an END line"
+    block = text[: end.end()]
+    try:
+        if b"OPENSSH" in block[:40]:
+            key: Any = serialization.load_ssh_private_key(block, None)
+        else:
+            key = serialization.load_pem_private_key(block, None)
+    except TypeError:
+        return at, at + end.end(), None, "encrypted PEM private key (not verified)"
+    except (ValueError, UnsupportedAlgorithm):
+        return at, at + end.end(), None, "PEM private-key block that does not parse"
+    return at, at + end.end(), key, ""
+
+
+def _ssh_string(blob: bytes, at: int, limit: int) -> tuple[bytes, int]:
+    if at + 4 > len(blob):
+        raise ValueError("truncated")
+    (n,) = struct.unpack_from(">I", blob, at)
+    if n > limit or at + 4 + n > len(blob):
+        raise ValueError("bad length")
+    return blob[at + 4 : at + 4 + n], at + 4 + n
+
+
+def _openssh_blob(blob: bytes) -> tuple[int, bytes] | None:
+    """(length, cipher name) of an ``openssh-key-v1`` structure at the start of ``blob``."""
+    try:
+        at = 15
+        cipher, at = _ssh_string(blob, at, 64)
+        _kdf, at = _ssh_string(blob, at, 64)
+        _kdfopts, at = _ssh_string(blob, at, 1024)
+        if not cipher.isascii() or not cipher:
+            return None
+        (nkeys,) = struct.unpack_from(">I", blob, at)
+        at += 4
+        if not 1 <= nkeys <= 16:
+            return None
+        for _ in range(nkeys):
+            _pub, at = _ssh_string(blob, at, 16384)
+        _priv, at = _ssh_string(blob, at, _MAX_BLOB)
+    except (ValueError, struct.error):
+        return None
+    return at, cipher
+
+
+def _load_openssh(blob: bytes, at: int, extent: int | None) -> _Loaded | None:
+    parsed = _openssh_blob(blob)
+    if parsed is None:
+        return None
+    length, cipher = parsed
+    end = at + (length if extent is None else extent)
+    if cipher != b"none":
+        return at, end, None, f"encrypted OpenSSH private key ({cipher.decode()}, not verified)"
+    pem = (
+        b"-----BEGIN OPENSSH PRIVATE KEY-----\n"
+        + base64.encodebytes(blob[:length])
+        + b"-----END OPENSSH PRIVATE KEY-----\n"
+    )
+    try:
+        key = serialization.load_ssh_private_key(pem, None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return at, end, None, "openssh-key-v1 structure that does not load"
+    return at, end, key, ""
+
+
+_B64_RUN = re.compile(rb"[A-Za-z0-9+/=\r\n]+")
+
+
+def _load_openssh_b64(buf: memoryview, at: int) -> _Loaded | None:
+    m = _B64_RUN.match(bytes(buf[at : at + 2 * _MAX_BLOB]))
+    if m is None:
+        return None
+    text = m.group(0)
+    compact = text.replace(b"\n", b"").replace(b"\r", b"").split(b"=")[0]
+    compact = compact[: len(compact) // 4 * 4]
+    try:
+        blob = base64.b64decode(compact)
+    except binascii.Error:
+        return None
+    return _load_openssh(blob, at, len(text.rstrip(b"\r\n")))
+
+
+def _load_jwk(buf: memoryview, at: int) -> _Loaded | None:
+    lo = max(0, at - 8192)
+    text = bytes(buf[lo : at + 8192]).decode("latin-1")
+    rel = at - lo
+    decoder = json.JSONDecoder()
+    brace = rel
+    for _ in range(64):
+        brace = text.rfind("{", 0, brace)
+        if brace < 0:
+            break
+        try:
+            obj, end = decoder.raw_decode(text, brace)
+        except ValueError:
+            continue
+        if end > rel and isinstance(obj, dict) and "d" in obj and "kty" in obj:
+            try:
+                key = jwk_private_key(obj, "JWK in dump")
+            except InvalidArgument as exc:
+                return lo + brace, lo + end, None, f"JWK private key that does not load: {exc}"
+            return lo + brace, lo + end, key, ""
+    # Not parseable (cut short, overwritten): still a private JWK member if its own object,
+    # from the last '{' before it, names a key type.
+    start = text.rfind("{", 0, rel)
+    if start < 0 or "}" in text[start:rel] or '"kty"' not in text[start : rel + 512]:
+        return None
+    member = re.compile(r'"d"\s*:\s*"[A-Za-z0-9_-]*"?').match(text, rel)
+    stop = member.end() if member else rel + 3
+    return at, lo + stop, None, 'unparseable JSON object with "kty" and a "d" member'
+
+
+def structural_findings(
+    buf: memoryview, hits: Sequence[tuple[str, int]], keys: PublicKeys
+) -> list[Finding]:
+    """Confirms structural matches (kind, offset) and turns them into findings."""
+    out: list[Finding] = []
+    for kind, at in hits:
+        loaded: _Loaded | None
+        if kind == "pem":
+            loaded = _load_pem(buf, at)
+        elif kind == "openssh-bin":
+            loaded = _load_openssh(bytes(buf[at : at + _MAX_BLOB]), at, None)
+        elif kind == "openssh-b64":
+            loaded = _load_openssh_b64(buf, at)
+        elif kind == "jwk":
+            loaded = _load_jwk(buf, at)
+        else:
+            loaded = _load_der(buf, at)
+        if loaded is None:
+            continue
+        start, end, key, detail = loaded
+        representation = _REPRESENTATION[kind]
+        if kind == "pem" and b"OPENSSH" in bytes(buf[start : start + 40]):
+            representation = "openssh-private"
+        owner, detail = keys.identify(key) if key is not None else (UNKNOWN, detail)
+        out.append(Finding(owner, "private-key", representation, start, end - start, detail=detail))
+    return out
+
+
+# --- mathematical checks --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    """Contiguous process memory: file offset, length, virtual address (file offset if none)."""
+
+    offset: int
+    length: int
+    address: int
+
+
+@dataclass(frozen=True)
+class _Target:
+    key_id: str
+    component: str
+    representation: str
+    length: int
+    top_min: int  # bounds of the most significant byte
+    top_max: int
+    odd: bool
+    verify: Callable[[int], bool]  # on the window read as an integer
+    what: str  # for the detail: "divides N of public key X"
+
+
+@dataclass(frozen=True)
+class _Check:
+    name: str
+    target: _Target
+    little: bool  # little-endian 64-bit limbs at 8-aligned addresses; else big-endian anywhere
+
+
+def _rsa_verifier(n: int) -> Callable[[int], bool]:
+    def verify(c: int) -> bool:
+        return 1 < c < n and n % c == 0
+
+    return verify
+
+
+def _ec_verifier(key: ec.EllipticCurvePublicKey) -> Callable[[int], bool]:
+    curve = key.curve
+    x962, uncompressed = serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    point = key.public_bytes(x962, uncompressed)
+
+    def verify(d: int) -> bool:
+        try:  # refuses 0 and d >= the group order
+            derived = ec.derive_private_key(d, curve)
+        except ValueError:
+            return False
+        return derived.public_key().public_bytes(x962, uncompressed) == point
+
+    return verify
+
+
+def _ed25519_verifier(key: ed25519.Ed25519PublicKey) -> Callable[[int], bool]:
+    raw = key.public_bytes_raw()
+
+    def verify(seed: int) -> bool:
+        priv = ed25519.Ed25519PrivateKey.from_private_bytes(seed.to_bytes(32, "big"))
+        return priv.public_key().public_bytes_raw() == raw
+
+    return verify
+
+
+def _targets(keys: PublicKeys) -> list[_Target]:
+    out: list[_Target] = []
+    for name, key in keys.keys.items():
+        if isinstance(key, rsa.RSAPublicKey):
+            n = key.public_numbers().n
+            plen = (n.bit_length() // 2 + 7) // 8
+            # Both primes have at most 8*plen bits, so p > N / 2^(8*plen): a lower bound on its
+            # top byte (one less, for rounding).
+            top = (n >> (8 * plen)) >> (8 * (plen - 1))
+            out.append(
+                _Target(
+                    key_id=name,
+                    component="factor",
+                    representation="verified-rsa-factor",
+                    length=plen,
+                    top_min=max(0, top - 1),
+                    top_max=255,
+                    odd=True,
+                    verify=_rsa_verifier(n),
+                    what=f"divides N of public key {name}",
+                )
+            )
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            width = (key.curve.key_size + 7) // 8
+            top = (1 << (key.curve.key_size - 8 * (width - 1))) - 1  # d < 2^key_size
+            out.append(
+                _Target(
+                    key_id=name,
+                    component="private_value",
+                    representation="verified-ec-scalar",
+                    length=width,
+                    top_min=0,
+                    top_max=top,
+                    odd=False,
+                    verify=_ec_verifier(key),
+                    what=f"d*G == Q of public key {name}",
+                )
+            )
+        else:
+            out.append(
+                _Target(
+                    key_id=name,
+                    component="seed",
+                    representation="verified-ed25519-seed",
+                    length=32,
+                    top_min=0,
+                    top_max=255,
+                    odd=False,
+                    verify=_ed25519_verifier(key),
+                    what=f"derives public key {name}",
+                )
+            )
+    return out
+
+
+def _checks(keys: PublicKeys) -> list[_Check]:
+    """Cheapest first: 8-aligned limbs, then every offset (RSA division before EC multiplies)."""
+    targets = _targets(keys)
+    aligned = [
+        _Check(f"{t.representation.removeprefix('verified-')}-le64-aligned", t, True)
+        for t in targets
+        if t.component != "seed"
+    ]
+    every = [_Check(f"{t.representation.removeprefix('verified-')}-be", t, False) for t in targets]
+    every.sort(key=lambda c: c.target.component != "factor")
+    return aligned + every
+
+
+def _candidates(
+    a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], t: _Target, little: bool
+) -> Any:
+    """The window starts in ``idx`` whose bytes could be the target's secret."""
+    L = t.length
+    top = a[idx + (L - 1 if little else 0)]
+    low = a[idx + (0 if little else L - 1)]
+    keep = (top >= t.top_min) & (top <= t.top_max)
+    if t.odd:
+        keep &= (low & 1).astype(bool)
+    zeros = np.concatenate(([0], np.cumsum(a == 0, dtype=np.int32)))
+    highs = np.concatenate(([0], np.cumsum(a >= 0x80, dtype=np.int32)))
+    keep &= (zeros[idx + L] - zeros[idx]) <= 2 + L // 32
+    keep &= (highs[idx + L] - highs[idx]) >= L // 8
+    return idx[keep]
+
+
+def _blocks(regions: Sequence[Region], L: int) -> Iterator[tuple[Region, int, int]]:
+    """(region, block start, own length): windows start in [start, start+own)."""
+    for r in regions:
+        last = r.length - L  # last window start in the region
+        pos = 0
+        while pos <= last:
+            own = min(_BLOCK, last - pos + 1)
+            yield r, pos, own
+            pos += own
+
+
+def run_checks(
+    buf: memoryview, regions: Sequence[Region], keys: PublicKeys, budget: float
+) -> tuple[list[Finding], list[BlindCheck]]:
+    """Every check over every region, each given an equal share of what is left of ``budget``."""
+    checks = _checks(keys)
+    total = sum(r.length for r in regions)
+    findings: list[Finding] = []
+    reports: list[BlindCheck] = []
+    deadline = time.monotonic() + budget
+    for i, check in enumerate(checks):
+        began = time.monotonic()
+        stop = began + max(0.0, deadline - began) / (len(checks) - i)
+        covered, tested = _run_check(buf, regions, check, stop, findings)
+        reports.append(
+            BlindCheck(
+                check.name, check.target.key_id, total, covered, tested, time.monotonic() - began
+            )
+        )
+    return findings, reports
+
+
+def _run_check(
+    buf: memoryview,
+    regions: Sequence[Region],
+    check: _Check,
+    stop: float,
+    findings: list[Finding],
+) -> tuple[int, int]:
+    t = check.target
+    L = t.length
+    order: Literal["little", "big"] = "little" if check.little else "big"
+    covered = tested = 0
+    for region, pos, own in _blocks(regions, L):
+        if time.monotonic() >= stop:
+            return covered, tested
+        at = region.offset + pos
+        block = bytes(buf[at : at + own + L - 1])  # a copy: numpy must not pin the mmap
+        a = np.frombuffer(block, dtype=np.uint8)
+        # Limbs: only windows at 8-aligned virtual addresses.
+        idx = np.arange(-(region.address + pos) % 8, own, 8) if check.little else np.arange(own)
+        for k, o in enumerate(_candidates(a, idx, t, check.little).tolist()):
+            if k % 256 == 0 and time.monotonic() >= stop:
+                return covered + o, tested
+            tested += 1
+            if t.verify(int.from_bytes(block[o : o + L], order)):
+                layout = (
+                    "little-endian 64-bit limbs at an 8-aligned address"
+                    if check.little
+                    else "big-endian"
+                )
+                findings.append(
+                    Finding(
+                        t.key_id,
+                        t.component,
+                        t.representation,
+                        offset=at + o,
+                        length=L,
+                        detail=f"verified ({layout}): {t.what}",
+                    )
+                )
+        covered += own
+    # Bytes in regions shorter than a window hold no window: they are covered trivially.
+    return sum(r.length for r in regions), tested

@@ -1,0 +1,341 @@
+"""The scanner: one compiled pattern database, many files, one pass over each."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from signer.errors import InvalidArgument
+from signer.keys import PublicKeyType
+from signer.scan import _blind
+from signer.scan._elf import AddressNamer, CoreLayout, NamedRange, parse_core, parse_maps
+from signer.scan._engine import MAX_HITS, PatternSet, scan_chunks
+from signer.scan._patterns import Representation, representations
+from signer.scan._result import BlindReport, Finding, ScanResult
+from signer.scan._secrets import MIN_PATTERN, WHOLE_KEY, Secret
+
+DEFAULT_CHUNK = 64 << 20
+
+
+class Scanner:
+    """Searches files for known secrets (every representation and fragment) and, given public
+    keys, for private keys it does not know (blind mode).
+
+    The pattern database is compiled once here; :meth:`scan` may be called for many files. A
+    scanner scans one file at a time (calls from several threads take turns).
+    """
+
+    def __init__(
+        self,
+        secrets: Iterable[Secret] = (),
+        min_fragment: int = 16,
+        *,
+        public_keys: Mapping[str, PublicKeyType] | Sequence[PublicKeyType] | None = None,
+        blind_budget_seconds: float = 60.0,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        self.secrets = list(secrets)
+        for s in self.secrets:
+            if not isinstance(s, Secret):
+                raise TypeError("secrets must be Secret objects (see load_secrets)")
+        ids = Counter(s.id for s in self.secrets)
+        dup = sorted(i for i, n in ids.items() if n > 1)
+        if dup:
+            raise InvalidArgument(f"secret ids must be unique: {', '.join(dup)} repeated")
+        if not isinstance(min_fragment, int) or min_fragment < MIN_PATTERN:
+            raise InvalidArgument(f"min_fragment must be an integer of at least {MIN_PATTERN}")
+        if chunk_size < 1:
+            raise InvalidArgument("chunk_size must be positive")
+        if blind_budget_seconds < 0:
+            raise InvalidArgument("blind_budget_seconds must not be negative")
+        if not self.secrets and public_keys is None:
+            raise InvalidArgument("nothing to search for: give secrets, public keys, or both")
+        self.min_fragment = min_fragment
+        self.chunk_size = chunk_size
+        self.blind_budget_seconds = float(blind_budget_seconds)
+        self.public_keys = None if public_keys is None else _blind.PublicKeys(public_keys)
+
+        began = time.monotonic()
+        self._reps: list[Representation] = []
+        for i, s in enumerate(self.secrets):
+            self._reps += representations(s, i, min_fragment)
+        table: dict[bytes, list[tuple[int, int]]] = {}
+        for ri, rep in enumerate(self._reps):
+            for at in rep.starts:
+                table.setdefault(rep.data[at : at + rep.window], []).append((ri, at))
+        self._windows = list(table.values())
+        self._nlit = len(self._windows)
+        structural = _blind.STRUCTURAL if self.public_keys is not None else ()
+        self._kinds = [kind for kind, _, _ in structural]
+        self._patterns = PatternSet(list(table), [(rx, n) for _, rx, n in structural])
+        self.compile_seconds = time.monotonic() - began
+        self._marker_sets: dict[tuple[tuple[str, bytes], ...], PatternSet] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def pattern_count(self) -> int:
+        """Distinct patterns compiled: fragment windows of every representation, plus the
+        structural detectors of blind mode."""
+        return self._patterns.count
+
+    @property
+    def representation_count(self) -> int:
+        return len(self._reps)
+
+    def scan(
+        self,
+        path: Path | str,
+        maps: Path | str | None = None,
+        markers: Mapping[str, bytes] | None = None,
+    ) -> ScanResult:
+        """Scans one file. ``maps``: a ``/proc/PID/maps`` snapshot naming a core's anonymous
+        mappings. ``markers``: literals known to be in the dumped memory, counted in the same
+        pass (a dump in which they are missing is not whole)."""
+        path = Path(path)
+        marker_set, names = self._markers(markers or {})
+        maps_text = Path(maps).read_text() if maps is not None else None
+        with self._lock, open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return ScanResult(
+                    path=path,
+                    size=0,
+                    bytes_scanned=0,
+                    patterns=self.pattern_count,
+                    seconds=0.0,
+                    findings=[],
+                    is_core=False,
+                    markers_found=dict.fromkeys(names, 0),
+                    notes=["empty file"],
+                )
+            began = time.monotonic()
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                if hasattr(mmap, "MADV_SEQUENTIAL"):
+                    mm.madvise(mmap.MADV_SEQUENTIAL)
+                view = memoryview(mm)
+                try:
+                    result = self._scan(path, view, maps_text, marker_set, names)
+                finally:
+                    view.release()
+            return replace(result, seconds=time.monotonic() - began)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _markers(self, markers: Mapping[str, bytes]) -> tuple[PatternSet | None, list[str]]:
+        for name, value in markers.items():
+            if not isinstance(value, bytes) or len(value) < MIN_PATTERN:
+                raise InvalidArgument(f"marker {name!r} must be bytes of at least {MIN_PATTERN}")
+        if not markers:
+            return None, []
+        key = tuple(sorted(markers.items()))
+        if key not in self._marker_sets:
+            self._marker_sets[key] = PatternSet([v for _, v in key])
+        return self._marker_sets[key], [n for n, _ in key]
+
+    def _scan(
+        self,
+        path: Path,
+        view: memoryview,
+        maps_text: str | None,
+        marker_set: PatternSet | None,
+        marker_names: list[str],
+    ) -> ScanResult:
+        size = len(view)
+        notes: list[str] = []
+        try:
+            layout = parse_core(view)
+        except ValueError as exc:
+            layout = None
+            notes.append(f"ELF core headers unreadable ({exc}): scanned as raw bytes")
+        sets = [self._patterns] + ([marker_set] if marker_set is not None else [])
+        hits, complete = scan_chunks(view, sets, self.chunk_size)
+        if not complete:
+            notes.append(
+                f"stopped after {MAX_HITS} matches: the result is INCOMPLETE (is the dump full "
+                "of one secret, or are the secrets degenerate?)"
+            )
+        literal_hits = [(pid, at) for pid, at in hits[0] if pid < self._nlit]
+        findings = self._resolve(view, literal_hits)
+
+        blind: BlindReport | None = None
+        if self.public_keys is not None:
+            structural = [
+                (self._kinds[pid - self._nlit], at) for pid, at in hits[0] if pid >= self._nlit
+            ]
+            found = _blind.structural_findings(view, structural, self.public_keys)
+            regions = (
+                [_blind.Region(s.offset, s.filesz, s.vaddr) for s in layout.segments if s.filesz]
+                if layout is not None
+                else [_blind.Region(0, size, 0)]
+            )
+            verified, checks = _blind.run_checks(
+                view, regions, self.public_keys, self.blind_budget_seconds
+            )
+            findings += _drop_contained(found + verified, findings)
+            blind = BlindReport(
+                self.blind_budget_seconds,
+                tuple(self.public_keys.keys),
+                len(structural),
+                tuple(checks),
+            )
+            if not blind.complete:
+                notes.append(
+                    "blind math checks did not cover all memory within the budget of "
+                    f"{self.blind_budget_seconds:g} s (see blind.checks)"
+                )
+
+        counts = Counter(pid for pid, _ in hits[1]) if marker_set is not None else Counter()
+        markers_found = {name: counts[i] for i, name in enumerate(marker_names)}
+
+        if layout is not None:
+            findings = _locate(findings, layout, parse_maps(maps_text) if maps_text else [])
+            notes += _core_notes(layout, size)
+        elif maps_text is not None:
+            notes.append("--maps ignored: the file is not an ELF core")
+        findings.sort(key=lambda f: (f.offset, f.secret_id, f.component, f.representation))
+        return ScanResult(
+            path=path,
+            size=size,
+            bytes_scanned=layout.memory_bytes if layout is not None else size,
+            patterns=self.pattern_count + (marker_set.count if marker_set else 0),
+            seconds=0.0,
+            findings=findings,
+            is_core=layout is not None,
+            markers_found=markers_found,
+            complete=complete,
+            notes=notes,
+            blind=blind,
+        )
+
+    def _resolve(self, view: memoryview, hits: list[tuple[int, int]]) -> list[Finding]:
+        """Window hits -> maximal matches of each representation -> findings."""
+        groups: defaultdict[tuple[int, int], list[int]] = defaultdict(list)
+        for pid, at in hits:
+            for ri, off in self._windows[pid]:
+                groups[(ri, at - off)].append(off)
+        matches: set[tuple[int, int, int]] = set()  # (rep, start, end) in the file
+        for (ri, base), offs in groups.items():
+            w = self._reps[ri].window
+            offs.sort()
+            a, e = offs[0], offs[0] + w
+            for o in offs[1:]:
+                if o > e:
+                    matches.add(self._extend(view, ri, base, a, e))
+                    a = o
+                e = o + w
+            matches.add(self._extend(view, ri, base, a, e))
+        return self._suppress(matches)
+
+    def _extend(self, view: memoryview, ri: int, base: int, a: int, e: int) -> tuple[int, int, int]:
+        """Grows a match of ``rep.data[a:e]`` at ``base + a`` while the bytes go on matching."""
+        data = self._reps[ri].data
+        while a > 0 and base + a > 0 and view[base + a - 1] == data[a - 1]:
+            a -= 1
+        size = len(view)
+        while e < len(data) and base + e < size and view[base + e] == data[e]:
+            e += 1
+        return ri, base + a, base + e
+
+    def _suppress(self, matches: set[tuple[int, int, int]]) -> list[Finding]:
+        """One finding per piece of key material, not one per nested encoding of it.
+
+        Of the matches of one secret, drop: anything inside a whole-key encoding (DER, PEM)
+        found whole; a whole representation inside another whole representation of the same
+        component (minimal inside padded big-endian); a fragment inside any other match.
+        """
+        reps = self._reps
+        by_secret: defaultdict[int, list[tuple[int, int, bool, int]]] = defaultdict(list)
+        for ri, start, end in matches:
+            full = end - start == len(reps[ri].data)
+            by_secret[reps[ri].secret].append((start, end, full, ri))
+        out: list[Finding] = []
+        for si, found in by_secret.items():
+            found.sort(key=lambda m: (m[0], -m[1], not m[2], m[3]))
+            whole_end = any_end = -1
+            comp_end: dict[str, int] = {}
+            for start, end, full, ri in found:
+                rep = reps[ri]
+                covered = whole_end >= end or (
+                    comp_end.get(rep.component, -1) >= end if full else any_end >= end
+                )
+                if not covered:
+                    out.append(
+                        Finding(
+                            self.secrets[si].id,
+                            rep.component,
+                            rep.name if full else f"fragment:{rep.name}",
+                            start,
+                            end - start,
+                        )
+                    )
+                if full:
+                    comp_end[rep.component] = max(comp_end.get(rep.component, -1), end)
+                    if rep.component in WHOLE_KEY:
+                        whole_end = max(whole_end, end)
+                any_end = max(any_end, end)
+        return out
+
+
+def _drop_contained(blind: list[Finding], known: list[Finding]) -> list[Finding]:
+    """Blind findings, without those inside another blind finding (a factor inside a DER key,
+    PKCS#1 inside PKCS#8) or overlapping a known-secret finding (already reported there)."""
+    out: list[Finding] = []
+    ordered = sorted(blind, key=lambda f: (f.offset, -f.length, f.component != "private-key"))
+    end = -1
+    for f in ordered:
+        if f.offset + f.length > end:
+            out.append(f)
+        end = max(end, f.offset + f.length)
+    return [
+        f
+        for f in out
+        if not any(k.offset < f.offset + f.length and f.offset < k.offset + k.length for k in known)
+    ]
+
+
+def _locate(
+    findings: list[Finding], layout: CoreLayout, maps: Sequence[NamedRange]
+) -> list[Finding]:
+    namer = AddressNamer(layout.files, maps)
+    out = []
+    for f in findings:
+        address = layout.address(f.offset)
+        mapping = layout.outside_memory(f.offset) if address is None else namer.name(address)
+        out.append(replace(f, address=address, mapping=mapping))
+    return out
+
+
+def _core_notes(layout: CoreLayout, size: int) -> list[str]:
+    memory = layout.memory_bytes
+    notes = [
+        f"ELF core: {len(layout.segments)} PT_LOAD segments; bytes_scanned counts their "
+        f"{memory} bytes of memory only (the other {size - memory} bytes, headers and notes, "
+        "were searched too)"
+    ]
+    absent = sum(max(0, s.memsz - s.declared_filesz) for s in layout.segments)
+    if absent:
+        notes.append(
+            f"{absent} bytes of mapped memory are not in the dump (p_memsz > p_filesz: the dumper "
+            "left them out, e.g. read-only file mappings)"
+        )
+    if not layout.files:
+        notes.append("no NT_FILE note: mappings are named from the maps snapshot only")
+    return notes + layout.problems
+
+
+def scan_file(
+    path: Path | str,
+    secrets: Iterable[Secret],
+    *,
+    maps: Path | str | None = None,
+    markers: Mapping[str, bytes] | None = None,
+    min_fragment: int = 16,
+) -> ScanResult:
+    """Compiles a scanner for ``secrets`` and scans one file with it."""
+    return Scanner(secrets, min_fragment).scan(path, maps=maps, markers=markers)

@@ -1,0 +1,258 @@
+"""Blind mode: private keys found with only their public keys, and verified; nothing in random
+data or in what merely looks like a key."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from signer.errors import InvalidArgument
+from signer.scan import Scanner, public_key_id, secret_from_key
+
+from .conftest import Keys, Plant, memory_like
+
+DER, PEM = serialization.Encoding.DER, serialization.Encoding.PEM
+PKCS8, TRAD = serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL
+NOENC = serialization.NoEncryption()
+
+
+@pytest.fixture(scope="module")
+def blind(keys: Keys) -> Scanner:
+    pubs = {
+        "rsa": keys.rsa2048.public_key(),
+        "p256": keys.p256.public_key(),
+        "p521": keys.p521.public_key(),
+        "ed": keys.ed25519.public_key(),
+    }
+    return Scanner([], public_keys=pubs, blind_budget_seconds=30)
+
+
+def heap(size: int = 256 << 10) -> bytearray:
+    return memory_like(size)
+
+
+def only(path: Path, sc: Scanner) -> tuple[str, str, str, int, int, str]:
+    result = sc.scan(path)
+    assert result.blind is not None
+    assert result.blind.complete, result.blind
+    assert len(result.findings) == 1, result.findings
+    f = result.findings[0]
+    return f.secret_id, f.component, f.representation, f.offset, f.length, f.detail
+
+
+@pytest.mark.parametrize(("fmt", "representation"), [(PKCS8, "der-pkcs8"), (TRAD, "der-pkcs1")])
+def test_rsa_der_found_and_verified(
+    blind: Scanner, keys: Keys, plant: Plant, fmt: serialization.PrivateFormat, representation: str
+) -> None:
+    der = keys.rsa2048.private_bytes(DER, fmt, NOENC)
+    got = only(plant([(4097, der)], heap()), blind)
+    assert got == (
+        "rsa",
+        "private-key",
+        representation,
+        4097,
+        len(der),
+        "verified: private key of public key rsa",
+    )
+
+
+@pytest.mark.parametrize(("fmt", "representation"), [(PKCS8, "der-pkcs8"), (TRAD, "der-sec1")])
+def test_ec_der_found(
+    blind: Scanner, keys: Keys, plant: Plant, fmt: serialization.PrivateFormat, representation: str
+) -> None:
+    der = keys.p521.private_bytes(DER, fmt, NOENC)
+    sid, _comp, rep, off, length, detail = only(plant([(777, der)], heap()), blind)
+    assert (sid, rep, off, length) == ("p521", representation, 777, len(der))
+    assert detail.startswith("verified")
+
+
+def test_pem_found(blind: Scanner, keys: Keys, plant: Plant) -> None:
+    pem = keys.p256.private_bytes(PEM, PKCS8, NOENC)
+    got = only(plant([(1001, pem)], heap()), blind)
+    assert got[:5] == ("p256", "private-key", "pem-private-key", 1001, len(pem) - 1)
+
+
+def test_openssh_found(blind: Scanner, keys: Keys, plant: Plant) -> None:
+    text = keys.ed25519.private_bytes(PEM, serialization.PrivateFormat.OpenSSH, NOENC)
+    sid, _, rep, off, _, _detail = only(plant([(1001, text)], heap()), blind)
+    assert (sid, rep, off) == ("ed", "openssh-private", 1001)
+    # The binary blob alone (a decoded copy in memory):
+    body = b"".join(text.splitlines()[1:-1])
+    blob = base64.b64decode(body)
+    sid, _, rep, off, length, _ = only(plant([(2001, blob)], heap()), blind)
+    assert (sid, rep, off, length) == ("ed", "openssh-private", 2001, len(blob))
+
+
+def test_jwk_with_d_found_and_verified(blind: Scanner, keys: Keys, plant: Plant) -> None:
+    nums = keys.p256.private_numbers()
+
+    def b64u(v: int) -> str:
+        return base64.urlsafe_b64encode(v.to_bytes(32, "big")).rstrip(b"=").decode()
+
+    jwk = json.dumps(
+        {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64u(nums.public_numbers.x),
+            "y": b64u(nums.public_numbers.y),
+            "d": b64u(nums.private_value),
+        }
+    ).encode()
+    got = only(plant([(1001, b'{"keys": [' + jwk + b"]}")], heap()), blind)
+    assert got == (
+        "p256",
+        "private-key",
+        "jwk-private",
+        1001 + 10,
+        len(jwk),
+        "verified: private key of public key p256",
+    )
+
+
+def test_bare_rsa_prime_verified(blind: Scanner, keys: Keys, plant: Plant) -> None:
+    p = keys.rsa2048.private_numbers().p.to_bytes(128, "big")
+    got = only(plant([(12345, p)], heap()), blind)
+    assert got == (
+        "rsa",
+        "factor",
+        "verified-rsa-factor",
+        12345,
+        128,
+        "verified (big-endian): divides N of public key rsa",
+    )
+
+
+def test_rsa_prime_as_bignum_limbs_verified(blind: Scanner, keys: Keys, plant: Plant) -> None:
+    q = keys.rsa2048.private_numbers().q.to_bytes(128, "little")
+    got = only(plant([(8 * 1001, q)], heap()), blind)
+    assert got[:5] == ("rsa", "factor", "verified-rsa-factor", 8 * 1001, 128)
+    assert "little-endian 64-bit limbs" in got[5]
+
+
+@pytest.mark.parametrize(("curve_key", "name"), [("p256", "p256"), ("p521", "p521")])
+def test_bare_ec_scalar_verified(
+    blind: Scanner, keys: Keys, plant: Plant, curve_key: str, name: str
+) -> None:
+    key: ec.EllipticCurvePrivateKey = getattr(keys, curve_key)
+    width = (key.curve.key_size + 7) // 8
+    d = key.private_numbers().private_value.to_bytes(width, "big")
+    got = only(plant([(30001, d)], heap()), blind)
+    assert got == (
+        name,
+        "private_value",
+        "verified-ec-scalar",
+        30001,
+        width,
+        f"verified (big-endian): d*G == Q of public key {name}",
+    )
+
+
+def test_ec_scalar_as_bignum_limbs_verified(blind: Scanner, keys: Keys, plant: Plant) -> None:
+    d = keys.p256.private_numbers().private_value.to_bytes(32, "little")
+    got = only(plant([(8 * 4001, d)], heap()), blind)
+    assert got[:5] == ("p256", "private_value", "verified-ec-scalar", 8 * 4001, 32)
+
+
+def test_ed25519_seed_verified(blind: Scanner, keys: Keys, plant: Plant) -> None:
+    got = only(plant([(4321, keys.ed25519.private_bytes_raw())], heap()), blind)
+    assert got[:5] == ("ed", "seed", "verified-ed25519-seed", 4321, 32)
+
+
+def test_cut_jwk_reported_unverified(blind: Scanner, plant: Plant) -> None:
+    cut = b'{"kty": "EC", "crv": "P-256", "d": "' + b"A" * 30
+    got = only(plant([(1001, cut)], heap()), blind)
+    assert got[:4] == ("unknown", "private-key", "jwk-private", 1001 + cut.index(b'"d"'))
+    assert "unparseable" in got[5]
+
+
+def test_private_key_of_another_public_key(blind: Scanner, plant: Plant) -> None:
+    other = ec.generate_private_key(ec.SECP256R1())
+    der = other.private_bytes(DER, PKCS8, NOENC)
+    sid, _, rep, _, _, detail = only(plant([(1001, der)], heap()), blind)
+    assert sid == f"unknown:{public_key_id(other.public_key())}"
+    assert rep == "der-pkcs8"
+    assert "matches none of the given public keys" in detail
+
+
+def test_nothing_in_random_data(blind: Scanner, tmp_path: Path) -> None:
+    path = tmp_path / "random.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    assert blind.public_keys is not None
+    pubs = list(blind.public_keys.keys.values())
+    result = Scanner([], public_keys=pubs, blind_budget_seconds=1).scan(path)
+    assert result.findings == []
+    assert result.blind is not None
+    checks = {c.name for c in result.blind.checks}
+    assert {"rsa-factor-le64-aligned", "rsa-factor-be", "ec-scalar-be", "ed25519-seed-be"} <= checks
+    assert all(c.bytes_total == 1 << 20 for c in result.blind.checks)
+    assert all(0 <= c.bytes_covered <= c.bytes_total for c in result.blind.checks)
+
+
+def test_nothing_in_memory_like_data_and_whole_coverage(blind: Scanner, plant: Plant) -> None:
+    result = blind.scan(plant([], heap(1 << 20)))
+    assert result.findings == []
+    assert result.blind is not None
+    assert result.blind.complete
+    assert result.notes == []
+
+
+def test_budget_exhausted_is_reported(keys: Keys, tmp_path: Path) -> None:
+    path = tmp_path / "random.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    sc = Scanner([], public_keys=[keys.p384.public_key()], blind_budget_seconds=0)
+    result = sc.scan(path)
+    assert result.blind is not None
+    assert not result.blind.complete
+    assert all(c.bytes_covered == 0 for c in result.blind.checks)
+    assert any("did not cover all memory" in n for n in result.notes)
+
+
+def test_lookalikes_are_not_findings(blind: Scanner, plant: Plant) -> None:
+    """Constants in every process that imports cryptography: not keys."""
+    items = [
+        (1001, b"openssh-key-v1\x00\x00\x00\x01\x02junk"),  # cryptography's _SK_MAGIC + junk
+        (3001, b'"-----BEGIN PRIVATE KEY-----"'),  # a header without a body
+        (5001, b"-----BEGIN RSA PRIVATE KEY-----\n" + b"not base64 at all\n"),
+        (7001, b'{"d": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}'),  # "d" but no "kty"
+        (8001, b'{"kty": "EC", "x": "AAAA"} {"d": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"'),  # another's
+        (9001, bytes.fromhex("3082025c020100300d06092a864886f70d0101010500")),  # DER head only
+    ]
+    assert blind.scan(plant(items, heap())).findings == []
+
+
+def test_known_and_blind_together_report_once(keys: Keys, plant: Plant) -> None:
+    sc = Scanner([secret_from_key(keys.p256, "ec")], public_keys={"ec-pub": keys.p256.public_key()})
+    der = keys.p256.private_bytes(DER, PKCS8, NOENC)
+    result = sc.scan(plant([(1001, der)], heap()))
+    assert [(f.secret_id, f.representation) for f in result.findings] == [("ec", "pkcs8-der")]
+
+
+def test_scalar_out_of_range_is_not_verified(blind: Scanner, plant: Plant) -> None:
+    """All-ones windows pass the cheap filters; d >= n must be refused, not crash."""
+    assert blind.scan(plant([(1001, b"\xff" * 80)], heap())).findings == []
+
+
+def test_unsupported_public_key_refused() -> None:
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    with pytest.raises(InvalidArgument, match="unsupported"):
+        Scanner([], public_keys=[x25519.X25519PrivateKey.generate().public_key()])  # type: ignore[list-item]
+
+
+def test_no_secrets_and_no_public_keys_refused() -> None:
+    with pytest.raises(InvalidArgument, match="nothing to search for"):
+        Scanner([])
+
+
+def test_public_keys_by_list_are_named_by_fingerprint(keys: Keys, plant: Plant) -> None:
+    pub: rsa.RSAPublicKey = keys.rsa2048.public_key()
+    sc = Scanner([], public_keys=[pub, ed25519.Ed25519PrivateKey.generate().public_key()])
+    result = sc.scan(plant([(101, keys.rsa2048.private_numbers().p.to_bytes(128, "big"))], heap()))
+    assert [f.secret_id for f in result.findings] == [public_key_id(pub)]
+    assert public_key_id(pub).startswith("rsa-2048:")
