@@ -65,6 +65,8 @@ class KeysConfig:
     # A caller may ask for a longer waiting period, never a shorter one than this.
     min_destruction_waiting_period_seconds: int = DAY
     reaper_interval_seconds: float = 60.0
+    # How long an import token (and its wrapping key in the token) can be used for imports.
+    import_token_lifetime_seconds: int = DAY
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,11 @@ def _validate(cfg: Config) -> None:
     ):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
+    if cfg.keys.import_token_lifetime_seconds <= 0:
+        raise ConfigError(
+            "keys.import_token_lifetime_seconds must be positive, "
+            f"got {cfg.keys.import_token_lifetime_seconds}"
+        )
     if cfg.keys.min_destruction_waiting_period_seconds < 0:
         raise ConfigError("keys.min_destruction_waiting_period_seconds must not be negative")
     if cfg.server.max_message_bytes < 1:

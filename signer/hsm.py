@@ -20,15 +20,24 @@ import logging
 import os
 import resource
 import secrets
+import select
 import signal
 import subprocess
+import tempfile
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives import serialization
 
 from signer.config import SOFTHSM_MODULE
-from signer.errors import FailedPrecondition
+from signer.errors import FailedPrecondition, InvalidArgument
+
+if TYPE_CHECKING:
+    from signer.token.pin import Pin
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +81,13 @@ class HsmPaths:
         return self.conf.exists() and self.user_pin.exists() and any(self.tokens.glob("*"))
 
 
-def _write_secret(path: Path, value: bytes) -> None:
+def _write_secret(path: Path, value: bytes | bytearray) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, value)
+        with memoryview(value) as view:
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:])
     finally:
         os.close(fd)
 
@@ -109,6 +121,148 @@ def init(root: str | Path, label: str = DEFAULT_LABEL, module: str = SOFTHSM_MOD
         user_pin[:] = bytes(len(user_pin))
     log.info("token initialised", extra={"dir": str(paths.root), "label": label})
     return paths
+
+
+# --- provisioning keys at the token host -------------------------------------------------------
+
+SOFTHSM_UTIL = "softhsm2-util"
+_PIN_PROMPT = b"PIN: "  # "Please enter user PIN: ", then "Please reenter user PIN: "
+_PIN_PROMPTS = 2
+
+
+def import_command(key_file: Path, label: str, key_id: bytes, token: str) -> list[str]:
+    """softhsm2-util's argv for an import. No --pin: without it, it asks on its terminal."""
+    return [
+        SOFTHSM_UTIL, "--import", str(key_file), "--token", token,
+        "--label", label, "--id", key_id.hex(),
+    ]  # fmt: skip
+
+
+def provision_key(
+    root: str | Path,
+    key_pem: bytes,
+    label: str,
+    key_id: bytes,
+    *,
+    token: str = DEFAULT_LABEL,
+    password: bytes | None = None,
+    timeout: float = 60.0,
+) -> None:
+    """Imports a private key into the token with the token's own tool, as an administrator would.
+
+    ``softhsm2-util --import`` wants an unencrypted PKCS#8 file and the user PIN. The key is
+    converted into a 0600 file in a 0700 directory inside the token host's own directory, and
+    overwritten and removed afterwards. The PIN goes neither on argv nor into the environment:
+    softhsm2-util runs on a pseudo-terminal (echo off) and the PIN, read from ``user.pin``, is
+    written to its prompts. The key pair lands with CKA_ID ``key_id`` and CKA_LABEL ``label``;
+    :meth:`signer.service.Signer.adopt_key` makes the service use it.
+    """
+    from signer.token.pin import Pin
+    from signer.wrapping import load_private_key_pem
+
+    paths = HsmPaths(Path(root).absolute())
+    if not paths.initialised():
+        raise FailedPrecondition(f"no token in {paths.root}: run 'signer hsm init' first")
+    if not label or len(label) > 255 or not label.isprintable():
+        raise InvalidArgument("label must be 1 to 255 printable characters")
+    if not 1 <= len(key_id) <= 64:
+        raise InvalidArgument(f"key id must be 1 to 64 bytes, got {len(key_id)}")
+    key = load_private_key_pem(key_pem, password)
+    pkcs8 = bytearray(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SOFTHSM2_CONF": str(paths.conf)}
+    workdir = Path(tempfile.mkdtemp(prefix=".provision-", dir=paths.root))  # mode 0700
+    key_file = workdir / "key.p8"
+    try:
+        _write_secret(key_file, pkcs8)
+        argv = import_command(key_file, label, key_id, token)
+        status, errors = _run_on_terminal(argv, env, Pin(paths.user_pin), timeout)
+    finally:
+        _shred(key_file, len(pkcs8))
+        pkcs8[:] = bytes(len(pkcs8))
+        workdir.rmdir()
+    if status != 0:
+        raise FailedPrecondition(
+            f"{SOFTHSM_UTIL} --import failed (exit status {status})"
+            + (f": {errors}" if errors else "")
+        )
+    log.info("key provisioned", extra={"label": label, "id": key_id.hex()})
+
+
+def _shred(path: Path, size: int) -> None:
+    """Overwrites a file with zeros, to the disk, before removing it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        os.write(fd, bytes(size))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+
+
+def _run_on_terminal(
+    argv: list[str], env: dict[str, str], pin: Pin, timeout: float
+) -> tuple[int, str]:
+    """Runs ``argv`` on a new pseudo-terminal, answering its PIN prompts from ``pin``.
+
+    Returns the exit status and the tool's ERROR lines (which never hold the PIN: echo is off,
+    and softhsm2-util prints one '*' per character). Nothing else of the transcript is kept.
+    """
+    master, slave = os.openpty()
+    try:
+        attrs = termios.tcgetattr(slave)
+        attrs[3] &= ~(termios.ECHO | termios.ECHONL)
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+            start_new_session=True, preexec_fn=disable_core_dumps,
+        )  # fmt: skip
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    transcript = bytearray()
+    answered = 0
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FailedPrecondition(f"{argv[0]} did not finish within {timeout:g} s")
+            ready, _, _ = select.select([master], [], [], min(remaining, 0.5))
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child has closed its side of the terminal
+                break
+            if not chunk:
+                break
+            transcript += chunk
+            while transcript.count(_PIN_PROMPT) > answered:
+                if answered == _PIN_PROMPTS:
+                    raise FailedPrecondition(f"{argv[0]} asked for the PIN more than twice")
+                pin.write_line(master)
+                answered += 1
+        status = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
+    finally:
+        pin.wipe()
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = transcript.decode("utf-8", "replace").splitlines()
+    transcript[:] = bytes(len(transcript))
+    return status, "; ".join(line.strip() for line in lines if line.startswith("ERROR"))
 
 
 def disable_core_dumps() -> None:

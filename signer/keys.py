@@ -222,6 +222,21 @@ class Key:
         raise NotFound(f"key {self.name!r} has no version {wanted}")
 
 
+@dataclass(frozen=True)
+class ImportToken:
+    """A wrapping key pair in the token, handed out for wrapped key import until ``expires``."""
+
+    token: str  # random, opaque; what the caller passes back
+    key_id: bytes  # CKA_ID of the wrapping key pair
+    public_key_der: bytes  # the wrapping public key, SubjectPublicKeyInfo
+    created: datetime
+    expires: datetime
+    destroyed: bool = False  # its wrapping key pair is gone from the token (after expiry)
+
+    def expired(self, now: datetime) -> bool:
+        return self.destroyed or now >= self.expires
+
+
 def check_usable(v: Version, now: datetime) -> None:
     """FAILED_PRECONDITION unless ``v`` may sign or verify now."""
     state = v.effective_state(now)
@@ -284,6 +299,32 @@ def load_public_key(der: bytes) -> PublicKeyType:
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
         raise TypeError(f"unexpected public key type {type(key).__name__}")
     return key
+
+
+_CURVE_KINDS = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
+def algorithm_kind(alg: Algorithm) -> str:
+    """What an algorithm's keys are, as people name them: P-256, RSA-2048, Ed25519."""
+    if alg.family is Family.EC:
+        return _CURVE_KINDS[alg.curve or ""]
+    if alg.family is Family.RSA:
+        return f"RSA-{alg.bits}"
+    return "Ed25519"
+
+
+def public_key_kind(key: PublicKeyType) -> str:
+    """The same naming for a public key: P-384, RSA-3072, Ed25519."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return _CURVE_KINDS.get(key.curve.name, key.curve.name)
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    return "Ed25519"
+
+
+def with_article(kind: str) -> str:
+    """'a P-384', 'an RSA-2048', 'an Ed25519'."""
+    return f"an {kind}" if kind.startswith(("RSA", "Ed")) else f"a {kind}"
 
 
 def public_pem(der: bytes) -> str:

@@ -240,6 +240,32 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             await self._run(self._signer.cancel_destruction, request.name, request.version)
         )
 
+    async def GetImportParameters(
+        self, request: pb.GetImportParametersRequest, context: Any
+    ) -> pb.ImportParameters:
+        p = await self._run(self._signer.get_import_parameters)
+        return pb.ImportParameters(
+            import_token=p.token.token,
+            wrapping_public_key_pem=public_pem(p.token.public_key_der),
+            wrapping_algorithm=p.wrapping_algorithm,
+            expire_time=_ts(p.token.expires),
+            supported_algorithms=p.supported_algorithms,
+            two_step_wrapping_algorithm=p.two_step_wrapping_algorithm,
+        )
+
+    async def ImportKeyVersion(self, request: pb.ImportKeyVersionRequest, context: Any) -> pb.Key:
+        key = await self._run(
+            self._signer.import_key_version,
+            request.name,
+            request.algorithm,
+            request.import_token,
+            request.wrapped_key,
+            request.scope,
+            dict(request.labels),
+            request.public_key_der,
+        )
+        return self._key_pb(key)
+
 
 class Server:
     """Assembles token, store, signer and the gRPC server; owns their lifetimes."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from signer.errors import (
 from signer.keys import (
     ALGORITHMS,
     Algorithm,
+    ImportToken,
     Key,
     Padding,
     SigFormat,
@@ -39,11 +41,13 @@ from signer.keys import (
     check_scope,
     check_usable,
     format_signature,
+    load_public_key,
     to_be_signed,
     verify,
 )
 from signer.store import Store
 from signer.token import Token
+from signer.wrapping import ONE_STEP, TWO_STEP
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,11 @@ MAX_PAGE_SIZE = 1000
 KEY_ID_BYTES = 16
 # Far beyond any sane schedule, and well inside datetime's range (a uint64 on the wire is not).
 MAX_WAITING_PERIOD_SECONDS = 100 * 365 * 24 * 3600
+IMPORT_TOKEN_BYTES = 32
+WRAPPING_KEY_LABEL = "signer/import-wrapping"
+# An RSA-4096 key's PKCS#8 wrapped in two steps is under 3 KiB; anything far larger is not a key.
+MAX_WRAPPED_KEY_BYTES = 16 * 1024
+_IMPORT_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 def utcnow() -> datetime:
@@ -67,8 +76,21 @@ class SignResult:
     signature_algorithm: str
 
 
+@dataclass(frozen=True)
+class ImportParameters:
+    token: ImportToken
+    wrapping_algorithm: str
+    two_step_wrapping_algorithm: str  # empty when the module does not offer it
+    supported_algorithms: list[str]
+
+
 def token_label(name: str, version: int) -> str:
     return f"{name}/v{version}"
+
+
+def _import_lock(token: str) -> str:
+    # Key names cannot hold a NUL: no clash with a key's lock.
+    return f"\0import:{token}"
 
 
 class Signer:
@@ -135,6 +157,196 @@ class Signer:
             self._token.destroy(version.key_id)
         except SignerError:
             log.error("could not remove orphaned token objects", extra={"key": version.name})
+
+    # --- wrapped import -----------------------------------------------------------------------
+
+    def importable_algorithms(self) -> list[str]:
+        try:
+            return [
+                a.name for a in ALGORITHMS.values() if not self._token.missing_import_mechanisms(a)
+            ]
+        except Unavailable:
+            return []
+
+    def get_import_parameters(self) -> ImportParameters:
+        """A new import token with its own RSA-4096 wrapping key pair, generated in the token."""
+        self._token.require_wrapping()
+        token = secrets.token_urlsafe(IMPORT_TOKEN_BYTES)
+        key_id = secrets.token_bytes(KEY_ID_BYTES)
+        public = self._token.generate_wrapping_key(key_id, WRAPPING_KEY_LABEL)
+        now = self.now()
+        record = ImportToken(
+            token,
+            key_id,
+            public,
+            now,
+            now + timedelta(seconds=self._cfg.keys.import_token_lifetime_seconds),
+        )
+        try:
+            self._store.add_import_token(record)
+        except Exception:
+            try:
+                self._token.destroy(key_id)
+            except SignerError:
+                log.error("could not remove an orphaned wrapping key")
+            raise
+        log.info("import token issued", extra={"expires": record.expires.isoformat()})
+        return ImportParameters(
+            record,
+            ONE_STEP,
+            TWO_STEP if self._token.two_step_mechanism else "",
+            self.importable_algorithms(),
+        )
+
+    def import_key_version(
+        self,
+        name: str,
+        alg_name: str,
+        import_token: str,
+        wrapped_key: bytes,
+        scope: str = "",
+        labels: dict[str, str] | None = None,
+        public_key_der: bytes = b"",
+    ) -> Key:
+        """Unwraps ``wrapped_key`` in the token: version 1 of a new key, or a new primary version.
+
+        Statuses: INVALID_ARGUMENT for bad input, an unknown import token, a blob the token will
+        not unwrap, a key of another type or curve, or a public key that does not match;
+        FAILED_PRECONDITION for an expired import token or a module that cannot import the
+        algorithm. Whatever fails, nothing is left in the token or the store.
+        """
+        check_name(name)
+        alg = algorithm(alg_name) if alg_name else None
+        check_scope(scope)
+        labels = check_labels(dict(labels or {}))
+        if not _IMPORT_TOKEN.fullmatch(import_token):
+            raise InvalidArgument(
+                "import_token is missing or malformed: pass the import_token of "
+                "GetImportParameters as given"
+            )
+        if not wrapped_key:
+            raise InvalidArgument("wrapped_key is empty")
+        if len(wrapped_key) > MAX_WRAPPED_KEY_BYTES:
+            raise InvalidArgument(
+                f"wrapped_key is {len(wrapped_key)} bytes; the limit is {MAX_WRAPPED_KEY_BYTES}"
+            )
+        if public_key_der:
+            try:
+                load_public_key(public_key_der)
+            except (ValueError, TypeError):
+                raise InvalidArgument("public_key_der is not a DER SubjectPublicKeyInfo") from None
+        with self._lock(name):
+            existing: Key | None
+            try:
+                existing = self._store.get_key(name)
+            except NotFound:
+                existing = None
+            if existing is not None:
+                alg = self._check_import_into(existing, alg, scope, labels)
+            elif alg is None:
+                raise InvalidArgument(f"algorithm is required: key {name!r} does not exist yet")
+            self._token.require_import(alg)
+            number = 1 if existing is None else max(v.version for v in existing.versions) + 1
+            key_id = secrets.token_bytes(KEY_ID_BYTES)
+            with self._lock(_import_lock(import_token)):
+                record = self._live_import_token(import_token)
+                public = self._token.unwrap_private(
+                    record.key_id,
+                    wrapped_key,
+                    alg,
+                    key_id,
+                    token_label(name, number),
+                    public_key_der or None,
+                )
+            now = self.now()
+            version = Version(name, number, alg.name, State.ENABLED, key_id, public, now, None)
+            try:
+                if existing is None:
+                    self._store.create_key(Key(name, alg.name, 1, scope, labels, now, (version,)))
+                else:
+                    self._store.add_version(version, make_primary=True)
+            except Exception:
+                self._discard(version)
+                raise
+        log.info(
+            "key version imported", extra={"key": name, "algorithm": alg.name, "version": number}
+        )
+        return self.get_key(name)
+
+    @staticmethod
+    def _check_import_into(
+        key: Key, alg: Algorithm | None, scope: str, labels: dict[str, str]
+    ) -> Algorithm:
+        if alg is not None and alg.name != key.algorithm:
+            raise InvalidArgument(
+                f"key {key.name!r} is {key.algorithm}; a version imported into it must be "
+                f"{key.algorithm}, not {alg.name}"
+            )
+        if scope and scope != key.scope:
+            raise InvalidArgument(
+                f"scope is fixed at creation: key {key.name!r} has scope {key.scope!r}, "
+                f"not {scope!r}"
+            )
+        if labels and labels != key.labels:
+            raise InvalidArgument(
+                f"labels are fixed at creation: key {key.name!r} has other labels "
+                "(leave labels empty to import a new version)"
+            )
+        return algorithm(key.algorithm)
+
+    def _live_import_token(self, token: str) -> ImportToken:
+        try:
+            record = self._store.get_import_token(token)
+        except NotFound:
+            raise InvalidArgument(
+                "import_token is unknown: call GetImportParameters for an import token"
+            ) from None
+        if record.expired(self.now()):
+            raise FailedPrecondition(
+                f"import_token expired at {record.expires.isoformat()}; call "
+                "GetImportParameters for a new one and wrap the key again with its public key"
+            )
+        return record
+
+    def adopt_key(
+        self,
+        name: str,
+        alg_name: str,
+        key_id: bytes,
+        scope: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> Key:
+        """Records a key pair provisioned at the token host (``signer hsm import-key``) as
+        version 1 of a new key. No RPC: for administrators and the crash harness.
+
+        The token checks the private object (type, curve, sensitive, non-extractable), turns
+        off capabilities other than signing and proves its public key; once recorded, the pair
+        is relabelled ``NAME/v1``. A failure never destroys the administrator's object.
+        """
+        check_name(name)
+        alg = algorithm(alg_name)
+        check_scope(scope)
+        labels = check_labels(dict(labels or {}))
+        if not 1 <= len(key_id) <= 64:
+            raise InvalidArgument(f"key_id must be 1 to 64 bytes, got {len(key_id)}")
+        with self._lock(name):
+            try:
+                self._store.get_key(name)
+            except NotFound:
+                pass
+            else:
+                raise AlreadyExists(f"key {name!r} already exists")
+            public = self._token.adopt(alg, key_id)
+            now = self.now()
+            version = Version(name, 1, alg.name, State.ENABLED, key_id, public, now, None)
+            # The store first: its unique CKA_IDs refuse an object another version already has.
+            self._store.create_key(Key(name, alg.name, 1, scope, labels, now, (version,)))
+            try:
+                self._token.relabel(key_id, token_label(name, 1))
+            except SignerError as exc:
+                log.warning("adopted key not relabelled", extra={"key": name, "error": exc.message})
+        log.info("key adopted", extra={"key": name, "algorithm": alg.name})
+        return self.get_key(name)
 
     def get_key(self, name: str) -> Key:
         check_name(name)
@@ -329,8 +541,28 @@ class Signer:
         if version <= 0:
             raise InvalidArgument("version is required (a positive number)")
 
+    def _reap_import_tokens(self) -> bool:
+        """False when the token is unavailable (the caller stops too)."""
+        for t in self._store.expired_import_tokens(self.now()):
+            with self._lock(_import_lock(t.token)):
+                try:
+                    self._token.destroy(t.key_id)
+                except Unavailable:
+                    log.warning("wrapping key destruction postponed: token unavailable")
+                    return False
+                except SignerError as exc:
+                    log.error("wrapping key destruction failed; will retry",
+                              extra={"error": exc.message})  # fmt: skip
+                    continue
+                self._store.set_import_token_destroyed(t.token)
+            log.info("expired import token's wrapping key destroyed")
+        return True
+
     def reap(self) -> int:
-        """Destroys the token objects of versions whose waiting period has passed."""
+        """Destroys the token objects of versions whose waiting period has passed, and the
+        wrapping keys of expired import tokens; returns how many versions it destroyed."""
+        if not self._reap_import_tokens():
+            return 0
         done = 0
         for v in self._store.due_for_destruction(self.now()):
             with self._lock(v.name):
@@ -350,6 +582,29 @@ class Signer:
             log.info("key version destroyed", extra={"key": v.name, "version": v.version})
             done += 1
         return done
+
+
+def adopt_with_config(
+    cfg: Config,
+    name: str,
+    alg_name: str,
+    key_id: bytes,
+    scope: str = "",
+    labels: dict[str, str] | None = None,
+) -> Key:
+    """:meth:`Signer.adopt_key` against the token and store ``cfg`` names, without a server
+    (``signer keys adopt``; SQLite and the token host both take a second client)."""
+    from signer.store import SQLiteStore
+    from signer.token import Pin
+
+    token = Token(cfg.token, Pin(cfg.token.pin_file))
+    store = SQLiteStore(cfg.store.path)
+    try:
+        token.start(wait=True)
+        return Signer(cfg, token, store).adopt_key(name, alg_name, key_id, scope, labels)
+    finally:
+        token.close()
+        store.close()
 
 
 def _state_words(state: State) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from signer.errors import AlreadyExists, NotFound
-from signer.keys import Key, State, Version
+from signer.keys import ImportToken, Key, State, Version
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -39,6 +39,15 @@ CREATE TABLE IF NOT EXISTS versions (
     PRIMARY KEY (name, version)
 );
 CREATE INDEX IF NOT EXISTS versions_destroy_at ON versions(destroy_at) WHERE destroy_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS import_tokens (
+    token       TEXT PRIMARY KEY,
+    key_id      BLOB NOT NULL UNIQUE,
+    public_key  BLOB NOT NULL,
+    created     REAL NOT NULL,
+    expires     REAL NOT NULL,
+    destroyed   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS import_tokens_live ON import_tokens(expires) WHERE destroyed = 0;
 """
 
 
@@ -61,6 +70,12 @@ class Store(Protocol):
         self, name: str, version: int, state: State, destroy_at: datetime | None
     ) -> None: ...
     def due_for_destruction(self, now: datetime) -> list[Version]: ...
+    # Import tokens: added once, read on each import, their wrapping keys destroyed after expiry.
+    # Rows are kept, so an expired token is told apart from an unknown one.
+    def add_import_token(self, token: ImportToken) -> None: ...
+    def get_import_token(self, token: str) -> ImportToken: ...
+    def expired_import_tokens(self, now: datetime) -> list[ImportToken]: ...
+    def set_import_token_destroyed(self, token: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -174,7 +189,56 @@ class SQLiteStore:
         )
         return [_version(r) for r in rows]
 
+    def get_import_token(self, token: str) -> ImportToken:
+        row = (
+            self._db()
+            .execute(
+                "SELECT token, key_id, public_key, created, expires, destroyed "
+                "FROM import_tokens WHERE token = ?",
+                (token,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            raise NotFound("import token not found")
+        return _import_token(row)
+
+    def expired_import_tokens(self, now: datetime) -> list[ImportToken]:
+        """Expired tokens whose wrapping keys are still in the token."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT token, key_id, public_key, created, expires, destroyed "
+                "FROM import_tokens WHERE destroyed = 0 AND expires <= ? ORDER BY expires",
+                (_ts(now),),
+            )
+            .fetchall()
+        )
+        return [_import_token(r) for r in rows]
+
     # --- writes -------------------------------------------------------------------------------
+
+    def add_import_token(self, token: ImportToken) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO import_tokens "
+                "(token, key_id, public_key, created, expires, destroyed) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    token.token,
+                    token.key_id,
+                    token.public_key_der,
+                    _ts(token.created),
+                    _ts(token.expires),
+                    int(token.destroyed),
+                ),
+            )
+
+    def set_import_token_destroyed(self, token: str) -> None:
+        with self._tx() as db:
+            cur = db.execute("UPDATE import_tokens SET destroyed = 1 WHERE token = ?", (token,))
+            if cur.rowcount != 1:
+                raise NotFound("import token not found")
 
     def create_key(self, key: Key) -> None:
         try:
@@ -193,7 +257,11 @@ class SQLiteStore:
                 )
                 for v in key.versions:
                     _insert_version(db, v)
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as exc:
+            if "key_id" in str(exc):
+                raise AlreadyExists(
+                    "another key version already has this token object id"
+                ) from None
             raise AlreadyExists(f"key {key.name!r} already exists") from None
 
     def add_version(self, version: Version, make_primary: bool) -> None:
@@ -244,3 +312,11 @@ def _version(row: tuple[str, int, str, str, bytes, bytes, float, float | None]) 
     created_dt = _dt(created)
     assert created_dt is not None
     return Version(name, version, alg, State(state), key_id, pub, created_dt, _dt(destroy_at))
+
+
+def _import_token(row: tuple[str, bytes, bytes, float, float, int]) -> ImportToken:
+    token, key_id, pub, created, expires, destroyed = row
+    created_dt, expires_dt = _dt(created), _dt(expires)
+    assert created_dt is not None
+    assert expires_dt is not None
+    return ImportToken(token, key_id, pub, created_dt, expires_dt, bool(destroyed))

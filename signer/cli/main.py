@@ -1,7 +1,7 @@
 """``signer``: the one command line of the project.
 
-Exit codes: 0 success; 1 a signature that does not verify; 2 an error (bad usage, or an error
-status from the service, printed as ``error: STATUS: message``).
+Exit codes: 0 success; 1 a signature that does not verify, or key material found by ``scan``;
+2 an error (bad usage, or an error status from the service, printed as ``error: STATUS: message``).
 """
 
 from __future__ import annotations
@@ -138,6 +138,38 @@ def cmd_keys_version_op(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys_import(args: argparse.Namespace) -> int:
+    pem = Path(args.infile).read_bytes()  # wrapped by the client below; never sent as is
+    with _client(args) as c:
+        key = c.import_key(
+            args.name, args.algorithm, pem, scope=args.scope, labels=dict(args.label)
+        )
+    _print_key(key)
+    return EXIT_OK
+
+
+def _hex_id(text: str) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if not 1 <= len(value) <= 64:
+        raise argparse.ArgumentTypeError(f"id {text!r} must be 1 to 64 bytes in hex")
+    return value
+
+
+def cmd_keys_adopt(args: argparse.Namespace) -> int:
+    from signer import config
+    from signer.service import adopt_with_config
+
+    key = adopt_with_config(
+        config.load(args.config), args.name, args.algorithm, args.id, args.scope, dict(args.label)
+    )
+    print(json.dumps({"name": key.name, "algorithm": key.algorithm, "version": 1,
+                      "key_id": args.id.hex(), "scope": key.scope}, indent=2))  # fmt: skip
+    return EXIT_OK
+
+
 def _read_input(args: argparse.Namespace) -> dict[str, bytes]:
     data = sys.stdin.buffer.read() if args.infile == "-" else Path(args.infile).read_bytes()
     return {"digest": data} if args.digest else {"message": data}
@@ -198,6 +230,15 @@ def cmd_hsm_serve(args: argparse.Namespace) -> int:
     return hsm.serve_forever(args.dir, args.label)
 
 
+def cmd_hsm_import_key(args: argparse.Namespace) -> int:
+    from signer import hsm
+
+    hsm.provision_key(args.dir, Path(args.infile).read_bytes(), args.label, args.id,
+                      token=args.token)  # fmt: skip
+    print(json.dumps({"token": args.token, "label": args.label, "id": args.id.hex()}))
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from signer import config, logs, server
 
@@ -210,6 +251,68 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_level)
     return launcher.run(args.dir, args.listen)
+
+
+def _marker(text: str) -> tuple[str, Path]:
+    name, sep, file = text.partition("=")
+    if not sep or not name or not file:
+        raise argparse.ArgumentTypeError(f"marker {text!r} must be NAME=FILE")
+    return name, Path(file)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from signer.scan import Scanner, load_public_keys, load_secrets
+    from signer.scan.report import format_table, summary, to_json, to_sarif
+
+    known = load_secrets(args.secrets)
+    public = load_public_keys(args.public_keys) if args.public_keys else None
+    markers = {name: file.read_bytes() for name, file in args.marker}
+    scanner = Scanner(
+        known,
+        args.min_fragment,
+        public_keys=public,
+        blind_budget_seconds=args.blind_budget,
+    )
+    print(
+        f"scan: {len(known)} known, {len(public or {})} public keys: {scanner.pattern_count} "
+        f"patterns compiled in {scanner.compile_seconds:.2f} s",
+        file=sys.stderr,
+    )
+    results = []
+    for dump in args.dumps:
+        result = scanner.scan(dump, maps=args.maps, markers=markers)
+        print(summary(result), file=sys.stderr)
+        for note in result.notes:
+            print(f"  note: {note}", file=sys.stderr)
+        results.append(result)
+    sys.stdout.write(format_table(results))
+    if args.json:
+        Path(args.json).write_text(to_json(results))
+    if args.sarif:
+        Path(args.sarif).write_text(json.dumps(to_sarif(results), indent=2) + "\n")
+    found = sum(len(r.findings) for r in results)
+    print(
+        f"scan: {found} findings in {len(results)} dumps" if found else "scan: clean",
+        file=sys.stderr,
+    )
+    return EXIT_INVALID if found else EXIT_OK
+
+
+def cmd_crash_test(args: argparse.Namespace) -> int:
+    from signer.harness import Campaign, full_matrix, quick_matrix
+
+    cases = quick_matrix() if args.quick else full_matrix()
+    campaign = Campaign(Path(args.report), keep_dumps=args.keep_dumps, progress=print)
+    print(f"crash campaign: {len(cases)} crashes ({'quick' if args.quick else 'full'})", flush=True)
+    ok = campaign.run(cases)
+    s = campaign.summary()
+    print(
+        f"{'PASSED' if ok else 'FAILED'}: {s['crashes']} crashes, {s['dumps_scanned']} dumps, "
+        f"{s['bytes_scanned'] / 2**20:.0f} MiB scanned, {s['service_findings']} findings in the "
+        f"service, controls {s['controls_caught']}/{s['controls_run']}, markers "
+        f"{s['markers_found']}/{s['crashes']}; report: {args.report}/report.md"
+    )
+    return EXIT_OK if ok else EXIT_INVALID
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -248,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label", default="signer")
     log_level(sp)
     sp.set_defaults(func=cmd_hsm_serve)
+    sp = hsm_sub.add_parser(
+        "import-key",
+        help="import a private key with softhsm2-util (PIN typed on its terminal, not on argv)",
+    )
+    sp.add_argument("--dir", default="var/hsm")
+    sp.add_argument("--in", dest="infile", required=True, help="PEM private key")
+    sp.add_argument("--label", required=True, help="CKA_LABEL of the key objects")
+    sp.add_argument("--id", required=True, type=_hex_id, help="CKA_ID in hex")
+    sp.add_argument("--token", default="signer", help="token label (default signer)")
+    sp.set_defaults(func=cmd_hsm_import_key)
 
     # signer serve / run
     sp = sub.add_parser("serve", help="run the gRPC service (config: TOML plus SIGNER_* overrides)")
@@ -269,6 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scope", default="", help="key scope, fixed at creation")
     sp.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
     sp.set_defaults(func=cmd_keys_create)
+    sp = client_parser(keys_sub, "import", "import a private key, wrapped here for the token")
+    sp.add_argument("name", help="a new key (version 1) or an existing one (new primary version)")
+    sp.add_argument("--algorithm", required=True, choices=list(ALGORITHMS))
+    sp.add_argument("--in", dest="infile", required=True, help="PEM private key")
+    sp.add_argument("--scope", default="", help="key scope, fixed at creation")
+    sp.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
+    sp.set_defaults(func=cmd_keys_import)
+    sp = keys_sub.add_parser(
+        "adopt", help="record a key provisioned with 'signer hsm import-key' (store and token)"
+    )
+    sp.add_argument("name")
+    sp.add_argument("--algorithm", required=True, choices=list(ALGORITHMS))
+    sp.add_argument("--id", required=True, type=_hex_id, help="CKA_ID in hex")
+    sp.add_argument("--config", required=True, help="the service's TOML configuration")
+    sp.add_argument("--scope", default="", help="key scope, fixed at creation")
+    sp.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
+    sp.set_defaults(func=cmd_keys_adopt)
     sp = client_parser(keys_sub, "list", "list keys")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_keys_list)
@@ -332,6 +462,54 @@ def build_parser() -> argparse.ArgumentParser:
             help="RSA padding (default pss)",
         )
         sp.set_defaults(func=fn)
+
+    # signer scan
+    sp = sub.add_parser(
+        "scan",
+        help="scan core dumps for keys and PINs (exit 0 clean, 1 findings)",
+        description="Search dumps for every representation of known keys and PINs (--secrets) "
+        "and, blind, for private keys of given public keys (--public-keys). Findings go to "
+        "stdout as a table; progress and a summary to stderr. Exit 0 clean, 1 findings, 2 error.",
+    )
+    sp.add_argument("dumps", nargs="+", metavar="DUMP", help="core dump or any file")
+    sp.add_argument(
+        "--secrets", nargs="+", default=[], metavar="FILE",
+        help="private keys (PEM, DER, OpenSSH, JWK), *.pin files (PINs), other files (raw)",
+    )  # fmt: skip
+    sp.add_argument(
+        "--public-keys", nargs="+", metavar="FILE",
+        help="public keys, certificates or JWKs: turns on blind mode",
+    )  # fmt: skip
+    sp.add_argument("--maps", help="/proc/PID/maps snapshot naming the core's anonymous mappings")
+    sp.add_argument("--json", metavar="OUT", help="write the result(s) as JSON")
+    sp.add_argument("--sarif", metavar="OUT", help="write a SARIF 2.1.0 log")
+    sp.add_argument(
+        "--min-fragment", type=int, default=16, metavar="N",
+        help="report fragments carrying N bytes of a secret and more (default 16)",
+    )  # fmt: skip
+    sp.add_argument(
+        "--blind-budget", type=float, default=60.0, metavar="SECONDS",
+        help="time for blind mathematical checks per dump (default 60)",
+    )  # fmt: skip
+    sp.add_argument(
+        "--marker", action="append", default=[], type=_marker, metavar="NAME=FILE",
+        help="count occurrences of FILE's bytes (proves the dump holds known memory)",
+    )  # fmt: skip
+    sp.set_defaults(func=cmd_scan)
+
+    # signer crash-test
+    sp = sub.add_parser(
+        "crash-test",
+        help="crash the real service over the crash matrix and scan every dump (exit 0 proven)",
+        description="Starts a token host with known keys and a long random PIN, crashes the "
+        "service (signals, native faults, gcore snapshots) at each moment, scans every dump for "
+        "every key and the PIN, and proves each scan with a control and a marker. Writes "
+        "report.md and report.json. Exit 0 all clean and proven, 1 otherwise.",
+    )
+    sp.add_argument("--report", required=True, metavar="DIR", help="where the report goes")
+    sp.add_argument("--quick", action="store_true", help="the CI slice, not the full matrix")
+    sp.add_argument("--keep-dumps", action="store_true", help="keep the cores (they hold no keys)")
+    sp.set_defaults(func=cmd_crash_test)
     return p
 
 

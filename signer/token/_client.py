@@ -17,6 +17,19 @@ Session and lock policy (issue #2, "concurrency, correctly")
   within the connection (each p11-kit connection is served by its own ``p11-kit-remote``).
 * A lost token host (DeviceError and friends) marks the connection down at once, so calls fail
   fast with UNAVAILABLE; a monitor thread reconnects, logs in again and flips health back.
+
+Wrapped key import
+------------------
+The wrapping key pair is RSA-4096, generated here, its private half able to unwrap and nothing
+else. The token unwraps (C_UnwrapKey) straight into a private, sensitive, non-extractable token
+object; this process only ever holds the opaque blob. One step is CKM_RSA_PKCS_OAEP (SHA-1,
+MGF1-SHA-1, no label: the only OAEP hash SoftHSM2 2.6.1 accepts) of the PKCS#8, enough for EC
+keys. RSA keys need two steps: OAEP-unwrap an AES-256 session key, CKM_AES_KEY_WRAP_PAD-unwrap the
+PKCS#8 with it, destroy it. Debian's p11-kit 0.24.1 does not carry CKM_AES_KEY_WRAP_PAD (nor
+CKM_RSA_AES_KEY_WRAP), so the mechanism list decides, and RSA import is FAILED_PRECONDITION there.
+SoftHSM2 does not give an unwrapped EC key a CKA_EC_POINT, so the caller's public key is taken
+only after a challenge signed in the token verifies with it. Any failure after C_UnwrapKey
+destroys the new object before answering.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import contextlib
 import logging
 import os
 import queue
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,8 +54,27 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import _pkcs11 as _p11
 
 from signer.config import TokenConfig
-from signer.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
-from signer.keys import Algorithm, Family, SignMechanism
+from signer.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    SignerError,
+    Unavailable,
+)
+from signer.keys import (
+    Algorithm,
+    Family,
+    Padding,
+    SigFormat,
+    SignMechanism,
+    algorithm_kind,
+    load_public_key,
+    public_key_kind,
+    to_be_signed,
+    verify,
+    with_article,
+)
 from signer.token.pin import Pin
 from signer.token.uri import TokenURI
 
@@ -98,6 +131,69 @@ _PUBLIC_TEMPLATE: dict[Attribute, Any] = {
     Attribute.ENCRYPT: False,
     Attribute.WRAP: False,
 }
+
+
+# --- wrapped import ---------------------------------------------------------------------------
+
+WRAPPING_KEY_BITS = 4096
+# The wrapping key pair: the private half unwraps and does nothing else, and never leaves.
+_WRAPPING_PRIVATE_TEMPLATE: dict[Attribute, Any] = {
+    **_PRIVATE_TEMPLATE,
+    Attribute.SIGN: False,
+    Attribute.UNWRAP: True,
+}
+_WRAPPING_PUBLIC_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: False,
+    Attribute.VERIFY: False,
+    Attribute.ENCRYPT: False,
+    Attribute.WRAP: False,
+}
+# The two-step scheme's AES key: a session object that can only unwrap, destroyed after one use.
+_TRANSPORT_KEY_TEMPLATE: dict[Attribute, Any] = {
+    Attribute.TOKEN: False,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.UNWRAP: True,
+    Attribute.WRAP: False,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+}
+_OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)
+# Mechanisms a wrapping key pair and the one-step scheme need.
+_ONE_STEP_MECHANISMS = ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS_OAEP")
+# The second step, RFC 5649 key wrap with padding: PKCS#11 3.x calls it CKM_AES_KEY_WRAP_KWP;
+# SoftHSM2 2.6.1 offers it as CKM_AES_KEY_WRAP_PAD.
+_KWP_MECHANISMS = ("CKM_AES_KEY_WRAP_KWP", "CKM_AES_KEY_WRAP_PAD")
+_RSA_AES_KEY_WRAP = "CKM_0x00001054"  # CKM_RSA_AES_KEY_WRAP, unknown to python-pkcs11 0.10
+# What a token answers when a wrapped key will not unwrap: corrupt, wrapped for another wrapping
+# key, or not the declared type. SoftHSM2 2.6.1 answers a failed OAEP decryption with
+# CKR_GENERAL_ERROR and a PKCS#8 it cannot use with CKR_FUNCTION_FAILED.
+_UNWRAP_REFUSED: tuple[type[Exception], ...] = (
+    p11e.WrappedKeyInvalid,
+    p11e.WrappedKeyLenRange,
+    p11e.EncryptedDataInvalid,
+    p11e.EncryptedDataLenRange,
+    p11e.DataInvalid,
+    p11e.DataLenRange,
+    p11e.GeneralError,
+    p11e.FunctionFailed,
+    p11e.KeyTypeInconsistent,
+    p11e.KeySizeRange,
+    p11e.DomainParamsInvalid,
+)
+_KEY_TYPES = {Family.EC: KeyType.EC, Family.RSA: KeyType.RSA, Family.ED25519: KeyType.EC_EDWARDS}
+_CURVE_KINDS = {
+    _CURVE_OIDS["secp256r1"]: "P-256",
+    _CURVE_OIDS["secp384r1"]: "P-384",
+    _CURVE_OIDS["secp521r1"]: "P-521",
+}
+# Ed25519's CKA_EC_PARAMS: the OID, or (PKCS#11 3.0) the curve name as a PrintableString.
+_ED25519_PARAMS = (_CURVE_OIDS["ed25519"], b"\x13\x0cedwards25519")
 
 
 def mechanism_name(m: Any) -> str:
@@ -237,15 +333,7 @@ class Token:
             key = slot.keys.get(key_id)
             if key is None:
                 key = self._find_private(slot, key_id)
-            if mech is SignMechanism.ECDSA:
-                return bytes(key.sign(data, mechanism=Mechanism.ECDSA))
-            if mech is SignMechanism.RSA_PKCS_PSS:
-                return bytes(
-                    key.sign(data, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=_PSS_SHA256)
-                )
-            if mech is SignMechanism.RSA_PKCS:
-                return bytes(key.sign(data, mechanism=Mechanism.RSA_PKCS))
-            return bytes(key.sign(data, mechanism=Mechanism.EDDSA))
+            return _sign_with(key, mech, data)
 
     def destroy(self, key_id: bytes) -> int:
         """Destroys every object with this CKA_ID; returns how many there were."""
@@ -262,6 +350,285 @@ class Token:
     def exists(self, key_id: bytes) -> bool:
         with self._session() as slot:
             return bool(_search(slot.session, {Attribute.ID: key_id}))
+
+    def count_objects(self) -> int:
+        """How many objects the logged-in user can see, token and session objects alike."""
+        with self._session() as slot:
+            return len(_search(slot.session, {}))
+
+    # --- wrapped import -----------------------------------------------------------------------
+
+    @property
+    def two_step_mechanism(self) -> str | None:
+        """The key-wrap-with-padding mechanism of the two-step scheme, or None if not offered."""
+        have = self.mechanisms
+        if not all(m in have for m in _ONE_STEP_MECHANISMS):
+            return None
+        return next((m for m in _KWP_MECHANISMS if m in have), None)
+
+    def require_wrapping(self) -> None:
+        """FAILED_PRECONDITION unless the module can make a wrapping key and unwrap with it."""
+        missing = [m for m in _ONE_STEP_MECHANISMS if m not in self.mechanisms]
+        if missing:
+            raise FailedPrecondition(
+                f"wrapped key import is not available: the PKCS#11 module "
+                f"({Path(self._cfg.module).name}) does not offer {', '.join(missing)}"
+            )
+
+    def missing_import_mechanisms(self, alg: Algorithm) -> list[str]:
+        have = self.mechanisms
+        missing = [m for m in (*_ONE_STEP_MECHANISMS, *alg.sign_mechanisms) if m not in have]
+        if alg.family is Family.RSA and not any(m in have for m in _KWP_MECHANISMS):
+            missing.append("CKM_AES_KEY_WRAP_PAD")
+        return missing
+
+    def require_import(self, alg: Algorithm) -> None:
+        """FAILED_PRECONDITION naming what the module lacks to import ``alg`` keys."""
+        missing = self.missing_import_mechanisms(alg)
+        if not missing:
+            return
+        module = Path(self._cfg.module).name
+        if "CKM_AES_KEY_WRAP_PAD" in missing:
+            offers = (
+                "offers CKM_RSA_AES_KEY_WRAP only, and this service unwraps the two steps "
+                "itself with CKM_AES_KEY_WRAP_PAD"
+                if _RSA_AES_KEY_WRAP in self.mechanisms
+                else "offers neither"
+            )
+            raise FailedPrecondition(
+                f"importing {alg.name} keys is not available: an RSA private key is too large "
+                "for one RSA-OAEP block, so its import needs a two-step wrapping scheme "
+                f"(CKM_RSA_AES_KEY_WRAP or CKM_AES_KEY_WRAP_PAD), and the PKCS#11 module "
+                f"({module}) {offers}"
+            )
+        raise FailedPrecondition(
+            f"importing {alg.name} keys is not available: the PKCS#11 module ({module}) "
+            f"does not offer {', '.join(missing)}"
+        )
+
+    def generate_wrapping_key(self, key_id: bytes, label: str) -> bytes:
+        """An RSA-4096 wrapping key pair in the token; returns its public half (SPKI DER)."""
+        self.require_wrapping()
+        with self._session() as slot:
+            pub, _ = slot.session.generate_keypair(
+                KeyType.RSA, WRAPPING_KEY_BITS, id=key_id, label=label, store=True,
+                capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                public_template=dict(_WRAPPING_PUBLIC_TEMPLATE),
+                private_template=dict(_WRAPPING_PRIVATE_TEMPLATE),
+            )  # fmt: skip
+            return _spki_rsa(pub)
+
+    def unwrap_private(
+        self,
+        wrapping_key_id: bytes,
+        blob: bytes,
+        alg: Algorithm,
+        key_id: bytes,
+        label: str,
+        public_der: bytes | None,
+    ) -> bytes:
+        """Unwraps ``blob`` into a new signing key object; returns its public key (SPKI DER).
+
+        The new object is checked before this returns: its key type and curve must be ``alg``'s,
+        and its public key (from the token, else ``public_der``) must verify a challenge it signs.
+        Whatever fails, no new object is left behind.
+        """
+        self.require_import(alg)
+        with self._session() as slot:
+            s = slot.session
+            wanted = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: wrapping_key_id}
+            wrapping = _one(
+                _search(s, wanted),
+                lambda: FailedPrecondition(
+                    "the import token's wrapping key is no longer in the token; "
+                    "call GetImportParameters for a new import token"
+                ),
+            )
+            obj = self._unwrap(s, wrapping, blob, alg, key_id, label)
+            try:
+                public = self._checked_public(obj, alg, public_der)
+            except BaseException:
+                self._destroy_quietly(s, key_id, obj)
+                raise
+            slot.keys[key_id] = obj
+            return public
+
+    def adopt(self, alg: Algorithm, key_id: bytes) -> bytes:
+        """Takes over a private key provisioned at the token host (``softhsm2-util --import``).
+
+        Refuses an object that is not a token, private, sensitive, non-extractable signing key of
+        ``alg``'s type; turns off CKA_DECRYPT, CKA_UNWRAP and CKA_DERIVE (softhsm2-util sets
+        them on RSA keys); proves the public key (from the public object of the same CKA_ID, else
+        the private object) with a challenge signed in the token, and returns it (SPKI DER).
+        Never destroys anything: the object is the administrator's.
+        """
+        missing = [m for m in alg.sign_mechanisms if m not in self.mechanisms]
+        if missing:
+            raise FailedPrecondition(
+                f"algorithm {alg.name} cannot sign: the PKCS#11 module "
+                f"({Path(self._cfg.module).name}) does not offer {', '.join(missing)}"
+            )
+        where = f"the private key object with id {key_id.hex()}"
+        with self._session() as slot:
+            s = slot.session
+            priv = _one(
+                _search(s, {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}),
+                lambda: NotFound(f"no private key object with id {key_id.hex()} in the token"),
+            )
+            kind = _object_kind(priv)
+            if kind != algorithm_kind(alg):
+                raise InvalidArgument(f"{where} is {with_article(kind)} key, not {alg.name}")
+            required = {
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.SIGN: True,
+            }
+            weak = [f"CKA_{a.name}={priv[a]}" for a, want in required.items() if priv[a] != want]
+            if weak:
+                raise FailedPrecondition(
+                    f"{where} has {', '.join(weak)}; the service keeps only token, private, "
+                    "sensitive, non-extractable signing keys"
+                )
+            for attr in (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE):
+                if _flag(priv, attr):
+                    priv[attr] = False
+            pubs = _search(s, {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id})
+            public = _spki(alg, pubs[0]) if len(pubs) == 1 else _public_of_private(priv, alg)
+            if public is None:
+                raise FailedPrecondition(
+                    f"{where} has no public key object beside it, and the token does not reveal "
+                    "its public key: import the key pair with its public key"
+                )
+            mismatch = FailedPrecondition(
+                f"the public key object with id {key_id.hex()} does not match the private key"
+            )
+            self._prove(priv, alg, public, mismatch)
+            slot.keys[key_id] = priv
+            return public
+
+    def relabel(self, key_id: bytes, label: str) -> None:
+        """Sets CKA_LABEL on every object with this CKA_ID (an adopted key pair becomes NAME/v1,
+        which the key version's PKCS#11 URI names)."""
+        with self._session() as slot:
+            for obj in _search(slot.session, {Attribute.ID: key_id}):
+                obj[Attribute.LABEL] = label
+
+    def _unwrap(
+        self, s: Any, wrapping: Any, blob: bytes, alg: Algorithm, key_id: bytes, label: str
+    ) -> Any:
+        k = len(bytes(wrapping[Attribute.MODULUS]))
+        key_type = _KEY_TYPES[alg.family]
+        template = dict(_PRIVATE_TEMPLATE)
+        two_step = self.two_step_mechanism
+        if len(blob) == k:
+            try:
+                return wrapping.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, key_type, blob, id=key_id, label=label,
+                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1,
+                    store=True, capabilities=MechanismFlag.SIGN, template=template,
+                )  # fmt: skip
+            except BaseException as exc:
+                raise self._unwrap_failed(s, key_id, alg, exc) from None
+        if len(blob) > k and two_step is not None:
+            transport = None
+            try:
+                transport = wrapping.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, blob[:k],
+                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1,
+                    store=False, capabilities=MechanismFlag.UNWRAP,
+                    template=dict(_TRANSPORT_KEY_TEMPLATE),
+                )  # fmt: skip
+                return transport.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, key_type, blob[k:], id=key_id, label=label,
+                    mechanism=Mechanism[two_step.removeprefix("CKM_")],
+                    store=True, capabilities=MechanismFlag.SIGN, template=template,
+                )  # fmt: skip
+            except BaseException as exc:
+                raise self._unwrap_failed(s, key_id, alg, exc) from None
+            finally:
+                if transport is not None:
+                    self._quietly(transport.destroy)
+        block = f"one RSA-OAEP-SHA1 block under the import token's {k * 8}-bit wrapping key"
+        if len(blob) > k:
+            raise InvalidArgument(
+                f"wrapped_key is {len(blob)} bytes, but this token unwraps only {block} "
+                f"({k} bytes): it offers no two-step scheme"
+            )
+        raise InvalidArgument(
+            f"wrapped_key is {len(blob)} bytes; {block} is exactly {k} bytes"
+            + (", the two-step scheme more" if two_step is not None else "")
+        )
+
+    def _unwrap_failed(
+        self, s: Any, key_id: bytes, alg: Algorithm, exc: BaseException
+    ) -> BaseException:
+        """What to raise for a failed C_UnwrapKey, once whatever it may have left is gone.
+
+        A module can leave a half-made object behind on a failure (SoftHSM2 2.6.1 does when a
+        template attribute is refused), so every failure ends with a search by the new CKA_ID.
+        """
+        self._destroy_quietly(s, key_id)
+        if isinstance(exc, _UNWRAP_REFUSED):
+            return InvalidArgument(_refused(exc, alg))
+        if isinstance(exc, p11e.MechanismParamInvalid):
+            return FailedPrecondition(
+                "the PKCS#11 module refuses RSA-OAEP with SHA-1 and MGF1-SHA-1 for unwrapping"
+            )
+        return exc
+
+    def _checked_public(self, obj: Any, alg: Algorithm, public_der: bytes | None) -> bytes:
+        kind, want = _object_kind(obj), algorithm_kind(alg)
+        if kind != want:
+            raise InvalidArgument(f"wrapped key is {with_article(kind)} key, not {alg.name}")
+        given: bytes | None = None
+        if public_der:
+            try:
+                key = load_public_key(public_der)
+            except (ValueError, TypeError):
+                raise InvalidArgument("public_key_der is not a DER SubjectPublicKeyInfo") from None
+            if public_key_kind(key) != want:
+                raise InvalidArgument(
+                    f"public_key_der is {with_article(public_key_kind(key))} key, not {alg.name}"
+                )
+            given = key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        from_token = _public_of_private(obj, alg)
+        if from_token is not None and given is not None and from_token != given:
+            raise InvalidArgument("public_key_der does not match the wrapped key")
+        public = from_token or given
+        if public is None:
+            raise InvalidArgument(
+                f"public_key_der is required: the token does not reveal the public key of an "
+                f"unwrapped {alg.name} key"
+            )
+        self._prove(
+            obj, alg, public, InvalidArgument("public_key_der does not match the wrapped key")
+        )
+        return public
+
+    @staticmethod
+    def _prove(obj: Any, alg: Algorithm, public: bytes, mismatch: SignerError) -> None:
+        """The key in the token signs a random challenge; ``public`` must verify it."""
+        challenge = secrets.token_bytes(32)
+        mech, data = to_be_signed(alg, challenge, None, Padding.PSS)
+        signature = _sign_with(obj, mech, data)
+        if not verify(public, alg, signature, challenge, None, Padding.PSS, SigFormat.RAW):
+            raise mismatch
+
+    def _destroy_quietly(self, s: Any, key_id: bytes, obj: Any = None) -> None:
+        """Destroys ``obj`` and anything else with ``key_id``, whatever the token says."""
+        if obj is not None:
+            self._quietly(obj.destroy)
+        try:
+            for other in _search(s, {Attribute.ID: key_id}):
+                self._quietly(other.destroy)
+        except p11e.PKCS11Error as exc:
+            log.error(
+                "could not check for a half-made key object", extra={"error": type(exc).__name__}
+            )
 
     def ping(self) -> None:
         """One cheap round trip to the token host (C_GetSessionInfo through python-pkcs11)."""
@@ -420,6 +787,71 @@ class Token:
             fn()
         except Exception as exc:
             log.debug("ignored during cleanup", extra={"error": type(exc).__name__})
+
+
+def _sign_with(key: Any, mech: SignMechanism, data: bytes) -> bytes:
+    if mech is SignMechanism.ECDSA:
+        return bytes(key.sign(data, mechanism=Mechanism.ECDSA))
+    if mech is SignMechanism.RSA_PKCS_PSS:
+        return bytes(key.sign(data, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=_PSS_SHA256))
+    if mech is SignMechanism.RSA_PKCS:
+        return bytes(key.sign(data, mechanism=Mechanism.RSA_PKCS))
+    return bytes(key.sign(data, mechanism=Mechanism.EDDSA))
+
+
+def _one(found: list[Any], missing: Callable[[], Exception]) -> Any:
+    if not found:
+        raise missing()
+    if len(found) > 1:
+        raise FailedPrecondition(f"{len(found)} objects match where one was expected")
+    return found[0]
+
+
+def _flag(obj: Any, attr: Attribute) -> bool:
+    try:
+        return bool(obj[attr])
+    except p11e.AttributeTypeInvalid:
+        return False
+
+
+def _refused(exc: Exception, alg: Algorithm) -> str:
+    kind = with_article(algorithm_kind(alg))
+    return (
+        f"the token could not unwrap wrapped_key ({type(exc).__name__}): it is corrupt, was "
+        f"wrapped for another import token's wrapping key, or is not {kind} key in PKCS#8"
+    )
+
+
+def _object_kind(obj: Any) -> str:
+    """What a key object holds, named as :func:`signer.keys.algorithm_kind` names algorithms."""
+    key_type = obj[Attribute.KEY_TYPE]
+    if key_type == KeyType.EC:
+        params = bytes(obj[Attribute.EC_PARAMS])
+        return _CURVE_KINDS.get(params, f"EC (curve parameters {params.hex()})")
+    if key_type == KeyType.RSA:
+        return f"RSA-{int.from_bytes(bytes(obj[Attribute.MODULUS]), 'big').bit_length()}"
+    if key_type == KeyType.EC_EDWARDS:
+        params = bytes(obj[Attribute.EC_PARAMS])
+        return "Ed25519" if params in _ED25519_PARAMS else f"EdDSA ({params.hex()})"
+    return f"key type 0x{int(key_type):x}"
+
+
+def _public_of_private(obj: Any, alg: Algorithm) -> bytes | None:
+    """The public key a private key object reveals (RSA: always; EC: not on SoftHSM2), or None."""
+    try:
+        return _spki(alg, obj)
+    except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive):
+        return None
+
+
+def _spki_rsa(pub: Any) -> bytes:
+    n = int.from_bytes(pub[Attribute.MODULUS], "big")
+    e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
+    return (
+        rsa.RSAPublicNumbers(e, n)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 def _search(session: Any, attrs: dict[Attribute, Any]) -> list[Any]:

@@ -7,16 +7,16 @@ How the PIN reaches C_Login without copies being left behind:
   (``MADV_WIPEONFORK``). No ``bytes`` or ``str`` holds it on the way in: validation walks the
   page in place.
 * python-pkcs11's ``Token.open(user_pin=...)`` calls ``user_pin.encode('utf-8')`` and passes the
-  resulting ``bytes`` to C_Login. We pass an *empty* ``str`` subclass whose ``encode()`` builds
-  that ``bytes`` directly from the page in one C call (no temporaries) and remembers it; as soon
-  as ``open()`` returns, the ``bytes`` buffer is overwritten with zeros in place, before its
-  last reference goes.
+  resulting ``bytes`` to C_Login. We pass an *empty* ``str`` subclass whose ``encode()``
+  allocates a fresh ``bytes``, copies the page into it with memmove (no temporaries) and
+  remembers it; as soon as ``open()`` returns, that buffer is overwritten with zeros in place,
+  before its last reference goes.
 * The RPC buffer p11-kit-client allocates to carry the PIN is freed by p11-kit without wiping;
   :func:`perturb_freed_memory` (glibc ``M_PERTURB``) makes every ``free`` overwrite the chunk.
 
-The page is kept only because re-login after a lost token host needs it; :meth:`Pin.wipe`
-zeroes and unmaps it on shutdown. The PIN never comes from argv or the environment, and never
-reaches a log line or an error message.
+The page lives only for the duration of one login: it is zeroed and unmapped as soon as
+C_Login returns, and re-login after a lost token host reads the file again. The PIN never comes
+from argv or the environment, and never reaches a log line or an error message.
 """
 
 from __future__ import annotations
@@ -92,8 +92,12 @@ class _LoginPin(str):
     _handed_out: list[bytes]
 
     def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(self._page))
-        pin: bytes = _bytes_from(address, self._length)
+        # A fresh object, filled in place: PyBytes_FromStringAndSize(data, 1) would return one of
+        # CPython's shared one-byte singletons, which wipe() must never touch.
+        pin: bytes = _bytes_from(None, self._length)
+        source = ctypes.c_char.from_buffer(self._page)
+        ctypes.memmove(id(pin) + _BYTES_DATA_OFFSET, ctypes.addressof(source), self._length)
+        del source
         self._handed_out.append(pin)
         return pin
 
@@ -179,9 +183,13 @@ class Pin:
         return page
 
     def login(self, token: Any) -> Any:
-        """Opens a read-write session on ``token`` logged in as the user; returns the session."""
-        if self._page is None:
-            self.load()
+        """Opens a read-write session on ``token`` logged in as the user; returns the session.
+
+        The PIN is read from its file for this login and wiped right after: between logins it
+        is nowhere in memory, not even in the dump-excluded page (``gcore -a`` dumps those too).
+        Re-login after a lost token host reads the file again, which also picks up a new PIN.
+        """
+        self.load()
         assert self._page is not None
         handle = _LoginPin("")
         handle._page, handle._length, handle._handed_out = self._page, self._len, []
@@ -189,6 +197,20 @@ class Pin:
             return token.open(rw=True, user_pin=handle)
         finally:
             handle.wipe()
+            self.wipe()
+
+    def write_line(self, fd: int) -> None:
+        """Writes the PIN and a newline to ``fd`` (a terminal's prompt), straight from the page:
+        no ``bytes`` or ``str`` copy of it is made."""
+        if self._page is None:
+            self.load()
+        assert self._page is not None
+        with memoryview(self._page) as page:
+            done = 0
+            while done < self._len:
+                with page[done : self._len] as rest:
+                    done += os.write(fd, rest)
+        os.write(fd, b"\n")
 
     def wipe(self) -> None:
         if self._page is not None:

@@ -223,14 +223,13 @@ def _vm_flags(address: int) -> set[str]:
     raise AssertionError("mapping not found")
 
 
-def test_login_loads_lazily_and_after_wipe(tmp_path: Path) -> None:
-    path = pin_file(tmp_path, "first")
+def test_every_login_reads_the_file_and_keeps_nothing(tmp_path: Path) -> None:
+    path = pin_file(tmp_path, "first-pin")
     pin = Pin(path)
-    assert pin_value(pin) == "first"
-    path.write_text("second\n")
-    assert pin_value(pin) == "first"  # kept for re-login
-    pin.wipe()
-    assert pin_value(pin) == "second"  # read again after a wipe
+    assert pin_value(pin) == "first-pin"
+    assert pin._page is None  # wiped and unmapped once C_Login returned
+    path.write_text("second-pin\n")
+    assert pin_value(pin) == "second-pin"  # a re-login picks up a rotated PIN
 
 
 def test_failed_reload_keeps_no_secret_in_message(tmp_path: Path) -> None:
@@ -248,3 +247,13 @@ def test_non_utf8_pin_is_config_error(tmp_path: Path) -> None:
         Pin(path).login(FakeToken())
     assert "0xff" not in str(ei.value)
     assert_no_secret(ei.value)
+
+
+def test_one_character_pin_never_wipes_a_shared_bytes_singleton(tmp_path: Path) -> None:
+    # CPython shares one object per single-byte value; wiping it would corrupt every b"7".
+    pin = Pin(pin_file(tmp_path, "7"))
+    token = FakeToken()
+    pin.login(token)
+    assert token.pins == ["7"]
+    assert b"7"[0] == 0x37
+    assert bytes([0x37]) == b"7"

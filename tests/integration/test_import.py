@@ -1,0 +1,679 @@
+"""Wrapped key import (BYOK) and token-host provisioning, against the real token host.
+
+The caller wraps under a wrapping key generated in the token; only the token unwraps. Every
+rejection is checked twice from outside the service: the token's objects are counted over a
+connection of the test's own (``own_session``), and the metadata store is asked for the key.
+Generating the RSA-4096 wrapping key takes about a second, so each test asks for at most two
+import tokens, and reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as p11e
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from pkcs11 import Attribute, ObjectClass
+
+from signer import hsm, wrapping
+from signer.client import build_import_request
+from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE, TokenConfig
+from signer.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from signer.v1 import signer_pb2 as pb
+from tests.conftest import SIGNER_BIN, RunningService, write_toml
+
+pytestmark = pytest.mark.integration
+
+MESSAGE = b"imported, never seen by the service"
+CURVES = {"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1(), "ec-p521": ec.SECP521R1()}
+HASHES = {"ec-p256": hashes.SHA256(), "ec-p384": hashes.SHA384(), "ec-p521": hashes.SHA512()}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def pem(key: Any) -> bytes:
+    return bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def ec_key(alg: str = "ec-p256") -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(CURVES[alg])
+
+
+def scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
+    width = (key.curve.key_size + 7) // 8
+    return key.private_numbers().private_value.to_bytes(width, "big")
+
+
+def verifies_ec(key: ec.EllipticCurvePrivateKey, alg: str, signature: bytes) -> bool:
+    """Checks a DER signature over MESSAGE with the ORIGINAL key's public half."""
+    try:
+        key.public_key().verify(signature, MESSAGE, ec.ECDSA(HASHES[alg]))
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture
+def own_session(token_host, monkeypatch) -> Iterator[Any]:
+    """A logged-in session of the test's own through p11-kit-client.so (not the service's)."""
+    monkeypatch.setenv("P11_KIT_SERVER_ADDRESS", token_host.paths.server_address)
+    lib = pkcs11._pkcs11.lib(P11KIT_CLIENT_MODULE)
+    try:
+        token = lib.get_token(token_label=hsm.DEFAULT_LABEL)
+        pin = token_host.paths.user_pin.read_bytes().strip().decode("ascii")
+        session = token.open(user_pin=pin, rw=True)
+        try:
+            yield session
+        finally:
+            session.close()
+    finally:
+        lib.finalize()
+
+
+def count(session: Any) -> int:
+    """Every object in the token, by the test's own connection."""
+    return len(list(session.get_objects({})))
+
+
+def assert_rejected(
+    service: RunningService,
+    own_session: Any,
+    name: str,
+    call: Callable[[], Any],
+    error: type[Exception],
+    *fragments: str,
+) -> str:
+    """``call`` fails with ``error`` naming the problem, and leaves nothing anywhere."""
+    before = count(own_session)
+    with pytest.raises(error) as exc:
+        call()
+    message = str(exc.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert count(own_session) == before, f"an object was left in the token: {message}"
+    with pytest.raises(NotFound):
+        service.server.store.get_key(name)
+    return message
+
+
+def request(
+    params: pb.ImportParameters, name: str, alg: str, key: Any, **fields: Any
+) -> pb.ImportKeyVersionRequest:
+    req = build_import_request(name, alg, pem(key), params)
+    for field, value in fields.items():
+        setattr(req, field, value)
+    return req
+
+
+# --- import parameters --------------------------------------------------------------------------
+
+
+def test_import_parameters_and_the_wrapping_key_in_the_token(service, own_session):
+    client = service.client()
+    params = client.get_import_parameters()
+
+    assert params.wrapping_algorithm == "RSA-OAEP-SHA1"
+    assert params.two_step_wrapping_algorithm == ""  # p11-kit 0.24.1 carries no AES key wrap
+    assert list(params.supported_algorithms) == ["ec-p256", "ec-p384", "ec-p521"]
+    assert params.expire_time.ToDatetime(tzinfo=service.clock.now.tzinfo) == (
+        service.clock.now + timedelta(days=1)
+    )
+    assert len(params.import_token) >= 40
+    public = serialization.load_pem_public_key(params.wrapping_public_key_pem.encode())
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert public.key_size == 4096
+
+    # The wrapping key pair is in the token; its private half only unwraps, and stays there.
+    record = service.server.store.get_import_token(params.import_token)
+    priv = own_session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=record.key_id)
+    flags = [Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.ALWAYS_SENSITIVE,
+             Attribute.NEVER_EXTRACTABLE, Attribute.EXTRACTABLE, Attribute.UNWRAP, Attribute.SIGN,
+             Attribute.DECRYPT, Attribute.DERIVE]  # fmt: skip
+    assert {a: priv[a] for a in flags} == {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.ALWAYS_SENSITIVE: True,
+        Attribute.NEVER_EXTRACTABLE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.UNWRAP: True,
+        Attribute.SIGN: False,
+        Attribute.DECRYPT: False,
+        Attribute.DERIVE: False,
+    }
+    with pytest.raises(p11e.AttributeSensitive):
+        priv[Attribute.PRIVATE_EXPONENT]
+    pub = own_session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=record.key_id)
+    assert int.from_bytes(pub[Attribute.MODULUS], "big") == public.public_numbers().n
+
+
+def test_expired_import_tokens_lose_their_wrapping_key_to_the_reaper(service, own_session):
+    client = service.client()
+    params = client.get_import_parameters()
+    record = service.server.store.get_import_token(params.import_token)
+    assert len(list(own_session.get_objects({Attribute.ID: record.key_id}))) == 2
+
+    service.clock.advance(hours=23)
+    service.blocking(service.server.signer.reap)
+    assert len(list(own_session.get_objects({Attribute.ID: record.key_id}))) == 2
+    service.clock.advance(hours=1)
+    service.blocking(service.server.signer.reap)
+    assert list(own_session.get_objects({Attribute.ID: record.key_id})) == []
+    assert service.server.store.get_import_token(params.import_token).destroyed
+
+
+# --- round trips --------------------------------------------------------------------------------
+
+
+def test_ec_keys_import_and_sign_verifiably_with_the_original_key(service, unique_name):
+    client = service.client()
+    params = client.get_import_parameters()  # one import token, reused for every curve
+    for alg in CURVES:
+        name = unique_name(alg)
+        original = ec_key(alg)
+        key = client.import_key(name, alg, pem(original), scope="byok", labels={"from": "test"},
+                                params=params)  # fmt: skip
+        assert (key.name, key.algorithm, key.primary_version) == (name, alg, 1)
+        assert (key.scope, dict(key.labels)) == ("byok", {"from": "test"})
+        assert [(v.version, v.state) for v in key.versions] == [(1, pb.ENABLED)]
+
+        # The service's public key is the original's ...
+        published = serialization.load_pem_public_key(client.public_key(name).pem.encode())
+        assert published.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) == wrapping.public_der(original)
+        # ... and the token signs with the original private key.
+        sig = client.sign(name, message=MESSAGE)
+        assert verifies_ec(original, alg, sig.signature)
+        raw = client.sign(name, message=MESSAGE, signature_format="raw").signature
+        half = len(raw) // 2
+        der = utils.encode_dss_signature(
+            int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+        )
+        assert verifies_ec(original, alg, der)
+        assert client.verify(name, sig.signature, message=MESSAGE)
+
+
+def test_import_as_a_new_version_becomes_primary(service, unique_name):
+    client = service.client()
+    name = unique_name()
+    client.create_key(name, "ec-p256", scope="team")
+    old_sig = client.sign(name, message=MESSAGE).signature
+    params = client.get_import_parameters()
+
+    first, second = ec_key(), ec_key()
+    key = client.import_key(name, "ec-p256", pem(first), params=params)
+    assert key.primary_version == 2
+    assert [(v.version, v.state) for v in key.versions] == [(1, pb.ENABLED), (2, pb.ENABLED)]
+    assert key.scope == "team"
+    sig = client.sign(name, message=MESSAGE)
+    assert sig.version == 2
+    assert verifies_ec(first, "ec-p256", sig.signature)
+    # The generated version 1 still signs and verifies.
+    v1 = client.sign(name, message=MESSAGE, version=1)
+    assert v1.version == 1
+    assert not verifies_ec(first, "ec-p256", v1.signature)
+    assert client.verify(name, v1.signature, message=MESSAGE, version=1)
+    assert client.verify(name, old_sig, message=MESSAGE, version=1)
+
+    # The algorithm may be left out for an existing key (it is the key's) ...
+    key = client.import_key_version(request(params, name, "", second))
+    assert key.primary_version == 3
+    assert verifies_ec(second, "ec-p256", client.sign(name, message=MESSAGE).signature)
+    # ... but not contradict it, nor the key's scope.
+    with pytest.raises(InvalidArgument, match="is ec-p256; a version imported into it must be"):
+        client.import_key(name, "ec-p384", pem(ec_key("ec-p384")), params=params)
+    with pytest.raises(InvalidArgument, match="scope is fixed at creation"):
+        client.import_key(name, "ec-p256", pem(ec_key()), scope="other", params=params)
+    assert client.get_key(name).primary_version == 3
+
+
+def test_imported_private_key_objects_are_sensitive_and_never_extractable(
+    service, own_session, unique_name
+):
+    client = service.client()
+    name = unique_name()
+    client.import_key(name, "ec-p384", pem(ec_key("ec-p384")))
+    kid = service.server.store.get_key(name).versions[0].key_id
+
+    objs = list(own_session.get_objects({Attribute.ID: kid}))
+    assert [o.object_class for o in objs] == [ObjectClass.PRIVATE_KEY]  # no public object
+    priv = objs[0]
+    flags = [Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
+             Attribute.SIGN, Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE,
+             Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE, Attribute.LOCAL]  # fmt: skip
+    assert {a: priv[a] for a in flags} == {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.SIGN: True,
+        Attribute.DECRYPT: False,
+        Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+        # Honest: the key existed outside the token before, so the token does not claim these.
+        Attribute.ALWAYS_SENSITIVE: False,
+        Attribute.NEVER_EXTRACTABLE: False,
+        Attribute.LOCAL: False,
+    }
+    assert priv[Attribute.LABEL] == f"{name}/v1"
+    with pytest.raises(p11e.AttributeSensitive):
+        priv[Attribute.VALUE]
+    with pytest.raises(p11e.AttributeReadOnly):
+        priv[Attribute.EXTRACTABLE] = True
+    with pytest.raises(p11e.AttributeReadOnly):
+        priv[Attribute.SENSITIVE] = False
+
+
+def test_request_carries_no_plaintext_key(service, unique_name):
+    client = service.client()
+    params = client.get_import_parameters()
+    sent: list[bytes] = []
+    real_call = client._call
+
+    def spy(method: str, req: Any) -> Any:
+        sent.append(req.SerializeToString())
+        return real_call(method, req)
+
+    client._call = spy  # type: ignore[method-assign]
+    original = ec_key("ec-p521")
+    client.import_key(unique_name(), "ec-p521", pem(original), params=params)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(FailedPrecondition):
+        client.import_key(unique_name(), "rsa-2048", pem(rsa_key), params=params)
+
+    assert len(sent) == 2
+    ec_secret = scalar(original)
+    ec_pkcs8 = wrapping.pkcs8_der(original)
+    d = rsa_key.private_numbers().d
+    rsa_secrets = [
+        d.to_bytes((d.bit_length() + 7) // 8, "big"),
+        rsa_key.private_numbers().p.to_bytes(128, "big"),
+        wrapping.pkcs8_der(rsa_key)[:64],
+    ]
+    for needle in (ec_secret, ec_pkcs8, pem(original), *rsa_secrets):
+        assert not any(needle in blob for blob in sent)
+    # What was sent is the blob and the public key.
+    req = pb.ImportKeyVersionRequest.FromString(sent[0])
+    assert len(req.wrapped_key) == 512
+    assert req.public_key_der == wrapping.public_der(original)
+
+
+# --- what the module cannot import --------------------------------------------------------------
+
+
+def test_rsa_and_ed25519_import_are_failed_precondition_through_p11kit(
+    service, own_session, unique_name
+):
+    client = service.client()
+    params = client.get_import_parameters()
+    assert "rsa-2048" not in params.supported_algorithms
+    name = unique_name()
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    message = assert_rejected(
+        service, own_session, name,
+        lambda: client.import_key(name, "rsa-2048", pem(rsa_key), params=params),
+        FailedPrecondition, "CKM_RSA_AES_KEY_WRAP", "CKM_AES_KEY_WRAP_PAD",
+        "p11-kit-client.so", "offers neither",
+    )  # fmt: skip
+    assert "rsa-2048" in message
+    ed = ed25519.Ed25519PrivateKey.generate()
+    assert_rejected(
+        service, own_session, name,
+        lambda: client.import_key(name, "ed25519", pem(ed), params=params),
+        FailedPrecondition, "importing ed25519 keys is not available", "CKM_EDDSA",
+    )  # fmt: skip
+
+
+# --- rejected imports leave nothing -------------------------------------------------------------
+
+
+def test_corrupt_and_foreign_blobs_are_invalid_argument(service, own_session, unique_name):
+    client = service.client()
+    first, second = client.get_import_parameters(), client.get_import_parameters()
+    name = unique_name()
+    key = ec_key()
+    good = request(first, name, "ec-p256", key)
+
+    def reject(req: pb.ImportKeyVersionRequest, *fragments: str) -> None:
+        assert_rejected(service, own_session, name, lambda: client.import_key_version(req),
+                        InvalidArgument, *fragments)  # fmt: skip
+
+    unwrap_failed = "the token could not unwrap wrapped_key"
+    reject(request(first, name, "ec-p256", key, wrapped_key=os.urandom(512)), unwrap_failed)
+    flipped = bytearray(good.wrapped_key)
+    flipped[100] ^= 0x01
+    reject(request(first, name, "ec-p256", key, wrapped_key=bytes(flipped)), unwrap_failed)
+    reject(
+        request(first, name, "ec-p256", key, wrapped_key=good.wrapped_key[:300]),
+        "wrapped_key is 300 bytes", "exactly 512",
+    )  # fmt: skip
+    reject(
+        request(first, name, "ec-p256", key, wrapped_key=good.wrapped_key + bytes(40)),
+        "wrapped_key is 552 bytes", "no two-step scheme",
+    )  # fmt: skip
+    # Wrapped for the first import token's key, sent with the second's.
+    reject(request(first, name, "ec-p256", key, import_token=second.import_token), unwrap_failed)
+    # Valid OAEP of something that is not a PKCS#8 key.
+    public = wrapping.load_wrapping_key(first.wrapping_public_key_pem)
+    not_a_key = public.encrypt(b"not a PKCS#8 private key", wrapping.oaep_sha1())
+    reject(request(first, name, "ec-p256", key, wrapped_key=not_a_key), unwrap_failed)
+    reject(request(first, name, "ec-p256", key, wrapped_key=b""), "wrapped_key is empty")
+
+    # And the genuine request still works with either token's own blob.
+    assert client.import_key_version(good).primary_version == 1
+
+
+def test_wrong_algorithm_and_wrong_public_key_are_invalid_argument(
+    service, own_session, unique_name
+):
+    client = service.client()
+    params = client.get_import_parameters()
+    name = unique_name()
+    p384 = ec_key("ec-p384")
+
+    # The caller's way: a P-384 key imported as ec-p256. The token's object says P-384.
+    assert_rejected(
+        service, own_session, name,
+        lambda: client.import_key(name, "ec-p256", pem(p384), params=params),
+        InvalidArgument, "wrapped key is a P-384 key, not ec-p256",
+    )  # fmt: skip
+    # A P-256 key with a P-256 public key that is not its own: the challenge does not verify.
+    other = wrapping.public_der(ec_key())
+    assert_rejected(
+        service, own_session, name,
+        lambda: client.import_key_version(request(params, name, "ec-p256", ec_key(),
+                                                  public_key_der=other)),
+        InvalidArgument, "public_key_der does not match the wrapped key",
+    )  # fmt: skip
+    # A public key of the wrong curve.
+    assert_rejected(
+        service, own_session, name,
+        lambda: client.import_key_version(request(params, name, "ec-p256", ec_key(),
+                                                  public_key_der=wrapping.public_der(p384))),
+        InvalidArgument, "public_key_der is a P-384 key, not ec-p256",
+    )  # fmt: skip
+    # SoftHSM2 gives an unwrapped EC key no CKA_EC_POINT: without the public key, no import.
+    assert_rejected(
+        service, own_session, name,
+        lambda: client.import_key_version(request(params, name, "ec-p256", ec_key(),
+                                                  public_key_der=b"")),
+        InvalidArgument, "public_key_der is required",
+    )  # fmt: skip
+    assert_rejected(
+        service, own_session, name,
+        lambda: client.import_key_version(request(params, name, "ec-p256", ec_key(),
+                                                  public_key_der=b"\x30\x03junk")),
+        InvalidArgument, "public_key_der is not a DER SubjectPublicKeyInfo",
+    )  # fmt: skip
+    assert_rejected(
+        service, own_session, name,
+        lambda: client.import_key_version(request(params, name, "", ec_key())),
+        InvalidArgument, "algorithm is required",
+    )  # fmt: skip
+
+
+def test_unknown_and_expired_import_tokens(service, own_session, unique_name):
+    client = service.client()
+    name = unique_name()
+    key = ec_key()
+    params = client.get_import_parameters()
+    req = request(params, name, "ec-p256", key)
+
+    for token, fragment in (
+        (secrets.token_urlsafe(32), "import_token is unknown"),
+        ("", "import_token is missing or malformed"),
+        ("not a token!", "import_token is missing or malformed"),
+    ):
+        bad = request(params, name, "ec-p256", key, import_token=token)
+        assert_rejected(service, own_session, name, lambda b=bad: client.import_key_version(b),
+                        InvalidArgument, fragment)  # fmt: skip
+
+    service.clock.advance(days=2)
+    assert_rejected(
+        service, own_session, name, lambda: client.import_key_version(req),
+        FailedPrecondition, "import_token expired at", "GetImportParameters",
+    )  # fmt: skip
+    # Still "expired", not "unknown", once the reaper has destroyed the wrapping key.
+    service.blocking(service.server.signer.reap)
+    assert_rejected(
+        service, own_session, name, lambda: client.import_key_version(req),
+        FailedPrecondition, "import_token expired at",
+    )  # fmt: skip
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_keys_import_cli_round_trip(service, unique_name, tmp_path: Path):
+    name = unique_name("cli")
+    original = ec_key("ec-p384")
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(pem(original))
+    (tmp_path / "msg").write_bytes(MESSAGE)
+
+    def signer(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SIGNER_BIN), *args, "--address", service.address],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    r = signer("keys", "import", name, "--algorithm", "ec-p384", "--in", "key.pem",
+               "--scope", "cli", "--label", "origin=byok")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert '"primary_version": 1' in r.stdout
+    assert '"scope": "cli"' in r.stdout
+    r = signer("sign", name, "--in", "msg", "--out", "msg.sig")
+    assert r.returncode == 0, r.stderr
+    assert verifies_ec(original, "ec-p384", (tmp_path / "msg.sig").read_bytes())
+
+    r = signer("keys", "import", name, "--algorithm", "ec-p256", "--in", "key.pem")
+    assert r.returncode == 2
+    assert "error: INVALID_ARGUMENT:" in r.stderr
+
+
+# --- provisioning at the token host, and adoption -----------------------------------------------
+
+
+@pytest.fixture
+def recorded_popen(monkeypatch) -> list[dict[str, Any]]:
+    """Records the argv and environment :func:`signer.hsm.provision_key` gives its child."""
+    calls: list[dict[str, Any]] = []
+    real = subprocess.Popen
+
+    def popen(argv: Any, *args: Any, **kwargs: Any) -> Any:
+        proc = real(argv, *args, **kwargs)
+        calls.append({"argv": list(argv), "env": dict(kwargs.get("env") or {}), "pid": proc.pid})
+        return proc
+
+    monkeypatch.setattr(hsm.subprocess, "Popen", popen)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("alg", "make"),
+    [
+        ("ec-p256", lambda: ec.generate_private_key(ec.SECP256R1())),
+        ("rsa-2048", lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+    ],
+)
+def test_provision_key_with_softhsm2_util_on_a_pty_then_adopt(
+    token_host, service, own_session, recorded_popen, unique_name, alg, make
+):
+    original = make()
+    key_id = secrets.token_bytes(16)
+    hsm.provision_key(token_host.root, pem(original), "admin-provisioned", key_id)
+
+    # The PIN was on neither the child's argv nor its environment.
+    (call,) = recorded_popen
+    pin = token_host.paths.user_pin.read_bytes().strip()
+    assert call["argv"][:2] == ["softhsm2-util", "--import"]
+    assert "--pin" not in call["argv"]
+    assert not any(pin in arg.encode() for arg in call["argv"])
+    assert not any(pin in f"{k}={v}".encode() for k, v in call["env"].items())
+    assert set(call["env"]) == {"PATH", "SOFTHSM2_CONF"}
+    # The temporary PKCS#8 file and its directory are gone.
+    assert not list(token_host.root.glob(".provision-*"))
+    assert not Path(call["argv"][2]).exists()
+
+    # What softhsm2-util made of it (reported, not patched).
+    priv = own_session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
+    assert {a: priv[a] for a in (Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE,
+                                 Attribute.EXTRACTABLE, Attribute.SIGN)} == {
+        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
+    }  # fmt: skip
+    rsa_extra = alg.startswith("rsa")  # softhsm2-util also lets an RSA key decrypt and unwrap
+    assert (priv[Attribute.DECRYPT], priv[Attribute.UNWRAP]) == (rsa_extra, rsa_extra)
+    assert (priv[Attribute.ALWAYS_SENSITIVE], priv[Attribute.NEVER_EXTRACTABLE]) == (False, False)
+
+    # Adopted, it signs through the service, verifiably with the original key.
+    name = unique_name(alg)
+    key = service.blocking(lambda: service.server.signer.adopt_key(name, alg, key_id, "admin"))
+    assert (key.name, key.algorithm, key.primary, key.scope) == (name, alg, 1, "admin")
+    assert key.versions[0].key_id == key_id
+    client = service.client()
+    sig = client.sign(name, message=MESSAGE).signature
+    if alg.startswith("ec"):
+        assert verifies_ec(original, alg, sig)
+    else:
+        original.public_key().verify(
+            sig, MESSAGE, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+            hashes.SHA256(),
+        )  # fmt: skip
+    assert client.public_key(name).pem.encode() == original.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # Adoption tightened what it could and relabelled the pair NAME/v1.
+    priv = own_session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
+    assert (priv[Attribute.DECRYPT], priv[Attribute.UNWRAP], priv[Attribute.DERIVE]) == (
+        False, False, False,
+    )  # fmt: skip
+    assert priv[Attribute.LABEL] == f"{name}/v1"
+    pub = own_session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=key_id)
+    assert pub[Attribute.LABEL] == f"{name}/v1"
+
+    # Adopting again, or the wrong thing, is refused and destroys nothing.
+    signer = service.server.signer
+    with pytest.raises(AlreadyExists):
+        service.blocking(lambda: signer.adopt_key(name, alg, key_id))
+    other = "ec-p384" if alg.startswith("ec") else "rsa-3072"
+    with pytest.raises(InvalidArgument, match=f"is an? (P-256|RSA-2048) key, not {other}"):
+        service.blocking(lambda: signer.adopt_key(unique_name(), other, key_id))
+    with pytest.raises(NotFound, match="no private key object with id"):
+        service.blocking(lambda: signer.adopt_key(unique_name(), alg, secrets.token_bytes(16)))
+    with pytest.raises(AlreadyExists, match="another key version already has this token object"):
+        service.blocking(lambda: signer.adopt_key(unique_name(), alg, key_id))
+    assert len(list(own_session.get_objects({Attribute.ID: key_id}))) == 2
+    assert priv[Attribute.LABEL] == f"{name}/v1"
+
+
+def test_provision_key_refuses_garbage_and_reports_the_tools_error(token_host, tmp_path):
+    with pytest.raises(InvalidArgument, match="not a PEM private key"):
+        hsm.provision_key(token_host.root, b"-----BEGIN NOTHING-----", "x", b"\x01")
+    with pytest.raises(FailedPrecondition, match="no token in"):
+        hsm.provision_key(tmp_path, pem(ec_key()), "x", b"\x01")
+    # softhsm2-util refuses a second key pair with an existing CKA_ID (without --force).
+    key_id = secrets.token_bytes(8)
+    hsm.provision_key(token_host.root, pem(ec_key()), "first", key_id)
+    with pytest.raises(FailedPrecondition, match=r"softhsm2-util --import failed \(exit status"):
+        hsm.provision_key(token_host.root, pem(ec_key()), "second", key_id)
+    assert not list(token_host.root.glob(".provision-*"))
+
+
+def test_hsm_import_key_and_keys_adopt_cli(token_host, service, unique_name, tmp_path: Path):
+    original = ec_key("ec-p521")
+    (tmp_path / "key.pem").write_bytes(pem(original))
+    key_id = secrets.token_bytes(16)
+    r = subprocess.run(
+        [str(SIGNER_BIN), "hsm", "import-key", "--dir", str(token_host.root), "--in", "key.pem",
+         "--label", "cli-provisioned", "--id", key_id.hex()],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert key_id.hex() in r.stdout
+
+    name = unique_name("adopted")
+    config = write_toml(tmp_path / "signer.toml", service.server.cfg)
+    r = subprocess.run(
+        [str(SIGNER_BIN), "keys", "adopt", name, "--algorithm", "ec-p521", "--id", key_id.hex(),
+         "--config", str(config)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    sig = service.client().sign(name, message=MESSAGE)
+    assert verifies_ec(original, "ec-p521", sig.signature)
+
+
+# --- the two-step scheme, where the module offers it (in-process SoftHSM2) ----------------------
+
+
+@pytest.fixture
+def inprocess_service(service_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """THE TOKEN IS IN THIS PROCESS: SoftHSM2 loaded directly, because Debian's p11-kit 0.24.1
+    does not carry CKM_AES_KEY_WRAP_PAD. Production uses a module that carries it."""
+    paths = hsm.init(tmp_path / "hsm-inprocess")
+    monkeypatch.setenv("SOFTHSM2_CONF", str(paths.conf))
+    token = TokenConfig(module=SOFTHSM_MODULE, uri="pkcs11:token=signer",
+                        pin_file=str(paths.user_pin))  # fmt: skip
+    return service_factory(token=token)
+
+
+@pytest.mark.inprocess
+def test_rsa_import_in_two_steps_where_the_module_offers_it(inprocess_service, unique_name):
+    svc = inprocess_service
+    client = svc.client()
+    params = client.get_import_parameters()
+    assert params.two_step_wrapping_algorithm == wrapping.TWO_STEP
+    assert {"rsa-2048", "rsa-3072", "rsa-4096", "ec-p256"} <= set(params.supported_algorithms)
+
+    def objects() -> int:
+        return int(svc.blocking(svc.server.token.count_objects))
+
+    before = objects()
+    original = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = unique_name()
+    req = build_import_request(name, "rsa-2048", pem(original), params)
+    assert len(req.wrapped_key) > 512  # the OAEP block, then the RFC 5649 wrap
+    key = client.import_key_version(req)
+    assert (key.algorithm, key.primary_version) == ("rsa-2048", 1)
+    assert objects() == before + 1  # the private key; the AES transport key is gone
+
+    pss = client.sign(name, message=MESSAGE).signature
+    original.public_key().verify(
+        pss, MESSAGE, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+        hashes.SHA256(),
+    )  # fmt: skip
+    v15 = client.sign(name, message=MESSAGE, rsa_padding="pkcs1v15").signature
+    original.public_key().verify(v15, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+
+    # A corrupt second step, and a 3072-bit key declared as rsa-2048: nothing left behind.
+    other = unique_name()
+    bad = build_import_request(other, "rsa-2048", pem(original), params)
+    tail = bytearray(bad.wrapped_key)
+    tail[-5] ^= 0x40
+    bad.wrapped_key = bytes(tail)
+    with pytest.raises(InvalidArgument, match="the token could not unwrap wrapped_key"):
+        client.import_key_version(bad)
+    big = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    with pytest.raises(InvalidArgument, match="wrapped key is an RSA-3072 key, not rsa-2048"):
+        client.import_key(other, "rsa-2048", pem(big), params=params)
+    assert objects() == before + 1
+    with pytest.raises(NotFound):
+        svc.server.store.get_key(other)
