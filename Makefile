@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv proto run test unit integration lint typecheck clean
+.PHONY: all deps apt venv proto run test unit integration crash audit lint typecheck clean
 
 all: deps
 
@@ -62,6 +62,14 @@ unit: deps
 
 integration: deps
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+crash: deps
+	$(PY) -m pytest tests/crash $(PYTEST_ARGS)
+
+# The full crash campaign: every mechanism at every moment with every collector, plus controls.
+# Report in var/audit/report.md and var/audit/report.json.
+audit: deps
+	$(VENV)/bin/signer crash-test --report var/audit
 
 clean:
 	rm -rf $(VENV) $(GEN) .mypy_cache .ruff_cache .pytest_cache

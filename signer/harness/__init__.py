@@ -1,0 +1,9 @@
+"""The crash harness: crash the real service, collect real dumps, scan them, prove each scan.
+
+``signer crash-test --report DIR [--quick]`` runs a campaign (:mod:`signer.harness.campaign`);
+``make audit`` runs the full matrix.
+"""
+
+from signer.harness.campaign import Campaign, Case, Row, full_matrix, quick_matrix
+
+__all__ = ["Campaign", "Case", "Row", "full_matrix", "quick_matrix"]

@@ -1,0 +1,425 @@
+"""The crash campaign: crash the real service over a matrix, scan every dump, prove each scan.
+
+Every row is one dump: a mechanism (signal, native fault, or gcore snapshot), a moment (what the
+service was doing), a collector (kernel core or gcore). Every dump is scanned for every known key
+and the token PIN. A row only counts as evidence with its two proofs:
+
+* marker: a random payload the service signed just before the crash is found in the dump (the
+  dump is whole, and the scanner reads it);
+* control: a process holding the same keys in memory, crashed and collected the same way, in
+  which the scanner finds every key (the scanner would have seen a leak).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from signer.errors import SignerError
+from signer.harness import crash
+from signer.harness.collectors import KernelCollector, gcore
+from signer.harness.lab import Lab, Load, ServiceProcess, reaped
+from signer.scan import Scanner
+
+MOMENTS = ("idle", "load", "keygen", "rotation", "import", "startup", "shutdown")
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    mechanism: str
+    moment: str
+    collector: str  # "kernel" or "gcore"/"gcore-a" (snapshots)
+    subject: str = "service"  # "service" | "inprocess" (SoftHSM2 loaded by the service)
+
+    @property
+    def id(self) -> str:
+        return f"{self.subject}-{self.mechanism}-{self.moment}-{self.collector}".lower()
+
+
+@dataclass
+class Row:
+    case: Case
+    collector_name: str = ""
+    how: str = ""
+    exit_status: str = ""
+    dump_size: int = 0
+    bytes_scanned: int = 0
+    patterns: int = 0
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    marker: bool = False
+    control: str = ""  # "caught N/N" or "MISSED ..." (or "n/a")
+    control_findings: int = 0
+    seconds: float = 0.0
+    activity: str = ""  # what the service was visibly doing when it was crashed
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        if self.error or not self.marker:
+            return False
+        if self.case.subject == "inprocess":
+            return True  # the second control: its findings are reported, not judged
+        return self.control.startswith("caught") and not self.findings
+
+
+def quick_matrix() -> list[Case]:
+    """The CI slice: every mechanism under load, every moment, kernel cores and both gcores."""
+    cases = [Case(m, "load", "kernel") for m in crash.FATAL]
+    cases += [
+        Case("SIGSEGV", "idle", "kernel"),
+        Case("SIGABRT", "keygen", "kernel"),
+        Case("pkcs11-call-fault", "rotation", "kernel"),
+        Case("SIGSEGV", "import", "kernel"),
+        Case("gcore-a", "import", "gcore-a"),
+        Case("SIGSEGV", "startup", "kernel"),
+        Case("SIGQUIT", "shutdown", "kernel"),
+        Case("gcore", "load", "gcore"),
+        Case("gcore-a", "load", "gcore-a"),
+        Case("gcore", "keygen", "gcore"),
+        Case("SIGSEGV", "load", "kernel", subject="inprocess"),
+    ]
+    return cases
+
+
+def full_matrix() -> list[Case]:
+    cases = [Case(m, moment, "kernel") for m in crash.FATAL for moment in MOMENTS]
+    cases += [Case(s, moment, s) for s in crash.SNAPSHOTS for moment in MOMENTS]
+    cases += [Case(m, "load", "kernel", subject="inprocess") for m in crash.FATAL]
+    cases += [Case("gcore-a", "load", "gcore-a", subject="inprocess")]
+    return cases
+
+
+class Campaign:
+    def __init__(self, report_dir: Path, keep_dumps: bool = False, progress: Progress = print):
+        self.report_dir = report_dir
+        self.work = report_dir / "work"
+        self.keep_dumps = keep_dumps
+        self.progress = progress
+        self.kernel = KernelCollector.detect()
+        self.lab = Lab(self.work / "lab")
+        self.rows: list[Row] = []
+        self._controls: dict[tuple[str, str], tuple[str, int]] = {}
+        self._scanner: Scanner | None = None
+        self._secret_ids: set[str] = set()
+        self._imported = 0
+
+    # --- running --------------------------------------------------------------------------------
+
+    def run(self, cases: list[Case]) -> bool:
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        t0 = time.monotonic()
+        self.progress(f"lab: token host and {len(self.lab.algorithms)} known keys ...")
+        self.lab.setup()
+        try:
+            secrets = self.lab.secrets()
+            self._secret_ids = {s.id for s in secrets}
+            self._scanner = Scanner(secrets)
+            self.progress(
+                f"lab ready in {time.monotonic() - t0:.1f}s; {len(secrets)} secrets; "
+                f"kernel collector: {self.kernel.name}"
+                + ("" if self.kernel.usable else " (not usable here: gcore stands in)")
+            )
+            for i, case in enumerate(cases, 1):
+                row = self._run_case(case)
+                self.rows.append(row)
+                verdict = "ok" if row.ok else "FAIL"
+                self.progress(
+                    f"[{i}/{len(cases)}] {case.id}: {verdict} findings={len(row.findings)} "
+                    f"marker={'yes' if row.marker else 'NO'} control={row.control} "
+                    f"dump={row.dump_size / 2**20:.0f}MiB {row.seconds:.1f}s"
+                    + (f" error={row.error}" if row.error else "")
+                )
+        finally:
+            self.lab.close()
+        self.write_report()
+        return all(r.ok for r in self.rows)
+
+    def _run_case(self, case: Case) -> Row:
+        row = Row(case)
+        start = time.monotonic()
+        cwd = self.work / case.id
+        try:
+            dump, marker = self._dump_service(case, cwd, row)
+            self._scan(dump, marker, row, self._maps_of(cwd))
+            row.control, row.control_findings = self._control(case)
+        except Exception as exc:  # a row that breaks is a failed row, not a crashed campaign
+            row.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if not self.keep_dumps:
+                for core in cwd.glob("*.core"):
+                    core.unlink()
+        row.seconds = time.monotonic() - start
+        return row
+
+    def _collector(self, case: Case) -> str:
+        if case.collector != "kernel":
+            return case.collector
+        return self.kernel.name if self.kernel.usable else "gcore (kernel pipe not usable)"
+
+    def _dump_service(self, case: Case, cwd: Path, row: Row) -> tuple[Path, bytes]:
+        inprocess = case.subject == "inprocess"
+        row.collector_name = self._collector(case)
+        sp = self.lab.start_service(cwd, inprocess=inprocess)
+        with reaped(sp.proc):
+            self._snapshot_maps(sp, cwd)
+            with sp.client() as c:
+                if case.moment == "startup":
+                    # The very first moments: serving, one marker, crash.
+                    marker = self._plant_marker(c)
+                    return self._crash(case, sp, cwd, row), marker
+                load = Load(sp.address, self.lab.keys, threads=8)
+                self._imported = 0
+                background = self._moment_work(case.moment, c)
+                with load if case.moment in ("load", "shutdown") else _Null():
+                    time.sleep(0.4 if case.moment in ("load", "shutdown") else 0.0)
+                    marker = self._plant_marker(c)
+                    if background is not None:
+                        background.start()
+                        # keygen/rotation: the token is busy generating an RSA-4096 pair;
+                        # import: several keys have been unwrapped, more are on their way.
+                        time.sleep(0.15)
+                    if case.moment == "shutdown":
+                        os.kill(sp.pid, signal.SIGTERM)
+                        time.sleep(0.02)  # draining in-flight calls
+                    dump = self._crash(case, sp, cwd, row)
+                    row.activity = _activity(case.moment, load, self._imported)
+                    return dump, marker
+
+    def _plant_marker(self, client: Any) -> bytes:
+        """Something random the service must now hold: a key whose label is a fresh random value,
+        created and then signed with. Signed payloads alone do not survive: freed request
+        buffers are overwritten (M_PERTURB) or reused within milliseconds under load, while the
+        key's metadata stays in the store's page cache."""
+        marker = os.urandom(24).hex()
+        name = f"marker-{marker[:12]}"
+        client.create_key(name, "ec-p256", labels={"marker": marker})
+        client.sign(name, message=marker.encode())
+        return marker.encode()
+
+    def _moment_work(self, moment: str, client: Any) -> threading.Thread | None:
+        def quietly(fn: Callable[[], object]) -> Callable[[], None]:
+            def run() -> None:
+                with contextlib.suppress(SignerError):  # the service is crashed under it
+                    fn()
+
+            return run
+
+        if moment == "keygen":
+            name = f"gen-{os.urandom(4).hex()}"
+            return threading.Thread(
+                target=quietly(lambda: client.create_key(name, "rsa-4096")), daemon=True
+            )
+        if moment == "rotation":
+            rsa = next(k for k in self.lab.keys if k.algorithm == "rsa-4096")
+            return threading.Thread(target=quietly(lambda: client.rotate(rsa.name)), daemon=True)
+        if moment == "import":
+            # The wrapping key (RSA-4096, generated in the token) first; then imports in a loop,
+            # so the crash lands among wrapped blobs, unwraps and challenge signatures.
+            params = client.get_import_parameters()
+
+            def imports() -> None:
+                for _ in range(200):
+                    for key in self.lab.byok:
+                        client.import_key(key.name, key.algorithm, key.pem, params=params)
+                        self._imported += 1
+
+            return threading.Thread(target=quietly(imports), daemon=True)
+        return None
+
+    def _crash(self, case: Case, sp: ServiceProcess, cwd: Path, row: Row) -> Path:
+        dump = cwd / "service.core"
+        if case.mechanism in crash.SNAPSHOTS:
+            row.how = f"gcore{' -a' if case.mechanism == 'gcore-a' else ''} snapshot"
+            gcore(sp.pid, dump, all_mappings=case.mechanism == "gcore-a")
+            sp.proc.kill()
+            sp.proc.wait(30)
+            row.exit_status = "killed after snapshot"
+            return dump
+        if not self.kernel.usable:
+            # A pipe collector we cannot read back: take the snapshot gcore would have, then crash.
+            gcore(sp.pid, dump)
+        since = time.time()
+        row.how = crash.deliver(sp.pid, case.mechanism)
+        status = sp.proc.wait(60)
+        row.exit_status = _describe_status(status)
+        if self.kernel.usable:
+            self.kernel.fetch(sp.pid, cwd, since, dump)
+        return dump
+
+    def _snapshot_maps(self, sp: ServiceProcess, cwd: Path) -> None:
+        with contextlib.suppress(OSError):
+            (cwd / "maps").write_text(Path(f"/proc/{sp.pid}/maps").read_text())
+
+    @staticmethod
+    def _maps_of(cwd: Path) -> Path | None:
+        maps = cwd / "maps"
+        return maps if maps.exists() else None
+
+    def _scan(self, dump: Path, marker: bytes, row: Row, maps: Path | None) -> None:
+        assert self._scanner is not None
+        result = self._scanner.scan(dump, maps=maps, markers={"marker": marker})
+        row.dump_size = result.size
+        row.bytes_scanned = result.bytes_scanned
+        row.patterns = result.patterns
+        row.findings = [_finding_dict(f) for f in result.findings]
+        row.marker = result.markers_found.get("marker", 0) > 0
+
+    def _control(self, case: Case) -> tuple[str, int]:
+        """Crashes a control process the same way (once per mechanism and collector)."""
+        if case.subject == "inprocess":
+            return "n/a (this row is itself a control)", 0
+        mechanism = "worker-fault" if case.mechanism == "pkcs11-call-fault" else case.mechanism
+        key = (mechanism, case.collector)
+        if key not in self._controls:
+            self._controls[key] = self._run_control(mechanism, case.collector)
+        return self._controls[key]
+
+    def _run_control(self, mechanism: str, collector: str) -> tuple[str, int]:
+        assert self._scanner is not None
+        cwd = self.work / f"control-{mechanism}-{collector}".lower()
+        marker = os.urandom(48)
+        proc = self.lab.start_control(cwd, marker)
+        dump = cwd / "control.core"
+        with reaped(proc):
+            if mechanism in crash.SNAPSHOTS:
+                gcore(proc.pid, dump, all_mappings=mechanism == "gcore-a")
+            else:
+                if not self.kernel.usable:
+                    gcore(proc.pid, dump)
+                since = time.time()
+                crash.deliver(proc.pid, mechanism)
+                proc.wait(60)
+                if self.kernel.usable:
+                    self.kernel.fetch(proc.pid, cwd, since, dump)
+        result = self._scanner.scan(dump, markers={"marker": marker})
+        if not self.keep_dumps:
+            dump.unlink()
+        wanted = self._secret_ids
+        found = {f.secret_id for f in result.findings}
+        missed = sorted(wanted - found)
+        if missed or not result.markers_found.get("marker"):
+            what = ", ".join(missed) or "marker"
+            return f"MISSED {what}", len(result.findings)
+        return f"caught {len(found)}/{len(wanted)}", len(result.findings)
+
+    # --- report ---------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        service_rows = [r for r in self.rows if r.case.subject == "service"]
+        return {
+            "crashes": len(self.rows),
+            "dumps_scanned": sum(1 for r in self.rows if r.bytes_scanned),
+            "bytes_scanned": sum(r.bytes_scanned for r in self.rows),
+            "service_findings": sum(len(r.findings) for r in service_rows),
+            "inprocess_findings": sum(
+                len(r.findings) for r in self.rows if r.case.subject == "inprocess"
+            ),
+            "controls_run": len(self._controls),
+            "controls_caught": sum(1 for v, _ in self._controls.values() if v.startswith("caught")),
+            "markers_found": sum(1 for r in self.rows if r.marker),
+            "rows_ok": sum(1 for r in self.rows if r.ok),
+            "kernel_collector": self.kernel.name,
+            "passed": all(r.ok for r in self.rows),
+        }
+
+    def write_report(self) -> None:
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            "summary": self.summary(),
+            "rows": [{**asdict(r), "id": r.case.id, "ok": r.ok} for r in self.rows],
+        }
+        (self.report_dir / "report.json").write_text(json.dumps(data, indent=2))
+        (self.report_dir / "report.md").write_text(render_markdown(data))
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    s = data["summary"]
+    lines = [
+        "# Crash-dump audit",
+        "",
+        f"**{'PASSED' if s['passed'] else 'FAILED'}**: {s['crashes']} crashes, "
+        f"{s['dumps_scanned']} dumps, {s['bytes_scanned'] / 2**20:.0f} MiB scanned; "
+        f"findings in the service: **{s['service_findings']}**; controls caught "
+        f"{s['controls_caught']}/{s['controls_run']}; markers found "
+        f"{s['markers_found']}/{s['crashes']}. Kernel collector: {s['kernel_collector']}.",
+        "",
+        "Every dump is scanned for every known key (all representations and 16-byte fragments) "
+        "and the token PIN. A row counts only if the marker (a payload the service had just "
+        "signed) is in the dump and the control (the same keys held in memory by an ordinary "
+        "process, crashed the same way) was caught.",
+        "",
+        "| subject | mechanism | moment | activity | collector | exit | dump MiB | scanned MiB "
+        "| patterns | findings | control | marker | ok |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in data["rows"]:
+        c = r["case"]
+        lines.append(
+            f"| {c['subject']} | {c['mechanism']} | {c['moment']} | {r['activity']} "
+            f"| {r['collector_name']} "
+            f"| {r['exit_status']} | {r['dump_size'] / 2**20:.1f} "
+            f"| {r['bytes_scanned'] / 2**20:.1f} "
+            f"| {r['patterns']} | {len(r['findings'])} | {r['control']} "
+            f"| {'yes' if r['marker'] else 'NO'} | {'ok' if r['ok'] else 'FAIL ' + r['error']} |"
+        )
+    findings = [(r["id"], f) for r in data["rows"] for f in r["findings"]]
+    if findings:
+        lines += ["", "## Findings", "", "| row | secret | component | representation | offset "
+                  "| address | mapping |", "|---|---|---|---|---:|---|---|"]  # fmt: skip
+        for rid, f in findings[:500]:
+            lines.append(
+                f"| {rid} | {f['secret_id']} | {f['component']} | {f['representation']} "
+                f"| {f['offset']} | {f['address']} | {f['mapping']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _finding_dict(f: Any) -> dict[str, Any]:
+    return {
+        "secret_id": f.secret_id,
+        "component": f.component,
+        "representation": f.representation,
+        "offset": f.offset,
+        "length": f.length,
+        "address": None if f.address is None else hex(f.address),
+        "mapping": f.mapping,
+    }
+
+
+def _activity(moment: str, load: Load, imported: int) -> str:
+    parts = []
+    if moment in ("load", "shutdown"):
+        parts.append(f"{load.signed} signatures by 8 clients")
+    if moment == "import":
+        parts.append(f"{imported} keys imported")
+    if moment in ("keygen", "rotation"):
+        parts.append("RSA-4096 generation in the token")
+    if moment == "shutdown":
+        parts.append("SIGTERM sent, draining")
+    return "; ".join(parts) or moment
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exit {status}"
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

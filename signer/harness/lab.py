@@ -1,0 +1,285 @@
+"""The crash lab: a token host, known keys provisioned in it, and service processes to crash.
+
+The lab knows the private keys it hunts for because it provisions them itself, as an HSM
+administrator would: generated here, imported at the token host with the token's own tool
+(``softhsm2-util --import``, via :func:`signer.hsm.provision_key`), and recorded in the service's
+metadata store. The service never receives plaintext in any of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from signer import hsm
+from signer.client import SignerClient
+from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
+from signer.errors import SignerError
+from signer.keys import ALGORITHMS, Key, State, Version
+from signer.scan import Secret, secret_from_key, secret_from_pin
+from signer.store import SQLiteStore
+
+# What the p11-kit path offers (ed25519 does not cross Debian's p11-kit 0.24.1).
+LAB_ALGORITHMS = ("ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096")
+# Kernel cores carry what a real crash would: anonymous memory, private and shared, and ELF
+# headers (the default 0x33). gcore -a covers everything else.
+COREDUMP_FILTER = 0x33
+
+
+def _generate(alg: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    a = ALGORITHMS[alg]
+    if a.family.value == "rsa":
+        return rsa.generate_private_key(65537, a.bits)
+    curve = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1(), "secp521r1": ec.SECP521R1()}
+    assert a.curve is not None
+    return ec.generate_private_key(curve[a.curve])
+
+
+@dataclass
+class KnownKey:
+    name: str
+    algorithm: str
+    private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    key_id: bytes
+
+    @property
+    def pem(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @property
+    def public_der(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+@dataclass
+class ServiceProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    cwd: Path
+    started: float
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self) -> SignerClient:
+        return SignerClient(self.address, timeout=30)
+
+
+def _core_friendly() -> None:
+    """preexec for processes the harness will crash: unlimited cores, deliberate filter."""
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    Path("/proc/self/coredump_filter").write_text(f"{COREDUMP_FILTER:#x}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Lab:
+    root: Path
+    algorithms: tuple[str, ...] = LAB_ALGORITHMS
+    keys: list[KnownKey] = field(default_factory=list)
+    # Keys the campaign imports through the BYOK API (wrapped client-side, unwrapped in the token).
+    byok: list[KnownKey] = field(default_factory=list)
+    host: hsm.TokenHost | None = None
+
+    @property
+    def hsm_dir(self) -> Path:
+        return self.root / "hsm"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "known-keys"
+
+    @property
+    def pin(self) -> bytes:
+        return hsm.HsmPaths(self.hsm_dir).user_pin.read_bytes().strip()
+
+    def setup(self) -> None:
+        """Token host with a long random PIN, and one known key per algorithm provisioned in it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        hsm.init(self.hsm_dir)
+        self.keys_dir.mkdir(mode=0o700, exist_ok=True)
+        store = SQLiteStore(self.root / "signer.db")
+        now = datetime.now(UTC)
+        try:
+            for alg in self.algorithms:
+                key = KnownKey(f"known-{alg}", alg, _generate(alg), secrets.token_bytes(16))
+                hsm.provision_key(self.hsm_dir, key.pem, f"{key.name}/v1", key.key_id)
+                (self.keys_dir / f"{key.name}.pem").write_bytes(key.pem)
+                os.chmod(self.keys_dir / f"{key.name}.pem", 0o600)
+                version = Version(
+                    key.name, 1, alg, State.ENABLED, key.key_id, key.public_der, now, None
+                )
+                store.create_key(Key(key.name, alg, 1, "harness", {}, now, (version,)))
+                self.keys.append(key)
+        finally:
+            store.close()
+        for alg in ("ec-p256", "ec-p384"):
+            key = KnownKey(f"byok-{alg}", alg, _generate(alg), b"")
+            (self.keys_dir / f"{key.name}.pem").write_bytes(key.pem)
+            os.chmod(self.keys_dir / f"{key.name}.pem", 0o600)
+            self.byok.append(key)
+        self.host = hsm.TokenHost(self.hsm_dir)
+        self.host.start()
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.stop()
+
+    def secrets(self) -> list[Secret]:
+        out = [secret_from_key(k.private, k.name) for k in (*self.keys, *self.byok)]
+        out.append(secret_from_pin(self.pin, "token-user-pin"))
+        return out
+
+    def config(self, cwd: Path, inprocess: bool = False) -> Path:
+        paths = hsm.HsmPaths(self.hsm_dir.absolute())
+        listen = f"127.0.0.1:{_free_port()}"
+        module = SOFTHSM_MODULE if inprocess else P11KIT_CLIENT_MODULE
+        text = (
+            f'[server]\nlisten = "{listen}"\ngrace_seconds = 2.0\n\n'
+            f'[token]\nmodule = "{module}"\n'
+            f'server_address = "{"" if inprocess else paths.server_address}"\n'
+            f'uri = "pkcs11:token={hsm.DEFAULT_LABEL}"\npin_file = "{paths.user_pin}"\n'
+            f"health_interval_seconds = 0.5\n\n"
+            f'[store]\npath = "{(self.root / "signer.db").absolute()}"\n'
+        )
+        path = cwd / "signer.toml"
+        path.write_text(text)
+        return path
+
+    def start_service(
+        self, cwd: Path, inprocess: bool = False, wait: bool = True
+    ) -> ServiceProcess:
+        cwd.mkdir(parents=True, exist_ok=True)
+        cfg = self.config(cwd, inprocess)
+        listen = cfg.read_text().split('listen = "', 1)[1].split('"', 1)[0]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        if inprocess:
+            env["SOFTHSM2_CONF"] = str(hsm.HsmPaths(self.hsm_dir.absolute()).conf)
+        log = open(cwd / "service.log", "wb")  # noqa: SIM115  (owned by the child's lifetime)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "signer", "serve", "--config", str(cfg)],
+            cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_core_friendly,
+        )  # fmt: skip
+        log.close()
+        sp = ServiceProcess(proc, listen, cwd, time.time())
+        if wait:
+            self.wait_serving(sp)
+        return sp
+
+    def wait_serving(self, sp: ServiceProcess, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with sp.client() as c:
+            while time.monotonic() < deadline:
+                if sp.proc.poll() is not None:
+                    raise RuntimeError(f"service exited with {sp.proc.returncode}")
+                try:
+                    c.get_key(self.keys[0].name)
+                    return
+                except SignerError:
+                    time.sleep(0.05)
+        raise RuntimeError("service did not answer in time")
+
+    def start_control(self, cwd: Path, marker: bytes) -> subprocess.Popen[bytes]:
+        """The positive control process: the same keys and PIN, held in memory."""
+        cwd.mkdir(parents=True, exist_ok=True)
+        ready = cwd / "ready"
+        (cwd / "marker").write_bytes(marker)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "signer.harness.control", "--keys", str(self.keys_dir),
+             "--pin-file", str(hsm.HsmPaths(self.hsm_dir).user_pin),
+             "--ready", str(ready), "--marker-file", str(cwd / "marker")],
+            cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, preexec_fn=_core_friendly,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("control process did not start")
+            time.sleep(0.05)
+        time.sleep(0.3)  # let its signing threads run a while
+        return proc
+
+
+class Load:
+    """Concurrent signing with every known key until stopped; counts what it did."""
+
+    def __init__(self, address: str, keys: list[KnownKey], threads: int = 8) -> None:
+        self.address = address
+        self.keys = keys
+        self.threads = threads
+        self.signed = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def _run(self, i: int) -> None:
+        with SignerClient(self.address, timeout=10) as c:
+            n = 0
+            while not self._stop.is_set():
+                key = self.keys[(i + n) % len(self.keys)]
+                n += 1
+                try:
+                    c.sign(key.name, message=os.urandom(64), version=1)
+                    with self._lock:
+                        self.signed += 1
+                except SignerError:
+                    with self._lock:
+                        self.errors += 1
+                    if self._stop.wait(0.01):
+                        return
+
+    def __enter__(self) -> Load:
+        for i in range(self.threads):
+            t = threading.Thread(target=self._run, args=(i,), daemon=True)
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(timeout=15)
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """Makes sure a crash subject is gone afterwards, whatever happened."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
