@@ -101,8 +101,8 @@ def full_matrix() -> list[Case]:
 
 class Campaign:
     def __init__(self, report_dir: Path, keep_dumps: bool = False, progress: Progress = print):
-        self.report_dir = report_dir
-        self.work = report_dir / "work"
+        self.report_dir = report_dir.absolute()  # services run with their own cwd
+        self.work = self.report_dir / "work"
         self.keep_dumps = keep_dumps
         self.progress = progress
         self.kernel = KernelCollector.detect()

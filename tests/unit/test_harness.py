@@ -1,0 +1,93 @@
+"""signer.harness without crashing anything: matrices, verdicts, collectors, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from signer.harness import Campaign, Case, Row, crash, full_matrix, quick_matrix
+from signer.harness.campaign import MOMENTS, render_markdown
+from signer.harness.collectors import KernelCollector
+
+
+def test_full_matrix_is_every_mechanism_at_every_moment() -> None:
+    cases = {(c.mechanism, c.moment) for c in full_matrix() if c.subject == "service"}
+    assert cases == {(m, moment) for m in crash.MECHANISMS for moment in MOMENTS}
+    assert any(c.subject == "inprocess" for c in full_matrix())
+
+
+def test_quick_matrix_covers_every_mechanism_and_moment() -> None:
+    service = [c for c in quick_matrix() if c.subject == "service"]
+    assert {c.mechanism for c in service} == set(crash.MECHANISMS)
+    assert {c.moment for c in service} == set(MOMENTS)
+    assert {c.collector for c in service} == {"kernel", "gcore", "gcore-a"}
+    assert len({c.id for c in quick_matrix()}) == len(quick_matrix())
+
+
+@pytest.mark.parametrize(
+    ("row", "ok"),
+    [
+        (Row(Case("SIGSEGV", "load", "kernel"), marker=True, control="caught 9/9"), True),
+        (Row(Case("SIGSEGV", "load", "kernel"), marker=False, control="caught 9/9"), False),
+        (Row(Case("SIGSEGV", "load", "kernel"), marker=True, control="MISSED pin"), False),
+        (
+            Row(Case("SIGSEGV", "load", "kernel"), marker=True, control="caught 9/9",
+                findings=[{"secret_id": "k"}]),
+            False,
+        ),
+        (Row(Case("SIGSEGV", "load", "kernel"), marker=True, control="caught", error="x"), False),
+        # The in-process control reports findings; it is judged on its marker only.
+        (
+            Row(Case("SIGSEGV", "load", "kernel", subject="inprocess"), marker=True,
+                control="n/a", findings=[{"secret_id": "k"}]),
+            True,
+        ),
+    ],
+)  # fmt: skip
+def test_a_row_counts_only_with_its_proofs(row: Row, ok: bool) -> None:
+    assert row.ok is ok
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "usable"),
+    [
+        ("core", "kernel-file", True),
+        ("/var/crash/core.%e.%p", "kernel-file", True),
+        ("|/usr/share/apport/apport -p%p -s%s -c%c", "kernel-pipe:apport", False),
+    ],
+)
+def test_kernel_collector_reads_core_pattern(pattern: str, name: str, usable: bool) -> None:
+    k = KernelCollector(pattern)
+    assert k.name == name
+    assert k.usable is usable
+
+
+def test_file_pattern_with_a_directory(tmp_path: Path) -> None:
+    assert KernelCollector("/var/crash/core.%p").directory(tmp_path) == Path("/var/crash")
+    assert KernelCollector("core").directory(tmp_path) == tmp_path
+
+
+def test_relative_report_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The service runs with its own working directory; relative paths would point nowhere.
+    monkeypatch.chdir(tmp_path)
+    c = Campaign(Path("report"))
+    assert c.report_dir.is_absolute()
+    assert c.work.is_absolute()
+    assert c.lab.root.is_absolute()
+
+
+def test_markdown_report_has_a_row_per_crash_and_the_verdict() -> None:
+    row = Row(Case("SIGBUS", "idle", "kernel"), marker=True, control="caught 9/9")
+    data = {
+        "summary": {"passed": True, "crashes": 1, "dumps_scanned": 1, "bytes_scanned": 2**20,
+                    "service_findings": 0, "controls_caught": 1, "controls_run": 1,
+                    "markers_found": 1, "kernel_collector": "kernel-file"},
+        "rows": [{"case": vars(row.case), "id": row.case.id, "ok": True, "activity": "idle",
+                  "collector_name": "kernel-file", "exit_status": "killed by SIGBUS",
+                  "dump_size": 2**20, "bytes_scanned": 2**20, "patterns": 10, "findings": [],
+                  "control": "caught 9/9", "marker": True, "error": ""}],
+    }  # fmt: skip
+    md = render_markdown(data)
+    assert "**PASSED**" in md
+    assert "| service | SIGBUS | idle | idle | kernel-file | killed by SIGBUS |" in md
