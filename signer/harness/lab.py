@@ -19,19 +19,19 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from signer import config as config_mod
 from signer import hsm
 from signer.client import SignerClient
 from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
 from signer.errors import SignerError
-from signer.keys import ALGORITHMS, Key, State, Version
+from signer.keys import ALGORITHMS
 from signer.scan import Secret, secret_from_key, secret_from_pin
-from signer.store import SQLiteStore
+from signer.service import adopt_with_config
 
 # What the p11-kit path offers (ed25519 does not cross Debian's p11-kit 0.24.1).
 LAB_ALGORITHMS = ("ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096")
@@ -123,33 +123,32 @@ class Lab:
         return hsm.HsmPaths(self.hsm_dir).user_pin.read_bytes().strip()
 
     def setup(self) -> None:
-        """Token host with a long random PIN, and one known key per algorithm provisioned in it."""
+        """Token host with a long random PIN, and one known key per algorithm provisioned in it
+        and adopted by the service's store, exactly as ``signer hsm import-key`` followed by
+        ``signer keys adopt`` would (adoption also switches off decrypt/unwrap on RSA keys)."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         hsm.init(self.hsm_dir)
         self.keys_dir.mkdir(mode=0o700, exist_ok=True)
-        store = SQLiteStore(self.root / "signer.db")
-        now = datetime.now(UTC)
-        try:
-            for alg in self.algorithms:
-                key = KnownKey(f"known-{alg}", alg, _generate(alg), secrets.token_bytes(16))
-                hsm.provision_key(self.hsm_dir, key.pem, f"{key.name}/v1", key.key_id)
-                (self.keys_dir / f"{key.name}.pem").write_bytes(key.pem)
-                os.chmod(self.keys_dir / f"{key.name}.pem", 0o600)
-                version = Version(
-                    key.name, 1, alg, State.ENABLED, key.key_id, key.public_der, now, None
-                )
-                store.create_key(Key(key.name, alg, 1, "harness", {}, now, (version,)))
-                self.keys.append(key)
-        finally:
-            store.close()
-        for alg in ("ec-p256", "ec-p384"):
-            key = KnownKey(f"byok-{alg}", alg, _generate(alg), b"")
-            (self.keys_dir / f"{key.name}.pem").write_bytes(key.pem)
-            os.chmod(self.keys_dir / f"{key.name}.pem", 0o600)
-            self.byok.append(key)
         self.host = hsm.TokenHost(self.hsm_dir)
         self.host.start()
+        cfg = config_mod.load(self.config(self.root))
+        for alg in self.algorithms:
+            key = KnownKey(f"known-{alg}", alg, _generate(alg), secrets.token_bytes(16))
+            hsm.provision_key(self.hsm_dir, key.pem, f"provisioned-{alg}", key.key_id)
+            adopt_with_config(cfg, key.name, alg, key.key_id, scope="harness")
+            self._keep(key)
+            self.keys.append(key)
+        for alg in ("ec-p256", "ec-p384"):
+            key = KnownKey(f"byok-{alg}", alg, _generate(alg), b"")
+            self._keep(key)
+            self.byok.append(key)
+
+    def _keep(self, key: KnownKey) -> None:
+        """The plaintext, for the control process only (0600 in a 0700 directory)."""
+        path = self.keys_dir / f"{key.name}.pem"
+        path.write_bytes(key.pem)
+        os.chmod(path, 0o600)
 
     def close(self) -> None:
         if self.host is not None:
