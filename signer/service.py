@@ -128,12 +128,7 @@ class Signer:
         check_scope(scope)
         labels = check_labels(dict(labels or {}))
         with self._lock(name):
-            try:
-                self._store.get_key(name)
-            except NotFound:
-                pass
-            else:
-                raise AlreadyExists(f"key {name!r} already exists")
+            self._require_absent(name)
             self._token.require(alg)
             now = self.now()
             version = self._new_version(name, 1, alg, now)
@@ -145,6 +140,16 @@ class Signer:
                 raise
         log.info("key created", extra={"key": name, "algorithm": alg.name, "scope": scope})
         return key
+
+    def _find(self, name: str) -> Key | None:
+        try:
+            return self._store.get_key(name)
+        except NotFound:
+            return None
+
+    def _require_absent(self, name: str) -> None:
+        if self._find(name) is not None:
+            raise AlreadyExists(f"key {name!r} already exists")
 
     def _new_version(self, name: str, number: int, alg: Algorithm, now: datetime) -> Version:
         key_id = secrets.token_bytes(KEY_ID_BYTES)
@@ -236,11 +241,7 @@ class Signer:
             except (ValueError, TypeError):
                 raise InvalidArgument("public_key_der is not a DER SubjectPublicKeyInfo") from None
         with self._lock(name):
-            existing: Key | None
-            try:
-                existing = self._store.get_key(name)
-            except NotFound:
-                existing = None
+            existing = self._find(name)
             if existing is not None:
                 alg = self._check_import_into(existing, alg, scope, labels)
             elif alg is None:
@@ -330,12 +331,7 @@ class Signer:
         if not 1 <= len(key_id) <= 64:
             raise InvalidArgument(f"key_id must be 1 to 64 bytes, got {len(key_id)}")
         with self._lock(name):
-            try:
-                self._store.get_key(name)
-            except NotFound:
-                pass
-            else:
-                raise AlreadyExists(f"key {name!r} already exists")
+            self._require_absent(name)
             public = self._token.adopt(alg, key_id)
             now = self.now()
             version = Version(name, 1, alg.name, State.ENABLED, key_id, public, now, None)
