@@ -3,7 +3,8 @@
 Signals are sent with kill(2). The two native faults use gdb: it attaches, points one thread's
 program counter at address 0 and detaches, so that thread really faults (an instruction fetch
 from an unmapped page) with its own stack in the dump. "pkcs11-call" picks a thread that is
-inside p11-kit-client.so at that moment, i.e. in the middle of a PKCS#11 call.
+inside the PKCS#11 module (p11-kit-client.so, or libsofthsm2.so in-process) at that moment, i.e.
+in the middle of a PKCS#11 call.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ for thread in sorted(inferior.threads(), key=lambda t: t.num):
         continue  # never the main thread: the point is a worker
     libs = libraries(thread)
     if want == "pkcs11":
-        if any("p11-kit-client" in lib for lib in libs):
+        # The PKCS#11 module: p11-kit's client, or SoftHSM2 itself when loaded in-process.
+        if any("p11-kit-client" in lib or "softhsm" in lib for lib in libs):
             chosen = thread
             break
     elif any(lib for lib in libs):
