@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv proto run test unit integration crash audit lint typecheck clean
+.PHONY: all deps apt venv proto run test unit integration crash audit bench lint typecheck clean
 
 all: deps
 
@@ -70,6 +70,18 @@ crash: deps
 # Report in var/audit/report.md and var/audit/report.json.
 audit: deps
 	$(VENV)/bin/signer crash-test --report var/audit
+
+# Scanner speed against grep -F and YARA on a real core of the service, and blind-mode recall,
+# measured in one run: var/bench/latest.json and latest.md (docs/benchmarks.md). BENCH_ARGS
+# passes options, e.g. BENCH_ARGS='--scenarios scan --runs 3'.
+BENCH_ARGS ?=
+
+bench: deps $(VENV)/.bench-installed
+	$(PY) -m signer.bench $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	@touch $@
 
 clean:
 	rm -rf $(VENV) $(GEN) .mypy_cache .ruff_cache .pytest_cache

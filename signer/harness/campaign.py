@@ -184,6 +184,7 @@ class Campaign:
                 if case.moment == "startup":
                     # The very first moments: serving, one marker, crash.
                     marker = self._plant_marker(c)
+                    row.activity = _activity(case.moment, None, 0)
                     return self._crash(case, sp, cwd, row), marker
                 load = Load(sp.address, self.lab.keys, threads=8)
                 self._imported = 0
@@ -363,9 +364,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"{s['markers_found']}/{s['crashes']}. Kernel collector: {s['kernel_collector']}.",
         "",
         "Every dump is scanned for every known key (all representations and 16-byte fragments) "
-        "and the token PIN. A row counts only if the marker (a payload the service had just "
-        "signed) is in the dump and the control (the same keys held in memory by an ordinary "
-        "process, crashed the same way) was caught.",
+        "and the token PIN. A row counts only if the marker (a fresh random value the service had "
+        "just been given, as a key label, and signed with) is in the dump and the control (the "
+        "same keys held in memory by an ordinary process, crashed the same way) was caught.",
         "",
         "| subject | mechanism | moment | activity | collector | exit | dump MiB | scanned MiB "
         "| patterns | findings | control | marker | ok |",
@@ -405,9 +406,9 @@ def _finding_dict(f: Any) -> dict[str, Any]:
     }
 
 
-def _activity(moment: str, load: Load, imported: int) -> str:
+def _activity(moment: str, load: Load | None, imported: int) -> str:
     parts = []
-    if moment in ("load", "shutdown"):
+    if load is not None and moment in ("load", "shutdown"):
         parts.append(f"{load.signed} signatures by 8 clients")
     if moment == "import":
         parts.append(f"{imported} keys imported")
@@ -415,6 +416,8 @@ def _activity(moment: str, load: Load, imported: int) -> str:
         parts.append("RSA-4096 generation in the token")
     if moment == "shutdown":
         parts.append("SIGTERM sent, draining an RSA-4096 generation")
+    if moment == "startup":
+        parts.append("first calls after start")
     return "; ".join(parts) or moment
 
 
