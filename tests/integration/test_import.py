@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pkcs11
 import pkcs11.exceptions as p11e
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,7 +25,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from signer import hsm, wrapping
 from signer.client import build_import_request
-from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE, TokenConfig
+from signer.config import SOFTHSM_MODULE, TokenConfig
 from signer.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from signer.v1 import signer_pb2 as pb
 from tests.conftest import SIGNER_BIN, RunningService, write_toml
@@ -67,23 +66,6 @@ def verifies_ec(key: ec.EllipticCurvePrivateKey, alg: str, signature: bytes) -> 
     except Exception:
         return False
     return True
-
-
-@pytest.fixture
-def own_session(token_host, monkeypatch) -> Iterator[Any]:
-    """A logged-in session of the test's own through p11-kit-client.so (not the service's)."""
-    monkeypatch.setenv("P11_KIT_SERVER_ADDRESS", token_host.paths.server_address)
-    lib = pkcs11._pkcs11.lib(P11KIT_CLIENT_MODULE)
-    try:
-        token = lib.get_token(token_label=hsm.DEFAULT_LABEL)
-        pin = token_host.paths.user_pin.read_bytes().strip().decode("ascii")
-        session = token.open(user_pin=pin, rw=True)
-        try:
-            yield session
-        finally:
-            session.close()
-    finally:
-        lib.finalize()
 
 
 def count(session: Any) -> int:
