@@ -1,0 +1,13 @@
+"""Benchmarks, each against baselines measured in the same run: ``make bench``.
+
+Each scenario is a module with a ``run(ctx) -> ScenarioResult`` function registered in
+:mod:`signer.bench.__main__`; the report (:mod:`signer.bench.report`) merges their raw numbers
+into ``var/bench/latest.json`` (``ratios`` on top, ``scenarios`` below) and their tables into
+``var/bench/latest.md``. Scenarios that need a real service core share one through
+:class:`signer.bench.context.Context`.
+
+* ``scan``: the dump scanner against ``grep -F`` and YARA on a real core of the service, same
+  literal patterns for all three (:mod:`signer.bench.scan`).
+* ``blind``: recall of blind mode for private keys planted in a copy of that core
+  (:mod:`signer.bench.blind`).
+"""

@@ -1,0 +1,77 @@
+"""The benchmark report writer, given made-up numbers (nothing is measured here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from signer.bench import report
+from signer.bench.report import ScenarioResult, Table
+
+MACHINE = {"cpu_model": "Test CPU", "nproc": 2, "memory_gib": 4.0, "python": "3.11"}
+
+
+def _scan() -> ScenarioResult:
+    return ScenarioResult(
+        "scan",
+        {"core": {"size_bytes": 300 << 20}, "patterns": {"compared": 1000, "scanner_total": 1100}},
+        {"scanner_vs_grep": 41.23456, "scanner_vs_yara": 9.87654},
+        [Table("Scan", ["engine", "MB/s"], [["grep", "85"], ["scanner-engine", "7,600"]])],
+        ["a note"],
+    )
+
+
+def _blind() -> ScenarioResult:
+    return ScenarioResult("blind", {"recall": 0.75, "planted_items": 4})
+
+
+def test_json_has_ratios_on_top_and_raw_numbers_per_scenario(tmp_path: Path) -> None:
+    js, md, text = report.write(
+        tmp_path, [_scan(), _blind()], MACHINE, "2024-01-01T00:00:00Z", 12.34
+    )
+    doc = json.loads(js.read_text())
+    assert doc["ratios"]["scanner_vs_grep"] == pytest.approx(41.235)
+    assert doc["ratios"]["scanner_vs_yara"] == pytest.approx(9.877)
+    assert doc["scenarios"]["scan"]["core"]["size_bytes"] == 300 << 20
+    assert doc["scenarios"]["scan"]["notes"] == ["a note"]
+    assert doc["scenarios"]["blind"]["recall"] == 0.75
+    assert doc["machine"]["nproc"] == 2
+    assert doc["seconds"] == 12.3
+    assert md.read_text() == text
+
+
+def test_markdown_has_the_ratios_and_every_table(tmp_path: Path) -> None:
+    _, _, text = report.write(tmp_path, [_scan()], MACHINE, "2024-01-01T00:00:00Z", 1.0)
+    assert "| `scanner_vs_grep` | 41.23x |" in text
+    assert "| scanner-engine | 7,600 |" in text
+    assert "Test CPU, 2 cores" in text
+    assert "* a note" in text
+
+
+def test_missing_or_infinite_ratio_is_null() -> None:
+    r = ScenarioResult("scan", {}, {"scanner_vs_grep": math.inf, "scanner_vs_yara": None})
+    doc = report.build([r], MACHINE, "t", 0.0)
+    assert doc["ratios"] == {"scanner_vs_grep": None, "scanner_vs_yara": None}
+    assert "| `scanner_vs_yara` | n/a |" in report.markdown([r], doc)
+
+
+def test_a_ratio_reported_twice_is_refused() -> None:
+    a = ScenarioResult("scan", {}, {"scanner_vs_grep": 1.0})
+    b = ScenarioResult("other", {}, {"scanner_vs_grep": 2.0})
+    with pytest.raises(ValueError, match="two scenarios"):
+        report.build([a, b], MACHINE, "t", 0.0)
+
+
+def test_a_row_that_does_not_fit_the_header_is_refused() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        Table("t", ["a", "b"], [["1"]]).markdown()
+
+
+def test_no_ratios_section_without_ratios() -> None:
+    r = _blind()
+    doc = report.build([r], MACHINE, "t", 0.0)
+    assert doc["ratios"] == {}
+    assert "### Ratios" not in report.markdown([r], doc)
