@@ -223,15 +223,25 @@ class Campaign:
 
             return run
 
+        # Several RSA-4096 generations back to back: one can finish in a fraction of a second,
+        # and the crash (a gdb attach for the faults) must land while the token is still busy.
         if moment in ("keygen", "shutdown"):
             # shutdown: a generation in flight keeps the server draining, not yet gone.
-            name = f"gen-{os.urandom(4).hex()}"
-            return threading.Thread(
-                target=quietly(lambda: client.create_key(name, "rsa-4096")), daemon=True
-            )
+            prefix = f"gen-{os.urandom(4).hex()}"
+
+            def generate() -> None:
+                for i in range(5):
+                    client.create_key(f"{prefix}-{i}", "rsa-4096")
+
+            return threading.Thread(target=quietly(generate), daemon=True)
         if moment == "rotation":
             rsa = next(k for k in self.lab.keys if k.algorithm == "rsa-4096")
-            return threading.Thread(target=quietly(lambda: client.rotate(rsa.name)), daemon=True)
+
+            def rotate() -> None:
+                for _ in range(5):
+                    client.rotate(rsa.name)
+
+            return threading.Thread(target=quietly(rotate), daemon=True)
         if moment == "import":
             # The wrapping key (RSA-4096, generated in the token) first; then imports in a loop,
             # so the crash lands among wrapped blobs, unwraps and challenge signatures.
