@@ -30,6 +30,10 @@ class ServerConfig:
     max_message_bytes: int = 1024 * 1024
     # How long graceful shutdown waits for in-flight calls.
     grace_seconds: float = 10.0
+    # /proc/self/coredump_filter, set deliberately at start-up: the service's dumps are meant
+    # to be useful (they hold no key), so anonymous private+shared memory and ELF headers go in
+    # (0x33, the kernel default); file-backed pages do not, hugetlb does not. "" leaves it alone.
+    coredump_filter: str = "0x33"
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,13 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.keys.min_destruction_waiting_period_seconds < 0:
         raise ConfigError("keys.min_destruction_waiting_period_seconds must not be negative")
+    if cfg.server.coredump_filter:
+        try:
+            int(cfg.server.coredump_filter, 16)
+        except ValueError:
+            raise ConfigError(
+                "server.coredump_filter must be a hex bit mask such as 0x33"
+            ) from None
     if cfg.server.max_message_bytes < 1:
         raise ConfigError("server.max_message_bytes must be positive")
     if (

@@ -15,7 +15,7 @@ from pathlib import Path
 from signer import config as config_mod
 from signer import hsm
 from signer.errors import NotFound
-from signer.server import Server
+from signer.server import Server, harden_process
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ async def _run(root: Path, listen: str) -> None:
         hsm.init(hsm_dir)
         print(f"created a SoftHSM2 token in {hsm_dir} (PINs in owner-only files there)", flush=True)
     cfg = config_mod.load(write_config(root, listen))
+    harden_process(cfg)
     host = hsm.TokenHost(hsm_dir)
     host.start()
     server = Server(cfg)

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -407,7 +408,16 @@ async def _serve(cfg: Config) -> None:
     await server.stop()
 
 
+def harden_process(cfg: Config) -> None:
+    """What the service process sets about itself. Core dumps stay on (RLIMIT_CORE as inherited:
+    a dump of this process holds no key and is how crashes get debugged); which memory they
+    carry is chosen here rather than inherited."""
+    if cfg.server.coredump_filter:
+        Path("/proc/self/coredump_filter").write_text(cfg.server.coredump_filter)
+
+
 def serve(cfg: Config) -> int:
     """``signer serve``: runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    harden_process(cfg)
     asyncio.run(_serve(cfg))
     return 0
