@@ -34,6 +34,9 @@ class ServerConfig:
     # to be useful (they hold no key), so anonymous private+shared memory and ELF headers go in
     # (0x33, the kernel default); file-backed pages do not, hugetlb does not. "" leaves it alone.
     coredump_filter: str = "0x33"
+    # glibc M_PERTURB: free() overwrites released heap chunks, so C buffers that carried the PIN
+    # or a payload (p11-kit's RPC buffers, gRPC slices) do not linger in dumps.
+    perturb_freed_memory: bool = True
 
 
 @dataclass(frozen=True)

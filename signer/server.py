@@ -316,8 +316,9 @@ class Server:
         if self.port == 0:
             raise SignerError(f"cannot listen on {self.cfg.server.listen}")
         await self._set_health(False)
-        # Freed C heap (the RPC buffer that carried the PIN, request payloads) is overwritten.
-        perturb_freed_memory()
+        if self.cfg.server.perturb_freed_memory:
+            # Freed C heap (the RPC buffer that carried the PIN, request payloads) is overwritten.
+            perturb_freed_memory()
         self.token.on_availability(self._availability_changed)
         await self.run_blocking(self.token.start)
         await self._refresh_health()
