@@ -219,7 +219,9 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     from signer import hsm
 
     paths = hsm.init(args.dir, args.label)
-    print(f"token {args.label!r} created in {paths.root}; PINs are in {paths.root}/*.pin (0600)")
+    # Where the credentials are, never what they are.
+    where = f"{paths.so_pin.name} and {paths.user_pin.name}"
+    print(f"token {args.label!r} created in {paths.root}; credentials in owner-only {where}")
     return EXIT_OK
 
 
