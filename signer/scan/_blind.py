@@ -313,8 +313,8 @@ class _Target:
     top_min: int  # bounds of the most significant byte
     top_max: int
     odd: bool
-    verify: Callable[[int], bool]  # on the window read as an integer
-    what: str  # for the detail: "divides N of public key X"
+    verify: Callable[[int], str | None]  # the window as an integer -> the key it belongs to
+    what: str  # for the detail, with {key}: "divides N of public key {key}"
 
 
 @dataclass(frozen=True)
@@ -324,40 +324,44 @@ class _Check:
     little: bool  # little-endian 64-bit limbs at 8-aligned addresses; else big-endian anywhere
 
 
-def _rsa_verifier(n: int) -> Callable[[int], bool]:
-    def verify(c: int) -> bool:
-        return 1 < c < n and n % c == 0
+def _rsa_verifier(n: int, name: str) -> Callable[[int], str | None]:
+    def verify(c: int) -> str | None:
+        return name if 1 < c < n and n % c == 0 else None
 
     return verify
 
 
-def _ec_verifier(key: ec.EllipticCurvePublicKey) -> Callable[[int], bool]:
-    curve = key.curve
+def _ec_verifier(keys: Mapping[str, ec.EllipticCurvePublicKey]) -> Callable[[int], str | None]:
+    """One scalar multiplication per candidate, checked against every key on the curve."""
+    curve = next(iter(keys.values())).curve
     x962, uncompressed = serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    point = key.public_bytes(x962, uncompressed)
+    points = {key.public_bytes(x962, uncompressed): name for name, key in keys.items()}
 
-    def verify(d: int) -> bool:
+    def verify(d: int) -> str | None:
         try:  # refuses 0 and d >= the group order
             derived = ec.derive_private_key(d, curve)
         except ValueError:
-            return False
-        return derived.public_key().public_bytes(x962, uncompressed) == point
+            return None
+        return points.get(derived.public_key().public_bytes(x962, uncompressed))
 
     return verify
 
 
-def _ed25519_verifier(key: ed25519.Ed25519PublicKey) -> Callable[[int], bool]:
+def _ed25519_verifier(key: ed25519.Ed25519PublicKey, name: str) -> Callable[[int], str | None]:
     raw = key.public_bytes_raw()
 
-    def verify(seed: int) -> bool:
+    def verify(seed: int) -> str | None:
         priv = ed25519.Ed25519PrivateKey.from_private_bytes(seed.to_bytes(32, "big"))
-        return priv.public_key().public_bytes_raw() == raw
+        return name if priv.public_key().public_bytes_raw() == raw else None
 
     return verify
 
 
 def _targets(keys: PublicKeys) -> list[_Target]:
     out: list[_Target] = []
+    # EC keys on one curve share a check: each candidate costs one scalar multiplication,
+    # whatever the number of keys.
+    by_curve: dict[str, dict[str, ec.EllipticCurvePublicKey]] = {}
     for name, key in keys.keys.items():
         if isinstance(key, rsa.RSAPublicKey):
             n = key.public_numbers().n
@@ -374,26 +378,12 @@ def _targets(keys: PublicKeys) -> list[_Target]:
                     top_min=max(0, top - 1),
                     top_max=255,
                     odd=True,
-                    verify=_rsa_verifier(n),
-                    what=f"divides N of public key {name}",
+                    verify=_rsa_verifier(n, name),
+                    what="divides N of public key {key}",
                 )
             )
         elif isinstance(key, ec.EllipticCurvePublicKey):
-            width = (key.curve.key_size + 7) // 8
-            top = (1 << (key.curve.key_size - 8 * (width - 1))) - 1  # d < 2^key_size
-            out.append(
-                _Target(
-                    key_id=name,
-                    component="private_value",
-                    representation="verified-ec-scalar",
-                    length=width,
-                    top_min=0,
-                    top_max=top,
-                    odd=False,
-                    verify=_ec_verifier(key),
-                    what=f"d*G == Q of public key {name}",
-                )
-            )
+            by_curve.setdefault(key.curve.name, {})[name] = key
         else:
             out.append(
                 _Target(
@@ -404,10 +394,27 @@ def _targets(keys: PublicKeys) -> list[_Target]:
                     top_min=0,
                     top_max=255,
                     odd=False,
-                    verify=_ed25519_verifier(key),
-                    what=f"derives public key {name}",
+                    verify=_ed25519_verifier(key, name),
+                    what="derives public key {key}",
                 )
             )
+    for group in by_curve.values():
+        curve = next(iter(group.values())).curve
+        width = (curve.key_size + 7) // 8
+        top = (1 << (curve.key_size - 8 * (width - 1))) - 1  # d < 2^key_size
+        out.append(
+            _Target(
+                key_id=",".join(group),
+                component="private_value",
+                representation="verified-ec-scalar",
+                length=width,
+                top_min=0,
+                top_max=top,
+                odd=False,
+                verify=_ec_verifier(group),
+                what="d*G == Q of public key {key}",
+            )
+        )
     return out
 
 
@@ -489,6 +496,9 @@ def _run_check(
             return covered, tested
         at = region.offset + pos
         block = bytes(buf[at : at + own + L - 1])  # a copy: numpy must not pin the mmap
+        if block.count(0) == len(block):
+            covered += own  # untouched memory (most of a gcore): nothing to test
+            continue
         a = np.frombuffer(block, dtype=np.uint8)
         # Limbs: only windows at 8-aligned virtual addresses.
         idx = np.arange(-(region.address + pos) % 8, own, 8) if check.little else np.arange(own)
@@ -496,7 +506,8 @@ def _run_check(
             if k % 256 == 0 and time.monotonic() >= stop:
                 return covered + o, tested
             tested += 1
-            if t.verify(int.from_bytes(block[o : o + L], order)):
+            key = t.verify(int.from_bytes(block[o : o + L], order))
+            if key is not None:
                 layout = (
                     "little-endian 64-bit limbs at an 8-aligned address"
                     if check.little
@@ -504,12 +515,12 @@ def _run_check(
                 )
                 findings.append(
                     Finding(
-                        t.key_id,
+                        key,
                         t.component,
                         t.representation,
                         offset=at + o,
                         length=L,
-                        detail=f"verified ({layout}): {t.what}",
+                        detail=f"verified ({layout}): {t.what.format(key=key)}",
                     )
                 )
         covered += own

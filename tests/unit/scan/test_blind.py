@@ -256,3 +256,33 @@ def test_public_keys_by_list_are_named_by_fingerprint(keys: Keys, plant: Plant) 
     result = sc.scan(plant([(101, keys.rsa2048.private_numbers().p.to_bytes(128, "big"))], heap()))
     assert [f.secret_id for f in result.findings] == [public_key_id(pub)]
     assert public_key_id(pub).startswith("rsa-2048:")
+
+
+def test_keys_on_one_curve_share_a_check_and_findings_name_the_right_one(
+    plant: Plant, tmp_path: Path
+) -> None:
+    # One scalar multiplication per candidate serves every key on the curve; the finding must
+    # still name the key whose public point matched.
+    privs = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
+    sc = Scanner(
+        [],
+        public_keys={f"p256-{i}": k.public_key() for i, k in enumerate(privs)},
+        blind_budget_seconds=30,
+    )
+    d = privs[2].private_numbers().private_value.to_bytes(32, "big")
+    got = only(plant([(40001, d)], heap()), sc)
+    assert got[0] == "p256-2"
+    assert got[5] == "verified (big-endian): d*G == Q of public key p256-2"
+    result = sc.scan(plant([(40001, d)], heap()))
+    assert result.blind is not None
+    ec_checks = [c for c in result.blind.checks if "ec-scalar" in c.name]
+    assert len(ec_checks) == 2  # one aligned-limbs and one big-endian check, not six
+
+
+def test_zero_pages_count_as_covered_without_testing(plant: Plant) -> None:
+    sc = Scanner([], public_keys={"p256": ec.generate_private_key(ec.SECP256R1()).public_key()})
+    result = sc.scan(plant([], bytearray(4 << 20)))
+    assert result.findings == []
+    assert result.blind is not None
+    assert result.blind.complete
+    assert all(c.candidates == 0 for c in result.blind.checks)
