@@ -16,6 +16,7 @@ All of them run in one process group with RLIMIT_CORE 0 (inherited) and are stop
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -270,6 +271,16 @@ def disable_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _server_preexec() -> None:
+    """In the forked child, before exec: no core dumps, and SIGTERM if whoever started the
+    token host dies without stopping it (a killed test run or harness leaves no orphan)."""
+    disable_core_dumps()
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class TokenHost:
     """Runs ``p11-kit server`` for the token in ``root`` until stopped."""
 
@@ -303,7 +314,7 @@ class TokenHost:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, so stop() reaches p11-kit-remote too
-            preexec_fn=disable_core_dumps,
+            preexec_fn=_server_preexec,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while not self.paths.socket.exists():

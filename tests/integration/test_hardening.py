@@ -91,3 +91,39 @@ def test_the_service_keeps_dumps_and_sets_its_filter(service_process_factory) ->
     theirs = Path(f"/proc/{sp.pid}/limits").read_text().splitlines()
     pick = lambda lines: next(x for x in lines if x.startswith("Max core file size"))  # noqa: E731
     assert pick(theirs) == pick(mine)
+
+
+def test_a_token_host_dies_with_whoever_started_it(tmp_path: Path) -> None:
+    """A killed test run or harness must not leave a token host (and its PIN-holding children)
+    running: p11-kit server gets SIGTERM when its parent dies (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, sys\n"
+        "from signer import hsm\n"
+        "hsm.init(sys.argv[1])\n"
+        "host = hsm.TokenHost(sys.argv[1])\n"
+        "host.start()\n"
+        "print(host.pid, flush=True)\n"
+        "os._exit(0)\n"  # dies without stopping it
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "hsm")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if status == "Z":
+            break
+        time.sleep(0.1)
+    alive = (
+        Path(f"/proc/{pid}").exists()
+        and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    )
+    if alive:
+        os.kill(pid, 9)
+    assert not alive, "the token host outlived the process that started it"
