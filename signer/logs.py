@@ -1,6 +1,6 @@
 """Structured (JSON lines) logging.
 
-Log records carry names, versions, states and sizes: never a payload, a signature input, a PIN,
+Records carry names, versions, states and sizes; never a payload, a signature input, a PIN,
 key material or a wrapped blob. Values go in ``extra={...}``, so a reviewer can see every field.
 """
 

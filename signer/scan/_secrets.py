@@ -126,26 +126,24 @@ def secret_from_key(key: PrivateKey, id: str) -> Secret:
 
 def secret_from_pin(pin: bytes, id: str) -> Secret:
     """A PIN (or passphrase), searched as UTF-8/16/32 text, hex and base64."""
-    if not isinstance(pin, bytes):
-        raise TypeError("pin must be bytes")
-    if len(pin) < MIN_PATTERN:
-        raise InvalidArgument(
-            f"PIN {id!r} is {len(pin)} bytes; a PIN shorter than {MIN_PATTERN} bytes matches by "
-            "chance all over a dump, so a scan for it proves nothing: use a longer PIN"
-        )
-    _check_size(pin, f"PIN {id!r}")
-    return Secret(id, "pin", {"pin": pin})
+    return _text_secret(pin, id, "pin", f"PIN {id!r}")
 
 
 def secret_from_raw(data: bytes, id: str) -> Secret:
     """Any other secret bytes (a passphrase, a token): searched like a PIN."""
-    if len(data) < MIN_PATTERN:
+    return _text_secret(data, id, "raw", f"secret {id!r}")
+
+
+def _text_secret(value: bytes, id: str, kind: str, what: str) -> Secret:
+    if not isinstance(value, bytes):
+        raise TypeError(f"{what} must be bytes")
+    if len(value) < MIN_PATTERN:
         raise InvalidArgument(
-            f"secret {id!r} is {len(data)} bytes; shorter than {MIN_PATTERN} bytes it matches "
-            "by chance all over a dump"
+            f"{what} is {len(value)} bytes; shorter than {MIN_PATTERN} bytes it matches by chance "
+            "all over a dump, so a scan for it proves nothing"
         )
-    _check_size(data, f"secret {id!r}")
-    return Secret(id, "raw", {"raw": data})
+    _check_size(value, what)
+    return Secret(id, kind, {kind: value})
 
 
 def _check_size(value: bytes, what: str) -> None:

@@ -15,8 +15,9 @@ How the PIN reaches C_Login without copies being left behind:
   :func:`perturb_freed_memory` (glibc ``M_PERTURB``) makes every ``free`` overwrite the chunk.
 
 The page lives only for the duration of one login: it is zeroed and unmapped as soon as
-C_Login returns, and re-login after a lost token host reads the file again. The PIN never comes
-from argv or the environment, and never reaches a log line or an error message.
+C_Login returns; after a lost token host, the next login reads the file again.
+The PIN never comes from argv or the environment, and never reaches a log line or an
+error message.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class Pin:
 
         The PIN is read from its file for this login and wiped right after: between logins it
         is nowhere in memory, not even in the dump-excluded page (``gcore -a`` dumps those too).
-        Re-login after a lost token host reads the file again, which also picks up a new PIN.
+        After a lost token host the file is read again, which also picks up a rotated one.
         """
         self.load()
         assert self._page is not None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -42,7 +41,7 @@ from signer.service import Signer
 from signer.token.pin import Pin
 from signer.v1 import signer_pb2 as pb
 from tests.conftest import FakeClock
-from tests.unit.test_service import FailingStore, FakeToken
+from tests.unit.fakes import FailingStore, FakeToken
 
 DAY = 24 * 3600
 
@@ -288,18 +287,6 @@ class FakeImportToken(FakeToken):
 @pytest.fixture
 def token() -> FakeImportToken:
     return FakeImportToken()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[FailingStore]:
-    s = FailingStore(tmp_path / "signer.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from signer.config import Config, ServerConfig
 from signer.errors import (
@@ -24,11 +21,6 @@ from signer.errors import (
 )
 from signer.keys import (
     ALGORITHMS,
-    PSS_SALT_LENGTH,
-    SHA256_DIGEST_INFO,
-    Algorithm,
-    Family,
-    Key,
     Padding,
     SigFormat,
     SignMechanism,
@@ -45,121 +37,14 @@ from signer.service import (
 )
 from signer.store import SQLiteStore
 from tests.conftest import FakeClock
+from tests.unit.fakes import PREHASH, FailingStore, FakeToken
 
 DAY = 24 * 3600
-CURVES = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1(), "secp521r1": ec.SECP521R1()}
-PREHASH = {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}
-
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-
-
-@functools.cache
-def _rsa(bits: int) -> rsa.RSAPrivateKey:
-    # RSA generation is slow; the fake token reuses one key per size (fine for these tests).
-    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-
-
-class FakeToken:
-    """A software token with the interface Signer uses; every call is recorded."""
-
-    label = "signer"
-
-    def __init__(self) -> None:
-        self.keys: dict[bytes, PrivateKey] = {}
-        self.generated: list[tuple[str, bytes, str]] = []
-        self.signed: list[tuple[bytes, SignMechanism, bytes]] = []
-        self.destroyed: list[bytes] = []
-        self.missing: dict[str, list[str]] = {}
-        self.unavailable = False
-        self.destroy_error: Exception | None = None
-
-    def missing_mechanisms(self, alg: Algorithm) -> list[str]:
-        if self.unavailable:
-            raise Unavailable("token unavailable: test")
-        return list(self.missing.get(alg.name, []))
-
-    def require(self, alg: Algorithm) -> None:
-        missing = self.missing_mechanisms(alg)
-        if missing:
-            raise FailedPrecondition(f"algorithm {alg.name} is not available: {missing}")
-
-    def generate(self, alg: Algorithm, key_id: bytes, label: str) -> bytes:
-        self.require(alg)
-        priv: PrivateKey
-        if alg.family is Family.EC:
-            priv = ec.generate_private_key(CURVES[alg.curve or ""])
-        elif alg.family is Family.RSA:
-            priv = _rsa(alg.bits)
-        else:
-            priv = ed25519.Ed25519PrivateKey.generate()
-        self.keys[key_id] = priv
-        self.generated.append((alg.name, key_id, label))
-        return priv.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    def sign(self, key_id: bytes, mech: SignMechanism, data: bytes) -> bytes:
-        if self.unavailable:
-            raise Unavailable("token unavailable: test")
-        self.signed.append((key_id, mech, data))
-        key = self.keys[key_id]
-        if mech is SignMechanism.ECDSA:
-            assert isinstance(key, ec.EllipticCurvePrivateKey)
-            der = key.sign(data, ec.ECDSA(utils.Prehashed(PREHASH[len(data)])))
-            r, s = utils.decode_dss_signature(der)
-            width = (key.curve.key_size + 7) // 8
-            return r.to_bytes(width, "big") + s.to_bytes(width, "big")  # CKM_ECDSA gives r || s
-        if mech is SignMechanism.RSA_PKCS_PSS:
-            assert isinstance(key, rsa.RSAPrivateKey)
-            pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT_LENGTH)
-            return key.sign(data, pss, utils.Prehashed(hashes.SHA256()))
-        if mech is SignMechanism.RSA_PKCS:
-            assert isinstance(key, rsa.RSAPrivateKey)
-            assert data.startswith(SHA256_DIGEST_INFO)
-            digest = data[len(SHA256_DIGEST_INFO) :]
-            return key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-        assert isinstance(key, ed25519.Ed25519PrivateKey)
-        return key.sign(data)
-
-    def destroy(self, key_id: bytes) -> int:
-        if self.destroy_error is not None:
-            raise self.destroy_error
-        self.destroyed.append(key_id)
-        return 2 if self.keys.pop(key_id, None) is not None else 0
-
-
-class FailingStore(SQLiteStore):
-    """A store whose writes can be made to fail."""
-
-    fail_create: Exception | None = None
-    fail_add: Exception | None = None
-
-    def create_key(self, key: Key) -> None:
-        if self.fail_create is not None:
-            raise self.fail_create
-        super().create_key(key)
-
-    def add_version(self, version: Any, make_primary: bool) -> None:
-        if self.fail_add is not None:
-            raise self.fail_add
-        super().add_version(version, make_primary)
 
 
 @pytest.fixture
 def token() -> FakeToken:
     return FakeToken()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[FailingStore]:
-    s = FailingStore(tmp_path / "signer.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
