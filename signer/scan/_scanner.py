@@ -247,7 +247,9 @@ class Scanner:
 
         Of the matches of one secret, drop: anything inside a whole-key encoding (DER, PEM)
         found whole; a whole representation inside another whole representation of the same
-        component (minimal inside padded big-endian); a fragment inside any other match.
+        component (minimal inside padded big-endian); a fragment that adds fewer than
+        ``min_fragment`` bytes to what is already reported (a fragment of a DER key that is the
+        big-endian ``d`` already found, grown by one byte that happened to match).
         """
         reps = self._reps
         by_secret: defaultdict[int, list[tuple[int, int, bool, int]]] = defaultdict(list)
@@ -257,29 +259,39 @@ class Scanner:
         out: list[Finding] = []
         for si, found in by_secret.items():
             found.sort(key=lambda m: (m[0], -m[1], not m[2], m[3]))
-            whole_end = any_end = -1
+            kept: list[tuple[int, int, bool, int]] = []
+            whole_end = -1
             comp_end: dict[str, int] = {}
             for start, end, full, ri in found:
+                if not full:
+                    continue
+                component = reps[ri].component
+                if whole_end < end and comp_end.get(component, -1) < end:
+                    kept.append((start, end, full, ri))
+                comp_end[component] = max(comp_end.get(component, -1), end)
+                if component in WHOLE_KEY:
+                    whole_end = max(whole_end, end)
+            for start, end, full, ri in found:
+                spans = [(a, e) for a, e, _, _ in kept]
+                if not full and _uncovered(start, end, spans) >= self.min_fragment:
+                    kept.append((start, end, full, ri))
+            for start, end, full, ri in sorted(kept):
                 rep = reps[ri]
-                covered = whole_end >= end or (
-                    comp_end.get(rep.component, -1) >= end if full else any_end >= end
-                )
-                if not covered:
-                    out.append(
-                        Finding(
-                            self.secrets[si].id,
-                            rep.component,
-                            rep.name if full else f"fragment:{rep.name}",
-                            start,
-                            end - start,
-                        )
-                    )
-                if full:
-                    comp_end[rep.component] = max(comp_end.get(rep.component, -1), end)
-                    if rep.component in WHOLE_KEY:
-                        whole_end = max(whole_end, end)
-                any_end = max(any_end, end)
+                name = rep.name if full else f"fragment:{rep.name}"
+                out.append(Finding(self.secrets[si].id, rep.component, name, start, end - start))
         return out
+
+
+def _uncovered(start: int, end: int, spans: Sequence[tuple[int, int]]) -> int:
+    """How many bytes of [start, end) no span covers."""
+    covered = 0
+    cursor = start
+    for a, b in sorted(spans):
+        a, b = max(a, cursor), min(b, end)
+        if a < b:
+            covered += b - a
+            cursor = b
+    return (end - start) - covered
 
 
 def _drop_contained(blind: list[Finding], known: list[Finding]) -> list[Finding]:

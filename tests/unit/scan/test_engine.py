@@ -50,8 +50,10 @@ def test_scanner_finds_a_secret_across_a_chunk_boundary_once(
 
 
 def test_chunk_size_does_not_change_findings(keys: Keys, plant: Plant) -> None:
-    nums = keys.rsa2048.private_numbers()
-    items = [(i * 3001 + 1, nums.p.to_bytes(128, "little")[: 20 + i]) for i in range(15)]
+    p_le = keys.rsa2048.private_numbers().p.to_bytes(128, "little")
+    # Each slice is followed by a byte that cannot continue it, so a random neighbour never
+    # grows a match and the expected lengths are exact.
+    items = [(i * 3001 + 1, p_le[: 20 + i] + bytes([p_le[20 + i] ^ 0xFF])) for i in range(15)]
     path = plant(items, None)
     secrets = [s for s in keys.secrets() if s.id == "rsa-2048"]
     small = Scanner(secrets, chunk_size=1000).scan(path).findings
