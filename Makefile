@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the token host, the tests and the crash tooling need.
-APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl
+# Debian packages the token host, the mTLS front (nginx + libp11's engine), the tests and the
+# crash tooling need.
+APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=
@@ -43,7 +44,8 @@ proto: $(GEN)
 $(GEN) &: proto/signer/v1/signer.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/signer/v1/signer.proto
 
-# Token host and service in the foreground on 127.0.0.1:50051; Ctrl-C stops both.
+# Token host, service (unix:var/run/signer.sock) and mTLS front (127.0.0.1:50051) in the
+# foreground; Ctrl-C stops all three.
 run: deps
 	$(VENV)/bin/signer run --dir var
 

@@ -1,7 +1,8 @@
 """A typed Python client for the signer service.
 
-    from signer.client import SignerClient
-    with SignerClient("127.0.0.1:50051") as c:
+    from signer.client import ClientTLS, SignerClient
+    with SignerClient("unix:var/run/signer.sock") as c:        # a local caller, or over mTLS:
+    # SignerClient("signer.internal:50051", tls=ClientTLS("ca.pem", "me.pem", "me.key"))
         c.create_key("payments", "ec-p256")
         sig = c.sign("payments", message=b"hello")
         assert c.verify("payments", sig.signature, message=b"hello")
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -24,7 +26,26 @@ from signer.errors import BY_CODE, Code, Internal, SignerError, Unavailable
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+# What ``make run`` serves to local callers; the TLS front listens on 127.0.0.1:50051.
+DEFAULT_ADDRESS = "unix:var/run/signer.sock"
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """mTLS material: the CA that signed the service's certificate, and the caller's own
+    certificate and key (its subject is the caller's identity)."""
+
+    ca: str | Path
+    cert: str | Path
+    key: str | Path
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca).read_bytes(),
+            private_key=Path(self.key).read_bytes(),
+            certificate_chain=Path(self.cert).read_bytes(),
+        )
+
 
 Key = pb.Key
 KeyVersion = pb.KeyVersion
@@ -68,8 +89,15 @@ class SignerClient:
         *,
         channel: grpc.Channel | None = None,
         timeout: float | None = 30.0,
+        tls: ClientTLS | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(address)
+        if channel is None:
+            channel = (
+                grpc.secure_channel(address, tls.credentials())
+                if tls is not None
+                else grpc.insecure_channel(address)
+            )
+        self._channel = channel
         self._stub = pb_grpc.SignerServiceStub(self._channel)
         self._timeout = timeout
 

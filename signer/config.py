@@ -25,7 +25,10 @@ DAY = 24 * 3600
 
 @dataclass(frozen=True)
 class ServerConfig:
+    # host:port, or unix:/path for a Unix socket (what the TLS front and local callers use).
     listen: str = "127.0.0.1:50051"
+    # Permissions of a Unix socket named by ``listen`` (octal).
+    socket_mode: str = "0660"
     # Largest message accepted by Sign/Verify; larger ones are refused with INVALID_ARGUMENT.
     max_message_bytes: int = 1024 * 1024
     # How long graceful shutdown waits for in-flight calls.
@@ -77,11 +80,33 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class FrontConfig:
+    """The mTLS front (``signer front serve``): nginx terminating TLS with its key in the token,
+    proxying to the service's Unix socket. The service itself never reads this section."""
+
+    listen: str = "127.0.0.1:50051"
+    # The endpoint's certificate; its private key is ``key_uri`` in the TLS token.
+    certificate: str = ""
+    key_uri: str = "pkcs11:token=signer-tls;object=tls-endpoint;type=private"
+    # The TLS token's PIN file (read by libp11 inside nginx) and p11-kit server address.
+    pin_file: str = ""
+    server_address: str = ""
+    # CA certificate(s) a client certificate must chain to; there is no way in without one.
+    client_ca: str = ""
+    # The service's Unix socket, "unix:/path".
+    upstream: str = ""
+    # nginx.conf, openssl.cnf, the error log and nginx's temporary files go here.
+    workdir: str = "var/front"
+    nginx: str = "nginx"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     token: TokenConfig = field(default_factory=TokenConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    front: FrontConfig = field(default_factory=FrontConfig)
 
 
 T = TypeVar("T")
@@ -148,6 +173,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         "token": TokenConfig,
         "store": StoreConfig,
         "keys": KeysConfig,
+        "front": FrontConfig,
     }
     unknown = set(data) - set(sections)
     if unknown:
@@ -191,6 +217,14 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 "server.coredump_filter must be a hex bit mask such as 0x33"
             ) from None
+    try:
+        if not 0 <= int(cfg.server.socket_mode, 8) <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            "server.socket_mode must be octal permissions such as 0660, "
+            f"got {cfg.server.socket_mode!r}"
+        ) from None
     if cfg.server.max_message_bytes < 1:
         raise ConfigError("server.max_message_bytes must be positive")
     if (

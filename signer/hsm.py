@@ -1,29 +1,33 @@
-"""The token host: a SoftHSM2 token served by ``p11-kit server`` on an owner-only Unix socket.
+"""The token host: SoftHSM2 tokens served by ``p11-kit server`` on owner-only Unix sockets.
 
-It stands in for an HSM appliance. Its directory holds everything the token is::
+It stands in for an HSM appliance. Its directory holds everything the tokens are::
 
     DIR/                     0700
       softhsm2.conf          points SoftHSM2 at DIR/tokens
       tokens/                SoftHSM2's object files (private objects encrypted under the PIN)
-      so.pin, user.pin       0600, generated at random, never printed
+      so.pin, user.pin       0600, generated at random, never printed: the signing token
+      tls-so.pin, tls.pin    0600, the same for the TLS token
+      tls-endpoint.pub.pem   public key of the TLS endpoint's key pair (generated in the TLS token)
       run/                   0700
-        p11-kit.sock         0600, what the service's p11-kit-client.so connects to
+        p11-kit.sock         0600, the signing token, for the service's p11-kit-client.so
+        p11-kit-tls.sock     0600, the TLS token, for the TLS front (nginx + libp11)
 
-``p11-kit server`` starts one ``p11-kit-remote`` per client connection, each loading SoftHSM2.
-All of them run in one process group with RLIMIT_CORE 0 (inherited) and are stopped together.
+Two tokens, two sockets: the TLS front faces the network and needs a PIN to use its key, so that
+PIN opens a token holding only the TLS key, never the signing keys. ``p11-kit server`` starts one
+``p11-kit-remote`` per client connection, each loading SoftHSM2. All of them run with
+RLIMIT_CORE 0 (inherited) and are stopped together.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import resource
 import secrets
 import select
 import signal
 import subprocess
+import sys
 import tempfile
 import termios
 import time
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
+from signer.children import disable_core_dumps, guarded_preexec
 from signer.config import SOFTHSM_MODULE
 from signer.errors import FailedPrecondition, InvalidArgument
 
@@ -44,6 +49,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LABEL = "signer"
 SOCKET_NAME = "p11-kit.sock"
+TLS_LABEL = "signer-tls"
+TLS_SOCKET_NAME = "p11-kit-tls.sock"
+# The TLS endpoint's key pair in the TLS token.
+TLS_KEY_LABEL = "tls-endpoint"
+TLS_KEY_ID = b"tls-endpoint"
+TLS_KEY_URI = f"pkcs11:token={TLS_LABEL};object={TLS_KEY_LABEL};type=private"
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,18 @@ class HsmPaths:
         return self.root / "user.pin"
 
     @property
+    def tls_so_pin(self) -> Path:
+        return self.root / "tls-so.pin"
+
+    @property
+    def tls_pin(self) -> Path:
+        return self.root / "tls.pin"
+
+    @property
+    def tls_public_key(self) -> Path:
+        return self.root / "tls-endpoint.pub.pem"
+
+    @property
     def run(self) -> Path:
         return self.root / "run"
 
@@ -78,8 +101,19 @@ class HsmPaths:
     def server_address(self) -> str:
         return f"unix:path={self.socket}"
 
+    @property
+    def tls_socket(self) -> Path:
+        return self.run / TLS_SOCKET_NAME
+
+    @property
+    def tls_server_address(self) -> str:
+        return f"unix:path={self.tls_socket}"
+
     def initialised(self) -> bool:
         return self.conf.exists() and self.user_pin.exists() and any(self.tokens.glob("*"))
+
+    def has_tls_token(self) -> bool:
+        return self.tls_pin.exists()
 
 
 def _write_secret(path: Path, value: bytes | bytearray) -> None:
@@ -93,12 +127,28 @@ def _write_secret(path: Path, value: bytes | bytearray) -> None:
         os.close(fd)
 
 
-def init(root: str | Path, label: str = DEFAULT_LABEL, module: str = SOFTHSM_MODULE) -> HsmPaths:
-    """Creates a token in ``root`` with random SO and user PINs in owner-only files."""
+def init(
+    root: str | Path,
+    label: str = DEFAULT_LABEL,
+    module: str = SOFTHSM_MODULE,
+    *,
+    tls: bool = True,
+    tls_key: bool = True,
+) -> HsmPaths:
+    """Creates the signing token in ``root`` with random SO and user PINs in owner-only files.
+
+    With ``tls``, also the TLS token (its own PINs), and with ``tls_key`` the TLS endpoint's key
+    pair generated inside it (see :func:`generate_tls_key`); without, the caller provisions one.
+    """
     from signer.token.admin import init_token
 
     paths = HsmPaths(Path(root).absolute())
     if paths.initialised():
+        if tls and not paths.has_tls_token():  # a token host from before the TLS token
+            _init_tls_token(paths, module)
+            if tls_key:
+                generate_tls_key(paths.root)
+            return paths
         raise FailedPrecondition(f"a token already exists in {paths.root}")
     paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(paths.root, 0o700)
@@ -121,7 +171,59 @@ def init(root: str | Path, label: str = DEFAULT_LABEL, module: str = SOFTHSM_MOD
         so_pin[:] = bytes(len(so_pin))
         user_pin[:] = bytes(len(user_pin))
     log.info("token initialised", extra={"dir": str(paths.root), "label": label})
+    if tls:
+        _init_tls_token(paths, module)
+        if tls_key:
+            generate_tls_key(paths.root)
     return paths
+
+
+def _init_tls_token(paths: HsmPaths, module: str) -> None:
+    from signer.token.admin import init_token
+
+    # 24 characters (144 bits): libp11 0.4.12 (Debian 12), which reads the PIN for nginx from
+    # ``pin-source=file:``, keeps at most 31 characters of it.
+    so_pin = bytearray(secrets.token_urlsafe(18).encode("ascii"))
+    pin = bytearray(secrets.token_urlsafe(18).encode("ascii"))
+    try:
+        _write_secret(paths.tls_so_pin, bytes(so_pin))
+        _write_secret(paths.tls_pin, bytes(pin))
+        init_token(module, paths.conf, TLS_LABEL, so_pin, pin)
+    finally:
+        so_pin[:] = bytes(len(so_pin))
+        pin[:] = bytes(len(pin))
+    log.info("token initialised", extra={"dir": str(paths.root), "label": TLS_LABEL})
+
+
+def generate_tls_key(root: str | Path, algorithm: str = "ec-p256") -> bytes:
+    """Generates the TLS endpoint's key pair inside the TLS token; returns the public key PEM.
+
+    SoftHSM2 is loaded for this in a short-lived child process with core dumps off
+    (:mod:`signer.token.keygen`), so no process that lives on, least of all the service, ever
+    maps it. The public key is also written to ``tls-endpoint.pub.pem``.
+    """
+    paths = HsmPaths(Path(root).absolute())
+    if not paths.has_tls_token():
+        raise FailedPrecondition(f"no TLS token in {paths.root}")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SOFTHSM2_CONF": str(paths.conf)}
+    argv = [
+        sys.executable, "-m", "signer.token.keygen",
+        "--module", SOFTHSM_MODULE, "--uri", f"pkcs11:token={TLS_LABEL}",
+        "--pin-file", str(paths.tls_pin), "--algorithm", algorithm,
+        "--label", TLS_KEY_LABEL, "--id", TLS_KEY_ID.hex(),
+        "--out", str(paths.tls_public_key),
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        preexec_fn=disable_core_dumps, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise FailedPrecondition(
+            f"generating the TLS key failed (exit status {done.returncode}): "
+            f"{done.stderr.strip()[-500:]}"
+        )
+    log.info("TLS key generated in the token", extra={"label": TLS_KEY_LABEL})
+    return paths.tls_public_key.read_bytes()
 
 
 # --- provisioning keys at the token host -------------------------------------------------------
@@ -182,7 +284,8 @@ def provision_key(
     try:
         _write_secret(key_file, pkcs8)
         argv = import_command(key_file, label, key_id, token)
-        status, errors = _run_on_terminal(argv, env, Pin(paths.user_pin), timeout)
+        pin_file = paths.tls_pin if token == TLS_LABEL else paths.user_pin
+        status, errors = _run_on_terminal(argv, env, Pin(pin_file), timeout)
     finally:
         _shred(key_file, len(pkcs8))
         pkcs8[:] = bytes(len(pkcs8))
@@ -266,23 +369,8 @@ def _run_on_terminal(
     return status, "; ".join(line.strip() for line in lines if line.startswith("ERROR"))
 
 
-def disable_core_dumps() -> None:
-    """RLIMIT_CORE 0 (inherited by p11-kit server and every p11-kit-remote it starts)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _server_preexec() -> None:
-    """In the forked child, before exec: no core dumps, and SIGTERM if whoever started the
-    token host dies without stopping it (a killed test run or harness leaves no orphan)."""
-    disable_core_dumps()
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class TokenHost:
-    """Runs ``p11-kit server`` for the token in ``root`` until stopped."""
+    """Runs one ``p11-kit server`` per token in ``root`` (signing, and TLS if there is one)."""
 
     def __init__(
         self, root: str | Path, label: str = DEFAULT_LABEL, module: str = SOFTHSM_MODULE
@@ -290,71 +378,99 @@ class TokenHost:
         self.paths = HsmPaths(Path(root).absolute())
         self.label = label
         self.module = module
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def _exports(self) -> list[tuple[str, Path]]:
+        exports = [(self.label, self.paths.socket)]
+        if self.paths.has_tls_token():
+            exports.append((TLS_LABEL, self.paths.tls_socket))
+        return exports
 
     def start(self, timeout: float = 10.0) -> None:
         if not self.paths.initialised():
             raise FailedPrecondition(f"no token in {self.paths.root}: run 'signer hsm init' first")
         self.paths.run.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.paths.run, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.paths.socket.unlink()  # left behind by a host that was killed
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "SOFTHSM2_CONF": str(self.paths.conf),
         }
-        self._proc = subprocess.Popen(
-            [
-                "p11-kit", "server", "--foreground",
-                "--name", str(self.paths.socket),
-                "--provider", self.module,
-                f"pkcs11:token={self.label}",
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group, so stop() reaches p11-kit-remote too
-            preexec_fn=_server_preexec,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not self.paths.socket.exists():
-            if self._proc.poll() is not None:
-                raise FailedPrecondition(
-                    f"p11-kit server exited with status {self._proc.returncode}"
+        for label, socket in self._exports():
+            with contextlib.suppress(FileNotFoundError):
+                socket.unlink()  # left behind by a host that was killed
+            self._procs.append(
+                subprocess.Popen(
+                    [
+                        "p11-kit",
+                        "server",
+                        "--foreground",
+                        "--name",
+                        str(socket),
+                        "--provider",
+                        self.module,
+                        f"pkcs11:token={label}",
+                    ],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    # its own process group, so stop() reaches p11-kit-remote too
+                    start_new_session=True,
+                    preexec_fn=guarded_preexec,
                 )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise FailedPrecondition("p11-kit server did not create its socket in time")
-            time.sleep(0.02)
-        os.chmod(self.paths.socket, 0o600)
+            )
+        deadline = time.monotonic() + timeout
+        for proc, (_, socket) in zip(self._procs, self._exports(), strict=True):
+            while not socket.exists():
+                if proc.poll() is not None:
+                    self.stop()
+                    raise FailedPrecondition(f"p11-kit server exited with status {proc.returncode}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise FailedPrecondition("p11-kit server did not create its socket in time")
+                time.sleep(0.02)
+            os.chmod(socket, 0o600)
         log.info("token host serving", extra={"socket": str(self.paths.socket), "pid": self.pid})
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The signing token's p11-kit server."""
+        return self._procs[0].pid if self._procs else None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
 
     def stop(self, timeout: float = 5.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
+        procs, self._procs = self._procs, []
+        if not procs:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            # p11-kit-remote children may outlive the server by a moment.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # p11-kit-remote children may outlive the server by a moment.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(FileNotFoundError):
-            self.paths.socket.unlink()
+        for _, socket in self._exports():
+            with contextlib.suppress(FileNotFoundError):
+                socket.unlink()
         log.info("token host stopped")
 
     def wait(self) -> int:
-        assert self._proc is not None
-        return self._proc.wait()
+        """Waits until a server exits (its status) or the host is stopped (0)."""
+        while procs := self._procs:
+            for proc in procs:
+                status = proc.poll()
+                if status is not None:
+                    return status
+            time.sleep(0.2)
+        return 0
 
 
 def serve_forever(root: str | Path, label: str = DEFAULT_LABEL) -> int:
@@ -372,12 +488,10 @@ def serve_forever(root: str | Path, label: str = DEFAULT_LABEL) -> int:
     signal.signal(signal.SIGINT, on_signal)
     host.start()
     print(f"token host serving {host.paths.server_address}", flush=True)
-    while host.pid is not None:
-        try:
-            status = host.wait()
-        except (AssertionError, ChildProcessError):
-            break
-        if not stopping:
-            raise FailedPrecondition(f"p11-kit server exited unexpectedly with status {status}")
-        break
+    if host.paths.has_tls_token():
+        print(f"TLS token served on {host.paths.tls_server_address}", flush=True)
+    status = host.wait()
+    if not stopping:
+        host.stop()
+        raise FailedPrecondition(f"p11-kit server exited unexpectedly with status {status}")
     return 0

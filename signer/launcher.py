@@ -1,7 +1,16 @@
-"""``signer run``: a token host and the service together, for a laptop or a demo.
+"""``signer run``: the production shape on one machine, for a laptop or a demo (``make run``).
 
-Creates ``DIR/hsm`` (the token) and ``DIR/signer.toml`` on first use, starts the token host, runs
-the service in the foreground and makes sure a demo key exists. Ctrl-C stops both, service first.
+First use creates, under DIR (default ``var``):
+
+    hsm/          the token host: the signing token and the TLS token (``signer hsm init``,
+                  run as a child so SoftHSM2 is never mapped by this process)
+    tls/          a development CA, the endpoint's certificate (its key is in the TLS token) and
+                  a client certificate ``clients/dev.pem`` for trying mTLS
+    signer.toml   the configuration below (regenerated on every start)
+    run/signer.sock   the service's Unix socket, 0660: local callers and the TLS front
+
+Then it starts the token host, the service (in this process) on the Unix socket, and the mTLS
+front (nginx) on ``--listen``, and makes sure a demo key exists. Ctrl-C stops all three.
 """
 
 from __future__ import annotations
@@ -9,52 +18,96 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from signer import config as config_mod
 from signer import hsm
-from signer.errors import NotFound
+from signer.errors import FailedPrecondition, NotFound
+from signer.front import Front
+from signer.pki import DevCA
 from signer.server import Server, harden_process
 
 log = logging.getLogger(__name__)
 
 DEMO_KEY = "demo"
 DEMO_ALGORITHM = "ec-p256"
+DEV_CLIENT = "dev"
 
 
 def write_config(root: Path, listen: str) -> Path:
-    """The service's configuration for a token host in ``root/hsm``; kept if it exists."""
+    """The configuration of the service and of its TLS front, for the state in ``root``."""
+    root = root.absolute()
+    paths = hsm.HsmPaths(root / "hsm")
+    ca = DevCA(root / "tls")
+    socket = root / "run" / "signer.sock"
     path = root / "signer.toml"
-    if not path.exists():
-        paths = hsm.HsmPaths((root / "hsm").absolute())
-        path.write_text(
-            "# Written by 'signer run'. SIGNER_<SECTION>_<NAME> environment variables override.\n"
-            "[server]\n"
-            f'listen = "{listen}"\n\n'
-            "[token]\n"
-            f'module = "{config_mod.P11KIT_CLIENT_MODULE}"\n'
-            f'server_address = "{paths.server_address}"\n'
-            f'uri = "pkcs11:token={hsm.DEFAULT_LABEL}"\n'
-            f'pin_file = "{paths.user_pin}"\n\n'
-            "[store]\n"
-            f'path = "{(root / "signer.db").absolute()}"\n'
-        )
+    path.write_text(
+        "# Written by 'signer run' at every start. SIGNER_<SECTION>_<NAME> variables override.\n"
+        "[server]\n"
+        f'listen = "unix:{socket}"\n\n'
+        "[token]\n"
+        f'module = "{config_mod.P11KIT_CLIENT_MODULE}"\n'
+        f'server_address = "{paths.server_address}"\n'
+        f'uri = "pkcs11:token={hsm.DEFAULT_LABEL}"\n'
+        f'pin_file = "{paths.user_pin}"\n\n'
+        "[store]\n"
+        f'path = "{root / "signer.db"}"\n\n'
+        "[front]\n"
+        f'listen = "{listen}"\n'
+        f'certificate = "{ca.server_cert}"\n'
+        f'key_uri = "{hsm.TLS_KEY_URI}"\n'
+        f'pin_file = "{paths.tls_pin}"\n'
+        f'server_address = "{paths.tls_server_address}"\n'
+        f'client_ca = "{ca.cert}"\n'
+        f'upstream = "unix:{socket}"\n'
+        f'workdir = "{root / "front"}"\n'
+    )
     return path
 
 
-async def _run(root: Path, listen: str) -> None:
+def prepare(root: Path) -> None:
+    """Token host, development PKI: whatever is missing."""
     root.mkdir(parents=True, exist_ok=True)
-    hsm_dir = root / "hsm"
-    if not hsm.HsmPaths(hsm_dir.absolute()).initialised():
-        hsm.init(hsm_dir)
-        print(f"created a SoftHSM2 token in {hsm_dir} (PINs in owner-only files there)", flush=True)
+    paths = hsm.HsmPaths((root / "hsm").absolute())
+    if not (paths.initialised() and paths.has_tls_token()):
+        done = subprocess.run(
+            [sys.executable, "-m", "signer", "hsm", "init", "--dir", str(paths.root)],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise FailedPrecondition(f"signer hsm init failed: {done.stderr.strip()}")
+        print(f"created the tokens in {paths.root} (PINs in owner-only files there)", flush=True)
+    ca = DevCA.ensure(root / "tls")
+    public = paths.tls_public_key.read_bytes()
+    if not _certifies(ca.server_cert, public):
+        ca.issue_server(public, ["localhost", "127.0.0.1"])
+    if not ca.client_files(DEV_CLIENT)[0].exists():
+        ca.issue_client(DEV_CLIENT)
+
+
+def _certifies(cert: Path, public_pem: bytes) -> bool:
+    if not cert.exists():
+        return False
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    certified = x509.load_pem_x509_certificate(cert.read_bytes()).public_key().public_bytes(*der)
+    return certified == serialization.load_pem_public_key(public_pem).public_bytes(*der)
+
+
+async def _run(root: Path, listen: str) -> None:
+    prepare(root)
     cfg = config_mod.load(write_config(root, listen))
     harden_process(cfg)
-    host = hsm.TokenHost(hsm_dir)
+    host = hsm.TokenHost(root / "hsm")
     host.start()
     server = Server(cfg)
+    front = Front(cfg)
     try:
+        front.start()  # before gRPC's threads exist: forking then is quiet and safe
         await server.start()
         if not server.token.available:
             raise SystemExit("the token host did not answer; see the log above")
@@ -64,10 +117,15 @@ async def _run(root: Path, listen: str) -> None:
             await server.run_blocking(
                 lambda: server.signer.create_key(DEMO_KEY, DEMO_ALGORITHM, scope="demo")
             )
+        cert, key = DevCA(root / "tls").client_files(DEV_CLIENT)
         print(
-            f"signer listening on {cfg.server.listen}, token host on {host.paths.socket}\n"
+            f"signer serving local callers on unix:{root / 'run' / 'signer.sock'}\n"
+            f"  and mTLS on {listen} (TLS key in the token; client certificates from "
+            f"{root / 'tls' / 'ca.pem'})\n"
             f"  try: {sys.argv[0]} sign {DEMO_KEY} --in README.md --out /tmp/sig.der\n"
-            "  Ctrl-C stops both.",
+            f"  mTLS: {sys.argv[0]} keys list --address {listen} --tls-ca {root / 'tls' / 'ca.pem'}"
+            f" --tls-cert {cert} --tls-key {key}\n"
+            "  Ctrl-C stops everything.",
             flush=True,
         )
         stop = asyncio.Event()
@@ -77,6 +135,7 @@ async def _run(root: Path, listen: str) -> None:
         await stop.wait()
         print("stopping", flush=True)
     finally:
+        front.stop()
         await server.stop()
         host.stop()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -312,9 +313,7 @@ class Server:
              reflection.SERVICE_NAME),
             server,
         )  # fmt: skip
-        self.port = server.add_insecure_port(self.cfg.server.listen)
-        if self.port == 0:
-            raise SignerError(f"cannot listen on {self.cfg.server.listen}")
+        self.port = _listen(server, self.cfg.server.listen, int(self.cfg.server.socket_mode, 8))
         await self._set_health(False)
         if self.cfg.server.perturb_freed_memory:
             # Freed C heap (the RPC buffer that carried the PIN, request payloads) is overwritten.
@@ -407,6 +406,29 @@ async def _serve(cfg: Config) -> None:
     await stop.wait()
     log.info("shutting down")
     await server.stop()
+
+
+def _listen(server: grpc.aio.Server, address: str, socket_mode: int) -> int:
+    """Binds ``address``; a Unix socket is created with ``socket_mode`` from the start (umask),
+    not chmod-ed after a window in which anyone could connect."""
+    path = (
+        address.removeprefix("unix://").removeprefix("unix:")
+        if address.startswith("unix:")
+        else None
+    )
+    port: int
+    if path is None:
+        port = server.add_insecure_port(address)
+    else:
+        Path(path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        previous = os.umask(0o777 & ~socket_mode)
+        try:
+            port = server.add_insecure_port(address)
+        finally:
+            os.umask(previous)
+    if port == 0:
+        raise SignerError(f"cannot listen on {address}")
+    return port
 
 
 def harden_process(cfg: Config) -> None:

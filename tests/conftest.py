@@ -29,6 +29,7 @@ import pytest
 from signer import config as config_mod
 from signer import hsm
 from signer.client import SignerClient
+from signer.front import ENGINE_PATH
 from signer.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,8 +38,9 @@ SIGNER_BIN = Path(sys.executable).parent / "signer"
 
 def _require_tools() -> None:
     """The integration suite needs the token host's tools; say loudly what is missing."""
-    missing = [t for t in ("p11-kit", "openssl") if shutil.which(t) is None]
-    missing += [m for m in (config_mod.SOFTHSM_MODULE, config_mod.P11KIT_CLIENT_MODULE)
+    missing = [t for t in ("p11-kit", "openssl", "nginx") if shutil.which(t) is None]
+    missing += [m for m in (config_mod.SOFTHSM_MODULE, config_mod.P11KIT_CLIENT_MODULE,
+                            ENGINE_PATH)
                 if not Path(m).exists()]  # fmt: skip
     if missing:
         msg = f"integration tests need {', '.join(missing)}: run 'make test', which installs them"

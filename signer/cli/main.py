@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from signer.client import DEFAULT_ADDRESS, SignerClient
-from signer.errors import SignerError
+from signer.client import DEFAULT_ADDRESS, ClientTLS, SignerClient
+from signer.errors import InvalidArgument, SignerError
 from signer.keys import ALGORITHMS
 from signer.v1 import signer_pb2 as pb
 
@@ -22,7 +23,11 @@ EXIT_OK, EXIT_INVALID, EXIT_ERROR = 0, 1, 2
 
 
 def _client(args: argparse.Namespace) -> SignerClient:
-    return SignerClient(args.address)
+    given = [args.tls_ca, args.tls_cert, args.tls_key]
+    if any(given) and not all(given):
+        raise InvalidArgument("mTLS needs all of --tls-ca, --tls-cert and --tls-key")
+    tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key) if all(given) else None
+    return SignerClient(args.address, tls=tls)
 
 
 def _state(v: pb.KeyVersion) -> str:
@@ -221,7 +226,12 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     paths = hsm.init(args.dir, args.label)
     # Where the credentials are, never what they are.
     where = f"{paths.so_pin.name} and {paths.user_pin.name}"
-    print(f"token {args.label!r} created in {paths.root}; credentials in owner-only {where}")
+    print(f"token {args.label!r} in {paths.root}; credentials in owner-only {where}")
+    print(
+        f"TLS token {hsm.TLS_LABEL!r}: credentials in {paths.tls_so_pin.name} and "
+        f"{paths.tls_pin.name}; the endpoint key pair {hsm.TLS_KEY_LABEL!r} was generated in it, "
+        f"public key in {paths.tls_public_key}"
+    )
     return EXIT_OK
 
 
@@ -329,11 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_parser(parent: Any, name: str, help: str) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        env = os.environ.get
         sp.add_argument(
             "--address",
-            default=DEFAULT_ADDRESS,
-            help=f"service address (default {DEFAULT_ADDRESS})",
+            default=env("SIGNER_ADDRESS", DEFAULT_ADDRESS),
+            help=f"service address: unix:/path or host:port "
+            f"(default $SIGNER_ADDRESS, else {DEFAULT_ADDRESS})",
         )
+        for what, meta in (("ca", "CA.pem"), ("cert", "CERT.pem"), ("key", "KEY.pem")):
+            sp.add_argument(
+                f"--tls-{what}",
+                default=env(f"SIGNER_TLS_{what.upper()}"),
+                metavar=meta,
+                help=f"mTLS {what} (default $SIGNER_TLS_{what.upper()})",
+            )
         return sp
 
     def log_level(sp: argparse.ArgumentParser) -> None:

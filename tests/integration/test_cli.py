@@ -106,41 +106,53 @@ def test_signer_help_lists_every_command():
 
 
 @pytest.mark.slow
-def test_signer_run_starts_both_and_ctrl_c_stops_both(tmp_path: Path, token_host):
-    """`make run` in miniature: fresh directory, token host + service + demo key, then SIGINT."""
-    port = free_port()
-    addr = f"127.0.0.1:{port}"
+def test_signer_run_starts_everything_and_ctrl_c_stops_it(tmp_path: Path, token_host):
+    """`make run` in miniature: fresh directory; token host, service on its Unix socket, mTLS
+    front, demo key; both ways in work; then SIGINT stops all of it."""
+    addr = f"127.0.0.1:{free_port()}"
     state = tmp_path / "var"
+    local = f"unix:{state / 'run' / 'signer.sock'}"
     proc = subprocess.Popen(
         [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        assert wait_until(lambda: _serving(addr) or proc.poll() is not None, 60)
+        assert wait_until(lambda: _serving(local) or proc.poll() is not None, 60)
         assert proc.poll() is None, "signer run exited early"
         # Token files and PINs are owner-only; the service config names the PIN file only.
         assert (state / "hsm" / "user.pin").stat().st_mode & 0o777 == 0o600
+        assert (state / "hsm" / "tls.pin").stat().st_mode & 0o777 == 0o600
         assert "pin_file" in (state / "signer.toml").read_text()
         (tmp_path / "m").write_text("demo")
-        r = signer("sign", "demo", "--in", "m", "--out", "s", address=addr, cwd=tmp_path)
+        r = signer("sign", "demo", "--in", "m", "--out", "s", address=local, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        tls = state / "tls"
+        mtls = ["--tls-ca", str(tls / "ca.pem"), "--tls-cert", str(tls / "clients" / "dev.pem"),
+                "--tls-key", str(tls / "clients" / "dev.key")]  # fmt: skip
+        r = signer("verify", "demo", "--in", "m", "--signature", "s", *mtls,
+                   address=addr, cwd=tmp_path)  # fmt: skip
         assert r.returncode == 0, r.stderr
         hosts = _processes_mentioning(str(state / "hsm"))
         assert hosts, "the token host should be running"
+        assert _processes_mentioning(str(state / "front")), "the TLS front should be running"
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
     assert "service stopped" in output
     assert "token host stopped" in output
+    assert "TLS front stopped" in output
     assert wait_until(lambda: not _processes_mentioning(str(state / "hsm")), 10)
-    # A second start reuses the token and the demo key.
+    assert wait_until(lambda: not _processes_mentioning(str(state / "front")), 10)
+    # A second start reuses the tokens, the certificates and the demo key.
     proc = subprocess.Popen(
         [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert wait_until(lambda: _serving(addr) or proc.poll() is not None, 60)
-        r = signer("verify", "demo", "--in", "m", "--signature", "s", address=addr, cwd=tmp_path)
+        assert wait_until(lambda: _serving(local) or proc.poll() is not None, 60)
+        r = signer("verify", "demo", "--in", "m", "--signature", "s", *mtls,
+                   address=addr, cwd=tmp_path)  # fmt: skip
         assert r.returncode == 0, r.stderr
     finally:
         proc.send_signal(signal.SIGINT)

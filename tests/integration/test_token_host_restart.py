@@ -194,6 +194,7 @@ def test_token_host_sigkilled_and_replaced(host, service_factory, unique_name):
     assert health(svc.address) == NOT_SERVING
     assert_fails_fast(c, name, calls=2)
 
+    old.stop()  # the rest of it: the TLS token's server, which the kill did not reach
     t0 = time.monotonic()
     host.host = hsm.TokenHost(host.root)  # a new host on the same directory
     host.host.start()

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from signer.cli import main as cli
 from signer.cli.main import EXIT_ERROR, EXIT_INVALID, EXIT_OK, build_parser, main
-from signer.client import DEFAULT_ADDRESS, Signature
+from signer.client import DEFAULT_ADDRESS, ClientTLS, Signature
 from signer.errors import NotFound, Unavailable
 from signer.v1 import signer_pb2 as pb
 
@@ -54,8 +54,9 @@ class FakeClient:
     behaviour: ClassVar[dict[str, Any]] = {}
     instances: ClassVar[list[FakeClient]] = []
 
-    def __init__(self, address: str = DEFAULT_ADDRESS) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, tls: ClientTLS | None = None) -> None:
         self.address = address
+        self.tls = tls
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.closed = False
         FakeClient.instances.append(self)
@@ -140,7 +141,7 @@ def test_keys_create() -> None:
         "payments",
         "ec-p256",
     )
-    assert (a.scope, a.label, a.address) == ("", [], "127.0.0.1:50051")
+    assert (a.scope, a.label, a.address) == ("", [], DEFAULT_ADDRESS)
     assert a.func is cli.cmd_keys_create
     a = parse(
         "keys",
@@ -474,3 +475,29 @@ def test_missing_input_file_exit_2(
     assert all(not c.calls for c in fake.instances)
     assert main(["verify", "k", "--in", str(missing), "--signature", str(missing)]) == EXIT_ERROR
     assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_mtls_flags_reach_the_client_and_half_of_them_is_an_error(
+    fake: type[FakeClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["keys", "list", "--address", "127.0.0.1:50051"]
+    tls = ["--tls-ca", "ca.pem", "--tls-cert", "me.pem", "--tls-key", "me.key"]
+    assert main([*argv, *tls]) == EXIT_OK
+    (client,) = fake.instances
+    assert client.address == "127.0.0.1:50051"
+    assert client.tls == ClientTLS("ca.pem", "me.pem", "me.key")
+
+    assert main([*argv, "--tls-ca", "ca.pem"]) == EXIT_ERROR
+    assert "mTLS needs all of --tls-ca, --tls-cert and --tls-key" in capsys.readouterr().err
+
+
+def test_address_and_tls_files_default_from_the_environment(
+    fake: type[FakeClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIGNER_ADDRESS", "unix:/run/signer.sock")
+    for what in ("CA", "CERT", "KEY"):
+        monkeypatch.setenv(f"SIGNER_TLS_{what}", f"{what.lower()}.pem")
+    assert main(["keys", "list"]) == EXIT_OK
+    (client,) = fake.instances
+    assert client.address == "unix:/run/signer.sock"
+    assert client.tls == ClientTLS("ca.pem", "cert.pem", "key.pem")

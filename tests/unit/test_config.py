@@ -88,7 +88,7 @@ reaper_interval_seconds = 5
 """,
     )
     cfg = config.load(path, env={})
-    assert cfg.server == ServerConfig("127.0.0.1:6000", 4096, 3.0)
+    assert cfg.server == ServerConfig("127.0.0.1:6000", max_message_bytes=4096, grace_seconds=3.0)
     assert isinstance(cfg.server.grace_seconds, float)
     assert cfg.token == TokenConfig(
         module=SOFTHSM_MODULE,
@@ -298,3 +298,9 @@ def test_concurrent_from_loaded_config() -> None:
     cfg = config.load(None, env={"SIGNER_TOKEN_MODULE": SOFTHSM_MODULE})
     assert cfg.token.concurrent is False
     assert config.load(None, env={}).token.concurrent is True
+
+
+@pytest.mark.parametrize("mode", ["0999", "rw-rw----", "01777"])
+def test_socket_mode_must_be_octal_permissions(mode: str) -> None:
+    with pytest.raises(ConfigError, match="server.socket_mode must be octal permissions"):
+        config.load(None, env={"SIGNER_SERVER_SOCKET_MODE": mode})

@@ -503,7 +503,7 @@ def test_keys_import_reads_the_pem_and_calls_import_key(
     calls: list[tuple[Any, ...]] = []
 
     class Client:
-        def __init__(self, address: str) -> None:
+        def __init__(self, address: str, tls: object = None) -> None:
             self.address = address
 
         def __enter__(self) -> Client:

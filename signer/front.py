@@ -1,0 +1,241 @@
+"""The mTLS front: nginx terminates TLS with the endpoint's private key held in the TLS token.
+
+Why a front process, and why this one:
+
+* gRPC Python (BoringSSL inside grpcio) takes a TLS private key only as PEM bytes, so a service
+  that terminated TLS itself would hold the key in its memory, and in its dumps.
+* nginx loads the key through OpenSSL's ENGINE API with libp11's ``pkcs11`` engine, which in turn
+  loads only ``p11-kit-client.so``: every TLS handshake signature is made in the token, behind
+  the token host's TLS socket. nginx speaks HTTP/2 with ALPN on both sides (``grpc_pass``), which
+  gRPC requires; stunnel and similar byte relays cannot negotiate ALPN for the backend.
+* The key is in a token of its own (``signer-tls``) with its own PIN, so the one PIN this
+  internet-facing process holds opens the TLS key and nothing else.
+
+nginx forwards the verified client certificate's subject, issuer and serial as request headers
+that it sets itself, replacing any a client sends; a caller without a certificate signed by the
+configured CA never reaches the service (UNAUTHENTICATED, answered by nginx in gRPC's own terms).
+
+nginx runs as a single process (``master_process off``): libp11 0.4.12 (Debian 12) hangs a
+worker that forked after the engine logged in (its session pool waits forever on a condition
+variable; fixed in libp11 0.4.13). One nginx process serves thousands of connections; the service
+behind it, not nginx, is the bottleneck. It runs with RLIMIT_CORE 0 like the token host: its
+memory holds the TLS token's PIN and TLS session keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from signer.children import guarded_preexec
+from signer.config import P11KIT_CLIENT_MODULE, Config, FrontConfig
+from signer.errors import ConfigError, FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+ENGINE_PATH = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
+# Headers the front sets from the verified client certificate. The service believes them only
+# from the front (they are overwritten here whatever a client sends).
+SUBJECT_HEADER = "x-signer-client-subject"
+ISSUER_HEADER = "x-signer-client-issuer"
+SERIAL_HEADER = "x-signer-client-serial"
+UNAUTHENTICATED_MESSAGE = "a client certificate signed by the configured CA is required"
+# Characters that would end a PKCS#11 URI attribute or an nginx string.
+_UNSAFE = set(";?&\"'\\ \n\t{}$")
+
+
+def _check(cfg: FrontConfig) -> None:
+    for name in ("certificate", "pin_file", "server_address", "client_ca", "upstream"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"front.{name} must be set")
+    for name in ("certificate", "client_ca", "pin_file"):
+        if not Path(getattr(cfg, name)).is_file():
+            raise ConfigError(f"front.{name}: no such file: {getattr(cfg, name)}")
+    if not cfg.upstream.startswith("unix:"):
+        raise ConfigError(f"front.upstream must be the service's unix:/path, got {cfg.upstream!r}")
+    if not cfg.key_uri.startswith("pkcs11:") or "pin-" in cfg.key_uri:
+        raise ConfigError("front.key_uri must be a pkcs11: URI without a PIN in it")
+    unsafe = {
+        name
+        for name in ("certificate", "client_ca", "pin_file", "upstream", "key_uri", "workdir")
+        if set(getattr(cfg, name)) & (_UNSAFE - ({";"} if name == "key_uri" else set()))
+    }
+    if unsafe:
+        raise ConfigError(f"front.{', front.'.join(sorted(unsafe))}: unsupported characters")
+    host, _, port = cfg.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"front.listen must be host:port, got {cfg.listen!r}")
+
+
+def openssl_conf() -> str:
+    """OpenSSL configuration that makes the ``pkcs11`` engine load p11-kit's client module only
+    (libp11's default, p11-kit-proxy.so, would load every registered module, SoftHSM2 included)."""
+    return (
+        "openssl_conf = openssl_init\n"
+        "[openssl_init]\nengines = engine_section\n"
+        "[engine_section]\npkcs11 = pkcs11_section\n"
+        "[pkcs11_section]\nengine_id = pkcs11\n"
+        f"dynamic_path = {ENGINE_PATH}\n"
+        f"MODULE_PATH = {P11KIT_CLIENT_MODULE}\n"
+    )
+
+
+def nginx_conf(cfg: Config, workdir: Path) -> str:
+    front = cfg.front
+    _check(front)
+    upstream = front.upstream.removeprefix("unix://").removeprefix("unix:")
+    key = f"engine:pkcs11:{front.key_uri}?pin-source=file:{Path(front.pin_file).absolute()}"
+    # Room for the largest message the service accepts, plus gRPC framing.
+    body = 2 * cfg.server.max_message_bytes + 64 * 1024
+    tmp = workdir / "tmp"
+    return f"""# Written by signer.front; regenerated on every start.
+daemon off;
+master_process off;  # libp11 0.4.12 hangs forked workers; see signer/front.py
+error_log {workdir / "error.log"} warn;
+pid {workdir / "nginx.pid"};
+env P11_KIT_SERVER_ADDRESS;
+env OPENSSL_CONF;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;  # the service's audit log records every call
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  client_max_body_size {body};
+  keepalive_requests 1000000;
+  keepalive_timeout 600s;
+  http2_max_concurrent_streams 256;
+  upstream signer {{
+    server unix:{upstream};
+    keepalive 64;  # reuse HTTP/2 connections to the service
+  }}
+  server {{
+    listen {front.listen} ssl http2;
+    ssl_certificate {Path(front.certificate).absolute()};
+    ssl_certificate_key "{key}";
+    ssl_protocols TLSv1.3;
+    ssl_client_certificate {Path(front.client_ca).absolute()};
+    ssl_verify_client on;
+    ssl_verify_depth 2;
+    ssl_session_cache shared:signer:4m;
+    # 495: the client certificate did not verify; 496: there was none. Answered in gRPC's terms.
+    error_page 495 496 = @unauthenticated;
+    location / {{
+      grpc_pass grpc://signer;
+      grpc_read_timeout 600s;
+      grpc_send_timeout 600s;
+      grpc_set_header {SUBJECT_HEADER} $ssl_client_s_dn;
+      grpc_set_header {ISSUER_HEADER} $ssl_client_i_dn;
+      grpc_set_header {SERIAL_HEADER} $ssl_client_serial;
+    }}
+    location @unauthenticated {{
+      default_type application/grpc;
+      add_header grpc-status 16 always;
+      add_header grpc-message "{UNAUTHENTICATED_MESSAGE}" always;
+      return 200 "";
+    }}
+  }}
+}}
+"""
+
+
+def _require_free(host: str, port: int) -> None:
+    """A clear error now, rather than a connection test that reaches someone else's listener."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+class Front:
+    """Runs nginx as the mTLS front until stopped."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.workdir = Path(cfg.front.workdir).absolute()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def error_log(self) -> Path:
+        return self.workdir / "error.log"
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        (self.workdir / "tmp").mkdir(mode=0o700, exist_ok=True)
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(nginx_conf(self.cfg, self.workdir))
+        (self.workdir / "openssl.cnf").write_text(openssl_conf())
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"),
+            "OPENSSL_CONF": str(self.workdir / "openssl.cnf"),
+            "P11_KIT_SERVER_ADDRESS": self.cfg.front.server_address,
+        }
+        host, _, port = self.cfg.front.listen.rpartition(":")
+        _require_free(host, int(port))
+        log_file = self.workdir / "nginx.out"
+        with open(log_file, "wb") as out:
+            try:
+                self._proc = subprocess.Popen(
+                    [self.cfg.front.nginx, "-c", str(conf), "-p", str(self.workdir),
+                     "-e", str(self.error_log)],
+                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, preexec_fn=guarded_preexec,
+                )  # fmt: skip
+            except FileNotFoundError:
+                raise FailedPrecondition(
+                    f"{self.cfg.front.nginx} not found: install nginx (make deps does)"
+                ) from None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                status = self._proc.returncode
+                self._proc = None
+                raise FailedPrecondition(
+                    f"nginx exited with status {status}: {self._last_error(log_file)}"
+                )
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.2):
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise FailedPrecondition(f"the TLS front did not listen on {host}:{port} in time")
+            time.sleep(0.05)
+        log.info("TLS front serving", extra={"address": self.cfg.front.listen, "pid": self.pid})
+
+    def _last_error(self, *files: Path) -> str:
+        lines: list[str] = []
+        for f in (*files, self.error_log):
+            with contextlib.suppress(OSError):
+                lines += [ln for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else "no message"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGQUIT)  # nginx: graceful shutdown
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.info("TLS front stopped")
+
+    def wait(self) -> int:
+        assert self._proc is not None
+        return self._proc.wait()

@@ -1,0 +1,254 @@
+"""The mTLS front: real nginx, its TLS key in the TLS token, proxying to the service's Unix socket.
+
+Callers here use real TLS 1.3 with client certificates from a development CA; the endpoint's
+private key was generated in the token (``signer hsm init``) and nginx signs every handshake
+through libp11 and p11-kit-client.so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pkcs11
+import pytest
+from cryptography import x509
+from pkcs11 import Attribute, ObjectClass
+
+from signer import config as config_mod
+from signer import hsm
+from signer.client import ClientTLS, SignerClient
+from signer.errors import Unauthenticated
+from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER, Front
+from signer.pki import DevCA
+from tests.conftest import RunningService, free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pki(token_host, tmp_path_factory: pytest.TempPathFactory) -> DevCA:
+    ca = DevCA.ensure(tmp_path_factory.mktemp("tls"))
+    ca.issue_server(token_host.paths.tls_public_key.read_bytes(), ["localhost", "127.0.0.1"])
+    ca.issue_client("payments", "acme")
+    return ca
+
+
+def front_config(token_host, pki: DevCA, upstream: Path, workdir: Path) -> config_mod.FrontConfig:
+    return config_mod.FrontConfig(
+        listen=f"127.0.0.1:{free_port()}",
+        certificate=str(pki.server_cert),
+        key_uri=hsm.TLS_KEY_URI,
+        pin_file=str(token_host.paths.tls_pin),
+        server_address=token_host.paths.tls_server_address,
+        client_ca=str(pki.cert),
+        upstream=f"unix:{upstream}",
+        workdir=str(workdir),
+    )
+
+
+@dataclass
+class Deployment:
+    service: RunningService
+    front: Front
+    pki: DevCA
+
+    @property
+    def address(self) -> str:
+        return self.front.cfg.front.listen
+
+    def client(self, name: str = "payments") -> SignerClient:
+        cert, key = self.pki.client_files(name)
+        return SignerClient(self.address, tls=ClientTLS(self.pki.cert, cert, key), timeout=10)
+
+
+@pytest.fixture
+def deployment(service_factory, token_host, pki: DevCA, tmp_path: Path) -> Iterator[Deployment]:
+    """The production shape: service on a Unix socket, nginx with mTLS in front of it."""
+    socket = tmp_path / "run" / "signer.sock"
+    svc = service_factory(server={"listen": f"unix:{socket}"})
+    cfg = dataclasses.replace(
+        svc.server.cfg, front=front_config(token_host, pki, socket, tmp_path / "front")
+    )
+    front = Front(cfg)
+    front.start()
+    try:
+        yield Deployment(svc, front, pki)
+    finally:
+        front.stop()
+
+
+def test_sign_over_mtls_and_verify_with_openssl(deployment: Deployment, unique_name, tmp_path):
+    name = unique_name()
+    with deployment.client() as c:
+        c.create_key(name, "ec-p256")
+        sig = c.sign(name, message=b"over mTLS")
+        assert c.verify(name, sig.signature, message=b"over mTLS")
+        (tmp_path / "pub.pem").write_text(c.public_key(name).pem)
+    (tmp_path / "msg").write_bytes(b"over mTLS")
+    (tmp_path / "sig").write_bytes(sig.signature)
+    done = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig", "msg"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_endpoint_presents_the_certificate_over_the_token_key(deployment: Deployment):
+    """openssl s_client completes a TLS 1.3 handshake whose CertificateVerify was signed in the
+    token: the certificate is over the public half of the token's key, so nothing else could."""
+    cert, key = deployment.pki.client_files("payments")
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", deployment.address, "-tls1_3", "-alpn", "h2",
+         "-CAfile", str(deployment.pki.cert), "-cert", str(cert), "-key", str(key),
+         "-verify_return_error", "-showcerts"],
+        input="", capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "Verify return code: 0 (ok)" in done.stdout, done.stdout + done.stderr
+    assert "ALPN protocol: h2" in done.stdout
+    pem = done.stdout.split("-----BEGIN CERTIFICATE-----", 1)[1].split("-----END", 1)[0]
+    served = x509.load_pem_x509_certificate(
+        f"-----BEGIN CERTIFICATE-----{pem}-----END CERTIFICATE-----\n".encode()
+    )
+    token_public = deployment.pki.server_cert.read_bytes()
+    assert served == x509.load_pem_x509_certificate(token_public)
+
+
+def test_no_client_certificate_is_unauthenticated(deployment: Deployment):
+    creds = grpc.ssl_channel_credentials(root_certificates=deployment.pki.cert.read_bytes())
+    with SignerClient(channel=grpc.secure_channel(deployment.address, creds), timeout=10) as c:
+        with pytest.raises(Unauthenticated, match="a client certificate signed by the configured"):
+            c.list_keys()
+
+
+def test_a_certificate_from_another_ca_is_unauthenticated(deployment: Deployment, tmp_path):
+    other = DevCA.ensure(tmp_path / "other-ca")
+    cert, key = other.issue_client("payments", "acme")  # same subject, wrong issuer
+    tls = ClientTLS(deployment.pki.cert, cert, key)
+    with SignerClient(deployment.address, tls=tls, timeout=10) as c:
+        with pytest.raises(Unauthenticated):
+            c.list_keys()
+
+
+def test_a_client_that_does_not_trust_the_endpoint_does_not_connect(deployment, tmp_path):
+    other = DevCA.ensure(tmp_path / "other-ca")
+    cert, key = deployment.pki.client_files("payments")
+    with SignerClient(deployment.address, tls=ClientTLS(other.cert, cert, key), timeout=5) as c:
+        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+            c.list_keys()
+
+
+# --- what the service is told about the caller -------------------------------------------------
+
+
+class _Echo(grpc.GenericRpcHandler):
+    """Answers every call with the request metadata it received, as JSON."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return json.dumps(dict(context.invocation_metadata())).encode()
+
+        return grpc.unary_unary_rpc_method_handler(echo)
+
+
+@pytest.fixture
+def echo_front(token_host, pki: DevCA, tmp_path: Path) -> Iterator[Callable[..., dict[str, Any]]]:
+    socket = tmp_path / "echo.sock"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((_Echo(),))
+    server.add_insecure_port(f"unix:{socket}")
+    server.start()
+    cfg = config_mod.Config(front=front_config(token_host, pki, socket, tmp_path / "front"))
+    front = Front(cfg)
+    front.start()
+
+    def call(metadata: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+        cert, key = pki.client_files("payments")
+        creds = ClientTLS(pki.cert, cert, key).credentials()
+        with grpc.secure_channel(cfg.front.listen, creds) as ch:
+            rpc = ch.unary_unary("/echo.Echo/Metadata")
+            out: dict[str, Any] = json.loads(rpc(b"", metadata=metadata, timeout=10))
+            return out
+
+    try:
+        yield call
+    finally:
+        front.stop()
+        server.stop(0)
+
+
+def test_the_front_names_the_verified_caller(echo_front, pki: DevCA):
+    seen = echo_front()
+    cert = x509.load_pem_x509_certificate(pki.client_files("payments")[0].read_bytes())
+    assert seen[SUBJECT_HEADER] == "O=acme,CN=payments"
+    assert seen[ISSUER_HEADER] == "CN=signer development CA"
+    assert int(seen[SERIAL_HEADER], 16) == cert.serial_number
+
+
+def test_identity_headers_sent_by_a_client_are_replaced(echo_front):
+    forged = ((SUBJECT_HEADER, "CN=admin"), (ISSUER_HEADER, "CN=anyone"), (SERIAL_HEADER, "01"))
+    seen = echo_front(forged)
+    assert seen[SUBJECT_HEADER] == "O=acme,CN=payments"
+    assert seen[ISSUER_HEADER] == "CN=signer development CA"
+    assert seen[SERIAL_HEADER] != "01"
+
+
+# --- where the TLS key is, and is not -----------------------------------------------------------
+
+
+def _proc(pid: int, name: str) -> bytes:
+    return Path(f"/proc/{pid}/{name}").read_bytes()
+
+
+def test_the_front_holds_no_key_file_and_no_pin_in_argv_or_environment(deployment, token_host):
+    pid = deployment.front.pid
+    assert pid is not None
+    pin = token_host.paths.tls_pin.read_bytes().strip()
+    maps = _proc(pid, "maps").decode()
+    assert "p11-kit-client.so" in maps
+    assert "libsofthsm2" not in maps, "the TLS front must not load the token itself"
+    assert pin not in _proc(pid, "cmdline")
+    assert pin not in _proc(pid, "environ")
+    conf = (Path(deployment.front.workdir) / "nginx.conf").read_text()
+    assert pin.decode() not in conf
+    assert "PRIVATE KEY" not in conf
+    limits = _proc(pid, "limits").decode()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
+
+
+def test_the_tls_key_was_generated_in_the_token_and_cannot_leave_it(token_host, monkeypatch):
+    monkeypatch.setenv("P11_KIT_SERVER_ADDRESS", token_host.paths.tls_server_address)
+    lib = pkcs11._pkcs11.lib(config_mod.P11KIT_CLIENT_MODULE)
+    try:
+        token = lib.get_token(token_label=hsm.TLS_LABEL)
+        pin = token_host.paths.tls_pin.read_bytes().strip().decode("ascii")
+        with token.open(user_pin=pin) as session:
+            (key,) = session.get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: hsm.TLS_KEY_LABEL}
+            )
+            assert key[Attribute.SENSITIVE] and key[Attribute.ALWAYS_SENSITIVE]
+            assert not key[Attribute.EXTRACTABLE] and key[Attribute.NEVER_EXTRACTABLE]
+            assert key[Attribute.LOCAL], "generated in the token, not imported"
+            # The TLS token holds the TLS key pair and nothing else: no signing key.
+            labels = {o[Attribute.LABEL] for o in session.get_objects()}
+            assert labels == {hsm.TLS_KEY_LABEL}
+    finally:
+        lib.finalize()
+
+
+def test_the_signing_token_socket_does_not_offer_the_tls_key(own_session):
+    found = list(own_session.get_objects({Attribute.LABEL: hsm.TLS_KEY_LABEL}))
+    assert found == []
+
+
+def test_the_service_unix_socket_is_created_with_its_mode(deployment: Deployment):
+    path = Path(deployment.front.cfg.front.upstream.removeprefix("unix:"))
+    assert path.stat().st_mode & 0o777 == 0o660

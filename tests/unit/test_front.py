@@ -1,0 +1,77 @@
+"""signer.front: the nginx configuration it writes, and the settings it refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from signer import config as config_mod
+from signer.errors import ConfigError
+from signer.front import SUBJECT_HEADER, nginx_conf, openssl_conf
+
+
+def front_config(tmp_path: Path, **overrides: str) -> config_mod.Config:
+    for name in ("server.pem", "ca.pem", "tls.pin"):
+        (tmp_path / name).write_text("x")
+    front = config_mod.FrontConfig(
+        certificate=str(tmp_path / "server.pem"),
+        client_ca=str(tmp_path / "ca.pem"),
+        pin_file=str(tmp_path / "tls.pin"),
+        server_address="unix:path=/run/hsm/p11-kit-tls.sock",
+        upstream="unix:/run/signer/signer.sock",
+    )
+    return config_mod.Config(front=dataclasses.replace(front, **overrides))
+
+
+def test_the_key_is_an_engine_uri_with_the_pin_read_from_its_file(tmp_path: Path) -> None:
+    text = nginx_conf(front_config(tmp_path), tmp_path)
+    pin_file = tmp_path / "tls.pin"
+    assert (
+        'ssl_certificate_key "engine:pkcs11:pkcs11:token=signer-tls;object=tls-endpoint;'
+        f'type=private?pin-source=file:{pin_file}";'
+    ) in text
+    assert "ssl_verify_client on;" in text
+    assert "error_page 495 496 = @unauthenticated;" in text  # refused with a gRPC status
+    assert "add_header grpc-status 16 always;" in text
+    assert f"grpc_set_header {SUBJECT_HEADER} $ssl_client_s_dn;" in text
+    assert "server unix:/run/signer/signer.sock;" in text
+    assert "master_process off;" in text
+    # Room for the largest Sign message the service accepts.
+    assert f"client_max_body_size {2 * 1024 * 1024 + 64 * 1024};" in text
+
+
+def test_openssl_conf_points_the_engine_at_p11_kit_client_only() -> None:
+    text = openssl_conf()
+    assert f"MODULE_PATH = {config_mod.P11KIT_CLIENT_MODULE}" in text
+    assert "softhsm" not in text.lower()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"certificate": ""}, "front.certificate must be set"),
+        ({"client_ca": ""}, "front.client_ca must be set"),
+        ({"pin_file": "/nonexistent/tls.pin"}, "front.pin_file: no such file"),
+        ({"upstream": "127.0.0.1:5000"}, "front.upstream must be the service's unix:/path"),
+        ({"key_uri": "pkcs11:object=x?pin-value=1234"}, "without a PIN in it"),
+        ({"key_uri": "/etc/key.pem"}, "must be a pkcs11: URI"),
+        ({"upstream": "unix:/run/a b.sock"}, "front.upstream: unsupported characters"),
+        ({"listen": "50051"}, "front.listen must be host:port"),
+    ],
+)
+def test_bad_front_settings_are_refused_by_name(
+    tmp_path: Path, overrides: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        nginx_conf(front_config(tmp_path, **overrides), tmp_path)
+
+
+def test_the_front_section_loads_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "signer.toml"
+    path.write_text('[front]\nlisten = "0.0.0.0:443"\nupstream = "unix:/run/s.sock"\n')
+    cfg = config_mod.load(path, env={"SIGNER_FRONT_WORKDIR": "/var/lib/signer/front"})
+    assert cfg.front.listen == "0.0.0.0:443"
+    assert cfg.front.upstream == "unix:/run/s.sock"
+    assert cfg.front.workdir == "/var/lib/signer/front"
