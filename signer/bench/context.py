@@ -59,7 +59,7 @@ def make_real_core(
         sp = lab.start_service(lab.root / "service")
         with reaped(sp.proc):
             progress(f"service pid {sp.pid} serving; signing for {load_seconds:g}s ...")
-            with Load(sp.address, lab.keys, threads=threads) as load:
+            with Load(lab.routes(), lab.keys, threads=threads) as load:
                 time.sleep(load_seconds)
             out = work.absolute() / "service.core"
             began = time.monotonic()

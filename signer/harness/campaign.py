@@ -1,13 +1,17 @@
 """The crash campaign: crash the real service over a matrix, scan every dump, prove each scan.
 
 Every row is one dump: a mechanism (signal, native fault, or gcore snapshot), a moment (what the
-service was doing), a collector (kernel core or gcore). Every dump is scanned for every known key
-and the token PIN. A row only counts as evidence with its two proofs:
+service was doing), a collector (kernel core or gcore). Every dump is scanned for every known key,
+the TLS endpoint's key and both token PINs. A row only counts as evidence with its two proofs:
 
 * marker: a random payload the service signed just before the crash is found in the dump (the
   dump is whole, and the scanner reads it);
 * control: a process holding the same keys in memory, crashed and collected the same way, in
   which the scanner finds every key (the scanner would have seen a leak).
+
+Rows whose subject is ``front`` snapshot the mTLS front (nginx) instead, under the same load: its
+TLS key is in the token, so the key must be absent there too. The front does hold the TLS token's
+PIN (libp11 keeps it to log in again); those findings are reported as expected, not judged.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from signer.errors import SignerError
 from signer.harness import crash
 from signer.harness.collectors import KernelCollector, gcore
@@ -31,6 +37,8 @@ from signer.harness.lab import Lab, Load, ServiceProcess, reaped
 from signer.scan import Scanner
 
 MOMENTS = ("idle", "load", "keygen", "rotation", "import", "startup", "shutdown")
+# What the front is known to hold: libp11 keeps the TLS token's PIN to log in again.
+FRONT_HOLDS = frozenset({"tls-token-pin"})
 Progress = Callable[[str], None]
 
 
@@ -39,7 +47,8 @@ class Case:
     mechanism: str
     moment: str
     collector: str  # "kernel" or "gcore"/"gcore-a" (snapshots)
-    subject: str = "service"  # "service" | "inprocess" (SoftHSM2 loaded by the service)
+    # "service"; "inprocess" (SoftHSM2 loaded by the service: the second control); "front"
+    subject: str = "service"
 
     @property
     def id(self) -> str:
@@ -61,6 +70,8 @@ class Row:
     control_findings: int = 0
     seconds: float = 0.0
     activity: str = ""  # what the service was visibly doing when it was crashed
+    # Findings of secrets this subject is known to hold (the front: the TLS token's PIN).
+    expected_findings: dict[str, int] = field(default_factory=dict)
     error: str = ""
 
     @property
@@ -87,6 +98,8 @@ def quick_matrix() -> list[Case]:
         Case("gcore-a", "load", "gcore-a"),
         Case("gcore", "keygen", "gcore"),
         Case("SIGSEGV", "load", "kernel", subject="inprocess"),
+        Case("gcore", "load", "gcore", subject="front"),
+        Case("gcore-a", "load", "gcore-a", subject="front"),
     ]
     return cases
 
@@ -102,6 +115,7 @@ def full_matrix() -> list[Case]:
     cases += [Case(s, moment, s) for s in crash.SNAPSHOTS for moment in MOMENTS]
     cases += [Case(m, "load", "kernel", subject="inprocess") for m in crash.FATAL]
     cases += [Case("gcore-a", "load", "gcore-a", subject="inprocess")]
+    cases += [Case(s, "load", s, subject="front") for s in crash.SNAPSHOTS]
     return cases
 
 
@@ -118,6 +132,11 @@ class Campaign:
         self._scanner: Scanner | None = None
         self._secret_ids: set[str] = set()
         self._imported = 0
+
+    @property
+    def secret_ids(self) -> frozenset[str]:
+        """What every dump was searched for."""
+        return frozenset(self._secret_ids)
 
     # --- running --------------------------------------------------------------------------------
 
@@ -157,7 +176,10 @@ class Campaign:
         start = time.monotonic()
         cwd = self.work / case.id
         try:
-            dump, marker = self._dump_service(case, cwd, row)
+            if case.subject == "front":
+                dump, marker = self._dump_front(case, cwd, row)
+            else:
+                dump, marker = self._dump_service(case, cwd, row)
             self._scan(dump, marker, row, self._maps_of(cwd))
             row.control, row.control_findings = self._control(case)
         except Exception as exc:  # a row that breaks is a failed row, not a crashed campaign
@@ -186,7 +208,7 @@ class Campaign:
                     marker = self._plant_marker(c)
                     row.activity = _activity(case.moment, None, 0)
                     return self._crash(case, sp, cwd, row), marker
-                load = Load(sp.address, self.lab.keys, threads=8)
+                load = Load(self.lab.routes(), self.lab.keys, threads=8)
                 self._imported = 0
                 background = self._moment_work(case.moment, c)
                 with load if case.moment in ("load", "shutdown") else _Null():
@@ -203,6 +225,28 @@ class Campaign:
                     dump = self._crash(case, sp, cwd, row)
                     row.activity = _activity(case.moment, load, self._imported)
                     return dump, marker
+
+    def _dump_front(self, case: Case, cwd: Path, row: Row) -> tuple[Path, bytes]:
+        """A snapshot of the running front while calls pass through it. The marker is the
+        signature on its certificate, which nginx holds from start-up."""
+        front = self.lab.front
+        assert front is not None
+        assert front.pid is not None
+        row.collector_name = case.collector
+        sp = self.lab.start_service(cwd)
+        with reaped(sp.proc):
+            load = Load(self.lab.routes(), self.lab.keys, threads=8)
+            with load:
+                time.sleep(0.5)
+                with contextlib.suppress(OSError):
+                    (cwd / "maps").write_text(Path(f"/proc/{front.pid}/maps").read_text())
+                dump = cwd / "front.core"
+                row.how = f"gcore{' -a' if case.mechanism == 'gcore-a' else ''} of nginx"
+                gcore(front.pid, dump, all_mappings=case.mechanism == "gcore-a")
+            row.exit_status = "running (snapshot)"
+            row.activity = f"{load.signed} signatures by 8 clients, 4 of them through the front"
+        cert = x509.load_pem_x509_certificate(self.lab.ca.server_cert.read_bytes())
+        return dump, cert.signature
 
     def _plant_marker(self, client: Any) -> bytes:
         """Something random the service must now hold: a key whose label is a fresh random value,
@@ -291,7 +335,11 @@ class Campaign:
         row.dump_size = result.size
         row.bytes_scanned = result.bytes_scanned
         row.patterns = result.patterns
-        row.findings = [_finding_dict(f) for f in result.findings]
+        expected = FRONT_HOLDS if row.case.subject == "front" else frozenset()
+        row.findings = [_finding_dict(f) for f in result.findings if f.secret_id not in expected]
+        for f in result.findings:
+            if f.secret_id in expected:
+                row.expected_findings[f.secret_id] = row.expected_findings.get(f.secret_id, 0) + 1
         row.marker = result.markers_found.get("marker", 0) > 0
 
     def _control(self, case: Case) -> tuple[str, int]:
@@ -344,6 +392,7 @@ class Campaign:
             "inprocess_findings": sum(
                 len(r.findings) for r in self.rows if r.case.subject == "inprocess"
             ),
+            "front_findings": sum(len(r.findings) for r in self.rows if r.case.subject == "front"),
             "controls_run": len(self._controls),
             "controls_caught": sum(1 for v, _ in self._controls.values() if v.startswith("caught")),
             "markers_found": sum(1 for r in self.rows if r.marker),
@@ -373,10 +422,13 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"{s['controls_caught']}/{s['controls_run']}; markers found "
         f"{s['markers_found']}/{s['crashes']}. Kernel collector: {s['kernel_collector']}.",
         "",
-        "Every dump is scanned for every known key (all representations and 16-byte fragments) "
-        "and the token PIN. A row counts only if the marker (a fresh random value the service had "
-        "just been given, as a key label, and signed with) is in the dump and the control (the "
-        "same keys held in memory by an ordinary process, crashed the same way) was caught.",
+        "Every dump is scanned for every known key (all representations and 16-byte fragments), "
+        "the TLS endpoint's key and both token PINs. A row counts only if the marker (a fresh "
+        "random value the service had just been given, as a key label, and signed with; for the "
+        "front, the signature on its certificate) is in the dump and the control (the same keys "
+        "and PINs held in memory by an ordinary process with an ordinary TLS server, crashed the "
+        "same way) was caught. The front's findings of its own TLS token PIN are expected "
+        "(libp11 keeps it to log in again) and listed apart.",
         "",
         "| subject | mechanism | moment | activity | collector | exit | dump MiB | scanned MiB "
         "| patterns | findings | control | marker | ok |",
@@ -389,7 +441,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"| {r['collector_name']} "
             f"| {r['exit_status']} | {r['dump_size'] / 2**20:.1f} "
             f"| {r['bytes_scanned'] / 2**20:.1f} "
-            f"| {r['patterns']} | {len(r['findings'])} | {r['control']} "
+            f"| {r['patterns']} | {len(r['findings'])}{_expected(r)} | {r['control']} "
             f"| {'yes' if r['marker'] else 'NO'} | {'ok' if r['ok'] else 'FAIL ' + r['error']} |"
         )
     findings = [(r["id"], f) for r in data["rows"] for f in r["findings"]]
@@ -402,6 +454,11 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"| {f['offset']} | {f['address']} | {f['mapping']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _expected(row: dict[str, Any]) -> str:
+    held = row.get("expected_findings") or {}
+    return "".join(f" (+{n} expected: {secret})" for secret, n in sorted(held.items()))
 
 
 def _finding_dict(f: Any) -> dict[str, Any]:

@@ -1,9 +1,14 @@
-"""The crash lab: a token host, known keys provisioned in it, and service processes to crash.
+"""The crash lab: a token host, known keys provisioned in it, the mTLS front, and service
+processes to crash.
 
 The lab knows the private keys it hunts for because it provisions them itself, as an HSM
 administrator would: generated here, imported at the token host with the token's own tool
 (``softhsm2-util --import``, via :func:`signer.hsm.provision_key`), and recorded in the service's
-metadata store. The service never receives plaintext in any of this.
+metadata store. The TLS endpoint's key is provisioned the same way into the TLS token, and the
+front (nginx) serves mTLS with it. The service never receives plaintext in any of this.
+
+The service listens on a Unix socket; half of the load arrives there directly, half through the
+front over mTLS, so the service handles proxied calls while it is crashed.
 """
 
 from __future__ import annotations
@@ -26,15 +31,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from signer import config as config_mod
 from signer import hsm
-from signer.client import SignerClient
+from signer.client import ClientTLS, SignerClient
 from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
 from signer.errors import SignerError
+from signer.front import Front
 from signer.keys import ALGORITHMS
+from signer.pki import DevCA
 from signer.scan import Secret, secret_from_key, secret_from_pin
 from signer.service import adopt_with_config
 
 # What the p11-kit path offers (ed25519 does not cross Debian's p11-kit 0.24.1).
 LAB_ALGORITHMS = ("ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096")
+LAB_CLIENT = "harness"
 # Kernel cores carry what a real crash would: anonymous memory, private and shared, and ELF
 # headers (the default 0x33). gcore -a covers everything else.
 COREDUMP_FILTER = 0x33
@@ -86,6 +94,17 @@ class ServiceProcess:
         return SignerClient(self.address, timeout=30)
 
 
+@dataclass(frozen=True)
+class Route:
+    """One way in: the service's Unix socket, or the mTLS front."""
+
+    address: str
+    tls: ClientTLS | None = None
+
+    def client(self, timeout: float = 10) -> SignerClient:
+        return SignerClient(self.address, tls=self.tls, timeout=timeout)
+
+
 def _core_friendly() -> None:
     """preexec for processes the harness will crash: unlimited cores, deliberate filter."""
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
@@ -108,7 +127,10 @@ class Lab:
     keys: list[KnownKey] = field(default_factory=list)
     # Keys the campaign imports through the BYOK API (wrapped client-side, unwrapped in the token).
     byok: list[KnownKey] = field(default_factory=list)
+    # The TLS endpoint's key, provisioned into the TLS token; only the front uses it.
+    tls_key: KnownKey | None = None
     host: hsm.TokenHost | None = None
+    front: Front | None = None
 
     @property
     def hsm_dir(self) -> Path:
@@ -122,16 +144,42 @@ class Lab:
     def pin(self) -> bytes:
         return hsm.HsmPaths(self.hsm_dir).user_pin.read_bytes().strip()
 
+    @property
+    def tls_pin(self) -> bytes:
+        return hsm.HsmPaths(self.hsm_dir).tls_pin.read_bytes().strip()
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "signer.sock"
+
+    @property
+    def ca(self) -> DevCA:
+        return DevCA(self.root / "tls")
+
+    @property
+    def tls_key_file(self) -> Path:
+        """The TLS key's plaintext, for the control's ordinary TLS server only."""
+        return self.root / "tls-endpoint.key"
+
+    def routes(self) -> list[Route]:
+        """The service's Unix socket, and the mTLS front when it runs."""
+        routes = [Route(f"unix:{self.socket}")]
+        if self.front is not None:
+            cert, key = self.ca.client_files(LAB_CLIENT)
+            routes.append(Route(self.front.cfg.front.listen, ClientTLS(self.ca.cert, cert, key)))
+        return routes
+
     def setup(self) -> None:
         """Token host with a long random PIN, and one known key per algorithm provisioned in it
         and adopted by the service's store, exactly as ``signer hsm import-key`` followed by
         ``signer keys adopt`` would (adoption also switches off decrypt/unwrap on RSA keys)."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
-        hsm.init(self.hsm_dir)
+        hsm.init(self.hsm_dir, tls_key=False)
         self.keys_dir.mkdir(mode=0o700, exist_ok=True)
         self.host = hsm.TokenHost(self.hsm_dir)
         self.host.start()
+        self._provision_tls_key()
         cfg = config_mod.load(self.config(self.root))
         for alg in self.algorithms:
             key = KnownKey(f"known-{alg}", alg, _generate(alg), secrets.token_bytes(16))
@@ -144,6 +192,35 @@ class Lab:
             self._keep(key)
             self.byok.append(key)
 
+    def _provision_tls_key(self) -> None:
+        """A known TLS key in the TLS token (so its dumps can be searched for it), a certificate
+        over it, a client certificate, and the front serving mTLS with it."""
+        key = KnownKey("tls-endpoint", "ec-p256", _generate("ec-p256"), hsm.TLS_KEY_ID)
+        paths = hsm.HsmPaths(self.hsm_dir.absolute())
+        hsm.provision_key(self.hsm_dir, key.pem, hsm.TLS_KEY_LABEL, key.key_id, token=hsm.TLS_LABEL)
+        public = key.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        paths.tls_public_key.write_bytes(public)
+        self.tls_key_file.write_bytes(key.pem)
+        os.chmod(self.tls_key_file, 0o600)
+        self.tls_key = key
+        ca = DevCA.ensure(self.root / "tls")
+        ca.issue_server(public, ["localhost", "127.0.0.1"])
+        ca.issue_client(LAB_CLIENT)
+        front = config_mod.FrontConfig(
+            listen=f"127.0.0.1:{_free_port()}",
+            certificate=str(ca.server_cert),
+            key_uri=hsm.TLS_KEY_URI,
+            pin_file=str(paths.tls_pin),
+            server_address=paths.tls_server_address,
+            client_ca=str(ca.cert),
+            upstream=f"unix:{self.socket}",
+            workdir=str(self.root / "front"),
+        )
+        self.front = Front(config_mod.Config(front=front))
+        self.front.start()
+
     def _keep(self, key: KnownKey) -> None:
         """The plaintext, for the control process only (0600 in a 0700 directory)."""
         path = self.keys_dir / f"{key.name}.pem"
@@ -151,17 +228,22 @@ class Lab:
         os.chmod(path, 0o600)
 
     def close(self) -> None:
+        if self.front is not None:
+            self.front.stop()
         if self.host is not None:
             self.host.stop()
 
     def secrets(self) -> list[Secret]:
         out = [secret_from_key(k.private, k.name) for k in (*self.keys, *self.byok)]
         out.append(secret_from_pin(self.pin, "token-user-pin"))
+        if self.tls_key is not None:
+            out.append(secret_from_key(self.tls_key.private, "tls-endpoint-key"))
+            out.append(secret_from_pin(self.tls_pin, "tls-token-pin"))
         return out
 
     def config(self, cwd: Path, inprocess: bool = False) -> Path:
         paths = hsm.HsmPaths(self.hsm_dir.absolute())
-        listen = f"127.0.0.1:{_free_port()}"
+        listen = f"unix:{self.socket}"
         module = SOFTHSM_MODULE if inprocess else P11KIT_CLIENT_MODULE
         text = (
             f'[server]\nlisten = "{listen}"\ngrace_seconds = 2.0\n\n'
@@ -214,10 +296,15 @@ class Lab:
         cwd.mkdir(parents=True, exist_ok=True)
         ready = cwd / "ready"
         (cwd / "marker").write_bytes(marker)
+        paths = hsm.HsmPaths(self.hsm_dir)
+        tls = []
+        if self.tls_key is not None:
+            tls = ["--tls-key", str(self.tls_key_file), "--tls-cert", str(self.ca.server_cert),
+                   "--tls-pin-file", str(paths.tls_pin)]  # fmt: skip
         proc = subprocess.Popen(
             [sys.executable, "-m", "signer.harness.control", "--keys", str(self.keys_dir),
-             "--pin-file", str(hsm.HsmPaths(self.hsm_dir).user_pin),
-             "--ready", str(ready), "--marker-file", str(cwd / "marker")],
+             "--pin-file", str(paths.user_pin),
+             "--ready", str(ready), "--marker-file", str(cwd / "marker"), *tls],
             cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, preexec_fn=_core_friendly,
         )  # fmt: skip
@@ -231,10 +318,11 @@ class Lab:
 
 
 class Load:
-    """Concurrent signing with every known key until stopped; counts what it did."""
+    """Concurrent signing with every known key until stopped, the threads spread over the
+    routes in (Unix socket, mTLS front); counts what it did."""
 
-    def __init__(self, address: str, keys: list[KnownKey], threads: int = 8) -> None:
-        self.address = address
+    def __init__(self, routes: list[Route], keys: list[KnownKey], threads: int = 8) -> None:
+        self.routes = routes
         self.keys = keys
         self.threads = threads
         self.signed = 0
@@ -244,7 +332,7 @@ class Load:
         self._lock = threading.Lock()
 
     def _run(self, i: int) -> None:
-        with SignerClient(self.address, timeout=10) as c:
+        with self.routes[i % len(self.routes)].client() as c:
             n = 0
             while not self._stop.is_set():
                 key = self.keys[(i + n) % len(self.keys)]

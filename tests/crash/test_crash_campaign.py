@@ -1,9 +1,11 @@
 """The CI slice of the crash campaign: real crashes of the real service, real dumps, scanned.
 
 Every mechanism at least once under load, every moment, kernel cores and gcore/gcore -a, every
-algorithm the token path offers (all known keys are searched in every dump), plus the token PIN.
-Each row carries its own proofs: the marker payload is in the dump, and a control process holding
-the same keys, crashed the same way, is caught. The full matrix runs with `make audit`.
+algorithm the token path offers (all known keys are searched in every dump), the TLS endpoint's
+key and both token PINs. Half the load arrives through the mTLS front. Each row carries its own
+proofs: the marker payload is in the dump, and a control process holding the same keys and PINs
+(the TLS key in an ordinary TLS server), crashed the same way, is caught. Two more rows snapshot
+the front itself. The full matrix runs with `make audit`.
 """
 
 from __future__ import annotations
@@ -61,6 +63,26 @@ def test_controls_catch_every_key_and_the_pin(campaign: Campaign) -> None:
     summary = campaign.summary()
     assert summary["controls_run"] >= len(quick_matrix()) // 3
     assert summary["controls_caught"] == summary["controls_run"]
+
+
+def test_every_scan_searched_for_the_tls_key_and_both_pins(campaign: Campaign) -> None:
+    assert {"tls-endpoint-key", "tls-token-pin", "token-user-pin"} <= campaign.secret_ids
+    everything = f"caught {len(campaign.secret_ids)}/{len(campaign.secret_ids)}"
+    for r in campaign.rows:
+        if r.case.subject != "inprocess":
+            assert r.control == everything, (r.case.id, r.control)
+
+
+def test_the_front_holds_no_tls_key_while_it_serves(campaign: Campaign) -> None:
+    """nginx signs every handshake through the token: the TLS key is in no snapshot of it. Its
+    TLS token PIN is (libp11 keeps it), and is listed apart as expected."""
+    rows = [r for r in campaign.rows if r.case.subject == "front"]
+    assert {r.case.collector for r in rows} == {"gcore", "gcore-a"}
+    for r in rows:
+        assert r.ok, (r.case.id, r.error, r.findings)
+        assert not r.findings
+        assert set(r.expected_findings) <= {"tls-token-pin"}
+        print(f"front {r.case.id}: expected findings {r.expected_findings}")
 
 
 def test_every_dump_was_whole(campaign: Campaign) -> None:
