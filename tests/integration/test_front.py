@@ -234,8 +234,10 @@ def test_the_tls_key_was_generated_in_the_token_and_cannot_leave_it(token_host, 
             (key,) = session.get_objects(
                 {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: hsm.TLS_KEY_LABEL}
             )
-            assert key[Attribute.SENSITIVE] and key[Attribute.ALWAYS_SENSITIVE]
-            assert not key[Attribute.EXTRACTABLE] and key[Attribute.NEVER_EXTRACTABLE]
+            assert key[Attribute.SENSITIVE]
+            assert key[Attribute.ALWAYS_SENSITIVE]
+            assert not key[Attribute.EXTRACTABLE]
+            assert key[Attribute.NEVER_EXTRACTABLE]
             assert key[Attribute.LOCAL], "generated in the token, not imported"
             # The TLS token holds the TLS key pair and nothing else: no signing key.
             labels = {o[Attribute.LABEL] for o in session.get_objects()}

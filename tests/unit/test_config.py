@@ -302,5 +302,5 @@ def test_concurrent_from_loaded_config() -> None:
 
 @pytest.mark.parametrize("mode", ["0999", "rw-rw----", "01777"])
 def test_socket_mode_must_be_octal_permissions(mode: str) -> None:
-    with pytest.raises(ConfigError, match="server.socket_mode must be octal permissions"):
+    with pytest.raises(ConfigError, match=r"server\.socket_mode must be octal permissions"):
         config.load(None, env={"SIGNER_SERVER_SOCKET_MODE": mode})
