@@ -25,7 +25,7 @@ from pkcs11 import Attribute, ObjectClass
 from signer import config as config_mod
 from signer import hsm
 from signer.client import ClientTLS, SignerClient
-from signer.errors import Unauthenticated
+from signer.errors import Unauthenticated, Unavailable
 from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER, Front
 from signer.pki import DevCA
 from tests.conftest import RunningService, free_port
@@ -123,26 +123,31 @@ def test_the_endpoint_presents_the_certificate_over_the_token_key(deployment: De
 
 def test_no_client_certificate_is_unauthenticated(deployment: Deployment):
     creds = grpc.ssl_channel_credentials(root_certificates=deployment.pki.cert.read_bytes())
-    with SignerClient(channel=grpc.secure_channel(deployment.address, creds), timeout=10) as c:
-        with pytest.raises(Unauthenticated, match="a client certificate signed by the configured"):
-            c.list_keys()
+    channel = grpc.secure_channel(deployment.address, creds)
+    with (
+        SignerClient(channel=channel, timeout=10) as c,
+        pytest.raises(Unauthenticated, match="a client certificate signed by the configured"),
+    ):
+        c.list_keys()
 
 
 def test_a_certificate_from_another_ca_is_unauthenticated(deployment: Deployment, tmp_path):
     other = DevCA.ensure(tmp_path / "other-ca")
     cert, key = other.issue_client("payments", "acme")  # same subject, wrong issuer
     tls = ClientTLS(deployment.pki.cert, cert, key)
-    with SignerClient(deployment.address, tls=tls, timeout=10) as c:
-        with pytest.raises(Unauthenticated):
-            c.list_keys()
+    with SignerClient(deployment.address, tls=tls, timeout=10) as c, pytest.raises(Unauthenticated):
+        c.list_keys()
 
 
 def test_a_client_that_does_not_trust_the_endpoint_does_not_connect(deployment, tmp_path):
     other = DevCA.ensure(tmp_path / "other-ca")
     cert, key = deployment.pki.client_files("payments")
-    with SignerClient(deployment.address, tls=ClientTLS(other.cert, cert, key), timeout=5) as c:
-        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
-            c.list_keys()
+    tls = ClientTLS(other.cert, cert, key)
+    with (
+        SignerClient(deployment.address, tls=tls, timeout=5) as c,
+        pytest.raises(Unavailable, match="CERTIFICATE_VERIFY_FAILED"),
+    ):
+        c.list_keys()
 
 
 # --- what the service is told about the caller -------------------------------------------------
