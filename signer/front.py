@@ -173,12 +173,16 @@ class Front:
     def error_log(self) -> Path:
         return self.workdir / "error.log"
 
+    def render(self) -> str:
+        """nginx.conf for this front."""
+        return nginx_conf(self.cfg, self.workdir)
+
     def start(self, timeout: float = 15.0) -> None:
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)
         (self.workdir / "tmp").mkdir(mode=0o700, exist_ok=True)
         conf = self.workdir / "nginx.conf"
-        conf.write_text(nginx_conf(self.cfg, self.workdir))
+        conf.write_text(self.render())
         (self.workdir / "openssl.cnf").write_text(openssl_conf())
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"),

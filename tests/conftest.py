@@ -328,3 +328,21 @@ def health_status(address: str, service: str = "") -> str:
             health_pb2.HealthCheckRequest(service=service), timeout=5
         )
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def gone_soon(pid: int, timeout: float = 15.0) -> bool:
+    """Whether ``pid`` exits (or is a zombie) within ``timeout``; kills it if not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, 9)
+        return False
+    return True

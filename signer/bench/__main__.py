@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from signer.bench import blind, report, scan
+from signer.bench import blind, report, scan, transport
 from signer.bench.context import Context
 from signer.bench.machine import machine_info
 
@@ -20,6 +20,7 @@ from signer.bench.machine import machine_info
 SCENARIOS: dict[str, Callable[[Context], report.ScenarioResult]] = {
     scan.NAME: scan.run,
     blind.NAME: blind.run,
+    transport.NAME: transport.run,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from signer.client import ClientTLS, SignerClient
 from signer.errors import Unauthenticated, Unavailable
 from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER, Front
 from signer.pki import DevCA
-from tests.conftest import RunningService, free_port
+from tests.conftest import RunningService, free_port, gone_soon
 
 pytestmark = pytest.mark.integration
 
@@ -259,3 +260,27 @@ def test_the_signing_token_socket_does_not_offer_the_tls_key(own_session):
 def test_the_service_unix_socket_is_created_with_its_mode(deployment: Deployment):
     path = Path(deployment.front.cfg.front.upstream.removeprefix("unix:"))
     assert path.stat().st_mode & 0o777 == 0o660
+
+
+def test_the_front_dies_with_whoever_started_it(token_host, pki: DevCA, tmp_path: Path):
+    """Like the token host: a killed run leaves no nginx holding the TLS token's PIN."""
+    socket = tmp_path / "nobody.sock"
+    front = front_config(token_host, pki, socket, tmp_path / "front")
+    toml = tmp_path / "signer.toml"
+    toml.write_text(
+        "[front]\n" + "".join(f'{k} = "{v}"\n' for k, v in dataclasses.asdict(front).items())
+    )
+    script = (
+        "import os, sys\n"
+        "from signer import config\n"
+        "from signer.front import Front\n"
+        "front = Front(config.load(sys.argv[1]))\n"
+        "front.start()\n"
+        "print(front.pid, flush=True)\n"
+        "os._exit(0)\n"  # dies without stopping it
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(toml)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert gone_soon(int(out.stdout.split()[-1])), "nginx outlived the process that started it"

@@ -1,0 +1,298 @@
+"""Scenario "transport": what the mTLS design costs, against the same service reached directly.
+
+One service process (``signer serve``, ec-p256 key, the real token host) behind two ways in:
+
+* ``unix``: its Unix socket, no TLS (what local callers use);
+* ``mtls-front``: TLS 1.3 with client certificates, terminated by nginx whose key is in the TLS
+  token, then HTTP/2 over the Unix socket to the service (what remote callers use).
+
+Measured with the same load generator (Python gRPC clients in this process, one channel per
+client): Sign latency at concurrency 1 (p50/p99 over ``calls`` signatures, median of ``runs``),
+throughput at concurrency 16, and new connections per second (a fresh mTLS channel and one call
+each). For the handshake cost of keeping the TLS key in the token, the same nginx is also run
+with an ordinary key file (``mtls-front-pem``): a handshake then signs in nginx's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from signer import config as config_mod
+from signer import hsm
+from signer.bench.context import Context
+from signer.bench.report import ScenarioResult, Table, fmt_ratio
+from signer.client import ClientTLS, SignerClient
+from signer.errors import SignerError
+from signer.front import Front
+from signer.pki import DevCA
+
+NAME = "transport"
+KEY = "bench-transport"
+CLIENT = "bench"
+MESSAGE = b"x" * 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    name: str
+    address: str
+    tls: ClientTLS | None = None
+
+    def client(self) -> SignerClient:
+        return SignerClient(self.address, tls=self.tls, timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class PemFront(Front):
+    """The same nginx configuration with the key in a file: the ordinary way, for comparison."""
+
+    def __init__(self, cfg: config_mod.Config, key_file: Path) -> None:
+        super().__init__(cfg)
+        self.key_file = key_file
+
+    def render(self) -> str:
+        text = super().render()
+        start = text.index("ssl_certificate_key")
+        end = text.index("\n", start)
+        return f"{text[:start]}ssl_certificate_key {self.key_file};{text[end:]}"
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def latency(route: Route, calls: int) -> dict[str, float]:
+    with route.client() as c:
+        for _ in range(50):  # warm: connection, handles, caches
+            c.sign(KEY, message=MESSAGE)
+        samples = []
+        for _ in range(calls):
+            began = time.perf_counter()
+            c.sign(KEY, message=MESSAGE)
+            samples.append(time.perf_counter() - began)
+    samples.sort()
+    return {
+        "p50_ms": _percentile(samples, 0.50) * 1000,
+        "p99_ms": _percentile(samples, 0.99) * 1000,
+    }
+
+
+def throughput(route: Route, clients: int, seconds: float) -> float:
+    stop = threading.Event()
+    counts = [0] * clients
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        with route.client() as c:
+            c.sign(KEY, message=MESSAGE)
+            ready.wait()
+            while not stop.is_set():
+                try:
+                    c.sign(KEY, message=MESSAGE)
+                    counts[i] += 1
+                except SignerError as exc:
+                    errors.append(exc.message)
+                    return
+
+    ready = threading.Event()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    ready.set()
+    began = time.perf_counter()
+    time.sleep(seconds)
+    done = sum(counts)
+    elapsed = time.perf_counter() - began
+    stop.set()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{route.name}: {errors[0]}")
+    return done / elapsed
+
+
+def connections(route: Route, count: int) -> float:
+    """New mTLS connections per second: a fresh channel, one GetKey, closed."""
+    assert route.tls is not None
+    creds = route.tls.credentials()
+    began = time.perf_counter()
+    for _ in range(count):
+        with SignerClient(channel=grpc.secure_channel(route.address, creds), timeout=30) as c:
+            c.get_key(KEY)
+    return count / (time.perf_counter() - began)
+
+
+@contextlib.contextmanager
+def deployment(work: Path) -> Iterator[tuple[list[Route], Route]]:
+    """Token host, service process on a Unix socket, the token-key front and a PEM-key front."""
+    root = work / "transport"
+    paths = hsm.init(root / "hsm")
+    host = hsm.TokenHost(paths.root)
+    host.start()
+    ca = DevCA.ensure(root / "tls")
+    ca.issue_server(paths.tls_public_key.read_bytes(), ["localhost", "127.0.0.1"])
+    cert, key = ca.issue_client(CLIENT)
+    tls = ClientTLS(ca.cert, cert, key)
+    # The comparison front: an ordinary key file, and a certificate over it from the same CA.
+    pem_dir = root / "pem"
+    pem_dir.mkdir(mode=0o700)
+    soft = ec.generate_private_key(ec.SECP256R1())
+    key_file = pem_dir / "server.key"
+    key_file.write_bytes(
+        soft.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    os.chmod(key_file, 0o600)
+    pem_ca = DevCA.ensure(pem_dir)
+    pem_cert = pem_ca.issue_server(
+        soft.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        ["localhost", "127.0.0.1"],
+    )
+
+    socket_path = root / "run" / "signer.sock"
+    toml = root / "signer.toml"
+    toml.write_text(
+        f'[server]\nlisten = "unix:{socket_path}"\n\n'
+        f'[token]\nserver_address = "{paths.server_address}"\npin_file = "{paths.user_pin}"\n\n'
+        f'[store]\npath = "{root / "signer.db"}"\n'
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-m", "signer", "serve", "--config", str(toml), "--log-level", "warning"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def front_cfg(name: str, certificate: Path) -> config_mod.Config:
+        return config_mod.Config(
+            front=config_mod.FrontConfig(
+                listen=f"127.0.0.1:{_free_port()}",
+                certificate=str(certificate),
+                pin_file=str(paths.tls_pin),
+                server_address=paths.tls_server_address,
+                client_ca=str(ca.cert),
+                upstream=f"unix:{socket_path}",
+                workdir=str(root / name),
+            )
+        )
+
+    token_front = Front(front_cfg("front", ca.server_cert))
+    pem_front = PemFront(front_cfg("front-pem", pem_cert), key_file)
+    try:
+        unix = Route("unix", f"unix:{socket_path}")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with unix.client() as c:
+                    c.create_key(KEY, "ec-p256")
+                break
+            except SignerError:
+                if time.monotonic() > deadline or service.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        token_front.start()
+        pem_front.start()
+        routes = [unix, Route("mtls-front", token_front.cfg.front.listen, tls)]
+        pem_tls = ClientTLS(pem_ca.cert, cert, key)
+        # The PEM front trusts client certificates from the main CA too.
+        yield routes, Route("mtls-front-pem", pem_front.cfg.front.listen, pem_tls)
+    finally:
+        pem_front.stop()
+        token_front.stop()
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
+        host.stop()
+
+
+def run(ctx: Context) -> ScenarioResult:
+    calls, seconds, handshakes, runs = 1000, 5.0, 200, 3
+    data: dict[str, Any] = {"calls": calls, "seconds": seconds, "handshakes": handshakes}
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def record(route: str, metric: str, value: float) -> None:
+        results.setdefault(route, {}).setdefault(metric, []).append(value)
+
+    with deployment(ctx.work) as (routes, pem_route):
+        for i in range(runs):
+            ctx.progress(f"transport run {i + 1}/{runs} ...")
+            for route in routes:
+                for metric, value in latency(route, calls).items():
+                    record(route.name, metric, value)
+                record(route.name, "c16_per_s", throughput(route, 16, seconds))
+            for route in (routes[1], pem_route):
+                record(route.name, "connections_per_s", connections(route, handshakes))
+    median: dict[str, dict[str, float]] = {
+        route: {metric: statistics.median(v) for metric, v in metrics.items()}
+        for route, metrics in results.items()
+    }
+    data["runs"] = results
+    data["median"] = median
+    unix, front, pem = median["unix"], median["mtls-front"], median["mtls-front-pem"]
+    ratios: dict[str, float | None] = {
+        "mtls_front_vs_unix_c1_p50": unix["p50_ms"] / front["p50_ms"],
+        "mtls_front_vs_unix_c16": front["c16_per_s"] / unix["c16_per_s"],
+        "token_key_vs_pem_key_handshakes": front["connections_per_s"] / pem["connections_per_s"],
+    }
+    rows = []
+    for name in ("unix", "mtls-front", "mtls-front-pem"):
+        m = median.get(name, {})
+
+        def cell(metric: str, fmt: Callable[[float], str], m: dict[str, float] = m) -> str:
+            return fmt(m[metric]) if metric in m else "-"
+
+        rows.append(
+            [
+                name,
+                cell("p50_ms", lambda v: f"{v:.2f}"),
+                cell("p99_ms", lambda v: f"{v:.2f}"),
+                cell("c16_per_s", lambda v: f"{v:,.0f}"),
+                cell("connections_per_s", lambda v: f"{v:,.0f}"),
+            ]
+        )
+    table = Table(
+        f"Transport: Sign ec-p256, medians of {runs} runs",
+        ["route", "p50 ms (c=1)", "p99 ms (c=1)", "sig/s (c=16)", "new mTLS connections/s"],
+        rows,
+    )
+    notes = [
+        f"mTLS through the front adds {front['p50_ms'] - unix['p50_ms']:.2f} ms at p50 "
+        f"({fmt_ratio(ratios['mtls_front_vs_unix_c1_p50'])} of the Unix socket's speed at c=1; "
+        f"{fmt_ratio(ratios['mtls_front_vs_unix_c16'])} of its throughput at c=16).",
+        "A new connection through the front costs one signature in the TLS token: "
+        f"{fmt_ratio(ratios['token_key_vs_pem_key_handshakes'])} of the connections per "
+        "second of the same nginx with its key in a file. gRPC keeps connections open, so this "
+        "is paid once per client connection, not per call.",
+    ]
+    return ScenarioResult(NAME, data, ratios, [table], notes)
