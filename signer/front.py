@@ -32,6 +32,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from types import FrameType
 
 from signer.children import guarded_preexec
 from signer.config import P11KIT_CLIENT_MODULE, Config, FrontConfig
@@ -241,5 +242,30 @@ class Front:
         log.info("TLS front stopped")
 
     def wait(self) -> int:
-        assert self._proc is not None
-        return self._proc.wait()
+        """Waits until nginx exits (its status) or the front is stopped (0)."""
+        while (proc := self._proc) is not None:
+            try:
+                return proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+        return 0
+
+
+def serve_forever(cfg: Config) -> int:
+    """``signer front serve``: runs the front in the foreground; SIGTERM/SIGINT stop it."""
+    front = Front(cfg)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        front.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    front.start()
+    print(f"TLS front serving mTLS on {cfg.front.listen} for {cfg.front.upstream}", flush=True)
+    status = front.wait()
+    if not stopping:
+        raise FailedPrecondition(f"nginx exited unexpectedly with status {status}")
+    return 0

@@ -258,6 +258,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.serve(config.load(args.config))
 
 
+def cmd_front_serve(args: argparse.Namespace) -> int:
+    from signer import config, front, logs
+
+    logs.setup(args.log_level)
+    return front.serve_forever(config.load(args.config))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from signer import launcher, logs
 
@@ -382,6 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--id", required=True, type=_hex_id, help="CKA_ID in hex")
     sp.add_argument("--token", default="signer", help="token label (default signer)")
     sp.set_defaults(func=cmd_hsm_import_key)
+
+    # signer front serve
+    front_p = sub.add_parser("front", help="the mTLS front (nginx, its key in the TLS token)")
+    front_sub = front_p.add_subparsers(dest="front_command", required=True, metavar="COMMAND")
+    sp = front_sub.add_parser(
+        "serve", help="serve mTLS in front of the service's Unix socket ([front] of the config)"
+    )
+    sp.add_argument("--config", required=True, help="TOML configuration with a [front] section")
+    log_level(sp)
+    sp.set_defaults(func=cmd_front_serve)
 
     # signer serve / run
     sp = sub.add_parser("serve", help="run the gRPC service (config: TOML plus SIGNER_* overrides)")

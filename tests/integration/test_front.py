@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,10 +27,10 @@ from pkcs11 import Attribute, ObjectClass
 from signer import config as config_mod
 from signer import hsm
 from signer.client import ClientTLS, SignerClient
-from signer.errors import Unauthenticated, Unavailable
+from signer.errors import SignerError, Unauthenticated, Unavailable
 from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER, Front
 from signer.pki import DevCA
-from tests.conftest import RunningService, free_port, gone_soon
+from tests.conftest import SIGNER_BIN, RunningService, free_port, gone_soon, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -284,3 +285,43 @@ def test_the_front_dies_with_whoever_started_it(token_host, pki: DevCA, tmp_path
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert gone_soon(int(out.stdout.split()[-1])), "nginx outlived the process that started it"
+
+
+def test_signer_front_serve_runs_until_sigterm(deployment_parts, tmp_path: Path):
+    """`signer front serve --config` in the foreground, as a unit file would run it."""
+    toml, cfg, ca = deployment_parts
+    proc = subprocess.Popen(
+        [str(SIGNER_BIN), "front", "serve", "--config", str(toml)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        cert, key = ca.client_files("payments")
+        tls = ClientTLS(ca.cert, cert, key)
+
+        def answers() -> bool:
+            try:
+                with SignerClient(cfg.front.listen, tls=tls, timeout=2) as c:
+                    c.list_keys()
+                return True
+            except SignerError:
+                return proc.poll() is not None
+
+        assert wait_until(answers, 30)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "TLS front serving mTLS on" in output
+
+
+@pytest.fixture
+def deployment_parts(service_factory, token_host, pki: DevCA, tmp_path: Path):
+    socket = tmp_path / "run" / "signer.sock"
+    service_factory(server={"listen": f"unix:{socket}"})
+    front = front_config(token_host, pki, socket, tmp_path / "front")
+    toml = tmp_path / "signer.toml"
+    toml.write_text(
+        "[front]\n" + "".join(f'{k} = "{v}"\n' for k, v in dataclasses.asdict(front).items())
+    )
+    return toml, config_mod.Config(front=front), pki
