@@ -10,6 +10,10 @@ from __future__ import annotations
 import ctypes
 import resource
 import signal
+from types import FrameType
+from typing import Protocol
+
+from signer.errors import FailedPrecondition
 
 PR_SET_PDEATHSIG = 1
 
@@ -23,3 +27,30 @@ def guarded_preexec() -> None:
     """preexec_fn: no core dumps, and SIGTERM if the parent dies without stopping the child."""
     disable_core_dumps()
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def wait(self) -> int: ...
+
+
+def run_in_foreground(child: Child, banner: str, what: str) -> int:
+    """Starts ``child``, prints ``banner``, and runs until SIGTERM/SIGINT (then stops it, exit 0)
+    or until it exits on its own (FAILED_PRECONDITION naming ``what`` and its status)."""
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        child.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    child.start()
+    print(banner, flush=True)
+    status = child.wait()
+    if not stopping:
+        child.stop()
+        raise FailedPrecondition(f"{what} exited unexpectedly with status {status}")
+    return 0

@@ -32,9 +32,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import FrameType
 
-from signer.children import guarded_preexec
+from signer.children import guarded_preexec, run_in_foreground
 from signer.config import P11KIT_CLIENT_MODULE, Config, FrontConfig
 from signer.errors import ConfigError, FailedPrecondition
 
@@ -205,10 +204,13 @@ class Front:
                 raise FailedPrecondition(
                     f"{self.cfg.front.nginx} not found: install nginx (make deps does)"
                 ) from None
+        proc = self._proc
         deadline = time.monotonic() + timeout
         while True:
-            if self._proc.poll() is not None:
-                status = self._proc.returncode
+            if self._proc is not proc:
+                return  # stopped meanwhile (a signal handler)
+            if proc.poll() is not None:
+                status = proc.returncode
                 self._proc = None
                 raise FailedPrecondition(
                     f"nginx exited with status {status}: {self._last_error(log_file)}"
@@ -254,18 +256,5 @@ class Front:
 def serve_forever(cfg: Config) -> int:
     """``signer front serve``: runs the front in the foreground; SIGTERM/SIGINT stop it."""
     front = Front(cfg)
-    stopping = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        front.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    front.start()
-    print(f"TLS front serving mTLS on {cfg.front.listen} for {cfg.front.upstream}", flush=True)
-    status = front.wait()
-    if not stopping:
-        raise FailedPrecondition(f"nginx exited unexpectedly with status {status}")
-    return 0
+    banner = f"TLS front serving mTLS on {cfg.front.listen} for {cfg.front.upstream}"
+    return run_in_foreground(front, banner, "nginx")

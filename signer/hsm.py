@@ -33,12 +33,11 @@ import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
-from signer.children import disable_core_dumps, guarded_preexec
+from signer.children import disable_core_dumps, guarded_preexec, run_in_foreground
 from signer.config import SOFTHSM_MODULE
 from signer.errors import FailedPrecondition, InvalidArgument
 
@@ -140,8 +139,6 @@ def init(
     With ``tls``, also the TLS token (its own PINs), and with ``tls_key`` the TLS endpoint's key
     pair generated inside it (see :func:`generate_tls_key`); without, the caller provisions one.
     """
-    from signer.token.admin import init_token
-
     paths = HsmPaths(Path(root).absolute())
     if paths.initialised():
         if tls and not paths.has_tls_token():  # a token host from before the TLS token
@@ -160,17 +157,8 @@ def init(
         "log.level = ERROR\n"
         "slots.removable = false\n"
     )
-    # 32 characters from a 64-symbol alphabet: 192 bits. Built in bytearrays so they can be wiped.
-    so_pin = bytearray(secrets.token_urlsafe(24).encode("ascii"))
-    user_pin = bytearray(secrets.token_urlsafe(24).encode("ascii"))
-    try:
-        _write_secret(paths.so_pin, bytes(so_pin))
-        _write_secret(paths.user_pin, bytes(user_pin))
-        init_token(module, paths.conf, label, so_pin, user_pin)
-    finally:
-        so_pin[:] = bytes(len(so_pin))
-        user_pin[:] = bytes(len(user_pin))
-    log.info("token initialised", extra={"dir": str(paths.root), "label": label})
+    # 32 characters from a 64-symbol alphabet: 192 bits.
+    _new_token(paths, module, label, paths.so_pin, paths.user_pin, 24)
     if tls:
         _init_tls_token(paths, module)
         if tls_key:
@@ -179,20 +167,28 @@ def init(
 
 
 def _init_tls_token(paths: HsmPaths, module: str) -> None:
-    from signer.token.admin import init_token
-
     # 24 characters (144 bits): libp11 0.4.12 (Debian 12), which reads the PIN for nginx from
     # ``pin-source=file:``, keeps at most 31 characters of it.
-    so_pin = bytearray(secrets.token_urlsafe(18).encode("ascii"))
-    pin = bytearray(secrets.token_urlsafe(18).encode("ascii"))
+    _new_token(paths, module, TLS_LABEL, paths.tls_so_pin, paths.tls_pin, 18)
+
+
+def _new_token(
+    paths: HsmPaths, module: str, label: str, so_file: Path, pin_file: Path, nbytes: int
+) -> None:
+    """Initialises token ``label`` with random SO and user PINs (``nbytes`` of entropy each,
+    URL-safe base64) written to owner-only files. Built in bytearrays so they can be wiped."""
+    from signer.token.admin import init_token
+
+    so_pin = bytearray(secrets.token_urlsafe(nbytes).encode("ascii"))
+    pin = bytearray(secrets.token_urlsafe(nbytes).encode("ascii"))
     try:
-        _write_secret(paths.tls_so_pin, bytes(so_pin))
-        _write_secret(paths.tls_pin, bytes(pin))
-        init_token(module, paths.conf, TLS_LABEL, so_pin, pin)
+        _write_secret(so_file, bytes(so_pin))
+        _write_secret(pin_file, bytes(pin))
+        init_token(module, paths.conf, label, so_pin, pin)
     finally:
         so_pin[:] = bytes(len(so_pin))
         pin[:] = bytes(len(pin))
-    log.info("token initialised", extra={"dir": str(paths.root), "label": TLS_LABEL})
+    log.info("token initialised", extra={"dir": str(paths.root), "label": label})
 
 
 def generate_tls_key(root: str | Path, algorithm: str = "ec-p256") -> bytes:
@@ -421,6 +417,8 @@ class TokenHost:
         deadline = time.monotonic() + timeout
         for proc, (_, socket) in zip(self._procs, self._exports(), strict=True):
             while not socket.exists():
+                if not self._procs:
+                    return  # stopped meanwhile (a signal handler)
                 if proc.poll() is not None:
                     self.stop()
                     raise FailedPrecondition(f"p11-kit server exited with status {proc.returncode}")
@@ -428,7 +426,8 @@ class TokenHost:
                     self.stop()
                     raise FailedPrecondition("p11-kit server did not create its socket in time")
                 time.sleep(0.02)
-            os.chmod(socket, 0o600)
+            with contextlib.suppress(FileNotFoundError):  # stopped meanwhile
+                os.chmod(socket, 0o600)
         log.info("token host serving", extra={"socket": str(self.paths.socket), "pid": self.pid})
 
     @property
@@ -477,21 +476,7 @@ def serve_forever(root: str | Path, label: str = DEFAULT_LABEL) -> int:
     """``signer hsm serve``: runs the token host in the foreground; SIGTERM/SIGINT stop it."""
     disable_core_dumps()
     host = TokenHost(root, label)
-    stopping = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        host.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    host.start()
-    print(f"token host serving {host.paths.server_address}", flush=True)
+    lines = [f"token host serving {host.paths.server_address}"]
     if host.paths.has_tls_token():
-        print(f"TLS token served on {host.paths.tls_server_address}", flush=True)
-    status = host.wait()
-    if not stopping:
-        host.stop()
-        raise FailedPrecondition(f"p11-kit server exited unexpectedly with status {status}")
-    return 0
+        lines.append(f"TLS token served on {host.paths.tls_server_address}")
+    return run_in_foreground(host, "\n".join(lines), "p11-kit server")
