@@ -25,10 +25,19 @@ DAY = 24 * 3600
 
 @dataclass(frozen=True)
 class ServerConfig:
-    # host:port, or unix:/path for a Unix socket (what the TLS front and local callers use).
-    listen: str = "127.0.0.1:50051"
-    # Permissions of a Unix socket named by ``listen`` (octal).
+    # The Unix socket local callers connect to (their uid is their identity). The service never
+    # listens on a network: remote callers come through the TLS front.
+    listen: str = "unix:var/run/signer.sock"
+    # Permissions of the Unix sockets (octal).
     socket_mode: str = "0660"
+    # The socket the TLS front connects to; identity headers are believed there only. Keep it
+    # where only the front's user can reach it. Empty: no front.
+    front_socket: str = ""
+    # Its permissions: owner only by default (the front runs as the service's user); 0660 with
+    # a group shared with the front's user otherwise.
+    front_socket_mode: str = "0600"
+    # Who may do what (signer.policy); reloaded on SIGHUP. Empty: every call is refused.
+    policy_file: str = ""
     # Largest message accepted by Sign/Verify; larger ones are refused with INVALID_ARGUMENT.
     max_message_bytes: int = 1024 * 1024
     # How long graceful shutdown waits for in-flight calls.
@@ -217,14 +226,20 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 "server.coredump_filter must be a hex bit mask such as 0x33"
             ) from None
-    try:
-        if not 0 <= int(cfg.server.socket_mode, 8) <= 0o777:
-            raise ValueError
-    except ValueError:
+    if not cfg.server.listen.startswith("unix:"):
         raise ConfigError(
-            "server.socket_mode must be octal permissions such as 0660, "
-            f"got {cfg.server.socket_mode!r}"
-        ) from None
+            f"server.listen must be a Unix socket (unix:/path), got {cfg.server.listen!r}: "
+            "the service does not listen on a network; remote callers use the TLS front"
+        )
+    for name in ("socket_mode", "front_socket_mode"):
+        value = getattr(cfg.server, name)
+        try:
+            if not 0 <= int(value, 8) <= 0o777:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"server.{name} must be octal permissions such as 0660, got {value!r}"
+            ) from None
     if cfg.server.max_message_bytes < 1:
         raise ConfigError("server.max_message_bytes must be positive")
     if (

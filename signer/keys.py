@@ -154,6 +154,10 @@ def check_name(name: str) -> str:
     return name
 
 
+# The scope of a key created without one.
+DEFAULT_SCOPE = "default"
+
+
 def check_scope(scope: str) -> str:
     if scope and not _SCOPE.fullmatch(scope):
         raise InvalidArgument(

@@ -7,7 +7,10 @@ First use creates, under DIR (default ``var``):
     tls/          a development CA, the endpoint's certificate (its key is in the TLS token) and
                   a client certificate ``clients/dev.pem`` for trying mTLS
     signer.toml   the configuration below (regenerated on every start)
-    run/signer.sock   the service's Unix socket, 0660: local callers and the TLS front
+    policy.toml   who may do what: this user (uid) and the ``dev`` client certificate may do
+                  everything (kept if it exists; edit it, then SIGHUP or restart)
+    run/signer.sock        the service's Unix socket, 0660: local callers (identity: their uid)
+    run/front/signer.sock  the socket only the TLS front connects to
 
 Then it starts the token host, the service (in this process) on the Unix socket, and the mTLS
 front (nginx) on ``--listen``, and makes sure a demo key exists. Ctrl-C stops all three.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -45,11 +49,14 @@ def write_config(root: Path, listen: str) -> Path:
     paths = hsm.HsmPaths(root / "hsm")
     ca = DevCA(root / "tls")
     socket = root / "run" / "signer.sock"
+    front_socket = root / "run" / "front" / "signer.sock"
     path = root / "signer.toml"
     path.write_text(
         "# Written by 'signer run' at every start. SIGNER_<SECTION>_<NAME> variables override.\n"
         "[server]\n"
-        f'listen = "unix:{socket}"\n\n'
+        f'listen = "unix:{socket}"\n'
+        f'front_socket = "{front_socket}"\n'
+        f'policy_file = "{root / "policy.toml"}"\n\n'
         "[token]\n"
         f'module = "{config_mod.P11KIT_CLIENT_MODULE}"\n'
         f'server_address = "{paths.server_address}"\n'
@@ -64,7 +71,7 @@ def write_config(root: Path, listen: str) -> Path:
         f'pin_file = "{paths.tls_pin}"\n'
         f'server_address = "{paths.tls_server_address}"\n'
         f'client_ca = "{ca.cert}"\n'
-        f'upstream = "unix:{socket}"\n'
+        f'upstream = "unix:{front_socket}"\n'
         f'workdir = "{root / "front"}"\n'
     )
     return path
@@ -88,6 +95,16 @@ def prepare(root: Path) -> None:
         ca.issue_server(public, ["localhost", "127.0.0.1"])
     if not ca.client_files(DEV_CLIENT)[0].exists():
         ca.issue_client(DEV_CLIENT)
+    policy = root / "policy.toml"
+    if not policy.exists():
+        policy.write_text(
+            "# Written by 'signer run' on first use; yours to edit (SIGHUP reloads it).\n"
+            "# See signer/policy.py and the README for the grammar.\n"
+            "[[grant]]\n"
+            f'callers = ["uid:{os.getuid()}", "x509:CN={DEV_CLIENT}"]\n'
+            'operations = ["*"]\n'
+            'scopes = ["*"]\n'
+        )
 
 
 def _certifies(cert: Path, public_pem: bytes) -> bool:
@@ -132,6 +149,7 @@ async def _run(root: Path, listen: str) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_policy)
         await stop.wait()
         print("stopping", flush=True)
     finally:

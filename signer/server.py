@@ -1,16 +1,25 @@
-"""The gRPC server: servicer, error interceptor, health, reflection, graceful shutdown.
+"""The gRPC server: callers, authorisation, servicer, errors, health, reflection, shutdown.
 
-The servicer only translates between protobuf and :mod:`signer.service`; every call into the
-service runs on a thread pool sized to the token's session pool, so PKCS#11 and SQLite never block
-the event loop. :class:`ErrorInterceptor` is the one place our errors become gRPC statuses.
+The service never listens on a network. Local callers reach it through the Unix socket served
+by :class:`signer.relay.PeerRelay` (their uid from SO_PEERCRED); remote callers through the mTLS
+front, which connects to a socket of its own (``server.front_socket``) and names the verified
+client certificate in headers that are believed there and nowhere else. Each listener gets its
+own gRPC server with a :class:`CallInterceptor` that knows how its callers are identified.
+
+The servicer translates between protobuf and :mod:`signer.service` and asks the policy before
+each call; every call into the service runs on a thread pool sized to the token's session pool,
+so PKCS#11 and SQLite never block the event loop. :class:`CallInterceptor` is the one place our
+errors become gRPC statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
+import pwd
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +33,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from signer import policy as policy_mod
 from signer.config import Config
-from signer.errors import Code, SignerError
-from signer.keys import Key, Padding, SigFormat, State, Version, public_jwk_json, public_pem
+from signer.errors import Code, ConfigError, PermissionDenied, SignerError, Unauthenticated
+from signer.front import SUBJECT_HEADER
+from signer.keys import (
+    DEFAULT_SCOPE,
+    Key,
+    Padding,
+    SigFormat,
+    State,
+    Version,
+    public_jwk_json,
+    public_pem,
+)
+from signer.policy import Caller, Policy
+from signer.relay import PeerRelay
 from signer.service import Clock, Signer, utcnow
 from signer.store import SQLiteStore
 from signer.token import Pin, Token, object_uri
@@ -49,8 +71,20 @@ _STATE_TO_PB = {
 }
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps :class:`SignerError` to its status; anything else to INTERNAL with a bland message."""
+# The authenticated caller of the call being served (set by CallInterceptor for its task).
+CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
+# Callable without an identity: load balancers' health checks and server reflection.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+Identify = Callable[[grpc.aio.ServicerContext], Caller | None]
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Names the caller (``identify``; none: UNAUTHENTICATED) and maps :class:`SignerError` to
+    its status; anything else to INTERNAL with a bland message."""
+
+    def __init__(self, identify: Identify, how: str) -> None:
+        self._identify = identify
+        self._how = how  # for the UNAUTHENTICATED message
 
     async def intercept_service(
         self,
@@ -62,9 +96,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler  # health Watch and reflection streams pass through untouched
         inner = handler.unary_unary
         method = handler_call_details.method
+        public = method.startswith(PUBLIC_PREFIXES)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                if not public:
+                    caller = self._identify(context)
+                    if caller is None:
+                        raise Unauthenticated(f"no authenticated caller: {self._how}")
+                    CALLER.set(caller)
                 return await inner(request, context)
             except SignerError as exc:
                 log.info(
@@ -87,6 +127,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
+def local_caller(relay: PeerRelay) -> Identify:
+    """Callers of the Unix socket: the uid (and user name) the relay read with SO_PEERCRED."""
+
+    def identify(context: grpc.aio.ServicerContext) -> Caller | None:
+        creds = relay.credentials(context.peer())
+        if creds is None:
+            return None
+        uid = creds[0]
+        try:
+            user: str | None = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = None
+        return Caller.unix(uid, user)
+
+    return identify
+
+
+def front_caller(context: grpc.aio.ServicerContext) -> Caller | None:
+    """Callers through the mTLS front: the subject of the client certificate nginx verified.
+    Only the front can connect to the socket whose server uses this."""
+    for key, value in context.invocation_metadata() or ():
+        if key == SUBJECT_HEADER and value:
+            return Caller.x509(str(value))
+    return None
+
+
 def _ts(t: datetime | None) -> Timestamp | None:
     if t is None:
         return None
@@ -96,14 +162,43 @@ def _ts(t: datetime | None) -> Timestamp | None:
 
 
 class SignerServicer(pb_grpc.SignerServiceServicer):
-    def __init__(self, signer: Signer, token: Token, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        signer: Signer,
+        token: Token,
+        executor: ThreadPoolExecutor,
+        policy: Callable[[], Policy],
+    ) -> None:
         self._signer = signer
         self._token = token
         self._executor = executor
+        self._policy = policy
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # --- authorisation ------------------------------------------------------------------------
+
+    async def _allow(self, operation: str, name: str) -> None:
+        """PERMISSION_DENIED unless the caller may ``operation`` key ``name``. The answer is the
+        same whether or not the key exists, unless a grant names the key by pattern: callers
+        learn nothing of keys they cannot see."""
+        scope = self._signer.cached_scope(name)
+        if scope is None:
+            scope = await self._run(self._signer.scope_of, name)
+        caller = CALLER.get()
+        if not self._policy().allows(caller, operation, name, scope):
+            raise PermissionDenied(f"{caller.display} may not {operation} key {name!r}")
+
+    async def _allow_new(self, operation: str, name: str, scope: str) -> None:
+        """For a key about to be created (create, import of a new key) in ``scope``."""
+        caller = CALLER.get()
+        if not self._policy().allows_new(caller, operation, name, scope or DEFAULT_SCOPE):
+            raise PermissionDenied(
+                f"{caller.display} may not {operation} key {name!r} in scope "
+                f"{scope or DEFAULT_SCOPE!r}"
+            )
 
     # --- conversions --------------------------------------------------------------------------
 
@@ -150,6 +245,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     # --- RPCs ---------------------------------------------------------------------------------
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context: Any) -> pb.Key:
+        await self._allow_new("create", request.name, request.scope)
         key = await self._run(
             self._signer.create_key,
             request.name,
@@ -160,13 +256,22 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return self._key_pb(key)
 
     async def GetKey(self, request: pb.GetKeyRequest, context: Any) -> pb.Key:
+        await self._allow("read", request.name)
         return self._key_pb(await self._run(self._signer.get_key, request.name))
 
     async def ListKeys(self, request: pb.ListKeysRequest, context: Any) -> pb.ListKeysResponse:
-        keys, token = await self._run(self._signer.list_keys, request.page_size, request.page_token)
+        caller, policy = CALLER.get(), self._policy()
+
+        def visible(k: Key) -> bool:
+            return policy.allows(caller, "read", k.name, k.scope)
+
+        keys, token = await self._run(
+            self._signer.list_keys, request.page_size, request.page_token, visible
+        )
         return pb.ListKeysResponse(keys=[self._key_pb(k) for k in keys], next_page_token=token)
 
     async def GetPublicKey(self, request: pb.GetPublicKeyRequest, context: Any) -> pb.PublicKey:
+        await self._allow("read", request.name)
         v, alg = await self._run(self._signer.public_key, request.name, request.version)
         out = pb.PublicKey(name=v.name, version=v.version, algorithm=alg.name)
         if request.format == pb.JWK:
@@ -176,6 +281,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return out
 
     async def Sign(self, request: pb.SignRequest, context: Any) -> pb.SignResponse:
+        await self._allow("sign", request.name)
         message, digest = self._input(request)
         r = await self._run(
             self._signer.sign,
@@ -194,6 +300,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         )
 
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResponse:
+        await self._allow("verify", request.name)
         message, digest = self._input(request)
         valid, version = await self._run(
             self._signer.verify,
@@ -208,24 +315,29 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return pb.VerifyResponse(valid=valid, version=version)
 
     async def RotateKey(self, request: pb.RotateKeyRequest, context: Any) -> pb.Key:
+        await self._allow("rotate", request.name)
         return self._key_pb(await self._run(self._signer.rotate, request.name))
 
     async def SetPrimaryVersion(self, request: pb.SetPrimaryVersionRequest, context: Any) -> pb.Key:
+        await self._allow("rotate", request.name)
         return self._key_pb(
             await self._run(self._signer.set_primary, request.name, request.version)
         )
 
     async def DisableKeyVersion(self, request: pb.KeyVersionRequest, context: Any) -> pb.KeyVersion:
+        await self._allow("disable", request.name)
         return self._version_pb(
             await self._run(self._signer.disable, request.name, request.version)
         )
 
     async def EnableKeyVersion(self, request: pb.KeyVersionRequest, context: Any) -> pb.KeyVersion:
+        await self._allow("disable", request.name)
         return self._version_pb(await self._run(self._signer.enable, request.name, request.version))
 
     async def ScheduleKeyVersionDestruction(
         self, request: pb.ScheduleKeyVersionDestructionRequest, context: Any
     ) -> pb.KeyVersion:
+        await self._allow("destroy", request.name)
         return self._version_pb(
             await self._run(
                 self._signer.schedule_destruction,
@@ -238,6 +350,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def CancelKeyVersionDestruction(
         self, request: pb.KeyVersionRequest, context: Any
     ) -> pb.KeyVersion:
+        await self._allow("destroy", request.name)
         return self._version_pb(
             await self._run(self._signer.cancel_destruction, request.name, request.version)
         )
@@ -245,6 +358,9 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def GetImportParameters(
         self, request: pb.GetImportParametersRequest, context: Any
     ) -> pb.ImportParameters:
+        caller = CALLER.get()
+        if not self._policy().allows_any(caller, "import"):
+            raise PermissionDenied(f"{caller.display} may not import keys")
         p = await self._run(self._signer.get_import_parameters)
         return pb.ImportParameters(
             import_token=p.token.token,
@@ -256,6 +372,10 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         )
 
     async def ImportKeyVersion(self, request: pb.ImportKeyVersionRequest, context: Any) -> pb.Key:
+        if await self._run(self._signer.scope_of, request.name) is None:
+            await self._allow_new("import", request.name, request.scope)
+        else:
+            await self._allow("import", request.name)
         key = await self._run(
             self._signer.import_key_version,
             request.name,
@@ -282,38 +402,71 @@ class Server:
             max_workers=cfg.token.sessions + 4, thread_name_prefix="signer"
         )
         self.health = health_aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        self.policy = self._load_policy()
+        self.relay = PeerRelay(Path(_unix_path(cfg.server.listen)), int(cfg.server.socket_mode, 8))
+        self._servers: list[grpc.aio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._health_lock = asyncio.Lock()
         self._stopping = False
         self._serving: bool | None = None
-        self.port = 0
 
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    def _load_policy(self) -> Policy:
+        path = self.cfg.server.policy_file
+        if not path:
+            log.warning("no server.policy_file: every call will be refused (PERMISSION_DENIED)")
+            return policy_mod.DENY_ALL
+        return policy_mod.load(path)
+
+    def reload_policy(self) -> bool:
+        """SIGHUP: the new policy for calls that start from now on; a broken file is refused
+        and the old policy kept. In-flight calls finish under the policy they started with."""
+        try:
+            new = self._load_policy()
+        except ConfigError as exc:
+            log.error("policy not reloaded; the previous one stays", extra={"error": exc.message})
+            return False
+        self.policy = new
+        log.info("policy reloaded", extra={"grants": len(new.grants), "file": new.source})
+        return True
+
+    def _grpc_server(self, identify: Identify, how: str) -> grpc.aio.Server:
         limit = self.cfg.server.max_message_bytes
         # gRPC's own limit sits above ours, so an oversized message gets our INVALID_ARGUMENT
         # naming the limit rather than a bare RESOURCE_EXHAUSTED.
         grpc_limit = 2 * limit + 64 * 1024
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[CallInterceptor(identify, how)],
             options=[
                 ("grpc.max_receive_message_length", grpc_limit),
                 ("grpc.max_send_message_length", grpc_limit),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_SignerServiceServicer_to_server(
-            SignerServicer(self.signer, self.token, self.executor), server
-        )
+        servicer = SignerServicer(self.signer, self.token, self.executor, lambda: self.policy)
+        pb_grpc.add_SignerServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
             server,
         )  # fmt: skip
-        self.port = _listen(server, self.cfg.server.listen, int(self.cfg.server.socket_mode, 8))
+        return server
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        local = self._grpc_server(
+            local_caller(self.relay), f"connect to {self.cfg.server.listen} (a local user)"
+        )
+        _listen(local, self.relay.address, 0o600)
+        self._servers.append(local)
+        if self.cfg.server.front_socket:
+            front = self._grpc_server(
+                front_caller, "the TLS front gave no verified client certificate"
+            )
+            front_mode = int(self.cfg.server.front_socket_mode, 8)
+            _listen(front, f"unix:{self.cfg.server.front_socket}", front_mode)
+            self._servers.append(front)
         await self._set_health(False)
         if self.cfg.server.perturb_freed_memory:
             # Freed C heap (the RPC buffer that carried the PIN, request payloads) is overwritten.
@@ -321,8 +474,9 @@ class Server:
         self.token.on_availability(self._availability_changed)
         await self.run_blocking(self.token.start)
         await self._refresh_health()
-        await server.start()
-        self._server = server
+        for server in self._servers:
+            await server.start()
+        await self.relay.start()
         self._reaper = asyncio.create_task(self._reap_forever())
         log.info(
             "algorithms offered", extra={"algorithms": ",".join(self.signer.offered_algorithms())}
@@ -331,8 +485,9 @@ class Server:
             "service listening",
             extra={
                 "address": self.cfg.server.listen,
-                "port": self.port,
+                "front_socket": self.cfg.server.front_socket,
                 "pkcs11_module": self.cfg.token.module,
+                "policy": self.policy.source,
             },
         )
 
@@ -381,19 +536,26 @@ class Server:
         self._stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
-        if self._server is not None:
+        if self._servers:
             async with self._health_lock:
                 await self._set_health(False)
-            await self._server.stop(self.cfg.server.grace_seconds)
-            self._server = None
-        await self.run_blocking(self.token.close)
+            self.relay.close()  # no new local connections; open ones drain below
+            await asyncio.gather(
+                *(server.stop(self.cfg.server.grace_seconds) for server in self._servers)
+            )
+            self._servers = []
+        await self.relay.stop()
+        # Calls gRPC gave up on may still be running in the pool: they finish before the token
+        # and the store they use are closed.
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.executor.shutdown, wait=True)
+        )
+        self.token.close()
         self.store.close()
-        self.executor.shutdown(wait=True)
         log.info("service stopped")
 
     async def wait(self) -> None:
-        assert self._server is not None
-        await self._server.wait_for_termination()
+        await asyncio.gather(*(server.wait_for_termination() for server in self._servers))
 
 
 async def _serve(cfg: Config) -> None:
@@ -403,32 +565,27 @@ async def _serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_policy)
     await stop.wait()
     log.info("shutting down")
     await server.stop()
 
 
-def _listen(server: grpc.aio.Server, address: str, socket_mode: int) -> int:
-    """Binds ``address``; a Unix socket is created with ``socket_mode`` from the start (umask),
-    not chmod-ed after a window in which anyone could connect."""
-    path = (
-        address.removeprefix("unix://").removeprefix("unix:")
-        if address.startswith("unix:")
-        else None
-    )
-    port: int
-    if path is None:
+def _unix_path(address: str) -> str:
+    return address.removeprefix("unix://").removeprefix("unix:")
+
+
+def _listen(server: grpc.aio.Server, address: str, socket_mode: int) -> None:
+    """Binds Unix socket ``address``, created with ``socket_mode`` from the start (umask), not
+    chmod-ed after a window in which anyone could connect."""
+    Path(_unix_path(address)).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    previous = os.umask(0o777 & ~socket_mode)
+    try:
         port = server.add_insecure_port(address)
-    else:
-        Path(path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        previous = os.umask(0o777 & ~socket_mode)
-        try:
-            port = server.add_insecure_port(address)
-        finally:
-            os.umask(previous)
+    finally:
+        os.umask(previous)
     if port == 0:
         raise SignerError(f"cannot listen on {address}")
-    return port
 
 
 def harden_process(cfg: Config) -> None:

@@ -28,6 +28,7 @@ from signer.errors import (
 )
 from signer.keys import (
     ALGORITHMS,
+    DEFAULT_SCOPE,
     Algorithm,
     ImportToken,
     Key,
@@ -103,6 +104,8 @@ class Signer:
         self._clock = clock
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # Scopes are fixed at creation, so a key's scope, once read, is read for good.
+        self._scopes: dict[str, str] = {}
 
     def _lock(self, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -132,7 +135,7 @@ class Signer:
             self._token.require(alg)
             now = self.now()
             version = self._new_version(name, 1, alg, now)
-            key = Key(name, alg.name, 1, scope, labels, now, (version,))
+            key = Key(name, alg.name, 1, scope or DEFAULT_SCOPE, labels, now, (version,))
             try:
                 self._store.create_key(key)
             except Exception:
@@ -263,7 +266,9 @@ class Signer:
             version = Version(name, number, alg.name, State.ENABLED, key_id, public, now, None)
             try:
                 if existing is None:
-                    self._store.create_key(Key(name, alg.name, 1, scope, labels, now, (version,)))
+                    self._store.create_key(
+                        Key(name, alg.name, 1, scope or DEFAULT_SCOPE, labels, now, (version,))
+                    )
                 else:
                     self._store.add_version(version, make_primary=True)
             except Exception:
@@ -336,7 +341,9 @@ class Signer:
             now = self.now()
             version = Version(name, 1, alg.name, State.ENABLED, key_id, public, now, None)
             # The store first: its unique CKA_IDs refuse an object another version already has.
-            self._store.create_key(Key(name, alg.name, 1, scope, labels, now, (version,)))
+            self._store.create_key(
+                Key(name, alg.name, 1, scope or DEFAULT_SCOPE, labels, now, (version,))
+            )
             try:
                 self._token.relabel(key_id, token_label(name, 1))
             except SignerError as exc:
@@ -356,7 +363,26 @@ class Signer:
         )
         return replace(key, versions=versions)
 
-    def list_keys(self, page_size: int, page_token: str) -> tuple[list[Key], str]:
+    def scope_of(self, name: str) -> str | None:
+        """The key's scope, or None if there is no such key (or the name is not a name)."""
+        scope = self._scopes.get(name)
+        if scope is None:
+            try:
+                scope = self._store.get_key(check_name(name)).scope
+            except (NotFound, InvalidArgument):
+                return None
+            self._scopes[name] = scope
+        return scope
+
+    def cached_scope(self, name: str) -> str | None:
+        """:meth:`scope_of` if it is known without a store read (for the event loop)."""
+        return self._scopes.get(name)
+
+    def list_keys(
+        self, page_size: int, page_token: str, visible: Callable[[Key], bool] | None = None
+    ) -> tuple[list[Key], str]:
+        """A page of keys in name order; with ``visible``, only the keys it accepts (pages are
+        filled from further down the list, so a caller never learns what was left out)."""
         if page_size < 0:
             raise InvalidArgument(f"page_size must not be negative, got {page_size}")
         if page_size > MAX_PAGE_SIZE:
@@ -365,7 +391,13 @@ class Signer:
         after = ""
         if page_token:
             after = _decode_page_token(page_token)
-        keys = self._store.list_keys(after, size + 1)
+        keys: list[Key] = []
+        while len(keys) <= size:
+            batch = self._store.list_keys(after, size + 1)
+            keys += [k for k in batch if visible is None or visible(k)]
+            if len(batch) <= size:
+                break
+            after = batch[-1].name
         more = len(keys) > size
         keys = keys[:size]
         next_token = _encode_page_token(keys[-1].name) if more else ""

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -114,7 +115,7 @@ def token_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenHostHa
 
 @dataclass
 class RunningService:
-    """A real gRPC service in a thread of this process, on a real loopback socket."""
+    """A real gRPC service in a thread of this process, on a real Unix socket."""
 
     server: Server
     address: str
@@ -149,10 +150,31 @@ class RunningService:
         self.loop.close()
 
 
+# Unix socket paths are limited to 107 bytes: tests keep theirs short, under one directory.
+_SOCKETS = Path(tempfile.mkdtemp(prefix="signer-tests-"))
+
+
+def socket_address() -> str:
+    return f"unix:{_SOCKETS}/s{next(_ids)}.sock"
+
+
+def allow_me(tmp_path: Path) -> Path:
+    """A policy granting the user running the tests every operation on every key."""
+    path = tmp_path / "policy-allow-me.toml"
+    path.write_text(
+        f'[[grant]]\ncallers = ["uid:{os.getuid()}"]\noperations = ["*"]\nscopes = ["*"]\n'
+    )
+    return path
+
+
 def make_config(
     tmp_path: Path, token: config_mod.TokenConfig, **sections: dict[str, Any]
 ) -> config_mod.Config:
-    server = {"listen": f"127.0.0.1:{free_port()}", "grace_seconds": 5.0}
+    server: dict[str, Any] = {
+        "listen": socket_address(),
+        "grace_seconds": 5.0,
+        "policy_file": str(allow_me(tmp_path)),
+    }
     server.update(sections.get("server", {}))
     keys = {"reaper_interval_seconds": 3600.0}
     keys.update(sections.get("keys", {}))

@@ -180,9 +180,16 @@ def deployment(work: Path) -> Iterator[tuple[list[Route], Route]]:
     )
 
     socket_path = root / "run" / "signer.sock"
+    front_socket = root / "run" / "front.sock"
+    policy = root / "policy.toml"
+    policy.write_text(
+        f'[[grant]]\ncallers = ["uid:{os.getuid()}", "x509:CN={CLIENT}"]\n'
+        'operations = ["*"]\nscopes = ["*"]\n'
+    )
     toml = root / "signer.toml"
     toml.write_text(
-        f'[server]\nlisten = "unix:{socket_path}"\n\n'
+        f'[server]\nlisten = "unix:{socket_path}"\nfront_socket = "{front_socket}"\n'
+        f'policy_file = "{policy}"\n\n'
         f'[token]\nserver_address = "{paths.server_address}"\npin_file = "{paths.user_pin}"\n\n'
         f'[store]\npath = "{root / "signer.db"}"\n'
     )
@@ -199,7 +206,7 @@ def deployment(work: Path) -> Iterator[tuple[list[Route], Route]]:
                 pin_file=str(paths.tls_pin),
                 server_address=paths.tls_server_address,
                 client_ca=str(ca.cert),
-                upstream=f"unix:{socket_path}",
+                upstream=f"unix:{front_socket}",
                 workdir=str(root / name),
             )
         )

@@ -153,6 +153,21 @@ class Lab:
         return self.root / "run" / "signer.sock"
 
     @property
+    def front_socket(self) -> Path:
+        return self.root / "run" / "front.sock"
+
+    @property
+    def policy(self) -> Path:
+        """This user and the harness's client certificate may do everything."""
+        path = self.root / "policy.toml"
+        if not path.exists():
+            path.write_text(
+                f'[[grant]]\ncallers = ["uid:{os.getuid()}", "x509:CN={LAB_CLIENT}"]\n'
+                'operations = ["*"]\nscopes = ["*"]\n'
+            )
+        return path
+
+    @property
     def ca(self) -> DevCA:
         return DevCA(self.root / "tls")
 
@@ -215,7 +230,7 @@ class Lab:
             pin_file=str(paths.tls_pin),
             server_address=paths.tls_server_address,
             client_ca=str(ca.cert),
-            upstream=f"unix:{self.socket}",
+            upstream=f"unix:{self.front_socket}",
             workdir=str(self.root / "front"),
         )
         self.front = Front(config_mod.Config(front=front))
@@ -246,7 +261,8 @@ class Lab:
         listen = f"unix:{self.socket}"
         module = SOFTHSM_MODULE if inprocess else P11KIT_CLIENT_MODULE
         text = (
-            f'[server]\nlisten = "{listen}"\ngrace_seconds = 2.0\n\n'
+            f'[server]\nlisten = "{listen}"\ngrace_seconds = 2.0\n'
+            f'front_socket = "{self.front_socket}"\npolicy_file = "{self.policy}"\n\n'
             f'[token]\nmodule = "{module}"\n'
             f'server_address = "{"" if inprocess else paths.server_address}"\n'
             f'uri = "pkcs11:token={hsm.DEFAULT_LABEL}"\npin_file = "{paths.user_pin}"\n'

@@ -74,8 +74,12 @@ class Deployment:
 @pytest.fixture
 def deployment(service_factory, token_host, pki: DevCA, tmp_path: Path) -> Iterator[Deployment]:
     """The production shape: service on a Unix socket, nginx with mTLS in front of it."""
-    socket = tmp_path / "run" / "signer.sock"
-    svc = service_factory(server={"listen": f"unix:{socket}"})
+    socket = tmp_path / "run" / "front.sock"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[[grant]]\ncallers = ["x509:O=acme,CN=payments"]\noperations = ["*"]\nscopes = ["*"]\n'
+    )
+    svc = service_factory(server={"front_socket": str(socket), "policy_file": str(policy)})
     cfg = dataclasses.replace(
         svc.server.cfg, front=front_config(token_host, pki, socket, tmp_path / "front")
     )
@@ -258,9 +262,25 @@ def test_the_signing_token_socket_does_not_offer_the_tls_key(own_session):
     assert found == []
 
 
-def test_the_service_unix_socket_is_created_with_its_mode(deployment: Deployment):
-    path = Path(deployment.front.cfg.front.upstream.removeprefix("unix:"))
-    assert path.stat().st_mode & 0o777 == 0o660
+def test_the_service_sockets_are_created_with_their_modes(deployment: Deployment):
+    front = Path(deployment.front.cfg.front.upstream.removeprefix("unix:"))
+    assert front.stat().st_mode & 0o777 == 0o600
+    local = Path(deployment.service.address.removeprefix("unix:"))
+    assert local.stat().st_mode & 0o777 == 0o660
+
+
+def test_the_front_socket_is_for_the_front_only(deployment: Deployment):
+    """The identity headers are believed on the front's socket and nowhere else, which is why
+    only the front's user may reach it (0600 above). A call there without them is refused."""
+    upstream = deployment.front.cfg.front.upstream
+    with SignerClient(upstream, timeout=10) as c, pytest.raises(Unauthenticated):
+        c.list_keys()
+
+
+def test_the_service_knows_the_caller_by_certificate(deployment: Deployment, unique_name):
+    """The policy grants the certificate's subject, not the uid nginx runs as."""
+    with deployment.client() as c:
+        c.create_key(unique_name(), "ec-p256", scope="consumer")
 
 
 def test_the_front_dies_with_whoever_started_it(token_host, pki: DevCA, tmp_path: Path):
@@ -317,8 +337,8 @@ def test_signer_front_serve_runs_until_sigterm(deployment_parts, tmp_path: Path)
 
 @pytest.fixture
 def deployment_parts(service_factory, token_host, pki: DevCA, tmp_path: Path):
-    socket = tmp_path / "run" / "signer.sock"
-    service_factory(server={"listen": f"unix:{socket}"})
+    socket = tmp_path / "run" / "front.sock"
+    service_factory(server={"front_socket": str(socket)})
     front = front_config(token_host, pki, socket, tmp_path / "front")
     toml = tmp_path / "signer.toml"
     toml.write_text(

@@ -466,7 +466,8 @@ def test_scope_and_labels_are_stored_and_returned(service, unique_name):
     assert (key.scope, dict(key.labels)) == ("payments:eu-1", labels)
     listed = {k.name: k for k in client.list_keys().keys}
     assert (listed[name].scope, dict(listed[name].labels)) == ("payments:eu-1", labels)
-    assert (listed[plain].scope, dict(listed[plain].labels)) == ("", {})
+    # No scope given: the default one.
+    assert (listed[plain].scope, dict(listed[plain].labels)) == ("default", {})
 
     # Fixed at creation: a rotation keeps them.
     rotated = client.rotate(name)

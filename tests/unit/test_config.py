@@ -32,7 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_without_file_or_env() -> None:
     cfg = config.load(None, env={})
     assert cfg == Config()
-    assert cfg.server.listen == "127.0.0.1:50051"
+    assert cfg.server.listen == "unix:var/run/signer.sock"
     assert cfg.server.max_message_bytes == 1024 * 1024
     assert cfg.server.grace_seconds == 10.0
     assert cfg.token.module == P11KIT_CLIENT_MODULE
@@ -65,7 +65,7 @@ def test_toml_file_sets_every_section(tmp_path: Path) -> None:
         tmp_path,
         """
 [server]
-listen = "127.0.0.1:6000"
+listen = "unix:/run/s6000.sock"
 max_message_bytes = 4096
 grace_seconds = 3
 
@@ -88,7 +88,9 @@ reaper_interval_seconds = 5
 """,
     )
     cfg = config.load(path, env={})
-    assert cfg.server == ServerConfig("127.0.0.1:6000", max_message_bytes=4096, grace_seconds=3.0)
+    assert cfg.server == ServerConfig(
+        "unix:/run/s6000.sock", max_message_bytes=4096, grace_seconds=3.0
+    )
     assert isinstance(cfg.server.grace_seconds, float)
     assert cfg.token == TokenConfig(
         module=SOFTHSM_MODULE,
@@ -132,16 +134,16 @@ def test_config_error_is_a_signer_error() -> None:
 def test_env_overrides_win_over_file(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[server]\nlisten = "127.0.0.1:6000"\n[token]\nsessions = 2\n[keys]\n'
+        '[server]\nlisten = "unix:/run/s6000.sock"\n[token]\nsessions = 2\n[keys]\n'
         "reaper_interval_seconds = 5\n",
     )
     env = {
-        "SIGNER_SERVER_LISTEN": "127.0.0.1:7000",
+        "SIGNER_SERVER_LISTEN": "unix:/run/s7000.sock",
         "SIGNER_TOKEN_SESSIONS": "16",
         "SIGNER_KEYS_REAPER_INTERVAL_SECONDS": "0.25",
     }
     cfg = config.load(path, env=env)
-    assert cfg.server.listen == "127.0.0.1:7000"
+    assert cfg.server.listen == "unix:/run/s7000.sock"
     assert cfg.token.sessions == 16
     assert cfg.keys.reaper_interval_seconds == 0.25
 
@@ -160,10 +162,10 @@ def test_unrelated_env_is_ignored() -> None:
 
 
 def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SIGNER_SERVER_LISTEN", "127.0.0.1:6001")
-    assert config.load(None).server.listen == "127.0.0.1:6001"
+    monkeypatch.setenv("SIGNER_SERVER_LISTEN", "unix:/run/s6001.sock")
+    assert config.load(None).server.listen == "unix:/run/s6001.sock"
     # An explicit env mapping replaces os.environ entirely.
-    assert config.load(None, env={}).server.listen == "127.0.0.1:50051"
+    assert config.load(None, env={}).server.listen == "unix:var/run/signer.sock"
 
 
 # --- type errors -------------------------------------------------------------------------------
@@ -304,3 +306,8 @@ def test_concurrent_from_loaded_config() -> None:
 def test_socket_mode_must_be_octal_permissions(mode: str) -> None:
     with pytest.raises(ConfigError, match=r"server\.socket_mode must be octal permissions"):
         config.load(None, env={"SIGNER_SERVER_SOCKET_MODE": mode})
+
+
+def test_the_service_does_not_listen_on_a_network() -> None:
+    with pytest.raises(ConfigError, match=r"server\.listen must be a Unix socket"):
+        config.load(None, env={"SIGNER_SERVER_LISTEN": "0.0.0.0:50051"})

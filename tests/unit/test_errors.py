@@ -10,7 +10,8 @@ import pytest
 from signer import errors
 from signer.client import _error
 from signer.errors import BY_CODE, Code, ConfigError, Internal, SignerError
-from signer.server import STATUS, ErrorInterceptor
+from signer.policy import Caller
+from signer.server import CALLER, STATUS, CallInterceptor
 
 WIRE_CLASSES = [
     errors.InvalidArgument,
@@ -137,7 +138,7 @@ def test_unknown_codes_become_internal(status: grpc.StatusCode) -> None:
     assert exc.message == f"{status.name}: boom"
 
 
-# --- ErrorInterceptor ---------------------------------------------------------------------------
+# --- CallInterceptor ----------------------------------------------------------------------------
 
 
 class FakeContext:
@@ -150,23 +151,35 @@ class FakeContext:
 
 
 class Details:
-    method = "/signer.v1.SignerService/Sign"
+    def __init__(self, method: str = "/signer.v1.SignerService/Sign") -> None:
+        self.method = method
 
 
-def intercept(handler: object) -> object:
+ALICE = Caller.unix(1000, "alice")
+
+
+def intercept(
+    handler: object, caller: Caller | None = ALICE, method: str = "/signer.v1.SignerService/Sign"
+) -> object:
     async def continuation(_details: object) -> object:
         return handler
 
-    return asyncio.run(ErrorInterceptor().intercept_service(continuation, Details()))
+    interceptor = CallInterceptor(lambda context: caller, "connect through the Unix socket")
+    return asyncio.run(interceptor.intercept_service(continuation, Details(method)))
 
 
-def call_guarded(behaviour: BaseException | str) -> tuple[object, FakeContext]:
+def call_guarded(
+    behaviour: BaseException | str,
+    caller: Caller | None = ALICE,
+    method: str = "/signer.v1.SignerService/Sign",
+) -> tuple[object, FakeContext]:
     async def inner(request: object, context: object) -> object:
         if isinstance(behaviour, BaseException):
             raise behaviour
+        assert method.startswith("/grpc.health") or CALLER.get() == caller
         return behaviour
 
-    handler = intercept(grpc.unary_unary_rpc_method_handler(inner))
+    handler = intercept(grpc.unary_unary_rpc_method_handler(inner), caller, method)
     ctx = FakeContext()
 
     async def run() -> object:
@@ -211,3 +224,19 @@ def test_interceptor_leaves_other_handlers_alone() -> None:
     assert intercept(None) is None
     stream = grpc.unary_stream_rpc_method_handler(lambda r, c: iter(()))
     assert intercept(stream) is stream
+
+
+def test_a_call_without_a_caller_is_unauthenticated_before_it_runs() -> None:
+    result, ctx = call_guarded("response", caller=None)
+    assert result == "aborted"
+    assert ctx.aborted == [
+        (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "no authenticated caller: connect through the Unix socket",
+        )
+    ]
+
+
+def test_health_checks_need_no_caller() -> None:
+    result, ctx = call_guarded("ok", caller=None, method="/grpc.health.v1.Health/Check")
+    assert (result, ctx.aborted) == ("ok", [])

@@ -1,0 +1,166 @@
+"""Who may do what to which keys: callers, operations, grants. Default deny.
+
+A policy file is TOML, a list of grants::
+
+    [[grant]]
+    callers = ["x509:O=acme,CN=payments", "uid:1000", "user:deploy"]
+    operations = ["sign", "verify", "read"]
+    scopes = ["consumer"]          # keys whose scope is one of these ("*": any scope)
+    keys = ["payments-*"]          # and/or keys whose name matches one of these globs
+
+A grant applies to a key when the key's scope is listed and its name matches one of the
+patterns; a grant that leaves out ``scopes`` or ``keys`` does not restrict by it (but must give
+one of them). Creating or importing a new key needs a grant that lists its scope.
+
+Callers are named by how they authenticated: ``x509:`` and the
+verified client certificate's subject as the mTLS front gives it (RFC 4514, e.g.
+``O=acme,CN=payments``), ``uid:`` and ``user:`` for the peer of the Unix socket (SO_PEERCRED).
+Anything else is refused when the file is loaded, so a typo cannot grant or deny by accident.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from signer.errors import ConfigError
+
+# What a grant can allow; every RPC is one of these.
+OPERATIONS = frozenset(
+    {"sign", "verify", "read", "create", "rotate", "import", "disable", "destroy"}
+)
+ANY = "*"
+_CALLER_KINDS = ("x509:", "uid:", "user:")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: every name it may be granted by (``x509:...``, or ``uid:N``
+    and ``user:NAME``). ``display`` is what logs, errors and the audit log show."""
+
+    names: frozenset[str]
+    display: str
+
+    @classmethod
+    def x509(cls, subject: str) -> Caller:
+        return cls(frozenset({f"x509:{subject}"}), f"x509:{subject}")
+
+    @classmethod
+    def unix(cls, uid: int, user: str | None) -> Caller:
+        names = {f"uid:{uid}"} | ({f"user:{user}"} if user else set())
+        return cls(frozenset(names), f"uid:{uid}" + (f"({user})" if user else ""))
+
+
+@dataclass(frozen=True)
+class Grant:
+    callers: frozenset[str]
+    operations: frozenset[str]
+    scopes: frozenset[str]
+    keys: tuple[str, ...]
+
+    def covers(self, caller: Caller, operation: str) -> bool:
+        return operation in self.operations and not self.callers.isdisjoint(caller.names)
+
+    def applies_to(self, name: str, scope: str | None) -> bool:
+        """``scope`` None: a key that does not exist. Only a grant by name, or one for any scope,
+        matches it; then the caller may learn that it does not exist."""
+        if self.scopes and ANY not in self.scopes and (scope is None or scope not in self.scopes):
+            return False
+        return not self.keys or self.names_key(name)
+
+    def names_scope(self, scope: str) -> bool:
+        return ANY in self.scopes or scope in self.scopes
+
+    def names_key(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.keys)
+
+
+@dataclass(frozen=True)
+class Policy:
+    grants: tuple[Grant, ...]
+    source: str = ""
+
+    def allows(self, caller: Caller, operation: str, name: str, scope: str | None) -> bool:
+        """Whether ``caller`` may perform ``operation`` on key ``name`` of ``scope``."""
+        return any(g.covers(caller, operation) and g.applies_to(name, scope) for g in self.grants)
+
+    def allows_new(self, caller: Caller, operation: str, name: str, scope: str) -> bool:
+        """For a key that does not exist yet (create, import): may ``caller`` make key ``name``
+        in ``scope``? The grant must name the scope, and if it lists key patterns, one must
+        match the name as well."""
+        return any(
+            g.covers(caller, operation)
+            and g.names_scope(scope)
+            and (not g.keys or g.names_key(name))
+            for g in self.grants
+        )
+
+    def allows_any(self, caller: Caller, operation: str) -> bool:
+        """Whether any grant gives ``caller`` ``operation`` at all (GetImportParameters)."""
+        return any(g.covers(caller, operation) for g in self.grants)
+
+
+DENY_ALL = Policy((), "no policy: every call is refused")
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of non-empty strings")
+    return value
+
+
+def parse(data: dict[str, Any], source: str = "") -> Policy:
+    unknown = set(data) - {"grant"}
+    if unknown:
+        raise ConfigError(f"policy {source}: unknown table(s) {', '.join(sorted(unknown))}")
+    raw = data.get("grant", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"policy {source}: 'grant' must be an array of tables ([[grant]])")
+    grants = []
+    for i, g in enumerate(raw, 1):
+        where = f"policy {source}: grant #{i}"
+        if not isinstance(g, dict):
+            raise ConfigError(f"{where} must be a table")
+        extra = set(g) - {"callers", "operations", "scopes", "keys"}
+        if extra:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
+        callers = _strings(g.get("callers"), f"{where}: callers")
+        bad = [c for c in callers if not c.startswith(_CALLER_KINDS) or c.endswith(":")]
+        if bad:
+            raise ConfigError(
+                f"{where}: caller(s) {', '.join(map(repr, bad))} must start with "
+                f"{', '.join(_CALLER_KINDS)} and name someone"
+            )
+        for c in callers:
+            if c.startswith("uid:") and not c[4:].isdigit():
+                raise ConfigError(f"{where}: {c!r} is not a numeric uid")
+        ops = _strings(g.get("operations"), f"{where}: operations")
+        if ANY in ops:
+            ops = sorted(OPERATIONS)
+        wrong = sorted(set(ops) - OPERATIONS)
+        if wrong:
+            raise ConfigError(
+                f"{where}: unknown operation(s) {', '.join(wrong)} "
+                f"(known: {', '.join(sorted(OPERATIONS))}, or '*')"
+            )
+        scopes = _strings(g.get("scopes", []), f"{where}: scopes") if "scopes" in g else []
+        keys = _strings(g.get("keys", []), f"{where}: keys") if "keys" in g else []
+        if not scopes and not keys:
+            raise ConfigError(f"{where}: give scopes, keys or both ('*' for all)")
+        grants.append(Grant(frozenset(callers), frozenset(ops), frozenset(scopes), tuple(keys)))
+    return Policy(tuple(grants), source)
+
+
+def load(path: str | Path) -> Policy:
+    """Reads and checks a policy file; any problem is a ConfigError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"policy file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"policy file {path} is not valid TOML: {exc}") from None
+    return parse(data, str(path))
