@@ -107,8 +107,8 @@ DENY_ALL = Policy((), "no policy: every call is refused")
 
 
 def _strings(value: Any, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{where} must be a list of non-empty strings")
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a non-empty list of non-empty strings")
     return value
 
 

@@ -9,6 +9,7 @@ or as its own process (``service_process_factory``, for tests that inspect or ki
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import shutil
@@ -152,6 +153,7 @@ class RunningService:
 
 # Unix socket paths are limited to 107 bytes: tests keep theirs short, under one directory.
 _SOCKETS = Path(tempfile.mkdtemp(prefix="signer-tests-"))
+atexit.register(shutil.rmtree, _SOCKETS, True)
 
 
 def socket_address() -> str:

@@ -1,0 +1,351 @@
+"""Authorisation, end to end: callers with client certificates through the real mTLS front, a
+local caller by uid through the relay, a policy file, and every operation on keys of three kinds.
+
+The matrix is explicit: for each caller and kind of key, the operations it may perform. Every
+other combination must be PERMISSION_DENIED naming the caller, operation and key, and must leave
+the key as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from signer import config as config_mod
+from signer import hsm
+from signer.client import ClientTLS, SignerClient
+from signer.errors import NotFound, PermissionDenied, SignerError
+from signer.front import Front
+from signer.pki import DevCA
+from tests.conftest import (
+    FakeClock,
+    RunningService,
+    free_port,
+    make_config,
+    start_service,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+CALLERS = ("consumer-app", "enterprise-app", "key-admin", "auditor", "release-bot")
+POLICY = f"""
+[[grant]]
+callers = ["uid:{os.getuid()}"]           # the test itself sets keys up locally
+operations = ["*"]
+scopes = ["*"]
+
+[[grant]]
+callers = ["x509:CN=consumer-app"]
+operations = ["sign", "verify", "read"]
+scopes = ["consumer"]
+
+[[grant]]
+callers = ["x509:CN=enterprise-app"]
+operations = ["sign", "verify", "read"]
+scopes = ["enterprise"]
+
+[[grant]]
+callers = ["x509:CN=key-admin"]
+operations = ["create", "rotate", "disable", "destroy", "import", "read"]
+scopes = ["consumer", "enterprise"]
+
+[[grant]]
+callers = ["x509:CN=auditor"]
+operations = ["read"]
+scopes = ["*"]
+
+[[grant]]
+callers = ["x509:CN=release-bot"]
+operations = ["sign"]
+keys = ["release-*"]
+"""
+
+# Which operations each caller may perform on a key of each kind; everything else is denied.
+KINDS = {"consumer": "consumer", "enterprise": "enterprise", "release": "build"}
+ALLOWED: dict[tuple[str, str], set[str]] = {
+    ("consumer-app", "consumer"): {"sign", "verify", "read"},
+    ("enterprise-app", "enterprise"): {"sign", "verify", "read"},
+    ("key-admin", "consumer"): {"create", "rotate", "disable", "destroy", "read"},
+    ("key-admin", "enterprise"): {"create", "rotate", "disable", "destroy", "read"},
+    ("auditor", "consumer"): {"read"},
+    ("auditor", "enterprise"): {"read"},
+    ("auditor", "release"): {"read"},
+    ("release-bot", "release"): {"sign"},
+}
+OPERATIONS = ("sign", "verify", "read", "create", "rotate", "disable", "destroy")
+
+
+@dataclass
+class Deployment:
+    service: RunningService
+    front: Front
+    ca: DevCA
+    policy: Path
+
+    def remote(self, caller: str) -> SignerClient:
+        cert, key = self.ca.client_files(caller)
+        return SignerClient(
+            self.front.cfg.front.listen, tls=ClientTLS(self.ca.cert, cert, key), timeout=15
+        )
+
+    def local(self) -> SignerClient:
+        return self.service.client()
+
+
+@pytest.fixture(scope="module")
+def deployment(token_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    tmp = tmp_path_factory.mktemp("authz")
+    ca = DevCA.ensure(tmp / "tls")
+    ca.issue_server(token_host.paths.tls_public_key.read_bytes(), ["localhost", "127.0.0.1"])
+    for name in CALLERS:
+        ca.issue_client(name)
+    policy = tmp / "policy.toml"
+    policy.write_text(POLICY)
+    front_socket = tmp / "front.sock"
+    cfg = make_config(
+        tmp,
+        token_host.token_config(),
+        server={"front_socket": str(front_socket), "policy_file": str(policy)},
+    )
+    svc = start_service(cfg, FakeClock())
+    front_cfg = config_mod.FrontConfig(
+        listen=f"127.0.0.1:{free_port()}",
+        certificate=str(ca.server_cert),
+        key_uri=hsm.TLS_KEY_URI,
+        pin_file=str(token_host.paths.tls_pin),
+        server_address=token_host.paths.tls_server_address,
+        client_ca=str(ca.cert),
+        upstream=f"unix:{front_socket}",
+        workdir=str(tmp / "front"),
+    )
+    front = Front(replace(cfg, front=front_cfg))
+    front.start()
+    try:
+        yield Deployment(svc, front, ca, policy)
+    finally:
+        front.stop()
+        svc.stop()
+
+
+_n = iter(range(10**6))
+
+
+def fresh_key(d: Deployment, kind: str) -> str:
+    """A new key of ``kind``, made by the local administrator, with two versions (so version 1
+    can be scheduled for destruction)."""
+    name = f"{'release-' if kind == 'release' else ''}{kind}-{next(_n)}"
+    with d.local() as c:
+        c.create_key(name, "ec-p256", scope=KINDS[kind])
+        c.rotate(name)
+    return name
+
+
+def perform(c: SignerClient, d: Deployment, op: str, name: str, kind: str) -> None:
+    if op == "sign":
+        c.sign(name, message=b"matrix")
+    elif op == "verify":
+        with d.local() as admin:
+            sig = admin.sign(name, message=b"matrix").signature
+        assert c.verify(name, sig, message=b"matrix")
+    elif op == "read":
+        c.get_key(name)
+        c.public_key(name)
+    elif op == "create":
+        c.create_key(f"{name}-new", "ec-p256", scope=KINDS[kind])
+    elif op == "rotate":
+        c.rotate(name)
+    elif op == "disable":
+        c.disable(name, 1)
+        c.enable(name, 1)
+    elif op == "destroy":
+        c.schedule_destruction(name, 1)
+        c.cancel_destruction(name, 1)
+    else:
+        raise AssertionError(op)
+
+
+MATRIX = [(caller, op, kind) for caller in CALLERS for kind in KINDS for op in OPERATIONS]
+
+
+@pytest.mark.parametrize(
+    ("caller", "op", "kind"), MATRIX, ids=[f"{c}-{o}-{k}" for c, o, k in MATRIX]
+)
+def test_matrix(deployment: Deployment, caller: str, op: str, kind: str) -> None:
+    name = fresh_key(deployment, kind)
+    with deployment.local() as admin:
+        before = admin.get_key(name)
+    allowed = op in ALLOWED.get((caller, kind), set())
+    with deployment.remote(caller) as c:
+        if allowed:
+            perform(c, deployment, op, name, kind)
+            return
+        with pytest.raises(PermissionDenied) as exc:
+            perform(c, deployment, op, name, kind)
+    target = f"{name}-new" if op == "create" else name
+    assert exc.value.message.startswith(f"x509:CN={caller} may not {op} key {target!r}")
+    with deployment.local() as admin:
+        after = admin.get_key(name)
+        assert after == before, "a refused call changed the key"
+        if op == "create":
+            with pytest.raises(NotFound):
+                admin.get_key(target)
+
+
+def test_refusals_do_not_tell_whether_a_key_exists(deployment: Deployment) -> None:
+    existing = fresh_key(deployment, "enterprise")
+    with deployment.remote("consumer-app") as c:
+        with pytest.raises(PermissionDenied) as there:
+            c.sign(existing, message=b"x")
+        with pytest.raises(PermissionDenied) as absent:
+            c.sign("enterprise-never-made", message=b"x")
+    assert there.value.message == f"x509:CN=consumer-app may not sign key {existing!r}"
+    assert absent.value.message == "x509:CN=consumer-app may not sign key 'enterprise-never-made'"
+
+
+def test_a_caller_who_may_see_a_name_learns_it_is_missing(deployment: Deployment) -> None:
+    with deployment.remote("release-bot") as c, pytest.raises(NotFound):
+        c.sign("release-never-made", message=b"x")
+
+
+def test_list_keys_shows_only_what_the_caller_may_read(deployment: Deployment) -> None:
+    keys = {kind: fresh_key(deployment, kind) for kind in KINDS}
+    for caller, visible in (
+        ("consumer-app", {"consumer"}),
+        ("enterprise-app", {"enterprise"}),
+        ("auditor", set(KINDS)),
+        ("release-bot", set()),
+    ):
+        with deployment.remote(caller) as c:
+            listed = {k.name for k in c.iter_keys(page_size=2)}  # paging over hidden keys
+        assert {kind for kind, name in keys.items() if name in listed} == visible, caller
+        scopes = {KINDS[kind] for kind in visible}
+        with deployment.local() as admin:
+            every = {k.name: k.scope for k in admin.iter_keys()}
+        assert all(every[name] in scopes for name in listed), caller
+
+
+def test_import_needs_an_import_grant(deployment: Deployment) -> None:
+    with deployment.remote("consumer-app") as c, pytest.raises(PermissionDenied) as exc:
+        c.get_import_parameters()
+    assert exc.value.message == "x509:CN=consumer-app may not import keys"
+
+
+def _python_for_others() -> list[str]:
+    """A Python that another user can run, with this checkout's packages on its path: the
+    interpreter itself if everyone may execute it (a system Python), else the system's own of
+    the same version (pyenv keeps its interpreters under an owner-only home)."""
+    import stat
+    import sys
+
+    def world_runnable(path: Path) -> bool:
+        return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
+
+    candidates = [Path(sys.executable).resolve(), Path("/usr/bin/python3").resolve()]
+    for python in candidates:
+        if python.exists() and world_runnable(python):
+            version = subprocess.run(
+                [str(python), "-c", "import sys; print(sys.version_info[:2])"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+            if version == str(sys.version_info[:2]):
+                return [str(python)]
+    pytest.fail(f"no Python {sys.version_info[:2]} that another user may run: {candidates}")
+
+
+def test_a_local_caller_is_known_by_uid(deployment: Deployment) -> None:
+    """The same socket, another user: `nobody` has no grant, so it sees no key and is refused
+    the rest, and the refusal names the uid the kernel reported."""
+    import pwd
+    import site
+
+    nobody = pwd.getpwnam("nobody")
+    address = deployment.service.address
+    sock = Path(address.removeprefix("unix:"))
+    os.chmod(sock, 0o666)  # let nobody reach the socket
+    os.chmod(sock.parent, 0o711)
+    script = (
+        "import sys\n"
+        "from signer.client import SignerClient\n"
+        "from signer.errors import SignerError\n"
+        "c = SignerClient(sys.argv[1], timeout=10)\n"
+        "print(len(c.list_keys().keys))\n"
+        "try:\n"
+        "    c.get_key('anything')\n"
+        "except SignerError as e:\n"
+        "    print(e.code.value, e.message)\n"
+    )
+    path = os.pathsep.join([*site.getsitepackages(), str(Path(__file__).parents[2])])
+    done = subprocess.run(
+        [*_python_for_others(), "-c", script, address],
+        capture_output=True, text=True, timeout=60, env={"PYTHONPATH": path},
+        user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd="/",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listed, refusal = done.stdout.splitlines()
+    assert listed == "0"  # ListKeys is filtered, not refused: nobody sees no key at all
+    assert refusal == f"PERMISSION_DENIED uid:{nobody.pw_uid}(nobody) may not read key 'anything'"
+
+
+# --- reloading the policy -------------------------------------------------------------------
+
+
+def test_sighup_reloads_the_policy_without_dropping_calls(
+    service_process_factory, tmp_path: Path
+) -> None:
+    policy = tmp_path / "reload.toml"
+    allow = f'[[grant]]\ncallers = ["uid:{os.getuid()}"]\noperations = ["*"]\nscopes = ["*"]\n'
+    read_only = allow.replace('["*"]\nscopes', '["read"]\nscopes', 1)
+    policy.write_text(allow)
+    sp = service_process_factory(server={"policy_file": str(policy)})
+    with sp.client() as c:
+        c.create_key("reloaded", "ec-p256", scope="s")
+    errors: list[str] = []
+    signed = 0
+    stop = threading.Event()
+
+    def sign_forever() -> None:
+        nonlocal signed
+        with sp.client() as c:
+            while not stop.is_set():
+                try:
+                    c.sign("reloaded", message=b"x")
+                    signed += 1
+                except PermissionDenied:
+                    return  # the new policy has taken effect
+                except SignerError as exc:
+                    errors.append(f"{exc.code.value}: {exc.message}")
+                    return
+
+    workers = [threading.Thread(target=sign_forever) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        assert wait_until(lambda: signed > 20, 30)
+        policy.write_text(read_only)
+        os.kill(sp.pid, signal.SIGHUP)
+        for w in workers:
+            w.join(30)
+    finally:
+        stop.set()
+    assert not errors, errors  # every call either succeeded or was refused by the new policy
+    with sp.client() as c:
+        with pytest.raises(PermissionDenied):
+            c.sign("reloaded", message=b"x")
+        c.get_key("reloaded")
+
+        # A broken file is refused and the policy in force stays.
+        policy.write_text("[[grant]]\ncallers = ['everyone']\n")
+        os.kill(sp.pid, signal.SIGHUP)
+        assert wait_until(lambda: "policy not reloaded" in sp.log(), 10)
+        c.get_key("reloaded")
+        with pytest.raises(PermissionDenied):
+            c.sign("reloaded", message=b"x")
+    assert "must start with x509:, uid:, user:" in sp.log()

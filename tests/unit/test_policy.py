@@ -1,0 +1,132 @@
+"""signer.policy: the grammar of a policy file, and what a grant allows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from signer import policy
+from signer.errors import ConfigError
+from signer.policy import Caller
+
+CONSUMER_APP = Caller.x509("O=acme,CN=consumer-app")
+ALICE = Caller.unix(1000, "alice")
+BOB = Caller.unix(1001, None)
+
+TEXT = """
+[[grant]]
+callers = ["x509:O=acme,CN=consumer-app", "user:alice"]
+operations = ["sign", "verify", "read"]
+scopes = ["consumer"]
+
+[[grant]]
+callers = ["uid:1001"]
+operations = ["sign"]
+keys = ["release-*"]
+
+[[grant]]
+callers = ["uid:1001"]
+operations = ["create", "read"]
+scopes = ["builds"]
+keys = ["ci-*"]
+
+[[grant]]
+callers = ["x509:CN=auditor"]
+operations = ["read"]
+scopes = ["*"]
+"""
+
+
+@pytest.fixture
+def pol(tmp_path: Path) -> policy.Policy:
+    path = tmp_path / "policy.toml"
+    path.write_text(TEXT)
+    return policy.load(path)
+
+
+@pytest.mark.parametrize(
+    ("caller", "op", "name", "scope", "allowed"),
+    [
+        (CONSUMER_APP, "sign", "tokens", "consumer", True),
+        (CONSUMER_APP, "sign", "tokens", "enterprise", False),  # another scope
+        (CONSUMER_APP, "rotate", "tokens", "consumer", False),  # an operation not granted
+        (ALICE, "read", "tokens", "consumer", True),  # by user name
+        (Caller.unix(1000, None), "read", "tokens", "consumer", False),  # uid 1000 alone: no
+        (BOB, "sign", "release-2026", "anything", True),  # by key pattern, any scope
+        (BOB, "sign", "nightly", "anything", False),
+        (BOB, "read", "ci-7", "builds", True),  # scope and pattern both hold
+        (BOB, "read", "ci-7", "other", False),  # pattern holds, scope does not
+        (BOB, "read", "cd-7", "builds", False),  # scope holds, pattern does not
+        (Caller.x509("CN=auditor"), "read", "anything", "whatever", True),
+        (Caller.x509("CN=auditor"), "sign", "anything", "whatever", False),
+        (Caller.x509("CN=stranger"), "read", "tokens", "consumer", False),  # default deny
+    ],
+)
+def test_grants(
+    pol: policy.Policy, caller: Caller, op: str, name: str, scope: str, allowed: bool
+) -> None:
+    assert pol.allows(caller, op, name, scope) is allowed
+
+
+def test_a_key_that_does_not_exist_matches_only_grants_by_name_or_for_any_scope(
+    pol: policy.Policy,
+) -> None:
+    assert not pol.allows(CONSUMER_APP, "sign", "tokens", None)  # scope-bound: learns nothing
+    assert pol.allows(BOB, "sign", "release-9", None)  # named by pattern: may learn it is absent
+    assert pol.allows(Caller.x509("CN=auditor"), "read", "ghost", None)  # sees every scope
+
+
+def test_new_keys_need_their_scope_granted_and_the_pattern_to_match(pol: policy.Policy) -> None:
+    assert pol.allows_new(BOB, "create", "ci-8", "builds")
+    assert not pol.allows_new(BOB, "create", "ci-8", "consumer")
+    assert not pol.allows_new(BOB, "create", "cd-8", "builds")
+    assert not pol.allows_new(CONSUMER_APP, "create", "x", "consumer")  # not granted create
+
+
+def test_allows_any(pol: policy.Policy) -> None:
+    assert pol.allows_any(BOB, "create")
+    assert not pol.allows_any(CONSUMER_APP, "import")
+
+
+def test_star_means_every_operation(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[[grant]]\ncallers = ["uid:0"]\noperations = ["*"]\nscopes = ["*"]\n')
+    pol = policy.load(path)
+    root = Caller.unix(0, "root")
+    assert all(pol.allows(root, op, "k", "s") for op in policy.OPERATIONS)
+
+
+def test_no_policy_refuses_everything() -> None:
+    assert not policy.DENY_ALL.allows(ALICE, "read", "k", "s")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[[grant]]\ncallers = ["alice"]\noperations = ["sign"]\nscopes = ["s"]',
+            "must start with",
+        ),
+        ('[[grant]]\ncallers = ["uid:"]\noperations = ["sign"]\nscopes = ["s"]', "must start with"),
+        ('[[grant]]\ncallers = ["uid:al"]\noperations = ["sign"]\nscopes = ["s"]', "not a numeric"),
+        ('[[grant]]\ncallers = ["uid:1"]\noperations = ["sing"]\nscopes = ["s"]', "unknown operat"),
+        ('[[grant]]\ncallers = ["uid:1"]\noperations = ["sign"]', "give scopes, keys or both"),
+        ('[[grant]]\ncallers = []\noperations = ["sign"]\nscopes = ["s"]', "callers must be"),
+        ('[[grant]]\ncallers = ["uid:1"]\noperations = ["sign"]\nscope = ["s"]', "unknown field"),
+        ('[[grants]]\ncallers = ["uid:1"]', "unknown table"),
+        ("[[grant]\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_policy_is_refused_naming_the_problem(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        policy.load(path)
+
+
+def test_a_missing_policy_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="policy file not found"):
+        policy.load(tmp_path / "nope.toml")
