@@ -89,6 +89,21 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit log (signer.audit): every RPC outcome, hash-chained, checkpoints signed."""
+
+    path: str = "var/audit.db"
+    checkpoint_every: int = 1000
+    checkpoint_interval_seconds: float = 10.0
+    # The audit key's public half, pinned at first start; "" means PATH.key.pem.
+    public_key_file: str = ""
+
+    @property
+    def pinned_key(self) -> Path:
+        return Path(self.public_key_file or f"{self.path}.key.pem")
+
+
+@dataclass(frozen=True)
 class FrontConfig:
     """The mTLS front (``signer front serve``): nginx terminating TLS with its key in the token,
     proxying to the service's Unix socket. The service itself never reads this section."""
@@ -115,6 +130,7 @@ class Config:
     token: TokenConfig = field(default_factory=TokenConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     front: FrontConfig = field(default_factory=FrontConfig)
 
 
@@ -182,6 +198,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         "token": TokenConfig,
         "store": StoreConfig,
         "keys": KeysConfig,
+        "audit": AuditConfig,
         "front": FrontConfig,
     }
     unknown = set(data) - set(sections)
@@ -240,6 +257,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"server.{name} must be octal permissions such as 0660, got {value!r}"
             ) from None
+    if cfg.audit.checkpoint_every < 1 or cfg.audit.checkpoint_interval_seconds <= 0:
+        raise ConfigError(
+            "audit.checkpoint_every and audit.checkpoint_interval_seconds must be positive"
+        )
     if cfg.server.max_message_bytes < 1:
         raise ConfigError("server.max_message_bytes must be positive")
     if (

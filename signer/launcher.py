@@ -64,6 +64,8 @@ def write_config(root: Path, listen: str) -> Path:
         f'pin_file = "{paths.user_pin}"\n\n'
         "[store]\n"
         f'path = "{root / "signer.db"}"\n\n'
+        "[audit]\n"
+        f'path = "{root / "audit.db"}"\n\n'
         "[front]\n"
         f'listen = "{listen}"\n'
         f'certificate = "{ca.server_cert}"\n'

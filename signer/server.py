@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import hashlib
 import logging
 import os
 import pwd
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +36,16 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from signer import policy as policy_mod
+from signer.audit import AUDIT_ALGORITHM, AuditLog, Event, Signing
 from signer.config import Config
-from signer.errors import Code, ConfigError, PermissionDenied, SignerError, Unauthenticated
+from signer.errors import (
+    Code,
+    ConfigError,
+    Internal,
+    PermissionDenied,
+    SignerError,
+    Unauthenticated,
+)
 from signer.front import SUBJECT_HEADER
 from signer.keys import (
     DEFAULT_SCOPE,
@@ -76,15 +86,46 @@ CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
 # Callable without an identity: load balancers' health checks and server reflection.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 Identify = Callable[[grpc.aio.ServicerContext], Caller | None]
+Audit = Callable[[str, Caller | None, Any, Any, SignerError | None], Awaitable[None]]
+# Request fields whose SHA-256 the audit log records (never the bytes themselves).
+_PAYLOAD_FIELDS = ("message", "digest", "wrapped_key", "claims")
+
+
+def audit_event(
+    now: datetime,
+    method: str,
+    caller: Caller | None,
+    request: Any,
+    response: Any,
+    error: SignerError | None,
+) -> Event:
+    """What the audit log keeps of one call: never its payload, only its digest."""
+    payload = b""
+    for name in _PAYLOAD_FIELDS:
+        value = getattr(request, name, b"")
+        if isinstance(value, bytes) and value:
+            payload = value
+            break
+    version = getattr(response, "version", 0) if response is not None else 0
+    return Event(
+        time=now,
+        caller=caller.display if caller is not None else "unauthenticated",
+        operation=method.rsplit("/", 1)[-1],
+        key=str(getattr(request, "name", "")),
+        version=int(version or getattr(request, "version", 0) or 0),
+        payload_sha256=hashlib.sha256(payload).hexdigest() if payload else "",
+        status="OK" if error is None else error.code.value,
+    )
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Names the caller (``identify``; none: UNAUTHENTICATED) and maps :class:`SignerError` to
     its status; anything else to INTERNAL with a bland message."""
 
-    def __init__(self, identify: Identify, how: str) -> None:
+    def __init__(self, identify: Identify, how: str, audit: Audit | None = None) -> None:
         self._identify = identify
         self._how = how  # for the UNAUTHENTICATED message
+        self._audit = audit
 
     async def intercept_service(
         self,
@@ -99,26 +140,37 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         public = method.startswith(PUBLIC_PREFIXES)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            caller: Caller | None = None
+            response: Any = None
+            error: SignerError | None = None
             try:
                 if not public:
                     caller = self._identify(context)
                     if caller is None:
                         raise Unauthenticated(f"no authenticated caller: {self._how}")
                     CALLER.set(caller)
-                return await inner(request, context)
+                response = await inner(request, context)
             except SignerError as exc:
                 log.info(
                     "rpc failed",
                     extra={"method": method, "code": exc.code.value, "error": exc.message},
                 )
-                await context.abort(STATUS[exc.code], exc.message)
+                error = exc
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
                 log.exception("rpc crashed", extra={"method": method})
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, "internal error (see the service log)"
-                )
+                error = Internal("internal error (see the service log)")
+            if self._audit is not None and not public:
+                try:
+                    # Recorded before the answer leaves; if it cannot be, there is no answer
+                    # but UNAVAILABLE (a signature already made is dropped).
+                    await self._audit(method, caller, request, response, error)
+                except SignerError as exc:
+                    error = exc
+            if error is not None:
+                await context.abort(STATUS[error.code], error.message)
+            return response
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
@@ -403,6 +455,9 @@ class Server:
         )
         self.health = health_aio.HealthServicer()
         self.policy = self._load_policy()
+        self.audit = AuditLog(
+            cfg.audit.path, cfg.audit.checkpoint_every, cfg.audit.checkpoint_interval_seconds
+        )
         self.relay = PeerRelay(Path(_unix_path(cfg.server.listen)), int(cfg.server.socket_mode, 8))
         self._servers: list[grpc.aio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -436,7 +491,7 @@ class Server:
         # naming the limit rather than a bare RESOURCE_EXHAUSTED.
         grpc_limit = 2 * limit + 64 * 1024
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(identify, how)],
+            interceptors=[CallInterceptor(identify, how, self._record)],
             options=[
                 ("grpc.max_receive_message_length", grpc_limit),
                 ("grpc.max_send_message_length", grpc_limit),
@@ -453,8 +508,30 @@ class Server:
         )  # fmt: skip
         return server
 
+    async def _record(
+        self,
+        method: str,
+        caller: Caller | None,
+        request: Any,
+        response: Any,
+        error: SignerError | None,
+    ) -> None:
+        event = audit_event(self.signer.now(), method, caller, request, response, error)
+        await asyncio.wrap_future(self.audit.submit(event))
+
+    def _audit_key(self, recorded: tuple[bytes, bytes] | None) -> tuple[Signing, bytes]:
+        """The audit key: the recorded one, or a new pair generated in the token."""
+        if recorded is not None:
+            key_id, public_der = recorded
+        else:
+            key_id = secrets.token_bytes(16)
+            public_der = self.token.generate(AUDIT_ALGORITHM, key_id, "signer-audit-key")
+            log.info("audit key generated in the token", extra={"key_id": key_id.hex()})
+        return Signing(self.token.sign, key_id), public_der
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.audit.start(self._audit_key, self.cfg.audit.pinned_key)
         local = self._grpc_server(
             local_caller(self.relay), f"connect to {self.cfg.server.listen} (a local user)"
         )
@@ -550,6 +627,7 @@ class Server:
         await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(self.executor.shutdown, wait=True)
         )
+        self.audit.close()  # a last checkpoint, signed while the token is still open
         self.token.close()
         self.store.close()
         log.info("service stopped")

@@ -180,11 +180,15 @@ def make_config(
     server.update(sections.get("server", {}))
     keys = {"reaper_interval_seconds": 3600.0}
     keys.update(sections.get("keys", {}))
+    n = next(_ids)
+    audit = {"path": str(tmp_path / f"audit-{n}.db")}
+    audit.update(sections.get("audit", {}))
     return config_mod.Config(
         server=config_mod.ServerConfig(**server),
         token=token,
-        store=config_mod.StoreConfig(path=str(tmp_path / f"signer-{next(_ids)}.db")),
+        store=config_mod.StoreConfig(path=str(tmp_path / f"signer-{n}.db")),
         keys=config_mod.KeysConfig(**keys),
+        audit=config_mod.AuditConfig(**audit),
     )
 
 
@@ -275,7 +279,7 @@ class ServiceProcess:
 
 def write_toml(path: Path, cfg: config_mod.Config) -> Path:
     lines = []
-    for section in ("server", "token", "store", "keys"):
+    for section in ("server", "token", "store", "keys", "audit"):
         lines.append(f"[{section}]")
         for k, v in vars(getattr(cfg, section)).items():
             if isinstance(v, str):

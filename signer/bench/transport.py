@@ -191,7 +191,8 @@ def deployment(work: Path) -> Iterator[tuple[list[Route], Route]]:
         f'[server]\nlisten = "unix:{socket_path}"\nfront_socket = "{front_socket}"\n'
         f'policy_file = "{policy}"\n\n'
         f'[token]\nserver_address = "{paths.server_address}"\npin_file = "{paths.user_pin}"\n\n'
-        f'[store]\npath = "{root / "signer.db"}"\n'
+        f'[store]\npath = "{root / "signer.db"}"\n\n'
+        f'[audit]\npath = "{root / "audit.db"}"\n'
     )
     service = subprocess.Popen(
         [sys.executable, "-m", "signer", "serve", "--config", str(toml), "--log-level", "warning"],

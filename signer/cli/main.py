@@ -258,6 +258,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.serve(config.load(args.config))
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from signer import audit, config
+
+    cfg = config.load(args.config) if args.config else config.Config()
+    db = Path(args.db or cfg.audit.path)
+    pinned = Path(args.public_key) if args.public_key else cfg.audit.pinned_key
+    if args.db and not args.public_key:
+        pinned = Path(f"{db}.key.pem")
+    verdict = audit.verify_log(db, pinned.read_bytes())
+    if verdict.first_bad is not None:
+        seq, what = verdict.first_bad
+        print(f"audit log {db} is NOT whole: first bad record {seq}: {what}")
+        return EXIT_INVALID
+    print(
+        f"audit log {db} is whole: {verdict.records} records, {verdict.checkpoints} signed "
+        f"checkpoints, signed up to record {verdict.last_checkpoint}"
+        + (
+            f"; {verdict.unsigned_tail} newer records not yet under a checkpoint"
+            if verdict.unsigned_tail
+            else ""
+        )
+    )
+    return EXIT_OK
+
+
 def cmd_front_serve(args: argparse.Namespace) -> int:
     from signer import config, front, logs
 
@@ -389,6 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--id", required=True, type=_hex_id, help="CKA_ID in hex")
     sp.add_argument("--token", default="signer", help="token label (default signer)")
     sp.set_defaults(func=cmd_hsm_import_key)
+
+    # signer audit-log verify
+    audit_p = sub.add_parser("audit-log", help="the tamper-evident audit log")
+    audit_sub = audit_p.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    sp = audit_sub.add_parser(
+        "verify",
+        help="prove the chain and every checkpoint signature (exit 0 whole, 1 first bad record)",
+    )
+    sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
+    sp.add_argument("--db", help="the audit log file (default: audit.path of the config)")
+    sp.add_argument(
+        "--public-key", help="the pinned audit key PEM (default: the log's path + .key.pem)"
+    )
+    sp.set_defaults(func=cmd_audit_verify)
 
     # signer front serve
     front_p = sub.add_parser("front", help="the mTLS front (nginx, its key in the TLS token)")

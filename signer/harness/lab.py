@@ -267,7 +267,8 @@ class Lab:
             f'server_address = "{"" if inprocess else paths.server_address}"\n'
             f'uri = "pkcs11:token={hsm.DEFAULT_LABEL}"\npin_file = "{paths.user_pin}"\n'
             f"health_interval_seconds = 0.5\n\n"
-            f'[store]\npath = "{(self.root / "signer.db").absolute()}"\n'
+            f'[store]\npath = "{(self.root / "signer.db").absolute()}"\n\n'
+            f'[audit]\npath = "{(self.root / "audit.db").absolute()}"\n'
         )
         path = cwd / "signer.toml"
         path.write_text(text)

@@ -1,0 +1,238 @@
+"""signer.audit: the chain, the signed checkpoints, and every kind of tampering named.
+
+The token's signing is stood in for by a software EC key (the integration tests use the real
+token); everything else is the real AuditLog on a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
+
+from signer.audit import (
+    AuditLog,
+    Event,
+    Signing,
+    checkpoint_message,
+    record_hash,
+    verify_log,
+)
+from signer.errors import SignerError, Unavailable
+from signer.keys import SignMechanism
+
+T0 = datetime(2026, 11, 22, tzinfo=UTC)
+
+
+class SoftKey:
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.public_der = self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, key_id: bytes, mech: SignMechanism, digest: bytes) -> bytes:
+        assert mech is SignMechanism.ECDSA
+        r, s = decode_dss_signature(self.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    def make(self, recorded: tuple[bytes, bytes] | None) -> tuple[Signing, bytes]:
+        return Signing(self.sign, b"audit"), self.public_der
+
+
+def event(i: int, status: str = "OK") -> Event:
+    return Event(T0 + timedelta(seconds=i), "x509:CN=app", "Sign", "tokens", 1, f"{i:064x}", status)
+
+
+@pytest.fixture
+def soft() -> SoftKey:
+    return SoftKey()
+
+
+@pytest.fixture
+def written(tmp_path: Path, soft: SoftKey) -> Callable[[int], Path]:
+    """``written(n)``: a closed log of ``n`` records, checkpoints every 4."""
+
+    def write(n: int) -> Path:
+        path = tmp_path / "audit.db"
+        log = AuditLog(path, checkpoint_every=4, checkpoint_interval=60)
+        log.start(soft.make, tmp_path / "audit.db.key.pem")
+        for i in range(1, n + 1):
+            assert log.submit(event(i)).result(10) == i
+        log.close()
+        return path
+
+    return write
+
+
+def pinned(path: Path) -> bytes:
+    return Path(f"{path}.key.pem").read_bytes()
+
+
+def verdict_of(path: Path) -> tuple[int, str] | None:
+    return verify_log(path, pinned(path)).first_bad
+
+
+def rows(path: Path) -> list[list[object]]:
+    with sqlite3.connect(path) as db:
+        return [list(r) for r in db.execute("SELECT * FROM records ORDER BY seq")]
+
+
+def rewrite(path: Path, new_rows: list[list[object]]) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM records")
+        db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", new_rows)
+
+
+def test_a_whole_log_verifies(written: Callable[[int], Path]) -> None:
+    path = written(10)
+    v = verify_log(path, pinned(path))
+    assert v.whole
+    assert (v.records, v.last_checkpoint) == (10, 10)  # a last checkpoint at close
+    assert v.checkpoints == 3  # at 4, 8 and the close
+
+
+def test_records_chain_and_keep_only_the_payload_digest(written: Callable[[int], Path]) -> None:
+    path = written(3)
+    r = rows(path)
+    assert r[0][8] == "0" * 64
+    assert r[1][8] == r[0][9]
+    assert r[2][6] == f"{3:064x}"
+    assert r[2][9] == record_hash(3, event(3), str(r[1][9]))
+
+
+def test_a_modified_record_is_named(written: Callable[[int], Path]) -> None:
+    path = written(10)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE records SET status = 'PERMISSION_DENIED' WHERE seq = 5")
+    assert verdict_of(path) == (5, "its contents do not match its hash (modified)")
+
+
+def test_a_deleted_record_is_named(written: Callable[[int], Path]) -> None:
+    path = written(10)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM records WHERE seq = 7")
+    assert verdict_of(path) == (7, "record missing (deleted)")
+
+
+def test_an_inserted_record_is_caught_where_the_chain_breaks(
+    written: Callable[[int], Path],
+) -> None:
+    path = written(10)
+    r = rows(path)
+    forged = event(99, status="OK")
+    fake = [5, forged.time.isoformat(timespec="microseconds"), forged.caller, forged.operation,
+            forged.key, forged.version, forged.payload_sha256, forged.status, r[3][9],
+            record_hash(5, forged, str(r[3][9]))]  # fmt: skip
+    shifted = [[row[0] + 1, *row[1:]] if int(row[0]) >= 5 else row for row in r]  # type: ignore[operator]
+    rewrite(path, [*shifted[:4], fake, *shifted[4:]])
+    assert verdict_of(path) == (6, "does not follow the record before it (inserted or reordered)")
+
+
+def test_reordered_records_are_caught(written: Callable[[int], Path]) -> None:
+    path = written(10)
+    r = rows(path)
+    r[4][1:], r[5][1:] = r[5][1:], r[4][1:]  # swap the contents of records 5 and 6
+    rewrite(path, r)
+    assert verdict_of(path) == (5, "does not follow the record before it (inserted or reordered)")
+
+
+def test_a_truncated_log_is_caught_by_its_checkpoints(written: Callable[[int], Path]) -> None:
+    path = written(10)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM records WHERE seq > 6")
+    assert verdict_of(path) == (7, "missing: the log ends at 6, a checkpoint signed 8")
+
+
+def test_a_log_rewritten_with_fresh_hashes_disagrees_with_the_signatures(
+    written: Callable[[int], Path],
+) -> None:
+    """The forger recomputes every hash after the change: the chain is consistent again, but
+    the checkpoint at 8 signed the old hash, and the forger has no key to sign a new one."""
+    path = written(10)
+    r = rows(path)
+    prev = str(r[4][8])
+    for row in r[4:]:
+        e = Event(datetime.fromisoformat(str(row[1])), *row[2:8])  # type: ignore[arg-type]
+        if row[0] == 5:
+            e = Event(e.time, e.caller, e.operation, e.key, e.version, e.payload_sha256, "OK!")
+            row[7] = "OK!"
+        row[8] = prev
+        row[9] = prev = record_hash(int(row[0]), e, prev)  # type: ignore[arg-type]
+    rewrite(path, r)
+    assert verdict_of(path) == (
+        5,
+        "records 5 to 8 differ from what the checkpoint at 8 signed (rewritten, hashes and all)",
+    )
+
+
+def test_a_checkpoint_signed_with_another_key_is_caught(written: Callable[[int], Path]) -> None:
+    path = written(10)
+    forger = SoftKey()
+    with sqlite3.connect(path) as db:
+        query = "SELECT seq, hash, time FROM checkpoints WHERE seq = 4"
+        seq, hash_, at = db.execute(query).fetchone()
+        sig = Signing(forger.sign, b"x")(checkpoint_message(seq, hash_, at))
+        db.execute("UPDATE checkpoints SET signature = ? WHERE seq = 4", (sig,))
+    assert verdict_of(path) == (4, "its checkpoint's signature does not verify")
+
+
+def test_a_log_that_names_another_audit_key_is_refused(written: Callable[[int], Path]) -> None:
+    path = written(4)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE audit_key SET public_key = ?", (SoftKey().public_der,))
+    assert verdict_of(path) == (0, "the audit key recorded in the log is not the pinned one")
+
+
+def test_a_missing_log_is_an_error(tmp_path: Path, soft: SoftKey) -> None:
+    pem = serialization.load_der_public_key(soft.public_der).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(SignerError, match="no audit log at"):
+        verify_log(tmp_path / "nope.db", pem)
+
+
+def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey) -> None:
+    """Another process holds the database: the call gets UNAVAILABLE naming why, nothing is
+    half-written, and once the lock goes the chain continues where it was."""
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, checkpoint_every=100, checkpoint_interval=60)
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+    assert log.submit(event(1)).result(10) == 1
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(Unavailable, match=r"the audit log cannot be written \(database is locked"):
+        log.submit(event(2)).result(30)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert log.submit(event(3)).result(10) == 2
+    log.close()
+    assert verify_log(path, pinned(path)).whole
+    assert [r[0] for r in rows(path)] == [1, 2]
+
+
+def test_a_stopped_log_refuses(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.db")
+    with pytest.raises(Unavailable, match="the audit log is not running"):
+        log.submit(event(1)).result(1)
+    log.close()
+
+
+def test_a_pinned_key_that_differs_is_refused(tmp_path: Path, soft: SoftKey) -> None:
+    (tmp_path / "audit.db.key.pem").write_bytes(
+        SoftKey()
+        .key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    log = AuditLog(tmp_path / "audit.db", checkpoint_every=1)
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+    log.submit(event(1)).result(10)
+    with pytest.raises(SignerError, match="does not match the one pinned"):
+        log.checkpoint()
+    log.close()
