@@ -13,7 +13,8 @@ message; a signature that does not verify is ``False``, not an exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,8 +24,18 @@ import grpc
 
 from signer import wrapping
 from signer.errors import BY_CODE, Code, Internal, SignerError, Unavailable
+from signer.jose import TokenRejected, verify_jwt
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "ClientTLS",
+    "Signature",
+    "SignerClient",
+    "TokenRejected",
+    "verify_jwt",
+]
 
 # What ``make run`` serves to local callers; the TLS front listens on 127.0.0.1:50051.
 DEFAULT_ADDRESS = "unix:var/run/signer.sock"
@@ -235,6 +246,21 @@ class SignerClient:
         return self.import_key_version(request)
 
     # --- signatures ---------------------------------------------------------------------------
+
+    # --- JWT --------------------------------------------------------------------------------
+
+    def sign_jwt(self, name: str, claims: Mapping[str, Any] | bytes) -> str:
+        """A compact JWT over ``claims`` (a mapping, serialised here, or JSON bytes as given),
+        signed in the token with the key's primary version."""
+        body = claims if isinstance(claims, bytes) else json.dumps(dict(claims)).encode()
+        resp: pb.SignJWTResponse = self._call("SignJWT", pb.SignJWTRequest(name=name, claims=body))
+        return resp.token
+
+    def jwks(self, scope: str) -> dict[str, Any]:
+        """The JWKS of ``scope`` (every JWK with ``scope``), for :func:`verify_jwt`."""
+        resp: pb.GetJWKSResponse = self._call("GetJWKS", pb.GetJWKSRequest(scope=scope))
+        jwks: dict[str, Any] = json.loads(resp.jwks)
+        return jwks
 
     def sign(
         self,

@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import functools
 import hashlib
+import json
 import logging
 import os
 import pwd
@@ -406,6 +407,20 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return self._version_pb(
             await self._run(self._signer.cancel_destruction, request.name, request.version)
         )
+
+    async def SignJWT(self, request: pb.SignJWTRequest, context: Any) -> pb.SignJWTResponse:
+        await self._allow("sign", request.name)
+        r = await self._run(self._signer.sign_jwt, request.name, request.claims)
+        return pb.SignJWTResponse(token=r.token, kid=r.kid, alg=r.alg, version=r.version)
+
+    async def GetJWKS(self, request: pb.GetJWKSRequest, context: Any) -> pb.GetJWKSResponse:
+        caller, policy = CALLER.get(), self._policy()
+
+        def visible(k: Key) -> bool:
+            return policy.allows(caller, "read", k.name, k.scope)
+
+        jwks = await self._run(self._signer.jwks, request.scope, visible)
+        return pb.GetJWKSResponse(jwks=json.dumps(jwks, sort_keys=True))
 
     async def GetImportParameters(
         self, request: pb.GetImportParametersRequest, context: Any

@@ -16,7 +16,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from signer import jose
 from signer.config import Config
 from signer.errors import (
     AlreadyExists,
@@ -43,6 +45,7 @@ from signer.keys import (
     check_usable,
     format_signature,
     load_public_key,
+    public_jwk,
     to_be_signed,
     verify,
 )
@@ -75,6 +78,14 @@ class SignResult:
     version: int
     algorithm: str
     signature_algorithm: str
+
+
+@dataclass(frozen=True)
+class JwtResult:
+    token: str
+    kid: str
+    alg: str
+    version: int
 
 
 @dataclass(frozen=True)
@@ -443,6 +454,44 @@ class Signer:
         return SignResult(
             format_signature(alg, raw, fmt), v.version, alg.name, alg.signature_algorithm(pad)
         )
+
+    def sign_jwt(self, name: str, claims: bytes) -> JwtResult:
+        """A JWT over ``claims`` (used as given, once checked to be a JSON object), signed with
+        the primary version; RSA keys sign PS256, as their JWK says."""
+        check_name(name)
+        jose.check_claims(claims)
+        v = self._store.get_version(name, 0)
+        check_usable(v, self.now())
+        alg = algorithm(v.algorithm)
+        kid, jws_alg = f"{name}/{v.version}", alg.jws_alg(Padding.PSS)
+        data = jose.signing_input(jws_alg, kid, claims)
+        mech, tbs = to_be_signed(alg, data, None, Padding.PSS)
+        raw = self._token.sign(v.key_id, mech, tbs)
+        token = jose.compact(data, format_signature(alg, raw, SigFormat.RAW))
+        return JwtResult(token, kid, jws_alg, v.version)
+
+    def jwks(self, scope: str, visible: Callable[[Key], bool] | None = None) -> dict[str, Any]:
+        """The JWKS of ``scope``: every enabled version of its keys (that ``visible`` lets
+        through), each JWK with the key's scope."""
+        if not scope:
+            raise InvalidArgument("scope is required: a JWKS is per scope")
+        check_scope(scope)
+        keys: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            page, token = self.list_keys(MAX_PAGE_SIZE, token, visible)
+            for key in page:
+                if key.scope != scope:
+                    continue
+                for v in key.versions:
+                    if v.state is State.ENABLED:
+                        jwk = public_jwk(
+                            v.public_key_der, algorithm(key.algorithm), f"{key.name}/{v.version}"
+                        )
+                        jwk["scope"] = key.scope
+                        keys.append(jwk)
+            if not token:
+                return {"keys": keys}
 
     def verify(
         self,

@@ -180,6 +180,19 @@ def _read_input(args: argparse.Namespace) -> dict[str, bytes]:
     return {"digest": data} if args.digest else {"message": data}
 
 
+def cmd_jwt_sign(args: argparse.Namespace) -> int:
+    claims = sys.stdin.buffer.read() if args.claims == "-" else Path(args.claims).read_bytes()
+    with _client(args) as c:
+        print(c.sign_jwt(args.name, claims.strip()))
+    return EXIT_OK
+
+
+def cmd_jwks(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        print(json.dumps(c.jwks(args.scope), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
 def cmd_sign(args: argparse.Namespace) -> int:
     with _client(args) as c:
         sig = c.sign(
@@ -512,6 +525,17 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.set_defaults(waiting_period=0)
         sp.set_defaults(func=cmd_keys_version_op, op=op)
+
+    # signer jwt sign / jwks
+    jwt_p = sub.add_parser("jwt", help="JWTs signed in the token")
+    jwt_sub = jwt_p.add_subparsers(dest="jwt_command", required=True, metavar="COMMAND")
+    sp = client_parser(jwt_sub, "sign", "sign a JWT with KEY's primary version; prints the token")
+    sp.add_argument("name", help="key name")
+    sp.add_argument("--claims", required=True, help="JSON claims file ('-' for stdin)")
+    sp.set_defaults(func=cmd_jwt_sign)
+    sp = client_parser(sub, "jwks", "print the JWKS of a scope (each JWK carries its scope)")
+    sp.add_argument("--scope", required=True)
+    sp.set_defaults(func=cmd_jwks)
 
     # signer sign / verify
     for name, help_text, fn in (

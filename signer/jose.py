@@ -1,0 +1,102 @@
+"""JWTs signed in the token, JWKS documents that carry each key's scope, and a verifier that
+checks the scope.
+
+The incident this project answers: a key of one scope (consumer) signed tokens that verifiers
+of another scope (enterprise) accepted, because they only checked that *some* trusted key had
+signed. Here every JWK names its key's scope, and :func:`verify_jwt` refuses a token whose key
+is of another scope than the verifier expects, even when the signature is valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jwt
+
+from signer.errors import InvalidArgument
+
+MAX_CLAIMS_BYTES = 64 * 1024
+
+
+class TokenRejected(Exception):
+    """A JWT that :func:`verify_jwt` does not accept; the message says why."""
+
+
+def b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def check_claims(claims: bytes) -> dict[str, Any]:
+    """The claims set must be a UTF-8 JSON object of at most 64 KiB."""
+    if not claims:
+        raise InvalidArgument("claims are empty: send a JSON object")
+    if len(claims) > MAX_CLAIMS_BYTES:
+        raise InvalidArgument(
+            f"claims are {len(claims)} bytes; at most {MAX_CLAIMS_BYTES} are accepted"
+        )
+    try:
+        parsed = json.loads(claims.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"claims are not UTF-8 JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument(f"claims must be a JSON object, not {type(parsed).__name__}")
+    return parsed
+
+
+def signing_input(alg: str, kid: str, claims: bytes) -> bytes:
+    header = json.dumps({"alg": alg, "kid": kid, "typ": "JWT"}, separators=(",", ":"))
+    return b64url(header.encode()) + b"." + b64url(claims)
+
+
+def compact(signing_input: bytes, signature: bytes) -> str:
+    return (signing_input + b"." + b64url(signature)).decode("ascii")
+
+
+def verify_jwt(
+    token: str,
+    jwks: Mapping[str, Any],
+    expected_scope: str,
+    issuer: str,
+    audience: str,
+    leeway: float = 0,
+) -> dict[str, Any]:
+    """The claims of ``token`` if, and only if: its ``kid`` names exactly one key of ``jwks``;
+    that key's ``scope`` is ``expected_scope``; the header's ``alg`` is the key's; the signature
+    verifies; and ``exp`` (required), ``nbf``, ``iss`` and ``aud`` hold. Otherwise
+    :class:`TokenRejected` saying which."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise TokenRejected(f"not a compact JWS: {exc}") from None
+    kid, alg = header.get("kid"), header.get("alg")
+    found = [k for k in jwks.get("keys", ()) if isinstance(k, Mapping) and k.get("kid") == kid]
+    if len(found) != 1:
+        raise TokenRejected(
+            f"the JWKS has {'no' if not found else len(found)} key(s) with kid {kid!r}"
+        )
+    jwk = found[0]
+    scope = jwk.get("scope")
+    if scope != expected_scope:
+        raise TokenRejected(
+            f"key {kid!r} belongs to scope {scope!r}, not {expected_scope!r}: "
+            "its tokens are not for this verifier, whatever their signature"
+        )
+    if alg != jwk.get("alg") or alg not in jwt.algorithms.get_default_algorithms():
+        raise TokenRejected(f"header alg {alg!r} is not the key's ({jwk.get('alg')!r})")
+    try:
+        key = jwt.PyJWK(dict(jwk)).key
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway,
+            options={"require": ["exp", "iss", "aud"]},
+        )
+    except jwt.PyJWTError as exc:
+        raise TokenRejected(f"{type(exc).__name__}: {exc}") from None
+    return claims
