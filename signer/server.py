@@ -180,6 +180,19 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
+class _Unchecked(Policy):
+    """Everything allowed: the bare server of the benchmarks only."""
+
+    def allows(self, caller: Caller, operation: str, name: str, scope: str | None) -> bool:
+        return True
+
+    def allows_new(self, caller: Caller, operation: str, name: str, scope: str) -> bool:
+        return True
+
+    def allows_any(self, caller: Caller, operation: str) -> bool:
+        return True
+
+
 def local_caller(relay: PeerRelay) -> Identify:
     """Callers of the Unix socket: the uid (and user name) the relay read with SO_PEERCRED."""
 
@@ -459,8 +472,11 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 class Server:
     """Assembles token, store, signer and the gRPC server; owns their lifetimes."""
 
-    def __init__(self, cfg: Config, clock: Clock = utcnow) -> None:
+    def __init__(self, cfg: Config, clock: Clock = utcnow, *, bare: bool = False) -> None:
+        """``bare``: no authorisation and no audit log, for measuring what they cost
+        (:mod:`signer.bench`); deliberately not reachable from configuration."""
         self.cfg = cfg
+        self.bare = bare
         self.token = Token(cfg.token, Pin(cfg.token.pin_file))
         self.store = SQLiteStore(cfg.store.path)
         self.signer = Signer(cfg, self.token, self.store, clock)
@@ -469,9 +485,13 @@ class Server:
             max_workers=cfg.token.sessions + 4, thread_name_prefix="signer"
         )
         self.health = health_aio.HealthServicer()
-        self.policy = self._load_policy()
-        self.audit = AuditLog(
-            cfg.audit.path, cfg.audit.checkpoint_every, cfg.audit.checkpoint_interval_seconds
+        self.policy: Policy = _Unchecked(()) if bare else self._load_policy()
+        self.audit = (
+            None
+            if bare
+            else AuditLog(
+                cfg.audit.path, cfg.audit.checkpoint_every, cfg.audit.checkpoint_interval_seconds
+            )
         )
         self.relay = PeerRelay(Path(_unix_path(cfg.server.listen)), int(cfg.server.socket_mode, 8))
         self._servers: list[grpc.aio.Server] = []
@@ -489,6 +509,8 @@ class Server:
         return policy_mod.load(path)
 
     def reload_policy(self) -> bool:
+        if self.bare:
+            return False
         """SIGHUP: the new policy for calls that start from now on; a broken file is refused
         and the old policy kept. In-flight calls finish under the policy they started with."""
         try:
@@ -506,7 +528,7 @@ class Server:
         # naming the limit rather than a bare RESOURCE_EXHAUSTED.
         grpc_limit = 2 * limit + 64 * 1024
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(identify, how, self._record)],
+            interceptors=[CallInterceptor(identify, how, None if self.bare else self._record)],
             options=[
                 ("grpc.max_receive_message_length", grpc_limit),
                 ("grpc.max_send_message_length", grpc_limit),
@@ -531,6 +553,7 @@ class Server:
         response: Any,
         error: SignerError | None,
     ) -> None:
+        assert self.audit is not None
         event = audit_event(self.signer.now(), method, caller, request, response, error)
         await asyncio.wrap_future(self.audit.submit(event))
 
@@ -546,7 +569,8 @@ class Server:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.audit.start(self._audit_key, self.cfg.audit.pinned_key)
+        if self.audit is not None:
+            self.audit.start(self._audit_key, self.cfg.audit.pinned_key)
         local = self._grpc_server(
             local_caller(self.relay), f"connect to {self.cfg.server.listen} (a local user)"
         )
@@ -642,7 +666,8 @@ class Server:
         await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(self.executor.shutdown, wait=True)
         )
-        self.audit.close()  # a last checkpoint, signed while the token is still open
+        if self.audit is not None:
+            self.audit.close()  # a last checkpoint, signed while the token is still open
         self.token.close()
         self.store.close()
         log.info("service stopped")
@@ -651,8 +676,8 @@ class Server:
         await asyncio.gather(*(server.wait_for_termination() for server in self._servers))
 
 
-async def _serve(cfg: Config) -> None:
-    server = Server(cfg)
+async def _serve(cfg: Config, bare: bool = False) -> None:
+    server = Server(cfg, bare=bare)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

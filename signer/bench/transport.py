@@ -1,4 +1,5 @@
-"""Scenario "transport": what the mTLS design costs, against the same service reached directly.
+"""Scenario "transport": what the mTLS design, authorisation and the audit log cost, against
+the same service reached directly (and, for the last two, run without them).
 
 One service process (``signer serve``, ec-p256 key, the real token host) behind two ways in:
 
@@ -10,7 +11,9 @@ Measured with the same load generator (Python gRPC clients in this process, one 
 client): Sign latency at concurrency 1 (p50/p99 over ``calls`` signatures, median of ``runs``),
 throughput at concurrency 16, and new connections per second (a fresh mTLS channel and one call
 each). For the handshake cost of keeping the TLS key in the token, the same nginx is also run
-with an ordinary key file (``mtls-front-pem``): a handshake then signs in nginx's memory.
+with an ordinary key file (``mtls-front-pem``): a handshake then signs in nginx's memory. For the
+cost of authorisation and auditing, a second service on the same machine runs without them
+(``unix-bare``, :mod:`signer.bench.bare_server`).
 """
 
 from __future__ import annotations
@@ -148,9 +151,10 @@ def connections(route: Route, count: int) -> float:
 
 
 @contextlib.contextmanager
-def deployment(work: Path) -> Iterator[tuple[list[Route], Route]]:
-    """Token host, service process on a Unix socket, the token-key front and a PEM-key front."""
-    root = work / "transport"
+def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Route]]:
+    """Token host, service process on a Unix socket, the token-key front and a PEM-key front.
+    ``bare``: the service without authorisation and audit log (what they cost)."""
+    root = work / ("transport-bare" if bare else "transport")
     paths = hsm.init(root / "hsm")
     host = hsm.TokenHost(paths.root)
     host.start()
@@ -194,8 +198,13 @@ def deployment(work: Path) -> Iterator[tuple[list[Route], Route]]:
         f'[store]\npath = "{root / "signer.db"}"\n\n'
         f'[audit]\npath = "{root / "audit.db"}"\n'
     )
+    command = (
+        ["-m", "signer.bench.bare_server", "--config", str(toml)]
+        if bare
+        else ["-m", "signer", "serve", "--config", str(toml), "--log-level", "warning"]
+    )
     service = subprocess.Popen(
-        [sys.executable, "-m", "signer", "serve", "--config", str(toml), "--log-level", "warning"],
+        [sys.executable, *command],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -252,10 +261,14 @@ def run(ctx: Context) -> ScenarioResult:
     def record(route: str, metric: str, value: float) -> None:
         results.setdefault(route, {}).setdefault(metric, []).append(value)
 
-    with deployment(ctx.work) as (routes, pem_route):
+    with (
+        deployment(ctx.work) as (routes, pem_route),
+        deployment(ctx.work, bare=True) as (bare_routes, _),
+    ):
+        bare = Route("unix-bare", bare_routes[0].address)
         for i in range(runs):
             ctx.progress(f"transport run {i + 1}/{runs} ...")
-            for route in routes:
+            for route in (*routes, bare):
                 for metric, value in latency(route, calls).items():
                     record(route.name, metric, value)
                 record(route.name, "c16_per_s", throughput(route, 16, seconds))
@@ -268,13 +281,16 @@ def run(ctx: Context) -> ScenarioResult:
     data["runs"] = results
     data["median"] = median
     unix, front, pem = median["unix"], median["mtls-front"], median["mtls-front-pem"]
+    bare_m = median["unix-bare"]
     ratios: dict[str, float | None] = {
+        "authz_audit_vs_bare_c1_p50": bare_m["p50_ms"] / unix["p50_ms"],
+        "authz_audit_vs_bare_c16": unix["c16_per_s"] / bare_m["c16_per_s"],
         "mtls_front_vs_unix_c1_p50": unix["p50_ms"] / front["p50_ms"],
         "mtls_front_vs_unix_c16": front["c16_per_s"] / unix["c16_per_s"],
         "token_key_vs_pem_key_handshakes": front["connections_per_s"] / pem["connections_per_s"],
     }
     rows = []
-    for name in ("unix", "mtls-front", "mtls-front-pem"):
+    for name in ("unix-bare", "unix", "mtls-front", "mtls-front-pem"):
         m = median.get(name, {})
 
         def cell(metric: str, fmt: Callable[[float], str], m: dict[str, float] = m) -> str:
@@ -294,7 +310,13 @@ def run(ctx: Context) -> ScenarioResult:
         ["route", "p50 ms (c=1)", "p99 ms (c=1)", "sig/s (c=16)", "new mTLS connections/s"],
         rows,
     )
+    per_sig_us = (1 / unix["c16_per_s"] - 1 / bare_m["c16_per_s"]) * 1e6
     notes = [
+        "Authorisation and the audit log (unix against unix-bare, the same service without "
+        f"either) cost {unix['p50_ms'] - bare_m['p50_ms']:.2f} ms at p50 per Sign at c=1 "
+        f"({fmt_ratio(ratios['authz_audit_vs_bare_c1_p50'])}) and "
+        f"{fmt_ratio(ratios['authz_audit_vs_bare_c16'])} of the throughput at c=16, "
+        f"{per_sig_us:.0f} us of service time per signature.",
         f"mTLS through the front adds {front['p50_ms'] - unix['p50_ms']:.2f} ms at p50 "
         f"({fmt_ratio(ratios['mtls_front_vs_unix_c1_p50'])} of the Unix socket's speed at c=1; "
         f"{fmt_ratio(ratios['mtls_front_vs_unix_c16'])} of its throughput at c=16).",
