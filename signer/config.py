@@ -97,10 +97,16 @@ class AuditConfig:
     checkpoint_interval_seconds: float = 10.0
     # The audit key's public half, pinned at first start; "" means PATH.key.pem.
     public_key_file: str = ""
+    # Where 'signer audit-log archive' moves old segments; "" means PATH.archive/.
+    archive_dir: str = ""
 
     @property
     def pinned_key(self) -> Path:
         return Path(self.public_key_file or f"{self.path}.key.pem")
+
+    @property
+    def archives(self) -> Path:
+        return Path(self.archive_dir or f"{self.path}.archive")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from signer import policy as policy_mod
-from signer.audit import AUDIT_ALGORITHM, AuditLog, Event, Signing
+from signer.audit import AUDIT_ALGORITHM, AuditLog, Event, Signing, SQLiteAuditStore
 from signer.config import Config
 from signer.errors import (
     Code,
@@ -490,7 +490,9 @@ class Server:
             None
             if bare
             else AuditLog(
-                cfg.audit.path, cfg.audit.checkpoint_every, cfg.audit.checkpoint_interval_seconds
+                SQLiteAuditStore(cfg.audit.path),
+                cfg.audit.checkpoint_every,
+                cfg.audit.checkpoint_interval_seconds,
             )
         )
         self.relay = PeerRelay(Path(_unix_path(cfg.server.listen)), int(cfg.server.socket_mode, 8))

@@ -271,15 +271,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.serve(config.load(args.config))
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from signer import audit, config
+def _audit_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    from signer import config
 
     cfg = config.load(args.config) if args.config else config.Config()
     db = Path(args.db or cfg.audit.path)
-    pinned = Path(args.public_key) if args.public_key else cfg.audit.pinned_key
-    if args.db and not args.public_key:
-        pinned = Path(f"{db}.key.pem")
-    verdict = audit.verify_log(db, pinned.read_bytes())
+    pinned = Path(args.public_key or (f"{db}.key.pem" if args.db else cfg.audit.pinned_key))
+    archives = Path(args.archive_dir or (f"{db}.archive" if args.db else cfg.audit.archives))
+    return db, pinned, archives
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from signer import audit
+
+    db, pinned, archives = _audit_paths(args)
+    verdict = audit.verify_log(db, pinned.read_bytes(), archives if args.archives else None)
     if verdict.first_bad is not None:
         seq, what = verdict.first_bad
         print(f"audit log {db} is NOT whole: first bad record {seq}: {what}")
@@ -292,7 +298,35 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             if verdict.unsigned_tail
             else ""
         )
+        + (
+            f"; {verdict.archived} earlier records in archives"
+            + (" (checked)" if args.archives else " (not checked: --archives)")
+            if verdict.archived
+            else ""
+        )
     )
+    return EXIT_OK
+
+
+def cmd_audit_archive(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from signer import audit
+
+    db, _, archives = _audit_paths(args)
+    before = datetime.now(UTC) - timedelta(days=args.older_than_days)
+    store = audit.SQLiteAuditStore(db)
+    try:
+        segment = audit.archive(store, archives, before)
+    finally:
+        store.close()
+    if segment is None:
+        print(f"nothing to archive: no signed checkpoint older than {args.older_than_days} days")
+    else:
+        print(
+            f"archived records {segment.first_seq} to {segment.last_seq} to "
+            f"{archives / segment.file} (sha256 {segment.sha256})"
+        )
     return EXIT_OK
 
 
@@ -440,7 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--public-key", help="the pinned audit key PEM (default: the log's path + .key.pem)"
     )
+    sp.add_argument("--archive-dir", help="archive files (default: the log's path + .archive)")
+    sp.add_argument("--archives", action="store_true", help="check the archive files too")
     sp.set_defaults(func=cmd_audit_verify)
+    sp = audit_sub.add_parser(
+        "archive",
+        help="move records up to the newest signed checkpoint older than N days to a file",
+    )
+    sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
+    sp.add_argument("--db", help="the audit log file (default: audit.path of the config)")
+    sp.add_argument("--archive-dir", help="where archives go (default: audit.archive_dir)")
+    sp.add_argument("--older-than-days", type=float, required=True)
+    sp.set_defaults(func=cmd_audit_archive, public_key=None)
 
     # signer front serve
     front_p = sub.add_parser("front", help="the mTLS front (nginx, its key in the TLS token)")

@@ -120,3 +120,24 @@ def test_no_signature_leaves_while_the_log_cannot_be_written(service_factory, un
     outcomes = [(r[2], r[6]) for r in records(svc.server.cfg.audit.path)]
     # The refused call is not in the log either: there was nowhere to write it.
     assert outcomes == [("CreateKey", "OK"), ("Sign", "OK")]
+
+
+def test_archiving_from_the_command_line_keeps_the_log_provable(service_factory, unique_name):
+    svc = service_factory(audit={"checkpoint_every": 3})
+    c = svc.client()
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    for i in range(7):
+        c.sign(name, message=f"m{i}".encode())
+    svc.stop()
+    path = svc.server.cfg.audit.path
+    done = subprocess.run(
+        [str(SIGNER_BIN), "audit-log", "archive", "--db", path, "--older-than-days", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("archived records 1 to 8 to ")
+    assert records(path) == []
+    done = verify_cli("--db", path, "--archives")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8 earlier records in archives (checked)" in done.stdout

@@ -20,6 +20,8 @@ from signer.audit import (
     AuditLog,
     Event,
     Signing,
+    SQLiteAuditStore,
+    archive,
     checkpoint_message,
     record_hash,
     verify_log,
@@ -61,7 +63,7 @@ def written(tmp_path: Path, soft: SoftKey) -> Callable[[int], Path]:
 
     def write(n: int) -> Path:
         path = tmp_path / "audit.db"
-        log = AuditLog(path, checkpoint_every=4, checkpoint_interval=60)
+        log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60)
         log.start(soft.make, tmp_path / "audit.db.key.pem")
         for i in range(1, n + 1):
             assert log.submit(event(i)).result(10) == i
@@ -202,7 +204,7 @@ def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey) -> None:
     """Another process holds the database: the call gets UNAVAILABLE naming why, nothing is
     half-written, and once the lock goes the chain continues where it was."""
     path = tmp_path / "audit.db"
-    log = AuditLog(path, checkpoint_every=100, checkpoint_interval=60)
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
     assert log.submit(event(1)).result(10) == 1
     blocker = sqlite3.connect(path, isolation_level=None)
@@ -218,7 +220,7 @@ def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey) -> None:
 
 
 def test_a_stopped_log_refuses(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "audit.db")
+    log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"))
     with pytest.raises(Unavailable, match="the audit log is not running"):
         log.submit(event(1)).result(1)
     log.close()
@@ -230,9 +232,83 @@ def test_a_pinned_key_that_differs_is_refused(tmp_path: Path, soft: SoftKey) -> 
         .key.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
-    log = AuditLog(tmp_path / "audit.db", checkpoint_every=1)
+    log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"), checkpoint_every=1)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
     log.submit(event(1)).result(10)
     with pytest.raises(SignerError, match="does not match the one pinned"):
         log.checkpoint()
     log.close()
+
+
+# --- retention ---------------------------------------------------------------------------------
+
+
+def archive_now(path: Path) -> object:
+    store = SQLiteAuditStore(path)
+    try:
+        return archive(store, Path(f"{path}.archive"), T0 + timedelta(days=1))
+    finally:
+        store.close()
+
+
+def test_archiving_moves_whole_segments_and_the_log_stays_whole(
+    written: Callable[[int], Path], soft: SoftKey, tmp_path: Path
+) -> None:
+    path = written(10)  # checkpoints at 4, 8, 10
+    segment = archive_now(path)
+    assert segment is not None
+    assert (segment.first_seq, segment.last_seq) == (1, 10)  # type: ignore[attr-defined]
+    assert rows(path) == []
+    archives = Path(f"{path}.archive")
+    v = verify_log(path, pinned(path), archives)
+    assert v.whole, v.first_bad
+    assert v.archived == 10
+    # The log goes on from the archive's anchor.
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60)
+    log.start(soft.make, Path(f"{path}.key.pem"))
+    assert log.submit(event(11)).result(10) == 11
+    log.close()
+    assert verify_log(path, pinned(path), archives).whole
+    assert verify_log(path, pinned(path)).whole  # archives not read: anchor and live records
+    assert archive_now(path) is not None  # records 11.. up to the close's checkpoint
+    assert verify_log(path, pinned(path), archives).whole
+    assert len(list(archives.iterdir())) == 2
+
+
+def test_a_changed_or_missing_archive_is_named(written: Callable[[int], Path]) -> None:
+    path = written(8)
+    segment = archive_now(path)
+    archives = Path(f"{path}.archive")
+    file = archives / segment.file  # type: ignore[attr-defined]
+    file.write_bytes(file.read_bytes().replace(b'"OK"', b'"NO"', 1))
+    assert verify_log(path, pinned(path), archives).first_bad == (
+        1,
+        f"archive {file.name} is not the file that was archived",
+    )
+    file.unlink()
+    assert verify_log(path, pinned(path), archives).first_bad == (
+        1,
+        f"archive {file.name} is missing",
+    )
+
+
+def test_hiding_an_archive_is_caught(written: Callable[[int], Path]) -> None:
+    path = written(8)
+    archive_now(path)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM archives")
+    # The anchor checkpoint stays: it signed a record the live log no longer explains.
+    assert verify_log(path, pinned(path)).first_bad == (
+        1,
+        "missing: the log ends at 0, a checkpoint signed 8",
+    )
+
+
+def test_nothing_newer_than_the_cutoff_is_archived(written: Callable[[int], Path]) -> None:
+    path = written(8)
+    store = SQLiteAuditStore(path)
+    try:
+        assert archive(store, Path(f"{path}.archive"), T0) is None
+    finally:
+        store.close()
+    assert len(rows(path)) == 8

@@ -1,0 +1,84 @@
+"""Retention without silent deletion: old records move, whole segments at a time, into archive
+files that carry their own signed checkpoint, and the live log keeps a record of each move."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from signer.audit._chain import Checkpoint, Event, Record, iso
+from signer.audit._store import Archived, AuditStore
+
+
+def archive(store: AuditStore, directory: Path, before: datetime) -> Archived | None:
+    """Moves the records up to the newest signed checkpoint older than ``before`` into a file in
+    ``directory``; returns the segment, or None when no such checkpoint is newer than the last
+    archive. The file is written and synced before anything leaves the live log."""
+    checkpoints = store.checkpoints()
+    if not checkpoints:
+        return None
+    # Checkpoints whose record is still live (the anchor of an earlier archive is not).
+    times = {r.seq: r.event.time for r in store.records(upto=checkpoints[-1].seq)}
+    due = [c for c in checkpoints if c.seq in times and times[c.seq] < before]
+    if not due:
+        return None
+    upto = due[-1].seq
+    records = list(store.records(upto=upto))
+    first = records[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"audit-{first.seq:012d}-{upto:012d}.jsonl"
+    tmp = path.with_suffix(".tmp")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as fh:
+        covering = [c for c in checkpoints if first.seq <= c.seq <= upto]
+        for line in _lines(first.prev_hash, records, covering):
+            data = json.dumps(line, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+            digest.update(data)
+            fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    segment = Archived(first.seq, upto, records[-1].hash, path.name, digest.hexdigest())
+    store.archived(segment)
+    return segment
+
+
+def _lines(
+    prev_hash: str, records: list[Record], checkpoints: list[Checkpoint]
+) -> Iterator[dict[str, Any]]:
+    yield {"segment": {"first": records[0].seq, "last": records[-1].seq, "prev_hash": prev_hash}}
+    for r in records:
+        e = r.event
+        yield {"record": [r.seq, iso(e.time), e.caller, e.operation, e.key, e.version,
+                          e.payload_sha256, e.status, r.prev_hash, r.hash]}  # fmt: skip
+    for c in checkpoints:
+        yield {"checkpoint": [c.seq, c.hash, c.time, base64.b64encode(c.signature).decode()]}
+
+
+def read_archive(path: Path) -> tuple[dict[str, Any], list[Record], list[Checkpoint]]:
+    header: dict[str, Any] = {}
+    records: list[Record] = []
+    checkpoints: list[Checkpoint] = []
+    with open(path, "rb") as fh:
+        for line in fh:
+            item = json.loads(line)
+            if "segment" in item:
+                header = item["segment"]
+            elif "record" in item:
+                seq, at, *fields, prev, h = item["record"]
+                records.append(Record(seq, Event(datetime.fromisoformat(at), *fields), prev, h))
+            elif "checkpoint" in item:
+                seq, h, at, sig = item["checkpoint"]
+                checkpoints.append(Checkpoint(seq, h, at, base64.b64decode(sig)))
+    return header, records, checkpoints

@@ -1,0 +1,89 @@
+"""The pieces of the chain: events, records, checkpoints, their hashes and signatures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from signer.keys import (
+    ALGORITHMS,
+    Padding,
+    SigFormat,
+    SignMechanism,
+    format_signature,
+    to_be_signed,
+    verify,
+)
+
+AUDIT_ALGORITHM = ALGORITHMS["ec-p256"]
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened, as the server saw it."""
+
+    time: datetime
+    caller: str
+    operation: str
+    key: str
+    version: int
+    payload_sha256: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    event: Event
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    seq: int
+    hash: str
+    time: str
+    signature: bytes
+
+    def verifies(self, public_der: bytes) -> bool:
+        message = checkpoint_message(self.seq, self.hash, self.time)
+        return verify(
+            public_der, AUDIT_ALGORITHM, self.signature, message, None, Padding.PSS,
+            SigFormat.DER,
+        )  # fmt: skip
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def record_hash(seq: int, e: Event, prev_hash: str) -> str:
+    fields = [seq, iso(e.time), e.caller, e.operation, e.key, e.version, e.payload_sha256, e.status]
+    body = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+    return hashlib.sha256(prev_hash.encode() + b"\n" + body).hexdigest()
+
+
+def chain(seq: int, event: Event, prev_hash: str) -> Record:
+    return Record(seq, event, prev_hash, record_hash(seq, event, prev_hash))
+
+
+def checkpoint_message(seq: int, hash_: str, at: str) -> bytes:
+    return f"signer-audit-checkpoint:{seq}:{hash_}:{at}".encode()
+
+
+class Signing:
+    """How the audit log signs: the token's ``sign`` and the audit key's id."""
+
+    def __init__(self, sign: Callable[[bytes, SignMechanism, bytes], bytes], key_id: bytes) -> None:
+        self._sign = sign
+        self.key_id = key_id
+
+    def __call__(self, message: bytes) -> bytes:
+        mech, data = to_be_signed(AUDIT_ALGORITHM, message, None, Padding.PSS)
+        raw = self._sign(self.key_id, mech, data)
+        return format_signature(AUDIT_ALGORITHM, raw, SigFormat.DER)

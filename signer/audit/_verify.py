@@ -1,0 +1,130 @@
+"""Proving a log whole, or naming its first bad record."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from signer.audit._archive import read_archive
+from signer.audit._chain import GENESIS, Checkpoint, Record, record_hash
+from signer.audit._store import SQLiteAuditStore
+from signer.errors import SignerError
+
+
+@dataclass(frozen=True)
+class Verdict:
+    records: int  # live records checked
+    checkpoints: int
+    last_checkpoint: int  # the newest signed sequence number
+    records_end: int  # the newest sequence number
+    archived: int  # records in archive segments (checked only with their files)
+    first_bad: tuple[int, str] | None  # (seq, what is wrong)
+
+    @property
+    def whole(self) -> bool:
+        return self.first_bad is None
+
+    @property
+    def unsigned_tail(self) -> int:
+        return max(0, self.records_end - self.last_checkpoint)
+
+
+class _Bad(Exception):
+    def __init__(self, seq: int, what: str) -> None:
+        self.seq, self.what = seq, what
+
+
+def _walk(records: Iterable[Record], seq: int, prev: str, hashes: dict[int, str]) -> int:
+    """Checks a run of records chained from (seq, prev); returns the last sequence number."""
+    for rec in records:
+        seq += 1
+        if rec.seq != seq:
+            if rec.seq > seq:
+                raise _Bad(seq, "record missing (deleted)")
+            raise _Bad(rec.seq, "record out of order")
+        if rec.prev_hash != prev:
+            raise _Bad(rec.seq, "does not follow the record before it (inserted or reordered)")
+        if record_hash(rec.seq, rec.event, rec.prev_hash) != rec.hash:
+            raise _Bad(rec.seq, "its contents do not match its hash (modified)")
+        hashes[rec.seq] = prev = rec.hash
+    return seq
+
+
+def _signed(checkpoints: list[Checkpoint], public_der: bytes, hashes: dict[int, str], last: int,
+            since: int = 0) -> int:  # fmt: skip
+    """Checks every checkpoint against its signature and the records; returns the newest."""
+    signed = since
+    for c in sorted(checkpoints, key=lambda c: c.seq):
+        if not c.verifies(public_der):
+            raise _Bad(c.seq, "its checkpoint's signature does not verify")
+        if c.seq > last:
+            raise _Bad(last + 1, f"missing: the log ends at {last}, a checkpoint signed {c.seq}")
+        if hashes.get(c.seq) != c.hash:
+            raise _Bad(
+                signed + 1,
+                f"records {signed + 1} to {c.seq} differ from what the checkpoint at {c.seq} "
+                "signed (rewritten, hashes and all)",
+            )
+        signed = max(signed, c.seq)
+    return signed
+
+
+def verify_log(path: str | Path, public_key_pem: bytes, archive_dir: Path | None = None) -> Verdict:
+    """Checks the live chain record by record, every checkpoint's signature with the pinned
+    audit key, the anchor each archive left behind, and, given ``archive_dir``, every archive
+    file too (its digest, chain and checkpoints)."""
+    public_der = serialization.load_pem_public_key(public_key_pem).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    try:
+        store = SQLiteAuditStore(path, read_only=True)
+    except FileNotFoundError:
+        raise SignerError(f"no audit log at {path}") from None
+    try:
+        recorded = store.audit_key()
+        archives = store.archives()
+        checkpoints = store.checkpoints()
+        records = list(store.records())
+    finally:
+        store.close()
+    archived = sum(a.last_seq - a.first_seq + 1 for a in archives)
+    hashes: dict[int, str] = {}
+    seq, prev, last, signed = 0, GENESIS, 0, 0
+    try:
+        if recorded is not None and recorded[1] != public_der:
+            raise _Bad(0, "the audit key recorded in the log is not the pinned one")
+        for a in archives:
+            if archive_dir is not None:
+                _check_archive(archive_dir / a.file, a.sha256, public_der, a.first_seq - 1, prev)
+            elif a.first_seq != seq + 1:
+                raise _Bad(seq + 1, f"records {seq + 1} to {a.first_seq - 1} are in no archive")
+            seq, prev = a.last_seq, a.last_hash
+            hashes[seq] = prev
+            signed = seq
+        anchor = [c for c in checkpoints if c.seq == seq] if archives else []
+        if archives and not (anchor and anchor[0].verifies(public_der) and anchor[0].hash == prev):
+            raise _Bad(seq, "the last archive's anchor is not a signed checkpoint of the log")
+        last = _walk(records, seq, prev, hashes)
+        signed = _signed(checkpoints, public_der, hashes, last, signed)
+        bad = None
+    except _Bad as exc:
+        bad = (exc.seq, exc.what)
+    return Verdict(len(records), len(checkpoints), signed, last, archived, bad)
+
+
+def _check_archive(path: Path, sha256: str, public_der: bytes, seq: int, prev: str) -> None:
+    if not path.exists():
+        raise _Bad(seq + 1, f"archive {path.name} is missing")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        raise _Bad(seq + 1, f"archive {path.name} is not the file that was archived")
+    header, records, checkpoints = read_archive(path)
+    if header.get("prev_hash") != prev:
+        raise _Bad(seq + 1, f"archive {path.name} does not follow the one before it")
+    hashes: dict[int, str] = {}
+    last = _walk(records, seq, prev, hashes)
+    if _signed(checkpoints, public_der, hashes, last, seq) != last:
+        raise _Bad(last, f"archive {path.name} does not end at a signed checkpoint")
