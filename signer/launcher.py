@@ -34,6 +34,7 @@ from signer import hsm
 from signer.errors import FailedPrecondition, NotFound
 from signer.front import Front
 from signer.pki import DevCA
+from signer.policy import grant_everything
 from signer.server import Server, harden_process
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,7 @@ def prepare(root: Path) -> None:
         policy.write_text(
             "# Written by 'signer run' on first use; yours to edit (SIGHUP reloads it).\n"
             "# See signer/policy.py and the README for the grammar.\n"
-            "[[grant]]\n"
-            f'callers = ["uid:{os.getuid()}", "x509:CN={DEV_CLIENT}"]\n'
-            'operations = ["*"]\n'
-            'scopes = ["*"]\n'
+            + grant_everything([f"uid:{os.getuid()}", f"x509:CN={DEV_CLIENT}"])
         )
 
 

@@ -21,7 +21,9 @@ Anything else is refused when the file is loaded, so a typo cannot grant or deny
 from __future__ import annotations
 
 import fnmatch
+import json
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,13 @@ def parse(data: dict[str, Any], source: str = "") -> Policy:
             raise ConfigError(f"{where}: give scopes, keys or both ('*' for all)")
         grants.append(Grant(frozenset(callers), frozenset(ops), frozenset(scopes), tuple(keys)))
     return Policy(tuple(grants), source)
+
+
+def grant_everything(callers: Iterable[str]) -> str:
+    """A policy file's text granting ``callers`` every operation on every key: what
+    ``signer run``, the crash lab and the benchmarks start from."""
+    names = ", ".join(json.dumps(c) for c in callers)
+    return f'[[grant]]\ncallers = [{names}]\noperations = ["*"]\nscopes = ["*"]\n'
 
 
 def load(path: str | Path) -> Policy:

@@ -32,6 +32,7 @@ from signer import config as config_mod
 from signer import hsm
 from signer.client import SignerClient
 from signer.front import ENGINE_PATH
+from signer.policy import grant_everything
 from signer.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,9 +164,7 @@ def socket_address() -> str:
 def allow_me(tmp_path: Path) -> Path:
     """A policy granting the user running the tests every operation on every key."""
     path = tmp_path / "policy-allow-me.toml"
-    path.write_text(
-        f'[[grant]]\ncallers = ["uid:{os.getuid()}"]\noperations = ["*"]\nscopes = ["*"]\n'
-    )
+    path.write_text(grant_everything([f"uid:{os.getuid()}"]))
     return path
 
 

@@ -43,6 +43,7 @@ from signer.client import ClientTLS, SignerClient
 from signer.errors import SignerError
 from signer.front import Front
 from signer.pki import DevCA
+from signer.policy import grant_everything
 
 NAME = "transport"
 KEY = "bench-transport"
@@ -186,10 +187,7 @@ def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Ro
     socket_path = root / "run" / "signer.sock"
     front_socket = root / "run" / "front.sock"
     policy = root / "policy.toml"
-    policy.write_text(
-        f'[[grant]]\ncallers = ["uid:{os.getuid()}", "x509:CN={CLIENT}"]\n'
-        'operations = ["*"]\nscopes = ["*"]\n'
-    )
+    policy.write_text(grant_everything([f"uid:{os.getuid()}", f"x509:CN={CLIENT}"]))
     toml = root / "signer.toml"
     toml.write_text(
         f'[server]\nlisten = "unix:{socket_path}"\nfront_socket = "{front_socket}"\n'

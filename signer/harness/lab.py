@@ -37,6 +37,7 @@ from signer.errors import SignerError
 from signer.front import Front
 from signer.keys import ALGORITHMS
 from signer.pki import DevCA
+from signer.policy import grant_everything
 from signer.scan import Secret, secret_from_key, secret_from_pin
 from signer.service import adopt_with_config
 
@@ -161,10 +162,7 @@ class Lab:
         """This user and the harness's client certificate may do everything."""
         path = self.root / "policy.toml"
         if not path.exists():
-            path.write_text(
-                f'[[grant]]\ncallers = ["uid:{os.getuid()}", "x509:CN={LAB_CLIENT}"]\n'
-                'operations = ["*"]\nscopes = ["*"]\n'
-            )
+            path.write_text(grant_everything([f"uid:{os.getuid()}", f"x509:CN={LAB_CLIENT}"]))
         return path
 
     @property

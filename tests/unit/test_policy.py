@@ -130,3 +130,12 @@ def test_a_bad_policy_is_refused_naming_the_problem(
 def test_a_missing_policy_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="policy file not found"):
         policy.load(tmp_path / "nope.toml")
+
+
+def test_grant_everything_writes_a_policy_that_loads(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(policy.grant_everything(["uid:1000", 'x509:O=a "b",CN=c']))
+    pol = policy.load(path)
+    assert pol.allows(ALICE, "destroy", "any", "scope")
+    assert pol.allows(Caller.x509('O=a "b",CN=c'), "sign", "any", "scope")
+    assert not pol.allows(BOB, "read", "any", "scope")
