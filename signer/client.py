@@ -9,6 +9,9 @@
 
 gRPC errors come back as the :mod:`signer.errors` class of their status, with the server's
 message; a signature that does not verify is ``False``, not an exception.
+
+JWTs: ``c.sign_jwt(key, claims)`` and ``c.jwks(scope)``; :func:`verify_jwt` checks a token
+against a JWKS *and the scope the verifier expects* (see :mod:`signer.jose`).
 """
 
 from __future__ import annotations

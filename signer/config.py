@@ -187,18 +187,21 @@ def _section(cls: type[T], name: str, values: Mapping[str, Any], env: Mapping[st
     return cls(**kwargs)
 
 
+def read_toml(path: str | Path, what: str = "configuration file") -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming ``what``."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Reads the TOML file at ``path`` (if any), then applies ``SIGNER_*`` overrides."""
     env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    data = read_toml(path) if path is not None else {}
     sections = {
         "server": ServerConfig,
         "token": TokenConfig,

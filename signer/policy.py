@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from signer.config import read_toml
 from signer.errors import ConfigError
 
 # What a grant can allow; every RPC is one of these.
@@ -165,11 +165,4 @@ def grant_everything(callers: Iterable[str]) -> str:
 
 def load(path: str | Path) -> Policy:
     """Reads and checks a policy file; any problem is a ConfigError naming it."""
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"policy file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"policy file {path} is not valid TOML: {exc}") from None
-    return parse(data, str(path))
+    return parse(read_toml(path, "policy file"), str(path))
