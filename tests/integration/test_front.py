@@ -111,19 +111,21 @@ def test_the_endpoint_presents_the_certificate_over_the_token_key(deployment: De
     """openssl s_client completes a TLS 1.3 handshake whose CertificateVerify was signed in the
     token: the certificate is over the public half of the token's key, so nothing else could."""
     cert, key = deployment.pki.client_files("payments")
-    # stdin stays open until the handshake is reported: an immediate EOF can end s_client
-    # before it prints the session on a busy machine.
+    # Bytes, not text: after the handshake nginx's HTTP/2 preface arrives and s_client prints
+    # it raw. stdin stays open until the handshake is reported: an immediate EOF can end
+    # s_client before it prints the session on a busy machine.
     proc = subprocess.Popen(
         ["openssl", "s_client", "-connect", deployment.address, "-tls1_3", "-alpn", "h2",
          "-CAfile", str(deployment.pki.cert), "-cert", str(cert), "-key", str(key),
          "-verify_return_error", "-showcerts"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     assert proc.stdout is not None
     out = ""
-    for line in proc.stdout:
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace")
         out += line
-        if line.startswith("    Verify return code") or line.startswith("Verify return code"):
+        if line.strip().startswith("Verify return code"):
             break
     proc.communicate(timeout=30)
     assert "Verify return code: 0 (ok)" in out, out
