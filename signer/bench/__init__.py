@@ -10,4 +10,9 @@ into ``var/bench/latest.json`` (``ratios`` on top, ``scenarios`` below) and thei
   literal patterns for all three (:mod:`signer.bench.scan`).
 * ``blind``: recall of blind mode for private keys planted in a copy of that core
   (:mod:`signer.bench.blind`).
+* ``transport``: the mTLS front, the relay, authorisation and the audit log, each against the
+  same service without it (:mod:`signer.bench.transport`).
+* ``signing``: the service's throughput and latency (1, 16, 64 callers; ec-p256, rsa-2048,
+  ed25519) against a software-key gRPC server and raw cryptography / SoftHSM2 / p11-kit
+  baselines, with a chart (:mod:`signer.bench.signing`).
 """

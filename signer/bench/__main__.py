@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from signer.bench import blind, report, scan, transport
+from signer.bench import blind, report, scan, signing, transport
 from signer.bench.context import Context
 from signer.bench.machine import machine_info
 
@@ -21,6 +21,7 @@ SCENARIOS: dict[str, Callable[[Context], report.ScenarioResult]] = {
     scan.NAME: scan.run,
     blind.NAME: blind.run,
     transport.NAME: transport.run,
+    signing.NAME: signing.run,
 }
 
 

@@ -46,6 +46,8 @@ class ScenarioResult:
     ratios: dict[str, float | None] = field(default_factory=dict)
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Headline figures that are not ratios (e.g. p99_ms_at_half_peak): top level of the JSON.
+    figures: dict[str, float | None] = field(default_factory=dict)
 
 
 def build(
@@ -56,6 +58,7 @@ def build(
 ) -> dict[str, Any]:
     """The JSON document: ``ratios`` of every scenario on top, raw numbers per scenario."""
     ratios: dict[str, float | None] = {}
+    figures: dict[str, float | None] = {}
     scenarios: dict[str, Any] = {}
     for r in results:
         if r.name in scenarios:
@@ -64,6 +67,10 @@ def build(
             if key in ratios:
                 raise ValueError(f"ratio {key!r} reported by two scenarios")
             ratios[key] = _finite(value)
+        for key, value in r.figures.items():
+            if key in figures:
+                raise ValueError(f"figure {key!r} reported by two scenarios")
+            figures[key] = _finite(value)
         scenarios[r.name] = {**r.data, "notes": list(r.notes)}
     return {
         "schema": SCHEMA,
@@ -71,6 +78,7 @@ def build(
         "seconds": round(seconds, 1),
         "machine": dict(machine),
         "ratios": ratios,
+        **figures,
         "scenarios": scenarios,
     }
 

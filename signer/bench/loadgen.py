@@ -1,0 +1,123 @@
+"""The load generator every signing scenario uses: gRPC aio, ``concurrency`` callers in one
+process, each sending Sign back to back on a shared channel, for a fixed time.
+
+One generator for our service and for the software-key baseline, so the ratio compares the
+servers, not the clients. Latency is measured per call on the client (what a caller sees).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from signer.client import ClientTLS
+from signer.v1 import signer_pb2 as pb
+from signer.v1 import signer_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    concurrency: int
+    seconds: float
+    calls: int
+    errors: int
+    latencies_ms: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "seconds": round(self.seconds, 3),
+            "calls": self.calls,
+            "errors": self.errors,
+            "per_second": round(self.per_second, 1),
+            "p50_ms": round(self.percentile(0.50), 3),
+            "p99_ms": round(self.percentile(0.99), 3),
+            "p999_ms": round(self.percentile(0.999), 3),
+            "mean_ms": round(statistics.fmean(self.latencies_ms), 3) if self.latencies_ms else None,
+        }
+
+
+async def _drive(
+    address: str,
+    tls: ClientTLS | None,
+    key: str,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    rate: float | None,
+) -> LoadResult:
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channel = (
+        grpc.aio.secure_channel(address, tls.credentials(), options=options)
+        if tls is not None
+        else grpc.aio.insecure_channel(address, options=options)
+    )
+    stub = pb_grpc.SignerServiceStub(channel)
+    latencies: list[float] = []
+    counts = {"calls": 0, "errors": 0}
+    state = {"measuring": False, "stop": False}
+    # An open-loop pace when ``rate`` is given (calls per second over all callers).
+    interval = concurrency / rate if rate else 0.0
+
+    async def caller(i: int) -> None:
+        next_at = time.perf_counter() + (interval * i / concurrency if interval else 0.0)
+        while not state["stop"]:
+            if interval:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at += interval
+            request = pb.SignRequest(name=key, message=os.urandom(32))
+            began = time.perf_counter()
+            try:
+                await stub.Sign(request, timeout=30)
+            except grpc.aio.AioRpcError:
+                if state["measuring"]:
+                    counts["errors"] += 1
+                continue
+            if state["measuring"]:
+                latencies.append((time.perf_counter() - began) * 1000)
+                counts["calls"] += 1
+
+    tasks = [asyncio.create_task(caller(i)) for i in range(concurrency)]
+    await asyncio.sleep(warmup)
+    state["measuring"] = True
+    began = time.perf_counter()
+    await asyncio.sleep(seconds)
+    state["measuring"] = False
+    elapsed = time.perf_counter() - began
+    state["stop"] = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await channel.close()
+    return LoadResult(concurrency, elapsed, counts["calls"], counts["errors"], latencies)
+
+
+def run_load(
+    address: str,
+    key: str,
+    concurrency: int,
+    seconds: float,
+    *,
+    tls: ClientTLS | None = None,
+    warmup: float = 1.0,
+    rate: float | None = None,
+) -> LoadResult:
+    """Sign with ``key`` from ``concurrency`` callers for ``seconds`` (after ``warmup``);
+    ``rate``: an open-loop pace instead of back-to-back calls."""
+    return asyncio.run(_drive(address, tls, key, concurrency, seconds, warmup, rate))
