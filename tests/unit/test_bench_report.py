@@ -75,3 +75,21 @@ def test_no_ratios_section_without_ratios() -> None:
     doc = report.build([r], MACHINE, "t", 0.0)
     assert doc["ratios"] == {}
     assert "### Ratios" not in report.markdown([r], doc)
+
+
+def test_figures_go_to_the_top_level_and_are_not_reported_twice() -> None:
+    one = ScenarioResult("a", {}, figures={"p99_ms_at_half_peak": 4.25})
+    doc = report.build([one], {}, "now", 1.0)
+    assert doc["p99_ms_at_half_peak"] == 4.25
+    with pytest.raises(ValueError, match="figure 'p99_ms_at_half_peak' reported by two"):
+        report.build([one, ScenarioResult("b", {}, figures={"p99_ms_at_half_peak": 1.0})], {},
+                     "now", 1.0)  # fmt: skip
+
+
+def test_load_result_percentiles_and_rate() -> None:
+    from signer.bench.loadgen import LoadResult
+
+    r = LoadResult(4, 2.0, 100, 0, [float(i) for i in range(1, 101)])
+    assert r.per_second == 50.0
+    assert (r.percentile(0.5), r.percentile(0.99), r.percentile(0.999)) == (51.0, 100.0, 100.0)
+    assert math.isnan(LoadResult(1, 1.0, 0, 0, []).percentile(0.5))
