@@ -286,6 +286,38 @@ class SignerClient:
         resp: pb.SignResponse = self._call("Sign", req)
         return Signature(resp.signature, resp.version, resp.algorithm, resp.signature_algorithm)
 
+    def sign_batch(
+        self,
+        name: str,
+        *,
+        messages: list[bytes] | None = None,
+        digests: list[bytes] | None = None,
+        version: int = 0,
+        signature_format: Literal["der", "raw"] = "der",
+        rsa_padding: Literal["pss", "pkcs1v15"] = "pss",
+    ) -> list[Signature | SignerError]:
+        """Signs many messages (or digests) with one key version in one call; each item comes
+        back as its :class:`Signature` or as the error it alone failed with."""
+        items = [pb.SignBatchItem(message=m) for m in messages or ()]
+        items += [pb.SignBatchItem(digest=d) for d in digests or ()]
+        req = pb.SignBatchRequest(
+            name=name,
+            version=version,
+            items=items,
+            signature_format=_FORMATS[signature_format],
+            rsa_padding=_PADDINGS[rsa_padding],
+        )
+        resp: pb.SignBatchResponse = self._call("SignBatch", req)
+        out: list[Signature | SignerError] = []
+        for r in resp.results:
+            if r.error_code:
+                cls = BY_CODE.get(Code(r.error_code), Internal)
+                out.append(cls(r.error))
+            else:
+                sig = Signature(r.signature, resp.version, resp.algorithm, resp.signature_algorithm)
+                out.append(sig)
+        return out
+
     def verify(
         self,
         name: str,

@@ -80,6 +80,18 @@ class SignResult:
     signature_algorithm: str
 
 
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    version: int
+    algorithm: str
+    signature_algorithm: str
+    # Per item, in order: a signature, or the error that item alone failed with.
+    results: list[bytes | SignerError]
+
+
 @dataclass(frozen=True)
 class JwtResult:
     token: str
@@ -454,6 +466,41 @@ class Signer:
         return SignResult(
             format_signature(alg, raw, fmt), v.version, alg.name, alg.signature_algorithm(pad)
         )
+
+    def sign_batch(
+        self,
+        name: str,
+        version: int,
+        items: list[tuple[bytes | None, bytes | None]],
+        fmt: SigFormat = SigFormat.DER,
+        pad: Padding = Padding.PSS,
+    ) -> BatchResult:
+        """Signs every (message, digest) item with one key version on one token session. An
+        item that is wrong fails alone; the key (disabled, destroyed) or the token failing
+        fails the call."""
+        check_name(name)
+        if not items:
+            raise InvalidArgument("items is empty: send 1 to 1000 messages or digests")
+        if len(items) > MAX_BATCH:
+            raise InvalidArgument(f"{len(items)} items; at most {MAX_BATCH} per call")
+        v = self._store.get_version(name, version)
+        check_usable(v, self.now())
+        alg = algorithm(v.algorithm)
+        results: list[bytes | SignerError] = []
+        jobs, slots = [], []
+        for i, (message, digest) in enumerate(items):
+            try:
+                self._check_input(message, digest)
+                jobs.append(to_be_signed(alg, message, digest, pad))
+                slots.append(i)
+                results.append(b"")
+            except InvalidArgument as exc:
+                results.append(InvalidArgument(f"item {i}: {exc.message}"))
+        for i, raw in zip(
+            slots, self._token.sign_many(v.key_id, jobs) if jobs else [], strict=True
+        ):
+            results[i] = format_signature(alg, raw, fmt)
+        return BatchResult(v.version, alg.name, alg.signature_algorithm(pad), results)
 
     def sign_jwt(self, name: str, claims: bytes) -> JwtResult:
         """A JWT over ``claims`` (used as given, once checked to be a JSON object), signed with

@@ -335,6 +335,15 @@ class Token:
                 key = self._find_private(slot, key_id)
             return _sign_with(key, mech, data)
 
+    def sign_many(self, key_id: bytes, jobs: list[tuple[SignMechanism, bytes]]) -> list[bytes]:
+        """Several signatures with one key on one borrowed session (inputs already checked:
+        a token error fails them all, translated like any other)."""
+        with self._session() as slot:
+            key = slot.keys.get(key_id)
+            if key is None:
+                key = self._find_private(slot, key_id)
+            return [_sign_with(key, mech, data) for mech, data in jobs]
+
     def destroy(self, key_id: bytes) -> int:
         """Destroys every object with this CKA_ID; returns how many there were."""
         with self._session() as slot:

@@ -1,0 +1,90 @@
+"""SignBatch: many signatures in one call, each verified independently; per-item errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+from signer.client import Signature
+from signer.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+
+pytestmark = pytest.mark.integration
+
+
+def public(client, name: str):  # type: ignore[no-untyped-def]
+    return serialization.load_pem_public_key(client.public_key(name).pem.encode())
+
+
+@pytest.mark.parametrize("algorithm", ["ec-p256", "rsa-2048"])
+def test_every_item_verifies(client, unique_name, algorithm: str) -> None:
+    name = unique_name()
+    client.create_key(name, algorithm)
+    messages = [os.urandom(40) for _ in range(25)]
+    results = client.sign_batch(name, messages=messages)
+    key = public(client, name)
+    assert len(results) == len(messages)
+    for message, result in zip(messages, results, strict=True):
+        assert isinstance(result, Signature)
+        assert result.version == 1
+        if algorithm.startswith("ec"):
+            key.verify(result.signature, message, ec.ECDSA(hashes.SHA256()))
+        else:
+            key.verify(result.signature, message, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                       hashes.SHA256())  # fmt: skip
+
+
+def test_a_bad_item_fails_alone(client, unique_name) -> None:
+    name = unique_name()
+    client.create_key(name, "ec-p256")
+    good = hashlib.sha256(b"good").digest()
+    results = client.sign_batch(name, digests=[good, b"short", good])
+    assert isinstance(results[0], Signature)
+    assert isinstance(results[2], Signature)
+    assert isinstance(results[1], InvalidArgument)
+    assert results[1].message.startswith("item 1: digest must be 32 bytes")
+
+
+@pytest.mark.parametrize(
+    ("count", "message"), [(0, "items is empty"), (1001, "1001 items; at most 1000")]
+)
+def test_batch_size_is_bounded(client, unique_name, count: int, message: str) -> None:
+    name = unique_name()
+    client.create_key(name, "ec-p256")
+    with pytest.raises(InvalidArgument, match=message):
+        client.sign_batch(name, messages=[b"m"] * count)
+
+
+def test_a_disabled_version_fails_the_whole_batch(client, unique_name) -> None:
+    name = unique_name()
+    client.create_key(name, "ec-p256")
+    client.rotate(name)
+    client.disable(name, 1)
+    with pytest.raises(FailedPrecondition, match="disabled"):
+        client.sign_batch(name, messages=[b"a", b"b"], version=1)
+
+
+def test_one_audit_record_and_one_authorisation(service_factory, unique_name, tmp_path) -> None:
+    policy = tmp_path / "read-only.toml"
+    policy.write_text(
+        f'[[grant]]\ncallers = ["uid:{os.getuid()}"]\noperations = ["read"]\nscopes = ["*"]\n'
+    )
+    svc = service_factory()
+    c = svc.client()
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    messages = [b"one", b"two", b"three"]
+    c.sign_batch(name, messages=messages)
+    svc.stop()
+    with sqlite3.connect(svc.server.cfg.audit.path) as db:
+        rows = db.execute("SELECT operation, key, payload_sha256, status FROM records").fetchall()
+    combined = b"".join(hashlib.sha256(m).digest() for m in messages)
+    assert rows[-1] == ("SignBatch", name, hashlib.sha256(combined).hexdigest(), "OK")
+
+    denied = service_factory(server={"policy_file": str(policy)})
+    with pytest.raises(PermissionDenied, match=f"may not sign key '{name}'"):
+        denied.client().sign_batch(name, messages=messages)
