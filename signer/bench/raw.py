@@ -3,7 +3,7 @@ JSON. No gRPC, no service: the speed of the CPU (``cryptography``), of the token
 (python-pkcs11 with SoftHSM2 loaded in this process) and of the process boundary
 (python-pkcs11 through ``p11-kit-client.so``).
 
-This is benchmark code at the token host's side: it logs in with the PIN file as python-pkcs11
+This is benchmark code at the token host's side: it authenticates with the PIN file as python-pkcs11
 expects (a ``str``), which the service never does.
 """
 
@@ -46,12 +46,12 @@ def _token_signer(args: argparse.Namespace) -> Any:
     pin = open(args.pin_file).read().strip()  # noqa: SIM115 (benchmark tool, token host side)
     key_id = bytes.fromhex(args.key_id)
 
-    logged_in: list[Any] = []
+    opened: list[Any] = []
 
     def make() -> Any:
         # Login is per token, not per session: the first session logs in, the others share it.
-        session = token.open(user_pin=None if logged_in else pin)
-        logged_in.append(session)
+        session = token.open(user_pin=None if opened else pin)
+        opened.append(session)
         key: Any = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
         if args.algorithm == "rsa-2048":
             return lambda m: key.sign(
