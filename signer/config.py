@@ -8,6 +8,7 @@ token PIN is read from the file named by ``token.pin_file``, by :mod:`signer.tok
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -185,6 +186,22 @@ def _section(cls: type[T], name: str, values: Mapping[str, Any], env: Mapping[st
         elif fname in values:
             kwargs[fname] = _coerce(name, fname, values[fname], typ)
     return cls(**kwargs)
+
+
+def dump(cfg: Config) -> str:
+    """``cfg`` as the TOML that :func:`load` reads back into the same Config: every setting."""
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for name, value in vars(getattr(cfg, section.name)).items():
+            if isinstance(value, bool):
+                lines.append(f"{name} = {str(value).lower()}")
+            elif isinstance(value, str):
+                lines.append(f"{name} = {json.dumps(value)}")  # JSON strings are TOML strings
+            else:
+                lines.append(f"{name} = {value!r}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def read_toml(path: str | Path, what: str = "configuration file") -> dict[str, Any]:

@@ -36,6 +36,8 @@ from pathlib import Path
 from signer.children import guarded_preexec, run_in_foreground
 from signer.config import P11KIT_CLIENT_MODULE, Config, FrontConfig
 from signer.errors import ConfigError, FailedPrecondition
+from signer.hsm import TLS_KEY_URI, HsmPaths
+from signer.pki import DevCA
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,29 @@ def _check(cfg: FrontConfig) -> None:
     host, _, port = cfg.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"front.listen must be host:port, got {cfg.listen!r}")
+
+
+def front_config(
+    paths: HsmPaths,
+    ca: DevCA,
+    *,
+    listen: str,
+    upstream: Path,
+    workdir: Path,
+    certificate: Path | None = None,
+) -> FrontConfig:
+    """The front of the token host in ``paths``: its key in the TLS token, its certificate and
+    the client CA from ``ca``, proxying to the service's front socket ``upstream``."""
+    return FrontConfig(
+        listen=listen,
+        certificate=str(certificate or ca.server_cert),
+        key_uri=TLS_KEY_URI,
+        pin_file=str(paths.tls_pin),
+        server_address=paths.tls_server_address,
+        client_ca=str(ca.cert),
+        upstream=f"unix:{upstream}",
+        workdir=str(workdir),
+    )
 
 
 def openssl_conf() -> str:

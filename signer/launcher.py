@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from signer import config as config_mod
 from signer import hsm
 from signer.errors import FailedPrecondition, NotFound
-from signer.front import Front
+from signer.front import Front, front_config
 from signer.pki import DevCA
 from signer.policy import grant_everything
 from signer.server import Server, harden_process
@@ -48,34 +48,29 @@ def write_config(root: Path, listen: str) -> Path:
     """The configuration of the service and of its TLS front, for the state in ``root``."""
     root = root.absolute()
     paths = hsm.HsmPaths(root / "hsm")
-    ca = DevCA(root / "tls")
-    socket = root / "run" / "signer.sock"
     front_socket = root / "run" / "front" / "signer.sock"
+    cfg = config_mod.Config(
+        server=config_mod.ServerConfig(
+            listen=f"unix:{root / 'run' / 'signer.sock'}",
+            front_socket=str(front_socket),
+            policy_file=str(root / "policy.toml"),
+        ),
+        token=config_mod.TokenConfig(
+            server_address=paths.server_address,
+            uri=f"pkcs11:token={hsm.DEFAULT_LABEL}",
+            pin_file=str(paths.user_pin),
+        ),
+        store=config_mod.StoreConfig(path=str(root / "signer.db")),
+        audit=config_mod.AuditConfig(path=str(root / "audit.db")),
+        front=front_config(
+            paths, DevCA(root / "tls"), listen=listen, upstream=front_socket,
+            workdir=root / "front",
+        ),
+    )  # fmt: skip
     path = root / "signer.toml"
     path.write_text(
         "# Written by 'signer run' at every start. SIGNER_<SECTION>_<NAME> variables override.\n"
-        "[server]\n"
-        f'listen = "unix:{socket}"\n'
-        f'front_socket = "{front_socket}"\n'
-        f'policy_file = "{root / "policy.toml"}"\n\n'
-        "[token]\n"
-        f'module = "{config_mod.P11KIT_CLIENT_MODULE}"\n'
-        f'server_address = "{paths.server_address}"\n'
-        f'uri = "pkcs11:token={hsm.DEFAULT_LABEL}"\n'
-        f'pin_file = "{paths.user_pin}"\n\n'
-        "[store]\n"
-        f'path = "{root / "signer.db"}"\n\n'
-        "[audit]\n"
-        f'path = "{root / "audit.db"}"\n\n'
-        "[front]\n"
-        f'listen = "{listen}"\n'
-        f'certificate = "{ca.server_cert}"\n'
-        f'key_uri = "{hsm.TLS_KEY_URI}"\n'
-        f'pin_file = "{paths.tls_pin}"\n'
-        f'server_address = "{paths.tls_server_address}"\n'
-        f'client_ca = "{ca.cert}"\n'
-        f'upstream = "unix:{front_socket}"\n'
-        f'workdir = "{root / "front"}"\n'
+        + config_mod.dump(cfg)
     )
     return path
 

@@ -21,6 +21,7 @@ import re
 import socket
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _PEER = re.compile(r"unix:(?P<dir>.+)/p-(?P<uid>\d+)-(?P<gid>\d+)-(?P<pid>\d+)-\d+")
 _CHUNK = 256 * 1024
+
+
+@contextlib.contextmanager
+def created_with_mode(mode: int) -> Iterator[None]:
+    """Sockets bound inside get ``mode`` from the start (umask), rather than a chmod after a
+    window in which anyone could connect."""
+    previous = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 class PeerRelay:
@@ -60,13 +72,10 @@ class PeerRelay:
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.public.unlink()  # left behind by a process that was killed
-        previous = os.umask(0o777 & ~self.mode)
-        try:
+        with created_with_mode(self.mode):
             self._server = await asyncio.start_unix_server(
                 self._accept, path=str(self.public), limit=_CHUNK
             )
-        finally:
-            os.umask(previous)
 
     def close(self) -> None:
         """Accepts no new connections; open ones go on (in-flight calls drain)."""

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import pwd
 import secrets
 import signal
@@ -59,7 +58,7 @@ from signer.keys import (
     public_pem,
 )
 from signer.policy import Caller, Policy
-from signer.relay import PeerRelay
+from signer.relay import PeerRelay, created_with_mode
 from signer.service import Clock, Signer, utcnow
 from signer.store import SQLiteStore
 from signer.token import Pin, Token, object_uri
@@ -726,11 +725,8 @@ def _listen(server: grpc.aio.Server, address: str, socket_mode: int) -> None:
     """Binds Unix socket ``address``, created with ``socket_mode`` from the start (umask), not
     chmod-ed after a window in which anyone could connect."""
     Path(_unix_path(address)).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    previous = os.umask(0o777 & ~socket_mode)
-    try:
+    with created_with_mode(socket_mode):
         port = server.add_insecure_port(address)
-    finally:
-        os.umask(previous)
     if port == 0:
         raise SignerError(f"cannot listen on {address}")
 

@@ -277,16 +277,7 @@ class ServiceProcess:
 
 
 def write_toml(path: Path, cfg: config_mod.Config) -> Path:
-    lines = []
-    for section in ("server", "token", "store", "keys", "audit"):
-        lines.append(f"[{section}]")
-        for k, v in vars(getattr(cfg, section)).items():
-            if isinstance(v, str):
-                lines.append(f'{k} = "{v}"')
-            else:
-                lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else v}")
-        lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text(config_mod.dump(cfg))
     return path
 
 

@@ -7,8 +7,8 @@ One service process (``signer serve``, ec-p256 key, the real token host) behind 
 * ``mtls-front``: TLS 1.3 with client certificates, terminated by nginx whose key is in the TLS
   token, then HTTP/2 over the Unix socket to the service (what remote callers use).
 
-Measured with the same load generator (Python gRPC clients in this process, one channel per
-client): Sign latency at concurrency 1 (p50/p99 over ``calls`` signatures, median of ``runs``),
+Measured with the load generator of every signing scenario (:mod:`signer.bench.loadgen`; per
+client): Sign latency at concurrency 1 (p50/p99 over ``seconds`` of calls, median of ``runs``),
 throughput at concurrency 16, and new connections per second (a fresh mTLS channel and one call
 each). For the handshake cost of keeping the TLS key in the token, the same nginx is also run
 with an ordinary key file (``mtls-front-pem``): a handshake then signs in nginx's memory. For the
@@ -25,7 +25,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,10 +37,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from signer import config as config_mod
 from signer import hsm
 from signer.bench.context import Context
+from signer.bench.loadgen import run_load
 from signer.bench.report import ScenarioResult, Table, fmt_ratio
 from signer.client import ClientTLS, SignerClient
 from signer.errors import SignerError
-from signer.front import Front
+from signer.front import Front, front_config
 from signer.pki import DevCA
 from signer.policy import grant_everything
 
@@ -84,60 +84,17 @@ class PemFront(Front):
         return f"{text[:start]}ssl_certificate_key {self.key_file};{text[end:]}"
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
-
-
-def latency(route: Route, calls: int) -> dict[str, float]:
-    with route.client() as c:
-        for _ in range(50):  # warm: connection, handles, caches
-            c.sign(KEY, message=MESSAGE)
-        samples = []
-        for _ in range(calls):
-            began = time.perf_counter()
-            c.sign(KEY, message=MESSAGE)
-            samples.append(time.perf_counter() - began)
-    samples.sort()
-    return {
-        "p50_ms": _percentile(samples, 0.50) * 1000,
-        "p99_ms": _percentile(samples, 0.99) * 1000,
-    }
+def latency(route: Route, seconds: float) -> dict[str, float]:
+    """Sign back to back from one caller (the load generator every signing scenario uses)."""
+    load = run_load(route.address, KEY, 1, seconds, tls=route.tls, warmup=0.5)
+    return {"p50_ms": load.percentile(0.5), "p99_ms": load.percentile(0.99)}
 
 
 def throughput(route: Route, clients: int, seconds: float) -> float:
-    stop = threading.Event()
-    counts = [0] * clients
-    errors: list[str] = []
-
-    def work(i: int) -> None:
-        with route.client() as c:
-            c.sign(KEY, message=MESSAGE)
-            ready.wait()
-            while not stop.is_set():
-                try:
-                    c.sign(KEY, message=MESSAGE)
-                    counts[i] += 1
-                except SignerError as exc:
-                    errors.append(exc.message)
-                    return
-
-    ready = threading.Event()
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    ready.set()
-    began = time.perf_counter()
-    time.sleep(seconds)
-    done = sum(counts)
-    elapsed = time.perf_counter() - began
-    stop.set()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{route.name}: {errors[0]}")
-    return done / elapsed
+    load = run_load(route.address, KEY, clients, seconds, tls=route.tls, warmup=0.5)
+    if load.errors:
+        raise RuntimeError(f"{route.name}: {load.errors} calls failed")
+    return load.per_second
 
 
 def connections(route: Route, count: int) -> float:
@@ -208,16 +165,11 @@ def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Ro
 
     def front_cfg(name: str, certificate: Path) -> config_mod.Config:
         return config_mod.Config(
-            front=config_mod.FrontConfig(
-                listen=f"127.0.0.1:{_free_port()}",
-                certificate=str(certificate),
-                pin_file=str(paths.tls_pin),
-                server_address=paths.tls_server_address,
-                client_ca=str(ca.cert),
-                upstream=f"unix:{front_socket}",
-                workdir=str(root / name),
+            front=front_config(
+                paths, ca, listen=f"127.0.0.1:{_free_port()}", upstream=front_socket,
+                workdir=root / name, certificate=certificate,
             )
-        )
+        )  # fmt: skip
 
     token_front = Front(front_cfg("front", ca.server_cert))
     pem_front = PemFront(front_cfg("front-pem", pem_cert), key_file)
@@ -252,8 +204,8 @@ def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Ro
 
 
 def run(ctx: Context) -> ScenarioResult:
-    calls, seconds, handshakes, runs = 1000, 5.0, 200, 3
-    data: dict[str, Any] = {"calls": calls, "seconds": seconds, "handshakes": handshakes}
+    seconds, handshakes, runs = 5.0, 200, 3
+    data: dict[str, Any] = {"seconds": seconds, "handshakes": handshakes}
     results: dict[str, dict[str, list[float]]] = {}
 
     def record(route: str, metric: str, value: float) -> None:
@@ -267,7 +219,7 @@ def run(ctx: Context) -> ScenarioResult:
         for i in range(runs):
             ctx.progress(f"transport run {i + 1}/{runs} ...")
             for route in (*routes, bare):
-                for metric, value in latency(route, calls).items():
+                for metric, value in latency(route, seconds).items():
                     record(route.name, metric, value)
                 record(route.name, "c16_per_s", throughput(route, 16, seconds))
             for route in (routes[1], pem_route):

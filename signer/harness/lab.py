@@ -34,7 +34,7 @@ from signer import hsm
 from signer.client import ClientTLS, SignerClient
 from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
 from signer.errors import SignerError
-from signer.front import Front
+from signer.front import Front, front_config
 from signer.keys import ALGORITHMS
 from signer.pki import DevCA
 from signer.policy import grant_everything
@@ -221,16 +221,10 @@ class Lab:
         ca = DevCA.ensure(self.root / "tls")
         ca.issue_server(public, ["localhost", "127.0.0.1"])
         ca.issue_client(LAB_CLIENT)
-        front = config_mod.FrontConfig(
-            listen=f"127.0.0.1:{_free_port()}",
-            certificate=str(ca.server_cert),
-            key_uri=hsm.TLS_KEY_URI,
-            pin_file=str(paths.tls_pin),
-            server_address=paths.tls_server_address,
-            client_ca=str(ca.cert),
-            upstream=f"unix:{self.front_socket}",
-            workdir=str(self.root / "front"),
-        )
+        front = front_config(
+            paths, ca, listen=f"127.0.0.1:{_free_port()}", upstream=self.front_socket,
+            workdir=self.root / "front",
+        )  # fmt: skip
         self.front = Front(config_mod.Config(front=front))
         self.front.start()
 

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from signer import config as config_mod
-from signer import hsm
 from signer.client import ClientTLS, SignerClient
 from signer.errors import NotFound, PermissionDenied, SignerError
-from signer.front import Front
+from signer.front import Front, front_config
 from signer.pki import DevCA
 from tests.conftest import (
     FakeClock,
@@ -116,16 +114,10 @@ def deployment(token_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         server={"front_socket": str(front_socket), "policy_file": str(policy)},
     )
     svc = start_service(cfg, FakeClock())
-    front_cfg = config_mod.FrontConfig(
-        listen=f"127.0.0.1:{free_port()}",
-        certificate=str(ca.server_cert),
-        key_uri=hsm.TLS_KEY_URI,
-        pin_file=str(token_host.paths.tls_pin),
-        server_address=token_host.paths.tls_server_address,
-        client_ca=str(ca.cert),
-        upstream=f"unix:{front_socket}",
-        workdir=str(tmp / "front"),
-    )
+    front_cfg = front_config(
+        token_host.paths, ca, listen=f"127.0.0.1:{free_port()}", upstream=front_socket,
+        workdir=tmp / "front",
+    )  # fmt: skip
     front = Front(replace(cfg, front=front_cfg))
     front.start()
     try:

@@ -29,6 +29,7 @@ from signer import hsm
 from signer.client import ClientTLS, SignerClient
 from signer.errors import SignerError, Unauthenticated, Unavailable
 from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER, Front
+from signer.front import front_config as make_front_config
 from signer.pki import DevCA
 from tests.conftest import SIGNER_BIN, RunningService, free_port, gone_soon, wait_until
 
@@ -44,16 +45,10 @@ def pki(token_host, tmp_path_factory: pytest.TempPathFactory) -> DevCA:
 
 
 def front_config(token_host, pki: DevCA, upstream: Path, workdir: Path) -> config_mod.FrontConfig:
-    return config_mod.FrontConfig(
-        listen=f"127.0.0.1:{free_port()}",
-        certificate=str(pki.server_cert),
-        key_uri=hsm.TLS_KEY_URI,
-        pin_file=str(token_host.paths.tls_pin),
-        server_address=token_host.paths.tls_server_address,
-        client_ca=str(pki.cert),
-        upstream=f"unix:{upstream}",
-        workdir=str(workdir),
-    )
+    return make_front_config(
+        token_host.paths, pki, listen=f"127.0.0.1:{free_port()}", upstream=upstream,
+        workdir=workdir,
+    )  # fmt: skip
 
 
 @dataclass
@@ -299,9 +294,7 @@ def test_the_front_dies_with_whoever_started_it(token_host, pki: DevCA, tmp_path
     socket = tmp_path / "nobody.sock"
     front = front_config(token_host, pki, socket, tmp_path / "front")
     toml = tmp_path / "signer.toml"
-    toml.write_text(
-        "[front]\n" + "".join(f'{k} = "{v}"\n' for k, v in dataclasses.asdict(front).items())
-    )
+    toml.write_text(config_mod.dump(config_mod.Config(front=front)))
     script = (
         "import os, sys\n"
         "from signer import config\n"
@@ -352,7 +345,5 @@ def deployment_parts(service_factory, token_host, pki: DevCA, tmp_path: Path):
     service_factory(server={"front_socket": str(socket)})
     front = front_config(token_host, pki, socket, tmp_path / "front")
     toml = tmp_path / "signer.toml"
-    toml.write_text(
-        "[front]\n" + "".join(f'{k} = "{v}"\n' for k, v in dataclasses.asdict(front).items())
-    )
+    toml.write_text(config_mod.dump(config_mod.Config(front=front)))
     return toml, config_mod.Config(front=front), pki

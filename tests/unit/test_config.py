@@ -311,3 +311,13 @@ def test_socket_mode_must_be_octal_permissions(mode: str) -> None:
 def test_the_service_does_not_listen_on_a_network() -> None:
     with pytest.raises(ConfigError, match=r"server\.listen must be a Unix socket"):
         config.load(None, env={"SIGNER_SERVER_LISTEN": "0.0.0.0:50051"})
+
+
+def test_dump_reads_back_as_the_same_configuration(tmp_path: Path) -> None:
+    cfg = config.Config(
+        server=ServerConfig(listen='unix:/run/a "quoted" dir/s.sock', perturb_freed_memory=False),
+        token=TokenConfig(sessions=3, health_interval_seconds=0.25),
+    )
+    path = tmp_path / "signer.toml"
+    path.write_text(config.dump(cfg))
+    assert config.load(path, env={}) == cfg
