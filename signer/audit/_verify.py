@@ -73,12 +73,19 @@ def _signed(checkpoints: list[Checkpoint], public_der: bytes, hashes: dict[int, 
     return signed
 
 
-def verify_log(path: str | Path, public_key_pem: bytes, archive_dir: Path | None = None) -> Verdict:
+def verify_log(
+    path: str | Path, public_key_pem: bytes | None, archive_dir: Path | None = None
+) -> Verdict:
     """Checks the live chain record by record, every checkpoint's signature with the pinned
     audit key, the anchor each archive left behind, and, given ``archive_dir``, every archive
-    file too (its digest, chain and checkpoints)."""
-    public_der = serialization.load_pem_public_key(public_key_pem).public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    file too (its digest, chain and checkpoints). ``public_key_pem`` None: nothing is pinned
+    yet, which a young log (no checkpoint so far, no audit key recorded) may be."""
+    public_der = (
+        b""
+        if public_key_pem is None
+        else serialization.load_pem_public_key(public_key_pem).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
     try:
         store = SQLiteAuditStore(path, read_only=True)
@@ -95,6 +102,8 @@ def verify_log(path: str | Path, public_key_pem: bytes, archive_dir: Path | None
     hashes: dict[int, str] = {}
     seq, prev, last, signed = 0, GENESIS, 0, 0
     try:
+        if public_key_pem is None and (recorded is not None or checkpoints or archives):
+            raise _Bad(0, "the log has an audit key or checkpoints, but no pinned key was given")
         if recorded is not None and recorded[1] != public_der:
             raise _Bad(0, "the audit key recorded in the log is not the pinned one")
         for a in archives:

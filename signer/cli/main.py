@@ -285,7 +285,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from signer import audit
 
     db, pinned, archives = _audit_paths(args)
-    verdict = audit.verify_log(db, pinned.read_bytes(), archives if args.archives else None)
+    # A young log has no checkpoint yet, so no audit key was made or pinned: the chain alone.
+    key = pinned.read_bytes() if pinned.exists() else None
+    verdict = audit.verify_log(db, key, archives if args.archives else None)
     if verdict.first_bad is not None:
         seq, what = verdict.first_bad
         print(f"audit log {db} is NOT whole: first bad record {seq}: {what}")

@@ -312,3 +312,18 @@ def test_nothing_newer_than_the_cutoff_is_archived(written: Callable[[int], Path
     finally:
         store.close()
     assert len(rows(path)) == 8
+
+
+def test_a_young_log_verifies_before_its_first_checkpoint(tmp_path: Path, soft: SoftKey) -> None:
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+    log.submit(event(1)).result(10)
+    v = verify_log(path, None)  # nothing pinned yet, and the log names no key
+    assert v.whole
+    assert (v.records, v.checkpoints, v.unsigned_tail) == (1, 0, 1)
+    log.close()  # a last checkpoint: now the key exists, and a missing pin is refused
+    assert verify_log(path, None).first_bad == (
+        0,
+        "the log has an audit key or checkpoints, but no pinned key was given",
+    )
