@@ -61,6 +61,11 @@ class TokenConfig:
     uri: str = "pkcs11:token=signer"
     pin_file: str = ""
     sessions: int = 8
+    # Threads that make the RPCs' token and store calls; each takes whatever calls have queued
+    # (up to 8) before it sleeps again. Two keep a local token host busy on a small machine
+    # with the fewest thread hand-offs (docs/benchmarks.md); a network HSM whose calls take
+    # milliseconds wants more, up to ``sessions``.
+    lanes: int = 2
     # Whether the module may be called from several threads at once. "auto": yes for
     # p11-kit-client.so (it locks internally); no for any other module, because python-pkcs11
     # calls C_Initialize(NULL), which tells a module such as SoftHSM2 it need not lock.
@@ -244,6 +249,11 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 def _validate(cfg: Config) -> None:
     if cfg.token.sessions < 1:
         raise ConfigError("token.sessions must be at least 1")
+    if not 1 <= cfg.token.lanes <= cfg.token.sessions:
+        raise ConfigError(
+            f"token.lanes must be between 1 and token.sessions ({cfg.token.sessions}); "
+            f"it is {cfg.token.lanes}"
+        )
     if cfg.token.thread_safe not in ("auto", "true", "false"):
         raise ConfigError("token.thread_safe must be auto, true or false")
     if not cfg.token.uri.startswith("pkcs11:"):

@@ -57,6 +57,7 @@ from signer.keys import (
     public_jwk_json,
     public_pem,
 )
+from signer.lanes import Lanes
 from signer.policy import Caller, Policy
 from signer.relay import PeerRelay, created_with_mode
 from signer.service import Clock, Signer, utcnow
@@ -235,17 +236,16 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         self,
         signer: Signer,
         token: Token,
-        executor: ThreadPoolExecutor,
+        lanes: Lanes,
         policy: Callable[[], Policy],
     ) -> None:
         self._signer = signer
         self._token = token
-        self._executor = executor
+        self._lanes = lanes
         self._policy = policy
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await self._lanes.run(functools.partial(fn, *args))
 
     # --- authorisation ------------------------------------------------------------------------
 
@@ -506,10 +506,10 @@ class Server:
         self.token = Token(cfg.token, Pin(cfg.token.pin_file))
         self.store = SQLiteStore(cfg.store.path)
         self.signer = Signer(cfg, self.token, self.store, clock)
-        # One thread per token session, plus a few for calls that only touch the store.
-        self.executor = ThreadPoolExecutor(
-            max_workers=cfg.token.sessions + 4, thread_name_prefix="signer"
-        )
+        # The RPCs' blocking work (token, store) runs on lanes; the executor is for start-up,
+        # the reaper and shutdown.
+        self.lanes = Lanes(cfg.token.lanes, name="token")
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="signer")
         self.health = health_aio.HealthServicer()
         self.policy: Policy = _Unchecked(()) if bare else self._load_policy()
         self.audit = (
@@ -563,7 +563,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = SignerServicer(self.signer, self.token, self.executor, lambda: self.policy)
+        servicer = SignerServicer(self.signer, self.token, self.lanes, lambda: self.policy)
         pb_grpc.add_SignerServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -583,7 +583,7 @@ class Server:
     ) -> None:
         assert self.audit is not None
         event = audit_event(self.signer.now(), method, caller, request, response, error)
-        await asyncio.wrap_future(self.audit.submit(event))
+        await self.audit.record(event)
 
     def _audit_key(self, recorded: tuple[bytes, bytes] | None) -> tuple[Signing, bytes]:
         """The audit key: the recorded one, or a new pair generated in the token."""
@@ -691,9 +691,9 @@ class Server:
         await self.relay.stop()
         # Calls gRPC gave up on may still be running in the pool: they finish before the token
         # and the store they use are closed.
-        await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self.executor.shutdown, wait=True)
-        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.lanes.shutdown)
+        await loop.run_in_executor(None, functools.partial(self.executor.shutdown, wait=True))
         if self.audit is not None:
             self.audit.close()  # a last checkpoint, signed while the token is still open
         self.token.close()

@@ -3,6 +3,7 @@ checkpoints with the audit key in the token."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -11,15 +12,19 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
 from signer.audit._chain import Checkpoint, Event, Signing, chain, checkpoint_message, iso
 from signer.audit._store import AuditStore
 from signer.errors import SignerError, Unavailable
+from signer.lanes import Outcome, hand_back
 
 log = logging.getLogger(__name__)
 
+# Who waits for a record: a thread (submit) or a coroutine (record).
+_Waiter = Future[int] | asyncio.Future[int]
 MakeKey = Callable[[tuple[bytes, bytes] | None], tuple[Signing, bytes]]
 _BATCH = 1024
 
@@ -37,7 +42,7 @@ class AuditLog:
         self._seq, self._hash = store.head()
         self._checkpointed = max(store.last_checkpoint(), 0)
         self._last_checkpoint = time.monotonic()
-        self._queue: queue.Queue[tuple[Event, Future[int]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Event, _Waiter] | None] = queue.Queue()
         self._signing: Signing | None = None
         self._make_key: MakeKey | None = None
         self._pin_to: Path | None = None
@@ -60,6 +65,15 @@ class AuditLog:
         else:
             self._queue.put((event, fut))
         return fut
+
+    async def record(self, event: Event) -> int:
+        """:meth:`submit` for the event loop: the futures of one commit are settled in one
+        wake-up of the loop rather than one per record."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._writer is None or not self._writer.is_alive():
+            raise Unavailable("the audit log is not running: refusing the call")
+        self._queue.put((event, fut))
+        return await fut
 
     def close(self) -> None:
         """Writes what is queued, a last checkpoint, and stops."""
@@ -95,7 +109,7 @@ class AuditLog:
     def _unsigned(self) -> int:
         return self._seq - self._checkpointed
 
-    def _commit(self, batch: list[tuple[Event, Future[int]]]) -> None:
+    def _commit(self, batch: list[tuple[Event, _Waiter]]) -> None:
         if not batch:
             return
         records, seq, prev = [], self._seq, self._hash
@@ -110,12 +124,10 @@ class AuditLog:
             error = Unavailable(
                 f"the audit log cannot be written ({exc}); refusing the call until it can"
             )
-            for _, fut in batch:
-                fut.set_exception(error)
+            _settle([(fut, False, error) for _, fut in batch])
             return
         self._seq, self._hash = seq, prev
-        for (_, fut), record in zip(batch, records, strict=True):
-            fut.set_result(record.seq)
+        _settle([(fut, True, r.seq) for (_, fut), r in zip(batch, records, strict=True)])
 
     def _checkpoint_quietly(self) -> None:
         try:
@@ -154,3 +166,15 @@ class AuditLog:
             self._pin_to.write_bytes(pem)
         self._signing = signing
         return signing
+
+
+def _settle(outcomes: list[tuple[_Waiter, bool, Any]]) -> None:
+    on_loops: list[Outcome] = []
+    for fut, ok, value in outcomes:
+        if isinstance(fut, asyncio.Future):
+            on_loops.append((fut, ok, value))
+        elif ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+    hand_back(on_loops)

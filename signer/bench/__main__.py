@@ -11,17 +11,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from signer.bench import blind, report, scan, signing, transport
+from signer.bench import blind, report, scan, signing, steady, transport
 from signer.bench.context import Context
 from signer.bench.machine import machine_info
 
-# name -> run(ctx). A new scenario (e.g. service signing throughput) is a module with a
-# ``run(ctx) -> ScenarioResult`` added here.
+# name -> run(ctx). A new scenario is a module with a ``run(ctx) -> ScenarioResult`` added here.
 SCENARIOS: dict[str, Callable[[Context], report.ScenarioResult]] = {
     scan.NAME: scan.run,
     blind.NAME: blind.run,
     transport.NAME: transport.run,
     signing.NAME: signing.run,
+    steady.NAME: steady.run,
 }
 
 
@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=240.0,
         help="blind mode's time budget for its math checks, seconds",
     )
+    p.add_argument(
+        "--steady-seconds",
+        type=float,
+        default=600.0,
+        help="length of the steady-state run at peak load, seconds (at least 30)",
+    )
     p.add_argument("--seed", type=int, default=20240601, help="placement and sampling seed")
     p.add_argument("--keep", action="store_true", help="keep the work directory (cores)")
     args = p.parse_args(argv)
@@ -48,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names:
         p.error(f"unknown scenario(s): {', '.join(unknown) or '(none given)'}")
+    if args.steady_seconds < 30:
+        p.error("--steady-seconds must be at least 30")
     if args.runs < 1:
         p.error("--runs must be at least 1")
     args.names = names
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         runs=args.runs,
         load_seconds=args.load_seconds,
         blind_budget_seconds=args.blind_budget,
+        steady_seconds=args.steady_seconds,
         seed=args.seed,
     )
     generated = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -11,7 +11,7 @@ import asyncio
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -28,6 +28,8 @@ class LoadResult:
     calls: int
     errors: int
     latencies_ms: list[float]
+    # Signatures completed in each ``window`` seconds of the measured period, when asked for.
+    windows: list[int] = field(default_factory=list)
 
     @property
     def per_second(self) -> float:
@@ -62,6 +64,7 @@ async def _drive(
     warmup: float,
     rate: float | None,
     batch: int,
+    window: float | None,
 ) -> LoadResult:
     options = [("grpc.use_local_subchannel_pool", 1)]
     channel = (
@@ -99,17 +102,32 @@ async def _drive(
                 latencies.append((time.perf_counter() - began) * 1000)
                 counts["calls"] += max(batch, 1)  # signatures, not calls
 
+    windows: list[int] = []
+
+    async def count_windows(every: float) -> None:
+        seen, due = 0, time.perf_counter() + every
+        while True:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            due += every
+            windows.append(counts["calls"] - seen)
+            seen = counts["calls"]
+
     tasks = [asyncio.create_task(caller(i)) for i in range(concurrency)]
     await asyncio.sleep(warmup)
     state["measuring"] = True
     began = time.perf_counter()
+    counter = asyncio.create_task(count_windows(window)) if window else None
     await asyncio.sleep(seconds)
     state["measuring"] = False
+    if counter is not None:
+        counter.cancel()
+        if window and len(windows) < int(seconds // window):  # the last tick lost the race
+            windows.append(counts["calls"] - sum(windows))
     elapsed = time.perf_counter() - began
     state["stop"] = True
     await asyncio.gather(*tasks, return_exceptions=True)
     await channel.close()
-    return LoadResult(concurrency, elapsed, counts["calls"], counts["errors"], latencies)
+    return LoadResult(concurrency, elapsed, counts["calls"], counts["errors"], latencies, windows)
 
 
 def run_load(
@@ -122,8 +140,10 @@ def run_load(
     warmup: float = 1.0,
     rate: float | None = None,
     batch: int = 0,
+    window: float | None = None,
 ) -> LoadResult:
     """Sign with ``key`` from ``concurrency`` callers for ``seconds`` (after ``warmup``);
     ``rate``: an open-loop pace instead of back-to-back calls; ``batch``: SignBatch calls of
-    that many messages (``calls`` then counts signatures; latencies stay per call)."""
-    return asyncio.run(_drive(address, tls, key, concurrency, seconds, warmup, rate, batch))
+    that many messages (``calls`` then counts signatures; latencies stay per call); ``window``:
+    also count signatures per ``window`` seconds (:attr:`LoadResult.windows`)."""
+    return asyncio.run(_drive(address, tls, key, concurrency, seconds, warmup, rate, batch, window))

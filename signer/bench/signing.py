@@ -48,7 +48,9 @@ NAME = "signing"
 BATCH = 50  # messages per SignBatch call
 ALGORITHMS = ("ec-p256", "rsa-2048", "ed25519")
 CONCURRENCY = (1, 16, 64)
+SUBJECTS = ("service", "service-bare", "software-grpc")
 RAW_THREADS = 16
+SESSIONS = int(os.environ.get("QB_SESSIONS", "16"))
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -123,7 +125,10 @@ def _answers(address: str) -> Callable[[], bool]:
 
 
 @contextlib.contextmanager
-def lab(work: Path) -> Iterator[tuple[list[Subject], hsm.HsmPaths, dict[str, bytes]]]:
+def lab(
+    work: Path, only: tuple[str, ...] = SUBJECTS
+) -> Iterator[tuple[list[Subject], hsm.HsmPaths, dict[str, bytes]]]:
+    """Token host, and the subjects named in ``only`` (``service`` first: it creates the keys)."""
     root = (work / "signing").absolute()
     paths = hsm.init(root / "hsm", tls=False)
     host = hsm.TokenHost(paths.root)
@@ -136,29 +141,24 @@ def lab(work: Path) -> Iterator[tuple[list[Subject], hsm.HsmPaths, dict[str, byt
         path.write_text(
             f'[server]\nlisten = "unix:{root / name}.sock"\npolicy_file = "{policy}"\n\n'
             f'[token]\nserver_address = "{paths.server_address}"\n'
-            f'pin_file = "{paths.user_pin}"\nsessions = 16\n\n'
+            f'pin_file = "{paths.user_pin}"\n\n'
             f'[store]\npath = "{root / "signer.db"}"\n\n[audit]\npath = "{root / name}.audit"\n'
         )
         return path
 
     py = sys.executable
+    starts = {
+        "service": ([py, "-m", "signer", "serve", "--config", str(config("service")),
+                     "--log-level", "warning"], _answers(f"unix:{root}/service.sock")),
+        "service-bare": ([py, "-m", "signer.bench.bare_server", "--config", str(config("bare"))],
+                         _answers(f"unix:{root}/bare.sock")),
+        "software-grpc": ([py, "-m", "signer.bench.software_server", "--listen",
+                           f"unix:{root}/software.sock"],
+                          lambda: (root / "software.sock").exists()),
+    }  # fmt: skip
     try:
-        with (
-            _process(
-                [py, "-m", "signer", "serve", "--config", str(config("service")),
-                 "--log-level", "warning"],
-                _answers(f"unix:{root}/service.sock"),
-            ) as service,
-            _process(
-                [py, "-m", "signer.bench.bare_server", "--config", str(config("bare"))],
-                _answers(f"unix:{root}/bare.sock"),
-            ) as bare,
-            _process(
-                [py, "-m", "signer.bench.software_server", "--listen",
-                 f"unix:{root}/software.sock"],
-                lambda: (root / "software.sock").exists(),
-            ) as software,
-        ):  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            procs = {name: stack.enter_context(_process(*starts[name])) for name in only}
             keys: dict[str, str] = {}
             with SignerClient(f"unix:{root}/service.sock", timeout=60) as c:
                 for alg in ALGORITHMS:
@@ -177,13 +177,13 @@ def lab(work: Path) -> Iterator[tuple[list[Subject], hsm.HsmPaths, dict[str, byt
                     )
                 }
             group = os.getpgid(host.pid) if host.pid else None
+            sockets = {"service": "service", "service-bare": "bare", "software-grpc": "software"}
+            software = {alg: alg for alg in ALGORITHMS}
             subjects = [
-                Subject("service", f"unix:{root}/service.sock", service, keys, group),
-                Subject("service-bare", f"unix:{root}/bare.sock", bare, keys, group),
-                Subject(
-                    "software-grpc", f"unix:{root}/software.sock", software,
-                    {alg: alg for alg in ALGORITHMS}, None,
-                ),
+                Subject(name, f"unix:{root}/{sockets[name]}.sock", procs[name],
+                        software if name == "software-grpc" else keys,
+                        None if name == "software-grpc" else group)
+                for name in only
             ]  # fmt: skip
             yield subjects, paths, ids
     finally:

@@ -6,6 +6,7 @@ token); everything else is the real AuditLog on a real SQLite file.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -217,6 +218,31 @@ def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey) -> None:
     log.close()
     assert verify_log(path, pinned(path)).whole
     assert [r[0] for r in rows(path)] == [1, 2]
+
+
+def test_coroutines_wait_for_their_own_records_and_failures(tmp_path: Path, soft: SoftKey) -> None:
+    """``record`` (what the server awaits): 50 concurrent calls get 50 distinct sequence
+    numbers once committed; with the database locked, each gets UNAVAILABLE."""
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=1000, checkpoint_interval=60)
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+
+    async def many(first: int) -> list[object]:
+        return await asyncio.gather(
+            *(log.record(event(first + i)) for i in range(50)), return_exceptions=True
+        )
+
+    assert sorted(asyncio.run(many(1))) == list(range(1, 51))  # type: ignore[type-var]
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    failed = asyncio.run(many(51))
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert all(isinstance(f, Unavailable) for f in failed)
+    log.close()
+    assert len(rows(path)) == 50
+    with pytest.raises(Unavailable, match="the audit log is not running"):
+        asyncio.run(log.record(event(101)))
 
 
 def test_a_stopped_log_refuses(tmp_path: Path) -> None:

@@ -1,0 +1,122 @@
+"""signer.lanes: blocking jobs for the event loop, taken in batches by a few threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from signer.lanes import Lanes
+
+
+def test_each_caller_gets_its_own_result_or_exception() -> None:
+    lanes = Lanes(2)
+
+    def job(i: int) -> int:
+        if i % 7 == 0:
+            raise ValueError(f"job {i}")
+        return i * i
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            *(lanes.run(lambda i=i: job(i)) for i in range(1, 200)), return_exceptions=True
+        )
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        lanes.shutdown()
+    for i, got in enumerate(results, start=1):
+        if i % 7 == 0:
+            assert isinstance(got, ValueError)
+            assert str(got) == f"job {i}"
+        else:
+            assert got == i * i
+
+
+def test_jobs_run_on_the_lanes_only() -> None:
+    lanes = Lanes(2, name="t")
+    names: set[str] = set()
+
+    async def main() -> None:
+        await asyncio.gather(*(lanes.run(lambda: names.add(threading.current_thread().name))
+                               for _ in range(300)))  # fmt: skip
+
+    try:
+        asyncio.run(main())
+    finally:
+        lanes.shutdown()
+    assert names <= {"t-0", "t-1"}
+    assert names
+
+
+def test_queued_jobs_are_taken_together_and_handed_back_in_one_wake_up() -> None:
+    """The point of lanes: 9 jobs queued behind a busy lane cost 1 or 2 loop wake-ups, not 9."""
+    lanes = Lanes(1, batch=8)
+    gate = threading.Event()
+    wakeups = 0
+
+    async def main() -> list[int]:
+        nonlocal wakeups
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        first = asyncio.ensure_future(lanes.run(lambda: gate.wait(10) and 0))
+        await asyncio.sleep(0.05)  # the lane is now inside the first job
+        rest = [asyncio.ensure_future(lanes.run(lambda i=i: i)) for i in range(1, 10)]
+        gate.set()
+        return [await first, *[await r for r in rest]]
+
+    try:
+        assert asyncio.run(main()) == list(range(10))
+    finally:
+        lanes.shutdown()
+    # first job: 1; then 9 queued jobs in batches of at most 8: 2.
+    assert wakeups == 3
+
+
+def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
+    lanes = Lanes(1)
+    gate = threading.Event()
+
+    async def main() -> int:
+        blocked = asyncio.ensure_future(lanes.run(lambda: gate.wait(10) and 1))
+        other = asyncio.ensure_future(lanes.run(lambda: 2))
+        await asyncio.sleep(0.05)
+        blocked.cancel()
+        gate.set()
+        return await other
+
+    try:
+        assert asyncio.run(main()) == 2
+    finally:
+        lanes.shutdown()
+
+
+def test_shutdown_runs_what_is_queued_then_refuses() -> None:
+    lanes = Lanes(1)
+    gate = threading.Event()
+    ran: list[int] = []
+
+    async def main() -> None:
+        futures = [asyncio.ensure_future(lanes.run(lambda: gate.wait(10)))]
+        futures += [asyncio.ensure_future(lanes.run(lambda i=i: ran.append(i))) for i in range(5)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.get_running_loop().run_in_executor(None, lanes.shutdown)
+        await asyncio.sleep(0.05)
+        gate.set()
+        await stopping
+        await asyncio.gather(*futures)
+        with pytest.raises(RuntimeError, match="shut down"):
+            await lanes.run(lambda: None)
+
+    asyncio.run(main())
+    assert ran == [0, 1, 2, 3, 4]
