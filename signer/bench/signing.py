@@ -15,7 +15,8 @@ python-pkcs11 with SoftHSM2 in-process (the token), python-pkcs11 through p11-ki
 and 16 threads (the process boundary).
 
 Each point: signatures per second, p50/p99/p99.9 latency, CPU seconds per 1,000 signatures of
-the server and of the token host (the processes that sign), and the peak RSS of the server.
+the server and of the token host (the processes that sign), and the peak RSS of the servers
+and of the token host's processes (summed).
 Repeated ``runs`` times; medians are reported.
 """
 
@@ -267,6 +268,10 @@ def run(ctx: Context) -> ScenarioResult:
                         keep(f"{subject.name}/{alg}/c{c}", point)
                     rss[subject.name] = max(rss.get(subject.name, 0.0),
                                             _peak_rss_mib(subject.proc.pid))  # fmt: skip
+                    if subject.token_group:
+                        # p11-kit server and the p11-kit-remote serving each client, summed.
+                        host = sum(_peak_rss_mib(p) for p in _group(subject.token_group))
+                        rss["token host"] = max(rss.get("token host", 0.0), host)
                 # Raw baselines.
                 raw_runs: list[tuple[str, int, list[str]]] = [
                     ("cryptography", 1, []),
