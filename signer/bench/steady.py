@@ -20,7 +20,7 @@ from pathlib import Path
 from signer.bench.context import Context
 from signer.bench.loadgen import LoadResult, run_load
 from signer.bench.report import ScenarioResult, Table
-from signer.bench.signing import _group, lab
+from signer.bench.signing import _cpu_seconds, _group, lab
 
 NAME = "steady"
 CALLERS = 64
@@ -94,6 +94,7 @@ def run(ctx: Context) -> ScenarioResult:
         ctx.progress(f"steady: {CALLERS} callers for {seconds:g} s, RSS sampled each second ...")
         sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
         load: LoadResult
+        cpu0 = _cpu_seconds([service.proc.pid]), _cpu_seconds(_group(service.token_group))
         try:
             sampler.start()
             load = run_load(service.address, service.keys["ec-p256"], CALLERS, seconds,
@@ -101,7 +102,10 @@ def run(ctx: Context) -> ScenarioResult:
         finally:
             stop.set()
             sampler.join()
+        cpu1 = _cpu_seconds([service.proc.pid]), _cpu_seconds(_group(service.token_group))
         alive = service.proc.poll() is None
+    per_k = 1000 / load.calls if load.calls else float("nan")
+    server_cpu, token_cpu = (cpu1[0] - cpu0[0]) * per_k, (cpu1[1] - cpu0[1]) * per_k
     windows = [n / WINDOW for n in load.windows]
     growth = _growth_pct(rss_service, minute)
     token_growth = _growth_pct(rss_token, minute)
@@ -127,10 +131,11 @@ def run(ctx: Context) -> ScenarioResult:
     ]
     verdict = "within" if growth < GROWTH_TARGET_PCT else "OVER"
     notes = [
-        f"Service RSS grew {growth:+.1f}% from the minute after warm-up to the last minute "
-        f"({verdict} the {GROWTH_TARGET_PCT:g}% target); {load.calls:,} signatures, "
+        f"Service RSS grew {growth:+.1f}% from the {minute} s after warm-up to the last "
+        f"{minute} s ({verdict} the {GROWTH_TARGET_PCT:g}% target); {load.calls:,} signatures, "
         f"{load.errors} errors, p50 {load.percentile(0.5):.1f} ms, p99 "
-        f"{load.percentile(0.99):.1f} ms; the service was "
+        f"{load.percentile(0.99):.1f} ms, p99.9 {load.percentile(0.999):.1f} ms; CPU s per 1,000 "
+        f"signatures: service {server_cpu:.2f}, token host {token_cpu:.2f}; the service was "
         f"{'still serving' if alive else 'GONE'} at the end.",
         f"Chart: {png}" if png else "No chart: matplotlib (the bench extra) is missing.",
     ]
@@ -143,6 +148,8 @@ def run(ctx: Context) -> ScenarioResult:
         "callers": CALLERS,
         "comparison_window_samples": minute,
         "load": load.to_dict(),
+        "server_cpu_s_per_1000": round(server_cpu, 3),
+        "token_cpu_s_per_1000": round(token_cpu, 3),
         "windows_sig_per_s": windows,
         "rss_mib": {"t": t, "service": rss_service, "token_host": rss_token},
         "service_rss_growth_pct": growth,

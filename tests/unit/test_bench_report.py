@@ -93,3 +93,12 @@ def test_load_result_percentiles_and_rate() -> None:
     assert r.per_second == 50.0
     assert (r.percentile(0.5), r.percentile(0.99), r.percentile(0.999)) == (51.0, 100.0, 100.0)
     assert math.isnan(LoadResult(1, 1.0, 0, 0, []).percentile(0.5))
+
+
+def test_steady_growth_compares_the_minute_after_warm_up_with_the_last() -> None:
+    from signer.bench.steady import _growth_pct
+
+    warming = [50.0 + i for i in range(60)]  # the first minute fills caches: not counted
+    assert _growth_pct([*warming, *[110.0] * 600], 60) == 0.0
+    leaking = [*warming, *[100.0 + i / 20 for i in range(600)]]  # +30 MiB over 10 minutes
+    assert 25.0 < _growth_pct(leaking, 60) < 30.0
