@@ -1,8 +1,8 @@
 """The signer's behaviour, free of gRPC: keys, versions, lifecycle, signing, verification.
 
 Every method is synchronous and may block on the token or the store; :mod:`signer.server` runs
-them on a thread pool, off the event loop. Every method validates its input first and changes
-nothing when it fails.
+them on its lanes (:mod:`signer.lanes`), off the event loop. Every method validates its input
+first and changes nothing when it fails.
 """
 
 from __future__ import annotations

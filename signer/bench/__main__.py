@@ -7,6 +7,7 @@ import argparse
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,11 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     generated = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     began = time.monotonic()
+    failed = []
     try:
         results = []
         for name in args.names:
             ctx.progress(f"scenario {name} ...")
-            results.append(SCENARIOS[name](ctx))
+            try:
+                results.append(SCENARIOS[name](ctx))
+            except Exception as exc:  # one broken scenario must not discard the others' figures
+                failed.append(name)
+                ctx.progress(f"scenario {name} FAILED: {exc!r}")
+                traceback.print_exc()
+                results.append(
+                    report.ScenarioResult(
+                        name, {"error": repr(exc)}, notes=[f"FAILED: {exc!r} (see stderr)"]
+                    )
+                )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -90,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sys.stdout.write(text)
     ctx.progress(f"wrote {js} and {md}")
+    if failed:
+        ctx.progress(f"FAILED scenarios: {', '.join(failed)}")
+        return 1
     return 0
 
 

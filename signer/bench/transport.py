@@ -112,7 +112,8 @@ def connections(route: Route, count: int) -> float:
 def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Route]]:
     """Token host, service process on a Unix socket, the token-key front and a PEM-key front.
     ``bare``: the service without authorisation and audit log (what they cost)."""
-    root = work / ("transport-bare" if bare else "transport")
+    # Absolute: nginx resolves relative paths against its own prefix, not ours.
+    root = work.absolute() / ("transport-bare" if bare else "transport")
     paths = hsm.init(root / "hsm")
     host = hsm.TokenHost(paths.root)
     host.start()

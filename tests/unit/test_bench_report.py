@@ -102,3 +102,22 @@ def test_steady_growth_compares_the_minute_after_warm_up_with_the_last() -> None
     assert _growth_pct([*warming, *[110.0] * 600], 60) == 0.0
     leaking = [*warming, *[100.0 + i / 20 for i in range(600)]]  # +30 MiB over 10 minutes
     assert 25.0 < _growth_pct(leaking, 60) < 30.0
+
+
+def test_a_failing_scenario_is_reported_and_the_others_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from signer.bench import __main__ as bench_main
+
+    def broken(ctx: object) -> ScenarioResult:
+        raise RuntimeError("nginx exited")
+
+    def fine(ctx: object) -> ScenarioResult:
+        return ScenarioResult("fine", {"x": 1}, {"fine_vs_base": 2.0})
+
+    monkeypatch.setattr(bench_main, "SCENARIOS", {"broken": broken, "fine": fine})
+    assert bench_main.main(["--scenarios", "broken,fine", "--out", str(tmp_path)]) == 1
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    assert doc["ratios"] == {"fine_vs_base": 2.0}
+    assert "nginx exited" in doc["scenarios"]["broken"]["error"]
+    assert "FAILED" in (tmp_path / "latest.md").read_text()
