@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -85,7 +86,7 @@ def hand_back(done: list[Outcome]) -> None:
     for outcome in done:
         loops.setdefault(outcome[0].get_loop(), []).append(outcome)
     for loop, outcomes in loops.items():
-        if not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
             loop.call_soon_threadsafe(_settle, outcomes)
 
 

@@ -120,3 +120,21 @@ def test_shutdown_runs_what_is_queued_then_refuses() -> None:
 
     asyncio.run(main())
     assert ran == [0, 1, 2, 3, 4]
+
+
+def test_a_lane_survives_a_loop_that_closed_while_its_job_ran() -> None:
+    """A caller's event loop may be gone when the answer comes back (a service stopping): the
+    answer is dropped and the lane goes on serving other loops."""
+    lanes = Lanes(1)
+    gate = threading.Event()
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(lanes.run(lambda: gate.wait(10)), 0.05))
+    gate.set()
+
+    async def later() -> int:
+        return await lanes.run(lambda: 7)
+
+    try:
+        assert asyncio.run(later()) == 7
+    finally:
+        lanes.shutdown()
