@@ -25,13 +25,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,14 @@ from typing import Any
 from signer import hsm
 from signer.bench.context import Context
 from signer.bench.loadgen import run_load
+from signer.bench.procs import (
+    answers,
+    cpu_seconds,
+    group,
+    peak_rss_mib,
+    started,
+    write_service_config,
+)
 from signer.bench.report import ScenarioResult, Table, fmt_ratio
 from signer.client import SignerClient
 from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
@@ -51,36 +57,6 @@ ALGORITHMS = ("ec-p256", "rsa-2048", "ed25519")
 CONCURRENCY = (1, 16, 64)
 SUBJECTS = ("service", "service-bare", "software-grpc")
 RAW_THREADS = 16
-SESSIONS = int(os.environ.get("QB_SESSIONS", "16"))
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICK
-
-
-def _group(pgid: int) -> list[int]:
-    """Every process of a process group (the token host and its p11-kit-remote children)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getpgid(int(entry.name)) == pgid:
-                    pids.append(int(entry.name))
-    return pids
-
-
-def _peak_rss_mib(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 @dataclass
@@ -90,39 +66,6 @@ class Subject:
     proc: subprocess.Popen[bytes]
     keys: dict[str, str]  # algorithm -> key name ("" when the subject cannot sign with it)
     token_group: int | None  # the token host's process group, if the subject uses it
-
-
-@contextlib.contextmanager
-def _process(argv: list[str], ready: Callable[[], bool]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[2]} did not start")
-            time.sleep(0.1)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _answers(address: str) -> Callable[[], bool]:
-    def ready() -> bool:
-        try:
-            with SignerClient(address, timeout=2) as c:
-                c.list_keys()
-            return True
-        except SignerError:
-            return False
-
-    return ready
 
 
 @contextlib.contextmanager
@@ -138,28 +81,24 @@ def lab(
     policy.write_text(grant_everything([f"uid:{os.getuid()}"]))
 
     def config(name: str) -> Path:
-        path = root / f"{name}.toml"
-        path.write_text(
-            f'[server]\nlisten = "unix:{root / name}.sock"\npolicy_file = "{policy}"\n\n'
-            f'[token]\nserver_address = "{paths.server_address}"\n'
-            f'pin_file = "{paths.user_pin}"\n\n'
-            f'[store]\npath = "{root / "signer.db"}"\n\n[audit]\npath = "{root / name}.audit"\n'
-        )
-        return path
+        return write_service_config(
+            root / f"{name}.toml", listen=root / f"{name}.sock", paths=paths, policy=policy,
+            store=root / "signer.db", audit=root / f"{name}.audit",
+        )  # fmt: skip
 
     py = sys.executable
     starts = {
         "service": ([py, "-m", "signer", "serve", "--config", str(config("service")),
-                     "--log-level", "warning"], _answers(f"unix:{root}/service.sock")),
+                     "--log-level", "warning"], answers(f"unix:{root}/service.sock")),
         "service-bare": ([py, "-m", "signer.bench.bare_server", "--config", str(config("bare"))],
-                         _answers(f"unix:{root}/bare.sock")),
+                         answers(f"unix:{root}/bare.sock")),
         "software-grpc": ([py, "-m", "signer.bench.software_server", "--listen",
                            f"unix:{root}/software.sock"],
                           lambda: (root / "software.sock").exists()),
     }  # fmt: skip
     try:
         with contextlib.ExitStack() as stack:
-            procs = {name: stack.enter_context(_process(*starts[name])) for name in only}
+            procs = {name: stack.enter_context(started(*starts[name])) for name in only}
             keys: dict[str, str] = {}
             with SignerClient(f"unix:{root}/service.sock", timeout=60) as c:
                 for alg in ALGORITHMS:
@@ -177,13 +116,13 @@ def lab(
                         "SELECT key_id FROM versions WHERE name = ?", (keys[alg],)
                     )
                 }
-            group = os.getpgid(host.pid) if host.pid else None
+            pgid = os.getpgid(host.pid) if host.pid else None
             sockets = {"service": "service", "service-bare": "bare", "software-grpc": "software"}
             software = {alg: alg for alg in ALGORITHMS}
             subjects = [
                 Subject(name, f"unix:{root}/{sockets[name]}.sock", procs[name],
                         software if name == "software-grpc" else keys,
-                        None if name == "software-grpc" else group)
+                        None if name == "software-grpc" else pgid)
                 for name in only
             ]  # fmt: skip
             yield subjects, paths, ids
@@ -257,20 +196,20 @@ def run(ctx: Context) -> ScenarioResult:
                         continue
                     for c in CONCURRENCY:
                         pids = [subject.proc.pid]
-                        token = _group(subject.token_group) if subject.token_group else []
-                        cpu0 = (_cpu_seconds(pids), _cpu_seconds(token))
+                        token = group(subject.token_group) if subject.token_group else []
+                        cpu0 = (cpu_seconds(pids), cpu_seconds(token))
                         load = run_load(subject.address, key, c, seconds, warmup=0.5)
-                        cpu1 = (_cpu_seconds(pids), _cpu_seconds(token))
+                        cpu1 = (cpu_seconds(pids), cpu_seconds(token))
                         point = load.to_dict()
                         per_k = 1000 / load.calls if load.calls else float("nan")
                         point["server_cpu_s_per_1000"] = round((cpu1[0] - cpu0[0]) * per_k, 3)
                         point["token_cpu_s_per_1000"] = round((cpu1[1] - cpu0[1]) * per_k, 3)
                         keep(f"{subject.name}/{alg}/c{c}", point)
                     rss[subject.name] = max(rss.get(subject.name, 0.0),
-                                            _peak_rss_mib(subject.proc.pid))  # fmt: skip
+                                            peak_rss_mib(subject.proc.pid))  # fmt: skip
                     if subject.token_group:
                         # p11-kit server and the p11-kit-remote serving each client, summed.
-                        host = sum(_peak_rss_mib(p) for p in _group(subject.token_group))
+                        host = sum(peak_rss_mib(p) for p in group(subject.token_group))
                         rss["token host"] = max(rss.get("token host", 0.0), host)
                 # Raw baselines.
                 raw_runs: list[tuple[str, int, list[str]]] = [

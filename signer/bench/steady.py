@@ -11,7 +11,6 @@ so a slow decline would show too.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import threading
 import time
@@ -19,21 +18,14 @@ from pathlib import Path
 
 from signer.bench.context import Context
 from signer.bench.loadgen import LoadResult, run_load
+from signer.bench.procs import cpu_seconds, group, rss_mib
 from signer.bench.report import ScenarioResult, Table
-from signer.bench.signing import _cpu_seconds, _group, lab
+from signer.bench.signing import lab
 
 NAME = "steady"
 CALLERS = 64
 WINDOW = 10.0  # seconds per throughput window
 GROWTH_TARGET_PCT = 10.0
-
-
-def _rss_mib(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _growth_pct(samples: list[float], minute: int) -> float:
@@ -88,13 +80,13 @@ def run(ctx: Context) -> ScenarioResult:
             began = time.monotonic()
             while not stop.wait(max(0.0, began + len(t) + 1 - time.monotonic())):
                 t.append(round(time.monotonic() - began, 1))
-                rss_service.append(_rss_mib(service.proc.pid))
-                rss_token.append(sum(_rss_mib(p) for p in _group(service.token_group or 0)))
+                rss_service.append(rss_mib(service.proc.pid))
+                rss_token.append(sum(rss_mib(p) for p in group(service.token_group or 0)))
 
         ctx.progress(f"steady: {CALLERS} callers for {seconds:g} s, RSS sampled each second ...")
         sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
         load: LoadResult
-        cpu0 = _cpu_seconds([service.proc.pid]), _cpu_seconds(_group(service.token_group))
+        cpu0 = cpu_seconds([service.proc.pid]), cpu_seconds(group(service.token_group))
         try:
             sampler.start()
             load = run_load(service.address, service.keys["ec-p256"], CALLERS, seconds,
@@ -102,7 +94,7 @@ def run(ctx: Context) -> ScenarioResult:
         finally:
             stop.set()
             sampler.join()
-        cpu1 = _cpu_seconds([service.proc.pid]), _cpu_seconds(_group(service.token_group))
+        cpu1 = cpu_seconds([service.proc.pid]), cpu_seconds(group(service.token_group))
         alive = service.proc.poll() is None
     per_k = 1000 / load.calls if load.calls else float("nan")
     server_cpu, token_cpu = (cpu1[0] - cpu0[0]) * per_k, (cpu1[1] - cpu0[1]) * per_k

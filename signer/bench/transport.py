@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -38,9 +36,9 @@ from signer import config as config_mod
 from signer import hsm
 from signer.bench.context import Context
 from signer.bench.loadgen import run_load
+from signer.bench.procs import answers, started, write_service_config
 from signer.bench.report import ScenarioResult, Table, fmt_ratio
 from signer.client import ClientTLS, SignerClient
-from signer.errors import SignerError
 from signer.front import Front, front_config
 from signer.pki import DevCA
 from signer.policy import grant_everything
@@ -146,23 +144,15 @@ def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Ro
     front_socket = root / "run" / "front.sock"
     policy = root / "policy.toml"
     policy.write_text(grant_everything([f"uid:{os.getuid()}", f"x509:CN={CLIENT}"]))
-    toml = root / "signer.toml"
-    toml.write_text(
-        f'[server]\nlisten = "unix:{socket_path}"\nfront_socket = "{front_socket}"\n'
-        f'policy_file = "{policy}"\n\n'
-        f'[token]\nserver_address = "{paths.server_address}"\npin_file = "{paths.user_pin}"\n\n'
-        f'[store]\npath = "{root / "signer.db"}"\n\n'
-        f'[audit]\npath = "{root / "audit.db"}"\n'
-    )
+    toml = write_service_config(
+        root / "signer.toml", listen=socket_path, paths=paths, policy=policy,
+        store=root / "signer.db", audit=root / "audit.db", front_socket=front_socket,
+    )  # fmt: skip
     command = (
         ["-m", "signer.bench.bare_server", "--config", str(toml)]
         if bare
         else ["-m", "signer", "serve", "--config", str(toml), "--log-level", "warning"]
     )
-    service = subprocess.Popen(
-        [sys.executable, *command],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
 
     def front_cfg(name: str, certificate: Path) -> config_mod.Config:
         return config_mod.Config(
@@ -174,33 +164,22 @@ def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Ro
 
     token_front = Front(front_cfg("front", ca.server_cert))
     pem_front = PemFront(front_cfg("front-pem", pem_cert), key_file)
+    unix = Route("unix", f"unix:{socket_path}")
     try:
-        unix = Route("unix", f"unix:{socket_path}")
-        deadline = time.monotonic() + 30
-        while True:
+        with started([sys.executable, *command], answers(unix.address)):
+            with unix.client() as c:
+                c.create_key(KEY, "ec-p256")
             try:
-                with unix.client() as c:
-                    c.create_key(KEY, "ec-p256")
-                break
-            except SignerError:
-                if time.monotonic() > deadline or service.poll() is not None:
-                    raise
-                time.sleep(0.1)
-        token_front.start()
-        pem_front.start()
-        routes = [unix, Route("mtls-front", token_front.cfg.front.listen, tls)]
-        pem_tls = ClientTLS(pem_ca.cert, cert, key)
-        # The PEM front trusts client certificates from the main CA too.
-        yield routes, Route("mtls-front-pem", pem_front.cfg.front.listen, pem_tls)
+                token_front.start()
+                pem_front.start()
+                routes = [unix, Route("mtls-front", token_front.cfg.front.listen, tls)]
+                pem_tls = ClientTLS(pem_ca.cert, cert, key)
+                # The PEM front trusts client certificates from the main CA too.
+                yield routes, Route("mtls-front-pem", pem_front.cfg.front.listen, pem_tls)
+            finally:
+                pem_front.stop()
+                token_front.stop()
     finally:
-        pem_front.stop()
-        token_front.stop()
-        service.send_signal(signal.SIGTERM)
-        try:
-            service.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait()
         host.stop()
 
 

@@ -252,18 +252,21 @@ class Lab:
         paths = hsm.HsmPaths(self.hsm_dir.absolute())
         listen = f"unix:{self.socket}"
         module = SOFTHSM_MODULE if inprocess else P11KIT_CLIENT_MODULE
-        text = (
-            f'[server]\nlisten = "{listen}"\ngrace_seconds = 2.0\n'
-            f'front_socket = "{self.front_socket}"\npolicy_file = "{self.policy}"\n\n'
-            f'[token]\nmodule = "{module}"\n'
-            f'server_address = "{"" if inprocess else paths.server_address}"\n'
-            f'uri = "pkcs11:token={hsm.DEFAULT_LABEL}"\npin_file = "{paths.user_pin}"\n'
-            f"health_interval_seconds = 0.5\n\n"
-            f'[store]\npath = "{(self.root / "signer.db").absolute()}"\n\n'
-            f'[audit]\npath = "{(self.root / "audit.db").absolute()}"\n'
-        )
+        cfg = config_mod.Config(
+            server=config_mod.ServerConfig(
+                listen=listen, grace_seconds=2.0, front_socket=str(self.front_socket),
+                policy_file=str(self.policy),
+            ),
+            token=config_mod.TokenConfig(
+                module=module, server_address="" if inprocess else paths.server_address,
+                uri=f"pkcs11:token={hsm.DEFAULT_LABEL}", pin_file=str(paths.user_pin),
+                health_interval_seconds=0.5,
+            ),
+            store=config_mod.StoreConfig(path=str((self.root / "signer.db").absolute())),
+            audit=config_mod.AuditConfig(path=str((self.root / "audit.db").absolute())),
+        )  # fmt: skip
         path = cwd / "signer.toml"
-        path.write_text(text)
+        path.write_text(config_mod.dump(cfg))
         return path
 
     def start_service(
@@ -271,7 +274,7 @@ class Lab:
     ) -> ServiceProcess:
         cwd.mkdir(parents=True, exist_ok=True)
         cfg = self.config(cwd, inprocess)
-        listen = cfg.read_text().split('listen = "', 1)[1].split('"', 1)[0]
+        listen = f"unix:{self.socket}"
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         if inprocess:
             env["SOFTHSM2_CONF"] = str(hsm.HsmPaths(self.hsm_dir.absolute()).conf)
