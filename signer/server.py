@@ -60,7 +60,7 @@ from signer.keys import (
 from signer.lanes import Lanes
 from signer.policy import Caller, Policy
 from signer.relay import PeerRelay, created_with_mode
-from signer.service import Clock, Signer, utcnow
+from signer.service import BATCH_CHUNK, Clock, Signer, utcnow
 from signer.store import SQLiteStore
 from signer.token import Pin, Token, object_uri
 from signer.token.pin import perturb_freed_memory
@@ -247,6 +247,10 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._lanes.run(functools.partial(fn, *args))
 
+    async def _run_quick(self, fn: Callable[..., T], *args: Any) -> T:
+        """For one signature, one verification, one metadata read: may share a lane's batch."""
+        return await self._lanes.run(functools.partial(fn, *args), quick=True)
+
     # --- authorisation ------------------------------------------------------------------------
 
     async def _allow(self, operation: str, name: str) -> None:
@@ -255,7 +259,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         learn nothing of keys they cannot see."""
         scope = self._signer.cached_scope(name)
         if scope is None:
-            scope = await self._run(self._signer.scope_of, name)
+            scope = await self._run_quick(self._signer.scope_of, name)
         caller = CALLER.get()
         if not self._policy().allows(caller, operation, name, scope):
             raise PermissionDenied(f"{caller.display} may not {operation} key {name!r}")
@@ -352,7 +356,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def Sign(self, request: pb.SignRequest, context: Any) -> pb.SignResponse:
         await self._allow("sign", request.name)
         message, digest = self._input(request)
-        r = await self._run(
+        r = await self._run_quick(
             self._signer.sign,
             request.name,
             request.version,
@@ -371,7 +375,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResponse:
         await self._allow("verify", request.name)
         message, digest = self._input(request)
-        valid, version = await self._run(
+        valid, version = await self._run_quick(
             self._signer.verify,
             request.name,
             request.version,
@@ -427,14 +431,18 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def SignBatch(self, request: pb.SignBatchRequest, context: Any) -> pb.SignBatchResponse:
         await self._allow("sign", request.name)
         items = [self._input(item) for item in request.items]
-        r = await self._run(
-            self._signer.sign_batch,
+        plan = await self._run(
+            self._signer.plan_batch,
             request.name,
             request.version,
             items,
             self._fmt(request.signature_format),
             self._pad(request.rsa_padding),
         )
+        # A chunk per lane job: calls queued meanwhile go between the chunks.
+        for start in range(0, len(plan.jobs), BATCH_CHUNK):
+            await self._run(self._signer.sign_chunk, plan, start)
+        r = plan.result()
         return pb.SignBatchResponse(
             results=[
                 pb.SignBatchResult(error_code=x.code.value, error=x.message)
@@ -449,7 +457,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     async def SignJWT(self, request: pb.SignJWTRequest, context: Any) -> pb.SignJWTResponse:
         await self._allow("sign", request.name)
-        r = await self._run(self._signer.sign_jwt, request.name, request.claims)
+        r = await self._run_quick(self._signer.sign_jwt, request.name, request.claims)
         return pb.SignJWTResponse(token=r.token, kid=r.kid, alg=r.alg, version=r.version)
 
     async def GetJWKS(self, request: pb.GetJWKSRequest, context: Any) -> pb.GetJWKSResponse:

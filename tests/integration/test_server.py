@@ -104,10 +104,11 @@ def test_reflection_lists_and_describes_the_services(service):
 
 @pytest.mark.slow
 def test_stop_drains_in_flight_calls_then_refuses_new_ones(
-    service_factory, unique_name, monkeypatch
+    service_factory, token_host, unique_name, monkeypatch
 ):
-    svc = service_factory(server={"grace_seconds": 60.0})
     n = 4
+    # A lane per call, so that all of them are in flight at once.
+    svc = service_factory(server={"grace_seconds": 60.0}, token=token_host.token_config(lanes=n))
     # Know for certain that every call has reached the service before it is stopped.
     entered = threading.Semaphore(0)
     create_key = svc.server.signer.create_key

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
+import time
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -88,3 +90,32 @@ def test_one_audit_record_and_one_authorisation(service_factory, unique_name, tm
     denied = service_factory(server={"policy_file": str(policy)})
     with pytest.raises(PermissionDenied, match=f"may not sign key '{name}'"):
         denied.client().sign_batch(name, messages=messages)
+
+
+def test_a_long_batch_does_not_hold_up_single_signatures(
+    service_factory, token_host, unique_name
+) -> None:
+    """A batch reaches the token in chunks, so a Sign that arrives meanwhile waits for one
+    chunk, not for the whole batch. One lane, so the two must take turns: without chunks the
+    Sign would finish after the batch's 1,000 signatures."""
+    svc = service_factory(token=token_host.token_config(lanes=1))
+    name = unique_name()
+    with svc.client() as c:
+        c.create_key(name, "ec-p256")
+    finished: dict[str, float] = {}
+
+    def batch() -> None:
+        with svc.client() as c:
+            results = c.sign_batch(name, messages=[os.urandom(32) for _ in range(1000)])
+        assert all(isinstance(r, Signature) for r in results)
+        finished["batch"] = time.monotonic()
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    time.sleep(0.1)  # the batch is on the lane by now (it takes a few hundred ms)
+    with svc.client() as c:
+        assert c.sign(name, message=b"meanwhile").version == 1
+    finished["single"] = time.monotonic()
+    worker.join(60)
+    assert "batch" in finished
+    assert finished["single"] < finished["batch"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -52,8 +53,8 @@ def test_jobs_run_on_the_lanes_only() -> None:
     assert names
 
 
-def test_queued_jobs_are_taken_together_and_handed_back_in_one_wake_up() -> None:
-    """The point of lanes: 9 jobs queued behind a busy lane cost 1 or 2 loop wake-ups, not 9."""
+def test_queued_quick_jobs_are_taken_together_and_handed_back_in_one_wake_up() -> None:
+    """The point of lanes: 9 quick jobs queued behind a busy lane cost 2 loop wake-ups, not 9."""
     lanes = Lanes(1, batch=8)
     gate = threading.Event()
     wakeups = 0
@@ -71,7 +72,7 @@ def test_queued_jobs_are_taken_together_and_handed_back_in_one_wake_up() -> None
         loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
         first = asyncio.ensure_future(lanes.run(lambda: gate.wait(10) and 0))
         await asyncio.sleep(0.05)  # the lane is now inside the first job
-        rest = [asyncio.ensure_future(lanes.run(lambda i=i: i)) for i in range(1, 10)]
+        rest = [asyncio.ensure_future(lanes.run(lambda i=i: i, quick=True)) for i in range(1, 10)]
         gate.set()
         return [await first, *[await r for r in rest]]
 
@@ -138,3 +139,59 @@ def test_a_lane_survives_a_loop_that_closed_while_its_job_ran() -> None:
         assert asyncio.run(later()) == 7
     finally:
         lanes.shutdown()
+
+
+def test_nothing_waits_behind_a_slow_job_while_a_lane_is_free() -> None:
+    """A slow (not quick) job is taken alone: the quick jobs queued behind it go to the other
+    lane. And a lane takes only its share of the queue, so two lanes split a backlog."""
+    lanes = Lanes(2, batch=8)
+    gate = threading.Event()
+    ran_on: dict[int, str] = {}
+
+    def quick(i: int) -> int:
+        ran_on[i] = threading.current_thread().name
+        return i
+
+    async def main() -> list[int]:
+        slow = asyncio.ensure_future(lanes.run(lambda: gate.wait(10) and -1))
+        await asyncio.sleep(0.05)  # one lane is inside the slow job
+        fast = [asyncio.ensure_future(lanes.run(lambda i=i: quick(i), quick=True))
+                for i in range(6)]  # fmt: skip
+        done = await asyncio.wait_for(asyncio.gather(*fast), 5)  # before the gate opens
+        gate.set()
+        return [*done, await slow]
+
+    try:
+        assert asyncio.run(main()) == [0, 1, 2, 3, 4, 5, -1]
+    finally:
+        lanes.shutdown()
+    assert len(set(ran_on.values())) == 1  # all on the free lane
+
+
+def test_two_lanes_split_a_backlog_of_quick_jobs() -> None:
+    lanes = Lanes(2, batch=8)
+    gates = [threading.Event(), threading.Event()]
+    ran_on: dict[int, str] = {}
+
+    def job(i: int) -> int:
+        ran_on[i] = threading.current_thread().name
+        time.sleep(0.02)  # long enough for the second lane to wake while the first works
+        return i
+
+    async def main() -> None:
+        # Both lanes busy; then 8 quick jobs queue up; then both lanes come free at once.
+        blockers = [asyncio.ensure_future(lanes.run(g.wait)) for g in gates]
+        await asyncio.sleep(0.05)
+        backlog = [asyncio.ensure_future(lanes.run(lambda i=i: job(i), quick=True))
+                   for i in range(8)]  # fmt: skip
+        await asyncio.sleep(0.05)
+        for g in gates:
+            g.set()
+        await asyncio.gather(*blockers, *backlog)
+
+    try:
+        asyncio.run(main())
+    finally:
+        lanes.shutdown()
+    # The first lane to wake takes its share (4), not all 8: both lanes sign.
+    assert len(set(ran_on.values())) == 2
