@@ -61,10 +61,11 @@ class TokenConfig:
     uri: str = "pkcs11:token=signer"
     pin_file: str = ""
     sessions: int = 8
-    # Threads that make the RPCs' token and store calls; each takes whatever calls have queued
-    # (up to 8) before it sleeps again. Two keep a local token host busy on a small machine
-    # with the fewest thread hand-offs (docs/benchmarks.md); a network HSM whose calls take
-    # milliseconds wants more, up to ``sessions``.
+    # Threads that make the signing path's token calls (Sign, Verify, SignJWT, SignBatch
+    # chunks, metadata reads); each takes the quick calls queued (up to 8) before it sleeps
+    # again. Two keep a local token host busy on a small machine with the fewest thread
+    # hand-offs (docs/benchmarks.md); a network HSM whose calls take milliseconds wants more,
+    # up to ``sessions`` (4 more sessions serve key generation and other administrative calls).
     lanes: int = 2
     # Whether the module may be called from several threads at once. "auto": yes for
     # p11-kit-client.so (it locks internally); no for any other module, because python-pkcs11

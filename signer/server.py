@@ -237,18 +237,27 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         signer: Signer,
         token: Token,
         lanes: Lanes,
+        admin: ThreadPoolExecutor,
         policy: Callable[[], Policy],
     ) -> None:
         self._signer = signer
         self._token = token
         self._lanes = lanes
+        self._admin = admin
         self._policy = policy
 
+    # Where blocking work runs. The lanes serve the signing path: quick calls share a lane's
+    # batch, a SignBatch chunk takes a lane alone. Everything else (key generation, import,
+    # lifecycle changes, listings) runs on the admin pool, so that two RSA-4096 key
+    # generations (seconds each) cannot take both lanes. (p11-kit's token host serves one
+    # connection's calls in order: there a generation delays the signatures behind it anyway.)
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._lanes.run(functools.partial(fn, *args))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._admin, functools.partial(fn, *args))
 
     async def _run_quick(self, fn: Callable[..., T], *args: Any) -> T:
-        """For one signature, one verification, one metadata read: may share a lane's batch."""
+        """One signature, one verification, one metadata read: may share a lane's batch."""
         return await self._lanes.run(functools.partial(fn, *args), quick=True)
 
     # --- authorisation ------------------------------------------------------------------------
@@ -330,7 +339,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     async def GetKey(self, request: pb.GetKeyRequest, context: Any) -> pb.Key:
         await self._allow("read", request.name)
-        return self._key_pb(await self._run(self._signer.get_key, request.name))
+        return self._key_pb(await self._run_quick(self._signer.get_key, request.name))
 
     async def ListKeys(self, request: pb.ListKeysRequest, context: Any) -> pb.ListKeysResponse:
         caller, policy = CALLER.get(), self._policy()
@@ -345,7 +354,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     async def GetPublicKey(self, request: pb.GetPublicKeyRequest, context: Any) -> pb.PublicKey:
         await self._allow("read", request.name)
-        v, alg = await self._run(self._signer.public_key, request.name, request.version)
+        v, alg = await self._run_quick(self._signer.public_key, request.name, request.version)
         out = pb.PublicKey(name=v.name, version=v.version, algorithm=alg.name)
         if request.format == pb.JWK:
             out.jwk = public_jwk_json(v.public_key_der, alg, f"{v.name}/{v.version}")
@@ -441,7 +450,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         )
         # A chunk per lane job: calls queued meanwhile go between the chunks.
         for start in range(0, len(plan.jobs), BATCH_CHUNK):
-            await self._run(self._signer.sign_chunk, plan, start)
+            await self._lanes.run(functools.partial(self._signer.sign_chunk, plan, start))
         r = plan.result()
         return pb.SignBatchResponse(
             results=[
@@ -514,10 +523,10 @@ class Server:
         self.token = Token(cfg.token, Pin(cfg.token.pin_file))
         self.store = SQLiteStore(cfg.store.path)
         self.signer = Signer(cfg, self.token, self.store, clock)
-        # The RPCs' blocking work (token, store) runs on lanes; the executor is for start-up,
-        # the reaper and shutdown.
+        # The signing path's blocking work runs on lanes; the executor takes the administrative
+        # calls (see SignerServicer._run), start-up, the reaper and shutdown.
         self.lanes = Lanes(cfg.token.lanes, name="token")
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="signer")
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="signer")
         self.health = health_aio.HealthServicer()
         self.policy: Policy = _Unchecked(()) if bare else self._load_policy()
         self.audit = (
@@ -571,7 +580,9 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = SignerServicer(self.signer, self.token, self.lanes, lambda: self.policy)
+        servicer = SignerServicer(
+            self.signer, self.token, self.lanes, self.executor, lambda: self.policy
+        )
         pb_grpc.add_SignerServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -104,11 +104,10 @@ def test_reflection_lists_and_describes_the_services(service):
 
 @pytest.mark.slow
 def test_stop_drains_in_flight_calls_then_refuses_new_ones(
-    service_factory, token_host, unique_name, monkeypatch
+    service_factory, unique_name, monkeypatch
 ):
+    svc = service_factory(server={"grace_seconds": 60.0})
     n = 4
-    # A lane per call, so that all of them are in flight at once.
-    svc = service_factory(server={"grace_seconds": 60.0}, token=token_host.token_config(lanes=n))
     # Know for certain that every call has reached the service before it is stopped.
     entered = threading.Semaphore(0)
     create_key = svc.server.signer.create_key
@@ -282,3 +281,38 @@ def test_sixteen_concurrent_clients_create_and_sign_without_errors(service, uniq
     ids = {service.server.store.get_key(n).versions[0].key_id for n in names}
     assert len(ids) == threads
     assert health_status(service.address) == "SERVING"
+
+
+def test_slow_administrative_calls_do_not_hold_up_signing(
+    service_factory, unique_name, monkeypatch
+):
+    """Administrative calls run on a pool of their own: with two CreateKey calls held inside
+    the service (as two RSA-4096 generations would hold a token that runs calls concurrently),
+    a Sign still answers. Were they on the two lanes, the Sign could not run until one ended.
+    (Through p11-kit the token host itself serves one connection's calls one at a time, so a
+    real key generation there delays signatures whatever the service does.)"""
+    svc = service_factory()
+    signing_key = unique_name()
+    with svc.client() as c:
+        c.create_key(signing_key, "ec-p256")
+    entered, gate = threading.Semaphore(0), threading.Event()
+    create_key = svc.server.signer.create_key
+
+    def held_create_key(*args, **kwargs):
+        entered.release()
+        assert gate.wait(60)
+        return create_key(*args, **kwargs)
+
+    monkeypatch.setattr(svc.server.signer, "create_key", held_create_key)
+    with SignerClient(svc.address, timeout=120) as c, ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(c.create_key, unique_name(), "ec-p256") for _ in range(2)]
+        try:
+            for _ in slow:
+                assert entered.acquire(timeout=30), "a CreateKey never reached the service"
+            with SignerClient(svc.address, timeout=10) as quick:
+                assert quick.sign(signing_key, message=b"meanwhile").version == 1
+            assert not any(f.done() for f in slow)
+        finally:
+            gate.set()
+        for f in slow:
+            f.result(timeout=60)
