@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -73,9 +74,10 @@ class Lanes:
                     self._idle -= 1
                 if not self._jobs:
                     return
+                queued = len(self._jobs)
                 take = [self._jobs.popleft()]
-                if take[0][2]:
-                    share = min(self._batch, -(-(len(self._jobs) + 1) // self._lanes))
+                if take[0][2]:  # quick: with the quick jobs behind it, up to this lane's share
+                    share = min(self._batch, math.ceil(queued / self._lanes))
                     while self._jobs and len(take) < share and self._jobs[0][2]:
                         take.append(self._jobs.popleft())
             done: list[Outcome] = []
