@@ -440,15 +440,18 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def SignBatch(self, request: pb.SignBatchRequest, context: Any) -> pb.SignBatchResponse:
         await self._allow("sign", request.name)
         items = [self._input(item) for item in request.items]
-        plan = await self._run(
-            self._signer.plan_batch,
-            request.name,
-            request.version,
-            items,
-            self._fmt(request.signature_format),
-            self._pad(request.rsa_padding),
+        # The signing path, so on the lanes: the plan (hashing up to 1,000 items) and each chunk
+        # as a job of its own, so that calls queued meanwhile go between them.
+        plan = await self._lanes.run(
+            functools.partial(
+                self._signer.plan_batch,
+                request.name,
+                request.version,
+                items,
+                self._fmt(request.signature_format),
+                self._pad(request.rsa_padding),
+            )
         )
-        # A chunk per lane job: calls queued meanwhile go between the chunks.
         for start in range(0, len(plan.jobs), BATCH_CHUNK):
             await self._lanes.run(functools.partial(self._signer.sign_chunk, plan, start))
         r = plan.result()

@@ -9,29 +9,25 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
 from signer.audit._chain import Checkpoint, Event, Signing, chain, checkpoint_message, iso
 from signer.audit._store import AuditStore
 from signer.errors import SignerError, Unavailable
-from signer.lanes import Outcome, hand_back
+from signer.lanes import hand_back
 
 log = logging.getLogger(__name__)
 
-# Who waits for a record: a thread (submit) or a coroutine (record).
-_Waiter = Future[int] | asyncio.Future[int]
 MakeKey = Callable[[tuple[bytes, bytes] | None], tuple[Signing, bytes]]
 _BATCH = 1024
 
 
 class AuditLog:
-    """:meth:`submit` queues an event; its future resolves with the record's sequence number
-    once committed, or fails UNAVAILABLE if it cannot be."""
+    """:meth:`record` queues an event and returns its sequence number once committed, or fails
+    UNAVAILABLE if it cannot be."""
 
     def __init__(
         self, store: AuditStore, checkpoint_every: int = 1000, checkpoint_interval: float = 10.0
@@ -42,7 +38,7 @@ class AuditLog:
         self._seq, self._hash = store.head()
         self._checkpointed = max(store.last_checkpoint(), 0)
         self._last_checkpoint = time.monotonic()
-        self._queue: queue.Queue[tuple[Event, _Waiter] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Event, asyncio.Future[int]] | None] = queue.Queue()
         self._signing: Signing | None = None
         self._make_key: MakeKey | None = None
         self._pin_to: Path | None = None
@@ -58,17 +54,10 @@ class AuditLog:
         self._writer = threading.Thread(target=self._write_forever, name="audit", daemon=True)
         self._writer.start()
 
-    def submit(self, event: Event) -> Future[int]:
-        fut: Future[int] = Future()
-        if self._writer is None or not self._writer.is_alive():
-            fut.set_exception(Unavailable("the audit log is not running: refusing the call"))
-        else:
-            self._queue.put((event, fut))
-        return fut
-
     async def record(self, event: Event) -> int:
-        """:meth:`submit` for the event loop: the futures of one commit are settled in one
-        wake-up of the loop rather than one per record."""
+        """Queues ``event``; returns the record's sequence number once committed, or raises
+        UNAVAILABLE if it cannot be. The callers of one commit are answered in one wake-up of
+        their event loop."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if self._writer is None or not self._writer.is_alive():
             raise Unavailable("the audit log is not running: refusing the call")
@@ -109,7 +98,7 @@ class AuditLog:
     def _unsigned(self) -> int:
         return self._seq - self._checkpointed
 
-    def _commit(self, batch: list[tuple[Event, _Waiter]]) -> None:
+    def _commit(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> None:
         if not batch:
             return
         records, seq, prev = [], self._seq, self._hash
@@ -124,10 +113,10 @@ class AuditLog:
             error = Unavailable(
                 f"the audit log cannot be written ({exc}); refusing the call until it can"
             )
-            _settle([(fut, False, error) for _, fut in batch])
+            hand_back([(fut, False, error) for _, fut in batch])
             return
         self._seq, self._hash = seq, prev
-        _settle([(fut, True, r.seq) for (_, fut), r in zip(batch, records, strict=True)])
+        hand_back([(fut, True, r.seq) for (_, fut), r in zip(batch, records, strict=True)])
 
     def _checkpoint_quietly(self) -> None:
         try:
@@ -166,15 +155,3 @@ class AuditLog:
             self._pin_to.write_bytes(pem)
         self._signing = signing
         return signing
-
-
-def _settle(outcomes: list[tuple[_Waiter, bool, Any]]) -> None:
-    on_loops: list[Outcome] = []
-    for fut, ok, value in outcomes:
-        if isinstance(fut, asyncio.Future):
-            on_loops.append((fut, ok, value))
-        elif ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-    hand_back(on_loops)

@@ -64,15 +64,19 @@ def test_every_call_is_recorded_without_its_payload(service_factory, unique_name
     assert message not in Path(svc.server.cfg.audit.path).read_bytes()
 
 
-def test_a_real_log_verifies_and_a_tampered_one_is_named(service_factory, unique_name):
-    svc = service_factory(audit={"checkpoint_every": 5})
+def signed_and_stopped(svc, name: str, signatures: int) -> str:
+    """The audit log of a service that created ``name``, signed ``signatures`` times with it
+    and was stopped (so its last checkpoint is written): its path."""
     c = svc.client()
-    name = unique_name()
     c.create_key(name, "ec-p256")
-    for i in range(12):
+    for i in range(signatures):
         c.sign(name, message=f"m{i}".encode())
     svc.stop()
-    path = svc.server.cfg.audit.path
+    return str(svc.server.cfg.audit.path)
+
+
+def test_a_real_log_verifies_and_a_tampered_one_is_named(service_factory, unique_name):
+    path = signed_and_stopped(service_factory(audit={"checkpoint_every": 5}), unique_name(), 12)
     done = verify_cli("--db", path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "is whole: 13 records, 3 signed checkpoints, signed up to record 13" in done.stdout
@@ -123,14 +127,7 @@ def test_no_signature_leaves_while_the_log_cannot_be_written(service_factory, un
 
 
 def test_archiving_from_the_command_line_keeps_the_log_provable(service_factory, unique_name):
-    svc = service_factory(audit={"checkpoint_every": 3})
-    c = svc.client()
-    name = unique_name()
-    c.create_key(name, "ec-p256")
-    for i in range(7):
-        c.sign(name, message=f"m{i}".encode())
-    svc.stop()
-    path = svc.server.cfg.audit.path
+    path = signed_and_stopped(service_factory(audit={"checkpoint_every": 3}), unique_name(), 7)
     done = subprocess.run(
         [str(SIGNER_BIN), "audit-log", "archive", "--db", path, "--older-than-days", "0"],
         capture_output=True, text=True, timeout=60,

@@ -49,6 +49,11 @@ class SoftKey:
         return Signing(self.sign, b"audit"), self.public_der
 
 
+def write(log: AuditLog, e: Event) -> int:
+    """One record, as the server writes it: awaited on an event loop until committed."""
+    return asyncio.run(asyncio.wait_for(log.record(e), 30))
+
+
 def event(i: int, status: str = "OK") -> Event:
     return Event(T0 + timedelta(seconds=i), "x509:CN=app", "Sign", "tokens", 1, f"{i:064x}", status)
 
@@ -62,16 +67,16 @@ def soft() -> SoftKey:
 def written(tmp_path: Path, soft: SoftKey) -> Callable[[int], Path]:
     """``written(n)``: a closed log of ``n`` records, checkpoints every 4."""
 
-    def write(n: int) -> Path:
+    def make(n: int) -> Path:
         path = tmp_path / "audit.db"
         log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60)
         log.start(soft.make, tmp_path / "audit.db.key.pem")
         for i in range(1, n + 1):
-            assert log.submit(event(i)).result(10) == i
+            assert write(log, event(i)) == i
         log.close()
         return path
 
-    return write
+    return make
 
 
 def pinned(path: Path) -> bytes:
@@ -207,14 +212,14 @@ def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey) -> None:
     path = tmp_path / "audit.db"
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
-    assert log.submit(event(1)).result(10) == 1
+    assert write(log, event(1)) == 1
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     with pytest.raises(Unavailable, match=r"the audit log cannot be written \(database is locked"):
-        log.submit(event(2)).result(30)
+        write(log, event(2))
     blocker.execute("ROLLBACK")
     blocker.close()
-    assert log.submit(event(3)).result(10) == 2
+    assert write(log, event(3)) == 2
     log.close()
     assert verify_log(path, pinned(path)).whole
     assert [r[0] for r in rows(path)] == [1, 2]
@@ -248,7 +253,7 @@ def test_coroutines_wait_for_their_own_records_and_failures(tmp_path: Path, soft
 def test_a_stopped_log_refuses(tmp_path: Path) -> None:
     log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"))
     with pytest.raises(Unavailable, match="the audit log is not running"):
-        log.submit(event(1)).result(1)
+        write(log, event(1))
     log.close()
 
 
@@ -260,7 +265,7 @@ def test_a_pinned_key_that_differs_is_refused(tmp_path: Path, soft: SoftKey) -> 
     )
     log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"), checkpoint_every=1)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
-    log.submit(event(1)).result(10)
+    write(log, event(1))
     with pytest.raises(SignerError, match="does not match the one pinned"):
         log.checkpoint()
     log.close()
@@ -292,7 +297,7 @@ def test_archiving_moves_whole_segments_and_the_log_stays_whole(
     # The log goes on from the archive's anchor.
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60)
     log.start(soft.make, Path(f"{path}.key.pem"))
-    assert log.submit(event(11)).result(10) == 11
+    assert write(log, event(11)) == 11
     log.close()
     assert verify_log(path, pinned(path), archives).whole
     assert verify_log(path, pinned(path)).whole  # archives not read: anchor and live records
@@ -344,7 +349,7 @@ def test_a_young_log_verifies_before_its_first_checkpoint(tmp_path: Path, soft: 
     path = tmp_path / "audit.db"
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
-    log.submit(event(1)).result(10)
+    write(log, event(1))
     v = verify_log(path, None)  # nothing pinned yet, and the log names no key
     assert v.whole
     assert (v.records, v.checkpoints, v.unsigned_tail) == (1, 0, 1)
