@@ -41,6 +41,12 @@ class ServerConfig:
     policy_file: str = ""
     # Largest message accepted by Sign/Verify; larger ones are refused with INVALID_ARGUMENT.
     max_message_bytes: int = 1024 * 1024
+    # A caller whose calls were refused this many times (bad input, no permission) within
+    # refusal_window_seconds gets RESOURCE_EXHAUSTED for the rest of the window, without a log
+    # line or a record per call (one record counts them): what one caller can make the service
+    # write is bounded (signer.throttle). 0 turns it off.
+    refused_calls_budget: int = 50
+    refusal_window_seconds: float = 60.0
     # How long graceful shutdown waits for in-flight calls.
     grace_seconds: float = 10.0
     # /proc/self/coredump_filter, set deliberately at start-up: the service's dumps are meant
@@ -74,6 +80,14 @@ class TokenConfig:
     health_interval_seconds: float = 1.0
 
     @property
+    def admin_connection(self) -> bool:
+        """Whether slow work (key generation, unwrapping) gets a connection of its own.
+        p11-kit-client.so makes a new client, with its own connection to the token host, for
+        each module instance; most modules hand every caller one shared instance, which a
+        second C_Initialize would not separate."""
+        return Path(self.module).name == Path(P11KIT_CLIENT_MODULE).name
+
+    @property
     def concurrent(self) -> bool:
         if self.thread_safe == "auto":
             return Path(self.module).name == Path(P11KIT_CLIENT_MODULE).name
@@ -91,8 +105,11 @@ class KeysConfig:
     # A caller may ask for a longer waiting period, never a shorter one than this.
     min_destruction_waiting_period_seconds: int = DAY
     reaper_interval_seconds: float = 60.0
-    # How long an import token (and its wrapping key in the token) can be used for imports.
+    # How long an import token (and its wrapping key in the token) can be used for an import.
     import_token_lifetime_seconds: int = DAY
+    # Import tokens live at once, across callers (each is an RSA-4096 key pair in the token, and
+    # generating one is the token's slowest job); a caller holds at most two.
+    max_live_import_tokens: int = 32
 
 
 @dataclass(frozen=True)
@@ -263,6 +280,7 @@ def _validate(cfg: Config) -> None:
         ("token.health_interval_seconds", cfg.token.health_interval_seconds),
         ("keys.reaper_interval_seconds", cfg.keys.reaper_interval_seconds),
         ("server.grace_seconds", cfg.server.grace_seconds),
+        ("server.refusal_window_seconds", cfg.server.refusal_window_seconds),
     ):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
@@ -271,6 +289,8 @@ def _validate(cfg: Config) -> None:
             "keys.import_token_lifetime_seconds must be positive, "
             f"got {cfg.keys.import_token_lifetime_seconds}"
         )
+    if cfg.keys.max_live_import_tokens < 1:
+        raise ConfigError("keys.max_live_import_tokens must be at least 1")
     if cfg.keys.min_destruction_waiting_period_seconds < 0:
         raise ConfigError("keys.min_destruction_waiting_period_seconds must not be negative")
     if cfg.server.coredump_filter:
@@ -298,6 +318,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "audit.checkpoint_every and audit.checkpoint_interval_seconds must be positive"
         )
+    if cfg.server.refused_calls_budget < 0:
+        raise ConfigError("server.refused_calls_budget must not be negative (0 turns it off)")
     if cfg.server.max_message_bytes < 1:
         raise ConfigError("server.max_message_bytes must be positive")
     if (

@@ -15,7 +15,11 @@ no key material, no payload.
     ├── Unavailable            the token host cannot be reached (retry later)
     ├── Unauthenticated        no caller identity
     ├── PermissionDenied       caller may not do this
+    ├── ResourceExhausted      a bound was reached: live import tokens, refused calls of a caller
     └── Internal               a bug or an unexpected token answer; details go to the log only
+
+A value a caller sent goes into a message only through :func:`shown`, which bounds it: a message
+travels in a gRPC trailer (nginx refuses large ones), a log line and an audit record.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Code(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     INTERNAL = "INTERNAL"
 
 
@@ -74,6 +79,10 @@ class PermissionDenied(SignerError):
     code = Code.PERMISSION_DENIED
 
 
+class ResourceExhausted(SignerError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
 class Internal(SignerError):
     code = Code.INTERNAL
 
@@ -94,6 +103,19 @@ BY_CODE: dict[Code, type[SignerError]] = {
         Unavailable,
         Unauthenticated,
         PermissionDenied,
+        ResourceExhausted,
         Internal,
     )
 }
+
+# The most of a caller's value a message shows.
+SHOWN_CHARS = 64
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` of at most ``limit`` characters of it, saying how long it really was:
+    untrusted input in a message, a log line or an audit record, bounded (issue 11)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from signer.errors import FailedPrecondition, InvalidArgument, NotFound
+from signer.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 
 
 class Family(enum.Enum):
@@ -142,13 +142,19 @@ def algorithm(name: str) -> Algorithm:
         return ALGORITHMS[name]
     except KeyError:
         known = ", ".join(ALGORITHMS)
-        raise InvalidArgument(f"algorithm {name!r} is not supported; use one of: {known}") from None
+        raise InvalidArgument(
+            f"algorithm {shown(name)} is not supported; use one of: {known}"
+        ) from None
+
+
+def valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
 
 
 def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
+    if not valid_name(name):
         raise InvalidArgument(
-            f"name {name!r} is invalid: use 1-63 characters of a-z, 0-9, '.', '_' or '-', "
+            f"name {shown(name)} is invalid: use 1-63 characters of a-z, 0-9, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
@@ -161,7 +167,8 @@ DEFAULT_SCOPE = "default"
 def check_scope(scope: str) -> str:
     if scope and not _SCOPE.fullmatch(scope):
         raise InvalidArgument(
-            f"scope {scope!r} is invalid: use 1-63 characters of a-z, 0-9, ':', '.', '_' or '-'"
+            f"scope {shown(scope)} is invalid: use 1-63 characters of a-z, 0-9, ':', '.', '_' "
+            "or '-'"
         )
     return scope
 
@@ -171,7 +178,10 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
         raise InvalidArgument("labels: at most 64 labels")
     for k, v in labels.items():
         if not _LABEL_KEY.fullmatch(k):
-            raise InvalidArgument(f"label key {k!r} is invalid: use a-z, 0-9, '_' or '-'")
+            raise InvalidArgument(
+                f"label key {shown(k)} is invalid: use 1-63 characters of a-z, 0-9, '_' or '-', "
+                "starting with a letter"
+            )
         if len(v) > 256:
             raise InvalidArgument(f"label {k!r}: value longer than 256 characters")
     return labels
@@ -235,10 +245,16 @@ class ImportToken:
     public_key_der: bytes  # the wrapping public key, SubjectPublicKeyInfo
     created: datetime
     expires: datetime
-    destroyed: bool = False  # its wrapping key pair is gone from the token (after expiry)
+    destroyed: bool = False  # its wrapping key pair is gone from the token (used or expired)
+    caller: str = ""  # who asked for it: nobody else may import with it
+    used: bool = False  # imports are single-use
 
     def expired(self, now: datetime) -> bool:
         return self.destroyed or now >= self.expires
+
+    def live(self, now: datetime) -> bool:
+        """Still usable for an import."""
+        return not (self.used or self.destroyed or now >= self.expires)
 
 
 def check_usable(v: Version, now: datetime) -> None:

@@ -46,6 +46,11 @@ class Caller:
     names: frozenset[str]
     display: str
 
+    @property
+    def identity(self) -> str:
+        """Who it is, fully: what the audit log records and what an import token is bound to."""
+        return self.display
+
     @classmethod
     def x509(cls, subject: str) -> Caller:
         return cls(frozenset({f"x509:{subject}"}), f"x509:{subject}")

@@ -25,6 +25,7 @@ import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,8 +44,10 @@ from signer.errors import (
     ConfigError,
     Internal,
     PermissionDenied,
+    ResourceExhausted,
     SignerError,
     Unauthenticated,
+    shown,
 )
 from signer.front import SUBJECT_HEADER
 from signer.keys import (
@@ -54,14 +57,18 @@ from signer.keys import (
     SigFormat,
     State,
     Version,
+    check_name,
+    check_scope,
     public_jwk_json,
     public_pem,
+    valid_name,
 )
 from signer.lanes import Lanes
 from signer.policy import Caller, Policy
 from signer.relay import PeerRelay, created_with_mode
 from signer.service import BATCH_CHUNK, Clock, Signer, utcnow
 from signer.store import SQLiteStore
+from signer.throttle import REFUSALS, RefusalThrottle
 from signer.token import Pin, Token, object_uri
 from signer.token.pin import perturb_freed_memory
 from signer.v1 import signer_pb2 as pb
@@ -69,6 +76,10 @@ from signer.v1 import signer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Sessions of the administrative connection: enough for the admin pool's threads to queue on
+# (the token host serves one connection's calls in order anyway).
+ADMIN_SESSIONS = 2
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SignerService"].full_name
 
@@ -87,7 +98,10 @@ CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
 # Callable without an identity: load balancers' health checks and server reflection.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 Identify = Callable[[grpc.aio.ServicerContext], Caller | None]
-Audit = Callable[[str, Caller | None, Any, Any, SignerError | None], Awaitable[None]]
+Audit = Callable[[str, Caller | None, Any, Any, SignerError | None, bool], Awaitable[None]]
+# Appended to the status of a call that finished after its caller had gone (cancelled, or past
+# its deadline): the outcome happened, but the caller was told CANCELLED or DEADLINE_EXCEEDED.
+CALLER_GONE = " (caller gone)"
 # Request fields whose SHA-256 the audit log records (never the bytes themselves).
 _PAYLOAD_FIELDS = ("message", "digest", "wrapped_key", "claims")
 
@@ -99,8 +113,10 @@ def audit_event(
     request: Any,
     response: Any,
     error: SignerError | None,
+    gone: bool = False,
 ) -> Event:
-    """What the audit log keeps of one call: never its payload, only its digest."""
+    """What the audit log keeps of one call: never its payload, only its digest. ``gone``: the
+    caller stopped waiting before the answer (its status then says so)."""
     payload = b""
     for name in _PAYLOAD_FIELDS:
         value = getattr(request, name, b"")
@@ -111,26 +127,51 @@ def audit_event(
     if items is not None and not payload:
         # A batch: the digest of the items' digests, in order (a caller can recompute it).
         payload = b"".join(hashlib.sha256(item.message or item.digest).digest() for item in items)
-    version = getattr(response, "version", 0) if response is not None else 0
+    # The version the call used or made: a signature's, or a key's primary (a rotation, an
+    # import, a creation), else the one the request named.
+    version = 0
+    if response is not None:
+        version = getattr(response, "version", 0) or getattr(response, "primary_version", 0)
     return Event(
         time=now,
-        caller=caller.display if caller is not None else "unauthenticated",
+        caller=caller.identity if caller is not None else "unauthenticated",
         operation=method.rsplit("/", 1)[-1],
-        key=str(getattr(request, "name", "")),
+        key=_recorded_name(str(getattr(request, "name", ""))),
         version=int(version or getattr(request, "version", 0) or 0),
         payload_sha256=hashlib.sha256(payload).hexdigest() if payload else "",
-        status="OK" if error is None else error.code.value,
+        status=("OK" if error is None else error.code.value) + (CALLER_GONE if gone else ""),
     )
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Names the caller (``identify``; none: UNAUTHENTICATED) and maps :class:`SignerError` to
-    its status; anything else to INTERNAL with a bland message."""
+def _recorded_name(name: str) -> str:
+    """A key name as the record keeps it: as given when valid, else bounded (a caller with no
+    grant at all must not be able to write 600,000 characters into every record)."""
+    return name if not name or valid_name(name) else shown(name)
 
-    def __init__(self, identify: Identify, how: str, audit: Audit | None = None) -> None:
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Names the caller (``identify``; none: UNAUTHENTICATED), records the outcome, and maps
+    :class:`SignerError` to its status; anything else to INTERNAL with a bland message.
+
+    Each call runs in a task of its own that the caller cannot cancel. gRPC cancels a handler
+    whose caller went away (a cancelled call, a deadline that passed), but work already handed
+    to a thread goes on and may create, change or use a key: so the call finishes regardless and
+    its outcome is recorded, marked as one its caller did not receive (issue 11). ``calls``
+    holds every call still running, for a shutdown that waits for them."""
+
+    def __init__(
+        self,
+        identify: Identify,
+        how: str,
+        audit: Audit | None = None,
+        calls: set[asyncio.Task[Any]] | None = None,
+        throttle: RefusalThrottle | None = None,
+    ) -> None:
         self._identify = identify
         self._how = how  # for the UNAUTHENTICATED message
         self._audit = audit
+        self._calls: set[asyncio.Task[Any]] = set() if calls is None else calls
+        self._throttle = throttle
 
     async def intercept_service(
         self,
@@ -144,7 +185,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         public = method.startswith(PUBLIC_PREFIXES)
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def outcome(
+            request: Any, context: Any, gone: _Gone
+        ) -> tuple[Any, SignerError | None]:
             caller: Caller | None = None
             response: Any = None
             error: SignerError | None = None
@@ -154,6 +197,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     if caller is None:
                         raise Unauthenticated(f"no authenticated caller: {self._how}")
                     CALLER.set(caller)
+                    throttled = self._throttled(caller)
+                    if throttled is not None:
+                        return None, throttled  # counted for one record when it ends
                 response = await inner(request, context)
             except SignerError as exc:
                 log.info(
@@ -161,7 +207,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     extra={"method": method, "code": exc.code.value, "error": exc.message},
                 )
                 error = exc
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+            except grpc.aio.AbortError:
                 raise
             except Exception:
                 log.exception("rpc crashed", extra={"method": method})
@@ -170,9 +216,28 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     # Recorded before the answer leaves; if it cannot be, there is no answer
                     # but UNAVAILABLE (a signature already made is dropped).
-                    await self._audit(method, caller, request, response, error)
+                    await self._audit(method, caller, request, response, error, gone.gone)
                 except SignerError as exc:
                     error = exc
+            if error is not None and caller is not None and error.code in REFUSALS:
+                self._count_refusal(caller)
+            return response, error
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            gone = _Gone()
+            call = asyncio.ensure_future(outcome(request, context, gone))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+            try:
+                response, error = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                if not call.done():
+                    gone.gone = True
+                    log.warning(
+                        "caller gone before the answer: the call finishes and is recorded",
+                        extra={"method": method},
+                    )
+                raise
             if error is not None:
                 await context.abort(STATUS[error.code], error.message)
             return response
@@ -182,6 +247,29 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _throttled(self, caller: Caller) -> ResourceExhausted | None:
+        wait = self._throttle.wait(caller.display) if self._throttle is not None else 0.0
+        if not wait:
+            return None
+        assert self._throttle is not None
+        return ResourceExhausted(
+            f"{caller.display}: {self._throttle.budget} calls refused in "
+            f"{self._throttle.window:g} s; its calls are refused for {wait:.0f} s more"
+        )
+
+    def _count_refusal(self, caller: Caller) -> None:
+        if self._throttle is not None and self._throttle.refused(caller.display):
+            log.warning(
+                "caller throttled: too many refused calls",
+                extra={"caller": caller.display, "seconds": self._throttle.window},
+            )
+
+
+class _Gone:
+    """Set when a call's caller stopped waiting for it (cancelled, or past its deadline)."""
+
+    gone = False
 
 
 class _Unchecked(Policy):
@@ -265,7 +353,9 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def _allow(self, operation: str, name: str) -> None:
         """PERMISSION_DENIED unless the caller may ``operation`` key ``name``. The answer is the
         same whether or not the key exists, unless a grant names the key by pattern: callers
-        learn nothing of keys they cannot see."""
+        learn nothing of keys they cannot see. A malformed name is INVALID_ARGUMENT first, so
+        that nothing unchecked reaches the store, a message or the log."""
+        check_name(name)
         scope = self._signer.cached_scope(name)
         if scope is None:
             scope = await self._run_quick(self._signer.scope_of, name)
@@ -275,6 +365,8 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     async def _allow_new(self, operation: str, name: str, scope: str) -> None:
         """For a key about to be created (create, import of a new key) in ``scope``."""
+        check_name(name)
+        check_scope(scope)
         caller = CALLER.get()
         if not self._policy().allows_new(caller, operation, name, scope or DEFAULT_SCOPE):
             raise PermissionDenied(
@@ -487,7 +579,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         caller = CALLER.get()
         if not self._policy().allows_any(caller, "import"):
             raise PermissionDenied(f"{caller.display} may not import keys")
-        p = await self._run(self._signer.get_import_parameters)
+        p = await self._run(self._signer.get_import_parameters, caller.identity)
         return pb.ImportParameters(
             import_token=p.token.token,
             wrapping_public_key_pem=public_pem(p.token.public_key_der),
@@ -498,19 +590,35 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         )
 
     async def ImportKeyVersion(self, request: pb.ImportKeyVersionRequest, context: Any) -> pb.Key:
-        if await self._run(self._signer.scope_of, request.name) is None:
-            await self._allow_new("import", request.name, request.scope)
-        else:
-            await self._allow("import", request.name)
+        name, scope = check_name(request.name), check_scope(request.scope)
+        caller, policy = CALLER.get(), self._policy()
+
+        def authorise(existing: Key | None) -> None:
+            # Decided under the key's lock, on the key as it is then. A new version of an
+            # existing key becomes its primary, as a rotation does: it needs both grants. The
+            # refusal is the same whether or not the key exists.
+            if existing is None:
+                ok = policy.allows_new(caller, "import", name, scope or DEFAULT_SCOPE)
+            else:
+                ok = all(
+                    policy.allows(caller, op, name, existing.scope) for op in ("import", "rotate")
+                )
+            if not ok:
+                raise PermissionDenied(f"{caller.display} may not import key {name!r}")
+
         key = await self._run(
-            self._signer.import_key_version,
-            request.name,
-            request.algorithm,
-            request.import_token,
-            request.wrapped_key,
-            request.scope,
-            dict(request.labels),
-            request.public_key_der,
+            functools.partial(
+                self._signer.import_key_version,
+                name,
+                request.algorithm,
+                request.import_token,
+                request.wrapped_key,
+                scope,
+                dict(request.labels),
+                request.public_key_der,
+                caller=caller.identity,
+                authorise=authorise,
+            )
         )
         return self._key_pb(key)
 
@@ -524,8 +632,15 @@ class Server:
         self.cfg = cfg
         self.bare = bare
         self.token = Token(cfg.token, Pin(cfg.token.pin_file))
+        # Slow token work (key generation, wrapping keys, unwrapping) on a connection of its
+        # own where the module gives one, so that it never holds up a signature.
+        self.admin_token = (
+            Token(replace(cfg.token, sessions=ADMIN_SESSIONS), Pin(cfg.token.pin_file))
+            if cfg.token.admin_connection
+            else self.token
+        )
         self.store = SQLiteStore(cfg.store.path)
-        self.signer = Signer(cfg, self.token, self.store, clock)
+        self.signer = Signer(cfg, self.token, self.store, clock, self.admin_token)
         # The signing path's blocking work runs on lanes; the executor takes the administrative
         # calls (see SignerServicer._run), start-up, the reaper and shutdown.
         self.lanes = Lanes(cfg.token.lanes, name="token")
@@ -543,6 +658,13 @@ class Server:
         )
         self.relay = PeerRelay(Path(_unix_path(cfg.server.listen)), int(cfg.server.socket_mode, 8))
         self._servers: list[grpc.aio.Server] = []
+        # Every call still running, including those whose caller has gone: shutdown waits for
+        # them, so that each is recorded before the audit log closes.
+        self._calls: set[asyncio.Task[Any]] = set()
+        self.throttle = RefusalThrottle(
+            cfg.server.refused_calls_budget, cfg.server.refusal_window_seconds
+        )
+        self._summaries: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._health_lock = asyncio.Lock()
@@ -576,7 +698,15 @@ class Server:
         # naming the limit rather than a bare RESOURCE_EXHAUSTED.
         grpc_limit = 2 * limit + 64 * 1024
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(identify, how, None if self.bare else self._record)],
+            interceptors=[
+                CallInterceptor(
+                    identify,
+                    how,
+                    None if self.bare else self._record,
+                    self._calls,
+                    None if self.bare else self.throttle,
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", grpc_limit),
                 ("grpc.max_send_message_length", grpc_limit),
@@ -602,9 +732,10 @@ class Server:
         request: Any,
         response: Any,
         error: SignerError | None,
+        gone: bool,
     ) -> None:
         assert self.audit is not None
-        event = audit_event(self.signer.now(), method, caller, request, response, error)
+        event = audit_event(self.signer.now(), method, caller, request, response, error, gone)
         await self.audit.record(event)
 
     def _audit_key(self, recorded: tuple[bytes, bytes] | None) -> tuple[Signing, bytes]:
@@ -613,7 +744,7 @@ class Server:
             key_id, public_der = recorded
         else:
             key_id = secrets.token_bytes(16)
-            public_der = self.token.generate(AUDIT_ALGORITHM, key_id, "signer-audit-key")
+            public_der = self.admin_token.generate(AUDIT_ALGORITHM, key_id, "signer-audit-key")
             log.info("audit key generated in the token", extra={"key_id": key_id.hex()})
         return Signing(self.token.sign, key_id), public_der
 
@@ -639,11 +770,15 @@ class Server:
             perturb_freed_memory()
         self.token.on_availability(self._availability_changed)
         await self.run_blocking(self.token.start)
+        if self.admin_token is not self.token:
+            await self.run_blocking(self.admin_token.start)
         await self._refresh_health()
         for server in self._servers:
             await server.start()
         await self.relay.start()
         self._reaper = asyncio.create_task(self._reap_forever())
+        if self.audit is not None:
+            self._summaries = asyncio.create_task(self._record_throttled_forever())
         log.info(
             "algorithms offered", extra={"algorithms": ",".join(self.signer.offered_algorithms())}
         )
@@ -686,6 +821,25 @@ class Server:
             self._serving = up
             log.info("health", extra={"serving": up})
 
+    async def _record_throttled(self, everyone: bool = False) -> None:
+        """One record per caller whose throttling ended: how many of its calls were refused
+        meanwhile (operation ``Throttled``, the count as its version)."""
+        assert self.audit is not None
+        for caller, calls in self.throttle.ended(everyone):
+            log.warning("caller no longer throttled", extra={"caller": caller, "refused": calls})
+            event = Event(
+                self.signer.now(), caller, "Throttled", "", calls, "", Code.RESOURCE_EXHAUSTED.value
+            )
+            try:
+                await self.audit.record(event)
+            except SignerError as exc:
+                log.error("throttling not recorded", extra={"caller": caller, "error": exc.message})
+
+    async def _record_throttled_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.throttle.window))
+            await self._record_throttled()
+
     async def _reap_forever(self) -> None:
         interval = self.cfg.keys.reaper_interval_seconds
         while True:
@@ -700,8 +854,9 @@ class Server:
     async def stop(self) -> None:
         """Refuses new calls, drains in-flight ones (up to ``grace_seconds``), then closes."""
         self._stopping = True
-        if self._reaper is not None:
-            self._reaper.cancel()
+        for task in (self._reaper, self._summaries):
+            if task is not None:
+                task.cancel()
         if self._servers:
             async with self._health_lock:
                 await self._set_health(False)
@@ -710,6 +865,10 @@ class Server:
                 *(server.stop(self.cfg.server.grace_seconds) for server in self._servers)
             )
             self._servers = []
+        if self._calls:
+            await asyncio.gather(*list(self._calls), return_exceptions=True)
+        if self.audit is not None:
+            await self._record_throttled(everyone=True)
         await self.relay.stop()
         # Calls gRPC gave up on may still be running in the pool: they finish before the token
         # and the store they use are closed.
@@ -718,6 +877,8 @@ class Server:
         await loop.run_in_executor(None, functools.partial(self.executor.shutdown, wait=True))
         if self.audit is not None:
             self.audit.close()  # a last checkpoint, signed while the token is still open
+        if self.admin_token is not self.token:
+            self.admin_token.close()
         self.token.close()
         self.store.close()
         log.info("service stopped")

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from signer.errors import AlreadyExists, NotFound
+from signer.errors import AlreadyExists, FailedPrecondition, NotFound
 from signer.keys import ImportToken, Key, State, Version
 
 _SCHEMA = """
@@ -49,6 +49,19 @@ CREATE TABLE IF NOT EXISTS import_tokens (
 );
 CREATE INDEX IF NOT EXISTS import_tokens_live ON import_tokens(expires) WHERE destroyed = 0;
 """
+# Columns added since the first schema, for stores made before them (issue 11): an import token
+# is bound to the caller who asked for it and is used once.
+_ADDED_COLUMNS = {
+    "import_tokens": (
+        ("caller", "TEXT NOT NULL DEFAULT ''"),
+        ("used", "INTEGER NOT NULL DEFAULT 0"),
+    ),
+}
+# One key pair, one key version: the same private key imported twice (into two keys, two
+# scopes) would let one scope's signatures verify as another's (issue 11).
+_UNIQUE_PUBLIC_KEYS = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS versions_public_key ON versions(public_key)"
+)
 
 
 def _ts(t: datetime) -> float:
@@ -60,21 +73,26 @@ def _dt(x: float | None) -> datetime | None:
 
 
 class Store(Protocol):
-    def create_key(self, key: Key) -> None: ...
+    # ``import_token``: the import token a key or version was imported with, marked used in
+    # the same transaction (FAILED_PRECONDITION if it already was).
+    def create_key(self, key: Key, import_token: str | None = None) -> None: ...
     def get_key(self, name: str) -> Key: ...
     def list_keys(self, after: str, limit: int) -> list[Key]: ...
     def get_version(self, name: str, version: int) -> Version: ...
-    def add_version(self, version: Version, make_primary: bool) -> None: ...
+    def add_version(
+        self, version: Version, make_primary: bool, import_token: str | None = None
+    ) -> None: ...
     def set_primary(self, name: str, version: int) -> None: ...
     def set_state(
         self, name: str, version: int, state: State, destroy_at: datetime | None
     ) -> None: ...
     def due_for_destruction(self, now: datetime) -> list[Version]: ...
-    # Import tokens: added once, read on each import, their wrapping keys destroyed after expiry.
-    # Rows are kept, so an expired token is told apart from an unknown one.
+    # Import tokens: added once, used once, their wrapping keys destroyed after use or expiry.
+    # Rows are kept, so a used or expired token is told apart from an unknown one.
     def add_import_token(self, token: ImportToken) -> None: ...
     def get_import_token(self, token: str) -> ImportToken: ...
-    def expired_import_tokens(self, now: datetime) -> list[ImportToken]: ...
+    def live_import_tokens(self, now: datetime) -> list[ImportToken]: ...
+    def spent_import_tokens(self, now: datetime) -> list[ImportToken]: ...
     def set_import_token_destroyed(self, token: str) -> None: ...
     def close(self) -> None: ...
 
@@ -90,7 +108,20 @@ class SQLiteStore:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         # executescript manages its own transaction; every statement is IF NOT EXISTS.
-        self._db().executescript(_SCHEMA)
+        db = self._db()
+        db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in columns:
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        try:
+            db.execute(_UNIQUE_PUBLIC_KEYS)
+        except sqlite3.IntegrityError:
+            raise FailedPrecondition(
+                f"the store {self._path} holds one public key in two key versions (a key pair "
+                "imported twice): this service refuses to serve it until that is resolved"
+            ) from None
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -193,7 +224,7 @@ class SQLiteStore:
         row = (
             self._db()
             .execute(
-                "SELECT token, key_id, public_key, created, expires, destroyed "
+                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
                 "FROM import_tokens WHERE token = ?",
                 (token,),
             )
@@ -203,13 +234,28 @@ class SQLiteStore:
             raise NotFound("import token not found")
         return _import_token(row)
 
-    def expired_import_tokens(self, now: datetime) -> list[ImportToken]:
-        """Expired tokens whose wrapping keys are still in the token."""
+    def spent_import_tokens(self, now: datetime) -> list[ImportToken]:
+        """Used or expired tokens whose wrapping keys are still in the token."""
         rows = (
             self._db()
             .execute(
-                "SELECT token, key_id, public_key, created, expires, destroyed "
-                "FROM import_tokens WHERE destroyed = 0 AND expires <= ? ORDER BY expires",
+                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
+                "FROM import_tokens WHERE destroyed = 0 AND (used = 1 OR expires <= ?) "
+                "ORDER BY expires",
+                (_ts(now),),
+            )
+            .fetchall()
+        )
+        return [_import_token(r) for r in rows]
+
+    def live_import_tokens(self, now: datetime) -> list[ImportToken]:
+        """Tokens still usable for an import, oldest first."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
+                "FROM import_tokens WHERE destroyed = 0 AND used = 0 AND expires > ? "
+                "ORDER BY created",
                 (_ts(now),),
             )
             .fetchall()
@@ -222,8 +268,8 @@ class SQLiteStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO import_tokens "
-                "(token, key_id, public_key, created, expires, destroyed) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "(token, key_id, public_key, created, expires, destroyed, caller, used) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     token.token,
                     token.key_id,
@@ -231,6 +277,8 @@ class SQLiteStore:
                     _ts(token.created),
                     _ts(token.expires),
                     int(token.destroyed),
+                    token.caller,
+                    int(token.used),
                 ),
             )
 
@@ -240,9 +288,11 @@ class SQLiteStore:
             if cur.rowcount != 1:
                 raise NotFound("import token not found")
 
-    def create_key(self, key: Key) -> None:
+    def create_key(self, key: Key, import_token: str | None = None) -> None:
         try:
             with self._tx() as db:
+                if import_token is not None:
+                    _use_import_token(db, import_token)
                 db.execute(
                     "INSERT INTO keys (name, algorithm, primary_version, scope, labels, created) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -258,20 +308,25 @@ class SQLiteStore:
                 for v in key.versions:
                     _insert_version(db, v)
         except sqlite3.IntegrityError as exc:
-            if "key_id" in str(exc):
-                raise AlreadyExists(
-                    "another key version already has this token object id"
-                ) from None
-            raise AlreadyExists(f"key {key.name!r} already exists") from None
+            raise _already(exc, f"key {key.name!r} already exists") from None
 
-    def add_version(self, version: Version, make_primary: bool) -> None:
-        with self._tx() as db:
-            _insert_version(db, version)
-            if make_primary:
-                db.execute(
-                    "UPDATE keys SET primary_version = ? WHERE name = ?",
-                    (version.version, version.name),
-                )
+    def add_version(
+        self, version: Version, make_primary: bool, import_token: str | None = None
+    ) -> None:
+        try:
+            with self._tx() as db:
+                if import_token is not None:
+                    _use_import_token(db, import_token)
+                _insert_version(db, version)
+                if make_primary:
+                    db.execute(
+                        "UPDATE keys SET primary_version = ? WHERE name = ?",
+                        (version.version, version.name),
+                    )
+        except sqlite3.IntegrityError as exc:
+            raise _already(
+                exc, f"key {version.name!r} already has version {version.version}"
+            ) from None
 
     def set_primary(self, name: str, version: int) -> None:
         with self._tx() as db:
@@ -289,7 +344,31 @@ class SQLiteStore:
                 raise NotFound(f"key {name!r} has no version {version}")
 
 
+def _already(exc: sqlite3.IntegrityError, otherwise: str) -> AlreadyExists:
+    if "key_id" in str(exc):
+        return AlreadyExists("another key version already has this token object id")
+    if "public_key" in str(exc):
+        return AlreadyExists(
+            "this key pair is already a key version in this service: a key pair is imported "
+            "once (import a new key pair instead)"
+        )
+    return AlreadyExists(otherwise)
+
+
+def _use_import_token(db: sqlite3.Connection, token: str) -> None:
+    """Marks ``token`` used, in the transaction that stores what it imported: single use."""
+    cur = db.execute("UPDATE import_tokens SET used = 1 WHERE token = ? AND used = 0", (token,))
+    if cur.rowcount != 1:
+        raise FailedPrecondition(
+            "import_token was already used: each import needs its own (call GetImportParameters)"
+        )
+
+
 def _insert_version(db: sqlite3.Connection, v: Version) -> None:
+    # Named before the insert: a second version of one token object also repeats its public key,
+    # and the object is the more telling of the two.
+    if db.execute("SELECT 1 FROM versions WHERE key_id = ?", (v.key_id,)).fetchone():
+        raise AlreadyExists("another key version already has this token object id")
     db.execute(
         "INSERT INTO versions "
         "(name, version, algorithm, state, key_id, public_key, created, destroy_at) "
@@ -314,9 +393,11 @@ def _version(row: tuple[str, int, str, str, bytes, bytes, float, float | None]) 
     return Version(name, version, alg, State(state), key_id, pub, created_dt, _dt(destroy_at))
 
 
-def _import_token(row: tuple[str, bytes, bytes, float, float, int]) -> ImportToken:
-    token, key_id, pub, created, expires, destroyed = row
+def _import_token(row: tuple[str, bytes, bytes, float, float, int, str, int]) -> ImportToken:
+    token, key_id, pub, created, expires, destroyed, caller, used = row
     created_dt, expires_dt = _dt(created), _dt(expires)
     assert created_dt is not None
     assert expires_dt is not None
-    return ImportToken(token, key_id, pub, created_dt, expires_dt, bool(destroyed))
+    return ImportToken(
+        token, key_id, pub, created_dt, expires_dt, bool(destroyed), caller, bool(used)
+    )

@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography import x509
 
-from signer.errors import SignerError
+from signer.errors import AlreadyExists, SignerError
 from signer.harness import crash
 from signer.harness.collectors import KernelCollector, gcore
 from signer.harness.lab import Lab, Load, ServiceProcess, reaped
@@ -288,13 +288,21 @@ class Campaign:
             return threading.Thread(target=quietly(rotate), daemon=True)
         if moment == "import":
             # The wrapping key (RSA-4096, generated in the token) first; then imports in a loop,
-            # so the crash lands among wrapped blobs, unwraps and challenge signatures.
-            params = client.get_import_parameters()
+            # so the crash lands among wrapped blobs, unwraps and challenge signatures. A key
+            # pair is imported once (it uses up its import token); every later attempt with the
+            # same pair is unwrapped and proved in the token, then refused ALREADY_EXISTS,
+            # which leaves the import token unused for the next.
+            params = [client.get_import_parameters()]
 
             def imports() -> None:
                 for _ in range(200):
                     for key in self.lab.byok:
-                        client.import_key(key.name, key.algorithm, key.pem, params=params)
+                        try:
+                            client.import_key(key.name, key.algorithm, key.pem, params=params[0])
+                        except AlreadyExists:
+                            pass
+                        else:
+                            params[0] = client.get_import_parameters()
                         self._imported += 1
 
             return threading.Thread(target=quietly(imports), daemon=True)
@@ -478,7 +486,7 @@ def _activity(moment: str, load: Load | None, imported: int) -> str:
     if load is not None and moment in ("load", "shutdown"):
         parts.append(f"{load.signed} signatures by 8 clients")
     if moment == "import":
-        parts.append(f"{imported} keys imported")
+        parts.append(f"{imported} wrapped keys unwrapped")
     if moment in ("keygen", "rotation"):
         parts.append("RSA-4096 generation in the token")
     if moment == "shutdown":

@@ -4,20 +4,46 @@ and that its checkpoints are signed by a key in the token."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pwd
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 
+import grpc
 import pytest
 from pkcs11 import Attribute, ObjectClass
 
-from signer.errors import PermissionDenied, Unavailable
+from signer.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from signer.keys import State
+from signer.store import SQLiteStore
+from signer.v1 import signer_pb2 as pb
+from signer.v1 import signer_pb2_grpc as pb_grpc
 from tests.conftest import SIGNER_BIN
 
 pytestmark = pytest.mark.integration
 CALLER = f"uid:{os.getuid()}({pwd.getpwuid(os.getuid()).pw_name})"
+
+
+@pytest.fixture
+def captured_lines():
+    """Every log line the service writes while the test runs (it runs in this process)."""
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Capture(level=logging.DEBUG)
+    root = logging.getLogger("signer")
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield lines
+    root.removeHandler(handler)
+    root.setLevel(old_level)
 
 
 def records(path: str) -> list[tuple[object, ...]]:
@@ -55,7 +81,7 @@ def test_every_call_is_recorded_without_its_payload(service_factory, unique_name
     digest = hashlib.sha256(message).hexdigest()
     rows = records(svc.server.cfg.audit.path)
     assert [r[2:] for r in rows] == [
-        ("CreateKey", name, 0, "", "OK"),
+        ("CreateKey", name, 1, "", "OK"),
         ("Sign", name, 1, digest, "OK"),
         ("Verify", name, 1, digest, "OK"),
         ("CreateKey", other, 0, "", "PERMISSION_DENIED"),
@@ -138,3 +164,120 @@ def test_archiving_from_the_command_line_keeps_the_log_provable(service_factory,
     done = verify_cli("--db", path, "--archives")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "8 earlier records in archives (checked)" in done.stdout
+
+
+# --- calls whose caller stopped waiting (issue 11, item 1) -------------------------------------
+
+
+def stored(svc):
+    return SQLiteStore(svc.server.cfg.store.path)
+
+
+class _Held:
+    """Holds ``target.method`` in the service's worker thread until released, and tells when a
+    call entered it and when the server saw a call's caller go (its log line)."""
+
+    def __init__(self, target, method: str, monkeypatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.gone = threading.Semaphore(0)
+        original = getattr(target, method)
+
+        def held(*args, **kwargs):
+            self.entered.set()
+            assert self.release.wait(30), "never released"
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(target, method, held)
+        held_self = self
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().startswith("caller gone before the answer"):
+                    held_self.gone.release()
+
+        self._watch = Watch()
+        logging.getLogger("signer.server").addHandler(self._watch)
+
+    def saw_gone(self, calls: int = 1) -> bool:
+        return all(self.gone.acquire(timeout=20) for _ in range(calls))
+
+    def close(self) -> None:
+        self.release.set()
+        logging.getLogger("signer.server").removeHandler(self._watch)
+
+
+def test_a_cancelled_call_still_changes_state_only_with_its_record(
+    service_factory, unique_name, monkeypatch
+):
+    svc = service_factory()
+    held = _Held(svc.server.signer, "create_key", monkeypatch)
+    name = unique_name()
+    with grpc.insecure_channel(svc.address) as channel:
+        stub = pb_grpc.SignerServiceStub(channel)
+        call = stub.CreateKey.future(pb.CreateKeyRequest(name=name, algorithm="ec-p256"))
+        try:
+            assert held.entered.wait(20)
+            call.cancel()  # the caller gives up while the key is being made in the token
+            assert held.saw_gone(), "the server never saw the caller go"
+        finally:
+            held.close()
+    svc.stop()  # waits for the call to finish
+    assert stored(svc).get_key(name).name == name  # it happened...
+    outcomes = [(r[2], r[3], r[6]) for r in records(svc.server.cfg.audit.path)]
+    assert ("CreateKey", name, "OK (caller gone)") in outcomes  # ...and it is on the record
+
+
+def test_calls_past_their_deadline_are_recorded_with_what_they_did(
+    service_factory, unique_name, monkeypatch
+):
+    svc = service_factory()
+    c = svc.client()
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    held = _Held(svc.server.admin_token, "generate", monkeypatch)  # inside the key's lock
+    with grpc.insecure_channel(svc.address) as channel:
+        stub = pb_grpc.SignerServiceStub(channel)
+        rotate = stub.RotateKey.future(pb.RotateKeyRequest(name=name), timeout=0.5)
+        try:
+            assert held.entered.wait(20)
+            # Scheduling version 1's destruction waits for the key's lock, behind the rotation
+            # (which will make version 2 primary); both callers give up.
+            schedule = stub.ScheduleKeyVersionDestruction.future(
+                pb.ScheduleKeyVersionDestructionRequest(name=name, version=1), timeout=0.5
+            )
+            for call in (rotate, schedule):
+                with pytest.raises(grpc.RpcError) as info:
+                    call.result()
+                assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            held.close()
+    svc.stop()  # waits for both calls to finish
+    key = stored(svc).get_key(name)
+    assert (key.primary, key.version(1).state) == (2, State.DESTRUCTION_SCHEDULED)
+    rows = [(r[2], r[4], r[6]) for r in records(svc.server.cfg.audit.path) if r[3] == name]
+    assert ("RotateKey", 2, "OK (caller gone)") in rows
+    assert ("ScheduleKeyVersionDestruction", 1, "OK (caller gone)") in rows
+
+
+# --- what one caller can make the service write (issue 11, item 7) ----------------------------
+
+
+def test_a_caller_refused_too_often_is_throttled_and_counted_in_one_record(
+    service_factory, unique_name, captured_lines
+):
+    svc = service_factory(server={"refused_calls_budget": 3, "refusal_window_seconds": 3600})
+    c = svc.client()
+    for i in range(3):
+        with pytest.raises(InvalidArgument):
+            c.get_key(f"Not A Name {i}")
+    logged = len(captured_lines)
+    for _ in range(20):  # even a call that would be fine: the caller is throttled
+        with pytest.raises(ResourceExhausted, match=r"3 calls refused in 3600 s"):
+            c.create_key(unique_name(), "ec-p256")
+    assert len(captured_lines) == logged, "throttled calls must not each write a log line"
+    svc.stop()
+    rows = [(r[1], r[2], r[4], r[6]) for r in records(svc.server.cfg.audit.path)]
+    assert rows == [(CALLER, "GetKey", 0, "INVALID_ARGUMENT")] * 3 + [
+        (CALLER, "Throttled", 20, "RESOURCE_EXHAUSTED")
+    ]

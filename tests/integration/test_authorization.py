@@ -8,8 +8,11 @@ the key as it was.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -17,11 +20,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from signer.client import ClientTLS, SignerClient
-from signer.errors import NotFound, PermissionDenied, SignerError
+from signer.client import ClientTLS, SignerClient, build_import_request
+from signer.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    SignerError,
+)
 from signer.front import Front, front_config
+from signer.jose import TokenRejected, verify_jwt
 from signer.pki import DevCA
+from signer.v1 import signer_pb2 as pb
 from tests.conftest import (
     FakeClock,
     RunningService,
@@ -64,6 +78,11 @@ scopes = ["*"]
 callers = ["x509:CN=release-bot"]
 operations = ["sign"]
 keys = ["release-*"]
+
+[[grant]]
+callers = ["x509:CN=consumer-importer"]        # not in the matrix: the replay tests' attacker
+operations = ["import", "sign", "read"]
+scopes = ["consumer"]
 """
 
 # Which operations each caller may perform on a key of each kind; everything else is denied.
@@ -341,3 +360,114 @@ def test_sighup_reloads_the_policy_without_dropping_calls(
         with pytest.raises(PermissionDenied):
             c.sign("reloaded", message=b"x")
     assert "must start with x509:, uid:, user:" in sp.log()
+
+
+# --- what a caller with no grant can make the service write (issue 11, item 7) ---------------
+
+
+def test_a_caller_with_no_grant_cannot_fill_the_disk_or_break_the_front(
+    deployment: Deployment,
+) -> None:
+    """600,000 snowmen as a key name, ten times, through the front: each call is refused with a
+    short message that names the problem (the front passed it on: no 502), and the audit log
+    keeps a bounded record of each."""
+    deployment.ca.issue_client("stranger")  # a valid certificate, no grant at all
+    audit = Path(deployment.service.server.cfg.audit.path)
+    before = audit.stat().st_size + Path(f"{audit}-wal").stat().st_size
+    huge = "\N{SNOWMAN}" * 600_000
+    with deployment.remote("stranger") as c:
+        for _ in range(10):
+            with pytest.raises(InvalidArgument) as exc:
+                c.get_key(huge)
+            assert exc.value.message.startswith("name '" + "\N{SNOWMAN}" * 64 + "'... (600000")
+            assert len(exc.value.message) < 300
+    grown = audit.stat().st_size + Path(f"{audit}-wal").stat().st_size - before
+    assert grown < 64 * 1024, f"the audit log grew by {grown} bytes for ten refused calls"
+    with sqlite3.connect(audit) as db:
+        rows = db.execute(
+            "SELECT key, status FROM records WHERE caller = 'x509:CN=stranger'"
+        ).fetchall()
+    assert len(rows) == 10
+    assert all(len(key) < 200 and status == "INVALID_ARGUMENT" for key, status in rows)
+
+
+# --- imports: bound to their caller, used once, decided on the key as it is (issue 11) -------
+
+
+def _ec_pem() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def test_an_import_cannot_be_replayed_into_another_scope(deployment: Deployment) -> None:
+    """The red team's case: root imported a key into 'enterprise'; a caller allowed to import
+    only into 'consumer' resent the same import token, blob and public key as a new key there,
+    then signed JWTs naming the enterprise key with plain Sign. Now nothing of it works."""
+    d = deployment
+    d.ca.issue_client("consumer-importer")
+    n = next(_n)
+    ent, copy = f"ent-imported-{n}", f"consumer-copy-{n}"
+    private = _ec_pem()
+    with d.local() as root:
+        params = root.get_import_parameters()
+        sent = build_import_request(ent, "ec-p256", private, params, scope="enterprise")
+        root.import_key_version(sent)
+        enterprise_jwks = root.jwks("enterprise")
+    replay = pb.ImportKeyVersionRequest()
+    replay.CopyFrom(sent)
+    replay.name, replay.scope = copy, "consumer"
+    with d.remote("consumer-importer") as c:
+        with pytest.raises(InvalidArgument, match="import_token is unknown"):
+            c.import_key_version(replay)  # another caller's token is no token at all
+        # Its own token, and the same key pair (had it got hold of the key): imported once.
+        with pytest.raises(AlreadyExists, match="this key pair is already a key version"):
+            c.import_key(copy, "ec-p256", private, scope="consumer")
+        # Its own, other key in 'consumer', and a JWT whose header names the enterprise key,
+        # signed with plain Sign: the enterprise verifier rejects it (wrong key material).
+        mine = f"consumer-own-{n}"
+        c.import_key(mine, "ec-p256", _ec_pem(), scope="consumer")
+        header = {"alg": "ES256", "kid": f"{ent}/1", "typ": "JWT"}
+        claims = {"iss": "https://id.example", "aud": "portal", "exp": 4102444800}
+        signing_input = b".".join(_b64(json.dumps(x).encode()) for x in (header, claims))
+        sig = c.sign(mine, message=signing_input, signature_format="raw").signature
+        forged = (signing_input + b"." + _b64(sig)).decode()
+    with pytest.raises(TokenRejected):
+        verify_jwt(forged, enterprise_jwks, "enterprise", "https://id.example", "portal")
+    with d.local() as root:
+        with pytest.raises(FailedPrecondition, match="import_token was already used"):
+            root.import_key_version(replay)  # not even its owner can use it twice
+        with pytest.raises(NotFound):
+            root.get_key(copy)
+        assert root.get_key(ent).scope == "enterprise"
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def test_import_refusals_do_not_tell_whether_a_key_exists(deployment: Deployment) -> None:
+    existing = fresh_key(deployment, "enterprise")
+    with deployment.remote("consumer-importer") as c:
+        params = c.get_import_parameters()
+        messages = []
+        for name in (existing, "enterprise-never-made"):
+            req = build_import_request(name, "ec-p256", _ec_pem(), params, scope="enterprise")
+            with pytest.raises(PermissionDenied) as exc:
+                c.import_key_version(req)
+            messages.append(exc.value.message.replace(name, "NAME"))
+    assert messages == ["x509:CN=consumer-importer may not import key 'NAME'"] * 2
+
+
+def test_a_new_version_by_import_needs_the_rotate_grant_too(deployment: Deployment) -> None:
+    """Importing into an existing key makes the import its primary version, as a rotation
+    does: 'consumer-importer' may import new keys into 'consumer', not rotate its keys."""
+    existing = fresh_key(deployment, "consumer")
+    with (
+        deployment.remote("consumer-importer") as c,
+        pytest.raises(PermissionDenied, match="may not import key"),
+    ):
+        c.import_key(existing, "ec-p256", _ec_pem())
+    with deployment.remote("key-admin") as c:  # import and rotate in 'consumer'
+        assert c.import_key(existing, "ec-p256", _ec_pem()).primary_version == 3

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -160,17 +162,69 @@ def test_expired_import_tokens_lose_their_wrapping_key_to_the_reaper(service, ow
     assert service.server.store.get_import_token(params.import_token).destroyed
 
 
+def test_a_caller_asking_again_gets_its_live_import_token_not_a_new_key_pair(service, own_session):
+    """The red team looped GetImportParameters from four threads: 16 RSA-4096 pairs were left in
+    the token. A caller's unused token is given back; one pair is made."""
+    client = service.client()
+    before = len(list(own_session.get_objects({Attribute.LABEL: "signer/import-wrapping"})))
+    with ThreadPoolExecutor(4) as pool:
+        tokens = {p.import_token for p in pool.map(lambda _: client.get_import_parameters(),
+                                                   range(16))}  # fmt: skip
+    assert len(tokens) == 1
+    after = len(list(own_session.get_objects({Attribute.LABEL: "signer/import-wrapping"})))
+    assert after - before == 2  # one pair: its public and its private half
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (p11-kit server's p11-kit-remote, one for each
+    connection)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def test_wrapping_key_generation_does_not_hold_up_signatures(
+    service_factory, token_host, unique_name
+):
+    """Slow token work has a connection of its own: with the token host's process for that
+    connection frozen (SIGSTOP) in the middle of an RSA-4096 generation, signatures go on.
+    Through one shared connection they all waited for the generation (1 s and more each)."""
+    before = _children(token_host.host.pid)
+    svc = service_factory()
+    new = sorted(_children(token_host.host.pid) - before)
+    assert len(new) == 2, f"expected a signing and an administrative connection, got {new}"
+    admin_remote = new[-1]  # the service connects it second
+    client = svc.client(timeout=20)
+    name = unique_name()
+    client.create_key(name, "ec-p256")
+    with ThreadPoolExecutor(1) as pool:
+        os.kill(admin_remote, signal.SIGSTOP)
+        try:
+            pending = pool.submit(client.get_import_parameters)
+            signed = [client.sign(name, message=b"%d" % i) for i in range(20)]
+            assert not pending.done()  # its generation is frozen in the token host
+        finally:
+            os.kill(admin_remote, signal.SIGCONT)
+        assert pending.result(timeout=60).import_token
+    assert len(signed) == 20
+
+
+# --- round trips --------------------------------------------------------------------------------
 # --- round trips --------------------------------------------------------------------------------
 
 
 def test_ec_keys_import_and_sign_verifiably_with_the_original_key(service, unique_name):
     client = service.client()
-    params = client.get_import_parameters()  # one import token, reused for every curve
-    for alg in CURVES:
+    for alg in CURVES:  # an import token each: they are single-use
         name = unique_name(alg)
         original = ec_key(alg)
-        key = client.import_key(name, alg, pem(original), scope="byok", labels={"from": "test"},
-                                params=params)  # fmt: skip
+        key = client.import_key(name, alg, pem(original), scope="byok", labels={"from": "test"})
         assert (key.name, key.algorithm, key.primary_version) == (name, alg, 1)
         assert (key.scope, dict(key.labels)) == ("byok", {"from": "test"})
         assert [(v.version, v.state) for v in key.versions] == [(1, pb.ENABLED)]
@@ -215,10 +269,11 @@ def test_import_as_a_new_version_becomes_primary(service, unique_name):
     assert client.verify(name, old_sig, message=MESSAGE, version=1)
 
     # The algorithm may be left out for an existing key (it is the key's) ...
+    params = client.get_import_parameters()  # the first was used up
     key = client.import_key_version(request(params, name, "", second))
     assert key.primary_version == 3
     assert verifies_ec(second, "ec-p256", client.sign(name, message=MESSAGE).signature)
-    # ... but not contradict it, nor the key's scope.
+    # ... but not contradict it, nor the key's scope (checked before the import token is).
     with pytest.raises(InvalidArgument, match="is ec-p256; a version imported into it must be"):
         client.import_key(name, "ec-p384", pem(ec_key("ec-p384")), params=params)
     with pytest.raises(InvalidArgument, match="scope is fixed at creation"):
@@ -328,7 +383,11 @@ def test_rsa_and_ed25519_import_are_failed_precondition_through_p11kit(
 
 def test_corrupt_and_foreign_blobs_are_invalid_argument(service, own_session, unique_name):
     client = service.client()
-    first, second = client.get_import_parameters(), client.get_import_parameters()
+    first = client.get_import_parameters()
+    assert client.get_import_parameters().import_token == first.import_token  # given back
+    service.clock.advance(hours=12, seconds=1)  # under half its life left: a new one
+    second = client.get_import_parameters()
+    assert second.import_token != first.import_token
     name = unique_name()
     key = ec_key()
     good = request(first, name, "ec-p256", key)
@@ -635,7 +694,10 @@ def test_rsa_import_in_two_steps_where_the_module_offers_it(inprocess_service, u
     assert len(req.wrapped_key) > 512  # the OAEP block, then the RFC 5649 wrap
     key = client.import_key_version(req)
     assert (key.algorithm, key.primary_version) == ("rsa-2048", 1)
-    assert objects() == before + 1  # the private key; the AES transport key is gone
+    # The private key is new; the AES transport key and the used wrapping key pair are gone.
+    assert objects() == before + 1 - 2
+    params = client.get_import_parameters()
+    before = objects()
 
     pss = client.sign(name, message=MESSAGE).signature
     original.public_key().verify(
@@ -656,6 +718,6 @@ def test_rsa_import_in_two_steps_where_the_module_offers_it(inprocess_service, u
     big = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     with pytest.raises(InvalidArgument, match="wrapped key is an RSA-3072 key, not rsa-2048"):
         client.import_key(other, "rsa-2048", pem(big), params=params)
-    assert objects() == before + 1
+    assert objects() == before
     with pytest.raises(NotFound):
         svc.server.store.get_key(other)

@@ -99,12 +99,14 @@ class FailingStore(SQLiteStore):
     fail_create: Exception | None = None
     fail_add: Exception | None = None
 
-    def create_key(self, key: Key) -> None:
+    def create_key(self, key: Key, import_token: str | None = None) -> None:
         if self.fail_create is not None:
             raise self.fail_create
-        super().create_key(key)
+        super().create_key(key, import_token)
 
-    def add_version(self, version: Any, make_primary: bool) -> None:
+    def add_version(
+        self, version: Any, make_primary: bool, import_token: str | None = None
+    ) -> None:
         if self.fail_add is not None:
             raise self.fail_add
-        super().add_version(version, make_primary)
+        super().add_version(version, make_primary, import_token)

@@ -21,6 +21,7 @@ WIRE_CLASSES = [
     errors.Unavailable,
     errors.Unauthenticated,
     errors.PermissionDenied,
+    errors.ResourceExhausted,
     errors.Internal,
 ]
 
@@ -124,7 +125,6 @@ def test_cancelled_and_deadline_mean_try_again(status: grpc.StatusCode) -> None:
 @pytest.mark.parametrize(
     "status",
     [
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.UNIMPLEMENTED,
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.DATA_LOSS,

@@ -26,11 +26,14 @@ from signer.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
+    ResourceExhausted,
 )
 from signer.keys import (
     ALGORITHMS,
     Algorithm,
     ImportToken,
+    Key,
     State,
     algorithm_kind,
     load_public_key,
@@ -208,12 +211,14 @@ def test_store_keeps_import_tokens(tmp_path: Path) -> None:
         assert s.get_import_token(a.token) == a
         with pytest.raises(NotFound, match="import token not found"):
             s.get_import_token("c" * 43)
-        assert s.expired_import_tokens(clock.now) == []
-        assert s.expired_import_tokens(a.expires) == [a]
-        assert s.expired_import_tokens(b.expires) == [a, b]
+        assert s.spent_import_tokens(clock.now) == []
+        assert s.spent_import_tokens(a.expires) == [a]
+        assert s.spent_import_tokens(b.expires) == [a, b]
+        assert s.live_import_tokens(clock.now) == [a, b]
+        assert s.live_import_tokens(a.expires) == [b]
         s.set_import_token_destroyed(a.token)
         assert s.get_import_token(a.token) == replace(a, destroyed=True)
-        assert s.expired_import_tokens(b.expires) == [b]
+        assert s.spent_import_tokens(b.expires) == [b]
         with pytest.raises(NotFound):
             s.set_import_token_destroyed("c" * 43)
         assert a.expired(a.expires)
@@ -224,6 +229,9 @@ def test_store_keeps_import_tokens(tmp_path: Path) -> None:
 
 
 # --- the service over a software token ----------------------------------------------------------
+
+
+ME = "uid:1000(alice)"
 
 
 class FakeImportToken(FakeToken):
@@ -296,7 +304,7 @@ def signer(token: FakeImportToken, store: FailingStore, clock: FakeClock) -> Sig
 
 
 def blob_for(signer: Signer, key: Any) -> tuple[str, bytes]:
-    params = signer.get_import_parameters()
+    params = signer.get_import_parameters(ME)
     pub = serialization.load_der_public_key(params.token.public_key_der)
     assert isinstance(pub, rsa.RSAPublicKey)
     pem_text = pub.public_bytes(
@@ -309,7 +317,7 @@ def test_get_import_parameters(signer: Signer, token: FakeImportToken, store: Fa
                                clock: FakeClock) -> None:  # fmt: skip
     token.import_missing = {a: ["CKM_AES_KEY_WRAP_PAD"] for a in ("rsa-2048", "rsa-3072",
                                                                    "rsa-4096")}  # fmt: skip
-    params = signer.get_import_parameters()
+    params = signer.get_import_parameters(ME)
     assert params.wrapping_algorithm == "RSA-OAEP-SHA1"
     assert params.two_step_wrapping_algorithm == ""
     assert params.supported_algorithms == ["ec-p256", "ec-p384", "ec-p521", "ed25519"]
@@ -319,7 +327,7 @@ def test_get_import_parameters(signer: Signer, token: FakeImportToken, store: Fa
     assert record.key_id in token.wrapping
     assert len(record.token) == 43
     token.two_step_mechanism = "CKM_AES_KEY_WRAP_PAD"
-    other = signer.get_import_parameters()
+    other = signer.get_import_parameters("uid:1001(bob)")
     assert other.two_step_wrapping_algorithm == wrapping.TWO_STEP
     assert other.token.token != record.token
     assert other.token.key_id != record.key_id
@@ -330,15 +338,16 @@ def test_import_creates_then_adds_primary_versions(
 ) -> None:
     first, second = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     t, blob = blob_for(signer, first)
-    key = signer.import_key_version("k", "ec-p256", t, blob, "team", {"a": "b"})
+    key = signer.import_key_version("k", "ec-p256", t, blob, "team", {"a": "b"}, caller=ME)
     assert (key.primary, key.scope, key.labels) == (1, "team", {"a": "b"})
     assert key.versions[0].public_key_der == spki(first)
     (wrapping_id, alg, key_id, label) = token.unwrapped[0]
     assert (alg, label, key.versions[0].key_id) == ("ec-p256", "k/v1", key_id)
     assert wrapping_id == store.get_import_token(t).key_id
 
-    blob2 = wrapping.wrap(wrapping.pkcs8_der(second), wrapping_pem(wrapping_key()))
-    key = signer.import_key_version("k", "", t, blob2)
+    t2, blob2 = blob_for(signer, second)  # an import token is used once
+    assert t2 != t
+    key = signer.import_key_version("k", "", t2, blob2, caller=ME)
     assert key.primary == 2
     assert [v.state for v in key.versions] == [State.ENABLED, State.ENABLED]
     assert token.unwrapped[1][3] == "k/v2"
@@ -369,7 +378,7 @@ def test_import_validation_changes_nothing(
                             "wrapped_key": blob}  # fmt: skip
     args.update(kwargs)
     with pytest.raises(InvalidArgument) as exc:
-        signer.import_key_version(**args)
+        signer.import_key_version(**args, caller=ME)
     assert fragment in exc.value.message
     assert token.keys == {}
     with pytest.raises(NotFound):
@@ -386,12 +395,12 @@ def test_expired_import_token_is_failed_precondition_before_and_after_the_reaper
     assert wrapping_id in token.wrapping
     clock.advance(seconds=1)
     with pytest.raises(FailedPrecondition, match="import_token expired at 2026-01-01T01:00:00"):
-        signer.import_key_version("k", "ec-p256", t, blob)
+        signer.import_key_version("k", "ec-p256", t, blob, caller=ME)
     assert signer.reap() == 0  # counts versions only
     assert wrapping_id not in token.wrapping
     assert store.get_import_token(t).destroyed
     with pytest.raises(FailedPrecondition, match="import_token expired"):
-        signer.import_key_version("k", "ec-p256", t, blob)
+        signer.import_key_version("k", "ec-p256", t, blob, caller=ME)
     assert token.unwrapped == []
 
 
@@ -402,14 +411,17 @@ def test_import_into_an_existing_key_must_agree_with_it(
     key = ec.generate_private_key(ec.SECP256R1())
     t, blob = blob_for(signer, key)
     with pytest.raises(InvalidArgument, match="key 'k' is ec-p256; a version imported into it"):
-        signer.import_key_version("k", "ec-p384", t, blob)
+        signer.import_key_version("k", "ec-p384", t, blob, caller=ME)
     with pytest.raises(InvalidArgument, match="scope is fixed at creation"):
-        signer.import_key_version("k", "ec-p256", t, blob, "other")
+        signer.import_key_version("k", "ec-p256", t, blob, "other", caller=ME)
     with pytest.raises(InvalidArgument, match="labels are fixed at creation"):
-        signer.import_key_version("k", "ec-p256", t, blob, "", {"a": "c"})
+        signer.import_key_version("k", "ec-p256", t, blob, "", {"a": "c"}, caller=ME)
     assert len(store.get_key("k").versions) == 1
     # The same scope and labels, or none, are fine.
-    assert signer.import_key_version("k", "ec-p256", t, blob, "team", {"a": "b"}).primary == 2
+    assert (
+        signer.import_key_version("k", "ec-p256", t, blob, "team", {"a": "b"}, caller=ME).primary
+        == 2
+    )
 
 
 def test_module_without_the_mechanisms_is_failed_precondition(
@@ -418,7 +430,7 @@ def test_module_without_the_mechanisms_is_failed_precondition(
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
     token.import_missing = {"ec-p256": ["CKM_ECDSA"]}
     with pytest.raises(FailedPrecondition, match="importing ec-p256 keys is not available"):
-        signer.import_key_version("k", "ec-p256", t, blob)
+        signer.import_key_version("k", "ec-p256", t, blob, caller=ME)
     assert token.unwrapped == []
 
 
@@ -428,7 +440,7 @@ def test_store_failure_after_unwrap_destroys_the_new_object(
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
     store.fail_create = RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        signer.import_key_version("k", "ec-p256", t, blob)
+        signer.import_key_version("k", "ec-p256", t, blob, caller=ME)
     (_, _, key_id, _) = token.unwrapped[0]
     assert token.destroyed == [key_id]
     assert key_id not in token.keys
@@ -442,9 +454,111 @@ def test_store_failure_after_wrapping_key_generation_destroys_it(
 
     monkeypatch.setattr(store, "add_import_token", fail)
     with pytest.raises(RuntimeError):
-        signer.get_import_parameters()
+        signer.get_import_parameters(ME)
     assert token.wrapping == {}
     assert len(token.destroyed) == 1
+
+
+# --- import tokens are bound, single-use and bounded (issue 11) --------------------------------
+
+
+def test_another_callers_import_token_is_unknown_to_it(
+    signer: Signer, token: FakeImportToken, store: FailingStore
+) -> None:
+    t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(InvalidArgument, match="import_token is unknown"):
+        signer.import_key_version("theirs", "ec-p256", t, blob, "consumer", caller="uid:1001(bob)")
+    assert token.unwrapped == []
+    with pytest.raises(NotFound):
+        store.get_key("theirs")
+    # The owner still can: the refused replay did not use it up.
+    assert signer.import_key_version("mine", "ec-p256", t, blob, caller=ME).primary == 1
+
+
+def test_an_import_token_is_used_once_and_its_wrapping_key_goes_at_once(
+    signer: Signer, token: FakeImportToken, store: FailingStore
+) -> None:
+    first, second = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    t, blob = blob_for(signer, first)
+    wrapping_id = store.get_import_token(t).key_id
+    signer.import_key_version("k", "ec-p256", t, blob, caller=ME)
+    assert wrapping_id not in token.wrapping  # destroyed right after the import
+    record = store.get_import_token(t)
+    assert (record.used, record.destroyed) == (True, True)
+    again = wrapping.wrap(wrapping.pkcs8_der(second), wrapping_pem(wrapping_key()))
+    with pytest.raises(FailedPrecondition, match="import_token was already used"):
+        signer.import_key_version("k2", "ec-p256", t, again, caller=ME)
+    assert len(token.unwrapped) == 1
+
+
+def test_a_key_pair_is_imported_once_whatever_the_name_or_scope(
+    signer: Signer, token: FakeImportToken, store: FailingStore
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    t, blob = blob_for(signer, key)
+    signer.import_key_version("ent-imported", "ec-p256", t, blob, "enterprise", caller=ME)
+    t2, blob2 = blob_for(signer, key)
+    with pytest.raises(AlreadyExists, match="this key pair is already a key version"):
+        signer.import_key_version("copy", "ec-p256", t2, blob2, "consumer", caller=ME)
+    (_, _, key_id, _) = token.unwrapped[1]
+    assert key_id in token.destroyed  # the second unwrap is undone
+    with pytest.raises(NotFound):
+        store.get_key("copy")
+    assert not store.get_import_token(t2).used  # a refused import does not use the token up
+
+
+def test_the_decision_is_made_under_the_lock_on_the_key_as_it_is(
+    signer: Signer, token: FakeImportToken
+) -> None:
+    t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
+    seen: list[Key | None] = []
+
+    def authorise(existing: Key | None) -> None:
+        seen.append(existing)
+        raise PermissionDenied("alice may not import key 'k'")
+
+    signer.create_key("k", "ec-p256", "enterprise")
+    with pytest.raises(PermissionDenied):
+        signer.import_key_version("k", "ec-p256", t, blob, caller=ME, authorise=authorise)
+    assert [k.scope if k else None for k in seen] == ["enterprise"]
+    assert token.unwrapped == []
+
+
+def test_a_caller_gets_its_live_import_token_again(
+    signer: Signer, token: FakeImportToken, clock: FakeClock
+) -> None:
+    first = signer.get_import_parameters(ME).token
+    for _ in range(10):
+        assert signer.get_import_parameters(ME).token == first
+    assert len(token.wrapping) == 1
+    clock.advance(seconds=1801)  # less than half of its hour left: a new one
+    second = signer.get_import_parameters(ME).token
+    assert second != first
+    assert signer.get_import_parameters(ME).token == second
+    assert len(token.wrapping) == 2
+
+
+def test_live_import_tokens_are_bounded_across_callers(
+    token: FakeImportToken, store: FailingStore, clock: FakeClock
+) -> None:
+    cfg = Config(keys=KeysConfig(import_token_lifetime_seconds=3600, max_live_import_tokens=3))
+    signer = Signer(cfg, token, store, clock)  # type: ignore[arg-type]
+    for i in range(3):
+        signer.get_import_parameters(f"uid:{i}")
+    with pytest.raises(ResourceExhausted, match=r"3 import tokens are live.*2026-01-01T01:00"):
+        signer.get_import_parameters("uid:9")
+    assert len(token.wrapping) == 3
+    signer.get_import_parameters("uid:0")  # a caller's own live token is still given back
+    clock.advance(seconds=3600)
+    assert signer.get_import_parameters("uid:9").token.caller == "uid:9"
+
+
+def test_key_locks_do_not_outlive_their_use(signer: Signer) -> None:
+    for i in range(1000):
+        with pytest.raises(NotFound):
+            signer.rotate(f"no-such-key-{i}")
+    signer.create_key("k", "ec-p256")
+    assert signer._locks == {}
 
 
 def test_adopt_key(signer: Signer, token: FakeImportToken, store: FailingStore) -> None:
