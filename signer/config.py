@@ -47,6 +47,12 @@ class ServerConfig:
     # write is bounded (signer.throttle). 0 turns it off.
     refused_calls_budget: int = 50
     refusal_window_seconds: float = 60.0
+    # Local connections (the Unix socket): how many one uid, and all together, may hold open,
+    # and how long one may sit with no traffic before it is closed (signer.relay.Limits). The
+    # total is also kept within the process's descriptor limit (three per connection).
+    max_connections_per_uid: int = 64
+    max_connections: int = 1024
+    idle_connection_seconds: float = 300.0
     # How long graceful shutdown waits for in-flight calls.
     grace_seconds: float = 10.0
     # /proc/self/coredump_filter, set deliberately at start-up: the service's dumps are meant
@@ -119,6 +125,16 @@ class AuditConfig:
     path: str = "var/audit.db"
     checkpoint_every: int = 1000
     checkpoint_interval_seconds: float = 10.0
+    # The most records, and the longest span of record times, ever left under no signed
+    # checkpoint: the writer signs one first or refuses calls, and 'verify' holds a log to it
+    # (a log whose checkpoints were removed cannot pass for a young one).
+    max_unsigned_records: int = 2000
+    max_unsigned_seconds: float = 60.0
+    # Witnesses outside the database: every checkpoint is also appended to this file (put it on
+    # another mount, chattr +a) and/or sent to this syslog socket (e.g. /dev/log). 'verify'
+    # checks the log against them (signer.audit._witness). "" for none.
+    witness_file: str = ""
+    witness_syslog: str = ""
     # The audit key's public half, pinned at first start; "" means PATH.key.pem.
     public_key_file: str = ""
     # Where 'signer audit-log archive' moves old segments; "" means PATH.archive/.
@@ -281,6 +297,9 @@ def _validate(cfg: Config) -> None:
         ("keys.reaper_interval_seconds", cfg.keys.reaper_interval_seconds),
         ("server.grace_seconds", cfg.server.grace_seconds),
         ("server.refusal_window_seconds", cfg.server.refusal_window_seconds),
+        ("server.idle_connection_seconds", cfg.server.idle_connection_seconds),
+        ("server.max_connections_per_uid", cfg.server.max_connections_per_uid),
+        ("server.max_connections", cfg.server.max_connections),
     ):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
@@ -317,6 +336,10 @@ def _validate(cfg: Config) -> None:
     if cfg.audit.checkpoint_every < 1 or cfg.audit.checkpoint_interval_seconds <= 0:
         raise ConfigError(
             "audit.checkpoint_every and audit.checkpoint_interval_seconds must be positive"
+        )
+    if cfg.audit.max_unsigned_records < 1 or cfg.audit.max_unsigned_seconds <= 0:
+        raise ConfigError(
+            "audit.max_unsigned_records and audit.max_unsigned_seconds must be positive"
         )
     if cfg.server.refused_calls_budget < 0:
         raise ConfigError("server.refused_calls_budget must not be negative (0 turns it off)")

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from signer import config as config_mod
 from signer import hsm
 from signer.errors import FailedPrecondition, NotFound
+from signer.files import private_file, state_dir, write_private
 from signer.front import Front, front_config
 from signer.pki import DevCA
 from signer.policy import grant_everything
@@ -68,16 +69,17 @@ def write_config(root: Path, listen: str) -> Path:
         ),
     )  # fmt: skip
     path = root / "signer.toml"
-    path.write_text(
+    write_private(
+        path,
         "# Written by 'signer run' at every start. SIGNER_<SECTION>_<NAME> variables override.\n"
-        + config_mod.dump(cfg)
+        + config_mod.dump(cfg),
     )
     return path
 
 
 def prepare(root: Path) -> None:
     """Token host, development PKI: whatever is missing."""
-    root.mkdir(parents=True, exist_ok=True)
+    state_dir(root)  # others may pass through to the sockets, not list or read what is here
     paths = hsm.HsmPaths((root / "hsm").absolute())
     if not (paths.initialised() and paths.has_tls_token()):
         done = subprocess.run(
@@ -95,11 +97,13 @@ def prepare(root: Path) -> None:
         ca.issue_client(DEV_CLIENT)
     policy = root / "policy.toml"
     if not policy.exists():
-        policy.write_text(
+        write_private(
+            policy,
             "# Written by 'signer run' on first use; yours to edit (SIGHUP reloads it).\n"
             "# See signer/policy.py and the README for the grammar.\n"
-            + grant_everything([f"uid:{os.getuid()}", f"x509:CN={DEV_CLIENT}"])
+            + grant_everything([f"uid:{os.getuid()}", f"x509:CN={DEV_CLIENT}"]),
         )
+    private_file(policy)
 
 
 def _certifies(cert: Path, public_pem: bytes) -> bool:

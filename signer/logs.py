@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -37,3 +39,29 @@ def setup(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class Every:
+    """Rate limit for a log line a caller could trigger at will: :meth:`due` says whether the
+    line for ``key`` may be written now, with how many were held back since the last one. What
+    a flood of connections or refusals can make the service write is bounded (issue 11: 37,964
+    tracebacks in the log of one fd-exhaustion run). Remembers at most ``keys`` keys."""
+
+    def __init__(self, seconds: float, keys: int = 1024) -> None:
+        self.seconds = seconds
+        self._keys = keys
+        self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def due(self, key: str) -> int | None:
+        """The number held back since the line was last written (0 or more) if it may be
+        written now, else None (and this one is counted)."""
+        now = time.monotonic()
+        last, held = self._last.get(key, (-self.seconds, 0))
+        if now - last < self.seconds:
+            self._last[key] = (last, held + 1)
+            return None
+        self._last[key] = (now, 0)
+        self._last.move_to_end(key)
+        while len(self._last) > self._keys:
+            self._last.popitem(last=False)
+        return held

@@ -13,6 +13,7 @@ to the socket in it, so the name is as trustworthy as SO_PEERCRED itself
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -22,7 +23,10 @@ import socket
 import struct
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from signer import logs
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +45,30 @@ def created_with_mode(mode: int) -> Iterator[None]:
         os.umask(previous)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What local callers may hold open. Each relayed connection costs the service three file
+    descriptors (caller, upstream, and the gRPC server's end); two processes of one user holding
+    3,500 idle connections each once took the service to its descriptor limit (issue 11)."""
+
+    per_uid: int = 64
+    total: int = 1024
+    idle_seconds: float = 300.0
+
+
 class PeerRelay:
     """Listens on ``public`` (created with ``mode``) and relays to the gRPC server's socket
     :attr:`internal`, in a private (0700) directory under $TMPDIR: short, because a Unix
-    socket's path is limited to 107 bytes and the bound names live there too."""
+    socket's path is limited to 107 bytes and the bound names live there too.
 
-    def __init__(self, public: Path, mode: int) -> None:
+    A connection over ``limits`` (its uid's share, or the total) is closed as soon as it is
+    accepted, and one with no traffic either way for ``limits.idle_seconds`` is closed (a gRPC
+    client reconnects when it next calls); both are logged at most once a minute per uid."""
+
+    def __init__(self, public: Path, mode: int, limits: Limits | None = None) -> None:
         self.public = public
         self.mode = mode
+        self.limits = limits or Limits()
         public.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.private = Path(tempfile.mkdtemp(prefix="signer-relay-"))  # 0700
         self.internal = self.private / "grpc.sock"
@@ -56,6 +76,9 @@ class PeerRelay:
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
         self._open: set[_Caller] = set()
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._said = logs.Every(60.0)
 
     @property
     def address(self) -> str:
@@ -77,6 +100,46 @@ class PeerRelay:
             self._server = await loop.create_unix_server(
                 lambda: _Caller(self), path=str(self.public)
             )
+        self._sweeper = loop.create_task(self._sweep_idle())
+
+    def _admit(self, caller: _Caller) -> bool:
+        """Counts a new connection in, or says no (the caller then closes it)."""
+        uid = caller.uid
+        if self._per_uid[uid] >= self.limits.per_uid:
+            why = f"uid {uid} holds {self._per_uid[uid]} connections, its most"
+        elif len(self._open) >= self.limits.total:
+            why = f"{len(self._open)} connections are open, the most in all"
+        else:
+            self._per_uid[uid] += 1
+            self._open.add(caller)
+            return True
+        if (n := self._said.due(f"refused:{uid}")) is not None:
+            log.warning(
+                "local connection refused",
+                extra={"uid": uid, "reason": why, "refused_since_last_said": n},
+            )
+        return False
+
+    def _gone(self, caller: _Caller) -> None:
+        if caller in self._open:
+            self._open.discard(caller)
+            self._per_uid[caller.uid] -= 1
+            if not self._per_uid[caller.uid]:
+                del self._per_uid[caller.uid]
+
+    async def _sweep_idle(self) -> None:
+        idle = self.limits.idle_seconds
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(idle / 4, 0.05))
+            cutoff = loop.time() - idle
+            for caller in [c for c in self._open if c.last_active < cutoff]:
+                if (n := self._said.due(f"idle:{caller.uid}")) is not None:
+                    log.info(
+                        "idle local connection closed",
+                        extra={"uid": caller.uid, "seconds": idle, "closed_since_last_said": n},
+                    )
+                caller.cut()
 
     def close(self) -> None:
         """Accepts no new connections; open ones go on (in-flight calls drain)."""
@@ -89,6 +152,8 @@ class PeerRelay:
     async def stop(self) -> None:
         """Closes, cuts the connections still open, and removes the private directory."""
         self.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for caller in list(self._open):
             caller.cut()
         for task in list(self._tasks):
@@ -101,11 +166,8 @@ class PeerRelay:
         with contextlib.suppress(OSError):
             self.private.rmdir()
 
-    def _upstream_socket(self, sock: socket.socket) -> socket.socket:
+    def _upstream_socket(self, pid: int, uid: int, gid: int) -> socket.socket:
         """A socket bound to the name carrying the peer's SO_PEERCRED, not yet connected."""
-        pid, uid, gid = _CREDS.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
-        )
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         name = self.private / f"p-{uid}-{gid}-{pid}-{next(self._ids)}"
         try:
@@ -129,6 +191,9 @@ class PeerRelay:
 class _Side(asyncio.Protocol):
     transport: asyncio.Transport
     out: asyncio.Transport | None = None  # the other side's transport, once both are up
+    peer: _Side | None = None
+    caller: _Caller | None = None  # whose activity this side's data counts as
+    ended = False  # this side sent EOF (it will send nothing more)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -137,19 +202,29 @@ class _Side(asyncio.Protocol):
 
     def link(self, other: _Side) -> None:
         self.out, other.out = other.transport, self.transport
+        self.peer, other.peer = other, self
+        other.caller = self.caller
         self.transport.resume_reading()
         other.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.out.write(data)  # type: ignore[union-attr]  # reading starts once out is set
+        if self.caller is not None:
+            self.caller.last_active = self.caller.loop.time()
 
     def eof_received(self) -> bool:
+        self.ended = True
         if self.out is not None:
+            if self.peer is not None and self.peer.ended:
+                # Both ends have said all they will: close both, or the two sockets would sit
+                # half-closed each way for good (a descriptor leak found under issue 11).
+                self.out.close()
+                return False
             if self.out.can_write_eof():
                 self.out.write_eof()
             else:
                 self.out.close()
-        return True  # our write side stays open until the other side closes it
+        return True  # our write side stays open until the other side is done too
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.out is not None:
@@ -174,22 +249,33 @@ class _Caller(_Side):
 
     def __init__(self, relay: PeerRelay) -> None:
         self._relay = relay
+        self.caller = self
+        self.uid = -1
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._relay._open.add(self)
-        task = asyncio.get_running_loop().create_task(self._connect())
+        sock = self.transport.get_extra_info("socket")
+        self._creds = _CREDS.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+        )
+        self.uid = self._creds[1]
+        if not self._relay._admit(self):
+            self.transport.abort()
+            return
+        task = self.loop.create_task(self._connect())
         self._relay._tasks.add(task)
         task.add_done_callback(self._relay._tasks.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._relay._open.discard(self)
+        self._relay._gone(self)
 
     async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
-            upstream = self._relay._upstream_socket(self.transport.get_extra_info("socket"))
+            upstream = self._relay._upstream_socket(*self._creds)
             try:
                 await loop.sock_connect(upstream, str(self._relay.internal))
                 side = _Side()
@@ -198,7 +284,11 @@ class _Caller(_Side):
                 upstream.close()
                 raise
         except OSError as exc:
-            log.warning("relay could not reach the gRPC server", extra={"error": str(exc)})
+            if (n := self._relay._said.due("upstream")) is not None:
+                log.warning(
+                    "relay could not reach the gRPC server",
+                    extra={"error": str(exc), "failed_since_last_said": n},
+                )
             self.transport.close()
             return
         if self.transport.is_closing():

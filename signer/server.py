@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import pwd
+import resource
 import secrets
 import signal
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from signer import policy as policy_mod
-from signer.audit import AUDIT_ALGORITHM, AuditLog, Event, Signing, SQLiteAuditStore
+from signer.audit import (
+    AUDIT_ALGORITHM,
+    AuditLog,
+    Event,
+    Signing,
+    SQLiteAuditStore,
+    witnesses,
+)
 from signer.config import Config
 from signer.errors import (
     Code,
@@ -47,6 +55,7 @@ from signer.errors import (
     ResourceExhausted,
     SignerError,
     Unauthenticated,
+    Unavailable,
     shown,
 )
 from signer.front import SUBJECT_HEADER
@@ -65,7 +74,7 @@ from signer.keys import (
 )
 from signer.lanes import Lanes
 from signer.policy import Caller, Policy
-from signer.relay import PeerRelay, created_with_mode
+from signer.relay import Limits, PeerRelay, created_with_mode
 from signer.service import BATCH_CHUNK, Clock, Signer, utcnow
 from signer.store import SQLiteStore
 from signer.throttle import REFUSALS, RefusalThrottle
@@ -166,12 +175,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         audit: Audit | None = None,
         calls: set[asyncio.Task[Any]] | None = None,
         throttle: RefusalThrottle | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> None:
         self._identify = identify
         self._how = how  # for the UNAUTHENTICATED message
         self._audit = audit
         self._calls: set[asyncio.Task[Any]] = set() if calls is None else calls
         self._throttle = throttle
+        # Raises UNAVAILABLE, before a call runs, while its outcome could not be recorded.
+        self._gate = gate
 
     async def intercept_service(
         self,
@@ -200,6 +212,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     throttled = self._throttled(caller)
                     if throttled is not None:
                         return None, throttled  # counted for one record when it ends
+                    if self._gate is not None:
+                        self._gate()
                 response = await inner(request, context)
             except SignerError as exc:
                 log.info(
@@ -654,9 +668,16 @@ class Server:
                 SQLiteAuditStore(cfg.audit.path),
                 cfg.audit.checkpoint_every,
                 cfg.audit.checkpoint_interval_seconds,
+                cfg.audit.max_unsigned_records,
+                cfg.audit.max_unsigned_seconds,
+                witnesses(cfg.audit),
             )
         )
-        self.relay = PeerRelay(Path(_unix_path(cfg.server.listen)), int(cfg.server.socket_mode, 8))
+        self.relay = PeerRelay(
+            Path(_unix_path(cfg.server.listen)),
+            int(cfg.server.socket_mode, 8),
+            relay_limits(cfg),
+        )
         self._servers: list[grpc.aio.Server] = []
         # Every call still running, including those whose caller has gone: shutdown waits for
         # them, so that each is recorded before the audit log closes.
@@ -705,6 +726,7 @@ class Server:
                     None if self.bare else self._record,
                     self._calls,
                     None if self.bare else self.throttle,
+                    None if self.audit is None else self.audit.check,
                 )
             ],
             options=[
@@ -751,6 +773,7 @@ class Server:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.audit is not None:
+            self.audit.on_change(lambda: self._availability_changed(True))
             self.audit.start(self._audit_key, self.cfg.audit.pinned_key)
         local = self._grpc_server(
             local_caller(self.relay), f"connect to {self.cfg.server.listen} (a local user)"
@@ -805,9 +828,21 @@ class Server:
             asyncio.run_coroutine_threadsafe(self._refresh_health(), loop)
 
     async def _refresh_health(self) -> None:
+        """SERVING while the token answers and the audit log takes records."""
         async with self._health_lock:
             if not self._stopping:
-                await self._set_health(self.token.available)
+                recording = self.audit is None or (
+                    self.audit.failure is None and self._audit_refusing() is None
+                )
+                await self._set_health(self.token.available and recording)
+
+    def _audit_refusing(self) -> str | None:
+        assert self.audit is not None
+        try:
+            self.audit.check()
+        except Unavailable as exc:
+            return exc.message
+        return None
 
     async def _set_health(self, up: bool) -> None:
         status = (
@@ -917,9 +952,36 @@ def _listen(server: grpc.aio.Server, address: str, socket_mode: int) -> None:
 def harden_process(cfg: Config) -> None:
     """What the service process sets about itself. Core dumps stay on (RLIMIT_CORE as inherited:
     a dump of this process holds no key and is how crashes get debugged); which memory they
-    carry is chosen here rather than inherited."""
+    carry is chosen here rather than inherited. Its descriptor limit is raised to the most it
+    may have, for the connections :func:`relay_limits` allows."""
     if cfg.server.coredump_filter:
         Path("/proc/self/coredump_filter").write_text(cfg.server.coredump_filter)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# Descriptors kept back from local connections: the gRPC servers, the front's connections, the
+# token's, the databases, the log.
+RESERVED_FDS = 256
+
+
+def relay_limits(cfg: Config) -> Limits:
+    """The local connection limits of ``cfg``, the total kept within the descriptor limit
+    (three descriptors per relayed connection)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = max(1, (soft - RESERVED_FDS) // 3)
+    total = min(cfg.server.max_connections, room)
+    if total < cfg.server.max_connections:
+        log.warning(
+            "fewer local connections than configured: the descriptor limit is low",
+            extra={"max_connections": total, "nofile": soft},
+        )
+    return Limits(
+        per_uid=min(cfg.server.max_connections_per_uid, total),
+        total=total,
+        idle_seconds=cfg.server.idle_connection_seconds,
+    )
 
 
 def serve(cfg: Config) -> int:

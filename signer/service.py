@@ -617,8 +617,21 @@ class Signer:
 
     def sign_chunk(self, plan: BatchPlan, start: int) -> None:
         """Signs the plan's items ``start`` to ``start + BATCH_CHUNK`` on one token session; the
-        token failing fails the call."""
+        token failing fails the call. The version's state is read again first: a version
+        disabled (or destroyed) while a batch runs signs nothing more, and the rest of its items
+        fail FAILED_PRECONDITION (issue 11: a 300-item batch disabled half a second in used to
+        return all 300)."""
         end = start + BATCH_CHUNK
+        try:
+            check_usable(
+                self._store.get_version(plan.version.name, plan.version.version), self.now()
+            )
+        except (FailedPrecondition, NotFound) as exc:
+            for i in plan.slots[start:end]:
+                plan.results[i] = FailedPrecondition(
+                    f"item {i}: {exc.message} (since the batch began)"
+                )
+            return
         raws = self._token.sign_many(plan.version.key_id, plan.jobs[start:end])
         for i, raw in zip(plan.slots[start:end], raws, strict=True):
             plan.results[i] = format_signature(plan.alg, raw, plan.fmt)

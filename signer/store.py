@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from signer.errors import AlreadyExists, FailedPrecondition, NotFound
+from signer.files import private_database
 from signer.keys import ImportToken, Key, State, Version
 
 _SCHEMA = """
@@ -104,6 +105,7 @@ class SQLiteStore:
         self._path = str(path)
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            private_database(self._path)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()

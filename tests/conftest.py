@@ -364,3 +364,49 @@ def gone_soon(pid: int, timeout: float = 15.0) -> bool:
         os.kill(pid, 9)
         return False
     return True
+
+
+def python_for_others() -> list[str]:
+    """A Python that another user can run, with this checkout's packages on its path: the
+    interpreter itself if everyone may execute it (a system Python), else the system's own of
+    the same version (pyenv keeps its interpreters under an owner-only home)."""
+    import stat
+
+    def world_runnable(path: Path) -> bool:
+        return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
+
+    candidates = [Path(sys.executable).resolve(), Path("/usr/bin/python3").resolve()]
+    for python in candidates:
+        if python.exists() and world_runnable(python):
+            version = subprocess.run(
+                [str(python), "-c", "import sys; print(sys.version_info[:2])"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+            if version == str(sys.version_info[:2]):
+                return [str(python)]
+    pytest.fail(f"no Python {sys.version_info[:2]} that another user may run: {candidates}")
+
+
+def as_user(user: Any) -> dict[str, Any]:
+    """subprocess arguments that run a command as ``user`` (a pwd entry), with this checkout's
+    packages importable by :func:`python_for_others`."""
+    import site
+
+    path = os.pathsep.join([*site.getsitepackages(), str(REPO)])
+    return {
+        "env": {"PYTHONPATH": path},
+        "user": user.pw_uid,
+        "group": user.pw_gid,
+        "extra_groups": [],
+        "cwd": "/",
+    }
+
+
+def run_as(
+    user: Any, script: str, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -c script args...`` as ``user``."""
+    return subprocess.run(
+        [*python_for_others(), "-c", script, *args],
+        capture_output=True, text=True, timeout=timeout, **as_user(user),
+    )  # fmt: skip

@@ -17,8 +17,9 @@ signed checkpoint, into archive files, and the live log remembers each move; not
 that is not somewhere else, checked.
 
 What a hash chain cannot show by itself: records cut from the end together with the checkpoints
-that covered them. Each checkpoint is also written to the service's log (sequence and hash), an
-independent place to compare with.
+that covered them. So checkpoints chain to each other, the log is never left unsigned beyond a
+bound (records and time) that ``verify`` holds it to, and each checkpoint also goes to witnesses
+outside the database (a file, syslog, and the service's own log) that ``verify`` can be given.
 """
 
 from signer.audit._archive import archive, read_archive
@@ -35,6 +36,19 @@ from signer.audit._chain import (
 from signer.audit._log import AuditLog
 from signer.audit._store import Archived, AuditStore, SQLiteAuditStore
 from signer.audit._verify import Verdict, verify_log
+from signer.audit._witness import FileWitness, SyslogWitness, Witness, read_witness
+from signer.config import AuditConfig
+
+
+def witnesses(cfg: AuditConfig) -> list[Witness]:
+    """The witnesses ``cfg`` names."""
+    out: list[Witness] = []
+    if cfg.witness_file:
+        out.append(FileWitness(cfg.witness_file))
+    if cfg.witness_syslog:
+        out.append(SyslogWitness(cfg.witness_syslog))
+    return out
+
 
 __all__ = [
     "AUDIT_ALGORITHM",
@@ -44,13 +58,18 @@ __all__ = [
     "AuditStore",
     "Checkpoint",
     "Event",
+    "FileWitness",
     "Record",
     "SQLiteAuditStore",
     "Signing",
+    "SyslogWitness",
     "Verdict",
+    "Witness",
     "archive",
     "checkpoint_message",
     "read_archive",
+    "read_witness",
     "record_hash",
     "verify_log",
+    "witnesses",
 ]

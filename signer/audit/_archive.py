@@ -14,6 +14,7 @@ from typing import Any
 
 from signer.audit._chain import Checkpoint, Event, Record, iso
 from signer.audit._store import Archived, AuditStore
+from signer.files import private_file
 
 
 def archive(store: AuditStore, directory: Path, before: datetime) -> Archived | None:
@@ -31,11 +32,11 @@ def archive(store: AuditStore, directory: Path, before: datetime) -> Archived | 
     upto = due[-1].seq
     records = list(store.records(upto=upto))
     first = records[0]
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"audit-{first.seq:012d}-{upto:012d}.jsonl"
     tmp = path.with_suffix(".tmp")
     digest = hashlib.sha256()
-    with open(tmp, "wb") as fh:
+    with open(private_file(tmp), "wb") as fh:
         covering = [c for c in checkpoints if first.seq <= c.seq <= upto]
         for line in _lines(first.prev_hash, records, covering):
             data = json.dumps(line, separators=(",", ":"), sort_keys=True).encode() + b"\n"
@@ -63,7 +64,8 @@ def _lines(
         yield {"record": [r.seq, iso(e.time), e.caller, e.operation, e.key, e.version,
                           e.payload_sha256, e.status, r.prev_hash, r.hash]}  # fmt: skip
     for c in checkpoints:
-        yield {"checkpoint": [c.seq, c.hash, c.time, base64.b64encode(c.signature).decode()]}
+        line = [c.seq, c.hash, c.time, base64.b64encode(c.signature).decode()]
+        yield {"checkpoint": line if c.prev is None else [*line, c.prev]}
 
 
 def read_archive(path: Path) -> tuple[dict[str, Any], list[Record], list[Checkpoint]]:
@@ -79,6 +81,8 @@ def read_archive(path: Path) -> tuple[dict[str, Any], list[Record], list[Checkpo
                 seq, at, *fields, prev, h = item["record"]
                 records.append(Record(seq, Event(datetime.fromisoformat(at), *fields), prev, h))
             elif "checkpoint" in item:
-                seq, h, at, sig = item["checkpoint"]
-                checkpoints.append(Checkpoint(seq, h, at, base64.b64decode(sig)))
+                seq, h, at, sig, *prev = item["checkpoint"]
+                checkpoints.append(
+                    Checkpoint(seq, h, at, base64.b64decode(sig), prev[0] if prev else None)
+                )
     return header, records, checkpoints

@@ -49,9 +49,13 @@ class Checkpoint:
     hash: str
     time: str
     signature: bytes
+    # The sequence number of the checkpoint before this one (0: the first), signed with it:
+    # checkpoints chain, so one deleted between two is named. None: a checkpoint written before
+    # they chained (its signature covers seq, hash and time only).
+    prev: int | None = None
 
     def verifies(self, public_der: bytes) -> bool:
-        message = checkpoint_message(self.seq, self.hash, self.time)
+        message = checkpoint_message(self.seq, self.hash, self.time, self.prev)
         return verify(
             public_der, AUDIT_ALGORITHM, self.signature, message, None, Padding.PSS,
             SigFormat.DER,
@@ -72,8 +76,10 @@ def chain(seq: int, event: Event, prev_hash: str) -> Record:
     return Record(seq, event, prev_hash, record_hash(seq, event, prev_hash))
 
 
-def checkpoint_message(seq: int, hash_: str, at: str) -> bytes:
-    return f"signer-audit-checkpoint:{seq}:{hash_}:{at}".encode()
+def checkpoint_message(seq: int, hash_: str, at: str, prev: int | None = None) -> bytes:
+    if prev is None:
+        return f"signer-audit-checkpoint:{seq}:{hash_}:{at}".encode()
+    return f"signer-audit-checkpoint:v2:{seq}:{hash_}:{at}:{prev}".encode()
 
 
 class Signing:

@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from signer.audit._chain import Checkpoint, Event, Signing, chain, checkpoint_message, iso
 from signer.audit._store import AuditStore
+from signer.audit._witness import MESSAGE, Witness, fields
 from signer.errors import SignerError, Unavailable
 from signer.lanes import hand_back
 
@@ -27,22 +28,50 @@ _BATCH = 1024
 
 class AuditLog:
     """:meth:`record` queues an event and returns its sequence number once committed, or fails
-    UNAVAILABLE if it cannot be."""
+    UNAVAILABLE if it cannot be.
+
+    Bounded signing: no record is committed while more than ``max_unsigned_records`` records,
+    or records spanning more than ``max_unsigned_seconds`` (by their own times), would be under
+    no signed checkpoint. The writer signs one first; if it cannot (the token host away, a
+    witness unwritable), the records are refused, and so are new calls (:meth:`check`) until a
+    checkpoint succeeds. So a whole log is always signed to within that bound of its end, which
+    ``verify`` holds it to: a log whose checkpoints were deleted cannot pass for a young one.
+
+    A checkpoint key that differs from the pinned one is a tamper signal, not a retry: the log
+    then refuses everything for good (:attr:`failure`), until an operator restarts the service.
+    """
 
     def __init__(
-        self, store: AuditStore, checkpoint_every: int = 1000, checkpoint_interval: float = 10.0
+        self,
+        store: AuditStore,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 10.0,
+        max_unsigned_records: int | None = None,
+        max_unsigned_seconds: float | None = None,
+        witnesses: Sequence[Witness] = (),
     ) -> None:
         self.store = store
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
+        self.max_unsigned_records = max_unsigned_records or 2 * checkpoint_every
+        self.max_unsigned_seconds = max_unsigned_seconds or 6 * checkpoint_interval
+        self._witnesses = list(witnesses)
         self._seq, self._hash = store.head()
         self._checkpointed = max(store.last_checkpoint(), 0)
+        first = store.record(self._checkpointed + 1) if self._seq > self._checkpointed else None
+        self._first_unsigned: datetime | None = first.event.time if first else None
         self._last_checkpoint = time.monotonic()
         self._queue: queue.Queue[tuple[Event, asyncio.Future[int]] | None] = queue.Queue()
         self._signing: Signing | None = None
         self._make_key: MakeKey | None = None
         self._pin_to: Path | None = None
         self._writer: threading.Thread | None = None
+        # Why calls are refused now: ``failure`` for good (a foreign key), ``_refusing`` until
+        # a checkpoint is signed again.
+        self.failure: str | None = None
+        self._refusing: str | None = None
+        self._why = ""  # why the last checkpoint failed
+        self._listeners: list[Callable[[], None]] = []
 
     def start(self, make_key: MakeKey, pin_to: Path) -> None:
         """Starts writing. Checkpoints are signed with the audit key that ``make_key`` returns
@@ -53,6 +82,18 @@ class AuditLog:
         self._make_key, self._pin_to = make_key, pin_to
         self._writer = threading.Thread(target=self._write_forever, name="audit", daemon=True)
         self._writer.start()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """``listener()`` (from the writer thread) when :meth:`check` starts or stops refusing."""
+        self._listeners.append(listener)
+
+    def check(self) -> None:
+        """UNAVAILABLE, saying why, while the log refuses records: before a call changes or uses
+        anything it could not record."""
+        if self.failure is not None:
+            raise Unavailable(self.failure)
+        if self._refusing is not None:
+            raise Unavailable(self._refusing)
 
     async def record(self, event: Event) -> int:
         """Queues ``event``; returns the record's sequence number once committed, or raises
@@ -70,10 +111,13 @@ class AuditLog:
             self._queue.put(None)
             self._writer.join(timeout=30)
         self.store.close()
+        for witness in self._witnesses:
+            witness.close()
 
     # --- the writer thread --------------------------------------------------------------------
 
     def _write_forever(self) -> None:
+        batch_limit = min(_BATCH, self.max_unsigned_records)
         while True:
             wait = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
             try:
@@ -82,7 +126,7 @@ class AuditLog:
                 self._checkpoint_quietly()
                 continue
             batch = [item]
-            while len(batch) < _BATCH:
+            while len(batch) < batch_limit:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -98,9 +142,40 @@ class AuditLog:
     def _unsigned(self) -> int:
         return self._seq - self._checkpointed
 
+    def _fitting(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> int:
+        """How many of ``batch``'s first events can be committed without leaving more records,
+        or records spanning more time, under no signed checkpoint than the bound allows."""
+        first = self._first_unsigned
+        newest: datetime | None = None
+        for n, (event, _) in enumerate(batch):
+            first = first or event.time
+            newest = event.time if newest is None else max(newest, event.time)
+            too_many = self._unsigned + n + 1 > self.max_unsigned_records
+            if too_many or (newest - first).total_seconds() > self.max_unsigned_seconds:
+                return n
+        return len(batch)
+
     def _commit(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> None:
-        if not batch:
-            return
+        while batch and self.failure is None:
+            n = self._fitting(batch)
+            if n == 0:  # a checkpoint first; after one, at least the first event fits
+                self._checkpoint_quietly()
+                n = self._fitting(batch)
+            if n == 0:
+                self._set(
+                    refusing=f"the audit log cannot sign a checkpoint ({self._why}), and "
+                    "records may not go unsigned beyond audit.max_unsigned_records or "
+                    "audit.max_unsigned_seconds: calls are refused until one is signed"
+                )
+                break
+            if not self._append(batch[:n]):
+                return
+            batch = batch[n:]
+        if batch:
+            error = Unavailable(self.failure or self._refusing or "the audit log is refusing")
+            hand_back([(fut, False, error) for _, fut in batch])
+
+    def _append(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> bool:
         records, seq, prev = [], self._seq, self._hash
         for event, _ in batch:
             seq += 1
@@ -114,28 +189,49 @@ class AuditLog:
                 f"the audit log cannot be written ({exc}); refusing the call until it can"
             )
             hand_back([(fut, False, error) for _, fut in batch])
-            return
+            return False
+        if self._first_unsigned is None:
+            self._first_unsigned = batch[0][0].time
         self._seq, self._hash = seq, prev
         hand_back([(fut, True, r.seq) for (_, fut), r in zip(batch, records, strict=True)])
+        return True
 
     def _checkpoint_quietly(self) -> None:
         try:
             self.checkpoint()
-        except Exception as exc:  # a token host away, a store that refuses: retried later
-            message = exc.message if isinstance(exc, SignerError) else str(exc)
-            log.error("audit checkpoint failed", extra={"error": message})
+        except AuditKeyMismatch as exc:
+            self._set(failure=exc.message)
+        except Exception as exc:  # a token host away, a store or a witness that refuses
+            self._why = exc.message if isinstance(exc, SignerError) else str(exc)
+            log.error("audit checkpoint failed; retried", extra={"error": self._why})
+        else:
+            self._set(refusing=None)
         self._last_checkpoint = time.monotonic()
 
+    def _set(self, *, failure: str | None = None, refusing: str | None = None) -> None:
+        if failure is not None and self.failure is None:
+            log.critical("audit log stopped: every call is refused", extra={"error": failure})
+            self.failure = failure
+        elif failure is None and refusing != self._refusing:
+            self._refusing = refusing
+        else:
+            return
+        for listener in self._listeners:
+            listener()
+
     def checkpoint(self) -> None:
-        """Signs the newest record's (sequence, hash) in the token, if there are new records."""
+        """Signs the newest record's (sequence, hash), with the previous checkpoint's sequence,
+        in the token, if there are new records; writes it to every witness, then the store."""
         if self._unsigned <= 0:
             return
         signing = self._ensure_key()
-        seq, hash_, at = self._seq, self._hash, iso(datetime.now(UTC))
-        signature = signing(checkpoint_message(seq, hash_, at))
-        self.store.add_checkpoint(Checkpoint(seq, hash_, at, signature))
-        self._checkpointed = seq
-        log.info("audit checkpoint", extra={"seq": seq, "hash": hash_})
+        seq, hash_, at, prev = self._seq, self._hash, iso(datetime.now(UTC)), self._checkpointed
+        c = Checkpoint(seq, hash_, at, signing(checkpoint_message(seq, hash_, at, prev)), prev)
+        for witness in self._witnesses:
+            witness.write(c)
+        self.store.add_checkpoint(c)
+        self._checkpointed, self._first_unsigned = seq, None
+        log.info(MESSAGE, extra=fields(c))
 
     def _ensure_key(self) -> Signing:
         if self._signing is not None:
@@ -148,10 +244,17 @@ class AuditLog:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         if self._pin_to.exists() and self._pin_to.read_bytes() != pem:
-            raise SignerError(f"the audit key does not match the one pinned in {self._pin_to}")
+            raise AuditKeyMismatch(
+                f"the audit key is not the one pinned in {self._pin_to}: the log or its key was "
+                "replaced; signing stops until an operator has looked (see the README)"
+            )
         if recorded is None:
             self.store.set_audit_key(signing.key_id, public_der)
         if not self._pin_to.exists():
             self._pin_to.write_bytes(pem)
         self._signing = signing
         return signing
+
+
+class AuditKeyMismatch(Unavailable):
+    """The key that would sign checkpoints is not the pinned one."""

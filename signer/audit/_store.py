@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from signer.audit._chain import GENESIS, Checkpoint, Event, Record, iso
+from signer.files import private_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -29,7 +30,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY,
     hash TEXT NOT NULL,
     time TEXT NOT NULL,
-    signature BLOB NOT NULL
+    signature BLOB NOT NULL,
+    prev INTEGER
 );
 CREATE TABLE IF NOT EXISTS audit_key (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -70,7 +72,8 @@ class AuditStore(Protocol):
     def add_checkpoint(self, checkpoint: Checkpoint) -> None: ...
     def last_checkpoint(self) -> int: ...
     def checkpoints(self) -> list[Checkpoint]: ...
-    def records(self, upto: int | None = None) -> Iterator[Record]: ...
+    def records(self, upto: int | None = None, first: int = 0) -> Iterator[Record]: ...
+    def record(self, seq: int) -> Record | None: ...
     def audit_key(self) -> tuple[bytes, bytes] | None: ...
     def set_audit_key(self, key_id: bytes, public_der: bytes) -> None: ...
     def archives(self) -> list[Archived]: ...
@@ -94,12 +97,16 @@ class SQLiteAuditStore:
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
             return
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        private_database(self.path)
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=timeout
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(checkpoints)")}
+        if "prev" not in columns:  # a log from before checkpoints chained
+            self._db.execute("ALTER TABLE checkpoints ADD COLUMN prev INTEGER")
 
     def head(self) -> tuple[int, str]:
         row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
@@ -125,7 +132,8 @@ class SQLiteAuditStore:
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         c = checkpoint
         self._db.execute(
-            "INSERT INTO checkpoints VALUES (?,?,?,?)", (c.seq, c.hash, c.time, c.signature)
+            "INSERT INTO checkpoints (seq, hash, time, signature, prev) VALUES (?,?,?,?,?)",
+            (c.seq, c.hash, c.time, c.signature, c.prev),
         )
 
     def last_checkpoint(self) -> int:
@@ -133,18 +141,21 @@ class SQLiteAuditStore:
         return int(row[0] or 0)
 
     def checkpoints(self) -> list[Checkpoint]:
-        rows = self._db.execute("SELECT seq, hash, time, signature FROM checkpoints ORDER BY seq")
-        return [Checkpoint(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+        rows = self._db.execute(
+            "SELECT seq, hash, time, signature, prev FROM checkpoints ORDER BY seq"
+        )
+        return [Checkpoint(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
-    def records(self, upto: int | None = None) -> Iterator[Record]:
+    def record(self, seq: int) -> Record | None:
+        return next(self.records(first=seq, upto=seq), None)
+
+    def records(self, upto: int | None = None, first: int = 0) -> Iterator[Record]:
         query = (
             "SELECT seq, time, caller, operation, key, version, payload_sha256, status, "
-            "prev_hash, hash FROM records"
+            "prev_hash, hash FROM records WHERE seq >= ? AND seq <= ? ORDER BY seq"
         )
-        params: tuple[int, ...] = ()
-        if upto is not None:
-            query, params = query + " WHERE seq <= ?", (upto,)
-        for row in self._db.execute(query + " ORDER BY seq", params):
+        params = (first, upto if upto is not None else 2**62)
+        for row in self._db.execute(query, params):
             event = Event(datetime.fromisoformat(row[1]), *row[2:8])
             yield Record(row[0], event, row[8], row[9])
 

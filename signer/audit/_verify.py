@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives import serialization
 from signer.audit._archive import read_archive
 from signer.audit._chain import GENESIS, Checkpoint, Record, record_hash
 from signer.audit._store import SQLiteAuditStore
+from signer.audit._witness import WitnessError, read_witness
+from signer.config import AuditConfig
 from signer.errors import SignerError
 
 
@@ -23,6 +25,7 @@ class Verdict:
     records_end: int  # the newest sequence number
     archived: int  # records in archive segments (checked only with their files)
     first_bad: tuple[int, str] | None  # (seq, what is wrong)
+    witnessed: int = 0  # checkpoints of the witnesses checked against the records
 
     @property
     def whole(self) -> bool:
@@ -55,9 +58,10 @@ def _walk(records: Iterable[Record], seq: int, prev: str, hashes: dict[int, str]
 
 
 def _signed(checkpoints: list[Checkpoint], public_der: bytes, hashes: dict[int, str], last: int,
-            since: int = 0) -> int:  # fmt: skip
-    """Checks every checkpoint against its signature and the records; returns the newest."""
-    signed = since
+            since: int = 0, anchor: int | None = None) -> int:  # fmt: skip
+    """Checks every checkpoint against its signature, the records, and the checkpoint before it
+    (``anchor``: the first one's predecessor is in an archive, not here); returns the newest."""
+    signed, before, chained = since, since, False
     for c in sorted(checkpoints, key=lambda c: c.seq):
         if not c.verifies(public_der):
             raise _Bad(c.seq, "its checkpoint's signature does not verify")
@@ -69,17 +73,35 @@ def _signed(checkpoints: list[Checkpoint], public_der: bytes, hashes: dict[int, 
                 f"records {signed + 1} to {c.seq} differ from what the checkpoint at {c.seq} "
                 "signed (rewritten, hashes and all)",
             )
-        signed = max(signed, c.seq)
+        if c.prev is None:
+            if chained:
+                raise _Bad(c.seq, "its checkpoint is unchained, after chained ones")
+        elif c.seq != anchor and c.prev != before:
+            raise _Bad(
+                before + 1,
+                f"the checkpoint at {c.seq} follows one at {c.prev}, which the log does not "
+                f"have (checkpoints removed)",
+            )
+        chained = chained or c.prev is not None
+        signed, before = max(signed, c.seq), c.seq
     return signed
 
 
 def verify_log(
-    path: str | Path, public_key_pem: bytes | None, archive_dir: Path | None = None
+    path: str | Path,
+    public_key_pem: bytes | None,
+    archive_dir: Path | None = None,
+    *,
+    max_unsigned_records: int = AuditConfig.max_unsigned_records,
+    max_unsigned_seconds: float = AuditConfig.max_unsigned_seconds,
+    witnesses: Sequence[Path] = (),
 ) -> Verdict:
-    """Checks the live chain record by record, every checkpoint's signature with the pinned
-    audit key, the anchor each archive left behind, and, given ``archive_dir``, every archive
-    file too (its digest, chain and checkpoints). ``public_key_pem`` None: nothing is pinned
-    yet, which a young log (no checkpoint so far, no audit key recorded) may be."""
+    """Checks the live chain record by record; every checkpoint's signature with the pinned
+    audit key, and that each follows the one before; the anchor each archive left behind and,
+    given ``archive_dir``, every archive file too (its digest, chain and checkpoints); that the
+    log is signed to within the bound the service keeps (``max_unsigned_*``); and that every
+    checkpoint a witness saw is in it. ``public_key_pem`` None: nothing is pinned yet, which
+    a young log (no checkpoint so far, no audit key recorded) may be."""
     public_der = (
         b""
         if public_key_pem is None
@@ -100,10 +122,12 @@ def verify_log(
         store.close()
     archived = sum(a.last_seq - a.first_seq + 1 for a in archives)
     hashes: dict[int, str] = {}
-    seq, prev, last, signed = 0, GENESIS, 0, 0
+    seq, prev, last, signed, witnessed = 0, GENESIS, 0, 0, 0
     try:
         if public_key_pem is None and (recorded is not None or checkpoints or archives):
             raise _Bad(0, "the log has an audit key or checkpoints, but no pinned key was given")
+        if public_key_pem is not None and recorded is None:
+            raise _Bad(0, "an audit key is pinned, but the log carries none (removed)")
         if recorded is not None and recorded[1] != public_der:
             raise _Bad(0, "the audit key recorded in the log is not the pinned one")
         for a in archives:
@@ -118,11 +142,76 @@ def verify_log(
         if archives and not (anchor and anchor[0].verifies(public_der) and anchor[0].hash == prev):
             raise _Bad(seq, "the last archive's anchor is not a signed checkpoint of the log")
         last = _walk(records, seq, prev, hashes)
-        signed = _signed(checkpoints, public_der, hashes, last, signed)
+        signed = _signed(checkpoints, public_der, hashes, last, signed, seq if archives else None)
+        if public_key_pem is not None and not checkpoints:
+            raise _Bad(1, "an audit key is pinned, but the log has no checkpoint (removed)")
+        _within_bound(records, signed, max_unsigned_records, max_unsigned_seconds)
+        for witness in witnesses:
+            witnessed += _witnessed(Path(witness), public_der, hashes, last, seq)
         bad = None
     except _Bad as exc:
         bad = (exc.seq, exc.what)
-    return Verdict(len(records), len(checkpoints), signed, last, archived, bad)
+    return Verdict(len(records), len(checkpoints), signed, last, archived, bad, witnessed)
+
+
+def _within_bound(records: list[Record], signed: int, most: int, seconds: float) -> None:
+    """The service never leaves more than ``most`` records, or records spanning more than
+    ``seconds``, after its newest checkpoint: a longer unsigned tail had its checkpoints
+    removed."""
+    tail = [r for r in records if r.seq > signed]
+    if len(tail) > most:
+        raise _Bad(
+            signed + 1,
+            f"records {signed + 1} to {tail[-1].seq} ({len(tail)}) are under no signed "
+            f"checkpoint; the service leaves at most {most} so (checkpoints removed?)",
+        )
+    if tail:
+        span = (max(r.event.time for r in tail) - tail[0].event.time).total_seconds()
+        if span > seconds:
+            raise _Bad(
+                signed + 1,
+                f"records {signed + 1} to {tail[-1].seq} span {span:.0f} s under no signed "
+                f"checkpoint; the service leaves at most {seconds:g} s so (checkpoints removed?)",
+            )
+
+
+def _witnessed(
+    path: Path, public_der: bytes, hashes: dict[int, str], last: int, archived_to: int
+) -> int:
+    """Checks the log against every checkpoint in a witness; returns how many were checked
+    (those inside archives not read with ``--archives`` are not)."""
+    if not path.exists():
+        raise _Bad(0, f"witness {path} does not exist")
+    checked = 0
+    try:
+        entries = list(read_witness(path))
+    except WitnessError as exc:
+        raise _Bad(0, f"witness {exc}") from None
+    for line, c in entries:
+        where = f"the witness {path.name} (line {line})"
+        if not public_der:
+            raise _Bad(
+                c.seq,
+                f"{where} saw a checkpoint at {c.seq}, but the log has no audit key and none is "
+                "pinned (removed?)",
+            )
+        if not c.verifies(public_der):
+            raise _Bad(c.seq, f"{where} holds a checkpoint the pinned key did not sign")
+        if c.seq > last:
+            raise _Bad(
+                last + 1,
+                f"records {last + 1} to {c.seq} are missing: {where} saw a checkpoint at "
+                f"{c.seq}, the log ends at {last} (cut from the end)",
+            )
+        known = hashes.get(c.seq)
+        if known is None and c.seq <= archived_to:
+            continue  # inside an archive whose records were not read
+        if known != c.hash:
+            raise _Bad(
+                c.seq, f"record {c.seq} is not what {where} saw signed (rewritten, hashes and all)"
+            )
+        checked += 1
+    return checked
 
 
 def _check_archive(path: Path, sha256: str, public_der: bytes, seq: int, prev: str) -> None:

@@ -271,23 +271,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.serve(config.load(args.config))
 
 
-def _audit_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
     from signer import config
 
     cfg = config.load(args.config) if args.config else config.Config()
     db = Path(args.db or cfg.audit.path)
     pinned = Path(args.public_key or (f"{db}.key.pem" if args.db else cfg.audit.pinned_key))
     archives = Path(args.archive_dir or (f"{db}.archive" if args.db else cfg.audit.archives))
-    return db, pinned, archives
+    return db, pinned, archives, cfg.audit
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from signer import audit
 
-    db, pinned, archives = _audit_paths(args)
+    db, pinned, archives, cfg = _audit_config(args)
     # A young log has no checkpoint yet, so no audit key was made or pinned: the chain alone.
     key = pinned.read_bytes() if pinned.exists() else None
-    verdict = audit.verify_log(db, key, archives if args.archives else None)
+    witnessed = [Path(w) for w in args.witness]
+    if not witnessed and cfg.witness_file and not args.db:
+        witnessed = [Path(cfg.witness_file)]
+    verdict = audit.verify_log(
+        db,
+        key,
+        archives if args.archives else None,
+        max_unsigned_records=cfg.max_unsigned_records,
+        max_unsigned_seconds=cfg.max_unsigned_seconds,
+        witnesses=witnessed,
+    )
     if verdict.first_bad is not None:
         seq, what = verdict.first_bad
         print(f"audit log {db} is NOT whole: first bad record {seq}: {what}")
@@ -306,7 +316,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             if verdict.archived
             else ""
         )
+        + (
+            f"; {verdict.witnessed} checkpoints of {', '.join(map(str, witnessed))} agree"
+            if witnessed
+            else ""
+        )
     )
+    if key is None:
+        print(
+            f"note: no audit key is pinned ({pinned}): nothing in this log is signed yet. A young "
+            "log is so until its first checkpoint; otherwise its pin file is missing, and only "
+            "a witness (--witness) can show that records were not cut from its end."
+        )
     return EXIT_OK
 
 
@@ -315,7 +336,7 @@ def cmd_audit_archive(args: argparse.Namespace) -> int:
 
     from signer import audit
 
-    db, _, archives = _audit_paths(args)
+    db, _, archives, _ = _audit_config(args)
     before = datetime.now(UTC) - timedelta(days=args.older_than_days)
     store = audit.SQLiteAuditStore(db)
     try:
@@ -478,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--archive-dir", help="archive files (default: the log's path + .archive)")
     sp.add_argument("--archives", action="store_true", help="check the archive files too")
+    sp.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a witness of the checkpoints: audit.witness_file, the service's log, or syslog "
+        "lines (journalctl -o cat); repeatable (default: audit.witness_file of the config)",
+    )
     sp.set_defaults(func=cmd_audit_verify)
     sp = audit_sub.add_parser(
         "archive",

@@ -7,21 +7,26 @@ import hashlib
 import logging
 import os
 import pwd
+import shutil
 import sqlite3
 import subprocess
 import threading
+from datetime import datetime
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, ObjectClass
 
+from signer.audit import Event, record_hash
 from signer.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from signer.keys import State
 from signer.store import SQLiteStore
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
-from tests.conftest import SIGNER_BIN
+from tests.conftest import SIGNER_BIN, health_status, wait_until, write_toml
 
 pytestmark = pytest.mark.integration
 CALLER = f"uid:{os.getuid()}({pwd.getpwuid(os.getuid()).pw_name})"
@@ -281,3 +286,80 @@ def test_a_caller_refused_too_often_is_throttled_and_counted_in_one_record(
     assert rows == [(CALLER, "GetKey", 0, "INVALID_ARGUMENT")] * 3 + [
         (CALLER, "Throttled", 20, "RESOURCE_EXHAUSTED")
     ]
+
+
+# --- a log is signed to its end, and witnessed outside its database (issue 11, item 2) ---------
+
+
+def _rewrite_and_strip(path: str, seq: int) -> None:
+    """The red team's edit of a copy of a live log: record ``seq`` rewritten with every hash
+    after it recomputed, then every checkpoint and the audit key deleted."""
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT * FROM records ORDER BY seq").fetchall()
+        prev = rows[0][8]
+        for row in rows:
+            row = list(row)
+            if row[0] == seq:
+                row[4] = "someone-else"
+            event = Event(datetime.fromisoformat(row[1]), *row[2:8])
+            row[8], row[9] = prev, record_hash(row[0], event, prev)
+            prev = row[9]
+            db.execute("UPDATE records SET key = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                       (row[4], row[8], row[9], row[0]))  # fmt: skip
+        db.execute("DELETE FROM checkpoints")
+        db.execute("DELETE FROM audit_key")
+
+
+def test_a_rewritten_log_stripped_of_its_checkpoints_does_not_verify(
+    service_factory, unique_name, tmp_path
+):
+    witness = tmp_path / "elsewhere.jsonl"
+    svc = service_factory(audit={"checkpoint_every": 5, "max_unsigned_records": 8,
+                                 "witness_file": str(witness)})  # fmt: skip
+    path = signed_and_stopped(svc, unique_name(), 12)  # 13 records, checkpoints 5, 10, 13
+    config = write_toml(tmp_path / "verify.toml", svc.server.cfg)
+    done = verify_cli("--config", str(config))  # the witness of the config is read
+    assert done.returncode == 0, done.stdout
+    assert "3 checkpoints of" in done.stdout
+    assert "agree" in done.stdout
+
+    copy = tmp_path / "copy.db"
+    shutil.copy(path, copy)
+    shutil.copy(f"{path}.key.pem", f"{copy}.key.pem")
+    _rewrite_and_strip(str(copy), 7)
+    done = verify_cli("--config", str(config), "--db", str(copy))
+    assert done.returncode == 1
+    assert "an audit key is pinned, but the log carries none (removed)" in done.stdout
+    Path(f"{copy}.key.pem").unlink()  # the pin removed as well: too long to be unsigned
+    done = verify_cli("--config", str(config), "--db", str(copy))
+    assert done.returncode == 1
+    assert "records 1 to 13 (13) are under no signed checkpoint" in done.stdout
+    with sqlite3.connect(copy) as db:  # cut to what the bound allows: the database cannot tell
+        db.execute("DELETE FROM records WHERE seq > 6")
+    done = verify_cli("--config", str(config), "--db", str(copy))
+    assert done.returncode == 0
+    assert "no audit key is pinned" in done.stdout
+    # The witness, elsewhere, can.
+    done = verify_cli("--config", str(config), "--db", str(copy), "--witness", str(witness))
+    assert done.returncode == 1
+    assert "saw a checkpoint at 5, but the log has no audit key and none is pinned" in done.stdout
+
+
+def test_a_checkpoint_key_that_is_not_the_pinned_one_stops_the_service(
+    service_factory, unique_name
+):
+    """Issue 12: a foreign audit key is a tamper signal. The service refuses every call,
+    UNAVAILABLE naming why, and its health is NOT_SERVING, until an operator restarts it."""
+    svc = service_factory(audit={"checkpoint_every": 1})
+    foreign = ec.generate_private_key(ec.SECP256R1()).public_key()
+    svc.server.cfg.audit.pinned_key.write_bytes(
+        foreign.public_bytes(serialization.Encoding.PEM,
+                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    )  # fmt: skip
+    c = svc.client()
+    c.list_keys()  # recorded; its checkpoint then meets the foreign pin
+    assert wait_until(lambda: health_status(svc.address) == "NOT_SERVING", 10)
+    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
+        c.create_key(unique_name(), "ec-p256")
+    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
+        c.list_keys()

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -41,6 +40,7 @@ from tests.conftest import (
     RunningService,
     free_port,
     make_config,
+    run_as,
     start_service,
     wait_until,
 )
@@ -249,33 +249,10 @@ def test_import_needs_an_import_grant(deployment: Deployment) -> None:
     assert exc.value.message == "x509:CN=consumer-app may not import keys"
 
 
-def _python_for_others() -> list[str]:
-    """A Python that another user can run, with this checkout's packages on its path: the
-    interpreter itself if everyone may execute it (a system Python), else the system's own of
-    the same version (pyenv keeps its interpreters under an owner-only home)."""
-    import stat
-    import sys
-
-    def world_runnable(path: Path) -> bool:
-        return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
-
-    candidates = [Path(sys.executable).resolve(), Path("/usr/bin/python3").resolve()]
-    for python in candidates:
-        if python.exists() and world_runnable(python):
-            version = subprocess.run(
-                [str(python), "-c", "import sys; print(sys.version_info[:2])"],
-                capture_output=True, text=True, check=True,
-            ).stdout.strip()  # fmt: skip
-            if version == str(sys.version_info[:2]):
-                return [str(python)]
-    pytest.fail(f"no Python {sys.version_info[:2]} that another user may run: {candidates}")
-
-
 def test_a_local_caller_is_known_by_uid(deployment: Deployment) -> None:
     """The same socket, another user: `nobody` has no grant, so it sees no key and is refused
     the rest, and the refusal names the uid the kernel reported."""
     import pwd
-    import site
 
     nobody = pwd.getpwnam("nobody")
     address = deployment.service.address
@@ -293,12 +270,7 @@ def test_a_local_caller_is_known_by_uid(deployment: Deployment) -> None:
         "except SignerError as e:\n"
         "    print(e.code.value, e.message)\n"
     )
-    path = os.pathsep.join([*site.getsitepackages(), str(Path(__file__).parents[2])])
-    done = subprocess.run(
-        [*_python_for_others(), "-c", script, address],
-        capture_output=True, text=True, timeout=60, env={"PYTHONPATH": path},
-        user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd="/",
-    )  # fmt: skip
+    done = run_as(nobody, script, address)
     assert done.returncode == 0, done.stderr
     listed, refusal = done.stdout.splitlines()
     assert listed == "0"  # ListKeys is filtered, not refused: nobody sees no key at all

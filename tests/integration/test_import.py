@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from signer.client import build_import_request
 from signer.config import SOFTHSM_MODULE, TokenConfig
 from signer.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from signer.v1 import signer_pb2 as pb
-from tests.conftest import SIGNER_BIN, RunningService, write_toml
+from tests.conftest import SIGNER_BIN, RunningService, wait_until, write_toml
 
 pytestmark = pytest.mark.integration
 
@@ -470,11 +471,20 @@ def test_wrong_algorithm_and_wrong_public_key_are_invalid_argument(
     )  # fmt: skip
 
 
-def test_unknown_and_expired_import_tokens(service, own_session, unique_name):
+def _has_audit_key(path: str) -> bool:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT COUNT(*) FROM audit_key").fetchone() == (1,)
+
+
+def test_unknown_and_expired_import_tokens(service_factory, own_session, unique_name):
+    # Checkpoints from the first call: the audit key pair is made in the token then, not while
+    # the rejections below count the token's objects (two days on, a checkpoint is due at once).
+    service = service_factory(audit={"checkpoint_every": 1})
     client = service.client()
     name = unique_name()
     key = ec_key()
     params = client.get_import_parameters()
+    assert wait_until(lambda: _has_audit_key(service.server.cfg.audit.path))
     req = request(params, name, "ec-p256", key)
 
     for token, fragment in (

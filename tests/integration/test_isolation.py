@@ -206,6 +206,41 @@ def test_token_host_files_and_socket_are_owner_only(token_host):
         assert mode(f) & 0o077 == 0, f"{f} has mode {mode(f):04o}"
 
 
+def test_the_services_state_is_owner_only(service_factory, unique_name, tmp_path):
+    """Key names, scopes, import tokens, audit records: none readable by other local users
+    (issue 11: signer.db and audit.db were 0644), whatever the umask, with their WAL files."""
+    old = os.umask(0o022)
+    try:
+        svc = service_factory(audit={"checkpoint_every": 1})
+        c = svc.client()
+        c.create_key(unique_name(), "ec-p256")
+        c.get_import_parameters()
+        files = [Path(svc.server.cfg.store.path), Path(svc.server.cfg.audit.path)]
+        files += [Path(f"{f}{suffix}") for f in files for suffix in ("-wal", "-shm")]
+        assert all(f.exists() for f in files), files
+        assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        os.umask(old)
+
+
+def test_signer_run_keeps_its_state_owner_only(tmp_path):
+    """What ``signer run`` prepares under var/: the directory others may pass through (to the
+    sockets), never list; the configuration, the policy, the tokens and the CA key owner-only."""
+    from signer import launcher
+
+    root = tmp_path / "var"
+    root.mkdir(mode=0o755)
+    (root / "policy.toml").write_text("# an older, open policy\n")
+    (root / "policy.toml").chmod(0o644)
+    launcher.prepare(root)
+    launcher.write_config(root, "127.0.0.1:50051")
+    assert mode(root) == 0o711
+    for path in ("policy.toml", "signer.toml", "tls/ca.key", "hsm/user.pin", "hsm/tls.pin"):
+        assert mode(root / path) == 0o600, path
+    assert mode(root / "hsm") == 0o700
+    assert (root / "policy.toml").read_text() == "# an older, open policy\n"  # kept, closed up
+
+
 # --- no core dumps in the token host ------------------------------------------------------------
 
 

@@ -119,3 +119,38 @@ def test_a_long_batch_does_not_hold_up_single_signatures(
     worker.join(60)
     assert "batch" in finished
     assert finished["single"] < finished["batch"]
+
+
+def test_a_version_disabled_while_a_batch_runs_signs_no_more_of_it(
+    service, unique_name, monkeypatch
+) -> None:
+    """Issue 11: the state is read again before each chunk of 50. The batch is held after its
+    first chunk (a hook in the token call, no sleep), the version disabled, the batch let go."""
+    client = service.client()
+    name = unique_name()
+    client.create_key(name, "ec-p256")
+    first_chunk, go_on = threading.Event(), threading.Event()
+    original = service.server.token.sign_many
+
+    def held(key_id, jobs):  # type: ignore[no-untyped-def]
+        out = original(key_id, jobs)
+        if not first_chunk.is_set():
+            first_chunk.set()
+            assert go_on.wait(30)
+        return out
+
+    monkeypatch.setattr(service.server.token, "sign_many", held)
+    result: list[object] = []
+    batch = threading.Thread(
+        target=lambda: result.extend(client.sign_batch(name, messages=[b"m%d" % i
+                                                                      for i in range(300)]))
+    )  # fmt: skip
+    batch.start()
+    assert first_chunk.wait(30)
+    client.disable(name, 1)
+    go_on.set()
+    batch.join(60)
+    assert [isinstance(r, Signature) for r in result] == [True] * 50 + [False] * 250
+    refused = result[50]
+    assert isinstance(refused, FailedPrecondition)
+    assert refused.message == f"item 50: key {name!r} version 1 is disabled (since the batch began)"

@@ -7,7 +7,11 @@ token); everything else is the real AuditLog on a real SQLite file.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import socket
 import sqlite3
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,10 +24,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 from signer.audit import (
     AuditLog,
     Event,
+    FileWitness,
     Signing,
     SQLiteAuditStore,
+    SyslogWitness,
     archive,
     checkpoint_message,
+    read_witness,
     record_hash,
     verify_log,
 )
@@ -257,18 +264,281 @@ def test_a_stopped_log_refuses(tmp_path: Path) -> None:
     log.close()
 
 
-def test_a_pinned_key_that_differs_is_refused(tmp_path: Path, soft: SoftKey) -> None:
+def test_a_foreign_audit_key_stops_the_log_for_good(tmp_path: Path, soft: SoftKey) -> None:
+    """A checkpoint key that is not the pinned one is a tamper signal (issue 12): not a log line
+    and a retry, but every record refused, saying why, until an operator restarts."""
     (tmp_path / "audit.db.key.pem").write_bytes(
         SoftKey()
         .key.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"), checkpoint_every=1)
+    changes: list[str | None] = []
+    log.on_change(lambda: changes.append(log.failure))
     log.start(soft.make, tmp_path / "audit.db.key.pem")
-    write(log, event(1))
-    with pytest.raises(SignerError, match="does not match the one pinned"):
+    write(log, event(1))  # committed; its checkpoint then finds the foreign key
+    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
+        write(log, event(2))
+    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
+        log.check()
+    assert len(changes) == 1
+    assert "not the one pinned" in str(changes[0])
+    with pytest.raises(SignerError, match="not the one pinned"):
         log.checkpoint()
     log.close()
+    assert [r[0] for r in rows(tmp_path / "audit.db")] == [1]
+
+
+# --- the log is signed to within a bound of its end (issue 11) -----------------------------
+
+
+class FlakyKey(SoftKey):
+    """A signer that can be made to fail, as the token does while its host is away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def sign(self, key_id: bytes, mech: SignMechanism, digest: bytes) -> bytes:
+        if self.down:
+            raise Unavailable("token unavailable: test")
+        return super().sign(key_id, mech, digest)
+
+
+def test_records_are_refused_rather_than_left_unsigned_beyond_the_bound(tmp_path: Path) -> None:
+    key = FlakyKey()
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=0.05,
+                   max_unsigned_records=3, max_unsigned_seconds=3600)  # fmt: skip
+    recovered = threading.Event()
+    log.on_change(lambda: None if log._refusing else recovered.set())
+    log.start(key.make, tmp_path / "audit.db.key.pem")
+    key.down = True
+    assert [write(log, event(i)) for i in (1, 2, 3)] == [1, 2, 3]
+    with pytest.raises(Unavailable, match=r"cannot sign a checkpoint \(token unavailable: test\)"):
+        write(log, event(4))
+    with pytest.raises(Unavailable, match="max_unsigned_records"):
+        log.check()  # new calls are refused before they run
+    key.down = False  # the writer's own retry signs, and calls are taken again
+    assert recovered.wait(10)
+    log.check()
+    assert write(log, event(5)) == 4
+    log.close()
+    assert verify_log(path, pinned(path), max_unsigned_records=3).whole
+
+
+def test_records_are_refused_rather_than_left_unsigned_for_too_long(tmp_path: Path) -> None:
+    key = FlakyKey()
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60,
+                   max_unsigned_seconds=30)  # fmt: skip
+    log.start(key.make, tmp_path / "audit.db.key.pem")
+    key.down = True
+    assert write(log, event(1)) == 1
+    assert write(log, event(30)) == 2  # 29 s after the first unsigned record
+    with pytest.raises(Unavailable, match="max_unsigned_seconds"):
+        write(log, event(32))
+    key.down = False
+    assert write(log, event(33)) == 3  # a checkpoint first, then the record
+    log.close()
+    assert verify_log(path, pinned(path), max_unsigned_seconds=30).whole
+
+
+def test_a_batch_that_would_cross_the_bound_is_split_by_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    soft = SoftKey()
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60,
+                   max_unsigned_seconds=30)  # fmt: skip
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+
+    async def together() -> list[int]:
+        # Queued at once (one batch), an hour apart by their own times (a clock that jumped).
+        return list(await asyncio.gather(*(log.record(event(i * 3600)) for i in range(1, 4))))
+
+    assert asyncio.run(together()) == [1, 2, 3]
+    log.close()
+    with sqlite3.connect(path) as db:
+        assert [r[0] for r in db.execute("SELECT seq FROM checkpoints")] == [1, 2, 3]
+    assert verify_log(path, pinned(path), max_unsigned_seconds=30).whole
+
+
+def test_deleting_every_checkpoint_and_the_audit_key_is_caught(
+    written: Callable[[int], Path],
+) -> None:
+    """The red team's case: a record rewritten with fresh hashes, then the checkpoints and the
+    audit key deleted. The pin beside the log names the missing key; without the pin, the log is
+    longer than any the service leaves unsigned."""
+    path = written(10)
+    r = rows(path)
+    prev = str(r[0][8])
+    for row in r:
+        e = Event(datetime.fromisoformat(str(row[1])), *row[2:8])  # type: ignore[arg-type]
+        if row[0] == 5:
+            e = Event(e.time, e.caller, e.operation, "someone-else", e.version,
+                      e.payload_sha256, e.status)  # fmt: skip
+            row[4] = "someone-else"
+        row[8] = prev
+        row[9] = prev = record_hash(int(row[0]), e, prev)  # type: ignore[arg-type]
+    rewrite(path, r)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM checkpoints")
+        db.execute("DELETE FROM audit_key")
+    assert verdict_of(path) == (0, "an audit key is pinned, but the log carries none (removed)")
+    assert verify_log(path, None, max_unsigned_records=8).first_bad == (
+        1,
+        "records 1 to 10 (10) are under no signed checkpoint; the service leaves at most 8 so "
+        "(checkpoints removed?)",
+    )
+    with sqlite3.connect(path) as db:  # the audit key put back, the checkpoints still gone
+        db.execute("INSERT INTO audit_key VALUES (1, ?, ?)", (b"audit", SoftKey().public_der))
+    assert verify_log(path, pinned(path)).first_bad == (
+        0,
+        "the audit key recorded in the log is not the pinned one",
+    )
+
+
+def test_a_checkpoint_removed_between_two_is_named(written: Callable[[int], Path]) -> None:
+    path = written(10)  # checkpoints at 4, 8, 10
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM checkpoints WHERE seq = 8")
+    assert verdict_of(path) == (
+        5,
+        "the checkpoint at 10 follows one at 8, which the log does not have (checkpoints removed)",
+    )
+
+
+# --- witnesses outside the database --------------------------------------------------------
+
+
+def witnessed_log(tmp_path: Path, soft: SoftKey, n: int) -> tuple[Path, Path]:
+    path = tmp_path / "audit.db"
+    witness = tmp_path / "elsewhere" / "checkpoints.jsonl"
+    witness.parent.mkdir()
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60,
+                   witnesses=[FileWitness(witness)])  # fmt: skip
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+    for i in range(1, n + 1):
+        write(log, event(i))
+    log.close()
+    return path, witness
+
+
+def test_a_witness_agrees_with_a_whole_log(tmp_path: Path, soft: SoftKey) -> None:
+    path, witness = witnessed_log(tmp_path, soft, 10)
+    assert witness.stat().st_mode & 0o777 == 0o600
+    assert len(witness.read_text().splitlines()) == 3
+    v = verify_log(path, pinned(path), witnesses=[witness])
+    assert (v.whole, v.witnessed) == (True, 3)
+
+
+def test_a_tail_cut_with_its_checkpoints_is_caught_by_the_witness(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    path, witness = witnessed_log(tmp_path, soft, 10)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM records WHERE seq > 4")
+        db.execute("DELETE FROM checkpoints WHERE seq > 4")
+    assert verify_log(path, pinned(path)).whole  # the database alone cannot tell
+    assert verify_log(path, pinned(path), witnesses=[witness]).first_bad == (
+        5,
+        "records 5 to 8 are missing: the witness checkpoints.jsonl (line 2) saw a checkpoint at "
+        "8, the log ends at 4 (cut from the end)",
+    )
+
+
+def test_a_rewritten_tail_is_caught_by_the_witness(tmp_path: Path, soft: SoftKey) -> None:
+    path, witness = witnessed_log(tmp_path, soft, 10)
+    r = rows(path)
+    r[9][4] = "someone-else"
+    e = Event(datetime.fromisoformat(str(r[9][1])), *r[9][2:8])  # type: ignore[arg-type]
+    r[9][9] = record_hash(10, e, str(r[9][8]))
+    rewrite(path, r)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM checkpoints WHERE seq = 10")
+    assert verify_log(path, pinned(path)).whole  # a short unsigned tail is allowed
+    assert verify_log(path, pinned(path), witnesses=[witness]).first_bad == (
+        10,
+        "record 10 is not what the witness checkpoints.jsonl (line 3) saw signed (rewritten, "
+        "hashes and all)",
+    )
+
+
+def test_a_forged_witness_line_is_named(tmp_path: Path, soft: SoftKey) -> None:
+    path, witness = witnessed_log(tmp_path, soft, 4)
+    forger = SoftKey()
+    line = json.loads(witness.read_text().splitlines()[0])
+    line["signature"] = base64.b64encode(
+        Signing(forger.sign, b"x")(checkpoint_message(4, line["hash"], line["at"], 0))
+    ).decode()
+    with witness.open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    assert verify_log(path, pinned(path), witnesses=[witness]).first_bad == (
+        4,
+        "the witness checkpoints.jsonl (line 2) holds a checkpoint the pinned key did not sign",
+    )
+
+
+def test_the_service_log_and_syslog_lines_are_witnesses_too(tmp_path: Path, soft: SoftKey) -> None:
+    """What the service logs with each checkpoint, and what syslog keeps of the datagram, both
+    read back as witnesses; other lines are skipped."""
+    path, witness = witnessed_log(tmp_path, soft, 8)
+    first, second = witness.read_text().splitlines()
+    service_log = tmp_path / "service.log"
+    service_log.write_text(
+        '{"time":"2026-11-22T00:00:00","level":"info","msg":"service listening"}\n'
+        + "not json at all\n"
+        + json.dumps({"time": "2026-11-22T00:00:01", "level": "info", **json.loads(first)})
+        + "\n"
+        + "Nov 22 00:00:02 host signer-audit[4242]: "
+        + second
+        + "\n"
+    )
+    assert [c.seq for _, c in read_witness(service_log)] == [4, 8]
+    v = verify_log(path, pinned(path), witnesses=[service_log])
+    assert (v.whole, v.witnessed) == (True, 2)
+
+
+def test_a_syslog_witness_sends_one_datagram_per_checkpoint(tmp_path: Path, soft: SoftKey) -> None:
+    address = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(address)
+        server.settimeout(10)
+        path = tmp_path / "audit.db"
+        log = AuditLog(SQLiteAuditStore(path), checkpoint_every=2, checkpoint_interval=60,
+                       witnesses=[SyslogWitness(address)])  # fmt: skip
+        log.start(soft.make, tmp_path / "audit.db.key.pem")
+        for i in range(1, 5):
+            write(log, event(i))
+        log.close()
+        received = [server.recv(65536).decode() for _ in range(2)]
+    assert all(d.startswith("<85>signer-audit[") for d in received)
+    export = tmp_path / "journal.txt"
+    export.write_text("\n".join(received) + "\n")
+    v = verify_log(path, pinned(path), witnesses=[export])
+    assert (v.whole, v.witnessed) == (True, 2)
+
+
+def test_a_witness_that_cannot_be_written_fails_the_checkpoint(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    class Broken:
+        def write(self, checkpoint: object) -> None:
+            raise OSError("No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=1, checkpoint_interval=60,
+                   max_unsigned_records=2, witnesses=[Broken()])  # fmt: skip
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+    write(log, event(1))
+    write(log, event(2))
+    with pytest.raises(Unavailable, match="No space left on device"):
+        write(log, event(3))
+    log.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM checkpoints").fetchone() == (0,)
 
 
 # --- retention ---------------------------------------------------------------------------------
