@@ -35,8 +35,9 @@ class ServerConfig:
     # where only the front's user can reach it. Empty: no front.
     front_socket: str = ""
     # Its permissions: owner only by default (the front runs as the service's user); 0660 with
-    # a group shared with the front's user otherwise.
+    # front_socket_group, the front's own user's group, when the front runs as its own user.
     front_socket_mode: str = "0600"
+    front_socket_group: str = ""
     # Who may do what (signer.policy); reloaded on SIGHUP. Empty: every call is refused.
     policy_file: str = ""
     # Largest message accepted by Sign/Verify; larger ones are refused with INVALID_ARGUMENT.
@@ -168,6 +169,11 @@ class FrontConfig:
     # nginx.conf, openssl.cnf, the error log and nginx's temporary files go here.
     workdir: str = "var/front"
     nginx: str = "nginx"
+    # The user nginx runs as when started by root (its workdir becomes that user's); "" runs it
+    # as whoever starts it. 'signer run' as root uses its own system user, signer-front, so the
+    # internet-facing process can read no PIN but the TLS token's and reach no socket but the
+    # front's and the TLS token's.
+    user: str = ""
 
 
 @dataclass(frozen=True)

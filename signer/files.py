@@ -49,3 +49,11 @@ def state_dir(path: str | Path, mode: int = DIR_MODE) -> Path:
     path.mkdir(mode=mode, parents=True, exist_ok=True)
     os.chmod(path, mode)
     return path
+
+
+def share_with_group(path: str | Path, gid: int, mode: int) -> None:
+    """``path`` given to group ``gid`` with ``mode``: how the front's own user reaches the few
+    things it needs (its socket, the TLS token's socket and PIN, the certificates) and nothing
+    beside them."""
+    os.chown(path, -1, gid)
+    os.chmod(path, mode)

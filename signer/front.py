@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -202,13 +203,27 @@ class Front:
         """nginx.conf for this front."""
         return nginx_conf(self.cfg, self.workdir)
 
+    def _user(self) -> pwd.struct_passwd | None:
+        """Whom nginx runs as: ``front.user`` when started by root, else whoever starts it."""
+        if not self.cfg.front.user or os.geteuid() != 0:
+            return None
+        try:
+            return pwd.getpwnam(self.cfg.front.user)
+        except KeyError:
+            raise ConfigError(f"front.user: no user {self.cfg.front.user!r}") from None
+
     def start(self, timeout: float = 15.0) -> None:
+        user = self._user()
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)
         (self.workdir / "tmp").mkdir(mode=0o700, exist_ok=True)
         conf = self.workdir / "nginx.conf"
         conf.write_text(self.render())
         (self.workdir / "openssl.cnf").write_text(openssl_conf())
+        if user is not None:  # its workdir is its own; nothing else of ours is
+            for path in (self.workdir, *self.workdir.rglob("*")):
+                os.chown(path, user.pw_uid, user.pw_gid)
+
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"),
             "OPENSSL_CONF": str(self.workdir / "openssl.cnf"),
@@ -224,6 +239,8 @@ class Front:
                      "-e", str(self.error_log)],
                     env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True, preexec_fn=guarded_preexec,
+                    user=user.pw_uid if user else None, group=user.pw_gid if user else None,
+                    extra_groups=[] if user else None,
                 )  # fmt: skip
             except FileNotFoundError:
                 raise FailedPrecondition(

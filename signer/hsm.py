@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from signer.children import disable_core_dumps, guarded_preexec, run_in_foreground
 from signer.config import SOFTHSM_MODULE
 from signer.errors import FailedPrecondition, InvalidArgument
+from signer.files import share_with_group
 
 if TYPE_CHECKING:
     from signer.token.pin import Pin
@@ -366,20 +367,30 @@ def _run_on_terminal(
 
 
 class TokenHost:
-    """Runs one ``p11-kit server`` per token in ``root`` (signing, and TLS if there is one)."""
+    """Runs one ``p11-kit server`` per token in ``root`` (signing, and TLS if there is one).
+
+    ``tls_socket``, ``tls_group``: where the TLS token is served instead, to that group too
+    (0660): the TLS front's own, when it runs as its own user outside ``root``."""
 
     def __init__(
-        self, root: str | Path, label: str = DEFAULT_LABEL, module: str = SOFTHSM_MODULE
+        self,
+        root: str | Path,
+        label: str = DEFAULT_LABEL,
+        module: str = SOFTHSM_MODULE,
+        tls_socket: Path | None = None,
+        tls_group: int | None = None,
     ) -> None:
         self.paths = HsmPaths(Path(root).absolute())
         self.label = label
         self.module = module
+        self.tls_socket = tls_socket or self.paths.tls_socket
+        self.tls_group = tls_group
         self._procs: list[subprocess.Popen[bytes]] = []
 
     def _exports(self) -> list[tuple[str, Path]]:
         exports = [(self.label, self.paths.socket)]
         if self.paths.has_tls_token():
-            exports.append((TLS_LABEL, self.paths.tls_socket))
+            exports.append((TLS_LABEL, self.tls_socket))
         return exports
 
     def start(self, timeout: float = 10.0) -> None:
@@ -428,6 +439,8 @@ class TokenHost:
                 time.sleep(0.02)
             with contextlib.suppress(FileNotFoundError):  # stopped meanwhile
                 os.chmod(socket, 0o600)
+        if self.tls_group is not None and self.paths.has_tls_token():
+            share_with_group(self.tls_socket, self.tls_group, 0o660)
         log.info("token host serving", extra={"socket": str(self.paths.socket), "pid": self.pid})
 
     @property

@@ -21,9 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -32,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from signer import config as config_mod
 from signer import hsm
 from signer.errors import FailedPrecondition, NotFound
-from signer.files import private_file, state_dir, write_private
+from signer.files import private_file, share_with_group, state_dir, write_private
 from signer.front import Front, front_config
 from signer.pki import DevCA
 from signer.policy import grant_everything
@@ -43,17 +47,34 @@ log = logging.getLogger(__name__)
 DEMO_KEY = "demo"
 DEMO_ALGORITHM = "ec-p256"
 DEV_CLIENT = "dev"
+FRONT_USER = "signer-front"
 
 
-def write_config(root: Path, listen: str) -> Path:
-    """The configuration of the service and of its TLS front, for the state in ``root``."""
+def write_config(root: Path, listen: str, world: FrontWorld | None = None) -> Path:
+    """The configuration of the service and of its TLS front, for the state in ``root``;
+    ``world``: the front runs as its own user, with everything it reaches there."""
     root = root.absolute()
     paths = hsm.HsmPaths(root / "hsm")
-    front_socket = root / "run" / "front" / "signer.sock"
+    front_socket = world.front_socket if world else root / "run" / "front" / "signer.sock"
+    front = front_config(
+        paths, DevCA(root / "tls"), listen=listen, upstream=front_socket, workdir=root / "front"
+    )
+    if world is not None:
+        front = replace(
+            front,
+            user=world.user,
+            workdir=str(world.workdir),
+            certificate=str(world.certificate),
+            client_ca=str(world.client_ca),
+            pin_file=str(world.pin_file),
+            server_address=f"unix:path={world.tls_socket}",
+        )
     cfg = config_mod.Config(
         server=config_mod.ServerConfig(
             listen=f"unix:{root / 'run' / 'signer.sock'}",
             front_socket=str(front_socket),
+            front_socket_mode="0660" if world else "0600",
+            front_socket_group=world.user if world else "",
             policy_file=str(root / "policy.toml"),
         ),
         token=config_mod.TokenConfig(
@@ -63,11 +84,8 @@ def write_config(root: Path, listen: str) -> Path:
         ),
         store=config_mod.StoreConfig(path=str(root / "signer.db")),
         audit=config_mod.AuditConfig(path=str(root / "audit.db")),
-        front=front_config(
-            paths, DevCA(root / "tls"), listen=listen, upstream=front_socket,
-            workdir=root / "front",
-        ),
-    )  # fmt: skip
+        front=front,
+    )
     path = root / "signer.toml"
     write_private(
         path,
@@ -106,6 +124,81 @@ def prepare(root: Path) -> None:
     private_file(policy)
 
 
+def front_user() -> pwd.struct_passwd | None:
+    """As root, the TLS front runs as a system user of its own (created here if missing), so
+    the internet-facing process can read no key, PIN or database but its own (issue 11: as
+    root, nginx could read the signing token's PIN and sign outside the service). Otherwise it
+    runs as whoever runs this."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(FRONT_USER)
+    except KeyError:
+        pass
+    done = subprocess.run(
+        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+         "--shell", "/usr/sbin/nologin", "--comment", "signer TLS front", FRONT_USER],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise FailedPrecondition(f"cannot create the user {FRONT_USER}: {done.stderr.strip()}")
+    print(f"created the system user {FRONT_USER} for the TLS front", flush=True)
+    return pwd.getpwnam(FRONT_USER)
+
+
+@dataclass(frozen=True)
+class FrontWorld:
+    """Everything the TLS front's own user may reach, in one directory of its group's (0710)
+    outside the state directory, which stays closed to it (and which the front could not even
+    pass through when it lies under an owner-only home or a test's temporary directory): its
+    workdir, copies of the certificates and of the TLS token's PIN, the TLS token's socket and
+    the service's front socket. Made at each start, removed at stop."""
+
+    root: Path
+    user: str
+    gid: int
+
+    @property
+    def workdir(self) -> Path:
+        return self.root / "nginx"
+
+    @property
+    def certificate(self) -> Path:
+        return self.root / "server.pem"
+
+    @property
+    def client_ca(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def pin_file(self) -> Path:
+        return self.root / "tls.pin"
+
+    @property
+    def tls_socket(self) -> Path:
+        return self.root / "p11-kit-tls.sock"
+
+    @property
+    def front_socket(self) -> Path:
+        return self.root / "signer.sock"
+
+    @classmethod
+    def make(cls, state: Path, user: pwd.struct_passwd) -> FrontWorld:
+        # /run is memory (a copy of the TLS PIN is never on disk twice); a temporary directory
+        # where /run is not ours to write.
+        base = "/run" if os.access("/run", os.W_OK) else None
+        world = cls(Path(tempfile.mkdtemp(prefix="signer-front-", dir=base)), user.pw_name,
+                    user.pw_gid)  # fmt: skip
+        share_with_group(world.root, world.gid, 0o710)
+        ca = DevCA(state / "tls")
+        for source, copy in ((ca.server_cert, world.certificate), (ca.cert, world.client_ca),
+                             (hsm.HsmPaths(state / "hsm").tls_pin, world.pin_file)):  # fmt: skip
+            # Copied in the kernel (sendfile): the PIN passes through no buffer of this process.
+            shutil.copyfile(source, private_file(copy))
+            share_with_group(copy, world.gid, 0o640)
+        return world
+
+
 def _certifies(cert: Path, public_pem: bytes) -> bool:
     if not cert.exists():
         return False
@@ -116,14 +209,28 @@ def _certifies(cert: Path, public_pem: bytes) -> bool:
 
 async def _run(root: Path, listen: str) -> None:
     prepare(root)
-    cfg = config_mod.load(write_config(root, listen))
+    user = front_user()
+    world = FrontWorld.make(root.absolute(), user) if user is not None else None
+    try:
+        await _serve(root, listen, world)
+    finally:
+        if world is not None:
+            shutil.rmtree(world.root, ignore_errors=True)
+
+
+async def _serve(root: Path, listen: str, world: FrontWorld | None) -> None:
+    cfg = config_mod.load(write_config(root, listen, world))
     harden_process(cfg)
-    host = hsm.TokenHost(root / "hsm")
+    host = hsm.TokenHost(
+        root / "hsm",
+        tls_socket=world.tls_socket if world else None,
+        tls_group=world.gid if world else None,
+    )
     host.start()
     server = Server(cfg)
-    front = Front(cfg)
+    tls_front = Front(cfg)
     try:
-        front.start()  # before gRPC's threads exist: forking then is quiet and safe
+        tls_front.start()  # before gRPC's threads exist: forking then is quiet and safe
         await server.start()
         if not server.token.available:
             raise SystemExit("the token host did not answer; see the log above")
@@ -152,7 +259,7 @@ async def _run(root: Path, listen: str) -> None:
         await stop.wait()
         print("stopping", flush=True)
     finally:
-        front.stop()
+        tls_front.stop()
         await server.stop()
         host.stop()
 

@@ -65,20 +65,20 @@ class DevCA:
         return self.root / "clients" / f"{name}.pem", self.root / "clients" / f"{name}.key"
 
     @classmethod
-    def ensure(cls, root: str | Path) -> DevCA:
-        """The CA in ``root``, created on first use."""
+    def ensure(cls, root: str | Path, name: str = "signer development CA") -> DevCA:
+        """The CA in ``root``, created on first use (its subject CN ``name``)."""
         ca = cls(Path(root).absolute())
         if ca.cert.exists() and ca.key.exists():
             return ca
         ca.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(ca.root, 0o700)
         key = ec.generate_private_key(ec.SECP256R1())
-        name = _name("signer development CA")
+        subject = _name(name)
         now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
+            .subject_name(subject)
+            .issuer_name(subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))

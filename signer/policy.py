@@ -16,6 +16,23 @@ Callers are named by how they authenticated: ``x509:`` and the
 verified client certificate's subject as the mTLS front gives it (RFC 4514, e.g.
 ``O=acme,CN=payments``), ``uid:`` and ``user:`` for the peer of the Unix socket (SO_PEERCRED).
 Anything else is refused when the file is loaded, so a typo cannot grant or deny by accident.
+
+A certificate is known by its issuer and serial as well as its subject (issue 11). A grant may
+name the issuers its ``x509:`` callers must come from; without ``issuers`` it takes the subject
+from any CA the front trusts (``front.client_ca``, one CA in ``signer run``). One certificate is
+revoked, without revoking its subject, by its issuer and serial::
+
+    [[grant]]
+    callers = ["x509:CN=payments"]
+    issuers = ["CN=signer development CA"]   # as the front gives it (RFC 4514)
+    operations = ["sign"]
+    scopes = ["consumer"]
+
+    [[revoked]]
+    issuer = "CN=signer development CA"
+    serials = ["4F1AB3..."]                  # hex, as openssl x509 -serial prints it
+
+A revoked certificate's calls are UNAUTHENTICATED; SIGHUP applies a new list at once.
 """
 
 from __future__ import annotations
@@ -38,22 +55,39 @@ ANY = "*"
 _CALLER_KINDS = ("x509:", "uid:", "user:")
 
 
+def serial_number(text: str) -> str:
+    """A certificate serial as one form: hex, upper case, no separators or leading zeros."""
+    digits = text.replace(":", "").replace(" ", "").upper().lstrip("0")
+    return digits or "0"
+
+
 @dataclass(frozen=True)
 class Caller:
     """An authenticated caller: every name it may be granted by (``x509:...``, or ``uid:N``
-    and ``user:NAME``). ``display`` is what logs, errors and the audit log show."""
+    and ``user:NAME``). ``display`` is what errors show; a certificate's issuer and serial
+    complete its :attr:`identity`."""
 
     names: frozenset[str]
     display: str
+    issuer: str = ""  # a certificate's issuer DN, as the front gives it
+    serial: str = ""  # a certificate's serial (serial_number form)
 
     @property
     def identity(self) -> str:
-        """Who it is, fully: what the audit log records and what an import token is bound to."""
-        return self.display
+        """Who it is, fully: what the audit log records, what an import token is bound to, what
+        the refusal throttle counts."""
+        if not self.issuer:
+            return self.display
+        return f"{self.display} (issuer {self.issuer}, serial {self.serial})"
 
     @classmethod
-    def x509(cls, subject: str) -> Caller:
-        return cls(frozenset({f"x509:{subject}"}), f"x509:{subject}")
+    def x509(cls, subject: str, issuer: str = "", serial: str = "") -> Caller:
+        return cls(
+            frozenset({f"x509:{subject}"}),
+            f"x509:{subject}",
+            issuer,
+            serial_number(serial) if serial else "",
+        )
 
     @classmethod
     def unix(cls, uid: int, user: str | None) -> Caller:
@@ -67,9 +101,12 @@ class Grant:
     operations: frozenset[str]
     scopes: frozenset[str]
     keys: tuple[str, ...]
+    issuers: frozenset[str] = frozenset()  # empty: any issuer the front trusts
 
     def covers(self, caller: Caller, operation: str) -> bool:
-        return operation in self.operations and not self.callers.isdisjoint(caller.names)
+        if operation not in self.operations or self.callers.isdisjoint(caller.names):
+            return False
+        return not (self.issuers and caller.issuer and caller.issuer not in self.issuers)
 
     def applies_to(self, name: str, scope: str | None) -> bool:
         """``scope`` None: a key that does not exist. Only a grant by name, or one for any scope,
@@ -89,6 +126,16 @@ class Grant:
 class Policy:
     grants: tuple[Grant, ...]
     source: str = ""
+    revoked: frozenset[tuple[str, str]] = frozenset()  # (issuer, serial) of revoked certificates
+
+    def revocation(self, caller: Caller) -> str | None:
+        """Why ``caller``'s certificate may not call at all, or None."""
+        if caller.issuer and (caller.issuer, caller.serial) in self.revoked:
+            return (
+                f"certificate {caller.serial} of {caller.issuer} ({caller.display}) is revoked "
+                "by the policy"
+            )
+        return None
 
     def allows(self, caller: Caller, operation: str, name: str, scope: str | None) -> bool:
         """Whether ``caller`` may perform ``operation`` on key ``name`` of ``scope``."""
@@ -120,7 +167,7 @@ def _strings(value: Any, where: str) -> list[str]:
 
 
 def parse(data: dict[str, Any], source: str = "") -> Policy:
-    unknown = set(data) - {"grant"}
+    unknown = set(data) - {"grant", "revoked"}
     if unknown:
         raise ConfigError(f"policy {source}: unknown table(s) {', '.join(sorted(unknown))}")
     raw = data.get("grant", [])
@@ -131,7 +178,7 @@ def parse(data: dict[str, Any], source: str = "") -> Policy:
         where = f"policy {source}: grant #{i}"
         if not isinstance(g, dict):
             raise ConfigError(f"{where} must be a table")
-        extra = set(g) - {"callers", "operations", "scopes", "keys"}
+        extra = set(g) - {"callers", "operations", "scopes", "keys", "issuers"}
         if extra:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
         callers = _strings(g.get("callers"), f"{where}: callers")
@@ -157,8 +204,30 @@ def parse(data: dict[str, Any], source: str = "") -> Policy:
         keys = _strings(g.get("keys", []), f"{where}: keys") if "keys" in g else []
         if not scopes and not keys:
             raise ConfigError(f"{where}: give scopes, keys or both ('*' for all)")
-        grants.append(Grant(frozenset(callers), frozenset(ops), frozenset(scopes), tuple(keys)))
-    return Policy(tuple(grants), source)
+        issuers = _strings(g["issuers"], f"{where}: issuers") if "issuers" in g else []
+        grants.append(
+            Grant(frozenset(callers), frozenset(ops), frozenset(scopes), tuple(keys),
+                  frozenset(issuers))
+        )  # fmt: skip
+    return Policy(tuple(grants), source, _revoked(data.get("revoked", []), source))
+
+
+def _revoked(raw: Any, source: str) -> frozenset[tuple[str, str]]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"policy {source}: 'revoked' must be an array of tables ([[revoked]])")
+    out: set[tuple[str, str]] = set()
+    for i, r in enumerate(raw, 1):
+        where = f"policy {source}: revoked #{i}"
+        if not isinstance(r, dict) or set(r) != {"issuer", "serials"}:
+            raise ConfigError(f"{where} must be a table with issuer and serials, and nothing else")
+        if not isinstance(r["issuer"], str) or not r["issuer"]:
+            raise ConfigError(f"{where}: issuer must be a non-empty string (the issuer's DN)")
+        for serial in _strings(r["serials"], f"{where}: serials"):
+            digits = serial_number(serial)
+            if not all(c in "0123456789ABCDEF" for c in digits):
+                raise ConfigError(f"{where}: serial {serial!r} is not hexadecimal")
+            out.add((r["issuer"], digits))
+    return frozenset(out)
 
 
 def grant_everything(callers: Iterable[str]) -> str:

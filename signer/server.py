@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import grp
 import hashlib
 import json
 import logging
@@ -58,7 +59,8 @@ from signer.errors import (
     Unavailable,
     shown,
 )
-from signer.front import SUBJECT_HEADER
+from signer.files import share_with_group
+from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
 from signer.keys import (
     DEFAULT_SCOPE,
     Key,
@@ -175,14 +177,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         audit: Audit | None = None,
         calls: set[asyncio.Task[Any]] | None = None,
         throttle: RefusalThrottle | None = None,
-        gate: Callable[[], None] | None = None,
+        gate: Callable[[Caller], None] | None = None,
     ) -> None:
         self._identify = identify
         self._how = how  # for the UNAUTHENTICATED message
         self._audit = audit
         self._calls: set[asyncio.Task[Any]] = set() if calls is None else calls
         self._throttle = throttle
-        # Raises UNAVAILABLE, before a call runs, while its outcome could not be recorded.
+        # Raises, before a call runs: UNAUTHENTICATED for a revoked certificate, UNAVAILABLE
+        # while its outcome could not be recorded.
         self._gate = gate
 
     async def intercept_service(
@@ -213,7 +216,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     if throttled is not None:
                         return None, throttled  # counted for one record when it ends
                     if self._gate is not None:
-                        self._gate()
+                        self._gate(caller)
                 response = await inner(request, context)
             except SignerError as exc:
                 log.info(
@@ -317,12 +320,13 @@ def local_caller(relay: PeerRelay) -> Identify:
 
 
 def front_caller(context: grpc.aio.ServicerContext) -> Caller | None:
-    """Callers through the mTLS front: the subject of the client certificate nginx verified.
-    Only the front can connect to the socket whose server uses this."""
-    for key, value in context.invocation_metadata() or ():
-        if key == SUBJECT_HEADER and value:
-            return Caller.x509(str(value))
-    return None
+    """Callers through the mTLS front: the client certificate nginx verified, by its subject,
+    issuer and serial. Only the front can connect to the socket whose server uses this."""
+    headers = {key: str(value) for key, value in context.invocation_metadata() or ()}
+    subject = headers.get(SUBJECT_HEADER)
+    if not subject:
+        return None
+    return Caller.x509(subject, headers.get(ISSUER_HEADER, ""), headers.get(SERIAL_HEADER, ""))
 
 
 def _ts(t: datetime | None) -> Timestamp | None:
@@ -726,7 +730,7 @@ class Server:
                     None if self.bare else self._record,
                     self._calls,
                     None if self.bare else self.throttle,
-                    None if self.audit is None else self.audit.check,
+                    None if self.bare else self._admit,
                 )
             ],
             options=[
@@ -785,7 +789,12 @@ class Server:
                 front_caller, "the TLS front gave no verified client certificate"
             )
             front_mode = int(self.cfg.server.front_socket_mode, 8)
-            _listen(front, f"unix:{self.cfg.server.front_socket}", front_mode)
+            _listen(
+                front,
+                f"unix:{self.cfg.server.front_socket}",
+                front_mode,
+                self.cfg.server.front_socket_group,
+            )
             self._servers.append(front)
         await self._set_health(False)
         if self.cfg.server.perturb_freed_memory:
@@ -835,6 +844,15 @@ class Server:
                     self.audit.failure is None and self._audit_refusing() is None
                 )
                 await self._set_health(self.token.available and recording)
+
+    def _admit(self, caller: Caller) -> None:
+        """Before any call runs: a revoked certificate is refused, and so is every call while
+        the audit log could not record it."""
+        revoked = self.policy.revocation(caller)
+        if revoked is not None:
+            raise Unauthenticated(revoked)
+        if self.audit is not None:
+            self.audit.check()
 
     def _audit_refusing(self) -> str | None:
         assert self.audit is not None
@@ -939,14 +957,23 @@ def _unix_path(address: str) -> str:
     return address.removeprefix("unix://").removeprefix("unix:")
 
 
-def _listen(server: grpc.aio.Server, address: str, socket_mode: int) -> None:
+def _listen(server: grpc.aio.Server, address: str, socket_mode: int, group: str = "") -> None:
     """Binds Unix socket ``address``, created with ``socket_mode`` from the start (umask), not
-    chmod-ed after a window in which anyone could connect."""
-    Path(_unix_path(address)).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    chmod-ed after a window in which anyone could connect. ``group``: the socket and its
+    directory are that group's too (the front's own user reaches this socket and no other)."""
+    path = Path(_unix_path(address))
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     with created_with_mode(socket_mode):
         port = server.add_insecure_port(address)
     if port == 0:
         raise SignerError(f"cannot listen on {address}")
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"server.front_socket_group: no group {group!r}") from None
+        share_with_group(path.parent, gid, 0o710)
+        share_with_group(path, gid, socket_mode)
 
 
 def harden_process(cfg: Config) -> None:

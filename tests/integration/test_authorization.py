@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -30,6 +31,7 @@ from signer.errors import (
     NotFound,
     PermissionDenied,
     SignerError,
+    Unauthenticated,
 )
 from signer.front import Front, front_config
 from signer.jose import TokenRejected, verify_jwt
@@ -357,7 +359,7 @@ def test_a_caller_with_no_grant_cannot_fill_the_disk_or_break_the_front(
     assert grown < 64 * 1024, f"the audit log grew by {grown} bytes for ten refused calls"
     with sqlite3.connect(audit) as db:
         rows = db.execute(
-            "SELECT key, status FROM records WHERE caller = 'x509:CN=stranger'"
+            "SELECT key, status FROM records WHERE caller LIKE 'x509:CN=stranger (issuer %'"
         ).fetchall()
     assert len(rows) == 10
     assert all(len(key) < 200 and status == "INVALID_ARGUMENT" for key, status in rows)
@@ -443,3 +445,76 @@ def test_a_new_version_by_import_needs_the_rotate_grant_too(deployment: Deployme
         c.import_key(existing, "ec-p256", _ec_pem())
     with deployment.remote("key-admin") as c:  # import and rotate in 'consumer'
         assert c.import_key(existing, "ec-p256", _ec_pem()).primary_version == 3
+
+
+# --- a certificate is its issuer and serial too (issue 11, item 11) ---------------------------
+
+
+def _serial(cert: Path) -> str:
+    return format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "X")
+
+
+def test_issuer_pinning_and_revoking_one_certificate(token_host, tmp_path: Path) -> None:
+    """Two CAs behind one front, each with a certificate for CN=payments: the grant pins its
+    issuer, so the partner CA's is another caller. Then one certificate is revoked by serial
+    (SIGHUP): it is UNAUTHENTICATED, while a renewed one of the same subject still works."""
+    ops = DevCA.ensure(tmp_path / "ops")
+    partner = DevCA.ensure(tmp_path / "partner", name="partner CA")
+    ops.issue_server(token_host.paths.tls_public_key.read_bytes(), ["localhost", "127.0.0.1"])
+    bundle = tmp_path / "client-cas.pem"
+    bundle.write_bytes(ops.cert.read_bytes() + partner.cert.read_bytes())
+    first, first_key = ops.issue_client("payments")
+    ours = (tmp_path / "first.pem", tmp_path / "first.key")  # kept: the next replaces the files
+    ours[0].write_bytes(first.read_bytes())
+    ours[1].write_bytes(first_key.read_bytes())
+    renewed = ops.issue_client("payments")  # a second certificate: same subject, same CA
+    theirs = partner.issue_client("payments")
+    grant = (
+        '[[grant]]\ncallers = ["x509:CN=payments"]\nissuers = ["CN=signer development CA"]\n'
+        'operations = ["*"]\nscopes = ["*"]\n'
+    )
+    policy = tmp_path / "policy.toml"
+    policy.write_text(grant)
+    front_socket = tmp_path / "front.sock"
+    cfg = make_config(
+        tmp_path,
+        token_host.token_config(),
+        server={"front_socket": str(front_socket), "policy_file": str(policy)},
+    )
+    svc = start_service(cfg, FakeClock())
+    front_cfg = replace(
+        front_config(token_host.paths, ops, listen=f"127.0.0.1:{free_port()}",
+                     upstream=front_socket, workdir=tmp_path / "front"),
+        client_ca=str(bundle),
+    )  # fmt: skip
+    front = Front(replace(cfg, front=front_cfg))
+    front.start()
+
+    def as_(cert: Path, key: Path) -> SignerClient:
+        return SignerClient(front_cfg.listen, tls=ClientTLS(ops.cert, cert, key), timeout=15)
+
+    try:
+        with as_(*ours) as c:
+            c.create_key("pinned-key", "ec-p256", scope="consumer")
+        with as_(*theirs) as c, pytest.raises(PermissionDenied):
+            c.get_key("pinned-key")  # same subject, another issuer: another caller
+        policy.write_text(
+            grant + f'\n[[revoked]]\nissuer = "CN=signer development CA"\n'
+            f'serials = ["{_serial(ours[0])}"]\n'
+        )
+        assert svc.server.reload_policy()
+        with as_(*ours) as c, pytest.raises(Unauthenticated, match="is revoked by the policy"):
+            c.get_key("pinned-key")
+        with as_(*renewed) as c:
+            assert c.get_key("pinned-key").scope == "consumer"
+    finally:
+        front.stop()
+        svc.stop()
+    with sqlite3.connect(cfg.audit.path) as db:
+        callers = [r[0] for r in db.execute("SELECT caller FROM records ORDER BY seq")]
+    assert callers == [
+        f"x509:CN=payments (issuer CN=signer development CA, serial {_serial(ours[0])})",
+        f"x509:CN=payments (issuer CN=partner CA, serial {_serial(theirs[0])})",
+        f"x509:CN=payments (issuer CN=signer development CA, serial {_serial(ours[0])})",
+        f"x509:CN=payments (issuer CN=signer development CA, serial {_serial(renewed[0])})",
+    ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from signer import config as config_mod
 from tests.conftest import SIGNER_BIN, free_port, health_status, wait_until
 
 pytestmark = pytest.mark.integration
@@ -134,7 +135,9 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(tmp_path: Path, token_
         assert r.returncode == 0, r.stderr
         hosts = _processes_mentioning(str(state / "hsm"))
         assert hosts, "the token host should be running"
-        assert _processes_mentioning(str(state / "front")), "the TLS front should be running"
+        # As root the front runs as its own user, with its own directory outside var/.
+        front = config_mod.load(state / "signer.toml").front.workdir
+        assert _processes_mentioning(front), "the TLS front should be running"
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=30)
@@ -143,7 +146,8 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(tmp_path: Path, token_
     assert "token host stopped" in output
     assert "TLS front stopped" in output
     assert wait_until(lambda: not _processes_mentioning(str(state / "hsm")), 10)
-    assert wait_until(lambda: not _processes_mentioning(str(state / "front")), 10)
+    assert wait_until(lambda: not _processes_mentioning(front), 10)
+    assert not Path(front).exists()  # the front's directory goes with it
     # A second start reuses the tokens, the certificates and the demo key.
     proc = subprocess.Popen(
         [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],

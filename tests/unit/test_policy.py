@@ -139,3 +139,72 @@ def test_grant_everything_writes_a_policy_that_loads(tmp_path: Path) -> None:
     assert pol.allows(ALICE, "destroy", "any", "scope")
     assert pol.allows(Caller.x509('O=a "b",CN=c'), "sign", "any", "scope")
     assert not pol.allows(BOB, "read", "any", "scope")
+
+
+# --- certificates: issuer, serial, revocation (issue 11) ---------------------------------------
+
+PINNED = """
+[[grant]]
+callers = ["x509:CN=payments"]
+issuers = ["CN=ops CA"]
+operations = ["sign"]
+scopes = ["consumer"]
+
+[[revoked]]
+issuer = "CN=ops CA"
+serials = ["00:1a:2B", "FF"]
+"""
+
+
+def test_a_grant_may_pin_the_issuers_of_its_certificates(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(PINNED)
+    pol = policy.load(path)
+    ops = Caller.x509("CN=payments", "CN=ops CA", "0A")
+    partner = Caller.x509("CN=payments", "CN=partner CA", "0A")  # the same subject elsewhere
+    assert pol.allows(ops, "sign", "k", "consumer")
+    assert not pol.allows(partner, "sign", "k", "consumer")
+    assert not pol.allows_new(partner, "sign", "k", "consumer")
+
+
+def test_one_certificate_is_revoked_not_its_subject(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(PINNED)
+    pol = policy.load(path)
+    revoked = Caller.x509("CN=payments", "CN=ops CA", "1A2B")
+    renewed = Caller.x509("CN=payments", "CN=ops CA", "1A2C")
+    assert pol.revocation(revoked) == (
+        "certificate 1A2B of CN=ops CA (x509:CN=payments) is revoked by the policy"
+    )
+    assert pol.revocation(renewed) is None
+    assert pol.revocation(Caller.x509("CN=payments", "CN=partner CA", "1A2B")) is None
+    assert pol.revocation(ALICE) is None
+
+
+def test_a_certificate_is_known_by_issuer_and_serial() -> None:
+    c = Caller.x509("CN=payments", "CN=ops CA", "00:0a:FF")
+    assert (c.display, c.serial) == ("x509:CN=payments", "AFF")
+    assert c.identity == "x509:CN=payments (issuer CN=ops CA, serial AFF)"
+    assert ALICE.identity == "uid:1000(alice)"
+    assert policy.serial_number("000") == "0"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[revoked]]\nissuer = "CN=ca"\n', "must be a table with issuer and serials"),
+        ('[[revoked]]\nissuer = ""\nserials = ["01"]\n', "issuer must be a non-empty string"),
+        ('[[revoked]]\nissuer = "CN=ca"\nserials = ["xyz"]\n', "serial 'xyz' is not hexadecimal"),
+        ('[[revoked]]\nissuer = "CN=ca"\nserials = []\n', "non-empty list"),
+        ('revoked = "all"\n', "'revoked' must be an array of tables"),
+        (
+            '[[grant]]\ncallers = ["uid:1"]\noperations = ["sign"]\nscopes = ["a"]\nissuers = []\n',
+            "issuers must be a non-empty list",
+        ),
+    ],
+)
+def test_bad_revocations_and_issuers_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        policy.load(path)
