@@ -54,6 +54,10 @@ class ServerConfig:
     max_connections_per_uid: int = 64
     max_connections: int = 1024
     idle_connection_seconds: float = 300.0
+    # Calls one caller, and all together, may have running at once (RESOURCE_EXHAUSTED
+    # beyond): a call whose caller has gone still runs to its end and is recorded.
+    max_calls_per_caller: int = 128
+    max_calls_in_flight: int = 512
     # How long graceful shutdown waits for in-flight calls.
     grace_seconds: float = 10.0
     # /proc/self/coredump_filter, set deliberately at start-up: the service's dumps are meant
@@ -306,6 +310,8 @@ def _validate(cfg: Config) -> None:
         ("server.idle_connection_seconds", cfg.server.idle_connection_seconds),
         ("server.max_connections_per_uid", cfg.server.max_connections_per_uid),
         ("server.max_connections", cfg.server.max_connections),
+        ("server.max_calls_per_caller", cfg.server.max_calls_per_caller),
+        ("server.max_calls_in_flight", cfg.server.max_calls_in_flight),
     ):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")

@@ -28,8 +28,10 @@ import contextlib
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -49,6 +51,8 @@ SUBJECT_HEADER = "x-signer-client-subject"
 ISSUER_HEADER = "x-signer-client-issuer"
 SERIAL_HEADER = "x-signer-client-serial"
 UNAUTHENTICATED_MESSAGE = "a client certificate signed by the configured CA is required"
+# How the starter opens its files in the workdir: created or truncated, never through a link.
+_WRITE_NO_LINK = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 # Characters that would end a PKCS#11 URI attribute or an nginx string.
 _UNSAFE = set(";?&\"'\\ \n\t{}$")
 
@@ -112,19 +116,21 @@ def openssl_conf() -> str:
     )
 
 
-def nginx_conf(cfg: Config, workdir: Path) -> str:
+def nginx_conf(cfg: Config, state: Path) -> str:
+    """nginx.conf of the front; ``state``: the one directory nginx writes (its error log, its
+    pid file, its temporary files)."""
     front = cfg.front
     _check(front)
     upstream = front.upstream.removeprefix("unix://").removeprefix("unix:")
     key = f"engine:pkcs11:{front.key_uri}?pin-source=file:{Path(front.pin_file).absolute()}"
     # Room for the largest message the service accepts, plus gRPC framing.
     body = 2 * cfg.server.max_message_bytes + 64 * 1024
-    tmp = workdir / "tmp"
+    tmp = state / "tmp"
     return f"""# Written by signer.front; regenerated on every start.
 daemon off;
 master_process off;  # libp11 0.4.12 hangs forked workers; see signer/front.py
-error_log {workdir / "error.log"} warn;
-pid {workdir / "nginx.pid"};
+error_log {state / "error.log"} warn;
+pid {state / "nginx.pid"};
 env P11_KIT_SERVER_ADDRESS;
 env OPENSSL_CONF;
 events {{ worker_connections 4096; }}
@@ -196,12 +202,18 @@ class Front:
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def state(self) -> Path:
+        """What nginx writes: its error log, pid file and temporary files; made afresh at each
+        start. The rest of the workdir (nginx.conf, openssl.cnf, nginx.out) is the starter's."""
+        return self.workdir / "nginx"
+
+    @property
     def error_log(self) -> Path:
-        return self.workdir / "error.log"
+        return self.state / "error.log"
 
     def render(self) -> str:
         """nginx.conf for this front."""
-        return nginx_conf(self.cfg, self.workdir)
+        return nginx_conf(self.cfg, self.state)
 
     def _user(self) -> pwd.struct_passwd | None:
         """Whom nginx runs as: ``front.user`` when started by root, else whoever starts it."""
@@ -212,17 +224,35 @@ class Front:
         except KeyError:
             raise ConfigError(f"front.user: no user {self.cfg.front.user!r}") from None
 
+    def _prepare(self, user: pwd.struct_passwd | None) -> None:
+        """The workdir, the starter's (its group may pass through when nginx runs as another
+        user); in it, nginx.conf and openssl.cnf, written without following a link; and the
+        state directory, nginx's own, made afresh (a run of nginx as its own user leaves
+        nothing there that the next start, as root, would follow or read as trusted)."""
+        gid = user.pw_gid if user is not None else -1
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(self.workdir, os.geteuid(), gid)
+        os.chmod(self.workdir, 0o710 if user is not None else 0o700)
+        readable = 0o640 if user is not None else 0o600
+        for name, text in (("nginx.conf", self.render()), ("openssl.cnf", openssl_conf())):
+            fd = os.open(self.workdir / name, _WRITE_NO_LINK, readable)
+            with os.fdopen(fd, "w") as fh:
+                os.fchown(fh.fileno(), os.geteuid(), gid)
+                os.fchmod(fh.fileno(), readable)
+                fh.write(text)
+        if self.state.is_symlink():
+            self.state.unlink()
+        shutil.rmtree(self.state, ignore_errors=True)  # links inside are removed, not followed
+        self.state.mkdir(mode=0o700)
+        (self.state / "tmp").mkdir(mode=0o700)
+        if user is not None:
+            for fresh in (self.state, self.state / "tmp"):
+                os.chown(fresh, user.pw_uid, user.pw_gid)
+
     def start(self, timeout: float = 15.0) -> None:
         user = self._user()
-        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o700)
-        (self.workdir / "tmp").mkdir(mode=0o700, exist_ok=True)
+        self._prepare(user)
         conf = self.workdir / "nginx.conf"
-        conf.write_text(self.render())
-        (self.workdir / "openssl.cnf").write_text(openssl_conf())
-        if user is not None:  # its workdir is its own; nothing else of ours is
-            for path in (self.workdir, *self.workdir.rglob("*")):
-                os.chown(path, user.pw_uid, user.pw_gid)
 
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"),
@@ -232,10 +262,10 @@ class Front:
         host, _, port = self.cfg.front.listen.rpartition(":")
         _require_free(host, int(port))
         log_file = self.workdir / "nginx.out"
-        with open(log_file, "wb") as out:
+        with os.fdopen(os.open(log_file, _WRITE_NO_LINK, 0o600), "wb") as out:
             try:
                 self._proc = subprocess.Popen(
-                    [self.cfg.front.nginx, "-c", str(conf), "-p", str(self.workdir),
+                    [self.cfg.front.nginx, "-c", str(conf), "-p", str(self.state),
                      "-e", str(self.error_log)],
                     env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True, preexec_fn=guarded_preexec,
@@ -269,7 +299,12 @@ class Front:
         lines: list[str] = []
         for f in (*files, self.error_log):
             with contextlib.suppress(OSError):
-                lines += [ln for ln in f.read_text(errors="replace").splitlines() if ln.strip()]
+                # Never through a link: nginx may run as another user, and the error log is its.
+                fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                with os.fdopen(fd, "rb") as fh:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        text = fh.read(1 << 20).decode(errors="replace")
+                        lines += [ln for ln in text.splitlines() if ln.strip()]
         return lines[-1] if lines else "no message"
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -257,6 +257,21 @@ class ImportToken:
         return not (self.used or self.destroyed or now >= self.expires)
 
 
+# The only RSA public exponent an imported key may have. With p, q and d in hand, e + lambda(n)
+# is another exponent with the same signing function and a different public key: without this,
+# one RSA key could be imported twice, under two scopes, past the store's one-key-pair rule.
+RSA_PUBLIC_EXPONENT = 65537
+
+
+def check_imported(public_der: bytes) -> None:
+    """INVALID_ARGUMENT for a key pair this service will not import."""
+    key = load_public_key(public_der)
+    if isinstance(key, rsa.RSAPublicKey) and key.public_numbers().e != RSA_PUBLIC_EXPONENT:
+        raise InvalidArgument(
+            f"an imported RSA key must have the public exponent {RSA_PUBLIC_EXPONENT}"
+        )
+
+
 def check_usable(v: Version, now: datetime) -> None:
     """FAILED_PRECONDITION unless ``v`` may sign or verify now."""
     state = v.effective_state(now)

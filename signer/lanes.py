@@ -105,7 +105,7 @@ def hand_back(done: list[Outcome]) -> None:
 
 def _settle(done: list[Outcome]) -> None:
     for fut, ok, value in done:
-        if fut.cancelled():
+        if fut.done():  # cancelled meanwhile, or already answered
             continue
         if ok:
             fut.set_result(value)

@@ -98,6 +98,7 @@ def write_config(root: Path, listen: str, world: FrontWorld | None = None) -> Pa
 def prepare(root: Path) -> None:
     """Token host, development PKI: whatever is missing."""
     state_dir(root)  # others may pass through to the sockets, not list or read what is here
+    state_dir(root / "run")  # the socket's own mode (server.socket_mode) says who connects
     paths = hsm.HsmPaths((root / "hsm").absolute())
     if not (paths.initialised() and paths.has_tls_token()):
         done = subprocess.run(

@@ -106,7 +106,10 @@ class Grant:
     def covers(self, caller: Caller, operation: str) -> bool:
         if operation not in self.operations or self.callers.isdisjoint(caller.names):
             return False
-        return not (self.issuers and caller.issuer and caller.issuer not in self.issuers)
+        # Pinned issuers bind certificates; a certificate whose issuer is unknown (a front that
+        # did not say) is not covered: fail closed.
+        certificate = any(name.startswith("x509:") for name in caller.names)
+        return not (self.issuers and certificate and caller.issuer not in self.issuers)
 
     def applies_to(self, name: str, scope: str | None) -> bool:
         """``scope`` None: a key that does not exist. Only a grant by name, or one for any scope,

@@ -79,7 +79,7 @@ from signer.policy import Caller, Policy
 from signer.relay import Limits, PeerRelay, created_with_mode
 from signer.service import BATCH_CHUNK, Clock, Signer, utcnow
 from signer.store import SQLiteStore
-from signer.throttle import REFUSALS, RefusalThrottle
+from signer.throttle import REFUSALS, InFlight, RefusalThrottle
 from signer.token import Pin, Token, object_uri
 from signer.token.pin import perturb_freed_memory
 from signer.v1 import signer_pb2 as pb
@@ -178,6 +178,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         calls: set[asyncio.Task[Any]] | None = None,
         throttle: RefusalThrottle | None = None,
         gate: Callable[[Caller], None] | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._identify = identify
         self._how = how  # for the UNAUTHENTICATED message
@@ -187,6 +188,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Raises, before a call runs: UNAUTHENTICATED for a revoked certificate, UNAVAILABLE
         # while its outcome could not be recorded.
         self._gate = gate
+        self._in_flight = in_flight
 
     async def intercept_service(
         self,
@@ -206,6 +208,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             caller: Caller | None = None
             response: Any = None
             error: SignerError | None = None
+            counted: str | None = None  # the identity counted in self._in_flight
+            GONE.set(gone)
             try:
                 if not public:
                     caller = self._identify(context)
@@ -217,6 +221,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         return None, throttled  # counted for one record when it ends
                     if self._gate is not None:
                         self._gate(caller)
+                    if self._in_flight is not None:
+                        busy = self._in_flight.enter(caller.identity)
+                        if busy is not None:
+                            raise ResourceExhausted(f"{caller.display}: {busy}")
+                        counted = caller.identity
                 response = await inner(request, context)
             except SignerError as exc:
                 log.info(
@@ -238,6 +247,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     error = exc
             if error is not None and caller is not None and error.code in REFUSALS:
                 self._count_refusal(caller)
+            if counted is not None:
+                assert self._in_flight is not None
+                self._in_flight.leave(counted)
             return response, error
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -266,7 +278,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
     def _throttled(self, caller: Caller) -> ResourceExhausted | None:
-        wait = self._throttle.wait(caller.display) if self._throttle is not None else 0.0
+        wait = self._throttle.wait(caller.identity) if self._throttle is not None else 0.0
         if not wait:
             return None
         assert self._throttle is not None
@@ -276,10 +288,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
     def _count_refusal(self, caller: Caller) -> None:
-        if self._throttle is not None and self._throttle.refused(caller.display):
+        if self._throttle is not None and self._throttle.refused(caller.identity):
             log.warning(
                 "caller throttled: too many refused calls",
-                extra={"caller": caller.display, "seconds": self._throttle.window},
+                extra={"caller": caller.identity, "seconds": self._throttle.window},
             )
 
 
@@ -287,6 +299,10 @@ class _Gone:
     """Set when a call's caller stopped waiting for it (cancelled, or past its deadline)."""
 
     gone = False
+
+
+# The call being served's: whether its caller has gone (long calls stop early then).
+GONE: contextvars.ContextVar[_Gone | None] = contextvars.ContextVar("gone", default=None)
 
 
 class _Unchecked(Policy):
@@ -323,10 +339,11 @@ def front_caller(context: grpc.aio.ServicerContext) -> Caller | None:
     """Callers through the mTLS front: the client certificate nginx verified, by its subject,
     issuer and serial. Only the front can connect to the socket whose server uses this."""
     headers = {key: str(value) for key, value in context.invocation_metadata() or ()}
-    subject = headers.get(SUBJECT_HEADER)
-    if not subject:
-        return None
-    return Caller.x509(subject, headers.get(ISSUER_HEADER, ""), headers.get(SERIAL_HEADER, ""))
+    subject, issuer, serial = (headers.get(h) for h in (SUBJECT_HEADER, ISSUER_HEADER,
+                                                        SERIAL_HEADER))  # fmt: skip
+    if not (subject and issuer and serial):
+        return None  # the front names all three of a certificate it verified
+    return Caller.x509(subject, issuer, serial)
 
 
 def _ts(t: datetime | None) -> Timestamp | None:
@@ -451,8 +468,16 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         await self._allow("read", request.name)
         return self._key_pb(await self._run_quick(self._signer.get_key, request.name))
 
-    async def ListKeys(self, request: pb.ListKeysRequest, context: Any) -> pb.ListKeysResponse:
+    def _may_read_any(self) -> tuple[Caller, Policy]:
+        """A caller with no read grant at all is refused a listing (rather than given an empty
+        one), so its calls count against its refusal budget like any other refusal."""
         caller, policy = CALLER.get(), self._policy()
+        if not policy.allows_any(caller, "read"):
+            raise PermissionDenied(f"{caller.display} may not read keys")
+        return caller, policy
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Any) -> pb.ListKeysResponse:
+        caller, policy = self._may_read_any()
 
         def visible(k: Key) -> bool:
             return policy.allows(caller, "read", k.name, k.scope)
@@ -563,6 +588,9 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             )
         )
         for start in range(0, len(plan.jobs), BATCH_CHUNK):
+            if (gone := GONE.get()) is not None and gone.gone:  # nobody will see the rest
+                plan.abandon(start)
+                break
             await self._lanes.run(functools.partial(self._signer.sign_chunk, plan, start))
         r = plan.result()
         return pb.SignBatchResponse(
@@ -583,7 +611,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return pb.SignJWTResponse(token=r.token, kid=r.kid, alg=r.alg, version=r.version)
 
     async def GetJWKS(self, request: pb.GetJWKSRequest, context: Any) -> pb.GetJWKSResponse:
-        caller, policy = CALLER.get(), self._policy()
+        caller, policy = self._may_read_any()
 
         def visible(k: Key) -> bool:
             return policy.allows(caller, "read", k.name, k.scope)
@@ -653,7 +681,11 @@ class Server:
         # Slow token work (key generation, wrapping keys, unwrapping) on a connection of its
         # own where the module gives one, so that it never holds up a signature.
         self.admin_token = (
-            Token(replace(cfg.token, sessions=ADMIN_SESSIONS), Pin(cfg.token.pin_file))
+            Token(
+                replace(cfg.token, sessions=ADMIN_SESSIONS),
+                Pin(cfg.token.pin_file),
+                follows=self.token,
+            )
             if cfg.token.admin_connection
             else self.token
         )
@@ -675,6 +707,7 @@ class Server:
                 cfg.audit.max_unsigned_records,
                 cfg.audit.max_unsigned_seconds,
                 witnesses(cfg.audit),
+                clock=self.signer.now,
             )
         )
         self.relay = PeerRelay(
@@ -690,6 +723,7 @@ class Server:
             cfg.server.refused_calls_budget, cfg.server.refusal_window_seconds
         )
         self._summaries: asyncio.Task[None] | None = None
+        self.in_flight = InFlight(cfg.server.max_calls_per_caller, cfg.server.max_calls_in_flight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._health_lock = asyncio.Lock()
@@ -731,6 +765,7 @@ class Server:
                     self._calls,
                     None if self.bare else self.throttle,
                     None if self.bare else self._admit,
+                    self.in_flight,
                 )
             ],
             options=[
@@ -770,7 +805,9 @@ class Server:
             key_id, public_der = recorded
         else:
             key_id = secrets.token_bytes(16)
-            public_der = self.admin_token.generate(AUDIT_ALGORITHM, key_id, "signer-audit-key")
+            public_der = self.signer.slow_token().generate(
+                AUDIT_ALGORITHM, key_id, "signer-audit-key"
+            )
             log.info("audit key generated in the token", extra={"key_id": key_id.hex()})
         return Signing(self.token.sign, key_id), public_der
 
@@ -801,6 +838,9 @@ class Server:
             # Freed C heap (the RPC buffer that carried the PIN, request payloads) is overwritten.
             perturb_freed_memory()
         self.token.on_availability(self._availability_changed)
+        if self.admin_token is not self.token:
+            # The administrative connection logs in once the signing one is up: at once.
+            self.token.on_availability(lambda up: self.admin_token.wake() if up else None)
         await self.run_blocking(self.token.start)
         if self.admin_token is not self.token:
             await self.run_blocking(self.admin_token.start)
@@ -919,7 +959,16 @@ class Server:
             )
             self._servers = []
         if self._calls:
-            await asyncio.gather(*list(self._calls), return_exceptions=True)
+            # Calls whose callers have gone are still running; each is recorded when it ends.
+            _, running = await asyncio.wait(
+                list(self._calls), timeout=self.cfg.server.grace_seconds
+            )
+            if running:
+                log.error(
+                    "calls still running as the audit log closes: their outcomes may not be "
+                    "recorded",
+                    extra={"calls": len(running)},
+                )
         if self.audit is not None:
             await self._record_throttled(everyone=True)
         await self.relay.stop()
@@ -959,8 +1008,9 @@ def _unix_path(address: str) -> str:
 
 def _listen(server: grpc.aio.Server, address: str, socket_mode: int, group: str = "") -> None:
     """Binds Unix socket ``address``, created with ``socket_mode`` from the start (umask), not
-    chmod-ed after a window in which anyone could connect. ``group``: the socket and its
-    directory are that group's too (the front's own user reaches this socket and no other)."""
+    chmod-ed after a window in which anyone could connect. ``group``: the socket is that
+    group's too (the front's own user reaches this socket and no other; its directory must let
+    the group pass, as ``signer run``'s does)."""
     path = Path(_unix_path(address))
     path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     with created_with_mode(socket_mode):
@@ -972,7 +1022,6 @@ def _listen(server: grpc.aio.Server, address: str, socket_mode: int, group: str 
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ConfigError(f"server.front_socket_group: no group {group!r}") from None
-        share_with_group(path.parent, gid, 0o710)
         share_with_group(path, gid, socket_mode)
 
 

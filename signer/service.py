@@ -42,6 +42,7 @@ from signer.keys import (
     State,
     Version,
     algorithm,
+    check_imported,
     check_labels,
     check_name,
     check_scope,
@@ -113,6 +114,11 @@ class BatchPlan:
     slots: list[int]  # the item each job is for
     results: list[bytes | SignerError]
 
+    def abandon(self, start: int) -> None:
+        """The items from job ``start`` on are not signed (the caller went away)."""
+        for i in self.slots[start:]:
+            self.results[i] = Unavailable(f"item {i}: not signed: the caller went away")
+
     def result(self) -> BatchResult:
         return BatchResult(
             self.version.version, self.alg.name, self.alg.signature_algorithm(self.pad),
@@ -183,6 +189,12 @@ class Signer:
         # Scopes are fixed at creation, so a key's scope, once read, is read for good.
         self._scopes: dict[str, str] = {}
 
+    def slow_token(self) -> Token:
+        """Where slow work goes: the administrative connection, or the signing one while that
+        is down (a generation stalls signatures then, rather than failing)."""
+        admin = self._admin
+        return admin if admin is self._token or admin.available else self._token
+
     @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:
         with self._locks_guard:
@@ -242,7 +254,7 @@ class Signer:
 
     def _new_version(self, name: str, number: int, alg: Algorithm, now: datetime) -> Version:
         key_id = secrets.token_bytes(KEY_ID_BYTES)
-        public = self._admin.generate(alg, key_id, token_label(name, number))
+        public = self.slow_token().generate(alg, key_id, token_label(name, number))
         return Version(name, number, alg.name, State.ENABLED, key_id, public, now, None)
 
     def _discard(self, version: Version) -> None:
@@ -270,7 +282,7 @@ class Signer:
         that still holds an unused token with half its lifetime left gets that one again (so a
         caller holds at most two), and no more than ``keys.max_live_import_tokens`` are live in
         all (RESOURCE_EXHAUSTED beyond)."""
-        self._admin.require_wrapping()
+        self.slow_token().require_wrapping()
         lifetime = timedelta(seconds=self._cfg.keys.import_token_lifetime_seconds)
         with self._import_guard:
             now = self.now()
@@ -280,7 +292,7 @@ class Signer:
         return ImportParameters(
             record,
             ONE_STEP,
-            TWO_STEP if self._admin.two_step_mechanism else "",
+            TWO_STEP if self.slow_token().two_step_mechanism else "",
             self.importable_algorithms(),
         )
 
@@ -296,7 +308,7 @@ class Signer:
             )
         token = secrets.token_urlsafe(IMPORT_TOKEN_BYTES)
         key_id = secrets.token_bytes(KEY_ID_BYTES)
-        public = self._admin.generate_wrapping_key(key_id, WRAPPING_KEY_LABEL)
+        public = self.slow_token().generate_wrapping_key(key_id, WRAPPING_KEY_LABEL)
         record = ImportToken(token, key_id, public, now, now + lifetime, caller=caller)
         try:
             self._store.add_import_token(record)
@@ -363,12 +375,12 @@ class Signer:
                 alg = self._check_import_into(existing, alg, scope, labels)
             elif alg is None:
                 raise InvalidArgument(f"algorithm is required: key {name!r} does not exist yet")
-            self._admin.require_import(alg)
+            self.slow_token().require_import(alg)
             number = 1 if existing is None else max(v.version for v in existing.versions) + 1
             key_id = secrets.token_bytes(KEY_ID_BYTES)
             with self._lock(_import_lock(import_token)):
                 record = self._live_import_token(import_token, caller)
-                public = self._admin.unwrap_private(
+                public = self.slow_token().unwrap_private(
                     record.key_id,
                     wrapped_key,
                     alg,
@@ -379,6 +391,7 @@ class Signer:
                 now = self.now()
                 version = Version(name, number, alg.name, State.ENABLED, key_id, public, now, None)
                 try:
+                    check_imported(public)
                     if existing is None:
                         key = Key(
                             name, alg.name, 1, scope or DEFAULT_SCOPE, labels, now, (version,)

@@ -95,3 +95,34 @@ class RefusalThrottle:
             del self._callers[quiet[0] if quiet else next(iter(self._callers))]
         entry = self._callers[caller] = _Caller(now)
         return entry
+
+
+class InFlight:
+    """How many calls one caller, and all together, may have running: a call whose caller has
+    gone still runs to its end (so that what it does is recorded), and a caller could otherwise
+    start any number of them by cancelling each at once (issue 11's review: 623 running after
+    1.5 s of 5-ms deadlines). ``enter`` says why not, or counts the call in; ``leave`` out."""
+
+    def __init__(self, per_caller: int, total: int) -> None:
+        self.per_caller = per_caller
+        self.total = total
+        self._callers: dict[str, int] = {}
+        self._running = 0
+
+    def enter(self, caller: str) -> str | None:
+        mine = self._callers.get(caller, 0)
+        if mine >= self.per_caller:
+            return f"{mine} calls of this caller are running, the most allowed"
+        if self._running >= self.total:
+            return f"{self._running} calls are running, the most this service takes at once"
+        self._callers[caller] = mine + 1
+        self._running += 1
+        return None
+
+    def leave(self, caller: str) -> None:
+        self._running -= 1
+        left = self._callers[caller] - 1
+        if left:
+            self._callers[caller] = left
+        else:
+            del self._callers[caller]

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import serialization
 
 from signer.audit._chain import Checkpoint, Event, Signing, chain, checkpoint_message, iso
 from signer.audit._store import AuditStore
-from signer.audit._witness import MESSAGE, Witness, fields
+from signer.audit._verify import unsigned_tail_fault
+from signer.audit._witness import MESSAGE, FileWitness, Witness, fields
 from signer.errors import SignerError, Unavailable
 from signer.lanes import hand_back
 
@@ -30,16 +31,24 @@ class AuditLog:
     """:meth:`record` queues an event and returns its sequence number once committed, or fails
     UNAVAILABLE if it cannot be.
 
-    Bounded signing: no record is committed while more than ``max_unsigned_records`` records,
-    or records spanning more than ``max_unsigned_seconds`` (by their own times), would be under
-    no signed checkpoint. The writer signs one first; if it cannot (the token host away, a
-    witness unwritable), the records are refused, and so are new calls (:meth:`check`) until a
-    checkpoint succeeds. So a whole log is always signed to within that bound of its end, which
-    ``verify`` holds it to: a log whose checkpoints were deleted cannot pass for a young one.
+    Bounded signing. The log is kept signed to within ``max_unsigned_records`` records, and
+    ``max_unsigned_seconds`` of record time, of its end: when committing would pass either, the
+    writer signs a checkpoint first. When it cannot (the token host away, a witness that cannot
+    be written), the records of calls already running are still committed (a change is never
+    left unrecorded), and new calls are refused (:meth:`check`: UNAVAILABLE, health NOT_SERVING)
+    from three quarters of either bound until a checkpoint succeeds, so that the calls in flight
+    (``server.max_calls_in_flight``) fit in the last quarter. ``verify`` holds a log to the
+    bound: one whose checkpoints were removed cannot pass for a young one.
 
-    A checkpoint key that differs from the pinned one is a tamper signal, not a retry: the log
-    then refuses everything for good (:attr:`failure`), until an operator restarts the service.
+    The writer vouches for what it signs. At :meth:`start`, the part of the log no checkpoint
+    covers is checked as ``verify`` would (it chains from the newest checkpoint, which the pinned
+    key signed, and fits the bound; a pinned key is in the log); a checkpoint key that is not the
+    pinned one is caught when it is first used. Either stops the log for good
+    (:attr:`failure`): every call refused until an operator has looked and restarts.
     """
+
+    # From this share of either bound, while checkpoints fail, new calls are refused.
+    GATE = 0.75
 
     def __init__(
         self,
@@ -49,6 +58,7 @@ class AuditLog:
         max_unsigned_records: int | None = None,
         max_unsigned_seconds: float | None = None,
         witnesses: Sequence[Witness] = (),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.checkpoint_every = checkpoint_every
@@ -56,6 +66,7 @@ class AuditLog:
         self.max_unsigned_records = max_unsigned_records or 2 * checkpoint_every
         self.max_unsigned_seconds = max_unsigned_seconds or 6 * checkpoint_interval
         self._witnesses = list(witnesses)
+        self._clock = clock  # the service's: the clock the records' times come from
         self._seq, self._hash = store.head()
         self._checkpointed = max(store.last_checkpoint(), 0)
         first = store.record(self._checkpointed + 1) if self._seq > self._checkpointed else None
@@ -66,34 +77,57 @@ class AuditLog:
         self._make_key: MakeKey | None = None
         self._pin_to: Path | None = None
         self._writer: threading.Thread | None = None
-        # Why calls are refused now: ``failure`` for good (a foreign key), ``_refusing`` until
-        # a checkpoint is signed again.
-        self.failure: str | None = None
-        self._refusing: str | None = None
-        self._why = ""  # why the last checkpoint failed
+        self.failure: str | None = None  # why the log refuses everything, for good
+        self._failing: str | None = None  # why the last checkpoint could not be signed
         self._listeners: list[Callable[[], None]] = []
+        self._batch: list[tuple[Event, asyncio.Future[int]]] = []  # being committed
 
     def start(self, make_key: MakeKey, pin_to: Path) -> None:
         """Starts writing. Checkpoints are signed with the audit key that ``make_key`` returns
         (given the recorded one, if any; it generates one in the token otherwise), made when
         the first checkpoint is due, so records are written even while the token host is away.
         The key's public half is recorded and pinned in ``pin_to``; a key that differs from the
-        pinned one is refused."""
+        pinned one is refused. The unsigned part of the log is checked first."""
         self._make_key, self._pin_to = make_key, pin_to
+        pinned = pin_to.read_bytes() if pin_to.exists() else None
+        bad = unsigned_tail_fault(
+            self.store,
+            pinned,
+            self.max_unsigned_records,
+            self.max_unsigned_seconds,
+            [w.path for w in self._witnesses if isinstance(w, FileWitness)],
+        )
+        if bad is not None:
+            self._stop_for_good(
+                f"the audit log does not verify ({bad}); no checkpoint will be signed over it: "
+                "an operator must look (signer audit-log verify; see the README)"
+            )
         self._writer = threading.Thread(target=self._write_forever, name="audit", daemon=True)
         self._writer.start()
 
     def on_change(self, listener: Callable[[], None]) -> None:
-        """``listener()`` (from the writer thread) when :meth:`check` starts or stops refusing."""
+        """``listener()`` (from the writer thread) when :meth:`check`'s answer may have changed."""
         self._listeners.append(listener)
 
     def check(self) -> None:
-        """UNAVAILABLE, saying why, while the log refuses records: before a call changes or uses
-        anything it could not record."""
+        """UNAVAILABLE, saying why, while new calls must not start: for good after a tamper
+        signal; while checkpoints fail and the unsigned part nears the bound."""
         if self.failure is not None:
             raise Unavailable(self.failure)
-        if self._refusing is not None:
-            raise Unavailable(self._refusing)
+        failing = self._failing
+        if failing is not None and self._near_bound():
+            raise Unavailable(
+                f"the audit log cannot sign a checkpoint ({failing}), and its unsigned records "
+                "near audit.max_unsigned_records or audit.max_unsigned_seconds: calls are "
+                "refused until one is signed"
+            )
+
+    def _near_bound(self) -> bool:
+        if self._unsigned >= self.GATE * self.max_unsigned_records:
+            return True
+        first = self._first_unsigned
+        span = (self._clock() - first).total_seconds() if first is not None else 0.0
+        return span >= self.GATE * self.max_unsigned_seconds
 
     async def record(self, event: Event) -> int:
         """Queues ``event``; returns the record's sequence number once committed, or raises
@@ -101,7 +135,7 @@ class AuditLog:
         their event loop."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if self._writer is None or not self._writer.is_alive():
-            raise Unavailable("the audit log is not running: refusing the call")
+            raise Unavailable(self.failure or "the audit log is not running: refusing the call")
         self._queue.put((event, fut))
         return await fut
 
@@ -117,7 +151,16 @@ class AuditLog:
     # --- the writer thread --------------------------------------------------------------------
 
     def _write_forever(self) -> None:
-        batch_limit = min(_BATCH, self.max_unsigned_records)
+        try:
+            self._write_until_stopped()
+        except BaseException as exc:  # a bug: nothing may wait on a writer that is gone
+            log.exception("audit writer stopped")
+            self._stop_for_good(f"the audit log's writer stopped ({type(exc).__name__})")
+            error = Unavailable(self.failure or "the audit log has stopped")
+            hand_back([(fut, False, error) for _, fut in self._batch])
+            self._refuse_queued()
+
+    def _write_until_stopped(self) -> None:
         while True:
             wait = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
             try:
@@ -126,17 +169,30 @@ class AuditLog:
                 self._checkpoint_quietly()
                 continue
             batch = [item]
-            while len(batch) < batch_limit:
+            while len(batch) < _BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             stop = None in batch
-            self._commit([b for b in batch if b is not None])
+            self._batch = [b for b in batch if b is not None]
+            self._commit(self._batch)
+            self._batch = []
             if self._unsigned >= self.checkpoint_every or stop:
                 self._checkpoint_quietly()
             if stop:
+                self._refuse_queued()
                 return
+
+    def _refuse_queued(self) -> None:
+        error = Unavailable(self.failure or "the audit log has stopped: refusing the call")
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                hand_back([(item[1], False, error)])
 
     @property
     def _unsigned(self) -> int:
@@ -160,22 +216,20 @@ class AuditLog:
             n = self._fitting(batch)
             if n == 0:  # a checkpoint first; after one, at least the first event fits
                 self._checkpoint_quietly()
-                n = self._fitting(batch)
-            if n == 0:
-                self._set(
-                    refusing=f"the audit log cannot sign a checkpoint ({self._why}), and "
-                    "records may not go unsigned beyond audit.max_unsigned_records or "
-                    "audit.max_unsigned_seconds: calls are refused until one is signed"
-                )
-                break
-            if not self._append(batch[:n]):
+                # Without one, these calls' records go in all the same: they have run, and what
+                # they did must be on record; check() keeps new calls out meanwhile.
+                n = self._fitting(batch) or len(batch)
+            error = self._append(batch[:n])
+            if error is not None:
+                hand_back([(fut, False, error) for _, fut in batch])
                 return
             batch = batch[n:]
         if batch:
-            error = Unavailable(self.failure or self._refusing or "the audit log is refusing")
+            error = Unavailable(self.failure or "the audit log has stopped: refusing the call")
             hand_back([(fut, False, error) for _, fut in batch])
 
-    def _append(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> bool:
+    def _append(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> Unavailable | None:
+        """Commits ``batch`` and answers its calls; or the error to answer them with."""
         records, seq, prev = [], self._seq, self._hash
         for event, _ in batch:
             seq += 1
@@ -185,44 +239,47 @@ class AuditLog:
             self.store.append(records)
         except Exception as exc:  # the store's own error type: sqlite3.Error, psycopg.Error...
             log.error("audit log write failed", extra={"error": str(exc), "records": len(batch)})
-            error = Unavailable(
+            return Unavailable(
                 f"the audit log cannot be written ({exc}); refusing the call until it can"
             )
-            hand_back([(fut, False, error) for _, fut in batch])
-            return False
         if self._first_unsigned is None:
             self._first_unsigned = batch[0][0].time
         self._seq, self._hash = seq, prev
         hand_back([(fut, True, r.seq) for (_, fut), r in zip(batch, records, strict=True)])
-        return True
+        return None
 
     def _checkpoint_quietly(self) -> None:
         try:
             self.checkpoint()
         except AuditKeyMismatch as exc:
-            self._set(failure=exc.message)
+            self._stop_for_good(exc.message)
         except Exception as exc:  # a token host away, a store or a witness that refuses
-            self._why = exc.message if isinstance(exc, SignerError) else str(exc)
-            log.error("audit checkpoint failed; retried", extra={"error": self._why})
+            self._failing = exc.message if isinstance(exc, SignerError) else str(exc)
+            log.error("audit checkpoint failed; retried", extra={"error": self._failing})
+            self._changed()
         else:
-            self._set(refusing=None)
+            if self._failing is not None:
+                self._failing = None
+                self._changed()
         self._last_checkpoint = time.monotonic()
 
-    def _set(self, *, failure: str | None = None, refusing: str | None = None) -> None:
-        if failure is not None and self.failure is None:
-            log.critical("audit log stopped: every call is refused", extra={"error": failure})
-            self.failure = failure
-        elif failure is None and refusing != self._refusing:
-            self._refusing = refusing
-        else:
-            return
+    def _stop_for_good(self, why: str) -> None:
+        if self.failure is None:
+            log.critical("audit log stopped: every call is refused", extra={"error": why})
+            self.failure = why
+            self._changed()
+
+    def _changed(self) -> None:
         for listener in self._listeners:
-            listener()
+            try:
+                listener()
+            except Exception:
+                log.exception("audit log listener failed")
 
     def checkpoint(self) -> None:
         """Signs the newest record's (sequence, hash), with the previous checkpoint's sequence,
         in the token, if there are new records; writes it to every witness, then the store."""
-        if self._unsigned <= 0:
+        if self._unsigned <= 0 or self.failure is not None:
             return
         signing = self._ensure_key()
         seq, hash_, at, prev = self._seq, self._hash, iso(datetime.now(UTC)), self._checkpointed

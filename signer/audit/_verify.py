@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 
 from signer.audit._archive import read_archive
 from signer.audit._chain import GENESIS, Checkpoint, Record, record_hash
-from signer.audit._store import SQLiteAuditStore
+from signer.audit._store import AuditStore, SQLiteAuditStore
 from signer.audit._witness import WitnessError, read_witness
 from signer.config import AuditConfig
 from signer.errors import SignerError
@@ -102,13 +102,7 @@ def verify_log(
     log is signed to within the bound the service keeps (``max_unsigned_*``); and that every
     checkpoint a witness saw is in it. ``public_key_pem`` None: nothing is pinned yet, which
     a young log (no checkpoint so far, no audit key recorded) may be."""
-    public_der = (
-        b""
-        if public_key_pem is None
-        else serialization.load_pem_public_key(public_key_pem).public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    public_der = b"" if public_key_pem is None else _der(public_key_pem)
     try:
         store = SQLiteAuditStore(path, read_only=True)
     except FileNotFoundError:
@@ -212,6 +206,66 @@ def _witnessed(
             )
         checked += 1
     return checked
+
+
+def unsigned_tail_fault(
+    store: AuditStore,
+    pinned_pem: bytes | None,
+    most: int,
+    seconds: float,
+    witness_files: Sequence[Path] = (),
+) -> str | None:
+    """What the writer checks before it signs anything more (``None``: nothing wrong). A
+    checkpoint signs every record before it, so the records after the newest one must be ones
+    the writer can vouch for: they follow that checkpoint, which the pinned key signed, and fit
+    the bound the writer keeps; and a witness shows no newer checkpoint that the log lost. (Issue
+    11's review: otherwise a restart signed over a tail rewritten, checkpoints and all.)"""
+    key = _der(pinned_pem) if pinned_pem is not None else None
+    recorded = store.audit_key()
+    checkpoints = store.checkpoints()
+    archives = store.archives()
+    try:
+        if key is not None and recorded is None:
+            raise _Bad(0, "an audit key is pinned, but the log carries none (removed)")
+        if recorded is not None and key is not None and recorded[1] != key:
+            raise _Bad(0, "the audit key recorded in the log is not the pinned one")
+        key = key or (recorded[1] if recorded else None)
+        seq, prev = 0, GENESIS
+        if checkpoints:
+            last = checkpoints[-1]
+            if key is None or not last.verifies(key):
+                raise _Bad(last.seq, "the newest checkpoint is not signed by the audit key")
+            record = store.record(last.seq)
+            signed = record.hash if record is not None else None
+            if record is None and archives and archives[-1].last_seq == last.seq:
+                signed = archives[-1].last_hash
+            if signed != last.hash:
+                raise _Bad(last.seq, "it is not what the newest checkpoint signed")
+            seq, prev = last.seq, last.hash
+        elif archives:
+            raise _Bad(archives[-1].last_seq, "archived records, but no checkpoint anchors them")
+        tail = list(store.records(first=seq + 1))
+        hashes: dict[int, str] = {}
+        end = _walk(tail, seq, prev, hashes)
+        _within_bound(tail, seq, most, seconds)
+        for path in witness_files:
+            if Path(path).exists():
+                newer = [(n, c) for n, c in read_witness(path) if c.seq > seq]
+                for line, c in newer:
+                    if key is None or not c.verifies(key) or c.seq > end or hashes[c.seq] != c.hash:
+                        raise _Bad(c.seq, f"the witness {path} (line {line}) saw a checkpoint "
+                                          "at it that the log does not bear out")  # fmt: skip
+    except _Bad as exc:
+        return f"record {exc.seq}: {exc.what}"
+    except WitnessError as exc:
+        return f"witness {exc}"
+    return None
+
+
+def _der(pem: bytes) -> bytes:
+    return serialization.load_pem_public_key(pem).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _check_archive(path: Path, sha256: str, public_der: bytes, seq: int, prev: str) -> None:

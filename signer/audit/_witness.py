@@ -74,11 +74,15 @@ class FileWitness:
 
 
 class SyslogWitness:
-    """A datagram per checkpoint to a syslog socket (``/dev/log``), tagged ``signer-audit``."""
+    """A datagram per checkpoint to a syslog socket (``/dev/log``), tagged ``signer-audit``.
+    Delivery is syslog's (it keeps what it received); a socket that does not take the datagram
+    within a second fails the checkpoint rather than holding up the writer (any local user can
+    fill ``/dev/log``'s queue)."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.settimeout(1.0)
 
     def write(self, checkpoint: Checkpoint) -> None:
         message = f"<{_SYSLOG_PRIORITY}>signer-audit[{os.getpid()}]: {_line(checkpoint)}"

@@ -218,11 +218,16 @@ class _Connection:
 
 
 class Token:
-    """A logged-in PKCS#11 token with a session pool; thread-safe."""
+    """A logged-in PKCS#11 token with a session pool; thread-safe.
 
-    def __init__(self, cfg: TokenConfig, pin: Pin) -> None:
+    ``follows``: another connection to the same token; this one logs in only while that one is
+    up. A second connection (the service's administrative one) then never adds failed logins
+    of its own to an HSM that counts them and locks the user out after a few."""
+
+    def __init__(self, cfg: TokenConfig, pin: Pin, follows: Token | None = None) -> None:
         self._cfg = cfg
         self._pin = pin
+        self._follows = follows
         self._uri = TokenURI.parse(cfg.uri)
         self._pool_size = cfg.sessions if cfg.concurrent else 1
         self._lib: Any = None
@@ -267,6 +272,10 @@ class Token:
             if self._lib is not None:
                 self._quietly(self._lib.finalize)
         self._pin.wipe()
+
+    def wake(self) -> None:
+        """Checks the connection (or tries to make it) now rather than at the next interval."""
+        self._wake.set()
 
     def on_availability(self, listener: Callable[[bool], None]) -> None:
         """``listener(True/False)`` is called whenever the token becomes reachable or not."""
@@ -715,6 +724,9 @@ class Token:
         return True
 
     def _try_connect(self) -> bool:
+        if self._follows is not None and not self._follows.available:
+            self._down_reason = "waiting for the main connection to the token"
+            return False
         with self._state_lock:
             if self._conn is not None:
                 return True

@@ -188,8 +188,11 @@ class _Held:
         self.gone = threading.Semaphore(0)
         original = getattr(target, method)
 
+        self.entries = threading.Semaphore(0)
+
         def held(*args, **kwargs):
             self.entered.set()
+            self.entries.release()
             assert self.release.wait(30), "never released"
             return original(*args, **kwargs)
 
@@ -363,3 +366,57 @@ def test_a_checkpoint_key_that_is_not_the_pinned_one_stops_the_service(
         c.create_key(unique_name(), "ec-p256")
     with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
         c.list_keys()
+
+
+# --- what a caller who goes can leave running (issue 11's review) -----------------------------
+
+
+def test_calls_left_running_are_bounded_per_caller(service_factory, unique_name, monkeypatch):
+    svc = service_factory(server={"max_calls_per_caller": 2})
+    held = _Held(svc.server.signer, "create_key", monkeypatch)
+    try:
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = pb_grpc.SignerServiceStub(channel)
+            calls = [
+                stub.CreateKey.future(pb.CreateKeyRequest(name=unique_name(), algorithm="ec-p256"))
+                for _ in range(2)
+            ]
+            assert all(held.entries.acquire(timeout=20) for _ in calls)  # both are running
+            for call in calls:
+                call.cancel()  # gone, but still running in the service
+            assert held.saw_gone(2)
+            with pytest.raises(ResourceExhausted, match="2 calls of this caller are running"):
+                svc.client().list_keys()
+    finally:
+        held.close()
+    assert wait_until(lambda: not svc.server._calls, 20)
+    svc.client().list_keys()  # they ended: room again
+
+
+def test_a_batch_whose_caller_went_signs_no_more_chunks(service_factory, unique_name, monkeypatch):
+    svc = service_factory()
+    name = unique_name()
+    svc.client().create_key(name, "ec-p256")
+    held = _Held(svc.server.token, "sign_many", monkeypatch)
+    chunks = []
+    hold = svc.server.token.sign_many  # the hold, which then calls the token
+
+    def counted(key_id, jobs):
+        chunks.append(len(jobs))
+        return hold(key_id, jobs)
+
+    monkeypatch.setattr(svc.server.token, "sign_many", counted)
+    items = [pb.SignBatchItem(message=b"m%d" % i) for i in range(300)]
+    try:
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = pb_grpc.SignerServiceStub(channel)
+            call = stub.SignBatch.future(pb.SignBatchRequest(name=name, items=items))
+            assert held.entered.wait(20)  # inside the first chunk
+            call.cancel()
+            assert held.saw_gone()
+    finally:
+        held.close()
+    svc.stop()
+    assert chunks == [50]  # the first chunk, and no other: nobody was there for them
+    rows = [(r[2], r[6]) for r in records(svc.server.cfg.audit.path) if r[3] == name]
+    assert ("SignBatch", "OK (caller gone)") in rows

@@ -230,11 +230,13 @@ def test_a_caller_who_may_see_a_name_learns_it_is_missing(deployment: Deployment
 
 def test_list_keys_shows_only_what_the_caller_may_read(deployment: Deployment) -> None:
     keys = {kind: fresh_key(deployment, kind) for kind in KINDS}
+    with deployment.remote("release-bot") as c, pytest.raises(PermissionDenied) as exc:
+        c.list_keys()  # it may read no key at all: refused, not an empty list
+    assert exc.value.message == "x509:CN=release-bot may not read keys"
     for caller, visible in (
         ("consumer-app", {"consumer"}),
         ("enterprise-app", {"enterprise"}),
         ("auditor", set(KINDS)),
-        ("release-bot", set()),
     ):
         with deployment.remote(caller) as c:
             listed = {k.name for k in c.iter_keys(page_size=2)}  # paging over hidden keys
@@ -252,8 +254,10 @@ def test_import_needs_an_import_grant(deployment: Deployment) -> None:
 
 
 def test_a_local_caller_is_known_by_uid(deployment: Deployment) -> None:
-    """The same socket, another user: `nobody` has no grant, so it sees no key and is refused
-    the rest, and the refusal names the uid the kernel reported."""
+    """The same socket, another user: `nobody` has no grant, so it is refused everything, a
+    listing included (a caller with no read grant at all is refused rather than shown an empty
+    list, so that its calls count against its refusal budget), and the refusal names the uid
+    the kernel reported."""
     import pwd
 
     nobody = pwd.getpwnam("nobody")
@@ -266,17 +270,18 @@ def test_a_local_caller_is_known_by_uid(deployment: Deployment) -> None:
         "from signer.client import SignerClient\n"
         "from signer.errors import SignerError\n"
         "c = SignerClient(sys.argv[1], timeout=10)\n"
-        "print(len(c.list_keys().keys))\n"
-        "try:\n"
-        "    c.get_key('anything')\n"
-        "except SignerError as e:\n"
-        "    print(e.code.value, e.message)\n"
+        "for call in (c.list_keys, lambda: c.get_key('anything')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except SignerError as e:\n"
+        "        print(e.code.value, e.message)\n"
     )
     done = run_as(nobody, script, address)
     assert done.returncode == 0, done.stderr
-    listed, refusal = done.stdout.splitlines()
-    assert listed == "0"  # ListKeys is filtered, not refused: nobody sees no key at all
-    assert refusal == f"PERMISSION_DENIED uid:{nobody.pw_uid}(nobody) may not read key 'anything'"
+    listing, refusal = done.stdout.splitlines()
+    who = f"uid:{nobody.pw_uid}(nobody)"
+    assert listing == f"PERMISSION_DENIED {who} may not read keys"
+    assert refusal == f"PERMISSION_DENIED {who} may not read key 'anything'"
 
 
 # --- reloading the policy -------------------------------------------------------------------

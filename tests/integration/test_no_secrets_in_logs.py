@@ -60,7 +60,7 @@ def test_every_rpc_leaves_no_secret_in_logs_or_errors(
         except SignerError as exc:
             errors.append(f"{exc.code.value}: {exc.message}")
 
-    payloads = [os.urandom(48) for _ in range(4)]
+    payloads = [os.urandom(48) for _ in range(6)]
     imported = ec.generate_private_key(ec.SECP256R1())
     imported_pem = imported.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -88,6 +88,10 @@ def test_every_rpc_leaves_no_secret_in_logs_or_errors(
     good = build_import_request("logs-byok", "ec-p256", imported_pem, params)
     c.import_key_version(good)
     c.sign("logs-byok", message=payloads[1])
+    c.sign_batch("logs-ec", messages=[payloads[4], payloads[5]])
+    c.sign_jwt("logs-ec", {"sub": payloads[4].hex(), "exp": 4102444800})
+    c.jwks("consumer")
+    params = c.get_import_parameters()  # the first was used up by the import
 
     # Failures of every kind.
     attempt(lambda: c.sign("logs-nope", message=payloads[2]))
@@ -109,7 +113,10 @@ def test_every_rpc_leaves_no_secret_in_logs_or_errors(
     unknown = build_import_request("logs-byok4", "ec-p256", imported_pem, params)
     unknown.import_token = "not-a-token"
     attempt(lambda: c.import_key_version(unknown))
-    assert len(errors) == 14, errors
+    attempt(lambda: c.sign_batch("logs-nope", messages=[payloads[5]]))
+    attempt(lambda: c.sign_jwt("logs-ec", payloads[5]))  # claims that are not JSON
+    attempt(lambda: c.jwks("Bad Scope"))
+    assert len(errors) == 17, errors
 
     svc.stop()  # shutdown logs too
     text = "\n".join(captured_logs) + "\n" + "\n".join(errors) + "\n"

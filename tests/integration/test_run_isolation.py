@@ -10,9 +10,12 @@ certificates; this checks it as that user, with positive controls (what it needs
 from __future__ import annotations
 
 import json
+import os
 import pwd
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,10 +68,12 @@ DENIED = "PermissionError"
 
 
 @pytest.fixture
-def signer_run(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """``signer run`` until the test ends, its state in a directory no other user may even
-    pass through (the front's world is elsewhere)."""
-    root, port = tmp_path / "var", free_port()
+def signer_run() -> Iterator[tuple[Path, int]]:
+    """``signer run`` until the test ends. Its state sits where others may pass through to it
+    (so the denials below come from var/'s own modes, not from a closed parent)."""
+    base = Path(tempfile.mkdtemp(prefix="signer-run-"))
+    base.chmod(0o711)
+    root, port = base / "var", free_port()
     proc = subprocess.Popen(
         [str(SIGNER_BIN), "run", "--dir", str(root), "--listen", f"127.0.0.1:{port}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -93,6 +98,7 @@ def signer_run(tmp_path: Path) -> Iterator[tuple[Path, int]]:
         proc.wait(60)
         assert proc.stdout is not None
         proc.stdout.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_the_front_runs_as_its_own_user_and_reaches_nothing_else(signer_run) -> None:
@@ -102,7 +108,7 @@ def test_the_front_runs_as_its_own_user_and_reaches_nothing_else(signer_run) -> 
     world = Path(cfg.front.workdir).parent
     assert not world.is_relative_to(root)  # the front's world is outside the state directory
     assert cfg.front.user == "signer-front"
-    nginx = int((Path(cfg.front.workdir) / "nginx.pid").read_text())
+    nginx = int((Path(cfg.front.workdir) / "nginx" / "nginx.pid").read_text())
     status = Path(f"/proc/{nginx}/status").read_text().splitlines()
     uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
     assert uids == [str(front.pw_uid)] * 4, f"nginx runs as {uids}"
@@ -134,3 +140,43 @@ def test_the_front_runs_as_its_own_user_and_reaches_nothing_else(signer_run) -> 
         "connect WORLD/signer.sock": "ok",
         "connect WORLD/p11-kit-tls.sock": "ok",
     }
+
+
+def test_a_front_running_as_its_own_user_cannot_lead_root_through_its_links(tmp_path: Path):
+    """The front's user owns what nginx writes. Links it leaves there (to the signing PIN, say)
+    are neither followed nor read by the next start as root: nginx's directory is made afresh,
+    and root's own files in the workdir are opened without following links."""
+    from dataclasses import replace
+
+    from signer.config import Config, FrontConfig
+    from signer.errors import FailedPrecondition
+    from signer.front import Front
+
+    secret = tmp_path / "user.pin"
+    secret.write_text("not-for-the-front\n")
+    secret.chmod(0o600)
+    nobody = pwd.getpwnam("nobody")
+    workdir = tmp_path / "front"
+    state = workdir / "nginx"
+    state.mkdir(parents=True)
+    (state / "error.log").symlink_to(secret)  # what a compromised nginx could leave
+    (state / "tmp").symlink_to(tmp_path)
+    for path in (state, state / "error.log", state / "tmp"):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+    for name in ("cert.pem", "ca.pem", "tls.pin"):
+        (tmp_path / name).write_text("")
+    cfg = Config(front=FrontConfig(
+        listen=f"127.0.0.1:{free_port()}", certificate=str(tmp_path / "cert.pem"),
+        pin_file=str(tmp_path / "tls.pin"), server_address="unix:path=/nonexistent",
+        client_ca=str(tmp_path / "ca.pem"), upstream="unix:/nonexistent",
+        workdir=str(workdir), nginx="/bin/false", user="nobody",
+    ))  # fmt: skip
+    with pytest.raises(FailedPrecondition) as exc:
+        Front(replace(cfg)).start()
+    assert "not-for-the-front" not in exc.value.message
+    assert secret.stat().st_uid == 0
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert tmp_path.stat().st_uid == 0
+    assert not (state / "error.log").is_symlink()
+    assert state.stat().st_uid == nobody.pw_uid  # made afresh, for the front's user
+    assert (workdir / "nginx.conf").stat().st_uid == 0

@@ -258,3 +258,34 @@ def test_losing_the_token_host_during_a_key_lookup_leaves_no_unraisable_error(
     assert_fails_fast(c, name, calls=2)
     gc.collect()
     assert seen == [], "losing the token host left an unraisable exception behind"
+
+
+def test_a_wrong_pin_is_tried_by_one_connection_only(
+    service_factory, token_host, tmp_path, monkeypatch
+):
+    """HSMs lock a user out after a few failed logins. The service's second, administrative
+    connection logs in only once the signing one is up, so a wrong PIN is not tried twice as
+    often as before it existed."""
+    import threading
+
+    from signer.token.pin import Pin
+
+    attempts: dict[int, int] = {}
+    seen = threading.Condition()
+    original = Pin.login
+
+    def counted(pin, token):  # type: ignore[no-untyped-def]
+        with seen:
+            attempts[id(pin)] = attempts.get(id(pin), 0) + 1
+            seen.notify_all()
+        return original(pin, token)
+
+    monkeypatch.setattr(Pin, "login", counted)
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("not-the-pin-0000")
+    wrong.chmod(0o600)
+    svc = service_factory(token=token_host.token_config(pin_file=str(wrong)))
+    with seen:
+        assert seen.wait_for(lambda: sum(attempts.values()) >= 3, timeout=20)
+    assert list(attempts) == [id(svc.server.token._pin)]  # the signing connection's alone
+    assert not svc.server.admin_token.available

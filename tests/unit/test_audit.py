@@ -264,29 +264,43 @@ def test_a_stopped_log_refuses(tmp_path: Path) -> None:
     log.close()
 
 
-def test_a_foreign_audit_key_stops_the_log_for_good(tmp_path: Path, soft: SoftKey) -> None:
+def test_a_foreign_audit_key_stops_the_log_for_good(
+    written: Callable[[int], Path], soft: SoftKey
+) -> None:
     """A checkpoint key that is not the pinned one is a tamper signal (issue 12): not a log line
     and a retry, but every record refused, saying why, until an operator restarts."""
+    path = written(4)
+    other = SoftKey()  # the token hands over another key than the one pinned
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=1)
+    changes: list[str | None] = []
+    log.on_change(lambda: changes.append(log.failure))
+    log.start(other.make, Path(f"{path}.key.pem"))
+    write(log, event(5))  # committed; its checkpoint then finds the foreign key
+    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
+        write(log, event(6))
+    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
+        log.check()
+    assert len(changes) == 1
+    assert "not the one pinned" in str(changes[0])
+    log.close()
+    assert [r[0] for r in rows(path)] == [1, 2, 3, 4, 5]
+    with sqlite3.connect(path) as db:  # nothing was signed with the foreign key
+        assert db.execute("SELECT MAX(seq) FROM checkpoints").fetchone() == (4,)
+
+
+def test_a_pinned_key_the_log_does_not_carry_stops_it_at_once(
+    tmp_path: Path, soft: SoftKey
+) -> None:
     (tmp_path / "audit.db.key.pem").write_bytes(
         SoftKey()
         .key.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"), checkpoint_every=1)
-    changes: list[str | None] = []
-    log.on_change(lambda: changes.append(log.failure))
     log.start(soft.make, tmp_path / "audit.db.key.pem")
-    write(log, event(1))  # committed; its checkpoint then finds the foreign key
-    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
-        write(log, event(2))
-    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
-        log.check()
-    assert len(changes) == 1
-    assert "not the one pinned" in str(changes[0])
-    with pytest.raises(SignerError, match="not the one pinned"):
-        log.checkpoint()
+    with pytest.raises(Unavailable, match="an audit key is pinned, but the log carries none"):
+        write(log, event(1))
     log.close()
-    assert [r[0] for r in rows(tmp_path / "audit.db")] == [1]
 
 
 # --- the log is signed to within a bound of its end (issue 11) -----------------------------
@@ -305,43 +319,70 @@ class FlakyKey(SoftKey):
         return super().sign(key_id, mech, digest)
 
 
-def test_records_are_refused_rather_than_left_unsigned_beyond_the_bound(tmp_path: Path) -> None:
+class Changes:
+    """Counts the log's change notices; waits for the next one (no sleeping)."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self._cv = threading.Condition()
+        self.count = 0
+        log.on_change(self._seen)
+
+    def _seen(self) -> None:
+        with self._cv:
+            self.count += 1
+            self._cv.notify_all()
+
+    def wait_for(self, pred: Callable[[], bool]) -> bool:
+        with self._cv:
+            return self._cv.wait_for(pred, timeout=10)
+
+
+def test_calls_are_refused_before_records_would_go_unsigned_beyond_the_bound(
+    tmp_path: Path,
+) -> None:
+    """The token is away: records of calls that ran are committed all the same (what they did
+    must be on record), while check() refuses new calls from three quarters of the bound, until
+    the writer's own retry signs a checkpoint."""
     key = FlakyKey()
     path = tmp_path / "audit.db"
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=0.05,
-                   max_unsigned_records=3, max_unsigned_seconds=3600)  # fmt: skip
-    recovered = threading.Event()
-    log.on_change(lambda: None if log._refusing else recovered.set())
+                   max_unsigned_records=4, max_unsigned_seconds=3600)  # fmt: skip
+    changes = Changes(log)
     log.start(key.make, tmp_path / "audit.db.key.pem")
     key.down = True
-    assert [write(log, event(i)) for i in (1, 2, 3)] == [1, 2, 3]
+    assert [write(log, event(i)) for i in (1, 2)] == [1, 2]
+    log.check()  # two unsigned of four: calls still start
+    assert write(log, event(3)) == 3
+    assert changes.wait_for(lambda: log._failing is not None)
     with pytest.raises(Unavailable, match=r"cannot sign a checkpoint \(token unavailable: test\)"):
-        write(log, event(4))
-    with pytest.raises(Unavailable, match="max_unsigned_records"):
-        log.check()  # new calls are refused before they run
+        log.check()  # three of four: new calls are refused
+    assert [write(log, event(i)) for i in (4, 5)] == [4, 5]  # calls already running: recorded
     key.down = False  # the writer's own retry signs, and calls are taken again
-    assert recovered.wait(10)
+    assert changes.wait_for(lambda: log._failing is None)
     log.check()
-    assert write(log, event(5)) == 4
     log.close()
-    assert verify_log(path, pinned(path), max_unsigned_records=3).whole
+    assert verify_log(path, pinned(path), max_unsigned_records=4).whole
 
 
-def test_records_are_refused_rather_than_left_unsigned_for_too_long(tmp_path: Path) -> None:
+def test_calls_are_refused_before_records_would_go_unsigned_for_too_long(
+    tmp_path: Path,
+) -> None:
     key = FlakyKey()
+    now = [T0]
     path = tmp_path / "audit.db"
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60,
-                   max_unsigned_seconds=30)  # fmt: skip
+                   max_unsigned_seconds=40, clock=lambda: now[0])  # fmt: skip
     log.start(key.make, tmp_path / "audit.db.key.pem")
     key.down = True
     assert write(log, event(1)) == 1
-    assert write(log, event(30)) == 2  # 29 s after the first unsigned record
+    assert write(log, event(45)) == 2  # over the bound: a checkpoint is tried first, and fails
+    now[0] = T0 + timedelta(seconds=31)  # three quarters of 40 s since the first unsigned record
     with pytest.raises(Unavailable, match="max_unsigned_seconds"):
-        write(log, event(32))
+        log.check()
     key.down = False
-    assert write(log, event(33)) == 3  # a checkpoint first, then the record
+    assert write(log, event(46)) == 3  # a checkpoint first, then the record
+    log.check()
     log.close()
-    assert verify_log(path, pinned(path), max_unsigned_seconds=30).whole
 
 
 def test_a_batch_that_would_cross_the_bound_is_split_by_a_checkpoint(tmp_path: Path) -> None:
@@ -535,10 +576,96 @@ def test_a_witness_that_cannot_be_written_fails_the_checkpoint(
     write(log, event(1))
     write(log, event(2))
     with pytest.raises(Unavailable, match="No space left on device"):
-        write(log, event(3))
+        log.check()
     log.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM checkpoints").fetchone() == (0,)
+
+
+# --- the writer vouches for what it signs (issue 11's review) ------------------------------
+
+
+def restarted(path: Path, soft: SoftKey, **kwargs: object) -> AuditLog:
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60,
+                   **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    log.start(soft.make, Path(f"{path}.key.pem"))
+    return log
+
+
+def test_a_restart_does_not_sign_over_a_tail_longer_than_the_bound(
+    written: Callable[[int], Path], soft: SoftKey
+) -> None:
+    """The reviewer's attack: checkpoints after 4 deleted and the records after it rewritten
+    (any number, hashes recomputed). A restart used to sign all of it at its first checkpoint,
+    and verify passed after. Now the writer finds a tail no writer of its own would leave."""
+    path = written(13)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM checkpoints WHERE seq > 4")
+    log = restarted(path, soft)  # the bound: 8 records (two checkpoints' worth)
+    assert log.failure is not None
+    assert "record 5: records 5 to 13 (9) are under no signed checkpoint" in log.failure
+    with pytest.raises(Unavailable, match="the audit log does not verify"):
+        write(log, event(13))
+    log.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT MAX(seq) FROM checkpoints").fetchone() == (4,)
+
+
+def test_a_restart_does_not_sign_over_a_tail_the_witness_contradicts(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    path, witness = witnessed_log(tmp_path, soft, 10)  # checkpoints 4, 8, 10
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM checkpoints WHERE seq > 4")
+        db.execute("DELETE FROM records WHERE seq > 6")  # cut: short enough for the bound
+    log = restarted(path, soft, witnesses=[FileWitness(witness)])
+    assert log.failure is not None
+    assert "saw a checkpoint at it that the log does not bear out" in log.failure
+    log.close()
+
+
+def test_a_restart_does_not_sign_a_log_whose_pinned_key_it_lost(
+    written: Callable[[int], Path], soft: SoftKey
+) -> None:
+    path = written(6)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM audit_key")
+    log = restarted(path, soft)
+    assert log.failure is not None
+    assert "an audit key is pinned, but the log carries none" in log.failure
+    log.close()
+
+
+def test_a_genuine_log_restarts_and_goes_on(written: Callable[[int], Path], soft: SoftKey) -> None:
+    path = written(6)
+    log = restarted(path, soft)
+    assert log.failure is None
+    assert write(log, event(7)) == 7
+    log.close()
+    assert verify_log(path, pinned(path)).whole
+
+
+def test_a_writer_that_crashes_answers_every_call_and_stops_for_good(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    class Boom(BaseException):
+        pass
+
+    store = SQLiteAuditStore(tmp_path / "audit.db")
+    log = AuditLog(store, checkpoint_every=100, checkpoint_interval=60)
+    log.on_change(lambda: (_ for _ in ()).throw(RuntimeError("a listener that fails")))
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+    assert write(log, event(1)) == 1
+
+    def explode(records: object) -> None:
+        raise Boom()
+
+    store.append = explode  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match=r"writer stopped \(Boom\)"):
+        write(log, event(2))
+    with pytest.raises(Unavailable, match="writer stopped"):
+        log.check()
+    log.close()
 
 
 # --- retention ---------------------------------------------------------------------------------

@@ -321,3 +321,26 @@ def test_dump_reads_back_as_the_same_configuration(tmp_path: Path) -> None:
     path = tmp_path / "signer.toml"
     path.write_text(config.dump(cfg))
     assert config.load(path, env={}) == cfg
+
+
+def test_the_readme_shows_every_setting_with_its_default() -> None:
+    """The README's signer.toml lists every setting; where it shows a plain value (not a path
+    of make run's), it is the default."""
+    import dataclasses
+    import re
+    import tomllib
+
+    from signer import config as config_mod
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"`signer.toml` \(written by.*?```toml\n(.*?)```", readme, re.S)
+    assert block is not None
+    shown = tomllib.loads(block.group(1))
+    defaults = config_mod.Config()
+    for section in dataclasses.fields(defaults):
+        fields = {f.name: f for f in dataclasses.fields(getattr(defaults, section.name))}
+        assert set(shown[section.name]) == set(fields), section.name
+        for name, value in shown[section.name].items():
+            if isinstance(value, str) and "/abs/path" in value:
+                continue  # a path make run writes
+            assert value == getattr(getattr(defaults, section.name), name), (section.name, name)

@@ -434,6 +434,22 @@ def test_module_without_the_mechanisms_is_failed_precondition(
     assert token.unwrapped == []
 
 
+def test_an_rsa_key_with_another_exponent_is_refused_and_left_nowhere(
+    signer: Signer, token: FakeImportToken, store: FailingStore
+) -> None:
+    """With p, q and d in hand, e + lambda(n) signs the same and has another public key: the
+    same RSA key could be imported into two scopes. Only e = 65537 is imported (review)."""
+    key = rsa.generate_private_key(public_exponent=3, key_size=2048)
+    token.two_step_mechanism = "CKM_AES_KEY_WRAP_PAD"
+    t, blob = blob_for(signer, key)
+    with pytest.raises(InvalidArgument, match="public exponent 65537"):
+        signer.import_key_version("k", "rsa-2048", t, blob, caller=ME)
+    (_, _, key_id, _) = token.unwrapped[0]
+    assert key_id in token.destroyed
+    with pytest.raises(NotFound):
+        store.get_key("k")
+
+
 def test_store_failure_after_unwrap_destroys_the_new_object(
     signer: Signer, token: FakeImportToken, store: FailingStore
 ) -> None:

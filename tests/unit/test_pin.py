@@ -257,3 +257,33 @@ def test_one_character_pin_never_wipes_a_shared_bytes_singleton(tmp_path: Path) 
     assert token.pins == ["7"]
     assert b"7"[0] == 0x37
     assert bytes([0x37]) == b"7"
+
+
+def test_c_login_runs_on_a_thread_that_has_ended_by_the_time_login_returns(
+    tmp_path: Path,
+) -> None:
+    """M_PERTURB does not reach a small chunk freed into a live thread's tcache (the PIN's RPC
+    buffer in p11-kit-client): glibc overwrites it only when that thread exits. So the login
+    happens on a thread of its own, gone before login() returns; its errors still reach the
+    caller."""
+    import threading
+
+    seen: list[threading.Thread] = []
+
+    class Recording(FakeToken):
+        def open(self, rw: bool, user_pin: str) -> Any:
+            seen.append(threading.current_thread())
+            return super().open(rw, user_pin)
+
+    pin = Pin(pin_file(tmp_path, SECRET))
+    assert pin.login(Recording()) == "session"
+    assert seen[0] is not threading.current_thread()
+    assert not seen[0].is_alive()
+
+    class Refusing(FakeToken):
+        def open(self, rw: bool, user_pin: str) -> Any:
+            user_pin.encode("utf-8")
+            raise RuntimeError("CKR_PIN_INCORRECT")
+
+    with pytest.raises(RuntimeError, match="CKR_PIN_INCORRECT"):
+        pin.login(Refusing())

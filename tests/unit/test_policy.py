@@ -165,6 +165,8 @@ def test_a_grant_may_pin_the_issuers_of_its_certificates(tmp_path: Path) -> None
     assert pol.allows(ops, "sign", "k", "consumer")
     assert not pol.allows(partner, "sign", "k", "consumer")
     assert not pol.allows_new(partner, "sign", "k", "consumer")
+    # A certificate whose issuer the front did not give is not one the grant pinned.
+    assert not pol.allows(Caller.x509("CN=payments"), "sign", "k", "consumer")
 
 
 def test_one_certificate_is_revoked_not_its_subject(tmp_path: Path) -> None:

@@ -86,3 +86,19 @@ def test_shown_bounds_what_a_caller_sent() -> None:
     text = shown(long)
     assert text == repr("\N{SNOWMAN}" * 64) + "... (600000 characters)"
     assert shown("a\nb\x00") == repr("a\nb\x00")  # control characters escaped
+
+
+def test_calls_in_flight_are_bounded_per_caller_and_in_all() -> None:
+    from signer.throttle import InFlight
+
+    f = InFlight(per_caller=2, total=3)
+    assert f.enter("a") is None
+    assert f.enter("a") is None
+    assert f.enter("a") == "2 calls of this caller are running, the most allowed"
+    assert f.enter("b") is None
+    assert f.enter("c") == "3 calls are running, the most this service takes at once"
+    f.leave("a")
+    assert f.enter("c") is None
+    for caller in ("a", "b", "c"):
+        f.leave(caller)
+    assert (f._running, f._callers) == (0, {})
