@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -410,3 +412,27 @@ def run_as(
         [*python_for_others(), "-c", script, *args],
         capture_output=True, text=True, timeout=timeout, **as_user(user),
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def log_lines(logger: str = "", formatter: logging.Formatter | None = None) -> Iterator[list[str]]:
+    """Every record ``logger`` (and those below it) emits meanwhile, at any level: its message,
+    or the line ``formatter`` makes of it. The service under test runs in this process."""
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record) if formatter else record.getMessage())
+
+    handler = Capture(level=logging.DEBUG)
+    if formatter is not None:
+        handler.setFormatter(formatter)
+    target = logging.getLogger(logger)
+    old = target.level
+    target.addHandler(handler)
+    target.setLevel(logging.DEBUG)
+    try:
+        yield lines
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(old)

@@ -26,7 +26,7 @@ from signer.keys import State
 from signer.store import SQLiteStore
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
-from tests.conftest import SIGNER_BIN, health_status, wait_until, write_toml
+from tests.conftest import SIGNER_BIN, health_status, log_lines, wait_until, write_toml
 
 pytestmark = pytest.mark.integration
 CALLER = f"uid:{os.getuid()}({pwd.getpwuid(os.getuid()).pw_name})"
@@ -34,21 +34,8 @@ CALLER = f"uid:{os.getuid()}({pwd.getpwuid(os.getuid()).pw_name})"
 
 @pytest.fixture
 def captured_lines():
-    """Every log line the service writes while the test runs (it runs in this process)."""
-    lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = Capture(level=logging.DEBUG)
-    root = logging.getLogger("signer")
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    yield lines
-    root.removeHandler(handler)
-    root.setLevel(old_level)
+    with log_lines("signer") as lines:
+        yield lines
 
 
 def records(path: str) -> list[tuple[object, ...]]:

@@ -9,7 +9,6 @@ control plants the PIN in a copy of the same text and must be caught.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from signer.client import build_import_request
 from signer.errors import SignerError
 from signer.logs import JsonFormatter
 from signer.scan import Scanner, secret_from_key, secret_from_pin, secret_from_raw
+from tests.conftest import log_lines
 
 pytestmark = pytest.mark.integration
 
@@ -30,21 +30,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def captured_logs() -> Any:
     """Every record any logger emits, formatted exactly as production formats it."""
-    lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
-
-    handler = Capture(level=logging.DEBUG)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    yield lines
-    root.removeHandler(handler)
-    root.setLevel(old_level)
+    with log_lines("", JsonFormatter()) as lines:
+        yield lines
 
 
 def test_every_rpc_leaves_no_secret_in_logs_or_errors(

@@ -4,7 +4,6 @@ connections each took the service to its descriptor limit; root's Sign timed out
 
 from __future__ import annotations
 
-import logging
 import os
 import pwd
 import socket
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningService, as_user, python_for_others, wait_until
+from tests.conftest import RunningService, as_user, log_lines, python_for_others, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -68,20 +67,8 @@ def closed_at_once(address: str) -> bool:
 
 @pytest.fixture
 def relay_log() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = Capture(level=logging.DEBUG)
-    logger = logging.getLogger("signer.relay")
-    logger.addHandler(handler)
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    yield lines
-    logger.removeHandler(handler)
-    logger.setLevel(old)
+    with log_lines("signer.relay") as lines:
+        yield lines
 
 
 def open_to_others(svc: RunningService) -> None:
