@@ -252,10 +252,6 @@ class ImportToken:
     def expired(self, now: datetime) -> bool:
         return self.destroyed or now >= self.expires
 
-    def live(self, now: datetime) -> bool:
-        """Still usable for an import."""
-        return not (self.used or self.destroyed or now >= self.expires)
-
 
 # The only RSA public exponent an imported key may have. With p, q and d in hand, e + lambda(n)
 # is another exponent with the same signing function and a different public key: without this,

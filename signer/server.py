@@ -15,6 +15,7 @@ errors become gRPC statuses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import grp
@@ -25,7 +26,7 @@ import pwd
 import resource
 import secrets
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
@@ -208,10 +209,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             caller: Caller | None = None
             response: Any = None
             error: SignerError | None = None
-            counted: str | None = None  # the identity counted in self._in_flight
             GONE.set(gone)
             try:
-                if not public:
+                if public:
+                    response = await inner(request, context)
+                else:
                     caller = self._identify(context)
                     if caller is None:
                         raise Unauthenticated(f"no authenticated caller: {self._how}")
@@ -221,12 +223,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         return None, throttled  # counted for one record when it ends
                     if self._gate is not None:
                         self._gate(caller)
-                    if self._in_flight is not None:
-                        busy = self._in_flight.enter(caller.identity)
-                        if busy is not None:
-                            raise ResourceExhausted(f"{caller.display}: {busy}")
-                        counted = caller.identity
-                response = await inner(request, context)
+                    with self._running(caller):
+                        response = await inner(request, context)
             except SignerError as exc:
                 log.info(
                     "rpc failed",
@@ -247,9 +245,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     error = exc
             if error is not None and caller is not None and error.code in REFUSALS:
                 self._count_refusal(caller)
-            if counted is not None:
-                assert self._in_flight is not None
-                self._in_flight.leave(counted)
             return response, error
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -276,6 +271,20 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    @contextlib.contextmanager
+    def _running(self, caller: Caller) -> Iterator[None]:
+        """Counts the call as running while inside; RESOURCE_EXHAUSTED if it may not run."""
+        if self._in_flight is None:
+            yield
+            return
+        busy = self._in_flight.enter(caller.identity)
+        if busy is not None:
+            raise ResourceExhausted(f"{caller.display}: {busy}")
+        try:
+            yield
+        finally:
+            self._in_flight.leave(caller.identity)
 
     def _throttled(self, caller: Caller) -> ResourceExhausted | None:
         wait = self._throttle.wait(caller.identity) if self._throttle is not None else 0.0
