@@ -57,7 +57,7 @@ class ServerConfig:
     # Calls one caller, and all together, may have running at once (RESOURCE_EXHAUSTED
     # beyond): a call whose caller has gone still runs to its end and is recorded.
     max_calls_per_caller: int = 128
-    max_calls_in_flight: int = 512
+    max_calls_in_flight: int = 500
     # How long graceful shutdown waits for in-flight calls.
     grace_seconds: float = 10.0
     # /proc/self/coredump_filter, set deliberately at start-up: the service's dumps are meant
@@ -130,11 +130,11 @@ class AuditConfig:
     path: str = "var/audit.db"
     checkpoint_every: int = 1000
     checkpoint_interval_seconds: float = 10.0
-    # The most records, and the longest span of record times, ever left under no signed
-    # checkpoint: the writer signs one first or refuses calls, and 'verify' holds a log to it
-    # (a log whose checkpoints were removed cannot pass for a young one).
+    # The most records ever left under no signed checkpoint: the writer signs one first or, when
+    # it cannot, refuses new calls from three quarters of it; 'verify' and the writer at start
+    # hold a log to it (a log whose checkpoints were removed cannot pass for a young one). At
+    # least four times server.max_calls_in_flight (the calls that may still finish meanwhile).
     max_unsigned_records: int = 2000
-    max_unsigned_seconds: float = 60.0
     # Witnesses outside the database: every checkpoint is also appended to this file (put it on
     # another mount, chattr +a) and/or sent to this syslog socket (e.g. /dev/log). 'verify'
     # checks the log against them (signer.audit._witness). "" for none.
@@ -349,9 +349,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "audit.checkpoint_every and audit.checkpoint_interval_seconds must be positive"
         )
-    if cfg.audit.max_unsigned_records < 1 or cfg.audit.max_unsigned_seconds <= 0:
+    if cfg.audit.max_unsigned_records < 4 * cfg.server.max_calls_in_flight:
         raise ConfigError(
-            "audit.max_unsigned_records and audit.max_unsigned_seconds must be positive"
+            f"audit.max_unsigned_records ({cfg.audit.max_unsigned_records}) must be at least "
+            f"four times server.max_calls_in_flight ({cfg.server.max_calls_in_flight}): calls "
+            "already running when the log stops taking new ones must fit under it"
         )
     if cfg.server.refused_calls_budget < 0:
         raise ConfigError("server.refused_calls_budget must not be negative (0 turns it off)")

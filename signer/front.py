@@ -51,6 +51,8 @@ SUBJECT_HEADER = "x-signer-client-subject"
 ISSUER_HEADER = "x-signer-client-issuer"
 SERIAL_HEADER = "x-signer-client-serial"
 UNAUTHENTICATED_MESSAGE = "a client certificate signed by the configured CA is required"
+# How much of the end of nginx's logs a start that failed reads for its last line.
+_TAIL_BYTES = 1 << 20
 # How the starter opens its files in the workdir: created or truncated, never through a link.
 _WRITE_NO_LINK = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 # Characters that would end a PKCS#11 URI attribute or an nginx string.
@@ -302,8 +304,10 @@ class Front:
                 # Never through a link: nginx may run as another user, and the error log is its.
                 fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
                 with os.fdopen(fd, "rb") as fh:
-                    if stat.S_ISREG(os.fstat(fd).st_mode):
-                        text = fh.read(1 << 20).decode(errors="replace")
+                    st = os.fstat(fd)
+                    if stat.S_ISREG(st.st_mode):
+                        fh.seek(max(0, st.st_size - _TAIL_BYTES))  # the newest lines
+                        text = fh.read(_TAIL_BYTES).decode(errors="replace")
                         lines += [ln for ln in text.splitlines() if ln.strip()]
         return lines[-1] if lines else "no message"
 

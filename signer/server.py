@@ -43,6 +43,7 @@ from signer import policy as policy_mod
 from signer.audit import (
     AUDIT_ALGORITHM,
     AuditLog,
+    AuditPaused,
     Event,
     Signing,
     SQLiteAuditStore,
@@ -206,43 +207,41 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def outcome(
             request: Any, context: Any, gone: _Gone
         ) -> tuple[Any, SignerError | None]:
+            GONE.set(gone)
             caller: Caller | None = None
             response: Any = None
             error: SignerError | None = None
-            GONE.set(gone)
-            try:
-                if public:
-                    response = await inner(request, context)
-                else:
-                    caller = self._identify(context)
-                    if caller is None:
-                        raise Unauthenticated(f"no authenticated caller: {self._how}")
-                    CALLER.set(caller)
-                    throttled = self._throttled(caller)
-                    if throttled is not None:
-                        return None, throttled  # counted for one record when it ends
-                    if self._gate is not None:
-                        self._gate(caller)
-                    with self._running(caller):
-                        response = await inner(request, context)
-            except SignerError as exc:
-                log.info(
-                    "rpc failed",
-                    extra={"method": method, "code": exc.code.value, "error": exc.message},
-                )
-                error = exc
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                log.exception("rpc crashed", extra={"method": method})
-                error = Internal("internal error (see the service log)")
-            if self._audit is not None and not public:
+            # A running call holds its place until its record is written.
+            with contextlib.ExitStack() as running:
                 try:
-                    # Recorded before the answer leaves; if it cannot be, there is no answer
-                    # but UNAVAILABLE (a signature already made is dropped).
-                    await self._audit(method, caller, request, response, error, gone.gone)
+                    if not public:
+                        caller = self._identify(context)
+                        if caller is None:
+                            raise Unauthenticated(f"no authenticated caller: {self._how}")
+                        CALLER.set(caller)
+                        refused = self._refused_before_running(caller)
+                        if refused is not None:
+                            return None, refused  # counted, for one record later
+                        running.enter_context(self._running(caller))
+                    response = await inner(request, context)
                 except SignerError as exc:
+                    log.info(
+                        "rpc failed",
+                        extra={"method": method, "code": exc.code.value, "error": exc.message},
+                    )
                     error = exc
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    log.exception("rpc crashed", extra={"method": method})
+                    error = Internal("internal error (see the service log)")
+                if self._audit is not None and not public:
+                    try:
+                        # Recorded before the answer leaves; if it cannot be, there is no
+                        # answer but UNAVAILABLE (a signature already made is dropped).
+                        await self._audit(method, caller, request, response, error, gone.gone)
+                    except SignerError as exc:
+                        error = exc
             if error is not None and caller is not None and error.code in REFUSALS:
                 self._count_refusal(caller)
             return response, error
@@ -286,15 +285,23 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         finally:
             self._in_flight.leave(caller.identity)
 
-    def _throttled(self, caller: Caller) -> ResourceExhausted | None:
+    def _refused_before_running(self, caller: Caller) -> SignerError | None:
+        """A refusal not recorded on its own: the caller is throttled (one record counts its
+        calls when that ends), or the audit log cannot record (one record counts them when it
+        can again). Other refusals (a revoked certificate) raise, and are recorded."""
         wait = self._throttle.wait(caller.identity) if self._throttle is not None else 0.0
-        if not wait:
-            return None
-        assert self._throttle is not None
-        return ResourceExhausted(
-            f"{caller.display}: {self._throttle.budget} calls refused in "
-            f"{self._throttle.window:g} s; its calls are refused for {wait:.0f} s more"
-        )
+        if wait:
+            assert self._throttle is not None
+            return ResourceExhausted(
+                f"{caller.display}: {self._throttle.budget} calls refused in "
+                f"{self._throttle.window:g} s; its calls are refused for {wait:.0f} s more"
+            )
+        if self._gate is not None:
+            try:
+                self._gate(caller)
+            except AuditPaused as exc:
+                return exc
+        return None
 
     def _count_refusal(self, caller: Caller) -> None:
         if self._throttle is not None and self._throttle.refused(caller.identity):
@@ -714,7 +721,6 @@ class Server:
                 cfg.audit.checkpoint_every,
                 cfg.audit.checkpoint_interval_seconds,
                 cfg.audit.max_unsigned_records,
-                cfg.audit.max_unsigned_seconds,
                 witnesses(cfg.audit),
                 clock=self.signer.now,
             )
@@ -896,12 +902,16 @@ class Server:
 
     def _admit(self, caller: Caller) -> None:
         """Before any call runs: a revoked certificate is refused, and so is every call while
-        the audit log could not record it."""
+        the audit log could not record it (counted, not recorded one by one)."""
         revoked = self.policy.revocation(caller)
         if revoked is not None:
             raise Unauthenticated(revoked)
         if self.audit is not None:
-            self.audit.check()
+            try:
+                self.audit.check()
+            except AuditPaused:
+                self.audit.paused()
+                raise
 
     def _audit_refusing(self) -> str | None:
         assert self.audit is not None
@@ -925,8 +935,11 @@ class Server:
 
     async def _record_throttled(self, everyone: bool = False) -> None:
         """One record per caller whose throttling ended: how many of its calls were refused
-        meanwhile (operation ``Throttled``, the count as its version)."""
+        meanwhile (operation ``Throttled``, the count as its version). Not while the log
+        refuses calls: the counts wait for it."""
         assert self.audit is not None
+        if self._audit_refusing() is not None and not everyone:
+            return
         for caller, calls in self.throttle.ended(everyone):
             log.warning("caller no longer throttled", extra={"caller": caller, "refused": calls})
             event = Event(

@@ -33,7 +33,7 @@ from signer.audit._chain import (
     checkpoint_message,
     record_hash,
 )
-from signer.audit._log import AuditLog
+from signer.audit._log import AuditLog, AuditPaused
 from signer.audit._store import Archived, AuditStore, SQLiteAuditStore
 from signer.audit._verify import Verdict, verify_log
 from signer.audit._witness import FileWitness, SyslogWitness, Witness, read_witness
@@ -55,6 +55,7 @@ __all__ = [
     "GENESIS",
     "Archived",
     "AuditLog",
+    "AuditPaused",
     "AuditStore",
     "Checkpoint",
     "Event",

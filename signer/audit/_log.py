@@ -31,23 +31,26 @@ class AuditLog:
     """:meth:`record` queues an event and returns its sequence number once committed, or fails
     UNAVAILABLE if it cannot be.
 
-    Bounded signing. The log is kept signed to within ``max_unsigned_records`` records, and
-    ``max_unsigned_seconds`` of record time, of its end: when committing would pass either, the
-    writer signs a checkpoint first. When it cannot (the token host away, a witness that cannot
-    be written), the records of calls already running are still committed (a change is never
-    left unrecorded), and new calls are refused (:meth:`check`: UNAVAILABLE, health NOT_SERVING)
-    from three quarters of either bound until a checkpoint succeeds, so that the calls in flight
-    (``server.max_calls_in_flight``) fit in the last quarter. ``verify`` holds a log to the
-    bound: one whose checkpoints were removed cannot pass for a young one.
+    Bounded signing. No more than ``max_unsigned_records`` records are ever under no signed
+    checkpoint: the writer signs one before committing past the bound. When it cannot (the token
+    host away, a witness that cannot be written), the records of calls that ran are still
+    committed (a change is never left unrecorded), and new calls are refused (:meth:`check`:
+    UNAVAILABLE, health NOT_SERVING) from three quarters of the bound until a checkpoint
+    succeeds; the calls in flight then (``server.max_calls_in_flight``, at most a quarter of the
+    bound) fit in the rest. Calls refused so are not recorded one by one: one ``AuditPaused``
+    record counts them once a checkpoint is signed. ``verify`` and the writer at start hold a
+    log to the bound: one whose checkpoints were removed cannot pass for a young one, unless
+    what follows the last checkpoint left is short (only a witness shows that).
 
     The writer vouches for what it signs. At :meth:`start`, the part of the log no checkpoint
-    covers is checked as ``verify`` would (it chains from the newest checkpoint, which the pinned
-    key signed, and fits the bound; a pinned key is in the log); a checkpoint key that is not the
-    pinned one is caught when it is first used. Either stops the log for good
-    (:attr:`failure`): every call refused until an operator has looked and restarts.
+    covers is checked as ``verify`` would (it follows the newest checkpoint, which the pinned
+    key signed, and fits the bound; the key is pinned and in the log; a file witness shows no
+    newer checkpoint); a checkpoint key that is not the pinned one is caught when it is first
+    used. Either stops the log for good (:attr:`failure`): every call refused until an operator
+    has looked and restarts.
     """
 
-    # From this share of either bound, while checkpoints fail, new calls are refused.
+    # From this share of the bound, while checkpoints fail, new calls are refused.
     GATE = 0.75
 
     def __init__(
@@ -56,7 +59,6 @@ class AuditLog:
         checkpoint_every: int = 1000,
         checkpoint_interval: float = 10.0,
         max_unsigned_records: int | None = None,
-        max_unsigned_seconds: float | None = None,
         witnesses: Sequence[Witness] = (),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -64,21 +66,22 @@ class AuditLog:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.max_unsigned_records = max_unsigned_records or 2 * checkpoint_every
-        self.max_unsigned_seconds = max_unsigned_seconds or 6 * checkpoint_interval
         self._witnesses = list(witnesses)
         self._clock = clock  # the service's: the clock the records' times come from
         self._seq, self._hash = store.head()
         self._checkpointed = max(store.last_checkpoint(), 0)
-        first = store.record(self._checkpointed + 1) if self._seq > self._checkpointed else None
-        self._first_unsigned: datetime | None = first.event.time if first else None
         self._last_checkpoint = time.monotonic()
         self._queue: queue.Queue[tuple[Event, asyncio.Future[int]] | None] = queue.Queue()
+        # Taken to queue a record and to stop taking them: none is queued after the last drain.
+        self._accepting = threading.Lock()
+        self._closed = False
         self._signing: Signing | None = None
         self._make_key: MakeKey | None = None
         self._pin_to: Path | None = None
         self._writer: threading.Thread | None = None
         self.failure: str | None = None  # why the log refuses everything, for good
         self._failing: str | None = None  # why the last checkpoint could not be signed
+        self._paused = 0  # calls refused by check() since the last checkpoint, to be recorded
         self._listeners: list[Callable[[], None]] = []
         self._batch: list[tuple[Event, asyncio.Future[int]]] = []  # being committed
 
@@ -94,7 +97,6 @@ class AuditLog:
             self.store,
             pinned,
             self.max_unsigned_records,
-            self.max_unsigned_seconds,
             [w.path for w in self._witnesses if isinstance(w, FileWitness)],
         )
         if bad is not None:
@@ -106,37 +108,38 @@ class AuditLog:
         self._writer.start()
 
     def on_change(self, listener: Callable[[], None]) -> None:
-        """``listener()`` (from the writer thread) when :meth:`check`'s answer may have changed."""
+        """``listener()``, from the writer thread, after every checkpoint signed or failed and
+        when the log stops for good: whenever :meth:`check`'s answer may have changed."""
         self._listeners.append(listener)
 
     def check(self) -> None:
-        """UNAVAILABLE, saying why, while new calls must not start: for good after a tamper
-        signal; while checkpoints fail and the unsigned part nears the bound."""
+        """Raises :class:`AuditPaused` (UNAVAILABLE, saying why) while new calls must not
+        start: for good after a tamper signal; while checkpoints fail and the unsigned records
+        near the bound. The caller counts such a refusal with :meth:`paused` instead of
+        recording it."""
         if self.failure is not None:
-            raise Unavailable(self.failure)
+            raise AuditPaused(self.failure)
         failing = self._failing
-        if failing is not None and self._near_bound():
-            raise Unavailable(
+        if failing is not None and self._unsigned >= self.GATE * self.max_unsigned_records:
+            raise AuditPaused(
                 f"the audit log cannot sign a checkpoint ({failing}), and its unsigned records "
-                "near audit.max_unsigned_records or audit.max_unsigned_seconds: calls are "
+                f"near audit.max_unsigned_records ({self.max_unsigned_records}): calls are "
                 "refused until one is signed"
             )
 
-    def _near_bound(self) -> bool:
-        if self._unsigned >= self.GATE * self.max_unsigned_records:
-            return True
-        first = self._first_unsigned
-        span = (self._clock() - first).total_seconds() if first is not None else 0.0
-        return span >= self.GATE * self.max_unsigned_seconds
+    def paused(self) -> None:
+        """Counts a call :meth:`check` refused, for one record once a checkpoint is signed."""
+        self._paused += 1
 
     async def record(self, event: Event) -> int:
         """Queues ``event``; returns the record's sequence number once committed, or raises
         UNAVAILABLE if it cannot be. The callers of one commit are answered in one wake-up of
         their event loop."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if self._writer is None or not self._writer.is_alive():
-            raise Unavailable(self.failure or "the audit log is not running: refusing the call")
-        self._queue.put((event, fut))
+        with self._accepting:
+            if self._writer is None or self._closed:
+                raise Unavailable(self.failure or "the audit log is not running: refusing the call")
+            self._queue.put((event, fut))
         return await fut
 
     def close(self) -> None:
@@ -158,7 +161,7 @@ class AuditLog:
             self._stop_for_good(f"the audit log's writer stopped ({type(exc).__name__})")
             error = Unavailable(self.failure or "the audit log has stopped")
             hand_back([(fut, False, error) for _, fut in self._batch])
-            self._refuse_queued()
+        self._refuse_queued()
 
     def _write_until_stopped(self) -> None:
         while True:
@@ -181,10 +184,13 @@ class AuditLog:
             if self._unsigned >= self.checkpoint_every or stop:
                 self._checkpoint_quietly()
             if stop:
-                self._refuse_queued()
+                self._record_paused()  # if the last checkpoint failed
                 return
 
     def _refuse_queued(self) -> None:
+        """Takes no more records, and answers those queued."""
+        with self._accepting:
+            self._closed = True
         error = Unavailable(self.failure or "the audit log has stopped: refusing the call")
         while True:
             try:
@@ -199,22 +205,14 @@ class AuditLog:
         return self._seq - self._checkpointed
 
     def _fitting(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> int:
-        """How many of ``batch``'s first events can be committed without leaving more records,
-        or records spanning more time, under no signed checkpoint than the bound allows."""
-        first = self._first_unsigned
-        newest: datetime | None = None
-        for n, (event, _) in enumerate(batch):
-            first = first or event.time
-            newest = event.time if newest is None else max(newest, event.time)
-            too_many = self._unsigned + n + 1 > self.max_unsigned_records
-            if too_many or (newest - first).total_seconds() > self.max_unsigned_seconds:
-                return n
-        return len(batch)
+        """How many of ``batch``'s first events can be committed without leaving more records
+        under no signed checkpoint than the bound allows."""
+        return max(0, min(len(batch), self.max_unsigned_records - self._unsigned))
 
     def _commit(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> None:
-        while batch and self.failure is None:
+        while batch:
             n = self._fitting(batch)
-            if n == 0:  # a checkpoint first; after one, at least the first event fits
+            if n == 0:  # a checkpoint first; after one, the first events fit
                 self._checkpoint_quietly()
                 # Without one, these calls' records go in all the same: they have run, and what
                 # they did must be on record; check() keeps new calls out meanwhile.
@@ -224,9 +222,6 @@ class AuditLog:
                 hand_back([(fut, False, error) for _, fut in batch])
                 return
             batch = batch[n:]
-        if batch:
-            error = Unavailable(self.failure or "the audit log has stopped: refusing the call")
-            hand_back([(fut, False, error) for _, fut in batch])
 
     def _append(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> Unavailable | None:
         """Commits ``batch`` and answers its calls; or the error to answer them with."""
@@ -242,8 +237,6 @@ class AuditLog:
             return Unavailable(
                 f"the audit log cannot be written ({exc}); refusing the call until it can"
             )
-        if self._first_unsigned is None:
-            self._first_unsigned = batch[0][0].time
         self._seq, self._hash = seq, prev
         hand_back([(fut, True, r.seq) for (_, fut), r in zip(batch, records, strict=True)])
         return None
@@ -258,10 +251,31 @@ class AuditLog:
             log.error("audit checkpoint failed; retried", extra={"error": self._failing})
             self._changed()
         else:
-            if self._failing is not None:
-                self._failing = None
-                self._changed()
+            self._failing = None
+            self._record_paused()
+            self._changed()
         self._last_checkpoint = time.monotonic()
+
+    def _record_paused(self) -> None:
+        """One record for the calls refused while no checkpoint could be signed: after the
+        next checkpoint, or at stop if the bound leaves room (else the count goes to the
+        service's log only)."""
+        count, self._paused = self._paused, 0
+        if not count:
+            return
+        if self._unsigned >= self.max_unsigned_records:
+            log.error("calls refused while the audit log could not sign, not recorded",
+                      extra={"calls": count})  # fmt: skip
+            return
+        event = Event(self._clock(), "signer", "AuditPaused", "", count, "", "UNAVAILABLE")
+        record = chain(self._seq + 1, event, self._hash)
+        try:
+            self.store.append([record])
+        except Exception as exc:
+            log.error("audit log write failed", extra={"error": str(exc), "records": 1})
+            self._paused += count  # the next checkpoint tries again
+            return
+        self._seq, self._hash = record.seq, record.hash
 
     def _stop_for_good(self, why: str) -> None:
         if self.failure is None:
@@ -287,7 +301,7 @@ class AuditLog:
         for witness in self._witnesses:
             witness.write(c)
         self.store.add_checkpoint(c)
-        self._checkpointed, self._first_unsigned = seq, None
+        self._checkpointed = seq
         log.info(MESSAGE, extra=fields(c))
 
     def _ensure_key(self) -> Signing:
@@ -300,14 +314,16 @@ class AuditLog:
         pem = serialization.load_der_public_key(public_der).public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        if self._pin_to.exists() and self._pin_to.read_bytes() != pem:
+        pinned = self._pin_to.read_bytes() if self._pin_to.exists() else None
+        if (pinned is None and recorded is not None) or (pinned is not None and pinned != pem):
+            # A key only this log names, with its pin gone, is not to be pinned now: it may be
+            # one that whoever removed the pin put there.
             raise AuditKeyMismatch(
                 f"the audit key is not the one pinned in {self._pin_to}: the log or its key was "
                 "replaced; signing stops until an operator has looked (see the README)"
             )
         if recorded is None:
             self.store.set_audit_key(signing.key_id, public_der)
-        if not self._pin_to.exists():
             self._pin_to.write_bytes(pem)
         self._signing = signing
         return signing
@@ -315,3 +331,7 @@ class AuditLog:
 
 class AuditKeyMismatch(Unavailable):
     """The key that would sign checkpoints is not the pinned one."""
+
+
+class AuditPaused(Unavailable):
+    """A new call refused because the audit log could not record it (:meth:`AuditLog.check`)."""

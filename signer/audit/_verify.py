@@ -93,7 +93,6 @@ def verify_log(
     archive_dir: Path | None = None,
     *,
     max_unsigned_records: int = AuditConfig.max_unsigned_records,
-    max_unsigned_seconds: float = AuditConfig.max_unsigned_seconds,
     witnesses: Sequence[Path] = (),
 ) -> Verdict:
     """Checks the live chain record by record; every checkpoint's signature with the pinned
@@ -139,7 +138,7 @@ def verify_log(
         signed = _signed(checkpoints, public_der, hashes, last, signed, seq if archives else None)
         if public_key_pem is not None and not checkpoints:
             raise _Bad(1, "an audit key is pinned, but the log has no checkpoint (removed)")
-        _within_bound(records, signed, max_unsigned_records, max_unsigned_seconds)
+        _within_bound(records, signed, max_unsigned_records)
         for witness in witnesses:
             witnessed += _witnessed(Path(witness), public_der, hashes, last, seq)
         bad = None
@@ -148,10 +147,9 @@ def verify_log(
     return Verdict(len(records), len(checkpoints), signed, last, archived, bad, witnessed)
 
 
-def _within_bound(records: list[Record], signed: int, most: int, seconds: float) -> None:
-    """The service never leaves more than ``most`` records, or records spanning more than
-    ``seconds``, after its newest checkpoint: a longer unsigned tail had its checkpoints
-    removed."""
+def _within_bound(records: list[Record], signed: int, most: int) -> None:
+    """The service never leaves more than ``most`` records after its newest checkpoint: a
+    longer unsigned tail had its checkpoints removed."""
     tail = [r for r in records if r.seq > signed]
     if len(tail) > most:
         raise _Bad(
@@ -159,14 +157,6 @@ def _within_bound(records: list[Record], signed: int, most: int, seconds: float)
             f"records {signed + 1} to {tail[-1].seq} ({len(tail)}) are under no signed "
             f"checkpoint; the service leaves at most {most} so (checkpoints removed?)",
         )
-    if tail:
-        span = (max(r.event.time for r in tail) - tail[0].event.time).total_seconds()
-        if span > seconds:
-            raise _Bad(
-                signed + 1,
-                f"records {signed + 1} to {tail[-1].seq} span {span:.0f} s under no signed "
-                f"checkpoint; the service leaves at most {seconds:g} s so (checkpoints removed?)",
-            )
 
 
 def _witnessed(
@@ -212,7 +202,6 @@ def unsigned_tail_fault(
     store: AuditStore,
     pinned_pem: bytes | None,
     most: int,
-    seconds: float,
     witness_files: Sequence[Path] = (),
 ) -> str | None:
     """What the writer checks before it signs anything more (``None``: nothing wrong). A
@@ -227,9 +216,10 @@ def unsigned_tail_fault(
     try:
         if key is not None and recorded is None:
             raise _Bad(0, "an audit key is pinned, but the log carries none (removed)")
+        if key is None and (recorded is not None or checkpoints or archives):
+            raise _Bad(0, "the log has an audit key or checkpoints, but none is pinned (removed)")
         if recorded is not None and key is not None and recorded[1] != key:
             raise _Bad(0, "the audit key recorded in the log is not the pinned one")
-        key = key or (recorded[1] if recorded else None)
         seq, prev = 0, GENESIS
         if checkpoints:
             last = checkpoints[-1]
@@ -247,7 +237,7 @@ def unsigned_tail_fault(
         tail = list(store.records(first=seq + 1))
         hashes: dict[int, str] = {}
         end = _walk(tail, seq, prev, hashes)
-        _within_bound(tail, seq, most, seconds)
+        _within_bound(tail, seq, most)
         for path in witness_files:
             if Path(path).exists():
                 newer = [(n, c) for n, c in read_witness(path) if c.seq > seq]

@@ -295,7 +295,6 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         key,
         archives if args.archives else None,
         max_unsigned_records=cfg.max_unsigned_records,
-        max_unsigned_seconds=cfg.max_unsigned_seconds,
         witnesses=witnessed,
     )
     if verdict.first_bad is not None:

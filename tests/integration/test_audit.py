@@ -305,7 +305,8 @@ def test_a_rewritten_log_stripped_of_its_checkpoints_does_not_verify(
 ):
     witness = tmp_path / "elsewhere.jsonl"
     svc = service_factory(audit={"checkpoint_every": 5, "max_unsigned_records": 8,
-                                 "witness_file": str(witness)})  # fmt: skip
+                                 "witness_file": str(witness)},
+                          server={"max_calls_in_flight": 2})  # fmt: skip
     path = signed_and_stopped(svc, unique_name(), 12)  # 13 records, checkpoints 5, 10, 13
     config = write_toml(tmp_path / "verify.toml", svc.server.cfg)
     done = verify_cli("--config", str(config))  # the witness of the config is read

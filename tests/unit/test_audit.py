@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 
 from signer.audit import (
     AuditLog,
+    AuditPaused,
     Event,
     FileWitness,
     Signing,
@@ -264,6 +265,24 @@ def test_a_stopped_log_refuses(tmp_path: Path) -> None:
     log.close()
 
 
+class Changes:
+    """Counts the log's change notices; waits for the next one (no sleeping)."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self._cv = threading.Condition()
+        self.count = 0
+        log.on_change(self._seen)
+
+    def _seen(self) -> None:
+        with self._cv:
+            self.count += 1
+            self._cv.notify_all()
+
+    def wait_for(self, pred: Callable[[], bool]) -> bool:
+        with self._cv:
+            return self._cv.wait_for(pred, timeout=10)
+
+
 def test_a_foreign_audit_key_stops_the_log_for_good(
     written: Callable[[int], Path], soft: SoftKey
 ) -> None:
@@ -272,18 +291,15 @@ def test_a_foreign_audit_key_stops_the_log_for_good(
     path = written(4)
     other = SoftKey()  # the token hands over another key than the one pinned
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=1)
-    changes: list[str | None] = []
-    log.on_change(lambda: changes.append(log.failure))
+    changes = Changes(log)
     log.start(other.make, Path(f"{path}.key.pem"))
     write(log, event(5))  # committed; its checkpoint then finds the foreign key
-    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
-        write(log, event(6))
-    with pytest.raises(Unavailable, match="the audit key is not the one pinned"):
-        log.check()
-    assert len(changes) == 1
-    assert "not the one pinned" in str(changes[0])
+    assert changes.wait_for(lambda: log.failure is not None)
+    with pytest.raises(AuditPaused, match="the audit key is not the one pinned"):
+        log.check()  # no new call starts
+    assert write(log, event(6)) == 6  # a call that was already running is still recorded
     log.close()
-    assert [r[0] for r in rows(path)] == [1, 2, 3, 4, 5]
+    assert [r[0] for r in rows(path)] == [1, 2, 3, 4, 5, 6]
     with sqlite3.connect(path) as db:  # nothing was signed with the foreign key
         assert db.execute("SELECT MAX(seq) FROM checkpoints").fetchone() == (4,)
 
@@ -298,8 +314,8 @@ def test_a_pinned_key_the_log_does_not_carry_stops_it_at_once(
     )
     log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"), checkpoint_every=1)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
-    with pytest.raises(Unavailable, match="an audit key is pinned, but the log carries none"):
-        write(log, event(1))
+    with pytest.raises(AuditPaused, match="an audit key is pinned, but the log carries none"):
+        log.check()
     log.close()
 
 
@@ -319,34 +335,16 @@ class FlakyKey(SoftKey):
         return super().sign(key_id, mech, digest)
 
 
-class Changes:
-    """Counts the log's change notices; waits for the next one (no sleeping)."""
-
-    def __init__(self, log: AuditLog) -> None:
-        self._cv = threading.Condition()
-        self.count = 0
-        log.on_change(self._seen)
-
-    def _seen(self) -> None:
-        with self._cv:
-            self.count += 1
-            self._cv.notify_all()
-
-    def wait_for(self, pred: Callable[[], bool]) -> bool:
-        with self._cv:
-            return self._cv.wait_for(pred, timeout=10)
-
-
 def test_calls_are_refused_before_records_would_go_unsigned_beyond_the_bound(
     tmp_path: Path,
 ) -> None:
     """The token is away: records of calls that ran are committed all the same (what they did
-    must be on record), while check() refuses new calls from three quarters of the bound, until
-    the writer's own retry signs a checkpoint."""
+    must be on record), while check() refuses new calls from three quarters of the bound; those
+    are counted into one record once the writer's own retry has signed a checkpoint."""
     key = FlakyKey()
     path = tmp_path / "audit.db"
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=0.05,
-                   max_unsigned_records=4, max_unsigned_seconds=3600)  # fmt: skip
+                   max_unsigned_records=4)  # fmt: skip
     changes = Changes(log)
     log.start(key.make, tmp_path / "audit.db.key.pem")
     key.down = True
@@ -354,53 +352,69 @@ def test_calls_are_refused_before_records_would_go_unsigned_beyond_the_bound(
     log.check()  # two unsigned of four: calls still start
     assert write(log, event(3)) == 3
     assert changes.wait_for(lambda: log._failing is not None)
-    with pytest.raises(Unavailable, match=r"cannot sign a checkpoint \(token unavailable: test\)"):
-        log.check()  # three of four: new calls are refused
-    assert [write(log, event(i)) for i in (4, 5)] == [4, 5]  # calls already running: recorded
+    for _ in range(7):  # three of four: new calls are refused, and counted
+        with pytest.raises(AuditPaused, match=r"cannot sign a checkpoint \(token unavailable"):
+            log.check()
+        log.paused()
+    assert write(log, event(4)) == 4  # a call already running: recorded
     key.down = False  # the writer's own retry signs, and calls are taken again
     assert changes.wait_for(lambda: log._failing is None)
     log.check()
     log.close()
+    assert [(r[3], r[5], r[7]) for r in rows(path)][-1] == ("AuditPaused", 7, "UNAVAILABLE")
     assert verify_log(path, pinned(path), max_unsigned_records=4).whole
 
 
-def test_calls_are_refused_before_records_would_go_unsigned_for_too_long(
-    tmp_path: Path,
-) -> None:
+def test_an_outage_then_a_restart_leaves_a_genuine_log_that_starts(tmp_path: Path) -> None:
+    """The second review's case: the token host away, calls refused by the gate, a restart
+    while it is still away. The tail stays within the bound (the refused calls are counted, not
+    recorded), so the restarted log is not taken for a tampered one; once the token is back,
+    one record counts what was refused."""
     key = FlakyKey()
-    now = [T0]
     path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60,
-                   max_unsigned_seconds=40, clock=lambda: now[0])  # fmt: skip
-    log.start(key.make, tmp_path / "audit.db.key.pem")
-    key.down = True
+
+    def open_log() -> tuple[AuditLog, Changes]:
+        log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=0.05,
+                       max_unsigned_records=4)  # fmt: skip
+        changes = Changes(log)
+        log.start(key.make, tmp_path / "audit.db.key.pem")
+        return log, changes
+
+    log, changes = open_log()
     assert write(log, event(1)) == 1
-    assert write(log, event(45)) == 2  # over the bound: a checkpoint is tried first, and fails
-    now[0] = T0 + timedelta(seconds=31)  # three quarters of 40 s since the first unsigned record
-    with pytest.raises(Unavailable, match="max_unsigned_seconds"):
-        log.check()
+    assert changes.wait_for(lambda: log._unsigned == 0)  # signed while the token was there
+    key.down = True
+    assert [write(log, event(i)) for i in (2, 3, 4)] == [2, 3, 4]
+    assert changes.wait_for(lambda: log._failing is not None)
+    for _ in range(100):  # a day of callers refused: none of them grows the tail
+        with pytest.raises(AuditPaused):
+            log.check()
+        log.paused()
+    log.close()  # its last checkpoint fails too; the count goes in, the bound has room
+    log, changes = open_log()  # restarted, the token still away
+    assert log.failure is None
     key.down = False
-    assert write(log, event(46)) == 3  # a checkpoint first, then the record
-    log.check()
+    assert changes.wait_for(lambda: log._unsigned == 0)
     log.close()
+    assert [(r[3], r[5]) for r in rows(path)][-1] == ("AuditPaused", 100)
+    assert verify_log(path, pinned(path), max_unsigned_records=4).whole
 
 
 def test_a_batch_that_would_cross_the_bound_is_split_by_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
     soft = SoftKey()
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60,
-                   max_unsigned_seconds=30)  # fmt: skip
+                   max_unsigned_records=2)  # fmt: skip
     log.start(soft.make, tmp_path / "audit.db.key.pem")
 
     async def together() -> list[int]:
-        # Queued at once (one batch), an hour apart by their own times (a clock that jumped).
-        return list(await asyncio.gather(*(log.record(event(i * 3600)) for i in range(1, 4))))
+        return list(await asyncio.gather(*(log.record(event(i)) for i in range(1, 4))))
 
-    assert asyncio.run(together()) == [1, 2, 3]
+    assert asyncio.run(together()) == [1, 2, 3]  # queued at once: one batch of three
     log.close()
     with sqlite3.connect(path) as db:
-        assert [r[0] for r in db.execute("SELECT seq FROM checkpoints")] == [1, 2, 3]
-    assert verify_log(path, pinned(path), max_unsigned_seconds=30).whole
+        assert [r[0] for r in db.execute("SELECT seq FROM checkpoints")] == [2, 3]
+    assert verify_log(path, pinned(path), max_unsigned_records=2).whole
 
 
 def test_deleting_every_checkpoint_and_the_audit_key_is_caught(
@@ -604,8 +618,9 @@ def test_a_restart_does_not_sign_over_a_tail_longer_than_the_bound(
     log = restarted(path, soft)  # the bound: 8 records (two checkpoints' worth)
     assert log.failure is not None
     assert "record 5: records 5 to 13 (9) are under no signed checkpoint" in log.failure
-    with pytest.raises(Unavailable, match="the audit log does not verify"):
-        write(log, event(13))
+    with pytest.raises(AuditPaused, match="the audit log does not verify"):
+        log.check()
+    write(log, event(14))  # were a call already running, its record would go in: unsigned
     log.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT MAX(seq) FROM checkpoints").fetchone() == (4,)
@@ -636,13 +651,32 @@ def test_a_restart_does_not_sign_a_log_whose_pinned_key_it_lost(
     log.close()
 
 
-def test_a_genuine_log_restarts_and_goes_on(written: Callable[[int], Path], soft: SoftKey) -> None:
+def test_a_restart_does_not_pin_a_key_only_the_log_names(
+    written: Callable[[int], Path], soft: SoftKey
+) -> None:
+    """The pin removed: the key the log records may be whoever removed it's. Nothing is pinned
+    anew, and nothing signed (review)."""
     path = written(6)
+    Path(f"{path}.key.pem").unlink()
     log = restarted(path, soft)
-    assert log.failure is None
-    assert write(log, event(7)) == 7
+    assert log.failure is not None
+    assert "the log has an audit key or checkpoints, but none is pinned" in log.failure
     log.close()
-    assert verify_log(path, pinned(path)).whole
+    assert not Path(f"{path}.key.pem").exists()
+
+
+def test_a_genuine_log_restarts_and_goes_on(tmp_path: Path, soft: SoftKey) -> None:
+    """The positive control of the start check, on a real tail: a crash came after the
+    checkpoint at 10 reached the witness and before it reached the store, so records 9 and 10
+    are unsigned in the log, and the witness has a newer checkpoint than the log: all genuine."""
+    path, witness = witnessed_log(tmp_path, soft, 10)  # checkpoints 4, 8, 10
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM checkpoints WHERE seq = 10")
+    log = restarted(path, soft, witnesses=[FileWitness(witness)])
+    assert log.failure is None
+    assert write(log, event(11)) == 11
+    log.close()
+    assert verify_log(path, pinned(path), witnesses=[witness]).whole
 
 
 def test_a_writer_that_crashes_answers_every_call_and_stops_for_good(
