@@ -316,8 +316,8 @@ class AuditLog:
         )
         pinned = self._pin_to.read_bytes() if self._pin_to.exists() else None
         if (pinned is None and recorded is not None) or (pinned is not None and pinned != pem):
-            # A key only this log names, with its pin gone, is not to be pinned now: it may be
-            # one that whoever removed the pin put there.
+            # A key only this log names, its pinned copy gone, is not to be pinned now: it may
+            # be one that whoever removed that copy put there.
             raise AuditKeyMismatch(
                 f"the audit key is not the one pinned in {self._pin_to}: the log or its key was "
                 "replaced; signing stops until an operator has looked (see the README)"

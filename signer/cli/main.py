@@ -324,7 +324,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if key is None:
         print(
             f"note: no audit key is pinned ({pinned}): nothing in this log is signed yet. A young "
-            "log is so until its first checkpoint; otherwise its pin file is missing, and only "
+            "log is so until its first checkpoint; otherwise the pinned key's file is missing, "
+            "and only "
             "a witness (--witness) can show that records were not cut from its end."
         )
     return EXIT_OK
