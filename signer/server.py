@@ -355,8 +355,9 @@ def front_caller(context: grpc.aio.ServicerContext) -> Caller | None:
     """Callers through the mTLS front: the client certificate nginx verified, by its subject,
     issuer and serial. Only the front can connect to the socket whose server uses this."""
     headers = {key: str(value) for key, value in context.invocation_metadata() or ()}
-    subject, issuer, serial = (headers.get(h) for h in (SUBJECT_HEADER, ISSUER_HEADER,
-                                                        SERIAL_HEADER))  # fmt: skip
+    subject = headers.get(SUBJECT_HEADER)
+    issuer = headers.get(ISSUER_HEADER)
+    serial = headers.get(SERIAL_HEADER)
     if not (subject and issuer and serial):
         return None  # the front names all three of a certificate it verified
     return Caller.x509(subject, issuer, serial)

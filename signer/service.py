@@ -633,12 +633,12 @@ class Signer:
         token failing fails the call. The version's state is read again first: a version
         disabled (or destroyed) while a batch runs signs nothing more, and the rest of its items
         fail FAILED_PRECONDITION (issue 11: a 300-item batch disabled half a second in used to
-        return all 300)."""
+        return all 300). The first chunk follows the plan's own read of it."""
         end = start + BATCH_CHUNK
         try:
-            check_usable(
-                self._store.get_version(plan.version.name, plan.version.version), self.now()
-            )
+            if start:
+                v = self._store.get_version(plan.version.name, plan.version.version)
+                check_usable(v, self.now())
         except (FailedPrecondition, NotFound) as exc:
             for i in plan.slots[start:end]:
                 plan.results[i] = FailedPrecondition(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from signer.client import DEFAULT_ADDRESS, ClientTLS, SignerClient
+from signer.config import AuditConfig
 from signer.errors import InvalidArgument, SignerError
 from signer.keys import ALGORITHMS
 from signer.v1 import signer_pb2 as pb
@@ -271,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.serve(config.load(args.config))
 
 
-def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
+def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, AuditConfig]:
     from signer import config
 
     cfg = config.load(args.config) if args.config else config.Config()

@@ -9,6 +9,7 @@ the key as it was.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -128,6 +129,16 @@ def deployment(token_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         ca.issue_client(name)
     policy = tmp / "policy.toml"
     policy.write_text(POLICY)
+    with behind_a_front(token_host, tmp, ca, policy) as (svc, front):
+        yield Deployment(svc, front, ca, policy)
+
+
+@contextlib.contextmanager
+def behind_a_front(
+    token_host, tmp: Path, ca: DevCA, policy: Path, client_ca: Path | None = None
+) -> Iterator[tuple[RunningService, Front]]:
+    """A real service under ``policy`` and a real mTLS front before it, whose certificate is
+    ``ca``'s and which takes client certificates from ``client_ca`` (default: ``ca``)."""
     front_socket = tmp / "front.sock"
     cfg = make_config(
         tmp,
@@ -139,10 +150,12 @@ def deployment(token_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         token_host.paths, ca, listen=f"127.0.0.1:{free_port()}", upstream=front_socket,
         workdir=tmp / "front",
     )  # fmt: skip
+    if client_ca is not None:
+        front_cfg = replace(front_cfg, client_ca=str(client_ca))
     front = Front(replace(cfg, front=front_cfg))
-    front.start()
     try:
-        yield Deployment(svc, front, ca, policy)
+        front.start()
+        yield svc, front
     finally:
         front.stop()
         svc.stop()
@@ -480,25 +493,13 @@ def test_issuer_pinning_and_revoking_one_certificate(token_host, tmp_path: Path)
     )
     policy = tmp_path / "policy.toml"
     policy.write_text(grant)
-    front_socket = tmp_path / "front.sock"
-    cfg = make_config(
-        tmp_path,
-        token_host.token_config(),
-        server={"front_socket": str(front_socket), "policy_file": str(policy)},
-    )
-    svc = start_service(cfg, FakeClock())
-    front_cfg = replace(
-        front_config(token_host.paths, ops, listen=f"127.0.0.1:{free_port()}",
-                     upstream=front_socket, workdir=tmp_path / "front"),
-        client_ca=str(bundle),
-    )  # fmt: skip
-    front = Front(replace(cfg, front=front_cfg))
-    front.start()
+    with behind_a_front(token_host, tmp_path, ops, policy, client_ca=bundle) as (svc, front):
 
-    def as_(cert: Path, key: Path) -> SignerClient:
-        return SignerClient(front_cfg.listen, tls=ClientTLS(ops.cert, cert, key), timeout=15)
+        def as_(cert: Path, key: Path) -> SignerClient:
+            return SignerClient(
+                front.cfg.front.listen, tls=ClientTLS(ops.cert, cert, key), timeout=15
+            )
 
-    try:
         with as_(*ours) as c:
             c.create_key("pinned-key", "ec-p256", scope="consumer")
         with as_(*theirs) as c, pytest.raises(PermissionDenied):
@@ -512,10 +513,7 @@ def test_issuer_pinning_and_revoking_one_certificate(token_host, tmp_path: Path)
             c.get_key("pinned-key")
         with as_(*renewed) as c:
             assert c.get_key("pinned-key").scope == "consumer"
-    finally:
-        front.stop()
-        svc.stop()
-    with sqlite3.connect(cfg.audit.path) as db:
+    with sqlite3.connect(svc.server.cfg.audit.path) as db:
         callers = [r[0] for r in db.execute("SELECT caller FROM records ORDER BY seq")]
     assert callers == [
         f"x509:CN=payments (issuer CN=signer development CA, serial {_serial(ours[0])})",
