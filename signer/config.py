@@ -89,6 +89,12 @@ class TokenConfig:
     # calls C_Initialize(NULL), which tells a module such as SoftHSM2 it need not lock.
     thread_safe: str = "auto"
     health_interval_seconds: float = 1.0
+    # After a failed connection attempt the next waits twice as long, up to this.
+    reconnect_max_seconds: float = 5.0
+    # Failed logins in a row after which the service stops trying until it is restarted. An
+    # HSM locks its user after a few (three is common); after one failure the service tries
+    # again only when pin_file changes (signer/token/_logins.py).
+    max_failed_logins: int = 2
 
     @property
     def admin_connection(self) -> bool:
@@ -304,6 +310,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("token.uri must be an RFC 7512 URI starting with 'pkcs11:'")
     for name, value in (
         ("token.health_interval_seconds", cfg.token.health_interval_seconds),
+        ("token.reconnect_max_seconds", cfg.token.reconnect_max_seconds),
+        ("token.max_failed_logins", cfg.token.max_failed_logins),
         ("keys.reaper_interval_seconds", cfg.keys.reaper_interval_seconds),
         ("server.grace_seconds", cfg.server.grace_seconds),
         ("server.refusal_window_seconds", cfg.server.refusal_window_seconds),

@@ -87,6 +87,15 @@ class Internal(SignerError):
     code = Code.INTERNAL
 
 
+class LoginRefused(FailedPrecondition):
+    """The token refuses the service's PIN: no call can be served, and waiting will not help
+    (signer/token/_logins.py)."""
+
+
+# What "the token cannot be used now" looks like to code that would otherwise try again later.
+TOKEN_AWAY: tuple[type[SignerError], ...] = (Unavailable, LoginRefused)
+
+
 class ConfigError(SignerError):
     """A configuration file or setting is wrong; raised at start-up, never over the wire."""
 

@@ -22,6 +22,7 @@ from typing import Any
 from signer import jose
 from signer.config import Config
 from signer.errors import (
+    TOKEN_AWAY,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -218,7 +219,7 @@ class Signer:
         """Algorithms whose mechanisms the module offers (empty while the token is unreachable)."""
         try:
             return [a.name for a in ALGORITHMS.values() if not self._token.missing_mechanisms(a)]
-        except Unavailable:
+        except TOKEN_AWAY:
             return []
 
     def create_key(
@@ -271,7 +272,7 @@ class Signer:
             return [
                 a.name for a in ALGORITHMS.values() if not self._token.missing_import_mechanisms(a)
             ]
-        except Unavailable:
+        except TOKEN_AWAY:
             return []
 
     def get_import_parameters(self, caller: str) -> ImportParameters:
@@ -415,7 +416,7 @@ class Signer:
         if the token host is away (the reaper tries again)."""
         try:
             self._token.destroy(record.key_id)
-        except Unavailable:
+        except TOKEN_AWAY:
             log.warning("wrapping key destruction postponed: token unavailable")
             return False
         except SignerError as exc:
@@ -831,7 +832,7 @@ class Signer:
             with self._lock(v.name):
                 try:
                     self._token.destroy(v.key_id)
-                except Unavailable:
+                except TOKEN_AWAY:
                     log.warning("destruction postponed: token unavailable", extra={"key": v.name})
                     return done
                 except SignerError as exc:

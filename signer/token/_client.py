@@ -58,6 +58,7 @@ from signer.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    LoginRefused,
     NotFound,
     SignerError,
     Unavailable,
@@ -75,6 +76,7 @@ from signer.keys import (
     verify,
     with_article,
 )
+from signer.token._logins import EXPIRED, INCORRECT, LOCKED, LoginGuard
 from signer.token.pin import Pin
 from signer.token.uri import TokenURI
 
@@ -91,6 +93,15 @@ _CURVES: dict[str, ec.EllipticCurve] = {
     "secp256r1": ec.SECP256R1(),
     "secp384r1": ec.SECP384R1(),
     "secp521r1": ec.SECP521R1(),
+}
+
+# What C_Login may answer about the PIN itself, and what it means for the next attempt.
+_PIN_REFUSED: dict[type[Exception], str] = {
+    p11e.PinIncorrect: INCORRECT,
+    p11e.PinInvalid: INCORRECT,
+    p11e.PinLenRange: INCORRECT,
+    p11e.PinExpired: EXPIRED,
+    p11e.PinLocked: LOCKED,
 }
 
 # Errors that mean the connection to the token host is gone, not that the request was wrong.
@@ -240,6 +251,10 @@ class Token:
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._listeners: list[Callable[[bool], None]] = []
+        self._logins = LoginGuard(cfg.max_failed_logins, cfg.pin_file, pin.stamp)
+        # Failed connection attempts in a row: the monitor backs off between them.
+        self._connect_failures = 0
+        self._checks = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -252,7 +267,7 @@ class Token:
             raise FailedPrecondition(f"PKCS#11 module not found: {self._cfg.module}")
         self._try_connect()
         if wait and self._conn is None:
-            raise Unavailable(f"token unavailable: {self._down_reason}")
+            raise self._why_down()
         self._monitor = threading.Thread(
             target=self._run_monitor, name="token-monitor", daemon=True
         )
@@ -286,6 +301,24 @@ class Token:
         return self._conn is not None
 
     @property
+    def checks(self) -> int:
+        """How many times the monitor has looked at the connection (or tried to make it)."""
+        return self._checks
+
+    @property
+    def failed_logins(self) -> int:
+        """Failed logins in a row (see :mod:`signer.token._logins`)."""
+        return self._logins.failures
+
+    def _why_down(self) -> SignerError:
+        """What a call meets while there is no connection: FAILED_PRECONDITION when the PIN is
+        the problem (waiting will not cure it), else UNAVAILABLE."""
+        refusal = self._logins.refusal
+        if refusal is not None:
+            return LoginRefused(refusal)
+        return Unavailable(f"token unavailable: {self._down_reason}")
+
+    @property
     def label(self) -> str:
         conn = self._conn
         return conn.label if conn is not None else (self._uri.token or "")
@@ -294,7 +327,7 @@ class Token:
     def mechanisms(self) -> frozenset[str]:
         conn = self._conn
         if conn is None:
-            raise Unavailable(f"token unavailable: {self._down_reason}")
+            raise self._why_down()
         return conn.mechanisms
 
     def missing_mechanisms(self, alg: Algorithm) -> list[str]:
@@ -670,7 +703,7 @@ class Token:
     def _session(self) -> Iterator[_Slot]:
         conn = self._conn
         if conn is None:
-            raise Unavailable(f"token unavailable: {self._down_reason}")
+            raise self._why_down()
         slot = conn.free.get()
         try:
             yield slot
@@ -727,6 +760,8 @@ class Token:
         if self._follows is not None and not self._follows.available:
             self._down_reason = "waiting for the main connection to the token"
             return False
+        if not self._logins.may_try():
+            return False
         with self._state_lock:
             if self._conn is not None:
                 return True
@@ -740,8 +775,10 @@ class Token:
             except (p11e.PKCS11Error, Unavailable, OSError) as exc:
                 reason = exc.message if isinstance(exc, Unavailable) else type(exc).__name__
                 self._down_reason = f"cannot reach the token ({reason})"
+                self._connect_failures += 1
                 return False
             self._conn = conn
+            self._connect_failures = 0
         log.info("token connected", extra={"token": conn.label, "sessions": len(conn.slots)})
         self._notify(True)
         return True
@@ -758,14 +795,23 @@ class Token:
         slots: list[_Slot] = []
         try:
             first = self._pin.login(token)
+        except tuple(_PIN_REFUSED) as exc:
+            self._logins.failed(_PIN_REFUSED[type(exc)])
+            log.error(
+                "token login refused",
+                extra={"error": type(exc).__name__, "failed_logins": self._logins.failures},
+            )
+            raise Unavailable(f"the token refused the login ({type(exc).__name__})") from None
+        self._logins.succeeded()
+        try:
             slots.append(_Slot(first))
             for _ in range(self._pool_size - 1):
                 slots.append(_Slot(token.open(rw=True)))
             mechs = frozenset(mechanism_name(m) for m in token.slot.get_mechanisms())
-        except p11e.PinIncorrect:
+        except BaseException:
             for slot in slots:
                 self._quietly(slot.session.close)
-            raise Unavailable("the token rejected the PIN (check token.pin_file)") from None
+            raise
         free: queue.Queue[_Slot] = queue.Queue()
         for slot in slots:
             free.put(slot)
@@ -784,23 +830,44 @@ class Token:
                 return tok
         raise Unavailable(f"no token matches {self._uri}")
 
+    def _next_check(self) -> float:
+        """Seconds until the monitor looks again: the health interval while connected, doubling
+        after each failed connection attempt up to ``token.reconnect_max_seconds`` (a network
+        HSM, or a token host coming back, is not helped by a reconnect storm). ``wake()``
+        cuts the wait short, e.g. when a supervisor has just restarted the token host."""
+        interval = self._cfg.health_interval_seconds
+        if self._conn is not None or self._connect_failures == 0:
+            return interval
+        backoff: float = interval * 2.0 ** min(self._connect_failures - 1, 16)
+        return min(backoff, max(interval, self._cfg.reconnect_max_seconds))
+
     def _run_monitor(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self._cfg.health_interval_seconds)
+            self._wake.wait(self._next_check())
             self._wake.clear()
             if self._stop.is_set():
                 return
-            conn = self._conn
-            if conn is not None:
-                try:
-                    self.ping()
-                except Unavailable:
-                    pass  # _session has marked it down; reconnect on the next tick
-                except Exception:
-                    log.exception("token health check failed")
-                continue
+            try:
+                self._check()
+            except Exception:
+                # A bug here must not end the only thread that brings the token back.
+                log.exception("token check failed")
+            self._checks += 1
+
+    def _check(self) -> None:
+        conn = self._conn
+        if conn is None:
             if not self._try_connect():
                 log.debug("token still unavailable", extra={"reason": self._down_reason})
+            return
+        try:
+            self.ping()
+        except Unavailable:
+            pass  # _session has marked it down; reconnect on the next tick
+        except SignerError as exc:
+            # The token answers, but not as a working token does: fail closed and start afresh
+            # rather than keep reporting it healthy.
+            self._mark_down(conn, f"health check failed ({exc.message})")
 
     @staticmethod
     def _quietly(fn: Callable[[], object]) -> None:

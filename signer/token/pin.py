@@ -191,6 +191,16 @@ class Pin:
         del buf
         return page
 
+    def stamp(self) -> tuple[int, ...] | None:
+        """What identifies the file's current contents without reading them (device, inode,
+        size, modification and change times); None when it cannot be looked at. A new stamp
+        means somebody wrote the file: see :mod:`signer.token._logins`."""
+        try:
+            st = os.lstat(self._path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
     def login(self, token: Any) -> Any:
         """Opens a read-write session on ``token`` logged in as the user; returns the session.
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from signer import config as config_mod
 from signer import hsm
 from signer.client import SignerClient
-from signer.errors import NotFound, Unavailable
+from signer.errors import FailedPrecondition, NotFound, Unavailable
+from signer.files import private_file
 from signer.server import SERVICE_NAME
 from tests.conftest import health_status, wait_until
 
@@ -260,12 +263,17 @@ def test_losing_the_token_host_during_a_key_lookup_leaves_no_unraisable_error(
     assert seen == [], "losing the token host left an unraisable exception behind"
 
 
-def test_a_wrong_pin_is_tried_by_one_connection_only(
+def put(path: Path, data: bytes) -> None:
+    """Writes a PIN file as an operator would: owner-only."""
+    private_file(path).write_bytes(data)
+
+
+def test_a_wrong_pin_is_tried_once_by_one_connection_only(
     service_factory, token_host, tmp_path, monkeypatch
 ):
-    """HSMs lock a user out after a few failed logins. The service's second, administrative
-    connection logs in only once the signing one is up, so a wrong PIN is not tried twice as
-    often as before it existed."""
+    """HSMs lock a user out after a few failed logins. A wrong PIN is tried once, not at every
+    health check; and the service's second, administrative connection logs in only once the
+    signing one is up, so it adds no attempt of its own."""
     import threading
 
     from signer.token.pin import Pin
@@ -284,8 +292,92 @@ def test_a_wrong_pin_is_tried_by_one_connection_only(
     wrong = tmp_path / "wrong.pin"
     wrong.write_text("not-the-pin-0000")
     wrong.chmod(0o600)
-    svc = service_factory(token=token_host.token_config(pin_file=str(wrong)))
+    cfg = replace(token_host.token_config(pin_file=str(wrong)), health_interval_seconds=0.05)
+    svc = service_factory(token=cfg)
+    token = svc.server.token
     with seen:
-        assert seen.wait_for(lambda: sum(attempts.values()) >= 3, timeout=20)
-    assert list(attempts) == [id(svc.server.token._pin)]  # the signing connection's alone
+        assert seen.wait_for(lambda: sum(attempts.values()) >= 1, timeout=20)
+    checked = token.checks
+    assert wait_until(lambda: token.checks >= checked + 20, timeout=20)  # 20 chances to retry
+    assert attempts == {id(token._pin): 1}  # the signing connection's, once
+    assert token.failed_logins == 1
     assert not svc.server.admin_token.available
+
+
+def test_a_pin_that_stops_working_is_refused_clearly_and_not_retried_until_fixed(
+    host, service_factory, tmp_path, unique_name
+):
+    """The token's PIN is changed without telling the service (here: its PIN file replaced,
+    which is the same to the service), and the token host restarts, so the service must log in
+    again. Calls get FAILED_PRECONDITION naming the file, health is NOT_SERVING, and the wrong
+    PIN is tried once per change of the file, at most ``max_failed_logins`` times in a row;
+    writing the right PIN within that bound brings the service back by itself."""
+    pin_file = tmp_path / "user.pin"
+    right = host.paths.user_pin.read_bytes()
+    put(pin_file, right)
+    cfg = replace(
+        host.token_config(), pin_file=str(pin_file), max_failed_logins=2,
+        health_interval_seconds=0.05,
+    )  # fmt: skip
+    svc = service_factory(token=cfg)
+    c = svc.client(timeout=10)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    token = svc.server.token
+
+    def settle(ticks: int = 20) -> None:
+        """Lets the monitor look ``ticks`` times (each a chance to log in again)."""
+        start = token.checks
+        assert wait_until(lambda: token.checks >= start + ticks, timeout=20)
+
+    put(pin_file, b"a-wrong-pin-1111\n")
+    host.host.stop()
+    host.host.start()  # the service must log in again, with what the file now says
+    wait_for_health(svc.address, NOT_SERVING, 10)
+    assert wait_until(lambda: token.failed_logins == 1, timeout=20)
+    settle()
+    assert token.failed_logins == 1  # not once per health check
+    for call in (
+        lambda: c.sign(name, message=b"x"),
+        lambda: c.create_key(unique_name(), "ec-p256"),
+    ):
+        refused = rf"PIN in {re.escape(str(pin_file))} was refused"
+        with pytest.raises(FailedPrecondition, match=refused):
+            call()
+    assert health(svc.address) == NOT_SERVING
+
+    # The operator writes the right PIN: one more attempt, which succeeds.
+    put(pin_file, right)
+    wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
+    assert token.failed_logins == 0
+    assert_signs_and_verifies(c, name, b"after the PIN was fixed")
+
+
+def test_past_the_bound_the_service_stops_trying_for_good(
+    host, service_factory, tmp_path, unique_name
+):
+    pin_file = tmp_path / "user.pin"
+    put(pin_file, host.paths.user_pin.read_bytes())
+    cfg = replace(
+        host.token_config(), pin_file=str(pin_file), max_failed_logins=2,
+        health_interval_seconds=0.05,
+    )  # fmt: skip
+    svc = service_factory(token=cfg)
+    c = svc.client(timeout=10)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    token = svc.server.token
+    put(pin_file, b"wrong-one")
+    host.host.stop()
+    host.host.start()
+    assert wait_until(lambda: token.failed_logins == 1, timeout=20)
+    put(pin_file, b"wrong-two")  # a change: one more attempt, the last
+    assert wait_until(lambda: token.failed_logins == 2, timeout=20)
+    put(pin_file, host.paths.user_pin.read_bytes())  # right, but too late
+    start = token.checks
+    assert wait_until(lambda: token.checks >= start + 20, timeout=20)
+    assert token.failed_logins == 2
+    assert not token.available
+    with pytest.raises(FailedPrecondition, match=r"stopped trying.*restart the service"):
+        c.sign(name, message=b"x")
+    assert health(svc.address) == NOT_SERVING
