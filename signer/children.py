@@ -23,16 +23,28 @@ def disable_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+# Looked up once, here: a supervisor restarts children from a process full of threads, and the
+# forked child must not call dlopen/dlsym (another thread may have held the loader's lock at
+# the fork); calling an already resolved function is safe there.
+_prctl = ctypes.CDLL(None).prctl
+
+
 def guarded_preexec() -> None:
-    """preexec_fn: no core dumps, and SIGTERM if the parent dies without stopping the child."""
+    """preexec_fn: no core dumps, and SIGTERM if the parent dies without stopping the child.
+
+    (PR_SET_PDEATHSIG fires when the *thread* that started the child ends: children are started
+    from the main thread or from a supervisor's thread, which live as long as the parent.)"""
     disable_core_dumps()
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Child(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def wait(self) -> int: ...
+    def poll(self) -> int | None:
+        """Its exit status once it has exited on its own; None while it runs (or was stopped)."""
+        ...
 
 
 def run_in_foreground(child: Child, banner: str, what: str) -> int:

@@ -322,7 +322,16 @@ class Front:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        # Workers outlive a master that was killed, still holding the listening socket (a
+        # restart would find the port taken): they are in its process group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         log.info("TLS front stopped")
+
+    def poll(self) -> int | None:
+        """nginx's exit status once it has exited on its own; None while it runs."""
+        proc = self._proc
+        return proc.poll() if proc is not None else None
 
     def wait(self) -> int:
         """Waits until nginx exits (its status) or the front is stopped (0)."""

@@ -474,13 +474,20 @@ class TokenHost:
                 socket.unlink()
         log.info("token host stopped")
 
+    def poll(self) -> int | None:
+        """The exit status of a server that has exited on its own; None while all run."""
+        for proc in self._procs:
+            status = proc.poll()
+            if status is not None:
+                return status
+        return None
+
     def wait(self) -> int:
         """Waits until a server exits (its status) or the host is stopped (0)."""
-        while procs := self._procs:
-            for proc in procs:
-                status = proc.poll()
-                if status is not None:
-                    return status
+        while self._procs:
+            status = self.poll()
+            if status is not None:
+                return status
             time.sleep(0.2)
         return 0
 

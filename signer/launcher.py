@@ -13,7 +13,8 @@ First use creates, under DIR (default ``var``):
     run/front/signer.sock  the socket only the TLS front connects to
 
 Then it starts the token host, the service (in this process) on the Unix socket, and the mTLS
-front (nginx) on ``--listen``, and makes sure a demo key exists. Ctrl-C stops all three.
+front (nginx) on ``--listen``, and makes sure a demo key exists. A token host or front that
+dies is restarted with back-off (:mod:`signer.supervisor`). Ctrl-C stops all three.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from signer.front import Front, front_config
 from signer.pki import DevCA
 from signer.policy import grant_everything
 from signer.server import Server, harden_process
+from signer.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ DEMO_KEY = "demo"
 DEMO_ALGORITHM = "ec-p256"
 DEV_CLIENT = "dev"
 FRONT_USER = "signer-front"
+# The children 'signer run' restarts when they die (signer/supervisor.py).
+TOKEN_HOST = "token host"  # noqa: S105 (a name, not a password)
+TLS_FRONT = "TLS front"
 
 
 def write_config(root: Path, listen: str, world: FrontWorld | None = None) -> Path:
@@ -257,7 +262,15 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, server.reload_policy)
-        await stop.wait()
+        supervisor = Supervisor(
+            {TOKEN_HOST: host, TLS_FRONT: tls_front},
+            on_restart=lambda name: server.token.wake() if name == TOKEN_HOST else None,
+        )
+        supervisor.start()
+        try:
+            await stop.wait()
+        finally:
+            supervisor.stop()
         print("stopping", flush=True)
     finally:
         tls_front.stop()

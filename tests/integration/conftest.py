@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pkcs11
@@ -10,6 +17,7 @@ import pytest
 
 from signer import hsm
 from signer.config import P11KIT_CLIENT_MODULE
+from tests.conftest import SIGNER_BIN, free_port
 
 
 @pytest.fixture
@@ -32,3 +40,52 @@ def own_session(token_host, monkeypatch) -> Iterator[Any]:
             session.close()
     finally:
         lib.finalize()
+
+
+@dataclass
+class SignerRun:
+    """A running ``signer run``: its state directory, its mTLS port, what it has printed."""
+
+    root: Path
+    port: int
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture
+def signer_run() -> Iterator[SignerRun]:
+    """``signer run`` until the test ends. Its state sits where others may pass through to it
+    (so denials come from var/'s own modes, not from a closed parent)."""
+    base = Path(tempfile.mkdtemp(prefix="signer-run-"))
+    base.chmod(0o711)
+    root, port = base / "var", free_port()
+    proc = subprocess.Popen(
+        [str(SIGNER_BIN), "run", "--dir", str(root), "--listen", f"127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    run = SignerRun(root, port, proc)
+    ready = threading.Event()
+
+    def watch() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            run.lines.append(line)
+            if line.startswith("signer serving local callers"):
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        assert ready.wait(120)
+        assert proc.poll() is None, run.output
+        yield run
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        shutil.rmtree(base, ignore_errors=True)

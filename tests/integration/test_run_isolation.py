@@ -12,19 +12,13 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
-import signal
-import subprocess
-import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from signer import config as config_mod
 from signer.client import ClientTLS, SignerClient
-from tests.conftest import SIGNER_BIN, free_port, run_as
+from tests.conftest import free_port, run_as
 
 pytestmark = pytest.mark.integration
 
@@ -67,42 +61,8 @@ print(json.dumps(out))
 DENIED = "PermissionError"
 
 
-@pytest.fixture
-def signer_run() -> Iterator[tuple[Path, int]]:
-    """``signer run`` until the test ends. Its state sits where others may pass through to it
-    (so the denials below come from var/'s own modes, not from a closed parent)."""
-    base = Path(tempfile.mkdtemp(prefix="signer-run-"))
-    base.chmod(0o711)
-    root, port = base / "var", free_port()
-    proc = subprocess.Popen(
-        [str(SIGNER_BIN), "run", "--dir", str(root), "--listen", f"127.0.0.1:{port}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    ready, lines = threading.Event(), []
-
-    def watch() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("signer serving local callers"):
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        assert ready.wait(120)
-        assert proc.poll() is None, "".join(lines)
-        yield root, port
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
-        assert proc.stdout is not None
-        proc.stdout.close()
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def test_the_front_runs_as_its_own_user_and_reaches_nothing_else(signer_run) -> None:
-    root, port = signer_run
+    root, port = signer_run.root, signer_run.port
     front = pwd.getpwnam("signer-front")
     cfg = config_mod.load(root / "signer.toml")
     world = Path(cfg.front.workdir).parent

@@ -1,0 +1,126 @@
+"""The supervisor of ``signer run``'s children, with stand-in children (the real ones are
+killed and brought back in tests/integration/test_supervision.py)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from signer.supervisor import Backoff, Supervisor
+
+QUICK = Backoff(first=0.01, most=0.04, stable_after=60.0, loop_exits=3, loop_window=60.0)
+
+
+class StandIn:
+    """A child that can be made to exit, and to fail its next starts."""
+
+    def __init__(self, failing_starts: int = 0, dies_at_start: bool = False) -> None:
+        self.status: int | None = None
+        self.starts = 0
+        self.stops = 0
+        self.failing_starts = failing_starts
+        self.dies_at_start = dies_at_start
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        with self.lock:
+            self.starts += 1
+            if self.failing_starts:
+                self.failing_starts -= 1
+                raise RuntimeError("the port is taken")
+            self.status = 1 if self.dies_at_start else None
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stops += 1
+
+    def wait(self) -> int:
+        return self.status or 0
+
+    def poll(self) -> int | None:
+        with self.lock:
+            return self.status
+
+    def die(self, status: int = -9) -> None:
+        with self.lock:
+            self.status = status
+
+
+@pytest.fixture
+def supervise() -> Iterator:
+    running: list[Supervisor] = []
+
+    def make(children, **kwargs):  # type: ignore[no-untyped-def]
+        s = Supervisor(children, **kwargs)
+        s.start()
+        running.append(s)
+        return s
+
+    yield make
+    for s in running:
+        s.stop()
+
+
+def wait_for(s: Supervisor, pred) -> None:  # type: ignore[no-untyped-def]
+    with s.restarted:
+        assert s.restarted.wait_for(lambda: pred(s.report()), timeout=10)
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    b = Backoff(first=0.5, most=30.0)
+    assert [b.delay(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert b.delay(10_000) == 30
+
+
+def test_a_child_that_dies_is_restarted_and_the_hook_runs(supervise) -> None:
+    host, front = StandIn(), StandIn()
+    hooked: list[str] = []
+    s = supervise({"host": host, "front": front}, backoff=QUICK, on_restart=hooked.append)
+    host.die()
+    wait_for(s, lambda r: r["host"].restarts == 1)
+    assert host.starts == 1
+    assert host.stops == 1  # what was left of it is stopped before it starts again
+    assert hooked == ["host"]
+    report = s.report()
+    assert report["host"].last_status == -9
+    assert not report["host"].crash_loop
+    assert report["front"].restarts == 0  # the other child is left alone
+    assert front.starts == 0
+
+
+def test_a_start_that_fails_is_retried_and_reported(supervise, caplog) -> None:
+    host = StandIn(failing_starts=2)
+    s = supervise({"host": host}, backoff=QUICK)
+    with caplog.at_level(logging.ERROR, logger="signer.supervisor"):
+        host.die()
+        wait_for(s, lambda r: r["host"].restarts == 1)
+    assert host.starts == 3
+    assert s.report()["host"].last_error == ""  # cleared once it came back
+    failed = [r for r in caplog.records if r.getMessage() == "child did not restart"]
+    assert len(failed) == 2
+    assert failed[0].error == "the port is taken"  # type: ignore[attr-defined]
+
+
+def test_a_crash_loop_is_reported_not_hidden(supervise, caplog) -> None:
+    host = StandIn(dies_at_start=True)  # comes up, dies at once, every time
+    s = supervise({"host": host}, backoff=QUICK)
+    with caplog.at_level(logging.ERROR, logger="signer.supervisor"):
+        host.die(1)
+        wait_for(s, lambda r: r["host"].crash_loop)
+        wait_for(s, lambda r: r["host"].restarts >= 5)  # and it goes on trying
+    loops = [r for r in caplog.records if r.getMessage().startswith("crash loop")]
+    assert len(loops) == 1  # said once per loop, not at every exit
+
+
+def test_stop_ends_the_watch_even_during_a_long_delay(supervise) -> None:
+    host = StandIn()
+    s = supervise({"host": host}, backoff=Backoff(first=3600.0, most=3600.0))
+    host.die()
+    done = threading.Thread(target=s.stop)
+    done.start()
+    done.join(timeout=5)
+    assert not done.is_alive()
+    assert host.starts == 0
