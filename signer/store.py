@@ -6,16 +6,18 @@ them. :class:`Store` is the small interface a PostgreSQL store would implement t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
-from signer.errors import AlreadyExists, FailedPrecondition, NotFound
+from signer.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from signer.files import private_database
 from signer.keys import ImportToken, Key, State, Version
 
@@ -98,6 +100,35 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unavailable_on_failure(fn: Callable[P, R]) -> Callable[P, R]:
+    """A store that cannot be read or written (a full disk, an I/O error, a lock held too
+    long) answers UNAVAILABLE naming why: a fault of the machine, not of the call, and never
+    an INTERNAL with a traceback. Integrity errors are the methods' own to translate."""
+
+    @functools.wraps(fn)
+    def translated(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise Unavailable(f"the key store cannot be used ({exc})") from None
+
+    return translated
+
+
+def _translating(cls: type[R]) -> type[R]:
+    for name, member in list(vars(cls).items()):
+        if callable(member) and not name.startswith("_"):
+            setattr(cls, name, _unavailable_on_failure(member))
+    return cls
+
+
+@_translating
 class SQLiteStore:
     """One SQLite file in WAL mode; one connection per thread."""
 
@@ -144,10 +175,14 @@ class SQLiteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk at COMMIT); a ROLLBACK that
+            # fails too must not hide the error that matters.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:

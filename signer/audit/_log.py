@@ -9,12 +9,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from signer.audit._chain import Checkpoint, Event, Signing, chain, checkpoint_message, iso
+from signer.audit._chain import (
+    Checkpoint,
+    Event,
+    Record,
+    Signing,
+    chain,
+    checkpoint_message,
+    iso,
+)
 from signer.audit._store import AuditStore
 from signer.audit._verify import unsigned_tail_fault
 from signer.audit._witness import MESSAGE, FileWitness, Witness, fields
@@ -25,6 +34,10 @@ log = logging.getLogger(__name__)
 
 MakeKey = Callable[[tuple[bytes, bytes] | None], tuple[Signing, bytes]]
 _BATCH = 1024
+# While records cannot be written, the writer tries again this often.
+RETRY_SECONDS = 1.0
+# The status a record keeps when it could not be written before its call was answered.
+NOT_ANSWERED = " (answered UNAVAILABLE: the audit log could not be written)"
 
 
 class AuditLog:
@@ -48,6 +61,15 @@ class AuditLog:
     newer checkpoint); a checkpoint key that is not the pinned one is caught when it is first
     used. Either stops the log for good (:attr:`failure`): every call refused until an operator
     has looked and restarts.
+
+    Nothing that ran goes unrecorded. When records cannot be written (a full disk, an I/O
+    error, a lock held too long by an archiving job), the calls waiting on them are answered
+    UNAVAILABLE (a signature is never released without its record), but what they did has
+    happened: their records are kept, in order, with that answer in their status, and written
+    as soon as the store takes them, tried every ``RETRY_SECONDS``. Meanwhile :meth:`check`
+    refuses every new call (health NOT_SERVING), so what is kept is bounded by the calls
+    already running. Only a crash of the service before the store recovers loses them; the
+    service's log then says how many.
     """
 
     # From this share of the bound, while checkpoints fail, new calls are refused.
@@ -84,6 +106,9 @@ class AuditLog:
         self._paused = 0  # calls refused by check() since the last checkpoint, to be recorded
         self._listeners: list[Callable[[], None]] = []
         self._batch: list[tuple[Event, asyncio.Future[int]]] = []  # being committed
+        # Events of calls already answered whose records could not be written yet, in order.
+        self._kept: list[Event] = []
+        self._write_failing: str | None = None  # why the last write failed, while it does
 
     def start(self, make_key: MakeKey, pin_to: Path) -> None:
         """Starts writing. Checkpoints are signed with the audit key that ``make_key`` returns
@@ -119,6 +144,12 @@ class AuditLog:
         recording it."""
         if self.failure is not None:
             raise AuditPaused(self.failure)
+        unwritable = self._write_failing
+        if unwritable is not None:
+            raise AuditPaused(
+                f"the audit log cannot be written ({unwritable}): calls are refused until it "
+                "can; the records of calls already made are kept and written then"
+            )
         failing = self._failing
         if failing is not None and self._unsigned >= self.GATE * self.max_unsigned_records:
             raise AuditPaused(
@@ -166,10 +197,16 @@ class AuditLog:
     def _write_until_stopped(self) -> None:
         while True:
             wait = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
+            if self._kept:
+                wait = min(wait, RETRY_SECONDS)
             try:
-                item = self._queue.get(timeout=max(0.0, wait) if self._unsigned else None)
+                item = self._queue.get(timeout=max(0.0, wait) if self._unsigned or self._kept
+                                       else None)  # fmt: skip
             except queue.Empty:
-                self._checkpoint_quietly()
+                if self._kept:
+                    self._write_kept()
+                else:
+                    self._checkpoint_quietly()
                 continue
             batch = [item]
             while len(batch) < _BATCH:
@@ -185,6 +222,11 @@ class AuditLog:
                 self._checkpoint_quietly()
             if stop:
                 self._record_paused()  # if the last checkpoint failed
+                if self._kept:
+                    log.critical(
+                        "audit records lost: the log could not be written before the stop",
+                        extra={"records": len(self._kept), "error": self._write_failing},
+                    )
                 return
 
     def _refuse_queued(self) -> None:
@@ -210,6 +252,11 @@ class AuditLog:
         return max(0, min(len(batch), self.max_unsigned_records - self._unsigned))
 
     def _commit(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> None:
+        if self._kept and not self._write_kept():
+            self._keep(
+                batch, Unavailable(f"the audit log cannot be written ({self._write_failing})")
+            )
+            return
         while batch:
             n = self._fitting(batch)
             if n == 0:  # a checkpoint first; after one, the first events fit
@@ -219,25 +266,61 @@ class AuditLog:
                 n = self._fitting(batch) or len(batch)
             error = self._append(batch[:n])
             if error is not None:
-                hand_back([(fut, False, error) for _, fut in batch])
+                self._keep(batch, error)
                 return
             batch = batch[n:]
 
-    def _append(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> Unavailable | None:
-        """Commits ``batch`` and answers its calls; or the error to answer them with."""
+    def _keep(self, batch: list[tuple[Event, asyncio.Future[int]]], error: Unavailable) -> None:
+        """Answers ``batch``'s calls with ``error`` and keeps their events to write later."""
+        self._kept += [replace(e, status=e.status + NOT_ANSWERED) for e, _ in batch]
+        hand_back([(fut, False, error) for _, fut in batch])
+
+    def _write_kept(self) -> bool:
+        """Writes the kept records (their calls were answered long ago); whether it could."""
+        while self._kept:
+            n = min(len(self._kept), self.max_unsigned_records - self._unsigned, _BATCH)
+            if n <= 0:
+                self._checkpoint_quietly()
+                n = min(len(self._kept), _BATCH)  # they ran: on record all the same
+            if self._write(self._kept[:n]) is None:
+                return False
+            del self._kept[:n]
+        log.warning("audit log writable again; kept records written")
+        self._record_paused()
+        self._changed()
+        return True
+
+    def _write(self, events: list[Event]) -> list[Record] | None:
+        """Chains and commits ``events``; None (and the log marked unwritable) if the store
+        refuses them."""
         records, seq, prev = [], self._seq, self._hash
-        for event, _ in batch:
+        for event in events:
             seq += 1
             records.append(chain(seq, event, prev))
             prev = records[-1].hash
         try:
             self.store.append(records)
         except Exception as exc:  # the store's own error type: sqlite3.Error, psycopg.Error...
-            log.error("audit log write failed", extra={"error": str(exc), "records": len(batch)})
-            return Unavailable(
-                f"the audit log cannot be written ({exc}); refusing the call until it can"
-            )
+            log.error("audit log write failed", extra={"error": str(exc), "records": len(events)})
+            newly = self._write_failing is None
+            self._write_failing = str(exc)
+            if newly:
+                self._changed()
+            return None
         self._seq, self._hash = seq, prev
+        if self._write_failing is not None:
+            self._write_failing = None
+            self._changed()
+        return records
+
+    def _append(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> Unavailable | None:
+        """Commits ``batch`` and answers its calls; or the error to answer them with."""
+        records = self._write([event for event, _ in batch])
+        if records is None:
+            return Unavailable(
+                f"the audit log cannot be written ({self._write_failing}); refusing the call "
+                "until it can"
+            )
         hand_back([(fut, True, r.seq) for (_, fut), r in zip(batch, records, strict=True)])
         return None
 

@@ -3,6 +3,7 @@ by implementing :class:`AuditStore`)."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ class SQLiteAuditStore:
             self._db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._roll_back()
             raise
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
@@ -186,8 +187,15 @@ class SQLiteAuditStore:
             self._db.execute("DELETE FROM checkpoints WHERE seq < ?", (s.last_seq,))
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._roll_back()
             raise
+
+    def _roll_back(self) -> None:
+        """After a failed write: SQLite may have rolled back already (a full disk at COMMIT),
+        and a ROLLBACK that fails too must not hide the error that matters."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         self._db.close()

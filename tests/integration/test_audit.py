@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, ObjectClass
 
 from signer.audit import Event, record_hash
+from signer.audit._log import NOT_ANSWERED
 from signer.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from signer.keys import State
 from signer.store import SQLiteStore
@@ -135,13 +136,24 @@ def test_no_signature_leaves_while_the_log_cannot_be_written(service_factory, un
     try:
         with pytest.raises(Unavailable, match="the audit log cannot be written"):
             c.sign(name, message=b"not without a record")
+        # New calls are refused before they run while it lasts; health says so.
+        assert wait_until(lambda: health_status(svc.address) == "NOT_SERVING", 10)
+        with pytest.raises(Unavailable, match="calls are refused until it can"):
+            c.sign(name, message=b"not even started")
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+    assert wait_until(lambda: health_status(svc.address) == "SERVING", 10)  # by itself
     c.sign(name, message=b"recorded again")
     outcomes = [(r[2], r[6]) for r in records(svc.server.cfg.audit.path)]
-    # The refused call is not in the log either: there was nowhere to write it.
-    assert outcomes == [("CreateKey", "OK"), ("Sign", "OK")]
+    # The signature that was made but withheld is on record, saying so; the call refused
+    # before it ran is counted in one AuditPaused record.
+    assert outcomes == [
+        ("CreateKey", "OK"),
+        ("Sign", "OK" + NOT_ANSWERED),
+        ("AuditPaused", "UNAVAILABLE"),
+        ("Sign", "OK"),
+    ]
 
 
 def test_archiving_from_the_command_line_keeps_the_log_provable(service_factory, unique_name):

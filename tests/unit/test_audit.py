@@ -35,6 +35,7 @@ from signer.audit import (
     record_hash,
     verify_log,
 )
+from signer.audit._log import NOT_ANSWERED
 from signer.errors import SignerError, Unavailable
 from signer.keys import SignMechanism
 
@@ -215,29 +216,38 @@ def test_a_missing_log_is_an_error(tmp_path: Path, soft: SoftKey) -> None:
 
 
 def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey) -> None:
-    """Another process holds the database: the call gets UNAVAILABLE naming why, nothing is
-    half-written, and once the lock goes the chain continues where it was."""
+    """Another process holds the database: the call gets UNAVAILABLE naming why, new calls are
+    refused while it lasts (health follows), nothing is half-written, and once the lock goes
+    the writer writes the record it kept, by itself, and the chain continues."""
     path = tmp_path / "audit.db"
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
+    changes = Changes(log)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
     assert write(log, event(1)) == 1
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     with pytest.raises(Unavailable, match=r"the audit log cannot be written \(database is locked"):
         write(log, event(2))
+    with pytest.raises(AuditPaused, match=r"cannot be written .* calls are refused until it can"):
+        log.check()
     blocker.execute("ROLLBACK")
     blocker.close()
-    assert write(log, event(3)) == 2
+    assert changes.wait_for(lambda: log._write_failing is None)  # retried without a new call
+    log.check()
+    assert write(log, event(3)) == 3
     log.close()
     assert verify_log(path, pinned(path)).whole
-    assert [r[0] for r in rows(path)] == [1, 2]
+    statuses = [(r[0], r[7]) for r in rows(path)]
+    assert statuses == [(1, "OK"), (2, "OK" + NOT_ANSWERED), (3, "OK")]
 
 
 def test_coroutines_wait_for_their_own_records_and_failures(tmp_path: Path, soft: SoftKey) -> None:
     """``record`` (what the server awaits): 50 concurrent calls get 50 distinct sequence
-    numbers once committed; with the database locked, each gets UNAVAILABLE."""
+    numbers once committed; with the database locked, each gets UNAVAILABLE, and their records
+    are written when it is free again, saying so."""
     path = tmp_path / "audit.db"
     log = AuditLog(SQLiteAuditStore(path), checkpoint_every=1000, checkpoint_interval=60)
+    changes = Changes(log)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
 
     async def many(first: int) -> list[object]:
@@ -252,8 +262,12 @@ def test_coroutines_wait_for_their_own_records_and_failures(tmp_path: Path, soft
     blocker.execute("ROLLBACK")
     blocker.close()
     assert all(isinstance(f, Unavailable) for f in failed)
+    assert changes.wait_for(lambda: log._write_failing is None and not log._kept)
     log.close()
-    assert len(rows(path)) == 50
+    written = rows(path)
+    assert len(written) == 100
+    assert all(r[7] == "OK" + NOT_ANSWERED for r in written[50:])
+    assert verify_log(path, pinned(path)).whole
     with pytest.raises(Unavailable, match="the audit log is not running"):
         asyncio.run(log.record(event(101)))
 
