@@ -634,12 +634,12 @@ class Signer:
         token failing fails the call. The version's state is read again first: a version
         disabled (or destroyed) while a batch runs signs nothing more, and the rest of its items
         fail FAILED_PRECONDITION (issue 11: a 300-item batch disabled half a second in used to
-        return all 300). The first chunk follows the plan's own read of it."""
+        return all 300). The first chunk too: the plan was made in another lane job, and a
+        Disable may have committed while this one waited its turn (review of issue 12)."""
         end = start + BATCH_CHUNK
         try:
-            if start:
-                v = self._store.get_version(plan.version.name, plan.version.version)
-                check_usable(v, self.now())
+            v = self._store.get_version(plan.version.name, plan.version.version)
+            check_usable(v, self.now())
         except (FailedPrecondition, NotFound) as exc:
             for i in plan.slots[start:end]:
                 plan.results[i] = FailedPrecondition(
@@ -828,8 +828,14 @@ class Signer:
         if not self._reap_import_tokens():
             return 0
         done = 0
-        for v in self._store.due_for_destruction(self.now()):
-            with self._lock(v.name):
+        for due in self._store.due_for_destruction(self.now()):
+            with self._lock(due.name):
+                # Decided again under the lock, on the version as it is now: a cancel (or a
+                # new schedule) may have committed since the list was read, and destruction
+                # cannot be undone.
+                v = self._store.get_version(due.name, due.version)
+                if v.state is not State.DESTRUCTION_SCHEDULED or v.destroy_at != due.destroy_at:
+                    continue
                 try:
                     self._token.destroy(v.key_id)
                 except TOKEN_AWAY:

@@ -154,3 +154,36 @@ def test_a_version_disabled_while_a_batch_runs_signs_no_more_of_it(
     refused = result[50]
     assert isinstance(refused, FailedPrecondition)
     assert refused.message == f"item 50: key {name!r} version 1 is disabled (since the batch began)"
+
+
+def test_a_version_disabled_after_the_plan_signs_not_even_the_first_chunk(
+    service, unique_name, monkeypatch
+) -> None:
+    """Review of issue 12: the plan and the first chunk run as two lane jobs, and the first
+    chunk had stopped reading the state again, so a Disable that returned OK between them still
+    let 50 items be signed. The batch is held right after its plan (a hook, no sleep)."""
+    client = service.client()
+    name = unique_name()
+    client.create_key(name, "ec-p256")
+    planned, go_on = threading.Event(), threading.Event()
+    original = service.server.signer.plan_batch
+
+    def held(*args, **kwargs):  # type: ignore[no-untyped-def]
+        plan = original(*args, **kwargs)
+        planned.set()
+        assert go_on.wait(30)
+        return plan
+
+    monkeypatch.setattr(service.server.signer, "plan_batch", held)
+    result: list[object] = []
+    batch = threading.Thread(
+        target=lambda: result.extend(client.sign_batch(name, messages=[b"m%d" % i
+                                                                      for i in range(120)]))
+    )  # fmt: skip
+    batch.start()
+    assert planned.wait(30)
+    client.disable(name, 1)
+    go_on.set()
+    batch.join(60)
+    assert not any(isinstance(r, Signature) for r in result)
+    assert len(result) == 120

@@ -582,6 +582,27 @@ def test_reap_skips_cancelled(reapable: Signer, token: FakeToken, clock: FakeClo
     assert reapable.get_key("b").version(1).state is State.DISABLED
 
 
+def test_a_cancel_between_the_reapers_list_and_its_lock_wins(
+    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore, monkeypatch
+) -> None:
+    """Review of issue 12: the reaper read what was due, then took each key's lock and
+    destroyed without looking again, so a cancel that committed in between was overwritten
+    (and the key material destroyed, which nothing undoes). The cancel is forced into exactly
+    that gap."""
+    clock.advance(days=7)
+    listed = store.due_for_destruction
+
+    def list_then_cancel(now):  # type: ignore[no-untyped-def]
+        due = listed(now)
+        store.set_state("b", 1, State.DISABLED, None)  # a cancel, committed after the list
+        return due
+
+    monkeypatch.setattr(store, "due_for_destruction", list_then_cancel)
+    assert reapable.reap() == 1  # a/1 only
+    assert token.destroyed == [reapable.get_key("a").version(1).key_id]
+    assert store.get_key("b").version(1).state is State.DISABLED
+
+
 def test_reap_postponed_when_token_unavailable(
     reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore
 ) -> None:
