@@ -54,6 +54,7 @@ from signer.errors import (
     Code,
     ConfigError,
     Internal,
+    InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     SignerError,
@@ -162,6 +163,10 @@ def _recorded_name(name: str) -> str:
     return name if not name or valid_name(name) else shown(name)
 
 
+# Whom calls with no authenticated caller are counted under (places, refusals).
+UNAUTHENTICATED = "(unauthenticated)"
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Names the caller (``identify``; none: UNAUTHENTICATED), records the outcome, and maps
     :class:`SignerError` to its status; anything else to INTERNAL with a bland message.
@@ -181,15 +186,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         throttle: RefusalThrottle | None = None,
         gate: Callable[[Caller], None] | None = None,
         in_flight: InFlight | None = None,
+        paused: Callable[[], None] | None = None,
     ) -> None:
         self._identify = identify
         self._how = how  # for the UNAUTHENTICATED message
         self._audit = audit
         self._calls: set[asyncio.Task[Any]] = set() if calls is None else calls
         self._throttle = throttle
-        # Raises, before a call runs: UNAUTHENTICATED for a revoked certificate, UNAVAILABLE
-        # while its outcome could not be recorded.
+        # Raise before a call runs: ``gate`` UNAUTHENTICATED for a revoked certificate (the
+        # refusal is recorded); ``paused`` AuditPaused while no outcome could be recorded (the
+        # refusal is counted, not recorded).
         self._gate = gate
+        self._paused = paused
         self._in_flight = in_flight
 
     async def intercept_service(
@@ -203,26 +211,37 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         inner = handler.unary_unary
         method = handler_call_details.method
         public = method.startswith(PUBLIC_PREFIXES)
+        parse = handler.request_deserializer
 
-        async def outcome(
-            request: Any, context: Any, gone: _Gone
-        ) -> tuple[Any, SignerError | None]:
+        async def outcome(raw: Any, context: Any, gone: _Gone) -> tuple[Any, SignerError | None]:
             GONE.set(gone)
+            request, malformed = _parsed(parse, raw)
             caller: Caller | None = None
             response: Any = None
             error: SignerError | None = None
             # A running call holds its place until its record is written.
+            identity = UNAUTHENTICATED
             with contextlib.ExitStack() as running:
                 try:
                     if not public:
                         caller = self._identify(context)
-                        if caller is None:
-                            raise Unauthenticated(f"no authenticated caller: {self._how}")
-                        CALLER.set(caller)
-                        refused = self._refused_before_running(caller)
+                        if caller is not None:
+                            identity = caller.identity
+                            CALLER.set(caller)
+                        # Throttled, or the log cannot record: not recorded one by one.
+                        refused = self._refused_before_running(identity, caller)
                         if refused is not None:
                             return None, refused  # counted, for one record later
-                        running.enter_context(self._running(caller))
+                        # Every call that will be recorded holds a place first, refused ones
+                        # too (a revoked certificate, no caller at all): what a burst can make
+                        # the log write is bounded by the places and the refusal budget.
+                        running.enter_context(self._running(identity, caller))
+                        if caller is None:
+                            raise Unauthenticated(f"no authenticated caller: {self._how}")
+                        if self._gate is not None:
+                            self._gate(caller)  # a revoked certificate
+                    if malformed is not None:
+                        raise malformed
                     response = await inner(request, context)
                 except SignerError as exc:
                     log.info(
@@ -235,6 +254,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except Exception:
                     log.exception("rpc crashed", extra={"method": method})
                     error = Internal("internal error (see the service log)")
+                if error is not None and not public and error.code in REFUSALS:
+                    # Counted before its record is awaited: a burst arriving meanwhile meets
+                    # the throttle once the budget is spent, not after every record is written.
+                    self._count_refusal(identity)
                 if self._audit is not None and not public:
                     try:
                         # Recorded before the answer leaves; if it cannot be, there is no
@@ -242,8 +265,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         await self._audit(method, caller, request, response, error, gone.gone)
                     except SignerError as exc:
                         error = exc
-            if error is not None and caller is not None and error.code in REFUSALS:
-                self._count_refusal(caller)
             return response, error
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -265,50 +286,71 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await context.abort(STATUS[error.code], error.message)
             return response
 
+        # The request is parsed in the call (_parsed), not by gRPC: gRPC answers bytes that are
+        # not the method's request UNKNOWN ("Unexpected DecodeError"), unrecorded and uncounted;
+        # they are a caller's bad input like any other (issue 12).
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 
     @contextlib.contextmanager
-    def _running(self, caller: Caller) -> Iterator[None]:
+    def _running(self, identity: str, caller: Caller | None) -> Iterator[None]:
         """Counts the call as running while inside; RESOURCE_EXHAUSTED if it may not run."""
         if self._in_flight is None:
             yield
             return
-        busy = self._in_flight.enter(caller.identity)
+        busy = self._in_flight.enter(identity)
         if busy is not None:
-            raise ResourceExhausted(f"{caller.display}: {busy}")
+            raise ResourceExhausted(f"{caller.display if caller else identity}: {busy}")
         try:
             yield
         finally:
-            self._in_flight.leave(caller.identity)
+            self._in_flight.leave(identity)
 
-    def _refused_before_running(self, caller: Caller) -> SignerError | None:
+    def _refused_before_running(self, identity: str, caller: Caller | None) -> SignerError | None:
         """A refusal not recorded on its own: the caller is throttled (one record counts its
         calls when that ends), or the audit log cannot record (one record counts them when it
-        can again). Other refusals (a revoked certificate) raise, and are recorded."""
-        wait = self._throttle.wait(caller.identity) if self._throttle is not None else 0.0
+        can again). Other refusals (a revoked certificate) raise later, and are recorded."""
+        wait = self._throttle.wait(identity) if self._throttle is not None else 0.0
         if wait:
             assert self._throttle is not None
             return ResourceExhausted(
-                f"{caller.display}: {self._throttle.budget} calls refused in "
-                f"{self._throttle.window:g} s; its calls are refused for {wait:.0f} s more"
+                f"{caller.display if caller else identity}: {self._throttle.budget} calls "
+                f"refused in {self._throttle.window:g} s; its calls are refused for "
+                f"{wait:.0f} s more"
             )
-        if self._gate is not None:
+        if self._paused is not None:
             try:
-                self._gate(caller)
+                self._paused()
             except AuditPaused as exc:
                 return exc
         return None
 
-    def _count_refusal(self, caller: Caller) -> None:
-        if self._throttle is not None and self._throttle.refused(caller.identity):
+    def _count_refusal(self, identity: str) -> None:
+        if self._throttle is not None and self._throttle.refused(identity):
             log.warning(
                 "caller throttled: too many refused calls",
-                extra={"caller": caller.identity, "seconds": self._throttle.window},
+                extra={"caller": identity, "seconds": self._throttle.window},
             )
+
+
+def _parsed(parse: Callable[[bytes], Any] | None, raw: Any) -> tuple[Any, SignerError | None]:
+    """The request, or (None, INVALID_ARGUMENT naming the request type) for bytes that are not
+    one: the call is then refused after its caller is known, and recorded."""
+    if parse is None:
+        return raw, None
+    try:
+        return parse(raw), None
+    except Exception as exc:  # google.protobuf.message.DecodeError, whatever the parser says
+        cls = getattr(parse, "__self__", None)
+        descriptor = getattr(cls, "DESCRIPTOR", None)
+        what = getattr(descriptor, "full_name", "request message")
+        # "Error parsing message with type 'X': Wire format was corrupt": the parser's words,
+        # never the caller's bytes.
+        reason = str(exc).rsplit(": ", 1)[-1] if ": " in str(exc) else "it does not parse"
+        return None, InvalidArgument(f"the request is not a valid {what}: {reason[:100]}")
 
 
 class _Gone:
@@ -770,7 +812,11 @@ class Server:
     def _grpc_server(self, identify: Identify, how: str) -> grpc.aio.Server:
         limit = self.cfg.server.max_message_bytes
         # gRPC's own limit sits above ours, so an oversized message gets our INVALID_ARGUMENT
-        # naming the limit rather than a bare RESOURCE_EXHAUSTED.
+        # naming the limit rather than a bare RESOURCE_EXHAUSTED. Answers are not limited: their
+        # size is the service's own (a JWT over 64 KiB of claims is 87 KB, a 1,000-item
+        # RSA-4096 batch 520 KB, whatever max_message_bytes is), and one refused by gRPC after
+        # the call had signed and been recorded OK reached its caller as RESOURCE_EXHAUSTED
+        # (issue 12).
         grpc_limit = 2 * limit + 64 * 1024
         server = grpc.aio.server(
             interceptors=[
@@ -782,11 +828,12 @@ class Server:
                     None if self.bare else self.throttle,
                     None if self.bare else self._admit,
                     self.in_flight,
+                    None if self.bare else self._check_recording,
                 )
             ],
             options=[
                 ("grpc.max_receive_message_length", grpc_limit),
-                ("grpc.max_send_message_length", grpc_limit),
+                ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -902,11 +949,14 @@ class Server:
                 await self._set_health(self.token.available and recording)
 
     def _admit(self, caller: Caller) -> None:
-        """Before any call runs: a revoked certificate is refused, and so is every call while
-        the audit log could not record it (counted, not recorded one by one)."""
+        """Before a call runs: a revoked certificate is refused."""
         revoked = self.policy.revocation(caller)
         if revoked is not None:
             raise Unauthenticated(revoked)
+
+    def _check_recording(self) -> None:
+        """Before any call runs, even an unauthenticated one: refused while the audit log
+        could not record it (counted, not recorded one by one)."""
         if self.audit is not None:
             try:
                 self.audit.check()

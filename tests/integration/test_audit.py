@@ -393,6 +393,41 @@ def test_calls_left_running_are_bounded_per_caller(service_factory, unique_name,
     svc.client().list_keys()  # they ended: room again
 
 
+def test_a_burst_refused_for_want_of_places_writes_no_more_than_the_budget(
+    service_factory, unique_name, monkeypatch
+):
+    """Review of issue 12: calls refused because their caller had too many running were each
+    recorded and never counted as refusals, and a burst passed the throttle before any of its
+    records was written (4,872 records from one caller with no grant). Now they count, before
+    their record is awaited: a burst of 200 writes at most the budget's worth of records, and
+    one Throttled record counts the rest."""
+    budget = 5
+    svc = service_factory(
+        server={"max_calls_per_caller": 2, "refused_calls_budget": budget,
+                "refusal_window_seconds": 3600},
+    )  # fmt: skip
+    held = _Held(svc.server.signer, "create_key", monkeypatch)
+    try:
+        with grpc.insecure_channel(svc.address) as channel:
+            stub = pb_grpc.SignerServiceStub(channel)
+            running = [
+                stub.CreateKey.future(pb.CreateKeyRequest(name=unique_name(), algorithm="ec-p256"))
+                for _ in range(2)
+            ]
+            assert all(held.entries.acquire(timeout=20) for _ in running)  # both places taken
+            burst = [stub.ListKeys.future(pb.ListKeysRequest()) for _ in range(200)]
+            codes = [call.exception().code() for call in burst]
+            assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    finally:
+        held.close()
+    svc.stop()
+    rows = [(r[2], r[4], r[6]) for r in records(svc.server.cfg.audit.path)]
+    one_by_one = [r for r in rows if r[0] == "ListKeys"]
+    throttled = [r for r in rows if r[0] == "Throttled"]
+    assert len(one_by_one) <= budget
+    assert len(one_by_one) + sum(r[1] for r in throttled) == 200
+
+
 def test_a_batch_whose_caller_went_signs_no_more_chunks(service_factory, unique_name, monkeypatch):
     svc = service_factory()
     name = unique_name()
