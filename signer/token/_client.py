@@ -55,6 +55,7 @@ from pkcs11 import _pkcs11 as _p11
 
 from signer.config import TokenConfig
 from signer.errors import (
+    ConfigError,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -406,6 +407,38 @@ class Token:
         """How many objects the logged-in user can see, token and session objects alike."""
         with self._session() as slot:
             return len(_search(slot.session, {}))
+
+    # --- reconciliation with the store (signer keys reconcile, issue 12) -----------------------
+
+    def objects(self) -> list[TokenObject]:
+        """Every token object the user can see (session objects left out), by CKA_ID, label
+        and class: what ``signer keys reconcile`` compares with the store."""
+        with self._session() as slot:
+            return [_described(obj) for obj in _search(slot.session, {Attribute.TOKEN: True})]
+
+    def holds_private_half(self, key_id: bytes, alg: Algorithm, public_der: bytes) -> bool:
+        """Whether the one private key object with this CKA_ID is of ``alg``'s kind and the
+        private half of ``public_der``: the public key the token shows for it (its public key
+        object's, else its own attributes') is that one; where the token shows none (an
+        unwrapped EC key on SoftHSM2) it signs a random challenge that ``public_der``
+        verifies. The challenge's signature never leaves this method."""
+        with self._session() as slot:
+            s = slot.session
+            priv = _one(
+                _search(s, {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}),
+                lambda: NotFound(f"no private key object with id {key_id.hex()} in the token"),
+            )
+            if _object_kind(priv) != algorithm_kind(alg):
+                return False
+            pubs = _search(s, {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id})
+            shown = _public_of_private(pubs[0] if len(pubs) == 1 else priv, alg)
+            if shown is not None:
+                return shown == public_der
+            try:
+                self._prove(priv, alg, public_der, InvalidArgument("mismatch"))
+            except InvalidArgument:
+                return False
+            return True
 
     # --- wrapped import -----------------------------------------------------------------------
 
@@ -772,8 +805,10 @@ class Token:
                 self._dead = None
             try:
                 conn = self._connect()
-            except (p11e.PKCS11Error, Unavailable, OSError) as exc:
-                reason = exc.message if isinstance(exc, Unavailable) else type(exc).__name__
+            except (p11e.PKCS11Error, Unavailable, ConfigError, OSError) as exc:
+                # ConfigError: the PIN file missing or opened up for a moment while an operator
+                # rotates it; the next attempt reads it again.
+                reason = exc.message if isinstance(exc, SignerError) else type(exc).__name__
                 self._down_reason = f"cannot reach the token ({reason})"
                 self._connect_failures += 1
                 return False
@@ -989,3 +1024,31 @@ def _ec_point(value: bytes, size: int) -> bytes:
     if value.startswith(header) and len(value) == len(header) + size:
         return value[len(header) :]
     raise Internal(f"the token returned a malformed CKA_EC_POINT ({len(value)} bytes)")
+
+
+@dataclass(frozen=True)
+class TokenObject:
+    """A token object as :meth:`Token.objects` lists it. ``kind``: private, public, secret or
+    other (certificates, data)."""
+
+    key_id: bytes
+    label: str
+    kind: str
+
+
+_KINDS = {
+    ObjectClass.PRIVATE_KEY: "private",
+    ObjectClass.PUBLIC_KEY: "public",
+    ObjectClass.SECRET_KEY: "secret",
+}
+
+
+def _described(obj: Any) -> TokenObject:
+    def read(attr: Attribute) -> Any:
+        try:
+            return obj[attr]
+        except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive):
+            return None
+
+    key_id, label, cls = read(Attribute.ID), read(Attribute.LABEL), read(Attribute.CLASS)
+    return TokenObject(bytes(key_id or b""), str(label or ""), _KINDS.get(cls, "other"))

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -263,6 +264,10 @@ def test_losing_the_token_host_during_a_key_lookup_leaves_no_unraisable_error(
     assert seen == [], "losing the token host left an unraisable exception behind"
 
 
+# The monitor looks often, and its back-off stays short: tests count its looks.
+QUICK_CHECKS: dict[str, Any] = {"health_interval_seconds": 0.05, "reconnect_max_seconds": 0.1}
+
+
 def put(path: Path, data: bytes) -> None:
     """Writes a PIN file as an operator would: owner-only."""
     private_file(path).write_bytes(data)
@@ -292,7 +297,7 @@ def test_a_wrong_pin_is_tried_once_by_one_connection_only(
     wrong = tmp_path / "wrong.pin"
     wrong.write_text("not-the-pin-0000")
     wrong.chmod(0o600)
-    cfg = replace(token_host.token_config(pin_file=str(wrong)), health_interval_seconds=0.05)
+    cfg = replace(token_host.token_config(pin_file=str(wrong)), **QUICK_CHECKS)
     svc = service_factory(token=cfg)
     token = svc.server.token
     with seen:
@@ -317,7 +322,7 @@ def test_a_pin_that_stops_working_is_refused_clearly_and_not_retried_until_fixed
     put(pin_file, right)
     cfg = replace(
         host.token_config(), pin_file=str(pin_file), max_failed_logins=2,
-        health_interval_seconds=0.05,
+        **QUICK_CHECKS,
     )  # fmt: skip
     svc = service_factory(token=cfg)
     c = svc.client(timeout=10)
@@ -360,7 +365,7 @@ def test_past_the_bound_the_service_stops_trying_for_good(
     put(pin_file, host.paths.user_pin.read_bytes())
     cfg = replace(
         host.token_config(), pin_file=str(pin_file), max_failed_logins=2,
-        health_interval_seconds=0.05,
+        **QUICK_CHECKS,
     )  # fmt: skip
     svc = service_factory(token=cfg)
     c = svc.client(timeout=10)
@@ -381,3 +386,29 @@ def test_past_the_bound_the_service_stops_trying_for_good(
     with pytest.raises(FailedPrecondition, match=r"stopped trying.*restart the service"):
         c.sign(name, message=b"x")
     assert health(svc.address) == NOT_SERVING
+
+
+def test_a_pin_file_missing_for_a_while_is_waited_for(host, service_factory, tmp_path, unique_name):
+    """Review of issue 12: the PIN file gone (an operator rotating it) when the service had to
+    log in again raised out of the monitor thread and ended it: the token never came back
+    until a restart. Now it is a reason to wait, named in the answer, and no login attempt."""
+    pin_file = tmp_path / "user.pin"
+    put(pin_file, host.paths.user_pin.read_bytes())
+    cfg = replace(host.token_config(), pin_file=str(pin_file), **QUICK_CHECKS)
+    svc = service_factory(token=cfg)
+    c = svc.client(timeout=10)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    token = svc.server.token
+    pin_file.unlink()
+    host.host.stop()
+    host.host.start()
+    wait_for_health(svc.address, NOT_SERVING, 10)
+    start = token.checks
+    assert wait_until(lambda: token.checks >= start + 10, timeout=20)  # the monitor lives on
+    with pytest.raises(Unavailable, match="PIN file not found"):
+        c.sign(name, message=b"x")
+    assert token.failed_logins == 0
+    put(pin_file, host.paths.user_pin.read_bytes())
+    wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
+    assert_signs_and_verifies(c, name, b"with the PIN file back")

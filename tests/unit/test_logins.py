@@ -77,3 +77,18 @@ def test_success_resets_the_count() -> None:
     g.failed(INCORRECT)  # a fresh run of failures gets the whole budget again
     f.write()
     assert g.may_try()
+
+
+def test_reconnects_back_off_to_their_cap(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A lost token is looked for at the health interval, then half as often after each failed
+    attempt, up to ``token.reconnect_max_seconds``; connected, at the interval again."""
+    from signer.config import TokenConfig
+    from signer.token import Pin, Token
+
+    cfg = TokenConfig(health_interval_seconds=0.5, reconnect_max_seconds=4.0)
+    token = Token(cfg, Pin(tmp_path / "pin"))
+    waits = []
+    for failures in range(7):
+        token._connect_failures = failures
+        waits.append(token._next_check())
+    assert waits == [0.5, 0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
