@@ -35,7 +35,8 @@ def test_after_a_refused_pin_no_retry_until_the_file_changes() -> None:
     assert g.failures == 1
     assert [g.may_try() for _ in range(100)] == [False] * 100  # no storm, however often asked
     assert g.refusal is not None
-    assert "/etc/signer/user.pin" in g.refusal and "2 more time(s)" in g.refusal
+    assert "/etc/signer/user.pin" in g.refusal
+    assert "2 more time(s)" in g.refusal
     f.write()
     assert g.may_try()
 
@@ -48,7 +49,9 @@ def test_the_bound_holds_even_when_the_file_keeps_changing() -> None:
     g.failed(INCORRECT)
     f.write()
     assert not g.may_try()
-    assert g.refusal is not None and "stopped trying" in g.refusal and "restart" in g.refusal
+    assert g.refusal is not None
+    assert "stopped trying" in g.refusal
+    assert "restart" in g.refusal
 
 
 def test_a_locked_pin_is_never_retried() -> None:
@@ -56,13 +59,15 @@ def test_a_locked_pin_is_never_retried() -> None:
     g.failed(LOCKED)
     f.write()
     assert not g.may_try()
-    assert g.refusal is not None and "CKR_PIN_LOCKED" in g.refusal
+    assert g.refusal is not None
+    assert "CKR_PIN_LOCKED" in g.refusal
 
 
 def test_an_expired_pin_says_so_and_waits_for_a_new_file() -> None:
     g, f = guard()
     g.failed(EXPIRED)
-    assert g.refusal is not None and "expired" in g.refusal
+    assert g.refusal is not None
+    assert "expired" in g.refusal
     assert not g.may_try()
     f.write()
     assert g.may_try()
@@ -73,7 +78,9 @@ def test_success_resets_the_count() -> None:
     g.failed(INCORRECT)
     f.write()
     g.succeeded()
-    assert g.failures == 0 and g.refusal is None and g.may_try()
+    assert g.failures == 0
+    assert g.refusal is None
+    assert g.may_try()
     g.failed(INCORRECT)  # a fresh run of failures gets the whole budget again
     f.write()
     assert g.may_try()
