@@ -1,0 +1,3 @@
+from tests.soak.soak import main
+
+raise SystemExit(main())
