@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import stat
+import threading
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from signer.errors import ConfigError
+from signer.errors import ConfigError, shown
 
 P11KIT_CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_PREFIX = "SIGNER_"
 DAY = 24 * 3600
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,9 @@ class TokenConfig:
     health_interval_seconds: float = 1.0
     # After a failed connection attempt the next waits twice as long, up to this.
     reconnect_max_seconds: float = 5.0
+    # A health check unanswered this long means the token host has stopped answering (frozen,
+    # hung): health NOT_SERVING and calls fail fast until it answers again.
+    stall_seconds: float = 3.0
     # Failed logins in a row after which the service stops trying until it is restarted. An
     # HSM locks its user after a few (three is common); after one failure the service tries
     # again only when pin_file changes (signer/token/_logins.py).
@@ -201,6 +209,21 @@ T = TypeVar("T")
 
 def _coerce(section: str, name: str, raw: Any, typ: type[Any]) -> Any:
     where = f"{section}.{name}"
+    value = _coerce_type(where, raw, typ)
+    # TOML integers are 64-bit (tomllib takes any size); floats here are durations, which
+    # threading and asyncio can wait for only up to TIMEOUT_MAX, and nan compares false with
+    # every bound _validate checks.
+    if typ is int and not INT64_MIN <= value <= INT64_MAX:
+        raise ConfigError(f"setting {where} is out of range (a 64-bit integer), got {shown(raw)}")
+    if typ is float and not (math.isfinite(value) and abs(value) <= threading.TIMEOUT_MAX):
+        raise ConfigError(
+            f"setting {where} must be a finite number of seconds (at most "
+            f"{threading.TIMEOUT_MAX:.0f}), got {shown(raw)}"
+        )
+    return value
+
+
+def _coerce_type(where: str, raw: Any, typ: type[Any]) -> Any:
     if typ is bool:
         if isinstance(raw, bool):
             return raw
@@ -216,7 +239,10 @@ def _coerce(section: str, name: str, raw: Any, typ: type[Any]) -> Any:
                 pass
     elif typ is float:
         if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
+            try:
+                return float(raw)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"setting {where} is out of range, got {shown(raw)}") from None
         if isinstance(raw, str):
             try:
                 return float(raw)
@@ -224,14 +250,18 @@ def _coerce(section: str, name: str, raw: Any, typ: type[Any]) -> Any:
                 pass
     elif typ is str and isinstance(raw, str):
         return raw
-    raise ConfigError(f"setting {where} must be {typ.__name__}, got {raw!r}")
+    raise ConfigError(f"setting {where} must be {typ.__name__}, got {shown(raw)}")
 
 
 def _section(cls: type[T], name: str, values: Mapping[str, Any], env: Mapping[str, str]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(values) - set(fields)
     if unknown:
-        raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
+        raise _Named(
+            f"unknown setting(s) in [{name}]: {', '.join(shown(u) for u in sorted(unknown))}",
+            name,
+            sorted(unknown)[0],
+        )
     kwargs: dict[str, Any] = {}
     for fname, f in fields.items():
         typ = type(f.default) if f.default is not dataclasses.MISSING else str
@@ -259,21 +289,145 @@ def dump(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def read_toml(path: str | Path, what: str = "configuration file") -> dict[str, Any]:
-    """A TOML file as a dict; a missing or malformed file is a ConfigError naming ``what``."""
+MAX_TOML_BYTES = 1 << 20
+"""A configuration or policy file larger than this is refused: thousands of grants fit, and the
+policy is re-read on SIGHUP in the service's event loop, which must not stall on it."""
+
+
+def read_text(path: str | Path, what: str = "configuration file") -> str:
+    """A configuration or policy file's text. Every way it can be unreadable is a ConfigError
+    naming ``what`` and the file, and the line where one is known: the service then keeps its
+    old policy (SIGHUP) or does not start."""
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        # Not blocking: a FIFO with no writer must not hold the service's event loop.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be opened: {exc.strerror or exc}") from None
+    try:
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise ConfigError(f"{what} {path} is not a regular file")
+            raw = fh.read(MAX_TOML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TOML_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_TOML_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {raw[exc.start]:#04x} at line {line}, "
+            f"column {column})"
+        ) from None
+
+
+def parse_toml(text: str, where: str) -> dict[str, Any]:
+    """TOML text as a dict; ``where`` ('policy file P') starts every error message."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
+        last = len(text.splitlines()) or 1
+        at_end = f" (line {last}, the last)" if "end of document" in str(exc) else ""
+        raise ConfigError(f"{where} is not valid TOML: {exc}{at_end}") from None
+    except ValueError as exc:
+        # tomllib lets int()'s own refusal through: an integer of more than 4300 digits.
+        line = _first_line(text, re.compile(r"[0-9_]{4300}"))
+        raise ConfigError(f"{where} is not valid TOML: {exc}{line}") from None
+    except RecursionError:
+        # Arrays or inline tables nested about a thousand deep exhaust tomllib's recursion.
+        lines = text.splitlines() or [""]
+        deepest = max(range(len(lines)), key=lambda i: lines[i].count("[") + lines[i].count("{"))
+        raise ConfigError(
+            f"{where} is not valid TOML: arrays or tables nested too deeply (line {deepest + 1})"
+        ) from None
+
+
+def _first_line(text: str, pattern: re.Pattern[str]) -> str:
+    m = pattern.search(text)
+    return f" (line {text.count(chr(10), 0, m.start()) + 1})" if m else ""
+
+
+def line_of(text: str, table: str, key: str | None = None, index: int = 1) -> int | None:
+    """The line of ``[table]`` (or the ``index``-th ``[[table]]``), or of ``key = ...`` in it: for
+    a message about a value that parsed but is wrong. None when the file says it another way
+    (dotted keys, inline tables): the message then names the setting only."""
+    header = re.compile(r"\s*(\[\[?)\s*([A-Za-z0-9_-]+)\s*\]\]?\s*(#.*)?$")
+    assign = re.compile(r"\s*([A-Za-z0-9_-]+)\s*=")
+    current, seen, found = None, 0, None
+    for n, line in enumerate(text.splitlines(), 1):
+        m = header.match(line)
+        if m:
+            current = m.group(2)
+            if current == table:
+                seen += 1
+                if seen == index and key is None:
+                    return n
+            continue
+        if key is not None and current == table and seen == index:
+            m = assign.match(line)
+            if m and m.group(1) == key:
+                found = n
+                break
+    return found
+
+
+def read_toml(path: str | Path, what: str = "configuration file") -> dict[str, Any]:
+    """A TOML file as a dict; a missing, unreadable or malformed file is a ConfigError naming
+    ``what``, the file and the line."""
+    return parse_toml(read_text(path, what), f"{what} {path}")
 
 
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Reads the TOML file at ``path`` (if any), then applies ``SIGNER_*`` overrides."""
+    """Reads the TOML file at ``path`` (if any), then applies ``SIGNER_*`` overrides. Every
+    problem is a ConfigError; one about a setting the file gives names its line."""
     env = os.environ if env is None else env
-    data = read_toml(path) if path is not None else {}
+    text = read_text(path) if path is not None else ""
+    try:
+        return _load(path, parse_toml(text, f"configuration file {path}"), env)
+    except ConfigError as exc:
+        line = _setting_line(text, exc, env)
+        if line is None:
+            raise
+        raise ConfigError(f"{exc.message} ({path} line {line})") from None
+
+
+_SETTING = re.compile(r"\b(server|token|store|keys|audit|front)\.([a-z_]+)\b|\[(\w+)\]")
+
+
+class _Named(ConfigError):
+    """A ConfigError about a table or a setting the file has (one the message alone does not
+    locate: an unknown name)."""
+
+    def __init__(self, message: str, table: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.table, self.key = table, key
+
+
+def _setting_line(text: str, error: ConfigError, env: Mapping[str, str]) -> int | None:
+    """The line of what ``error`` is about: the name it carries, else the first setting
+    (``section.name``) or table (``[section]``) its message names that the file gives and no
+    environment variable overrides."""
+    if isinstance(error, _Named):
+        return line_of(text, error.table, error.key)
+    message = error.message
+    for m in _SETTING.finditer(message):
+        section, name, table = m.groups()
+        if table is not None:
+            line = line_of(text, table)
+        elif f"{ENV_PREFIX}{section}_{name}".upper() in env:
+            continue
+        else:
+            line = line_of(text, section, name)
+        if line is not None:
+            return line
+    return None
+
+
+def _load(path: str | Path | None, data: dict[str, Any], env: Mapping[str, str]) -> Config:
     sections = {
         "server": ServerConfig,
         "token": TokenConfig,
@@ -284,7 +438,10 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     }
     unknown = set(data) - set(sections)
     if unknown:
-        raise ConfigError(f"unknown section(s) in {path}: {', '.join(sorted(unknown))}")
+        raise _Named(
+            f"unknown section(s) in {path}: {', '.join(shown(u) for u in sorted(unknown))}",
+            sorted(unknown)[0],
+        )
     built: dict[str, Any] = {}
     for name, cls in sections.items():
         values = data.get(name, {})
@@ -311,6 +468,7 @@ def _validate(cfg: Config) -> None:
     for name, value in (
         ("token.health_interval_seconds", cfg.token.health_interval_seconds),
         ("token.reconnect_max_seconds", cfg.token.reconnect_max_seconds),
+        ("token.stall_seconds", cfg.token.stall_seconds),
         ("token.max_failed_logins", cfg.token.max_failed_logins),
         ("keys.reaper_interval_seconds", cfg.keys.reaper_interval_seconds),
         ("server.grace_seconds", cfg.server.grace_seconds),

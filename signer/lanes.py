@@ -57,6 +57,15 @@ class Lanes:
                 self._cv.notify()
         return await fut
 
+    def fail_queued(self, error: Callable[[], BaseException]) -> int:
+        """Answers every job still queued with ``error()`` (jobs already on a lane go on);
+        returns how many. For when what they would wait on cannot serve them (a token that
+        stopped answering): better an answer now than a place in a queue that does not move."""
+        with self._cv:
+            jobs, self._jobs = list(self._jobs), collections.deque()
+        hand_back([(fut, False, error()) for _, fut, _ in jobs])
+        return len(jobs)
+
     def shutdown(self) -> None:
         """Runs what is queued, then stops the lanes (blocking: call it off the loop)."""
         with self._cv:

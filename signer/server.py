@@ -440,6 +440,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     async def _run_quick(self, fn: Callable[..., T], *args: Any) -> T:
         """One signature, one verification, one metadata read: may share a lane's batch."""
+        self._token.check_answering()  # not behind lanes stuck in a token that does not answer
         return await self._lanes.run(functools.partial(fn, *args), quick=True)
 
     # --- authorisation ------------------------------------------------------------------------
@@ -636,6 +637,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         items = [self._input(item) for item in request.items]
         # The signing path, so on the lanes: the plan (hashing up to 1,000 items) and each chunk
         # as a job of its own, so that calls queued meanwhile go between them.
+        self._token.check_answering()
         plan = await self._lanes.run(
             functools.partial(
                 self._signer.plan_batch,
@@ -901,6 +903,7 @@ class Server:
             # Freed C heap (the RPC buffer that carried the PIN, request payloads) is overwritten.
             perturb_freed_memory()
         self.token.on_availability(self._availability_changed)
+        self.token.on_availability(self._answer_queued_if_down)
         if self.admin_token is not self.token:
             # The administrative connection logs in once the signing one is up: at once.
             self.token.on_availability(lambda up: self.admin_token.wake() if up else None)
@@ -947,6 +950,21 @@ class Server:
                     self.audit.failure is None and self._audit_refusing() is None
                 )
                 await self._set_health(self.token.available and recording)
+
+    def _answer_queued_if_down(self, up: bool) -> None:
+        """The token stopped answering: calls queued for a lane are answered now, not left
+        behind lanes that may be stuck in it. (When it is down, they fail fast by themselves.)"""
+        if up:
+            return
+        try:
+            self.token.check_answering()
+        except SignerError as exc:
+            failed = self.lanes.fail_queued(functools.partial(type(exc), exc.message))
+            if failed:
+                log.warning(
+                    "calls queued for the token answered",
+                    extra={"calls": failed, "error": exc.message},
+                )
 
     def _admit(self, caller: Caller) -> None:
         """Before a call runs: a revoked certificate is refused."""

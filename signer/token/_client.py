@@ -256,6 +256,9 @@ class Token:
         # Failed connection attempts in a row: the monitor backs off between them.
         self._connect_failures = 0
         self._checks = 0
+        # A health check that has not come back, and whether it has been out too long.
+        self._ping: _Ping | None = None
+        self._stalled = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -299,7 +302,7 @@ class Token:
 
     @property
     def available(self) -> bool:
-        return self._conn is not None
+        return self._conn is not None and not self._stalled
 
     @property
     def checks(self) -> int:
@@ -310,6 +313,17 @@ class Token:
     def failed_logins(self) -> int:
         """Failed logins in a row (see :mod:`signer.token._logins`)."""
         return self._logins.failures
+
+    def check_answering(self) -> None:
+        """UNAVAILABLE while the token host is connected but not answering. For a call about
+        to queue for a thread that would only wait on the token with the calls already stuck
+        there (threads, sessions, callers' deadlines): fail fast instead, until it answers
+        again. (A token that is down makes calls fail fast by itself.)"""
+        if self._stalled:
+            raise Unavailable(
+                "token unavailable: the token host has not answered a health check for more "
+                f"than {self._cfg.stall_seconds:g} s"
+            )
 
     def _why_down(self) -> SignerError:
         """What a call meets while there is no connection: FAILED_PRECONDITION when the PIN is
@@ -737,6 +751,7 @@ class Token:
         conn = self._conn
         if conn is None:
             raise self._why_down()
+        self.check_answering()
         slot = conn.free.get()
         try:
             yield slot
@@ -895,14 +910,32 @@ class Token:
             if not self._try_connect():
                 log.debug("token still unavailable", extra={"reason": self._down_reason})
             return
-        try:
-            self.ping()
-        except Unavailable:
-            pass  # _session has marked it down; reconnect on the next tick
-        except SignerError as exc:
+        # The round trip runs on a thread of its own, so a token host that stops answering (a
+        # frozen process, a hung network HSM) is noticed after ``token.stall_seconds`` rather
+        # than never; only one is ever out.
+        ping = self._ping
+        if ping is None:
+            ping = self._ping = _Ping(self.ping)
+        ping.thread.join(self._cfg.stall_seconds)
+        if ping.thread.is_alive():
+            if not self._stalled:
+                self._stalled = True
+                log.warning("token not answering", extra={"seconds": self._cfg.stall_seconds})
+                self._notify(False)
+            return
+        self._ping = None
+        if self._stalled:
+            self._stalled = False
+            log.info("token answering again")
+            self._notify(True)
+        if isinstance(ping.error, Unavailable):
+            return  # _session has marked it down; reconnect on the next tick
+        if isinstance(ping.error, SignerError):
             # The token answers, but not as a working token does: fail closed and start afresh
             # rather than keep reporting it healthy.
-            self._mark_down(conn, f"health check failed ({exc.message})")
+            self._mark_down(conn, f"health check failed ({ping.error.message})")
+        elif ping.error is not None:
+            raise ping.error
 
     @staticmethod
     def _quietly(fn: Callable[[], object]) -> None:
@@ -910,6 +943,22 @@ class Token:
             fn()
         except Exception as exc:
             log.debug("ignored during cleanup", extra={"error": type(exc).__name__})
+
+
+class _Ping:
+    """One health check running on a thread of its own; its error, if it failed."""
+
+    def __init__(self, ping: Callable[[], None]) -> None:
+        self.error: Exception | None = None
+
+        def run() -> None:
+            try:
+                ping()
+            except Exception as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="token-ping", daemon=True)
+        self.thread.start()
 
 
 def _sign_with(key: Any, mech: SignMechanism, data: bytes) -> bytes:

@@ -13,9 +13,12 @@ import gc
 import os
 import re
 import signal
+import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from signer import config as config_mod
 from signer import hsm
 from signer.client import SignerClient
-from signer.errors import FailedPrecondition, NotFound, Unavailable
+from signer.errors import FailedPrecondition, NotFound, SignerError, Unavailable
 from signer.files import private_file
 from signer.server import SERVICE_NAME
 from tests.conftest import health_status, wait_until
@@ -48,6 +51,18 @@ class DedicatedHost:
     @property
     def paths(self) -> hsm.HsmPaths:
         return self.host.paths
+
+    def start_again(self) -> None:
+        """Starts the stopped host. p11-kit server 0.24 has been seen to abort (SIGABRT) at
+        start about once in fifty restarts under a reconnecting client, here and in no test of
+        ours; 'signer run' restarts it (signer/supervisor.py), and so does this, once, loudly."""
+        try:
+            self.host.start()
+        except FailedPrecondition as exc:
+            if "status -6" not in exc.message:
+                raise
+            print(f"p11-kit server aborted at start ({exc.message}); starting it again")
+            self.host.start()
 
     def ensure_running(self) -> None:
         if self.host.pid is None:
@@ -268,6 +283,10 @@ def test_losing_the_token_host_during_a_key_lookup_leaves_no_unraisable_error(
 QUICK_CHECKS: dict[str, Any] = {"health_interval_seconds": 0.05, "reconnect_max_seconds": 0.1}
 
 
+def cfg_audit(svc: Any) -> str:
+    return str(svc.server.cfg.audit.path)
+
+
 def put(path: Path, data: bytes) -> None:
     """Writes a PIN file as an operator would: owner-only."""
     private_file(path).write_bytes(data)
@@ -337,7 +356,7 @@ def test_a_pin_that_stops_working_is_refused_clearly_and_not_retried_until_fixed
 
     put(pin_file, b"a-wrong-pin-1111\n")
     host.host.stop()
-    host.host.start()  # the service must log in again, with what the file now says
+    host.start_again()  # the service must log in again, with what the file now says
     wait_for_health(svc.address, NOT_SERVING, 10)
     assert wait_until(lambda: token.failed_logins == 1, timeout=20)
     settle()
@@ -374,7 +393,7 @@ def test_past_the_bound_the_service_stops_trying_for_good(
     token = svc.server.token
     put(pin_file, b"wrong-one")
     host.host.stop()
-    host.host.start()
+    host.start_again()
     assert wait_until(lambda: token.failed_logins == 1, timeout=20)
     put(pin_file, b"wrong-two")  # a change: one more attempt, the last
     assert wait_until(lambda: token.failed_logins == 2, timeout=20)
@@ -402,7 +421,7 @@ def test_a_pin_file_missing_for_a_while_is_waited_for(host, service_factory, tmp
     token = svc.server.token
     pin_file.unlink()
     host.host.stop()
-    host.host.start()
+    host.start_again()
     wait_for_health(svc.address, NOT_SERVING, 10)
     start = token.checks
     assert wait_until(lambda: token.checks >= start + 10, timeout=20)  # the monitor lives on
@@ -412,3 +431,59 @@ def test_a_pin_file_missing_for_a_while_is_waited_for(host, service_factory, tmp
     put(pin_file, host.paths.user_pin.read_bytes())
     wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
     assert_signs_and_verifies(c, name, b"with the PIN file back")
+
+
+def test_a_frozen_token_host_is_noticed_calls_fail_fast_and_nothing_piles_up(
+    host, service_factory, unique_name
+):
+    """The token host stops answering without going away (SIGSTOP: a hung process, a network
+    HSM that no longer replies), for seconds, then resumes (SIGCONT). Callers' deadlines are
+    honoured; within ``token.stall_seconds`` health says NOT_SERVING and new calls fail fast
+    instead of joining those stuck in the token; no thread or call piles up; and the service
+    recovers by itself, finishing and recording the calls that were stuck."""
+    cfg = replace(host.token_config(), stall_seconds=0.5, **QUICK_CHECKS)
+    svc = service_factory(token=cfg)
+    c = svc.client(timeout=10)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    assert_signs_and_verifies(c, name, b"before the freeze")
+    threads_before = threading.active_count()
+    pgid = host.host.pid
+    assert pgid is not None
+    os.killpg(pgid, signal.SIGSTOP)  # p11-kit server and its p11-kit-remote children
+    try:
+        impatient = svc.client(timeout=1.0)
+
+        def one_call(i: int) -> tuple[str, float]:
+            t0 = time.monotonic()
+            try:
+                impatient.sign(name, message=b"frozen %d" % i)
+                return "OK", time.monotonic() - t0
+            except SignerError as exc:
+                return exc.code.value, time.monotonic() - t0
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(one_call, range(32)))
+        assert all(took < 1.0 + FAIL_FAST_SECONDS for _, took in outcomes), outcomes
+        assert {code for code, _ in outcomes} <= {"DEADLINE_EXCEEDED", "UNAVAILABLE"}, outcomes
+        wait_for_health(svc.address, NOT_SERVING, 10)
+        # Noticed: new calls fail at once, saying why.
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="has not answered a health check"):
+            c.sign(name, message=b"while frozen")
+        assert time.monotonic() - t0 < FAIL_FAST_SECONDS
+        stuck = len(svc.server._calls)
+        assert stuck <= cfg.lanes + 1, f"{stuck} calls still running in a frozen token"
+        assert threading.active_count() <= threads_before + 2  # the stuck health check, a lane
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+    wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
+    assert_signs_and_verifies(c, name, b"after the freeze")
+    assert wait_until(lambda: not svc.server._calls, 20)  # the stuck ones finished
+    svc.stop()
+    with sqlite3.connect(cfg_audit(svc)) as db:
+        gone = db.execute(
+            "SELECT COUNT(*) FROM records WHERE operation = 'Sign' AND status LIKE '%caller gone%'"
+        ).fetchone()[0]
+    assert gone == stuck  # each stuck call recorded, as one its caller did not receive
+    print(f"frozen token host: {stuck} calls were stuck and finished after SIGCONT")
