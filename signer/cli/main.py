@@ -18,6 +18,7 @@ from signer.client import DEFAULT_ADDRESS, ClientTLS, SignerClient
 from signer.config import AuditConfig
 from signer.errors import InvalidArgument, SignerError
 from signer.keys import ALGORITHMS
+from signer.reconcile import DEFAULT_GRACE_SECONDS
 from signer.v1 import signer_pb2 as pb
 
 EXIT_OK, EXIT_INVALID, EXIT_ERROR = 0, 1, 2
@@ -174,6 +175,19 @@ def cmd_keys_adopt(args: argparse.Namespace) -> int:
     print(json.dumps({"name": key.name, "algorithm": key.algorithm, "version": 1,
                       "key_id": args.id.hex(), "scope": key.scope}, indent=2))  # fmt: skip
     return EXIT_OK
+
+
+def cmd_keys_reconcile(args: argparse.Namespace) -> int:
+    from signer import config
+    from signer.reconcile import reconcile_with_config
+
+    if args.grace < 0:
+        raise InvalidArgument(f"--grace must not be negative, got {args.grace:g}")
+    if args.grace > 0:
+        print(f"reconcile: comparing twice, {args.grace:g} s apart", file=sys.stderr)
+    report = reconcile_with_config(config.load(args.config), args.repair, args.grace)
+    sys.stdout.write(report.to_json() if args.json else report.table())
+    return EXIT_OK if report.consistent else EXIT_INVALID
 
 
 def _read_input(args: argparse.Namespace) -> dict[str, bytes]:
@@ -566,6 +580,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scope", default="", help="key scope, fixed at creation")
     sp.add_argument("--label", action="append", default=[], type=_label, metavar="KEY=VALUE")
     sp.set_defaults(func=cmd_keys_adopt)
+    sp = keys_sub.add_parser(
+        "reconcile",
+        help="compare the key store with the token; --repair removes what a crash left "
+        "(exit 0 consistent, 1 disagreement, 2 error)",
+        description="Every key version not DESTROYED must have its private key object in the "
+        "token, holding the public key the store has; every object the service made must be "
+        "named by a version, a live import token or the audit log; destroyed versions and "
+        "spent import tokens must have none. --repair destroys objects the service made that "
+        "nothing names (a crash between generating and storing) or that the store says are "
+        "gone, and records destructions a crash left half done; a version whose object is "
+        "missing or different is reported, never changed. Objects the service did not make "
+        "are listed and left alone. The token must be this store's alone.",
+    )
+    sp.add_argument("--config", required=True, help="the service's TOML configuration")
+    sp.add_argument("--repair", action="store_true", help="repair what can be (see above)")
+    sp.add_argument("--json", action="store_true", help="the report as JSON")
+    sp.add_argument(
+        "--grace", type=float, default=DEFAULT_GRACE_SECONDS, metavar="SECONDS",
+        help="compare twice this far apart and keep what both find, for a running service "
+        f"(default {DEFAULT_GRACE_SECONDS:g}); 0 for one pass, refused while the service runs",
+    )  # fmt: skip
+    sp.set_defaults(func=cmd_keys_reconcile)
     sp = client_parser(keys_sub, "list", "list keys")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_keys_list)

@@ -426,9 +426,16 @@ class Token:
 
     def objects(self) -> list[TokenObject]:
         """Every token object the user can see (session objects left out), by CKA_ID, label
-        and class: what ``signer keys reconcile`` compares with the store."""
+        and class: what ``signer keys reconcile`` compares with the store. An object destroyed
+        while it is read (by a running service) is left out."""
+        found = []
         with self._session() as slot:
-            return [_described(obj) for obj in _search(slot.session, {Attribute.TOKEN: True})]
+            for obj in _search(slot.session, {Attribute.TOKEN: True}):
+                try:
+                    found.append(_described(obj))
+                except p11e.ObjectHandleInvalid:
+                    continue
+        return found
 
     def holds_private_half(self, key_id: bytes, alg: Algorithm, public_der: bytes) -> bool:
         """Whether the one private key object with this CKA_ID is of ``alg``'s kind and the

@@ -1,0 +1,52 @@
+"""A token host of a test's own, for tests that freeze it or compare a store with everything in
+it (the session's token host is shared by every test: its objects are other stores' keys, and
+freezing it would stall them). Import the fixture into a test module to use it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from signer import hsm
+from tests.conftest import TokenHostHandle
+
+
+@pytest.fixture
+def own_host(token_host, tmp_path_factory) -> Iterator[TokenHostHandle]:
+    # Depending on token_host makes sure the tools are there (and says so when they are not).
+    root = tmp_path_factory.mktemp("hsm-own")
+    # hsm.init points SOFTHSM2_CONF at the new token, and every token connection made here
+    # points P11_KIT_SERVER_ADDRESS at it, process-wide: both are put back afterwards.
+    saved = {k: os.environ.get(k) for k in ("SOFTHSM2_CONF", "P11_KIT_SERVER_ADDRESS")}
+    host = hsm.TokenHost(root)
+    try:
+        hsm.init(root, tls=False)
+        host.start()
+        yield TokenHostHandle(host, root)
+    finally:
+        if host.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(host.pid, signal.SIGCONT)  # a test that failed while it was frozen
+        host.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def frozen(handle: TokenHostHandle) -> Iterator[None]:
+    """The token host stopped (SIGSTOP to its process group, p11-kit-remote children included):
+    a call that reaches it waits there, for real, until it is thawed."""
+    pid = handle.host.pid
+    assert pid is not None
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(pid, signal.SIGCONT)

@@ -1,0 +1,287 @@
+"""``signer keys reconcile`` against a real token: every kind of disagreement between the store
+and the token is named; ``--repair`` destroys only objects the service made that nothing names
+(or that the store says are gone), completes destructions the store was recording, and leaves
+a version whose object is missing or different to the operator; beside a running service it
+compares twice and keeps what both passes find (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+import pkcs11
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import Attribute, ObjectClass
+
+from signer import hsm
+from signer.config import P11KIT_CLIENT_MODULE, Config
+from signer.keys import ALGORITHMS, ImportToken, Key, State, Version
+from signer.reconcile import (
+    LEFTOVER,
+    MISMATCH,
+    MISSING,
+    ORPHAN,
+    UNFINISHED,
+    UNMANAGED,
+    WRAPPING_KEY_LABEL,
+    reconcile,
+)
+from signer.service import Signer
+from signer.store import SQLiteStore
+from signer.token import Pin, Token
+from tests.conftest import SIGNER_BIN, make_config, write_toml
+from tests.integration.own_host import own_host  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.integration
+EC = ALGORITHMS["ec-p256"]
+
+
+@dataclass
+class World:
+    cfg: Config
+    token: Token
+    store: SQLiteStore
+    signer: Signer
+
+    def stray(self, label: str) -> bytes:
+        """A key pair generated in the token under ``label`` that no row names: its id."""
+        key_id = os.urandom(16)
+        self.token.generate(EC, key_id, label)
+        return key_id
+
+
+@pytest.fixture
+def world(own_host, tmp_path):  # noqa: F811
+    cfg = make_config(tmp_path, own_host.token_config())
+    token = Token(replace(cfg.token, sessions=1, lanes=1), Pin(cfg.token.pin_file))
+    token.start(wait=True)
+    store = SQLiteStore(cfg.store.path)
+    try:
+        yield World(cfg, token, store, Signer(cfg, token, store))
+    finally:
+        token.close()
+        store.close()
+
+
+def no_audit_key() -> tuple[bytes | None, bool]:
+    return None, True
+
+
+def software_public_key() -> bytes:
+    return (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+def destroy_private_half(w: World, key_id: bytes) -> None:
+    """Destroys the private key object of a pair and leaves its public key object: where a
+    crash in the middle of a destruction leaves it (objects go one at a time)."""
+    lib = pkcs11._pkcs11.lib(P11KIT_CLIENT_MODULE)  # a connection of the test's own
+    try:
+        token = lib.get_token(token_label=hsm.DEFAULT_LABEL)
+        pin = Path(w.cfg.token.pin_file).read_text().strip()
+        with token.open(user_pin=pin, rw=True) as session:
+            found = list(session.get_objects({Attribute.ID: key_id}))
+            assert sorted(o.object_class.name for o in found) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+            for obj in found:
+                if obj.object_class is ObjectClass.PRIVATE_KEY:
+                    obj.destroy()
+    finally:
+        lib.finalize()
+    assert w.token.exists(key_id)
+
+
+def import_token(w: World, label: str, *, used: bool = False, expired: bool = False) -> bytes:
+    """An import token row; with ``label``, a (stand-in) wrapping key in the token too."""
+    key_id = os.urandom(16)
+    if label:
+        w.token.generate(EC, key_id, label)
+    now = w.signer.now()
+    expires = now - timedelta(seconds=1) if expired else now + timedelta(hours=1)
+    w.store.add_import_token(
+        ImportToken(os.urandom(12).hex(), key_id, software_public_key(), now, expires,
+                    caller="uid:0", used=used)
+    )  # fmt: skip
+    return key_id
+
+
+def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
+    w = world
+    fine = w.signer.create_key("fine", "ec-p256").versions[0].key_id
+    lost = w.signer.create_key("lost", "ec-p256").versions[0].key_id
+    w.token.destroy(lost)  # behind the store's back: a restored token, the wrong token
+    gone = w.signer.create_key("gone", "ec-p256").versions[0].key_id
+    w.signer.rotate("gone")
+    w.store.set_state("gone", 1, State.DESTROYED, None)  # recorded destroyed, object still there
+    due = w.signer.create_key("due", "ec-p256").versions[0].key_id
+    w.signer.rotate("due")
+    w.store.set_state("due", 1, State.DESTRUCTION_SCHEDULED, w.signer.now() - timedelta(hours=1))
+    destroy_private_half(w, due)  # the reaper's destruction half done, then a crash
+    ghost = w.stray("ghost/v1")  # CreateKey: generated, then a crash before the commit
+    wrapping = w.stray(WRAPPING_KEY_LABEL)  # GetImportParameters: likewise
+    audit_key = w.stray("signer-audit-key")  # the audit log's own, recorded
+    stray_audit_key = w.stray("signer-audit-key")  # generated, then a crash before recording
+    adoptable = w.stray("provisioned-for-adoption")  # an administrator's, for 'keys adopt'
+    swapped = w.stray("swapped/v1")
+    now = w.signer.now()
+    w.store.create_key(
+        Key("swapped", "ec-p256", 1, "default", {}, now,
+            (Version("swapped", 1, "ec-p256", State.ENABLED, swapped, software_public_key(), now,
+                     None),))
+    )  # fmt: skip
+    used = import_token(w, WRAPPING_KEY_LABEL, used=True)  # imported, then a crash
+    expired = import_token(w, "", expired=True)  # wrapping key destroyed, then a crash
+    live = import_token(w, "")  # its wrapping key gone behind the store's back
+
+    def audit() -> tuple[bytes | None, bool]:
+        return audit_key, True
+
+    report = reconcile(w.store, w.token, audit, grace=0)
+    assert {f.key_id: f.kind for f in report.findings} == {
+        lost: MISSING,
+        gone: LEFTOVER,
+        due: UNFINISHED,
+        ghost: ORPHAN,
+        wrapping: ORPHAN,
+        stray_audit_key: ORPHAN,
+        adoptable: UNMANAGED,
+        swapped: MISMATCH,
+        used: LEFTOVER,
+        expired: UNFINISHED,
+        live: MISSING,
+    }, report.table()
+    assert not report.consistent
+    assert "NOT consistent: 10 disagreement(s) left" in report.table()
+
+    repaired = reconcile(w.store, w.token, audit, repair=True, grace=0)
+    assert {f.key_id for f in repaired.findings if f.repaired} == {
+        gone,
+        due,
+        ghost,
+        wrapping,
+        stray_audit_key,
+        used,
+        expired,
+    }
+    for key_id in (gone, due, ghost, wrapping, stray_audit_key, used):
+        assert not w.token.exists(key_id)
+    # Never a versioned key's object, the audit key, or an object the service did not make.
+    for key_id in (fine, swapped, audit_key, adoptable):
+        assert w.token.exists(key_id)
+    assert w.store.get_version("due", 1).state is State.DESTROYED
+    assert w.store.get_version("lost", 1).state is State.ENABLED  # the operator's to decide
+    assert w.store.spent_import_tokens(w.signer.now()) == []
+
+    after = reconcile(w.store, w.token, audit, grace=0)
+    assert {(f.kind, f.what) for f in after.findings} == {
+        (MISSING, "lost/1"),
+        (MISSING, "import token"),
+        (MISMATCH, "swapped/1"),
+        (UNMANAGED, "provisioned-for-adoption"),
+    }
+    assert w.signer.sign("fine", 0, b"still signs", None).version == 1
+
+    # Without an audit log to ask, an audit key is nobody's to destroy.
+    unasked = reconcile(w.store, w.token, lambda: (None, False), grace=0)
+    assert {f.kind for f in unasked.findings if f.key_id == audit_key} == {UNMANAGED}
+
+
+def test_beside_a_running_service_only_what_both_passes_find_counts(world):
+    w = world
+    key_id = os.urandom(16)
+    public = w.token.generate(EC, key_id, "late/v1")  # CreateKey, between generation and commit
+    now = w.signer.now()
+    version = Version("late", 1, "ec-p256", State.ENABLED, key_id, public, now, None)
+    late = Key("late", "ec-p256", 1, "default", {}, now, (version,))
+    waited: list[float] = []
+
+    def meanwhile(seconds: float) -> None:  # the service commits while reconcile waits
+        waited.append(seconds)
+        w.store.create_key(late)
+
+    report = reconcile(w.store, w.token, no_audit_key, grace=7, sleep=meanwhile)
+    assert waited == [7]
+    assert (report.passes, report.findings, report.consistent) == (2, [], True)
+
+    stuck = w.stray("stuck/v1")  # never committed: still there after the grace
+    report = reconcile(w.store, w.token, no_audit_key, grace=7, sleep=lambda s: None)
+    assert report.passes == 2
+    assert [(f.kind, f.key_id) for f in report.findings] == [(ORPHAN, stuck)]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SIGNER_BIN), "keys", "reconcile", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_command_reports_repairs_and_refuses_what_it_cannot_do_safely(world, tmp_path):
+    w = world
+    w.signer.create_key("kept", "ec-p256")
+    ghost = w.stray("ghost/v1")
+    config = str(write_toml(tmp_path / "signer.toml", w.cfg))
+
+    done = run("--config", config, "--grace", "0")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"orphan     {ghost.hex()}" in done.stdout
+    assert "NOT consistent: 1 disagreement(s) left" in done.stdout
+    done = run("--config", config, "--grace", "0", "--json")
+    report = json.loads(done.stdout)
+    assert (report["consistent"], report["versions"]) == (False, 1)
+    assert [(f["kind"], f["key_id"], f["repairable"]) for f in report["findings"]] == [
+        ("orphan", ghost.hex(), True)
+    ]
+    done = run("--config", config, "--grace", "0", "--repair")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "repaired" in done.stdout
+    assert "consistent: store and token agree" in done.stdout
+    assert not w.token.exists(ghost)
+    assert run("--config", config, "--grace", "0").returncode == 0
+
+    # Something answers on the service's socket: one pass could take a generation in flight
+    # for an orphan, so it is refused.
+    path = w.cfg.server.listen.removeprefix("unix:")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(path)
+        listening.listen()
+        done = run("--config", config, "--grace", "0", "--repair")
+    os.unlink(path)
+    assert done.returncode == 2
+    assert "a service answers on" in done.stderr
+    assert "a single pass needs the service stopped" in done.stderr
+
+    # A configuration that names no store: nothing to compare with (and never an empty store
+    # created, against which every key would look like an orphan).
+    other = replace(w.cfg, store=replace(w.cfg.store, path=str(tmp_path / "nowhere.db")))
+    done = run("--config", str(write_toml(tmp_path / "other.toml", other)), "--grace", "0")
+    assert done.returncode == 2
+    assert "no key store at" in done.stderr
+    assert not Path(other.store.path).exists()
+
+
+def test_an_object_destroyed_while_the_token_is_listed_is_left_out(world, monkeypatch):
+    """Beside a running service, a reaper or an import may destroy an object between the search
+    and the reading of its attributes: the listing goes on without it (it was an error that
+    ended the command, seen in test_sigkill)."""
+    from signer.token import _client
+
+    w = world
+    kept, vanishing = w.stray("kept/v1"), w.stray("vanishing/v1")
+    described = _client._described
+
+    def racing(obj):
+        if bytes(obj[Attribute.ID]) == vanishing:  # destroyed meanwhile, by someone else
+            obj.destroy()
+        return described(obj)
+
+    monkeypatch.setattr(_client, "_described", racing)
+    assert {o.key_id for o in w.token.objects()} == {kept}
