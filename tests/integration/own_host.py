@@ -39,14 +39,23 @@ def own_host(token_host, tmp_path_factory) -> Iterator[TokenHostHandle]:
                 os.environ[k] = v
 
 
+def freeze(handle: TokenHostHandle) -> None:
+    """Stops the token host (SIGSTOP to its process group, p11-kit-remote children included):
+    a call that reaches it waits there, for real, until it is thawed."""
+    assert handle.host.pid is not None
+    os.killpg(handle.host.pid, signal.SIGSTOP)
+
+
+def thaw(handle: TokenHostHandle) -> None:
+    assert handle.host.pid is not None
+    os.killpg(handle.host.pid, signal.SIGCONT)
+
+
 @contextlib.contextmanager
 def frozen(handle: TokenHostHandle) -> Iterator[None]:
-    """The token host stopped (SIGSTOP to its process group, p11-kit-remote children included):
-    a call that reaches it waits there, for real, until it is thawed."""
-    pid = handle.host.pid
-    assert pid is not None
-    os.killpg(pid, signal.SIGSTOP)
+    """The token host frozen while inside (:func:`freeze`)."""
+    freeze(handle)
     try:
         yield
     finally:
-        os.killpg(pid, signal.SIGCONT)
+        thaw(handle)
