@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -803,3 +804,20 @@ def test_a_young_log_verifies_before_its_first_checkpoint(tmp_path: Path, soft: 
         0,
         "the log has an audit key or checkpoints, but no pinned key was given",
     )
+
+
+def test_records_across_wall_clock_jumps_verify_and_checkpoints_keep_their_pace(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    """Issue 12, clock jumps: records carry the wall clock's time, which may go back or leap
+    forward; the chain does not depend on it (verify passes), and checkpoints are paced by
+    count and by the monotonic clock, so a leap of years neither forces nor skips one."""
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+    for i, years in enumerate((0, -6, 4, -10, 30)):
+        e = event(i + 1)
+        assert write(log, replace(e, time=e.time + timedelta(days=365 * years))) == i + 1
+    assert log.store.last_checkpoint() == 0  # no leap of the wall clock made one due
+    log.close()  # the last checkpoint, at stop
+    assert verify_log(path, pinned(path)).whole

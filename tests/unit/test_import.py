@@ -706,3 +706,20 @@ def test_provision_key_validates_before_running_anything(tmp_path: Path) -> None
     with pytest.raises(InvalidArgument, match="not a PEM private key"):
         hsm.provision_key(root, b"nope", "l", b"\x01")
     assert sorted(p.name for p in root.iterdir()) == ["softhsm2.conf", "tokens", "user.pin"]
+
+
+def test_a_clock_set_back_does_not_revive_a_reaped_import_token(
+    signer: Signer, token: FakeImportToken, store: FailingStore, clock: FakeClock
+) -> None:
+    """Issue 12, clock jumps: a jump forward expires an import token (and the reaper destroys
+    its wrapping key); a jump back afterwards does not make it usable again, since a reaped
+    token is expired whatever the time. (Between its expiry and the reaper's next pass, a jump
+    back would: the wrapping key is still there then, and the token is still its caller's.)"""
+    t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
+    clock.advance(days=30)
+    signer.reap()
+    assert store.get_import_token(t).destroyed
+    clock.advance(days=-60)
+    with pytest.raises(FailedPrecondition, match="import_token expired"):
+        signer.import_key_version("k", "ec-p256", t, blob, caller=ME)
+    assert token.unwrapped == []

@@ -631,3 +631,44 @@ def test_reap_failed_destroy_never_marks_destroyed(
     due = store.due_for_destruction(clock.now)
     assert len(due) == 2
     assert all(v.state is State.DESTRUCTION_SCHEDULED for v in due)
+
+
+# --- the wall clock jumps (issue 12) ------------------------------------------------------------
+# Destruction follows the wall clock, as in cloud KMSs: these pin down what a jump does. The
+# audit log's checkpoint interval and the throttle's windows use the monotonic clock, which
+# does not jump (tests/unit/test_audit.py).
+
+
+def test_a_clock_set_back_neither_brings_forward_nor_undoes_a_destruction(
+    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore
+) -> None:
+    clock.advance(days=-365)  # a year back: nothing is due, nothing is destroyed early
+    assert reapable.reap() == 0
+    assert token.destroyed == []
+    assert reapable.get_key("a").version(1).state is State.DESTRUCTION_SCHEDULED
+    with pytest.raises(FailedPrecondition, match="destruction scheduled"):
+        reapable.sign("a", 1, b"m", None)  # scheduled still cannot sign
+    clock.advance(days=365 + 7)  # back to the present, and the week passes
+    assert reapable.reap() == 2
+    clock.advance(days=-30)  # then back again: what was destroyed stays destroyed
+    assert store.get_key("a").version(1).state is State.DESTROYED
+    for change in (
+        lambda: reapable.cancel_destruction("a", 1),
+        lambda: reapable.enable("a", 1),
+        lambda: reapable.sign("a", 1, b"m", None),
+    ):
+        with pytest.raises(FailedPrecondition, match="destroyed"):
+            change()
+
+
+def test_a_clock_set_forward_makes_due_what_it_passes_and_nothing_else(
+    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore
+) -> None:
+    """A jump forward is time passing, to the service as to a cloud KMS: what falls due is
+    destroyed (the waiting period's minimum guards against a hasty schedule, not against a
+    wrong clock: run NTP with a step limit). What does not fall due is untouched."""
+    clock.advance(days=8)
+    assert reapable.reap() == 2
+    assert store.get_key("a").version(2).state is State.DESTRUCTION_SCHEDULED
+    assert store.get_key("a").version(3).state is State.ENABLED
+    assert reapable.sign("a", 0, b"m", None).version == 3
