@@ -19,8 +19,10 @@ It fails (exit 1) on: a signature that does not verify, or could not be checked;
 Verify answer or any other inconsistency between answers; an OK answer without its record;
 an audit log that does not verify; a status no call of its kind should get (INTERNAL,
 UNKNOWN, DEADLINE_EXCEEDED: a hang; CANCELLED; ...); an RPC never answered OK; the service
-dying, or not serving again within a minute of a restart; a caller stuck at the end; RSS
-growth past the threshold over the second half of the run (see :func:`rss_figures`).
+dying, or not serving again within a minute of a restart (the stacks of its threads are then
+written beside its log, and the run stops there unless ``--keep-going``); a caller stuck at
+the end; RSS growth past the threshold over the second half of the run (see
+:func:`rss_figures`).
 
 UNAVAILABLE is expected while the token host is away and for a while after (the service
 refuses calls once the audit log's unsigned backlog reaches its bound, until it can sign a
@@ -85,6 +87,7 @@ ALGORITHMS = ("ec-p256", "ec-p384", "ec-p521", "rsa-2048", "ed25519")
 CREATED_ALGORITHMS = ("ec-p256", "ec-p384", "rsa-2048")  # what administrators create
 UNAVAILABLE_GRACE = 20.0  # seconds after SERVING again that UNAVAILABLE still counts as a restart's
 RECOVERY_LIMIT = 60.0  # seconds the service has to serve again after the token host is back
+STOP_LIMIT = 60.0  # seconds a graceful stop may take (server.grace_seconds is 10)
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -132,6 +135,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, default=REPO / "var" / "soak" / "latest.json")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="go on after the service failed to serve again after a restart (default: stop)",
+    )
     return p.parse_args(argv)
 
 
@@ -444,6 +452,47 @@ def restart(host: hsm.TokenHost, svc: Service, ledger: Ledger, down: float) -> R
     return r
 
 
+def capture_stacks(svc: Service, what: str) -> tuple[Path, Path]:
+    """The service's threads, native and Python, in a file beside its log: what a service
+    that does not come back is waiting for. With gdb (the crash tooling's): its backtraces,
+    then faulthandler run inside the service (the GIL taken as a thread of its own would)."""
+    out = svc.log.parent / f"stacks-{what}.txt"
+    if shutil.which("gdb") is None:
+        out.write_text("not captured: no gdb\n")
+        return out, out
+    python = out.with_suffix(".py.txt")
+    dump = (
+        f"import faulthandler; f = open({str(python)!r}, 'w'); "
+        "faulthandler.dump_traceback(f, all_threads=True); f.close()"
+    )
+    gdb = ["gdb", "-p", str(svc.proc.pid), "-batch", "-nx"]
+    with open(out, "w") as f:
+        for args in (
+            ["-ex", "thread apply all bt 40"],
+            ["-ex", "call (int)PyGILState_Ensure()", "-ex",
+             f"call (int)PyRun_SimpleString({json.dumps(dump)})",
+             "-ex", "call (void)PyGILState_Release($1)"],
+        ):  # fmt: skip
+            try:
+                subprocess.run(gdb + args, stdout=f, stderr=subprocess.STDOUT, timeout=120)
+            except subprocess.TimeoutExpired:
+                f.write(f"\ngdb {' '.join(args)}: no answer within 120 s\n")
+    return out, python
+
+
+def stuck_in_p11_kit(stacks: Path) -> int:
+    """How many threads of a gdb ``thread apply all bt`` wait on a condition variable inside
+    p11-kit's client module: where p11-kit 0.24's client leaves the other callers of a
+    connection whose server was stopped in the middle of an answer (its read code is never
+    reset, nor its condition broadcast), for good."""
+    text = stacks.read_text(errors="replace")
+    return sum(
+        1
+        for thread in text.split("\nThread ")[1:]
+        if "pthread_cond_wait" in thread and "p11-kit-client.so" in thread
+    )
+
+
 def audit_check(svc: Service, ledger: Ledger) -> dict[str, Any]:
     """``signer audit-log verify`` (with the service's log as a witness), then every OK answer
     matched with an OK record."""
@@ -465,12 +514,15 @@ def audit_check(svc: Service, ledger: Ledger) -> dict[str, Any]:
     recorded: Counter[bytes] = Counter()
     ok_by_method: Counter[str] = Counter()
     by_status: Counter[str] = Counter()
+    service_records: Counter[str] = Counter()  # the service's own: AuditPaused, Throttled
     total = 0
     try:
         rows = db.execute("SELECT caller, operation, key, payload_sha256, status FROM records")
         for caller, operation, key, payload, status in rows:
             total += 1
             by_status[status] += 1
+            if operation not in METHODS:
+                service_records[operation] += 1
             if status == "OK":
                 ok_by_method[operation] += 1
                 recorded[record_key(caller, operation, key, payload)] += 1
@@ -483,6 +535,7 @@ def audit_check(svc: Service, ledger: Ledger) -> dict[str, Any]:
         "whole": verify.returncode == 0 and " is whole" in verify.stdout,
         "records": total,
         "records_by_status": dict(by_status.most_common()),
+        "service_records": dict(service_records),
         "ok_records_by_method": dict(sorted(ok_by_method.items())),
         "ok_answers_checked": sum(ledger.expected_records.values()),
         "lost_records": sum(missing.values()),
@@ -561,9 +614,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Graceful stop: calls drain, the last checkpoint is signed.
             svc.proc.send_signal(signal.SIGTERM)
             try:
-                report["service_exit"] = svc.proc.wait(timeout=120)
+                report["service_exit"] = svc.proc.wait(timeout=STOP_LIMIT)
             except subprocess.TimeoutExpired:
-                report["service_exit"] = "did not stop within 120 s of SIGTERM"
+                report["service_exit"] = f"did not stop within {STOP_LIMIT:g} s of SIGTERM"
             if report["service_exit"] != 0:
                 failures.append(f"service stop: {report['service_exit']}")
             report["audit"] = audit_check(svc, ledger)
@@ -671,6 +724,7 @@ def soak(
     restarts: list[Restart] = []
     next_restart = started + every
     died = None
+    hang: dict[str, Any] | None = None
     last_note = started
     while (now := time.monotonic()) < started + duration:
         if svc.proc.poll() is not None:
@@ -681,7 +735,18 @@ def soak(
             r = restart(host, svc, ledger, args.down_seconds)
             restarts.append(r)
             if r.serving_at is None:
-                failures.append(f"not serving {RECOVERY_LIMIT:g} s after restart {len(restarts)}")
+                where = capture_stacks(svc, f"restart-{len(restarts)}")
+                hang = {
+                    "restart": len(restarts),
+                    "stacks": [str(w) for w in where],
+                    "threads_in_p11_kit_client": stuck_in_p11_kit(where[0]),
+                }
+                failures.append(
+                    f"not serving {RECOVERY_LIMIT:g} s after restart {len(restarts)} "
+                    f"(its threads' stacks: {', '.join(map(str, where))})"
+                )
+                if not args.keep_going:
+                    break  # what follows would only measure a service that is not there
             next_restart += every
             continue
         if now - last_note >= 60:
@@ -696,6 +761,7 @@ def soak(
             )
         time.sleep(min(1.0, max(0.0, started + duration - now)))
     elapsed = time.monotonic() - started
+    run_end = ledger.now()
 
     world.stop.set()
     join_by = time.monotonic() + world.settings.deadline + 30
@@ -711,7 +777,7 @@ def soak(
         failures.append(f"callers stuck at the end: {stuck}")
 
     # The token host is up (no restart this close to the end): settle what is left.
-    if died is None and not wait_until(lambda: serving(svc.local), RECOVERY_LIMIT):
+    if died is None and hang is None and not wait_until(lambda: serving(svc.local), RECOVERY_LIMIT):
         failures.append("not serving at the end")
     unresolved = 0
     for check in list(world.pending):
@@ -724,17 +790,36 @@ def soak(
         if resp is not None:
             setup.pin(name, version, resp.algorithm, load_pem(resp.pem))
 
-    figures = summarise(ledger, ok_before_run, restarts, sampler, args, elapsed, failures)
+    states = versions_by_state(setup)  # a call too: before the answers are summed up
+    figures = summarise(ledger, ok_before_run, restarts, sampler, args, elapsed, run_end, failures)
     figures.update(
         {
             "algorithms": offered,
             "algorithms_refused": refused,
             "keys": len(world.keys),
             "versions_pinned": len(world.pubkeys),
+            "versions_by_state": states,
+            "hang": hang,
             "callers": [c.label for _, c in threads] + ["anonymous", "local-setup"],
         }
     )
     return figures
+
+
+def versions_by_state(c: Caller) -> dict[str, int]:
+    """How many versions of all keys end in each state (destroyed: by the reaper, meanwhile)."""
+    states: Counter[str] = Counter()
+    token = ""
+    while True:
+        page = c.call("ListKeys", pb.ListKeysRequest(page_size=1000, page_token=token))
+        if page is None:
+            return {}
+        for key in page.keys:
+            for v in key.versions:
+                states[pb.KeyVersionState.Name(v.state)] += 1
+        token = page.next_page_token
+        if not token:
+            return dict(states)
 
 
 def summarise(
@@ -744,13 +829,20 @@ def summarise(
     sampler: Sampler,
     args: argparse.Namespace,
     elapsed: float,
+    run_end: float,
     failures: list[str],
 ) -> dict[str, Any]:
+    # UNAVAILABLE during the run, outside every restart's window (after the run, the service
+    # may be down for a reason already reported).
     windows = [
         (r.stopped_at - 1.0, (r.serving_at or r.stopped_at + RECOVERY_LIMIT) + UNAVAILABLE_GRACE)
         for r in restarts
     ]
-    outside = [(t, m) for t, m in ledger.unavailable if not any(a <= t <= b for a, b in windows)]
+    outside = [
+        (t, m)
+        for t, m in ledger.unavailable
+        if t <= run_end and not any(a <= t <= b for a, b in windows)
+    ]
     during_run = ledger.ok - ok_before_run
     calls: dict[str, dict[str, Any]] = {}
     for m in METHODS:
