@@ -78,6 +78,7 @@ from signer.keys import (
     valid_name,
 )
 from signer.lanes import Lanes
+from signer.logs import Every
 from signer.policy import Caller, Policy
 from signer.relay import Limits, PeerRelay, created_with_mode
 from signer.service import BATCH_CHUNK, Clock, Signer, utcnow
@@ -163,6 +164,8 @@ def _recorded_name(name: str) -> str:
     return name if not name or valid_name(name) else shown(name)
 
 
+# A log line a caller can trigger at will is written at most this often per kind.
+LOG_EVERY_SECONDS = 5.0
 # Whom calls with no authenticated caller are counted under (places, refusals).
 UNAUTHENTICATED = "(unauthenticated)"
 
@@ -199,6 +202,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._gate = gate
         self._paused = paused
         self._in_flight = in_flight
+        self._said = Every(LOG_EVERY_SECONDS)
 
     async def intercept_service(
         self,
@@ -244,10 +248,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         raise malformed
                     response = await inner(request, context)
                 except SignerError as exc:
-                    log.info(
-                        "rpc failed",
-                        extra={"method": method, "code": exc.code.value, "error": exc.message},
-                    )
+                    # Once per caller, method and status every few seconds: a caller can fail
+                    # calls at will (each one is in the audit log, which is where to count them).
+                    held = self._said.due(f"{identity} {method} {exc.code.value}")
+                    if held is not None:
+                        log.info(
+                            "rpc failed",
+                            extra={"method": method, "code": exc.code.value,
+                                   "error": exc.message, "like_it_unlogged": held},
+                        )  # fmt: skip
                     error = exc
                 except grpc.aio.AbortError:
                     raise
@@ -277,10 +286,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except asyncio.CancelledError:
                 if not call.done():
                     gone.gone = True
-                    log.warning(
-                        "caller gone before the answer: the call finishes and is recorded",
-                        extra={"method": method},
-                    )
+                    held = self._said.due(f"gone {method}")
+                    if held is not None:
+                        log.warning(
+                            "caller gone before the answer: the call finishes and is recorded",
+                            extra={"method": method, "like_it_unlogged": held},
+                        )
                 raise
             if error is not None:
                 await context.abort(STATUS[error.code], error.message)
@@ -421,22 +432,33 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         lanes: Lanes,
         admin: ThreadPoolExecutor,
         policy: Callable[[], Policy],
+        changes: ThreadPoolExecutor | None = None,
     ) -> None:
         self._signer = signer
         self._token = token
         self._lanes = lanes
         self._admin = admin
+        self._changes = changes or admin
         self._policy = policy
 
     # Where blocking work runs. The lanes serve the signing path: quick calls share a lane's
-    # batch, a SignBatch chunk takes a lane alone. Everything else (key generation, import,
-    # lifecycle changes, listings) runs on the admin pool, so that two RSA-4096 key
-    # generations (seconds each) cannot take both lanes. (p11-kit's token host serves one
-    # connection's calls in order: there a generation delays the signatures behind it anyway.)
+    # batch, a SignBatch chunk takes a lane alone. State changes have a small pool of their
+    # own (_run_change). Everything else (key generation, import, listings) runs on the admin
+    # pool, so that two RSA-4096 key generations (seconds each) cannot take both lanes.
+    # (p11-kit's token host serves one connection's calls in order: there a generation delays
+    # the signatures behind it anyway.)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._admin, functools.partial(fn, *args))
+
+    async def _run_change(self, fn: Callable[..., T], *args: Any) -> T:
+        """A state change (set primary, disable, enable, schedule or cancel a destruction):
+        quick, store-only, and what an operator reaches for in an emergency, so on a pool of
+        its own, never queued behind key generations a caller has piled onto the admin pool
+        (review of issue 12: 128 RSA-4096 rotations held a Disable for minutes)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._changes, functools.partial(fn, *args))
 
     async def _run_quick(self, fn: Callable[..., T], *args: Any) -> T:
         """One signature, one verification, one metadata read: may share a lane's batch."""
@@ -598,25 +620,27 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def SetPrimaryVersion(self, request: pb.SetPrimaryVersionRequest, context: Any) -> pb.Key:
         await self._allow("rotate", request.name)
         return self._key_pb(
-            await self._run(self._signer.set_primary, request.name, request.version)
+            await self._run_change(self._signer.set_primary, request.name, request.version)
         )
 
     async def DisableKeyVersion(self, request: pb.KeyVersionRequest, context: Any) -> pb.KeyVersion:
         await self._allow("disable", request.name)
         return self._version_pb(
-            await self._run(self._signer.disable, request.name, request.version)
+            await self._run_change(self._signer.disable, request.name, request.version)
         )
 
     async def EnableKeyVersion(self, request: pb.KeyVersionRequest, context: Any) -> pb.KeyVersion:
         await self._allow("disable", request.name)
-        return self._version_pb(await self._run(self._signer.enable, request.name, request.version))
+        return self._version_pb(
+            await self._run_change(self._signer.enable, request.name, request.version)
+        )
 
     async def ScheduleKeyVersionDestruction(
         self, request: pb.ScheduleKeyVersionDestructionRequest, context: Any
     ) -> pb.KeyVersion:
         await self._allow("destroy", request.name)
         return self._version_pb(
-            await self._run(
+            await self._run_change(
                 self._signer.schedule_destruction,
                 request.name,
                 request.version,
@@ -629,7 +653,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     ) -> pb.KeyVersion:
         await self._allow("destroy", request.name)
         return self._version_pb(
-            await self._run(self._signer.cancel_destruction, request.name, request.version)
+            await self._run_change(self._signer.cancel_destruction, request.name, request.version)
         )
 
     async def SignBatch(self, request: pb.SignBatchRequest, context: Any) -> pb.SignBatchResponse:
@@ -756,6 +780,7 @@ class Server:
         # calls (see SignerServicer._run), start-up, the reaper and shutdown.
         self.lanes = Lanes(cfg.token.lanes, name="token")
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="signer")
+        self.changes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="change")
         self.health = health_aio.HealthServicer()
         self.policy: Policy = _Unchecked(()) if bare else self._load_policy()
         self.audit = (
@@ -798,10 +823,10 @@ class Server:
         return policy_mod.load(path)
 
     def reload_policy(self) -> bool:
-        if self.bare:
-            return False
         """SIGHUP: the new policy for calls that start from now on; a broken file is refused
         and the old policy kept. In-flight calls finish under the policy they started with."""
+        if self.bare:
+            return False
         try:
             new = self._load_policy()
         except ConfigError as exc:
@@ -840,7 +865,7 @@ class Server:
             ],
         )
         servicer = SignerServicer(
-            self.signer, self.token, self.lanes, self.executor, lambda: self.policy
+            self.signer, self.token, self.lanes, self.executor, lambda: self.policy, self.changes
         )
         pb_grpc.add_SignerServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -1068,6 +1093,7 @@ class Server:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.lanes.shutdown)
         await loop.run_in_executor(None, functools.partial(self.executor.shutdown, wait=True))
+        await loop.run_in_executor(None, functools.partial(self.changes.shutdown, wait=True))
         if self.audit is not None:
             self.audit.close()  # a last checkpoint, signed while the token is still open
         if self.admin_token is not self.token:

@@ -104,6 +104,8 @@ class AuditLog:
         self.failure: str | None = None  # why the log refuses everything, for good
         self._failing: str | None = None  # why the last checkpoint could not be signed
         self._paused = 0  # calls refused by check() since the last checkpoint, to be recorded
+        # Counted on the event loop, taken by the writer: ``+=`` on both sides would lose some.
+        self._paused_lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._batch: list[tuple[Event, asyncio.Future[int]]] = []  # being committed
         # Events of calls already answered whose records could not be written yet, in order.
@@ -160,7 +162,8 @@ class AuditLog:
 
     def paused(self) -> None:
         """Counts a call :meth:`check` refused, for one record once a checkpoint is signed."""
-        self._paused += 1
+        with self._paused_lock:
+            self._paused += 1
 
     async def record(self, event: Event) -> int:
         """Queues ``event``; returns the record's sequence number once committed, or raises
@@ -343,7 +346,8 @@ class AuditLog:
         """One record for the calls refused while no checkpoint could be signed: after the
         next checkpoint, or at stop if the bound leaves room (else the count goes to the
         service's log only)."""
-        count, self._paused = self._paused, 0
+        with self._paused_lock:
+            count, self._paused = self._paused, 0
         if not count:
             return
         if self._unsigned >= self.max_unsigned_records:
@@ -356,7 +360,8 @@ class AuditLog:
             self.store.append([record])
         except Exception as exc:
             log.error("audit log write failed", extra={"error": str(exc), "records": 1})
-            self._paused += count  # the next checkpoint tries again
+            with self._paused_lock:
+                self._paused += count  # the next checkpoint tries again
             return
         self._seq, self._hash = record.seq, record.hash
 

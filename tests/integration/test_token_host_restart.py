@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -487,3 +488,69 @@ def test_a_frozen_token_host_is_noticed_calls_fail_fast_and_nothing_piles_up(
         ).fetchone()[0]
     assert gone == stuck  # each stuck call recorded, as one its caller did not receive
     print(f"frozen token host: {stuck} calls were stuck and finished after SIGCONT")
+
+
+def test_a_flapping_token_host_under_load_never_yields_a_wrong_answer(
+    host, service_factory, unique_name
+):
+    """The token host killed (SIGKILL) and started again five times while four callers sign
+    as fast as they can: every signature received verifies, every failure is UNAVAILABLE
+    (saying the token is unavailable), and the service serves again after the last start."""
+    cfg = replace(host.token_config(), **QUICK_CHECKS)
+    svc = service_factory(token=cfg)
+    name = unique_name()
+    svc.client().create_key(name, "ec-p256")
+    pub = serialization.load_pem_public_key(svc.client().public_key(name).pem.encode())
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    stop = threading.Event()
+    tally: dict[str, int] = {}
+    wrong: list[bytes] = []
+    lock = threading.Lock()
+
+    def caller(i: int) -> None:
+        c = svc.client(timeout=5)
+        n = 0
+        while not stop.is_set():
+            message = b"caller %d call %d" % (i, n)
+            n += 1
+            try:
+                sig = c.sign(name, message=message)
+                try:
+                    pub.verify(sig.signature, message, ec.ECDSA(hashes.SHA256()))
+                    outcome = "OK"
+                except InvalidSignature:
+                    wrong.append(message)
+                    outcome = "WRONG"
+            except SignerError as exc:
+                outcome = exc.code.value
+                if outcome != "UNAVAILABLE":
+                    wrong.append(exc.message.encode())
+            with lock:
+                tally[outcome] = tally.get(outcome, 0) + 1
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in callers:
+        t.start()
+    try:
+        for _ in range(5):
+            with lock:
+                before = tally.get("OK", 0)
+            assert wait_until(lambda before=before: tally.get("OK", 0) > before + 20, 30)
+            pgid = host.host.pid
+            assert pgid is not None
+            os.killpg(pgid, signal.SIGKILL)
+            host.host.stop()  # reaps it, removes what is left (the TLS token's server)
+            host.start_again()
+        t = svc.server.token
+        assert wait_until(lambda: tally.get("OK", 0) > before + 40, 30), (
+            f"no recovery: {tally}; token available={t.available} stalled={t._stalled} "
+            f"down_reason={t._down_reason!r} checks={t.checks}"
+        )
+    finally:
+        stop.set()
+        for t in callers:
+            t.join(30)
+    assert wrong == []
+    assert set(tally) <= {"OK", "UNAVAILABLE"}, tally
+    wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
+    print(f"flapping token host, 5 kills: {tally}")

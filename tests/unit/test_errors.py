@@ -9,7 +9,7 @@ import pytest
 
 from signer import errors
 from signer.client import _error
-from signer.errors import BY_CODE, Code, ConfigError, Internal, SignerError
+from signer.errors import BY_CODE, Code, ConfigError, Internal, LoginRefused, SignerError
 from signer.policy import Caller
 from signer.server import CALLER, STATUS, CallInterceptor
 
@@ -53,11 +53,13 @@ def test_every_wire_error_class_has_a_distinct_code() -> None:
 
 
 def test_every_signer_error_subclass_is_accounted_for() -> None:
-    # ConfigError is the one subclass that never goes over the wire; it deliberately shares
-    # FAILED_PRECONDITION and is kept out of BY_CODE. Any new subclass must be one or the other.
+    # ConfigError never goes over the wire; LoginRefused goes as the FAILED_PRECONDITION it is
+    # (a client sees FailedPrecondition). Both share that code and are kept out of BY_CODE. Any
+    # new subclass must be a wire class or one of these.
     subclasses = {c for c in all_subclasses(SignerError) if c.__module__ == "signer.errors"}
-    assert subclasses == set(WIRE_CLASSES) | {ConfigError}
+    assert subclasses == set(WIRE_CLASSES) | {ConfigError, LoginRefused}
     assert ConfigError not in BY_CODE.values()
+    assert LoginRefused not in BY_CODE.values()
 
 
 def test_by_code_maps_each_code_to_its_class() -> None:
