@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 
 from signer import config as config_mod
 from signer import hsm
+from signer.audit import Event
 from signer.errors import FailedPrecondition, NotFound
 from signer.files import private_file, share_with_group, state_dir, write_private
 from signer.front import Front, front_config
@@ -243,9 +244,13 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None) -> None:
         try:
             await server.run_blocking(lambda: server.signer.get_key(DEMO_KEY))
         except NotFound:
-            await server.run_blocking(
+            demo = await server.run_blocking(
                 lambda: server.signer.create_key(DEMO_KEY, DEMO_ALGORITHM, scope="demo")
             )
+            if server.audit is not None:  # a key made outside any call is on record too
+                await server.audit.record(
+                    Event(server.signer.now(), "signer run", "CreateKey", demo.name, 1, "", "OK")
+                )
         cert, key = DevCA(root / "tls").client_files(DEV_CLIENT)
         print(
             f"signer serving local callers on unix:{root / 'run' / 'signer.sock'}\n"
