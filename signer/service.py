@@ -672,11 +672,11 @@ class Signer:
             raise InvalidArgument("scope is required: a JWKS is per scope")
         check_scope(scope)
         keys: list[dict[str, Any]] = []
-        token = ""
+        after = ""
         while True:
-            page, token = self.list_keys(MAX_PAGE_SIZE, token, visible)
-            for key in page:
-                if key.scope != scope:
+            page = self._store.list_keys(after, MAX_PAGE_SIZE, scope=scope)
+            for key in (self._with_effective_states(k) for k in page):
+                if visible is not None and not visible(key):
                     continue
                 for v in key.versions:
                     if v.state is State.ENABLED:
@@ -685,8 +685,9 @@ class Signer:
                         )
                         jwk["scope"] = key.scope
                         keys.append(jwk)
-            if not token:
+            if len(page) < MAX_PAGE_SIZE:
                 return {"keys": keys}
+            after = page[-1].name
 
     def verify(
         self,

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS versions (
     PRIMARY KEY (name, version)
 );
 CREATE INDEX IF NOT EXISTS versions_destroy_at ON versions(destroy_at) WHERE destroy_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS keys_scope ON keys(scope, name);
 CREATE TABLE IF NOT EXISTS import_tokens (
     token       TEXT PRIMARY KEY,
     key_id      BLOB NOT NULL UNIQUE,
@@ -80,7 +81,7 @@ class Store(Protocol):
     # the same transaction (FAILED_PRECONDITION if it already was).
     def create_key(self, key: Key, import_token: str | None = None) -> None: ...
     def get_key(self, name: str) -> Key: ...
-    def list_keys(self, after: str, limit: int) -> list[Key]: ...
+    def list_keys(self, after: str, limit: int, scope: str | None = None) -> list[Key]: ...
     def get_version(self, name: str, version: int) -> Version: ...
     def add_version(
         self, version: Version, make_primary: bool, import_token: str | None = None
@@ -236,14 +237,17 @@ class SQLiteStore:
             raise NotFound(f"key {name!r} not found")
         raise NotFound(f"key {name!r} has no version {version}")
 
-    def list_keys(self, after: str, limit: int) -> list[Key]:
+    def list_keys(self, after: str, limit: int, scope: str | None = None) -> list[Key]:
+        """Keys after ``after`` in name order; with ``scope``, that scope's only (by its index:
+        a JWKS costs the keys of its scope, not of the whole store)."""
         db = self._db()
-        rows = db.execute(
-            "SELECT name, algorithm, primary_version, scope, labels, created FROM keys "
-            "WHERE name > ? ORDER BY name LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [self._key(db, r) for r in rows]
+        columns = "SELECT name, algorithm, primary_version, scope, labels, created FROM keys "
+        args: tuple[str | int, ...] = (after, limit)
+        query = columns + "WHERE name > ? ORDER BY name LIMIT ?"
+        if scope is not None:
+            query = columns + "WHERE scope = ? AND name > ? ORDER BY name LIMIT ?"
+            args = (scope, *args)
+        return [self._key(db, r) for r in db.execute(query, args).fetchall()]
 
     def due_for_destruction(self, now: datetime) -> list[Version]:
         rows = (

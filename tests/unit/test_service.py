@@ -672,3 +672,27 @@ def test_a_clock_set_forward_makes_due_what_it_passes_and_nothing_else(
     assert store.get_key("a").version(2).state is State.DESTRUCTION_SCHEDULED
     assert store.get_key("a").version(3).state is State.ENABLED
     assert reapable.sign("a", 0, b"m", None).version == 3
+
+
+def test_a_jwks_reads_the_keys_of_its_scope_only(
+    signer: Signer, store: SQLiteStore, monkeypatch
+) -> None:
+    """Review of issue 12: GetJWKS paged through every key in the store, of every scope, for
+    each call (one read of versions per key): work a caller with a read grant could multiply at
+    will. It reads its scope's keys now, by an index."""
+    for i in range(30):
+        signer.create_key(f"other-{i:02d}", "ec-p256", "other")
+    signer.create_key("mine-a", "ec-p256", "mine")
+    signer.create_key("mine-b", "ec-p256", "mine")
+    read: list[str] = []
+    listed = store.list_keys
+
+    def counted(after, limit, scope=None):  # type: ignore[no-untyped-def]
+        keys = listed(after, limit, scope=scope)
+        read.extend(k.name for k in keys)
+        return keys
+
+    monkeypatch.setattr(store, "list_keys", counted)
+    jwks = signer.jwks("mine")
+    assert [k["kid"] for k in jwks["keys"]] == ["mine-a/1", "mine-b/1"]
+    assert read == ["mine-a", "mine-b"]
