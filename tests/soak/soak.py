@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -621,6 +622,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 failures.append(f"service stop: {report['service_exit']}")
             report["audit"] = audit_check(svc, ledger)
             report["service_log"] = service_log_summary(svc.log)
+    except Exception as exc:  # the soak's own failure: reported like any other, with its trace
+        failures.append(f"the soak itself failed: {type(exc).__name__}: {exc}")
+        report["traceback"] = traceback.format_exc()
     finally:
         host.stop()
         shutil.rmtree(sockets, ignore_errors=True)
@@ -628,7 +632,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             os.environ.pop("SOFTHSM2_CONF", None)
         else:
             os.environ["SOFTHSM2_CONF"] = saved
-    audit = report["audit"]
+    audit = report.get("audit", {"whole": False, "verify_output": "not run", "lost_records": 0})
     if not audit["whole"]:
         failures.append(f"audit-log verify: {audit['verify_output'][:300]}")
     if audit["lost_records"]:
@@ -776,21 +780,25 @@ def soak(
     if stuck:
         failures.append(f"callers stuck at the end: {stuck}")
 
-    # The token host is up (no restart this close to the end): settle what is left.
-    if died is None and hang is None and not wait_until(lambda: serving(svc.local), RECOVERY_LIMIT):
+    # The token host is up (no restart this close to the end): settle what is left, unless
+    # the service is known to be gone or not to come back (nothing would answer).
+    up = died is None and hang is None
+    if up and not wait_until(lambda: serving(svc.local), RECOVERY_LIMIT):
         failures.append("not serving at the end")
+        up = False
     unresolved = 0
     for check in list(world.pending):
-        if not check(setup):
+        if not (up and check(setup)):
             unresolved += 1
     ledger.add_unverified(unresolved)
-    for name, version in world.pubkeys.versions():  # a version's public key never changes
+    for name, version in world.pubkeys.versions() if up else ():
+        # A version's public key never changes.
         req = pb.GetPublicKeyRequest(name=name, version=version, format=pb.PEM)
         resp = setup.call("GetPublicKey", req, accept=("FAILED_PRECONDITION",))
         if resp is not None:
             setup.pin(name, version, resp.algorithm, load_pem(resp.pem))
 
-    states = versions_by_state(setup)  # a call too: before the answers are summed up
+    states = versions_by_state(setup) if up else {}  # a call: before the answers are summed
     figures = summarise(ledger, ok_before_run, restarts, sampler, args, elapsed, run_end, failures)
     figures.update(
         {
@@ -944,6 +952,8 @@ def print_summary(r: dict[str, Any]) -> None:
     if r.get("defects"):
         print(f"defects {r['defects']}: {r.get('defect_samples', [])[:3]}")
     print(f"service log {r.get('service_log', {}).get('levels')}, exit {r.get('service_exit')}")
+    if r.get("traceback"):
+        print(r["traceback"])
     print("PASSED" if r["passed"] else "FAILED:\n  " + "\n  ".join(r["failures"]))
 
 
