@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 import re
 import struct
@@ -73,6 +74,10 @@ _REPRESENTATION = {
 UNKNOWN = "unknown"  # the owner of a private-key structure that could not be loaded
 _MAX_BLOB = 1 << 16  # no key encoding we look for is larger
 _BLOCK = 1 << 20  # math checks read memory in blocks of this size
+_MAX_DUMP_RSA_BITS = 8192
+"""A JWK in a dump with a larger modulus is reported, not loaded: recovering its p and q from
+n, e and d costs seconds of modular exponentiation per candidate (1 s at 8192 bits, 8 s at
+16384), and a shaped dump can hold thousands. The service's keys are at most 4096 bits."""
 
 
 class PublicKeys:
@@ -246,11 +251,12 @@ def _load_jwk(buf: memoryview, at: int) -> _Loaded | None:
             break
         try:
             obj, end = decoder.raw_decode(text, brace)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: arrays nested thousands deep, which a shaped dump can hold.
             continue
         if end > rel and isinstance(obj, dict) and "d" in obj and "kty" in obj:
             try:
-                key = jwk_private_key(obj, "JWK in dump")
+                key = jwk_private_key(obj, "JWK in dump", max_rsa_bits=_MAX_DUMP_RSA_BITS)
             except InvalidArgument as exc:
                 return lo + brace, lo + end, None, f"JWK private key that does not load: {exc}"
             return lo + brace, lo + end, key, ""
@@ -265,11 +271,16 @@ def _load_jwk(buf: memoryview, at: int) -> _Loaded | None:
 
 
 def structural_findings(
-    buf: memoryview, hits: Sequence[tuple[str, int]], keys: PublicKeys
-) -> list[Finding]:
-    """Confirms structural matches (kind, offset) and turns them into findings."""
+    buf: memoryview, hits: Sequence[tuple[str, int]], keys: PublicKeys, deadline: float
+) -> tuple[list[Finding], int]:
+    """Confirms structural matches (kind, offset) and turns them into findings; and how many
+    were examined. Each costs up to a key load; a dump crowded with decoys (4 million PEM
+    headers, JWK members in deep JSON) must not hold the scan: none is begun after
+    ``deadline`` (time.monotonic())."""
     out: list[Finding] = []
-    for kind, at in hits:
+    for examined, (kind, at) in enumerate(hits):
+        if time.monotonic() >= deadline:
+            return out, examined
         loaded: _Loaded | None
         if kind == "pem":
             loaded = _load_pem(buf, at)
@@ -289,7 +300,7 @@ def structural_findings(
             representation = "openssh-private"
         owner, detail = keys.identify(key) if key is not None else (UNKNOWN, detail)
         out.append(Finding(owner, "private-key", representation, start, end - start, detail=detail))
-    return out
+    return out, len(hits)
 
 
 # --- mathematical checks --------------------------------------------------------------------
@@ -459,8 +470,26 @@ def _blocks(regions: Sequence[Region], L: int) -> Iterator[tuple[Region, int, in
             pos += own
 
 
+class Holes:
+    """Where a sparse file has data (sorted, disjoint ``(start, end)`` file ranges): a block
+    outside all of them is a hole, all zero, tested without being read."""
+
+    def __init__(self, data: Sequence[tuple[int, int]]) -> None:
+        self._data = list(data)
+        self._starts = [a for a, _ in self._data]
+
+    def empty(self, start: int, end: int) -> bool:
+        """Whether [start, end) holds no data."""
+        i = bisect.bisect_left(self._starts, end) - 1  # the last extent starting before end
+        return i < 0 or self._data[i][1] <= start
+
+
 def run_checks(
-    buf: memoryview, regions: Sequence[Region], keys: PublicKeys, budget: float
+    buf: memoryview,
+    regions: Sequence[Region],
+    keys: PublicKeys,
+    budget: float,
+    holes: Holes | None = None,
 ) -> tuple[list[Finding], list[BlindCheck]]:
     """Every check over every region, each given an equal share of what is left of ``budget``."""
     checks = _checks(keys)
@@ -471,7 +500,7 @@ def run_checks(
     for i, check in enumerate(checks):
         began = time.monotonic()
         stop = began + max(0.0, deadline - began) / (len(checks) - i)
-        covered, tested = _run_check(buf, regions, check, stop, findings)
+        covered, tested = _run_check(buf, regions, check, stop, findings, holes)
         reports.append(
             BlindCheck(
                 check.name, check.target.key_id, total, covered, tested, time.monotonic() - began
@@ -486,6 +515,7 @@ def _run_check(
     check: _Check,
     stop: float,
     findings: list[Finding],
+    holes: Holes | None = None,
 ) -> tuple[int, int]:
     t = check.target
     L = t.length
@@ -495,6 +525,9 @@ def _run_check(
         if time.monotonic() >= stop:
             return covered, tested
         at = region.offset + pos
+        if holes is not None and holes.empty(at, at + own + L - 1):
+            covered += own  # a hole of a sparse file: zeros, not read (a 4 GiB hole is free)
+            continue
         block = bytes(buf[at : at + own + L - 1])  # a copy: numpy must not pin the mmap
         if block.count(0) == len(block):
             covered += own  # untouched memory (most of a gcore): nothing to test

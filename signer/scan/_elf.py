@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ET_CORE = 4
 PT_LOAD = 1
@@ -56,29 +56,50 @@ class CoreLayout:
     files: list[NamedRange]  # from NT_FILE, sorted by start address
     notes: list[NamedRange] = field(default_factory=list)  # note contents, by file offset
     problems: list[str] = field(default_factory=list)
+    headers_end: int = 0  # end of the ELF and program headers in the file
 
     def __post_init__(self) -> None:
-        self._offsets = [s.offset for s in self.segments]
+        self.pieces = _pieces(self.segments)
+        self._offsets = [p.offset for p in self.pieces]
         self._note_starts = [n.start for n in self.notes]
 
     def outside_memory(self, offset: int) -> str:
         """What a file offset outside PT_LOAD contents is: a note (registers: NT_PRSTATUS,
-        NT_PRFPREG, NT_X86_XSTATE hold what was in CPU registers) or the ELF headers."""
+        NT_PRFPREG, NT_X86_XSTATE hold what was in CPU registers), the ELF headers, or bytes
+        no header accounts for (a shaped core's, or padding)."""
         name = _find(self.notes, self._note_starts, offset)
-        return f"[note {name}]" if name else "[ELF headers]"
+        if name:
+            return f"[note {name}]"
+        return "[ELF headers]" if offset < self.headers_end else "[outside every segment]"
 
     def address(self, offset: int) -> int | None:
         """The virtual address of a file offset, or None outside PT_LOAD contents."""
         i = bisect.bisect_right(self._offsets, offset) - 1
         if i >= 0:
-            s = self.segments[i]
+            s = self.pieces[i]
             if offset < s.offset + s.filesz:
                 return s.vaddr + offset - s.offset
         return None
 
     @property
     def memory_bytes(self) -> int:
-        return sum(s.filesz for s in self.segments)
+        """File bytes that are process memory, each counted once (segments may overlap)."""
+        return sum(p.filesz for p in self.pieces)
+
+
+def _pieces(segments: Sequence[Segment]) -> list[Segment]:
+    """The segments' file ranges without overlaps: where two segments claim the same file bytes
+    (a corrupt or shaped core; a real one never does), the one that starts first keeps them.
+    Each file byte then has one address, and blind mode reads it once."""
+    out: list[Segment] = []
+    reach = 0
+    for s in sorted(segments, key=lambda s: (s.offset, -s.filesz)):
+        start, end = max(s.offset, reach), s.offset + s.filesz
+        if start < end:
+            cut = start - s.offset
+            out.append(replace(s, offset=start, filesz=end - start, vaddr=s.vaddr + cut))
+            reach = end
+    return out
 
 
 def _find(mappings: Sequence[NamedRange], starts: Sequence[int], address: int) -> str | None:
@@ -122,6 +143,23 @@ def parse_maps(text: str) -> list[NamedRange]:
     return out
 
 
+class CoreFormatError(ValueError):
+    """An ELF core's headers cannot be read as they claim (the scanner then searches the file as
+    raw bytes and says so)."""
+
+
+# Bounds on what a core's headers can make the reader hold. A Linux process has at most
+# vm.max_map_count mappings (65530 by default), each one PT_LOAD and one NT_FILE entry, and a
+# handful of notes per thread: four times that is room for any real core, and keeps what a
+# shaped one can make us allocate to tens of MiB, whatever the headers claim.
+MAX_PROGRAM_HEADERS = 1 << 18
+MAX_NOTES = 1 << 18
+MAX_FILE_ENTRIES = 1 << 18
+MAX_PROBLEMS = 20
+"""Problems listed one by one; more are counted in one last line (a core whose 60000 segments
+are all cut short must not print 60000 notes)."""
+
+
 class _Reader:
     def __init__(self, buf: bytes | memoryview, endian: str, is64: bool) -> None:
         self.buf = buf
@@ -133,20 +171,47 @@ class _Reader:
         fmt = self.e + fmt.replace("W", self.word)
         size = struct.calcsize(fmt)
         if offset < 0 or offset + size > len(self.buf):
-            raise ValueError(f"ELF structure at {offset:#x} runs past the end of the file")
+            raise CoreFormatError(f"ELF structure at {offset:#x} runs past the end of the file")
         return struct.unpack_from(fmt, self.buf, offset)
 
 
 def is_elf_core(buf: bytes | memoryview) -> bool:
-    if len(buf) < 20 or bytes(buf[:4]) != b"\x7fELF" or buf[4] not in (1, 2):
+    """An ELF file of either class and byte order whose type is ET_CORE. Anything else (an
+    unknown EI_CLASS or EI_DATA byte included) is not a core: it is scanned as raw bytes."""
+    if (
+        len(buf) < 20
+        or bytes(buf[:4]) != b"\x7fELF"
+        or buf[4] not in (1, 2)
+        or buf[5] not in (1, 2)
+    ):
         return False
     endian = "<" if buf[5] == 1 else ">"
     return bool(struct.unpack_from(endian + "H", buf, 16)[0] == ET_CORE)
 
 
+class _Problems:
+    def __init__(self) -> None:
+        self.listed: list[str] = []
+        self.more = 0
+
+    def add(self, text: str) -> None:
+        if len(self.listed) < MAX_PROBLEMS:
+            self.listed.append(text)
+        else:
+            self.more += 1
+
+    def all(self) -> list[str]:
+        return self.listed + ([f"... and {self.more} more such problems"] if self.more else [])
+
+
 def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
-    """The layout of an ELF core, or None when ``buf`` is not one. Raises ValueError when the
-    headers themselves are unreadable (the caller then scans the file as raw bytes)."""
+    """The layout of an ELF core, or None when ``buf`` is not one. Raises CoreFormatError when
+    the headers themselves are unreadable (the caller then scans the file as raw bytes).
+
+    The headers may have been shaped by an attacker: every count and offset is checked against
+    the file before it is used, work is linear in the file's size, and what is kept is bounded
+    (``MAX_*``). A header that lies about the data after it (a segment past the end, a note
+    whose count is too large) is a problem listed in the layout, not a reason to give up."""
     if not is_elf_core(buf):
         return None
     is64 = buf[4] == 2
@@ -159,12 +224,34 @@ def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
         phentsize, phnum = r.unpack("HH", 42)
     if phnum == PN_XNUM:  # more than 65534 headers: the real count is section 0's sh_info
         phnum = r.unpack("I", shoff + (44 if is64 else 28))[0]
+    minimum = 56 if is64 else 32
+    # A smaller stride would read every header from (nearly) the same bytes: with a count of
+    # 2^32 from sh_info, billions of iterations over one header.
+    if phnum and phentsize < minimum:
+        raise CoreFormatError(
+            f"e_phentsize {phentsize} is smaller than a program header ({minimum} bytes)"
+        )
+    if phnum > MAX_PROGRAM_HEADERS:
+        raise CoreFormatError(
+            f"{phnum} program headers claimed, more than the {MAX_PROGRAM_HEADERS} a core can have"
+        )
     size = len(buf)
-    problems: list[str] = []
+    problems = _Problems()
+    # Headers whose bytes are all in the file (a core cut short inside them keeps the rest).
+    fit = 0
+    if phnum and size - phoff >= minimum:
+        fit = min(phnum, (size - phoff - minimum) // phentsize + 1)
+    if fit < phnum:
+        if fit == 0:
+            raise CoreFormatError(
+                f"the program headers at {phoff:#x} lie past the end of the file ({size} bytes)"
+            )
+        problems.add(
+            f"{phnum - fit} of {phnum} program headers lie past the end of the file (truncated)"
+        )
     segments: list[Segment] = []
-    files: list[NamedRange] = []
-    notes: list[NamedRange] = []
-    for i in range(phnum):
+    note_ranges: list[tuple[int, int, int]] = []
+    for i in range(fit):
         at = phoff + i * phentsize
         if is64:
             p_type, p_flags, p_offset, p_vaddr, _, p_filesz, p_memsz, p_align = r.unpack(
@@ -177,22 +264,56 @@ def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
         present = max(0, min(p_filesz, size - p_offset))
         if p_type == PT_LOAD:
             if present < p_filesz:
-                problems.append(
-                    f"segment at {p_vaddr:#x}: {p_filesz - present} bytes missing (file truncated)"
+                problems.add(
+                    f"segment at {p_vaddr:#x}: {p_filesz - present} of its {p_filesz} bytes are "
+                    "not in the file (file truncated, or the header lies)"
                 )
             segments.append(Segment(p_offset, present, p_vaddr, p_memsz, p_flags, p_filesz))
-        elif p_type == PT_NOTE:
-            align = p_align if p_align == 8 else 4
-            for ntype, owner, desc_at, descsz in _notes(r, p_offset, present, align):
-                notes.append(
-                    NamedRange(desc_at, desc_at + descsz, NOTE_NAMES.get(ntype, f"{ntype:#x}"))
-                )
-                if ntype == NT_FILE and owner == b"CORE":
-                    files += _parse_nt_file(r, desc_at, descsz)
+        elif p_type == PT_NOTE and present:
+            note_ranges.append((p_offset, present, p_align))
+    notes, files = _all_notes(r, note_ranges, problems)
     segments.sort(key=lambda s: s.offset)
     files.sort(key=lambda m: m.start)
     notes.sort(key=lambda m: m.start)
-    return CoreLayout(segments, files, notes, problems)
+    layout = CoreLayout(segments, files, notes, headers_end=phoff + fit * phentsize)
+    if layout.memory_bytes < sum(s.filesz for s in segments):
+        problems.add(
+            "PT_LOAD segments claim the same file bytes (a corrupt or shaped core): each byte "
+            "is given the address of the first segment that claims it"
+        )
+    layout.problems = problems.all()
+    return layout
+
+
+def _all_notes(
+    r: _Reader, ranges: list[tuple[int, int, int]], problems: _Problems
+) -> tuple[list[NamedRange], list[NamedRange]]:
+    """The notes of every PT_NOTE segment, each file byte read once: segments that overlap one
+    read before are skipped (65534 PT_NOTE headers over one region of 12-byte notes would
+    otherwise cost 65534 times the walk)."""
+    notes: list[NamedRange] = []
+    files: list[NamedRange] = []
+    reach = -1
+    for offset, present, p_align in sorted(ranges):
+        if offset < reach:
+            problems.add(f"PT_NOTE segment at {offset:#x} overlaps another: skipped")
+            continue
+        reach = offset + present
+        align = p_align if p_align == 8 else 4
+        for ntype, owner, desc_at, descsz in _notes(r, offset, present, align):
+            if len(notes) >= MAX_NOTES:
+                problems.add(f"more than {MAX_NOTES} notes: the rest are not named")
+                return notes, files
+            notes.append(
+                NamedRange(desc_at, desc_at + descsz, NOTE_NAMES.get(ntype, f"{ntype:#x}"))
+            )
+            if ntype == NT_FILE and owner == b"CORE":
+                room = MAX_FILE_ENTRIES - len(files)
+                try:
+                    files += _parse_nt_file(r, desc_at, descsz, room)
+                except CoreFormatError as exc:
+                    problems.add(f"{exc}: its mappings are not named")
+    return notes, files
 
 
 def _notes(r: _Reader, offset: int, size: int, align: int) -> Iterator[tuple[int, bytes, int, int]]:
@@ -209,13 +330,23 @@ def _notes(r: _Reader, offset: int, size: int, align: int) -> Iterator[tuple[int
         at = next_at
 
 
-def _parse_nt_file(r: _Reader, at: int, size: int) -> list[NamedRange]:
+def _parse_nt_file(r: _Reader, at: int, size: int, room: int) -> list[NamedRange]:
+    """The mappings an NT_FILE note names: (start, end, file offset) triples, then as many
+    NUL-terminated names. A count the note cannot hold is refused; at most ``room`` kept."""
     w = r.wsize
+    if size < 2 * w:
+        raise CoreFormatError(f"NT_FILE note at {at:#x} is {size} bytes, too short for its count")
     count, _page = r.unpack("WW", at)
-    if count > size // (3 * w):
-        raise ValueError("NT_FILE note: entry count larger than the note")
+    if count > (size - 2 * w) // (3 * w):
+        raise CoreFormatError(
+            f"NT_FILE note at {at:#x} claims {count} entries; its {size} bytes hold at most "
+            f"{(size - 2 * w) // (3 * w)}"
+        )
+    if count > room:
+        raise CoreFormatError(f"NT_FILE notes name more than {MAX_FILE_ENTRIES} mappings")
     ranges = [r.unpack("WWW", at + 2 * w + i * 3 * w) for i in range(count)]
-    names = bytes(r.buf[at + 2 * w + count * 3 * w : at + size]).split(b"\0")
+    # maxsplit: a note of a million NUL bytes must not become a million names.
+    names = bytes(r.buf[at + 2 * w + count * 3 * w : at + size]).split(b"\0", count)
     return [
         NamedRange(start, end, names[i].decode("utf-8", "replace") if i < len(names) else "?")
         for i, (start, end, _ofs) in enumerate(ranges)

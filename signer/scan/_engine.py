@@ -18,8 +18,13 @@ import hyperscan
 
 _ESCAPED = [bytes([b]) if bytes([b]).isalnum() and b < 0x80 else b"\\x%02x" % b for b in range(256)]
 
-MAX_HITS = 4_000_000
-"""Matches kept per scan; beyond it the result says it is incomplete instead of eating memory."""
+MAX_HITS = 250_000
+"""Matches kept per scan; beyond it the result says it is incomplete instead of eating memory.
+Each match costs up to about 800 bytes until the findings are made (a dump of scattered
+distinct fragments, each its own finding, is the worst case): 250000 keep a scan's own memory
+under 200 MiB (tests/unit/scan/test_hostile_cores.py holds ``signer scan`` under 384 MiB). It
+was 4000000, which let a dump shaped to be full of one secret's fragments take 3 GiB. A key
+present whole 1000 times in a dump still fits (a 256-byte component is 241 window matches)."""
 
 
 def escape(literal: bytes) -> bytes:
@@ -51,6 +56,12 @@ class PatternSet:
             elements=self.count,
             flags=flags,
         )
+        # Whether some pattern matches inside a run of NUL bytes: a sparse file's holes must
+        # then be searched too (otherwise they cannot hold a match and are skipped).
+        found: list[tuple[int, int]] = []
+        zeros = memoryview(bytes(2 * self.max_length))
+        self.scan_block(zeros, 0, len(zeros), found)
+        self.matches_zeros = bool(found)
 
     def scan_block(
         self, block: memoryview, base: int, own: int, out: list[tuple[int, int]]
@@ -76,23 +87,32 @@ class PatternSet:
         return len(out) < MAX_HITS
 
 
+def overlap(sets: Sequence[PatternSet]) -> int:
+    """Bytes a chunk must share with the next so no match is cut: the longest match, less one."""
+    return max(s.max_length for s in sets) - 1 if sets else 0
+
+
 def scan_chunks(
     view: memoryview,
     sets: Sequence[PatternSet],
     chunk_size: int,
+    ranges: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[list[list[tuple[int, int]]], bool]:
-    """Every match of every set in ``view``, per set; and whether the scan was complete."""
+    """Every match of every set in ``view``, per set; and whether the scan was complete.
+
+    ``ranges``: sorted, disjoint ``(start, end)`` parts of ``view`` to search (the rest is
+    holes of a sparse file); each match found lies wholly inside one of them."""
     hits: list[list[tuple[int, int]]] = [[] for _ in sets]
     if not sets:
         return hits, True
-    overlap = max(s.max_length for s in sets) - 1
-    size = len(view)
-    pos = 0
-    while pos < size:
-        own = min(chunk_size, size - pos)
-        with view[pos : min(size, pos + own + overlap)] as block:
-            for ps, out in zip(sets, hits, strict=True):
-                if not ps.scan_block(block, pos, own, out):
-                    return hits, False
-        pos += own
+    share = overlap(sets)
+    for start, end in [(0, len(view))] if ranges is None else ranges:
+        pos = start
+        while pos < end:
+            own = min(chunk_size, end - pos)
+            with view[pos : min(end, pos + own + share)] as block:
+                for ps, out in zip(sets, hits, strict=True):
+                    if not ps.scan_block(block, pos, own, out):
+                        return hits, False
+            pos += own
     return hits, True

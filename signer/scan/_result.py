@@ -68,22 +68,35 @@ class BlindCheck:
 
 @dataclass(frozen=True, slots=True)
 class BlindReport:
-    """Blind mode: structural detectors ran over the whole dump; math checks within a budget."""
+    """Blind mode: structural detectors ran over the whole dump; their candidates were confirmed,
+    then the math checks run, all within one budget."""
 
     budget_seconds: float
     public_keys: tuple[str, ...]
-    structural_candidates: int  # header/DER/JWK matches examined
+    structural_candidates: int  # header/DER/JWK matches found
     checks: tuple[BlindCheck, ...]
+    structural_examined: int | None = None  # of those, confirmed within the budget (None: all)
+
+    @property
+    def structural_complete(self) -> bool:
+        return self.structural_examined is None or (
+            self.structural_examined >= self.structural_candidates
+        )
 
     @property
     def complete(self) -> bool:
-        return all(c.complete for c in self.checks)
+        return self.structural_complete and all(c.complete for c in self.checks)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget_seconds": self.budget_seconds,
             "public_keys": list(self.public_keys),
             "structural_candidates": self.structural_candidates,
+            "structural_examined": (
+                self.structural_candidates
+                if self.structural_examined is None
+                else self.structural_examined
+            ),
             "complete": self.complete,
             "checks": [c.to_dict() for c in self.checks],
         }

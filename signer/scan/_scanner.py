@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+import bisect
+import errno
 import mmap
 import os
+import stat
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 from signer.errors import InvalidArgument
 from signer.keys import PublicKeyType
 from signer.scan import _blind
-from signer.scan._elf import AddressNamer, CoreLayout, NamedRange, parse_core, parse_maps
-from signer.scan._engine import MAX_HITS, PatternSet, scan_chunks
+from signer.scan._elf import (
+    AddressNamer,
+    CoreFormatError,
+    CoreLayout,
+    NamedRange,
+    parse_core,
+    parse_maps,
+)
+from signer.scan._engine import MAX_HITS, PatternSet, overlap, scan_chunks
 from signer.scan._patterns import Representation, representations
 from signer.scan._result import BlindReport, Finding, ScanResult
 from signer.scan._secrets import MIN_PATTERN, WHOLE_KEY, Secret
 
 DEFAULT_CHUNK = 64 << 20
+MIN_HOLE = 1 << 20
+"""Holes of a sparse file shorter than this are read like data: skipping them saves little, and
+one data range per 4 KiB block of a shaped file would be millions of ranges."""
+MAX_MAPS_BYTES = 64 << 20
+"""A maps snapshot larger than this is refused: 262144 mappings of 200-character lines fit."""
 
 
 class Scanner:
@@ -99,28 +115,22 @@ class Scanner:
         pass (a dump in which they are missing is not whole)."""
         path = Path(path)
         marker_set, names = self._markers(markers or {})
-        maps_text = Path(maps).read_text() if maps is not None else None
-        with self._lock, open(path, "rb") as f:
+        maps_text = _read_maps(Path(maps)) if maps is not None else None
+        with self._lock, _open_regular(path, "dump") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
-                return ScanResult(
-                    path=path,
-                    size=0,
-                    bytes_scanned=0,
-                    patterns=self.pattern_count,
-                    seconds=0.0,
-                    findings=[],
-                    is_core=False,
-                    markers_found=dict.fromkeys(names, 0),
-                    notes=["empty file"],
-                )
+                # Nothing to map (mmap refuses 0 bytes), but the same result as any file: a
+                # blind report included.
+                result = self._scan(path, memoryview(b""), maps_text, marker_set, names)
+                return replace(result, notes=["empty file", *result.notes])
             began = time.monotonic()
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 if hasattr(mmap, "MADV_SEQUENTIAL"):
                     mm.madvise(mmap.MADV_SEQUENTIAL)
                 view = memoryview(mm)
                 try:
-                    result = self._scan(path, view, maps_text, marker_set, names)
+                    data = _data_ranges(f.fileno(), size)
+                    result = self._scan(path, view, maps_text, marker_set, names, data)
                 finally:
                     view.release()
             return replace(result, seconds=time.monotonic() - began)
@@ -145,16 +155,28 @@ class Scanner:
         maps_text: str | None,
         marker_set: PatternSet | None,
         marker_names: list[str],
+        data: list[tuple[int, int]] | None = None,
     ) -> ScanResult:
+        """``data``: where a sparse file has data; None when it has no holes (or the file
+        system cannot say)."""
         size = len(view)
         notes: list[str] = []
         try:
             layout = parse_core(view)
-        except ValueError as exc:
+        except CoreFormatError as exc:
             layout = None
             notes.append(f"ELF core headers unreadable ({exc}): scanned as raw bytes")
         sets = [self._patterns] + ([marker_set] if marker_set is not None else [])
-        hits, complete = scan_chunks(view, sets, self.chunk_size)
+        if data is not None and any(s.matches_zeros for s in sets):
+            data = None  # a pattern of NUL bytes could match inside a hole: read them too
+        ranges = None if data is None else _widen(data, overlap(sets), size)
+        if data is not None:
+            hole = size - sum(end - start for start, end in data)
+            notes.append(
+                f"sparse file: {hole} bytes in holes (all zero, no pattern can match there) "
+                "were not read"
+            )
+        hits, complete = scan_chunks(view, sets, self.chunk_size, ranges)
         if not complete:
             notes.append(
                 f"stopped after {MAX_HITS} matches: the result is INCOMPLETE (is the dump full "
@@ -168,14 +190,23 @@ class Scanner:
             structural = [
                 (self._kinds[pid - self._nlit], at) for pid, at in hits[0] if pid >= self._nlit
             ]
-            found = _blind.structural_findings(view, structural, self.public_keys)
+            # One budget for all blind work: structural candidates first (a dump crowded with
+            # decoys cannot hold the scan longer), the math checks get what is left.
+            deadline = time.monotonic() + self.blind_budget_seconds
+            found, examined = _blind.structural_findings(
+                view, structural, self.public_keys, deadline
+            )
             regions = (
-                [_blind.Region(s.offset, s.filesz, s.vaddr) for s in layout.segments if s.filesz]
+                [_blind.Region(s.offset, s.filesz, s.vaddr) for s in layout.pieces]
                 if layout is not None
                 else [_blind.Region(0, size, 0)]
             )
             verified, checks = _blind.run_checks(
-                view, regions, self.public_keys, self.blind_budget_seconds
+                view,
+                regions,
+                self.public_keys,
+                max(0.0, deadline - time.monotonic()),
+                None if data is None else _blind.Holes(data),
             )
             findings += _drop_contained(found + verified, findings)
             blind = BlindReport(
@@ -183,8 +214,15 @@ class Scanner:
                 tuple(self.public_keys.keys),
                 len(structural),
                 tuple(checks),
+                examined,
             )
-            if not blind.complete:
+            if not blind.structural_complete:
+                notes.append(
+                    f"blind mode confirmed {examined} of {len(structural)} private-key "
+                    f"structures within the budget of {self.blind_budget_seconds:g} s: the "
+                    "result is INCOMPLETE"
+                )
+            if not all(c.complete for c in blind.checks):
                 notes.append(
                     "blind math checks did not cover all memory within the budget of "
                     f"{self.blind_budget_seconds:g} s (see blind.checks)"
@@ -271,10 +309,15 @@ class Scanner:
                 comp_end[component] = max(comp_end.get(component, -1), end)
                 if component in WHOLE_KEY:
                     whole_end = max(whole_end, end)
+            # Fragments, in order of start: what earlier fragments cover of one is a prefix of
+            # it, up to their furthest end; the whole matches' cover is looked up. Linear in
+            # the matches (a dump holding a PIN 400000 times once took hours, quadratically).
+            cover = _Cover([(a, e) for a, e, _, _ in kept])
+            reach = -1
             for start, end, full, ri in found:
-                spans = [(a, e) for a, e, _, _ in kept]
-                if not full and _uncovered(start, end, spans) >= self.min_fragment:
+                if not full and cover.uncovered(max(start, reach), end) >= self.min_fragment:
                     kept.append((start, end, full, ri))
+                    reach = max(reach, end)
             for start, end, full, ri in sorted(kept):
                 rep = reps[ri]
                 name = rep.name if full else f"fragment:{rep.name}"
@@ -282,16 +325,33 @@ class Scanner:
         return out
 
 
-def _uncovered(start: int, end: int, spans: Sequence[tuple[int, int]]) -> int:
-    """How many bytes of [start, end) no span covers."""
-    covered = 0
-    cursor = start
-    for a, b in sorted(spans):
-        a, b = max(a, cursor), min(b, end)
-        if a < b:
-            covered += b - a
-            cursor = b
-    return (end - start) - covered
+class _Cover:
+    """The union of byte ranges, asked how much of a range it leaves uncovered: O(log n)."""
+
+    def __init__(self, spans: Iterable[tuple[int, int]]) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        for a, b in sorted(spans):
+            if self._ends and a <= self._ends[-1]:
+                self._ends[-1] = max(self._ends[-1], b)
+            else:
+                self._starts.append(a)
+                self._ends.append(b)
+        self._before = [0]  # bytes covered before each merged range
+        for a, b in zip(self._starts, self._ends, strict=True):
+            self._before.append(self._before[-1] + b - a)
+
+    def _covered_below(self, x: int) -> int:
+        i = bisect.bisect_right(self._starts, x) - 1
+        if i < 0:
+            return 0
+        return self._before[i] + min(x, self._ends[i]) - self._starts[i]
+
+    def uncovered(self, start: int, end: int) -> int:
+        """How many bytes of [start, end) no range covers."""
+        if start >= end:
+            return 0
+        return (end - start) - (self._covered_below(end) - self._covered_below(start))
 
 
 def _drop_contained(blind: list[Finding], known: list[Finding]) -> list[Finding]:
@@ -304,11 +364,89 @@ def _drop_contained(blind: list[Finding], known: list[Finding]) -> list[Finding]
         if f.offset + f.length > end:
             out.append(f)
         end = max(end, f.offset + f.length)
-    return [
-        f
-        for f in out
-        if not any(k.offset < f.offset + f.length and f.offset < k.offset + k.length for k in known)
-    ]
+    cover = _Cover((k.offset, k.offset + k.length) for k in known)
+    return [f for f in out if cover.uncovered(f.offset, f.offset + f.length) == f.length]
+
+
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file. A FIFO, a device or a directory is
+    refused: their size says nothing of what they hold (``/dev/zero`` and a pipe of a
+    compressed core both look empty), so a scan of one would be reported clean. Opened without
+    blocking: a FIFO with no writer would otherwise hold the scan forever."""
+    kinds = {
+        stat.S_IFIFO: "a FIFO or pipe",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+        stat.S_IFDIR: "a directory",
+        stat.S_IFSOCK: "a socket",
+    }
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = kinds.get(stat.S_IFMT(mode), "not a regular file")
+        raise InvalidArgument(
+            f"{what} {path} is {kind}, not a regular file: save it to a file and scan that "
+            "(decompress a compressed core first)"
+        )
+    return open(fd, "rb")
+
+
+def _read_maps(path: Path) -> str:
+    """A ``/proc/PID/maps`` snapshot, at most MAX_MAPS_BYTES; names that are not UTF-8 (a path
+    may be any bytes) are kept with replacement characters."""
+    with _open_regular(path, "maps snapshot") as f:
+        raw = f.read(MAX_MAPS_BYTES + 1)
+    if len(raw) > MAX_MAPS_BYTES:
+        raise InvalidArgument(f"maps snapshot {path} is larger than {MAX_MAPS_BYTES} bytes")
+    return raw.decode("utf-8", "replace")
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """Where a sparse file has data, from SEEK_DATA/SEEK_HOLE (holes shorter than MIN_HOLE
+    joined to the data around them); None for a file without holes, or when the file system
+    cannot say. Kernel cores are sparse (the dumper seeks over zero pages), and a shaped file
+    can be 4 GiB of hole around a few bytes: holes are never read."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+            if out and start - out[-1][1] < MIN_HOLE:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+            pos = end
+    except (OSError, AttributeError):
+        return None  # no SEEK_DATA here: read everything
+    if out and out[0][0] < MIN_HOLE:
+        out[0] = (0, out[0][1])
+    if out and size - out[-1][1] < MIN_HOLE:
+        out[-1] = (out[-1][0], size)
+    if out == [(0, size)]:
+        return None
+    return out
+
+
+def _widen(data: Sequence[tuple[int, int]], by: int, size: int) -> list[tuple[int, int]]:
+    """Data ranges grown by ``by`` bytes each way (a match may begin or end in the zeros of a
+    hole next to data) and merged where they then meet."""
+    out: list[tuple[int, int]] = []
+    for start, end in data:
+        a, b = max(0, start - by), min(size, end + by)
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _locate(

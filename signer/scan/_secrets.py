@@ -12,7 +12,9 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from signer.errors import InvalidArgument
+from signer.errors import InvalidArgument, shown
 from signer.keys import PublicKeyType
 
 KINDS = ("rsa", "ec", "ed25519", "pin", "raw")
@@ -32,6 +34,15 @@ MIN_PATTERN = 6
 """Shorter patterns match by chance all over a dump: a finding would mean nothing."""
 MAX_TEXT_SECRET = 1 << 16
 """A PIN or raw secret larger than this is more likely a key file in a format not recognised."""
+MAX_KEY_FILE = 4 << 20
+"""The largest secrets or public-key file read: a JWK Set or a certificate bundle is far smaller,
+and a device or a dump given by mistake must not be read into memory whole."""
+MAX_RSA_BITS = 16384
+"""OpenSSL's own limit on an RSA modulus. Recovering p and q from a JWK's n, e and d costs
+modular exponentiations in Python: about 8 s at 16384 bits, minutes beyond."""
+MAX_RSA_EXPONENT_BITS = 64
+"""An RSA public exponent wider than this is refused (OpenSSL refuses them for moduli above
+3072 bits): the recovery's cost grows with it too."""
 
 # Components by how they are represented (see _patterns); any other component is text-like.
 NUMERIC = ("d", "p", "q", "dP", "dQ", "qInv", "private_value", "seed")
@@ -169,8 +180,22 @@ def _b64url_int(value: Any, what: str) -> int:
     return int.from_bytes(raw, "big")
 
 
-def jwk_private_key(jwk: dict[str, Any], where: str) -> PrivateKey:
-    """A private key from an RFC 7517 JWK (RSA, EC P-256/384/521, OKP Ed25519)."""
+def _rsa_sizes(n: int, e: int, where: str, max_bits: int) -> None:
+    if n.bit_length() > max_bits:
+        raise InvalidArgument(
+            f"{where}: RSA modulus of {n.bit_length()} bits, more than {max_bits}"
+        )
+    if e.bit_length() > MAX_RSA_EXPONENT_BITS:
+        raise InvalidArgument(
+            f"{where}: RSA public exponent wider than {MAX_RSA_EXPONENT_BITS} bits"
+        )
+
+
+def jwk_private_key(
+    jwk: dict[str, Any], where: str, max_rsa_bits: int = MAX_RSA_BITS
+) -> PrivateKey:
+    """A private key from an RFC 7517 JWK (RSA, EC P-256/384/521, OKP Ed25519). An RSA modulus
+    above ``max_rsa_bits`` is refused before any arithmetic on it (see MAX_RSA_BITS)."""
     kty = jwk.get("kty")
     if "d" not in jwk:
         raise InvalidArgument(f"{where}: JWK has no private part ('d')")
@@ -181,6 +206,7 @@ def jwk_private_key(jwk: dict[str, Any], where: str) -> PrivateKey:
     try:
         if kty == "RSA":
             n, e, d = num("n"), num("e"), num("d")
+            _rsa_sizes(n, e, where, max_rsa_bits)
             if "p" in jwk and "q" in jwk:
                 p, q = num("p"), num("q")
             else:
@@ -198,7 +224,9 @@ def jwk_private_key(jwk: dict[str, Any], where: str) -> PrivateKey:
         if kty == "EC":
             curve = _CURVES.get(str(jwk.get("crv")))
             if curve is None:
-                raise InvalidArgument(f"{where}: JWK curve {jwk.get('crv')!r} is not supported")
+                raise InvalidArgument(
+                    f"{where}: JWK curve {shown(jwk.get('crv'))} is not supported"
+                )
             key = ec.derive_private_key(num("d"), curve)
             if "x" in jwk and key.public_key().public_numbers().x != num("x"):
                 raise InvalidArgument(f"{where}: JWK 'd' does not match its 'x'")
@@ -206,9 +234,11 @@ def jwk_private_key(jwk: dict[str, Any], where: str) -> PrivateKey:
         if kty == "OKP" and jwk.get("crv") == "Ed25519":
             d = num("d")
             return ed25519.Ed25519PrivateKey.from_private_bytes(d.to_bytes(32, "big"))
-    except (ValueError, OverflowError) as exc:
+    except (ValueError, ArithmeticError) as exc:
+        # ArithmeticError: OverflowError (a value no key has), and any other from the
+        # arithmetic on numbers the file chose.
         raise InvalidArgument(f"{where}: JWK is not a valid private key ({exc})") from None
-    raise InvalidArgument(f"{where}: JWK key type {kty!r} is not supported")
+    raise InvalidArgument(f"{where}: JWK key type {shown(kty)} is not supported")
 
 
 def _jwk_objects(data: bytes) -> list[dict[str, Any]] | None:
@@ -217,7 +247,8 @@ def _jwk_objects(data: bytes) -> list[dict[str, Any]] | None:
         return None
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # RecursionError: arrays nested thousands deep (json has no depth limit of its own).
         return None
     if isinstance(obj, dict) and isinstance(obj.get("keys"), list):
         return [k for k in obj["keys"] if isinstance(k, dict)]
@@ -253,6 +284,19 @@ def _pem_private_keys(data: bytes, where: str) -> list[PrivateKey] | None:
     return keys
 
 
+def read_key_file(path: Path, what: str = "key file") -> bytes:
+    """A secrets or public-key file, at most MAX_KEY_FILE bytes. A FIFO or device is refused
+    (opened without blocking: a FIFO with no writer would hold the scan forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # OSError: the CLI names it
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise InvalidArgument(f"{what} {path} is not a regular file")
+        data = f.read(MAX_KEY_FILE + 1)
+    if len(data) > MAX_KEY_FILE:
+        raise InvalidArgument(f"{what} {path} is larger than {MAX_KEY_FILE} bytes")
+    return data
+
+
 def load_secrets(paths: Iterable[Path | str]) -> list[Secret]:
     """Secrets from files: PEM/DER private keys (PKCS#8, PKCS#1, SEC1, OpenSSH), JWK JSON (a key
     or a JWK Set), a ``*.pin`` file (a PIN) or any other file (a raw secret; one trailing newline
@@ -260,7 +304,7 @@ def load_secrets(paths: Iterable[Path | str]) -> list[Secret]:
     out: list[Secret] = []
     for raw_path in paths:
         path = Path(raw_path)
-        data = path.read_bytes()
+        data = read_key_file(path, "secrets file")
         where = str(path)
         keys: list[PrivateKey] | None = _pem_private_keys(data, where)
         if keys is None:
@@ -305,7 +349,12 @@ def public_key_id(key: PublicKeyType) -> str:
 
 def _as_public(obj: Any, where: str) -> PublicKeyType:
     if isinstance(obj, x509.Certificate):
-        obj = obj.public_key()
+        try:
+            obj = obj.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise InvalidArgument(
+                f"{where}: the certificate's public key does not load: {exc}"
+            ) from None
     if isinstance(obj, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         obj = obj.public_key()
     if isinstance(obj, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
@@ -362,16 +411,19 @@ def _jwk_public_key(jwk: dict[str, Any], where: str) -> PublicKeyType:
 
     try:
         if kty == "RSA":
-            return rsa.RSAPublicNumbers(num("e"), num("n")).public_key()
+            n, e = num("n"), num("e")
+            _rsa_sizes(n, e, where, MAX_RSA_BITS)
+            return rsa.RSAPublicNumbers(e, n).public_key()
         if kty == "EC" and str(jwk.get("crv")) in _CURVES:
             return ec.EllipticCurvePublicNumbers(
                 num("x"), num("y"), _CURVES[str(jwk["crv"])]
             ).public_key()
         if kty == "OKP" and jwk.get("crv") == "Ed25519":
             return ed25519.Ed25519PublicKey.from_public_bytes(num("x").to_bytes(32, "big"))
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
+        # OverflowError: an Ed25519 'x' longer than 32 bytes.
         raise InvalidArgument(f"{where}: JWK is not a valid public key ({exc})") from None
-    raise InvalidArgument(f"{where}: JWK key type {kty!r} is not supported")
+    raise InvalidArgument(f"{where}: JWK key type {shown(kty)} is not supported")
 
 
 def load_public_keys(paths: Sequence[Path | str]) -> dict[str, PublicKeyType]:
@@ -380,7 +432,7 @@ def load_public_keys(paths: Sequence[Path | str]) -> dict[str, PublicKeyType]:
     out: dict[str, PublicKeyType] = {}
     for raw_path in paths:
         path = Path(raw_path)
-        keys = _public_keys_in(path.read_bytes(), str(path))
+        keys = _public_keys_in(read_key_file(path, "public key file"), str(path))
         for i, k in enumerate(keys):
             out[path.name if len(keys) == 1 else f"{path.name}#{i}"] = k
     return out
