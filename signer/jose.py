@@ -16,7 +16,7 @@ from typing import Any
 
 import jwt
 
-from signer.errors import InvalidArgument
+from signer.errors import InvalidArgument, shown
 
 MAX_CLAIMS_BYTES = 64 * 1024
 
@@ -41,6 +41,9 @@ def check_claims(claims: bytes) -> dict[str, Any]:
         parsed = json.loads(claims.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"claims are not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        # json has no depth limit of its own: 64 KiB of '[' ends in Python's recursion limit.
+        raise InvalidArgument("claims nest arrays or objects too deeply") from None
     if not isinstance(parsed, dict):
         raise InvalidArgument(f"claims must be a JSON object, not {type(parsed).__name__}")
     return parsed
@@ -72,22 +75,35 @@ def verify_jwt(
     except jwt.PyJWTError as exc:
         raise TokenRejected(f"not a compact JWS: {exc}") from None
     kid, alg = header.get("kid"), header.get("alg")
-    found = [k for k in jwks.get("keys", ()) if isinstance(k, Mapping) and k.get("kid") == kid]
+    # The JWKS may come from elsewhere than our service (a verifier's cache, a proxy): one that
+    # is not a JWK Set is a reason to refuse the token, not another exception (issue 12).
+    keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
+    if not isinstance(keys, list):
+        raise TokenRejected("the JWKS has no list of keys")
+    found = [k for k in keys if isinstance(k, Mapping) and k.get("kid") == kid]
     if len(found) != 1:
         raise TokenRejected(
-            f"the JWKS has {'no' if not found else len(found)} key(s) with kid {kid!r}"
+            f"the JWKS has {'no' if not found else len(found)} key(s) with kid {shown(kid)}"
         )
     jwk = found[0]
     scope = jwk.get("scope")
     if scope != expected_scope:
         raise TokenRejected(
-            f"key {kid!r} belongs to scope {scope!r}, not {expected_scope!r}: "
+            f"key {shown(kid)} belongs to scope {shown(scope)}, not {expected_scope!r}: "
             "its tokens are not for this verifier, whatever their signature"
         )
-    if alg != jwk.get("alg") or alg not in jwt.algorithms.get_default_algorithms():
-        raise TokenRejected(f"header alg {alg!r} is not the key's ({jwk.get('alg')!r})")
+    if (
+        not isinstance(alg, str)
+        or alg != jwk.get("alg")
+        or alg not in jwt.algorithms.get_default_algorithms()
+    ):
+        raise TokenRejected(f"header alg {shown(alg)} is not the key's ({shown(jwk.get('alg'))})")
     try:
         key = jwt.PyJWK(dict(jwk)).key
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        # PyJWT lets a malformed member through as the error of whatever touched it first.
+        raise TokenRejected(f"key {shown(kid)} of the JWKS is not usable: {exc}") from None
+    try:
         claims: dict[str, Any] = jwt.decode(
             token,
             key,

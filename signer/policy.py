@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from signer.config import read_toml
-from signer.errors import ConfigError
+from signer.config import line_of, parse_toml, read_text
+from signer.errors import ConfigError, shown
 
 # What a grant can allow; every RPC is one of these.
 OPERATIONS = frozenset(
@@ -169,38 +169,52 @@ def _strings(value: Any, where: str) -> list[str]:
     return value
 
 
-def parse(data: dict[str, Any], source: str = "") -> Policy:
+def _line(text: str, table: str, index: int = 1) -> str:
+    line = line_of(text, table, index=index) if text else None
+    return f" (line {line})" if line is not None else ""
+
+
+def parse(data: dict[str, Any], source: str = "", text: str = "") -> Policy:
+    """A policy from a parsed file; ``text``, the file's text, lets a message name the line of
+    the entry it is about."""
     unknown = set(data) - {"grant", "revoked"}
     if unknown:
-        raise ConfigError(f"policy {source}: unknown table(s) {', '.join(sorted(unknown))}")
+        first = sorted(unknown)[0]
+        raise ConfigError(
+            f"policy {source}: unknown table(s) {', '.join(shown(u) for u in sorted(unknown))}"
+            + _line(text, first)
+        )
     raw = data.get("grant", [])
     if not isinstance(raw, list):
         raise ConfigError(f"policy {source}: 'grant' must be an array of tables ([[grant]])")
     grants = []
     for i, g in enumerate(raw, 1):
-        where = f"policy {source}: grant #{i}"
+        where = f"policy {source}: grant #{i}{_line(text, 'grant', i)}"
         if not isinstance(g, dict):
             raise ConfigError(f"{where} must be a table")
         extra = set(g) - {"callers", "operations", "scopes", "keys", "issuers"}
         if extra:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
+            raise ConfigError(
+                f"{where}: unknown field(s) {', '.join(shown(x) for x in sorted(extra))}"
+            )
         callers = _strings(g.get("callers"), f"{where}: callers")
         bad = [c for c in callers if not c.startswith(_CALLER_KINDS) or c.endswith(":")]
         if bad:
             raise ConfigError(
-                f"{where}: caller(s) {', '.join(map(repr, bad))} must start with "
+                f"{where}: caller(s) {', '.join(map(shown, bad))} must start with "
                 f"{', '.join(_CALLER_KINDS)} and name someone"
             )
         for c in callers:
-            if c.startswith("uid:") and not c[4:].isdigit():
-                raise ConfigError(f"{where}: {c!r} is not a numeric uid")
+            # isascii: str.isdigit() takes other scripts' digits, which no peer's uid has.
+            if c.startswith("uid:") and not (c[4:].isascii() and c[4:].isdigit()):
+                raise ConfigError(f"{where}: {shown(c)} is not a numeric uid")
         ops = _strings(g.get("operations"), f"{where}: operations")
         if ANY in ops:
             ops = sorted(OPERATIONS)
         wrong = sorted(set(ops) - OPERATIONS)
         if wrong:
             raise ConfigError(
-                f"{where}: unknown operation(s) {', '.join(wrong)} "
+                f"{where}: unknown operation(s) {', '.join(map(shown, wrong))} "
                 f"(known: {', '.join(sorted(OPERATIONS))}, or '*')"
             )
         scopes = _strings(g.get("scopes", []), f"{where}: scopes") if "scopes" in g else []
@@ -212,15 +226,15 @@ def parse(data: dict[str, Any], source: str = "") -> Policy:
             Grant(frozenset(callers), frozenset(ops), frozenset(scopes), tuple(keys),
                   frozenset(issuers))
         )  # fmt: skip
-    return Policy(tuple(grants), source, _revoked(data.get("revoked", []), source))
+    return Policy(tuple(grants), source, _revoked(data.get("revoked", []), source, text))
 
 
-def _revoked(raw: Any, source: str) -> frozenset[tuple[str, str]]:
+def _revoked(raw: Any, source: str, text: str) -> frozenset[tuple[str, str]]:
     if not isinstance(raw, list):
         raise ConfigError(f"policy {source}: 'revoked' must be an array of tables ([[revoked]])")
     out: set[tuple[str, str]] = set()
     for i, r in enumerate(raw, 1):
-        where = f"policy {source}: revoked #{i}"
+        where = f"policy {source}: revoked #{i}{_line(text, 'revoked', i)}"
         if not isinstance(r, dict) or set(r) != {"issuer", "serials"}:
             raise ConfigError(f"{where} must be a table with issuer and serials, and nothing else")
         if not isinstance(r["issuer"], str) or not r["issuer"]:
@@ -228,7 +242,7 @@ def _revoked(raw: Any, source: str) -> frozenset[tuple[str, str]]:
         for serial in _strings(r["serials"], f"{where}: serials"):
             digits = serial_number(serial)
             if not all(c in "0123456789ABCDEF" for c in digits):
-                raise ConfigError(f"{where}: serial {serial!r} is not hexadecimal")
+                raise ConfigError(f"{where}: serial {shown(serial)} is not hexadecimal")
             out.add((r["issuer"], digits))
     return frozenset(out)
 
@@ -241,5 +255,7 @@ def grant_everything(callers: Iterable[str]) -> str:
 
 
 def load(path: str | Path) -> Policy:
-    """Reads and checks a policy file; any problem is a ConfigError naming it."""
-    return parse(read_toml(path, "policy file"), str(path))
+    """Reads and checks a policy file; any problem is a ConfigError naming it and, where it can,
+    the line (the service keeps its old policy when a reload raises one)."""
+    text = read_text(path, "policy file")
+    return parse(parse_toml(text, f"policy file {path}"), str(path), text)
