@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv proto run test unit integration crash audit bench soak lint typecheck clean
+.PHONY: all deps apt venv proto run test unit integration crash audit bench soak fuzz lint typecheck clean
 
 all: deps
 
@@ -50,8 +50,8 @@ run: deps
 	$(VENV)/bin/signer run --dir var
 
 lint: deps
-	$(VENV)/bin/ruff check signer tests
-	$(VENV)/bin/ruff format --check signer tests
+	$(VENV)/bin/ruff check signer tests fuzz
+	$(VENV)/bin/ruff format --check signer tests fuzz
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -94,6 +94,23 @@ SOAK_ARGS ?=
 
 soak: deps
 	$(PY) -m tests.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
+
+# Coverage-guided fuzzing (atheris) of the parsers that meet hostile input: the ELF reader, the
+# scan in both modes, policy, configuration, key files, JWTs (fuzz/targets.py). One target at a
+# time for FUZZ_SECONDS each, a target's RSS bounded by FUZZ_RSS_MB; prints executions,
+# coverage and findings per target (var/fuzz/report.json). A crashing input is kept in
+# fuzz/crashes/<target>/ and `make test` replays it. FUZZ_ARGS passes options, e.g.
+# FUZZ_ARGS='--targets elf,policy --merge' (--merge adds new-coverage inputs to fuzz/corpus/).
+FUZZ_SECONDS ?= 60
+FUZZ_RSS_MB ?= 1024
+FUZZ_ARGS ?=
+
+fuzz: deps $(VENV)/.fuzz-installed
+	$(PY) -m fuzz.campaign --seconds $(FUZZ_SECONDS) --rss-mb $(FUZZ_RSS_MB) $(FUZZ_ARGS)
+
+$(VENV)/.fuzz-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,fuzz]'
+	@touch $@
 
 clean:
 	rm -rf $(VENV) $(GEN) .mypy_cache .ruff_cache .pytest_cache
