@@ -25,11 +25,13 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fuzz import seeds as seeding
+from fuzz import targets
 from fuzz.targets import TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,11 +88,15 @@ def _run(target: str, args: argparse.Namespace) -> Run:
         str(seeds),
         str(generated),
     ]
-    env = {**os.environ, "FUZZ_ARGV0": str(wrapper)}
+    scratch = tempfile.mkdtemp(prefix="signer-fuzz-", dir=targets.scratch())
+    env = {**os.environ, "FUZZ_ARGV0": str(wrapper), "SIGNER_FUZZ_WORKDIR": scratch}
     began = time.monotonic()
     log = VAR / f"{target}.log"
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     run = Run(target, seconds=round(time.monotonic() - began, 1), exit_code=proc.returncode)
     text = log.read_text(errors="replace")
     for m in _PROGRESS.finditer(text):
@@ -102,7 +108,11 @@ def _run(target: str, args: argparse.Namespace) -> Run:
     if proc.returncode != 0 and not run.findings:
         run.findings = [f"exit {proc.returncode} without an input written: see {log}"]
     if args.merge and not run.findings:
-        _merge(wrapper, env, seeds, work, args.max_len)
+        os.makedirs(scratch)
+        try:
+            _merge(wrapper, env, seeds, work, args.max_len)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return run
 
 

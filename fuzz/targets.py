@@ -14,9 +14,11 @@ Plain functions, importable without atheris: ``tests/unit/test_fuzz_regressions.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import tomllib
 from collections.abc import Callable
@@ -50,9 +52,19 @@ input full of decoys ends well inside the driver's timeout, as the budget promis
 
 @cache
 def _workdir() -> Path:
-    # /dev/shm when there is one: a file per execution, thousands a second.
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
-    return Path(tempfile.mkdtemp(prefix="signer-fuzz-", dir=base))
+    # /dev/shm when there is one: a file per execution, thousands a second. Removed at exit;
+    # libFuzzer ends without running atexit, so the campaign names the directory and removes it.
+    given = os.environ.get("SIGNER_FUZZ_WORKDIR")
+    if given:
+        return Path(given)
+    path = Path(tempfile.mkdtemp(prefix="signer-fuzz-", dir=scratch()))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def scratch() -> str | None:
+    """Where the targets' files go: /dev/shm when there is one."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108
 
 
 def _file(data: bytes, name: str) -> Path:
