@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 from signer.config import Config
 from signer.errors import FailedPrecondition, NotFound
-from signer.keys import ImportToken, State, Version, algorithm, valid_name
+from signer.keys import ImportToken, State, Version, algorithm, algorithm_kind, valid_name
 
 if TYPE_CHECKING:  # the CLI imports this module for its defaults: no PKCS#11 until needed
     from signer.store import Store
@@ -229,7 +229,7 @@ def survey(
                      "key object")  # fmt: skip
         elif len(privates) > 1:
             note(DUPLICATE, key_id, _of(v), f"{len(privates)} private key objects share its id")
-        elif not _holds(token, key_id, v):
+        elif not _holds(token, privates[0], groups[key_id], v):
             note(MISMATCH, key_id, _of(v), "its token object is not the private half of the "
                  "public key the store holds")  # fmt: skip
 
@@ -329,11 +329,21 @@ def _repaired(
     return replace(f, repaired=True)
 
 
-def _holds(token: Token, key_id: bytes, v: Version) -> bool:
-    """Whether the version's object holds its public key; True for an object destroyed since
-    the listing (a running service's reaper): the next pass sees what it became."""
+def _holds(token: Token, private: TokenObject, objs: list[TokenObject], v: Version) -> bool:
+    """Whether the version's object holds its public key: of the algorithm's kind, and showing
+    (through its public key object, else itself) the store's public key; where the token shows
+    none (an unwrapped EC key on SoftHSM2), signing a challenge the store's public key
+    verifies. True for an object destroyed since the listing (a running service's reaper):
+    the next pass sees what it became."""
+    alg = algorithm(v.algorithm)
+    if private.key_kind != algorithm_kind(alg):
+        return False
+    publics = [o for o in objs if o.kind == "public"]
+    shown = publics[0].public_der if len(publics) == 1 else private.public_der
+    if shown is not None:
+        return shown == v.public_key_der
     try:
-        return token.holds_private_half(key_id, algorithm(v.algorithm), v.public_key_der)
+        return token.holds_private_half(v.key_id, alg, v.public_key_der)
     except NotFound:
         return True
 
@@ -391,7 +401,12 @@ def reconcile_with_config(
             "compares twice, --grace seconds apart (default "
             f"{DEFAULT_GRACE_SECONDS:g}); a single pass needs the service stopped"
         )
-    token = Token(replace(cfg.token, sessions=1, lanes=1), Pin(cfg.token.pin_file))
+    # One session, and no health checks: a short command has no use for them, and on a large
+    # token that another process keeps changing each one rereads every object (SoftHSM2), slow
+    # enough on a busy machine to be taken for a token that stopped answering.
+    quiet = replace(cfg.token, sessions=1, lanes=1, health_interval_seconds=3600.0,
+                    stall_seconds=3600.0)  # fmt: skip
+    token = Token(quiet, Pin(cfg.token.pin_file))
     store = SQLiteStore(cfg.store.path)
     try:
         token.start(wait=True)

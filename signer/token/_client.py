@@ -65,6 +65,7 @@ from signer.errors import (
     Unavailable,
 )
 from signer.keys import (
+    ALGORITHMS,
     Algorithm,
     Family,
     Padding,
@@ -1085,11 +1086,16 @@ def _ec_point(value: bytes, size: int) -> bytes:
 @dataclass(frozen=True)
 class TokenObject:
     """A token object as :meth:`Token.objects` lists it. ``kind``: private, public, secret or
-    other (certificates, data)."""
+    other (certificates, data). For key pairs' objects, ``key_kind`` names what it holds (as
+    :func:`signer.keys.algorithm_kind` names algorithms) and ``public_der`` is the public key it
+    shows (SubjectPublicKeyInfo DER): a public key object's, an RSA private key's; None where
+    the token shows none (an EC private key on SoftHSM2)."""
 
     key_id: bytes
     label: str
     kind: str
+    key_kind: str = ""
+    public_der: bytes | None = None
 
 
 _KINDS = {
@@ -1097,9 +1103,18 @@ _KINDS = {
     ObjectClass.PUBLIC_KEY: "public",
     ObjectClass.SECRET_KEY: "secret",
 }
+# Any algorithm of the family (and curve) serves to read a public key's value.
+_READERS = {
+    **{_CURVE_OIDS[a.curve]: a for a in ALGORITHMS.values() if a.curve in _CURVE_OIDS},
+    **{params: ALGORITHMS["ed25519"] for params in _ED25519_PARAMS},
+}
 
 
 def _described(obj: Any) -> TokenObject:
+    """One object, read once: a listing of the whole token then compares every key version
+    with its object without a search per version (each search reads every object in
+    SoftHSM2: 43 ms a version at 440 objects, measured)."""
+
     def read(attr: Attribute) -> Any:
         try:
             return obj[attr]
@@ -1107,4 +1122,17 @@ def _described(obj: Any) -> TokenObject:
             return None
 
     key_id, label, cls = read(Attribute.ID), read(Attribute.LABEL), read(Attribute.CLASS)
-    return TokenObject(bytes(key_id or b""), str(label or ""), _KINDS.get(cls, "other"))
+    kind = _KINDS.get(cls, "other")
+    key_kind, public = "", None
+    if kind in ("private", "public"):
+        key_kind = _object_kind(obj)
+        key_type = read(Attribute.KEY_TYPE)
+        reader = (
+            ALGORITHMS["rsa-2048"]
+            if key_type == KeyType.RSA
+            else _READERS.get(bytes(read(Attribute.EC_PARAMS) or b""))
+        )
+        if reader is not None:
+            with contextlib.suppress(Internal):  # a malformed point shows nothing
+                public = _public_of_private(obj, reader)
+    return TokenObject(bytes(key_id or b""), str(label or ""), kind, key_kind, public)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from signer import hsm
-from tests.conftest import TokenHostHandle
+from tests.conftest import TokenHostHandle, wait_until
 
 
 @pytest.fixture
@@ -26,6 +28,9 @@ def own_host(token_host, tmp_path_factory) -> Iterator[TokenHostHandle]:
     try:
         hsm.init(root, tls=False)
         host.start()
+        # start() returns once the socket exists, which may be before the server listens on it
+        # (a client then sees no token: seen here once in about twenty starts).
+        assert wait_until(lambda: _accepts(host.paths.socket), 10), "the token host is not up"
         yield TokenHostHandle(host, root)
     finally:
         if host.pid is not None:
@@ -37,6 +42,15 @@ def own_host(token_host, tmp_path_factory) -> Iterator[TokenHostHandle]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def freeze(handle: TokenHostHandle) -> None:

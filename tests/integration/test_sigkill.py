@@ -283,7 +283,12 @@ def serving(address: str) -> bool:
 @pytest.fixture
 def deploy(own_host, service_process_factory, tmp_path) -> Iterator[Callable[..., Deployment]]:  # noqa: F811
     made: list[Deployment] = []
-    watcher = Token(own_host.token_config(sessions=1, lanes=1), Pin(own_host.paths.user_pin))
+    # The test's own view of the token: no health checks (each one rereads every object of a
+    # token the service keeps changing: its p11-kit-remote took half a core, and a check slow
+    # enough to count as a stalled token).
+    quiet = own_host.token_config(sessions=1, lanes=1, health_interval_seconds=3600.0,
+                                  stall_seconds=3600.0)  # fmt: skip
+    watcher = Token(quiet, Pin(own_host.paths.user_pin))
     watcher.start(wait=True)
 
     def make(callers: tuple[str, ...] = (), **sections: dict[str, Any]) -> Deployment:
