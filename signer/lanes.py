@@ -19,6 +19,7 @@ import collections
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,8 +39,13 @@ class Lanes:
         self._batch = batch
         self._lanes = threads
         self._closed = False
+        self._name = name
+        # What each lane is doing: since when, and the futures of the jobs it took.
+        self._busy: dict[int, tuple[float, list[asyncio.Future[Any]]]] = {}
+        self._retired: set[int] = set()  # lanes replaced while stuck: they end when they return
+        self._next = threads
         self._threads = [
-            threading.Thread(target=self._lane, name=f"{name}-{i}", daemon=True)
+            threading.Thread(target=self._lane, args=(i,), name=f"{name}-{i}", daemon=True)
             for i in range(threads)
         ]
         for t in self._threads:
@@ -66,17 +72,48 @@ class Lanes:
         hand_back([(fut, False, error()) for _, fut, _ in jobs])
         return len(jobs)
 
+    def replace_stuck(self, since: float, error: Callable[[], BaseException]) -> int:
+        """Lanes busy with jobs taken before ``since`` (time.monotonic()) are given up: their
+        jobs are answered with ``error()``, and a new lane takes each one's place. For a thread
+        stuck for good in a call that will not return (see Token._abandon_dead); the old thread
+        ends if it ever comes back. Returns how many were replaced."""
+        with self._cv:
+            stuck = [
+                (lane, futs)
+                for lane, (started, futs) in self._busy.items()
+                if started < since and lane not in self._retired
+            ]
+            for lane, _ in stuck:
+                self._retired.add(lane)
+                fresh = threading.Thread(
+                    target=self._lane, args=(self._next,), name=f"{self._name}-{self._next}",
+                    daemon=True,
+                )  # fmt: skip
+                self._next += 1
+                self._threads.append(fresh)
+                fresh.start()
+        hand_back([(fut, False, error()) for _, futs in stuck for fut in futs])
+        return len(stuck)
+
     def shutdown(self) -> None:
         """Runs what is queued, then stops the lanes (blocking: call it off the loop)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         for t in self._threads:
-            t.join()
+            if t.ident not in self._stuck_idents():
+                t.join()
 
-    def _lane(self) -> None:
+    def _stuck_idents(self) -> set[int | None]:
+        with self._cv:
+            return {t.ident for i, t in enumerate(self._threads) if i in self._retired}
+
+    def _lane(self, lane: int) -> None:
         while True:
             with self._cv:
+                self._busy.pop(lane, None)
+                if lane in self._retired:
+                    return
                 while not self._jobs and not self._closed:
                     self._idle += 1
                     self._cv.wait()
@@ -89,6 +126,7 @@ class Lanes:
                     share = min(self._batch, math.ceil(queued / self._lanes))
                     while self._jobs and len(take) < share and self._jobs[0][2]:
                         take.append(self._jobs.popleft())
+                self._busy[lane] = (time.monotonic(), [fut for _, fut, _ in take])
             done: list[Outcome] = []
             for fn, fut, _ in take:
                 try:

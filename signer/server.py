@@ -929,6 +929,7 @@ class Server:
             perturb_freed_memory()
         self.token.on_availability(self._availability_changed)
         self.token.on_availability(self._answer_queued_if_down)
+        self.token.on_abandon(self._replace_stuck_lanes)
         if self.admin_token is not self.token:
             # The administrative connection logs in once the signing one is up: at once.
             self.token.on_availability(lambda up: self.admin_token.wake() if up else None)
@@ -975,6 +976,17 @@ class Server:
                     self.audit.failure is None and self._audit_refusing() is None
                 )
                 await self._set_health(self.token.available and recording)
+
+    def _replace_stuck_lanes(self, since: float) -> None:
+        """Lanes stuck for good in calls on a connection the token layer gave up: their calls
+        are answered UNAVAILABLE (nothing was signed that anyone will see), new lanes serve."""
+        replaced = self.lanes.replace_stuck(
+            since,
+            lambda: Unavailable("token unavailable: the token host went away during this call"),
+        )
+        if replaced:
+            log.error("lanes replaced: stuck in calls that never returned",
+                      extra={"lanes": replaced})  # fmt: skip
 
     def _answer_queued_if_down(self, up: bool) -> None:
         """The token stopped answering: calls queued for a lane are answered now, not left

@@ -40,6 +40,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -247,12 +248,17 @@ class Token:
         self._conn: _Connection | None = None
         # A connection marked down whose sessions may still be in a thread's hands.
         self._dead: _Connection | None = None
+        self._dead_since = 0.0
+        # Module instances given up with their connection (see _abandon_dead): kept, never
+        # finalized or freed, since a thread is still inside them.
+        self._abandoned: list[tuple[Any, _Connection]] = []
         self._down_reason = "not connected to the token yet"
         self._state_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._listeners: list[Callable[[bool], None]] = []
+        self._abandon_listeners: list[Callable[[float], None]] = []
         self._logins = LoginGuard(cfg.max_failed_logins, cfg.pin_file, pin.stamp)
         # Failed connection attempts in a row: the monitor backs off between them.
         self._connect_failures = 0
@@ -296,6 +302,11 @@ class Token:
     def wake(self) -> None:
         """Checks the connection (or tries to make it) now rather than at the next interval."""
         self._wake.set()
+
+    def on_abandon(self, listener: Callable[[float], None]) -> None:
+        """``listener(since)`` is called when a dead connection is given up with calls stuck
+        in it (see :meth:`_abandon_dead`); ``since``: when it died (time.monotonic())."""
+        self._abandon_listeners.append(listener)
 
     def on_availability(self, listener: Callable[[bool], None]) -> None:
         """``listener(True/False)`` is called whenever the token becomes reachable or not."""
@@ -788,6 +799,7 @@ class Token:
                 return
             self._conn = None
             self._dead = conn
+            self._dead_since = time.monotonic()
             self._down_reason = reason
         log.warning("token unavailable", extra={"reason": reason})
         self._notify(False)
@@ -823,9 +835,12 @@ class Token:
                 return True
             if self._dead is not None:
                 # Calls on a dead connection fail fast; wait for them before C_Finalize.
-                if not self._drain(self._dead, timeout=1.0):
+                if self._drain(self._dead, timeout=1.0):
+                    self._dead = None
+                elif time.monotonic() - self._dead_since < 3 * self._cfg.stall_seconds:
                     return False
-                self._dead = None
+                else:
+                    self._abandon_dead()
             try:
                 conn = self._connect()
             except (p11e.PKCS11Error, Unavailable, ConfigError, OSError) as exc:
@@ -840,6 +855,32 @@ class Token:
         log.info("token connected", extra={"token": conn.label, "sessions": len(conn.slots)})
         self._notify(True)
         return True
+
+    def _abandon_dead(self) -> None:
+        """Gives up on a dead connection whose sessions do not come back: a thread is stuck in
+        the module for good. p11-kit-client 0.24 does that (rpc_socket_read): when the token
+        host dies while several calls wait on one connection, a call whose reply header another
+        thread had read, and whose body then fails, leaves the others waiting on a condition
+        nobody signals again. C_Finalize under a thread inside the module is undefined, so the
+        old instance is kept, unfinalized and referenced, and a fresh one (a new connection)
+        takes over; the stuck thread's caller is answered by the lanes (Lanes.replace_stuck).
+        Found by the soak: the service stayed NOT_SERVING for good after a token host restart."""
+        assert self._dead is not None
+        held = len(self._dead.slots) - self._dead.free.qsize()
+        log.error(
+            "token connection abandoned: calls stuck in the PKCS#11 module never returned",
+            extra={"sessions_held": held, "seconds": round(time.monotonic() - self._dead_since)},
+        )
+        self._abandoned.append((self._lib, self._dead))
+        died = self._dead_since
+        self._lib, self._dead = None, None
+        if self._ping is not None and self._ping.thread.is_alive():
+            self._ping, self._stalled = None, False  # that health check is stuck with them
+        for listener in self._abandon_listeners:
+            try:
+                listener(died)
+            except Exception:
+                log.exception("abandon listener failed")
 
     def _connect(self) -> _Connection:
         if self._lib is None:

@@ -554,3 +554,48 @@ def test_a_flapping_token_host_under_load_never_yields_a_wrong_answer(
     assert set(tally) <= {"OK", "UNAVAILABLE"}, tally
     wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
     print(f"flapping token host, 5 kills: {tally}")
+
+
+def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_down(
+    host, service_factory, unique_name, monkeypatch
+):
+    """Found by the soak: the service stayed NOT_SERVING for good after a token host restart.
+    p11-kit-client can leave a thread waiting for ever when its server dies under concurrent
+    calls (Token._abandon_dead says how); that thread held a session of the dead connection,
+    and the service waited for every session before connecting again. Here a call is held in
+    the module (a hook around the signing call, on its session) across a kill of the token
+    host: the service gives that connection up after 3 x stall_seconds, answers the stuck call
+    UNAVAILABLE, replaces its lane, connects afresh and signs; the stuck thread, let go at the
+    end, leaves quietly."""
+    from signer.token import _client
+
+    cfg = replace(host.token_config(), stall_seconds=0.3, **QUICK_CHECKS)
+    svc = service_factory(token=cfg)
+    c = svc.client(timeout=30)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    held, release = threading.Event(), threading.Event()
+    original = _client._sign_with
+
+    def stuck_once(key, mech, data):  # type: ignore[no-untyped-def]
+        if not held.is_set():
+            held.set()
+            release.wait(120)  # as p11-kit-client's waiter: nobody wakes it (until the end)
+        return original(key, mech, data)
+
+    monkeypatch.setattr(_client, "_sign_with", stuck_once)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            victim = pool.submit(c.sign, name, message=b"stuck")
+            assert held.wait(20)
+            pgid = host.host.pid
+            assert pgid is not None
+            os.killpg(pgid, signal.SIGKILL)
+            host.host.stop()
+            host.start_again()
+            with pytest.raises(Unavailable, match="went away during this call"):
+                victim.result(timeout=30)
+        wait_for_health(svc.address, SERVING, RECOVERY_SECONDS)
+        assert_signs_and_verifies(c, name, b"after giving the stuck connection up")
+    finally:
+        release.set()

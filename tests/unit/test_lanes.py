@@ -195,3 +195,40 @@ def test_two_lanes_split_a_backlog_of_quick_jobs() -> None:
         lanes.shutdown()
     # The first lane to wake takes its share (4), not all 8: both lanes sign.
     assert len(set(ran_on.values())) == 2
+
+
+def test_a_lane_stuck_for_good_is_replaced_and_its_call_answered() -> None:
+    """Review of issue 12 (the soak): a lane stuck in a call that never returns (p11-kit-client
+    after its token host died) took its callers and its capacity with it. replace_stuck answers
+    its jobs and starts a new lane; the old one ends if it ever comes back."""
+    import asyncio
+    import threading
+    import time
+
+    from signer.lanes import Lanes
+
+    lanes = Lanes(1)
+    taken, release = threading.Event(), threading.Event()
+
+    def never_returns() -> None:
+        taken.set()
+        release.wait()
+
+    async def scenario() -> tuple[BaseException | None, str]:
+        stuck = asyncio.ensure_future(lanes.run(never_returns))
+        await asyncio.to_thread(taken.wait)  # the lane has taken it
+        assert lanes.replace_stuck(time.monotonic(), lambda: TimeoutError("gone")) == 1
+        try:
+            await stuck
+            failure = None
+        except TimeoutError as exc:
+            failure = exc
+        after = await lanes.run(lambda: "served by the new lane")
+        return failure, after
+
+    failure, after = asyncio.run(scenario())
+    assert isinstance(failure, TimeoutError)
+    assert after == "served by the new lane"
+    release.set()  # the stuck one comes back, and ends
+    lanes.shutdown()
+    assert not any(t.is_alive() for t in lanes._threads)
