@@ -29,8 +29,34 @@ def b64url(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
+class _Refused(Exception):
+    """Claims that Python's json would take, but that JSON or JWT does not allow."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A member named twice is refused (RFC 7519, section 4: claim names are unique). Verifiers
+    that keep the first and verifiers that keep the last would read two different tokens from
+    one signature: ``{"sub": "me", "sub": "admin"}`` (issue 12)."""
+    members: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in members:
+            raise _Refused("claims name one member twice: member names must be unique")
+        members[name] = value
+    return members
+
+
+def _no_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity are Python's json's, not JSON (RFC 8259): other parsers
+    refuse the token, or read something else."""
+    raise _Refused(f"claims hold {name}, which is not JSON")
+
+
 def check_claims(claims: bytes) -> dict[str, Any]:
-    """The claims set must be a UTF-8 JSON object of at most 64 KiB."""
+    """The claims set must be a UTF-8 JSON object of at most 64 KiB, its member names unique.
+
+    Each refusal is INVALID_ARGUMENT naming what is wrong, never echoing the claims (the UTF-8
+    codec's own message shows the offending byte); a number of more than 4,300 digits (Python's
+    int conversion limit) or nesting past the recursion limit are refusals too, not crashes."""
     if not claims:
         raise InvalidArgument("claims are empty: send a JSON object")
     if len(claims) > MAX_CLAIMS_BYTES:
@@ -38,9 +64,20 @@ def check_claims(claims: bytes) -> dict[str, Any]:
             f"claims are {len(claims)} bytes; at most {MAX_CLAIMS_BYTES} are accepted"
         )
     try:
-        parsed = json.loads(claims.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = claims.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"claims are not UTF-8: byte {exc.start} is not valid") from None
+    try:
+        parsed = json.loads(text, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
         raise InvalidArgument(f"claims are not UTF-8 JSON: {exc}") from None
+    except _Refused as exc:
+        raise InvalidArgument(str(exc)) from None
+    except ValueError:
+        # A number of more digits than int() converts (sys.get_int_max_str_digits()).
+        raise InvalidArgument(
+            "claims hold a number of more than 4300 digits, which this service does not parse"
+        ) from None
     except RecursionError:
         # json has no depth limit of its own: 64 KiB of '[' ends in Python's recursion limit.
         raise InvalidArgument("claims nest arrays or objects too deeply") from None
