@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
@@ -326,7 +326,14 @@ PublicKeyType = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519Pu
 
 
 def load_public_key(der: bytes) -> PublicKeyType:
-    key = serialization.load_der_public_key(der)
+    """A SubjectPublicKeyInfo this service can use; ValueError or TypeError for anything else,
+    a caller's bytes included (ImportKeyVersion's public_key_der)."""
+    try:
+        key = serialization.load_der_public_key(der)
+    except UnsupportedAlgorithm:
+        # An EC key on a curve OpenSSL does not know: as unusable as a malformed one, and
+        # refused the same way (it was INTERNAL; issue 12).
+        raise ValueError("the public key's algorithm or curve is not supported") from None
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
         raise TypeError(f"unexpected public key type {type(key).__name__}")
     return key
