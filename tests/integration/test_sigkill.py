@@ -333,12 +333,13 @@ def report_figures(name: str, figures: Counter[str], started: float) -> None:
 
 class Load:
     """Callers signing as fast as they can, and one changing another key's versions, until
-    the service is gone. Errors other than UNAVAILABLE (the service gone) are kept to fail on."""
+    the service is gone. Any error but UNAVAILABLE after the kill is kept, to fail on."""
 
     def __init__(self, dep: Deployment, seed: int) -> None:
         self.dep = dep
         self.client = dep.client()
         self.stop = threading.Event()
+        self.killing = threading.Event()  # set just before the kill: UNAVAILABLE expected since
         self.unexpected: list[str] = []
         self.threads = [
             threading.Thread(target=self._guarded, args=(fn, random.Random(seed + i)))
@@ -358,8 +359,9 @@ class Load:
         try:
             while not self.stop.is_set():
                 fn(rng)
-        except Unavailable:
-            return  # killed
+        except Unavailable as exc:
+            if not self.killing.is_set():  # before the kill, the service had no reason to
+                self.unexpected.append(f"before the kill: {exc.message}")
         except SignerError as exc:
             self.unexpected.append(f"{type(exc).__name__}: {exc.message}")
 
@@ -411,6 +413,7 @@ def test_sigkill_under_heavy_signing_loses_nothing_answered_ok(deploy, tmp_path)
     for cycle in range(CYCLES):
         load = Load(dep, SEED + 100 * cycle)
         time.sleep(kill_delay(rng))
+        load.killing.set()
         dep.kill()
         load.join()
         assert not load.unexpected, load.unexpected
