@@ -108,7 +108,12 @@ R = TypeVar("R")
 def _unavailable_on_failure(fn: Callable[P, R]) -> Callable[P, R]:
     """A store that cannot be read or written (a full disk, an I/O error, a lock held too
     long) answers UNAVAILABLE naming why: a fault of the machine, not of the call, and never
-    an INTERNAL with a traceback. Integrity errors are the methods' own to translate."""
+    an INTERNAL with a traceback. Integrity errors are the methods' own to translate.
+
+    SQLite reports a read that failed with EIO as a malformed database (SQLITE_CORRUPT, on
+    purpose: unixRead's SQLITE_IOERR_CORRUPTFS), though the file may be whole and the next read
+    succeed (tests/integration/test_io_errors.py): the message says so, lest it send an
+    operator to restore a backup for a disk that failed a read."""
 
     @functools.wraps(fn)
     def translated(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -117,7 +122,10 @@ def _unavailable_on_failure(fn: Callable[P, R]) -> Callable[P, R]:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
-            raise Unavailable(f"the key store cannot be used ({exc})") from None
+            why = str(exc)
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_CORRUPT:
+                why += "; SQLite says this of a read that failed with an I/O error too"
+            raise Unavailable(f"the key store cannot be used ({why})") from None
 
     return translated
 

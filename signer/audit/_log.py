@@ -24,7 +24,7 @@ from signer.audit._chain import (
     checkpoint_message,
     iso,
 )
-from signer.audit._store import AuditStore
+from signer.audit._store import AuditStore, left_behind
 from signer.audit._verify import unsigned_tail_fault
 from signer.audit._witness import MESSAGE, FileWitness, Witness, fields
 from signer.errors import SignerError, Unavailable
@@ -111,6 +111,7 @@ class AuditLog:
         # Events of calls already answered whose records could not be written yet, in order.
         self._kept: list[Event] = []
         self._write_failing: str | None = None  # why the last write failed, while it does
+        self._left_behind = False  # whether the last failed write may be in the file all the same
 
     def start(self, make_key: MakeKey, pin_to: Path) -> None:
         """Starts writing. Checkpoints are signed with the audit key that ``make_key`` returns
@@ -201,7 +202,10 @@ class AuditLog:
         while True:
             wait = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
             if self._kept:
-                wait = min(wait, RETRY_SECONDS)
+                # What is tried then is the kept records (a checkpoint waits for them), so every
+                # RETRY_SECONDS however overdue the checkpoint: min() with its wait, negative
+                # once the interval had passed, retried without pause (9,000 times in 3 s).
+                wait = RETRY_SECONDS
             try:
                 item = self._queue.get(timeout=max(0.0, wait) if self._unsigned or self._kept
                                        else None)  # fmt: skip
@@ -269,13 +273,27 @@ class AuditLog:
                 n = self._fitting(batch) or len(batch)
             error = self._append(batch[:n])
             if error is not None:
-                self._keep(batch, error)
+                self._keep(batch, error, rewrite=self._left_behind)
                 return
             batch = batch[n:]
 
-    def _keep(self, batch: list[tuple[Event, asyncio.Future[int]]], error: Unavailable) -> None:
-        """Answers ``batch``'s calls with ``error`` and keeps their events to write later."""
+    def _keep(
+        self,
+        batch: list[tuple[Event, asyncio.Future[int]]],
+        error: Unavailable,
+        rewrite: bool = False,
+    ) -> None:
+        """Answers ``batch``'s calls with ``error`` and keeps their events to write later.
+
+        ``rewrite``: their failed commit may have left their records in the file all the same
+        (:func:`left_behind`: an fsync that failed), for a crash to bring back saying OK to
+        calls answered UNAVAILABLE. So before the calls are answered they are written once
+        more, saying how, over what the failed commit left: what a crash brings back is then
+        true (and if this write goes through, they are on record at once). Only a write that
+        fails before it overwrites anything leaves the first one's records to a crash."""
         self._kept += [replace(e, status=e.status + NOT_ANSWERED) for e, _ in batch]
+        if rewrite:
+            self._write_kept()
         hand_back([(fut, False, error) for _, fut in batch])
 
     def _write_kept(self) -> bool:
@@ -307,6 +325,7 @@ class AuditLog:
             log.error("audit log write failed", extra={"error": str(exc), "records": len(events)})
             newly = self._write_failing is None
             self._write_failing = str(exc)
+            self._left_behind = left_behind(exc)
             if newly:
                 self._changed()
             return None

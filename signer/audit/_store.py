@@ -49,6 +49,21 @@ CREATE TABLE IF NOT EXISTS archives (
 """
 
 
+def left_behind(exc: BaseException) -> bool:
+    """Whether an :meth:`AuditStore.append` that raised ``exc`` may have left its records in the
+    file all the same, to come back after a crash. SQLite rolls back, for this process, a COMMIT
+    whose fsync failed; but the WAL frames written before it are whole, and if the process
+    dies before a later COMMIT overwrites them, the recovery at the next open replays them (an
+    EIO injected into fdatasync: tests/integration/test_io_errors.py; or the WAL index that
+    could not be updated after them). Only an I/O error can be that: a lock never taken writes
+    nothing, and on a full disk the frame that ran out of room is at the latest the commit
+    frame, written last, without which nothing is replayed."""
+    if isinstance(exc, sqlite3.Error):  # the module's own (a closed connection) carry no code
+        code: int | None = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF == sqlite3.SQLITE_IOERR
+    return True  # another store's error: assume the worst
+
+
 @dataclass(frozen=True)
 class Archived:
     """A segment moved out of the live log: records ``first_seq``..``last_seq`` in ``file``."""
