@@ -92,6 +92,12 @@ class LoginRefused(FailedPrecondition):
     (signer/token/_logins.py)."""
 
 
+class StoreUncertain(Unavailable):
+    """A store write failed with an I/O error: it was rolled back for this process, but what
+    it wrote may come back at the recovery after a crash (a COMMIT whose fsync failed). Code
+    that would undo what the write stood for must not: a crash may leave it on record."""
+
+
 # What "the token cannot be used now" looks like to code that would otherwise try again later.
 TOKEN_AWAY: tuple[type[SignerError], ...] = (Unavailable, LoginRefused)
 

@@ -29,6 +29,7 @@ from signer.errors import (
     NotFound,
     ResourceExhausted,
     SignerError,
+    StoreUncertain,
     Unavailable,
 )
 from signer.keys import (
@@ -237,8 +238,8 @@ class Signer:
             key = Key(name, alg.name, 1, scope or DEFAULT_SCOPE, labels, now, (version,))
             try:
                 self._store.create_key(key)
-            except Exception:
-                self._discard(version)
+            except Exception as exc:
+                self._discard(version, exc)
                 raise
         log.info("key created", extra={"key": name, "algorithm": alg.name, "scope": scope})
         return key
@@ -258,8 +259,19 @@ class Signer:
         public = self.slow_token().generate(alg, key_id, token_label(name, number))
         return Version(name, number, alg.name, State.ENABLED, key_id, public, now, None)
 
-    def _discard(self, version: Version) -> None:
-        """Undoes a token generation whose metadata could not be stored."""
+    def _discard(self, version: Version, why: BaseException) -> None:
+        """Undoes a token generation whose metadata could not be stored; unless the store's
+        write may still come back after a crash (StoreUncertain: a COMMIT whose fsync failed),
+        in which case the object stays: then either the row comes back and they agree, or it
+        does not and ``signer keys reconcile --repair`` removes an orphan. Destroying it would
+        risk a version without its key, which nothing repairs (tests/integration/
+        test_io_errors.py)."""
+        if isinstance(why, StoreUncertain):
+            log.warning(
+                "token object kept: its store write failed with an I/O error and may come back",
+                extra={"key": version.name, "version": version.version},
+            )
+            return
         try:
             self._token.destroy(version.key_id)
         except SignerError:
@@ -402,8 +414,8 @@ class Signer:
                         self._store.add_version(
                             version, make_primary=True, import_token=import_token
                         )
-                except Exception:
-                    self._discard(version)
+                except Exception as exc:
+                    self._discard(version, exc)
                     raise
                 self._destroy_wrapping_key(record)
         log.info(
@@ -720,8 +732,8 @@ class Signer:
             version = self._new_version(name, number, alg, self.now())
             try:
                 self._store.add_version(version, make_primary=True)
-            except Exception:
-                self._discard(version)
+            except Exception as exc:
+                self._discard(version, exc)
                 raise
         log.info("key rotated", extra={"key": name, "version": number})
         return self.get_key(name)

@@ -17,7 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
 
-from signer.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from signer.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    StoreUncertain,
+    Unavailable,
+)
 from signer.files import private_database
 from signer.keys import ImportToken, Key, State, Version
 
@@ -123,8 +129,11 @@ def _unavailable_on_failure(fn: Callable[P, R]) -> Callable[P, R]:
             raise
         except sqlite3.Error as exc:
             why = str(exc)
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_CORRUPT:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code == sqlite3.SQLITE_CORRUPT:
                 why += "; SQLite says this of a read that failed with an I/O error too"
+            if code == sqlite3.SQLITE_IOERR:
+                raise StoreUncertain(f"the key store cannot be used ({why})") from None
             raise Unavailable(f"the key store cannot be used ({why})") from None
 
     return translated
