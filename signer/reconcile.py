@@ -20,12 +20,14 @@ two. So a crash at the wrong instant leaves them disagreeing, in one of a few kn
   older backup, is the wrong token, or was changed by hand. They are reported and never
   repaired. Marking such a version DESTROYED would record a destruction nobody asked for, hide
   the incident, and stay wrong if the right token comes back; its verifiers still trust its
-  public key. The version already cannot sign (NOT_FOUND). The operator decides: attach the
+  public key. A missing version cannot sign (NOT_FOUND); a mismatched one signs what its
+  public key does not verify, and is to be disabled first. The operator decides: attach the
   right token or restore it, or retire the version through the lifecycle
   (``schedule-destruction``; the reaper then records it DESTROYED, its object being gone).
 
 What ``--repair`` destroys is never an object a row names, and only an object the service made:
-its CKA_LABEL is one the service gives (``NAME/vN``, the import wrapping key's, the audit key's).
+its CKA_LABEL is one the service gives (``NAME/vN``, the import wrapping key's, the audit key's)
+and its CKA_ID 16 bytes, as the service draws them.
 Anything else in the token (a key provisioned at the token host for ``signer keys adopt``, an
 administrator's object) is listed as *unmanaged* and left alone. The token is taken to be this
 store's alone, as ``signer hsm init`` makes it: objects of another service's store in the same
@@ -38,7 +40,9 @@ comparison is made twice, ``grace`` seconds apart, and only what both passes fin
 each orphan is looked up in the store once more just before it is destroyed. A single pass
 (``grace`` 0) is for a stopped service, and refused while one answers on the configured socket.
 A service stalled (SIGSTOP) for longer than the grace in the middle of a key generation is not
-covered: stop it for that.
+covered: stop it for that. And the token host finishes a generation a dead service had asked
+for (after a SIGKILL, seen in test_sigkill): one pass right after a crash may miss an orphan
+still in the making, which the next run finds.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ if TYPE_CHECKING:  # the CLI imports this module for its defaults: no PKCS#11 un
 # CKA_LABELs the service gives the objects it makes (signer/service.py, signer/server.py).
 WRAPPING_KEY_LABEL = "signer/import-wrapping"
 AUDIT_KEY_LABEL = "signer-audit-key"
+# The CKA_ID the service draws for what it generates (signer/service.py KEY_ID_BYTES, the audit
+# key's in signer/server.py).
+SERVICE_KEY_ID_BYTES = 16
 _VERSION_LABEL = re.compile(r"(?P<name>.+)/v(?P<version>[1-9][0-9]*)")
 DEFAULT_GRACE_SECONDS = 15.0
 
@@ -185,7 +192,12 @@ def _rows(store: Store, now: datetime) -> _Rows:
     return _Rows(versions, live, spent)
 
 
-def _service_made(label: str) -> bool:
+def _service_made(label: str, key_id: bytes) -> bool:
+    """Whether the service made an object: a label it gives and an id as it draws them (16
+    random bytes), so that a key an administrator provisioned for ``keys adopt`` is not taken
+    for an orphan unless both happen to look so."""
+    if len(key_id) != SERVICE_KEY_ID_BYTES:
+        return False
     if label in (WRAPPING_KEY_LABEL, AUDIT_KEY_LABEL):
         return True
     m = _VERSION_LABEL.fullmatch(label)
@@ -251,7 +263,7 @@ def survey(
         labels = sorted({o.label for o in objs})
         what = ", ".join(labels) or "(no label)"
         kinds = "+".join(sorted(o.kind for o in objs))
-        made = [label for label in labels if _service_made(label)]
+        made = [label for label in labels if _service_made(label, key_id)]
         if made and (audit_known or AUDIT_KEY_LABEL not in made):
             note(ORPHAN, key_id, what, f"{kinds}: made by the service, named by no version, "
                  "import token or audit log")  # fmt: skip

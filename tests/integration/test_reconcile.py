@@ -136,6 +136,8 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
     audit_key = w.stray("signer-audit-key")  # the audit log's own, recorded
     stray_audit_key = w.stray("signer-audit-key")  # generated, then a crash before recording
     adoptable = w.stray("provisioned-for-adoption")  # an administrator's, for 'keys adopt'
+    provisioned = bytes.fromhex("0a0b0c0d")  # another, labelled as the service would label it
+    w.token.generate(EC, provisioned, "ops/v1")
     swapped = w.stray("swapped/v1")
     now = w.signer.now()
     w.store.create_key(
@@ -175,6 +177,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
         wrapping: ORPHAN,
         stray_audit_key: ORPHAN,
         adoptable: UNMANAGED,
+        provisioned: UNMANAGED,
         swapped: MISMATCH,
         unwrapped: MISMATCH,
         used: LEFTOVER,
@@ -197,7 +200,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
     for key_id in (gone, due, ghost, wrapping, stray_audit_key, used):
         assert not w.token.exists(key_id)
     # Never a versioned key's object, the audit key, or an object the service did not make.
-    for key_id in (fine, swapped, unwrapped, audit_key, adoptable):
+    for key_id in (fine, swapped, unwrapped, audit_key, adoptable, provisioned):
         assert w.token.exists(key_id)
     assert w.store.get_version("due", 1).state is State.DESTROYED
     assert w.store.get_version("lost", 1).state is State.ENABLED  # the operator's to decide
@@ -210,6 +213,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
         (MISMATCH, "swapped/1"),
         (MISMATCH, "unwrapped/1"),
         (UNMANAGED, "provisioned-for-adoption"),
+        (UNMANAGED, "ops/v1"),
     }
     assert w.signer.sign("fine", 0, b"still signs", None).version == 1
 
