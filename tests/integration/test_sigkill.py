@@ -160,6 +160,10 @@ class Deployment:
         self.figures["kills"] += 1
 
     def restart(self) -> None:
+        assert self.start_again(), f"not serving after a kill:\n{self.log_tail()}"
+
+    def start_again(self, timeout: float = 60) -> bool:
+        """Starts the service again on the same state; whether it serves."""
         with open(self.first.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [str(SIGNER_BIN), "serve", "--config", str(self.first.config_path)],
@@ -167,9 +171,8 @@ class Deployment:
             )  # fmt: skip
         self.procs.append(ServiceProcess(proc, self.first.address, self.first.config_path,
                                          self.first.log_path))  # fmt: skip
-        assert wait_until(lambda: serving(self.first.address) or proc.poll() is not None, 60)
-        assert proc.poll() is None, f"the service did not start again:\n{self.log_tail()}"
-        assert serving(self.first.address), f"not serving after a kill:\n{self.log_tail()}"
+        wait_until(lambda: serving(self.first.address) or proc.poll() is not None, timeout)
+        return proc.poll() is None and serving(self.first.address)
 
     def host_connections(self) -> list[int]:
         """The token host's p11-kit-remote processes: one per connection."""
@@ -315,7 +318,8 @@ def deploy(own_host, service_process_factory, tmp_path) -> Iterator[Callable[...
         server: dict[str, Any] = {"policy_file": str(policy), "grace_seconds": 5.0}
         if callers:
             server["front_socket"] = socket_address().removeprefix("unix:")
-        audit = {"checkpoint_every": 50, "witness_file": str(tmp_path / "witness.jsonl")}
+        witness = tmp_path / f"witness-{len(made)}.jsonl"  # a log's own: a witness is per log
+        audit = {"checkpoint_every": 50, "witness_file": str(witness)}
         sp = service_process_factory(
             token=own_host.token_config(),
             server=server,
