@@ -103,6 +103,26 @@ class Finding:
         return out
 
 
+@dataclass(frozen=True)
+class AuditKey:
+    """What the audit log says of its key in the token: the CKA_ID it records (None: none yet),
+    the public key pinned beside it (DER; a key pinned and not recorded yet is the log's too:
+    its first checkpoint was cut short, and the next start adopts it), and whether the log and
+    its pin could be read at all (if not, audit-key objects are nobody's to destroy)."""
+
+    key_id: bytes | None = None
+    pinned: bytes | None = None
+    known: bool = True
+
+    def names(self, key_id: bytes, objs: list[TokenObject]) -> bool:
+        """Whether this is the log's key: the one it records, or the one pinned."""
+        if key_id == self.key_id:
+            return True
+        return self.pinned is not None and any(
+            o.label == AUDIT_KEY_LABEL and o.public_der == self.pinned for o in objs
+        )
+
+
 @dataclass
 class Report:
     versions: int = 0  # key versions in the store
@@ -208,12 +228,9 @@ def _of(v: Version) -> str:
     return f"{v.name}/{v.version}"
 
 
-def survey(
-    store: Store, token: Token, audit_key: bytes | None, now: datetime, audit_known: bool = True
-) -> Report:
-    """One comparison of the store (read first) with the token. ``audit_key``: the CKA_ID the
-    audit log records (None: none yet); ``audit_known`` False when there is no audit log to
-    ask, and audit-key objects are then left alone as unmanaged."""
+def survey(store: Store, token: Token, audit: AuditKey, now: datetime) -> Report:
+    """One comparison of the store (read first) with the token; ``audit``: what the audit log
+    says of its key."""
     rows = _rows(store, now)
     objects = token.objects()
     groups: dict[bytes, list[TokenObject]] = {}
@@ -254,21 +271,23 @@ def survey(
     for key_id in rows.live:
         if not has_private(key_id):
             note(MISSING, key_id, "import token", "live import token without its wrapping key")
-    if audit_key is not None and not has_private(audit_key):
-        note(MISSING, audit_key, "audit key", "the audit log's key is not in the token")
+    if audit.key_id is not None and not has_private(audit.key_id):
+        note(MISSING, audit.key_id, "audit key", "the audit log's key is not in the token")
+    elif audit.pinned is not None and not any(audit.names(k, o) for k, o in groups.items()):
+        note(MISSING, b"", "audit key", "the pinned audit key is not in the token")
 
     for key_id, objs in groups.items():
-        if rows.names(key_id) or key_id == audit_key:
+        if rows.names(key_id) or audit.names(key_id, objs):
             continue
         labels = sorted({o.label for o in objs})
         what = ", ".join(labels) or "(no label)"
         kinds = "+".join(sorted(o.kind for o in objs))
         made = [label for label in labels if _service_made(label, key_id)]
-        if made and (audit_known or AUDIT_KEY_LABEL not in made):
+        if made and (audit.known or AUDIT_KEY_LABEL not in made):
             note(ORPHAN, key_id, what, f"{kinds}: made by the service, named by no version, "
                  "import token or audit log")  # fmt: skip
         else:
-            why = "no audit log to ask about it" if made else "not made by the service"
+            why = "no readable audit log or pin to ask" if made else "not made by the service"
             note(UNMANAGED, key_id, what, f"{kinds}: {why}")
     return report
 
@@ -276,7 +295,7 @@ def survey(
 def reconcile(
     store: Store,
     token: Token,
-    audit_key: Callable[[], tuple[bytes | None, bool]],
+    audit_key: Callable[[], AuditKey],
     *,
     repair: bool = False,
     grace: float = DEFAULT_GRACE_SECONDS,
@@ -284,15 +303,13 @@ def reconcile(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Report:
     """Compares ``store`` with ``token`` (twice, ``grace`` seconds apart, when ``grace`` > 0)
-    and, with ``repair``, repairs what may be repaired. ``audit_key()``: the audit log's key id
-    (or None) and whether there is an audit log to ask."""
-    key, known = audit_key()
-    report = survey(store, token, key, clock(), known)
+    and, with ``repair``, repairs what may be repaired. ``audit_key()``: what the audit log says
+    of its key (:func:`audit_key_reader`), read at each pass."""
+    report = survey(store, token, audit_key(), clock())
     if grace > 0 and report.disagreements:
         sleep(grace)
         earlier = {f.ident for f in report.findings}
-        key, known = audit_key()
-        report = survey(store, token, key, clock(), known)
+        report = survey(store, token, audit_key(), clock())
         report.findings = [f for f in report.findings if f.ident in earlier]
         report.passes = 2
     if repair:
@@ -307,13 +324,14 @@ def _repaired(
     f: Finding,
     store: Store,
     token: Token,
-    audit_key: Callable[[], tuple[bytes | None, bool]],
+    audit_key: Callable[[], AuditKey],
     clock: Callable[[], datetime],
 ) -> Finding:
     now = clock()
     rows = _rows(store, now)  # read again: nothing a row names is ever destroyed
     if f.kind == ORPHAN:
-        if rows.names(f.key_id) or audit_key()[0] == f.key_id:
+        objs = [o for o in token.objects() if o.key_id == f.key_id]
+        if rows.names(f.key_id) or audit_key().names(f.key_id, objs):
             return replace(f, detail=f.detail + "; named in the store meanwhile: left alone")
         token.destroy(f.key_id)
     elif f.kind == LEFTOVER:
@@ -376,21 +394,31 @@ def service_answers(cfg: Config) -> bool:
     return True
 
 
-def audit_key_reader(path: str) -> Callable[[], tuple[bytes | None, bool]]:
-    """For :func:`reconcile`: the audit key id the log at ``path`` records, read anew at each
-    call (None until its first checkpoint), and whether there is a log there at all."""
+def audit_key_reader(path: str | Path, pin: str | Path) -> Callable[[], AuditKey]:
+    """For :func:`reconcile`: what the audit log at ``path`` and its pin file ``pin`` say of
+    the audit key, read anew at each call."""
+    from cryptography.hazmat.primitives import serialization
+
     from signer.audit import SQLiteAuditStore
 
-    def read() -> tuple[bytes | None, bool]:
+    def read() -> AuditKey:
         try:
             log = SQLiteAuditStore(path, read_only=True)
         except FileNotFoundError:
-            return None, False
+            return AuditKey(known=False)
         try:
             recorded = log.audit_key()
         finally:
             log.close()
-        return (recorded[0] if recorded is not None else None), True
+        pinned = None
+        if Path(pin).exists():
+            try:
+                pinned = serialization.load_pem_public_key(Path(pin).read_bytes()).public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            except ValueError:  # emptied or damaged: the service refuses it too
+                return AuditKey(recorded[0] if recorded else None, known=False)
+        return AuditKey(recorded[0] if recorded else None, pinned)
 
     return read
 
@@ -422,13 +450,15 @@ def reconcile_with_config(
     store = SQLiteStore(cfg.store.path)
     try:
         token.start(wait=True)
-        return reconcile(store, token, audit_key_reader(cfg.audit.path), repair=repair, grace=grace)
+        audit = audit_key_reader(cfg.audit.path, cfg.audit.pinned_key)
+        return reconcile(store, token, audit, repair=repair, grace=grace)
     finally:
         token.close()
         store.close()
 
 
 __all__ = [
+    "AuditKey",
     "Finding",
     "Report",
     "audit_key_reader",

@@ -24,6 +24,7 @@ from signer import hsm
 from signer.config import P11KIT_CLIENT_MODULE, Config
 from signer.keys import ALGORITHMS, ImportToken, Key, State, Version
 from signer.reconcile import (
+    AUDIT_KEY_LABEL,
     LEFTOVER,
     MISMATCH,
     MISSING,
@@ -31,6 +32,8 @@ from signer.reconcile import (
     UNFINISHED,
     UNMANAGED,
     WRAPPING_KEY_LABEL,
+    AuditKey,
+    audit_key_reader,
     reconcile,
 )
 from signer.service import Signer
@@ -74,8 +77,8 @@ def world(own_host, tmp_path):  # noqa: F811
         store.close()
 
 
-def no_audit_key() -> tuple[bytes | None, bool]:
-    return None, True
+def no_audit_key() -> AuditKey:
+    return AuditKey()
 
 
 def software_public_key() -> bytes:
@@ -133,8 +136,8 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
     destroy_half(w, due, ObjectClass.PRIVATE_KEY)  # a destruction half done, then a crash
     ghost = w.stray("ghost/v1")  # CreateKey: generated, then a crash before the commit
     wrapping = w.stray(WRAPPING_KEY_LABEL)  # GetImportParameters: likewise
-    audit_key = w.stray("signer-audit-key")  # the audit log's own, recorded
-    stray_audit_key = w.stray("signer-audit-key")  # generated, then a crash before recording
+    audit_key = w.stray(AUDIT_KEY_LABEL)  # the audit log's own, recorded
+    stray_audit_key = w.stray(AUDIT_KEY_LABEL)  # generated, then a crash before recording
     adoptable = w.stray("provisioned-for-adoption")  # an administrator's, for 'keys adopt'
     provisioned = bytes.fromhex("0a0b0c0d")  # another, labelled as the service would label it
     w.token.generate(EC, provisioned, "ops/v1")
@@ -165,8 +168,8 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
     expired = import_token(w, "", expired=True)  # wrapping key destroyed, then a crash
     live = import_token(w, "")  # its wrapping key gone behind the store's back
 
-    def audit() -> tuple[bytes | None, bool]:
-        return audit_key, True
+    def audit() -> AuditKey:
+        return AuditKey(audit_key)
 
     report = reconcile(w.store, w.token, audit, grace=0)
     assert {f.key_id: f.kind for f in report.findings} == {
@@ -218,7 +221,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
     assert w.signer.sign("fine", 0, b"still signs", None).version == 1
 
     # Without an audit log to ask, an audit key is nobody's to destroy.
-    unasked = reconcile(w.store, w.token, lambda: (None, False), grace=0)
+    unasked = reconcile(w.store, w.token, lambda: AuditKey(known=False), grace=0)
     assert {f.kind for f in unasked.findings if f.key_id == audit_key} == {UNMANAGED}
 
 
@@ -312,3 +315,43 @@ def test_an_object_destroyed_while_the_token_is_listed_is_left_out(world, monkey
 
     monkeypatch.setattr(_client, "_described", racing)
     assert {o.key_id for o in w.token.objects()} == {kept}
+
+
+def test_an_audit_key_pinned_and_not_yet_recorded_is_the_logs(world, tmp_path):
+    """A first checkpoint cut short after the pin was written: the log records no key yet, the
+    pin names it, and the next start adopts it; reconcile must not destroy it. A pin that
+    cannot be read leaves every audit key alone."""
+    from signer.audit import SQLiteAuditStore
+
+    w = world
+    key_id = os.urandom(16)
+    public = w.token.generate(EC, key_id, AUDIT_KEY_LABEL)
+    stray = w.stray(AUDIT_KEY_LABEL)  # generated before a crash, never pinned
+    log, pin = tmp_path / "audit.db", tmp_path / "audit.db.key.pem"
+    SQLiteAuditStore(log).close()  # a log with no key recorded
+    pin.write_bytes(
+        serialization.load_der_public_key(public).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    read = audit_key_reader(log, pin)
+    assert read() == AuditKey(None, public)
+
+    report = reconcile(w.store, w.token, read, repair=True, grace=0)
+    assert [(f.kind, f.key_id, f.repaired) for f in report.findings] == [(ORPHAN, stray, True)]
+    assert w.token.exists(key_id)
+    assert not w.token.exists(stray)
+
+    pin.write_bytes(b"")  # emptied or damaged
+    assert not read().known
+    report = reconcile(w.store, w.token, read, repair=True, grace=0)
+    assert [(f.kind, f.key_id, f.repaired) for f in report.findings] == [(UNMANAGED, key_id, False)]
+
+    pin.write_bytes(
+        serialization.load_der_public_key(public).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    w.token.destroy(key_id)  # the pinned key gone from the token: the service would refuse
+    report = reconcile(w.store, w.token, read, grace=0)
+    assert [(f.kind, f.what) for f in report.findings] == [(MISSING, "audit key")]

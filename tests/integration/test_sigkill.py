@@ -204,8 +204,8 @@ class Deployment:
     def reconcile(self, repair: bool = False) -> Report:
         store = SQLiteStore(self.cfg.store.path)
         try:
-            return reconcile(store, self.watcher, audit_key_reader(self.cfg.audit.path),
-                             repair=repair, grace=0)  # fmt: skip
+            audit = audit_key_reader(self.cfg.audit.path, self.cfg.audit.pinned_key)
+            return reconcile(store, self.watcher, audit, repair=repair, grace=0)
         finally:
             store.close()
 
