@@ -95,14 +95,17 @@ class Lanes:
         hand_back([(fut, False, error()) for _, futs in stuck for fut in futs])
         return len(stuck)
 
-    def shutdown(self) -> None:
-        """Runs what is queued, then stops the lanes (blocking: call it off the loop)."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Runs what is queued, then stops the lanes (blocking: call it off the loop). A lane
+        still busy after ``timeout`` is left behind (a daemon thread stuck in a call that does
+        not return must not keep a SIGTERM from stopping the service: the soak)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
             if t.ident not in self._stuck_idents():
-                t.join()
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def _stuck_idents(self) -> set[int | None]:
         with self._cv:

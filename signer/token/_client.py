@@ -41,6 +41,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -216,10 +217,36 @@ def mechanism_name(m: Any) -> str:
 
 @dataclass
 class _Slot:
-    """One pooled session and the private-key objects already found on it."""
+    """One pooled session and the private-key objects already found on it: at most
+    ``_KEYS_PER_SESSION``, the least recently used going first (the soak: the administrative
+    connection's sessions kept a handle for every key, import and wrapping key they ever made,
+    about 3 KB each, since destruction runs on the other connection)."""
 
     session: Any
-    keys: dict[bytes, Any] = field(default_factory=dict)
+    keys: _Handles = field(default_factory=lambda: _Handles(_KEYS_PER_SESSION))
+
+
+_KEYS_PER_SESSION = 256
+
+
+class _Handles(OrderedDict[bytes, Any]):
+    """A dict of key handles that keeps its ``most`` most recently used."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__()
+        self.most = most
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        found = super().get(key, default)
+        if found is not default:
+            self.move_to_end(key)
+        return found
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.most:
+            self.popitem(last=False)
 
 
 @dataclass
