@@ -889,10 +889,24 @@ class Server:
         event = audit_event(self.signer.now(), method, caller, request, response, error, gone)
         await self.audit.record(event)
 
-    def _audit_key(self, recorded: tuple[bytes, bytes] | None) -> tuple[Signing, bytes]:
-        """The audit key: the recorded one, or a new pair generated in the token."""
+    def _audit_key(
+        self, recorded: tuple[bytes, bytes] | None, pinned: bytes | None
+    ) -> tuple[Signing, bytes] | None:
+        """The audit key (signer.audit's MakeKey): the recorded one; else the pinned one, found
+        in the token by its public key (a first checkpoint cut short after the pin was written),
+        None if the token holds no such audit key; else a new pair generated in the token."""
         if recorded is not None:
             key_id, public_der = recorded
+        elif pinned is not None:
+            token = self.signer.slow_token()
+            found = {o.key_id for o in token.objects()
+                     if o.label == "signer-audit-key" and o.public_der == pinned}  # fmt: skip
+            held = [k for k in sorted(found)
+                    if token.holds_private_half(k, AUDIT_ALGORITHM, pinned)]  # fmt: skip
+            if not held:
+                return None
+            key_id, public_der = held[0], pinned
+            log.info("pinned audit key adopted", extra={"key_id": key_id.hex()})
         else:
             key_id = secrets.token_bytes(16)
             public_der = self.signer.slow_token().generate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,14 +26,19 @@ from signer.audit._chain import (
     iso,
 )
 from signer.audit._store import AuditStore, left_behind
-from signer.audit._verify import unsigned_tail_fault
+from signer.audit._verify import pinned_der, unsigned_tail_fault
 from signer.audit._witness import MESSAGE, FileWitness, Witness, fields
 from signer.errors import SignerError, Unavailable
+from signer.files import FILE_MODE
 from signer.lanes import hand_back
 
 log = logging.getLogger(__name__)
 
-MakeKey = Callable[[tuple[bytes, bytes] | None], tuple[Signing, bytes]]
+# make_key(recorded, pinned): the audit key, as (how to sign, its public key DER). Given the key
+# the log records (id, public key DER): that one. Else, given the pinned public key (DER): the
+# token's audit key with that public key (a first checkpoint cut short after the pin was
+# written), or None if the token holds none. Given neither: a new one, generated in the token.
+MakeKey = Callable[[tuple[bytes, bytes] | None, bytes | None], tuple[Signing, bytes] | None]
 _BATCH = 1024
 # While records cannot be written, the writer tries again this often.
 RETRY_SECONDS = 1.0
@@ -57,10 +63,10 @@ class AuditLog:
 
     The writer vouches for what it signs. At :meth:`start`, the part of the log no checkpoint
     covers is checked as ``verify`` would (it follows the newest checkpoint, which the pinned
-    key signed, and fits the bound; the key is pinned and in the log; a file witness shows no
-    newer checkpoint); a checkpoint key that is not the pinned one is caught when it is first
-    used. Either stops the log for good (:attr:`failure`): every call refused until an operator
-    has looked and restarts.
+    key signed, and fits the bound; the key is pinned, and in the log once it has a
+    checkpoint; a file witness shows no newer checkpoint); a checkpoint key that is not the
+    pinned one is caught when it is first used. Either stops the log for good
+    (:attr:`failure`): every call refused until an operator has looked and restarts.
 
     Nothing that ran goes unrecorded. When records cannot be written (a full disk, an I/O
     error, a lock held too long by an archiving job), the calls waiting on them are answered
@@ -98,6 +104,12 @@ class AuditLog:
         self._accepting = threading.Lock()
         self._closed = False
         self._signing: Signing | None = None
+        # The key being made the log's: generated but not pinned yet (kept, so that a pin that
+        # could not be written is tried again with it, not with a key generated anew).
+        self._made: tuple[Signing, bytes] | None = None
+        # The audit key, pinned, that the log does not record yet: recorded with the first
+        # checkpoint, in its transaction.
+        self._unrecorded: tuple[bytes, bytes] | None = None
         self._make_key: MakeKey | None = None
         self._pin_to: Path | None = None
         self._writer: threading.Thread | None = None
@@ -115,10 +127,11 @@ class AuditLog:
 
     def start(self, make_key: MakeKey, pin_to: Path) -> None:
         """Starts writing. Checkpoints are signed with the audit key that ``make_key`` returns
-        (given the recorded one, if any; it generates one in the token otherwise), made when
-        the first checkpoint is due, so records are written even while the token host is away.
-        The key's public half is recorded and pinned in ``pin_to``; a key that differs from the
-        pinned one is refused. The unsigned part of the log is checked first."""
+        (:data:`MakeKey`), made when the first checkpoint is due, so records are written even
+        while the token host is away. A new key's public half is pinned in ``pin_to`` before
+        anything is signed with it, and recorded in the log with the first checkpoint; a key
+        that differs from the pinned one is refused. The unsigned part of the log is checked
+        first."""
         self._make_key, self._pin_to = make_key, pin_to
         pinned = pin_to.read_bytes() if pin_to.exists() else None
         bad = unsigned_tail_fault(
@@ -407,33 +420,101 @@ class AuditLog:
         c = Checkpoint(seq, hash_, at, signing(checkpoint_message(seq, hash_, at, prev)), prev)
         for witness in self._witnesses:
             witness.write(c)
-        self.store.add_checkpoint(c)
+        # The first checkpoint records the key with it, in one transaction: a log that names
+        # its key always has a checkpoint (a crash before leaves the pin alone: adopted).
+        self.store.add_checkpoint(c, self._unrecorded)
+        self._unrecorded = None
         self._checkpointed = seq
         log.info(MESSAGE, extra=fields(c))
 
     def _ensure_key(self) -> Signing:
+        """The audit key, the pinned one. A new key is pinned (atomically, synced) before
+        anything is signed with it; the log records it with its first checkpoint. So a crash
+        leaves: before the pin, a token object nothing names (``signer keys reconcile``); after
+        it, a pin the log does not record yet, which the next start adopts (the token's audit
+        key with that public key) and records with its first checkpoint."""
         if self._signing is not None:
             return self._signing
         assert self._make_key is not None
         assert self._pin_to is not None
         recorded = self.store.audit_key()
-        signing, public_der = self._make_key(recorded)
-        pem = serialization.load_der_public_key(public_der).public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        pinned = self._pin_to.read_bytes() if self._pin_to.exists() else None
-        if (pinned is None and recorded is not None) or (pinned is not None and pinned != pem):
+        pinned = self._pinned()
+        if recorded is not None and pinned is None:
             # A key only this log names, its pinned copy gone, is not to be pinned now: it may
             # be one that whoever removed that copy put there.
-            raise AuditKeyMismatch(
-                f"the audit key is not the one pinned in {self._pin_to}: the log or its key was "
-                "replaced; signing stops until an operator has looked (see the README)"
-            )
+            raise self._mismatch("the log names an audit key, and none is pinned")
+        if recorded is None and pinned is None:
+            made = self._made or self._make_key(None, None)
+            if made is None:
+                raise Unavailable("the token gave no audit key")
+            self._made = made
+            _write_pin(self._pin_to, _pem(made[1]))
+            log.info("audit key pinned", extra={"key_id": made[0].key_id.hex(),
+                                                "pin": str(self._pin_to)})  # fmt: skip
+            pinned = made[1]
+        else:
+            made = self._make_key(recorded, pinned)
+            if made is None:
+                raise self._mismatch(
+                    "the pinned audit key is not in the token (a first checkpoint cut short "
+                    "would have left it there)"
+                )
+        signing, public_der = made
+        if public_der != pinned:
+            raise self._mismatch("the token's audit key is another")
         if recorded is None:
-            self.store.set_audit_key(signing.key_id, public_der)
-            self._pin_to.write_bytes(pem)
+            self._unrecorded = (signing.key_id, public_der)
+        self._made = None
         self._signing = signing
         return signing
+
+    def _pinned(self) -> bytes | None:
+        """The pinned public key (DER), None if none is pinned; a pin file that holds no public
+        key (emptied, damaged) is a refusal, not a key to replace."""
+        assert self._pin_to is not None
+        try:
+            pem = self._pin_to.read_bytes()
+        except FileNotFoundError:
+            return None
+        der = pinned_der(pem)
+        if der is None:
+            raise self._mismatch(f"{self._pin_to} holds no public key (emptied or damaged)")
+        return der
+
+    def _mismatch(self, why: str) -> AuditKeyMismatch:
+        return AuditKeyMismatch(
+            f"the audit key is not the one pinned in {self._pin_to} ({why}): the log or its key "
+            "was replaced; signing stops until an operator has looked (see the README)"
+        )
+
+
+def _pem(public_der: bytes) -> bytes:
+    return serialization.load_der_public_key(public_der).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _write_pin(path: Path, data: bytes) -> None:
+    """``data`` in ``path``, owner-only, whole or not at all, durably: written to a file
+    beside it and synced, renamed over it, and the directory synced. A crash leaves no pin or
+    this one (and perhaps the temporary file, overwritten next time), never a part of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 FILE_MODE)  # fmt: skip
+    try:
+        os.fchmod(fd, FILE_MODE)  # one left behind by another umask or hand
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class AuditKeyMismatch(Unavailable):

@@ -85,13 +85,19 @@ class AuditStore(Protocol):
         """All or none, durably."""
         ...
 
-    def add_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+    def add_checkpoint(
+        self, checkpoint: Checkpoint, audit_key: tuple[bytes, bytes] | None = None
+    ) -> None:
+        """Stores ``checkpoint``, durably; with the log's first, ``audit_key`` (key id, public
+        key DER) too, in the same transaction: a log never names its key without a checkpoint
+        the key signed (a crash between the two would leave what a removal leaves)."""
+        ...
+
     def last_checkpoint(self) -> int: ...
     def checkpoints(self) -> list[Checkpoint]: ...
     def records(self, upto: int | None = None, first: int = 0) -> Iterator[Record]: ...
     def record(self, seq: int) -> Record | None: ...
     def audit_key(self) -> tuple[bytes, bytes] | None: ...
-    def set_audit_key(self, key_id: bytes, public_der: bytes) -> None: ...
     def archives(self) -> list[Archived]: ...
     def archived(self, segment: Archived) -> None:
         """Records ``segment`` and removes its records, and the checkpoints before its last
@@ -145,12 +151,24 @@ class SQLiteAuditStore:
             self._roll_back()
             raise
 
-    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def add_checkpoint(
+        self, checkpoint: Checkpoint, audit_key: tuple[bytes, bytes] | None = None
+    ) -> None:
         c = checkpoint
-        self._db.execute(
-            "INSERT INTO checkpoints (seq, hash, time, signature, prev) VALUES (?,?,?,?,?)",
-            (c.seq, c.hash, c.time, c.signature, c.prev),
-        )
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if audit_key is not None:
+                self._db.execute(
+                    "INSERT INTO audit_key (id, key_id, public_key) VALUES (1, ?, ?)", audit_key
+                )
+            self._db.execute(
+                "INSERT INTO checkpoints (seq, hash, time, signature, prev) VALUES (?,?,?,?,?)",
+                (c.seq, c.hash, c.time, c.signature, c.prev),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._roll_back()
+            raise
 
     def last_checkpoint(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
@@ -178,11 +196,6 @@ class SQLiteAuditStore:
     def audit_key(self) -> tuple[bytes, bytes] | None:
         row = self._db.execute("SELECT key_id, public_key FROM audit_key").fetchone()
         return (bytes(row[0]), bytes(row[1])) if row else None
-
-    def set_audit_key(self, key_id: bytes, public_der: bytes) -> None:
-        self._db.execute(
-            "INSERT INTO audit_key (id, key_id, public_key) VALUES (1, ?, ?)", (key_id, public_der)
-        )
 
     def archives(self) -> list[Archived]:
         rows = self._db.execute(

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from signer.audit._archive import read_archive
@@ -100,8 +101,12 @@ def verify_log(
     given ``archive_dir``, every archive file too (its digest, chain and checkpoints); that the
     log is signed to within the bound the service keeps (``max_unsigned_*``); and that every
     checkpoint a witness saw is in it. ``public_key_pem`` None: nothing is pinned yet, which
-    a young log (no checkpoint so far, no audit key recorded) may be."""
-    public_der = b"" if public_key_pem is None else _der(public_key_pem)
+    a young log (no checkpoint so far, no audit key recorded) may be. A log with a pinned key
+    but neither a checkpoint nor the key recorded is one whose first checkpoint never completed
+    (the service pins its key first, then records it with that checkpoint): whole if the rest
+    holds (its records within the bound, and what a witness saw of it borne out)."""
+    pin = b"" if public_key_pem is None else pinned_der(public_key_pem)
+    public_der = pin or b""
     try:
         store = SQLiteAuditStore(path, read_only=True)
     except FileNotFoundError:
@@ -117,9 +122,11 @@ def verify_log(
     hashes: dict[int, str] = {}
     seq, prev, last, signed, witnessed = 0, GENESIS, 0, 0, 0
     try:
+        if pin is None:
+            raise _Bad(0, _UNREADABLE_PIN)
         if public_key_pem is None and (recorded is not None or checkpoints or archives):
             raise _Bad(0, "the log has an audit key or checkpoints, but no pinned key was given")
-        if public_key_pem is not None and recorded is None:
+        if public_key_pem is not None and recorded is None and (checkpoints or archives):
             raise _Bad(0, "an audit key is pinned, but the log carries none (removed)")
         if recorded is not None and recorded[1] != public_der:
             raise _Bad(0, "the audit key recorded in the log is not the pinned one")
@@ -136,11 +143,13 @@ def verify_log(
             raise _Bad(seq, "the last archive's anchor is not a signed checkpoint of the log")
         last = _walk(records, seq, prev, hashes)
         signed = _signed(checkpoints, public_der, hashes, last, signed, seq if archives else None)
-        if public_key_pem is not None and not checkpoints:
-            raise _Bad(1, "an audit key is pinned, but the log has no checkpoint (removed)")
+        if recorded is not None and not checkpoints:
+            # It is recorded with the first checkpoint, in one transaction.
+            raise _Bad(1, "the log names its audit key, but has no checkpoint (removed)")
         _within_bound(records, signed, max_unsigned_records)
         for witness in witnesses:
-            witnessed += _witnessed(Path(witness), public_der, hashes, last, seq)
+            witnessed += _witnessed(Path(witness), public_der, hashes, last, seq,
+                                    first=recorded is None)  # fmt: skip
         bad = None
     except _Bad as exc:
         bad = (exc.seq, exc.what)
@@ -160,10 +169,17 @@ def _within_bound(records: list[Record], signed: int, most: int) -> None:
 
 
 def _witnessed(
-    path: Path, public_der: bytes, hashes: dict[int, str], last: int, archived_to: int
+    path: Path,
+    public_der: bytes,
+    hashes: dict[int, str],
+    last: int,
+    archived_to: int,
+    first: bool = False,
 ) -> int:
     """Checks the log against every checkpoint in a witness; returns how many were checked
-    (those inside archives not read with ``--archives`` are not)."""
+    (those inside archives not read with ``--archives`` are not). ``first``: the log's first
+    checkpoint never completed (pinned, its key not recorded), so any the witness saw was a
+    first one too, signed after no stored checkpoint."""
     if not path.exists():
         raise _Bad(0, f"witness {path} does not exist")
     checked = 0
@@ -181,6 +197,8 @@ def _witnessed(
             )
         if not c.verifies(public_der):
             raise _Bad(c.seq, f"{where} holds a checkpoint the pinned key did not sign")
+        if first and c.prev != 0:
+            raise _Bad(c.seq, _AFTER_A_STORED_ONE.format(where=where, seq=c.seq))
         if c.seq > last:
             raise _Bad(
                 last + 1,
@@ -209,13 +227,19 @@ def unsigned_tail_fault(
     the writer can vouch for: they follow that checkpoint, which the pinned key signed, and fit
     the bound the writer keeps; and a witness shows no newer checkpoint that the log lost. (Issue
     11's review: otherwise a restart signed over a tail rewritten, checkpoints and all.)"""
-    key = _der(pinned_pem) if pinned_pem is not None else None
+    key = pinned_der(pinned_pem) if pinned_pem is not None else None
     recorded = store.audit_key()
     checkpoints = store.checkpoints()
     archives = store.archives()
     try:
-        if key is not None and recorded is None:
+        if pinned_pem is not None and key is None:
+            raise _Bad(0, _UNREADABLE_PIN)
+        if key is not None and recorded is None and (checkpoints or archives):
             raise _Bad(0, "an audit key is pinned, but the log carries none (removed)")
+        if recorded is not None and not checkpoints:
+            # It is recorded with the first checkpoint, in one transaction. (Pinned, neither
+            # recorded nor a checkpoint: that first checkpoint never completed; checked on.)
+            raise _Bad(1, "the log names its audit key, but has no checkpoint (removed)")
         if key is None and (recorded is not None or checkpoints or archives):
             raise _Bad(0, "the log has an audit key or checkpoints, but none is pinned (removed)")
         if recorded is not None and key is not None and recorded[1] != key:
@@ -242,6 +266,9 @@ def unsigned_tail_fault(
             if Path(path).exists():
                 newer = [(n, c) for n, c in read_witness(path) if c.seq > seq]
                 for line, c in newer:
+                    if recorded is None and c.prev != 0:
+                        where = f"the witness {path} (line {line})"
+                        raise _Bad(c.seq, _AFTER_A_STORED_ONE.format(where=where, seq=c.seq))
                     if key is None or not c.verifies(key) or c.seq > end or hashes[c.seq] != c.hash:
                         raise _Bad(c.seq, f"the witness {path} (line {line}) saw a checkpoint "
                                           "at it that the log does not bear out")  # fmt: skip
@@ -252,8 +279,21 @@ def unsigned_tail_fault(
     return None
 
 
-def _der(pem: bytes) -> bytes:
-    return serialization.load_pem_public_key(pem).public_bytes(
+_AFTER_A_STORED_ONE = (
+    "{where} saw a checkpoint at {seq} that follows a stored one, and the log has neither a "
+    "checkpoint nor its audit key (removed)"
+)
+_UNREADABLE_PIN = "the pinned audit key is no public key (its file emptied or damaged): restore it"
+
+
+def pinned_der(pem: bytes) -> bytes | None:
+    """The public key (DER) of a pin file's contents; None if they are not one (an empty or
+    damaged file: never a traceback)."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 

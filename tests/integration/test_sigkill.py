@@ -30,8 +30,9 @@ middle by something real, not by a hook in the service:
 And the service's own changes: the audit key's generation (the log's first checkpoint, the
 token host frozen), and the reaper's destruction of a version whose time has come (the object
 destroyed, the store locked): reconcile finds the half-done destruction and records it. A kill
-inside the log's first checkpoint (after its key is pinned, before the checkpoint is stored)
-leaves a log ``verify`` calls tampered: a defect of signer/audit, kept here as a strict xfail.
+inside the log's first checkpoint (after its key is pinned, before the checkpoint is stored with
+the key) leaves a log whose first checkpoint never completed: it verifies, and the next start
+adopts the pinned key.
 
 The token host is the test's own: it is frozen, and reconcile needs a token no other test's
 store shares. ``SIGNER_SIGKILL_CYCLES`` (default 10) sets the heavy-signing cycles (``make soak``
@@ -765,22 +766,12 @@ def test_sigkill_in_the_middle_of_every_lifecycle_change(deploy, own_host, tmp_p
 # --- the audit log's first checkpoint ---------------------------------------------------------
 
 
-class FirstCheckpointLost(AssertionError):
-    """The defect the xfail below names, and nothing else."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=FirstCheckpointLost,
-    reason="signer/audit/_log.py records and pins the audit key (AuditLog._ensure_key) before "
-    "the first checkpoint is signed, witnessed and stored: a kill in between leaves a log that "
-    "verify_log calls tampered ('an audit key is pinned, but the log has no checkpoint "
-    "(removed)') while the service accepts it at start (unsigned_tail_fault)",
-)
 def test_a_kill_inside_the_logs_first_checkpoint_leaves_a_log_that_verifies(deploy):
-    """The first checkpoint makes the audit key: generated in the token, recorded in the log,
-    pinned, then the checkpoint signed, witnessed and stored. The service is killed the moment
-    the pin appears (hit 8 times in 8 by hand; tried again if the kill came too late)."""
+    """The first checkpoint makes the audit key: generated in the token, pinned (written whole,
+    synced), then the checkpoint signed, witnessed, and stored with the key in one transaction.
+    The service is killed the moment the pin appears (tried again if the kill came too late):
+    the log verifies (its first checkpoint never completed), and the next start adopts the
+    pinned key (its checkpoints are signed with it; the pin is left as it was)."""
     for _ in range(5):
         dep = deploy(audit={"checkpoint_every": 1})
         pin = dep.cfg.audit.pinned_key
@@ -800,14 +791,21 @@ def test_a_kill_inside_the_logs_first_checkpoint_leaves_a_log_that_verifies(depl
             break
     assert pin.exists()
     assert not stored_checkpoint(dep), "every kill came after the first checkpoint was stored"
+    pem = pin.read_bytes()
     witness = Path(dep.cfg.audit.witness_file)
-    verdict = verify_log(
-        dep.cfg.audit.path,
-        pin.read_bytes(),
-        max_unsigned_records=dep.cfg.audit.max_unsigned_records,
-        witnesses=[witness] if witness.exists() else [],
-    )
+
+    def verdict() -> tuple[int, str] | None:
+        return verify_log(
+            dep.cfg.audit.path,
+            pin.read_bytes(),
+            max_unsigned_records=dep.cfg.audit.max_unsigned_records,
+            witnesses=[witness] if witness.exists() else [],
+        ).first_bad
+
+    assert verdict() is None
     dep.restart()  # the service vouches for this log at start, and serves
-    if verdict.first_bad == (1, "an audit key is pinned, but the log has no checkpoint (removed)"):
-        raise FirstCheckpointLost(f"after a kill inside the first checkpoint: {verdict.first_bad}")
-    assert verdict.whole, verdict.first_bad
+    with dep.client() as after:
+        after.list_keys()  # its record's checkpoint: the first stored, with the pinned key
+    assert wait_until(lambda: stored_checkpoint(dep) > 0, 30), dep.log_tail()
+    assert pin.read_bytes() == pem
+    assert verdict() is None

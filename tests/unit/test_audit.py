@@ -11,6 +11,7 @@ import base64
 import json
 import socket
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 from signer.audit import (
     AuditLog,
     AuditPaused,
+    Checkpoint,
     Event,
     FileWitness,
     Signing,
@@ -36,7 +38,7 @@ from signer.audit import (
     record_hash,
     verify_log,
 )
-from signer.audit._log import NOT_ANSWERED
+from signer.audit._log import NOT_ANSWERED, AuditKeyMismatch
 from signer.errors import SignerError, Unavailable
 from signer.keys import SignMechanism
 
@@ -49,14 +51,33 @@ class SoftKey:
         self.public_der = self.key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        self.asked: list[tuple[tuple[bytes, bytes] | None, bytes | None]] = []
+
+    @staticmethod
+    def der_of(pem: bytes) -> bytes:
+        return serialization.load_pem_public_key(pem).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     def sign(self, key_id: bytes, mech: SignMechanism, digest: bytes) -> bytes:
         assert mech is SignMechanism.ECDSA
         r, s = decode_dss_signature(self.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
-    def make(self, recorded: tuple[bytes, bytes] | None) -> tuple[Signing, bytes]:
+    def make(
+        self, recorded: tuple[bytes, bytes] | None, pinned: bytes | None
+    ) -> tuple[Signing, bytes] | None:
+        """The token holds this one key: a pinned key that is another is not in it."""
+        self.asked.append((recorded, pinned))
+        if recorded is None and pinned is not None and pinned != self.public_der:
+            return None
         return Signing(self.sign, b"audit"), self.public_der
+
+
+def _pem(public_der: bytes) -> bytes:
+    return serialization.load_der_public_key(public_der).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def write(log: AuditLog, e: Event) -> int:
@@ -319,19 +340,30 @@ def test_a_foreign_audit_key_stops_the_log_for_good(
         assert db.execute("SELECT MAX(seq) FROM checkpoints").fetchone() == (4,)
 
 
-def test_a_pinned_key_the_log_does_not_carry_stops_it_at_once(
+def test_a_pinned_key_the_token_does_not_hold_stops_the_log_at_its_first_checkpoint(
     tmp_path: Path, soft: SoftKey
 ) -> None:
-    (tmp_path / "audit.db.key.pem").write_bytes(
-        SoftKey()
-        .key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
+    """A pin the log does not record, and no checkpoint: what a first checkpoint cut short after
+    its pin leaves, so the start accepts it (it used to stop at once: that was the crash's
+    defect). Its first checkpoint adopts the pinned key from the token; the token holds no such
+    key here (the pin was replaced): every call refused, nothing signed, nothing pinned anew."""
+    pin = tmp_path / "audit.db.key.pem"
+    foreign = SoftKey()
+    pin.write_bytes(_pem(foreign.public_der))
     log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"), checkpoint_every=1)
-    log.start(soft.make, tmp_path / "audit.db.key.pem")
-    with pytest.raises(AuditPaused, match="an audit key is pinned, but the log carries none"):
+    changes = Changes(log)
+    log.start(soft.make, pin)
+    assert log.failure is None
+    write(log, event(1))
+    assert changes.wait_for(lambda: log.failure is not None)
+    with pytest.raises(AuditPaused, match="the pinned audit key is not in the token"):
         log.check()
     log.close()
+    assert soft.asked == [(None, foreign.public_der)]  # adopt, never generate
+    assert pin.read_bytes() == _pem(foreign.public_der)
+    with sqlite3.connect(tmp_path / "audit.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM checkpoints").fetchone() == (0,)
+        assert db.execute("SELECT COUNT(*) FROM audit_key").fetchone() == (0,)
 
 
 # --- the log is signed to within a bound of its end (issue 11) -----------------------------
@@ -436,8 +468,11 @@ def test_deleting_every_checkpoint_and_the_audit_key_is_caught(
     written: Callable[[int], Path],
 ) -> None:
     """The red team's case: a record rewritten with fresh hashes, then the checkpoints and the
-    audit key deleted. The pin beside the log names the missing key; without the pin, the log is
-    longer than any the service leaves unsigned."""
+    audit key deleted. With the pin or without, the log is longer than any the service leaves
+    unsigned (its bound: 8 records here). (Pinned, with neither key nor checkpoint, and within
+    the bound, it would be what a first checkpoint cut short after its pin leaves, which verify
+    accepts: the exposure of any unsigned tail, which only a witness closes. The pin alone
+    named this case before the key was recorded with the first checkpoint.)"""
     path = written(10)
     r = rows(path)
     prev = str(r[0][8])
@@ -453,12 +488,12 @@ def test_deleting_every_checkpoint_and_the_audit_key_is_caught(
     with sqlite3.connect(path) as db:
         db.execute("DELETE FROM checkpoints")
         db.execute("DELETE FROM audit_key")
-    assert verdict_of(path) == (0, "an audit key is pinned, but the log carries none (removed)")
-    assert verify_log(path, None, max_unsigned_records=8).first_bad == (
-        1,
-        "records 1 to 10 (10) are under no signed checkpoint; the service leaves at most 8 so "
-        "(checkpoints removed?)",
-    )
+    for pin in (pinned(path), None):
+        assert verify_log(path, pin, max_unsigned_records=8).first_bad == (
+            1,
+            "records 1 to 10 (10) are under no signed checkpoint; the service leaves at most 8 "
+            "so (checkpoints removed?)",
+        )
     with sqlite3.connect(path) as db:  # the audit key put back, the checkpoints still gone
         db.execute("INSERT INTO audit_key VALUES (1, ?, ?)", (b"audit", SoftKey().public_der))
     assert verify_log(path, pinned(path)).first_bad == (
@@ -821,3 +856,206 @@ def test_records_across_wall_clock_jumps_verify_and_checkpoints_keep_their_pace(
     assert log.store.last_checkpoint() == 0  # no leap of the wall clock made one due
     log.close()  # the last checkpoint, at stop
     assert verify_log(path, pinned(path)).whole
+
+
+# --- a crash inside the log's first checkpoint (the SIGKILL tests' defects) ---------------------
+
+
+class Killed(BaseException):
+    """The process dies here (raised where a SIGKILL would land; nothing after it runs)."""
+
+
+class KilledStore(SQLiteAuditStore):
+    """A store whose process dies as it would store a checkpoint (before its transaction)."""
+
+    def add_checkpoint(
+        self, checkpoint: Checkpoint, audit_key: tuple[bytes, bytes] | None = None
+    ) -> None:
+        raise Killed
+
+
+class KilledKey(SoftKey):
+    """A token whose signing never returns: the process dies while the token signs."""
+
+    def sign(self, key_id: bytes, mech: SignMechanism, digest: bytes) -> bytes:
+        raise Killed
+
+
+def first_checkpoint_killed(
+    path: Path, store: SQLiteAuditStore, key: SoftKey, witness: Path | None = None
+) -> None:
+    """Three records, then the log's first checkpoint, in which the process dies; what is on
+    disk stays as the kill left it (the dead log writes nothing more)."""
+    log = AuditLog(store, checkpoint_every=100, checkpoint_interval=60,
+                   witnesses=[FileWitness(witness)] if witness else [])  # fmt: skip
+    log.start(key.make, Path(f"{path}.key.pem"))
+    for i in (1, 2, 3):
+        write(log, event(i))
+    with pytest.raises(Killed):
+        log.checkpoint()  # the writer's own, run here: it would be at the interval or at stop
+    log.failure = "killed (test)"  # the dead process: its close below writes nothing
+    log.close()
+
+
+def restart_and_go_on(path: Path, key: SoftKey, witness: Path | None = None) -> None:
+    """The next start: it vouches for the log, and its first checkpoint is signed with the
+    pinned key (adopted, never generated anew: the token is asked for the pinned one)."""
+    pin = Path(f"{path}.key.pem")
+    before = pin.read_bytes() if pin.exists() else None
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60,
+                   witnesses=[FileWitness(witness)] if witness else [])  # fmt: skip
+    log.start(key.make, pin)
+    assert log.failure is None
+    assert write(log, event(4)) == 4
+    log.close()  # the first checkpoint that completes, at stop
+    assert log.failure is None
+    if before is not None:
+        assert pin.read_bytes() == before
+        assert key.asked[-1] == (None, SoftKey.der_of(before))
+    assert verify_log(path, pin.read_bytes(), witnesses=[witness] if witness else []).whole
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT seq FROM checkpoints").fetchall() == [(4,)]
+        assert db.execute("SELECT public_key FROM audit_key").fetchone() == (key.public_der,)
+
+
+def test_a_crash_before_the_pin_leaves_no_pin_and_a_young_log(
+    tmp_path: Path, soft: SoftKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key generated, its pin written to the file beside the pin but not yet renamed into
+    place: no pin (nor a part of one), the log naming no key. The token's object is an orphan
+    (signer keys reconcile); the next start makes another key."""
+    path = tmp_path / "audit.db"
+
+    def killed(src: object, dst: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr("signer.audit._log.os.replace", killed)
+    first_checkpoint_killed(path, SQLiteAuditStore(path), soft)
+    monkeypatch.undo()
+    assert not Path(f"{path}.key.pem").exists()
+    assert verify_log(path, None).whole  # a young log, nothing pinned
+    restart_and_go_on(path, soft)
+    assert soft.asked == [(None, None), (None, None)]  # a new key each time: nothing pinned
+    assert stat.S_IMODE(Path(f"{path}.key.pem").stat().st_mode) == 0o600
+
+
+def test_a_crash_after_the_pin_before_the_signature_is_adopted(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    """Pinned, the token killed inside the signature: a pin the log does not record, no
+    checkpoint. verify calls it a log whose first checkpoint never completed; the next start
+    adopts the pinned key and records it with its first checkpoint."""
+    path = tmp_path / "audit.db"
+    dying = KilledKey()
+    first_checkpoint_killed(path, SQLiteAuditStore(path), dying)
+    pin = Path(f"{path}.key.pem")
+    assert pin.read_bytes() == _pem(dying.public_der)
+    assert verify_log(path, pin.read_bytes()).whole
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM audit_key").fetchone() == (0,)
+    same = SoftKey()
+    same.key, same.public_der = dying.key, dying.public_der  # the token's key, alive again
+    restart_and_go_on(path, same)
+
+
+def test_a_crash_after_the_witness_before_the_store_is_adopted(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    """Signed and witnessed, killed before the store's transaction (which records the key and
+    the checkpoint together): the witness has a first checkpoint the log does not; the records
+    bear it out, so verify and the start accept it, and the next start adopts the key."""
+    path, witness = tmp_path / "audit.db", tmp_path / "witness.jsonl"
+    first_checkpoint_killed(path, KilledStore(path), soft, witness)
+    assert [c.seq for _, c in read_witness(witness)] == [3]
+    pin = Path(f"{path}.key.pem").read_bytes()
+    assert verify_log(path, pin, witnesses=[witness]).whole
+    restart_and_go_on(path, soft, witness)
+    assert [(c.seq, c.prev) for _, c in read_witness(witness)] == [(3, 0), (4, 0)]
+
+
+def test_a_first_checkpoint_that_failed_retries_with_the_same_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin that cannot be written (a full disk) fails the checkpoint, which is retried with
+    the key already generated, not with a new one each time (orphans every retry)."""
+    key = SoftKey()
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
+    log.start(key.make, Path(f"{path}.key.pem"))
+    write(log, event(1))
+
+    def full(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("signer.audit._log.os.replace", full)
+    for _ in range(3):
+        with pytest.raises(OSError, match="No space"):
+            log.checkpoint()
+    monkeypatch.undo()
+    log.checkpoint()
+    log.close()
+    assert key.asked == [(None, None)]
+    assert verify_log(path, pinned(path)).whole
+
+
+def test_a_pin_emptied_or_damaged_is_refused_by_name(
+    written: Callable[[int], Path], tmp_path: Path, soft: SoftKey
+) -> None:
+    """What a pin written in place (truncate, then write) left after a kill: no traceback, a
+    refusal naming the pin, by the start and by verify; and a young log's too."""
+    path = written(6)
+    for damaged in (b"", b"-----BEGIN PUBLIC KEY-----\nMFkw\n"):
+        Path(f"{path}.key.pem").write_bytes(damaged)
+        assert verify_log(path, damaged).first_bad == (
+            0,
+            "the pinned audit key is no public key (its file emptied or damaged): restore it",
+        )
+        log = restarted(path, soft)
+        assert log.failure is not None
+        assert "the pinned audit key is no public key" in log.failure
+        log.close()
+    young = tmp_path / "young.db"
+    log = AuditLog(SQLiteAuditStore(young), checkpoint_every=100, checkpoint_interval=60)
+    log.start(soft.make, Path(f"{young}.key.pem"))
+    write(log, event(1))
+    Path(f"{young}.key.pem").write_bytes(b"")  # emptied after the start
+    with pytest.raises(AuditKeyMismatch, match=r"holds no public key \(emptied or damaged\)"):
+        log.checkpoint()
+    log.close()  # its last checkpoint refused too: stopped for good, nothing signed
+    assert log.failure is not None
+    assert Path(f"{young}.key.pem").read_bytes() == b""
+
+
+def test_a_log_that_names_its_key_without_a_checkpoint_is_tampered(
+    written: Callable[[int], Path], soft: SoftKey
+) -> None:
+    """The key is recorded with the first checkpoint, in one transaction: a log that names it
+    and has no checkpoint had them removed, for verify and (now) for the start alike."""
+    path = written(6)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM checkpoints")
+    assert verdict_of(path) == (1, "the log names its audit key, but has no checkpoint (removed)")
+    log = restarted(path, soft)
+    assert log.failure is not None
+    assert "the log names its audit key, but has no checkpoint (removed)" in log.failure
+    log.close()
+
+
+def test_checkpoints_and_key_removed_are_caught_by_a_witness_after_a_stored_one(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    """Checkpoints and key removed from a log short enough for the bound: it looks like a first
+    checkpoint cut short, but the witness saw one that follows a stored checkpoint."""
+    path, witness = witnessed_log(tmp_path, soft, 6)  # checkpoints 4, 6
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM checkpoints")
+        db.execute("DELETE FROM audit_key")
+    assert verify_log(path, pinned(path), witnesses=[witness]).first_bad == (
+        6,
+        f"the witness {witness.name} (line 2) saw a checkpoint at 6 that follows a stored one, "
+        "and the log has neither a checkpoint nor its audit key (removed)",
+    )
+    log = restarted(path, soft, witnesses=[FileWitness(witness)])
+    assert log.failure is not None
+    assert "saw a checkpoint at 6 that follows a stored one" in log.failure
+    log.close()
