@@ -944,6 +944,9 @@ class Server:
         self.token.on_availability(self._availability_changed)
         self.token.on_availability(self._answer_queued_if_down)
         self.token.on_abandon(self._replace_stuck_lanes)
+        if self.audit is not None:
+            audit = self.audit
+            self.token.on_availability(lambda up: audit.wake() if up else None)
         if self.admin_token is not self.token:
             # The administrative connection logs in once the signing one is up: at once.
             self.token.on_availability(lambda up: self.admin_token.wake() if up else None)

@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 # written), or None if the token holds none. Given neither: a new one, generated in the token.
 MakeKey = Callable[[tuple[bytes, bytes] | None, bytes | None], tuple[Signing, bytes] | None]
 _BATCH = 1024
+
+
+class _Wake:
+    """What :meth:`AuditLog.wake` queues."""
+
+
+WAKE = _Wake()
 # While records cannot be written, the writer tries again this often.
 RETRY_SECONDS = 1.0
 # The status a record keeps when it could not be written before its call was answered.
@@ -99,7 +106,8 @@ class AuditLog:
         self._seq, self._hash = store.head()
         self._checkpointed = max(store.last_checkpoint(), 0)
         self._last_checkpoint = time.monotonic()
-        self._queue: queue.Queue[tuple[Event, asyncio.Future[int]] | None] = queue.Queue()
+        # Records to write; None: stop; WAKE: try a failed checkpoint again now.
+        self._queue: queue.Queue[tuple[Event, asyncio.Future[int]] | _Wake | None] = queue.Queue()
         # Taken to queue a record and to stop taking them: none is queued after the last drain.
         self._accepting = threading.Lock()
         self._closed = False
@@ -190,6 +198,13 @@ class AuditLog:
             self._queue.put((event, fut))
         return await fut
 
+    def wake(self) -> None:
+        """Tries a failed checkpoint again now rather than at the next interval: the token is
+        back (the soak: calls stayed refused for up to checkpoint_interval_seconds after it
+        was, since nothing else made the writer look)."""
+        if self._failing is not None:
+            self._queue.put(WAKE)
+
     def close(self) -> None:
         """Writes what is queued, a last checkpoint, and stops."""
         if self._writer is not None and self._writer.is_alive():
@@ -234,8 +249,12 @@ class AuditLog:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            if all(b is WAKE for b in batch):
+                if self._failing is not None:
+                    self._checkpoint_quietly()  # what failed may work now
+                continue
             stop = None in batch
-            self._batch = [b for b in batch if b is not None]
+            self._batch = [b for b in batch if isinstance(b, tuple)]
             self._commit(self._batch)
             self._batch = []
             if self._unsigned >= self.checkpoint_every or stop:
@@ -259,7 +278,7 @@ class AuditLog:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
+            if isinstance(item, tuple):
                 hand_back([(item[1], False, error)])
 
     @property

@@ -1059,3 +1059,25 @@ def test_checkpoints_and_key_removed_are_caught_by_a_witness_after_a_stored_one(
     assert log.failure is not None
     assert "saw a checkpoint at 6 that follows a stored one" in log.failure
     log.close()
+
+
+def test_a_failed_checkpoint_is_tried_again_as_soon_as_the_writer_is_woken(
+    tmp_path: Path,
+) -> None:
+    """The soak: after the token host came back, calls stayed refused for up to the checkpoint
+    interval, since nothing made the writer try the failed checkpoint again. The service wakes
+    it when the token is back (an interval of an hour here: only the wake can do it)."""
+    key = FlakyKey()
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=2, checkpoint_interval=3600,
+                   max_unsigned_records=8)  # fmt: skip
+    changes = Changes(log)
+    log.start(key.make, tmp_path / "audit.db.key.pem")
+    key.down = True
+    assert [write(log, event(i)) for i in (1, 2)] == [1, 2]  # the second makes one due
+    assert changes.wait_for(lambda: log._failing is not None)
+    key.down = False
+    log.wake()
+    assert changes.wait_for(lambda: log._failing is None)
+    log.close()
+    assert verify_log(path, pinned(path), max_unsigned_records=8).whole
