@@ -322,7 +322,10 @@ def deploy(own_host, service_process_factory, tmp_path) -> Iterator[Callable[...
         witness = tmp_path / f"witness-{len(made)}.jsonl"  # a log's own: a witness is per log
         audit = {"checkpoint_every": 50, "witness_file": str(witness)}
         sp = service_process_factory(
-            token=own_host.token_config(),
+            # Health checks far apart: one sent while the host is frozen reaches it before the
+            # change's call on the same connection, and the host, thawed, answers it to a dead
+            # service and goes, without making the change's key (seen under load).
+            token=own_host.token_config(health_interval_seconds=30.0),
             server=server,
             audit={**audit, **sections.get("audit", {})},
             keys=sections.get("keys", {}),
@@ -433,15 +436,6 @@ def test_sigkill_under_heavy_signing_loses_nothing_answered_ok(deploy, tmp_path)
     with dep.client() as c:
         for name, alg in (("sig-ec", "ec-p256"), ("sig-rsa", "rsa-2048"), ("churn", "ec-p256")):
             dep.ledger.ok("CreateKey", name, c.create_key(name, alg).primary_version)
-        # The log's first checkpoint (the audit key made, recorded and pinned, then the first
-        # checkpoint stored) before the kills: a kill inside it, between the pin and the
-        # checkpoint, leaves a log that 'audit-log verify' calls tampered ("an audit key is
-        # pinned, but the log has no checkpoint"), which the service itself accepts at start
-        # (signer/audit, reported to its owner). Its other moments are in the lifecycle test.
-        while not stored_checkpoint(dep):
-            message = os.urandom(32)
-            sig = c.sign("sig-ec", message=message)
-            dep.ledger.signed("sig-ec", sig.version, [message], [sig.signature])
     rng = random.Random(SEED)
     for cycle in range(CYCLES):
         load = Load(dep, SEED + 100 * cycle)
