@@ -97,8 +97,10 @@ class TokenConfig:
     # After a failed connection attempt the next waits twice as long, up to this.
     reconnect_max_seconds: float = 5.0
     # A health check unanswered this long means the token host has stopped answering (frozen,
-    # hung): health NOT_SERVING and calls fail fast until it answers again.
-    stall_seconds: float = 3.0
+    # hung): health NOT_SERVING and calls fail fast until it answers again. Well above what a
+    # busy token takes: SoftHSM2 holds a health check while another connection generates an
+    # RSA-4096 key (seconds; the soak saw checks wait 3 s at 400 objects under load).
+    stall_seconds: float = 15.0
     # Failed logins in a row after which the service stops trying until it is restarted. An
     # HSM locks its user after a few (three is common); after one failure the service tries
     # again only when pin_file changes (signer/token/_logins.py).
