@@ -26,6 +26,7 @@ import os
 import secrets
 import select
 import signal
+import socket as socket_mod
 import subprocess
 import sys
 import tempfile
@@ -427,7 +428,9 @@ class TokenHost:
             )
         deadline = time.monotonic() + timeout
         for proc, (_, socket) in zip(self._procs, self._exports(), strict=True):
-            while not socket.exists():
+            # Until it accepts a connection: the socket file appears before the server listens
+            # on it, and a client then saw no token (about one start in twenty).
+            while not _accepts(socket):
                 if not self._procs:
                     return  # stopped meanwhile (a signal handler)
                 if proc.poll() is not None:
@@ -490,6 +493,13 @@ class TokenHost:
                 return status
             time.sleep(0.2)
         return 0
+
+
+def _accepts(path: Path) -> bool:
+    with contextlib.suppress(OSError), socket_mod.socket(socket_mod.AF_UNIX) as s:
+        s.connect(str(path))
+        return True
+    return False
 
 
 def serve_forever(root: str | Path, label: str = DEFAULT_LABEL) -> int:
