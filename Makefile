@@ -102,11 +102,16 @@ soak: deps
 # fuzz/crashes/<target>/ and `make test` replays it. FUZZ_ARGS passes options, e.g.
 # FUZZ_ARGS='--targets elf,policy --merge' (--merge adds new-coverage inputs to fuzz/corpus/).
 FUZZ_SECONDS ?= 60
+# Then every RPC through the real server (tests/integration/test_fuzz_rpc.py, Hypothesis),
+# FUZZ_EXAMPLES random examples per test instead of make test's fixed few dozen.
+FUZZ_EXAMPLES ?= 500
 FUZZ_RSS_MB ?= 1024
 FUZZ_ARGS ?=
 
 fuzz: deps $(VENV)/.fuzz-installed
 	$(PY) -m fuzz.campaign --seconds $(FUZZ_SECONDS) --rss-mb $(FUZZ_RSS_MB) $(FUZZ_ARGS)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/integration/test_fuzz_rpc.py -q \
+	  -p no:cacheprovider -o timeout=0
 
 $(VENV)/.fuzz-installed: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev,fuzz]'
