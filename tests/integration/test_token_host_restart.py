@@ -293,6 +293,20 @@ def put(path: Path, data: bytes) -> None:
     private_file(path).write_bytes(data)
 
 
+def with_own_pin_file(host, service_factory, tmp_path, unique_name):  # type: ignore[no-untyped-def]
+    """A service reading a PIN file of the test's own (right for now), with a key; returns the
+    service, a client, the key's name and the PIN file."""
+    pin_file = tmp_path / "user.pin"
+    put(pin_file, host.paths.user_pin.read_bytes())
+    cfg = replace(host.token_config(), pin_file=str(pin_file), max_failed_logins=2,
+                  **QUICK_CHECKS)  # fmt: skip
+    svc = service_factory(token=cfg)
+    c = svc.client(timeout=10)
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    return svc, c, name, pin_file
+
+
 def test_a_wrong_pin_is_tried_once_by_one_connection_only(
     service_factory, token_host, tmp_path, monkeypatch
 ):
@@ -337,17 +351,8 @@ def test_a_pin_that_stops_working_is_refused_clearly_and_not_retried_until_fixed
     again. Calls get FAILED_PRECONDITION naming the file, health is NOT_SERVING, and the wrong
     PIN is tried once per change of the file, at most ``max_failed_logins`` times in a row;
     writing the right PIN within that bound brings the service back by itself."""
-    pin_file = tmp_path / "user.pin"
     right = host.paths.user_pin.read_bytes()
-    put(pin_file, right)
-    cfg = replace(
-        host.token_config(), pin_file=str(pin_file), max_failed_logins=2,
-        **QUICK_CHECKS,
-    )  # fmt: skip
-    svc = service_factory(token=cfg)
-    c = svc.client(timeout=10)
-    name = unique_name()
-    c.create_key(name, "ec-p256")
+    svc, c, name, pin_file = with_own_pin_file(host, service_factory, tmp_path, unique_name)
     token = svc.server.token
 
     def settle(ticks: int = 20) -> None:
@@ -381,16 +386,7 @@ def test_a_pin_that_stops_working_is_refused_clearly_and_not_retried_until_fixed
 def test_past_the_bound_the_service_stops_trying_for_good(
     host, service_factory, tmp_path, unique_name
 ):
-    pin_file = tmp_path / "user.pin"
-    put(pin_file, host.paths.user_pin.read_bytes())
-    cfg = replace(
-        host.token_config(), pin_file=str(pin_file), max_failed_logins=2,
-        **QUICK_CHECKS,
-    )  # fmt: skip
-    svc = service_factory(token=cfg)
-    c = svc.client(timeout=10)
-    name = unique_name()
-    c.create_key(name, "ec-p256")
+    svc, c, name, pin_file = with_own_pin_file(host, service_factory, tmp_path, unique_name)
     token = svc.server.token
     put(pin_file, b"wrong-one")
     host.host.stop()
