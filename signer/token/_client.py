@@ -227,6 +227,9 @@ class _Slot:
 
 
 _KEYS_PER_SESSION = 256
+# A dead connection's calls fail at once (its socket is gone): a session not back this long
+# after is held by a thread stuck in the module for good (see Token._abandon_dead).
+ABANDON_AFTER_SECONDS = 5.0
 
 
 class _Handles(OrderedDict[bytes, Any]):
@@ -864,7 +867,7 @@ class Token:
                 # Calls on a dead connection fail fast; wait for them before C_Finalize.
                 if self._drain(self._dead, timeout=1.0):
                     self._dead = None
-                elif time.monotonic() - self._dead_since < 3 * self._cfg.stall_seconds:
+                elif time.monotonic() - self._dead_since < ABANDON_AFTER_SECONDS:
                     return False
                 else:
                     self._abandon_dead()

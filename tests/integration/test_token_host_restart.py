@@ -560,7 +560,7 @@ def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_do
     calls (Token._abandon_dead says how); that thread held a session of the dead connection,
     and the service waited for every session before connecting again. Here a call is held in
     the module (a hook around the signing call, on its session) across a kill of the token
-    host: the service gives that connection up after 3 x stall_seconds, answers the stuck call
+    host: the service gives that connection up after 5 s, answers the stuck call
     UNAVAILABLE, replaces its lane, connects afresh and signs; the stuck thread, let go at the
     end, leaves quietly."""
     from signer.token import _client
