@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from signer import config as config_mod
 from signer import hsm
-from signer.client import SignerClient
+from signer.client import Signature, SignerClient
 from signer.errors import FailedPrecondition, NotFound, SignerError, Unavailable
 from signer.files import private_file
 from signer.server import SERVICE_NAME
@@ -595,3 +595,26 @@ def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_do
         assert_signs_and_verifies(c, name, b"after giving the stuck connection up")
     finally:
         release.set()
+
+
+def test_a_key_the_signing_connection_does_not_see_is_signed_on_the_other(
+    service_factory, unique_name, monkeypatch
+):
+    """The soak: the signing connection's SoftHSM2 process at times did not see a key the
+    administrative connection had just made (NOT_FOUND; the next call found it). The signing
+    connection is made blind to the key here (its search finds nothing): Sign, SignBatch and
+    SignJWT still sign, on the connection that made it, and the signatures verify."""
+    svc = service_factory()
+    c = svc.client()
+    name = unique_name()
+    c.create_key(name, "ec-p256")
+    main = svc.server.token
+    assert svc.server.admin_token is not main
+
+    def blind(slot, key_id):  # type: ignore[no-untyped-def]
+        raise NotFound(f"no private key object with id {key_id.hex()} in the token")
+
+    monkeypatch.setattr(main, "_find_private", blind)
+    assert_signs_and_verifies(c, name, b"made on the other connection")
+    assert all(isinstance(r, Signature) for r in c.sign_batch(name, messages=[b"a", b"b"]))
+    assert c.sign_jwt(name, {"sub": "me"}).count(".") == 2
