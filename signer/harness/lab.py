@@ -35,6 +35,7 @@ from signer.client import ClientTLS, SignerClient
 from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
 from signer.errors import SignerError
 from signer.front import Front, front_config
+from signer.harness.crash import SIGNALS
 from signer.keys import ALGORITHMS
 from signer.pki import DevCA
 from signer.policy import grant_everything
@@ -107,9 +108,14 @@ class Route:
 
 
 def _core_friendly() -> None:
-    """preexec for processes the harness will crash: unlimited cores, deliberate filter."""
+    """preexec for processes the harness will crash: unlimited cores, deliberate filter, and
+    the crash signals' default actions. A shell without job control starts a background job
+    (``make test &``) with SIGINT and SIGQUIT ignored, and children inherit that: SIGQUIT then
+    left the service running and the campaign's SIGQUIT rows failed with no core."""
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     Path("/proc/self/coredump_filter").write_text(f"{COREDUMP_FILTER:#x}")
+    for crash_signal in SIGNALS.values():
+        signal.signal(crash_signal, signal.SIG_DFL)
 
 
 def _free_port() -> int:
