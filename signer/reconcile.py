@@ -287,7 +287,7 @@ def survey(store: Store, token: Token, audit: AuditKey, now: datetime) -> Report
             note(ORPHAN, key_id, what, f"{kinds}: made by the service, named by no version, "
                  "import token or audit log")  # fmt: skip
         else:
-            why = "no readable audit log or pin to ask" if made else "not made by the service"
+            why = "no readable audit log or its key to ask" if made else "not made by the service"
             note(UNMANAGED, key_id, what, f"{kinds}: {why}")
     return report
 
@@ -395,8 +395,8 @@ def service_answers(cfg: Config) -> bool:
 
 
 def audit_key_reader(path: str | Path, pin: str | Path) -> Callable[[], AuditKey]:
-    """For :func:`reconcile`: what the audit log at ``path`` and its pin file ``pin`` say of
-    the audit key, read anew at each call."""
+    """For :func:`reconcile`: what the audit log at ``path`` and its pinned key's file (the
+    second argument) say of the audit key, read anew at each call."""
     from cryptography.hazmat.primitives import serialization
 
     from signer.audit import SQLiteAuditStore

@@ -112,8 +112,8 @@ class AuditLog:
         self._accepting = threading.Lock()
         self._closed = False
         self._signing: Signing | None = None
-        # The key being made the log's: generated but not pinned yet (kept, so that a pin that
-        # could not be written is tried again with it, not with a key generated anew).
+        # The key being made the log's: generated but not pinned yet (kept, so that a pinning
+        # that could not be written is tried again with it, not with a key generated anew).
         self._made: tuple[Signing, bytes] | None = None
         # The audit key, pinned, that the log does not record yet: recorded with the first
         # checkpoint, in its transaction.

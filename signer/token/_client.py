@@ -99,7 +99,7 @@ _CURVES: dict[str, ec.EllipticCurve] = {
     "secp521r1": ec.SECP521R1(),
 }
 
-# What C_Login may answer about the PIN itself, and what it means for the next attempt.
+# What the token answers when it refuses the PIN itself, and what it means for the next try.
 _PIN_REFUSED: dict[type[Exception], str] = {
     p11e.PinIncorrect: INCORRECT,
     p11e.PinInvalid: INCORRECT,
@@ -289,7 +289,8 @@ class Token:
         self._monitor: threading.Thread | None = None
         self._listeners: list[Callable[[bool], None]] = []
         self._abandon_listeners: list[Callable[[float], None]] = []
-        self._logins = LoginGuard(cfg.max_failed_logins, cfg.pin_file, pin.stamp)
+        stamp = pin.stamp  # what tells an operator's new file from the one that was refused
+        self._logins = LoginGuard(cfg.max_failed_logins, cfg.pin_file, stamp)
         # Failed connection attempts in a row: the monitor backs off between them.
         self._connect_failures = 0
         self._checks = 0

@@ -5,7 +5,7 @@ security officer must then unlock it, and some models zeroise). A service that r
 PIN at every health tick would lock its own token within seconds of someone rotating the PIN
 without telling it, and the outage would outlive the fix. So:
 
-* after a failed login the service does not try again with the same PIN file: it tries once
+* after a refused attempt the service does not try again with the same PIN file: it tries once
   more only when that file changes (an operator wrote the new PIN), and only while fewer than
   ``token.max_failed_logins`` logins in a row have failed;
 * past that bound, or when the token says the PIN is locked, it stops trying altogether until
