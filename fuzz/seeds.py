@@ -24,7 +24,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from fuzz.elfcore import Load, build
 from fuzz.targets import EC_KEY, ED_KEY, PIN, TARGETS
-from signer import config, policy
+from signer._internal import config, policy
 
 CORPUS = Path(__file__).parent / "corpus"
 GENERATED = Path(__file__).resolve().parent.parent / "var" / "fuzz" / "seeds"

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from signer import config, jose, policy
+from signer import jose
+from signer._internal import config, policy
 from signer.errors import ConfigError, SignerError
 from signer.scan import Scanner, ScanResult, load_public_keys, load_secrets, secret_from_key
 from signer.scan import secret_from_pin as pin_secret
@@ -170,7 +171,8 @@ def _toml_error_named(data: bytes, message: str) -> None:
 
 
 def policy_file(data: bytes) -> None:
-    """signer.policy.load: a Policy, or a ConfigError (the service keeps its old policy) whose
+    """signer._internal.policy.load: a Policy, or a ConfigError (the service keeps its old policy)
+    whose
     message names the line when the TOML itself is broken."""
     path = _file(data, "policy.toml")
     try:
@@ -187,7 +189,7 @@ def policy_file(data: bytes) -> None:
 
 
 def config_file(data: bytes) -> None:
-    """signer.config.load: a Config that dump() writes back as the same Config, or a
+    """signer._internal.config.load: a Config that dump() writes back as the same Config, or a
     ConfigError naming the line when the TOML itself is broken."""
     path = _file(data, "config.toml")
     try:

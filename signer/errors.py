@@ -1,7 +1,8 @@
 """The one exception tree of the signer.
 
 Every error the service can answer with is a subclass of :class:`SignerError` and knows its gRPC
-status code. PKCS#11 errors are mapped to these in :mod:`signer.token` (and nowhere else); these
+status code. PKCS#11 errors are mapped to these in :mod:`signer._internal.token` (and nowhere
+else); these
 are mapped to gRPC statuses in one server interceptor, and back again in :mod:`signer.client`.
 
 Messages name the problem (the parameter, the key, the version) and never carry a secret: no PIN,
@@ -89,7 +90,7 @@ class Internal(SignerError):
 
 class LoginRefused(FailedPrecondition):
     """The token refuses the service's PIN: no call can be served, and waiting will not help
-    (signer/token/_logins.py)."""
+    (signer/_internal/token/_logins.py)."""
 
 
 class StoreUncertain(Unavailable):

@@ -39,7 +39,8 @@ class SigFormat(enum.Enum):
 
 
 class SignMechanism(enum.Enum):
-    """What the token is asked to do; :mod:`signer.token` maps these to PKCS#11 mechanisms."""
+    """What the token is asked to do; :mod:`signer._internal.token` maps these to PKCS#11
+    mechanisms."""
 
     ECDSA = "CKM_ECDSA"  # sign a digest, returns r || s
     RSA_PKCS_PSS = "CKM_RSA_PKCS_PSS"  # sign a SHA-256 digest with PSS parameters

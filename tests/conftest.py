@@ -30,12 +30,12 @@ from typing import Any
 
 import pytest
 
-from signer import config as config_mod
-from signer import hsm
+from signer._internal import config as config_mod
+from signer._internal import hsm
+from signer._internal.front import ENGINE_PATH
+from signer._internal.policy import grant_everything
+from signer._internal.server import Server
 from signer.client import SignerClient
-from signer.front import ENGINE_PATH
-from signer.policy import grant_everything
-from signer.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
 SIGNER_BIN = Path(sys.executable).parent / "signer"

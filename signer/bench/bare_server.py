@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from signer import config, logs
-from signer.server import _serve, harden_process
+from signer._internal import config, logs
+from signer._internal.server import _serve, harden_process
 
 
 def main(argv: list[str] | None = None) -> int:

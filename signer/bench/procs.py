@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from signer import config, hsm
+from signer._internal import config, hsm
 from signer.client import SignerClient
 from signer.errors import SignerError
 

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from signer import hsm
+from signer._internal import hsm
+from signer._internal.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
+from signer._internal.policy import grant_everything
 from signer.bench.context import Context
 from signer.bench.loadgen import run_load
 from signer.bench.procs import (
@@ -47,9 +49,7 @@ from signer.bench.procs import (
 )
 from signer.bench.report import ScenarioResult, Table, fmt_ratio
 from signer.client import SignerClient
-from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
 from signer.errors import SignerError
-from signer.policy import grant_everything
 
 NAME = "signing"
 BATCH = 50  # messages per SignBatch call

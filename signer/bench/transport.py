@@ -32,16 +32,16 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from signer import config as config_mod
-from signer import hsm
+from signer._internal import config as config_mod
+from signer._internal import hsm
+from signer._internal.front import Front, front_config
+from signer._internal.pki import DevCA
+from signer._internal.policy import grant_everything
 from signer.bench.context import Context
 from signer.bench.loadgen import run_load
 from signer.bench.procs import answers, started, write_service_config
 from signer.bench.report import ScenarioResult, Table, fmt_ratio
 from signer.client import ClientTLS, SignerClient
-from signer.front import Front, front_config
-from signer.pki import DevCA
-from signer.policy import grant_everything
 
 NAME = "transport"
 KEY = "bench-transport"

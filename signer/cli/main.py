@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from signer._internal.config import AuditConfig
+from signer._internal.reconcile import DEFAULT_GRACE_SECONDS
 from signer.client import DEFAULT_ADDRESS, ClientTLS, SignerClient
-from signer.config import AuditConfig
 from signer.errors import InvalidArgument, SignerError
 from signer.keys import ALGORITHMS
-from signer.reconcile import DEFAULT_GRACE_SECONDS
 from signer.v1 import signer_pb2 as pb
 
 EXIT_OK, EXIT_INVALID, EXIT_ERROR = 0, 1, 2
@@ -166,8 +166,8 @@ def _hex_id(text: str) -> bytes:
 
 
 def cmd_keys_adopt(args: argparse.Namespace) -> int:
-    from signer import config
-    from signer.service import adopt_with_config
+    from signer._internal import config
+    from signer._internal.keyring import adopt_with_config
 
     key = adopt_with_config(
         config.load(args.config), args.name, args.algorithm, args.id, args.scope, dict(args.label)
@@ -178,8 +178,8 @@ def cmd_keys_adopt(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_reconcile(args: argparse.Namespace) -> int:
-    from signer import config
-    from signer.reconcile import reconcile_with_config
+    from signer._internal import config
+    from signer._internal.reconcile import reconcile_with_config
 
     if args.grace < 0:
         raise InvalidArgument(f"--grace must not be negative, got {args.grace:g}")
@@ -249,7 +249,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_hsm_init(args: argparse.Namespace) -> int:
-    from signer import hsm
+    from signer._internal import hsm
 
     paths = hsm.init(args.dir, args.label)
     # Where the credentials are, never what they are.
@@ -264,14 +264,14 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
 
 
 def cmd_hsm_serve(args: argparse.Namespace) -> int:
-    from signer import hsm, logs
+    from signer._internal import hsm, logs
 
     logs.setup(args.log_level)
     return hsm.serve_forever(args.dir, args.label)
 
 
 def cmd_hsm_import_key(args: argparse.Namespace) -> int:
-    from signer import hsm
+    from signer._internal import hsm
 
     hsm.provision_key(args.dir, Path(args.infile).read_bytes(), args.label, args.id,
                       token=args.token)  # fmt: skip
@@ -280,14 +280,14 @@ def cmd_hsm_import_key(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from signer import config, logs, server
+    from signer._internal import config, logs, server
 
     logs.setup(args.log_level)
     return server.serve(config.load(args.config))
 
 
 def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, AuditConfig]:
-    from signer import config
+    from signer._internal import config
 
     cfg = config.load(args.config) if args.config else config.Config()
     db = Path(args.db or cfg.audit.path)
@@ -297,7 +297,7 @@ def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, AuditConf
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from signer import audit
+    from signer._internal import audit
 
     db, pinned, archives, cfg = _audit_config(args)
     # A young log has no checkpoint yet, so no audit key was made or pinned: the chain alone.
@@ -349,7 +349,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def cmd_audit_archive(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from signer import audit
+    from signer._internal import audit
 
     db, _, archives, _ = _audit_config(args)
     before = datetime.now(UTC) - timedelta(days=args.older_than_days)
@@ -369,14 +369,14 @@ def cmd_audit_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_front_serve(args: argparse.Namespace) -> int:
-    from signer import config, front, logs
+    from signer._internal import config, front, logs
 
     logs.setup(args.log_level)
     return front.serve_forever(config.load(args.config))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from signer import launcher, logs
+    from signer._internal import launcher, logs
 
     logs.setup(args.log_level)
     return launcher.run(args.dir, args.listen)

@@ -3,7 +3,8 @@ processes to crash.
 
 The lab knows the private keys it hunts for because it provisions them itself, as an HSM
 administrator would: generated here, imported at the token host with the token's own tool
-(``softhsm2-util --import``, via :func:`signer.hsm.provision_key`), and recorded in the service's
+(``softhsm2-util --import``, via :func:`signer._internal.hsm.provision_key`), and recorded in the
+service's
 metadata store. The TLS endpoint's key is provisioned the same way into the TLS token, and the
 front (nginx) serves mTLS with it. The service never receives plaintext in any of this.
 
@@ -29,18 +30,18 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from signer import config as config_mod
-from signer import hsm
+from signer._internal import config as config_mod
+from signer._internal import hsm
+from signer._internal.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
+from signer._internal.front import Front, front_config
+from signer._internal.keyring import adopt_with_config
+from signer._internal.pki import DevCA
+from signer._internal.policy import grant_everything
 from signer.client import ClientTLS, SignerClient
-from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
 from signer.errors import SignerError
-from signer.front import Front, front_config
 from signer.harness.crash import SIGNALS
 from signer.keys import ALGORITHMS
-from signer.pki import DevCA
-from signer.policy import grant_everything
 from signer.scan import Secret, secret_from_key, secret_from_pin
-from signer.service import adopt_with_config
 
 # What the p11-kit path offers (ed25519 does not cross Debian's p11-kit 0.24.1).
 LAB_ALGORITHMS = ("ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096")

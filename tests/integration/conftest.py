@@ -15,8 +15,8 @@ from typing import Any
 import pkcs11
 import pytest
 
-from signer import hsm
-from signer.config import P11KIT_CLIENT_MODULE
+from signer._internal import hsm
+from signer._internal.config import P11KIT_CLIENT_MODULE
 from tests.conftest import SIGNER_BIN, free_port
 
 

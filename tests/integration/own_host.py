@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from signer import hsm
+from signer._internal import hsm
 from tests.conftest import TokenHostHandle, wait_until
 
 

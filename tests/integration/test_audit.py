@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, ObjectClass
 
-from signer.audit import Event, record_hash
-from signer.audit._log import NOT_ANSWERED
+from signer._internal.audit import Event, record_hash
+from signer._internal.audit._log import NOT_ANSWERED
+from signer._internal.store import SQLiteStore
 from signer.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from signer.keys import State
-from signer.store import SQLiteStore
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 from tests.conftest import SIGNER_BIN, health_status, log_lines, wait_until, write_toml
@@ -204,14 +204,14 @@ class _Held:
                     held_self.gone.release()
 
         self._watch = Watch()
-        logging.getLogger("signer.server").addHandler(self._watch)
+        logging.getLogger("signer._internal.server").addHandler(self._watch)
 
     def saw_gone(self, calls: int = 1) -> bool:
         return all(self.gone.acquire(timeout=20) for _ in range(calls))
 
     def close(self) -> None:
         self.release.set()
-        logging.getLogger("signer.server").removeHandler(self._watch)
+        logging.getLogger("signer._internal.server").removeHandler(self._watch)
 
 
 def test_a_cancelled_call_still_changes_state_only_with_its_record(

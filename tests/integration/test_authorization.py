@@ -24,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from signer._internal.front import Front, front_config
+from signer._internal.pki import DevCA
 from signer.client import ClientTLS, SignerClient, build_import_request
 from signer.errors import (
     AlreadyExists,
@@ -34,9 +36,7 @@ from signer.errors import (
     SignerError,
     Unauthenticated,
 )
-from signer.front import Front, front_config
 from signer.jose import TokenRejected, verify_jwt
-from signer.pki import DevCA
 from signer.v1 import signer_pb2 as pb
 from tests.conftest import (
     FakeClock,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from signer import config as config_mod
+from signer._internal import config as config_mod
 from tests.conftest import SIGNER_BIN, free_port, health_status, wait_until
 
 pytestmark = pytest.mark.integration

@@ -22,8 +22,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from signer.audit import verify_log
-from signer.audit._log import NOT_ANSWERED
+from signer._internal.audit import verify_log
+from signer._internal.audit._log import NOT_ANSWERED
 from signer.errors import Unavailable
 from tests.conftest import FakeClock, health_status, make_config, start_service, wait_until
 

@@ -20,8 +20,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from signer import hsm
-from signer.config import SOFTHSM_MODULE, TokenConfig
+from signer._internal import hsm
+from signer._internal.config import SOFTHSM_MODULE, TokenConfig
 from signer.errors import InvalidArgument
 
 pytestmark = [pytest.mark.integration, pytest.mark.inprocess]

@@ -24,13 +24,13 @@ import pytest
 from cryptography import x509
 from pkcs11 import Attribute, ObjectClass
 
-from signer import config as config_mod
-from signer import hsm
+from signer._internal import config as config_mod
+from signer._internal import hsm
+from signer._internal.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER, Front
+from signer._internal.front import front_config as make_front_config
+from signer._internal.pki import DevCA
 from signer.client import ClientTLS, SignerClient
 from signer.errors import PermissionDenied, SignerError, Unauthenticated, Unavailable
-from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER, Front
-from signer.front import front_config as make_front_config
-from signer.pki import DevCA
 from tests.conftest import SIGNER_BIN, RunningService, free_port, gone_soon, wait_until
 
 pytestmark = pytest.mark.integration
@@ -298,7 +298,7 @@ def test_the_front_dies_with_whoever_started_it(token_host, pki: DevCA, tmp_path
     script = (
         "import os, sys\n"
         "from signer import config\n"
-        "from signer.front import Front\n"
+        "from signer._internal.front import Front\n"
         "front = Front(config.load(sys.argv[1]))\n"
         "front.start()\n"
         "print(front.pid, flush=True)\n"

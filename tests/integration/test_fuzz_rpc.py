@@ -68,12 +68,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from signer import wrapping
-from signer.audit import verify_log
+from signer._internal.audit import verify_log
+from signer._internal.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
+from signer._internal.policy import Caller as PolicyCaller
 from signer.errors import InvalidArgument, NotFound
-from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
 from signer.jose import check_claims
 from signer.keys import ImportToken, Key, State, Version
-from signer.policy import Caller as PolicyCaller
 from signer.v1 import signer_pb2 as pb
 from tests.conftest import (
     FakeClock,
@@ -117,7 +117,7 @@ def fuzz(examples: int) -> settings:
 
 
 MESSAGE_LIMIT = 4096  # server.max_message_bytes here
-GRPC_LIMIT = 2 * MESSAGE_LIMIT + 64 * 1024  # what gRPC itself takes (signer.server)
+GRPC_LIMIT = 2 * MESSAGE_LIMIT + 64 * 1024  # what gRPC itself takes (signer._internal.server)
 MAX_CLAIMS = 64 * 1024
 MAX_CLAIMS_DEPTH = 128
 MAX_BATCH = 1000

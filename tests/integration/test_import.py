@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from pkcs11 import Attribute, ObjectClass
 
-from signer import hsm, wrapping
+from signer import wrapping
+from signer._internal import hsm
+from signer._internal.config import SOFTHSM_MODULE, TokenConfig
 from signer.client import build_import_request
-from signer.config import SOFTHSM_MODULE, TokenConfig
 from signer.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from signer.v1 import signer_pb2 as pb
 from tests.conftest import SIGNER_BIN, RunningService, wait_until, write_toml
@@ -544,7 +545,8 @@ def test_keys_import_cli_round_trip(service, unique_name, tmp_path: Path):
 
 @pytest.fixture
 def recorded_popen(monkeypatch) -> list[dict[str, Any]]:
-    """Records the argv and environment :func:`signer.hsm.provision_key` gives its child."""
+    """Records the argv and environment :func:`signer._internal.hsm.provision_key` gives its
+    child."""
     calls: list[dict[str, Any]] = []
     real = subprocess.Popen
 

@@ -68,8 +68,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from signer import config as config_mod
-from signer.audit._log import NOT_ANSWERED, RETRY_SECONDS
+from signer._internal import config as config_mod
+from signer._internal.audit._log import NOT_ANSWERED, RETRY_SECONDS
 from signer.client import SignerClient
 from signer.errors import SignerError, Unavailable
 from tests.conftest import (

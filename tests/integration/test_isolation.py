@@ -17,8 +17,8 @@ import pkcs11.exceptions as p11e
 import pytest
 from pkcs11 import Attribute, ObjectClass
 
-from signer import hsm
-from signer.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
+from signer._internal import hsm
+from signer._internal.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
 
 pytestmark = pytest.mark.integration
 
@@ -226,7 +226,7 @@ def test_the_services_state_is_owner_only(service_factory, unique_name, tmp_path
 def test_signer_run_keeps_its_state_owner_only(tmp_path):
     """What ``signer run`` prepares under var/: the directory others may pass through (to the
     sockets), never list; the configuration, the policy, the tokens and the CA key owner-only."""
-    from signer import launcher
+    from signer._internal import launcher
 
     root = tmp_path / "var"
     root.mkdir(mode=0o755)

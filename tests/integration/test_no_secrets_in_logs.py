@@ -18,9 +18,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from signer._internal.logs import JsonFormatter
 from signer.client import build_import_request
 from signer.errors import SignerError
-from signer.logs import JsonFormatter
 from signer.scan import Scanner, secret_from_key, secret_from_pin, secret_from_raw
 from tests.conftest import log_lines
 

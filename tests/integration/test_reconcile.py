@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, ObjectClass
 
-from signer import hsm
-from signer.config import P11KIT_CLIENT_MODULE, Config
-from signer.keys import ALGORITHMS, ImportToken, Key, State, Version
-from signer.reconcile import (
+from signer._internal import hsm
+from signer._internal.config import P11KIT_CLIENT_MODULE, Config
+from signer._internal.keyring import Signer
+from signer._internal.reconcile import (
     AUDIT_KEY_LABEL,
     LEFTOVER,
     MISMATCH,
@@ -36,9 +36,9 @@ from signer.reconcile import (
     audit_key_reader,
     reconcile,
 )
-from signer.service import Signer
-from signer.store import SQLiteStore
-from signer.token import Pin, Token
+from signer._internal.store import SQLiteStore
+from signer._internal.token import Pin, Token
+from signer.keys import ALGORITHMS, ImportToken, Key, State, Version
 from tests.conftest import SIGNER_BIN, make_config, write_toml
 from tests.integration.own_host import own_host  # noqa: F401  (a fixture)
 
@@ -302,7 +302,7 @@ def test_an_object_destroyed_while_the_token_is_listed_is_left_out(world, monkey
     """Beside a running service, a reaper or an import may destroy an object between the search
     and the reading of its attributes: the listing goes on without it (it was an error that
     ended the command, seen in test_sigkill)."""
-    from signer.token import _client
+    from signer._internal.token import _client
 
     w = world
     kept, vanishing = w.stray("kept/v1"), w.stray("vanishing/v1")
@@ -321,7 +321,7 @@ def test_an_audit_key_pinned_and_not_yet_recorded_is_the_logs(world, tmp_path):
     """A first checkpoint cut short after the pin was written: the log records no key yet, the
     pin names it, and the next start adopts it; reconcile must not destroy it. A pin that
     cannot be read leaves every audit key alone."""
-    from signer.audit import SQLiteAuditStore
+    from signer._internal.audit import SQLiteAuditStore
 
     w = world
     key_id = os.urandom(16)

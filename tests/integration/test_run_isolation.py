@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from signer import config as config_mod
+from signer._internal import config as config_mod
 from signer.client import ClientTLS, SignerClient
 from tests.conftest import free_port, run_as
 
@@ -108,9 +108,9 @@ def test_a_front_running_as_its_own_user_cannot_lead_root_through_its_links(tmp_
     and root's own files in the workdir are opened without following links."""
     from dataclasses import replace
 
-    from signer.config import Config, FrontConfig
+    from signer._internal.config import Config, FrontConfig
+    from signer._internal.front import Front
     from signer.errors import FailedPrecondition
-    from signer.front import Front
 
     secret = tmp_path / "user.pin"
     secret.write_text("not-for-the-front\n")

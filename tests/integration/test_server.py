@@ -16,9 +16,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from signer._internal.server import SERVICE_NAME
 from signer.client import SignerClient
 from signer.errors import Unavailable
-from signer.server import SERVICE_NAME
 from tests.conftest import health_status, wait_until
 
 pytestmark = pytest.mark.integration

@@ -63,14 +63,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from signer import config as config_mod
-from signer.audit import read_witness, verify_log
-from signer.client import SignerClient, build_import_request
-from signer.errors import SignerError, Unavailable
-from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
-from signer.keys import Padding, SigFormat, algorithm, verify
-from signer.policy import grant_everything
-from signer.reconcile import (
+from signer._internal import config as config_mod
+from signer._internal.audit import read_witness, verify_log
+from signer._internal.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
+from signer._internal.policy import grant_everything
+from signer._internal.reconcile import (
     AUDIT_KEY_LABEL,
     ORPHAN,
     WRAPPING_KEY_LABEL,
@@ -78,8 +75,11 @@ from signer.reconcile import (
     audit_key_reader,
     reconcile,
 )
-from signer.store import SQLiteStore
-from signer.token import Pin, Token
+from signer._internal.store import SQLiteStore
+from signer._internal.token import Pin, Token
+from signer.client import SignerClient, build_import_request
+from signer.errors import SignerError, Unavailable
+from signer.keys import Padding, SigFormat, algorithm, verify
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 from tests.conftest import (

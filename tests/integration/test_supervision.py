@@ -1,7 +1,8 @@
 """``signer run`` restarts its token host and its TLS front when they die.
 
 Issue 12: killing the token host under ``make run`` left the service NOT_SERVING for good.
-Now each child is restarted with back-off (signer/supervisor.py), the service reconnects at
+Now each child is restarted with back-off (signer/_internal/supervisor.py), the service reconnects
+at
 once, and callers on both the Unix socket and mTLS are served again without anyone acting.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from signer import config as config_mod
+from signer._internal import config as config_mod
 from signer.client import ClientTLS, SignerClient
 from signer.errors import SignerError
 from tests.conftest import wait_until

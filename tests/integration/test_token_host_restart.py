@@ -28,12 +28,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from signer import config as config_mod
-from signer import hsm
+from signer._internal import config as config_mod
+from signer._internal import hsm
+from signer._internal.files import private_file
+from signer._internal.server import SERVICE_NAME
 from signer.client import Signature, SignerClient
 from signer.errors import FailedPrecondition, NotFound, SignerError, Unavailable
-from signer.files import private_file
-from signer.server import SERVICE_NAME
 from tests.conftest import health_status, wait_until
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,8 @@ class DedicatedHost:
     def start_again(self) -> None:
         """Starts the stopped host. p11-kit server 0.24 has been seen to abort (SIGABRT) at
         start about once in fifty restarts under a reconnecting client, here and in no test of
-        ours; 'signer run' restarts it (signer/supervisor.py), and so does this, once, loudly."""
+        ours; 'signer run' restarts it (signer/_internal/supervisor.py), and so does this, once,
+        loudly."""
         try:
             self.host.start()
         except FailedPrecondition as exc:
@@ -315,7 +316,7 @@ def test_a_wrong_pin_is_tried_once_by_one_connection_only(
     signing one is up, so it adds no attempt of its own."""
     import threading
 
-    from signer.token.pin import Pin
+    from signer._internal.token.pin import Pin
 
     attempts: dict[int, int] = {}
     seen = threading.Condition()
@@ -563,7 +564,7 @@ def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_do
     host: the service gives that connection up after 5 s, answers the stuck call
     UNAVAILABLE, replaces its lane, connects afresh and signs; the stuck thread, let go at the
     end, leaves quietly."""
-    from signer.token import _client
+    from signer._internal.token import _client
 
     cfg = replace(host.token_config(), stall_seconds=0.3, **QUICK_CHECKS)
     svc = service_factory(token=cfg)

@@ -2,7 +2,8 @@
 the audit records the log must hold for the calls that were answered OK.
 
 An audit record keeps the caller's identity, the method, the key's name and the SHA-256 of the
-call's payload (signer.server.audit_event; README "audit log"). For every OK answer the ledger
+call's payload (signer._internal.server.audit_event; README "audit log"). For every OK answer the
+ledger
 keeps the same four things, so that after the run each OK answer can be matched with a record
 of its own (a multiset: a record for a different call of the same kind does not cover it).
 """

@@ -59,10 +59,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from signer import config as config_mod
-from signer import hsm
-from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
-from signer.policy import Caller as PolicyCaller
+from signer._internal import config as config_mod
+from signer._internal import hsm
+from signer._internal.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
+from signer._internal.policy import Caller as PolicyCaller
 from signer.v1 import signer_pb2 as pb
 from tests.soak.crypto import load_pem
 from tests.soak.ledger import METHODS, Ledger, record_key

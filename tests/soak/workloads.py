@@ -19,7 +19,8 @@ Every caller is a thread with its own gRPC channel and its own identity:
   answer must be a refusal.
 
 x509 callers call the service's front socket with the identity headers the mTLS front sets
-(signer.front), as the front itself does: the soak stands in for nginx, so that it can have
+(signer._internal.front), as the front itself does: the soak stands in for nginx, so that it can
+have
 several certificate identities without TLS in the way. ``uid:`` callers come through the
 local socket and its relay, known by SO_PEERCRED.
 

@@ -8,9 +8,9 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
+from signer._internal.store import SQLiteStore
 from signer.errors import FailedPrecondition, Unavailable
 from signer.keys import PSS_SALT_LENGTH, SHA256_DIGEST_INFO, Algorithm, Family, Key, SignMechanism
-from signer.store import SQLiteStore
 
 CURVES = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1(), "secp521r1": ec.SECP521R1()}
 PREHASH = {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}

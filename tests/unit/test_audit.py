@@ -1,4 +1,4 @@
-"""signer.audit: the chain, the signed checkpoints, and every kind of tampering named.
+"""signer._internal.audit: the chain, the signed checkpoints, and every kind of tampering named.
 
 The token's signing is stood in for by a software EC key (the integration tests use the real
 token); everything else is the real AuditLog on a real SQLite file.
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
-from signer.audit import (
+from signer._internal.audit import (
     AuditLog,
     AuditPaused,
     Checkpoint,
@@ -38,7 +38,7 @@ from signer.audit import (
     record_hash,
     verify_log,
 )
-from signer.audit._log import NOT_ANSWERED, AuditKeyMismatch
+from signer._internal.audit._log import NOT_ANSWERED, AuditKeyMismatch
 from signer.errors import SignerError, Unavailable
 from signer.keys import SignMechanism
 
@@ -929,7 +929,7 @@ def test_a_crash_before_the_pin_leaves_no_pin_and_a_young_log(
     def killed(src: object, dst: object) -> None:
         raise Killed
 
-    monkeypatch.setattr("signer.audit._log.os.replace", killed)
+    monkeypatch.setattr("signer._internal.audit._log.os.replace", killed)
     first_checkpoint_killed(path, SQLiteAuditStore(path), soft)
     monkeypatch.undo()
     assert not Path(f"{path}.key.pem").exists()
@@ -987,7 +987,7 @@ def test_a_first_checkpoint_that_failed_retries_with_the_same_key(
     def full(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("signer.audit._log.os.replace", full)
+    monkeypatch.setattr("signer._internal.audit._log.os.replace", full)
     for _ in range(3):
         with pytest.raises(OSError, match="No space"):
             log.checkpoint()

@@ -1,4 +1,5 @@
-"""signer.children.run_in_foreground: how the token host and the front run under a supervisor."""
+"""signer._internal.children.run_in_foreground: how the token host and the front run under a
+supervisor."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from signer.children import run_in_foreground
+from signer._internal.children import run_in_foreground
 from signer.errors import FailedPrecondition
 
 

@@ -1,4 +1,4 @@
-"""signer.config: defaults, TOML, SIGNER_* overrides, coercion, validation."""
+"""signer._internal.config: defaults, TOML, SIGNER_* overrides, coercion, validation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from signer import config
-from signer.config import (
+from signer._internal import config
+from signer._internal.config import (
     DAY,
     P11KIT_CLIENT_MODULE,
     SOFTHSM_MODULE,
@@ -330,7 +330,7 @@ def test_the_readme_shows_every_setting_with_its_default() -> None:
     import re
     import tomllib
 
-    from signer import config as config_mod
+    from signer._internal import config as config_mod
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"`signer.toml` \(written by.*?```toml\n(.*?)```", readme, re.S)

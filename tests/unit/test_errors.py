@@ -8,6 +8,8 @@ import grpc
 import pytest
 
 from signer import errors
+from signer._internal.policy import Caller
+from signer._internal.server import CALLER, STATUS, CallInterceptor
 from signer.client import _error
 from signer.errors import (
     BY_CODE,
@@ -18,8 +20,6 @@ from signer.errors import (
     SignerError,
     StoreUncertain,
 )
-from signer.policy import Caller
-from signer.server import CALLER, STATUS, CallInterceptor
 
 WIRE_CLASSES = [
     errors.InvalidArgument,

@@ -1,4 +1,5 @@
-"""signer.files: the service's state is owner-only from the moment it exists (issue 11)."""
+"""signer._internal.files: the service's state is owner-only from the moment it exists (issue
+11)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from signer.files import private_database, private_file, state_dir, write_private
+from signer._internal.files import private_database, private_file, state_dir, write_private
 
 
 def mode(path: Path) -> int:

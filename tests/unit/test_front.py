@@ -1,4 +1,4 @@
-"""signer.front: the nginx configuration it writes, and the settings it refuses."""
+"""signer._internal.front: the nginx configuration it writes, and the settings it refuses."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from signer import config as config_mod
+from signer._internal import config as config_mod
+from signer._internal.front import SUBJECT_HEADER, nginx_conf, openssl_conf
 from signer.errors import ConfigError
-from signer.front import SUBJECT_HEADER, nginx_conf, openssl_conf
 
 
 def front_config(tmp_path: Path, **overrides: str) -> config_mod.Config:

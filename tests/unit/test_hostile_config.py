@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz import targets
-from signer import config, policy
+from signer._internal import config, policy
+from signer._internal.server import Server
 from signer.errors import ConfigError
-from signer.server import Server
 
 GOOD = '[[grant]]\ncallers = ["uid:1000"]\noperations = ["sign"]\nscopes = ["consumer"]\n'
 

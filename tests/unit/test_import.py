@@ -16,11 +16,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
-from signer import hsm, wrapping
+from signer import wrapping
+from signer._internal import hsm
+from signer._internal.config import Config, ConfigError, KeysConfig, load
+from signer._internal.keyring import Signer
+from signer._internal.token.pin import Pin
 from signer.cli import main as cli
 from signer.cli.main import EXIT_OK, build_parser, main
 from signer.client import build_import_request
-from signer.config import Config, ConfigError, KeysConfig, load
 from signer.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -40,8 +43,6 @@ from signer.keys import (
     public_key_kind,
     with_article,
 )
-from signer.service import Signer
-from signer.token.pin import Pin
 from signer.v1 import signer_pb2 as pb
 from tests.conftest import FakeClock
 from tests.unit.fakes import FailingStore, FakeToken

@@ -1,4 +1,4 @@
-"""signer.lanes: blocking jobs for the event loop, taken in batches by a few threads."""
+"""signer._internal.lanes: blocking jobs for the event loop, taken in batches by a few threads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from signer.lanes import Lanes
+from signer._internal.lanes import Lanes
 
 
 def test_each_caller_gets_its_own_result_or_exception() -> None:
@@ -205,7 +205,7 @@ def test_a_lane_stuck_for_good_is_replaced_and_its_call_answered() -> None:
     import threading
     import time
 
-    from signer.lanes import Lanes
+    from signer._internal.lanes import Lanes
 
     lanes = Lanes(1)
     taken, release = threading.Event(), threading.Event()

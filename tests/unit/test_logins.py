@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from signer.token._logins import EXPIRED, INCORRECT, LOCKED, LoginGuard
+from signer._internal.token._logins import EXPIRED, INCORRECT, LOCKED, LoginGuard
 
 
 class File:
@@ -89,8 +89,8 @@ def test_success_resets_the_count() -> None:
 def test_reconnects_back_off_to_their_cap(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A lost token is looked for at the health interval, then half as often after each failed
     attempt, up to ``token.reconnect_max_seconds``; connected, at the interval again."""
-    from signer.config import TokenConfig
-    from signer.token import Pin, Token
+    from signer._internal.config import TokenConfig
+    from signer._internal.token import Pin, Token
 
     cfg = TokenConfig(health_interval_seconds=0.5, reconnect_max_seconds=4.0)
     token = Token(cfg, Pin(tmp_path / "pin"))

@@ -1,4 +1,5 @@
-"""signer.logs: one JSON object per record, extra fields included, exceptions by class name."""
+"""signer._internal.logs: one JSON object per record, extra fields included, exceptions by class
+name."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from signer import logs
-from signer.logs import JsonFormatter
+from signer._internal import logs
+from signer._internal.logs import JsonFormatter
 
 
 @pytest.fixture

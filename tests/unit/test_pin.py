@@ -1,4 +1,5 @@
-"""signer.token.pin: the PIN file is owner-only, bounded, never followed through a symlink, and
+"""signer._internal.token.pin: the PIN file is owner-only, bounded, never followed through a
+symlink, and
 its content never shows up in a repr or an error message."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from signer._internal.token.pin import MAX_PIN_BYTES, Pin
 from signer.errors import ConfigError
-from signer.token.pin import MAX_PIN_BYTES, Pin
 
 SECRET = "s3cr3t-PIN-9731"
 

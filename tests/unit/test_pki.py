@@ -1,4 +1,4 @@
-"""signer.pki: the development CA issues what the mTLS front and its callers need."""
+"""signer._internal.pki: the development CA issues what the mTLS front and its callers need."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from signer._internal.pki import DevCA
 from signer.errors import InvalidArgument
-from signer.pki import DevCA
 
 
 def load(path: Path) -> x509.Certificate:

@@ -1,4 +1,4 @@
-"""signer.policy: the grammar of a policy file, and what a grant allows."""
+"""signer._internal.policy: the grammar of a policy file, and what a grant allows."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from signer import policy
+from signer._internal import policy
+from signer._internal.policy import Caller
 from signer.errors import ConfigError
-from signer.policy import Caller
 
 CONSUMER_APP = Caller.x509("O=acme,CN=consumer-app")
 ALICE = Caller.unix(1000, "alice")

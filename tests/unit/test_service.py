@@ -1,4 +1,4 @@
-"""signer.service.Signer over a software FakeToken, a real SQLiteStore and a FakeClock."""
+"""signer._internal.keyring.Signer over a software FakeToken, a real SQLiteStore and a FakeClock."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from signer.config import Config, ServerConfig
+from signer._internal.config import Config, ServerConfig
+from signer._internal.keyring import (
+    DEFAULT_PAGE_SIZE,
+    KEY_ID_BYTES,
+    MAX_PAGE_SIZE,
+    MAX_WAITING_PERIOD_SECONDS,
+    Signer,
+    token_label,
+)
+from signer._internal.store import SQLiteStore
 from signer.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -27,15 +36,6 @@ from signer.keys import (
     State,
     ec_raw_to_der,
 )
-from signer.service import (
-    DEFAULT_PAGE_SIZE,
-    KEY_ID_BYTES,
-    MAX_PAGE_SIZE,
-    MAX_WAITING_PERIOD_SECONDS,
-    Signer,
-    token_label,
-)
-from signer.store import SQLiteStore
 from tests.conftest import FakeClock
 from tests.unit.fakes import PREHASH, FailingStore, FakeToken
 

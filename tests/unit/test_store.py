@@ -1,4 +1,4 @@
-"""signer.store.SQLiteStore on a temporary file."""
+"""signer._internal.store.SQLiteStore on a temporary file."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from signer._internal.store import SQLiteStore
 from signer.errors import AlreadyExists, NotFound
 from signer.keys import Key, State, Version
-from signer.store import SQLiteStore
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 

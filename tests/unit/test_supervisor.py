@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from signer.supervisor import Backoff, Supervisor
+from signer._internal.supervisor import Backoff, Supervisor
 
 QUICK = Backoff(first=0.01, most=0.04, stable_after=60.0, loop_exits=3, loop_window=60.0)
 
@@ -94,7 +94,7 @@ def test_a_child_that_dies_is_restarted_and_the_hook_runs(supervise) -> None:
 def test_a_start_that_fails_is_retried_and_reported(supervise, caplog) -> None:
     host = StandIn(failing_starts=2)
     s = supervise({"host": host}, backoff=QUICK)
-    with caplog.at_level(logging.ERROR, logger="signer.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="signer._internal.supervisor"):
         host.die()
         wait_for(s, lambda r: r["host"].restarts == 1)
     assert host.starts == 3
@@ -107,7 +107,7 @@ def test_a_start_that_fails_is_retried_and_reported(supervise, caplog) -> None:
 def test_a_crash_loop_is_reported_not_hidden(supervise, caplog) -> None:
     host = StandIn(dies_at_start=True)  # comes up, dies at once, every time
     s = supervise({"host": host}, backoff=QUICK)
-    with caplog.at_level(logging.ERROR, logger="signer.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="signer._internal.supervisor"):
         host.die(1)
         wait_for(s, lambda r: r["host"].crash_loop)
         wait_for(s, lambda r: r["host"].restarts >= 5)  # and it goes on trying

@@ -3,8 +3,8 @@ until the window ends, and one summary per throttled caller."""
 
 from __future__ import annotations
 
+from signer._internal.throttle import RefusalThrottle
 from signer.errors import shown
-from signer.throttle import RefusalThrottle
 
 
 class Clock:
@@ -89,7 +89,7 @@ def test_shown_bounds_what_a_caller_sent() -> None:
 
 
 def test_calls_in_flight_are_bounded_per_caller_and_in_all() -> None:
-    from signer.throttle import InFlight
+    from signer._internal.throttle import InFlight
 
     f = InFlight(per_caller=2, total=3)
     assert f.enter("a") is None

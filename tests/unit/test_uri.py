@@ -1,4 +1,4 @@
-"""signer.token.uri: RFC 7512 token URIs and object URIs."""
+"""signer._internal.token.uri: RFC 7512 token URIs and object URIs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from urllib.parse import unquote
 
 import pytest
 
+from signer._internal.token.uri import TokenURI, object_uri
 from signer.errors import ConfigError
-from signer.token.uri import TokenURI, object_uri
 
 
 def test_parse_single_attribute() -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from signer.audit._archive import read_archive
-from signer.audit._chain import GENESIS, Checkpoint, Record, record_hash
-from signer.audit._store import AuditStore, SQLiteAuditStore
-from signer.audit._witness import WitnessError, read_witness
-from signer.config import AuditConfig
+from signer._internal.audit._archive import read_archive
+from signer._internal.audit._chain import GENESIS, Checkpoint, Record, record_hash
+from signer._internal.audit._store import AuditStore, SQLiteAuditStore
+from signer._internal.audit._witness import WitnessError, read_witness
+from signer._internal.config import AuditConfig
 from signer.errors import SignerError
 
 

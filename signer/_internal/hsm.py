@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
-from signer.children import disable_core_dumps, guarded_preexec, run_in_foreground
-from signer.config import SOFTHSM_MODULE
+from signer._internal.children import disable_core_dumps, guarded_preexec, run_in_foreground
+from signer._internal.config import SOFTHSM_MODULE
+from signer._internal.files import share_with_group
 from signer.errors import FailedPrecondition, InvalidArgument
-from signer.files import share_with_group
 
 if TYPE_CHECKING:
-    from signer.token.pin import Pin
+    from signer._internal.token.pin import Pin
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _new_token(
 ) -> None:
     """Initialises token ``label`` with random SO and user PINs (``nbytes`` of entropy each,
     URL-safe base64) written to owner-only files. Built in bytearrays so they can be wiped."""
-    from signer.token.admin import init_token
+    from signer._internal.token.admin import init_token
 
     so_pin = bytearray(secrets.token_urlsafe(nbytes).encode("ascii"))
     pin = bytearray(secrets.token_urlsafe(nbytes).encode("ascii"))
@@ -197,7 +197,8 @@ def generate_tls_key(root: str | Path, algorithm: str = "ec-p256") -> bytes:
     """Generates the TLS endpoint's key pair inside the TLS token; returns the public key PEM.
 
     SoftHSM2 is loaded for this in a short-lived child process with core dumps off
-    (:mod:`signer.token.keygen`), so no process that lives on, least of all the service, ever
+    (:mod:`signer._internal.token.keygen`), so no process that lives on, least of all the service,
+    ever
     maps it. The public key is also written to ``tls-endpoint.pub.pem``.
     """
     paths = HsmPaths(Path(root).absolute())
@@ -205,7 +206,7 @@ def generate_tls_key(root: str | Path, algorithm: str = "ec-p256") -> bytes:
         raise FailedPrecondition(f"no TLS token in {paths.root}")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SOFTHSM2_CONF": str(paths.conf)}
     argv = [
-        sys.executable, "-m", "signer.token.keygen",
+        sys.executable, "-m", "signer._internal.token.keygen",
         "--module", SOFTHSM_MODULE, "--uri", f"pkcs11:token={TLS_LABEL}",
         "--pin-file", str(paths.tls_pin), "--algorithm", algorithm,
         "--label", TLS_KEY_LABEL, "--id", TLS_KEY_ID.hex(),
@@ -256,9 +257,9 @@ def provision_key(
     overwritten and removed afterwards. The PIN goes neither on argv nor into the environment:
     softhsm2-util runs on a pseudo-terminal (echo off) and the PIN, read from ``user.pin``, is
     written to its prompts. The key pair lands with CKA_ID ``key_id`` and CKA_LABEL ``label``;
-    :meth:`signer.service.Signer.adopt_key` makes the service use it.
+    :meth:`signer._internal.keyring.Signer.adopt_key` makes the service use it.
     """
-    from signer.token.pin import Pin
+    from signer._internal.token.pin import Pin
     from signer.wrapping import load_private_key_pem
 
     paths = HsmPaths(Path(root).absolute())

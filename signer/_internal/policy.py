@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from signer.config import line_of, parse_toml, read_text
+from signer._internal.config import line_of, parse_toml, read_text
 from signer.errors import ConfigError, shown
 
 # What a grant can allow; every RPC is one of these.

@@ -1,7 +1,9 @@
 """The signer's behaviour, free of gRPC: keys, versions, lifecycle, signing, verification.
 
-Every method is synchronous and may block on the token or the store; :mod:`signer.server` runs
-them on its lanes (:mod:`signer.lanes`), off the event loop. Every method validates its input
+Every method is synchronous and may block on the token or the store; :mod:`signer._internal.server`
+runs
+them on its lanes (:mod:`signer._internal.lanes`), off the event loop. Every method validates its
+input
 first and changes nothing when it fails.
 """
 
@@ -20,7 +22,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from signer import jose
-from signer.config import Config
+from signer._internal.config import Config
+from signer._internal.logs import Every
+from signer._internal.store import Store
+from signer._internal.token import Token
 from signer.errors import (
     TOKEN_AWAY,
     AlreadyExists,
@@ -55,9 +60,6 @@ from signer.keys import (
     to_be_signed,
     verify,
 )
-from signer.logs import Every
-from signer.store import Store
-from signer.token import Token
 from signer.wrapping import ONE_STEP, TWO_STEP
 
 log = logging.getLogger(__name__)
@@ -898,8 +900,8 @@ def adopt_with_config(
 ) -> Key:
     """:meth:`Signer.adopt_key` against the token and store ``cfg`` names, without a server
     (``signer keys adopt``; SQLite and the token host both take a second client)."""
-    from signer.store import SQLiteStore
-    from signer.token import Pin
+    from signer._internal.store import SQLiteStore
+    from signer._internal.token import Pin
 
     token = Token(cfg.token, Pin(cfg.token.pin_file))
     store = SQLiteStore(cfg.store.path)

@@ -12,9 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from signer.audit._chain import Checkpoint, Event, Record, iso
-from signer.audit._store import Archived, AuditStore
-from signer.files import private_file
+from signer._internal.audit._chain import Checkpoint, Event, Record, iso
+from signer._internal.audit._store import Archived, AuditStore
+from signer._internal.files import private_file
 
 
 def archive(store: AuditStore, directory: Path, before: datetime) -> Archived | None:

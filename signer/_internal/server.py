@@ -1,12 +1,14 @@
 """The gRPC server: callers, authorisation, servicer, errors, health, reflection, shutdown.
 
 The service never listens on a network. Local callers reach it through the Unix socket served
-by :class:`signer.relay.PeerRelay` (their uid from SO_PEERCRED); remote callers through the mTLS
+by :class:`signer._internal.relay.PeerRelay` (their uid from SO_PEERCRED); remote callers through
+the mTLS
 front, which connects to a socket of its own (``server.front_socket``) and names the verified
 client certificate in headers that are believed there and nowhere else. Each listener gets its
 own gRPC server with a :class:`CallInterceptor` that knows how its callers are identified.
 
-The servicer translates between protobuf and :mod:`signer.service` and asks the policy before
+The servicer translates between protobuf and :mod:`signer._internal.keyring` and asks the policy
+before
 each call; every call into the service runs on a thread pool sized to the token's session pool,
 so PKCS#11 and SQLite never block the event loop. :class:`CallInterceptor` is the one place our
 errors become gRPC statuses.
@@ -39,8 +41,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from signer import policy as policy_mod
-from signer.audit import (
+from signer._internal import policy as policy_mod
+from signer._internal.audit import (
     AUDIT_ALGORITHM,
     AuditLog,
     AuditPaused,
@@ -49,7 +51,18 @@ from signer.audit import (
     SQLiteAuditStore,
     witnesses,
 )
-from signer.config import Config
+from signer._internal.config import Config
+from signer._internal.files import share_with_group
+from signer._internal.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
+from signer._internal.keyring import BATCH_CHUNK, Clock, Signer, utcnow
+from signer._internal.lanes import Lanes
+from signer._internal.logs import Every
+from signer._internal.policy import Caller, Policy
+from signer._internal.relay import Limits, PeerRelay, created_with_mode
+from signer._internal.store import SQLiteStore
+from signer._internal.throttle import REFUSALS, InFlight, RefusalThrottle
+from signer._internal.token import Pin, Token, object_uri
+from signer._internal.token.pin import perturb_freed_memory
 from signer.errors import (
     Code,
     ConfigError,
@@ -62,8 +75,6 @@ from signer.errors import (
     Unavailable,
     shown,
 )
-from signer.files import share_with_group
-from signer.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER
 from signer.keys import (
     DEFAULT_SCOPE,
     Key,
@@ -77,15 +88,6 @@ from signer.keys import (
     public_pem,
     valid_name,
 )
-from signer.lanes import Lanes
-from signer.logs import Every
-from signer.policy import Caller, Policy
-from signer.relay import Limits, PeerRelay, created_with_mode
-from signer.service import BATCH_CHUNK, Clock, Signer, utcnow
-from signer.store import SQLiteStore
-from signer.throttle import REFUSALS, InFlight, RefusalThrottle
-from signer.token import Pin, Token, object_uri
-from signer.token.pin import perturb_freed_memory
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 
@@ -892,7 +894,8 @@ class Server:
     def _audit_key(
         self, recorded: tuple[bytes, bytes] | None, pinned: bytes | None
     ) -> tuple[Signing, bytes] | None:
-        """The audit key (signer.audit's MakeKey): the recorded one; else the pinned one, found
+        """The audit key (signer._internal.audit's MakeKey): the recorded one; else the pinned one,
+        found
         in the token by its public key (a first checkpoint cut short after the pin was written),
         None if the token holds no such audit key; else a new pair generated in the token."""
         if recorded is not None:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
 
+from signer._internal.files import private_database
 from signer.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -24,7 +25,6 @@ from signer.errors import (
     StoreUncertain,
     Unavailable,
 )
-from signer.files import private_database
 from signer.keys import ImportToken, Key, State, Version
 
 _SCHEMA = """

@@ -8,7 +8,8 @@ permission) within ``window`` seconds is *throttled* for the rest of that window
 answered RESOURCE_EXHAUSTED at once, without running, without a log line and without a record of
 their own; when the window ends, one record says how many calls were refused meanwhile.
 
-Pure bookkeeping, no I/O; the interceptor in :mod:`signer.server` asks it about every call.
+Pure bookkeeping, no I/O; the interceptor in :mod:`signer._internal.server` asks it about every
+call.
 Memory is bounded too: at most ``max_callers`` callers are tracked (the oldest quiet ones go).
 """
 

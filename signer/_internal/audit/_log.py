@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from signer.audit._chain import (
+from signer._internal.audit._chain import (
     Checkpoint,
     Event,
     Record,
@@ -25,12 +25,12 @@ from signer.audit._chain import (
     checkpoint_message,
     iso,
 )
-from signer.audit._store import AuditStore, left_behind
-from signer.audit._verify import pinned_der, unsigned_tail_fault
-from signer.audit._witness import MESSAGE, FileWitness, Witness, fields
+from signer._internal.audit._store import AuditStore, left_behind
+from signer._internal.audit._verify import pinned_der, unsigned_tail_fault
+from signer._internal.audit._witness import MESSAGE, FileWitness, Witness, fields
+from signer._internal.files import FILE_MODE
+from signer._internal.lanes import hand_back
 from signer.errors import SignerError, Unavailable
-from signer.files import FILE_MODE
-from signer.lanes import hand_back
 
 log = logging.getLogger(__name__)
 

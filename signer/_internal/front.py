@@ -36,11 +36,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from signer.children import guarded_preexec, run_in_foreground
-from signer.config import P11KIT_CLIENT_MODULE, Config, FrontConfig
+from signer._internal.children import guarded_preexec, run_in_foreground
+from signer._internal.config import P11KIT_CLIENT_MODULE, Config, FrontConfig
+from signer._internal.hsm import TLS_KEY_URI, HsmPaths
+from signer._internal.pki import DevCA
 from signer.errors import ConfigError, FailedPrecondition
-from signer.hsm import TLS_KEY_URI, HsmPaths
-from signer.pki import DevCA
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,9 @@ def nginx_conf(cfg: Config, state: Path) -> str:
     # Room for the largest message the service accepts, plus gRPC framing.
     body = 2 * cfg.server.max_message_bytes + 64 * 1024
     tmp = state / "tmp"
-    return f"""# Written by signer.front; regenerated on every start.
+    return f"""# Written by signer._internal.front; regenerated on every start.
 daemon off;
-master_process off;  # libp11 0.4.12 hangs forked workers; see signer/front.py
+master_process off;  # libp11 0.4.12 hangs forked workers; see signer/_internal/front.py
 error_log {state / "error.log"} warn;
 pid {state / "nginx.pid"};
 env P11_KIT_SERVER_ADDRESS;

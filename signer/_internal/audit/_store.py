@@ -11,8 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from signer.audit._chain import GENESIS, Checkpoint, Event, Record, iso
-from signer.files import private_database
+from signer._internal.audit._chain import GENESIS, Checkpoint, Event, Record, iso
+from signer._internal.files import private_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (

@@ -14,7 +14,7 @@ First use creates, under DIR (default ``var``):
 
 Then it starts the token host, the service (in this process) on the Unix socket, and the mTLS
 front (nginx) on ``--listen``, and makes sure a demo key exists. A token host or front that
-dies is restarted with back-off (:mod:`signer.supervisor`). Ctrl-C stops all three.
+dies is restarted with back-off (:mod:`signer._internal.supervisor`). Ctrl-C stops all three.
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from signer import config as config_mod
-from signer import hsm
-from signer.audit import Event
+from signer._internal import config as config_mod
+from signer._internal import hsm
+from signer._internal.audit import Event
+from signer._internal.files import private_file, share_with_group, state_dir, write_private
+from signer._internal.front import Front, front_config
+from signer._internal.pki import DevCA
+from signer._internal.policy import grant_everything
+from signer._internal.server import Server, harden_process
+from signer._internal.supervisor import Supervisor
 from signer.errors import FailedPrecondition, NotFound
-from signer.files import private_file, share_with_group, state_dir, write_private
-from signer.front import Front, front_config
-from signer.pki import DevCA
-from signer.policy import grant_everything
-from signer.server import Server, harden_process
-from signer.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ DEMO_KEY = "demo"
 DEMO_ALGORITHM = "ec-p256"
 DEV_CLIENT = "dev"
 FRONT_USER = "signer-front"
-# The children 'signer run' restarts when they die (signer/supervisor.py).
+# The children 'signer run' restarts when they die (signer/_internal/supervisor.py).
 TOKEN_HOST = "token host"  # noqa: S105 (a name, not a password)
 TLS_FRONT = "TLS front"
 
@@ -125,7 +125,7 @@ def prepare(root: Path) -> None:
         write_private(
             policy,
             "# Written by 'signer run' on first use; yours to edit (SIGHUP reloads it).\n"
-            "# See signer/policy.py and the README for the grammar.\n"
+            "# See signer/_internal/policy.py and the README for the grammar.\n"
             + grant_everything([f"uid:{os.getuid()}", f"x509:CN={DEV_CLIENT}"]),
         )
     private_file(policy)

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from signer.audit._chain import Checkpoint
+from signer._internal.audit._chain import Checkpoint
 
 MESSAGE = "audit checkpoint"
 # syslog priority: facility LOG_AUTHPRIV (10), severity LOG_NOTICE (5).

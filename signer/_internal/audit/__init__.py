@@ -22,8 +22,8 @@ bound (records and time) that ``verify`` holds it to, and each checkpoint also g
 outside the database (a file, syslog, and the service's own log) that ``verify`` can be given.
 """
 
-from signer.audit._archive import archive, read_archive
-from signer.audit._chain import (
+from signer._internal.audit._archive import archive, read_archive
+from signer._internal.audit._chain import (
     AUDIT_ALGORITHM,
     GENESIS,
     Checkpoint,
@@ -33,11 +33,11 @@ from signer.audit._chain import (
     checkpoint_message,
     record_hash,
 )
-from signer.audit._log import AuditLog, AuditPaused
-from signer.audit._store import Archived, AuditStore, SQLiteAuditStore
-from signer.audit._verify import Verdict, verify_log
-from signer.audit._witness import FileWitness, SyslogWitness, Witness, read_witness
-from signer.config import AuditConfig
+from signer._internal.audit._log import AuditLog, AuditPaused
+from signer._internal.audit._store import Archived, AuditStore, SQLiteAuditStore
+from signer._internal.audit._verify import Verdict, verify_log
+from signer._internal.audit._witness import FileWitness, SyslogWitness, Witness, read_witness
+from signer._internal.config import AuditConfig
 
 
 def witnesses(cfg: AuditConfig) -> list[Witness]:

@@ -194,7 +194,7 @@ class Pin:
     def stamp(self) -> tuple[int, ...] | None:
         """What identifies the file's current contents without reading them (device, inode,
         size, modification and change times); None when it cannot be looked at. A new stamp
-        means somebody wrote the file: see :mod:`signer.token._logins`."""
+        means somebody wrote the file: see :mod:`signer._internal.token._logins`."""
         try:
             st = os.lstat(self._path)
         except OSError:

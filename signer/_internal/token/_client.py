@@ -55,7 +55,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import _pkcs11 as _p11
 
-from signer.config import TokenConfig
+from signer._internal.config import TokenConfig
+from signer._internal.token._logins import EXPIRED, INCORRECT, LOCKED, LoginGuard
+from signer._internal.token.pin import Pin
+from signer._internal.token.uri import TokenURI
 from signer.errors import (
     ConfigError,
     FailedPrecondition,
@@ -80,9 +83,6 @@ from signer.keys import (
     verify,
     with_article,
 )
-from signer.token._logins import EXPIRED, INCORRECT, LOCKED, LoginGuard
-from signer.token.pin import Pin
-from signer.token.uri import TokenURI
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ class Token:
 
     @property
     def failed_logins(self) -> int:
-        """Failed logins in a row (see :mod:`signer.token._logins`)."""
+        """Failed logins in a row (see :mod:`signer._internal.token._logins`)."""
         return self._logins.failures
 
     def check_answering(self) -> None:

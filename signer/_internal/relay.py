@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from signer import logs
+from signer._internal import logs
 
 log = logging.getLogger(__name__)
 

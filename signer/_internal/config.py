@@ -2,7 +2,7 @@
 
 A TOML file gives the settings; ``SIGNER_<SECTION>_<NAME>`` environment variables override single
 non-secret values (``SIGNER_SERVER_LISTEN=127.0.0.1:6000``). Secrets never come from here: the
-token PIN is read from the file named by ``token.pin_file``, by :mod:`signer.token`.
+token PIN is read from the file named by ``token.pin_file``, by :mod:`signer._internal.token`.
 """
 
 from __future__ import annotations
@@ -43,18 +43,19 @@ class ServerConfig:
     # front_socket_group, the front's own user's group, when the front runs as its own user.
     front_socket_mode: str = "0600"
     front_socket_group: str = ""
-    # Who may do what (signer.policy); reloaded on SIGHUP. Empty: every call is refused.
+    # Who may do what (signer._internal.policy); reloaded on SIGHUP. Empty: every call is refused.
     policy_file: str = ""
     # Largest message accepted by Sign/Verify; larger ones are refused with INVALID_ARGUMENT.
     max_message_bytes: int = 1024 * 1024
     # A caller whose calls were refused this many times (bad input, no permission) within
     # refusal_window_seconds gets RESOURCE_EXHAUSTED for the rest of the window, without a log
     # line or a record per call (one record counts them): what one caller can make the service
-    # write is bounded (signer.throttle). 0 turns it off.
+    # write is bounded (signer._internal.throttle). 0 turns it off.
     refused_calls_budget: int = 50
     refusal_window_seconds: float = 60.0
     # Local connections (the Unix socket): how many one uid, and all together, may hold open,
-    # and how long one may sit with no traffic before it is closed (signer.relay.Limits). The
+    # and how long one may sit with no traffic before it is closed (signer._internal.relay.Limits).
+    # The
     # total is also kept within the process's descriptor limit (three per connection).
     max_connections_per_uid: int = 64
     max_connections: int = 1024
@@ -103,7 +104,7 @@ class TokenConfig:
     stall_seconds: float = 15.0
     # Failed logins in a row after which the service stops trying until it is restarted. An
     # HSM locks its user after a few (three is common); after one failure the service tries
-    # again only when pin_file changes (signer/token/_logins.py).
+    # again only when pin_file changes (signer/_internal/token/_logins.py).
     max_failed_logins: int = 2
 
     @property
@@ -141,7 +142,8 @@ class KeysConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit log (signer.audit): every RPC outcome, hash-chained, checkpoints signed."""
+    """The audit log (signer._internal.audit): every RPC outcome, hash-chained, checkpoints
+    signed."""
 
     path: str = "var/audit.db"
     checkpoint_every: int = 1000
@@ -153,7 +155,7 @@ class AuditConfig:
     max_unsigned_records: int = 2000
     # Witnesses outside the database: every checkpoint is also appended to this file (put it on
     # another mount, chattr +a) and/or sent to this syslog socket (e.g. /dev/log). 'verify'
-    # checks the log against them (signer.audit._witness). "" for none.
+    # checks the log against them (signer._internal.audit._witness). "" for none.
     witness_file: str = ""
     witness_syslog: str = ""
     # The audit key's public half, pinned at first start; "" means PATH.key.pem.

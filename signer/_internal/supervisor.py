@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from signer.children import Child
+from signer._internal.children import Child
 
 log = logging.getLogger(__name__)
 

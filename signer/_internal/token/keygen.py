@@ -1,6 +1,8 @@
-"""``python -m signer.token.keygen``: generates a key pair inside a token, at the token host.
+"""``python -m signer._internal.token.keygen``: generates a key pair inside a token, at the token
+host.
 
-:func:`signer.hsm.generate_tls_key` runs this as a short-lived child with core dumps off, so the
+:func:`signer._internal.hsm.generate_tls_key` runs this as a short-lived child with core dumps off,
+so the
 module that holds the token (SoftHSM2, loaded in-process here) is never mapped by a process that
 lives on. The key is generated in the token, private, sensitive and not extractable; only the
 public key comes out, as a PEM file.
@@ -14,11 +16,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from signer.config import TokenConfig
+from signer._internal.config import TokenConfig
+from signer._internal.token._client import Token
+from signer._internal.token.pin import Pin
 from signer.errors import SignerError
 from signer.keys import ALGORITHMS
-from signer.token._client import Token
-from signer.token.pin import Pin
 
 
 def generate(cfg: TokenConfig, algorithm: str, key_id: bytes, label: str) -> bytes:
@@ -38,7 +40,7 @@ def generate(cfg: TokenConfig, algorithm: str, key_id: bytes, label: str) -> byt
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m signer.token.keygen")
+    p = argparse.ArgumentParser(prog="python -m signer._internal.token.keygen")
     p.add_argument("--module", required=True)
     p.add_argument("--uri", required=True, help="RFC 7512 URI of the token")
     p.add_argument("--pin-file", required=True)

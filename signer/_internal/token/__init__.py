@@ -1,7 +1,7 @@
 """Everything that talks to PKCS#11 lives in this package, and nothing outside it imports pkcs11."""
 
-from signer.token._client import Token, TokenObject
-from signer.token.pin import Pin
-from signer.token.uri import TokenURI, object_uri
+from signer._internal.token._client import Token, TokenObject
+from signer._internal.token.pin import Pin
+from signer._internal.token.uri import TokenURI, object_uri
 
 __all__ = ["Pin", "Token", "TokenObject", "TokenURI", "object_uri"]

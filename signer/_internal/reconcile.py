@@ -57,19 +57,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signer.config import Config
+from signer._internal.config import Config
 from signer.errors import FailedPrecondition, NotFound
 from signer.keys import ImportToken, State, Version, algorithm, algorithm_kind, valid_name
 
 if TYPE_CHECKING:  # the CLI imports this module for its defaults: no PKCS#11 until needed
-    from signer.store import Store
-    from signer.token import Token, TokenObject
+    from signer._internal.store import Store
+    from signer._internal.token import Token, TokenObject
 
-# CKA_LABELs the service gives the objects it makes (signer/service.py, signer/server.py).
+# CKA_LABELs the service gives the objects it makes (signer/_internal/keyring.py,
+# signer/_internal/server.py).
 WRAPPING_KEY_LABEL = "signer/import-wrapping"
 AUDIT_KEY_LABEL = "signer-audit-key"
-# The CKA_ID the service draws for what it generates (signer/service.py KEY_ID_BYTES, the audit
-# key's in signer/server.py).
+# The CKA_ID the service draws for what it generates (signer/_internal/keyring.py KEY_ID_BYTES, the
+# audit key's in signer/_internal/server.py).
 SERVICE_KEY_ID_BYTES = 16
 _VERSION_LABEL = re.compile(r"(?P<name>.+)/v(?P<version>[1-9][0-9]*)")
 DEFAULT_GRACE_SECONDS = 15.0
@@ -399,7 +400,7 @@ def audit_key_reader(path: str | Path, pin: str | Path) -> Callable[[], AuditKey
     second argument) say of the audit key, read anew at each call."""
     from cryptography.hazmat.primitives import serialization
 
-    from signer.audit import SQLiteAuditStore
+    from signer._internal.audit import SQLiteAuditStore
 
     def read() -> AuditKey:
         try:
@@ -429,8 +430,8 @@ def reconcile_with_config(
     """:func:`reconcile` against the store, token and audit log ``cfg`` names, on a token
     connection and store connection of its own (SQLite and the token host take a second
     client)."""
-    from signer.store import SQLiteStore
-    from signer.token import Pin, Token
+    from signer._internal.store import SQLiteStore
+    from signer._internal.token import Pin, Token
 
     if not Path(cfg.store.path).exists():
         raise FailedPrecondition(f"no key store at {cfg.store.path}: is this the service's "
