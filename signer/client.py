@@ -26,7 +26,8 @@ from typing import Any, Literal
 import grpc
 
 from signer import wrapping
-from signer.errors import BY_CODE, Code, Internal, SignerError, Unavailable
+from signer._wire import error_from
+from signer.errors import SignerError, Unavailable
 from signer.jose import TokenRejected, verify_jwt
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
@@ -82,12 +83,7 @@ def _error(exc: grpc.RpcError) -> SignerError:
         return Unavailable(f"the service cancelled the call ({message}); it may be shutting down")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"no answer within the call's deadline ({message})")
-    try:
-        cls = BY_CODE[Code(code.name)]
-    except (ValueError, KeyError):
-        cls = Internal
-        message = f"{code.name}: {message}"
-    return cls(message)
+    return error_from(code, message)
 
 
 _FORMATS = {"der": pb.DER, "raw": pb.RAW}
@@ -311,8 +307,7 @@ class SignerClient:
         out: list[Signature | SignerError] = []
         for r in resp.results:
             if r.error_code:
-                cls = BY_CODE.get(Code(r.error_code), Internal)
-                out.append(cls(r.error))
+                out.append(error_from(getattr(grpc.StatusCode, r.error_code, -1), r.error))
             else:
                 sig = Signature(r.signature, resp.version, resp.algorithm, resp.signature_algorithm)
                 out.append(sig)

@@ -1,23 +1,37 @@
 """The one exception tree of the signer.
 
-Every error the service can answer with is a subclass of :class:`SignerError` and knows its gRPC
-status code. PKCS#11 errors are mapped to these in :mod:`signer._internal.token` (and nowhere
-else); these
-are mapped to gRPC statuses in one server interceptor, and back again in :mod:`signer.client`.
+Everything this project raises on purpose is a :class:`SignerError`. The classes say what went
+wrong, not how it travels: an error carries no wire status. Each boundary translates through one
+table of its own:
 
-Messages name the problem (the parameter, the key, the version) and never carry a secret: no PIN,
-no key material, no payload.
+* PKCS#11 errors become these in :mod:`signer._internal.token` (``_errors.py``), and nowhere else;
+* these become gRPC statuses in the server's interceptor and come back as the same classes in
+  :mod:`signer.client`, both through the one table in :mod:`signer._wire`;
+* the ``signer`` command prints them (``error: message``, with the status for an answer from the
+  service) and exits 2.
 
-    SignerError
-    ├── InvalidArgument        bad input: name, algorithm, digest length, message size, ...
-    ├── NotFound               unknown key or version
-    ├── AlreadyExists          duplicate key name
-    ├── FailedPrecondition     the state forbids it: disabled/destroyed version, missing mechanism
-    ├── Unavailable            the token host cannot be reached (retry later)
-    ├── Unauthenticated        no caller identity
-    ├── PermissionDenied       caller may not do this
-    ├── ResourceExhausted      a bound was reached: live import tokens, refused calls of a caller
-    └── Internal               a bug or an unexpected token answer; details go to the log only
+Messages name the problem (the parameter, the key, the version, the file) and never carry a
+secret: no PIN, no key material, no payload.
+
+    SignerError                 root: a message, nothing else
+    ├── InvalidArgument         bad input: name, algorithm, digest length, message size, ...
+    ├── NotFound                unknown key or version
+    ├── AlreadyExists           duplicate key name
+    ├── FailedPrecondition      the state forbids it: disabled/destroyed version, missing mechanism
+    │   └── LoginRefused        the token refuses the service's PIN (waiting will not help)
+    ├── Unavailable             the token host, the store or the audit log cannot serve now
+    │   └── StoreUncertain      a store write failed with an I/O error: it may yet be on disk
+    ├── Unauthenticated         no caller identity
+    ├── PermissionDenied        the caller may not do this
+    ├── ResourceExhausted       a bound was reached: live import tokens, calls, refused calls
+    ├── Internal                a bug or an unexpected token answer; details go to the log only
+    ├── ConfigError             a configuration, policy or PIN file is wrong (start-up, SIGHUP)
+    ├── TokenRejected           a JWT fails verification (signer.jose, the relying party's side)
+    ├── ScanError               the scanner cannot use a dump or a secrets file
+    │   └── CoreFormatError     not an ELF core, or a malformed one
+    └── HarnessError            the crash harness could not start, crash or collect a process
+
+The last four never travel over gRPC: they are raised in the caller's own process.
 
 A value a caller sent goes into a message only through :func:`shown`, which bounds it: a message
 travels in a gRPC trailer (nginx refuses large ones), a log line and an audit record.
@@ -25,27 +39,9 @@ travels in a gRPC trailer (nginx refuses large ones), a log line and an audit re
 
 from __future__ import annotations
 
-import enum
-
-
-class Code(enum.Enum):
-    """The gRPC status codes this service uses, by name (kept free of a grpc import)."""
-
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    NOT_FOUND = "NOT_FOUND"
-    ALREADY_EXISTS = "ALREADY_EXISTS"
-    FAILED_PRECONDITION = "FAILED_PRECONDITION"
-    UNAVAILABLE = "UNAVAILABLE"
-    UNAUTHENTICATED = "UNAUTHENTICATED"
-    PERMISSION_DENIED = "PERMISSION_DENIED"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-    INTERNAL = "INTERNAL"
-
 
 class SignerError(Exception):
     """Root of every error this project raises on purpose."""
-
-    code: Code = Code.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -53,39 +49,39 @@ class SignerError(Exception):
 
 
 class InvalidArgument(SignerError):
-    code = Code.INVALID_ARGUMENT
+    """The request itself is wrong; the same request will fail again."""
 
 
 class NotFound(SignerError):
-    code = Code.NOT_FOUND
+    """No such key or version (or none the caller may know of)."""
 
 
 class AlreadyExists(SignerError):
-    code = Code.ALREADY_EXISTS
+    """A key of that name exists."""
 
 
 class FailedPrecondition(SignerError):
-    code = Code.FAILED_PRECONDITION
+    """The state of the key, the token or the service forbids it now."""
 
 
 class Unavailable(SignerError):
-    code = Code.UNAVAILABLE
+    """Cannot serve now; the same call may succeed later."""
 
 
 class Unauthenticated(SignerError):
-    code = Code.UNAUTHENTICATED
+    """No caller identity."""
 
 
 class PermissionDenied(SignerError):
-    code = Code.PERMISSION_DENIED
+    """The caller's grants do not allow it."""
 
 
 class ResourceExhausted(SignerError):
-    code = Code.RESOURCE_EXHAUSTED
+    """A bound was reached."""
 
 
 class Internal(SignerError):
-    code = Code.INTERNAL
+    """A bug or an unexpected answer; the details went to the log, not the message."""
 
 
 class LoginRefused(FailedPrecondition):
@@ -104,25 +100,25 @@ TOKEN_AWAY: tuple[type[SignerError], ...] = (Unavailable, LoginRefused)
 
 
 class ConfigError(SignerError):
-    """A configuration file or setting is wrong; raised at start-up, never over the wire."""
+    """A configuration file or setting is wrong; raised at start-up or reload, never over the
+    wire."""
 
-    code = Code.FAILED_PRECONDITION
+
+class TokenRejected(SignerError):
+    """A JWT failed verification; the message says which check."""
 
 
-BY_CODE: dict[Code, type[SignerError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        Unavailable,
-        Unauthenticated,
-        PermissionDenied,
-        ResourceExhausted,
-        Internal,
-    )
-}
+class ScanError(SignerError):
+    """The scanner cannot use its input (a dump, a secrets file, a key set)."""
+
+
+class CoreFormatError(ScanError):
+    """The file is not an ELF core the scanner can read, or a malformed one."""
+
+
+class HarnessError(SignerError):
+    """The crash harness could not start, crash or collect a process."""
+
 
 # The most of a caller's value a message shows.
 SHOWN_CHARS = 64

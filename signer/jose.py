@@ -17,16 +17,12 @@ from typing import Any
 
 import jwt
 
-from signer.errors import InvalidArgument, shown
+from signer.errors import InvalidArgument, TokenRejected, shown
 
 MAX_CLAIMS_BYTES = 64 * 1024
 # Deeper than any claims set needs, and far from where parsers give up (Python's json raises
 # RecursionError somewhere past 1,000 levels, sooner on a thread already deep in its stack).
 MAX_CLAIMS_DEPTH = 128
-
-
-class TokenRejected(Exception):
-    """A JWT that :func:`verify_jwt` does not accept; the message says why."""
 
 
 def b64url(data: bytes) -> bytes:

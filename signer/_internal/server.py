@@ -63,8 +63,8 @@ from signer._internal.store import SQLiteStore
 from signer._internal.throttle import REFUSALS, InFlight, RefusalThrottle
 from signer._internal.token import Pin, Token, object_uri
 from signer._internal.token.pin import perturb_freed_memory
+from signer._wire import status_name, status_of
 from signer.errors import (
-    Code,
     ConfigError,
     Internal,
     InvalidArgument,
@@ -100,7 +100,6 @@ ADMIN_SESSIONS = 2
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SignerService"].full_name
 
-STATUS: dict[Code, grpc.StatusCode] = {c: getattr(grpc.StatusCode, c.value) for c in Code}
 
 _STATE_TO_PB = {
     State.ENABLED: pb.ENABLED,
@@ -156,7 +155,7 @@ def audit_event(
         key=_recorded_name(str(getattr(request, "name", ""))),
         version=int(version or getattr(request, "version", 0) or 0),
         payload_sha256=hashlib.sha256(payload).hexdigest() if payload else "",
-        status=("OK" if error is None else error.code.value) + (CALLER_GONE if gone else ""),
+        status=("OK" if error is None else status_name(error)) + (CALLER_GONE if gone else ""),
     )
 
 
@@ -252,11 +251,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except SignerError as exc:
                     # Once per caller, method and status every few seconds: a caller can fail
                     # calls at will (each one is in the audit log, which is where to count them).
-                    held = self._said.due(f"{identity} {method} {exc.code.value}")
+                    held = self._said.due(f"{identity} {method} {status_name(exc)}")
                     if held is not None:
                         log.info(
                             "rpc failed",
-                            extra={"method": method, "code": exc.code.value,
+                            extra={"method": method, "code": status_name(exc),
                                    "error": exc.message, "like_it_unlogged": held},
                         )  # fmt: skip
                     error = exc
@@ -265,7 +264,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except Exception:
                     log.exception("rpc crashed", extra={"method": method})
                     error = Internal("internal error (see the service log)")
-                if error is not None and not public and error.code in REFUSALS:
+                if error is not None and not public and isinstance(error, REFUSALS):
                     # Counted before its record is awaited: a burst arriving meanwhile meets
                     # the throttle once the budget is spent, not after every record is written.
                     self._count_refusal(identity)
@@ -296,7 +295,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         )
                 raise
             if error is not None:
-                await context.abort(STATUS[error.code], error.message)
+                await context.abort(status_of(error), error.message)
             return response
 
         # The request is parsed in the call (_parsed), not by gRPC: gRPC answers bytes that are
@@ -682,7 +681,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         r = plan.result()
         return pb.SignBatchResponse(
             results=[
-                pb.SignBatchResult(error_code=x.code.value, error=x.message)
+                pb.SignBatchResult(error_code=status_name(x), error=x.message)
                 if isinstance(x, SignerError)
                 else pb.SignBatchResult(signature=x)
                 for x in r.results
@@ -1069,7 +1068,13 @@ class Server:
         for caller, calls in self.throttle.ended(everyone):
             log.warning("caller no longer throttled", extra={"caller": caller, "refused": calls})
             event = Event(
-                self.signer.now(), caller, "Throttled", "", calls, "", Code.RESOURCE_EXHAUSTED.value
+                self.signer.now(),
+                caller,
+                "Throttled",
+                "",
+                calls,
+                "",
+                status_name(ResourceExhausted),
             )
             try:
                 await self.audit.record(event)

@@ -19,18 +19,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from signer.errors import Code
+from signer.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    SignerError,
+    Unauthenticated,
+)
 
 # The statuses that mean the caller was wrong (rather than the service or the key's state),
 # or asked for more than it may have at once (its running calls, its import tokens): a burst
 # refused RESOURCE_EXHAUSTED must not write more records than the budget allows either.
-REFUSALS = frozenset(
-    {
-        Code.INVALID_ARGUMENT,
-        Code.PERMISSION_DENIED,
-        Code.UNAUTHENTICATED,
-        Code.RESOURCE_EXHAUSTED,
-    }
+REFUSALS: tuple[type[SignerError], ...] = (
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    ResourceExhausted,
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from signer._internal.config import AuditConfig
 from signer._internal.reconcile import DEFAULT_GRACE_SECONDS
+from signer._wire import STATUS, status_name
 from signer.client import DEFAULT_ADDRESS, ClientTLS, SignerClient
 from signer.errors import InvalidArgument, SignerError
 from signer.keys import ALGORITHMS
@@ -727,13 +728,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def described(exc: SignerError) -> str:
+    """What ``error:`` says: the status for an error the service can answer with (so a script
+    can tell NOT_FOUND from UNAVAILABLE), the message alone for one raised here (a scan's
+    unreadable dump is not INVALID_ARGUMENT)."""
+    if isinstance(exc, tuple(STATUS)):
+        return f"{status_name(exc)}: {exc.message}"
+    return exc.message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
     except SignerError as exc:
-        print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
+        print(f"error: {described(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)

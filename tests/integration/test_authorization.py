@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from signer._internal.front import Front, front_config
 from signer._internal.pki import DevCA
+from signer._wire import status_name
 from signer.client import ClientTLS, SignerClient, build_import_request
 from signer.errors import (
     AlreadyExists,
@@ -281,13 +282,14 @@ def test_a_local_caller_is_known_by_uid(deployment: Deployment) -> None:
     script = (
         "import sys\n"
         "from signer.client import SignerClient\n"
+        "from signer._wire import status_name\n"
         "from signer.errors import SignerError\n"
         "c = SignerClient(sys.argv[1], timeout=10)\n"
         "for call in (c.list_keys, lambda: c.get_key('anything')):\n"
         "    try:\n"
         "        call()\n"
         "    except SignerError as e:\n"
-        "        print(e.code.value, e.message)\n"
+        "        print(status_name(e), e.message)\n"
     )
     done = run_as(nobody, script, address)
     assert done.returncode == 0, done.stderr
@@ -324,7 +326,7 @@ def test_sighup_reloads_the_policy_without_dropping_calls(
                 except PermissionDenied:
                     return  # the new policy has taken effect
                 except SignerError as exc:
-                    errors.append(f"{exc.code.value}: {exc.message}")
+                    errors.append(f"{status_name(exc)}: {exc.message}")
                     return
 
     workers = [threading.Thread(target=sign_forever) for _ in range(4)]

@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from signer._internal import config as config_mod
 from signer._internal.audit._log import NOT_ANSWERED, RETRY_SECONDS
+from signer._wire import status_name
 from signer.client import SignerClient
 from signer.errors import SignerError, Unavailable
 from tests.conftest import (
@@ -227,7 +228,7 @@ class Load:
                     sig = client.sign(self.key, message=message)
                 except SignerError as exc:
                     with self._lock:
-                        self.refused.append((exc.code.value, exc.message, message))
+                        self.refused.append((status_name(exc), exc.message, message))
                     self._stop.wait(0.01)  # refusals come at once: no spinning
                 else:
                     with self._lock:

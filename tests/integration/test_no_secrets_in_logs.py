@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from signer._internal.logs import JsonFormatter
+from signer._wire import status_name
 from signer.client import build_import_request
 from signer.errors import SignerError
 from signer.scan import Scanner, secret_from_key, secret_from_pin, secret_from_raw
@@ -45,7 +46,7 @@ def test_every_rpc_leaves_no_secret_in_logs_or_errors(
         try:
             fn()
         except SignerError as exc:
-            errors.append(f"{exc.code.value}: {exc.message}")
+            errors.append(f"{status_name(exc)}: {exc.message}")
 
     payloads = [os.urandom(48) for _ in range(6)]
     imported = ec.generate_private_key(ec.SECP256R1())

@@ -1,4 +1,4 @@
-"""signer.errors, the server's Code -> gRPC status table and the client's way back."""
+"""signer.errors, the one table to gRPC statuses (signer._wire) and the client's way back."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import pytest
 
 from signer import errors
 from signer._internal.policy import Caller
-from signer._internal.server import CALLER, STATUS, CallInterceptor
+from signer._internal.server import CALLER, CallInterceptor
+from signer._wire import STATUS, error_from, status_name, status_of
 from signer.client import _error
 from signer.errors import (
-    BY_CODE,
-    Code,
     ConfigError,
+    CoreFormatError,
+    HarnessError,
     Internal,
     LoginRefused,
+    ScanError,
     SignerError,
     StoreUncertain,
+    TokenRejected,
 )
 
 WIRE_CLASSES = [
@@ -54,53 +57,57 @@ def all_subclasses(cls: type) -> set[type]:
     return out
 
 
-def test_every_wire_error_class_has_a_distinct_code() -> None:
-    codes = [cls.code for cls in WIRE_CLASSES]
-    assert len(set(codes)) == len(codes)
-    assert set(codes) == set(Code)
+def test_every_wire_error_class_has_a_distinct_status() -> None:
+    statuses = [STATUS[cls] for cls in WIRE_CLASSES]
+    assert len(set(statuses)) == len(statuses)
+    assert set(STATUS) == set(WIRE_CLASSES)
+    for cls, status in STATUS.items():
+        assert (
+            status.name
+            == "".join(
+                "_" + ch if ch.isupper() and i else ch for i, ch in enumerate(cls.__name__)
+            ).upper()
+        )
+
+
+LOCAL_CLASSES = {ConfigError, TokenRejected, ScanError, CoreFormatError, HarnessError}
 
 
 def test_every_signer_error_subclass_is_accounted_for() -> None:
-    # ConfigError never goes over the wire; LoginRefused and StoreUncertain go as the status of
-    # their parent (a client sees FailedPrecondition, Unavailable): each shares its code and is
-    # kept out of BY_CODE. Any new subclass must be a wire class or one of these.
+    # LoginRefused and StoreUncertain go as the status of their parent (a client sees
+    # FailedPrecondition, Unavailable); the local classes never travel and would answer
+    # INTERNAL. Any new subclass must be a wire class or one of these.
     subclasses = {c for c in all_subclasses(SignerError) if c.__module__ == "signer.errors"}
-    assert subclasses == set(WIRE_CLASSES) | {ConfigError, LoginRefused, StoreUncertain}
-    for inner in (ConfigError, LoginRefused, StoreUncertain):
-        assert inner not in BY_CODE.values()
+    assert subclasses == set(WIRE_CLASSES) | {LoginRefused, StoreUncertain} | LOCAL_CLASSES
+    assert status_of(LoginRefused) is grpc.StatusCode.FAILED_PRECONDITION
+    assert status_of(StoreUncertain("x")) is grpc.StatusCode.UNAVAILABLE
+    for local in LOCAL_CLASSES:
+        assert status_of(local) is grpc.StatusCode.INTERNAL
+        assert not isinstance(local("x"), tuple(STATUS))
 
 
-def test_by_code_maps_each_code_to_its_class() -> None:
-    assert set(BY_CODE) == set(Code)
-    for code, cls in BY_CODE.items():
-        assert cls.code is code
-        assert issubclass(cls, SignerError)
-
-
-def test_code_values_are_their_names() -> None:
-    for c in Code:
-        assert c.value == c.name
+def test_the_root_carries_no_wire_status() -> None:
+    assert not hasattr(SignerError("x"), "code")
+    assert status_of(SignerError("x")) is grpc.StatusCode.INTERNAL
+    assert status_name(errors.NotFound) == "NOT_FOUND"
 
 
 def test_error_carries_message() -> None:
     exc = errors.NotFound("key 'x' not found")
     assert exc.message == "key 'x' not found"
     assert str(exc) == "key 'x' not found"
-    assert exc.code is Code.NOT_FOUND
-    assert SignerError("x").code is Code.INTERNAL
 
 
-def test_status_maps_every_code_to_same_named_grpc_status() -> None:
-    assert set(STATUS) == set(Code)
-    for code, status in STATUS.items():
-        assert isinstance(status, grpc.StatusCode)
-        assert status.name == code.name
-    assert len(set(STATUS.values())) == len(Code)
+def test_error_from_a_number_gRPC_does_not_know_is_internal() -> None:
+    exc = error_from(99, "boom")
+    assert type(exc) is Internal
+    assert exc.message == "99: boom"
+    assert type(error_from(5, "gone")) is errors.NotFound
 
 
 @pytest.mark.parametrize("cls", WIRE_CLASSES)
 def test_client_maps_status_back_to_class(cls: type[SignerError]) -> None:
-    status = STATUS[cls.code]
+    status = STATUS[cls]
     exc = _error(FakeRpcError(status, "the server said so"))
     assert type(exc) is cls
     assert exc.message == "the server said so"
@@ -109,7 +116,7 @@ def test_client_maps_status_back_to_class(cls: type[SignerError]) -> None:
 @pytest.mark.parametrize("cls", WIRE_CLASSES)
 def test_round_trip_through_server_table(cls: type[SignerError]) -> None:
     original = cls("message 42")
-    back = _error(FakeRpcError(STATUS[original.code], original.message))
+    back = _error(FakeRpcError(STATUS[cls], original.message))
     assert type(back) is type(original)
     assert back.message == original.message
 
@@ -211,7 +218,7 @@ def test_interceptor_passes_results_through() -> None:
 def test_interceptor_maps_signer_errors(cls: type[SignerError]) -> None:
     result, ctx = call_guarded(cls("key 'k' version 2 is disabled"))
     assert result == "aborted"
-    assert ctx.aborted == [(STATUS[cls.code], "key 'k' version 2 is disabled")]
+    assert ctx.aborted == [(STATUS[cls], "key 'k' version 2 is disabled")]
 
 
 def test_interceptor_hides_unexpected_errors() -> None:

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from signer.errors import Code, FailedPrecondition, InvalidArgument, NotFound
+from signer.errors import FailedPrecondition, InvalidArgument, NotFound
 from signer.keys import (
     ALGORITHMS,
     PSS_SALT_LENGTH,
@@ -84,7 +84,7 @@ def test_algorithm_known() -> None:
 def test_algorithm_unknown_lists_known_ones() -> None:
     with pytest.raises(InvalidArgument) as ei:
         algorithm("ec-p999")
-    assert ei.value.code is Code.INVALID_ARGUMENT
+    assert type(ei.value) is InvalidArgument
     assert "'ec-p999'" in ei.value.message
     for name in ALGORITHMS:
         assert name in ei.value.message
