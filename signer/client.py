@@ -27,8 +27,8 @@ import grpc
 
 from signer import wrapping
 from signer._wire import error_from
-from signer.errors import SignerError, Unavailable
-from signer.jose import TokenRejected, verify_jwt
+from signer.errors import SignerError, TokenRejected, Unavailable
+from signer.jose import verify_jwt
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 

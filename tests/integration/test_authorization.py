@@ -35,9 +35,10 @@ from signer.errors import (
     NotFound,
     PermissionDenied,
     SignerError,
+    TokenRejected,
     Unauthenticated,
 )
-from signer.jose import TokenRejected, verify_jwt
+from signer.jose import verify_jwt
 from signer.v1 import signer_pb2 as pb
 from tests.conftest import (
     FakeClock,
