@@ -379,12 +379,6 @@ def line_of(text: str, table: str, key: str | None = None, index: int = 1) -> in
     return found
 
 
-def read_toml(path: str | Path, what: str = "configuration file") -> dict[str, Any]:
-    """A TOML file as a dict; a missing, unreadable or malformed file is a ConfigError naming
-    ``what``, the file and the line."""
-    return parse_toml(read_text(path, what), f"{what} {path}")
-
-
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Reads the TOML file at ``path`` (if any), then applies ``SIGNER_*`` overrides. Every
     problem is a ConfigError; one about a setting the file gives names its line."""
