@@ -257,7 +257,7 @@ def provision_key(
     overwritten and removed afterwards. The PIN goes neither on argv nor into the environment:
     softhsm2-util runs on a pseudo-terminal (echo off) and the PIN, read from ``user.pin``, is
     written to its prompts. The key pair lands with CKA_ID ``key_id`` and CKA_LABEL ``label``;
-    :meth:`signer._internal.keyring.Signer.adopt_key` makes the service use it.
+    :meth:`signer._internal.keyring.Keyring.adopt_key` makes the service use it.
     """
     from signer._internal.token.pin import Pin
     from signer.wrapping import load_private_key_pem

@@ -1,10 +1,9 @@
-"""The signer's behaviour, free of gRPC: keys, versions, lifecycle, signing, verification.
+"""The keyring: the service's behaviour, free of gRPC: keys, versions, lifecycle, signing,
+verification.
 
-Every method is synchronous and may block on the token or the store; :mod:`signer._internal.server`
-runs
-them on its lanes (:mod:`signer._internal.lanes`), off the event loop. Every method validates its
-input
-first and changes nothing when it fails.
+Every method is synchronous and may block on the token or the store; the server
+(:mod:`signer._internal.server`) runs them on its lanes (:mod:`signer._internal.lanes`), off the
+event loop. Every method validates its input first and changes nothing when it fails.
 """
 
 from __future__ import annotations
@@ -109,7 +108,7 @@ class BatchResult:
 
 @dataclass
 class BatchPlan:
-    """A checked SignBatch (:meth:`Signer.plan_batch`); signatures fill ``results`` in as
+    """A checked SignBatch (:meth:`Keyring.plan_batch`); signatures fill ``results`` in as
     chunks are signed."""
 
     version: Version
@@ -162,7 +161,7 @@ def _import_lock(token: str) -> str:
 Authorise = Callable[[Key | None], None]
 
 
-class Signer:
+class Keyring:
     """Key lifecycle and signing over a :class:`Token` and a :class:`Store`.
 
     ``admin``: the token connection for slow work (key and wrapping-key generation, unwrapping),
@@ -898,7 +897,7 @@ def adopt_with_config(
     scope: str = "",
     labels: dict[str, str] | None = None,
 ) -> Key:
-    """:meth:`Signer.adopt_key` against the token and store ``cfg`` names, without a server
+    """:meth:`Keyring.adopt_key` against the token and store ``cfg`` names, without a server
     (``signer keys adopt``; SQLite and the token host both take a second client)."""
     from signer._internal.store import SQLiteStore
     from signer._internal.token import Pin
@@ -907,7 +906,7 @@ def adopt_with_config(
     store = SQLiteStore(cfg.store.path)
     try:
         token.start(wait=True)
-        return Signer(cfg, token, store).adopt_key(name, alg_name, key_id, scope, labels)
+        return Keyring(cfg, token, store).adopt_key(name, alg_name, key_id, scope, labels)
     finally:
         token.close()
         store.close()
@@ -928,3 +927,8 @@ def _decode_page_token(token: str) -> str:
         raise InvalidArgument(
             "page_token is malformed: pass back next_page_token as given"
         ) from None
+
+
+# The old name, temporary, for the server split (issue 13): removed once signer/_internal/server
+# says Keyring.
+Signer = Keyring

@@ -443,7 +443,7 @@ def test_io_errors_fail_closed_lose_nothing_and_recover_by_itself(
     assert _integrity(cfg.audit.path) == "ok"
     assert _integrity(cfg.store.path) == "ok"
     # A key whose store write failed with an I/O error keeps its token object (the write may
-    # come back after a crash: Signer._discard); without a crash it is an orphan, which
+    # come back after a crash: Keyring._discard); without a crash it is an orphan, which
     # reconcile names and --repair removes.
     done = _cli("keys", "reconcile", "--config", str(svc.config_path), "--grace", "0")
     orphans = [ln for ln in done.stdout.splitlines() if ln.startswith("orphan")]

@@ -22,7 +22,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from signer._internal import hsm
 from signer._internal.config import P11KIT_CLIENT_MODULE, Config
-from signer._internal.keyring import Signer
+from signer._internal.keyring import Keyring
 from signer._internal.reconcile import (
     AUDIT_KEY_LABEL,
     LEFTOVER,
@@ -39,7 +39,7 @@ from signer._internal.reconcile import (
 from signer._internal.store import SQLiteStore
 from signer._internal.token import Pin, Token
 from signer.keys import ALGORITHMS, ImportToken, Key, State, Version
-from tests.conftest import SIGNER_BIN, make_config, write_toml
+from tests.conftest import SIGNER_BIN, TokenHostHandle, make_config, write_toml
 from tests.integration.own_host import own_host  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ class World:
     cfg: Config
     token: Token
     store: SQLiteStore
-    signer: Signer
+    signer: Keyring
 
     def stray(self, label: str) -> bytes:
         """A key pair generated in the token under ``label`` that no row names: its id."""
@@ -61,7 +61,7 @@ class World:
 
 
 @pytest.fixture
-def world(own_host, tmp_path):  # noqa: F811
+def world(own_host: TokenHostHandle, tmp_path: Path):  # noqa: F811
     cfg = make_config(tmp_path, own_host.token_config())
     # No health checks: on a loaded machine one slower than token.stall_seconds makes every
     # call of this test's connection fail UNAVAILABLE.
@@ -71,7 +71,7 @@ def world(own_host, tmp_path):  # noqa: F811
     token.start(wait=True)
     store = SQLiteStore(cfg.store.path)
     try:
-        yield World(cfg, token, store, Signer(cfg, token, store))
+        yield World(cfg, token, store, Keyring(cfg, token, store))
     finally:
         token.close()
         store.close()
@@ -122,7 +122,7 @@ def import_token(w: World, label: str, *, used: bool = False, expired: bool = Fa
     return key_id
 
 
-def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
+def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world) -> None:
     w = world
     fine = w.signer.create_key("fine", "ec-p256").versions[0].key_id
     lost = w.signer.create_key("lost", "ec-p256").versions[0].key_id
@@ -225,7 +225,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world):
     assert {f.kind for f in unasked.findings if f.key_id == audit_key} == {UNMANAGED}
 
 
-def test_beside_a_running_service_only_what_both_passes_find_counts(world):
+def test_beside_a_running_service_only_what_both_passes_find_counts(world) -> None:
     w = world
     key_id = os.urandom(16)
     public = w.token.generate(EC, key_id, "late/v1")  # CreateKey, between generation and commit
@@ -254,7 +254,9 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_command_reports_repairs_and_refuses_what_it_cannot_do_safely(world, tmp_path):
+def test_the_command_reports_repairs_and_refuses_what_it_cannot_do_safely(
+    world, tmp_path: Path
+) -> None:
     w = world
     w.signer.create_key("kept", "ec-p256")
     ghost = w.stray("ghost/v1")
@@ -298,7 +300,9 @@ def test_the_command_reports_repairs_and_refuses_what_it_cannot_do_safely(world,
     assert not Path(other.store.path).exists()
 
 
-def test_an_object_destroyed_while_the_token_is_listed_is_left_out(world, monkeypatch):
+def test_an_object_destroyed_while_the_token_is_listed_is_left_out(
+    world, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Beside a running service, a reaper or an import may destroy an object between the search
     and the reading of its attributes: the listing goes on without it (it was an error that
     ended the command, seen in test_sigkill)."""
@@ -317,7 +321,7 @@ def test_an_object_destroyed_while_the_token_is_listed_is_left_out(world, monkey
     assert {o.key_id for o in w.token.objects()} == {kept}
 
 
-def test_an_audit_key_pinned_and_not_yet_recorded_is_the_logs(world, tmp_path):
+def test_an_audit_key_pinned_and_not_yet_recorded_is_the_logs(world, tmp_path: Path) -> None:
     """A first checkpoint cut short after the pin was written: the log records no key yet, the
     pin names it, and the next start adopts it; reconcile must not destroy it. A pin that
     cannot be read leaves every audit key alone."""

@@ -25,7 +25,7 @@ def _rsa(bits: int) -> rsa.RSAPrivateKey:
 
 
 class FakeToken:
-    """A software token with the interface Signer uses; every call is recorded."""
+    """A software token with the interface Keyring uses; every call is recorded."""
 
     label = "signer"
 

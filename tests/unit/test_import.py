@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from signer import wrapping
 from signer._internal import hsm
 from signer._internal.config import Config, ConfigError, KeysConfig, load
-from signer._internal.keyring import Signer
+from signer._internal.keyring import Keyring
 from signer._internal.token.pin import Pin
 from signer.cli import main as cli
 from signer.cli.main import EXIT_OK, build_parser, main
@@ -299,12 +299,12 @@ def token() -> FakeImportToken:
 
 
 @pytest.fixture
-def signer(token: FakeImportToken, store: FailingStore, clock: FakeClock) -> Signer:
+def signer(token: FakeImportToken, store: FailingStore, clock: FakeClock) -> Keyring:
     cfg = Config(keys=KeysConfig(import_token_lifetime_seconds=3600))
-    return Signer(cfg, token, store, clock)  # type: ignore[arg-type]
+    return Keyring(cfg, token, store, clock)  # type: ignore[arg-type]
 
 
-def blob_for(signer: Signer, key: Any) -> tuple[str, bytes]:
+def blob_for(signer: Keyring, key: Any) -> tuple[str, bytes]:
     params = signer.get_import_parameters(ME)
     pub = serialization.load_der_public_key(params.token.public_key_der)
     assert isinstance(pub, rsa.RSAPublicKey)
@@ -314,7 +314,7 @@ def blob_for(signer: Signer, key: Any) -> tuple[str, bytes]:
     return params.token.token, wrapping.wrap(wrapping.pkcs8_der(key), pem_text)
 
 
-def test_get_import_parameters(signer: Signer, token: FakeImportToken, store: FailingStore,
+def test_get_import_parameters(signer: Keyring, token: FakeImportToken, store: FailingStore,
                                clock: FakeClock) -> None:  # fmt: skip
     token.import_missing = {a: ["CKM_AES_KEY_WRAP_PAD"] for a in ("rsa-2048", "rsa-3072",
                                                                    "rsa-4096")}  # fmt: skip
@@ -335,7 +335,7 @@ def test_get_import_parameters(signer: Signer, token: FakeImportToken, store: Fa
 
 
 def test_import_creates_then_adds_primary_versions(
-    signer: Signer, token: FakeImportToken, store: FailingStore
+    signer: Keyring, token: FakeImportToken, store: FailingStore
 ) -> None:
     first, second = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     t, blob = blob_for(signer, first)
@@ -371,7 +371,7 @@ def test_import_creates_then_adds_primary_versions(
     ],
 )
 def test_import_validation_changes_nothing(
-    signer: Signer, token: FakeImportToken, store: FailingStore, kwargs: dict[str, Any],
+    signer: Keyring, token: FakeImportToken, store: FailingStore, kwargs: dict[str, Any],
     fragment: str,
 ) -> None:  # fmt: skip
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
@@ -387,7 +387,7 @@ def test_import_validation_changes_nothing(
 
 
 def test_expired_import_token_is_failed_precondition_before_and_after_the_reaper(
-    signer: Signer, token: FakeImportToken, store: FailingStore, clock: FakeClock
+    signer: Keyring, token: FakeImportToken, store: FailingStore, clock: FakeClock
 ) -> None:
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
     wrapping_id = store.get_import_token(t).key_id
@@ -406,7 +406,7 @@ def test_expired_import_token_is_failed_precondition_before_and_after_the_reaper
 
 
 def test_import_into_an_existing_key_must_agree_with_it(
-    signer: Signer, store: FailingStore
+    signer: Keyring, store: FailingStore
 ) -> None:
     signer.create_key("k", "ec-p256", "team", {"a": "b"})
     key = ec.generate_private_key(ec.SECP256R1())
@@ -426,7 +426,7 @@ def test_import_into_an_existing_key_must_agree_with_it(
 
 
 def test_module_without_the_mechanisms_is_failed_precondition(
-    signer: Signer, token: FakeImportToken
+    signer: Keyring, token: FakeImportToken
 ) -> None:
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
     token.import_missing = {"ec-p256": ["CKM_ECDSA"]}
@@ -436,7 +436,7 @@ def test_module_without_the_mechanisms_is_failed_precondition(
 
 
 def test_an_rsa_key_with_another_exponent_is_refused_and_left_nowhere(
-    signer: Signer, token: FakeImportToken, store: FailingStore
+    signer: Keyring, token: FakeImportToken, store: FailingStore
 ) -> None:
     """With p, q and d in hand, e + lambda(n) signs the same and has another public key: the
     same RSA key could be imported into two scopes. Only e = 65537 is imported (review)."""
@@ -452,7 +452,7 @@ def test_an_rsa_key_with_another_exponent_is_refused_and_left_nowhere(
 
 
 def test_store_failure_after_unwrap_destroys_the_new_object(
-    signer: Signer, token: FakeImportToken, store: FailingStore
+    signer: Keyring, token: FakeImportToken, store: FailingStore
 ) -> None:
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
     store.fail_create = RuntimeError("disk full")
@@ -464,7 +464,7 @@ def test_store_failure_after_unwrap_destroys_the_new_object(
 
 
 def test_store_failure_after_wrapping_key_generation_destroys_it(
-    signer: Signer, token: FakeImportToken, store: FailingStore, monkeypatch: pytest.MonkeyPatch
+    signer: Keyring, token: FakeImportToken, store: FailingStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def fail(record: ImportToken) -> None:
         raise RuntimeError("disk full")
@@ -480,7 +480,7 @@ def test_store_failure_after_wrapping_key_generation_destroys_it(
 
 
 def test_another_callers_import_token_is_unknown_to_it(
-    signer: Signer, token: FakeImportToken, store: FailingStore
+    signer: Keyring, token: FakeImportToken, store: FailingStore
 ) -> None:
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
     with pytest.raises(InvalidArgument, match="import_token is unknown"):
@@ -493,7 +493,7 @@ def test_another_callers_import_token_is_unknown_to_it(
 
 
 def test_an_import_token_is_used_once_and_its_wrapping_key_goes_at_once(
-    signer: Signer, token: FakeImportToken, store: FailingStore
+    signer: Keyring, token: FakeImportToken, store: FailingStore
 ) -> None:
     first, second = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     t, blob = blob_for(signer, first)
@@ -509,7 +509,7 @@ def test_an_import_token_is_used_once_and_its_wrapping_key_goes_at_once(
 
 
 def test_a_key_pair_is_imported_once_whatever_the_name_or_scope(
-    signer: Signer, token: FakeImportToken, store: FailingStore
+    signer: Keyring, token: FakeImportToken, store: FailingStore
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     t, blob = blob_for(signer, key)
@@ -525,7 +525,7 @@ def test_a_key_pair_is_imported_once_whatever_the_name_or_scope(
 
 
 def test_the_decision_is_made_under_the_lock_on_the_key_as_it_is(
-    signer: Signer, token: FakeImportToken
+    signer: Keyring, token: FakeImportToken
 ) -> None:
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
     seen: list[Key | None] = []
@@ -542,7 +542,7 @@ def test_the_decision_is_made_under_the_lock_on_the_key_as_it_is(
 
 
 def test_a_caller_gets_its_live_import_token_again(
-    signer: Signer, token: FakeImportToken, clock: FakeClock
+    signer: Keyring, token: FakeImportToken, clock: FakeClock
 ) -> None:
     first = signer.get_import_parameters(ME).token
     for _ in range(10):
@@ -559,7 +559,7 @@ def test_live_import_tokens_are_bounded_across_callers(
     token: FakeImportToken, store: FailingStore, clock: FakeClock
 ) -> None:
     cfg = Config(keys=KeysConfig(import_token_lifetime_seconds=3600, max_live_import_tokens=3))
-    signer = Signer(cfg, token, store, clock)  # type: ignore[arg-type]
+    signer = Keyring(cfg, token, store, clock)  # type: ignore[arg-type]
     for i in range(3):
         signer.get_import_parameters(f"uid:{i}")
     with pytest.raises(ResourceExhausted, match=r"3 import tokens are live.*2026-01-01T01:00"):
@@ -570,7 +570,7 @@ def test_live_import_tokens_are_bounded_across_callers(
     assert signer.get_import_parameters("uid:9").token.caller == "uid:9"
 
 
-def test_key_locks_do_not_outlive_their_use(signer: Signer) -> None:
+def test_key_locks_do_not_outlive_their_use(signer: Keyring) -> None:
     for i in range(1000):
         with pytest.raises(NotFound):
             signer.rotate(f"no-such-key-{i}")
@@ -578,7 +578,7 @@ def test_key_locks_do_not_outlive_their_use(signer: Signer) -> None:
     assert signer._locks == {}
 
 
-def test_adopt_key(signer: Signer, token: FakeImportToken, store: FailingStore) -> None:
+def test_adopt_key(signer: Keyring, token: FakeImportToken, store: FailingStore) -> None:
     key = ec.generate_private_key(ec.SECP384R1())
     token.keys[b"\x0a\x0b"] = key
     adopted = signer.adopt_key("admin", "ec-p384", b"\x0a\x0b", "ops")
@@ -710,7 +710,7 @@ def test_provision_key_validates_before_running_anything(tmp_path: Path) -> None
 
 
 def test_a_clock_set_back_does_not_revive_a_reaped_import_token(
-    signer: Signer, token: FakeImportToken, store: FailingStore, clock: FakeClock
+    signer: Keyring, token: FakeImportToken, store: FailingStore, clock: FakeClock
 ) -> None:
     """Issue 12, clock jumps: a jump forward expires an import token (and the reaper destroys
     its wrapping key); a jump back afterwards does not make it usable again, since a reaped

@@ -1,4 +1,5 @@
-"""signer._internal.keyring.Signer over a software FakeToken, a real SQLiteStore and a FakeClock."""
+"""signer._internal.keyring.Keyring over a software FakeToken, a real SQLiteStore and a
+FakeClock."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from signer._internal.keyring import (
     KEY_ID_BYTES,
     MAX_PAGE_SIZE,
     MAX_WAITING_PERIOD_SECONDS,
-    Signer,
+    Keyring,
     token_label,
 )
 from signer._internal.store import SQLiteStore
@@ -53,14 +54,16 @@ def cfg() -> Config:
 
 
 @pytest.fixture
-def signer(cfg: Config, token: FakeToken, store: FailingStore, clock: FakeClock) -> Signer:
-    return Signer(cfg, token, store, clock)  # type: ignore[arg-type]
+def signer(cfg: Config, token: FakeToken, store: FailingStore, clock: FakeClock) -> Keyring:
+    return Keyring(cfg, token, store, clock)  # type: ignore[arg-type]
 
 
 # --- create -------------------------------------------------------------------------------------
 
 
-def test_create_key(signer: Signer, token: FakeToken, store: SQLiteStore, clock: FakeClock) -> None:
+def test_create_key(
+    signer: Keyring, token: FakeToken, store: SQLiteStore, clock: FakeClock
+) -> None:
     key = signer.create_key("payments", "ec-p256", "team:pay", {"env": "prod"})
     assert key.name == "payments"
     assert key.primary == 1
@@ -83,7 +86,7 @@ def test_create_key(signer: Signer, token: FakeToken, store: SQLiteStore, clock:
     ],
 )
 def test_create_key_validation_changes_nothing(
-    signer: Signer,
+    signer: Keyring,
     token: FakeToken,
     store: SQLiteStore,
     args: tuple[Any, ...],
@@ -95,7 +98,7 @@ def test_create_key_validation_changes_nothing(
     assert store.list_keys("", 10) == []
 
 
-def test_create_duplicate_does_not_generate(signer: Signer, token: FakeToken) -> None:
+def test_create_duplicate_does_not_generate(signer: Keyring, token: FakeToken) -> None:
     signer.create_key("dup", "ec-p256")
     assert len(token.generated) == 1
     with pytest.raises(AlreadyExists, match="'dup' already exists"):
@@ -104,7 +107,7 @@ def test_create_duplicate_does_not_generate(signer: Signer, token: FakeToken) ->
     assert token.destroyed == []
 
 
-def test_create_missing_mechanism_does_not_generate(signer: Signer, token: FakeToken) -> None:
+def test_create_missing_mechanism_does_not_generate(signer: Keyring, token: FakeToken) -> None:
     token.missing["ed25519"] = ["CKM_EDDSA"]
     with pytest.raises(FailedPrecondition, match="not available"):
         signer.create_key("ed", "ed25519")
@@ -115,7 +118,7 @@ def test_create_missing_mechanism_does_not_generate(signer: Signer, token: FakeT
 
 @pytest.mark.parametrize("error", [RuntimeError("disk on fire"), AlreadyExists("race")])
 def test_create_rollback_destroys_generated_key(
-    signer: Signer, token: FakeToken, store: FailingStore, error: Exception
+    signer: Keyring, token: FakeToken, store: FailingStore, error: Exception
 ) -> None:
     store.fail_create = error
     with pytest.raises(type(error)):
@@ -130,7 +133,7 @@ def test_create_rollback_destroys_generated_key(
 
 
 def test_create_rollback_survives_destroy_failure(
-    signer: Signer, token: FakeToken, store: FailingStore
+    signer: Keyring, token: FakeToken, store: FailingStore
 ) -> None:
     store.fail_create = RuntimeError("store down")
     token.destroy_error = Unavailable("token down too")
@@ -139,7 +142,7 @@ def test_create_rollback_survives_destroy_failure(
         signer.create_key("orphan", "ec-p256")
 
 
-def test_offered_algorithms(signer: Signer, token: FakeToken) -> None:
+def test_offered_algorithms(signer: Keyring, token: FakeToken) -> None:
     assert signer.offered_algorithms() == list(ALGORITHMS)
     token.missing["ed25519"] = ["CKM_EDDSA"]
     assert "ed25519" not in signer.offered_algorithms()
@@ -150,7 +153,7 @@ def test_offered_algorithms(signer: Signer, token: FakeToken) -> None:
 # --- rotate and primary --------------------------------------------------------------------------
 
 
-def test_rotate_increments(signer: Signer, token: FakeToken, clock: FakeClock) -> None:
+def test_rotate_increments(signer: Keyring, token: FakeToken, clock: FakeClock) -> None:
     first = signer.create_key("rot", "ec-p256")
     clock.advance(hours=1)
     k2 = signer.rotate("rot")
@@ -165,7 +168,7 @@ def test_rotate_increments(signer: Signer, token: FakeToken, clock: FakeClock) -
     assert (k3.primary, len(k3.versions)) == (3, 3)
 
 
-def test_rotate_numbers_after_highest_version(signer: Signer) -> None:
+def test_rotate_numbers_after_highest_version(signer: Keyring) -> None:
     signer.create_key("hi", "ec-p256")
     signer.rotate("hi")
     signer.rotate("hi")
@@ -173,13 +176,13 @@ def test_rotate_numbers_after_highest_version(signer: Signer) -> None:
     assert signer.rotate("hi").primary == 4
 
 
-def test_rotate_unknown_key(signer: Signer, token: FakeToken) -> None:
+def test_rotate_unknown_key(signer: Keyring, token: FakeToken) -> None:
     with pytest.raises(NotFound):
         signer.rotate("ghost")
     assert token.generated == []
 
 
-def test_rotate_rollback(signer: Signer, token: FakeToken, store: FailingStore) -> None:
+def test_rotate_rollback(signer: Keyring, token: FakeToken, store: FailingStore) -> None:
     signer.create_key("rb", "ec-p256")
     store.fail_add = RuntimeError("store down")
     with pytest.raises(RuntimeError):
@@ -189,7 +192,7 @@ def test_rotate_rollback(signer: Signer, token: FakeToken, store: FailingStore) 
     assert len(signer.get_key("rb").versions) == 1
 
 
-def test_set_primary(signer: Signer) -> None:
+def test_set_primary(signer: Keyring) -> None:
     signer.create_key("sp", "ec-p256")
     signer.rotate("sp")
     assert signer.set_primary("sp", 1).primary == 1
@@ -206,18 +209,18 @@ def test_set_primary(signer: Signer) -> None:
 
 
 @pytest.fixture
-def two_versions(signer: Signer) -> Signer:
+def two_versions(signer: Keyring) -> Keyring:
     """Key 'lc' with versions 1 (not primary) and 2 (primary)."""
     signer.create_key("lc", "ec-p256")
     signer.rotate("lc")
     return signer
 
 
-def state_of(signer: Signer, version: int) -> State:
+def state_of(signer: Keyring, version: int) -> State:
     return signer.get_key("lc").version(version).state
 
 
-def test_disable_enable(two_versions: Signer) -> None:
+def test_disable_enable(two_versions: Keyring) -> None:
     s = two_versions
     assert s.disable("lc", 1).state is State.DISABLED
     assert state_of(s, 1) is State.DISABLED
@@ -227,7 +230,7 @@ def test_disable_enable(two_versions: Signer) -> None:
     assert s.enable("lc", 1).state is State.ENABLED  # idempotent
 
 
-def test_schedule_and_cancel(two_versions: Signer, clock: FakeClock) -> None:
+def test_schedule_and_cancel(two_versions: Keyring, clock: FakeClock) -> None:
     s = two_versions
     v = s.schedule_destruction("lc", 1, 0)
     assert v.state is State.DESTRUCTION_SCHEDULED
@@ -243,7 +246,7 @@ def test_schedule_and_cancel(two_versions: Signer, clock: FakeClock) -> None:
     assert v.destroy_at == clock.now + timedelta(days=2)
 
 
-def test_schedule_waiting_period_below_minimum(two_versions: Signer) -> None:
+def test_schedule_waiting_period_below_minimum(two_versions: Keyring) -> None:
     with pytest.raises(InvalidArgument, match=f"at least {DAY}"):
         two_versions.schedule_destruction("lc", 1, DAY - 1)
     with pytest.raises(InvalidArgument):
@@ -252,26 +255,26 @@ def test_schedule_waiting_period_below_minimum(two_versions: Signer) -> None:
 
 
 @pytest.mark.parametrize("seconds", [MAX_WAITING_PERIOD_SECONDS + 1, 10**12, 2**64 - 1])
-def test_schedule_waiting_period_too_long(two_versions: Signer, seconds: int) -> None:
+def test_schedule_waiting_period_too_long(two_versions: Keyring, seconds: int) -> None:
     # The proto field is uint64; a period past datetime's range must not become INTERNAL.
     with pytest.raises(InvalidArgument, match=f"at most {MAX_WAITING_PERIOD_SECONDS}"):
         two_versions.schedule_destruction("lc", 1, seconds)
     assert state_of(two_versions, 1) is State.ENABLED
 
 
-def test_schedule_longest_waiting_period(two_versions: Signer, clock: FakeClock) -> None:
+def test_schedule_longest_waiting_period(two_versions: Keyring, clock: FakeClock) -> None:
     v = two_versions.schedule_destruction("lc", 1, MAX_WAITING_PERIOD_SECONDS)
     assert v.destroy_at == clock.now + timedelta(seconds=MAX_WAITING_PERIOD_SECONDS)
 
 
-def test_schedule_primary_refused(two_versions: Signer) -> None:
+def test_schedule_primary_refused(two_versions: Keyring) -> None:
     with pytest.raises(FailedPrecondition, match="primary version"):
         two_versions.schedule_destruction("lc", 2, 0)
     assert state_of(two_versions, 2) is State.ENABLED
 
 
 @pytest.mark.parametrize("op", ["enable", "disable", "schedule"])
-def test_illegal_transitions_from_scheduled(two_versions: Signer, op: str) -> None:
+def test_illegal_transitions_from_scheduled(two_versions: Keyring, op: str) -> None:
     s = two_versions
     s.schedule_destruction("lc", 1, 0)
     action = {
@@ -285,7 +288,7 @@ def test_illegal_transitions_from_scheduled(two_versions: Signer, op: str) -> No
 
 
 @pytest.mark.parametrize("start", ["enabled", "disabled"])
-def test_cancel_without_schedule_refused(two_versions: Signer, start: str) -> None:
+def test_cancel_without_schedule_refused(two_versions: Keyring, start: str) -> None:
     s = two_versions
     if start == "disabled":
         s.disable("lc", 1)
@@ -294,7 +297,7 @@ def test_cancel_without_schedule_refused(two_versions: Signer, start: str) -> No
 
 
 @pytest.mark.parametrize("op", ["enable", "disable", "cancel", "schedule"])
-def test_nothing_leaves_destroyed(two_versions: Signer, clock: FakeClock, op: str) -> None:
+def test_nothing_leaves_destroyed(two_versions: Keyring, clock: FakeClock, op: str) -> None:
     s = two_versions
     s.schedule_destruction("lc", 1, 0)
     clock.advance(days=7)  # effective state is now DESTROYED, even before the reaper runs
@@ -308,7 +311,7 @@ def test_nothing_leaves_destroyed(two_versions: Signer, clock: FakeClock, op: st
         }[op]()
 
 
-def test_transitions_need_a_version_number(two_versions: Signer) -> None:
+def test_transitions_need_a_version_number(two_versions: Keyring) -> None:
     for fn in (two_versions.enable, two_versions.disable, two_versions.cancel_destruction):
         with pytest.raises(InvalidArgument, match="version is required"):
             fn("lc", 0)
@@ -323,7 +326,7 @@ def test_transitions_need_a_version_number(two_versions: Signer) -> None:
 # --- listing ------------------------------------------------------------------------------------
 
 
-def test_list_keys_paging(signer: Signer) -> None:
+def test_list_keys_paging(signer: Keyring) -> None:
     names = [f"k{i:02d}" for i in range(7)]
     for n in reversed(names):
         signer.create_key(n, "ec-p256")
@@ -340,35 +343,35 @@ def test_list_keys_paging(signer: Signer) -> None:
     assert (len(page), token) == (7, "")
 
 
-def test_list_keys_default_page_size(signer: Signer, store: SQLiteStore) -> None:
+def test_list_keys_default_page_size(signer: Keyring, store: SQLiteStore) -> None:
     signer.create_key("only", "ec-p256")
     page, token = signer.list_keys(0, "")
     assert ([k.name for k in page], token) == (["only"], "")
     assert DEFAULT_PAGE_SIZE == 50
 
 
-def test_list_keys_page_size_limit(signer: Signer) -> None:
+def test_list_keys_page_size_limit(signer: Keyring) -> None:
     with pytest.raises(InvalidArgument, match=f"at most {MAX_PAGE_SIZE}"):
         signer.list_keys(MAX_PAGE_SIZE + 1, "")
     assert signer.list_keys(MAX_PAGE_SIZE, "") == ([], "")
 
 
 @pytest.mark.parametrize("bad", ["!!!", "not-base64?", "w6k=", "QUJD", "\u00e9"])
-def test_list_keys_bad_page_token(signer: Signer, bad: str) -> None:
+def test_list_keys_bad_page_token(signer: Keyring, bad: str) -> None:
     # "w6k=" is base64 of "é" (not a key name); "QUJD" is "ABC" (upper case, not a key name).
     with pytest.raises(InvalidArgument, match="page_token"):
         signer.list_keys(10, bad)
 
 
 @pytest.mark.parametrize("page_size", [-1, -2])
-def test_list_keys_negative_page_size(signer: Signer, page_size: int) -> None:
+def test_list_keys_negative_page_size(signer: Keyring, page_size: int) -> None:
     for n in ("a", "b", "c"):
         signer.create_key(n, "ec-p256")
     with pytest.raises(InvalidArgument, match="page_size"):
         signer.list_keys(page_size, "")
 
 
-def test_list_and_get_show_effective_state(two_versions: Signer, clock: FakeClock) -> None:
+def test_list_and_get_show_effective_state(two_versions: Keyring, clock: FakeClock) -> None:
     s = two_versions
     s.schedule_destruction("lc", 1, 0)
     clock.advance(days=7, seconds=1)
@@ -377,7 +380,7 @@ def test_list_and_get_show_effective_state(two_versions: Signer, clock: FakeCloc
     assert k.version(1).state is State.DESTROYED
 
 
-def test_public_key(two_versions: Signer, clock: FakeClock) -> None:
+def test_public_key(two_versions: Keyring, clock: FakeClock) -> None:
     s = two_versions
     v, alg = s.public_key("lc", 0)
     assert (v.version, alg.name) == (2, "ec-p256")
@@ -402,7 +405,7 @@ def test_public_key(two_versions: Signer, clock: FakeClock) -> None:
         ("ed25519", Padding.PSS),
     ],
 )
-def test_sign_then_verify(signer: Signer, token: FakeToken, alg_name: str, pad: Padding) -> None:
+def test_sign_then_verify(signer: Keyring, token: FakeToken, alg_name: str, pad: Padding) -> None:
     signer.create_key("sv", alg_name)
     r = signer.sign("sv", 0, b"hello", None, SigFormat.DER, pad)
     assert (r.version, r.algorithm) == (1, alg_name)
@@ -426,7 +429,7 @@ def test_sign_then_verify(signer: Signer, token: FakeToken, alg_name: str, pad: 
         pub.verify(r.signature, b"hello")
 
 
-def test_sign_ec_raw_and_digest(signer: Signer, token: FakeToken) -> None:
+def test_sign_ec_raw_and_digest(signer: Keyring, token: FakeToken) -> None:
     signer.create_key("raw", "ec-p384")
     digest = ALGORITHMS["ec-p384"].hash(b"m")
     r = signer.sign("raw", 0, None, digest, SigFormat.RAW)
@@ -436,7 +439,7 @@ def test_sign_ec_raw_and_digest(signer: Signer, token: FakeToken) -> None:
     assert signer.verify("raw", 0, None, digest, ec_raw_to_der(r.signature))[0] is True
 
 
-def test_sign_uses_requested_version(signer: Signer, token: FakeToken) -> None:
+def test_sign_uses_requested_version(signer: Keyring, token: FakeToken) -> None:
     signer.create_key("vv", "ec-p256")
     signer.rotate("vv")
     key = signer.get_key("vv")
@@ -453,7 +456,7 @@ def test_sign_uses_requested_version(signer: Signer, token: FakeToken) -> None:
 
 
 @pytest.mark.parametrize("op", ["sign", "verify"])
-def test_input_validation(signer: Signer, token: FakeToken, cfg: Config, op: str) -> None:
+def test_input_validation(signer: Keyring, token: FakeToken, cfg: Config, op: str) -> None:
     signer.create_key("iv", "ec-p256")
     limit = cfg.server.max_message_bytes
 
@@ -483,13 +486,13 @@ def test_input_validation(signer: Signer, token: FakeToken, cfg: Config, op: str
     call(b"x" * limit, None)  # exactly at the limit is fine
 
 
-def test_verify_empty_signature(signer: Signer) -> None:
+def test_verify_empty_signature(signer: Keyring) -> None:
     signer.create_key("es", "ec-p256")
     with pytest.raises(InvalidArgument, match="signature is empty"):
         signer.verify("es", 0, b"m", None, b"")
 
 
-def test_input_validated_before_key_lookup(signer: Signer) -> None:
+def test_input_validated_before_key_lookup(signer: Keyring) -> None:
     # An empty message is INVALID_ARGUMENT even for a key that does not exist.
     with pytest.raises(InvalidArgument):
         signer.sign("ghost", 0, b"", None)
@@ -498,7 +501,7 @@ def test_input_validated_before_key_lookup(signer: Signer) -> None:
 
 
 def test_sign_refused_unless_enabled(
-    two_versions: Signer, token: FakeToken, clock: FakeClock
+    two_versions: Keyring, token: FakeToken, clock: FakeClock
 ) -> None:
     s = two_versions
     sig = s.sign("lc", 1, b"m", None).signature
@@ -516,7 +519,7 @@ def test_sign_refused_unless_enabled(
     assert len(token.signed) == 1
 
 
-def test_sign_token_unavailable(signer: Signer, token: FakeToken) -> None:
+def test_sign_token_unavailable(signer: Keyring, token: FakeToken) -> None:
     signer.create_key("ua", "ec-p256")
     token.unavailable = True
     with pytest.raises(Unavailable):
@@ -532,7 +535,7 @@ def test_sign_token_unavailable(signer: Signer, token: FakeToken) -> None:
 
 
 @pytest.fixture
-def reapable(signer: Signer) -> Signer:
+def reapable(signer: Keyring) -> Keyring:
     """Keys 'a' and 'b' with three versions each; a/1 and b/1 scheduled (7 days), a/2 (10 days)."""
     for n in ("a", "b"):
         signer.create_key(n, "ec-p256")
@@ -544,14 +547,14 @@ def reapable(signer: Signer) -> Signer:
     return signer
 
 
-def test_reap_nothing_due(reapable: Signer, token: FakeToken, clock: FakeClock) -> None:
+def test_reap_nothing_due(reapable: Keyring, token: FakeToken, clock: FakeClock) -> None:
     clock.advance(days=7, seconds=-1)
     assert reapable.reap() == 0
     assert token.destroyed == []
 
 
 def test_reap_destroys_only_due_versions(
-    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore
+    reapable: Keyring, token: FakeToken, clock: FakeClock, store: SQLiteStore
 ) -> None:
     s = reapable
     a, b = s.get_key("a"), s.get_key("b")
@@ -574,7 +577,7 @@ def test_reap_destroys_only_due_versions(
     assert s.sign("a", 0, b"m", None).version == 3
 
 
-def test_reap_skips_cancelled(reapable: Signer, token: FakeToken, clock: FakeClock) -> None:
+def test_reap_skips_cancelled(reapable: Keyring, token: FakeToken, clock: FakeClock) -> None:
     reapable.cancel_destruction("b", 1)
     clock.advance(days=7)
     assert reapable.reap() == 1
@@ -583,7 +586,11 @@ def test_reap_skips_cancelled(reapable: Signer, token: FakeToken, clock: FakeClo
 
 
 def test_a_cancel_between_the_reapers_list_and_its_lock_wins(
-    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore, monkeypatch
+    reapable: Keyring,
+    token: FakeToken,
+    clock: FakeClock,
+    store: SQLiteStore,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Review of issue 12: the reaper read what was due, then took each key's lock and
     destroyed without looking again, so a cancel that committed in between was overwritten
@@ -604,7 +611,7 @@ def test_a_cancel_between_the_reapers_list_and_its_lock_wins(
 
 
 def test_reap_postponed_when_token_unavailable(
-    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore
+    reapable: Keyring, token: FakeToken, clock: FakeClock, store: SQLiteStore
 ) -> None:
     clock.advance(days=30)
     token.destroy_error = Unavailable("token host down")
@@ -621,7 +628,7 @@ def test_reap_postponed_when_token_unavailable(
 
 
 def test_reap_failed_destroy_never_marks_destroyed(
-    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore
+    reapable: Keyring, token: FakeToken, clock: FakeClock, store: SQLiteStore
 ) -> None:
     clock.advance(days=8)
     token.destroy_error = Internal("weird token answer")
@@ -640,7 +647,7 @@ def test_reap_failed_destroy_never_marks_destroyed(
 
 
 def test_a_clock_set_back_neither_brings_forward_nor_undoes_a_destruction(
-    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore
+    reapable: Keyring, token: FakeToken, clock: FakeClock, store: SQLiteStore
 ) -> None:
     clock.advance(days=-365)  # a year back: nothing is due, nothing is destroyed early
     assert reapable.reap() == 0
@@ -662,7 +669,7 @@ def test_a_clock_set_back_neither_brings_forward_nor_undoes_a_destruction(
 
 
 def test_a_clock_set_forward_makes_due_what_it_passes_and_nothing_else(
-    reapable: Signer, token: FakeToken, clock: FakeClock, store: SQLiteStore
+    reapable: Keyring, token: FakeToken, clock: FakeClock, store: SQLiteStore
 ) -> None:
     """A jump forward is time passing, to the service as to a cloud KMS: what falls due is
     destroyed (the waiting period's minimum guards against a hasty schedule, not against a
@@ -675,7 +682,7 @@ def test_a_clock_set_forward_makes_due_what_it_passes_and_nothing_else(
 
 
 def test_a_jwks_reads_the_keys_of_its_scope_only(
-    signer: Signer, store: SQLiteStore, monkeypatch
+    signer: Keyring, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review of issue 12: GetJWKS paged through every key in the store, of every scope, for
     each call (one read of versions per key): work a caller with a read grant could multiply at
