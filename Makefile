@@ -50,8 +50,8 @@ run: deps
 	$(VENV)/bin/signer run --dir var
 
 lint: deps
-	$(VENV)/bin/ruff check signer tests fuzz
-	$(VENV)/bin/ruff format --check signer tests fuzz
+	$(VENV)/bin/ruff check signer benchmarks tests fuzz
+	$(VENV)/bin/ruff format --check signer benchmarks tests fuzz
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -79,7 +79,7 @@ audit: deps
 BENCH_ARGS ?=
 
 bench: deps $(VENV)/.bench-installed
-	$(PY) -m signer.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev,bench]'

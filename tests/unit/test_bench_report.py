@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from signer.bench import report
-from signer.bench.report import ScenarioResult, Table
+from benchmarks import report
+from benchmarks.report import ScenarioResult, Table
 
 MACHINE = {"cpu_model": "Test CPU", "nproc": 2, "memory_gib": 4.0, "python": "3.11"}
 
@@ -87,7 +87,7 @@ def test_figures_go_to_the_top_level_and_are_not_reported_twice() -> None:
 
 
 def test_load_result_percentiles_and_rate() -> None:
-    from signer.bench.loadgen import LoadResult
+    from benchmarks.loadgen import LoadResult
 
     r = LoadResult(4, 2.0, 100, 0, [float(i) for i in range(1, 101)])
     assert r.per_second == 50.0
@@ -96,7 +96,7 @@ def test_load_result_percentiles_and_rate() -> None:
 
 
 def test_steady_growth_compares_the_minute_after_warm_up_with_the_last() -> None:
-    from signer.bench.steady import _growth_pct
+    from benchmarks.steady import _growth_pct
 
     warming = [50.0 + i for i in range(60)]  # the first minute fills caches: not counted
     assert _growth_pct([*warming, *[110.0] * 600], 60) == 0.0
@@ -107,7 +107,7 @@ def test_steady_growth_compares_the_minute_after_warm_up_with_the_last() -> None
 def test_a_failing_scenario_is_reported_and_the_others_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from signer.bench import __main__ as bench_main
+    from benchmarks import __main__ as bench_main
 
     def broken(ctx: object) -> ScenarioResult:
         raise RuntimeError("nginx exited")

@@ -27,8 +27,8 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from signer.bench.context import Context
-from signer.bench.report import ScenarioResult, Table, fmt_bytes, fmt_seconds
+from benchmarks.context import Context
+from benchmarks.report import ScenarioResult, Table, fmt_bytes, fmt_seconds
 from signer.keys import PublicKeyType
 from signer.scan import BlindCheck, Finding, Scanner
 from signer.scan._elf import Segment, parse_core

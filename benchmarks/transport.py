@@ -7,13 +7,13 @@ One service process (``signer serve``, ec-p256 key, the real token host) behind 
 * ``mtls-front``: TLS 1.3 with client certificates, terminated by nginx whose key is in the TLS
   token, then HTTP/2 over the Unix socket to the service (what remote callers use).
 
-Measured with the load generator of every signing scenario (:mod:`signer.bench.loadgen`; per
+Measured with the load generator of every signing scenario (:mod:`benchmarks.loadgen`; per
 client): Sign latency at concurrency 1 (p50/p99 over ``seconds`` of calls, median of ``runs``),
 throughput at concurrency 16, and new connections per second (a fresh mTLS channel and one call
 each). For the handshake cost of keeping the TLS key in the token, the same nginx is also run
 with an ordinary key file (``mtls-front-pem``): a handshake then signs in nginx's memory. For the
 cost of authorisation and auditing, a second service on the same machine runs without them
-(``unix-bare``, :mod:`signer.bench.bare_server`).
+(``unix-bare``, :mod:`benchmarks.bare_server`).
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from benchmarks.context import Context
+from benchmarks.loadgen import run_load
+from benchmarks.procs import answers, started, write_service_config
+from benchmarks.report import ScenarioResult, Table, fmt_ratio
 from signer._internal import config as config_mod
 from signer._internal import hsm
 from signer._internal.front import Front, front_config
 from signer._internal.pki import DevCA
 from signer._internal.policy import grant_everything
-from signer.bench.context import Context
-from signer.bench.loadgen import run_load
-from signer.bench.procs import answers, started, write_service_config
-from signer.bench.report import ScenarioResult, Table, fmt_ratio
 from signer.client import ClientTLS, SignerClient
 
 NAME = "transport"
@@ -149,7 +149,7 @@ def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Ro
         store=root / "signer.db", audit=root / "audit.db", front_socket=front_socket,
     )  # fmt: skip
     command = (
-        ["-m", "signer.bench.bare_server", "--config", str(toml)]
+        ["-m", "benchmarks.bare_server", "--config", str(toml)]
         if bare
         else ["-m", "signer", "serve", "--config", str(toml), "--log-level", "warning"]
     )

@@ -1,4 +1,4 @@
-"""``python -m signer.bench.raw``: one raw signing baseline, run in its own process, printing
+"""``python -m benchmarks.raw``: one raw signing baseline, run in its own process, printing
 JSON. No gRPC, no service: the speed of the CPU (``cryptography``), of the token itself
 (python-pkcs11 with SoftHSM2 loaded in this process) and of the process boundary
 (python-pkcs11 through ``p11-kit-client.so``).
@@ -67,7 +67,7 @@ def _token_signer(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m signer.bench.raw")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.raw")
     p.add_argument("--mode", choices=["cryptography", "pkcs11"], required=True)
     p.add_argument("--algorithm", required=True)
     p.add_argument("--threads", type=int, default=1)

@@ -1,4 +1,4 @@
-"""``python -m signer.bench.software_server --listen unix:PATH``: what services had before, built
+"""``python -m benchmarks.software_server --listen unix:PATH``: what services had before, built
 only to be measured against. The same gRPC stack and API as the service (SignerService.Sign),
 private keys generated in memory with ``cryptography`` and used inline on the event loop, no
 token, no policy, no audit log. Keys: ``ec-p256``, ``ec-p384``, ``rsa-2048``, ``ed25519``, named
@@ -60,7 +60,7 @@ async def serve(listen: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m signer.bench.software_server")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.software_server")
     p.add_argument("--listen", required=True, help="unix:/path")
     asyncio.run(serve(p.parse_args(argv).listen))
     return 0

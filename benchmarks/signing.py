@@ -1,16 +1,16 @@
 """Scenario "signing": the service's signing throughput and latency against baselines measured
 in the same run.
 
-Subjects, all on this machine at once, all driven by :mod:`signer.bench.loadgen` over Unix
+Subjects, all on this machine at once, all driven by :mod:`benchmarks.loadgen` over Unix
 sockets:
 
 * ``service``: ``signer serve`` in the production configuration (its Unix socket through the
   SO_PEERCRED relay, policy, audit log), keys in the token behind the token host;
-* ``service-bare``: the same without policy and audit log (``signer.bench.bare_server``);
-* ``software-grpc``: :mod:`signer.bench.software_server`, the same gRPC stack with keys in
+* ``service-bare``: the same without policy and audit log (``benchmarks.bare_server``);
+* ``software-grpc``: :mod:`benchmarks.software_server`, the same gRPC stack with keys in
   memory, what services had before.
 
-Raw baselines (:mod:`signer.bench.raw`, no gRPC): ``cryptography`` in-process (the CPU),
+Raw baselines (:mod:`benchmarks.raw`, no gRPC): ``cryptography`` in-process (the CPU),
 python-pkcs11 with SoftHSM2 in-process (the token), python-pkcs11 through p11-kit-client.so at 1
 and 16 threads (the process boundary).
 
@@ -34,12 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from signer._internal import hsm
-from signer._internal.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
-from signer._internal.policy import grant_everything
-from signer.bench.context import Context
-from signer.bench.loadgen import run_load
-from signer.bench.procs import (
+from benchmarks.context import Context
+from benchmarks.loadgen import run_load
+from benchmarks.procs import (
     answers,
     cpu_seconds,
     group,
@@ -47,7 +44,10 @@ from signer.bench.procs import (
     started,
     write_service_config,
 )
-from signer.bench.report import ScenarioResult, Table, fmt_ratio
+from benchmarks.report import ScenarioResult, Table, fmt_ratio
+from signer._internal import hsm
+from signer._internal.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
+from signer._internal.policy import grant_everything
 from signer.client import SignerClient
 from signer.errors import SignerError
 
@@ -90,9 +90,9 @@ def lab(
     starts = {
         "service": ([py, "-m", "signer", "serve", "--config", str(config("service")),
                      "--log-level", "warning"], answers(f"unix:{root}/service.sock")),
-        "service-bare": ([py, "-m", "signer.bench.bare_server", "--config", str(config("bare"))],
+        "service-bare": ([py, "-m", "benchmarks.bare_server", "--config", str(config("bare"))],
                          answers(f"unix:{root}/bare.sock")),
-        "software-grpc": ([py, "-m", "signer.bench.software_server", "--listen",
+        "software-grpc": ([py, "-m", "benchmarks.software_server", "--listen",
                            f"unix:{root}/software.sock"],
                           lambda: (root / "software.sock").exists()),
     }  # fmt: skip
@@ -132,7 +132,7 @@ def lab(
 
 def _raw(mode: str, alg: str, threads: int, seconds: float, extra: list[str]) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "signer.bench.raw", "--mode", mode, "--algorithm", alg,
+        [sys.executable, "-m", "benchmarks.raw", "--mode", mode, "--algorithm", alg,
          "--threads", str(threads), "--seconds", str(seconds), *extra],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

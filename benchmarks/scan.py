@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from signer.bench.context import Context
-from signer.bench.report import (
+from benchmarks.context import Context
+from benchmarks.report import (
     ScenarioResult,
     Table,
     fmt_bytes,
@@ -37,7 +37,7 @@ from signer.bench.report import (
     fmt_ratio,
     fmt_seconds,
 )
-from signer.bench.timing import Timing, rate_mb_s, timed
+from benchmarks.timing import Timing, rate_mb_s, timed
 from signer.scan import Scanner, Secret
 from signer.scan._engine import PatternSet, scan_chunks
 from signer.scan._patterns import representations

@@ -1,5 +1,5 @@
-"""``python -m signer.bench.bare_server --config FILE``: the service without authorisation and
-without its audit log, only so that :mod:`signer.bench.transport` can measure what they cost.
+"""``python -m benchmarks.bare_server --config FILE``: the service without authorisation and
+without its audit log, only so that :mod:`benchmarks.transport` can measure what they cost.
 Not a way to run the service: nothing else starts it, and no setting turns this on."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from signer._internal.server import _serve, harden_process
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m signer.bench.bare_server")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bare_server")
     p.add_argument("--config", required=True)
     args = p.parse_args(argv)
     logs.setup("warning")

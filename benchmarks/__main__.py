@@ -1,4 +1,4 @@
-"""``python -m signer.bench``: run the scenarios, write ``var/bench/latest.{json,md}``, print the
+"""``python -m benchmarks``: run the scenarios, write ``var/bench/latest.{json,md}``, print the
 Markdown to stdout (progress goes to stderr)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from signer.bench import blind, report, scan, signing, steady, transport
-from signer.bench.context import Context
-from signer.bench.machine import machine_info
+from benchmarks import blind, report, scan, signing, steady, transport
+from benchmarks.context import Context
+from benchmarks.machine import machine_info
 
 # name -> run(ctx). A new scenario is a module with a ``run(ctx) -> ScenarioResult`` added here.
 SCENARIOS: dict[str, Callable[[Context], report.ScenarioResult]] = {
@@ -27,7 +27,7 @@ SCENARIOS: dict[str, Callable[[Context], report.ScenarioResult]] = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m signer.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),

@@ -16,11 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-from signer.bench.context import Context
-from signer.bench.loadgen import LoadResult, run_load
-from signer.bench.procs import cpu_seconds, group, rss_mib
-from signer.bench.report import ScenarioResult, Table
-from signer.bench.signing import lab
+from benchmarks.context import Context
+from benchmarks.loadgen import LoadResult, run_load
+from benchmarks.procs import cpu_seconds, group, rss_mib
+from benchmarks.report import ScenarioResult, Table
+from benchmarks.signing import lab
 
 NAME = "steady"
 CALLERS = 64
