@@ -29,14 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from signer import jose
 from signer._internal import config, policy
-from signer.errors import ConfigError, SignerError
+from signer.errors import ConfigError, CoreFormatError, SignerError
 from signer.scan import Scanner, ScanResult, load_public_keys, load_secrets, secret_from_key
 from signer.scan import secret_from_pin as pin_secret
 from signer.scan._elf import (
     MAX_FILE_ENTRIES,
     MAX_NOTES,
     MAX_PROBLEMS,
-    CoreFormatError,
     parse_core,
     parse_maps,
 )
@@ -141,7 +140,7 @@ def _check_result(result: ScanResult, size: int) -> None:
 
 def scan_known(data: bytes) -> None:
     """Scanner.scan in known-secret mode over any file: a result whose findings lie inside the
-    file, or our error (InvalidArgument)."""
+    file, or our error (ScanError)."""
     path = _file(data, "dump")
     try:
         result = known_scanner().scan(path)
@@ -204,7 +203,7 @@ def config_file(data: bytes) -> None:
 
 def secrets_file(data: bytes) -> None:
     """signer.scan load_secrets (as a key file and as a *.pin file) and load_public_keys: what
-    they load, or InvalidArgument."""
+    they load, or ScanError."""
     for name in ("secret.key", "secret.pin"):
         with contextlib.suppress(SignerError):
             load_secrets([_file(data, name)])

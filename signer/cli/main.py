@@ -1,7 +1,8 @@
 """``signer``: the one command line of the project.
 
 Exit codes: 0 success; 1 a signature that does not verify, or key material found by ``scan``;
-2 an error (bad usage, or an error status from the service, printed as ``error: STATUS: message``).
+2 an error: bad usage, an error status from the service (printed as ``error: STATUS: message``),
+or an error raised here, such as a dump ``scan`` cannot read (``error: message``).
 """
 
 from __future__ import annotations

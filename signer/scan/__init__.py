@@ -9,6 +9,11 @@ addresses and named mappings.
     scanner = Scanner(load_secrets(paths))        # compile once
     result = scanner.scan("core.1234", maps="maps.1234", markers={"payload": b"..."})
     result.findings, result.markers_found, result.bytes_scanned
+
+An input the scanner cannot use (a dump, a maps snapshot, a secrets or public-key file that
+cannot be read or is not what it should be, a secret too short to search for) is a
+:class:`signer.errors.ScanError` naming the file and the problem; an ELF core whose headers
+cannot be read is scanned as raw bytes, with a note saying so.
 """
 
 from signer.scan._result import BlindCheck, BlindReport, Finding, ScanResult

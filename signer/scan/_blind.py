@@ -31,7 +31,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from signer.errors import InvalidArgument
+from signer.errors import ScanError
 from signer.keys import PublicKeyType
 from signer.scan._result import BlindCheck, Finding
 from signer.scan._secrets import jwk_private_key, public_key_id
@@ -89,7 +89,7 @@ class PublicKeys:
             if not isinstance(
                 k, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
             ):
-                raise InvalidArgument(
+                raise ScanError(
                     f"public key {name!r}: unsupported type {type(k).__name__}; "
                     "use RSA, EC or Ed25519"
                 )
@@ -257,7 +257,7 @@ def _load_jwk(buf: memoryview, at: int) -> _Loaded | None:
         if end > rel and isinstance(obj, dict) and "d" in obj and "kty" in obj:
             try:
                 key = jwk_private_key(obj, "JWK in dump", max_rsa_bits=_MAX_DUMP_RSA_BITS)
-            except InvalidArgument as exc:
+            except ScanError as exc:
                 return lo + brace, lo + end, None, f"JWK private key that does not load: {exc}"
             return lo + brace, lo + end, key, ""
     # Not parseable (cut short, overwritten): still a private JWK member if its own object,

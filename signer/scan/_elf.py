@@ -13,6 +13,8 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+from signer.errors import CoreFormatError
+
 ET_CORE = 4
 PT_LOAD = 1
 PT_NOTE = 4
@@ -141,11 +143,6 @@ def parse_maps(text: str) -> list[NamedRange]:
         name = fields[5].strip() if len(fields) == 6 and fields[5].strip() else "[anon]"
         out.append(NamedRange(start, end, name))
     return out
-
-
-class CoreFormatError(ValueError):
-    """An ELF core's headers cannot be read as they claim (the scanner then searches the file as
-    raw bytes and says so)."""
 
 
 # Bounds on what a core's headers can make the reader hold. A Linux process has at most

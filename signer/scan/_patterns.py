@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from signer.errors import InvalidArgument
+from signer.errors import ScanError
 from signer.scan._secrets import MIN_PATTERN, NUMERIC, WHOLE_KEY, Secret
 
 _LINE = 64  # PEM line length as cryptography and OpenSSL write it
@@ -206,7 +206,7 @@ def representations(secret: Secret, index: int, min_fragment: int) -> list[Repre
             window = min(len(data), math.ceil(min_fragment * expansion))
             starts = _window_starts(data, window, mask)
             if not starts and mask is None:  # not searching would pass for a clean result
-                raise InvalidArgument(
+                raise ScanError(
                     f"secret {secret.id!r}: component {comp!r} as {name} is too uniform to "
                     f"search for (fewer than {_MIN_DISTINCT} distinct byte values in a window)"
                 )

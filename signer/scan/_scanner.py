@@ -15,12 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from signer.errors import InvalidArgument
+from signer.errors import CoreFormatError, ScanError
 from signer.keys import PublicKeyType
 from signer.scan import _blind
 from signer.scan._elf import (
     AddressNamer,
-    CoreFormatError,
     CoreLayout,
     NamedRange,
     parse_core,
@@ -29,7 +28,7 @@ from signer.scan._elf import (
 from signer.scan._engine import MAX_HITS, PatternSet, overlap, scan_chunks
 from signer.scan._patterns import Representation, representations
 from signer.scan._result import BlindReport, Finding, ScanResult
-from signer.scan._secrets import MIN_PATTERN, WHOLE_KEY, Secret
+from signer.scan._secrets import MIN_PATTERN, WHOLE_KEY, Secret, reading
 
 DEFAULT_CHUNK = 64 << 20
 MIN_HOLE = 1 << 20
@@ -63,15 +62,15 @@ class Scanner:
         ids = Counter(s.id for s in self.secrets)
         dup = sorted(i for i, n in ids.items() if n > 1)
         if dup:
-            raise InvalidArgument(f"secret ids must be unique: {', '.join(dup)} repeated")
+            raise ScanError(f"secret ids must be unique: {', '.join(dup)} repeated")
         if not isinstance(min_fragment, int) or min_fragment < MIN_PATTERN:
-            raise InvalidArgument(f"min_fragment must be an integer of at least {MIN_PATTERN}")
+            raise ScanError(f"min_fragment must be an integer of at least {MIN_PATTERN}")
         if chunk_size < 1:
-            raise InvalidArgument("chunk_size must be positive")
+            raise ScanError("chunk_size must be positive")
         if blind_budget_seconds < 0:
-            raise InvalidArgument("blind_budget_seconds must not be negative")
+            raise ScanError("blind_budget_seconds must not be negative")
         if not self.secrets and public_keys is None:
-            raise InvalidArgument("nothing to search for: give secrets, public keys, or both")
+            raise ScanError("nothing to search for: give secrets, public keys, or both")
         self.min_fragment = min_fragment
         self.chunk_size = chunk_size
         self.blind_budget_seconds = float(blind_budget_seconds)
@@ -116,7 +115,7 @@ class Scanner:
         path = Path(path)
         marker_set, names = self._markers(markers or {})
         maps_text = _read_maps(Path(maps)) if maps is not None else None
-        with self._lock, _open_regular(path, "dump") as f:
+        with self._lock, reading(path, "dump"), _open_regular(path, "dump") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 # Nothing to map (mmap refuses 0 bytes), but the same result as any file: a
@@ -140,7 +139,7 @@ class Scanner:
     def _markers(self, markers: Mapping[str, bytes]) -> tuple[PatternSet | None, list[str]]:
         for name, value in markers.items():
             if not isinstance(value, bytes) or len(value) < MIN_PATTERN:
-                raise InvalidArgument(f"marker {name!r} must be bytes of at least {MIN_PATTERN}")
+                raise ScanError(f"marker {name!r} must be bytes of at least {MIN_PATTERN}")
         if not markers:
             return None, []
         key = tuple(sorted(markers.items()))
@@ -372,7 +371,8 @@ def _open_regular(path: Path, what: str) -> BinaryIO:
     """``path`` opened for reading if it is a regular file. A FIFO, a device or a directory is
     refused: their size says nothing of what they hold (``/dev/zero`` and a pipe of a
     compressed core both look empty), so a scan of one would be reported clean. Opened without
-    blocking: a FIFO with no writer would otherwise hold the scan forever."""
+    blocking: a FIFO with no writer would otherwise hold the scan forever. Called inside
+    :func:`reading`, which names the file in an OSError's place."""
     kinds = {
         stat.S_IFIFO: "a FIFO or pipe",
         stat.S_IFCHR: "a character device",
@@ -385,7 +385,7 @@ def _open_regular(path: Path, what: str) -> BinaryIO:
     if not stat.S_ISREG(mode):
         os.close(fd)
         kind = kinds.get(stat.S_IFMT(mode), "not a regular file")
-        raise InvalidArgument(
+        raise ScanError(
             f"{what} {path} is {kind}, not a regular file: save it to a file and scan that "
             "(decompress a compressed core first)"
         )
@@ -395,10 +395,10 @@ def _open_regular(path: Path, what: str) -> BinaryIO:
 def _read_maps(path: Path) -> str:
     """A ``/proc/PID/maps`` snapshot, at most MAX_MAPS_BYTES; names that are not UTF-8 (a path
     may be any bytes) are kept with replacement characters."""
-    with _open_regular(path, "maps snapshot") as f:
+    with reading(path, "maps snapshot"), _open_regular(path, "maps snapshot") as f:
         raw = f.read(MAX_MAPS_BYTES + 1)
     if len(raw) > MAX_MAPS_BYTES:
-        raise InvalidArgument(f"maps snapshot {path} is larger than {MAX_MAPS_BYTES} bytes")
+        raise ScanError(f"maps snapshot {path} is larger than {MAX_MAPS_BYTES} bytes")
     return raw.decode("utf-8", "replace")
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from signer.errors import InvalidArgument, shown
+from signer.errors import ScanError, shown
 from signer.keys import PublicKeyType
 
 KINDS = ("rsa", "ec", "ed25519", "pin", "raw")
@@ -69,18 +70,18 @@ class Secret:
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
-            raise InvalidArgument("secret id must be a non-empty string")
+            raise ScanError("secret id must be a non-empty string")
         if self.kind not in KINDS:
-            raise InvalidArgument(
+            raise ScanError(
                 f"secret {self.id!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}"
             )
         if not self.components:
-            raise InvalidArgument(f"secret {self.id!r} has no components")
+            raise ScanError(f"secret {self.id!r} has no components")
         for name, value in self.components.items():
             if not isinstance(value, bytes):
-                raise InvalidArgument(f"secret {self.id!r}: component {name!r} must be bytes")
+                raise ScanError(f"secret {self.id!r}: component {name!r} must be bytes")
             if len(value.lstrip(b"\0") if name in NUMERIC else value) < MIN_PATTERN:
-                raise InvalidArgument(
+                raise ScanError(
                     f"secret {self.id!r}: component {name!r} is shorter than {MIN_PATTERN} "
                     "bytes; it would match by chance all over a dump"
                 )
@@ -126,7 +127,7 @@ def secret_from_key(key: PrivateKey, id: str) -> Secret:
         comps = {"seed": key.private_bytes_raw(), "pkcs8-der": _der(key, pkcs8)}
         kind = "ed25519"
     else:
-        raise InvalidArgument(
+        raise ScanError(
             f"secret {id!r}: unsupported key type {type(key).__name__}; use RSA, EC or Ed25519"
         )
     public_der = key.public_key().public_bytes(
@@ -149,7 +150,7 @@ def _text_secret(value: bytes, id: str, kind: str, what: str) -> Secret:
     if not isinstance(value, bytes):
         raise TypeError(f"{what} must be bytes")
     if len(value) < MIN_PATTERN:
-        raise InvalidArgument(
+        raise ScanError(
             f"{what} is {len(value)} bytes; shorter than {MIN_PATTERN} bytes it matches by chance "
             "all over a dump, so a scan for it proves nothing"
         )
@@ -159,7 +160,7 @@ def _text_secret(value: bytes, id: str, kind: str, what: str) -> Secret:
 
 def _check_size(value: bytes, what: str) -> None:
     if len(value) > MAX_TEXT_SECRET:
-        raise InvalidArgument(
+        raise ScanError(
             f"{what} is {len(value)} bytes, more than {MAX_TEXT_SECRET}: is it a key file in a "
             "format the scanner does not read (encrypted, PKCS#12)?"
         )
@@ -172,23 +173,19 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1----
 
 def _b64url_int(value: Any, what: str) -> int:
     if not isinstance(value, str):
-        raise InvalidArgument(f"{what} must be a base64url string")
+        raise ScanError(f"{what} must be a base64url string")
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
     except (binascii.Error, ValueError):
-        raise InvalidArgument(f"{what} is not valid base64url") from None
+        raise ScanError(f"{what} is not valid base64url") from None
     return int.from_bytes(raw, "big")
 
 
 def _rsa_sizes(n: int, e: int, where: str, max_bits: int) -> None:
     if n.bit_length() > max_bits:
-        raise InvalidArgument(
-            f"{where}: RSA modulus of {n.bit_length()} bits, more than {max_bits}"
-        )
+        raise ScanError(f"{where}: RSA modulus of {n.bit_length()} bits, more than {max_bits}")
     if e.bit_length() > MAX_RSA_EXPONENT_BITS:
-        raise InvalidArgument(
-            f"{where}: RSA public exponent wider than {MAX_RSA_EXPONENT_BITS} bits"
-        )
+        raise ScanError(f"{where}: RSA public exponent wider than {MAX_RSA_EXPONENT_BITS} bits")
 
 
 def jwk_private_key(
@@ -198,7 +195,7 @@ def jwk_private_key(
     above ``max_rsa_bits`` is refused before any arithmetic on it (see MAX_RSA_BITS)."""
     kty = jwk.get("kty")
     if "d" not in jwk:
-        raise InvalidArgument(f"{where}: JWK has no private part ('d')")
+        raise ScanError(f"{where}: JWK has no private part ('d')")
 
     def num(name: str) -> int:
         return _b64url_int(jwk.get(name), f"{where}: JWK member {name!r}")
@@ -224,12 +221,10 @@ def jwk_private_key(
         if kty == "EC":
             curve = _CURVES.get(str(jwk.get("crv")))
             if curve is None:
-                raise InvalidArgument(
-                    f"{where}: JWK curve {shown(jwk.get('crv'))} is not supported"
-                )
+                raise ScanError(f"{where}: JWK curve {shown(jwk.get('crv'))} is not supported")
             key = ec.derive_private_key(num("d"), curve)
             if "x" in jwk and key.public_key().public_numbers().x != num("x"):
-                raise InvalidArgument(f"{where}: JWK 'd' does not match its 'x'")
+                raise ScanError(f"{where}: JWK 'd' does not match its 'x'")
             return key
         if kty == "OKP" and jwk.get("crv") == "Ed25519":
             d = num("d")
@@ -237,8 +232,8 @@ def jwk_private_key(
     except (ValueError, ArithmeticError) as exc:
         # ArithmeticError: OverflowError (a value no key has), and any other from the
         # arithmetic on numbers the file chose.
-        raise InvalidArgument(f"{where}: JWK is not a valid private key ({exc})") from None
-    raise InvalidArgument(f"{where}: JWK key type {shown(kty)} is not supported")
+        raise ScanError(f"{where}: JWK is not a valid private key ({exc})") from None
+    raise ScanError(f"{where}: JWK key type {shown(kty)} is not supported")
 
 
 def _jwk_objects(data: bytes) -> list[dict[str, Any]] | None:
@@ -272,28 +267,41 @@ def _pem_private_keys(data: bytes, where: str) -> list[PrivateKey] | None:
             else:
                 key = serialization.load_pem_private_key(m.group(0), None)
         except TypeError:
-            raise InvalidArgument(
+            raise ScanError(
                 f"{where}: PEM block {i} is encrypted; decrypt it first (the scanner must know "
                 "the key's bytes)"
             ) from None
         except (ValueError, UnsupportedAlgorithm) as exc:
-            raise InvalidArgument(f"{where}: PEM block {i} does not load: {exc}") from None
+            raise ScanError(f"{where}: PEM block {i} does not load: {exc}") from None
         keys.append(key)
     if not keys:
-        raise InvalidArgument(f"{where}: holds PEM blocks but no private key")
+        raise ScanError(f"{where}: holds PEM blocks but no private key")
     return keys
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str) -> Iterator[None]:
+    """Inside it, an OSError opening or reading ``path`` is a ScanError naming the file and
+    the problem (the scanner's callers see one kind of error for an input it cannot use)."""
+    try:
+        yield
+    except OSError as exc:
+        raise ScanError(f"{what} {path}: {exc.strerror or exc}") from exc
 
 
 def read_key_file(path: Path, what: str = "key file") -> bytes:
     """A secrets or public-key file, at most MAX_KEY_FILE bytes. A FIFO or device is refused
     (opened without blocking: a FIFO with no writer would hold the scan forever)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # OSError: the CLI names it
-    with open(fd, "rb") as f:
+    with reading(path, what), open(_open(path), "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise InvalidArgument(f"{what} {path} is not a regular file")
+            raise ScanError(f"{what} {path} is not a regular file")
         data = f.read(MAX_KEY_FILE + 1)
     if len(data) > MAX_KEY_FILE:
-        raise InvalidArgument(f"{what} {path} is larger than {MAX_KEY_FILE} bytes")
+        raise ScanError(f"{what} {path} is larger than {MAX_KEY_FILE} bytes")
     return data
 
 
@@ -316,12 +324,12 @@ def load_secrets(paths: Iterable[Path | str]) -> list[Secret]:
                 key: Any = serialization.load_der_private_key(data, None)
                 keys = [key]
             except TypeError:
-                raise InvalidArgument(f"{where}: DER private key is encrypted") from None
+                raise ScanError(f"{where}: DER private key is encrypted") from None
             except (ValueError, UnsupportedAlgorithm):
                 keys = None
         if keys is not None:
             if not keys:
-                raise InvalidArgument(f"{where}: holds no key")
+                raise ScanError(f"{where}: holds no key")
             for i, k in enumerate(keys):
                 out.append(secret_from_key(k, path.name if len(keys) == 1 else f"{path.name}#{i}"))
             continue
@@ -352,14 +360,12 @@ def _as_public(obj: Any, where: str) -> PublicKeyType:
         try:
             obj = obj.public_key()
         except (ValueError, UnsupportedAlgorithm) as exc:
-            raise InvalidArgument(
-                f"{where}: the certificate's public key does not load: {exc}"
-            ) from None
+            raise ScanError(f"{where}: the certificate's public key does not load: {exc}") from None
     if isinstance(obj, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         obj = obj.public_key()
     if isinstance(obj, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
         return obj
-    raise InvalidArgument(f"{where}: unsupported key type {type(obj).__name__}")
+    raise ScanError(f"{where}: unsupported key type {type(obj).__name__}")
 
 
 def _public_keys_in(data: bytes, where: str) -> list[PublicKeyType]:
@@ -376,16 +382,14 @@ def _public_keys_in(data: bytes, where: str) -> list[PublicKeyType]:
             elif label.endswith(b"PRIVATE KEY"):
                 found.append(serialization.load_pem_private_key(m.group(0), None))
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            raise InvalidArgument(
-                f"{where}: PEM block {label.decode()} does not load: {exc}"
-            ) from None
+            raise ScanError(f"{where}: PEM block {label.decode()} does not load: {exc}") from None
     if found:
         return [_as_public(k, where) for k in found]
     if data.startswith((b"ssh-", b"ecdsa-sha2-")):
         try:
             return [_as_public(serialization.load_ssh_public_key(data.strip()), where)]
         except (ValueError, UnsupportedAlgorithm) as exc:
-            raise InvalidArgument(f"{where}: OpenSSH public key does not load: {exc}") from None
+            raise ScanError(f"{where}: OpenSSH public key does not load: {exc}") from None
     jwks = _jwk_objects(data)
     if jwks is not None:
         return [_jwk_public_key(j, f"{where} key {i}") for i, j in enumerate(jwks)]
@@ -398,7 +402,7 @@ def _public_keys_in(data: bytes, where: str) -> list[PublicKeyType]:
             return [_as_public(loader(data), where)]
         except (ValueError, TypeError, UnsupportedAlgorithm):
             continue
-    raise InvalidArgument(f"{where}: not a public key (PEM, DER, certificate, OpenSSH or JWK)")
+    raise ScanError(f"{where}: not a public key (PEM, DER, certificate, OpenSSH or JWK)")
 
 
 def _jwk_public_key(jwk: dict[str, Any], where: str) -> PublicKeyType:
@@ -422,8 +426,8 @@ def _jwk_public_key(jwk: dict[str, Any], where: str) -> PublicKeyType:
             return ed25519.Ed25519PublicKey.from_public_bytes(num("x").to_bytes(32, "big"))
     except (ValueError, OverflowError) as exc:
         # OverflowError: an Ed25519 'x' longer than 32 bytes.
-        raise InvalidArgument(f"{where}: JWK is not a valid public key ({exc})") from None
-    raise InvalidArgument(f"{where}: JWK key type {shown(kty)} is not supported")
+        raise ScanError(f"{where}: JWK is not a valid public key ({exc})") from None
+    raise ScanError(f"{where}: JWK key type {shown(kty)} is not supported")
 
 
 def load_public_keys(paths: Sequence[Path | str]) -> dict[str, PublicKeyType]:

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from signer.errors import InvalidArgument
+from signer.errors import ScanError
 from signer.scan import Scanner, public_key_id, secret_from_key
 
 from .conftest import Keys, Plant, memory_like
@@ -241,12 +241,12 @@ def test_scalar_out_of_range_is_not_verified(blind: Scanner, plant: Plant) -> No
 def test_unsupported_public_key_refused() -> None:
     from cryptography.hazmat.primitives.asymmetric import x25519
 
-    with pytest.raises(InvalidArgument, match="unsupported"):
+    with pytest.raises(ScanError, match="unsupported"):
         Scanner([], public_keys=[x25519.X25519PrivateKey.generate().public_key()])  # type: ignore[list-item]
 
 
 def test_no_secrets_and_no_public_keys_refused() -> None:
-    with pytest.raises(InvalidArgument, match="nothing to search for"):
+    with pytest.raises(ScanError, match="nothing to search for"):
         Scanner([])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,28 @@ def test_error_message_names_the_problem(
 ) -> None:
     assert main(["scan", str(files["dirty"])]) == EXIT_ERROR
     assert "nothing to search for" in capsys.readouterr().err
+
+
+def test_a_local_file_error_is_printed_without_a_status(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dump the scanner cannot use is the scanner's error, not the service's: ``error:`` and
+    the message naming the file, no INVALID_ARGUMENT (issue 13), exit 2."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    missing = tmp_path / "missing"
+    fifo_message = (
+        f"dump {fifo} is a FIFO or pipe, not a regular file: save it to a file and scan that "
+        "(decompress a compressed core first)"
+    )
+    for dump, message in [
+        (fifo, fifo_message),
+        (missing, f"dump {missing}: No such file or directory"),
+    ]:
+        assert main(["scan", str(dump), "--secrets", str(files["key"])]) == EXIT_ERROR
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+    assert main(["scan", str(files["dirty"]), "--secrets", str(missing)]) == EXIT_ERROR
+    assert capsys.readouterr().err == f"error: secrets file {missing}: No such file or directory\n"
 
 
 def test_several_dumps_table_and_json(

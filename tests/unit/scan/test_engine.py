@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from signer.errors import InvalidArgument
+from signer.errors import ScanError
 from signer.scan import Scanner, _engine, secret_from_pin
 from signer.scan._engine import PatternSet, escape, scan_chunks
 
@@ -83,7 +83,7 @@ def test_markers_counted_in_the_same_pass(scanner: Scanner, plant: Plant) -> Non
 
 
 def test_marker_too_short_refused(scanner: Scanner, plant: Plant) -> None:
-    with pytest.raises(InvalidArgument, match="marker 'm'"):
+    with pytest.raises(ScanError, match="marker 'm'"):
         scanner.scan(plant([], None), markers={"m": b"abc"})
 
 
@@ -105,8 +105,11 @@ def test_empty_file(scanner: Scanner, tmp_path: Path) -> None:
 
 
 def test_unreadable_file_raises(scanner: Scanner, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        scanner.scan(tmp_path / "missing")
+    missing = tmp_path / "missing"
+    with pytest.raises(ScanError) as ei:
+        scanner.scan(missing)
+    assert ei.value.message == f"dump {missing}: No such file or directory"
+    assert isinstance(ei.value.__cause__, FileNotFoundError)
 
 
 def test_scanner_reusable_and_deterministic(scanner: Scanner, keys: Keys, plant: Plant) -> None:

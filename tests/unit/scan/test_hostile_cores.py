@@ -2,7 +2,7 @@
 
 The invariant, for every file an attacker may have shaped: a correct result (every secret whose
 bytes are in the file is found; what cannot be trusted is said in the notes) or our clear error
-(InvalidArgument; ``signer scan`` exits 2 naming the problem, without a traceback). Never a
+(ScanError; ``signer scan`` exits 2 naming the problem, without a traceback). Never a
 crash, never a hang, and memory within a stated bound: ``RSS_BOUND_MIB`` for a whole
 ``signer scan`` process, whatever the headers claim (terabytes, 2^32 program headers, a 4 GiB
 hole).
@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from fuzz import targets
 from fuzz.elfcore import Core, Load, build
-from signer.errors import InvalidArgument
+from signer.errors import CoreFormatError, ScanError
 from signer.scan import Scanner, secret_from_key, secret_from_pin
-from signer.scan._elf import MAX_PROBLEMS, CoreFormatError, parse_core
+from signer.scan._elf import MAX_PROBLEMS, parse_core
 
 from .conftest import PIN, random_bytes
 
@@ -324,7 +324,7 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path, pin_file: Path, sc: Sc
     /dev/zero was reported clean as an 'empty file'."""
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    with pytest.raises(InvalidArgument, match="is a FIFO or pipe, not a regular file"):
+    with pytest.raises(ScanError, match="is a FIFO or pipe, not a regular file"):
         sc.scan(fifo)
     code, err, _ = run_cli(fifo, "--secrets", pin_file)
     assert code == 2
@@ -345,7 +345,7 @@ def test_maps_snapshot_that_is_not_text(
     maps.write_bytes(f"{HEAP:x}-{HEAP + 0x1000:x} rw-p 0 00:00 0 /tmp/\xff\xfe".encode("latin-1"))
     [f] = [f for f in sc.scan(core, maps=maps).findings if f.secret_id == "ec"]
     assert f.mapping == "/tmp/\ufffd\ufffd"
-    with pytest.raises(InvalidArgument, match="not a regular file"):
+    with pytest.raises(ScanError, match="not a regular file"):
         sc.scan(core, maps="/dev/zero")
 
 

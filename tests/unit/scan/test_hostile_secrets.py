@@ -1,5 +1,5 @@
 """Key files the scanner is handed, shaped to break it (issue 12): what loads is a key, anything
-else InvalidArgument naming the file, quickly and without reading more than MAX_KEY_FILE."""
+else ScanError naming the file, quickly and without reading more than MAX_KEY_FILE."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuzz import targets
-from signer.errors import InvalidArgument
+from signer.errors import ScanError
 from signer.scan import load_public_keys, load_secrets
 from signer.scan._secrets import MAX_KEY_FILE
 
@@ -49,7 +49,7 @@ def jwk_file(tmp_path: Path, jwk: dict[str, object]) -> Path:
 )  # fmt: skip
 def test_jwk_that_breaks_arithmetic(tmp_path: Path, jwk: dict[str, object], message: str) -> None:
     began = time.monotonic()
-    with pytest.raises(InvalidArgument) as ei:
+    with pytest.raises(ScanError) as ei:
         load_secrets([jwk_file(tmp_path, jwk)])
     assert message in ei.value.message
     assert time.monotonic() - began < 2
@@ -66,7 +66,7 @@ def test_jwk_that_breaks_arithmetic(tmp_path: Path, jwk: dict[str, object], mess
 def test_public_jwk_that_breaks_arithmetic(
     tmp_path: Path, jwk: dict[str, object], message: str
 ) -> None:
-    with pytest.raises(InvalidArgument, match=message):
+    with pytest.raises(ScanError, match=message):
         load_public_keys([jwk_file(tmp_path, jwk)])
 
 
@@ -80,9 +80,9 @@ def test_key_files_that_are_not_files(tmp_path: Path) -> None:
         (Path("/dev/zero"), "is not a regular file"),
         (big, f"larger than {MAX_KEY_FILE} bytes"),
     ]:
-        with pytest.raises(InvalidArgument, match=message):
+        with pytest.raises(ScanError, match=message):
             load_secrets([path])
-        with pytest.raises(InvalidArgument, match=message):
+        with pytest.raises(ScanError, match=message):
             load_public_keys([path])
 
 
@@ -90,7 +90,7 @@ def test_jwk_set_nested_thousands_deep(tmp_path: Path) -> None:
     """Once a RecursionError out of the JWK reader: the file is then not a JWK at all."""
     path = tmp_path / "deep.json"
     path.write_bytes(b'{"keys": ' + b"[" * 20_000 + b"]" * 20_000 + b"}")
-    with pytest.raises(InvalidArgument, match="not a public key"):
+    with pytest.raises(ScanError, match="not a public key"):
         load_public_keys([path])
     [raw] = load_secrets([path])  # not a key: searched for as the raw secret it is
     assert raw.kind == "raw"

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa
 
-from signer.errors import InvalidArgument
+from signer.errors import ScanError
 from signer.scan import (
     Secret,
     load_public_keys,
@@ -55,12 +55,12 @@ def test_ec_and_ed25519_components(keys: Keys) -> None:
 
 def test_unsupported_key_type() -> None:
     key = dsa.generate_private_key(1024)
-    with pytest.raises(InvalidArgument, match="unsupported key type"):
+    with pytest.raises(ScanError, match="unsupported key type"):
         secret_from_key(key, "dsa")  # type: ignore[arg-type]
 
 
 def test_short_pin_refused_without_showing_it() -> None:
-    with pytest.raises(InvalidArgument, match="shorter than 6 bytes") as exc:
+    with pytest.raises(ScanError, match="shorter than 6 bytes") as exc:
         secret_from_pin(b"12345", "p")
     assert "12345" not in str(exc.value)
     assert secret_from_pin(b"123456", "p").components == {"pin": b"123456"}
@@ -71,16 +71,16 @@ def test_short_pin_refused_without_showing_it() -> None:
 def test_uniform_pin_refused_not_silently_skipped() -> None:
     from signer.scan import Scanner
 
-    with pytest.raises(InvalidArgument, match="too uniform"):
+    with pytest.raises(ScanError, match="too uniform"):
         Scanner([secret_from_pin(b"aaaaaaaa", "p")])
 
 
 def test_secret_validates() -> None:
-    with pytest.raises(InvalidArgument, match="kind"):
+    with pytest.raises(ScanError, match="kind"):
         Secret("x", "dsa", {"raw": b"abcdefgh"})
-    with pytest.raises(InvalidArgument, match="shorter than 6"):
+    with pytest.raises(ScanError, match="shorter than 6"):
         Secret("x", "raw", {"raw": b"abc"})
-    with pytest.raises(InvalidArgument, match="non-empty"):
+    with pytest.raises(ScanError, match="non-empty"):
         Secret("", "raw", {"raw": b"abcdefgh"})
 
 
@@ -148,7 +148,7 @@ def test_load_jwk_and_jwk_set(tmp_path: Path, keys: Keys) -> None:
 
 def test_public_jwk_is_not_a_secret(tmp_path: Path) -> None:
     (tmp_path / "pub.jwk").write_text('{"kty": "OKP", "crv": "Ed25519", "x": "AAAA"}')
-    with pytest.raises(InvalidArgument, match="no private part"):
+    with pytest.raises(ScanError, match="no private part"):
         load_secrets([tmp_path / "pub.jwk"])
 
 
@@ -159,30 +159,33 @@ def test_pin_and_raw_files(tmp_path: Path) -> None:
     pin, raw = load_secrets([tmp_path / "user.pin", tmp_path / "token.txt"])
     assert (pin.id, pin.kind, pin.components) == ("user.pin", "pin", {"pin": PIN})
     assert (raw.kind, raw.components) == ("raw", {"raw": b"s3cr3t-token-value"})
-    with pytest.raises(InvalidArgument, match=r"PIN 'short.pin' is 4 bytes"):
+    with pytest.raises(ScanError, match=r"PIN 'short.pin' is 4 bytes"):
         load_secrets([tmp_path / "short.pin"])
     (tmp_path / "big.p12").write_bytes(b"\x01" * 70_000)
-    with pytest.raises(InvalidArgument, match="more than 65536"):
+    with pytest.raises(ScanError, match="more than 65536"):
         load_secrets([tmp_path / "big.p12"])
 
 
 def test_encrypted_key_refused(tmp_path: Path, keys: Keys) -> None:
     enc = serialization.BestAvailableEncryption(b"password")
     (tmp_path / "enc.pem").write_bytes(keys.p256.private_bytes(PEM, PKCS8, enc))
-    with pytest.raises(InvalidArgument, match="encrypted"):
+    with pytest.raises(ScanError, match="encrypted"):
         load_secrets([tmp_path / "enc.pem"])
 
 
 def test_pem_without_private_key_refused(tmp_path: Path, keys: Keys) -> None:
     pub = keys.p256.public_key().public_bytes(PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (tmp_path / "pub.pem").write_bytes(pub)
-    with pytest.raises(InvalidArgument, match="no private key"):
+    with pytest.raises(ScanError, match="no private key"):
         load_secrets([tmp_path / "pub.pem"])
 
 
-def test_missing_file_raises_oserror(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        load_secrets([tmp_path / "nope.pem"])
+def test_missing_file_is_a_scan_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ScanError) as ei:
+        load_secrets([missing])
+    assert ei.value.message == f"secrets file {missing}: No such file or directory"
+    assert isinstance(ei.value.__cause__, FileNotFoundError)
 
 
 def test_load_public_keys(tmp_path: Path, keys: Keys) -> None:
@@ -213,5 +216,5 @@ def test_load_public_keys(tmp_path: Path, keys: Keys) -> None:
     assert got["priv.pem"] == keys.p384.public_key()
     assert got["pub.jwk"] == keys.p521.public_key()
     (tmp_path / "junk").write_bytes(b"not a key")
-    with pytest.raises(InvalidArgument, match="not a public key"):
+    with pytest.raises(ScanError, match="not a public key"):
         load_public_keys([tmp_path / "junk"])
