@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from signer.errors import Unavailable
+
 T = TypeVar("T")
 
 _Job = tuple[Callable[[], Any], asyncio.Future[Any], bool]  # (work, its future, quick)
@@ -56,8 +58,8 @@ class Lanes:
         lane's batch with other quick jobs."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._cv:
-            if self._closed:
-                raise RuntimeError("lanes are shut down")
+            if self._closed:  # the service is stopping: a call that comes now is not served
+                raise Unavailable("the service is shutting down")
             self._jobs.append((fn, fut, quick))
             if self._idle:
                 self._cv.notify()

@@ -43,7 +43,7 @@ from signer._internal.pki import DevCA
 from signer._internal.policy import grant_everything
 from signer._internal.server import Server, harden_process
 from signer._internal.supervisor import Supervisor
-from signer.errors import FailedPrecondition, NotFound
+from signer.errors import FailedPrecondition, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None) -> None:
         tls_front.start()  # before gRPC's threads exist: forking then is quiet and safe
         await server.start()
         if not server.token.available:
-            raise SystemExit("the token host did not answer; see the log above")
+            raise Unavailable("the token host did not answer; see the log above")
         try:
             await server.run_blocking(lambda: server.signer.get_key(DEMO_KEY))
         except NotFound:

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from signer.errors import HarnessError
+
 CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
 
 
@@ -63,11 +65,11 @@ class KernelCollector:
                 os.replace(cores[-1], out)
                 return out
             time.sleep(0.1)
-        raise RuntimeError(f"no core file appeared in {where} (core_pattern {self.pattern!r})")
+        raise HarnessError(f"no core file appeared in {where} (core_pattern {self.pattern!r})")
 
     def _fetch_pipe(self, pid: int, out: Path, timeout: float) -> Path:
         if self.pipe_program != "systemd-coredump":
-            raise RuntimeError(f"cannot fetch cores from pipe collector {self.pipe_program!r}")
+            raise HarnessError(f"cannot fetch cores from pipe collector {self.pipe_program!r}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             r = subprocess.run(
@@ -78,7 +80,7 @@ class KernelCollector:
             if r.returncode == 0 and out.exists() and out.stat().st_size > 0:
                 return out
             time.sleep(0.5)
-        raise RuntimeError(f"coredumpctl has no core for pid {pid}")
+        raise HarnessError(f"coredumpctl has no core for pid {pid}")
 
 
 def gcore(pid: int, out: Path, all_mappings: bool = False, timeout: float = 120.0) -> Path:
@@ -89,6 +91,6 @@ def gcore(pid: int, out: Path, all_mappings: bool = False, timeout: float = 120.
     r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     produced = Path(f"{prefix}.{pid}")
     if r.returncode != 0 or not produced.exists():
-        raise RuntimeError(f"gcore failed ({r.returncode}): {r.stderr.strip()[-400:]}")
+        raise HarnessError(f"gcore failed ({r.returncode}): {r.stderr.strip()[-400:]}")
     os.replace(produced, out)
     return out

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from signer.errors import HarnessError
+
 SIGNALS: dict[str, int] = {
     "SIGSEGV": signal.SIGSEGV,
     "SIGBUS": signal.SIGBUS,
@@ -101,6 +103,6 @@ def deliver(pid: int, mechanism: str, attempts: int = 20) -> str:
             for line in out.stdout.splitlines():
                 if line.startswith("HARNESS-THREAD "):
                     return f"gdb: thread {line.split()[1]} jumped to 0 ({want})"
-        raise RuntimeError(f"no {want} thread found in pid {pid} after {attempts} tries")
+        raise HarnessError(f"no {want} thread found in pid {pid} after {attempts} tries")
     finally:
         os.unlink(script)

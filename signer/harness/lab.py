@@ -38,7 +38,7 @@ from signer._internal.keyring import adopt_with_config
 from signer._internal.pki import DevCA
 from signer._internal.policy import grant_everything
 from signer.client import ClientTLS, SignerClient
-from signer.errors import SignerError
+from signer.errors import HarnessError, SignerError
 from signer.harness.crash import SIGNALS
 from signer.keys import ALGORITHMS
 from signer.scan import Secret, secret_from_key, secret_from_pin
@@ -302,13 +302,13 @@ class Lab:
         with sp.client() as c:
             while time.monotonic() < deadline:
                 if sp.proc.poll() is not None:
-                    raise RuntimeError(f"service exited with {sp.proc.returncode}")
+                    raise HarnessError(f"service exited with {sp.proc.returncode}")
                 try:
                     c.get_key(self.keys[0].name)
                     return
                 except SignerError:
                     time.sleep(0.05)
-        raise RuntimeError("service did not answer in time")
+        raise HarnessError("service did not answer in time")
 
     def start_control(self, cwd: Path, marker: bytes) -> subprocess.Popen[bytes]:
         """The positive control process: the same keys and PIN, held in memory."""
@@ -330,7 +330,7 @@ class Lab:
         deadline = time.monotonic() + 30
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("control process did not start")
+                raise HarnessError("control process did not start")
             time.sleep(0.05)
         time.sleep(0.3)  # let its signing threads run a while
         return proc

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from signer._internal.lanes import Lanes
+from signer.errors import Unavailable
 
 
 def test_each_caller_gets_its_own_result_or_exception() -> None:
@@ -116,7 +117,7 @@ def test_shutdown_runs_what_is_queued_then_refuses() -> None:
         gate.set()
         await stopping
         await asyncio.gather(*futures)
-        with pytest.raises(RuntimeError, match="shut down"):
+        with pytest.raises(Unavailable, match="the service is shutting down"):
             await lanes.run(lambda: None)
 
     asyncio.run(main())
