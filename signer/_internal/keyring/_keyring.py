@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import logging
-import re
 import secrets
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from signer import jose
 from signer._internal.config import Config
+from signer._internal.keyring._common import KEY_ID_BYTES, Clock, NamedLocks, utcnow
+from signer._internal.keyring._imports import ImportParameters, ImportTokens
 from signer._internal.logs import Every
 from signer._internal.store import Store
 from signer._internal.token import Token
@@ -31,7 +30,6 @@ from signer.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     SignerError,
     StoreUncertain,
     Unavailable,
@@ -40,7 +38,6 @@ from signer.keys import (
     ALGORITHMS,
     DEFAULT_SCOPE,
     Algorithm,
-    ImportToken,
     Key,
     Padding,
     SigFormat,
@@ -54,31 +51,18 @@ from signer.keys import (
     check_scope,
     check_usable,
     format_signature,
-    load_public_key,
     public_jwk,
     to_be_signed,
     verify,
 )
-from signer.wrapping import ONE_STEP, TWO_STEP
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Clock = Callable[[], datetime]
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-KEY_ID_BYTES = 16
 # Far beyond any sane schedule, and well inside datetime's range (a uint64 on the wire is not).
 MAX_WAITING_PERIOD_SECONDS = 100 * 365 * 24 * 3600
-IMPORT_TOKEN_BYTES = 32
-WRAPPING_KEY_LABEL = "signer/import-wrapping"
-# An RSA-4096 key's PKCS#8 wrapped in two steps is under 3 KiB; anything far larger is not a key.
-MAX_WRAPPED_KEY_BYTES = 16 * 1024
-_IMPORT_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -139,21 +123,8 @@ class JwtResult:
     version: int
 
 
-@dataclass(frozen=True)
-class ImportParameters:
-    token: ImportToken
-    wrapping_algorithm: str
-    two_step_wrapping_algorithm: str  # empty when the module does not offer it
-    supported_algorithms: list[str]
-
-
 def token_label(name: str, version: int) -> str:
     return f"{name}/v{version}"
-
-
-def _import_lock(token: str) -> str:
-    # Key names cannot hold a NUL: no clash with a key's lock.
-    return f"\0import:{token}"
 
 
 # Decides, under a key's lock, whether the caller may do what it asked to that key as it is
@@ -169,6 +140,9 @@ class Keyring:
     served in order by its own p11-kit-remote: an RSA-4096 generation on the signing connection
     stalled every signature for its second or more (measured: 1,042 ms; on a connection of its
     own, the slowest signature meanwhile took 10.8 ms). Defaults to ``token`` itself.
+
+    Wrapped import's tokens and their wrapping keys are :class:`ImportTokens`' (``_imports``);
+    an import asks it for the token's record and the unwrap, and makes the version here.
     """
 
     def __init__(
@@ -184,13 +158,9 @@ class Keyring:
         self._admin = admin or token
         self._store = store
         self._clock = clock
-        # Per-name locks, each there only while someone holds or waits for it: names that do
-        # not exist cannot grow this map (a caller could send any number of them).
-        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}
-        self._locks_guard = threading.Lock()
-        # One import-parameter decision at a time: the count of live import tokens it reads is
-        # the count it adds to (and wrapping keys are generated one at a time anyway).
-        self._import_guard = threading.Lock()
+        # Per key name: one change to a key at a time.
+        self._locks = NamedLocks()
+        self._imports = ImportTokens(cfg, token, store, clock, self.slow_token)
         # Scopes are fixed at creation, so a key's scope, once read, is read for good.
         self._scopes: dict[str, str] = {}
         self._said = Every(60.0)
@@ -218,20 +188,6 @@ class Keyring:
                 log.warning("key object not found on the signing connection; tried on the other")
             return use(admin)
 
-    @contextlib.contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock, users = self._locks.setdefault(name, (threading.Lock(), [0]))
-            users[0] += 1
-        try:
-            with lock:
-                yield
-        finally:
-            with self._locks_guard:
-                users[0] -= 1
-                if not users[0]:
-                    del self._locks[name]
-
     def now(self) -> datetime:
         return self._clock()
 
@@ -251,7 +207,7 @@ class Keyring:
         alg = algorithm(alg_name)
         check_scope(scope)
         labels = check_labels(dict(labels or {}))
-        with self._lock(name):
+        with self._locks.hold(name):
             self._require_absent(name)
             self._token.require(alg)
             now = self.now()
@@ -300,60 +256,9 @@ class Keyring:
 
     # --- wrapped import -----------------------------------------------------------------------
 
-    def importable_algorithms(self) -> list[str]:
-        try:
-            return [
-                a.name for a in ALGORITHMS.values() if not self._token.missing_import_mechanisms(a)
-            ]
-        except TOKEN_AWAY:
-            return []
-
     def get_import_parameters(self, caller: str) -> ImportParameters:
-        """An import token for ``caller`` alone, with its own RSA-4096 wrapping key pair
-        generated in the token; single-use.
-
-        Generating the pair is the token's slowest job, so it is bounded (issue 11): a caller
-        that still holds an unused token with half its lifetime left gets that one again (so a
-        caller holds at most two), and no more than ``keys.max_live_import_tokens`` are live in
-        all (RESOURCE_EXHAUSTED beyond)."""
-        self.slow_token().require_wrapping()
-        lifetime = timedelta(seconds=self._cfg.keys.import_token_lifetime_seconds)
-        with self._import_guard:
-            now = self.now()
-            live = self._store.live_import_tokens(now)
-            mine = [t for t in live if t.caller == caller and t.expires - now >= lifetime / 2]
-            record = mine[-1] if mine else self._new_import_token(caller, now, lifetime, live)
-        return ImportParameters(
-            record,
-            ONE_STEP,
-            TWO_STEP if self.slow_token().two_step_mechanism else "",
-            self.importable_algorithms(),
-        )
-
-    def _new_import_token(
-        self, caller: str, now: datetime, lifetime: timedelta, live: list[ImportToken]
-    ) -> ImportToken:
-        limit = self._cfg.keys.max_live_import_tokens
-        if len(live) >= limit:
-            raise ResourceExhausted(
-                f"{len(live)} import tokens are live, the most this service allows "
-                f"(keys.max_live_import_tokens); the next expires at "
-                f"{min(t.expires for t in live).isoformat()}, or when one is used"
-            )
-        token = secrets.token_urlsafe(IMPORT_TOKEN_BYTES)
-        key_id = secrets.token_bytes(KEY_ID_BYTES)
-        public = self.slow_token().generate_wrapping_key(key_id, WRAPPING_KEY_LABEL)
-        record = ImportToken(token, key_id, public, now, now + lifetime, caller=caller)
-        try:
-            self._store.add_import_token(record)
-        except Exception:
-            try:
-                self._token.destroy(key_id)
-            except SignerError:
-                log.error("could not remove an orphaned wrapping key")
-            raise
-        log.info("import token issued", extra={"expires": record.expires.isoformat()})
-        return record
+        """An import token for ``caller`` (:meth:`ImportTokens.issue`)."""
+        return self._imports.issue(caller)
 
     def import_key_version(
         self,
@@ -385,23 +290,8 @@ class Keyring:
         alg = algorithm(alg_name) if alg_name else None
         check_scope(scope)
         labels = check_labels(dict(labels or {}))
-        if not _IMPORT_TOKEN.fullmatch(import_token):
-            raise InvalidArgument(
-                "import_token is missing or malformed: pass the import_token of "
-                "GetImportParameters as given"
-            )
-        if not wrapped_key:
-            raise InvalidArgument("wrapped_key is empty")
-        if len(wrapped_key) > MAX_WRAPPED_KEY_BYTES:
-            raise InvalidArgument(
-                f"wrapped_key is {len(wrapped_key)} bytes; the limit is {MAX_WRAPPED_KEY_BYTES}"
-            )
-        if public_key_der:
-            try:
-                load_public_key(public_key_der)
-            except (ValueError, TypeError):
-                raise InvalidArgument("public_key_der is not a DER SubjectPublicKeyInfo") from None
-        with self._lock(name):
+        self._imports.check_request(import_token, wrapped_key, public_key_der)
+        with self._locks.hold(name):
             existing = self._find(name)
             if authorise is not None:
                 authorise(existing)
@@ -412,10 +302,10 @@ class Keyring:
             self.slow_token().require_import(alg)
             number = 1 if existing is None else max(v.version for v in existing.versions) + 1
             key_id = secrets.token_bytes(KEY_ID_BYTES)
-            with self._lock(_import_lock(import_token)):
-                record = self._live_import_token(import_token, caller)
-                public = self.slow_token().unwrap_private(
-                    record.key_id,
+            # The import token's wrapping key is destroyed as this block completes.
+            with self._imports.redeem(import_token, caller) as record:
+                public = self._imports.unwrap(
+                    record,
                     wrapped_key,
                     alg,
                     key_id,
@@ -438,26 +328,10 @@ class Keyring:
                 except Exception as exc:
                     self._discard(version, exc)
                     raise
-                self._destroy_wrapping_key(record)
         log.info(
             "key version imported", extra={"key": name, "algorithm": alg.name, "version": number}
         )
         return self.get_key(name)
-
-    def _destroy_wrapping_key(self, record: ImportToken) -> bool:
-        """Destroys a used or expired import token's wrapping key (under the token's lock); False
-        if the token host is away (the reaper tries again)."""
-        try:
-            self._token.destroy(record.key_id)
-        except TOKEN_AWAY:
-            log.warning("wrapping key destruction postponed: token unavailable")
-            return False
-        except SignerError as exc:
-            log.error("wrapping key destruction failed; will retry", extra={"error": exc.message})
-            return True
-        self._store.set_import_token_destroyed(record.token)
-        log.info("import token's wrapping key destroyed", extra={"used": record.used})
-        return True
 
     @staticmethod
     def _check_import_into(
@@ -480,28 +354,6 @@ class Keyring:
             )
         return algorithm(key.algorithm)
 
-    def _live_import_token(self, token: str, caller: str) -> ImportToken:
-        try:
-            record = self._store.get_import_token(token)
-        except NotFound:
-            record = None
-        if record is None or record.caller != caller:
-            # Another caller's token is answered as if it did not exist.
-            raise InvalidArgument(
-                "import_token is unknown: call GetImportParameters for an import token"
-            ) from None
-        if record.used:
-            raise FailedPrecondition(
-                "import_token was already used: each import needs its own "
-                "(call GetImportParameters)"
-            )
-        if record.expired(self.now()):
-            raise FailedPrecondition(
-                f"import_token expired at {record.expires.isoformat()}; call "
-                "GetImportParameters for a new one and wrap the key again with its public key"
-            )
-        return record
-
     def adopt_key(
         self,
         name: str,
@@ -523,7 +375,7 @@ class Keyring:
         labels = check_labels(dict(labels or {}))
         if not 1 <= len(key_id) <= 64:
             raise InvalidArgument(f"key_id must be 1 to 64 bytes, got {len(key_id)}")
-        with self._lock(name):
+        with self._locks.hold(name):
             self._require_absent(name)
             public = self._token.adopt(alg, key_id)
             now = self.now()
@@ -746,7 +598,7 @@ class Keyring:
 
     def rotate(self, name: str) -> Key:
         check_name(name)
-        with self._lock(name):
+        with self._locks.hold(name):
             key = self._store.get_key(name)
             alg = algorithm(key.algorithm)
             self._token.require(alg)
@@ -763,7 +615,7 @@ class Keyring:
     def set_primary(self, name: str, version: int) -> Key:
         check_name(name)
         self._require_version_number(version)
-        with self._lock(name):
+        with self._locks.hold(name):
             key = self._store.get_key(name)
             v = key.version(version)
             state = v.effective_state(self.now())
@@ -803,7 +655,7 @@ class Keyring:
             )
         check_name(name)
         self._require_version_number(version)
-        with self._lock(name):
+        with self._locks.hold(name):
             key = self._store.get_key(name)
             v = key.version(version)
             if v.version == key.primary:
@@ -822,7 +674,7 @@ class Keyring:
     def _transition(self, name: str, version: int, allowed: set[State], to: State) -> Version:
         check_name(name)
         self._require_version_number(version)
-        with self._lock(name):
+        with self._locks.hold(name):
             key = self._store.get_key(name)
             return self._transition_locked(key, key.version(version), allowed, to, None)
 
@@ -848,23 +700,15 @@ class Keyring:
         if version <= 0:
             raise InvalidArgument("version is required (a positive number)")
 
-    def _reap_import_tokens(self) -> bool:
-        """False when the token is unavailable (the caller stops too)."""
-        for t in self._store.spent_import_tokens(self.now()):
-            with self._lock(_import_lock(t.token)):
-                if not self._destroy_wrapping_key(t):
-                    return False
-        return True
-
     def reap(self) -> int:
         """Destroys the token objects of versions whose waiting period has passed, and the
-        wrapping keys of used and expired import tokens; returns how many versions it
-        destroyed."""
-        if not self._reap_import_tokens():
+        wrapping keys of used and expired import tokens (:meth:`ImportTokens.reap`); returns how
+        many versions it destroyed."""
+        if not self._imports.reap():
             return 0
         done = 0
         for due in self._store.due_for_destruction(self.now()):
-            with self._lock(due.name):
+            with self._locks.hold(due.name):
                 # Decided again under the lock, on the version as it is now: a cancel (or a
                 # new schedule) may have committed since the list was read, and destruction
                 # cannot be undone.
@@ -927,8 +771,3 @@ def _decode_page_token(token: str) -> str:
         raise InvalidArgument(
             "page_token is malformed: pass back next_page_token as given"
         ) from None
-
-
-# The old name, temporary, for the server split (issue 13): removed once signer/_internal/server
-# says Keyring.
-Signer = Keyring

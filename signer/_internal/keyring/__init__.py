@@ -1,0 +1,62 @@
+"""The keyring: the service's behaviour, free of gRPC (:class:`Keyring`).
+
+Its parts, each a module here:
+
+- ``_keyring``: :class:`Keyring`, the one object the server talks to: key lifecycle (create,
+  rotate, primary, enable/disable, destruction and its reaper), reading keys and JWKS, signing
+  (one message, a batch in chunks, a JWT) and verification, adoption of a provisioned key pair.
+- ``_imports``: :class:`ImportTokens`, wrapped import's tokens and their wrapping keys, with their
+  own bounds and locks; the keyring asks it to check, redeem and unwrap for an import.
+- ``_common``: the clock, the CKA_ID length and per-name locks both use.
+"""
+
+from signer._internal.keyring._common import KEY_ID_BYTES, Clock, NamedLocks, utcnow
+from signer._internal.keyring._imports import (
+    MAX_WRAPPED_KEY_BYTES,
+    WRAPPING_KEY_LABEL,
+    ImportParameters,
+    ImportTokens,
+)
+from signer._internal.keyring._keyring import (
+    BATCH_CHUNK,
+    DEFAULT_PAGE_SIZE,
+    MAX_BATCH,
+    MAX_PAGE_SIZE,
+    MAX_WAITING_PERIOD_SECONDS,
+    Authorise,
+    BatchPlan,
+    BatchResult,
+    JwtResult,
+    Keyring,
+    SignResult,
+    adopt_with_config,
+    token_label,
+)
+
+__all__ = [
+    "BATCH_CHUNK",
+    "DEFAULT_PAGE_SIZE",
+    "KEY_ID_BYTES",
+    "MAX_BATCH",
+    "MAX_PAGE_SIZE",
+    "MAX_WAITING_PERIOD_SECONDS",
+    "MAX_WRAPPED_KEY_BYTES",
+    "WRAPPING_KEY_LABEL",
+    "Authorise",
+    "BatchPlan",
+    "BatchResult",
+    "Clock",
+    "ImportParameters",
+    "ImportTokens",
+    "JwtResult",
+    "Keyring",
+    "NamedLocks",
+    "SignResult",
+    "adopt_with_config",
+    "token_label",
+    "utcnow",
+]
+
+# The old name, temporary, for the server split (issue 13): removed once signer/_internal/server
+# says Keyring.
+Signer = Keyring
