@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -47,6 +47,7 @@ from signer._internal.audit import (
     AuditLog,
     AuditPaused,
     Event,
+    MakeKey,
     Signing,
     SQLiteAuditStore,
     witnesses,
@@ -375,19 +376,6 @@ class _Gone:
 GONE: contextvars.ContextVar[_Gone | None] = contextvars.ContextVar("gone", default=None)
 
 
-class _Unchecked(Policy):
-    """Everything allowed: the bare server of the benchmarks only."""
-
-    def allows(self, caller: Caller, operation: str, name: str, scope: str | None) -> bool:
-        return True
-
-    def allows_new(self, caller: Caller, operation: str, name: str, scope: str) -> bool:
-        return True
-
-    def allows_any(self, caller: Caller, operation: str) -> bool:
-        return True
-
-
 def local_caller(relay: PeerRelay) -> Identify:
     """Callers of the Unix socket: the uid (and user name) the relay read with SO_PEERCRED."""
 
@@ -681,7 +669,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         r = plan.result()
         return pb.SignBatchResponse(
             results=[
-                pb.SignBatchResult(error_code=status_name(x), error=x.message)
+                pb.SignBatchResult(error={"code": status_of(x).value[0], "message": x.message})
                 if isinstance(x, SignerError)
                 else pb.SignBatchResult(signature=x)
                 for x in r.results
@@ -755,14 +743,49 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return self._key_pb(key)
 
 
-class Server:
-    """Assembles token, store, signer and the gRPC server; owns their lifetimes."""
+class Recorder(Protocol):
+    """What the server needs of an audit log: :class:`signer._internal.audit.AuditLog`'s
+    interface. The service uses the one its configuration names; a server given another (the
+    benchmarks' that keeps nothing, to measure what the log costs) uses that one instead."""
 
-    def __init__(self, cfg: Config, clock: Clock = utcnow, *, bare: bool = False) -> None:
-        """``bare``: no authorisation and no audit log, for measuring what they cost
-        (:mod:`signer.bench`); deliberately not reachable from configuration."""
+    @property
+    def failure(self) -> str | None:
+        """Why the log refuses every call for good, or None."""
+
+    def start(self, make_key: MakeKey, pin_to: Path) -> None: ...
+
+    def on_change(self, listener: Callable[[], None]) -> None: ...
+
+    def check(self) -> None:
+        """Raises :class:`AuditPaused` while no new call may start."""
+
+    def paused(self) -> None:
+        """Counts a call :meth:`check` refused."""
+
+    async def record(self, event: Event) -> int: ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Server:
+    """Assembles token, store, keyring, policy, audit log and the gRPC servers; owns their
+    lifetimes."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        clock: Clock = utcnow,
+        *,
+        policy: Policy | None = None,
+        audit: Recorder | None = None,
+    ) -> None:
+        """``policy`` and ``audit``: parts given rather than built from ``cfg`` (the policy
+        file, the audit log). Nothing in the service passes them; the benchmarks do, to measure
+        what authorisation and the audit log cost. A given policy is kept on SIGHUP."""
         self.cfg = cfg
-        self.bare = bare
+        self.policy_from_file = policy is None
         self.token = Token(cfg.token, Pin(cfg.token.pin_file))
         # Slow token work (key generation, wrapping keys, unwrapping) on a connection of its
         # own where the module gives one, so that it never holds up a signature.
@@ -783,11 +806,9 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="signer")
         self.changes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="change")
         self.health = health_aio.HealthServicer()
-        self.policy: Policy = _Unchecked(()) if bare else self._load_policy()
-        self.audit = (
-            None
-            if bare
-            else AuditLog(
+        self.policy: Policy = self._load_policy() if policy is None else policy
+        self.audit: Recorder = (
+            AuditLog(
                 SQLiteAuditStore(cfg.audit.path),
                 cfg.audit.checkpoint_every,
                 cfg.audit.checkpoint_interval_seconds,
@@ -795,6 +816,8 @@ class Server:
                 witnesses(cfg.audit),
                 clock=self.signer.now,
             )
+            if audit is None
+            else audit
         )
         self.relay = PeerRelay(
             Path(_unix_path(cfg.server.listen)),
@@ -825,8 +848,10 @@ class Server:
 
     def reload_policy(self) -> bool:
         """SIGHUP: the new policy for calls that start from now on; a broken file is refused
-        and the old policy kept. In-flight calls finish under the policy they started with."""
-        if self.bare:
+        and the old policy kept. In-flight calls finish under the policy they started with.
+        A server given its policy (:class:`Server`'s ``policy``) has no file: it keeps it."""
+        if not self.policy_from_file:
+            log.warning("policy not reloaded: this server was given its policy, not a file")
             return False
         try:
             new = self._load_policy()
@@ -851,12 +876,12 @@ class Server:
                 CallInterceptor(
                     identify,
                     how,
-                    None if self.bare else self._record,
+                    self._record,
                     self._calls,
-                    None if self.bare else self.throttle,
-                    None if self.bare else self._admit,
+                    self.throttle,
+                    self._admit,
                     self.in_flight,
-                    None if self.bare else self._check_recording,
+                    self._check_recording,
                 )
             ],
             options=[
@@ -886,7 +911,6 @@ class Server:
         error: SignerError | None,
         gone: bool,
     ) -> None:
-        assert self.audit is not None
         event = audit_event(self.signer.now(), method, caller, request, response, error, gone)
         await self.audit.record(event)
 
@@ -919,9 +943,8 @@ class Server:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.audit is not None:
-            self.audit.on_change(lambda: self._availability_changed(True))
-            self.audit.start(self._audit_key, self.cfg.audit.pinned_key)
+        self.audit.on_change(lambda: self._availability_changed(True))
+        self.audit.start(self._audit_key, self.cfg.audit.pinned_key)
         local = self._grpc_server(
             local_caller(self.relay), f"connect to {self.cfg.server.listen} (a local user)"
         )
@@ -946,9 +969,7 @@ class Server:
         self.token.on_availability(self._availability_changed)
         self.token.on_availability(self._answer_queued_if_down)
         self.token.on_abandon(self._replace_stuck_lanes)
-        if self.audit is not None:
-            audit = self.audit
-            self.token.on_availability(lambda up: audit.wake() if up else None)
+        self.token.on_availability(lambda up: self.audit.wake() if up else None)
         if self.admin_token is not self.token:
             # The administrative connection logs in once the signing one is up: at once.
             self.token.on_availability(lambda up: self.admin_token.wake() if up else None)
@@ -960,8 +981,7 @@ class Server:
             await server.start()
         await self.relay.start()
         self._reaper = asyncio.create_task(self._reap_forever())
-        if self.audit is not None:
-            self._summaries = asyncio.create_task(self._record_throttled_forever())
+        self._summaries = asyncio.create_task(self._record_throttled_forever())
         log.info(
             "algorithms offered", extra={"algorithms": ",".join(self.signer.offered_algorithms())}
         )
@@ -991,9 +1011,7 @@ class Server:
         """SERVING while the token answers and the audit log takes records."""
         async with self._health_lock:
             if not self._stopping:
-                recording = self.audit is None or (
-                    self.audit.failure is None and self._audit_refusing() is None
-                )
+                recording = self.audit.failure is None and self._audit_refusing() is None
                 await self._set_health(self.token.available and recording)
 
     def _replace_stuck_lanes(self, since: float) -> None:
@@ -1031,15 +1049,13 @@ class Server:
     def _check_recording(self) -> None:
         """Before any call runs, even an unauthenticated one: refused while the audit log
         could not record it (counted, not recorded one by one)."""
-        if self.audit is not None:
-            try:
-                self.audit.check()
-            except AuditPaused:
-                self.audit.paused()
-                raise
+        try:
+            self.audit.check()
+        except AuditPaused:
+            self.audit.paused()
+            raise
 
     def _audit_refusing(self) -> str | None:
-        assert self.audit is not None
         try:
             self.audit.check()
         except Unavailable as exc:
@@ -1062,7 +1078,6 @@ class Server:
         """One record per caller whose throttling ended: how many of its calls were refused
         meanwhile (operation ``Throttled``, the count as its version). Not while the log
         refuses calls: the counts wait for it."""
-        assert self.audit is not None
         if self._audit_refusing() is not None and not everyone:
             return
         for caller, calls in self.throttle.ended(everyone):
@@ -1122,8 +1137,7 @@ class Server:
                     "recorded",
                     extra={"calls": len(running)},
                 )
-        if self.audit is not None:
-            await self._record_throttled(everyone=True)
+        await self._record_throttled(everyone=True)
         await self.relay.stop()
         # Calls gRPC gave up on may still be running in the pool: they finish before the token
         # and the store they use are closed.
@@ -1131,8 +1145,7 @@ class Server:
         await loop.run_in_executor(None, self.lanes.shutdown)
         await loop.run_in_executor(None, functools.partial(self.executor.shutdown, wait=True))
         await loop.run_in_executor(None, functools.partial(self.changes.shutdown, wait=True))
-        if self.audit is not None:
-            self.audit.close()  # a last checkpoint, signed while the token is still open
+        self.audit.close()  # a last checkpoint, signed while the token is still open
         if self.admin_token is not self.token:
             self.admin_token.close()
         self.token.close()
@@ -1143,8 +1156,8 @@ class Server:
         await asyncio.gather(*(server.wait_for_termination() for server in self._servers))
 
 
-async def _serve(cfg: Config, bare: bool = False) -> None:
-    server = Server(cfg, bare=bare)
+async def _serve(cfg: Config, policy: Policy | None, audit: Recorder | None) -> None:
+    server = Server(cfg, policy=policy, audit=audit)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1214,8 +1227,10 @@ def relay_limits(cfg: Config) -> Limits:
     )
 
 
-def serve(cfg: Config) -> int:
-    """``signer serve``: runs until SIGTERM/SIGINT, then shuts down gracefully."""
+def serve(cfg: Config, *, policy: Policy | None = None, audit: Recorder | None = None) -> int:
+    """``signer serve``: runs until SIGTERM/SIGINT, then shuts down gracefully. ``policy``,
+    ``audit``: as :class:`Server`'s (the benchmarks' bare server; ``signer serve`` passes
+    neither)."""
     harden_process(cfg)
-    asyncio.run(_serve(cfg))
+    asyncio.run(_serve(cfg, policy, audit))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,8 +80,10 @@ def _fifo(tmp_path: Path) -> Path:
         (lambda d: d / "missing.toml", "policy file not found"),
     ],
 )
-def test_files_that_are_not_policy_files(tmp_path: Path, make: object, fragment: str) -> None:
-    path = make(tmp_path)  # type: ignore[operator]
+def test_files_that_are_not_policy_files(
+    tmp_path: Path, make: Callable[[Path], Path], fragment: str
+) -> None:
+    path = make(tmp_path)
     began = time.monotonic()
     with pytest.raises(ConfigError, match=fragment):
         policy.load(path)
@@ -91,8 +94,11 @@ def _reloading_server(path: Path, old: policy.Policy) -> SimpleNamespace:
     """What Server.reload_policy reads of its server: the real method, a server without a
     token. ``_load_policy`` is the real one too."""
     fake = SimpleNamespace(
-        bare=False, cfg=config.Config(config.ServerConfig(policy_file=str(path))), policy=old
+        policy_from_file=True,
+        cfg=config.Config(config.ServerConfig(policy_file=str(path))),
+        policy=old,
     )
+    # A stand-in for the server, with only what the methods read: not a Server, on purpose.
     fake._load_policy = lambda: Server._load_policy(fake)  # type: ignore[arg-type]
     return fake
 
@@ -108,11 +114,11 @@ def test_reload_of_a_broken_policy_keeps_the_old_one(
     server = _reloading_server(path, old)
     write(tmp_path, text)
     with caplog.at_level(logging.ERROR):
-        assert Server.reload_policy(server) is False  # type: ignore[arg-type]
+        assert Server.reload_policy(server) is False  # type: ignore[arg-type]  # the stand-in
     assert server.policy is old
     assert any("previous one stays" in r.getMessage() for r in caplog.records)
     write(tmp_path, GOOD.replace("sign", "read"))
-    assert Server.reload_policy(server) is True  # type: ignore[arg-type]
+    assert Server.reload_policy(server) is True  # type: ignore[arg-type]  # the stand-in
     assert server.policy is not old
 
 
@@ -160,7 +166,7 @@ def test_environment_overrides_are_checked_too_and_name_no_line(tmp_path: Path) 
 
 # --- properties ------------------------------------------------------------------------------
 
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=80) | st.sampled_from(
+_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=80) | st.sampled_from(
     ["uid:0", "user:x", "x509:CN=a", "*", "sign", "read", "consumer", "k-*"]
 )
 _SCALAR = st.one_of(

@@ -33,7 +33,7 @@ from signer._internal.audit._chain import (
     checkpoint_message,
     record_hash,
 )
-from signer._internal.audit._log import AuditLog, AuditPaused
+from signer._internal.audit._log import AuditLog, AuditPaused, MakeKey
 from signer._internal.audit._store import Archived, AuditStore, SQLiteAuditStore
 from signer._internal.audit._verify import Verdict, verify_log
 from signer._internal.audit._witness import FileWitness, SyslogWitness, Witness, read_witness
@@ -60,6 +60,7 @@ __all__ = [
     "Checkpoint",
     "Event",
     "FileWitness",
+    "MakeKey",
     "Record",
     "SQLiteAuditStore",
     "Signing",
