@@ -35,6 +35,7 @@ destroys the new object before answering.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -56,7 +57,15 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import _pkcs11 as _p11
 
 from signer._internal.config import TokenConfig
-from signer._internal.token._logins import EXPIRED, INCORRECT, LOCKED, LoginGuard
+from signer._internal.token._errors import (
+    ATTRIBUTE_UNREADABLE,
+    CONNECTION_LOST,
+    PIN_REFUSED,
+    STALE_HANDLE,
+    UNWRAP_ERRORS,
+    map_errors,
+)
+from signer._internal.token._logins import LoginGuard
 from signer._internal.token.pin import Pin
 from signer._internal.token.uri import TokenURI
 from signer.errors import (
@@ -98,26 +107,6 @@ _CURVES: dict[str, ec.EllipticCurve] = {
     "secp384r1": ec.SECP384R1(),
     "secp521r1": ec.SECP521R1(),
 }
-
-# What the token answers when it refuses the PIN itself, and what it means for the next try.
-_PIN_REFUSED: dict[type[Exception], str] = {
-    p11e.PinIncorrect: INCORRECT,
-    p11e.PinInvalid: INCORRECT,
-    p11e.PinLenRange: INCORRECT,
-    p11e.PinExpired: EXPIRED,
-    p11e.PinLocked: LOCKED,
-}
-
-# Errors that mean the connection to the token host is gone, not that the request was wrong.
-_CONNECTION_LOST: tuple[type[Exception], ...] = (
-    p11e.DeviceError,
-    p11e.DeviceRemoved,
-    p11e.TokenNotPresent,
-    p11e.TokenNotRecognised,
-    p11e.SessionHandleInvalid,
-    p11e.SessionClosed,
-    p11e.UserNotLoggedIn,
-)
 
 _PSS_SHA256 = (Mechanism.SHA256, pkcs11.MGF.SHA256, 32)
 
@@ -185,22 +174,6 @@ _ONE_STEP_MECHANISMS = ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS_OAEP")
 # SoftHSM2 2.6.1 offers it as CKM_AES_KEY_WRAP_PAD.
 _KWP_MECHANISMS = ("CKM_AES_KEY_WRAP_KWP", "CKM_AES_KEY_WRAP_PAD")
 _RSA_AES_KEY_WRAP = "CKM_0x00001054"  # CKM_RSA_AES_KEY_WRAP, unknown to python-pkcs11 0.10
-# What a token answers when a wrapped key will not unwrap: corrupt, wrapped for another wrapping
-# key, or not the declared type. SoftHSM2 2.6.1 answers a failed OAEP decryption with
-# CKR_GENERAL_ERROR and a PKCS#8 it cannot use with CKR_FUNCTION_FAILED.
-_UNWRAP_REFUSED: tuple[type[Exception], ...] = (
-    p11e.WrappedKeyInvalid,
-    p11e.WrappedKeyLenRange,
-    p11e.EncryptedDataInvalid,
-    p11e.EncryptedDataLenRange,
-    p11e.DataInvalid,
-    p11e.DataLenRange,
-    p11e.GeneralError,
-    p11e.FunctionFailed,
-    p11e.KeyTypeInconsistent,
-    p11e.KeySizeRange,
-    p11e.DomainParamsInvalid,
-)
 _KEY_TYPES = {Family.EC: KeyType.EC, Family.RSA: KeyType.RSA, Family.ED25519: KeyType.EC_EDWARDS}
 _CURVE_KINDS = {
     _CURVE_OIDS["secp256r1"]: "P-256",
@@ -670,31 +643,31 @@ class Token:
         key_type = _KEY_TYPES[alg.family]
         template = dict(_PRIVATE_TEMPLATE)
         two_step = self.two_step_mechanism
+        # Not only through the table: the caller's wrapped key is the likely cause (see _errors).
+        kind = with_article(algorithm_kind(alg))
+        refused = functools.partial(map_errors, UNWRAP_ERRORS, kind=kind)
         if len(blob) == k:
-            try:
+            with refused(), self._nothing_left_on_failure(s, key_id):
                 return wrapping.unwrap_key(
                     ObjectClass.PRIVATE_KEY, key_type, blob, id=key_id, label=label,
                     mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1,
                     store=True, capabilities=MechanismFlag.SIGN, template=template,
                 )  # fmt: skip
-            except BaseException as exc:
-                raise self._unwrap_failed(s, key_id, alg, exc) from None
         if len(blob) > k and two_step is not None:
             transport = None
             try:
-                transport = wrapping.unwrap_key(
-                    ObjectClass.SECRET_KEY, KeyType.AES, blob[:k],
-                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1,
-                    store=False, capabilities=MechanismFlag.UNWRAP,
-                    template=dict(_TRANSPORT_KEY_TEMPLATE),
-                )  # fmt: skip
-                return transport.unwrap_key(
-                    ObjectClass.PRIVATE_KEY, key_type, blob[k:], id=key_id, label=label,
-                    mechanism=Mechanism[two_step.removeprefix("CKM_")],
-                    store=True, capabilities=MechanismFlag.SIGN, template=template,
-                )  # fmt: skip
-            except BaseException as exc:
-                raise self._unwrap_failed(s, key_id, alg, exc) from None
+                with refused(), self._nothing_left_on_failure(s, key_id):
+                    transport = wrapping.unwrap_key(
+                        ObjectClass.SECRET_KEY, KeyType.AES, blob[:k],
+                        mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1,
+                        store=False, capabilities=MechanismFlag.UNWRAP,
+                        template=dict(_TRANSPORT_KEY_TEMPLATE),
+                    )  # fmt: skip
+                    return transport.unwrap_key(
+                        ObjectClass.PRIVATE_KEY, key_type, blob[k:], id=key_id, label=label,
+                        mechanism=Mechanism[two_step.removeprefix("CKM_")],
+                        store=True, capabilities=MechanismFlag.SIGN, template=template,
+                    )  # fmt: skip
             finally:
                 if transport is not None:
                     self._quietly(transport.destroy)
@@ -709,22 +682,18 @@ class Token:
             + (", the two-step scheme more" if two_step is not None else "")
         )
 
-    def _unwrap_failed(
-        self, s: Any, key_id: bytes, alg: Algorithm, exc: BaseException
-    ) -> BaseException:
-        """What to raise for a failed C_UnwrapKey, once whatever it may have left is gone.
+    @contextmanager
+    def _nothing_left_on_failure(self, s: Any, key_id: bytes) -> Iterator[None]:
+        """A failed C_UnwrapKey ends with whatever it may have left gone.
 
         A module can leave a half-made object behind on a failure (SoftHSM2 2.6.1 does when a
         template attribute is refused), so every failure ends with a search by the new CKA_ID.
         """
-        self._destroy_quietly(s, key_id)
-        if isinstance(exc, _UNWRAP_REFUSED):
-            return InvalidArgument(_refused(exc, alg))
-        if isinstance(exc, p11e.MechanismParamInvalid):
-            return FailedPrecondition(
-                "the PKCS#11 module refuses RSA-OAEP with SHA-1 and MGF1-SHA-1 for unwrapping"
-            )
-        return exc
+        try:
+            yield
+        except BaseException:
+            self._destroy_quietly(s, key_id)
+            raise
 
     def _checked_public(self, obj: Any, alg: Algorithm, public_der: bytes | None) -> bytes:
         kind, want = _object_kind(obj), algorithm_kind(alg)
@@ -804,23 +773,17 @@ class Token:
         self.check_answering()
         slot = conn.free.get()
         try:
-            yield slot
-        except _CONNECTION_LOST as exc:
-            self._mark_down(conn, f"lost the token host ({type(exc).__name__})")
-            raise Unavailable(f"token unavailable: {self._down_reason}") from None
-        except p11e.MechanismInvalid as exc:
-            raise FailedPrecondition(
-                f"the token refused the mechanism: {type(exc).__name__}"
-            ) from None
-        except (p11e.DataLenRange, p11e.DataInvalid) as exc:
-            raise InvalidArgument(f"the token refused the input: {type(exc).__name__}") from None
-        except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid) as exc:
-            slot.keys.clear()
-            raise NotFound(f"key object is gone from the token ({type(exc).__name__})") from None
-        except p11e.PKCS11Error as exc:
-            # Whatever else the token says is unexpected; name it, never echo inputs.
-            log.error("token error", extra={"error": type(exc).__name__})
-            raise Internal(f"token error: {type(exc).__name__}") from None
+            with map_errors():
+                try:
+                    yield slot
+                except CONNECTION_LOST as exc:
+                    # Not through the table: the connection is marked down first, and the
+                    # answer says why the token is down.
+                    self._mark_down(conn, f"lost the token host ({type(exc).__name__})")
+                    raise Unavailable(f"token unavailable: {self._down_reason}") from None
+                except STALE_HANDLE:
+                    slot.keys.clear()  # the cached handle may be the stale one; NOT_FOUND
+                    raise
         finally:
             conn.free.put(slot)
 
@@ -875,8 +838,10 @@ class Token:
             try:
                 conn = self._connect()
             except (p11e.PKCS11Error, Unavailable, ConfigError, OSError) as exc:
-                # ConfigError: the PIN file missing or opened up for a moment while an operator
-                # rotates it; the next attempt reads it again.
+                # Not through the table: a failed attempt is no call's error; its reason is kept
+                # for the calls that meet the token down. ConfigError: the PIN file missing or
+                # opened up for a moment while an operator rotates it; the next attempt reads it
+                # again.
                 reason = exc.message if isinstance(exc, SignerError) else type(exc).__name__
                 self._down_reason = f"cannot reach the token ({reason})"
                 self._connect_failures += 1
@@ -925,8 +890,9 @@ class Token:
         slots: list[_Slot] = []
         try:
             first = self._pin.login(token)
-        except tuple(_PIN_REFUSED) as exc:
-            self._logins.failed(_PIN_REFUSED[type(exc)])
+        except tuple(PIN_REFUSED) as exc:
+            # Not through the table: a refused login counts against the PIN file (see _logins).
+            self._logins.failed(PIN_REFUSED[type(exc)])
             log.error(
                 "token login refused",
                 extra={"error": type(exc).__name__, "failed_logins": self._logins.failures},
@@ -1066,14 +1032,6 @@ def _flag(obj: Any, attr: Attribute) -> bool:
         return False
 
 
-def _refused(exc: Exception, alg: Algorithm) -> str:
-    kind = with_article(algorithm_kind(alg))
-    return (
-        f"the token could not unwrap wrapped_key ({type(exc).__name__}): it is corrupt, was "
-        f"wrapped for another import token's wrapping key, or is not {kind} key in PKCS#8"
-    )
-
-
 def _object_kind(obj: Any) -> str:
     """What a key object holds, named as :func:`signer.keys.algorithm_kind` names algorithms."""
     key_type = obj[Attribute.KEY_TYPE]
@@ -1092,7 +1050,7 @@ def _public_of_private(obj: Any, alg: Algorithm) -> bytes | None:
     """The public key a private key object reveals (RSA: always; EC: not on SoftHSM2), or None."""
     try:
         return _spki(alg, obj)
-    except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive):
+    except ATTRIBUTE_UNREADABLE:
         return None
 
 
@@ -1190,7 +1148,7 @@ def _described(obj: Any) -> TokenObject:
     def read(attr: Attribute) -> Any:
         try:
             return obj[attr]
-        except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive):
+        except ATTRIBUTE_UNREADABLE:
             return None
 
     key_id, label, cls = read(Attribute.ID), read(Attribute.LABEL), read(Attribute.CLASS)
