@@ -41,8 +41,13 @@ $(VENV)/.installed: pyproject.toml
 
 proto: $(GEN)
 
+# google/rpc/status.proto comes with googleapis-common-protos (a dependency, which also ships
+# its generated status_pb2): the directory that holds its google/ is an include root.
+# google/protobuf/*.proto comes with grpc_tools itself.
 $(GEN) &: proto/signer/v1/signer.proto $(VENV)/.installed
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/signer/v1/signer.proto
+	$(PY) -m grpc_tools.protoc -Iproto \
+	  -I"$$($(PY) -c 'import pathlib, google.rpc.status_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')" \
+	  --python_out=. --grpc_python_out=. --pyi_out=. proto/signer/v1/signer.proto
 
 # Token host, service (unix:var/run/signer.sock) and mTLS front (127.0.0.1:50051) in the
 # foreground; Ctrl-C stops all three.

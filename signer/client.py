@@ -306,8 +306,8 @@ class SignerClient:
         resp: pb.SignBatchResponse = self._call("SignBatch", req)
         out: list[Signature | SignerError] = []
         for r in resp.results:
-            if r.error_code:
-                out.append(error_from(getattr(grpc.StatusCode, r.error_code, -1), r.error))
+            if r.WhichOneof("outcome") == "error":
+                out.append(error_from(r.error.code, r.error.message))
             else:
                 sig = Signature(r.signature, resp.version, resp.algorithm, resp.signature_algorithm)
                 out.append(sig)

@@ -43,6 +43,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.rpc import code_pb2
 
 from signer.client import build_import_request
 from signer.v1 import signer_pb2 as pb
@@ -356,13 +357,14 @@ def sign_batch(c: Caller, k: KeyInfo, rng: random.Random, n: int, version: int =
             results=len(resp.results),
         )
     for (m, d), r in zip(inputs, resp.results, strict=False):
-        if r.error_code:
+        if r.WhichOneof("outcome") == "error":
             # The version's state is read again before each chunk: one disabled meanwhile
             # fails the rest (FAILED_PRECONDITION). Nothing else should fail one item alone.
-            c.world.ledger.count("batch_items", r.error_code)
-            if r.error_code != "FAILED_PRECONDITION":
+            code = code_pb2.Code.Name(r.error.code)
+            c.world.ledger.count("batch_items", code)
+            if r.error.code != code_pb2.FAILED_PRECONDITION:
                 c.world.ledger.defect(
-                    "SignBatch item failed", key=k.name, code=r.error_code, error=r.error[:200]
+                    "SignBatch item failed", key=k.name, code=code, error=r.error.message[:200]
                 )
             continue
         c.world.ledger.count("batch_items", "OK")
