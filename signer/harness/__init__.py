@@ -5,5 +5,14 @@
 """
 
 from signer.harness.campaign import Campaign, Case, Row, full_matrix, quick_matrix
+from signer.harness.verdicts import ControlOutcome, ControlVerdict
 
-__all__ = ["Campaign", "Case", "Row", "full_matrix", "quick_matrix"]
+__all__ = [
+    "Campaign",
+    "Case",
+    "ControlOutcome",
+    "ControlVerdict",
+    "Row",
+    "full_matrix",
+    "quick_matrix",
+]

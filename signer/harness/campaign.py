@@ -34,6 +34,7 @@ from signer.errors import AlreadyExists, SignerError
 from signer.harness import crash
 from signer.harness.collectors import KernelCollector, gcore
 from signer.harness.lab import Lab, Load, ServiceProcess, reaped
+from signer.harness.verdicts import NOT_A_CONTROL_ROW, ControlVerdict, judge_control
 from signer.scan import Scanner
 
 MOMENTS = ("idle", "load", "keygen", "rotation", "import", "startup", "shutdown")
@@ -66,7 +67,7 @@ class Row:
     patterns: int = 0
     findings: list[dict[str, Any]] = field(default_factory=list)
     marker: bool = False
-    control: str = ""  # "caught N/N" or "MISSED ..." (or "n/a")
+    control: ControlVerdict | None = None  # None: the row failed before its control ran
     control_findings: int = 0
     seconds: float = 0.0
     activity: str = ""  # what the service was visibly doing when it was crashed
@@ -80,7 +81,12 @@ class Row:
             return False
         if self.case.subject == "inprocess":
             return True  # the second control: its findings are reported, not judged
-        return self.control.startswith("caught") and not self.findings
+        return self.control is not None and self.control.caught and not self.findings
+
+    @property
+    def control_text(self) -> str:
+        """The control column of the report ("" when it did not run)."""
+        return "" if self.control is None else str(self.control)
 
 
 def quick_matrix() -> list[Case]:
@@ -128,7 +134,7 @@ class Campaign:
         self.kernel = KernelCollector.detect()
         self.lab = Lab(self.work / "lab")
         self.rows: list[Row] = []
-        self._controls: dict[tuple[str, str], tuple[str, int]] = {}
+        self._controls: dict[tuple[str, str], tuple[ControlVerdict, int]] = {}
         self._scanner: Scanner | None = None
         self._secret_ids: set[str] = set()
         self._imported = 0
@@ -162,7 +168,7 @@ class Campaign:
                 verdict = "ok" if row.ok else "FAIL"
                 self.progress(
                     f"[{i}/{len(cases)}] {case.id}: {verdict} findings={len(row.findings)} "
-                    f"marker={'yes' if row.marker else 'NO'} control={row.control} "
+                    f"marker={'yes' if row.marker else 'NO'} control={row.control_text} "
                     f"dump={row.dump_size / 2**20:.0f}MiB {row.seconds:.1f}s"
                     + (f" error={row.error}" if row.error else "")
                 )
@@ -350,17 +356,17 @@ class Campaign:
                 row.expected_findings[f.secret_id] = row.expected_findings.get(f.secret_id, 0) + 1
         row.marker = result.markers_found.get("marker", 0) > 0
 
-    def _control(self, case: Case) -> tuple[str, int]:
+    def _control(self, case: Case) -> tuple[ControlVerdict, int]:
         """Crashes a control process the same way (once per mechanism and collector)."""
         if case.subject == "inprocess":
-            return "n/a (this row is itself a control)", 0
+            return NOT_A_CONTROL_ROW, 0
         mechanism = "worker-fault" if case.mechanism == "pkcs11-call-fault" else case.mechanism
         key = (mechanism, case.collector)
         if key not in self._controls:
             self._controls[key] = self._run_control(mechanism, case.collector)
         return self._controls[key]
 
-    def _run_control(self, mechanism: str, collector: str) -> tuple[str, int]:
+    def _run_control(self, mechanism: str, collector: str) -> tuple[ControlVerdict, int]:
         assert self._scanner is not None
         cwd = self.work / f"control-{mechanism}-{collector}".lower()
         marker = os.urandom(48)
@@ -380,13 +386,9 @@ class Campaign:
         result = self._scanner.scan(dump, markers={"marker": marker})
         if not self.keep_dumps:
             dump.unlink()
-        wanted = self._secret_ids
         found = {f.secret_id for f in result.findings}
-        missed = sorted(wanted - found)
-        if missed or not result.markers_found.get("marker"):
-            what = ", ".join(missed) or "marker"
-            return f"MISSED {what}", len(result.findings)
-        return f"caught {len(found)}/{len(wanted)}", len(result.findings)
+        marker_found = bool(result.markers_found.get("marker"))
+        return judge_control(self._secret_ids, found, marker_found), len(result.findings)
 
     # --- report ---------------------------------------------------------------------------------
 
@@ -402,7 +404,7 @@ class Campaign:
             ),
             "front_findings": sum(len(r.findings) for r in self.rows if r.case.subject == "front"),
             "controls_run": len(self._controls),
-            "controls_caught": sum(1 for v, _ in self._controls.values() if v.startswith("caught")),
+            "controls_caught": sum(1 for v, _ in self._controls.values() if v.caught),
             "markers_found": sum(1 for r in self.rows if r.marker),
             "rows_ok": sum(1 for r in self.rows if r.ok),
             "kernel_collector": self.kernel.name,
@@ -413,7 +415,10 @@ class Campaign:
         self.report_dir.mkdir(parents=True, exist_ok=True)
         data = {
             "summary": self.summary(),
-            "rows": [{**asdict(r), "id": r.case.id, "ok": r.ok} for r in self.rows],
+            "rows": [
+                {**asdict(r), "control": r.control_text, "id": r.case.id, "ok": r.ok}
+                for r in self.rows
+            ],
         }
         (self.report_dir / "report.json").write_text(json.dumps(data, indent=2))
         (self.report_dir / "report.md").write_text(render_markdown(data))

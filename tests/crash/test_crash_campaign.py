@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from signer.harness import Campaign, quick_matrix
+from signer.harness import Campaign, ControlOutcome, ControlVerdict, quick_matrix
 
 pytestmark = [pytest.mark.crash, pytest.mark.slow]
 
@@ -33,7 +33,10 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> Campaign:
 
 def test_every_service_dump_is_clean_and_proven(campaign: Campaign) -> None:
     bad = [
-        (r.case.id, r.error or f"findings={len(r.findings)} marker={r.marker} control={r.control}")
+        (
+            r.case.id,
+            r.error or f"findings={len(r.findings)} marker={r.marker} control={r.control_text}",
+        )
         for r in campaign.rows
         if not r.ok
     ]
@@ -67,10 +70,11 @@ def test_controls_catch_every_key_and_the_pin(campaign: Campaign) -> None:
 
 def test_every_scan_searched_for_the_tls_key_and_both_pins(campaign: Campaign) -> None:
     assert {"tls-endpoint-key", "tls-token-pin", "token-user-pin"} <= campaign.secret_ids
-    everything = f"caught {len(campaign.secret_ids)}/{len(campaign.secret_ids)}"
+    n = len(campaign.secret_ids)
+    everything = ControlVerdict(ControlOutcome.CAUGHT, n, n)
     for r in campaign.rows:
         if r.case.subject != "inprocess":
-            assert r.control == everything, (r.case.id, r.control)
+            assert r.control == everything, (r.case.id, r.control_text)
 
 
 def test_the_front_holds_no_tls_key_while_it_serves(campaign: Campaign) -> None:

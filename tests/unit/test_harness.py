@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from signer.harness import Campaign, Case, Row, crash, full_matrix, quick_matrix
+from signer.harness import (
+    Campaign,
+    Case,
+    ControlOutcome,
+    ControlVerdict,
+    Row,
+    crash,
+    full_matrix,
+    quick_matrix,
+)
 from signer.harness.campaign import MOMENTS, render_markdown
 from signer.harness.collectors import KernelCollector
+from signer.harness.verdicts import NOT_A_CONTROL_ROW, judge_control
 
 
 def test_full_matrix_is_every_mechanism_at_every_moment() -> None:
@@ -28,26 +39,31 @@ def test_quick_matrix_covers_every_mechanism_and_moment() -> None:
     assert len({c.id for c in quick_matrix()}) == len(quick_matrix())
 
 
+CAUGHT = ControlVerdict(ControlOutcome.CAUGHT, 9, 9)
+LOAD = Case("SIGSEGV", "load", "kernel")
+
+
 @pytest.mark.parametrize(
     ("row", "ok"),
     [
-        (Row(Case("SIGSEGV", "load", "kernel"), marker=True, control="caught 9/9"), True),
-        (Row(Case("SIGSEGV", "load", "kernel"), marker=False, control="caught 9/9"), False),
-        (Row(Case("SIGSEGV", "load", "kernel"), marker=True, control="MISSED pin"), False),
-        (
-            Row(Case("SIGSEGV", "load", "kernel"), marker=True, control="caught 9/9",
-                findings=[{"secret_id": "k"}]),
-            False,
-        ),
-        (Row(Case("SIGSEGV", "load", "kernel"), marker=True, control="caught", error="x"), False),
+        (Row(LOAD, marker=True, control=CAUGHT), True),
+        (Row(LOAD, marker=False, control=CAUGHT), False),
+        (Row(LOAD, marker=True, control=judge_control({"pin", "k"}, {"k"}, True)), False),
+        (Row(LOAD, marker=True, control=CAUGHT, findings=[{"secret_id": "k"}]), False),
+        (Row(LOAD, marker=True, control=CAUGHT, error="x"), False),
+        (Row(LOAD, marker=True), False),  # the control did not run
         # The in-process control reports findings; it is judged on its marker only.
         (
-            Row(Case("SIGSEGV", "load", "kernel", subject="inprocess"), marker=True,
-                control="n/a", findings=[{"secret_id": "k"}]),
+            Row(
+                Case("SIGSEGV", "load", "kernel", subject="inprocess"),
+                marker=True,
+                control=NOT_A_CONTROL_ROW,
+                findings=[{"secret_id": "k"}],
+            ),
             True,
         ),
     ],
-)  # fmt: skip
+)
 def test_a_row_counts_only_with_its_proofs(row: Row, ok: bool) -> None:
     assert row.ok is ok
 
@@ -71,7 +87,9 @@ def test_file_pattern_with_a_directory(tmp_path: Path) -> None:
     assert KernelCollector("core").directory(tmp_path) == tmp_path
 
 
-def test_relative_report_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_relative_report_dir_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The service runs with its own working directory; relative paths would point nowhere.
     monkeypatch.chdir(tmp_path)
     c = Campaign(Path("report"))
@@ -80,8 +98,40 @@ def test_relative_report_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytes
     assert c.lab.root.is_absolute()
 
 
+@pytest.mark.parametrize(
+    ("wanted", "found", "marker", "outcome", "words"),
+    [
+        ({"a", "b"}, {"a", "b"}, True, ControlOutcome.CAUGHT, "caught 2/2"),
+        ({"a", "b", "c"}, {"b"}, True, ControlOutcome.MISSED, "MISSED a, c"),
+        ({"a", "b"}, {"a", "b"}, False, ControlOutcome.MISSED, "MISSED marker"),
+        ({"a", "b"}, {"a"}, False, ControlOutcome.MISSED, "MISSED b"),
+    ],
+)
+def test_control_verdict_and_its_words_in_the_report(
+    wanted: set[str], found: set[str], marker: bool, outcome: ControlOutcome, words: str
+) -> None:
+    verdict = judge_control(wanted, found, marker)
+    assert verdict.outcome is outcome
+    assert verdict.caught is (outcome is ControlOutcome.CAUGHT)
+    assert str(verdict) == words
+    assert str(NOT_A_CONTROL_ROW) == "n/a (this row is itself a control)"
+    assert not NOT_A_CONTROL_ROW.caught
+
+
+def test_report_json_keeps_the_control_in_words(tmp_path: Path) -> None:
+    c = Campaign(tmp_path / "report")
+    c.rows = [
+        Row(Case("SIGBUS", "idle", "kernel"), marker=True, control=CAUGHT),
+        Row(Case("SIGSEGV", "idle", "kernel"), error="HarnessError: no core"),
+    ]
+    c.write_report()
+    rows = json.loads((c.report_dir / "report.json").read_text())["rows"]
+    assert [(r["control"], r["ok"]) for r in rows] == [("caught 9/9", True), ("", False)]
+    assert "| caught 9/9 | yes | ok |" in (c.report_dir / "report.md").read_text()
+
+
 def test_markdown_report_has_a_row_per_crash_and_the_verdict() -> None:
-    row = Row(Case("SIGBUS", "idle", "kernel"), marker=True, control="caught 9/9")
+    row = Row(Case("SIGBUS", "idle", "kernel"), marker=True, control=CAUGHT)
     data = {
         "summary": {"passed": True, "crashes": 1, "dumps_scanned": 1, "bytes_scanned": 2**20,
                     "service_findings": 0, "controls_caught": 1, "controls_run": 1,
