@@ -10,9 +10,12 @@ import json
 import os
 import socket
 import subprocess
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pkcs11
 import pytest
@@ -37,7 +40,7 @@ from signer._internal.reconcile import (
     reconcile,
 )
 from signer._internal.store import SQLiteStore
-from signer._internal.token import Pin, Token
+from signer._internal.token import Pin, Token, TokenObject
 from signer.keys import ALGORITHMS, ImportToken, Key, State, Version
 from tests.conftest import SIGNER_BIN, TokenHostHandle, make_config, write_toml
 from tests.integration.own_host import own_host  # noqa: F401  (a fixture)
@@ -61,7 +64,7 @@ class World:
 
 
 @pytest.fixture
-def world(own_host: TokenHostHandle, tmp_path: Path):  # noqa: F811
+def world(own_host: TokenHostHandle, tmp_path: Path) -> Iterator[World]:  # noqa: F811
     cfg = make_config(tmp_path, own_host.token_config())
     # No health checks: on a loaded machine one slower than token.stall_seconds makes every
     # call of this test's connection fail UNAVAILABLE.
@@ -99,7 +102,8 @@ def destroy_half(w: World, key_id: bytes, half: ObjectClass) -> None:
         pin = Path(w.cfg.token.pin_file).read_text().strip()
         with token.open(user_pin=pin, rw=True) as session:
             found = list(session.get_objects({Attribute.ID: key_id}))
-            assert sorted(o.object_class.name for o in found) == ["PRIVATE_KEY", "PUBLIC_KEY"]
+            classes = Counter(o.object_class for o in found)
+            assert classes == Counter([ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY])
             for obj in found:
                 if obj.object_class is half:
                     obj.destroy()
@@ -122,7 +126,7 @@ def import_token(w: World, label: str, *, used: bool = False, expired: bool = Fa
     return key_id
 
 
-def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world) -> None:
+def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world: World) -> None:
     w = world
     fine = w.signer.create_key("fine", "ec-p256").versions[0].key_id
     lost = w.signer.create_key("lost", "ec-p256").versions[0].key_id
@@ -225,7 +229,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world) -
     assert {f.kind for f in unasked.findings if f.key_id == audit_key} == {UNMANAGED}
 
 
-def test_beside_a_running_service_only_what_both_passes_find_counts(world) -> None:
+def test_beside_a_running_service_only_what_both_passes_find_counts(world: World) -> None:
     w = world
     key_id = os.urandom(16)
     public = w.token.generate(EC, key_id, "late/v1")  # CreateKey, between generation and commit
@@ -255,7 +259,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_command_reports_repairs_and_refuses_what_it_cannot_do_safely(
-    world, tmp_path: Path
+    world: World, tmp_path: Path
 ) -> None:
     w = world
     w.signer.create_key("kept", "ec-p256")
@@ -301,27 +305,27 @@ def test_the_command_reports_repairs_and_refuses_what_it_cannot_do_safely(
 
 
 def test_an_object_destroyed_while_the_token_is_listed_is_left_out(
-    world, monkeypatch: pytest.MonkeyPatch
+    world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Beside a running service, a reaper or an import may destroy an object between the search
     and the reading of its attributes: the listing goes on without it (it was an error that
     ended the command, seen in test_sigkill)."""
-    from signer._internal.token import _client
+    from signer._internal.token import _token
 
     w = world
     kept, vanishing = w.stray("kept/v1"), w.stray("vanishing/v1")
-    described = _client._described
+    described = _token.described
 
-    def racing(obj):
+    def racing(obj: Any) -> TokenObject:
         if bytes(obj[Attribute.ID]) == vanishing:  # destroyed meanwhile, by someone else
             obj.destroy()
         return described(obj)
 
-    monkeypatch.setattr(_client, "_described", racing)
+    monkeypatch.setattr(_token, "described", racing)
     assert {o.key_id for o in w.token.objects()} == {kept}
 
 
-def test_an_audit_key_pinned_and_not_yet_recorded_is_the_logs(world, tmp_path: Path) -> None:
+def test_an_audit_key_pinned_and_not_yet_recorded_is_the_logs(world: World, tmp_path: Path) -> None:
     """A first checkpoint cut short after the pin was written: the log records no key yet, the
     pin names it, and the next start adopts it; reconcile must not destroy it. A pin that
     cannot be read leaves every audit key alone."""

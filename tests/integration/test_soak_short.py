@@ -15,8 +15,8 @@ to their working size, the restart's reconnection), so only ballooning is told a
 The restart once met a hang of p11-kit-client.so (0.24): when the token host dies in the middle
 of an answer, other threads waiting on that connection stay blocked for good, and the service
 waited for their sessions before reconnecting, so it never served again. The service now gives
-such a connection up after 5 s and replaces the stuck lanes (signer/_internal/token/_client.py,
-Token._abandon_dead), so this test expects it to serve again after every restart.
+such a connection up after 5 s and replaces the stuck lanes (signer/_internal/token/_pool.py,
+SessionPool._abandon_dead), so this test expects it to serve again after every restart.
 """
 
 from __future__ import annotations

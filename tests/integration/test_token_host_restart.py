@@ -17,11 +17,11 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -35,7 +35,15 @@ from signer._internal.server import SERVICE_NAME
 from signer._wire import status_name
 from signer.client import Signature, SignerClient
 from signer.errors import FailedPrecondition, NotFound, SignerError, Unavailable
-from tests.conftest import health_status, wait_until
+from signer.keys import SignMechanism
+from tests.conftest import (
+    RunningService,
+    ServiceFactory,
+    TokenHostHandle,
+    UniqueName,
+    health_status,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +90,9 @@ class DedicatedHost:
 
 
 @pytest.fixture(scope="module")
-def dedicated(token_host, tmp_path_factory) -> Iterator[DedicatedHost]:
+def dedicated(
+    token_host: TokenHostHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DedicatedHost]:
     # Depending on token_host makes sure the tools are there (and says so when they are not).
     root = tmp_path_factory.mktemp("hsm-restart")
     # hsm.init points SOFTHSM2_CONF at the new token, and every service started here points
@@ -156,8 +166,8 @@ def wait_for_health(address: str, want: tuple[str, str], timeout: float) -> floa
 
 
 def test_token_host_stopped_and_restarted_under_a_running_service(
-    host, service_factory, unique_name
-):
+    host: DedicatedHost, service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     svc = service_factory(token=host.token_config())
     c = svc.client(timeout=10)
     name = unique_name()
@@ -195,7 +205,9 @@ def test_token_host_stopped_and_restarted_under_a_running_service(
     assert_signs_and_verifies(c, other, b"a new key after the restarts")
 
 
-def test_token_host_sigkilled_and_replaced(host, service_factory, unique_name):
+def test_token_host_sigkilled_and_replaced(
+    host: DedicatedHost, service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     svc = service_factory(token=host.token_config())
     c = svc.client(timeout=10)
     name = unique_name()
@@ -228,7 +240,9 @@ def test_token_host_sigkilled_and_replaced(host, service_factory, unique_name):
     )
 
 
-def test_service_started_while_token_host_is_down(host, service_factory, unique_name):
+def test_service_started_while_token_host_is_down(
+    host: DedicatedHost, service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     host.host.stop()
     svc = service_factory(token=host.token_config())  # starts; does not wait for the token
     c = svc.client(timeout=10)
@@ -254,8 +268,11 @@ def test_service_started_while_token_host_is_down(host, service_factory, unique_
 
 
 def test_losing_the_token_host_during_a_key_lookup_leaves_no_unraisable_error(
-    host, service_factory, unique_name, monkeypatch
-):
+    host: DedicatedHost,
+    service_factory: ServiceFactory,
+    unique_name: UniqueName,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A lost token host is an answer (UNAVAILABLE), not a stray traceback on stderr.
 
     The first call on a session that has not used a key yet looks the key up (C_FindObjectsInit).
@@ -295,7 +312,9 @@ def put(path: Path, data: bytes) -> None:
     private_file(path).write_bytes(data)
 
 
-def with_own_pin_file(host, service_factory, tmp_path, unique_name):  # type: ignore[no-untyped-def]
+def with_own_pin_file(
+    host: DedicatedHost, service_factory: ServiceFactory, tmp_path: Path, unique_name: UniqueName
+) -> tuple[RunningService, SignerClient, str, Path]:
     """A service reading a PIN file of the test's own (right for now), with a key; returns the
     service, a client, the key's name and the PIN file."""
     pin_file = tmp_path / "user.pin"
@@ -310,8 +329,11 @@ def with_own_pin_file(host, service_factory, tmp_path, unique_name):  # type: ig
 
 
 def test_a_wrong_pin_is_tried_once_by_one_connection_only(
-    service_factory, token_host, tmp_path, monkeypatch
-):
+    service_factory: ServiceFactory,
+    token_host: TokenHostHandle,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """HSMs lock a user out after a few failed logins. A wrong PIN is tried once, not at every
     health check; and the service's second, administrative connection logs in only once the
     signing one is up, so it adds no attempt of its own."""
@@ -323,7 +345,7 @@ def test_a_wrong_pin_is_tried_once_by_one_connection_only(
     seen = threading.Condition()
     original = Pin.login
 
-    def counted(pin, token):  # type: ignore[no-untyped-def]
+    def counted(pin: Pin, token: Any) -> Any:
         with seen:
             attempts[id(pin)] = attempts.get(id(pin), 0) + 1
             seen.notify_all()
@@ -346,8 +368,8 @@ def test_a_wrong_pin_is_tried_once_by_one_connection_only(
 
 
 def test_a_pin_that_stops_working_is_refused_clearly_and_not_retried_until_fixed(
-    host, service_factory, tmp_path, unique_name
-):
+    host: DedicatedHost, service_factory: ServiceFactory, tmp_path: Path, unique_name: UniqueName
+) -> None:
     """The token's PIN is changed without telling the service (here: its PIN file replaced,
     which is the same to the service), and the token host restarts, so the service must log in
     again. Calls get FAILED_PRECONDITION naming the file, health is NOT_SERVING, and the wrong
@@ -386,8 +408,8 @@ def test_a_pin_that_stops_working_is_refused_clearly_and_not_retried_until_fixed
 
 
 def test_past_the_bound_the_service_stops_trying_for_good(
-    host, service_factory, tmp_path, unique_name
-):
+    host: DedicatedHost, service_factory: ServiceFactory, tmp_path: Path, unique_name: UniqueName
+) -> None:
     svc, c, name, pin_file = with_own_pin_file(host, service_factory, tmp_path, unique_name)
     token = svc.server.token
     put(pin_file, b"wrong-one")
@@ -406,7 +428,9 @@ def test_past_the_bound_the_service_stops_trying_for_good(
     assert health(svc.address) == NOT_SERVING
 
 
-def test_a_pin_file_missing_for_a_while_is_waited_for(host, service_factory, tmp_path, unique_name):
+def test_a_pin_file_missing_for_a_while_is_waited_for(
+    host: DedicatedHost, service_factory: ServiceFactory, tmp_path: Path, unique_name: UniqueName
+) -> None:
     """Review of issue 12: the PIN file gone (an operator rotating it) when the service had to
     log in again raised out of the monitor thread and ended it: the token never came back
     until a restart. Now it is a reason to wait, named in the answer, and no login attempt."""
@@ -433,8 +457,8 @@ def test_a_pin_file_missing_for_a_while_is_waited_for(host, service_factory, tmp
 
 
 def test_a_frozen_token_host_is_noticed_calls_fail_fast_and_nothing_piles_up(
-    host, service_factory, unique_name
-):
+    host: DedicatedHost, service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     """The token host stops answering without going away (SIGSTOP: a hung process, a network
     HSM that no longer replies), for seconds, then resumes (SIGCONT). Callers' deadlines are
     honoured; within ``token.stall_seconds`` health says NOT_SERVING and new calls fail fast
@@ -489,8 +513,8 @@ def test_a_frozen_token_host_is_noticed_calls_fail_fast_and_nothing_piles_up(
 
 
 def test_a_flapping_token_host_under_load_never_yields_a_wrong_answer(
-    host, service_factory, unique_name
-):
+    host: DedicatedHost, service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     """The token host killed (SIGKILL) and started again five times while four callers sign
     as fast as they can: every signature received verifies, every failure is UNAVAILABLE
     (saying the token is unavailable), and the service serves again after the last start."""
@@ -504,6 +528,9 @@ def test_a_flapping_token_host_under_load_never_yields_a_wrong_answer(
     tally: dict[str, int] = {}
     wrong: list[bytes] = []
     lock = threading.Lock()
+
+    def oks_past(count: int) -> Callable[[], bool]:
+        return lambda: tally.get("OK", 0) > count
 
     def caller(i: int) -> None:
         c = svc.client(timeout=5)
@@ -533,16 +560,16 @@ def test_a_flapping_token_host_under_load_never_yields_a_wrong_answer(
         for _ in range(5):
             with lock:
                 before = tally.get("OK", 0)
-            assert wait_until(lambda before=before: tally.get("OK", 0) > before + 20, 30)
+            assert wait_until(oks_past(before + 20), 30)
             pgid = host.host.pid
             assert pgid is not None
             os.killpg(pgid, signal.SIGKILL)
             host.host.stop()  # reaps it, removes what is left (the TLS token's server)
             host.start_again()
-        t = svc.server.token
-        assert wait_until(lambda: tally.get("OK", 0) > before + 40, 30), (
-            f"no recovery: {tally}; token available={t.available} stalled={t._stalled} "
-            f"down_reason={t._down_reason!r} checks={t.checks}"
+        token = svc.server.token
+        assert wait_until(oks_past(before + 40), 30), (
+            f"no recovery: {tally}; token available={token.available} stalled={token._stalled} "
+            f"down_reason={token._down_reason!r} checks={token.checks}"
         )
     finally:
         stop.set()
@@ -555,8 +582,11 @@ def test_a_flapping_token_host_under_load_never_yields_a_wrong_answer(
 
 
 def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_down(
-    host, service_factory, unique_name, monkeypatch
-):
+    host: DedicatedHost,
+    service_factory: ServiceFactory,
+    unique_name: UniqueName,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Found by the soak: the service stayed NOT_SERVING for good after a token host restart.
     p11-kit-client can leave a thread waiting for ever when its server dies under concurrent
     calls (Token._abandon_dead says how); that thread held a session of the dead connection,
@@ -565,7 +595,7 @@ def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_do
     host: the service gives that connection up after 5 s, answers the stuck call
     UNAVAILABLE, replaces its lane, connects afresh and signs; the stuck thread, let go at the
     end, leaves quietly."""
-    from signer._internal.token import _client
+    from signer._internal.token import _token
 
     cfg = replace(host.token_config(), stall_seconds=0.3, **QUICK_CHECKS)
     svc = service_factory(token=cfg)
@@ -573,15 +603,15 @@ def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_do
     name = unique_name()
     c.create_key(name, "ec-p256")
     held, release = threading.Event(), threading.Event()
-    original = _client._sign_with
+    original = _token.sign_with
 
-    def stuck_once(key, mech, data):  # type: ignore[no-untyped-def]
+    def stuck_once(key: Any, mech: SignMechanism, data: bytes) -> bytes:
         if not held.is_set():
             held.set()
             release.wait(120)  # as p11-kit-client's waiter: nobody wakes it (until the end)
         return original(key, mech, data)
 
-    monkeypatch.setattr(_client, "_sign_with", stuck_once)
+    monkeypatch.setattr(_token, "sign_with", stuck_once)
     try:
         with ThreadPoolExecutor(1) as pool:
             victim = pool.submit(c.sign, name, message=b"stuck")
@@ -600,8 +630,8 @@ def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_do
 
 
 def test_a_key_the_signing_connection_does_not_see_is_signed_on_the_other(
-    service_factory, unique_name, monkeypatch
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The soak: the signing connection's SoftHSM2 process at times did not see a key the
     administrative connection had just made (NOT_FOUND; the next call found it). The signing
     connection is made blind to the key here (its search finds nothing): Sign, SignBatch and
@@ -613,7 +643,7 @@ def test_a_key_the_signing_connection_does_not_see_is_signed_on_the_other(
     main = svc.server.token
     assert svc.server.admin_token is not main
 
-    def blind(slot, key_id):  # type: ignore[no-untyped-def]
+    def blind(slot: object, key_id: bytes) -> NoReturn:
         raise NotFound(f"no private key object with id {key_id.hex()} in the token")
 
     monkeypatch.setattr(main, "_find_private", blind)

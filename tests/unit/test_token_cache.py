@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from signer._internal.token._client import _Handles
+from signer._internal.token._pool import _Handles
 
 
 def test_the_handle_cache_keeps_its_most_recently_used() -> None:

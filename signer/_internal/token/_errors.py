@@ -31,13 +31,7 @@ from contextlib import contextmanager
 import pkcs11.exceptions as p11e
 
 from signer._internal.token._logins import EXPIRED, INCORRECT, LOCKED
-from signer.errors import (
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    SignerError,
-)
+from signer.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, SignerError
 
 log = logging.getLogger(__name__)
 

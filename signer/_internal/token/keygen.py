@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from signer._internal.config import TokenConfig
-from signer._internal.token._client import Token
+from signer._internal.token._token import Token
 from signer._internal.token.pin import Pin
 from signer.errors import SignerError
 from signer.keys import ALGORITHMS
