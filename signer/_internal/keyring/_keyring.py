@@ -254,7 +254,7 @@ class Keyring:
         except SignerError:
             log.error("could not remove orphaned token objects", extra={"key": version.name})
 
-    # --- wrapped import -----------------------------------------------------------------------
+    # --- wrapped import and adoption ---------------------------------------------------------
 
     def get_import_parameters(self, caller: str) -> ImportParameters:
         """An import token for ``caller`` (:meth:`ImportTokens.issue`)."""
@@ -390,6 +390,8 @@ class Keyring:
                 log.warning("adopted key not relabelled", extra={"key": name, "error": exc.message})
         log.info("key adopted", extra={"key": name, "algorithm": alg.name})
         return self.get_key(name)
+
+    # --- reading ------------------------------------------------------------------------------
 
     def get_key(self, name: str) -> Key:
         check_name(name)
