@@ -242,15 +242,15 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None) -> None:
         if not server.token.available:
             raise Unavailable("the token host did not answer; see the log above")
         try:
-            await server.run_blocking(lambda: server.signer.get_key(DEMO_KEY))
+            await server.run_blocking(lambda: server.keyring.get_key(DEMO_KEY))
         except NotFound:
             demo = await server.run_blocking(
-                lambda: server.signer.create_key(DEMO_KEY, DEMO_ALGORITHM, scope="demo")
+                lambda: server.keyring.create_key(DEMO_KEY, DEMO_ALGORITHM, scope="demo")
             )
-            if server.audit is not None:  # a key made outside any call is on record too
-                await server.audit.record(
-                    Event(server.signer.now(), "signer run", "CreateKey", demo.name, 1, "", "OK")
-                )
+            # A key made outside any call is on record too.
+            await server.audit.record(
+                Event(server.keyring.now(), "signer run", "CreateKey", demo.name, 1, "", "OK")
+            )
         cert, key = DevCA(root / "tls").client_files(DEV_CLIENT)
         print(
             f"signer serving local callers on unix:{root / 'run' / 'signer.sock'}\n"

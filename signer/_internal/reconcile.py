@@ -66,11 +66,11 @@ if TYPE_CHECKING:  # the CLI imports this module for its defaults: no PKCS#11 un
     from signer._internal.token import Token, TokenObject
 
 # CKA_LABELs the service gives the objects it makes (signer/_internal/keyring/,
-# signer/_internal/server.py).
+# signer/_internal/server/_assembly.py).
 WRAPPING_KEY_LABEL = "signer/import-wrapping"
 AUDIT_KEY_LABEL = "signer-audit-key"
 # The CKA_ID the service draws for what it generates (signer/_internal/keyring/_common.py
-# KEY_ID_BYTES, the audit key's in signer/_internal/server.py).
+# KEY_ID_BYTES, the audit key's in signer/_internal/server/_assembly.py).
 SERVICE_KEY_ID_BYTES = 16
 _VERSION_LABEL = re.compile(r"(?P<name>.+)/v(?P<version>[1-9][0-9]*)")
 DEFAULT_GRACE_SECONDS = 15.0

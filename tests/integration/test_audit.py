@@ -11,10 +11,13 @@ import shutil
 import sqlite3
 import subprocess
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pkcs11
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,22 +27,31 @@ from signer._internal.audit import Event, record_hash
 from signer._internal.audit._log import NOT_ANSWERED
 from signer._internal.store import SQLiteStore
 from signer.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
-from signer.keys import State
+from signer.keys import SignMechanism, State
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
-from tests.conftest import SIGNER_BIN, health_status, log_lines, wait_until, write_toml
+from tests.conftest import (
+    SIGNER_BIN,
+    RunningService,
+    ServiceFactory,
+    UniqueName,
+    health_status,
+    log_lines,
+    wait_until,
+    write_toml,
+)
 
 pytestmark = pytest.mark.integration
 CALLER = f"uid:{os.getuid()}({pwd.getpwuid(os.getuid()).pw_name})"
 
 
 @pytest.fixture
-def captured_lines():
+def captured_lines() -> Iterator[list[str]]:
     with log_lines("signer") as lines:
         yield lines
 
 
-def records(path: str) -> list[tuple[object, ...]]:
+def records(path: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(path) as db:
         return db.execute(
             "SELECT seq, caller, operation, key, version, payload_sha256, status FROM records "
@@ -54,7 +66,9 @@ def verify_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_every_call_is_recorded_without_its_payload(service_factory, unique_name, tmp_path):
+def test_every_call_is_recorded_without_its_payload(
+    service_factory: ServiceFactory, unique_name: UniqueName, tmp_path: Path
+) -> None:
     policy = tmp_path / "one-scope.toml"
     policy.write_text(
         f'[[grant]]\ncallers = ["uid:{os.getuid()}"]\noperations = ["*"]\nscopes = ["mine"]\n'
@@ -83,7 +97,7 @@ def test_every_call_is_recorded_without_its_payload(service_factory, unique_name
     assert message not in Path(svc.server.cfg.audit.path).read_bytes()
 
 
-def signed_and_stopped(svc, name: str, signatures: int) -> str:
+def signed_and_stopped(svc: RunningService, name: str, signatures: int) -> str:
     """The audit log of a service that created ``name``, signed ``signatures`` times with it
     and was stopped (so its last checkpoint is written): its path."""
     c = svc.client()
@@ -94,7 +108,9 @@ def signed_and_stopped(svc, name: str, signatures: int) -> str:
     return str(svc.server.cfg.audit.path)
 
 
-def test_a_real_log_verifies_and_a_tampered_one_is_named(service_factory, unique_name):
+def test_a_real_log_verifies_and_a_tampered_one_is_named(
+    service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     path = signed_and_stopped(service_factory(audit={"checkpoint_every": 5}), unique_name(), 12)
     done = verify_cli("--db", path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -107,7 +123,9 @@ def test_a_real_log_verifies_and_a_tampered_one_is_named(service_factory, unique
     assert "first bad record 7: its contents do not match its hash (modified)" in done.stdout
 
 
-def test_checkpoints_are_signed_by_a_key_in_the_token(service_factory, own_session):
+def test_checkpoints_are_signed_by_a_key_in_the_token(
+    service_factory: ServiceFactory, own_session: pkcs11.Session
+) -> None:
     svc = service_factory(audit={"checkpoint_every": 1})
     svc.client().list_keys()
     svc.stop()
@@ -126,7 +144,9 @@ def test_checkpoints_are_signed_by_a_key_in_the_token(service_factory, own_sessi
     )
 
 
-def test_no_signature_leaves_while_the_log_cannot_be_written(service_factory, unique_name):
+def test_no_signature_leaves_while_the_log_cannot_be_written(
+    service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     svc = service_factory()
     c = svc.client()
     name = unique_name()
@@ -156,7 +176,9 @@ def test_no_signature_leaves_while_the_log_cannot_be_written(service_factory, un
     ]
 
 
-def test_archiving_from_the_command_line_keeps_the_log_provable(service_factory, unique_name):
+def test_archiving_from_the_command_line_keeps_the_log_provable(
+    service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     path = signed_and_stopped(service_factory(audit={"checkpoint_every": 3}), unique_name(), 7)
     done = subprocess.run(
         [str(SIGNER_BIN), "audit-log", "archive", "--db", path, "--older-than-days", "0"],
@@ -173,7 +195,7 @@ def test_archiving_from_the_command_line_keeps_the_log_provable(service_factory,
 # --- calls whose caller stopped waiting (issue 11, item 1) -------------------------------------
 
 
-def stored(svc):
+def stored(svc: RunningService) -> SQLiteStore:
     return SQLiteStore(svc.server.cfg.store.path)
 
 
@@ -181,7 +203,7 @@ class _Held:
     """Holds ``target.method`` in the service's worker thread until released, and tells when a
     call entered it and when the server saw a call's caller go (its log line)."""
 
-    def __init__(self, target, method: str, monkeypatch) -> None:
+    def __init__(self, target: object, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.gone = threading.Semaphore(0)
@@ -189,7 +211,7 @@ class _Held:
 
         self.entries = threading.Semaphore(0)
 
-        def held(*args, **kwargs):
+        def held(*args: Any, **kwargs: Any) -> Any:
             self.entered.set()
             self.entries.release()
             assert self.release.wait(30), "never released"
@@ -215,10 +237,10 @@ class _Held:
 
 
 def test_a_cancelled_call_still_changes_state_only_with_its_record(
-    service_factory, unique_name, monkeypatch
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     svc = service_factory()
-    held = _Held(svc.server.signer, "create_key", monkeypatch)
+    held = _Held(svc.server.keyring, "create_key", monkeypatch)
     name = unique_name()
     with grpc.insecure_channel(svc.address) as channel:
         stub = pb_grpc.SignerServiceStub(channel)
@@ -236,8 +258,8 @@ def test_a_cancelled_call_still_changes_state_only_with_its_record(
 
 
 def test_calls_past_their_deadline_are_recorded_with_what_they_did(
-    service_factory, unique_name, monkeypatch
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     svc = service_factory()
     c = svc.client()
     name = unique_name()
@@ -271,8 +293,8 @@ def test_calls_past_their_deadline_are_recorded_with_what_they_did(
 
 
 def test_a_caller_refused_too_often_is_throttled_and_counted_in_one_record(
-    service_factory, unique_name, captured_lines
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, captured_lines: list[str]
+) -> None:
     svc = service_factory(server={"refused_calls_budget": 3, "refusal_window_seconds": 3600})
     c = svc.client()
     for i in range(3):
@@ -313,8 +335,8 @@ def _rewrite_and_strip(path: str, seq: int) -> None:
 
 
 def test_a_rewritten_log_stripped_of_its_checkpoints_does_not_verify(
-    service_factory, unique_name, tmp_path
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, tmp_path: Path
+) -> None:
     witness = tmp_path / "elsewhere.jsonl"
     svc = service_factory(audit={"checkpoint_every": 5, "max_unsigned_records": 8,
                                  "witness_file": str(witness)},
@@ -351,8 +373,8 @@ def test_a_rewritten_log_stripped_of_its_checkpoints_does_not_verify(
 
 
 def test_a_checkpoint_key_that_is_not_the_pinned_one_stops_the_service(
-    service_factory, unique_name
-):
+    service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     """Issue 12: a foreign audit key is a tamper signal. The service refuses every call,
     UNAVAILABLE naming why, and its health is NOT_SERVING, until an operator restarts it."""
     svc = service_factory(audit={"checkpoint_every": 1})
@@ -373,9 +395,11 @@ def test_a_checkpoint_key_that_is_not_the_pinned_one_stops_the_service(
 # --- what a caller who goes can leave running (issue 11's review) -----------------------------
 
 
-def test_calls_left_running_are_bounded_per_caller(service_factory, unique_name, monkeypatch):
+def test_calls_left_running_are_bounded_per_caller(
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     svc = service_factory(server={"max_calls_per_caller": 2})
-    held = _Held(svc.server.signer, "create_key", monkeypatch)
+    held = _Held(svc.server.keyring, "create_key", monkeypatch)
     try:
         with grpc.insecure_channel(svc.address) as channel:
             stub = pb_grpc.SignerServiceStub(channel)
@@ -396,8 +420,8 @@ def test_calls_left_running_are_bounded_per_caller(service_factory, unique_name,
 
 
 def test_a_burst_refused_for_want_of_places_writes_no_more_than_the_budget(
-    service_factory, unique_name, monkeypatch
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Review of issue 12: calls refused because their caller had too many running were each
     recorded and never counted as refusals, and a burst passed the throttle before any of its
     records was written (4,872 records from one caller with no grant). Now they count, before
@@ -408,7 +432,7 @@ def test_a_burst_refused_for_want_of_places_writes_no_more_than_the_budget(
         server={"max_calls_per_caller": 2, "refused_calls_budget": budget,
                 "refusal_window_seconds": 3600},
     )  # fmt: skip
-    held = _Held(svc.server.signer, "create_key", monkeypatch)
+    held = _Held(svc.server.keyring, "create_key", monkeypatch)
     try:
         with grpc.insecure_channel(svc.address) as channel:
             stub = pb_grpc.SignerServiceStub(channel)
@@ -431,8 +455,8 @@ def test_a_burst_refused_for_want_of_places_writes_no_more_than_the_budget(
 
 
 def test_an_emergency_disable_does_not_wait_behind_a_pile_of_key_generations(
-    service_factory, unique_name, monkeypatch
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Review of issue 12: state changes shared the four-thread admin pool with key
     generation, so a caller with a rotate grant could pile up RSA-4096 rotations and hold an
     operator's Disable for minutes. The admin pool is held full here (a hook in create_key);
@@ -440,7 +464,7 @@ def test_an_emergency_disable_does_not_wait_behind_a_pile_of_key_generations(
     svc = service_factory()
     victim = unique_name()
     svc.client().create_key(victim, "ec-p256")
-    held = _Held(svc.server.signer, "create_key", monkeypatch)
+    held = _Held(svc.server.keyring, "create_key", monkeypatch)
     with grpc.insecure_channel(svc.address) as channel:
         stub = pb_grpc.SignerServiceStub(channel)
         try:
@@ -456,15 +480,17 @@ def test_an_emergency_disable_does_not_wait_behind_a_pile_of_key_generations(
         assert all(call.result(timeout=30) for call in pile)
 
 
-def test_a_batch_whose_caller_went_signs_no_more_chunks(service_factory, unique_name, monkeypatch):
+def test_a_batch_whose_caller_went_signs_no_more_chunks(
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     svc = service_factory()
     name = unique_name()
     svc.client().create_key(name, "ec-p256")
     held = _Held(svc.server.token, "sign_many", monkeypatch)
-    chunks = []
+    chunks: list[int] = []
     hold = svc.server.token.sign_many  # the hold, which then calls the token
 
-    def counted(key_id, jobs):
+    def counted(key_id: bytes, jobs: list[tuple[SignMechanism, bytes]]) -> list[bytes]:
         chunks.append(len(jobs))
         return hold(key_id, jobs)
 

@@ -29,7 +29,7 @@ from signer.errors import (
 )
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
-from tests.conftest import RunningService
+from tests.conftest import RunningService, ServiceFactory, TokenHostHandle, UniqueName
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,7 @@ def _destroy_v1(ctx: Ctx) -> None:
     ctx.client.rotate(ctx.name)
     ctx.client.schedule_destruction(ctx.name, 1)
     ctx.service.clock.advance(days=8)
-    assert ctx.service.blocking(ctx.service.server.signer.reap) == 1
+    assert ctx.service.blocking(ctx.service.server.keyring.reap) == 1
 
 
 def _original_is_intact(ctx: Ctx) -> None:
@@ -211,7 +211,9 @@ def test_refused(ctx: Ctx, row: Row) -> None:
 # --- rows with their own set-up ---------------------------------------------------------------
 
 
-def test_oversized_message_names_the_limit(service_factory, unique_name):
+def test_oversized_message_names_the_limit(
+    service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     service = service_factory(server={"max_message_bytes": 1024})
     client = service.client()
     name = unique_name()
@@ -231,7 +233,7 @@ def test_oversized_message_names_the_limit(service_factory, unique_name):
     )
 
 
-def test_neither_message_nor_digest(ctx, stub):
+def test_neither_message_nor_digest(ctx: Ctx, stub: pb_grpc.SignerServiceStub) -> None:
     with pytest.raises(TypeError, match="exactly one of message= or digest="):
         ctx.client.sign(ctx.name)  # the typed client refuses before sending
     before = snapshot(ctx.client)
@@ -246,7 +248,9 @@ def test_neither_message_nor_digest(ctx, stub):
     assert snapshot(ctx.client) == before
 
 
-def test_token_unreachable_fails_fast_with_unavailable(service_factory, token_host, unique_name):
+def test_token_unreachable_fails_fast_with_unavailable(
+    service_factory: ServiceFactory, token_host: TokenHostHandle, unique_name: UniqueName
+) -> None:
     # A key made through a reachable token, so that the metadata lookup succeeds and the call
     # really reaches the token; an unknown key would be (rightly) NOT_FOUND before that.
     good = service_factory()
@@ -321,7 +325,7 @@ RAW_ROWS: dict[str, RawRow] = {
 
 
 @pytest.mark.parametrize("row", list(RAW_ROWS.values()), ids=list(RAW_ROWS))
-def test_raw_grpc_status(ctx, stub, row):
+def test_raw_grpc_status(ctx: Ctx, stub: pb_grpc.SignerServiceStub, row: RawRow) -> None:
     if row.prepare is not None:
         row.prepare(ctx)
     before = snapshot(ctx.client)
@@ -336,7 +340,7 @@ def test_raw_grpc_status(ctx, stub, row):
 
 
 @pytest.mark.parametrize("seconds", [10**12, 2**64 - 1])
-def test_absurd_waiting_period_is_invalid_argument_not_internal(ctx, seconds):
+def test_absurd_waiting_period_is_invalid_argument_not_internal(ctx: Ctx, seconds: int) -> None:
     # now + timedelta(seconds=...) overflows datetime; the service must refuse the value
     # instead of crashing into INTERNAL ("internal error (see the service log)").
     ctx.client.rotate(ctx.name)

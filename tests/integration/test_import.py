@@ -17,13 +17,16 @@ import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pkcs11
 import pkcs11.exceptions as p11e
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pkcs11 import Attribute, ObjectClass
 
 from signer import wrapping
@@ -32,7 +35,15 @@ from signer._internal.config import SOFTHSM_MODULE, TokenConfig
 from signer.client import build_import_request
 from signer.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from signer.v1 import signer_pb2 as pb
-from tests.conftest import SIGNER_BIN, RunningService, wait_until, write_toml
+from tests.conftest import (
+    SIGNER_BIN,
+    RunningService,
+    ServiceFactory,
+    TokenHostHandle,
+    UniqueName,
+    wait_until,
+    write_toml,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +55,7 @@ HASHES = {"ec-p256": hashes.SHA256(), "ec-p384": hashes.SHA384(), "ec-p521": has
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def pem(key: Any) -> bytes:
+def pem(key: PrivateKeyTypes) -> bytes:
     return bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -110,7 +121,9 @@ def request(
 # --- import parameters --------------------------------------------------------------------------
 
 
-def test_import_parameters_and_the_wrapping_key_in_the_token(service, own_session):
+def test_import_parameters_and_the_wrapping_key_in_the_token(
+    service: RunningService, own_session: pkcs11.Session
+) -> None:
     client = service.client()
     params = client.get_import_parameters()
 
@@ -149,22 +162,26 @@ def test_import_parameters_and_the_wrapping_key_in_the_token(service, own_sessio
     assert int.from_bytes(pub[Attribute.MODULUS], "big") == public.public_numbers().n
 
 
-def test_expired_import_tokens_lose_their_wrapping_key_to_the_reaper(service, own_session):
+def test_expired_import_tokens_lose_their_wrapping_key_to_the_reaper(
+    service: RunningService, own_session: pkcs11.Session
+) -> None:
     client = service.client()
     params = client.get_import_parameters()
     record = service.server.store.get_import_token(params.import_token)
     assert len(list(own_session.get_objects({Attribute.ID: record.key_id}))) == 2
 
     service.clock.advance(hours=23)
-    service.blocking(service.server.signer.reap)
+    service.blocking(service.server.keyring.reap)
     assert len(list(own_session.get_objects({Attribute.ID: record.key_id}))) == 2
     service.clock.advance(hours=1)
-    service.blocking(service.server.signer.reap)
+    service.blocking(service.server.keyring.reap)
     assert list(own_session.get_objects({Attribute.ID: record.key_id})) == []
     assert service.server.store.get_import_token(params.import_token).destroyed
 
 
-def test_a_caller_asking_again_gets_its_live_import_token_not_a_new_key_pair(service, own_session):
+def test_a_caller_asking_again_gets_its_live_import_token_not_a_new_key_pair(
+    service: RunningService, own_session: pkcs11.Session
+) -> None:
     """The red team looped GetImportParameters from four threads: 16 RSA-4096 pairs were left in
     the token. A caller's unused token is given back; one pair is made."""
     client = service.client()
@@ -192,14 +209,16 @@ def _children(pid: int) -> set[int]:
 
 
 def test_wrapping_key_generation_does_not_hold_up_signatures(
-    service_factory, token_host, unique_name
-):
+    service_factory: ServiceFactory, token_host: TokenHostHandle, unique_name: UniqueName
+) -> None:
     """Slow token work has a connection of its own: with the token host's process for that
     connection frozen (SIGSTOP) in the middle of an RSA-4096 generation, signatures go on.
     Through one shared connection they all waited for the generation (1 s and more each)."""
-    before = _children(token_host.host.pid)
+    host_pid = token_host.host.pid
+    assert host_pid is not None
+    before = _children(host_pid)
     svc = service_factory()
-    new = sorted(_children(token_host.host.pid) - before)
+    new = sorted(_children(host_pid) - before)
     assert len(new) == 2, f"expected a signing and an administrative connection, got {new}"
     admin_remote = new[-1]  # the service connects it second
     client = svc.client(timeout=20)
@@ -221,7 +240,9 @@ def test_wrapping_key_generation_does_not_hold_up_signatures(
 # --- round trips --------------------------------------------------------------------------------
 
 
-def test_ec_keys_import_and_sign_verifiably_with_the_original_key(service, unique_name):
+def test_ec_keys_import_and_sign_verifiably_with_the_original_key(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     for alg in CURVES:  # an import token each: they are single-use
         name = unique_name(alg)
@@ -248,7 +269,9 @@ def test_ec_keys_import_and_sign_verifiably_with_the_original_key(service, uniqu
         assert client.verify(name, sig.signature, message=MESSAGE)
 
 
-def test_import_as_a_new_version_becomes_primary(service, unique_name):
+def test_import_as_a_new_version_becomes_primary(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     client.create_key(name, "ec-p256", scope="team")
@@ -284,8 +307,8 @@ def test_import_as_a_new_version_becomes_primary(service, unique_name):
 
 
 def test_imported_private_key_objects_are_sensitive_and_never_extractable(
-    service, own_session, unique_name
-):
+    service: RunningService, own_session: pkcs11.Session, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     client.import_key(name, "ec-p384", pem(ec_key("ec-p384")))
@@ -320,7 +343,9 @@ def test_imported_private_key_objects_are_sensitive_and_never_extractable(
         priv[Attribute.SENSITIVE] = False
 
 
-def test_request_carries_no_plaintext_key(service, unique_name):
+def test_request_carries_no_plaintext_key(
+    service: RunningService, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     client = service.client()
     params = client.get_import_parameters()
     sent: list[bytes] = []
@@ -330,7 +355,7 @@ def test_request_carries_no_plaintext_key(service, unique_name):
         sent.append(req.SerializeToString())
         return real_call(method, req)
 
-    client._call = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(client, "_call", spy)
     original = ec_key("ec-p521")
     client.import_key(unique_name(), "ec-p521", pem(original), params=params)
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -358,8 +383,8 @@ def test_request_carries_no_plaintext_key(service, unique_name):
 
 
 def test_rsa_and_ed25519_import_are_failed_precondition_through_p11kit(
-    service, own_session, unique_name
-):
+    service: RunningService, own_session: pkcs11.Session, unique_name: UniqueName
+) -> None:
     client = service.client()
     params = client.get_import_parameters()
     assert "rsa-2048" not in params.supported_algorithms
@@ -383,7 +408,9 @@ def test_rsa_and_ed25519_import_are_failed_precondition_through_p11kit(
 # --- rejected imports leave nothing -------------------------------------------------------------
 
 
-def test_corrupt_and_foreign_blobs_are_invalid_argument(service, own_session, unique_name):
+def test_corrupt_and_foreign_blobs_are_invalid_argument(
+    service: RunningService, own_session: pkcs11.Session, unique_name: UniqueName
+) -> None:
     client = service.client()
     first = client.get_import_parameters()
     assert client.get_import_parameters().import_token == first.import_token  # given back
@@ -424,8 +451,8 @@ def test_corrupt_and_foreign_blobs_are_invalid_argument(service, own_session, un
 
 
 def test_wrong_algorithm_and_wrong_public_key_are_invalid_argument(
-    service, own_session, unique_name
-):
+    service: RunningService, own_session: pkcs11.Session, unique_name: UniqueName
+) -> None:
     client = service.client()
     params = client.get_import_parameters()
     name = unique_name()
@@ -474,10 +501,13 @@ def test_wrong_algorithm_and_wrong_public_key_are_invalid_argument(
 
 def _has_audit_key(path: str) -> bool:
     with sqlite3.connect(path) as db:
-        return db.execute("SELECT COUNT(*) FROM audit_key").fetchone() == (1,)
+        row: tuple[int] | None = db.execute("SELECT COUNT(*) FROM audit_key").fetchone()
+    return row == (1,)
 
 
-def test_unknown_and_expired_import_tokens(service_factory, own_session, unique_name):
+def test_unknown_and_expired_import_tokens(
+    service_factory: ServiceFactory, own_session: pkcs11.Session, unique_name: UniqueName
+) -> None:
     # Checkpoints from the first call: the audit key pair is made in the token then, not while
     # the rejections below count the token's objects (two days on, a checkpoint is due at once).
     service = service_factory(audit={"checkpoint_every": 1})
@@ -494,7 +524,7 @@ def test_unknown_and_expired_import_tokens(service_factory, own_session, unique_
         ("not a token!", "import_token is missing or malformed"),
     ):
         bad = request(params, name, "ec-p256", key, import_token=token)
-        assert_rejected(service, own_session, name, lambda b=bad: client.import_key_version(b),
+        assert_rejected(service, own_session, name, partial(client.import_key_version, bad),
                         InvalidArgument, fragment)  # fmt: skip
 
     service.clock.advance(days=2)
@@ -503,7 +533,7 @@ def test_unknown_and_expired_import_tokens(service_factory, own_session, unique_
         FailedPrecondition, "import_token expired at", "GetImportParameters",
     )  # fmt: skip
     # Still "expired", not "unknown", once the reaper has destroyed the wrapping key.
-    service.blocking(service.server.signer.reap)
+    service.blocking(service.server.keyring.reap)
     assert_rejected(
         service, own_session, name, lambda: client.import_key_version(req),
         FailedPrecondition, "import_token expired at",
@@ -513,7 +543,9 @@ def test_unknown_and_expired_import_tokens(service_factory, own_session, unique_
 # --- the command line ---------------------------------------------------------------------------
 
 
-def test_keys_import_cli_round_trip(service, unique_name, tmp_path: Path):
+def test_keys_import_cli_round_trip(
+    service: RunningService, unique_name: UniqueName, tmp_path: Path
+) -> None:
     name = unique_name("cli")
     original = ec_key("ec-p384")
     key_file = tmp_path / "key.pem"
@@ -544,7 +576,7 @@ def test_keys_import_cli_round_trip(service, unique_name, tmp_path: Path):
 
 
 @pytest.fixture
-def recorded_popen(monkeypatch) -> list[dict[str, Any]]:
+def recorded_popen(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Records the argv and environment :func:`signer._internal.hsm.provision_key` gives its
     child."""
     calls: list[dict[str, Any]] = []
@@ -555,7 +587,7 @@ def recorded_popen(monkeypatch) -> list[dict[str, Any]]:
         calls.append({"argv": list(argv), "env": dict(kwargs.get("env") or {}), "pid": proc.pid})
         return proc
 
-    monkeypatch.setattr(hsm.subprocess, "Popen", popen)
+    monkeypatch.setattr("signer._internal.hsm.subprocess.Popen", popen)
     return calls
 
 
@@ -567,8 +599,14 @@ def recorded_popen(monkeypatch) -> list[dict[str, Any]]:
     ],
 )
 def test_provision_key_with_softhsm2_util_on_a_pty_then_adopt(
-    token_host, service, own_session, recorded_popen, unique_name, alg, make
-):
+    token_host: TokenHostHandle,
+    service: RunningService,
+    own_session: pkcs11.Session,
+    recorded_popen: list[dict[str, Any]],
+    unique_name: UniqueName,
+    alg: str,
+    make: Callable[[], ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey],
+) -> None:
     original = make()
     key_id = secrets.token_bytes(16)
     hsm.provision_key(token_host.root, pem(original), "admin-provisioned", key_id)
@@ -598,12 +636,12 @@ def test_provision_key_with_softhsm2_util_on_a_pty_then_adopt(
 
     # Adopted, it signs through the service, verifiably with the original key.
     name = unique_name(alg)
-    key = service.blocking(lambda: service.server.signer.adopt_key(name, alg, key_id, "admin"))
+    key = service.blocking(lambda: service.server.keyring.adopt_key(name, alg, key_id, "admin"))
     assert (key.name, key.algorithm, key.primary, key.scope) == (name, alg, 1, "admin")
     assert key.versions[0].key_id == key_id
     client = service.client()
     sig = client.sign(name, message=MESSAGE).signature
-    if alg.startswith("ec"):
+    if isinstance(original, ec.EllipticCurvePrivateKey):
         assert verifies_ec(original, alg, sig)
     else:
         original.public_key().verify(
@@ -623,7 +661,7 @@ def test_provision_key_with_softhsm2_util_on_a_pty_then_adopt(
     assert pub[Attribute.LABEL] == f"{name}/v1"
 
     # Adopting again, or the wrong thing, is refused and destroys nothing.
-    signer = service.server.signer
+    signer = service.server.keyring
     with pytest.raises(AlreadyExists):
         service.blocking(lambda: signer.adopt_key(name, alg, key_id))
     other = "ec-p384" if alg.startswith("ec") else "rsa-3072"
@@ -637,7 +675,9 @@ def test_provision_key_with_softhsm2_util_on_a_pty_then_adopt(
     assert priv[Attribute.LABEL] == f"{name}/v1"
 
 
-def test_provision_key_refuses_garbage_and_reports_the_tools_error(token_host, tmp_path):
+def test_provision_key_refuses_garbage_and_reports_the_tools_error(
+    token_host: TokenHostHandle, tmp_path: Path
+) -> None:
     with pytest.raises(InvalidArgument, match="not a PEM private key"):
         hsm.provision_key(token_host.root, b"-----BEGIN NOTHING-----", "x", b"\x01")
     with pytest.raises(FailedPrecondition, match="no token in"):
@@ -650,7 +690,9 @@ def test_provision_key_refuses_garbage_and_reports_the_tools_error(token_host, t
     assert not list(token_host.root.glob(".provision-*"))
 
 
-def test_hsm_import_key_and_keys_adopt_cli(token_host, service, unique_name, tmp_path: Path):
+def test_hsm_import_key_and_keys_adopt_cli(
+    token_host: TokenHostHandle, service: RunningService, unique_name: UniqueName, tmp_path: Path
+) -> None:
     original = ec_key("ec-p521")
     (tmp_path / "key.pem").write_bytes(pem(original))
     key_id = secrets.token_bytes(16)
@@ -678,7 +720,9 @@ def test_hsm_import_key_and_keys_adopt_cli(token_host, service, unique_name, tmp
 
 
 @pytest.fixture
-def inprocess_service(service_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def inprocess_service(
+    service_factory: ServiceFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> RunningService:
     """THE TOKEN IS IN THIS PROCESS: SoftHSM2 loaded directly, because Debian's p11-kit 0.24.1
     does not carry CKM_AES_KEY_WRAP_PAD. Production uses a module that carries it."""
     paths = hsm.init(tmp_path / "hsm-inprocess")
@@ -689,7 +733,9 @@ def inprocess_service(service_factory, tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.inprocess
-def test_rsa_import_in_two_steps_where_the_module_offers_it(inprocess_service, unique_name):
+def test_rsa_import_in_two_steps_where_the_module_offers_it(
+    inprocess_service: RunningService, unique_name: UniqueName
+) -> None:
     svc = inprocess_service
     client = svc.client()
     params = client.get_import_parameters()

@@ -1,7 +1,7 @@
 """Key lifecycle through the real gRPC client: rotation, primary, disable/enable, destruction.
 
 Time never passes by sleeping: the service runs on an injected :class:`FakeClock`, and the
-reaper is run by hand (``service.blocking(service.server.signer.reap)``). Whether a version's
+reaper is run by hand (``service.blocking(service.server.keyring.reap)``). Whether a version's
 private key is really gone is checked through the token itself, not through the service's
 metadata.
 """
@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from signer.client import SignerClient
 from signer.errors import FailedPrecondition, InvalidArgument, NotFound
 from signer.v1 import signer_pb2 as pb
-from tests.conftest import RunningService
+from tests.conftest import RunningService, ServiceFactory, UniqueName
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def in_token(service: RunningService, kid: bytes) -> bool:
 
 
 def reap(service: RunningService) -> int:
-    return int(service.blocking(service.server.signer.reap))
+    return int(service.blocking(service.server.keyring.reap))
 
 
 def new_key(client: SignerClient, name: str, versions: int = 1) -> pb.Key:
@@ -85,7 +85,9 @@ def new_key(client: SignerClient, name: str, versions: int = 1) -> pb.Key:
 # --- rotation and primary ---------------------------------------------------------------------
 
 
-def test_rotate_creates_version_2_and_sign_defaults_to_it(service, unique_name):
+def test_rotate_creates_version_2_and_sign_defaults_to_it(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     key = client.create_key(name, "ec-p256")
@@ -122,7 +124,9 @@ def test_rotate_creates_version_2_and_sign_defaults_to_it(service, unique_name):
     assert client.rotate(name).primary_version == 3
 
 
-def test_set_primary_back_and_refuse_a_version_that_is_not_enabled(service, unique_name):
+def test_set_primary_back_and_refuse_a_version_that_is_not_enabled(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     new_key(client, name, versions=2)
@@ -150,7 +154,9 @@ def test_set_primary_back_and_refuse_a_version_that_is_not_enabled(service, uniq
 # --- disable / enable -------------------------------------------------------------------------
 
 
-def test_disabled_version_neither_signs_nor_verifies_until_enabled(service, unique_name):
+def test_disabled_version_neither_signs_nor_verifies_until_enabled(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     new_key(client, name, versions=2)
@@ -178,7 +184,9 @@ def test_disabled_version_neither_signs_nor_verifies_until_enabled(service, uniq
     assert client.verify(name, again.signature, message=MESSAGE, version=1)
 
 
-def test_disabling_the_primary_stops_default_signing(service, unique_name):
+def test_disabling_the_primary_stops_default_signing(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     new_key(client, name)
@@ -192,7 +200,9 @@ def test_disabling_the_primary_stops_default_signing(service, unique_name):
 # --- scheduling destruction -------------------------------------------------------------------
 
 
-def test_schedule_destruction_default_period_then_cancel(service, unique_name):
+def test_schedule_destruction_default_period_then_cancel(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     new_key(client, name, versions=2)
@@ -237,7 +247,9 @@ def test_schedule_destruction_default_period_then_cancel(service, unique_name):
     assert in_token(service, key_id(service, name, 1))
 
 
-def test_schedule_destruction_with_an_explicit_period(service, unique_name):
+def test_schedule_destruction_with_an_explicit_period(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     new_key(client, name, versions=3)
@@ -257,7 +269,9 @@ def test_schedule_destruction_with_an_explicit_period(service, unique_name):
     assert ts(v.destroy_time) == now + timedelta(days=1)
 
 
-def test_default_and_minimum_periods_come_from_the_config(service_factory, unique_name):
+def test_default_and_minimum_periods_come_from_the_config(
+    service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     service = service_factory(
         keys={
             "destruction_waiting_period_seconds": 3 * DAY,
@@ -277,7 +291,9 @@ def test_default_and_minimum_periods_come_from_the_config(service_factory, uniqu
     assert ts(v.destroy_time) == now + timedelta(hours=1)
 
 
-def test_the_primary_version_cannot_be_scheduled(service, unique_name):
+def test_the_primary_version_cannot_be_scheduled(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     new_key(client, name)
@@ -295,7 +311,9 @@ def test_the_primary_version_cannot_be_scheduled(service, unique_name):
 
 
 @pytest.mark.parametrize("seconds", [1, DAY - 1])
-def test_waiting_period_below_the_minimum_is_invalid(service, unique_name, seconds):
+def test_waiting_period_below_the_minimum_is_invalid(
+    service: RunningService, unique_name: UniqueName, seconds: int
+) -> None:
     client = service.client()
     name = unique_name()
     new_key(client, name, versions=2)
@@ -311,7 +329,9 @@ def test_waiting_period_below_the_minimum_is_invalid(service, unique_name, secon
 # --- destruction ------------------------------------------------------------------------------
 
 
-def test_version_is_destroyed_once_its_period_has_passed(service, unique_name):
+def test_version_is_destroyed_once_its_period_has_passed(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name = unique_name()
     new_key(client, name, versions=2)
@@ -374,7 +394,9 @@ def test_version_is_destroyed_once_its_period_has_passed(service, unique_name):
     assert client.rotate(name).primary_version == 3
 
 
-def test_reaper_spares_versions_not_yet_due_or_cancelled(service, unique_name):
+def test_reaper_spares_versions_not_yet_due_or_cancelled(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     due, cancelled, later = unique_name("due"), unique_name("cancelled"), unique_name("later")
     for name in (due, cancelled, later):
@@ -406,7 +428,7 @@ def test_reaper_spares_versions_not_yet_due_or_cancelled(service, unique_name):
 # --- listing ----------------------------------------------------------------------------------
 
 
-def test_list_keys_pages_in_name_order(service, unique_name):
+def test_list_keys_pages_in_name_order(service: RunningService, unique_name: UniqueName) -> None:
     client = service.client()
     prefix = unique_name("page")
     names = [f"{prefix}-{i}" for i in range(7)]
@@ -435,7 +457,7 @@ def test_list_keys_pages_in_name_order(service, unique_name):
     assert len(client.list_keys(page_size=1000).keys) == 7
 
 
-def test_list_keys_rejects_a_page_size_over_1000(service):
+def test_list_keys_rejects_a_page_size_over_1000(service: RunningService) -> None:
     client = service.client()
     with pytest.raises(InvalidArgument, match="page_size must be at most 1000, got 1001"):
         client.list_keys(page_size=1001)
@@ -444,7 +466,9 @@ def test_list_keys_rejects_a_page_size_over_1000(service):
 @pytest.mark.parametrize(
     "token", ["garbage", "not a token!", "AAAA", "%%%%", "\u043a\u043b\u044e\u0447", "a" * 500]
 )
-def test_list_keys_rejects_a_garbage_page_token(service, unique_name, token):
+def test_list_keys_rejects_a_garbage_page_token(
+    service: RunningService, unique_name: UniqueName, token: str
+) -> None:
     client = service.client()
     client.create_key(unique_name(), "ec-p256")
     with pytest.raises(InvalidArgument, match="page_token is malformed"):
@@ -454,7 +478,9 @@ def test_list_keys_rejects_a_garbage_page_token(service, unique_name, token):
 # --- scope and labels -------------------------------------------------------------------------
 
 
-def test_scope_and_labels_are_stored_and_returned(service, unique_name):
+def test_scope_and_labels_are_stored_and_returned(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     client = service.client()
     name, plain = unique_name(), unique_name("plain")
     labels = {"team": "payments", "env": "prod", "cost_center": "4711", "empty": ""}

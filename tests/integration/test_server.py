@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -19,7 +20,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from signer._internal.server import SERVICE_NAME
 from signer.client import SignerClient
 from signer.errors import Unavailable
-from tests.conftest import health_status, wait_until
+from tests.conftest import (
+    RunningService,
+    ServiceFactory,
+    ServiceProcessFactory,
+    UniqueName,
+    health_status,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +78,7 @@ def log_messages(text: str) -> list[str]:
 # --- health and reflection ----------------------------------------------------------------------
 
 
-def test_health_serving_for_server_and_service(service):
+def test_health_serving_for_server_and_service(service: RunningService) -> None:
     assert SERVICE_NAME == "signer.v1.SignerService"
     assert health_status(service.address) == "SERVING"
     assert health_status(service.address, SERVICE_NAME) == "SERVING"
@@ -82,7 +90,7 @@ def test_health_serving_for_server_and_service(service):
     assert err.value.code() is grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_and_describes_the_services(service):
+def test_reflection_lists_and_describes_the_services(service: RunningService) -> None:
     resp = reflect(service.address, list_services="")
     names = {s.name for s in resp.list_services_response.service}
     assert {SERVICE_NAME, HEALTH_NAME} <= names, names
@@ -104,19 +112,19 @@ def test_reflection_lists_and_describes_the_services(service):
 
 @pytest.mark.slow
 def test_stop_drains_in_flight_calls_then_refuses_new_ones(
-    service_factory, unique_name, monkeypatch
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     svc = service_factory(server={"grace_seconds": 60.0})
     n = 4
     # Know for certain that every call has reached the service before it is stopped.
     entered = threading.Semaphore(0)
-    create_key = svc.server.signer.create_key
+    create_key = svc.server.keyring.create_key
 
-    def counting_create_key(*args, **kwargs):
+    def counting_create_key(*args: Any, **kwargs: Any) -> Any:
         entered.release()
         return create_key(*args, **kwargs)
 
-    monkeypatch.setattr(svc.server.signer, "create_key", counting_create_key)
+    monkeypatch.setattr(svc.server.keyring, "create_key", counting_create_key)
 
     names = [unique_name() for _ in range(n)]
     # Not svc.client(): svc.stop() closes those first, which would cancel the calls client-side.
@@ -161,8 +169,8 @@ def test_stop_drains_in_flight_calls_then_refuses_new_ones(
 
 @pytest.mark.slow
 def test_sigterm_stops_the_process_gracefully_while_a_client_signs(
-    service_process_factory, unique_name
-):
+    service_process_factory: ServiceProcessFactory, unique_name: UniqueName
+) -> None:
     grace = 5.0
     sp = service_process_factory(server={"grace_seconds": grace})
     name = unique_name()
@@ -235,7 +243,9 @@ def test_sigterm_stops_the_process_gracefully_while_a_client_signs(
 # --- concurrency through one service ------------------------------------------------------------
 
 
-def test_sixteen_concurrent_clients_create_and_sign_without_errors(service, unique_name):
+def test_sixteen_concurrent_clients_create_and_sign_without_errors(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     threads = 16
     rounds = 5
     names = [unique_name() for _ in range(threads)]
@@ -284,8 +294,8 @@ def test_sixteen_concurrent_clients_create_and_sign_without_errors(service, uniq
 
 
 def test_slow_administrative_calls_do_not_hold_up_signing(
-    service_factory, unique_name, monkeypatch
-):
+    service_factory: ServiceFactory, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Administrative calls run on a pool of their own: with two CreateKey calls held inside
     the service (as two RSA-4096 generations would hold a token that runs calls concurrently),
     a Sign still answers. Were they on the two lanes, the Sign could not run until one ended.
@@ -296,14 +306,14 @@ def test_slow_administrative_calls_do_not_hold_up_signing(
     with svc.client() as c:
         c.create_key(signing_key, "ec-p256")
     entered, gate = threading.Semaphore(0), threading.Event()
-    create_key = svc.server.signer.create_key
+    create_key = svc.server.keyring.create_key
 
-    def held_create_key(*args, **kwargs):
+    def held_create_key(*args: Any, **kwargs: Any) -> Any:
         entered.release()
         assert gate.wait(60)
         return create_key(*args, **kwargs)
 
-    monkeypatch.setattr(svc.server.signer, "create_key", held_create_key)
+    monkeypatch.setattr(svc.server.keyring, "create_key", held_create_key)
     with SignerClient(svc.address, timeout=120) as c, ThreadPoolExecutor(2) as pool:
         slow = [pool.submit(c.create_key, unique_name(), "ec-p256") for _ in range(2)]
         try:

@@ -7,23 +7,29 @@ import os
 import sqlite3
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from signer.client import Signature
+from signer._internal.keyring import BatchPlan
+from signer.client import Signature, SignerClient
 from signer.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from signer.keys import SignMechanism
+from tests.conftest import RunningService, ServiceFactory, TokenHostHandle, UniqueName
 
 pytestmark = pytest.mark.integration
 
 
-def public(client, name: str):  # type: ignore[no-untyped-def]
+def public(client: SignerClient, name: str) -> PublicKeyTypes:
     return serialization.load_pem_public_key(client.public_key(name).pem.encode())
 
 
 @pytest.mark.parametrize("algorithm", ["ec-p256", "rsa-2048"])
-def test_every_item_verifies(client, unique_name, algorithm: str) -> None:
+def test_every_item_verifies(client: SignerClient, unique_name: UniqueName, algorithm: str) -> None:
     name = unique_name()
     client.create_key(name, algorithm)
     messages = [os.urandom(40) for _ in range(25)]
@@ -34,13 +40,15 @@ def test_every_item_verifies(client, unique_name, algorithm: str) -> None:
         assert isinstance(result, Signature)
         assert result.version == 1
         if algorithm.startswith("ec"):
+            assert isinstance(key, ec.EllipticCurvePublicKey)
             key.verify(result.signature, message, ec.ECDSA(hashes.SHA256()))
         else:
+            assert isinstance(key, rsa.RSAPublicKey)
             key.verify(result.signature, message, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
                        hashes.SHA256())  # fmt: skip
 
 
-def test_a_bad_item_fails_alone(client, unique_name) -> None:
+def test_a_bad_item_fails_alone(client: SignerClient, unique_name: UniqueName) -> None:
     name = unique_name()
     client.create_key(name, "ec-p256")
     good = hashlib.sha256(b"good").digest()
@@ -54,14 +62,18 @@ def test_a_bad_item_fails_alone(client, unique_name) -> None:
 @pytest.mark.parametrize(
     ("count", "message"), [(0, "items is empty"), (1001, "1001 items; at most 1000")]
 )
-def test_batch_size_is_bounded(client, unique_name, count: int, message: str) -> None:
+def test_batch_size_is_bounded(
+    client: SignerClient, unique_name: UniqueName, count: int, message: str
+) -> None:
     name = unique_name()
     client.create_key(name, "ec-p256")
     with pytest.raises(InvalidArgument, match=message):
         client.sign_batch(name, messages=[b"m"] * count)
 
 
-def test_a_disabled_version_fails_the_whole_batch(client, unique_name) -> None:
+def test_a_disabled_version_fails_the_whole_batch(
+    client: SignerClient, unique_name: UniqueName
+) -> None:
     name = unique_name()
     client.create_key(name, "ec-p256")
     client.rotate(name)
@@ -70,7 +82,9 @@ def test_a_disabled_version_fails_the_whole_batch(client, unique_name) -> None:
         client.sign_batch(name, messages=[b"a", b"b"], version=1)
 
 
-def test_one_audit_record_and_one_authorisation(service_factory, unique_name, tmp_path) -> None:
+def test_one_audit_record_and_one_authorisation(
+    service_factory: ServiceFactory, unique_name: UniqueName, tmp_path: Path
+) -> None:
     policy = tmp_path / "read-only.toml"
     policy.write_text(
         f'[[grant]]\ncallers = ["uid:{os.getuid()}"]\noperations = ["read"]\nscopes = ["*"]\n'
@@ -93,7 +107,7 @@ def test_one_audit_record_and_one_authorisation(service_factory, unique_name, tm
 
 
 def test_a_long_batch_does_not_hold_up_single_signatures(
-    service_factory, token_host, unique_name
+    service_factory: ServiceFactory, token_host: TokenHostHandle, unique_name: UniqueName
 ) -> None:
     """A batch reaches the token in chunks, so a Sign that arrives meanwhile waits for one
     chunk, not for the whole batch. One lane, so the two must take turns: without chunks the
@@ -122,7 +136,7 @@ def test_a_long_batch_does_not_hold_up_single_signatures(
 
 
 def test_a_version_disabled_while_a_batch_runs_signs_no_more_of_it(
-    service, unique_name, monkeypatch
+    service: RunningService, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 11: the state is read again before each chunk of 50. The batch is held after its
     first chunk (a hook in the token call, no sleep), the version disabled, the batch let go."""
@@ -132,7 +146,7 @@ def test_a_version_disabled_while_a_batch_runs_signs_no_more_of_it(
     first_chunk, go_on = threading.Event(), threading.Event()
     original = service.server.token.sign_many
 
-    def held(key_id, jobs):  # type: ignore[no-untyped-def]
+    def held(key_id: bytes, jobs: list[tuple[SignMechanism, bytes]]) -> list[bytes]:
         out = original(key_id, jobs)
         if not first_chunk.is_set():
             first_chunk.set()
@@ -157,7 +171,7 @@ def test_a_version_disabled_while_a_batch_runs_signs_no_more_of_it(
 
 
 def test_a_version_disabled_after_the_plan_signs_not_even_the_first_chunk(
-    service, unique_name, monkeypatch
+    service: RunningService, unique_name: UniqueName, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review of issue 12: the plan and the first chunk run as two lane jobs, and the first
     chunk had stopped reading the state again, so a Disable that returned OK between them still
@@ -166,15 +180,15 @@ def test_a_version_disabled_after_the_plan_signs_not_even_the_first_chunk(
     name = unique_name()
     client.create_key(name, "ec-p256")
     planned, go_on = threading.Event(), threading.Event()
-    original = service.server.signer.plan_batch
+    original = service.server.keyring.plan_batch
 
-    def held(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def held(*args: Any, **kwargs: Any) -> BatchPlan:
         plan = original(*args, **kwargs)
         planned.set()
         assert go_on.wait(30)
         return plan
 
-    monkeypatch.setattr(service.server.signer, "plan_batch", held)
+    monkeypatch.setattr(service.server.keyring, "plan_batch", held)
     result: list[object] = []
     batch = threading.Thread(
         target=lambda: result.extend(client.sign_batch(name, messages=[b"m%d" % i

@@ -1,0 +1,73 @@
+"""The gRPC server: who is calling, what each call may do and what it leaves on record, the RPCs,
+and the service's assembly and lifetime.
+
+The service never listens on a network. Local callers reach it through the Unix socket served
+by :class:`signer._internal.relay.PeerRelay` (their uid from SO_PEERCRED); remote callers through
+the mTLS front, which connects to a socket of its own (``server.front_socket``) and names the
+verified client certificate in headers that are believed there and nowhere else. Each listener
+gets its own gRPC server with a :class:`CallInterceptor` that knows how its callers are
+identified.
+
+Its parts, each a module here:
+
+- ``_identity``: who is calling: :func:`local_caller` (SO_PEERCRED, through the relay),
+  :func:`front_caller` (the front's headers), :data:`CALLER` for the call being served,
+  :data:`UNAUTHENTICATED`.
+- ``_interceptor``: :class:`CallInterceptor`, around every call: admission (a revoked
+  certificate, an audit log that cannot record), places in flight, the refusal throttle, the
+  audit record of each outcome (:func:`audit_event`), and the one place our errors become gRPC
+  statuses (:func:`signer._wire.status_of`).
+- ``_servicer``: :class:`SignerServicer`, the RPCs: the policy asked, then the keyring
+  (:mod:`signer._internal.keyring`) called off the event loop, the signing path on the lanes
+  (:mod:`signer._internal.lanes`).
+- ``_convert``: protobuf from and to the keyring's types.
+- ``_assembly``: :class:`Server` (token connections, store, keyring, policy, audit log, the gRPC
+  servers, health, reflection; start, SIGHUP reload, shutdown), :func:`serve`, the process's
+  hardening and its connection limits.
+"""
+
+from signer._internal.server._assembly import (
+    ADMIN_SESSIONS,
+    SERVICE_NAME,
+    Recorder,
+    Server,
+    harden_process,
+    relay_limits,
+    serve,
+)
+from signer._internal.server._identity import (
+    CALLER,
+    UNAUTHENTICATED,
+    Identify,
+    front_caller,
+    local_caller,
+)
+from signer._internal.server._interceptor import (
+    CALLER_GONE,
+    GONE,
+    PUBLIC_PREFIXES,
+    CallInterceptor,
+    audit_event,
+)
+from signer._internal.server._servicer import SignerServicer
+
+__all__ = [
+    "ADMIN_SESSIONS",
+    "CALLER",
+    "CALLER_GONE",
+    "GONE",
+    "PUBLIC_PREFIXES",
+    "SERVICE_NAME",
+    "UNAUTHENTICATED",
+    "CallInterceptor",
+    "Identify",
+    "Recorder",
+    "Server",
+    "SignerServicer",
+    "audit_event",
+    "front_caller",
+    "harden_process",
+    "local_caller",
+    "relay_limits",
+    "serve",
+]
