@@ -1,5 +1,9 @@
 """``signer``: the one command line of the project.
 
+``pip install signer`` brings the commands that call the service; the others need an extra (see
+:data:`EXTRAS`), and import what it brings only when they run, so that the client's commands work
+without it.
+
 Exit codes: 0 success; 1 a signature that does not verify, or key material found by ``scan``;
 2 an error: bad usage, an error status from the service (printed as ``error: STATUS: message``),
 or an error raised here, such as a dump ``scan`` cannot read (``error: message``).
@@ -13,9 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from signer._internal.config import AuditConfig
 from signer._internal.reconcile import DEFAULT_GRACE_SECONDS
 from signer._wire import STATUS, status_name
 from signer.client import DEFAULT_ADDRESS, ClientTLS, SignerClient
@@ -23,7 +26,19 @@ from signer.errors import InvalidArgument, SignerError
 from signer.keys import ALGORITHMS
 from signer.v1 import signer_pb2 as pb
 
+if TYPE_CHECKING:
+    from signer._internal.config import AuditConfig
+
 EXIT_OK, EXIT_INVALID, EXIT_ERROR = 0, 1, 2
+
+EXTRAS: dict[str, str] = {
+    "pkcs11": "service",
+    "grpc_health": "service",
+    "grpc_reflection": "service",
+    "hyperscan": "scan",
+    "numpy": "scan",
+}
+"""The extra (pyproject.toml) that brings each module a command may need and the client lacks."""
 
 
 def _client(args: argparse.Namespace) -> SignerClient:
@@ -738,6 +753,18 @@ def described(exc: SignerError) -> str:
     return exc.message
 
 
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """What to say when a command's module is not installed: the extra that brings it, or None
+    for a module no extra brings (a bug, not an installation to complete)."""
+    extra = EXTRAS.get((exc.name or "").partition(".")[0])
+    if extra is None:
+        return None
+    return (
+        f"this command needs signer's {extra!r} extra, and {exc.name} is not installed: "
+        f"pip install 'signer[{extra}]'"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -745,6 +772,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = args.func(args)
     except SignerError as exc:
         print(f"error: {described(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        needed = missing_extra(exc)
+        if needed is None:
+            raise
+        print(f"error: {needed}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
