@@ -39,13 +39,13 @@ class SigFormat(enum.Enum):
 
 
 class SignMechanism(enum.Enum):
-    """What the token is asked to do; :mod:`signer._internal.token` maps these to PKCS#11
-    mechanisms."""
+    """How the token is asked to sign; :mod:`signer._internal.token` maps these (and a
+    :class:`Family`, for making a key pair) to PKCS#11 mechanisms, in one table."""
 
-    ECDSA = "CKM_ECDSA"  # sign a digest, returns r || s
-    RSA_PKCS_PSS = "CKM_RSA_PKCS_PSS"  # sign a SHA-256 digest with PSS parameters
-    RSA_PKCS = "CKM_RSA_PKCS"  # sign DigestInfo || digest (PKCS#1 v1.5)
-    EDDSA = "CKM_EDDSA"  # sign the message itself (PureEdDSA)
+    ECDSA = "ecdsa"  # sign a digest, returns r || s
+    RSA_PKCS_PSS = "rsa-pss"  # sign a SHA-256 digest with PSS parameters
+    RSA_PKCS = "rsa-pkcs1v15"  # sign DigestInfo || digest (PKCS#1 v1.5)
+    EDDSA = "eddsa"  # sign the message itself (PureEdDSA)
 
 
 @dataclass(frozen=True)
@@ -57,17 +57,12 @@ class Algorithm:
     bits: int
     # Hash applied to messages; None for Ed25519, which signs messages whole.
     hash_name: str | None
-    # PKCS#11 mechanism names the token must offer to generate and to sign.
-    keygen_mechanism: str
-    sign_mechanisms: tuple[str, ...]
+    # How the token signs with it (a key pair is made by its family).
+    sign_mechanisms: tuple[SignMechanism, ...]
 
     @property
     def digest_size(self) -> int | None:
         return None if self.hash_name is None else hashlib.new(self.hash_name).digest_size
-
-    @property
-    def required_mechanisms(self) -> tuple[str, ...]:
-        return (self.keygen_mechanism, *self.sign_mechanisms)
 
     def hash(self, message: bytes) -> bytes:
         assert self.hash_name is not None
@@ -92,7 +87,7 @@ class Algorithm:
 
 
 def _ec(name: str, curve: str, bits: int, hash_name: str) -> Algorithm:
-    return Algorithm(name, Family.EC, curve, bits, hash_name, "CKM_EC_KEY_PAIR_GEN", ("CKM_ECDSA",))
+    return Algorithm(name, Family.EC, curve, bits, hash_name, (SignMechanism.ECDSA,))
 
 
 def _rsa(bits: int) -> Algorithm:
@@ -102,8 +97,7 @@ def _rsa(bits: int) -> Algorithm:
         None,
         bits,
         "sha256",
-        "CKM_RSA_PKCS_KEY_PAIR_GEN",
-        ("CKM_RSA_PKCS_PSS", "CKM_RSA_PKCS"),
+        (SignMechanism.RSA_PKCS_PSS, SignMechanism.RSA_PKCS),
     )
 
 
@@ -122,8 +116,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             None,
             255,
             None,
-            "CKM_EC_EDWARDS_KEY_PAIR_GEN",
-            ("CKM_EDDSA",),
+            (SignMechanism.EDDSA,),
         ),
     )
 }

@@ -32,10 +32,13 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from signer._internal.token._errors import UNWRAP_ERRORS, map_errors
 from signer._internal.token._mechanisms import (
     KWP_MECHANISMS,
+    MECHANISMS,
     OAEP_SHA1,
     ONE_STEP_MECHANISMS,
     RSA_AES_KEY_WRAP,
+    mechanism_name,
     sign_with,
+    signing,
 )
 from signer._internal.token._objects import (
     KEY_TYPES,
@@ -69,6 +72,8 @@ from signer.keys import (
 log = logging.getLogger(__name__)
 
 WRAPPING_KEY_BITS = 4096
+# What an RSA import lacks when the module offers no key wrap with padding, by name.
+_PAD = mechanism_name(Mechanism.AES_KEY_WRAP_PAD)
 
 
 class WrappedImport(SessionPool):
@@ -77,6 +82,10 @@ class WrappedImport(SessionPool):
     @property
     def two_step_mechanism(self) -> str | None:
         """The key-wrap-with-padding mechanism of the two-step scheme, or None if not offered."""
+        two_step = self._two_step()
+        return None if two_step is None else mechanism_name(two_step)
+
+    def _two_step(self) -> Mechanism | None:
         have = self.mechanisms
         if not all(m in have for m in ONE_STEP_MECHANISMS):
             return None
@@ -84,7 +93,7 @@ class WrappedImport(SessionPool):
 
     def require_wrapping(self) -> None:
         """FAILED_PRECONDITION unless the module can make a wrapping key and unwrap with it."""
-        missing = [m for m in ONE_STEP_MECHANISMS if m not in self.mechanisms]
+        missing = [mechanism_name(m) for m in ONE_STEP_MECHANISMS if m not in self.mechanisms]
         if missing:
             raise FailedPrecondition(
                 f"wrapped key import is not available: the PKCS#11 module "
@@ -93,9 +102,10 @@ class WrappedImport(SessionPool):
 
     def missing_import_mechanisms(self, alg: Algorithm) -> list[str]:
         have = self.mechanisms
-        missing = [m for m in (*ONE_STEP_MECHANISMS, *alg.sign_mechanisms) if m not in have]
+        wanted = (*ONE_STEP_MECHANISMS, *signing(alg))
+        missing = [mechanism_name(m) for m in wanted if m not in have]
         if alg.family is Family.RSA and not any(m in have for m in KWP_MECHANISMS):
-            missing.append("CKM_AES_KEY_WRAP_PAD")
+            missing.append(_PAD)
         return missing
 
     def require_import(self, alg: Algorithm) -> None:
@@ -104,7 +114,7 @@ class WrappedImport(SessionPool):
         if not missing:
             return
         module = Path(self._cfg.module).name
-        if "CKM_AES_KEY_WRAP_PAD" in missing:
+        if _PAD in missing:
             offers = (
                 "offers CKM_RSA_AES_KEY_WRAP only, and this service unwraps the two steps "
                 "itself with CKM_AES_KEY_WRAP_PAD"
@@ -129,6 +139,7 @@ class WrappedImport(SessionPool):
             pub, _ = slot.session.generate_keypair(
                 KeyType.RSA, WRAPPING_KEY_BITS, id=key_id, label=label, store=True,
                 capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                mechanism=MECHANISMS[Family.RSA],
                 public_template=dict(WRAPPING_PUBLIC_TEMPLATE),
                 private_template=dict(WRAPPING_PRIVATE_TEMPLATE),
             )  # fmt: skip
@@ -178,7 +189,7 @@ class WrappedImport(SessionPool):
         the private object) with a challenge signed in the token, and returns it (SPKI DER).
         Never destroys anything: the object is the administrator's.
         """
-        missing = [m for m in alg.sign_mechanisms if m not in self.mechanisms]
+        missing = [mechanism_name(m) for m in signing(alg) if m not in self.mechanisms]
         if missing:
             raise FailedPrecondition(
                 f"algorithm {alg.name} cannot sign: the PKCS#11 module "
@@ -237,7 +248,7 @@ class WrappedImport(SessionPool):
         k = len(bytes(wrapping[Attribute.MODULUS]))
         key_type = KEY_TYPES[alg.family]
         template = dict(PRIVATE_TEMPLATE)
-        two_step = self.two_step_mechanism
+        two_step = self._two_step()
         # Not only through the table: the caller's wrapped key is the likely cause (see _errors).
         kind = with_article(algorithm_kind(alg))
         refused = functools.partial(map_errors, UNWRAP_ERRORS, kind=kind)
@@ -260,7 +271,7 @@ class WrappedImport(SessionPool):
                     )  # fmt: skip
                     return transport.unwrap_key(
                         ObjectClass.PRIVATE_KEY, key_type, blob[k:], id=key_id, label=label,
-                        mechanism=Mechanism[two_step.removeprefix("CKM_")],
+                        mechanism=two_step,
                         store=True, capabilities=MechanismFlag.SIGN, template=template,
                     )  # fmt: skip
             finally:

@@ -39,7 +39,6 @@ from pkcs11 import _pkcs11 as _p11
 from signer._internal.config import TokenConfig
 from signer._internal.token._errors import CONNECTION_LOST, PIN_REFUSED, STALE_HANDLE, map_errors
 from signer._internal.token._logins import LoginGuard
-from signer._internal.token._mechanisms import mechanism_name
 from signer._internal.token.pin import Pin
 from signer._internal.token.uri import TokenURI
 from signer.errors import ConfigError, FailedPrecondition, LoginRefused, SignerError, Unavailable
@@ -90,7 +89,7 @@ class _Connection:
     token: Any
     slots: list[Slot]
     free: queue.Queue[Slot]
-    mechanisms: frozenset[str]
+    mechanisms: frozenset[int]
     label: str
 
 
@@ -215,7 +214,9 @@ class SessionPool:
         return conn.label if conn is not None else (self._uri.token or "")
 
     @property
-    def mechanisms(self) -> frozenset[str]:
+    def mechanisms(self) -> frozenset[int]:
+        """What the module offers: ``Mechanism`` members, plain ints for those python-pkcs11
+        has no name for."""
         conn = self._conn
         if conn is None:
             raise self._why_down()
@@ -366,7 +367,7 @@ class SessionPool:
             slots.append(Slot(first))
             for _ in range(self._pool_size - 1):
                 slots.append(Slot(token.open(rw=True)))
-            mechs = frozenset(mechanism_name(m) for m in token.slot.get_mechanisms())
+            mechs = frozenset(token.slot.get_mechanisms())
         except BaseException:
             for slot in slots:
                 self._quietly(slot.session.close)

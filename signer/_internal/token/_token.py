@@ -15,7 +15,7 @@ import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
 
 from signer._internal.token._import import WrappedImport
-from signer._internal.token._mechanisms import sign_with
+from signer._internal.token._mechanisms import MECHANISMS, mechanism_name, required, sign_with
 from signer._internal.token._objects import (
     CURVE_OIDS,
     PRIVATE_TEMPLATE,
@@ -40,7 +40,7 @@ class Token(WrappedImport):
 
     def missing_mechanisms(self, alg: Algorithm) -> list[str]:
         have = self.mechanisms
-        return [m for m in alg.required_mechanisms if m not in have]
+        return [mechanism_name(m) for m in required(alg) if m not in have]
 
     def require(self, alg: Algorithm) -> None:
         """FAILED_PRECONDITION naming the mechanisms the module lacks for ``alg``."""
@@ -65,6 +65,7 @@ class Token(WrappedImport):
                 pub, priv = s.generate_keypair(
                     KeyType.RSA, alg.bits, id=key_id, label=label, store=True,
                     capabilities=caps, public_template=pub_t, private_template=priv_t,
+                    mechanism=MECHANISMS[alg.family],
                 )  # fmt: skip
             else:
                 curve = alg.curve if alg.family is Family.EC else "ed25519"
@@ -74,6 +75,7 @@ class Token(WrappedImport):
                 pub, priv = s.generate_keypair(
                     key_type, id=key_id, label=label, store=True, capabilities=caps,
                     public_template=pub_t, private_template=priv_t,
+                    mechanism=MECHANISMS[alg.family],
                 )  # fmt: skip
             slot.keys[key_id] = priv
             return spki(alg, pub)
