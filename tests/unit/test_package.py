@@ -5,12 +5,16 @@ import really pulled in, and where the extras can be made absent."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import signer
+from signer import client, errors, jose
+from signer._wire import STATUS
 from signer.cli.main import EXIT_ERROR, missing_extra
 
 EXTRA_MODULES = ("pkcs11", "hyperscan", "numpy", "grpc_health", "grpc_reflection")
@@ -39,6 +43,42 @@ def loaded(prefixes: tuple[str, ...]) -> str:
         "print('\\n'.join(sorted(m for m, module in sys.modules.items() if module is not None "
         f"and any(m == p or m.startswith(p + '.') for p in {prefixes!r}))))\n"
     )
+
+
+def test_the_public_surface_is_pinned() -> None:
+    assert signer.__all__ == [
+        "DEFAULT_ADDRESS",
+        "AlreadyExists",
+        "ClientTLS",
+        "FailedPrecondition",
+        "Internal",
+        "InvalidArgument",
+        "NotFound",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "Signature",
+        "SignerClient",
+        "SignerError",
+        "TokenRejected",
+        "Unauthenticated",
+        "Unavailable",
+        "__version__",
+        "verify_jwt",
+    ]
+    for name in signer.__all__:
+        assert hasattr(signer, name), name
+    for name in ("DEFAULT_ADDRESS", "ClientTLS", "Signature", "SignerClient"):
+        assert getattr(signer, name) is getattr(client, name)
+    assert signer.verify_jwt is jose.verify_jwt
+    assert signer.__version__ == importlib.metadata.version("signer")  # pyproject.toml's
+
+
+def test_every_error_a_status_comes_back_as_is_exported() -> None:
+    """What the client raises: the classes of the status table, their root, and the JWT
+    verifier's TokenRejected; the local errors (ScanError, ConfigError, ...) stay in errors."""
+    exported = {getattr(signer, n) for n in signer.__all__}
+    exported_errors = {e for e in exported if isinstance(e, type) and issubclass(e, Exception)}
+    assert exported_errors == set(STATUS) | {errors.SignerError, errors.TokenRejected}
 
 
 def test_the_client_imports_neither_the_service_nor_the_scanner() -> None:
