@@ -56,7 +56,3 @@ __all__ = [
     "token_label",
     "utcnow",
 ]
-
-# The old name, temporary, for the server split (issue 13): removed once signer/_internal/server
-# says Keyring.
-Signer = Keyring
