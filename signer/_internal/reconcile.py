@@ -63,7 +63,7 @@ from signer.keys import ImportToken, State, Version, algorithm, algorithm_kind, 
 
 if TYPE_CHECKING:  # the CLI imports this module for its defaults: no PKCS#11 until needed
     from signer._internal.store import Store
-    from signer._internal.token import Token, TokenObject
+    from signer._internal.token import TokenAPI, TokenObject
 
 # CKA_LABELs the service gives the objects it makes (signer/_internal/keyring/,
 # signer/_internal/server/_assembly.py).
@@ -229,7 +229,7 @@ def _of(v: Version) -> str:
     return f"{v.name}/{v.version}"
 
 
-def survey(store: Store, token: Token, audit: AuditKey, now: datetime) -> Report:
+def survey(store: Store, token: TokenAPI, audit: AuditKey, now: datetime) -> Report:
     """One comparison of the store (read first) with the token; ``audit``: what the audit log
     says of its key."""
     rows = _rows(store, now)
@@ -295,7 +295,7 @@ def survey(store: Store, token: Token, audit: AuditKey, now: datetime) -> Report
 
 def reconcile(
     store: Store,
-    token: Token,
+    token: TokenAPI,
     audit_key: Callable[[], AuditKey],
     *,
     repair: bool = False,
@@ -324,7 +324,7 @@ def reconcile(
 def _repaired(
     f: Finding,
     store: Store,
-    token: Token,
+    token: TokenAPI,
     audit_key: Callable[[], AuditKey],
     clock: Callable[[], datetime],
 ) -> Finding:
@@ -360,7 +360,7 @@ def _repaired(
     return replace(f, repaired=True)
 
 
-def _holds(token: Token, private: TokenObject, objs: list[TokenObject], v: Version) -> bool:
+def _holds(token: TokenAPI, private: TokenObject, objs: list[TokenObject], v: Version) -> bool:
     """Whether the version's object holds its public key: of the algorithm's kind, and showing
     (through its public key object, else itself) the store's public key; where the token shows
     none (an unwrapped EC key on SoftHSM2), signing a challenge the store's public key

@@ -310,11 +310,11 @@ def test_an_object_destroyed_while_the_token_is_listed_is_left_out(
     """Beside a running service, a reaper or an import may destroy an object between the search
     and the reading of its attributes: the listing goes on without it (it was an error that
     ended the command, seen in test_sigkill)."""
-    from signer._internal.token import _token
+    from signer._internal.token import _objects, _token
 
     w = world
     kept, vanishing = w.stray("kept/v1"), w.stray("vanishing/v1")
-    described = _token.described
+    described = _objects.described  # Token.objects calls it by _token's name
 
     def racing(obj: Any) -> TokenObject:
         if bytes(obj[Attribute.ID]) == vanishing:  # destroyed meanwhile, by someone else

@@ -9,8 +9,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from signer._internal.store import SQLiteStore
-from signer.errors import FailedPrecondition, Unavailable
-from signer.keys import PSS_SALT_LENGTH, SHA256_DIGEST_INFO, Algorithm, Family, Key, SignMechanism
+from signer._internal.token import TokenAPI, TokenObject
+from signer.errors import FailedPrecondition, NotFound, Unavailable
+from signer.keys import (
+    PSS_SALT_LENGTH,
+    SHA256_DIGEST_INFO,
+    Algorithm,
+    Family,
+    Key,
+    SignMechanism,
+    algorithm_kind,
+    public_key_kind,
+)
 
 CURVES = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1(), "secp521r1": ec.SECP521R1()}
 PREHASH = {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}
@@ -25,9 +35,11 @@ def _rsa(bits: int) -> rsa.RSAPrivateKey:
 
 
 class FakeToken:
-    """A software token with the interface Keyring uses; every call is recorded."""
+    """A software token, a :class:`~signer._internal.token.TokenAPI` (checked below); every call
+    is recorded. It offers no wrapped import (``FakeImportToken`` in test_import.py does)."""
 
     label = "signer"
+    two_step_mechanism: str | None = None
 
     def __init__(self) -> None:
         self.keys: dict[bytes, PrivateKey] = {}
@@ -37,6 +49,15 @@ class FakeToken:
         self.missing: dict[str, list[str]] = {}
         self.unavailable = False
         self.destroy_error: Exception | None = None
+        self.labels: dict[bytes, str] = {}
+
+    @property
+    def available(self) -> bool:
+        return not self.unavailable
+
+    def check_answering(self) -> None:
+        if self.unavailable:
+            raise Unavailable("token unavailable: test")
 
     def missing_mechanisms(self, alg: Algorithm) -> list[str]:
         if self.unavailable:
@@ -86,11 +107,79 @@ class FakeToken:
         assert isinstance(key, ed25519.Ed25519PrivateKey)
         return key.sign(data)
 
+    def sign_many(self, key_id: bytes, jobs: list[tuple[SignMechanism, bytes]]) -> list[bytes]:
+        return [self.sign(key_id, mech, data) for mech, data in jobs]
+
     def destroy(self, key_id: bytes) -> int:
         if self.destroy_error is not None:
             raise self.destroy_error
         self.destroyed.append(key_id)
         return 2 if self.keys.pop(key_id, None) is not None else 0
+
+    def objects(self) -> list[TokenObject]:
+        """Each key as its private key object, showing its public key."""
+        labels = {key_id: label for _, key_id, label in self.generated} | self.labels
+        return [
+            TokenObject(key_id, labels.get(key_id, ""), "private", _kind(key), _spki(key))
+            for key_id, key in self.keys.items()
+        ]
+
+    def holds_private_half(self, key_id: bytes, alg: Algorithm, public_der: bytes) -> bool:
+        key = self._key(key_id)
+        return _kind(key) == algorithm_kind(alg) and _spki(key) == public_der
+
+    def require_wrapping(self) -> None:
+        raise FailedPrecondition("wrapped key import is not available: a fake token without it")
+
+    def missing_import_mechanisms(self, alg: Algorithm) -> list[str]:
+        self.missing_mechanisms(alg)  # Unavailable when unavailable
+        return ["CKM_RSA_PKCS_OAEP"]
+
+    def require_import(self, alg: Algorithm) -> None:
+        missing = self.missing_import_mechanisms(alg)
+        raise FailedPrecondition(f"importing {alg.name} keys is not available: {missing}")
+
+    def generate_wrapping_key(self, key_id: bytes, label: str) -> bytes:
+        self.require_wrapping()
+        raise AssertionError("unreachable")
+
+    def unwrap_private(
+        self,
+        wrapping_key_id: bytes,
+        blob: bytes,
+        alg: Algorithm,
+        key_id: bytes,
+        label: str,
+        public_der: bytes | None,
+    ) -> bytes:
+        self.require_import(alg)
+        raise AssertionError("unreachable")
+
+    def adopt(self, alg: Algorithm, key_id: bytes) -> bytes:
+        return _spki(self._key(key_id))
+
+    def relabel(self, key_id: bytes, label: str) -> None:
+        self.labels[key_id] = label
+
+    def _key(self, key_id: bytes) -> PrivateKey:
+        key = self.keys.get(key_id)
+        if key is None:
+            raise NotFound(f"no private key object with id {key_id.hex()} in the token")
+        return key
+
+
+def _spki(key: PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _kind(key: PrivateKey) -> str:
+    return public_key_kind(key.public_key())
+
+
+def _is_a_token(fake: FakeToken) -> TokenAPI:
+    return fake  # mypy: the fake is what the service takes for a token
 
 
 class FailingStore(SQLiteStore):

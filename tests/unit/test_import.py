@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
 from signer import wrapping
 from signer._internal import hsm
-from signer._internal.config import Config, ConfigError, KeysConfig, load
+from signer._internal.config import Config, KeysConfig, load
 from signer._internal.keyring import Keyring
 from signer._internal.token.pin import Pin
 from signer.cli import main as cli
@@ -26,6 +26,7 @@ from signer.cli.main import EXIT_OK, build_parser, main
 from signer.client import build_import_request
 from signer.errors import (
     AlreadyExists,
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -45,7 +46,7 @@ from signer.keys import (
 )
 from signer.v1 import signer_pb2 as pb
 from tests.conftest import FakeClock
-from tests.unit.fakes import FailingStore, FakeToken
+from tests.unit.fakes import FailingStore, FakeToken, PrivateKey
 
 DAY = 24 * 3600
 
@@ -236,7 +237,8 @@ ME = "uid:1000(alice)"
 
 
 class FakeImportToken(FakeToken):
-    """FakeToken plus a software wrapping key and unwrap (what the real token does, in Python)."""
+    """FakeToken plus a software wrapping key and unwrap (what the real token does, in Python);
+    adoption and relabelling are FakeToken's."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -244,7 +246,6 @@ class FakeImportToken(FakeToken):
         self.import_missing: dict[str, list[str]] = {}
         self.two_step_mechanism: str | None = None
         self.unwrapped: list[tuple[bytes, str, bytes, str]] = []
-        self.labels: dict[bytes, str] = {}
 
     def require_wrapping(self) -> None:
         self.missing_mechanisms(ALGORITHMS["ec-p256"])  # Unavailable when unavailable
@@ -275,18 +276,10 @@ class FakeImportToken(FakeToken):
             raise InvalidArgument("the token could not unwrap wrapped_key") from None
         if algorithm_kind(alg) != public_key_kind(load_public_key(spki(key))):
             raise InvalidArgument(f"wrapped key is not {alg.name}")
-        self.keys[key_id] = key  # type: ignore[assignment]
+        assert isinstance(key, PrivateKey)  # its kind was checked just above
+        self.keys[key_id] = key
         self.unwrapped.append((wrapping_key_id, alg.name, key_id, label))
         return spki(key)
-
-    def adopt(self, alg: Algorithm, key_id: bytes) -> bytes:
-        key = self.keys.get(key_id)
-        if key is None:
-            raise NotFound(f"no private key object with id {key_id.hex()} in the token")
-        return spki(key)
-
-    def relabel(self, key_id: bytes, label: str) -> None:
-        self.labels[key_id] = label
 
     def destroy(self, key_id: bytes) -> int:
         n = super().destroy(key_id)
@@ -301,7 +294,7 @@ def token() -> FakeImportToken:
 @pytest.fixture
 def signer(token: FakeImportToken, store: FailingStore, clock: FakeClock) -> Keyring:
     cfg = Config(keys=KeysConfig(import_token_lifetime_seconds=3600))
-    return Keyring(cfg, token, store, clock)  # type: ignore[arg-type]
+    return Keyring(cfg, token, store, clock)
 
 
 def blob_for(signer: Keyring, key: Any) -> tuple[str, bytes]:
@@ -559,7 +552,7 @@ def test_live_import_tokens_are_bounded_across_callers(
     token: FakeImportToken, store: FailingStore, clock: FakeClock
 ) -> None:
     cfg = Config(keys=KeysConfig(import_token_lifetime_seconds=3600, max_live_import_tokens=3))
-    signer = Keyring(cfg, token, store, clock)  # type: ignore[arg-type]
+    signer = Keyring(cfg, token, store, clock)
     for i in range(3):
         signer.get_import_parameters(f"uid:{i}")
     with pytest.raises(ResourceExhausted, match=r"3 import tokens are live.*2026-01-01T01:00"):

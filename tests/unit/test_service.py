@@ -4,7 +4,8 @@ FakeClock."""
 from __future__ import annotations
 
 import contextlib
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -31,10 +32,12 @@ from signer.errors import (
 )
 from signer.keys import (
     ALGORITHMS,
+    Key,
     Padding,
     SigFormat,
     SignMechanism,
     State,
+    Version,
     ec_raw_to_der,
 )
 from tests.conftest import FakeClock
@@ -55,7 +58,7 @@ def cfg() -> Config:
 
 @pytest.fixture
 def signer(cfg: Config, token: FakeToken, store: FailingStore, clock: FakeClock) -> Keyring:
-    return Keyring(cfg, token, store, clock)  # type: ignore[arg-type]
+    return Keyring(cfg, token, store, clock)
 
 
 # --- create -------------------------------------------------------------------------------------
@@ -277,11 +280,12 @@ def test_schedule_primary_refused(two_versions: Keyring) -> None:
 def test_illegal_transitions_from_scheduled(two_versions: Keyring, op: str) -> None:
     s = two_versions
     s.schedule_destruction("lc", 1, 0)
-    action = {
+    actions: dict[str, Callable[[], object]] = {
         "enable": lambda: s.enable("lc", 1),
         "disable": lambda: s.disable("lc", 1),
         "schedule": lambda: s.schedule_destruction("lc", 1, 0),
-    }[op]
+    }
+    action = actions[op]
     with pytest.raises(FailedPrecondition, match="destruction scheduled; cannot make it"):
         action()
     assert state_of(s, 1) is State.DESTRUCTION_SCHEDULED
@@ -599,7 +603,7 @@ def test_a_cancel_between_the_reapers_list_and_its_lock_wins(
     clock.advance(days=7)
     listed = store.due_for_destruction
 
-    def list_then_cancel(now):  # type: ignore[no-untyped-def]
+    def list_then_cancel(now: datetime) -> list[Version]:
         due = listed(now)
         store.set_state("b", 1, State.DISABLED, None)  # a cancel, committed after the list
         return due
@@ -694,7 +698,7 @@ def test_a_jwks_reads_the_keys_of_its_scope_only(
     read: list[str] = []
     listed = store.list_keys
 
-    def counted(after, limit, scope=None):  # type: ignore[no-untyped-def]
+    def counted(after: str, limit: int, scope: str | None = None) -> list[Key]:
         keys = listed(after, limit, scope=scope)
         read.extend(k.name for k in keys)
         return keys

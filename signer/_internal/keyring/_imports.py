@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from signer._internal.config import Config
 from signer._internal.keyring._common import KEY_ID_BYTES, Clock, NamedLocks
 from signer._internal.store import Store
-from signer._internal.token import Token
+from signer._internal.token import TokenAPI
 from signer.errors import (
     TOKEN_AWAY,
     FailedPrecondition,
@@ -52,7 +52,8 @@ class ImportParameters:
 
 
 class ImportTokens:
-    """Issues, redeems and reaps import tokens over a :class:`Token` and a :class:`Store`.
+    """Issues, redeems and reaps import tokens over a token (:class:`TokenAPI`) and a
+    :class:`Store`.
 
     ``slow_token``: the keyring's choice of connection for slow work (wrapping-key generation,
     unwrapping; :meth:`signer._internal.keyring.Keyring.slow_token`).
@@ -61,10 +62,10 @@ class ImportTokens:
     def __init__(
         self,
         cfg: Config,
-        token: Token,
+        token: TokenAPI,
         store: Store,
         clock: Clock,
-        slow_token: Callable[[], Token],
+        slow_token: Callable[[], TokenAPI],
     ) -> None:
         self._cfg = cfg
         self._token = token

@@ -23,7 +23,7 @@ from signer._internal.keyring._common import KEY_ID_BYTES, Clock, NamedLocks, ut
 from signer._internal.keyring._imports import ImportParameters, ImportTokens
 from signer._internal.logs import Every
 from signer._internal.store import Store
-from signer._internal.token import Token
+from signer._internal.token import Token, TokenAPI
 from signer.errors import (
     TOKEN_AWAY,
     AlreadyExists,
@@ -133,7 +133,7 @@ Authorise = Callable[[Key | None], None]
 
 
 class Keyring:
-    """Key lifecycle and signing over a :class:`Token` and a :class:`Store`.
+    """Key lifecycle and signing over a token (:class:`TokenAPI`) and a :class:`Store`.
 
     ``admin``: the token connection for slow work (key and wrapping-key generation, unwrapping),
     so that it does not hold up signatures on ``token``'s. Through p11-kit each connection is
@@ -148,10 +148,10 @@ class Keyring:
     def __init__(
         self,
         cfg: Config,
-        token: Token,
+        token: TokenAPI,
         store: Store,
         clock: Clock = utcnow,
-        admin: Token | None = None,
+        admin: TokenAPI | None = None,
     ) -> None:
         self._cfg = cfg
         self._token = token
@@ -165,13 +165,13 @@ class Keyring:
         self._scopes: dict[str, str] = {}
         self._said = Every(60.0)
 
-    def slow_token(self) -> Token:
+    def slow_token(self) -> TokenAPI:
         """Where slow work goes: the administrative connection, or the signing one while that
         is down (a generation stalls signatures then, rather than failing)."""
         admin = self._admin
         return admin if admin is self._token or admin.available else self._token
 
-    def _on_a_token_that_sees_it(self, use: Callable[[Token], T]) -> T:
+    def _on_a_token_that_sees_it(self, use: Callable[[TokenAPI], T]) -> T:
         """``use(token)`` on the signing connection; if that finds no object for the key, once
         more on the administrative one before NOT_FOUND. SoftHSM2 behind p11-kit serves each
         connection from a process of its own, and the signing one at times did not see a key

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from signer._internal.keyring import BATCH_CHUNK, Keyring
 from signer._internal.lanes import Lanes
-from signer._internal.policy import Caller, Policy
+from signer._internal.policy import Operation, Policy
 from signer._internal.server._convert import (
     key_pb,
     padding,
@@ -30,7 +30,8 @@ from signer._internal.server._convert import (
 )
 from signer._internal.server._identity import CALLER
 from signer._internal.server._interceptor import GONE
-from signer._internal.token import Token
+from signer._internal.server._operations import OPERATION_OF, RPC
+from signer._internal.token import TokenAPI
 from signer._wire import status_of
 from signer.errors import PermissionDenied, SignerError
 from signer.keys import (
@@ -54,7 +55,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     def __init__(
         self,
         keyring: Keyring,
-        token: Token,
+        token: TokenAPI,
         lanes: Lanes,
         admin: ThreadPoolExecutor,
         policy: Callable[[], Policy],
@@ -93,24 +94,30 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     # --- authorisation ------------------------------------------------------------------------
 
-    async def _allow(self, operation: str, name: str) -> None:
-        """PERMISSION_DENIED unless the caller may ``operation`` key ``name``. The answer is the
-        same whether or not the key exists, unless a grant names the key by pattern: callers
-        learn nothing of keys they cannot see. A malformed name is INVALID_ARGUMENT first, so
-        that nothing unchecked reaches the store, a message or the log."""
+    @staticmethod
+    def _operation() -> Operation:
+        """What the RPC being served needs (:data:`OPERATION_OF`, the one table)."""
+        return OPERATION_OF[RPC.get()]
+
+    async def _allow(self, name: str) -> None:
+        """PERMISSION_DENIED unless the caller may do what this RPC needs to key ``name``. The
+        answer is the same whether or not the key exists, unless a grant names the key by
+        pattern: callers learn nothing of keys they cannot see. A malformed name is
+        INVALID_ARGUMENT first, so that nothing unchecked reaches the store, a message or the
+        log."""
         check_name(name)
         scope = self._keyring.cached_scope(name)
         if scope is None:
             scope = await self._run_quick(self._keyring.scope_of, name)
-        caller = CALLER.get()
+        caller, operation = CALLER.get(), self._operation()
         if not self._policy().allows(caller, operation, name, scope):
             raise PermissionDenied(f"{caller.display} may not {operation} key {name!r}")
 
-    async def _allow_new(self, operation: str, name: str, scope: str) -> None:
+    async def _allow_new(self, name: str, scope: str) -> None:
         """For a key about to be created (create, import of a new key) in ``scope``."""
         check_name(name)
         check_scope(scope)
-        caller = CALLER.get()
+        caller, operation = CALLER.get(), self._operation()
         if not self._policy().allows_new(caller, operation, name, scope or DEFAULT_SCOPE):
             raise PermissionDenied(
                 f"{caller.display} may not {operation} key {name!r} in scope "
@@ -126,7 +133,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     # --- RPCs ---------------------------------------------------------------------------------
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context: Any) -> pb.Key:
-        await self._allow_new("create", request.name, request.scope)
+        await self._allow_new(request.name, request.scope)
         key = await self._run(
             self._keyring.create_key,
             request.name,
@@ -137,30 +144,31 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return self._key(key)
 
     async def GetKey(self, request: pb.GetKeyRequest, context: Any) -> pb.Key:
-        await self._allow("read", request.name)
+        await self._allow(request.name)
         return self._key(await self._run_quick(self._keyring.get_key, request.name))
 
-    def _may_read_any(self) -> tuple[Caller, Policy]:
-        """A caller with no read grant at all is refused a listing (rather than given an empty
-        one), so its calls count against its refusal budget like any other refusal."""
-        caller, policy = CALLER.get(), self._policy()
-        if not policy.allows_any(caller, "read"):
-            raise PermissionDenied(f"{caller.display} may not read keys")
-        return caller, policy
-
-    async def ListKeys(self, request: pb.ListKeysRequest, context: Any) -> pb.ListKeysResponse:
-        caller, policy = self._may_read_any()
+    def _may_read_any(self) -> Callable[[Key], bool]:
+        """Which keys the caller may see in a listing. A caller with no read grant at all is
+        refused one (rather than given an empty one), so its calls count against its refusal
+        budget like any other refusal."""
+        caller, policy, operation = CALLER.get(), self._policy(), self._operation()
+        if not policy.allows_any(caller, operation):
+            raise PermissionDenied(f"{caller.display} may not {operation} keys")
 
         def visible(k: Key) -> bool:
-            return policy.allows(caller, "read", k.name, k.scope)
+            return policy.allows(caller, operation, k.name, k.scope)
 
+        return visible
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Any) -> pb.ListKeysResponse:
+        visible = self._may_read_any()
         keys, token = await self._run(
             self._keyring.list_keys, request.page_size, request.page_token, visible
         )
         return pb.ListKeysResponse(keys=[self._key(k) for k in keys], next_page_token=token)
 
     async def GetPublicKey(self, request: pb.GetPublicKeyRequest, context: Any) -> pb.PublicKey:
-        await self._allow("read", request.name)
+        await self._allow(request.name)
         v, alg = await self._run_quick(self._keyring.public_key, request.name, request.version)
         out = pb.PublicKey(name=v.name, version=v.version, algorithm=alg.name)
         if request.format == pb.JWK:
@@ -170,7 +178,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return out
 
     async def Sign(self, request: pb.SignRequest, context: Any) -> pb.SignResponse:
-        await self._allow("sign", request.name)
+        await self._allow(request.name)
         message, digest = signed_input(request)
         r = await self._run_quick(
             self._keyring.sign,
@@ -189,7 +197,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         )
 
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResponse:
-        await self._allow("verify", request.name)
+        await self._allow(request.name)
         message, digest = signed_input(request)
         valid, version = await self._run_quick(
             self._keyring.verify,
@@ -204,23 +212,23 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return pb.VerifyResponse(valid=valid, version=version)
 
     async def RotateKey(self, request: pb.RotateKeyRequest, context: Any) -> pb.Key:
-        await self._allow("rotate", request.name)
+        await self._allow(request.name)
         return self._key(await self._run(self._keyring.rotate, request.name))
 
     async def SetPrimaryVersion(self, request: pb.SetPrimaryVersionRequest, context: Any) -> pb.Key:
-        await self._allow("rotate", request.name)
+        await self._allow(request.name)
         return self._key(
             await self._run_change(self._keyring.set_primary, request.name, request.version)
         )
 
     async def DisableKeyVersion(self, request: pb.KeyVersionRequest, context: Any) -> pb.KeyVersion:
-        await self._allow("disable", request.name)
+        await self._allow(request.name)
         return self._version(
             await self._run_change(self._keyring.disable, request.name, request.version)
         )
 
     async def EnableKeyVersion(self, request: pb.KeyVersionRequest, context: Any) -> pb.KeyVersion:
-        await self._allow("disable", request.name)
+        await self._allow(request.name)
         return self._version(
             await self._run_change(self._keyring.enable, request.name, request.version)
         )
@@ -228,7 +236,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def ScheduleKeyVersionDestruction(
         self, request: pb.ScheduleKeyVersionDestructionRequest, context: Any
     ) -> pb.KeyVersion:
-        await self._allow("destroy", request.name)
+        await self._allow(request.name)
         return self._version(
             await self._run_change(
                 self._keyring.schedule_destruction,
@@ -241,13 +249,13 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     async def CancelKeyVersionDestruction(
         self, request: pb.KeyVersionRequest, context: Any
     ) -> pb.KeyVersion:
-        await self._allow("destroy", request.name)
+        await self._allow(request.name)
         return self._version(
             await self._run_change(self._keyring.cancel_destruction, request.name, request.version)
         )
 
     async def SignBatch(self, request: pb.SignBatchRequest, context: Any) -> pb.SignBatchResponse:
-        await self._allow("sign", request.name)
+        await self._allow(request.name)
         items = [signed_input(item) for item in request.items]
         # The signing path, so on the lanes: the plan (hashing up to 1,000 items) and each chunk
         # as a job of its own, so that calls queued meanwhile go between them.
@@ -281,25 +289,21 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         )
 
     async def SignJWT(self, request: pb.SignJWTRequest, context: Any) -> pb.SignJWTResponse:
-        await self._allow("sign", request.name)
+        await self._allow(request.name)
         r = await self._run_quick(self._keyring.sign_jwt, request.name, request.claims)
         return pb.SignJWTResponse(token=r.token, kid=r.kid, alg=r.alg, version=r.version)
 
     async def GetJWKS(self, request: pb.GetJWKSRequest, context: Any) -> pb.GetJWKSResponse:
-        caller, policy = self._may_read_any()
-
-        def visible(k: Key) -> bool:
-            return policy.allows(caller, "read", k.name, k.scope)
-
+        visible = self._may_read_any()
         jwks = await self._run(self._keyring.jwks, request.scope, visible)
         return pb.GetJWKSResponse(jwks=json.dumps(jwks, sort_keys=True))
 
     async def GetImportParameters(
         self, request: pb.GetImportParametersRequest, context: Any
     ) -> pb.ImportParameters:
-        caller = CALLER.get()
-        if not self._policy().allows_any(caller, "import"):
-            raise PermissionDenied(f"{caller.display} may not import keys")
+        caller, operation = CALLER.get(), self._operation()
+        if not self._policy().allows_any(caller, operation):
+            raise PermissionDenied(f"{caller.display} may not {operation} keys")
         p = await self._run(self._keyring.get_import_parameters, caller.identity)
         return pb.ImportParameters(
             import_token=p.token.token,
@@ -312,20 +316,22 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     async def ImportKeyVersion(self, request: pb.ImportKeyVersionRequest, context: Any) -> pb.Key:
         name, scope = check_name(request.name), check_scope(request.scope)
-        caller, policy = CALLER.get(), self._policy()
+        caller, policy, operation = CALLER.get(), self._policy(), self._operation()
 
         def authorise(existing: Key | None) -> None:
-            # Decided under the key's lock, on the key as it is then. A new version of an
-            # existing key becomes its primary, as a rotation does: it needs both grants. The
-            # refusal is the same whether or not the key exists.
+            # Decided under the key's lock, on the key as it is then (in a worker thread: what
+            # it needs of the call was read above). A new version of an existing key becomes its
+            # primary, as a rotation does: it needs both grants. The refusal is the same whether
+            # or not the key exists.
             if existing is None:
-                ok = policy.allows_new(caller, "import", name, scope or DEFAULT_SCOPE)
+                ok = policy.allows_new(caller, operation, name, scope or DEFAULT_SCOPE)
             else:
                 ok = all(
-                    policy.allows(caller, op, name, existing.scope) for op in ("import", "rotate")
+                    policy.allows(caller, op, name, existing.scope)
+                    for op in (operation, Operation.ROTATE)
                 )
             if not ok:
-                raise PermissionDenied(f"{caller.display} may not import key {name!r}")
+                raise PermissionDenied(f"{caller.display} may not {operation} key {name!r}")
 
         key = await self._run(
             functools.partial(
