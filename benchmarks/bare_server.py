@@ -17,20 +17,20 @@ from pathlib import Path
 
 from signer._internal import config, logs
 from signer._internal.audit import Event, MakeKey
-from signer._internal.policy import Caller, Policy
+from signer._internal.policy import Caller, Operation, Policy
 from signer._internal.server import serve
 
 
 class AllowEverything(Policy):
     """Every caller may do everything to every key."""
 
-    def allows(self, caller: Caller, operation: str, name: str, scope: str | None) -> bool:
+    def allows(self, caller: Caller, operation: Operation, name: str, scope: str | None) -> bool:
         return True
 
-    def allows_new(self, caller: Caller, operation: str, name: str, scope: str) -> bool:
+    def allows_new(self, caller: Caller, operation: Operation, name: str, scope: str) -> bool:
         return True
 
-    def allows_any(self, caller: Caller, operation: str) -> bool:
+    def allows_any(self, caller: Caller, operation: Operation) -> bool:
         return True
 
 

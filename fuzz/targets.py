@@ -2,7 +2,7 @@
 
 The invariant every target checks: the parser returns a correct result or raises our own clear
 error (:class:`signer.errors.SignerError`, which the CLI turns into exit 2, or the one error a
-function documents, such as :class:`signer.jose.TokenRejected`). Any other exception escaping a
+function documents, such as :class:`signer.errors.TokenRejected`). Any other exception escaping a
 target is a finding; so is an input that takes longer than the driver's ``-timeout`` or makes
 the process's RSS pass ``-rss_limit_mb`` (``make fuzz`` sets both). Each target also checks what
 "correct" means for its result (offsets inside the file, bounds kept, a refusal that names the
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from signer import jose
 from signer._internal import config, policy
-from signer.errors import ConfigError, CoreFormatError, SignerError
+from signer.errors import ConfigError, CoreFormatError, SignerError, TokenRejected
 from signer.scan import Scanner, ScanResult, load_public_keys, load_secrets, secret_from_key
 from signer.scan import secret_from_pin as pin_secret
 from signer.scan._elf import (
@@ -184,7 +184,7 @@ def policy_file(data: bytes) -> None:
         assert g.callers
         assert g.operations <= policy.OPERATIONS
         assert g.scopes or g.keys
-        pol.allows(policy.Caller.unix(1000, "user"), "sign", "k", "s")
+        pol.allows(policy.Caller.unix(1000, "user"), policy.Operation.SIGN, "k", "s")
 
 
 def config_file(data: bytes) -> None:
@@ -235,7 +235,7 @@ def jwt(data: bytes) -> None:
             parsed = None
         if isinstance(parsed, dict):
             jwks = parsed
-    with contextlib.suppress(jose.TokenRejected):
+    with contextlib.suppress(TokenRejected):
         jose.verify_jwt(token.decode("utf-8", "replace"), jwks, "consumer", "iss", "aud")
 
 

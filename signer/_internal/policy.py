@@ -41,16 +41,29 @@ import fnmatch
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from signer._internal.config import line_of, parse_toml, read_text
 from signer.errors import ConfigError, shown
 
-# What a grant can allow; every RPC is one of these.
-OPERATIONS = frozenset(
-    {"sign", "verify", "read", "create", "rotate", "import", "disable", "destroy"}
-)
+
+class Operation(StrEnum):
+    """What a grant can allow, by the name a policy file gives it. Which one each RPC needs is
+    written down once, in :data:`signer._internal.server.OPERATION_OF`."""
+
+    SIGN = "sign"
+    VERIFY = "verify"
+    READ = "read"
+    CREATE = "create"
+    ROTATE = "rotate"
+    IMPORT = "import"
+    DISABLE = "disable"
+    DESTROY = "destroy"
+
+
+OPERATIONS = frozenset(Operation)
 ANY = "*"
 _CALLER_KINDS = ("x509:", "uid:", "user:")
 
@@ -98,12 +111,12 @@ class Caller:
 @dataclass(frozen=True)
 class Grant:
     callers: frozenset[str]
-    operations: frozenset[str]
+    operations: frozenset[Operation]
     scopes: frozenset[str]
     keys: tuple[str, ...]
     issuers: frozenset[str] = frozenset()  # empty: any issuer the front trusts
 
-    def covers(self, caller: Caller, operation: str) -> bool:
+    def covers(self, caller: Caller, operation: Operation) -> bool:
         if operation not in self.operations or self.callers.isdisjoint(caller.names):
             return False
         # Pinned issuers bind certificates; a certificate whose issuer is unknown (a front that
@@ -140,11 +153,11 @@ class Policy:
             )
         return None
 
-    def allows(self, caller: Caller, operation: str, name: str, scope: str | None) -> bool:
+    def allows(self, caller: Caller, operation: Operation, name: str, scope: str | None) -> bool:
         """Whether ``caller`` may perform ``operation`` on key ``name`` of ``scope``."""
         return any(g.covers(caller, operation) and g.applies_to(name, scope) for g in self.grants)
 
-    def allows_new(self, caller: Caller, operation: str, name: str, scope: str) -> bool:
+    def allows_new(self, caller: Caller, operation: Operation, name: str, scope: str) -> bool:
         """For a key that does not exist yet (create, import): may ``caller`` make key ``name``
         in ``scope``? The grant must name the scope, and if it lists key patterns, one must
         match the name as well."""
@@ -155,7 +168,7 @@ class Policy:
             for g in self.grants
         )
 
-    def allows_any(self, caller: Caller, operation: str) -> bool:
+    def allows_any(self, caller: Caller, operation: Operation) -> bool:
         """Whether any grant gives ``caller`` ``operation`` at all (GetImportParameters)."""
         return any(g.covers(caller, operation) for g in self.grants)
 
@@ -208,22 +221,21 @@ def parse(data: dict[str, Any], source: str = "", text: str = "") -> Policy:
             # isascii: str.isdigit() takes other scripts' digits, which no peer's uid has.
             if c.startswith("uid:") and not (c[4:].isascii() and c[4:].isdigit()):
                 raise ConfigError(f"{where}: {shown(c)} is not a numeric uid")
-        ops = _strings(g.get("operations"), f"{where}: operations")
-        if ANY in ops:
-            ops = sorted(OPERATIONS)
-        wrong = sorted(set(ops) - OPERATIONS)
+        names = _strings(g.get("operations"), f"{where}: operations")
+        wrong = sorted(set(names) - OPERATIONS - {ANY})
         if wrong:
             raise ConfigError(
                 f"{where}: unknown operation(s) {', '.join(map(shown, wrong))} "
                 f"(known: {', '.join(sorted(OPERATIONS))}, or '*')"
             )
+        ops = OPERATIONS if ANY in names else frozenset(map(Operation, names))
         scopes = _strings(g.get("scopes", []), f"{where}: scopes") if "scopes" in g else []
         keys = _strings(g.get("keys", []), f"{where}: keys") if "keys" in g else []
         if not scopes and not keys:
             raise ConfigError(f"{where}: give scopes, keys or both ('*' for all)")
         issuers = _strings(g["issuers"], f"{where}: issuers") if "issuers" in g else []
         grants.append(
-            Grant(frozenset(callers), frozenset(ops), frozenset(scopes), tuple(keys),
+            Grant(frozenset(callers), ops, frozenset(scopes), tuple(keys),
                   frozenset(issuers))
         )  # fmt: skip
     return Policy(tuple(grants), source, _revoked(data.get("revoked", []), source, text))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from signer._internal import policy
-from signer._internal.policy import Caller
+from signer._internal.policy import Caller, Operation
 from signer.errors import ConfigError
 
 CONSUMER_APP = Caller.x509("O=acme,CN=consumer-app")
@@ -66,27 +66,28 @@ def pol(tmp_path: Path) -> policy.Policy:
 def test_grants(
     pol: policy.Policy, caller: Caller, op: str, name: str, scope: str, allowed: bool
 ) -> None:
-    assert pol.allows(caller, op, name, scope) is allowed
+    assert pol.allows(caller, Operation(op), name, scope) is allowed
 
 
 def test_a_key_that_does_not_exist_matches_only_grants_by_name_or_for_any_scope(
     pol: policy.Policy,
 ) -> None:
-    assert not pol.allows(CONSUMER_APP, "sign", "tokens", None)  # scope-bound: learns nothing
-    assert pol.allows(BOB, "sign", "release-9", None)  # named by pattern: may learn it is absent
-    assert pol.allows(Caller.x509("CN=auditor"), "read", "ghost", None)  # sees every scope
+    sign, read = Operation.SIGN, Operation.READ
+    assert not pol.allows(CONSUMER_APP, sign, "tokens", None)  # scope-bound: learns nothing
+    assert pol.allows(BOB, sign, "release-9", None)  # named by pattern: may learn it is absent
+    assert pol.allows(Caller.x509("CN=auditor"), read, "ghost", None)  # sees every scope
 
 
 def test_new_keys_need_their_scope_granted_and_the_pattern_to_match(pol: policy.Policy) -> None:
-    assert pol.allows_new(BOB, "create", "ci-8", "builds")
-    assert not pol.allows_new(BOB, "create", "ci-8", "consumer")
-    assert not pol.allows_new(BOB, "create", "cd-8", "builds")
-    assert not pol.allows_new(CONSUMER_APP, "create", "x", "consumer")  # not granted create
+    assert pol.allows_new(BOB, Operation.CREATE, "ci-8", "builds")
+    assert not pol.allows_new(BOB, Operation.CREATE, "ci-8", "consumer")
+    assert not pol.allows_new(BOB, Operation.CREATE, "cd-8", "builds")
+    assert not pol.allows_new(CONSUMER_APP, Operation.CREATE, "x", "consumer")  # not granted create
 
 
 def test_allows_any(pol: policy.Policy) -> None:
-    assert pol.allows_any(BOB, "create")
-    assert not pol.allows_any(CONSUMER_APP, "import")
+    assert pol.allows_any(BOB, Operation.CREATE)
+    assert not pol.allows_any(CONSUMER_APP, Operation.IMPORT)
 
 
 def test_star_means_every_operation(tmp_path: Path) -> None:
@@ -97,8 +98,31 @@ def test_star_means_every_operation(tmp_path: Path) -> None:
     assert all(pol.allows(root, op, "k", "s") for op in policy.OPERATIONS)
 
 
+def test_operations_are_the_names_policy_files_use(tmp_path: Path) -> None:
+    """The file's names, unchanged by the enum (issue 13); a grant holds Operation members."""
+    names = {"sign", "verify", "read", "create", "rotate", "import", "disable", "destroy"}
+    assert {op.value for op in Operation} == names
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[[grant]]\ncallers = ["uid:1"]\noperations = ["import", "rotate"]\nkeys = ["k"]\n'
+    )
+    (grant,) = policy.load(path).grants
+    assert grant.operations == {Operation.IMPORT, Operation.ROTATE}
+    assert all(type(op) is Operation for op in grant.operations)
+
+
+def test_an_unknown_operation_names_its_grant_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[[grant]]\ncallers = ["uid:1"]\noperations = ["sign"]\nscopes = ["s"]\n\n'
+        '[[grant]]\ncallers = ["uid:1"]\noperations = ["sign", "Sign"]\nscopes = ["s"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"grant #2 \(line 6\): unknown operation\(s\) 'Sign'"):
+        policy.load(path)
+
+
 def test_no_policy_refuses_everything() -> None:
-    assert not policy.DENY_ALL.allows(ALICE, "read", "k", "s")
+    assert not policy.DENY_ALL.allows(ALICE, Operation.READ, "k", "s")
 
 
 @pytest.mark.parametrize(
@@ -136,9 +160,9 @@ def test_grant_everything_writes_a_policy_that_loads(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text(policy.grant_everything(["uid:1000", 'x509:O=a "b",CN=c']))
     pol = policy.load(path)
-    assert pol.allows(ALICE, "destroy", "any", "scope")
-    assert pol.allows(Caller.x509('O=a "b",CN=c'), "sign", "any", "scope")
-    assert not pol.allows(BOB, "read", "any", "scope")
+    assert pol.allows(ALICE, Operation.DESTROY, "any", "scope")
+    assert pol.allows(Caller.x509('O=a "b",CN=c'), Operation.SIGN, "any", "scope")
+    assert not pol.allows(BOB, Operation.READ, "any", "scope")
 
 
 # --- certificates: issuer, serial, revocation (issue 11) ---------------------------------------
@@ -162,11 +186,11 @@ def test_a_grant_may_pin_the_issuers_of_its_certificates(tmp_path: Path) -> None
     pol = policy.load(path)
     ops = Caller.x509("CN=payments", "CN=ops CA", "0A")
     partner = Caller.x509("CN=payments", "CN=partner CA", "0A")  # the same subject elsewhere
-    assert pol.allows(ops, "sign", "k", "consumer")
-    assert not pol.allows(partner, "sign", "k", "consumer")
-    assert not pol.allows_new(partner, "sign", "k", "consumer")
+    assert pol.allows(ops, Operation.SIGN, "k", "consumer")
+    assert not pol.allows(partner, Operation.SIGN, "k", "consumer")
+    assert not pol.allows_new(partner, Operation.SIGN, "k", "consumer")
     # A certificate whose issuer the front did not give is not one the grant pinned.
-    assert not pol.allows(Caller.x509("CN=payments"), "sign", "k", "consumer")
+    assert not pol.allows(Caller.x509("CN=payments"), Operation.SIGN, "k", "consumer")
 
 
 def test_one_certificate_is_revoked_not_its_subject(tmp_path: Path) -> None:

@@ -17,6 +17,9 @@ Its parts, each a module here:
   certificate, an audit log that cannot record), places in flight, the refusal throttle, the
   audit record of each outcome (:func:`audit_event`), and the one place our errors become gRPC
   statuses (:func:`signer._wire.status_of`).
+- ``_operations``: :data:`OPERATION_OF`, which policy operation each RPC needs, written down
+  once: the servicer's authorisation looks it up by the RPC the interceptor names (:data:`RPC`),
+  the name the audit log records the call under.
 - ``_servicer``: :class:`SignerServicer`, the RPCs: the policy asked, then the keyring
   (:mod:`signer._internal.keyring`) called off the event loop, the signing path on the lanes
   (:mod:`signer._internal.lanes`).
@@ -49,6 +52,7 @@ from signer._internal.server._interceptor import (
     CallInterceptor,
     audit_event,
 )
+from signer._internal.server._operations import OPERATION_OF, RPC, rpc_name
 from signer._internal.server._servicer import SignerServicer
 
 __all__ = [
@@ -56,7 +60,9 @@ __all__ = [
     "CALLER",
     "CALLER_GONE",
     "GONE",
+    "OPERATION_OF",
     "PUBLIC_PREFIXES",
+    "RPC",
     "SERVICE_NAME",
     "UNAUTHENTICATED",
     "CallInterceptor",
@@ -69,5 +75,6 @@ __all__ = [
     "harden_process",
     "local_caller",
     "relay_limits",
+    "rpc_name",
     "serve",
 ]

@@ -24,6 +24,7 @@ from signer._internal.audit import AuditPaused, Event
 from signer._internal.logs import Every
 from signer._internal.policy import Caller
 from signer._internal.server._identity import CALLER, UNAUTHENTICATED, Identify
+from signer._internal.server._operations import RPC, rpc_name
 from signer._internal.throttle import REFUSALS, InFlight, RefusalThrottle
 from signer._wire import status_name, status_of
 from signer.errors import (
@@ -78,7 +79,7 @@ def audit_event(
     return Event(
         time=now,
         caller=caller.identity if caller is not None else "unauthenticated",
-        operation=method.rsplit("/", 1)[-1],
+        operation=rpc_name(method),  # the RPC: its grant is OPERATION_OF[operation]
         key=_recorded_name(str(getattr(request, "name", ""))),
         version=int(version or getattr(request, "version", 0) or 0),
         payload_sha256=hashlib.sha256(payload).hexdigest() if payload else "",
@@ -140,11 +141,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler  # health Watch and reflection streams pass through untouched
         inner = handler.unary_unary
         method = handler_call_details.method
+        rpc = rpc_name(method)
         public = method.startswith(PUBLIC_PREFIXES)
         parse = handler.request_deserializer
 
         async def outcome(raw: Any, context: Any, gone: _Gone) -> tuple[Any, SignerError | None]:
             GONE.set(gone)
+            RPC.set(rpc)
             request, malformed = _parsed(parse, raw)
             caller: Caller | None = None
             response: Any = None
