@@ -61,17 +61,21 @@ lint: deps
 typecheck: deps
 	$(VENV)/bin/mypy
 
+# deps installed what every test needs, so none may skip: SIGNER_TESTS_MUST_RUN turns a skip
+# into a failure that names what was missing (tests/conftest.py).
+MUST_RUN := SIGNER_TESTS_MUST_RUN=1
+
 test: deps lint typecheck
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MUST_RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 unit: deps
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(MUST_RUN) $(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 integration: deps
-	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+	$(MUST_RUN) $(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 crash: deps
-	$(PY) -m pytest tests/crash $(PYTEST_ARGS)
+	$(MUST_RUN) $(PY) -m pytest tests/crash $(PYTEST_ARGS)
 
 # The full crash campaign: every mechanism at every moment with every collector, plus controls.
 # Report in var/audit/report.md and var/audit/report.json.
@@ -87,7 +91,7 @@ bench: deps $(VENV)/.bench-installed
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,scan,service,bench]'
 	@touch $@
 
 # The soak (issue 12): every RPC from many callers for SOAK_MINUTES, the token host restarted

@@ -57,10 +57,8 @@ def _pem(fmt: serialization.PrivateFormat, key: ec.EllipticCurvePrivateKey) -> b
     return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
 
 
-def _der(fmt: serialization.PrivateFormat, key: object) -> bytes:
-    return key.private_bytes(  # type: ignore[attr-defined,no-any-return]
-        serialization.Encoding.DER, fmt, serialization.NoEncryption()
-    )
+def _der(fmt: serialization.PrivateFormat, key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption())
 
 
 def _private_jwk() -> dict[str, str]:

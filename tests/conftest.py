@@ -21,12 +21,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -40,6 +40,43 @@ from signer.client import SignerClient
 REPO = Path(__file__).resolve().parent.parent
 SIGNER_BIN = Path(sys.executable).parent / "signer"
 
+# Set by `make test` (and its unit, integration and crash slices): there, and in CI, a test
+# that would skip fails instead. A test skips only where someone ran pytest by hand without
+# what it needs, and says what is missing and how to get it.
+MUST_RUN = "SIGNER_TESTS_MUST_RUN"
+
+
+def _skips_fail() -> bool:
+    return bool(os.environ.get(MUST_RUN) or os.environ.get("CI"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Where every test must run, a skip (of the test or of a fixture it needs) is a failure
+    that says what was missing."""
+    report = yield
+    if report.skipped and _skips_fail() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (
+            f"would have skipped, and every test must run here ({MUST_RUN} or CI is set): {reason}"
+        )
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Skipped tests did not run: say so where it cannot be missed (the reasons are above)."""
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    if skipped:
+        terminalreporter.write_sep(
+            "!",
+            f"{skipped} SKIPPED: these tests did NOT run; 'make test' runs every one",
+            red=True,
+            bold=True,
+        )
+
 
 def _require_tools() -> None:
     """The integration suite needs the token host's tools; say loudly what is missing."""
@@ -48,10 +85,10 @@ def _require_tools() -> None:
                             ENGINE_PATH)
                 if not Path(m).exists()]  # fmt: skip
     if missing:
-        msg = f"integration tests need {', '.join(missing)}: run 'make test', which installs them"
-        if os.environ.get("CI"):
-            pytest.fail(msg)  # CI must never skip these
-        pytest.skip(msg)
+        pytest.skip(
+            f"integration tests need {', '.join(missing)}: run 'make test', which installs them "
+            "(Debian packages: see APT_PACKAGES in the Makefile)"
+        )
 
 
 def free_port() -> int:
@@ -179,10 +216,10 @@ def make_config(
         "policy_file": str(allow_me(tmp_path)),
     }
     server.update(sections.get("server", {}))
-    keys = {"reaper_interval_seconds": 3600.0}
+    keys: dict[str, Any] = {"reaper_interval_seconds": 3600.0}
     keys.update(sections.get("keys", {}))
     n = next(_ids)
-    audit = {"path": str(tmp_path / f"audit-{n}.db")}
+    audit: dict[str, Any] = {"path": str(tmp_path / f"audit-{n}.db")}
     audit.update(sections.get("audit", {}))
     return config_mod.Config(
         server=config_mod.ServerConfig(**server),
@@ -207,10 +244,19 @@ def start_service(cfg: config_mod.Config, clock: FakeClock) -> RunningService:
     return svc
 
 
+class ServiceFactory(Protocol):
+    """The ``service_factory`` fixture's type."""
+
+    def __call__(
+        self,
+        token: config_mod.TokenConfig | None = None,
+        clock: FakeClock | None = None,
+        **sections: dict[str, Any],
+    ) -> RunningService: ...
+
+
 @pytest.fixture
-def service_factory(
-    token_host: TokenHostHandle, tmp_path: Path
-) -> Iterator[Callable[..., RunningService]]:
+def service_factory(token_host: TokenHostHandle, tmp_path: Path) -> Iterator[ServiceFactory]:
     """``service_factory(token=..., server={...}, keys={...})`` starts a service in a thread."""
     started: list[RunningService] = []
 
@@ -230,7 +276,7 @@ def service_factory(
 
 
 @pytest.fixture
-def service(service_factory: Callable[..., RunningService]) -> RunningService:
+def service(service_factory: ServiceFactory) -> RunningService:
     return service_factory()
 
 
@@ -242,8 +288,14 @@ def client(service: RunningService) -> SignerClient:
 _names = itertools.count()
 
 
+class UniqueName(Protocol):
+    """The ``unique_name`` fixture's type: ``unique_name()`` or ``unique_name("prefix")``."""
+
+    def __call__(self, prefix: str = ...) -> str: ...
+
+
 @pytest.fixture
-def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
+def unique_name(request: pytest.FixtureRequest) -> UniqueName:
     """Key names unique across the session (the token is shared by every test)."""
     base = request.node.name.lower()
     base = "".join(ch if ch.isalnum() else "-" for ch in base)[:40].strip("-")
@@ -292,10 +344,18 @@ def wait_until(pred: Callable[[], bool], timeout: float = 20.0, interval: float 
     return pred()
 
 
+class ServiceProcessFactory(Protocol):
+    """The ``service_process_factory`` fixture's type."""
+
+    def __call__(
+        self, token: config_mod.TokenConfig | None = None, **sections: dict[str, Any]
+    ) -> ServiceProcess: ...
+
+
 @pytest.fixture
 def service_process_factory(
     token_host: TokenHostHandle, tmp_path: Path
-) -> Iterator[Callable[..., ServiceProcess]]:
+) -> Iterator[ServiceProcessFactory]:
     """Starts ``signer serve`` as its own process and waits until it answers health checks."""
     procs: list[ServiceProcess] = []
 

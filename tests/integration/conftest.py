@@ -17,11 +17,11 @@ import pytest
 
 from signer._internal import hsm
 from signer._internal.config import P11KIT_CLIENT_MODULE
-from tests.conftest import SIGNER_BIN, free_port
+from tests.conftest import SIGNER_BIN, TokenHostHandle, free_port
 
 
 @pytest.fixture
-def own_session(token_host, monkeypatch) -> Iterator[Any]:
+def own_session(token_host: TokenHostHandle, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A logged-in session of the test's own through p11-kit-client.so, independent of the service.
 
     A fresh ``_pkcs11.lib`` object is a fresh p11-kit client instance (its own connection, its

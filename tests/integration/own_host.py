@@ -18,7 +18,9 @@ from tests.conftest import TokenHostHandle, wait_until
 
 
 @pytest.fixture
-def own_host(token_host, tmp_path_factory) -> Iterator[TokenHostHandle]:
+def own_host(
+    token_host: TokenHostHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TokenHostHandle]:
     # Depending on token_host makes sure the tools are there (and says so when they are not).
     root = tmp_path_factory.mktemp("hsm-own")
     # hsm.init points SOFTHSM2_CONF at the new token, and every token connection made here

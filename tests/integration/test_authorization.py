@@ -43,6 +43,8 @@ from signer.v1 import signer_pb2 as pb
 from tests.conftest import (
     FakeClock,
     RunningService,
+    ServiceProcessFactory,
+    TokenHostHandle,
     free_port,
     make_config,
     run_as,
@@ -123,7 +125,9 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(token_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    token_host: TokenHostHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     tmp = tmp_path_factory.mktemp("authz")
     ca = DevCA.ensure(tmp / "tls")
     ca.issue_server(token_host.paths.tls_public_key.read_bytes(), ["localhost", "127.0.0.1"])
@@ -137,7 +141,7 @@ def deployment(token_host, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @contextlib.contextmanager
 def behind_a_front(
-    token_host, tmp: Path, ca: DevCA, policy: Path, client_ca: Path | None = None
+    token_host: TokenHostHandle, tmp: Path, ca: DevCA, policy: Path, client_ca: Path | None = None
 ) -> Iterator[tuple[RunningService, Front]]:
     """A real service under ``policy`` and a real mTLS front before it, whose certificate is
     ``ca``'s and which takes client certificates from ``client_ca`` (default: ``ca``)."""
@@ -304,7 +308,7 @@ def test_a_local_caller_is_known_by_uid(deployment: Deployment) -> None:
 
 
 def test_sighup_reloads_the_policy_without_dropping_calls(
-    service_process_factory, tmp_path: Path
+    service_process_factory: ServiceProcessFactory, tmp_path: Path
 ) -> None:
     policy = tmp_path / "reload.toml"
     allow = f'[[grant]]\ncallers = ["uid:{os.getuid()}"]\noperations = ["*"]\nscopes = ["*"]\n'
@@ -475,7 +479,9 @@ def _serial(cert: Path) -> str:
     return format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "X")
 
 
-def test_issuer_pinning_and_revoking_one_certificate(token_host, tmp_path: Path) -> None:
+def test_issuer_pinning_and_revoking_one_certificate(
+    token_host: TokenHostHandle, tmp_path: Path
+) -> None:
     """Two CAs behind one front, each with a certificate for CN=payments: the grant pins its
     issuer, so the partner CA's is another caller. Then one certificate is revoked by serial
     (SIGHUP): it is UNAUTHENTICATED, while a renewed one of the same subject still works."""

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from signer._internal import config as config_mod
-from tests.conftest import SIGNER_BIN, free_port, health_status, wait_until
+from tests.conftest import (
+    SIGNER_BIN,
+    RunningService,
+    TokenHostHandle,
+    UniqueName,
+    free_port,
+    health_status,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +31,9 @@ def signer(*args: str, address: str, cwd: Path) -> subprocess.CompletedProcess[s
     )  # fmt: skip
 
 
-def test_readme_round_trip_with_cli_and_openssl(service, unique_name, tmp_path: Path):
+def test_readme_round_trip_with_cli_and_openssl(
+    service: RunningService, unique_name: UniqueName, tmp_path: Path
+) -> None:
     """The README's sign/verify walk-through, command by command."""
     name = unique_name("cli")
     addr = service.address
@@ -56,7 +66,9 @@ def test_readme_round_trip_with_cli_and_openssl(service, unique_name, tmp_path: 
     assert "INVALID" in r.stderr
 
 
-def test_cli_digest_version_rotate_list_show_jwk(service, unique_name, tmp_path: Path):
+def test_cli_digest_version_rotate_list_show_jwk(
+    service: RunningService, unique_name: UniqueName, tmp_path: Path
+) -> None:
     import hashlib
 
     name = unique_name("cli")
@@ -88,7 +100,7 @@ def test_cli_digest_version_rotate_list_show_jwk(service, unique_name, tmp_path:
     assert (jwk["kty"], jwk["crv"], jwk["kid"]) == ("EC", "P-384", f"{name}/2")
 
 
-def test_cli_errors_exit_2_with_status_and_message(service, tmp_path: Path):
+def test_cli_errors_exit_2_with_status_and_message(service: RunningService, tmp_path: Path) -> None:
     (tmp_path / "m").write_text("m")
     r = signer("sign", "no-such-key", "--in", "m", "--out", "s", address=service.address,
                cwd=tmp_path)  # fmt: skip
@@ -100,14 +112,16 @@ def test_cli_errors_exit_2_with_status_and_message(service, tmp_path: Path):
     assert "missing-file" in r.stderr
 
 
-def test_signer_help_lists_every_command():
+def test_signer_help_lists_every_command() -> None:
     out = subprocess.run([str(SIGNER_BIN), "--help"], capture_output=True, text=True).stdout
     for command in ("hsm", "serve", "run", "keys", "sign", "verify"):
         assert command in out
 
 
 @pytest.mark.slow
-def test_signer_run_starts_everything_and_ctrl_c_stops_it(tmp_path: Path, token_host):
+def test_signer_run_starts_everything_and_ctrl_c_stops_it(
+    tmp_path: Path, token_host: TokenHostHandle
+) -> None:
     """`make run` in miniature: fresh directory; token host, service on its Unix socket, mTLS
     front, demo key; both ways in work; then SIGINT stops all of it."""
     addr = f"127.0.0.1:{free_port()}"
@@ -149,18 +163,18 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(tmp_path: Path, token_
     assert wait_until(lambda: not _processes_mentioning(front), 10)
     assert not Path(front).exists()  # the front's directory goes with it
     # A second start reuses the tokens, the certificates and the demo key.
-    proc = subprocess.Popen(
+    again = subprocess.Popen(
         [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert wait_until(lambda: _serving(local) or proc.poll() is not None, 60)
+        assert wait_until(lambda: _serving(local) or again.poll() is not None, 60)
         r = signer("verify", "demo", "--in", "m", "--signature", "s", *mtls,
                    address=addr, cwd=tmp_path)  # fmt: skip
         assert r.returncode == 0, r.stderr
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        again.send_signal(signal.SIGINT)
+        assert again.wait(timeout=30) == 0
 
 
 def _serving(addr: str) -> bool:

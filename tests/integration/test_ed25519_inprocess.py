@@ -23,12 +23,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from signer._internal import hsm
 from signer._internal.config import SOFTHSM_MODULE, TokenConfig
 from signer.errors import InvalidArgument
+from tests.conftest import RunningService, ServiceFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.inprocess]
 
 
 @pytest.fixture
-def inprocess_service(service_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def inprocess_service(
+    service_factory: ServiceFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> RunningService:
     paths = hsm.init(tmp_path / "hsm-inprocess")
     # SoftHSM2 reads its configuration from the environment in C_Initialize.
     monkeypatch.setenv("SOFTHSM2_CONF", str(paths.conf))
@@ -39,7 +42,9 @@ def inprocess_service(service_factory, tmp_path: Path, monkeypatch: pytest.Monke
     return service_factory(token=token)
 
 
-def test_ed25519_sign_verifies_with_cryptography_and_openssl(inprocess_service, tmp_path: Path):
+def test_ed25519_sign_verifies_with_cryptography_and_openssl(
+    inprocess_service: RunningService, tmp_path: Path
+) -> None:
     client = inprocess_service.client()
     key = client.create_key("ed-inprocess", "ed25519")
     assert key.algorithm == "ed25519"
@@ -71,14 +76,14 @@ def test_ed25519_sign_verifies_with_cryptography_and_openssl(inprocess_service, 
     assert (jwk["kty"], jwk["crv"], jwk["alg"]) == ("OKP", "Ed25519", "EdDSA")
 
 
-def test_ed25519_refuses_a_digest(inprocess_service):
+def test_ed25519_refuses_a_digest(inprocess_service: RunningService) -> None:
     client = inprocess_service.client()
     client.create_key("ed-digest", "ed25519")
     with pytest.raises(InvalidArgument, match="ed25519 signs the message itself"):
         client.sign("ed-digest", digest=bytes(32))
 
 
-def test_inprocess_module_survives_concurrent_callers(inprocess_service):
+def test_inprocess_module_survives_concurrent_callers(inprocess_service: RunningService) -> None:
     """Without the serialised pool this segfaults (seen here: exit 139 with 4 threads)."""
     client = inprocess_service.client()
     client.create_key("ed-conc", "ed25519")

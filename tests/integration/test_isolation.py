@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 from pathlib import Path
 
+import pkcs11
 import pkcs11.exceptions as p11e
 import pytest
 from pkcs11 import Attribute, ObjectClass
 
 from signer._internal import hsm
 from signer._internal.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE
+from tests.conftest import (
+    RunningService,
+    ServiceFactory,
+    ServiceProcessFactory,
+    TokenHostHandle,
+    UniqueName,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -106,8 +115,10 @@ def mode(path: Path) -> int:
 
 
 def test_service_process_maps_p11kit_client_and_never_softhsm(
-    service_process_factory, token_host, unique_name
-):
+    service_process_factory: ServiceProcessFactory,
+    token_host: TokenHostHandle,
+    unique_name: UniqueName,
+) -> None:
     sp = service_process_factory()
     name = unique_name()
     message = b"mapped by whom?"
@@ -134,8 +145,8 @@ def test_service_process_maps_p11kit_client_and_never_softhsm(
 
 @pytest.mark.parametrize("alg", ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"])
 def test_private_key_objects_are_sensitive_and_never_extractable(
-    service_factory, own_session, unique_name, alg
-):
+    service_factory: ServiceFactory, own_session: pkcs11.Session, unique_name: UniqueName, alg: str
+) -> None:
     svc = service_factory()
     c = svc.client()
     name = unique_name()
@@ -148,8 +159,8 @@ def test_private_key_objects_are_sensitive_and_never_extractable(
     family = "ec" if alg.startswith("ec-") else "rsa"
     for v in key.versions:
         objs = list(own_session.get_objects({Attribute.ID: v.key_id}))
-        classes = sorted(o.object_class for o in objs)
-        assert classes == sorted([ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY])
+        classes = Counter(o.object_class for o in objs)
+        assert classes == Counter([ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY])
 
         priv = own_session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=v.key_id)
         assert priv[Attribute.LABEL] == f"{name}/v{v.version}"
@@ -181,7 +192,7 @@ def test_private_key_objects_are_sensitive_and_never_extractable(
 # --- the token host's files ---------------------------------------------------------------------
 
 
-def test_token_host_files_and_socket_are_owner_only(token_host):
+def test_token_host_files_and_socket_are_owner_only(token_host: TokenHostHandle) -> None:
     p = token_host.paths
     uid = os.getuid()
     assert p.socket.exists(), "the token host is not serving"
@@ -206,7 +217,9 @@ def test_token_host_files_and_socket_are_owner_only(token_host):
         assert mode(f) & 0o077 == 0, f"{f} has mode {mode(f):04o}"
 
 
-def test_the_services_state_is_owner_only(service_factory, unique_name, tmp_path):
+def test_the_services_state_is_owner_only(
+    service_factory: ServiceFactory, unique_name: UniqueName, tmp_path: Path
+) -> None:
     """Key names, scopes, import tokens, audit records: none readable by other local users
     (issue 11: signer.db and audit.db were 0644), whatever the umask, with their WAL files."""
     old = os.umask(0o022)
@@ -223,7 +236,7 @@ def test_the_services_state_is_owner_only(service_factory, unique_name, tmp_path
         os.umask(old)
 
 
-def test_signer_run_keeps_its_state_owner_only(tmp_path):
+def test_signer_run_keeps_its_state_owner_only(tmp_path: Path) -> None:
     """What ``signer run`` prepares under var/: the directory others may pass through (to the
     sockets), never list; the configuration, the policy, the tokens and the CA key owner-only."""
     from signer._internal import launcher
@@ -244,7 +257,12 @@ def test_signer_run_keeps_its_state_owner_only(tmp_path):
 # --- no core dumps in the token host ------------------------------------------------------------
 
 
-def test_token_host_processes_cannot_dump_core(token_host, service, own_session, unique_name):
+def test_token_host_processes_cannot_dump_core(
+    token_host: TokenHostHandle,
+    service: RunningService,
+    own_session: pkcs11.Session,
+    unique_name: UniqueName,
+) -> None:
     # Two clients are connected now (the service and this test), so p11-kit server has
     # started a p11-kit-remote for each; make the service's do real work first.
     c = service.client()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -13,9 +14,9 @@ import pytest
 from jwcrypto import jwk as jc_jwk
 from jwcrypto import jwt as jc_jwt
 
-from signer.client import TokenRejected, verify_jwt
+from signer.client import SignerClient, TokenRejected, verify_jwt
 from signer.errors import InvalidArgument
-from tests.conftest import SIGNER_BIN
+from tests.conftest import SIGNER_BIN, RunningService, UniqueName
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def claims(aud: str, **extra: object) -> dict[str, object]:
     [("ec-p256", "ES256"), ("ec-p384", "ES384"), ("ec-p521", "ES512"), ("rsa-2048", "PS256")],
 )
 def test_tokens_verify_with_our_verifier_pyjwt_and_jwcrypto(
-    client, unique_name, algorithm: str, alg: str
+    client: SignerClient, unique_name: UniqueName, algorithm: str, alg: str
 ) -> None:
     name = unique_name()
     client.create_key(name, algorithm, scope="consumer")
@@ -56,7 +57,9 @@ def test_tokens_verify_with_our_verifier_pyjwt_and_jwcrypto(
     assert json.loads(verified.claims) == body
 
 
-def test_a_consumer_key_cannot_sign_for_enterprise(client, unique_name) -> None:
+def test_a_consumer_key_cannot_sign_for_enterprise(
+    client: SignerClient, unique_name: UniqueName
+) -> None:
     """The incident: a verifier for enterprise trusts a JWKS holding keys of both scopes (say,
     one document for the whole company). A consumer key signs a token for enterprise. The
     signature is valid, so a signature-only check accepts it; verify_jwt does not."""
@@ -89,7 +92,12 @@ def test_a_consumer_key_cannot_sign_for_enterprise(client, unique_name) -> None:
         (lambda c: {k: v for k, v in c.items() if k != "exp"}, "MissingRequiredClaimError"),
     ],
 )
-def test_claims_are_checked(client, unique_name, change, message: str) -> None:
+def test_claims_are_checked(
+    client: SignerClient,
+    unique_name: UniqueName,
+    change: Callable[[dict[str, object]], dict[str, object]],
+    message: str,
+) -> None:
     name = unique_name()
     client.create_key(name, "ec-p256", scope="consumer")
     token = client.sign_jwt(name, change(claims("shop")))
@@ -97,7 +105,9 @@ def test_claims_are_checked(client, unique_name, change, message: str) -> None:
         verify_jwt(token, client.jwks("consumer"), "consumer", "https://signer.example", "shop")
 
 
-def test_forged_headers_and_unknown_keys_are_rejected(client, unique_name) -> None:
+def test_forged_headers_and_unknown_keys_are_rejected(
+    client: SignerClient, unique_name: UniqueName
+) -> None:
     name = unique_name()
     client.create_key(name, "ec-p256", scope="consumer")
     jwks = client.jwks("consumer")
@@ -117,7 +127,9 @@ def test_forged_headers_and_unknown_keys_are_rejected(client, unique_name) -> No
         verify_jwt(tampered, jwks, "consumer", "https://signer.example", "shop")
 
 
-def test_disabled_versions_leave_the_jwks_and_rotation_adds_the_new_one(client, unique_name):
+def test_disabled_versions_leave_the_jwks_and_rotation_adds_the_new_one(
+    client: SignerClient, unique_name: UniqueName
+) -> None:
     name = unique_name()
     client.create_key(name, "ec-p256", scope="rotating")
     old = client.sign_jwt(name, claims("shop"))
@@ -142,19 +154,23 @@ def test_disabled_versions_leave_the_jwks_and_rotation_adds_the_new_one(client, 
         (b'{"a": "' + b"x" * 70_000 + b'"}', "at most 65536 are accepted"),
     ],
 )
-def test_bad_claims_are_refused(client, unique_name, body: bytes, message: str) -> None:
+def test_bad_claims_are_refused(
+    client: SignerClient, unique_name: UniqueName, body: bytes, message: str
+) -> None:
     name = unique_name()
     client.create_key(name, "ec-p256")
     with pytest.raises(InvalidArgument, match=message):
         client.sign_jwt(name, body)
 
 
-def test_a_jwks_needs_a_scope(client) -> None:
+def test_a_jwks_needs_a_scope(client: SignerClient) -> None:
     with pytest.raises(InvalidArgument, match="scope is required"):
         client.jwks("")
 
 
-def test_cli_jwt_sign_and_jwks(service, unique_name, tmp_path: Path) -> None:
+def test_cli_jwt_sign_and_jwks(
+    service: RunningService, unique_name: UniqueName, tmp_path: Path
+) -> None:
     name = unique_name()
     with service.client() as c:
         c.create_key(name, "ec-p256", scope="cli")

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningService, as_user, log_lines, python_for_others, wait_until
+from tests.conftest import (
+    RunningService,
+    ServiceFactory,
+    UniqueName,
+    as_user,
+    log_lines,
+    python_for_others,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +86,7 @@ def open_to_others(svc: RunningService) -> None:
 
 
 def test_one_local_user_cannot_take_every_connection(
-    service_factory, unique_name, relay_log
+    service_factory: ServiceFactory, unique_name: UniqueName, relay_log: list[str]
 ) -> None:
     svc = service_factory(
         server={"max_connections_per_uid": 4, "max_connections": 6}
@@ -108,7 +116,9 @@ def test_one_local_user_cannot_take_every_connection(
     assert c.sign(name, message=b"after").version == 1
 
 
-def test_an_idle_connection_is_closed(service_factory, unique_name) -> None:
+def test_an_idle_connection_is_closed(
+    service_factory: ServiceFactory, unique_name: UniqueName
+) -> None:
     svc = service_factory(server={"idle_connection_seconds": 0.5})
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(svc.address.removeprefix("unix:"))
@@ -121,7 +131,7 @@ def test_an_idle_connection_is_closed(service_factory, unique_name) -> None:
     assert c.sign(name, message=b"m").version == 1
 
 
-def test_connections_their_callers_close_are_released(service) -> None:
+def test_connections_their_callers_close_are_released(service: RunningService) -> None:
     """Both ends of a relayed connection half-closed (the caller's EOF passed on, then the
     server's) used to stay open for good: a descriptor leak that a busy client turned into
     refusals. Each closed client's connection is gone before the next one opens."""

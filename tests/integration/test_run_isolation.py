@@ -19,6 +19,7 @@ import pytest
 from signer._internal import config as config_mod
 from signer.client import ClientTLS, SignerClient
 from tests.conftest import free_port, run_as
+from tests.integration.conftest import SignerRun
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +62,7 @@ print(json.dumps(out))
 DENIED = "PermissionError"
 
 
-def test_the_front_runs_as_its_own_user_and_reaches_nothing_else(signer_run) -> None:
+def test_the_front_runs_as_its_own_user_and_reaches_nothing_else(signer_run: SignerRun) -> None:
     root, port = signer_run.root, signer_run.port
     front = pwd.getpwnam("signer-front")
     cfg = config_mod.load(root / "signer.toml")
@@ -102,7 +103,7 @@ def test_the_front_runs_as_its_own_user_and_reaches_nothing_else(signer_run) -> 
     }
 
 
-def test_a_front_running_as_its_own_user_cannot_lead_root_through_its_links(tmp_path: Path):
+def test_a_front_running_as_its_own_user_cannot_lead_root_through_its_links(tmp_path: Path) -> None:
     """The front's user owns what nginx writes. Links it leaves there (to the signing PIN, say)
     are neither followed nor read by the next start as root: nginx's directory is made afresh,
     and root's own files in the workdir are opened without following links."""

@@ -85,6 +85,7 @@ from signer.v1 import signer_pb2_grpc as pb_grpc
 from tests.conftest import (
     SIGNER_BIN,
     ServiceProcess,
+    ServiceProcessFactory,
     TokenHostHandle,
     health_status,
     socket_address,
@@ -303,7 +304,11 @@ def serving(address: str) -> bool:
 
 
 @pytest.fixture
-def deploy(own_host, service_process_factory, tmp_path) -> Iterator[Callable[..., Deployment]]:  # noqa: F811
+def deploy(
+    own_host: TokenHostHandle,  # noqa: F811
+    service_process_factory: ServiceProcessFactory,
+    tmp_path: Path,
+) -> Iterator[Callable[..., Deployment]]:
     made: list[Deployment] = []
     # The test's own view of the token: no health checks (each one rereads every object of a
     # token the service keeps changing: its p11-kit-remote took half a core, and a check slow
@@ -429,7 +434,9 @@ def kill_delay(rng: random.Random) -> float:
     return rng.choice([rng.uniform(0.0, 0.1), rng.uniform(0.1, 0.8), rng.uniform(0.8, 2.0)])
 
 
-def test_sigkill_under_heavy_signing_loses_nothing_answered_ok(deploy, tmp_path):
+def test_sigkill_under_heavy_signing_loses_nothing_answered_ok(
+    deploy: Callable[..., Deployment], tmp_path: Path
+) -> None:
     started = time.monotonic()
     print(f"seed {SEED}")
     dep = deploy()
@@ -613,7 +620,11 @@ def wrapping_keys(dep: Deployment) -> int:
     return dep.labels().count(WRAPPING_KEY_LABEL)
 
 
-def test_sigkill_in_the_middle_of_every_lifecycle_change(deploy, own_host, tmp_path):  # noqa: F811
+def test_sigkill_in_the_middle_of_every_lifecycle_change(
+    deploy: Callable[..., Deployment],
+    own_host: TokenHostHandle,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     started = time.monotonic()
     print(f"seed {SEED}")
     rounds = ("frozen", "store", "audit")
@@ -682,12 +693,20 @@ def test_sigkill_in_the_middle_of_every_lifecycle_change(deploy, own_host, tmp_p
             fut.result(timeout=60)
         dep.figures[f"killed_in_{ch.op}"] += 1
         if ch.op == "GetImportParameters":  # the thawed host finishes the generation
-            assert wait_until(lambda b=before: wrapping_keys(dep) > b, 90)
+
+            def generated(before: int = before) -> bool:
+                return wrapping_keys(dep) > before
+
+            assert wait_until(generated, 90)
             dep.check(frozenset({WRAPPING_KEY_LABEL}))
         elif ch.op == "ImportKeyVersion":  # it was looking for the wrapping key: nothing made
             dep.check()
         else:
-            assert wait_until(lambda ch=ch: ch.makes in dep.labels(), 30)
+
+            def made(ch: Change = ch) -> bool:
+                return ch.makes in dep.labels()
+
+            assert wait_until(made, 30)
             dep.check(frozenset({str(ch.makes)}))
         with dep.store_db() as db:
             assert not ch.done(db), f"{ch.op} was made while the token host was frozen"
@@ -760,7 +779,9 @@ def test_sigkill_in_the_middle_of_every_lifecycle_change(deploy, own_host, tmp_p
 # --- the audit log's first checkpoint ---------------------------------------------------------
 
 
-def test_a_kill_inside_the_logs_first_checkpoint_leaves_a_log_that_verifies(deploy):
+def test_a_kill_inside_the_logs_first_checkpoint_leaves_a_log_that_verifies(
+    deploy: Callable[..., Deployment],
+) -> None:
     """The first checkpoint makes the audit key: generated in the token, pinned (written whole,
     synced), then the checkpoint signed, witnessed, and stored with the key in one transaction.
     The service is killed the moment the pin appears (tried again if the kill came too late):

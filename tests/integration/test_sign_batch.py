@@ -107,16 +107,40 @@ def test_one_audit_record_and_one_authorisation(
 
 
 def test_a_long_batch_does_not_hold_up_single_signatures(
-    service_factory: ServiceFactory, token_host: TokenHostHandle, unique_name: UniqueName
+    service_factory: ServiceFactory,
+    token_host: TokenHostHandle,
+    unique_name: UniqueName,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A batch reaches the token in chunks, so a Sign that arrives meanwhile waits for one
     chunk, not for the whole batch. One lane, so the two must take turns: without chunks the
-    Sign would finish after the batch's 1,000 signatures."""
+    Sign would finish after the batch's 1,000 signatures. The token's calls are watched (no
+    sleep): the Sign is sent once the batch is signing, and is signed between two chunks."""
     svc = service_factory(token=token_host.token_config(lanes=1))
     name = unique_name()
     with svc.client() as c:
         c.create_key(name, "ec-p256")
     finished: dict[str, float] = {}
+    signing = threading.Event()
+    on_the_token: list[str] = []  # "chunk" for each chunk of the batch, "single" for the Sign
+    token = svc.server.token
+    sign_many, sign = token.sign_many, token.sign
+    single = hashlib.sha256(b"meanwhile").digest()  # what the token signs for the Sign
+
+    def watched_many(key_id: bytes, jobs: list[tuple[SignMechanism, bytes]]) -> list[bytes]:
+        signing.set()
+        out = sign_many(key_id, jobs)
+        on_the_token.append("chunk")
+        return out
+
+    def watched_sign(key_id: bytes, mech: SignMechanism, data: bytes) -> bytes:
+        out = sign(key_id, mech, data)
+        if data == single:
+            on_the_token.append("single")
+        return out
+
+    monkeypatch.setattr(token, "sign_many", watched_many)
+    monkeypatch.setattr(token, "sign", watched_sign)
 
     def batch() -> None:
         with svc.client() as c:
@@ -126,13 +150,15 @@ def test_a_long_batch_does_not_hold_up_single_signatures(
 
     worker = threading.Thread(target=batch)
     worker.start()
-    time.sleep(0.1)  # the batch is on the lane by now (it takes a few hundred ms)
+    assert signing.wait(30)  # the batch is on the lane, signing (its first chunk)
     with svc.client() as c:
         assert c.sign(name, message=b"meanwhile").version == 1
     finished["single"] = time.monotonic()
     worker.join(60)
     assert "batch" in finished
     assert finished["single"] < finished["batch"]
+    # Signed while the batch still had chunks to sign: it waited for one chunk, not for all.
+    assert "chunk" in on_the_token[on_the_token.index("single") :], on_the_token
 
 
 def test_a_version_disabled_while_a_batch_runs_signs_no_more_of_it(

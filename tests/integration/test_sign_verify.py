@@ -5,30 +5,38 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from signer.client import SignerClient
 from signer.keys import ALGORITHMS
-from tests.conftest import FakeClock, make_config, start_service
+from tests.conftest import FakeClock, TokenHostHandle, make_config, start_service
 
 pytestmark = pytest.mark.integration
 
 # What Debian's p11-kit 0.24.1 forwards; ed25519 is tested in-process (test_ed25519_inprocess.py).
 P11KIT_ALGORITHMS = ["ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096"]
-HASHES = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}
+# The ``keys`` fixture: a client, and the name of the key made for each algorithm.
+Keys = tuple[SignerClient, dict[str, str]]
+HASHES: dict[str, hashes.HashAlgorithm] = {
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
 
 
 @pytest.fixture(scope="module")
-def keys(token_host, tmp_path_factory):
+def keys(token_host: TokenHostHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keys]:
     """One key per algorithm, created once through a real service (RSA-4096 takes seconds)."""
     svc = start_service(
         make_config(tmp_path_factory.mktemp("sv"), token_host.token_config()), FakeClock()
     )
     client = svc.client()
-    names = {}
+    names: dict[str, str] = {}
     for alg in P11KIT_ALGORITHMS:
         names[alg] = f"sv-{alg}"
         client.create_key(names[alg], alg)
@@ -36,7 +44,7 @@ def keys(token_host, tmp_path_factory):
     svc.stop()
 
 
-def test_service_offers_exactly_what_the_module_supports(keys):
+def test_service_offers_exactly_what_the_module_supports(keys: Keys) -> None:
     client, _ = keys
     with pytest.raises(Exception, match="CKM_EDDSA"):
         client.create_key("ed-not-here", "ed25519")
@@ -44,13 +52,19 @@ def test_service_offers_exactly_what_the_module_supports(keys):
 
 @pytest.mark.parametrize("alg", P11KIT_ALGORITHMS)
 @pytest.mark.parametrize("mode", ["message", "digest"])
-def test_signature_verifies_with_openssl_and_cryptography(keys, alg, mode, tmp_path: Path):
+def test_signature_verifies_with_openssl_and_cryptography(
+    keys: Keys, alg: str, mode: str, tmp_path: Path
+) -> None:
     client, names = keys
     name = names[alg]
     a = ALGORITHMS[alg]
+    assert a.hash_name is not None
     message = f"payload for {alg} {mode}".encode() * 7
     digest = hashlib.new(a.hash_name, message).digest()
-    sig = client.sign(name, **({"message": message} if mode == "message" else {"digest": digest}))
+    if mode == "message":
+        sig = client.sign(name, message=message)
+    else:
+        sig = client.sign(name, digest=digest)
     assert sig.version == 1
     assert sig.algorithm == alg
 
@@ -84,12 +98,13 @@ def test_signature_verifies_with_openssl_and_cryptography(keys, alg, mode, tmp_p
 
 
 @pytest.mark.parametrize("alg", ["rsa-2048", "rsa-3072"])
-def test_rsa_pkcs1v15_verifies_with_openssl(keys, alg, tmp_path: Path):
+def test_rsa_pkcs1v15_verifies_with_openssl(keys: Keys, alg: str, tmp_path: Path) -> None:
     client, names = keys
     message = b"pkcs1 v1.5 payload"
     sig = client.sign(names[alg], message=message, rsa_padding="pkcs1v15")
     assert sig.signature_algorithm == "RSASSA-PKCS1-v1_5-SHA256"
     pub = serialization.load_pem_public_key(client.public_key(names[alg]).pem.encode())
+    assert isinstance(pub, rsa.RSAPublicKey)
     pub.verify(sig.signature, message, padding.PKCS1v15(), hashes.SHA256())
     (tmp_path / "pub.pem").write_text(client.public_key(names[alg]).pem)
     (tmp_path / "msg").write_bytes(message)
@@ -107,9 +122,10 @@ def test_rsa_pkcs1v15_verifies_with_openssl(keys, alg, tmp_path: Path):
 
 
 @pytest.mark.parametrize("alg", ["ec-p256", "ec-p384", "ec-p521"])
-def test_ecdsa_raw_format_is_fixed_width_r_s(keys, alg):
+def test_ecdsa_raw_format_is_fixed_width_r_s(keys: Keys, alg: str) -> None:
     client, names = keys
     a = ALGORITHMS[alg]
+    assert a.hash_name is not None
     width = (a.bits + 7) // 8
     message = b"jws payload"
     sig = client.sign(names[alg], message=message, signature_format="raw")
@@ -117,11 +133,12 @@ def test_ecdsa_raw_format_is_fixed_width_r_s(keys, alg):
     r = int.from_bytes(sig.signature[:width], "big")
     s = int.from_bytes(sig.signature[width:], "big")
     pub = serialization.load_pem_public_key(client.public_key(names[alg]).pem.encode())
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
     pub.verify(utils.encode_dss_signature(r, s), message, ec.ECDSA(HASHES[a.hash_name]))
     assert client.verify(names[alg], sig.signature, message=message, signature_format="raw")
 
 
-def test_jwk_matches_pem(keys):
+def test_jwk_matches_pem(keys: Keys) -> None:
     client, names = keys
     for alg, name in names.items():
         jwk = json.loads(client.public_key(name, format="jwk").jwk)

@@ -9,6 +9,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from tests.conftest import RunningService, UniqueName
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLIENTS = 16
@@ -17,7 +19,9 @@ ALGORITHMS = ["ec-p256", "ec-p384", "ec-p521", "rsa-2048"]
 HASH = {"ec-p256": hashes.SHA256(), "ec-p384": hashes.SHA384(), "ec-p521": hashes.SHA512()}
 
 
-def test_sixteen_clients_thousands_of_signatures(service, unique_name):
+def test_sixteen_clients_thousands_of_signatures(
+    service: RunningService, unique_name: UniqueName
+) -> None:
     setup = service.client()
     names = {alg: unique_name(alg) for alg in ALGORITHMS}
     pubs = {}

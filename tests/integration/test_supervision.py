@@ -71,7 +71,11 @@ def test_a_killed_token_host_is_restarted_and_signing_resumes(signer_run: Signer
             [old] = p11kit_servers(root)
             os.killpg(old, signal.SIGKILL)  # the server and its p11-kit-remote children
             t0 = time.monotonic()
-            assert wait_until(lambda old=old: p11kit_servers(root) != [old], 10)
+
+            def replaced(old: int = old) -> bool:
+                return p11kit_servers(root) != [old]
+
+            assert wait_until(replaced, 10)
             assert wait_until(lambda: signs(c), RECOVERY_SECONDS), signer_run.output
             took = time.monotonic() - t0
             [new] = p11kit_servers(root)

@@ -63,7 +63,11 @@ from tests.soak.ledger import Ledger
 SCOPES = ("consumer", "enterprise")
 IMPORTED = "imported"
 UNAVAILABLE_PAUSE = 0.1  # seconds a caller waits after an UNAVAILABLE
-_CURVES = {"ec-p256": ec.SECP256R1, "ec-p384": ec.SECP384R1, "ec-p521": ec.SECP521R1}
+_CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
+    "ec-p256": ec.SECP256R1,
+    "ec-p384": ec.SECP384R1,
+    "ec-p521": ec.SECP521R1,
+}
 
 
 @dataclass(frozen=True)

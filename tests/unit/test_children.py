@@ -30,6 +30,9 @@ class FakeChild:
             return 0
         return 3  # exited on its own
 
+    def poll(self) -> int | None:
+        return None  # running, as far as anyone polling knows
+
 
 @pytest.fixture(autouse=True)
 def restore_handlers() -> Iterator[None]:

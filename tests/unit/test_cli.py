@@ -329,10 +329,11 @@ def test_keys_create_bad_label_is_usage_error(
     fake: type[FakeClient], capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake.behaviour["create_key"] = pb_key()
+    rc: int | str | None
     try:
         rc = main(["keys", "create", "payments", "--algorithm", "ec-p256", "--label", "novalue"])
     except SystemExit as exc:
-        rc = exc.code  # type: ignore[assignment]
+        rc = exc.code
     assert rc == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert all(not c.calls for c in fake.instances)

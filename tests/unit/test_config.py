@@ -54,7 +54,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
 def test_config_is_frozen() -> None:
     cfg = Config()
     with pytest.raises(AttributeError):
-        cfg.server.listen = "0.0.0.0:1"  # type: ignore[misc]
+        cfg.server.listen = "0.0.0.0:1"  # type: ignore[misc]  # a frozen field, on purpose
 
 
 # --- TOML --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
@@ -37,7 +38,7 @@ WIRE_CLASSES = [
 ]
 
 
-class FakeRpcError(grpc.RpcError):
+class FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped (Any) to mypy
     def __init__(self, code: grpc.StatusCode, details: str | None) -> None:
         super().__init__()
         self._code = code
@@ -50,8 +51,8 @@ class FakeRpcError(grpc.RpcError):
         return self._details
 
 
-def all_subclasses(cls: type) -> set[type]:
-    out: set[type] = set()
+def all_subclasses(cls: type[object]) -> set[type[object]]:
+    out: set[type[object]] = set()
     for sub in cls.__subclasses__():
         out |= {sub} | all_subclasses(sub)
     return out
@@ -176,8 +177,10 @@ ALICE = Caller.unix(1000, "alice")
 
 
 def intercept(
-    handler: object, caller: Caller | None = ALICE, method: str = "/signer.v1.SignerService/Sign"
-) -> object:
+    handler: Any, caller: Caller | None = ALICE, method: str = "/signer.v1.SignerService/Sign"
+) -> Any:
+    """``handler`` (a gRPC method handler: untyped) as the interceptor hands it back."""
+
     async def continuation(_details: object) -> object:
         return handler
 
@@ -200,7 +203,7 @@ def call_guarded(
     ctx = FakeContext()
 
     async def run() -> object:
-        return await handler.unary_unary("request", ctx)  # type: ignore[attr-defined]
+        return await handler.unary_unary("request", ctx)
 
     try:
         result: object = asyncio.run(run())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from signer._internal.token._logins import EXPIRED, INCORRECT, LOCKED, LoginGuard
 
 
@@ -86,7 +88,7 @@ def test_success_resets_the_count() -> None:
     assert g.may_try()
 
 
-def test_reconnects_back_off_to_their_cap(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_reconnects_back_off_to_their_cap(tmp_path: Path) -> None:
     """A lost token is looked for at the health interval, then half as often after each failed
     attempt, up to ``token.reconnect_max_seconds``; connected, at the interval again."""
     from signer._internal.config import TokenConfig

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,8 +18,8 @@ from signer.keys import Key, State, Version
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
-def version(name: str, number: int = 1, state: State = State.ENABLED, **kw: object) -> Version:
-    values: dict[str, object] = {
+def version(name: str, number: int = 1, state: State = State.ENABLED, **kw: Any) -> Version:
+    values: dict[str, Any] = {
         "algorithm": "ec-p256",
         "key_id": os.urandom(16),
         "public_key_der": b"spki-" + name.encode() + b"-%d" % number,
@@ -26,17 +27,17 @@ def version(name: str, number: int = 1, state: State = State.ENABLED, **kw: obje
         "destroy_at": None,
     }
     values.update(kw)
-    return Version(name=name, version=number, state=state, **values)  # type: ignore[arg-type]
+    return Version(name=name, version=number, state=state, **values)
 
 
-def key(name: str, *versions: Version, primary: int = 1, **kw: object) -> Key:
+def key(name: str, *versions: Version, primary: int = 1, **kw: Any) -> Key:
     vs = versions or (version(name),)
     return Key(
         name=name,
         algorithm=str(kw.get("algorithm", "ec-p256")),
         primary=primary,
         scope=str(kw.get("scope", "")),
-        labels=dict(kw.get("labels", {})),  # type: ignore[call-overload]
+        labels=dict(kw.get("labels", {})),
         created=T0,
         versions=tuple(vs),
     )

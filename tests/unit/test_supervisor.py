@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import pytest
 
-from signer._internal.supervisor import Backoff, Supervisor
+from signer._internal.children import Child
+from signer._internal.supervisor import Backoff, ChildReport, Supervisor
 
 QUICK = Backoff(first=0.01, most=0.04, stable_after=60.0, loop_exits=3, loop_window=60.0)
 
@@ -49,12 +51,27 @@ class StandIn:
             self.status = status
 
 
+class Supervise(Protocol):
+    """The ``supervise`` fixture: a started :class:`Supervisor`, stopped after the test."""
+
+    def __call__(
+        self,
+        children: dict[str, Child],
+        backoff: Backoff | None = None,
+        on_restart: Callable[[str], None] = ...,
+    ) -> Supervisor: ...
+
+
 @pytest.fixture
-def supervise() -> Iterator:
+def supervise() -> Iterator[Supervise]:
     running: list[Supervisor] = []
 
-    def make(children, **kwargs):  # type: ignore[no-untyped-def]
-        s = Supervisor(children, **kwargs)
+    def make(
+        children: dict[str, Child],
+        backoff: Backoff | None = None,
+        on_restart: Callable[[str], None] = lambda name: None,
+    ) -> Supervisor:
+        s = Supervisor(children, backoff, on_restart)
         s.start()
         running.append(s)
         return s
@@ -64,7 +81,7 @@ def supervise() -> Iterator:
         s.stop()
 
 
-def wait_for(s: Supervisor, pred) -> None:  # type: ignore[no-untyped-def]
+def wait_for(s: Supervisor, pred: Callable[[dict[str, ChildReport]], bool]) -> None:
     with s.restarted:
         assert s.restarted.wait_for(lambda: pred(s.report()), timeout=10)
 
@@ -75,14 +92,21 @@ def test_backoff_doubles_up_to_its_cap() -> None:
     assert b.delay(10_000) == 30
 
 
-def test_a_child_that_dies_is_restarted_and_the_hook_runs(supervise) -> None:
+def test_a_child_that_dies_is_restarted_and_the_hook_runs(supervise: Supervise) -> None:
     host, front = StandIn(), StandIn()
     hooked: list[str] = []
-    s = supervise({"host": host, "front": front}, backoff=QUICK, on_restart=hooked.append)
+    hook_ran = threading.Event()
+
+    def hook(name: str) -> None:
+        hooked.append(name)
+        hook_ran.set()
+
+    s = supervise({"host": host, "front": front}, backoff=QUICK, on_restart=hook)
     host.die()
     wait_for(s, lambda r: r["host"].restarts == 1)
     assert host.starts == 1
     assert host.stops == 1  # what was left of it is stopped before it starts again
+    assert hook_ran.wait(10)  # the hook runs just after the restart is counted
     assert hooked == ["host"]
     report = s.report()
     assert report["host"].last_status == -9
@@ -91,7 +115,9 @@ def test_a_child_that_dies_is_restarted_and_the_hook_runs(supervise) -> None:
     assert front.starts == 0
 
 
-def test_a_start_that_fails_is_retried_and_reported(supervise, caplog) -> None:
+def test_a_start_that_fails_is_retried_and_reported(
+    supervise: Supervise, caplog: pytest.LogCaptureFixture
+) -> None:
     host = StandIn(failing_starts=2)
     s = supervise({"host": host}, backoff=QUICK)
     with caplog.at_level(logging.ERROR, logger="signer._internal.supervisor"):
@@ -101,10 +127,12 @@ def test_a_start_that_fails_is_retried_and_reported(supervise, caplog) -> None:
     assert s.report()["host"].last_error == ""  # cleared once it came back
     failed = [r for r in caplog.records if r.getMessage() == "child did not restart"]
     assert len(failed) == 2
-    assert failed[0].error == "the port is taken"  # type: ignore[attr-defined]
+    assert failed[0].__dict__["error"] == "the port is taken"  # an extra= field of the record
 
 
-def test_a_crash_loop_is_reported_not_hidden(supervise, caplog) -> None:
+def test_a_crash_loop_is_reported_not_hidden(
+    supervise: Supervise, caplog: pytest.LogCaptureFixture
+) -> None:
     host = StandIn(dies_at_start=True)  # comes up, dies at once, every time
     s = supervise({"host": host}, backoff=QUICK)
     with caplog.at_level(logging.ERROR, logger="signer._internal.supervisor"):
@@ -115,7 +143,7 @@ def test_a_crash_loop_is_reported_not_hidden(supervise, caplog) -> None:
     assert len(loops) == 1  # said once per loop, not at every exit
 
 
-def test_stop_ends_the_watch_even_during_a_long_delay(supervise) -> None:
+def test_stop_ends_the_watch_even_during_a_long_delay(supervise: Supervise) -> None:
     host = StandIn()
     s = supervise({"host": host}, backoff=Backoff(first=3600.0, most=3600.0))
     host.die()

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from signer.errors import ScanError
+from signer.keys import PublicKeyType
 from signer.scan import Scanner, public_key_id, secret_from_key
 
 from .conftest import Keys, Plant, memory_like
@@ -24,7 +25,7 @@ NOENC = serialization.NoEncryption()
 
 @pytest.fixture(scope="module")
 def blind(keys: Keys) -> Scanner:
-    pubs = {
+    pubs: dict[str, PublicKeyType] = {
         "rsa": keys.rsa2048.public_key(),
         "p256": keys.p256.public_key(),
         "p521": keys.p521.public_key(),
@@ -242,6 +243,7 @@ def test_unsupported_public_key_refused() -> None:
     from cryptography.hazmat.primitives.asymmetric import x25519
 
     with pytest.raises(ScanError, match="unsupported"):
+        # An X25519 key, which the type does not allow: on purpose.
         Scanner([], public_keys=[x25519.X25519PrivateKey.generate().public_key()])  # type: ignore[list-item]
 
 

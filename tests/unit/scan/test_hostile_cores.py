@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from fuzz import targets
 from fuzz.elfcore import Core, Load, build
 from signer.errors import CoreFormatError, ScanError
-from signer.scan import Scanner, secret_from_key, secret_from_pin
+from signer.scan import Scanner, ScanResult, secret_from_key, secret_from_pin
 from signer.scan._elf import MAX_PROBLEMS, parse_core
 
 from .conftest import PIN, random_bytes
@@ -73,8 +73,8 @@ def _write(tmp_path: Path, data: bytes, name: str = "core.bin") -> Path:
     return path
 
 
-def _found(result: object) -> set[str]:
-    return {f.secret_id for f in result.findings}  # type: ignore[attr-defined]
+def _found(result: ScanResult) -> set[str]:
+    return {f.secret_id for f in result.findings}
 
 
 def run_cli(*args: str | Path) -> tuple[int, str, int]:
@@ -376,7 +376,7 @@ def test_sparse_core_blind_mode_skips_the_hole(tmp_path: Path) -> None:
     """A core whose heap segment is mostly hole: the blind checks count the hole as covered
     without reading it."""
     key = ec.generate_private_key(ec.SECP256R1())
-    core = build([Load(HEAP, random_bytes(0x1000, seed=5))], [])
+    core = build([Load(HEAP, bytes(random_bytes(0x1000, seed=5)))], [])
     path = tmp_path / "core.bin"
     path.write_bytes(core.bytes())
     size = 256 << 20

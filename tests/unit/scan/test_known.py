@@ -12,12 +12,14 @@ import base64
 import ctypes
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from signer.scan import Finding, Scanner
+from signer.scan._secrets import PrivateKey
 
 from .conftest import PIN, Keys, Plant
 
@@ -175,16 +177,15 @@ def test_numeric_representation_found(
     assert_one(result.findings, secret_id, component, p)
 
 
-def _key(
-    keys: Keys, secret_id: str
-) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
-    return {
+def _key(keys: Keys, secret_id: str) -> PrivateKey:
+    by_id: dict[str, PrivateKey] = {
         "rsa-2048": keys.rsa2048,
         "ec-p256": keys.p256,
         "ec-p384": keys.p384,
         "ec-p521": keys.p521,
         "ed25519": keys.ed25519,
-    }[secret_id]
+    }
+    return by_id[secret_id]
 
 
 WHOLE_KEY_CASES = [
@@ -289,10 +290,10 @@ def _guarded_slice(data: bytes, start: int, length: int) -> bytes:
 @pytest.mark.parametrize("order", ["big", "little"])
 @pytest.mark.parametrize("length", [16, 40])
 def test_fragment_of_d_found_with_exact_extent(
-    scanner: Scanner, keys: Keys, plant: Plant, order: str, length: int
+    scanner: Scanner, keys: Keys, plant: Plant, order: Literal["big", "little"], length: int
 ) -> None:
     d = keys.rsa2048.private_numbers().d
-    data = d.to_bytes(256, order)  # type: ignore[arg-type]
+    data = d.to_bytes(256, order)
     planted = _guarded_slice(data, 100, length)
     result = scanner.scan(plant([(AT, planted)], None))
     expected = Finding(
@@ -303,10 +304,10 @@ def test_fragment_of_d_found_with_exact_extent(
 
 @pytest.mark.parametrize("order", ["big", "little"])
 def test_fragment_shorter_than_min_fragment_not_found(
-    scanner: Scanner, keys: Keys, plant: Plant, order: str
+    scanner: Scanner, keys: Keys, plant: Plant, order: Literal["big", "little"]
 ) -> None:
     d = keys.rsa2048.private_numbers().d
-    planted = _guarded_slice(d.to_bytes(256, order), 100, 15)  # type: ignore[arg-type]
+    planted = _guarded_slice(d.to_bytes(256, order), 100, 15)
     assert scanner.scan(plant([(AT, planted)], None)).findings == []
 
 

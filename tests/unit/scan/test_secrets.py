@@ -18,6 +18,7 @@ from signer.scan import (
     secret_from_key,
     secret_from_pin,
 )
+from signer.scan._secrets import PrivateKey
 
 from .conftest import PIN, Keys
 
@@ -56,7 +57,7 @@ def test_ec_and_ed25519_components(keys: Keys) -> None:
 def test_unsupported_key_type() -> None:
     key = dsa.generate_private_key(1024)
     with pytest.raises(ScanError, match="unsupported key type"):
-        secret_from_key(key, "dsa")  # type: ignore[arg-type]
+        secret_from_key(key, "dsa")  # type: ignore[arg-type]  # a DSA key, on purpose
 
 
 def test_short_pin_refused_without_showing_it() -> None:
@@ -65,7 +66,7 @@ def test_short_pin_refused_without_showing_it() -> None:
     assert "12345" not in str(exc.value)
     assert secret_from_pin(b"123456", "p").components == {"pin": b"123456"}
     with pytest.raises(TypeError):
-        secret_from_pin("123456", "p")  # type: ignore[arg-type]
+        secret_from_pin("123456", "p")  # type: ignore[arg-type]  # str, not bytes: on purpose
 
 
 def test_uniform_pin_refused_not_silently_skipped() -> None:
@@ -98,23 +99,17 @@ def test_load_every_private_key_format(tmp_path: Path, keys: Keys) -> None:
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     got = load_secrets([tmp_path / n for n in files])
-    expected = [
-        secret_from_key(k, n)
-        for n, k in zip(
-            files,
-            [
-                keys.rsa2048,
-                keys.rsa2048,
-                keys.p256,
-                keys.ed25519,
-                keys.ed25519,
-                keys.p384,
-                keys.p521,
-                keys.p521,
-            ],
-            strict=True,
-        )
+    in_files: list[PrivateKey] = [
+        keys.rsa2048,
+        keys.rsa2048,
+        keys.p256,
+        keys.ed25519,
+        keys.ed25519,
+        keys.p384,
+        keys.p521,
+        keys.p521,
     ]
+    expected = [secret_from_key(k, n) for n, k in zip(files, in_files, strict=True)]
     assert got == expected
 
 
