@@ -25,7 +25,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from signer._internal.audit import verify_log
 from signer._internal.audit._log import NOT_ANSWERED
 from signer.errors import Unavailable
-from tests.conftest import FakeClock, health_status, make_config, start_service, wait_until
+from tests.conftest import (
+    FakeClock,
+    TokenHostHandle,
+    health_status,
+    make_config,
+    start_service,
+    wait_until,
+)
+from tests.integration.token_probe import count_objects
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +46,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB filesystem of the test's own, unmounted afterwards whatever happens."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(disk)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(disk)], check=True
+    )
     try:
         yield disk
     finally:
@@ -62,7 +71,7 @@ def fill(disk: Path) -> Path:
 
 
 def test_a_full_disk_fails_closed_loses_nothing_and_recovers_by_itself(
-    small_disk: Path, token_host
+    small_disk: Path, token_host: TokenHostHandle
 ) -> None:
     cfg = make_config(small_disk, token_host.token_config())
     svc = start_service(cfg, FakeClock(datetime.now(UTC)))
@@ -115,22 +124,23 @@ def test_a_full_disk_fails_closed_loses_nothing_and_recovers_by_itself(
 
 
 def test_a_full_key_store_refuses_changes_clearly_and_keeps_signing(
-    small_disk: Path, tmp_path: Path, token_host
+    small_disk: Path, tmp_path: Path, token_host: TokenHostHandle
 ) -> None:
     """Only the key store's disk is full (the audit log is elsewhere): changes fail
     UNAVAILABLE naming the store, not INTERNAL with a traceback; signing, which only reads it,
     goes on; and the key whose row could not be written leaves no object in the token."""
-    cfg = make_config(small_disk, token_host.token_config(),
-                      audit={"path": str(tmp_path / "audit.db")})  # fmt: skip
+    cfg = make_config(
+        small_disk, token_host.token_config(), audit={"path": str(tmp_path / "audit.db")}
+    )
     svc = start_service(cfg, FakeClock(datetime.now(UTC)))
     try:
         c = svc.client(timeout=10)
         c.create_key("store-full", "ec-p256")
-        objects = svc.blocking(svc.server.token.count_objects)
+        objects = svc.blocking(lambda: count_objects(svc.server.token))
         filler = fill(small_disk)
         with pytest.raises(Unavailable, match=r"the key store cannot be used \(database or disk"):
             c.create_key("not-stored", "ec-p256")
-        assert svc.blocking(svc.server.token.count_objects) == objects  # discarded
+        assert svc.blocking(lambda: count_objects(svc.server.token)) == objects  # discarded
         assert c.sign("store-full", message=b"still signing").version == 1
         assert health_status(svc.address) == "SERVING"
         filler.unlink()

@@ -85,6 +85,7 @@ from tests.conftest import (
     socket_address,
     start_service,
 )
+from tests.integration.token_probe import count_objects
 
 pytestmark = [
     pytest.mark.integration,
@@ -170,8 +171,13 @@ JWS_ALGS = {"ec-p256": "ES256", "ec-p384": "ES384", "ec-p521": "ES512", "rsa-204
 
 # The module's keys. P256 has a version in every state; LIFE is for the lifecycle RPCs.
 P256, P384, P521, RSA, LIFE, IMPORTED = (
-    "fz-p256", "fz-p384", "fz-p521", "fz-rsa", "fz-life", "fz-imported",
-)  # fmt: skip
+    "fz-p256",
+    "fz-p384",
+    "fz-p521",
+    "fz-rsa",
+    "fz-life",
+    "fz-imported",
+)
 GOOD_MESSAGE = b"a message the module signed once"
 
 
@@ -253,7 +259,7 @@ class World:
         return self.svc.server.store.list_keys("", 1_000_000)
 
     def count_objects(self) -> int:
-        return int(self.svc.blocking(self.svc.server.token.count_objects))
+        return int(self.svc.blocking(lambda: count_objects(self.svc.server.token)))
 
     def records(self) -> int:
         (seq,) = self.audit_db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()
@@ -648,11 +654,35 @@ def w(world: World) -> Iterator[World]:
 text = st.text(st.characters(exclude_categories=["Cs"]), max_size=80)
 odd_strings = st.sampled_from(
     [
-        "", " ", "A", "-a", ".a", "_a", "a" * 63, "a" * 64, "a" * 70_000, "a\x00b", "\x00",
-        "a\n", "a\r\nb", "é", "\uff41", "a b", "a/b", "../x", "a\u202eb", "a\ufeff",
-        "\U0001f600", "%s%n", "' OR 1=1 --", "{name}", "\\", "'", '"',
+        "",
+        " ",
+        "A",
+        "-a",
+        ".a",
+        "_a",
+        "a" * 63,
+        "a" * 64,
+        "a" * 70_000,
+        "a\x00b",
+        "\x00",
+        "a\n",
+        "a\r\nb",
+        "é",
+        "\uff41",
+        "a b",
+        "a/b",
+        "../x",
+        "a\u202eb",
+        "a\ufeff",
+        "\U0001f600",
+        "%s%n",
+        "' OR 1=1 --",
+        "{name}",
+        "\\",
+        "'",
+        '"',
     ]
-)  # fmt: skip
+)
 missing_names = st.from_regex(r"zz[a-z0-9._-]{0,61}", fullmatch=True)
 
 
@@ -1124,14 +1154,32 @@ claims_sets = st.one_of(
     st.integers(4_000, 5_000).map(lambda n: b'{"n": ' + b"7" * n + b"}"),
     st.sampled_from(
         [
-            b"", b" ", b"null", b"{}", b"[]", b'"x"', b"1", b"{} x", b"{}\x00", b"\xef\xbb\xbf{}",
-            b'{"a": NaN}', b'{"a": Infinity}', b'{"a": -Infinity}', b'{"a": 1e999}',
-            b'{"sub": "me", "sub": "admin"}', b'{"a": {"b": 1, "b": 2}}', b'{"a": "\\ud800"}',
-            b'{"a": "\xff"}', b"\xff\xfe{\x00}\x00", '{"ä": 1}'.encode("utf-16"),
-            '{"é": 1}'.encode("latin-1"), b'{"a": "\x00"}', b'{"a"  :  1  }',
+            b"",
+            b" ",
+            b"null",
+            b"{}",
+            b"[]",
+            b'"x"',
+            b"1",
+            b"{} x",
+            b"{}\x00",
+            b"\xef\xbb\xbf{}",
+            b'{"a": NaN}',
+            b'{"a": Infinity}',
+            b'{"a": -Infinity}',
+            b'{"a": 1e999}',
+            b'{"sub": "me", "sub": "admin"}',
+            b'{"a": {"b": 1, "b": 2}}',
+            b'{"a": "\\ud800"}',
+            b'{"a": "\xff"}',
+            b"\xff\xfe{\x00}\x00",
+            '{"ä": 1}'.encode("utf-16"),
+            '{"é": 1}'.encode("latin-1"),
+            b'{"a": "\x00"}',
+            b'{"a"  :  1  }',
         ]
     ),
-)  # fmt: skip
+)
 
 
 @fuzz(250)
@@ -1715,10 +1763,16 @@ RAW_PATHS = [SERVICE + m for m in sorted(METHODS)] + [
     SERVICE + "NoSuchMethod",
 ]
 MUTATING = {
-    "CreateKey", "RotateKey", "SetPrimaryVersion", "DisableKeyVersion", "EnableKeyVersion",
-    "ScheduleKeyVersionDestruction", "CancelKeyVersionDestruction", "GetImportParameters",
+    "CreateKey",
+    "RotateKey",
+    "SetPrimaryVersion",
+    "DisableKeyVersion",
+    "EnableKeyVersion",
+    "ScheduleKeyVersionDestruction",
+    "CancelKeyVersionDestruction",
+    "GetImportParameters",
     "ImportKeyVersion",
-}  # fmt: skip
+}
 
 
 @fuzz(300)

@@ -44,6 +44,7 @@ from tests.conftest import (
     wait_until,
     write_toml,
 )
+from tests.integration.token_probe import count_objects
 
 pytestmark = pytest.mark.integration
 
@@ -141,9 +142,18 @@ def test_import_parameters_and_the_wrapping_key_in_the_token(
     # The wrapping key pair is in the token; its private half only unwraps, and stays there.
     record = service.server.store.get_import_token(params.import_token)
     priv = own_session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=record.key_id)
-    flags = [Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.ALWAYS_SENSITIVE,
-             Attribute.NEVER_EXTRACTABLE, Attribute.EXTRACTABLE, Attribute.UNWRAP, Attribute.SIGN,
-             Attribute.DECRYPT, Attribute.DERIVE]  # fmt: skip
+    flags = [
+        Attribute.TOKEN,
+        Attribute.PRIVATE,
+        Attribute.SENSITIVE,
+        Attribute.ALWAYS_SENSITIVE,
+        Attribute.NEVER_EXTRACTABLE,
+        Attribute.EXTRACTABLE,
+        Attribute.UNWRAP,
+        Attribute.SIGN,
+        Attribute.DECRYPT,
+        Attribute.DERIVE,
+    ]
     assert {a: priv[a] for a in flags} == {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: True,
@@ -187,8 +197,9 @@ def test_a_caller_asking_again_gets_its_live_import_token_not_a_new_key_pair(
     client = service.client()
     before = len(list(own_session.get_objects({Attribute.LABEL: "signer/import-wrapping"})))
     with ThreadPoolExecutor(4) as pool:
-        tokens = {p.import_token for p in pool.map(lambda _: client.get_import_parameters(),
-                                                   range(16))}  # fmt: skip
+        tokens = {
+            p.import_token for p in pool.map(lambda _: client.get_import_parameters(), range(16))
+        }
     assert len(tokens) == 1
     after = len(list(own_session.get_objects({Attribute.LABEL: "signer/import-wrapping"})))
     assert after - before == 2  # one pair: its public and its private half
@@ -317,9 +328,19 @@ def test_imported_private_key_objects_are_sensitive_and_never_extractable(
     objs = list(own_session.get_objects({Attribute.ID: kid}))
     assert [o.object_class for o in objs] == [ObjectClass.PRIVATE_KEY]  # no public object
     priv = objs[0]
-    flags = [Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
-             Attribute.SIGN, Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE,
-             Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE, Attribute.LOCAL]  # fmt: skip
+    flags = [
+        Attribute.TOKEN,
+        Attribute.PRIVATE,
+        Attribute.SENSITIVE,
+        Attribute.EXTRACTABLE,
+        Attribute.SIGN,
+        Attribute.DECRYPT,
+        Attribute.UNWRAP,
+        Attribute.DERIVE,
+        Attribute.ALWAYS_SENSITIVE,
+        Attribute.NEVER_EXTRACTABLE,
+        Attribute.LOCAL,
+    ]
     assert {a: priv[a] for a in flags} == {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: True,
@@ -391,18 +412,27 @@ def test_rsa_and_ed25519_import_are_failed_precondition_through_p11kit(
     name = unique_name()
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     message = assert_rejected(
-        service, own_session, name,
+        service,
+        own_session,
+        name,
         lambda: client.import_key(name, "rsa-2048", pem(rsa_key), params=params),
-        FailedPrecondition, "CKM_RSA_AES_KEY_WRAP", "CKM_AES_KEY_WRAP_PAD",
-        "p11-kit-client.so", "offers neither",
-    )  # fmt: skip
+        FailedPrecondition,
+        "CKM_RSA_AES_KEY_WRAP",
+        "CKM_AES_KEY_WRAP_PAD",
+        "p11-kit-client.so",
+        "offers neither",
+    )
     assert "rsa-2048" in message
     ed = ed25519.Ed25519PrivateKey.generate()
     assert_rejected(
-        service, own_session, name,
+        service,
+        own_session,
+        name,
         lambda: client.import_key(name, "ed25519", pem(ed), params=params),
-        FailedPrecondition, "importing ed25519 keys is not available", "CKM_EDDSA",
-    )  # fmt: skip
+        FailedPrecondition,
+        "importing ed25519 keys is not available",
+        "CKM_EDDSA",
+    )
 
 
 # --- rejected imports leave nothing -------------------------------------------------------------
@@ -422,8 +452,14 @@ def test_corrupt_and_foreign_blobs_are_invalid_argument(
     good = request(first, name, "ec-p256", key)
 
     def reject(req: pb.ImportKeyVersionRequest, *fragments: str) -> None:
-        assert_rejected(service, own_session, name, lambda: client.import_key_version(req),
-                        InvalidArgument, *fragments)  # fmt: skip
+        assert_rejected(
+            service,
+            own_session,
+            name,
+            lambda: client.import_key_version(req),
+            InvalidArgument,
+            *fragments,
+        )
 
     unwrap_failed = "the token could not unwrap wrapped_key"
     reject(request(first, name, "ec-p256", key, wrapped_key=os.urandom(512)), unwrap_failed)
@@ -432,12 +468,14 @@ def test_corrupt_and_foreign_blobs_are_invalid_argument(
     reject(request(first, name, "ec-p256", key, wrapped_key=bytes(flipped)), unwrap_failed)
     reject(
         request(first, name, "ec-p256", key, wrapped_key=good.wrapped_key[:300]),
-        "wrapped_key is 300 bytes", "exactly 512",
-    )  # fmt: skip
+        "wrapped_key is 300 bytes",
+        "exactly 512",
+    )
     reject(
         request(first, name, "ec-p256", key, wrapped_key=good.wrapped_key + bytes(40)),
-        "wrapped_key is 552 bytes", "no two-step scheme",
-    )  # fmt: skip
+        "wrapped_key is 552 bytes",
+        "no two-step scheme",
+    )
     # Wrapped for the first import token's key, sent with the second's.
     reject(request(first, name, "ec-p256", key, import_token=second.import_token), unwrap_failed)
     # Valid OAEP of something that is not a PKCS#8 key.
@@ -460,43 +498,65 @@ def test_wrong_algorithm_and_wrong_public_key_are_invalid_argument(
 
     # The caller's way: a P-384 key imported as ec-p256. The token's object says P-384.
     assert_rejected(
-        service, own_session, name,
+        service,
+        own_session,
+        name,
         lambda: client.import_key(name, "ec-p256", pem(p384), params=params),
-        InvalidArgument, "wrapped key is a P-384 key, not ec-p256",
-    )  # fmt: skip
+        InvalidArgument,
+        "wrapped key is a P-384 key, not ec-p256",
+    )
     # A P-256 key with a P-256 public key that is not its own: the challenge does not verify.
     other = wrapping.public_der(ec_key())
     assert_rejected(
-        service, own_session, name,
-        lambda: client.import_key_version(request(params, name, "ec-p256", ec_key(),
-                                                  public_key_der=other)),
-        InvalidArgument, "public_key_der does not match the wrapped key",
-    )  # fmt: skip
+        service,
+        own_session,
+        name,
+        lambda: client.import_key_version(
+            request(params, name, "ec-p256", ec_key(), public_key_der=other)
+        ),
+        InvalidArgument,
+        "public_key_der does not match the wrapped key",
+    )
     # A public key of the wrong curve.
     assert_rejected(
-        service, own_session, name,
-        lambda: client.import_key_version(request(params, name, "ec-p256", ec_key(),
-                                                  public_key_der=wrapping.public_der(p384))),
-        InvalidArgument, "public_key_der is a P-384 key, not ec-p256",
-    )  # fmt: skip
+        service,
+        own_session,
+        name,
+        lambda: client.import_key_version(
+            request(params, name, "ec-p256", ec_key(), public_key_der=wrapping.public_der(p384))
+        ),
+        InvalidArgument,
+        "public_key_der is a P-384 key, not ec-p256",
+    )
     # SoftHSM2 gives an unwrapped EC key no CKA_EC_POINT: without the public key, no import.
     assert_rejected(
-        service, own_session, name,
-        lambda: client.import_key_version(request(params, name, "ec-p256", ec_key(),
-                                                  public_key_der=b"")),
-        InvalidArgument, "public_key_der is required",
-    )  # fmt: skip
+        service,
+        own_session,
+        name,
+        lambda: client.import_key_version(
+            request(params, name, "ec-p256", ec_key(), public_key_der=b"")
+        ),
+        InvalidArgument,
+        "public_key_der is required",
+    )
     assert_rejected(
-        service, own_session, name,
-        lambda: client.import_key_version(request(params, name, "ec-p256", ec_key(),
-                                                  public_key_der=b"\x30\x03junk")),
-        InvalidArgument, "public_key_der is not a DER SubjectPublicKeyInfo",
-    )  # fmt: skip
+        service,
+        own_session,
+        name,
+        lambda: client.import_key_version(
+            request(params, name, "ec-p256", ec_key(), public_key_der=b"\x30\x03junk")
+        ),
+        InvalidArgument,
+        "public_key_der is not a DER SubjectPublicKeyInfo",
+    )
     assert_rejected(
-        service, own_session, name,
+        service,
+        own_session,
+        name,
         lambda: client.import_key_version(request(params, name, "", ec_key())),
-        InvalidArgument, "algorithm is required",
-    )  # fmt: skip
+        InvalidArgument,
+        "algorithm is required",
+    )
 
 
 def _has_audit_key(path: str) -> bool:
@@ -524,20 +584,35 @@ def test_unknown_and_expired_import_tokens(
         ("not a token!", "import_token is missing or malformed"),
     ):
         bad = request(params, name, "ec-p256", key, import_token=token)
-        assert_rejected(service, own_session, name, partial(client.import_key_version, bad),
-                        InvalidArgument, fragment)  # fmt: skip
+        assert_rejected(
+            service,
+            own_session,
+            name,
+            partial(client.import_key_version, bad),
+            InvalidArgument,
+            fragment,
+        )
 
     service.clock.advance(days=2)
     assert_rejected(
-        service, own_session, name, lambda: client.import_key_version(req),
-        FailedPrecondition, "import_token expired at", "GetImportParameters",
-    )  # fmt: skip
+        service,
+        own_session,
+        name,
+        lambda: client.import_key_version(req),
+        FailedPrecondition,
+        "import_token expired at",
+        "GetImportParameters",
+    )
     # Still "expired", not "unknown", once the reaper has destroyed the wrapping key.
     service.blocking(service.server.keyring.reap)
     assert_rejected(
-        service, own_session, name, lambda: client.import_key_version(req),
-        FailedPrecondition, "import_token expired at",
-    )  # fmt: skip
+        service,
+        own_session,
+        name,
+        lambda: client.import_key_version(req),
+        FailedPrecondition,
+        "import_token expired at",
+    )
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -555,11 +630,25 @@ def test_keys_import_cli_round_trip(
     def signer(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(SIGNER_BIN), *args, "--address", service.address],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
-    r = signer("keys", "import", name, "--algorithm", "ec-p384", "--in", "key.pem",
-               "--scope", "cli", "--label", "origin=byok")  # fmt: skip
+    r = signer(
+        "keys",
+        "import",
+        name,
+        "--algorithm",
+        "ec-p384",
+        "--in",
+        "key.pem",
+        "--scope",
+        "cli",
+        "--label",
+        "origin=byok",
+    )
     assert r.returncode == 0, r.stderr
     assert '"primary_version": 1' in r.stdout
     assert '"scope": "cli"' in r.stdout
@@ -625,11 +714,22 @@ def test_provision_key_with_softhsm2_util_on_a_pty_then_adopt(
 
     # What softhsm2-util made of it (reported, not patched).
     priv = own_session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
-    assert {a: priv[a] for a in (Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE,
-                                 Attribute.EXTRACTABLE, Attribute.SIGN)} == {
-        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
-        Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
-    }  # fmt: skip
+    assert {
+        a: priv[a]
+        for a in (
+            Attribute.TOKEN,
+            Attribute.PRIVATE,
+            Attribute.SENSITIVE,
+            Attribute.EXTRACTABLE,
+            Attribute.SIGN,
+        )
+    } == {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.SIGN: True,
+    }
     rsa_extra = alg.startswith("rsa")  # softhsm2-util also lets an RSA key decrypt and unwrap
     assert (priv[Attribute.DECRYPT], priv[Attribute.UNWRAP]) == (rsa_extra, rsa_extra)
     assert (priv[Attribute.ALWAYS_SENSITIVE], priv[Attribute.NEVER_EXTRACTABLE]) == (False, False)
@@ -645,17 +745,21 @@ def test_provision_key_with_softhsm2_util_on_a_pty_then_adopt(
         assert verifies_ec(original, alg, sig)
     else:
         original.public_key().verify(
-            sig, MESSAGE, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+            sig,
+            MESSAGE,
+            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
             hashes.SHA256(),
-        )  # fmt: skip
+        )
     assert client.public_key(name).pem.encode() == original.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     # Adoption tightened what it could and relabelled the pair NAME/v1.
     priv = own_session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
     assert (priv[Attribute.DECRYPT], priv[Attribute.UNWRAP], priv[Attribute.DERIVE]) == (
-        False, False, False,
-    )  # fmt: skip
+        False,
+        False,
+        False,
+    )
     assert priv[Attribute.LABEL] == f"{name}/v1"
     pub = own_session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=key_id)
     assert pub[Attribute.LABEL] == f"{name}/v1"
@@ -697,20 +801,48 @@ def test_hsm_import_key_and_keys_adopt_cli(
     (tmp_path / "key.pem").write_bytes(pem(original))
     key_id = secrets.token_bytes(16)
     r = subprocess.run(
-        [str(SIGNER_BIN), "hsm", "import-key", "--dir", str(token_host.root), "--in", "key.pem",
-         "--label", "cli-provisioned", "--id", key_id.hex()],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(SIGNER_BIN),
+            "hsm",
+            "import-key",
+            "--dir",
+            str(token_host.root),
+            "--in",
+            "key.pem",
+            "--label",
+            "cli-provisioned",
+            "--id",
+            key_id.hex(),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stderr
     assert key_id.hex() in r.stdout
 
     name = unique_name("adopted")
     config = write_toml(tmp_path / "signer.toml", service.server.cfg)
     r = subprocess.run(
-        [str(SIGNER_BIN), "keys", "adopt", name, "--algorithm", "ec-p521", "--id", key_id.hex(),
-         "--config", str(config)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            str(SIGNER_BIN),
+            "keys",
+            "adopt",
+            name,
+            "--algorithm",
+            "ec-p521",
+            "--id",
+            key_id.hex(),
+            "--config",
+            str(config),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     sig = service.client().sign(name, message=MESSAGE)
     assert verifies_ec(original, "ec-p521", sig.signature)
@@ -727,8 +859,9 @@ def inprocess_service(
     does not carry CKM_AES_KEY_WRAP_PAD. Production uses a module that carries it."""
     paths = hsm.init(tmp_path / "hsm-inprocess")
     monkeypatch.setenv("SOFTHSM2_CONF", str(paths.conf))
-    token = TokenConfig(module=SOFTHSM_MODULE, uri="pkcs11:token=signer",
-                        pin_file=str(paths.user_pin))  # fmt: skip
+    token = TokenConfig(
+        module=SOFTHSM_MODULE, uri="pkcs11:token=signer", pin_file=str(paths.user_pin)
+    )
     return service_factory(token=token)
 
 
@@ -743,7 +876,7 @@ def test_rsa_import_in_two_steps_where_the_module_offers_it(
     assert {"rsa-2048", "rsa-3072", "rsa-4096", "ec-p256"} <= set(params.supported_algorithms)
 
     def objects() -> int:
-        return int(svc.blocking(svc.server.token.count_objects))
+        return int(svc.blocking(lambda: count_objects(svc.server.token)))
 
     before = objects()
     original = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -759,9 +892,11 @@ def test_rsa_import_in_two_steps_where_the_module_offers_it(
 
     pss = client.sign(name, message=MESSAGE).signature
     original.public_key().verify(
-        pss, MESSAGE, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+        pss,
+        MESSAGE,
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
         hashes.SHA256(),
-    )  # fmt: skip
+    )
     v15 = client.sign(name, message=MESSAGE, rsa_padding="pkcs1v15").signature
     original.public_key().verify(v15, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
 

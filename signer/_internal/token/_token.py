@@ -112,11 +112,6 @@ class Token(WrappedImport):
         with self._session() as slot:
             return bool(search(slot.session, {Attribute.ID: key_id}))
 
-    def count_objects(self) -> int:
-        """How many objects the logged-in user can see, token and session objects alike."""
-        with self._session() as slot:
-            return len(search(slot.session, {}))
-
     # --- reconciliation with the store (signer keys reconcile, issue 12) -----------------------
 
     def objects(self) -> list[TokenObject]:
