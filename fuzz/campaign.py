@@ -126,13 +126,19 @@ def _merge(wrapper: Path, env: dict[str, str], seeds: Path, work: Path, max_len:
     for seed in seeds.glob("seed-*"):
         shutil.copy(seed, fresh)
     subprocess.run(
-        [str(wrapper), "-set_cover_merge=1", f"-max_len={max_len}", str(fresh), str(seeds),
-         str(work)],
+        [
+            str(wrapper),
+            "-set_cover_merge=1",
+            f"-max_len={max_len}",
+            str(fresh),
+            str(seeds),
+            str(work),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
         check=False,
-    )  # fmt: skip
+    )
     kept = [p for p in fresh.iterdir() if not seeding.holds_key_text(p.read_bytes())]
     if kept:
         for old in seeds.iterdir():

@@ -17,17 +17,41 @@ PT_LOAD, PT_NOTE = 1, 4
 
 # Field name -> (offset in the header, struct code), for each ELF class.
 _EHDR = {
-    True: {"type": (16, "H"), "phoff": (32, "Q"), "shoff": (40, "Q"), "phentsize": (54, "H"),
-           "phnum": (56, "H")},
-    False: {"type": (16, "H"), "phoff": (28, "I"), "shoff": (32, "I"), "phentsize": (42, "H"),
-            "phnum": (44, "H")},
-}  # fmt: skip
+    True: {
+        "type": (16, "H"),
+        "phoff": (32, "Q"),
+        "shoff": (40, "Q"),
+        "phentsize": (54, "H"),
+        "phnum": (56, "H"),
+    },
+    False: {
+        "type": (16, "H"),
+        "phoff": (28, "I"),
+        "shoff": (32, "I"),
+        "phentsize": (42, "H"),
+        "phnum": (44, "H"),
+    },
+}
 _PHDR = {
-    True: {"type": (0, "I"), "flags": (4, "I"), "offset": (8, "Q"), "vaddr": (16, "Q"),
-           "filesz": (32, "Q"), "memsz": (40, "Q"), "align": (48, "Q")},
-    False: {"type": (0, "I"), "offset": (4, "I"), "vaddr": (8, "I"), "filesz": (16, "I"),
-            "memsz": (20, "I"), "flags": (24, "I"), "align": (28, "I")},
-}  # fmt: skip
+    True: {
+        "type": (0, "I"),
+        "flags": (4, "I"),
+        "offset": (8, "Q"),
+        "vaddr": (16, "Q"),
+        "filesz": (32, "Q"),
+        "memsz": (40, "Q"),
+        "align": (48, "Q"),
+    },
+    False: {
+        "type": (0, "I"),
+        "offset": (4, "I"),
+        "vaddr": (8, "I"),
+        "filesz": (16, "I"),
+        "memsz": (20, "I"),
+        "flags": (24, "I"),
+        "align": (28, "I"),
+    },
+}
 
 
 @dataclass
@@ -112,9 +136,10 @@ def build(
     ident = b"\x7fELF" + bytes([2 if is64 else 1, 2 if big_endian else 1, 1]) + b"\0" * 9
     fmt = e + ("16sHHIQQQIHHHHHH" if is64 else "16sHHIIIIIHHHHHH")
     out = bytearray(
-        struct.pack(fmt, ident, 4, 62 if is64 else 3, 1, 0, ehsize, 0, 0, ehsize, phentsize,
-                    phnum, 0, 0, 0)
-    )  # fmt: skip
+        struct.pack(
+            fmt, ident, 4, 62 if is64 else 3, 1, 0, ehsize, 0, 0, ehsize, phentsize, phnum, 0, 0, 0
+        )
+    )
 
     def phdr(ptype: int, off: int, vaddr: int, filesz: int, memsz: int, palign: int) -> bytes:
         if is64:

@@ -81,9 +81,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def _require_tools() -> None:
     """The integration suite needs the token host's tools; say loudly what is missing."""
     missing = [t for t in ("p11-kit", "openssl", "nginx") if shutil.which(t) is None]
-    missing += [m for m in (config_mod.SOFTHSM_MODULE, config_mod.P11KIT_CLIENT_MODULE,
-                            ENGINE_PATH)
-                if not Path(m).exists()]  # fmt: skip
+    missing += [
+        m
+        for m in (config_mod.SOFTHSM_MODULE, config_mod.P11KIT_CLIENT_MODULE, ENGINE_PATH)
+        if not Path(m).exists()
+    ]
     if missing:
         pytest.skip(
             f"integration tests need {', '.join(missing)}: run 'make test', which installs them "
@@ -369,8 +371,10 @@ def service_process_factory(
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [str(SIGNER_BIN), "serve", "--config", str(cfg_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         sp = ServiceProcess(proc, cfg.server.listen, cfg_path, log_path)
         procs.append(sp)
         if not wait_until(lambda: _serving(sp.address) or proc.poll() is not None, 30):
@@ -442,8 +446,10 @@ def python_for_others() -> list[str]:
         if python.exists() and world_runnable(python):
             version = subprocess.run(
                 [str(python), "-c", "import sys; print(sys.version_info[:2])"],
-                capture_output=True, text=True, check=True,
-            ).stdout.strip()  # fmt: skip
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
             if version == str(sys.version_info[:2]):
                 return [str(python)]
     pytest.fail(f"no Python {sys.version_info[:2]} that another user may run: {candidates}")
@@ -470,8 +476,11 @@ def run_as(
     """``python -c script args...`` as ``user``."""
     return subprocess.run(
         [*python_for_others(), "-c", script, *args],
-        capture_output=True, text=True, timeout=timeout, **as_user(user),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **as_user(user),
+    )
 
 
 @contextlib.contextmanager

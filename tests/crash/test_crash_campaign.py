@@ -49,8 +49,13 @@ def test_the_slice_covers_the_matrix(campaign: Campaign) -> None:
     service_rows = [r for r in campaign.rows if r.case.subject == "service"]
     assert {r.case.mechanism for r in service_rows} >= set(crash.MECHANISMS)
     assert {r.case.moment for r in service_rows} >= {
-        "idle", "load", "keygen", "rotation", "startup", "shutdown"
-    }  # fmt: skip
+        "idle",
+        "load",
+        "keygen",
+        "rotation",
+        "startup",
+        "shutdown",
+    }
     collectors = {r.collector_name for r in service_rows}
     assert any(c.startswith("kernel") or "gcore (kernel" in c for c in collectors)
     assert {"gcore", "gcore-a"} <= collectors

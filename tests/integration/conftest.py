@@ -65,8 +65,11 @@ def signer_run() -> Iterator[SignerRun]:
     root, port = base / "var", free_port()
     proc = subprocess.Popen(
         [str(SIGNER_BIN), "run", "--dir", str(root), "--listen", f"127.0.0.1:{port}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run = SignerRun(root, port, proc)
     ready = threading.Event()
 

@@ -62,8 +62,10 @@ def records(path: str) -> list[tuple[Any, ...]]:
 def verify_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(SIGNER_BIN), "audit-log", "verify", *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_every_call_is_recorded_without_its_payload(
@@ -182,8 +184,10 @@ def test_archiving_from_the_command_line_keeps_the_log_provable(
     path = signed_and_stopped(service_factory(audit={"checkpoint_every": 3}), unique_name(), 7)
     done = subprocess.run(
         [str(SIGNER_BIN), "audit-log", "archive", "--db", path, "--older-than-days", "0"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("archived records 1 to 8 to ")
     assert records(path) == []
@@ -328,8 +332,10 @@ def _rewrite_and_strip(path: str, seq: int) -> None:
             event = Event(datetime.fromisoformat(row[1]), *row[2:8])
             row[8], row[9] = prev, record_hash(row[0], event, prev)
             prev = row[9]
-            db.execute("UPDATE records SET key = ?, prev_hash = ?, hash = ? WHERE seq = ?",
-                       (row[4], row[8], row[9], row[0]))  # fmt: skip
+            db.execute(
+                "UPDATE records SET key = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                (row[4], row[8], row[9], row[0]),
+            )
         db.execute("DELETE FROM checkpoints")
         db.execute("DELETE FROM audit_key")
 
@@ -338,9 +344,10 @@ def test_a_rewritten_log_stripped_of_its_checkpoints_does_not_verify(
     service_factory: ServiceFactory, unique_name: UniqueName, tmp_path: Path
 ) -> None:
     witness = tmp_path / "elsewhere.jsonl"
-    svc = service_factory(audit={"checkpoint_every": 5, "max_unsigned_records": 8,
-                                 "witness_file": str(witness)},
-                          server={"max_calls_in_flight": 2})  # fmt: skip
+    svc = service_factory(
+        audit={"checkpoint_every": 5, "max_unsigned_records": 8, "witness_file": str(witness)},
+        server={"max_calls_in_flight": 2},
+    )
     path = signed_and_stopped(svc, unique_name(), 12)  # 13 records, checkpoints 5, 10, 13
     config = write_toml(tmp_path / "verify.toml", svc.server.cfg)
     done = verify_cli("--config", str(config))  # the witness of the config is read
@@ -380,9 +387,10 @@ def test_a_checkpoint_key_that_is_not_the_pinned_one_stops_the_service(
     svc = service_factory(audit={"checkpoint_every": 1})
     foreign = ec.generate_private_key(ec.SECP256R1()).public_key()
     svc.server.cfg.audit.pinned_key.write_bytes(
-        foreign.public_bytes(serialization.Encoding.PEM,
-                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    )  # fmt: skip
+        foreign.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     c = svc.client()
     c.list_keys()  # recorded; its checkpoint then meets the foreign pin
     assert wait_until(lambda: health_status(svc.address) == "NOT_SERVING", 10)
@@ -429,9 +437,12 @@ def test_a_burst_refused_for_want_of_places_writes_no_more_than_the_budget(
     one Throttled record counts the rest."""
     budget = 5
     svc = service_factory(
-        server={"max_calls_per_caller": 2, "refused_calls_budget": budget,
-                "refusal_window_seconds": 3600},
-    )  # fmt: skip
+        server={
+            "max_calls_per_caller": 2,
+            "refused_calls_budget": budget,
+            "refusal_window_seconds": 3600,
+        },
+    )
     held = _Held(svc.server.keyring, "create_key", monkeypatch)
     try:
         with grpc.insecure_channel(svc.address) as channel:

@@ -153,9 +153,12 @@ def behind_a_front(
     )
     svc = start_service(cfg, FakeClock())
     front_cfg = front_config(
-        token_host.paths, ca, listen=f"127.0.0.1:{free_port()}", upstream=front_socket,
+        token_host.paths,
+        ca,
+        listen=f"127.0.0.1:{free_port()}",
+        upstream=front_socket,
         workdir=tmp / "front",
-    )  # fmt: skip
+    )
     if client_ca is not None:
         front_cfg = replace(front_cfg, client_ca=str(client_ca))
     front = Front(replace(cfg, front=front_cfg))

@@ -27,8 +27,11 @@ pytestmark = pytest.mark.integration
 def signer(*args: str, address: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(SIGNER_BIN), *args, "--address", address],
-        cwd=cwd, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_readme_round_trip_with_cli_and_openssl(
@@ -44,24 +47,36 @@ def test_readme_round_trip_with_cli_and_openssl(
     (tmp_path / "hello.txt").write_text("hello, signer\n")
     r = signer("sign", name, "--in", "hello.txt", "--out", "hello.sig", address=addr, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = signer("verify", name, "--in", "hello.txt", "--signature", "hello.sig",
-               address=addr, cwd=tmp_path)  # fmt: skip
+    r = signer(
+        "verify", name, "--in", "hello.txt", "--signature", "hello.sig", address=addr, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
 
     r = signer("keys", "public", name, "--out", "pub.pem", address=addr, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ossl = subprocess.run(
-        ["openssl", "dgst", "-sha256", "-verify", "pub.pem",
-         "-signature", "hello.sig", "hello.txt"],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "dgst",
+            "-sha256",
+            "-verify",
+            "pub.pem",
+            "-signature",
+            "hello.sig",
+            "hello.txt",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert ossl.returncode == 0, ossl.stdout + ossl.stderr
     assert "Verified OK" in ossl.stdout
 
     # A tampered message: exit 1, not an error.
     (tmp_path / "evil.txt").write_text("hello, signer!\n")
-    r = signer("verify", name, "--in", "evil.txt", "--signature", "hello.sig",
-               address=addr, cwd=tmp_path)  # fmt: skip
+    r = signer(
+        "verify", name, "--in", "evil.txt", "--signature", "hello.sig", address=addr, cwd=tmp_path
+    )
     assert r.returncode == 1
     assert "INVALID" in r.stderr
 
@@ -73,21 +88,56 @@ def test_cli_digest_version_rotate_list_show_jwk(
 
     name = unique_name("cli")
     addr = service.address
-    assert signer("keys", "create", name, "--algorithm", "ec-p384", address=addr,
-                  cwd=tmp_path).returncode == 0  # fmt: skip
+    assert (
+        signer(
+            "keys", "create", name, "--algorithm", "ec-p384", address=addr, cwd=tmp_path
+        ).returncode
+        == 0
+    )
     r = signer("keys", "rotate", name, address=addr, cwd=tmp_path)
     assert json.loads(r.stdout)["primary_version"] == 2
     (tmp_path / "d.bin").write_bytes(hashlib.sha384(b"x").digest())
-    r = signer("sign", name, "--in", "d.bin", "--out", "d.sig", "--digest", "--version", "1",
-               address=addr, cwd=tmp_path)  # fmt: skip
+    r = signer(
+        "sign",
+        name,
+        "--in",
+        "d.bin",
+        "--out",
+        "d.sig",
+        "--digest",
+        "--version",
+        "1",
+        address=addr,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stderr)["version"] == 1
-    r = signer("verify", name, "--in", "d.bin", "--signature", "d.sig", "--digest",
-               "--version", "1", address=addr, cwd=tmp_path)  # fmt: skip
+    r = signer(
+        "verify",
+        name,
+        "--in",
+        "d.bin",
+        "--signature",
+        "d.sig",
+        "--digest",
+        "--version",
+        "1",
+        address=addr,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     # Version 2 did not make that signature.
-    r = signer("verify", name, "--in", "d.bin", "--signature", "d.sig", "--digest",
-               address=addr, cwd=tmp_path)  # fmt: skip
+    r = signer(
+        "verify",
+        name,
+        "--in",
+        "d.bin",
+        "--signature",
+        "d.sig",
+        "--digest",
+        address=addr,
+        cwd=tmp_path,
+    )
     assert r.returncode == 1
 
     r = signer("keys", "list", address=addr, cwd=tmp_path)
@@ -95,19 +145,22 @@ def test_cli_digest_version_rotate_list_show_jwk(
     shown = json.loads(signer("keys", "show", name, address=addr, cwd=tmp_path).stdout)
     assert [v["state"] for v in shown["versions"]] == ["enabled", "enabled"]
     assert shown["versions"][0]["pkcs11_uri"].startswith("pkcs11:token=signer;object=")
-    jwk = json.loads(signer("keys", "public", name, "--format", "jwk", address=addr,
-                            cwd=tmp_path).stdout)  # fmt: skip
+    jwk = json.loads(
+        signer("keys", "public", name, "--format", "jwk", address=addr, cwd=tmp_path).stdout
+    )
     assert (jwk["kty"], jwk["crv"], jwk["kid"]) == ("EC", "P-384", f"{name}/2")
 
 
 def test_cli_errors_exit_2_with_status_and_message(service: RunningService, tmp_path: Path) -> None:
     (tmp_path / "m").write_text("m")
-    r = signer("sign", "no-such-key", "--in", "m", "--out", "s", address=service.address,
-               cwd=tmp_path)  # fmt: skip
+    r = signer(
+        "sign", "no-such-key", "--in", "m", "--out", "s", address=service.address, cwd=tmp_path
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == "error: NOT_FOUND: key 'no-such-key' not found"
-    r = signer("sign", "k", "--in", "missing-file", "--out", "s", address=service.address,
-               cwd=tmp_path)  # fmt: skip
+    r = signer(
+        "sign", "k", "--in", "missing-file", "--out", "s", address=service.address, cwd=tmp_path
+    )
     assert r.returncode == 2
     assert "missing-file" in r.stderr
 
@@ -129,8 +182,10 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
     local = f"unix:{state / 'run' / 'signer.sock'}"
     proc = subprocess.Popen(
         [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert wait_until(lambda: _serving(local) or proc.poll() is not None, 60)
         assert proc.poll() is None, "signer run exited early"
@@ -142,10 +197,17 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
         r = signer("sign", "demo", "--in", "m", "--out", "s", address=local, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         tls = state / "tls"
-        mtls = ["--tls-ca", str(tls / "ca.pem"), "--tls-cert", str(tls / "clients" / "dev.pem"),
-                "--tls-key", str(tls / "clients" / "dev.key")]  # fmt: skip
-        r = signer("verify", "demo", "--in", "m", "--signature", "s", *mtls,
-                   address=addr, cwd=tmp_path)  # fmt: skip
+        mtls = [
+            "--tls-ca",
+            str(tls / "ca.pem"),
+            "--tls-cert",
+            str(tls / "clients" / "dev.pem"),
+            "--tls-key",
+            str(tls / "clients" / "dev.key"),
+        ]
+        r = signer(
+            "verify", "demo", "--in", "m", "--signature", "s", *mtls, address=addr, cwd=tmp_path
+        )
         assert r.returncode == 0, r.stderr
         hosts = _processes_mentioning(str(state / "hsm"))
         assert hosts, "the token host should be running"
@@ -165,12 +227,14 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
     # A second start reuses the tokens, the certificates and the demo key.
     again = subprocess.Popen(
         [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert wait_until(lambda: _serving(local) or again.poll() is not None, 60)
-        r = signer("verify", "demo", "--in", "m", "--signature", "s", *mtls,
-                   address=addr, cwd=tmp_path)  # fmt: skip
+        r = signer(
+            "verify", "demo", "--in", "m", "--signature", "s", *mtls, address=addr, cwd=tmp_path
+        )
         assert r.returncode == 0, r.stderr
     finally:
         again.send_signal(signal.SIGINT)

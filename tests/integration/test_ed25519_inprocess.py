@@ -61,10 +61,23 @@ def test_ed25519_sign_verifies_with_cryptography_and_openssl(
     (tmp_path / "msg").write_bytes(message)
     (tmp_path / "sig").write_bytes(sig.signature)
     out = subprocess.run(
-        ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "pub.pem", "-rawin",
-         "-in", "msg", "-sigfile", "sig"],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            "pub.pem",
+            "-rawin",
+            "-in",
+            "msg",
+            "-sigfile",
+            "sig",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Signature Verified Successfully" in out.stdout
 

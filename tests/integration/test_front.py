@@ -58,9 +58,12 @@ def front_config(
     token_host: TokenHostHandle, pki: DevCA, upstream: Path, workdir: Path
 ) -> config_mod.FrontConfig:
     return make_front_config(
-        token_host.paths, pki, listen=f"127.0.0.1:{free_port()}", upstream=upstream,
+        token_host.paths,
+        pki,
+        listen=f"127.0.0.1:{free_port()}",
+        upstream=upstream,
         workdir=workdir,
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -113,8 +116,10 @@ def test_sign_over_mtls_and_verify_with_openssl(
     (tmp_path / "sig").write_bytes(sig.signature)
     done = subprocess.run(
         ["openssl", "dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig", "msg"],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -126,11 +131,27 @@ def test_the_endpoint_presents_the_certificate_over_the_token_key(deployment: De
     # it raw. stdin stays open until the handshake is reported: an immediate EOF can end
     # s_client before it prints the session on a busy machine.
     proc = subprocess.Popen(
-        ["openssl", "s_client", "-connect", deployment.address, "-tls1_3", "-alpn", "h2",
-         "-CAfile", str(deployment.pki.cert), "-cert", str(cert), "-key", str(key),
-         "-verify_return_error", "-showcerts"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            deployment.address,
+            "-tls1_3",
+            "-alpn",
+            "h2",
+            "-CAfile",
+            str(deployment.pki.cert),
+            "-cert",
+            str(cert),
+            "-key",
+            str(key),
+            "-verify_return_error",
+            "-showcerts",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert proc.stdout is not None
     out = ""
     for raw in proc.stdout:
@@ -360,8 +381,11 @@ def test_the_front_dies_with_whoever_started_it(
     )
     out = subprocess.run(
         [sys.executable, "-c", script, str(toml)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert gone_soon(int(out.stdout.split()[-1])), "nginx outlived the process that started it"
 
 
@@ -372,8 +396,10 @@ def test_signer_front_serve_runs_until_sigterm(
     toml, cfg, ca = deployment_parts
     proc = subprocess.Popen(
         [str(SIGNER_BIN), "front", "serve", "--config", str(toml)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         cert, key = ca.client_files("payments")
         tls = ClientTLS(ca.cert, cert, key)

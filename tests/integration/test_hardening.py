@@ -116,8 +116,11 @@ def test_a_token_host_dies_with_whoever_started_it(tmp_path: Path) -> None:
     )
     out = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "hsm")],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2, "one p11-kit server per token: signing and TLS"
     survivors = [pid for pid in pids if not gone_soon(pid)]

@@ -135,8 +135,11 @@ class Fault:
     detached: float = 0.0  # time.monotonic() once strace has gone
 
     def _injected(self) -> list[str]:
-        return [ln for ln in self.out.read_text(errors="replace").splitlines()
-                if ln.endswith("(INJECTED)")]  # fmt: skip
+        return [
+            ln
+            for ln in self.out.read_text(errors="replace").splitlines()
+            if ln.endswith("(INJECTED)")
+        ]
 
     def hits(self) -> int:
         """How many syscalls it has failed so far (strace writes a line for each)."""
@@ -157,8 +160,9 @@ def eio(pid: int, files: list[Path], syscalls: str, out: Path) -> Iterator[Fault
         args += ["-P", str(path)]
     args += ["-e", f"trace={syscalls}", "-e", f"inject={syscalls}:error=EIO"]
     # setpriv: strace is killed if this process dies, and the kernel then detaches it.
-    strace = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", *args],
-                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    strace = subprocess.Popen(
+        ["setpriv", "--pdeathsig", "KILL", *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     fault = Fault(strace, out)
     try:
         # Attached once every thread is traced by it (-f takes the threads started later).
@@ -262,8 +266,10 @@ def _start_again(sp: ServiceProcess) -> subprocess.Popen[bytes]:
     with open(sp.log_path, "ab") as log:
         proc = subprocess.Popen(
             [str(SIGNER_BIN), "serve", "--config", str(sp.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     up = wait_until(lambda: _health(sp.address) == "SERVING" or proc.poll() is not None, 60)
     if not up or proc.poll() is not None:
         proc.kill()
@@ -395,8 +401,12 @@ def test_io_errors_fail_closed_lose_nothing_and_recover_by_itself(
 
     # Stopped while the databases' main files cannot be written: the checkpoint at close
     # fails, the WAL stays, and a service started on them again finds everything.
-    with eio(svc.pid, [Path(cfg.audit.path).resolve(), Path(cfg.store.path).resolve()],
-             f"{WRITES},{SYNCS}", tmp_path / "stop.strace") as fault:  # fmt: skip
+    with eio(
+        svc.pid,
+        [Path(cfg.audit.path).resolve(), Path(cfg.store.path).resolve()],
+        f"{WRITES},{SYNCS}",
+        tmp_path / "stop.strace",
+    ) as fault:
         svc.proc.terminate()
         assert svc.proc.wait(timeout=60) == 0, svc.log()[-3000:]
         phases["stop_db_files"] = {"injected": fault.hits(), "syscalls": fault.calls()}
@@ -438,8 +448,9 @@ def test_io_errors_fail_closed_lose_nothing_and_recover_by_itself(
     kept = [sha for sha, status in records if status == "OK" + NOT_ANSWERED]
     assert len(kept) >= 2, "each audit fault began with a commit that failed"
     assert set(kept) <= {_sha256(m) for m in refused_messages}
-    assert _paused(cfg.audit.path) == sum(1 for _, why, _ in load.refused
-                                          if why.endswith(PAUSED)) + len(probes)  # fmt: skip
+    assert _paused(cfg.audit.path) == sum(
+        1 for _, why, _ in load.refused if why.endswith(PAUSED)
+    ) + len(probes)
     assert _integrity(cfg.audit.path) == "ok"
     assert _integrity(cfg.store.path) == "ok"
     # A key whose store write failed with an I/O error keeps its token object (the write may
@@ -457,18 +468,20 @@ def test_io_errors_fail_closed_lose_nothing_and_recover_by_itself(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "consistent: store and token agree" in done.stdout
 
-    _report({
-        "test": "io_errors",
-        "seconds": round(time.monotonic() - started, 1),
-        "calls": len(load.signed) + len(load.refused),
-        "ok": len(load.signed),
-        "refused": dict(statuses),
-        "refused_why": dict(Counter(why.split(")")[0] + ")" for _, why, _ in load.refused)),
-        "records_checked": len(records),
-        "kept_then_written": len(kept),
-        "refused_before_running": _paused(cfg.audit.path),
-        "phases": phases,
-    })  # fmt: skip
+    _report(
+        {
+            "test": "io_errors",
+            "seconds": round(time.monotonic() - started, 1),
+            "calls": len(load.signed) + len(load.refused),
+            "ok": len(load.signed),
+            "refused": dict(statuses),
+            "refused_why": dict(Counter(why.split(")")[0] + ")" for _, why, _ in load.refused)),
+            "records_checked": len(records),
+            "kept_then_written": len(kept),
+            "refused_before_running": _paused(cfg.audit.path),
+            "phases": phases,
+        }
+    )
 
 
 def test_a_crash_after_a_failed_fsync_brings_back_nothing_untrue(

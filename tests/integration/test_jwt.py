@@ -23,8 +23,14 @@ pytestmark = pytest.mark.integration
 
 def claims(aud: str, **extra: object) -> dict[str, object]:
     now = int(time.time())
-    return {"iss": "https://signer.example", "aud": aud, "sub": "user-42", "iat": now,
-            "exp": now + 300, **extra}  # fmt: skip
+    return {
+        "iss": "https://signer.example",
+        "aud": aud,
+        "sub": "user-42",
+        "iat": now,
+        "exp": now + 300,
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
@@ -179,8 +185,11 @@ def test_cli_jwt_sign_and_jwks(
     def run(*args: str) -> str:
         done = subprocess.run(
             [str(SIGNER_BIN), *args, "--address", service.address],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -68,8 +68,9 @@ def world(own_host: TokenHostHandle, tmp_path: Path) -> Iterator[World]:  # noqa
     cfg = make_config(tmp_path, own_host.token_config())
     # No health checks: on a loaded machine one slower than token.stall_seconds makes every
     # call of this test's connection fail UNAVAILABLE.
-    quiet = replace(cfg.token, sessions=1, lanes=1, health_interval_seconds=3600.0,
-                    stall_seconds=3600.0)  # fmt: skip
+    quiet = replace(
+        cfg.token, sessions=1, lanes=1, health_interval_seconds=3600.0, stall_seconds=3600.0
+    )
     token = Token(quiet, Pin(cfg.token.pin_file))
     token.start(wait=True)
     store = SQLiteStore(cfg.store.path)
@@ -120,9 +121,16 @@ def import_token(w: World, label: str, *, used: bool = False, expired: bool = Fa
     now = w.signer.now()
     expires = now - timedelta(seconds=1) if expired else now + timedelta(hours=1)
     w.store.add_import_token(
-        ImportToken(os.urandom(12).hex(), key_id, software_public_key(), now, expires,
-                    caller="uid:0", used=used)
-    )  # fmt: skip
+        ImportToken(
+            os.urandom(12).hex(),
+            key_id,
+            software_public_key(),
+            now,
+            expires,
+            caller="uid:0",
+            used=used,
+        )
+    )
     return key_id
 
 
@@ -148,26 +156,67 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world: W
     swapped = w.stray("swapped/v1")
     now = w.signer.now()
     w.store.create_key(
-        Key("swapped", "ec-p256", 1, "default", {}, now,
-            (Version("swapped", 1, "ec-p256", State.ENABLED, swapped, software_public_key(), now,
-                     None),))
-    )  # fmt: skip
+        Key(
+            "swapped",
+            "ec-p256",
+            1,
+            "default",
+            {},
+            now,
+            (
+                Version(
+                    "swapped",
+                    1,
+                    "ec-p256",
+                    State.ENABLED,
+                    swapped,
+                    software_public_key(),
+                    now,
+                    None,
+                ),
+            ),
+        )
+    )
     # A private key the token shows no public key for (an unwrapped EC key on SoftHSM2): it is
     # asked to sign a challenge, which the store's public key does not verify.
     unwrapped = w.stray("unwrapped/v1")
     destroy_half(w, unwrapped, ObjectClass.PUBLIC_KEY)
     w.store.create_key(
-        Key("unwrapped", "ec-p256", 1, "default", {}, now,
-            (Version("unwrapped", 1, "ec-p256", State.ENABLED, unwrapped, software_public_key(),
-                     now, None),))
-    )  # fmt: skip
+        Key(
+            "unwrapped",
+            "ec-p256",
+            1,
+            "default",
+            {},
+            now,
+            (
+                Version(
+                    "unwrapped",
+                    1,
+                    "ec-p256",
+                    State.ENABLED,
+                    unwrapped,
+                    software_public_key(),
+                    now,
+                    None,
+                ),
+            ),
+        )
+    )
     proved = os.urandom(16)  # ... and one whose challenge does verify: no finding
     proved_public = w.token.generate(EC, proved, "proved/v1")
     destroy_half(w, proved, ObjectClass.PUBLIC_KEY)
     w.store.create_key(
-        Key("proved", "ec-p256", 1, "default", {}, now,
-            (Version("proved", 1, "ec-p256", State.ENABLED, proved, proved_public, now, None),))
-    )  # fmt: skip
+        Key(
+            "proved",
+            "ec-p256",
+            1,
+            "default",
+            {},
+            now,
+            (Version("proved", 1, "ec-p256", State.ENABLED, proved, proved_public, now, None),),
+        )
+    )
     used = import_token(w, WRAPPING_KEY_LABEL, used=True)  # imported, then a crash
     expired = import_token(w, "", expired=True)  # wrapping key destroyed, then a crash
     live = import_token(w, "")  # its wrapping key gone behind the store's back

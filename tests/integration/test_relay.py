@@ -88,9 +88,7 @@ def open_to_others(svc: RunningService) -> None:
 def test_one_local_user_cannot_take_every_connection(
     service_factory: ServiceFactory, unique_name: UniqueName, relay_log: list[str]
 ) -> None:
-    svc = service_factory(
-        server={"max_connections_per_uid": 4, "max_connections": 6}
-    )  # fmt: skip
+    svc = service_factory(server={"max_connections_per_uid": 4, "max_connections": 6})
     open_to_others(svc)
     c = svc.client()
     name = unique_name()
@@ -98,8 +96,11 @@ def test_one_local_user_cannot_take_every_connection(
     nobody = pwd.getpwnam("nobody")
     hog = subprocess.Popen(
         [*python_for_others(), "-c", HOG, svc.address.removeprefix("unix:"), "10", "6"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **as_user(nobody),
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        **as_user(nobody),
+    )
     try:
         assert hog.stdout is not None
         assert hog.stdout.readline().split() == ["4", "6"]  # held, refused

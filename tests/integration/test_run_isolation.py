@@ -74,8 +74,9 @@ def test_the_front_runs_as_its_own_user_and_reaches_nothing_else(signer_run: Sig
     uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
     assert uids == [str(front.pw_uid)] * 4, f"nginx runs as {uids}"
     # It still does its job: an mTLS call through it, the handshake signed in the TLS token.
-    tls = ClientTLS(root / "tls" / "ca.pem", *(root / "tls" / "clients" / n
-                                               for n in ("dev.pem", "dev.key")))  # fmt: skip
+    tls = ClientTLS(
+        root / "tls" / "ca.pem", *(root / "tls" / "clients" / n for n in ("dev.pem", "dev.key"))
+    )
     with SignerClient(f"127.0.0.1:{port}", tls=tls, timeout=30) as c:
         assert c.get_key("demo").name == "demo"
 
@@ -126,12 +127,19 @@ def test_a_front_running_as_its_own_user_cannot_lead_root_through_its_links(tmp_
         os.chown(path, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
     for name in ("cert.pem", "ca.pem", "tls.pin"):
         (tmp_path / name).write_text("")
-    cfg = Config(front=FrontConfig(
-        listen=f"127.0.0.1:{free_port()}", certificate=str(tmp_path / "cert.pem"),
-        pin_file=str(tmp_path / "tls.pin"), server_address="unix:path=/nonexistent",
-        client_ca=str(tmp_path / "ca.pem"), upstream="unix:/nonexistent",
-        workdir=str(workdir), nginx="/bin/false", user="nobody",
-    ))  # fmt: skip
+    cfg = Config(
+        front=FrontConfig(
+            listen=f"127.0.0.1:{free_port()}",
+            certificate=str(tmp_path / "cert.pem"),
+            pin_file=str(tmp_path / "tls.pin"),
+            server_address="unix:path=/nonexistent",
+            client_ca=str(tmp_path / "ca.pem"),
+            upstream="unix:/nonexistent",
+            workdir=str(workdir),
+            nginx="/bin/false",
+            user="nobody",
+        )
+    )
     with pytest.raises(FailedPrecondition) as exc:
         Front(replace(cfg)).start()
     assert "not-for-the-front" not in exc.value.message

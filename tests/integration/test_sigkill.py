@@ -169,10 +169,13 @@ class Deployment:
         with open(self.first.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [str(SIGNER_BIN), "serve", "--config", str(self.first.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        self.procs.append(ServiceProcess(proc, self.first.address, self.first.config_path,
-                                         self.first.log_path))  # fmt: skip
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.procs.append(
+            ServiceProcess(proc, self.first.address, self.first.config_path, self.first.log_path)
+        )
         wait_until(lambda: serving(self.first.address) or proc.poll() is not None, timeout)
         return proc.poll() is None and serving(self.first.address)
 
@@ -271,8 +274,9 @@ class Deployment:
                     "SELECT algorithm, public_key FROM versions WHERE name = ? AND version = ?",
                     (key, version),
                 ).fetchone()
-                ok = verify(public, algorithm(alg), signature, message, None, Padding.PSS,
-                            SigFormat.DER)  # fmt: skip
+                ok = verify(
+                    public, algorithm(alg), signature, message, None, Padding.PSS, SigFormat.DER
+                )
                 assert ok, f"a signature of {key}/{version} does not verify"
         self.ledger.verified += len(todo)
 
@@ -283,15 +287,26 @@ class Deployment:
         self._check_records()
         done = subprocess.run(
             [str(SIGNER_BIN), "audit-log", "verify", "--config", str(self.first.config_path)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "agree" in done.stdout  # the witness file's checkpoints
         done = subprocess.run(
-            [str(SIGNER_BIN), "keys", "reconcile", "--config", str(self.first.config_path),
-             "--grace", "0"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                str(SIGNER_BIN),
+                "keys",
+                "reconcile",
+                "--config",
+                str(self.first.config_path),
+                "--grace",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "consistent: store and token agree" in done.stdout
 
@@ -313,8 +328,9 @@ def deploy(
     # The test's own view of the token: no health checks (each one rereads every object of a
     # token the service keeps changing: its p11-kit-remote took half a core, and a check slow
     # enough to count as a stalled token).
-    quiet = own_host.token_config(sessions=1, lanes=1, health_interval_seconds=3600.0,
-                                  stall_seconds=3600.0)  # fmt: skip
+    quiet = own_host.token_config(
+        sessions=1, lanes=1, health_interval_seconds=3600.0, stall_seconds=3600.0
+    )
     watcher = Token(quiet, Pin(own_host.paths.user_pin))
     watcher.start(wait=True)
 
@@ -350,8 +366,12 @@ def deploy(
 
 
 def report_figures(name: str, figures: Counter[str], started: float) -> None:
-    out = {"test": name, "seed": SEED, "seconds": round(time.monotonic() - started, 1),
-           **dict(sorted(figures.items()))}  # fmt: skip
+    out = {
+        "test": name,
+        "seed": SEED,
+        "seconds": round(time.monotonic() - started, 1),
+        **dict(sorted(figures.items())),
+    }
     print(f"\nsigkill figures: {json.dumps(out)}")
     path = os.environ.get("SIGNER_SIGKILL_FIGURES")
     if path:
@@ -510,11 +530,9 @@ def changes(dep: Deployment, c: SignerClient, round_: str, import_params: Any) -
     def rotate() -> None:
         ledger.ok("RotateKey", "lc-rot", c.rotate("lc-rot").primary_version)
 
-    pem = (
-        ec.generate_private_key(ec.SECP256R1())
-        .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                       serialization.NoEncryption())
-    )  # fmt: skip
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     request = build_import_request(f"lc-imp-{round_}", "ec-p256", pem, import_params)
 
     def import_() -> None:
@@ -540,8 +558,12 @@ def changes(dep: Deployment, c: SignerClient, round_: str, import_params: Any) -
         def call() -> None:
             ledger.ok(op, name, fn(name, 1).version)
 
-        after = {"lc-dis": "disabled", "lc-ena": "enabled", "lc-sch": "destruction_scheduled",
-                 "lc-can": "disabled"}[name]  # fmt: skip
+        after = {
+            "lc-dis": "disabled",
+            "lc-ena": "enabled",
+            "lc-sch": "destruction_scheduled",
+            "lc-can": "disabled",
+        }[name]
         return Change(op, call, lambda db: _state(db, name, 1) == after)
 
     def set_primary() -> None:
@@ -553,22 +575,37 @@ def changes(dep: Deployment, c: SignerClient, round_: str, import_params: Any) -
 
     new_token = f"x509:CN=params-{round_}"
     return [
-        Change("CreateKey", create, lambda db: _versions(db, f"lc-new-{round_}") == 1,
-               f"lc-new-{round_}/v1"),
-        Change("RotateKey", rotate, lambda db: _versions(db, "lc-rot") == rotated,
-               f"lc-rot/v{rotated}"),
-        Change("GetImportParameters", import_parameters,
-               lambda db: bool(db.execute("SELECT 1 FROM import_tokens WHERE caller LIKE ?",
-                                          (new_token + "%",)).fetchone()),
-               WRAPPING_KEY_LABEL),
-        Change("ImportKeyVersion", import_, lambda db: _versions(db, f"lc-imp-{round_}") == 1,
-               f"lc-imp-{round_}/v1"),
+        Change(
+            "CreateKey",
+            create,
+            lambda db: _versions(db, f"lc-new-{round_}") == 1,
+            f"lc-new-{round_}/v1",
+        ),
+        Change(
+            "RotateKey", rotate, lambda db: _versions(db, "lc-rot") == rotated, f"lc-rot/v{rotated}"
+        ),
+        Change(
+            "GetImportParameters",
+            import_parameters,
+            lambda db: bool(
+                db.execute(
+                    "SELECT 1 FROM import_tokens WHERE caller LIKE ?", (new_token + "%",)
+                ).fetchone()
+            ),
+            WRAPPING_KEY_LABEL,
+        ),
+        Change(
+            "ImportKeyVersion",
+            import_,
+            lambda db: _versions(db, f"lc-imp-{round_}") == 1,
+            f"lc-imp-{round_}/v1",
+        ),
         version_op("DisableKeyVersion", c.disable, "lc-dis"),
         version_op("EnableKeyVersion", c.enable, "lc-ena"),
         version_op("ScheduleKeyVersionDestruction", c.schedule_destruction, "lc-sch"),
         version_op("CancelKeyVersionDestruction", c.cancel_destruction, "lc-can"),
         Change("SetPrimaryVersion", set_primary, primary),
-    ]  # fmt: skip
+    ]
 
 
 @contextlib.contextmanager
@@ -584,8 +621,9 @@ def locked(path: str) -> Iterator[None]:
         db.close()
 
 
-def killed_during(dep: Deployment, pool: ThreadPoolExecutor, todo: list[Change],
-                  reached: Callable[[], bool]) -> None:  # fmt: skip
+def killed_during(
+    dep: Deployment, pool: ThreadPoolExecutor, todo: list[Change], reached: Callable[[], bool]
+) -> None:
     """Starts ``todo``, kills the service once ``reached()``, and checks that none of them was
     answered OK."""
     futures: list[Future[object]] = [pool.submit(ch.call) for ch in todo]
@@ -674,8 +712,9 @@ def test_sigkill_in_the_middle_of_every_lifecycle_change(
         if name != "lc-rot":
             ledger.ok("RotateKey", name, c.rotate(name).primary_version)  # version 1 not primary
     ledger.ok("DisableKeyVersion", "lc-ena", c.disable("lc-ena", 1).version)
-    ledger.ok("ScheduleKeyVersionDestruction", "lc-can",
-              c.schedule_destruction("lc-can", 1).version)  # fmt: skip
+    ledger.ok(
+        "ScheduleKeyVersionDestruction", "lc-can", c.schedule_destruction("lc-can", 1).version
+    )
     # One import token, for every round's import: none of them uses it up until the last.
     params = c.get_import_parameters()
     ledger.ok("GetImportParameters", "", 0)
@@ -721,8 +760,9 @@ def test_sigkill_in_the_middle_of_every_lifecycle_change(
     dep.restart()
     with locked(dep.cfg.store.path):
         token_changes = [todo[0], todo[1], todo[3]]
-        killed_during(dep, pool, token_changes,
-                      lambda: all(ch.makes in dep.labels() for ch in token_changes))  # fmt: skip
+        killed_during(
+            dep, pool, token_changes, lambda: all(ch.makes in dep.labels() for ch in token_changes)
+        )
     dep.check(frozenset(str(ch.makes) for ch in token_changes))
     dep.restart()
     with locked(dep.cfg.store.path):
@@ -747,8 +787,9 @@ def test_sigkill_in_the_middle_of_every_lifecycle_change(
 
     # 4. The reaper's destruction of a version whose time has come: the object destroyed, the
     # store write waiting.
-    ledger.ok("ScheduleKeyVersionDestruction", "lc-reap",
-              c.schedule_destruction("lc-reap", 1, 1).version)  # fmt: skip
+    ledger.ok(
+        "ScheduleKeyVersionDestruction", "lc-reap", c.schedule_destruction("lc-reap", 1, 1).version
+    )
     with dep.store_db() as db:
         (key_id,) = db.execute(
             "SELECT key_id FROM versions WHERE name = 'lc-reap' AND version = 1"

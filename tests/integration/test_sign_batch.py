@@ -44,8 +44,12 @@ def test_every_item_verifies(client: SignerClient, unique_name: UniqueName, algo
             key.verify(result.signature, message, ec.ECDSA(hashes.SHA256()))
         else:
             assert isinstance(key, rsa.RSAPublicKey)
-            key.verify(result.signature, message, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
-                       hashes.SHA256())  # fmt: skip
+            key.verify(
+                result.signature,
+                message,
+                padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                hashes.SHA256(),
+            )
 
 
 def test_a_bad_item_fails_alone(client: SignerClient, unique_name: UniqueName) -> None:
@@ -182,9 +186,10 @@ def test_a_version_disabled_while_a_batch_runs_signs_no_more_of_it(
     monkeypatch.setattr(service.server.token, "sign_many", held)
     result: list[object] = []
     batch = threading.Thread(
-        target=lambda: result.extend(client.sign_batch(name, messages=[b"m%d" % i
-                                                                      for i in range(300)]))
-    )  # fmt: skip
+        target=lambda: result.extend(
+            client.sign_batch(name, messages=[b"m%d" % i for i in range(300)])
+        )
+    )
     batch.start()
     assert first_chunk.wait(30)
     client.disable(name, 1)
@@ -217,9 +222,10 @@ def test_a_version_disabled_after_the_plan_signs_not_even_the_first_chunk(
     monkeypatch.setattr(service.server.keyring, "plan_batch", held)
     result: list[object] = []
     batch = threading.Thread(
-        target=lambda: result.extend(client.sign_batch(name, messages=[b"m%d" % i
-                                                                      for i in range(120)]))
-    )  # fmt: skip
+        target=lambda: result.extend(
+            client.sign_batch(name, messages=[b"m%d" % i for i in range(120)])
+        )
+    )
     batch.start()
     assert planned.wait(30)
     client.disable(name, 1)

@@ -41,11 +41,20 @@ def test_a_short_soak_keeps_every_invariant(token_host: TokenHostHandle, tmp_pat
     # token_host: only so that missing tools fail (or skip) this test the way they do others.
     out = tmp_path / "soak.json"
     argv = [
-        sys.executable, "-m", "tests.soak",
-        "--minutes", str(SECONDS / 60), "--restart-every", str(RESTART_EVERY / 60),
-        "--rss-max-growth-mib", "48",
-        "--work", str(tmp_path / "work"), "--json", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "tests.soak",
+        "--minutes",
+        str(SECONDS / 60),
+        "--restart-every",
+        str(RESTART_EVERY / 60),
+        "--rss-max-growth-mib",
+        "48",
+        "--work",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=280)
     shown = f"{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert out.exists(), shown

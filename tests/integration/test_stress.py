@@ -68,5 +68,7 @@ def test_sixteen_clients_thousands_of_signatures(
             assert isinstance(pub, rsa.RSAPublicKey)
             pub.verify(sig, msg, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
     # A figure for the log, not an assertion: speed belongs to `make bench`.
-    print(f"\n{len(signed)} mixed signatures by {CLIENTS} clients in {elapsed:.2f}s "
-          f"({len(signed) / elapsed:.0f}/s)")  # fmt: skip
+    print(
+        f"\n{len(signed)} mixed signatures by {CLIENTS} clients in {elapsed:.2f}s "
+        f"({len(signed) / elapsed:.0f}/s)"
+    )

@@ -88,8 +88,9 @@ def test_a_killed_front_is_restarted_and_mtls_works_again(signer_run: SignerRun)
     root, port = signer_run.root, signer_run.port
     cfg = config_mod.load(root / "signer.toml")
     pid_file = Path(cfg.front.workdir) / "nginx" / "nginx.pid"
-    tls = ClientTLS(root / "tls" / "ca.pem", *(root / "tls" / "clients" / n
-                                               for n in ("dev.pem", "dev.key")))  # fmt: skip
+    tls = ClientTLS(
+        root / "tls" / "ca.pem", *(root / "tls" / "clients" / n for n in ("dev.pem", "dev.key"))
+    )
 
     def mtls_works() -> bool:
         try:

@@ -327,8 +327,7 @@ def with_own_pin_file(
     service, a client, the key's name and the PIN file."""
     pin_file = tmp_path / "user.pin"
     put(pin_file, host.paths.user_pin.read_bytes())
-    cfg = replace(host.token_config(), pin_file=str(pin_file), max_failed_logins=2,
-                  **QUICK_CHECKS)  # fmt: skip
+    cfg = replace(host.token_config(), pin_file=str(pin_file), max_failed_logins=2, **QUICK_CHECKS)
     svc = service_factory(token=cfg)
     c = svc.client(timeout=10)
     name = unique_name()

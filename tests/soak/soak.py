@@ -470,10 +470,15 @@ def capture_stacks(svc: Service, what: str) -> tuple[Path, Path]:
     with open(out, "w") as f:
         for args in (
             ["-ex", "thread apply all bt 40"],
-            ["-ex", "call (int)PyGILState_Ensure()", "-ex",
-             f"call (int)PyRun_SimpleString({json.dumps(dump)})",
-             "-ex", "call (void)PyGILState_Release($1)"],
-        ):  # fmt: skip
+            [
+                "-ex",
+                "call (int)PyGILState_Ensure()",
+                "-ex",
+                f"call (int)PyRun_SimpleString({json.dumps(dump)})",
+                "-ex",
+                "call (void)PyGILState_Release($1)",
+            ],
+        ):
             try:
                 subprocess.run(gdb + args, stdout=f, stderr=subprocess.STDOUT, timeout=120)
             except subprocess.TimeoutExpired:

@@ -169,9 +169,18 @@ def test_an_inserted_record_is_caught_where_the_chain_breaks(
     path = written(10)
     r = rows(path)
     forged = event(99, status="OK")
-    fake = [5, forged.time.isoformat(timespec="microseconds"), forged.caller, forged.operation,
-            forged.key, forged.version, forged.payload_sha256, forged.status, r[3][9],
-            record_hash(5, forged, str(r[3][9]))]  # fmt: skip
+    fake = [
+        5,
+        forged.time.isoformat(timespec="microseconds"),
+        forged.caller,
+        forged.operation,
+        forged.key,
+        forged.version,
+        forged.payload_sha256,
+        forged.status,
+        r[3][9],
+        record_hash(5, forged, str(r[3][9])),
+    ]
     shifted = [[row[0] + 1, *row[1:]] if int(row[0]) >= 5 else row for row in r]
     rewrite(path, [*shifted[:4], fake, *shifted[4:]])
     assert verdict_of(path) == (6, "does not follow the record before it (inserted or reordered)")
@@ -394,8 +403,12 @@ def test_calls_are_refused_before_records_would_go_unsigned_beyond_the_bound(
     are counted into one record once the writer's own retry has signed a checkpoint."""
     key = FlakyKey()
     path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=0.05,
-                   max_unsigned_records=4)  # fmt: skip
+    log = AuditLog(
+        SQLiteAuditStore(path),
+        checkpoint_every=100,
+        checkpoint_interval=0.05,
+        max_unsigned_records=4,
+    )
     changes = Changes(log)
     log.start(key.make, tmp_path / "audit.db.key.pem")
     key.down = True
@@ -425,8 +438,12 @@ def test_an_outage_then_a_restart_leaves_a_genuine_log_that_starts(tmp_path: Pat
     path = tmp_path / "audit.db"
 
     def open_log() -> tuple[AuditLog, Changes]:
-        log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=0.05,
-                       max_unsigned_records=4)  # fmt: skip
+        log = AuditLog(
+            SQLiteAuditStore(path),
+            checkpoint_every=100,
+            checkpoint_interval=0.05,
+            max_unsigned_records=4,
+        )
         changes = Changes(log)
         log.start(key.make, tmp_path / "audit.db.key.pem")
         return log, changes
@@ -454,8 +471,9 @@ def test_an_outage_then_a_restart_leaves_a_genuine_log_that_starts(tmp_path: Pat
 def test_a_batch_that_would_cross_the_bound_is_split_by_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
     soft = SoftKey()
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60,
-                   max_unsigned_records=2)  # fmt: skip
+    log = AuditLog(
+        SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60, max_unsigned_records=2
+    )
     log.start(soft.make, tmp_path / "audit.db.key.pem")
 
     async def together() -> list[int]:
@@ -483,8 +501,9 @@ def test_deleting_every_checkpoint_and_the_audit_key_is_caught(
     for row in r:
         e = Event(datetime.fromisoformat(str(row[1])), *row[2:8])
         if row[0] == 5:
-            e = Event(e.time, e.caller, e.operation, "someone-else", e.version,
-                      e.payload_sha256, e.status)  # fmt: skip
+            e = Event(
+                e.time, e.caller, e.operation, "someone-else", e.version, e.payload_sha256, e.status
+            )
             row[4] = "someone-else"
         row[8] = prev
         row[9] = prev = record_hash(int(row[0]), e, prev)
@@ -523,8 +542,12 @@ def witnessed_log(tmp_path: Path, soft: SoftKey, n: int) -> tuple[Path, Path]:
     path = tmp_path / "audit.db"
     witness = tmp_path / "elsewhere" / "checkpoints.jsonl"
     witness.parent.mkdir()
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60,
-                   witnesses=[FileWitness(witness)])  # fmt: skip
+    log = AuditLog(
+        SQLiteAuditStore(path),
+        checkpoint_every=4,
+        checkpoint_interval=60,
+        witnesses=[FileWitness(witness)],
+    )
     log.start(soft.make, tmp_path / "audit.db.key.pem")
     for i in range(1, n + 1):
         write(log, event(i))
@@ -613,8 +636,12 @@ def test_a_syslog_witness_sends_one_datagram_per_checkpoint(tmp_path: Path, soft
         server.bind(address)
         server.settimeout(10)
         path = tmp_path / "audit.db"
-        log = AuditLog(SQLiteAuditStore(path), checkpoint_every=2, checkpoint_interval=60,
-                       witnesses=[SyslogWitness(address)])  # fmt: skip
+        log = AuditLog(
+            SQLiteAuditStore(path),
+            checkpoint_every=2,
+            checkpoint_interval=60,
+            witnesses=[SyslogWitness(address)],
+        )
         log.start(soft.make, tmp_path / "audit.db.key.pem")
         for i in range(1, 5):
             write(log, event(i))
@@ -638,8 +665,13 @@ def test_a_witness_that_cannot_be_written_fails_the_checkpoint(
             pass
 
     path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=1, checkpoint_interval=60,
-                   max_unsigned_records=2, witnesses=[Broken()])  # fmt: skip
+    log = AuditLog(
+        SQLiteAuditStore(path),
+        checkpoint_every=1,
+        checkpoint_interval=60,
+        max_unsigned_records=2,
+        witnesses=[Broken()],
+    )
     log.start(soft.make, tmp_path / "audit.db.key.pem")
     write(log, event(1))
     write(log, event(2))
@@ -892,8 +924,12 @@ def first_checkpoint_killed(
 ) -> None:
     """Three records, then the log's first checkpoint, in which the process dies; what is on
     disk stays as the kill left it (the dead log writes nothing more)."""
-    log = AuditLog(store, checkpoint_every=100, checkpoint_interval=60,
-                   witnesses=[FileWitness(witness)] if witness else [])  # fmt: skip
+    log = AuditLog(
+        store,
+        checkpoint_every=100,
+        checkpoint_interval=60,
+        witnesses=[FileWitness(witness)] if witness else [],
+    )
     log.start(key.make, Path(f"{path}.key.pem"))
     for i in (1, 2, 3):
         write(log, event(i))
@@ -908,8 +944,12 @@ def restart_and_go_on(path: Path, key: SoftKey, witness: Path | None = None) -> 
     pinned key (adopted, never generated anew: the token is asked for the pinned one)."""
     pin = Path(f"{path}.key.pem")
     before = pin.read_bytes() if pin.exists() else None
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60,
-                   witnesses=[FileWitness(witness)] if witness else [])  # fmt: skip
+    log = AuditLog(
+        SQLiteAuditStore(path),
+        checkpoint_every=100,
+        checkpoint_interval=60,
+        witnesses=[FileWitness(witness)] if witness else [],
+    )
     log.start(key.make, pin)
     assert log.failure is None
     assert write(log, event(4)) == 4
@@ -1075,8 +1115,9 @@ def test_a_failed_checkpoint_is_tried_again_as_soon_as_the_writer_is_woken(
     it when the token is back (an interval of an hour here: only the wake can do it)."""
     key = FlakyKey()
     path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=2, checkpoint_interval=3600,
-                   max_unsigned_records=8)  # fmt: skip
+    log = AuditLog(
+        SQLiteAuditStore(path), checkpoint_every=2, checkpoint_interval=3600, max_unsigned_records=8
+    )
     changes = Changes(log)
     log.start(key.make, tmp_path / "audit.db.key.pem")
     key.down = True

@@ -82,8 +82,9 @@ def test_figures_go_to_the_top_level_and_are_not_reported_twice() -> None:
     doc = report.build([one], {}, "now", 1.0)
     assert doc["p99_ms_at_half_peak"] == 4.25
     with pytest.raises(ValueError, match="figure 'p99_ms_at_half_peak' reported by two"):
-        report.build([one, ScenarioResult("b", {}, figures={"p99_ms_at_half_peak": 1.0})], {},
-                     "now", 1.0)  # fmt: skip
+        report.build(
+            [one, ScenarioResult("b", {}, figures={"p99_ms_at_half_peak": 1.0})], {}, "now", 1.0
+        )
 
 
 def test_load_result_percentiles_and_rate() -> None:

@@ -133,14 +133,35 @@ def test_report_json_keeps_the_control_in_words(tmp_path: Path) -> None:
 def test_markdown_report_has_a_row_per_crash_and_the_verdict() -> None:
     row = Row(Case("SIGBUS", "idle", "kernel"), marker=True, control=CAUGHT)
     data = {
-        "summary": {"passed": True, "crashes": 1, "dumps_scanned": 1, "bytes_scanned": 2**20,
-                    "service_findings": 0, "controls_caught": 1, "controls_run": 1,
-                    "markers_found": 1, "kernel_collector": "kernel-file"},
-        "rows": [{"case": vars(row.case), "id": row.case.id, "ok": True, "activity": "idle",
-                  "collector_name": "kernel-file", "exit_status": "killed by SIGBUS",
-                  "dump_size": 2**20, "bytes_scanned": 2**20, "patterns": 10, "findings": [],
-                  "control": "caught 9/9", "marker": True, "error": ""}],
-    }  # fmt: skip
+        "summary": {
+            "passed": True,
+            "crashes": 1,
+            "dumps_scanned": 1,
+            "bytes_scanned": 2**20,
+            "service_findings": 0,
+            "controls_caught": 1,
+            "controls_run": 1,
+            "markers_found": 1,
+            "kernel_collector": "kernel-file",
+        },
+        "rows": [
+            {
+                "case": vars(row.case),
+                "id": row.case.id,
+                "ok": True,
+                "activity": "idle",
+                "collector_name": "kernel-file",
+                "exit_status": "killed by SIGBUS",
+                "dump_size": 2**20,
+                "bytes_scanned": 2**20,
+                "patterns": 10,
+                "findings": [],
+                "control": "caught 9/9",
+                "marker": True,
+                "error": "",
+            }
+        ],
+    }
     md = render_markdown(data)
     assert "**PASSED**" in md
     assert "| service | SIGBUS | idle | idle | kernel-file | killed by SIGBUS |" in md

@@ -37,21 +37,29 @@ BROKEN_POLICIES = [
     # (file, what the message must say)
     (GOOD + "\n[[grant]]\ncallers = [uid:1]\n", "(at line 7, column 12)"),
     (GOOD + '\n[[grant]]\ncallers = ["uid:1"\n', "(line 7, the last)"),
-    (GOOD.encode() + b'\n# caf\xe9\n', "not UTF-8 text (byte 0xe9 at line 6, column 6)"),
+    (GOOD.encode() + b"\n# caf\xe9\n", "not UTF-8 text (byte 0xe9 at line 6, column 6)"),
     (GOOD + "x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply (line 5)"),
     (GOOD + "\n\nx = 1" + "0" * 5000 + "\n", "Exceeds the limit (4300 digits)"),
     (GOOD + "\n\nx = 1" + "0" * 5000 + "\n", "(line 7)"),
-    (GOOD + '\n[[grant]]\ncallers = ["uid:x"]\noperations = ["sign"]\nkeys = ["k"]\n',
-     "grant #2 (line 6): 'uid:x' is not a numeric uid"),
-    (GOOD + '\n[[grant]]\ncallers = ["uid:\u0663"]\noperations = ["sign"]\nkeys = ["k"]\n',
-     "grant #2 (line 6): 'uid:\u0663' is not a numeric uid"),  # an Arabic-Indic 3
-    (GOOD + '\n[[grant]]\ncallers = ["uid:1"]\noperations = ["fly"]\nkeys = ["k"]\n',
-     "grant #2 (line 6): unknown operation(s) 'fly'"),
-    (GOOD + '\n[[revoked]]\nissuer = "CN=ca"\nserials = ["XYZ"]\n',
-     "revoked #1 (line 6): serial 'XYZ' is not hexadecimal"),
+    (
+        GOOD + '\n[[grant]]\ncallers = ["uid:x"]\noperations = ["sign"]\nkeys = ["k"]\n',
+        "grant #2 (line 6): 'uid:x' is not a numeric uid",
+    ),
+    (
+        GOOD + '\n[[grant]]\ncallers = ["uid:\u0663"]\noperations = ["sign"]\nkeys = ["k"]\n',
+        "grant #2 (line 6): 'uid:\u0663' is not a numeric uid",
+    ),  # an Arabic-Indic 3
+    (
+        GOOD + '\n[[grant]]\ncallers = ["uid:1"]\noperations = ["fly"]\nkeys = ["k"]\n',
+        "grant #2 (line 6): unknown operation(s) 'fly'",
+    ),
+    (
+        GOOD + '\n[[revoked]]\nissuer = "CN=ca"\nserials = ["XYZ"]\n',
+        "revoked #1 (line 6): serial 'XYZ' is not hexadecimal",
+    ),
     (GOOD + "\n[grants]\n", "unknown table(s) 'grants' (line 6)"),
     ('grant = "all"\n', "'grant' must be an array of tables"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("text", "fragment"), BROKEN_POLICIES)
@@ -128,15 +136,19 @@ def test_reload_of_a_broken_policy_keeps_the_old_one(
 @pytest.mark.parametrize(
     ("toml", "fragment"),
     [
-        ("[server]\ngrace_seconds = " + "9" * 400 + "\n",
-         "setting server.grace_seconds is out of range"),
+        (
+            "[server]\ngrace_seconds = " + "9" * 400 + "\n",
+            "setting server.grace_seconds is out of range",
+        ),
         ("[server]\n\ngrace_seconds = nan\n", "must be a finite number of seconds"),
         ("[server]\n\ngrace_seconds = inf\n", "/file.toml line 3)"),
         ("[server]\ngrace_seconds = -inf\n", "must be a finite number"),
         ("[server]\ngrace_seconds = 1e300\n", "at most 9223372036"),
         ("[token]\nsessions = 99999999999999999999\n", "token.sessions is out of range"),
-        ("[token]\n\n\nlanes = 9\n", "token.lanes must be between 1 and token.sessions (8); "
-         "it is 9 (" ),
+        (
+            "[token]\n\n\nlanes = 9\n",
+            "token.lanes must be between 1 and token.sessions (8); it is 9 (",
+        ),
         ("[token]\n\n\nlanes = 9\n", "file.toml line 4)"),
         ("[server]\nlisten = 'unix:/x'\nbogus = 1\n", "unknown setting(s) in [server]: 'bogus' "),
         ("[server]\nlisten = 'unix:/x'\nbogus = 1\n", "/file.toml line 3)"),
@@ -144,9 +156,9 @@ def test_reload_of_a_broken_policy_keeps_the_old_one(
         ("[token]\n[tokens]\n", "/file.toml line 2)"),
         ("[token]\nuri = 2024-01-01\n", "setting token.uri must be str"),
         ("a = " + "{b = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deeply (line 1)"),
-        (b"[token]\nuri = \"\xff\"\n", "not UTF-8 text (byte 0xff at line 2, column 8)"),
+        (b'[token]\nuri = "\xff"\n', "not UTF-8 text (byte 0xff at line 2, column 8)"),
     ],
-)  # fmt: skip
+)
 def test_broken_configuration_names_setting_and_line(
     tmp_path: Path, toml: str | bytes, fragment: str
 ) -> None:
@@ -176,9 +188,10 @@ _SCALAR = st.one_of(
     _TEXT,
 )
 _VALUE = st.recursive(
-    _SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    _SCALAR,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
     max_leaves=12,
-)  # fmt: skip
+)
 
 
 def _toml_value(v: object) -> str:
@@ -207,14 +220,25 @@ def _toml_value(v: object) -> str:
         st.tuples(
             st.sampled_from(["[[grant]]", "[[revoked]]", "[grant]", "[other]"]),
             st.dictionaries(
-                st.sampled_from(["callers", "operations", "scopes", "keys", "issuers",
-                                 "issuer", "serials", "extra"]),
-                _VALUE, max_size=5,
+                st.sampled_from(
+                    [
+                        "callers",
+                        "operations",
+                        "scopes",
+                        "keys",
+                        "issuers",
+                        "issuer",
+                        "serials",
+                        "extra",
+                    ]
+                ),
+                _VALUE,
+                max_size=5,
             ),
         ),
         max_size=4,
     )
-)  # fmt: skip
+)
 def test_any_policy_document_loads_or_is_refused(
     tables: list[tuple[str, dict[str, object]]],
 ) -> None:
@@ -230,14 +254,28 @@ def test_any_policy_document_loads_or_is_refused(
     sections=st.dictionaries(
         st.sampled_from(["server", "token", "store", "keys", "audit", "front", "nope"]),
         st.dictionaries(
-            st.sampled_from(["listen", "sessions", "lanes", "grace_seconds", "uri", "path",
-                             "max_message_bytes", "perturb_freed_memory", "checkpoint_every",
-                             "socket_mode", "coredump_filter", "unknown"]),
-            _VALUE, max_size=4,
+            st.sampled_from(
+                [
+                    "listen",
+                    "sessions",
+                    "lanes",
+                    "grace_seconds",
+                    "uri",
+                    "path",
+                    "max_message_bytes",
+                    "perturb_freed_memory",
+                    "checkpoint_every",
+                    "socket_mode",
+                    "coredump_filter",
+                    "unknown",
+                ]
+            ),
+            _VALUE,
+            max_size=4,
         ),
         max_size=4,
     )
-)  # fmt: skip
+)
 def test_any_configuration_loads_or_is_refused(sections: dict[str, dict[str, object]]) -> None:
     """A Config (which dump() writes back as the same Config) or a ConfigError."""
     text = "".join(

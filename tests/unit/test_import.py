@@ -170,8 +170,14 @@ def test_build_import_request_sends_the_blob_and_the_public_key_only() -> None:
 
 def test_kinds_and_articles() -> None:
     assert [algorithm_kind(a) for a in ALGORITHMS.values()] == [
-        "P-256", "P-384", "P-521", "RSA-2048", "RSA-3072", "RSA-4096", "Ed25519",
-    ]  # fmt: skip
+        "P-256",
+        "P-384",
+        "P-521",
+        "RSA-2048",
+        "RSA-3072",
+        "RSA-4096",
+        "Ed25519",
+    ]
     p384 = load_public_key(spki(ec.generate_private_key(ec.SECP384R1())))
     assert public_key_kind(p384) == "P-384"
     assert public_key_kind(load_public_key(spki(wrapping_key()))) == "RSA-2048"
@@ -179,8 +185,10 @@ def test_kinds_and_articles() -> None:
         "Ed25519"
     )
     assert [with_article(k) for k in ("P-384", "RSA-2048", "Ed25519")] == [
-        "a P-384", "an RSA-2048", "an Ed25519",
-    ]  # fmt: skip
+        "a P-384",
+        "an RSA-2048",
+        "an Ed25519",
+    ]
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -264,9 +272,14 @@ class FakeImportToken(FakeToken):
         return spki(self.wrapping[key_id])
 
     def unwrap_private(
-        self, wrapping_key_id: bytes, blob: bytes, alg: Algorithm, key_id: bytes, label: str,
+        self,
+        wrapping_key_id: bytes,
+        blob: bytes,
+        alg: Algorithm,
+        key_id: bytes,
+        label: str,
         public_der: bytes | None,
-    ) -> bytes:  # fmt: skip
+    ) -> bytes:
         wk = self.wrapping.get(wrapping_key_id)
         if wk is None:
             raise FailedPrecondition("the import token's wrapping key is no longer in the token")
@@ -307,10 +320,12 @@ def blob_for(signer: Keyring, key: Any) -> tuple[str, bytes]:
     return params.token.token, wrapping.wrap(wrapping.pkcs8_der(key), pem_text)
 
 
-def test_get_import_parameters(signer: Keyring, token: FakeImportToken, store: FailingStore,
-                               clock: FakeClock) -> None:  # fmt: skip
-    token.import_missing = {a: ["CKM_AES_KEY_WRAP_PAD"] for a in ("rsa-2048", "rsa-3072",
-                                                                   "rsa-4096")}  # fmt: skip
+def test_get_import_parameters(
+    signer: Keyring, token: FakeImportToken, store: FailingStore, clock: FakeClock
+) -> None:
+    token.import_missing = {
+        a: ["CKM_AES_KEY_WRAP_PAD"] for a in ("rsa-2048", "rsa-3072", "rsa-4096")
+    }
     params = signer.get_import_parameters(ME)
     assert params.wrapping_algorithm == "RSA-OAEP-SHA1"
     assert params.two_step_wrapping_algorithm == ""
@@ -364,12 +379,19 @@ def test_import_creates_then_adds_primary_versions(
     ],
 )
 def test_import_validation_changes_nothing(
-    signer: Keyring, token: FakeImportToken, store: FailingStore, kwargs: dict[str, Any],
+    signer: Keyring,
+    token: FakeImportToken,
+    store: FailingStore,
+    kwargs: dict[str, Any],
     fragment: str,
-) -> None:  # fmt: skip
+) -> None:
     t, blob = blob_for(signer, ec.generate_private_key(ec.SECP256R1()))
-    args: dict[str, Any] = {"name": "k", "alg_name": "ec-p256", "import_token": t,
-                            "wrapped_key": blob}  # fmt: skip
+    args: dict[str, Any] = {
+        "name": "k",
+        "alg_name": "ec-p256",
+        "import_token": t,
+        "wrapped_key": blob,
+    }
     args.update(kwargs)
     with pytest.raises(InvalidArgument) as exc:
         signer.import_key_version(**args, caller=ME)
@@ -600,17 +622,38 @@ def parse(*argv: str) -> Any:
 
 
 def test_cli_forms() -> None:
-    a = parse("keys", "import", "k", "--algorithm", "ec-p256", "--in", "key.pem", "--scope", "s",
-              "--label", "a=b")  # fmt: skip
+    a = parse(
+        "keys",
+        "import",
+        "k",
+        "--algorithm",
+        "ec-p256",
+        "--in",
+        "key.pem",
+        "--scope",
+        "s",
+        "--label",
+        "a=b",
+    )
     assert (a.func, a.name, a.algorithm, a.infile, a.scope, a.label) == (
-        cli.cmd_keys_import, "k", "ec-p256", "key.pem", "s", [("a", "b")],
-    )  # fmt: skip
+        cli.cmd_keys_import,
+        "k",
+        "ec-p256",
+        "key.pem",
+        "s",
+        [("a", "b")],
+    )
     a = parse("keys", "adopt", "k", "--algorithm", "rsa-2048", "--id", "0A0b", "--config", "c.toml")
     assert (a.func, a.id, a.config, a.scope) == (cli.cmd_keys_adopt, b"\x0a\x0b", "c.toml", "")
     a = parse("hsm", "import-key", "--dir", "d", "--in", "k.pem", "--label", "l", "--id", "ff")
     assert (a.func, a.dir, a.infile, a.label, a.id, a.token) == (
-        cli.cmd_hsm_import_key, "d", "k.pem", "l", b"\xff", "signer",
-    )  # fmt: skip
+        cli.cmd_hsm_import_key,
+        "d",
+        "k.pem",
+        "l",
+        b"\xff",
+        "signer",
+    )
 
 
 @pytest.mark.parametrize("bad", ["xyz", "", "0", "00" * 65])
@@ -642,8 +685,19 @@ def test_keys_import_reads_the_pem_and_calls_import_key(
 
     monkeypatch.setattr(cli, "SignerClient", Client)
     (tmp_path / "key.pem").write_bytes(b"PEM BYTES")
-    rc = main(["keys", "import", "k", "--algorithm", "ec-p256", "--in", str(tmp_path / "key.pem"),
-               "--address", "h:1"])  # fmt: skip
+    rc = main(
+        [
+            "keys",
+            "import",
+            "k",
+            "--algorithm",
+            "ec-p256",
+            "--in",
+            str(tmp_path / "key.pem"),
+            "--address",
+            "h:1",
+        ]
+    )
     assert rc == EXIT_OK
     assert calls == [("h:1", ("k", "ec-p256", b"PEM BYTES"), {"scope": "", "labels": {}})]
     assert '"primary_version": 1' in capsys.readouterr().out
@@ -681,8 +735,17 @@ def test_pin_goes_to_the_terminal_prompts_only(tmp_path: Path) -> None:
 
 def test_import_command_has_no_pin() -> None:
     argv = hsm.import_command(Path("/d/key.p8"), "label", b"\x01\x02", "signer")
-    assert argv == ["softhsm2-util", "--import", "/d/key.p8", "--token", "signer",
-                    "--label", "label", "--id", "0102"]  # fmt: skip
+    assert argv == [
+        "softhsm2-util",
+        "--import",
+        "/d/key.p8",
+        "--token",
+        "signer",
+        "--label",
+        "label",
+        "--id",
+        "0102",
+    ]
 
 
 def test_provision_key_validates_before_running_anything(tmp_path: Path) -> None:

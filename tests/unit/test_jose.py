@@ -46,12 +46,25 @@ TOKEN = f"{HEADER}.{_b64(b'{}')}.{_b64(bytes(64))}"
         ({"keys": 4}, "no list of keys"),
         ({"keys": {"k1": {}}}, "no list of keys"),
         ({}, "no list of keys"),
-        ({"keys": [{"kid": "k1", "scope": "consumer", "alg": "ES256", "kty": "EC",
-                    "crv": "P-256", "x": 5, "y": []}]}, "is not usable"),
-        ({"keys": [{"kid": "k1", "scope": "consumer", "alg": "ES256", "kty": 7}]},
-         "is not usable"),
+        (
+            {
+                "keys": [
+                    {
+                        "kid": "k1",
+                        "scope": "consumer",
+                        "alg": "ES256",
+                        "kty": "EC",
+                        "crv": "P-256",
+                        "x": 5,
+                        "y": [],
+                    }
+                ]
+            },
+            "is not usable",
+        ),
+        ({"keys": [{"kid": "k1", "scope": "consumer", "alg": "ES256", "kty": 7}]}, "is not usable"),
     ],
-)  # fmt: skip
+)
 def test_malformed_jwks_rejects_the_token(jwks: dict[str, object], message: str) -> None:
     """A JWKS whose 'keys' is not a list once raised TypeError (found by fuzz/targets.py:jwt)."""
     with pytest.raises(TokenRejected, match=message):

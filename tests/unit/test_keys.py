@@ -81,8 +81,14 @@ def b64u_int(s: str) -> int:
 def test_algorithm_known() -> None:
     assert algorithm("ec-p256") is ALGORITHMS["ec-p256"]
     assert set(ALGORITHMS) == {
-        "ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519",
-    }  # fmt: skip
+        "ec-p256",
+        "ec-p384",
+        "ec-p521",
+        "rsa-2048",
+        "rsa-3072",
+        "rsa-4096",
+        "ed25519",
+    }
 
 
 def test_algorithm_unknown_lists_known_ones() -> None:
@@ -431,8 +437,12 @@ def test_public_jwk_ed25519_round_trip() -> None:
     key = ed_key()
     jwk = public_jwk(spki(key), alg, "e/3")
     assert {k: jwk[k] for k in ("kty", "crv", "alg", "use", "kid")} == {
-        "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": "e/3",
-    }  # fmt: skip
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "alg": "EdDSA",
+        "use": "sig",
+        "kid": "e/3",
+    }
     raw = base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4))
     rebuilt = ed25519.Ed25519PublicKey.from_public_bytes(raw)
     assert spki_of_public(rebuilt) == spki(key)

@@ -65,8 +65,9 @@ def test_jobs_run_on_the_lanes_only() -> None:
     names: set[str] = set()
 
     async def main() -> None:
-        await asyncio.gather(*(lanes.run(lambda: names.add(threading.current_thread().name))
-                               for _ in range(300)))  # fmt: skip
+        await asyncio.gather(
+            *(lanes.run(lambda: names.add(threading.current_thread().name)) for _ in range(300))
+        )
 
     try:
         asyncio.run(main())

@@ -212,9 +212,22 @@ def test_two_to_the_32_program_headers_of_size_zero_is_refused_at_once() -> None
     """PN_XNUM: the count is section 0's sh_info. With e_phentsize 0 the reader once walked
     2^32 headers at one offset (a hang and unbounded memory); now it refuses the header."""
     hdr = struct.pack(
-        "<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 4, 62, 1, 0, 64, 64, 0, 64, 0,
-        0xFFFF, 64, 1, 0,
-    )  # fmt: skip
+        "<16sHHIQQQIHHHHHH",
+        b"\x7fELF\x02\x01\x01" + bytes(9),
+        4,
+        62,
+        1,
+        0,
+        64,
+        64,
+        0,
+        64,
+        0,
+        0xFFFF,
+        64,
+        1,
+        0,
+    )
     section0 = struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, 0xFFFF_FFFF, 0, 0)
     began = time.monotonic()
     with pytest.raises(CoreFormatError, match="e_phentsize 0 is smaller than a program header"):
@@ -237,9 +250,22 @@ def test_many_note_headers_over_one_region_are_read_once(tmp_path: Path) -> None
     phoff = 64
     notes_at = phoff + phnum * 56
     hdr = struct.pack(
-        "<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 4, 62, 1, 0, phoff, 0, 0, 64,
-        56, phnum, 0, 0, 0,
-    )  # fmt: skip
+        "<16sHHIQQQIHHHHHH",
+        b"\x7fELF\x02\x01\x01" + bytes(9),
+        4,
+        62,
+        1,
+        0,
+        phoff,
+        0,
+        0,
+        64,
+        56,
+        phnum,
+        0,
+        0,
+        0,
+    )
     ph = struct.pack("<IIQQQQQQ", 4, 0, notes_at, 0, 0, len(notes), 0, 4)
     data = hdr + ph * phnum + notes
     began = time.monotonic()

@@ -34,19 +34,25 @@ def jwk_file(tmp_path: Path, jwk: dict[str, object]) -> Path:
     ("jwk", "message"),
     [
         # p of 1: no CRT values exist.
-        ({"kty": "RSA", "n": b64(15), "e": "AQAB", "d": b64(7), "p": b64(1), "q": b64(15)},
-         "not a valid private key"),
+        (
+            {"kty": "RSA", "n": b64(15), "e": "AQAB", "d": b64(7), "p": b64(1), "q": b64(15)},
+            "not a valid private key",
+        ),
         # A modulus beyond OpenSSL's 16384 bits: recovering p and q would take minutes.
-        ({"kty": "RSA", "n": b64((1 << 40000) + 1), "e": "AQAB", "d": b64(12345)},
-         "RSA modulus of 40001 bits, more than 16384"),
-        ({"kty": "RSA", "n": b64((1 << 2047) + 1), "e": b64(1 << 200), "d": b64(12345)},
-         "public exponent wider than 64 bits"),
+        (
+            {"kty": "RSA", "n": b64((1 << 40000) + 1), "e": "AQAB", "d": b64(12345)},
+            "RSA modulus of 40001 bits, more than 16384",
+        ),
+        (
+            {"kty": "RSA", "n": b64((1 << 2047) + 1), "e": b64(1 << 200), "d": b64(12345)},
+            "public exponent wider than 64 bits",
+        ),
         ({"kty": "EC", "crv": "P-256", "d": b64(1 << 300)}, "not a valid private key"),
         ({"kty": "OKP", "crv": "Ed25519", "d": b64(1 << 300)}, "not a valid private key"),
         ({"kty": ["RSA"], "d": "AA"}, """key type "['RSA']" is not supported"""),
         ({"kty": "EC", "crv": "x" * 1000, "d": "AA"}, "characters)"),  # the curve shown bounded
     ],
-)  # fmt: skip
+)
 def test_jwk_that_breaks_arithmetic(tmp_path: Path, jwk: dict[str, object], message: str) -> None:
     began = time.monotonic()
     with pytest.raises(ScanError) as ei:
