@@ -1,0 +1,127 @@
+"""signer._internal.relay's peer names: the credentials a relayed connection's bound name
+carries, and read back only from a name this relay made (the relaying itself, under hostile
+local users, is tests/integration/test_relay.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from signer._internal.relay import PeerRelay, created_with_mode
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[PeerRelay]:
+    """A relay that is never started: its private directory exists, nothing listens."""
+    r = PeerRelay(tmp_path / "run" / "signer.sock", 0o660)
+    yield r
+    shutil.rmtree(r.private, ignore_errors=True)
+
+
+def test_a_bound_name_carries_the_credentials_back(relay: PeerRelay) -> None:
+    """The name the relay binds its upstream end to is what gRPC reports as the peer."""
+    upstream = relay._upstream_socket(pid=4242, uid=1000, gid=100)
+    try:
+        peer = "unix:" + upstream.getsockname()
+    finally:
+        upstream.close()
+    assert relay.credentials(peer) == (1000, 100, 4242)
+    assert os.listdir(relay.private) == []  # the name is unlinked once bound
+
+
+def test_each_connection_gets_a_name_of_its_own(relay: PeerRelay) -> None:
+    first, second = (relay._upstream_socket(7, 0, 0) for _ in range(2))
+    try:
+        assert first.getsockname() != second.getsockname()
+        assert relay.credentials("unix:" + first.getsockname()) == (0, 0, 7)
+        assert relay.credentials("unix:" + second.getsockname()) == (0, 0, 7)
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "p-1000-100-4242-0",
+        "p-0-0-1-99999",
+        "p-4294967295-4294967295-4194304-12",  # the largest uid, gid and pid Linux hands out
+    ],
+)
+def test_names_in_the_private_directory_are_read(relay: PeerRelay, name: str) -> None:
+    uid, gid, pid = (int(n) for n in name.split("-")[1:4])
+    assert relay.credentials(f"unix:{relay.private}/{name}") == (uid, gid, pid)
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        "",
+        "unix:",
+        "unix:{private}",
+        "unix:{private}/",
+        "unix:{private}/grpc.sock",  # the server's own socket
+        "unix:{private}/p-1000-100-4242",  # no connection number
+        "unix:{private}/p-1000-100-4242-",
+        "unix:{private}/p-1000-100-4242-0-1",
+        "unix:{private}/p--1-100-4242-0",  # a negative uid
+        "unix:{private}/p-1000-100-4242-0 ",
+        "unix:{private}/p-1000-100-4242-0\n",
+        "unix:{private}/p-1e3-100-4242-0",
+        "unix:{private}/p-x-100-4242-0",
+        "unix:{private}/q-1000-100-4242-0",
+        "unix:{private}/sub/p-1000-100-4242-0",  # deeper than the private directory
+        "unix:{private}/../p-1000-100-4242-0",
+        "unix:{private}x/p-1000-100-4242-0",  # a directory whose name begins like it
+        "unix:/tmp/p-1000-100-4242-0",  # someone else's name of the same shape
+        "unix:/elsewhere{private}/p-1000-100-4242-0",
+        "unix-abstract:{private}/p-1000-100-4242-0",
+        " unix:{private}/p-1000-100-4242-0",
+        "{private}/p-1000-100-4242-0",  # no scheme
+        "ipv4:127.0.0.1:50051",
+        "ipv6:[::1]:50051",
+    ],
+)
+def test_any_other_peer_has_no_credentials(relay: PeerRelay, peer: str) -> None:
+    """A peer the relay did not make (TCP, another directory, a malformed name) is nobody's:
+    the caller is then unauthenticated, not somebody."""
+    assert relay.credentials(peer.format(private=relay.private)) is None
+
+
+def test_another_relays_names_are_not_this_ones(tmp_path: Path) -> None:
+    one = PeerRelay(tmp_path / "one.sock", 0o660)
+    other = PeerRelay(tmp_path / "other.sock", 0o660)
+    try:
+        upstream = other._upstream_socket(1, 2, 3)
+        peer = "unix:" + upstream.getsockname()
+        upstream.close()
+        assert other.credentials(peer) == (2, 3, 1)
+        assert one.credentials(peer) is None
+    finally:
+        shutil.rmtree(one.private, ignore_errors=True)
+        shutil.rmtree(other.private, ignore_errors=True)
+
+
+def test_the_private_directory_is_the_owners_alone(relay: PeerRelay) -> None:
+    """Nobody else may bind a name in it: that is what makes a name as good as SO_PEERCRED."""
+    assert stat.S_IMODE(relay.private.stat().st_mode) == 0o700
+    assert relay.private.stat().st_uid == os.getuid()
+    assert relay.address == f"unix:{relay.private}/grpc.sock"
+    assert len(str(relay.private / "p-4294967295-4294967295-4194304-999999")) <= 107
+
+
+def test_sockets_are_created_with_their_mode_and_the_umask_is_put_back(tmp_path: Path) -> None:
+    before = os.umask(0o022)
+    try:
+        with created_with_mode(0o660), socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(tmp_path / "s.sock"))
+        assert stat.S_IMODE((tmp_path / "s.sock").stat().st_mode) == 0o660
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)
