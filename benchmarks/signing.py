@@ -82,20 +82,38 @@ def lab(
 
     def config(name: str) -> Path:
         return write_service_config(
-            root / f"{name}.toml", listen=root / f"{name}.sock", paths=paths, policy=policy,
-            store=root / "signer.db", audit=root / f"{name}.audit",
-        )  # fmt: skip
+            root / f"{name}.toml",
+            listen=root / f"{name}.sock",
+            paths=paths,
+            policy=policy,
+            store=root / "signer.db",
+            audit=root / f"{name}.audit",
+        )
 
     py = sys.executable
     starts = {
-        "service": ([py, "-m", "signer", "serve", "--config", str(config("service")),
-                     "--log-level", "warning"], answers(f"unix:{root}/service.sock")),
-        "service-bare": ([py, "-m", "benchmarks.bare_server", "--config", str(config("bare"))],
-                         answers(f"unix:{root}/bare.sock")),
-        "software-grpc": ([py, "-m", "benchmarks.software_server", "--listen",
-                           f"unix:{root}/software.sock"],
-                          lambda: (root / "software.sock").exists()),
-    }  # fmt: skip
+        "service": (
+            [
+                py,
+                "-m",
+                "signer",
+                "serve",
+                "--config",
+                str(config("service")),
+                "--log-level",
+                "warning",
+            ],
+            answers(f"unix:{root}/service.sock"),
+        ),
+        "service-bare": (
+            [py, "-m", "benchmarks.bare_server", "--config", str(config("bare"))],
+            answers(f"unix:{root}/bare.sock"),
+        ),
+        "software-grpc": (
+            [py, "-m", "benchmarks.software_server", "--listen", f"unix:{root}/software.sock"],
+            lambda: (root / "software.sock").exists(),
+        ),
+    }
     try:
         with contextlib.ExitStack() as stack:
             procs = {name: stack.enter_context(started(*starts[name])) for name in only}
@@ -120,11 +138,15 @@ def lab(
             sockets = {"service": "service", "service-bare": "bare", "software-grpc": "software"}
             software = {alg: alg for alg in ALGORITHMS}
             subjects = [
-                Subject(name, f"unix:{root}/{sockets[name]}.sock", procs[name],
-                        software if name == "software-grpc" else keys,
-                        None if name == "software-grpc" else pgid)
+                Subject(
+                    name,
+                    f"unix:{root}/{sockets[name]}.sock",
+                    procs[name],
+                    software if name == "software-grpc" else keys,
+                    None if name == "software-grpc" else pgid,
+                )
                 for name in only
-            ]  # fmt: skip
+            ]
             yield subjects, paths, ids
     finally:
         host.stop()
@@ -132,10 +154,25 @@ def lab(
 
 def _raw(mode: str, alg: str, threads: int, seconds: float, extra: list[str]) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.raw", "--mode", mode, "--algorithm", alg,
-         "--threads", str(threads), "--seconds", str(seconds), *extra],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.raw",
+            "--mode",
+            mode,
+            "--algorithm",
+            alg,
+            "--threads",
+            str(threads),
+            "--seconds",
+            str(seconds),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     result: dict[str, Any] = json.loads(done.stdout)
@@ -158,10 +195,16 @@ def chart(median: dict[str, dict[str, float]], path: Path) -> Path | None:
             keys = [f"{subject}/{alg}/c{c}" for c in CONCURRENCY]
             if not all(k in median for k in keys):
                 continue
-            axes[0][col].plot(CONCURRENCY, [median[k]["per_second"] for k in keys], "o-",
-                              color=colour, label=subject)  # fmt: skip
-            axes[1][col].plot(CONCURRENCY, [median[k]["p99_ms"] for k in keys], "o-",
-                              color=colour, label=subject)  # fmt: skip
+            axes[0][col].plot(
+                CONCURRENCY,
+                [median[k]["per_second"] for k in keys],
+                "o-",
+                color=colour,
+                label=subject,
+            )
+            axes[1][col].plot(
+                CONCURRENCY, [median[k]["p99_ms"] for k in keys], "o-", color=colour, label=subject
+            )
         axes[0][col].set_title(f"{alg}: signatures/s")
         axes[1][col].set_title(f"{alg}: p99 latency, ms")
         for row in (0, 1):
@@ -205,8 +248,9 @@ def run(ctx: Context) -> ScenarioResult:
                         point["server_cpu_s_per_1000"] = round((cpu1[0] - cpu0[0]) * per_k, 3)
                         point["token_cpu_s_per_1000"] = round((cpu1[1] - cpu0[1]) * per_k, 3)
                         keep(f"{subject.name}/{alg}/c{c}", point)
-                    rss[subject.name] = max(rss.get(subject.name, 0.0),
-                                            peak_rss_mib(subject.proc.pid))  # fmt: skip
+                    rss[subject.name] = max(
+                        rss.get(subject.name, 0.0), peak_rss_mib(subject.proc.pid)
+                    )
                     if subject.token_group:
                         # p11-kit server and the p11-kit-remote serving each client, summed.
                         host = sum(peak_rss_mib(p) for p in group(subject.token_group))
@@ -217,13 +261,27 @@ def run(ctx: Context) -> ScenarioResult:
                     ("cryptography", RAW_THREADS, []),
                 ]
                 if alg in ids:
-                    token_args = ["--token", hsm.DEFAULT_LABEL, "--pin-file",
-                                  str(paths.user_pin), "--key-id", ids[alg].hex()]  # fmt: skip
-                    client = ["--module", P11KIT_CLIENT_MODULE, "--server-address",
-                              paths.server_address, *token_args]  # fmt: skip
+                    token_args = [
+                        "--token",
+                        hsm.DEFAULT_LABEL,
+                        "--pin-file",
+                        str(paths.user_pin),
+                        "--key-id",
+                        ids[alg].hex(),
+                    ]
+                    client = [
+                        "--module",
+                        P11KIT_CLIENT_MODULE,
+                        "--server-address",
+                        paths.server_address,
+                        *token_args,
+                    ]
                     inproc = ["--module", SOFTHSM_MODULE, *token_args]
-                    raw_runs += [("p11kit", 1, client), ("p11kit", RAW_THREADS, client),
-                                 ("softhsm", 1, inproc)]  # fmt: skip
+                    raw_runs += [
+                        ("p11kit", 1, client),
+                        ("p11kit", RAW_THREADS, client),
+                        ("softhsm", 1, inproc),
+                    ]
                 for mode, threads, extra in raw_runs:
                     env_mode = "cryptography" if mode == "cryptography" else "pkcs11"
                     if mode == "softhsm":
@@ -234,12 +292,17 @@ def run(ctx: Context) -> ScenarioResult:
                         raw.setdefault(f"{mode}/{alg}/t{threads}", []).append(result["per_second"])
             # Batches: the service's SignBatch at the raw baseline's parallelism.
             svc = subjects[0]
-            batch = run_load(svc.address, svc.keys["ec-p256"], RAW_THREADS, seconds, warmup=0.5,
-                             batch=BATCH)  # fmt: skip
-            keep(f"service-batch{BATCH}/ec-p256/c{RAW_THREADS}", {
-                **batch.to_dict(), "server_cpu_s_per_1000": float("nan"),
-                "token_cpu_s_per_1000": float("nan"),
-            })  # fmt: skip
+            batch = run_load(
+                svc.address, svc.keys["ec-p256"], RAW_THREADS, seconds, warmup=0.5, batch=BATCH
+            )
+            keep(
+                f"service-batch{BATCH}/ec-p256/c{RAW_THREADS}",
+                {
+                    **batch.to_dict(),
+                    "server_cpu_s_per_1000": float("nan"),
+                    "token_cpu_s_per_1000": float("nan"),
+                },
+            )
         # p99 at half of the service's peak ec-p256 throughput, paced (open loop).
         half_peak = 0.5 * max(
             statistics.median(p["per_second"] for p in points[f"service/ec-p256/c{c}"])
@@ -275,13 +338,23 @@ def run(ctx: Context) -> ScenarioResult:
     rows = []
     for point_key, m in sorted(median.items()):
         who, alg_name, callers = point_key.split("/")
-        rows.append([
-            who, alg_name, callers[1:], f"{m['per_second']:,.0f}", f"{m['p50_ms']:.2f}",
-            f"{m['p99_ms']:.2f}", f"{m['p999_ms']:.2f}", f"{m['server_cpu_s_per_1000']:.2f}",
-            f"{m['token_cpu_s_per_1000']:.2f}",
-        ])  # fmt: skip
-    raw_rows = [[k.split("/")[0], k.split("/")[1], k.split("/")[2][1:], f"{v:,.0f}"]
-                for k, v in sorted(raw_median.items())]  # fmt: skip
+        rows.append(
+            [
+                who,
+                alg_name,
+                callers[1:],
+                f"{m['per_second']:,.0f}",
+                f"{m['p50_ms']:.2f}",
+                f"{m['p99_ms']:.2f}",
+                f"{m['p999_ms']:.2f}",
+                f"{m['server_cpu_s_per_1000']:.2f}",
+                f"{m['token_cpu_s_per_1000']:.2f}",
+            ]
+        )
+    raw_rows = [
+        [k.split("/")[0], k.split("/")[1], k.split("/")[2][1:], f"{v:,.0f}"]
+        for k, v in sorted(raw_median.items())
+    ]
     tables = [
         Table(
             f"Signing through gRPC: medians of {runs} runs of {seconds:g} s",
@@ -327,7 +400,13 @@ def run(ctx: Context) -> ScenarioResult:
     notes.append(f"Chart: {png}" if png else "No chart: matplotlib (the bench extra) is missing.")
     data = {
         "chart": str(png) if png else None,
-        "paced_half_peak": paced.to_dict(), "points": points, "median": median, "raw": raw,
-        "raw_median": raw_median, "peak_rss_mib": rss, "seconds": seconds, "runs": runs,
-    }  # fmt: skip
+        "paced_half_peak": paced.to_dict(),
+        "points": points,
+        "median": median,
+        "raw": raw,
+        "raw_median": raw_median,
+        "peak_rss_mib": rss,
+        "seconds": seconds,
+        "runs": runs,
+    }
     return ScenarioResult(NAME, data, ratios, tables, notes, figures)

@@ -36,8 +36,9 @@ def _growth_pct(samples: list[float], minute: int) -> float:
     return 100.0 * (last - first) / first if first else float("nan")
 
 
-def chart(t: list[float], service: list[float], token: list[float], windows: list[float],
-          path: Path) -> Path | None:  # fmt: skip
+def chart(
+    t: list[float], service: list[float], token: list[float], windows: list[float], path: Path
+) -> Path | None:
     try:
         import matplotlib
 
@@ -89,8 +90,14 @@ def run(ctx: Context) -> ScenarioResult:
         cpu0 = cpu_seconds([service.proc.pid]), cpu_seconds(group(service.token_group))
         try:
             sampler.start()
-            load = run_load(service.address, service.keys["ec-p256"], CALLERS, seconds,
-                            warmup=0.0, window=WINDOW)  # fmt: skip
+            load = run_load(
+                service.address,
+                service.keys["ec-p256"],
+                CALLERS,
+                seconds,
+                warmup=0.0,
+                window=WINDOW,
+            )
         finally:
             stop.set()
             sampler.join()
@@ -105,15 +112,28 @@ def run(ctx: Context) -> ScenarioResult:
     tenth = max(1, len(windows) // 10)
     first_w, last_w = statistics.median(windows[:tenth]), statistics.median(windows[-tenth:])
     rows = [
-        ["service RSS, MiB", f"{statistics.median(rss_service[minute : 2 * minute]):.1f}",
-         f"{statistics.median(rss_service[-minute:]):.1f}", f"{max(rss_service):.1f}",
-         f"{growth:+.1f}%"],
-        ["token host RSS, MiB", f"{statistics.median(rss_token[minute : 2 * minute]):.1f}",
-         f"{statistics.median(rss_token[-minute:]):.1f}", f"{max(rss_token):.1f}",
-         f"{token_growth:+.1f}%"],
-        ["signatures/s (first, last tenth)", f"{first_w:,.0f}", f"{last_w:,.0f}",
-         f"{max(windows):,.0f}", f"{100 * (last_w / first_w - 1):+.1f}%"],
-    ]  # fmt: skip
+        [
+            "service RSS, MiB",
+            f"{statistics.median(rss_service[minute : 2 * minute]):.1f}",
+            f"{statistics.median(rss_service[-minute:]):.1f}",
+            f"{max(rss_service):.1f}",
+            f"{growth:+.1f}%",
+        ],
+        [
+            "token host RSS, MiB",
+            f"{statistics.median(rss_token[minute : 2 * minute]):.1f}",
+            f"{statistics.median(rss_token[-minute:]):.1f}",
+            f"{max(rss_token):.1f}",
+            f"{token_growth:+.1f}%",
+        ],
+        [
+            "signatures/s (first, last tenth)",
+            f"{first_w:,.0f}",
+            f"{last_w:,.0f}",
+            f"{max(windows):,.0f}",
+            f"{100 * (last_w / first_w - 1):+.1f}%",
+        ],
+    ]
     tables = [
         Table(
             f"Steady state: {seconds:g} s at {CALLERS} callers (ec-p256, production service)",

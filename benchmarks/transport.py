@@ -145,9 +145,14 @@ def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Ro
     policy = root / "policy.toml"
     policy.write_text(grant_everything([f"uid:{os.getuid()}", f"x509:CN={CLIENT}"]))
     toml = write_service_config(
-        root / "signer.toml", listen=socket_path, paths=paths, policy=policy,
-        store=root / "signer.db", audit=root / "audit.db", front_socket=front_socket,
-    )  # fmt: skip
+        root / "signer.toml",
+        listen=socket_path,
+        paths=paths,
+        policy=policy,
+        store=root / "signer.db",
+        audit=root / "audit.db",
+        front_socket=front_socket,
+    )
     command = (
         ["-m", "benchmarks.bare_server", "--config", str(toml)]
         if bare
@@ -157,10 +162,14 @@ def deployment(work: Path, bare: bool = False) -> Iterator[tuple[list[Route], Ro
     def front_cfg(name: str, certificate: Path) -> config_mod.Config:
         return config_mod.Config(
             front=front_config(
-                paths, ca, listen=f"127.0.0.1:{_free_port()}", upstream=front_socket,
-                workdir=root / name, certificate=certificate,
+                paths,
+                ca,
+                listen=f"127.0.0.1:{_free_port()}",
+                upstream=front_socket,
+                workdir=root / name,
+                certificate=certificate,
             )
-        )  # fmt: skip
+        )
 
     token_front = Front(front_cfg("front", ca.server_cert))
     pem_front = PemFront(front_cfg("front-pem", pem_cert), key_file)

@@ -267,13 +267,25 @@ class Front:
         with os.fdopen(os.open(log_file, _WRITE_NO_LINK, 0o600), "wb") as out:
             try:
                 self._proc = subprocess.Popen(
-                    [self.cfg.front.nginx, "-c", str(conf), "-p", str(self.state),
-                     "-e", str(self.error_log)],
-                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=guarded_preexec,
-                    user=user.pw_uid if user else None, group=user.pw_gid if user else None,
+                    [
+                        self.cfg.front.nginx,
+                        "-c",
+                        str(conf),
+                        "-p",
+                        str(self.state),
+                        "-e",
+                        str(self.error_log),
+                    ],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=guarded_preexec,
+                    user=user.pw_uid if user else None,
+                    group=user.pw_gid if user else None,
                     extra_groups=[] if user else None,
-                )  # fmt: skip
+                )
             except FileNotFoundError:
                 raise FailedPrecondition(
                     f"{self.cfg.front.nginx} not found: install nginx (make deps does)"

@@ -206,16 +206,33 @@ def generate_tls_key(root: str | Path, algorithm: str = "ec-p256") -> bytes:
         raise FailedPrecondition(f"no TLS token in {paths.root}")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SOFTHSM2_CONF": str(paths.conf)}
     argv = [
-        sys.executable, "-m", "signer._internal.token.keygen",
-        "--module", SOFTHSM_MODULE, "--uri", f"pkcs11:token={TLS_LABEL}",
-        "--pin-file", str(paths.tls_pin), "--algorithm", algorithm,
-        "--label", TLS_KEY_LABEL, "--id", TLS_KEY_ID.hex(),
-        "--out", str(paths.tls_public_key),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "signer._internal.token.keygen",
+        "--module",
+        SOFTHSM_MODULE,
+        "--uri",
+        f"pkcs11:token={TLS_LABEL}",
+        "--pin-file",
+        str(paths.tls_pin),
+        "--algorithm",
+        algorithm,
+        "--label",
+        TLS_KEY_LABEL,
+        "--id",
+        TLS_KEY_ID.hex(),
+        "--out",
+        str(paths.tls_public_key),
+    ]
     done = subprocess.run(
-        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        preexec_fn=disable_core_dumps, check=False,
-    )  # fmt: skip
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        preexec_fn=disable_core_dumps,
+        check=False,
+    )
     if done.returncode != 0:
         raise FailedPrecondition(
             f"generating the TLS key failed (exit status {done.returncode}): "
@@ -235,9 +252,16 @@ _PIN_PROMPTS = 2
 def import_command(key_file: Path, label: str, key_id: bytes, token: str) -> list[str]:
     """softhsm2-util's argv for an import. No --pin: without it, it asks on its terminal."""
     return [
-        SOFTHSM_UTIL, "--import", str(key_file), "--token", token,
-        "--label", label, "--id", key_id.hex(),
-    ]  # fmt: skip
+        SOFTHSM_UTIL,
+        "--import",
+        str(key_file),
+        "--token",
+        token,
+        "--label",
+        label,
+        "--id",
+        key_id.hex(),
+    ]
 
 
 def provision_key(
@@ -325,9 +349,15 @@ def _run_on_terminal(
         attrs[3] &= ~(termios.ECHO | termios.ECHONL)
         termios.tcsetattr(slave, termios.TCSANOW, attrs)
         proc = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
-            start_new_session=True, preexec_fn=disable_core_dumps,
-        )  # fmt: skip
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=disable_core_dumps,
+        )
     except BaseException:
         os.close(master)
         raise

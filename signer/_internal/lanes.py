@@ -88,9 +88,11 @@ class Lanes:
             for lane, _ in stuck:
                 self._retired.add(lane)
                 fresh = threading.Thread(
-                    target=self._lane, args=(self._next,), name=f"{self._name}-{self._next}",
+                    target=self._lane,
+                    args=(self._next,),
+                    name=f"{self._name}-{self._next}",
                     daemon=True,
-                )  # fmt: skip
+                )
                 self._next += 1
                 self._threads.append(fresh)
                 fresh.start()

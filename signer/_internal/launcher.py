@@ -109,8 +109,11 @@ def prepare(root: Path) -> None:
     if not (paths.initialised() and paths.has_tls_token()):
         done = subprocess.run(
             [sys.executable, "-m", "signer", "hsm", "init", "--dir", str(paths.root)],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             raise FailedPrecondition(f"signer hsm init failed: {done.stderr.strip()}")
         print(f"created the tokens in {paths.root} (PINs in owner-only files there)", flush=True)
@@ -143,10 +146,23 @@ def front_user() -> pwd.struct_passwd | None:
     except KeyError:
         pass
     done = subprocess.run(
-        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-         "--shell", "/usr/sbin/nologin", "--comment", "signer TLS front", FRONT_USER],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "signer TLS front",
+            FRONT_USER,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise FailedPrecondition(f"cannot create the user {FRONT_USER}: {done.stderr.strip()}")
     print(f"created the system user {FRONT_USER} for the TLS front", flush=True)
@@ -194,12 +210,16 @@ class FrontWorld:
         # /run is memory (a copy of the TLS PIN is never on disk twice); a temporary directory
         # where /run is not ours to write.
         base = "/run" if os.access("/run", os.W_OK) else None
-        world = cls(Path(tempfile.mkdtemp(prefix="signer-front-", dir=base)), user.pw_name,
-                    user.pw_gid)  # fmt: skip
+        world = cls(
+            Path(tempfile.mkdtemp(prefix="signer-front-", dir=base)), user.pw_name, user.pw_gid
+        )
         share_with_group(world.root, world.gid, 0o710)
         ca = DevCA(state / "tls")
-        for source, copy in ((ca.server_cert, world.certificate), (ca.cert, world.client_ca),
-                             (hsm.HsmPaths(state / "hsm").tls_pin, world.pin_file)):  # fmt: skip
+        for source, copy in (
+            (ca.server_cert, world.certificate),
+            (ca.cert, world.client_ca),
+            (hsm.HsmPaths(state / "hsm").tls_pin, world.pin_file),
+        ):
             # Copied in the kernel (sendfile): the PIN passes through no buffer of this process.
             shutil.copyfile(source, private_file(copy))
             share_with_group(copy, world.gid, 0o640)

@@ -148,9 +148,11 @@ class DevCA:
             except ValueError:
                 names.append(x509.DNSName(host))
         cert = self._issue(
-            _name(hosts[0] if hosts else "signer"), public_key, ExtendedKeyUsageOID.SERVER_AUTH,
+            _name(hosts[0] if hosts else "signer"),
+            public_key,
+            ExtendedKeyUsageOID.SERVER_AUTH,
             names,
-        )  # fmt: skip
+        )
         self.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return self.server_cert
 

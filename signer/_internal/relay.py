@@ -5,9 +5,8 @@ gRPC Python tells a servicer nothing about a Unix-socket peer (``context.peer()`
 (uid, gid, pid, from the kernel) is read, and the connection is relayed to the gRPC server's own
 socket, which sits in a directory only this process can enter, from a client socket *bound to a
 name that encodes those credentials*. The gRPC server sees that name as the peer address, and
-:func:`peer_credentials` reads it back. Nobody else can bind a name in that directory or connect
-to the socket in it, so the name is as trustworthy as SO_PEERCRED itself
-(:meth:`PeerRelay.credentials` reads it back).
+:meth:`PeerRelay.credentials` reads it back. Nobody else can bind a name in that directory or
+connect to the socket in it, so the name is as trustworthy as SO_PEERCRED itself.
 """
 
 from __future__ import annotations

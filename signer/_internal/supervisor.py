@@ -140,9 +140,13 @@ class Supervisor:
         if newly:
             log.error(
                 "crash loop: child keeps exiting",
-                extra={"child": name, "exits": b.loop_exits, "within_seconds": b.loop_window,
-                       "retrying_every_seconds": b.most},
-            )  # fmt: skip
+                extra={
+                    "child": name,
+                    "exits": b.loop_exits,
+                    "within_seconds": b.loop_window,
+                    "retrying_every_seconds": b.most,
+                },
+            )
 
     def _stable(self, name: str) -> None:
         with self._lock:

@@ -189,8 +189,18 @@ def cmd_keys_adopt(args: argparse.Namespace) -> int:
     key = adopt_with_config(
         config.load(args.config), args.name, args.algorithm, args.id, args.scope, dict(args.label)
     )
-    print(json.dumps({"name": key.name, "algorithm": key.algorithm, "version": 1,
-                      "key_id": args.id.hex(), "scope": key.scope}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "name": key.name,
+                "algorithm": key.algorithm,
+                "version": 1,
+                "key_id": args.id.hex(),
+                "scope": key.scope,
+            },
+            indent=2,
+        )
+    )
     return EXIT_OK
 
 
@@ -290,8 +300,9 @@ def cmd_hsm_serve(args: argparse.Namespace) -> int:
 def cmd_hsm_import_key(args: argparse.Namespace) -> int:
     from signer._internal import hsm
 
-    hsm.provision_key(args.dir, Path(args.infile).read_bytes(), args.label, args.id,
-                      token=args.token)  # fmt: skip
+    hsm.provision_key(
+        args.dir, Path(args.infile).read_bytes(), args.label, args.id, token=args.token
+    )
     print(json.dumps({"token": args.token, "label": args.label, "id": args.id.hex()}))
     return EXIT_OK
 
@@ -614,10 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repair", action="store_true", help="repair what can be (see above)")
     sp.add_argument("--json", action="store_true", help="the report as JSON")
     sp.add_argument(
-        "--grace", type=float, default=DEFAULT_GRACE_SECONDS, metavar="SECONDS",
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        metavar="SECONDS",
         help="compare twice this far apart and keep what both find, for a running service "
         f"(default {DEFAULT_GRACE_SECONDS:g}); 0 for one pass, refused while the service runs",
-    )  # fmt: skip
+    )
     sp.set_defaults(func=cmd_keys_reconcile)
     sp = client_parser(keys_sub, "list", "list keys")
     sp.add_argument("--json", action="store_true")
@@ -649,9 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("version", type=int)
         if op == "schedule-destruction":
             sp.add_argument(
-                "--waiting-period", type=int, default=0, metavar="SECONDS",
+                "--waiting-period",
+                type=int,
+                default=0,
+                metavar="SECONDS",
                 help="default: the service's configured period",
-            )  # fmt: skip
+            )
         else:
             sp.set_defaults(waiting_period=0)
         sp.set_defaults(func=cmd_keys_version_op, op=op)
@@ -704,28 +721,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("dumps", nargs="+", metavar="DUMP", help="core dump or any file")
     sp.add_argument(
-        "--secrets", nargs="+", default=[], metavar="FILE",
+        "--secrets",
+        nargs="+",
+        default=[],
+        metavar="FILE",
         help="private keys (PEM, DER, OpenSSH, JWK), *.pin files (PINs), other files (raw)",
-    )  # fmt: skip
+    )
     sp.add_argument(
-        "--public-keys", nargs="+", metavar="FILE",
+        "--public-keys",
+        nargs="+",
+        metavar="FILE",
         help="public keys, certificates or JWKs: turns on blind mode",
-    )  # fmt: skip
+    )
     sp.add_argument("--maps", help="/proc/PID/maps snapshot naming the core's anonymous mappings")
     sp.add_argument("--json", metavar="OUT", help="write the result(s) as JSON")
     sp.add_argument("--sarif", metavar="OUT", help="write a SARIF 2.1.0 log")
     sp.add_argument(
-        "--min-fragment", type=int, default=16, metavar="N",
+        "--min-fragment",
+        type=int,
+        default=16,
+        metavar="N",
         help="report fragments carrying N bytes of a secret and more (default 16)",
-    )  # fmt: skip
+    )
     sp.add_argument(
-        "--blind-budget", type=float, default=60.0, metavar="SECONDS",
+        "--blind-budget",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
         help="time for blind mathematical checks per dump (default 60)",
-    )  # fmt: skip
+    )
     sp.add_argument(
-        "--marker", action="append", default=[], type=_marker, metavar="NAME=FILE",
+        "--marker",
+        action="append",
+        default=[],
+        type=_marker,
+        metavar="NAME=FILE",
         help="count occurrences of FILE's bytes (proves the dump holds known memory)",
-    )  # fmt: skip
+    )
     sp.set_defaults(func=cmd_scan)
 
     # signer crash-test

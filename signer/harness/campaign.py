@@ -459,8 +459,13 @@ def render_markdown(data: dict[str, Any]) -> str:
         )
     findings = [(r["id"], f) for r in data["rows"] for f in r["findings"]]
     if findings:
-        lines += ["", "## Findings", "", "| row | secret | component | representation | offset "
-                  "| address | mapping |", "|---|---|---|---|---:|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Findings",
+            "",
+            "| row | secret | component | representation | offset | address | mapping |",
+            "|---|---|---|---|---:|---|---|",
+        ]
         for rid, f in findings[:500]:
             lines.append(
                 f"| {rid} | {f['secret_id']} | {f['component']} | {f['representation']} "

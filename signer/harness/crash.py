@@ -96,10 +96,22 @@ def deliver(pid: int, mechanism: str, attempts: int = 20) -> str:
         # A thread inside a PKCS#11 call is a moment, not a state: try again until one is caught.
         for _ in range(attempts):
             out = subprocess.run(
-                ["gdb", "-nx", "-batch", "-p", str(pid),
-                 "-ex", f'set $want = "{want}"', "-x", script],
-                capture_output=True, text=True, timeout=120, check=False,
-            )  # fmt: skip
+                [
+                    "gdb",
+                    "-nx",
+                    "-batch",
+                    "-p",
+                    str(pid),
+                    "-ex",
+                    f'set $want = "{want}"',
+                    "-x",
+                    script,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
             for line in out.stdout.splitlines():
                 if line.startswith("HARNESS-THREAD "):
                     return f"gdb: thread {line.split()[1]} jumped to 0 ({want})"

@@ -229,9 +229,12 @@ class Lab:
         ca.issue_server(public, ["localhost", "127.0.0.1"])
         ca.issue_client(LAB_CLIENT)
         front = front_config(
-            paths, ca, listen=f"127.0.0.1:{_free_port()}", upstream=self.front_socket,
+            paths,
+            ca,
+            listen=f"127.0.0.1:{_free_port()}",
+            upstream=self.front_socket,
             workdir=self.root / "front",
-        )  # fmt: skip
+        )
         self.front = Front(config_mod.Config(front=front))
         self.front.start()
 
@@ -261,17 +264,21 @@ class Lab:
         module = SOFTHSM_MODULE if inprocess else P11KIT_CLIENT_MODULE
         cfg = config_mod.Config(
             server=config_mod.ServerConfig(
-                listen=listen, grace_seconds=2.0, front_socket=str(self.front_socket),
+                listen=listen,
+                grace_seconds=2.0,
+                front_socket=str(self.front_socket),
                 policy_file=str(self.policy),
             ),
             token=config_mod.TokenConfig(
-                module=module, server_address="" if inprocess else paths.server_address,
-                uri=f"pkcs11:token={hsm.DEFAULT_LABEL}", pin_file=str(paths.user_pin),
+                module=module,
+                server_address="" if inprocess else paths.server_address,
+                uri=f"pkcs11:token={hsm.DEFAULT_LABEL}",
+                pin_file=str(paths.user_pin),
                 health_interval_seconds=0.5,
             ),
             store=config_mod.StoreConfig(path=str((self.root / "signer.db").absolute())),
             audit=config_mod.AuditConfig(path=str((self.root / "audit.db").absolute())),
-        )  # fmt: skip
+        )
         path = cwd / "signer.toml"
         path.write_text(config_mod.dump(cfg))
         return path
@@ -288,9 +295,13 @@ class Lab:
         log = open(cwd / "service.log", "wb")  # noqa: SIM115  (owned by the child's lifetime)
         proc = subprocess.Popen(
             [sys.executable, "-m", "signer", "serve", "--config", str(cfg)],
-            cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             preexec_fn=_core_friendly,
-        )  # fmt: skip
+        )
         log.close()
         sp = ServiceProcess(proc, listen, cwd, time.time())
         if wait:
@@ -318,15 +329,35 @@ class Lab:
         paths = hsm.HsmPaths(self.hsm_dir)
         tls = []
         if self.tls_key is not None:
-            tls = ["--tls-key", str(self.tls_key_file), "--tls-cert", str(self.ca.server_cert),
-                   "--tls-pin-file", str(paths.tls_pin)]  # fmt: skip
+            tls = [
+                "--tls-key",
+                str(self.tls_key_file),
+                "--tls-cert",
+                str(self.ca.server_cert),
+                "--tls-pin-file",
+                str(paths.tls_pin),
+            ]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "signer.harness.control", "--keys", str(self.keys_dir),
-             "--pin-file", str(paths.user_pin),
-             "--ready", str(ready), "--marker-file", str(cwd / "marker"), *tls],
-            cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, preexec_fn=_core_friendly,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "signer.harness.control",
+                "--keys",
+                str(self.keys_dir),
+                "--pin-file",
+                str(paths.user_pin),
+                "--ready",
+                str(ready),
+                "--marker-file",
+                str(cwd / "marker"),
+                *tls,
+            ],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_core_friendly,
+        )
         deadline = time.monotonic() + 30
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:

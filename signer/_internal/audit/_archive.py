@@ -61,8 +61,20 @@ def _lines(
     yield {"segment": {"first": records[0].seq, "last": records[-1].seq, "prev_hash": prev_hash}}
     for r in records:
         e = r.event
-        yield {"record": [r.seq, iso(e.time), e.caller, e.operation, e.key, e.version,
-                          e.payload_sha256, e.status, r.prev_hash, r.hash]}  # fmt: skip
+        yield {
+            "record": [
+                r.seq,
+                iso(e.time),
+                e.caller,
+                e.operation,
+                e.key,
+                e.version,
+                e.payload_sha256,
+                e.status,
+                r.prev_hash,
+                r.hash,
+            ]
+        }
     for c in checkpoints:
         line = [c.seq, c.hash, c.time, base64.b64encode(c.signature).decode()]
         yield {"checkpoint": line if c.prev is None else [*line, c.prev]}

@@ -57,9 +57,14 @@ class Checkpoint:
     def verifies(self, public_der: bytes) -> bool:
         message = checkpoint_message(self.seq, self.hash, self.time, self.prev)
         return verify(
-            public_der, AUDIT_ALGORITHM, self.signature, message, None, Padding.PSS,
+            public_der,
+            AUDIT_ALGORITHM,
+            self.signature,
+            message,
+            None,
+            Padding.PSS,
             SigFormat.DER,
-        )  # fmt: skip
+        )
 
 
 def iso(t: datetime) -> str:

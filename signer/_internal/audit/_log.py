@@ -235,8 +235,9 @@ class AuditLog:
                 # once the interval had passed, retried without pause (9,000 times in 3 s).
                 wait = RETRY_SECONDS
             try:
-                item = self._queue.get(timeout=max(0.0, wait) if self._unsigned or self._kept
-                                       else None)  # fmt: skip
+                item = self._queue.get(
+                    timeout=max(0.0, wait) if self._unsigned or self._kept else None
+                )
             except queue.Empty:
                 if self._kept:
                     self._write_kept()
@@ -402,8 +403,10 @@ class AuditLog:
         if not count:
             return
         if self._unsigned >= self.max_unsigned_records:
-            log.error("calls refused while the audit log could not sign, not recorded",
-                      extra={"calls": count})  # fmt: skip
+            log.error(
+                "calls refused while the audit log could not sign, not recorded",
+                extra={"calls": count},
+            )
             return
         event = Event(self._clock(), "signer", "AuditPaused", "", count, "", "UNAVAILABLE")
         record = chain(self._seq + 1, event, self._hash)
@@ -468,8 +471,9 @@ class AuditLog:
                 raise Unavailable("the token gave no audit key")
             self._made = made
             _write_pin(self._pin_to, _pem(made[1]))
-            log.info("audit key pinned", extra={"key_id": made[0].key_id.hex(),
-                                                "pin": str(self._pin_to)})  # fmt: skip
+            log.info(
+                "audit key pinned", extra={"key_id": made[0].key_id.hex(), "pin": str(self._pin_to)}
+            )
             pinned = made[1]
         else:
             made = self._make_key(recorded, pinned)
@@ -518,8 +522,9 @@ def _write_pin(path: Path, data: bytes) -> None:
     beside it and synced, renamed over it, and the directory synced. A crash leaves no pin or
     this one (and perhaps the temporary file, overwritten next time), never a part of it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 FILE_MODE)  # fmt: skip
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
+    )
     try:
         os.fchmod(fd, FILE_MODE)  # one left behind by another umask or hand
         view = memoryview(data)

@@ -139,10 +139,20 @@ class SQLiteAuditStore:
 
     def append(self, records: Sequence[Record]) -> None:
         rows = [
-            (r.seq, iso(r.event.time), r.event.caller, r.event.operation, r.event.key,
-             r.event.version, r.event.payload_sha256, r.event.status, r.prev_hash, r.hash)
+            (
+                r.seq,
+                iso(r.event.time),
+                r.event.caller,
+                r.event.operation,
+                r.event.key,
+                r.event.version,
+                r.event.payload_sha256,
+                r.event.status,
+                r.prev_hash,
+                r.hash,
+            )
             for r in records
-        ]  # fmt: skip
+        ]
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", rows)

@@ -58,8 +58,14 @@ def _walk(records: Iterable[Record], seq: int, prev: str, hashes: dict[int, str]
     return seq
 
 
-def _signed(checkpoints: list[Checkpoint], public_der: bytes, hashes: dict[int, str], last: int,
-            since: int = 0, anchor: int | None = None) -> int:  # fmt: skip
+def _signed(
+    checkpoints: list[Checkpoint],
+    public_der: bytes,
+    hashes: dict[int, str],
+    last: int,
+    since: int = 0,
+    anchor: int | None = None,
+) -> int:
     """Checks every checkpoint against its signature, the records, and the checkpoint before it
     (``anchor``: the first one's predecessor is in an archive, not here); returns the newest."""
     signed, before, chained = since, since, False
@@ -148,8 +154,9 @@ def verify_log(
             raise _Bad(1, "the log names its audit key, but has no checkpoint (removed)")
         _within_bound(records, signed, max_unsigned_records)
         for witness in witnesses:
-            witnessed += _witnessed(Path(witness), public_der, hashes, last, seq,
-                                    first=recorded is None)  # fmt: skip
+            witnessed += _witnessed(
+                Path(witness), public_der, hashes, last, seq, first=recorded is None
+            )
         bad = None
     except _Bad as exc:
         bad = (exc.seq, exc.what)
@@ -270,8 +277,11 @@ def unsigned_tail_fault(
                         where = f"the witness {path} (line {line})"
                         raise _Bad(c.seq, _AFTER_A_STORED_ONE.format(where=where, seq=c.seq))
                     if key is None or not c.verifies(key) or c.seq > end or hashes[c.seq] != c.hash:
-                        raise _Bad(c.seq, f"the witness {path} (line {line}) saw a checkpoint "
-                                          "at it that the log does not bear out")  # fmt: skip
+                        raise _Bad(
+                            c.seq,
+                            f"the witness {path} (line {line}) saw a checkpoint "
+                            "at it that the log does not bear out",
+                        )
     except _Bad as exc:
         return f"record {exc.seq}: {exc.what}"
     except WitnessError as exc:

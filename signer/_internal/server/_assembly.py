@@ -226,10 +226,13 @@ class Server:
         pb_grpc.add_SignerServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
-        )  # fmt: skip
+        )
         return server
 
     async def _record(
@@ -255,10 +258,14 @@ class Server:
             key_id, public_der = recorded
         elif pinned is not None:
             token = self.keyring.slow_token()
-            found = {o.key_id for o in token.objects()
-                     if o.label == "signer-audit-key" and o.public_der == pinned}  # fmt: skip
-            held = [k for k in sorted(found)
-                    if token.holds_private_half(k, AUDIT_ALGORITHM, pinned)]  # fmt: skip
+            found = {
+                o.key_id
+                for o in token.objects()
+                if o.label == "signer-audit-key" and o.public_der == pinned
+            }
+            held = [
+                k for k in sorted(found) if token.holds_private_half(k, AUDIT_ALGORITHM, pinned)
+            ]
             if not held:
                 return None
             key_id, public_der = held[0], pinned
@@ -352,8 +359,9 @@ class Server:
             lambda: Unavailable("token unavailable: the token host went away during this call"),
         )
         if replaced:
-            log.error("lanes replaced: stuck in calls that never returned",
-                      extra={"lanes": replaced})  # fmt: skip
+            log.error(
+                "lanes replaced: stuck in calls that never returned", extra={"lanes": replaced}
+            )
 
     def _answer_queued_if_down(self, up: bool) -> None:
         """The token stopped answering: calls queued for a lane are answered now, not left

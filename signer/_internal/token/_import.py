@@ -137,12 +137,16 @@ class WrappedImport(SessionPool):
         self.require_wrapping()
         with self._session() as slot:
             pub, _ = slot.session.generate_keypair(
-                KeyType.RSA, WRAPPING_KEY_BITS, id=key_id, label=label, store=True,
+                KeyType.RSA,
+                WRAPPING_KEY_BITS,
+                id=key_id,
+                label=label,
+                store=True,
                 capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
                 mechanism=MECHANISMS[Family.RSA],
                 public_template=dict(WRAPPING_PUBLIC_TEMPLATE),
                 private_template=dict(WRAPPING_PRIVATE_TEMPLATE),
-            )  # fmt: skip
+            )
             return spki_rsa(pub)
 
     def unwrap_private(
@@ -255,25 +259,42 @@ class WrappedImport(SessionPool):
         if len(blob) == k:
             with refused(), self._nothing_left_on_failure(s, key_id):
                 return wrapping.unwrap_key(
-                    ObjectClass.PRIVATE_KEY, key_type, blob, id=key_id, label=label,
-                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA1,
-                    store=True, capabilities=MechanismFlag.SIGN, template=template,
-                )  # fmt: skip
+                    ObjectClass.PRIVATE_KEY,
+                    key_type,
+                    blob,
+                    id=key_id,
+                    label=label,
+                    mechanism=Mechanism.RSA_PKCS_OAEP,
+                    mechanism_param=OAEP_SHA1,
+                    store=True,
+                    capabilities=MechanismFlag.SIGN,
+                    template=template,
+                )
         if len(blob) > k and two_step is not None:
             transport = None
             try:
                 with refused(), self._nothing_left_on_failure(s, key_id):
                     transport = wrapping.unwrap_key(
-                        ObjectClass.SECRET_KEY, KeyType.AES, blob[:k],
-                        mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA1,
-                        store=False, capabilities=MechanismFlag.UNWRAP,
+                        ObjectClass.SECRET_KEY,
+                        KeyType.AES,
+                        blob[:k],
+                        mechanism=Mechanism.RSA_PKCS_OAEP,
+                        mechanism_param=OAEP_SHA1,
+                        store=False,
+                        capabilities=MechanismFlag.UNWRAP,
                         template=dict(TRANSPORT_KEY_TEMPLATE),
-                    )  # fmt: skip
+                    )
                     return transport.unwrap_key(
-                        ObjectClass.PRIVATE_KEY, key_type, blob[k:], id=key_id, label=label,
+                        ObjectClass.PRIVATE_KEY,
+                        key_type,
+                        blob[k:],
+                        id=key_id,
+                        label=label,
                         mechanism=two_step,
-                        store=True, capabilities=MechanismFlag.SIGN, template=template,
-                    )  # fmt: skip
+                        store=True,
+                        capabilities=MechanismFlag.SIGN,
+                        template=template,
+                    )
             finally:
                 if transport is not None:
                     self._quietly(transport.destroy)
