@@ -252,21 +252,38 @@ def survey(store: Store, token: TokenAPI, audit: AuditKey, now: datetime) -> Rep
                 note(LEFTOVER, key_id, _of(v), "destroyed version, its objects still in the token")
         elif not privates:
             if _due(v, now):
-                note(UNFINISHED, key_id, _of(v), "due for destruction, its object gone, not yet "
-                     "recorded DESTROYED")  # fmt: skip
+                note(
+                    UNFINISHED,
+                    key_id,
+                    _of(v),
+                    "due for destruction, its object gone, not yet recorded DESTROYED",
+                )
             else:
-                note(MISSING, key_id, _of(v), f"{v.state.value} version without its private "
-                     "key object")  # fmt: skip
+                note(
+                    MISSING,
+                    key_id,
+                    _of(v),
+                    f"{v.state.value} version without its private key object",
+                )
         elif len(privates) > 1:
             note(DUPLICATE, key_id, _of(v), f"{len(privates)} private key objects share its id")
         elif not _holds(token, privates[0], groups[key_id], v):
-            note(MISMATCH, key_id, _of(v), "its token object is not the private half of the "
-                 "public key the store holds")  # fmt: skip
+            note(
+                MISMATCH,
+                key_id,
+                _of(v),
+                "its token object is not the private half of the public key the store holds",
+            )
 
     for key_id, t in rows.spent.items():
         if key_id in groups:
-            note(LEFTOVER, key_id, "import token", f"{'used' if t.used else 'expired'} import "
-                 "token, its wrapping key still in the token")  # fmt: skip
+            note(
+                LEFTOVER,
+                key_id,
+                "import token",
+                f"{'used' if t.used else 'expired'} import "
+                "token, its wrapping key still in the token",
+            )
         else:
             note(UNFINISHED, key_id, "import token", "its wrapping key gone, not yet recorded")
     for key_id in rows.live:
@@ -285,8 +302,12 @@ def survey(store: Store, token: TokenAPI, audit: AuditKey, now: datetime) -> Rep
         kinds = "+".join(sorted(o.kind for o in objs))
         made = [label for label in labels if _service_made(label, key_id)]
         if made and (audit.known or AUDIT_KEY_LABEL not in made):
-            note(ORPHAN, key_id, what, f"{kinds}: made by the service, named by no version, "
-                 "import token or audit log")  # fmt: skip
+            note(
+                ORPHAN,
+                key_id,
+                what,
+                f"{kinds}: made by the service, named by no version, import token or audit log",
+            )
         else:
             why = "no readable audit log or its key to ask" if made else "not made by the service"
             note(UNMANAGED, key_id, what, f"{kinds}: {why}")
@@ -434,8 +455,9 @@ def reconcile_with_config(
     from signer._internal.token import Pin, Token
 
     if not Path(cfg.store.path).exists():
-        raise FailedPrecondition(f"no key store at {cfg.store.path}: is this the service's "
-                                 "configuration?")  # fmt: skip
+        raise FailedPrecondition(
+            f"no key store at {cfg.store.path}: is this the service's configuration?"
+        )
     if grace <= 0 and service_answers(cfg):
         raise FailedPrecondition(
             f"a service answers on {cfg.server.listen}: beside a running service, reconcile "
@@ -445,8 +467,9 @@ def reconcile_with_config(
     # One session, and no health checks: a short command has no use for them, and on a large
     # token that another process keeps changing each one rereads every object (SoftHSM2), slow
     # enough on a busy machine to be taken for a token that stopped answering.
-    quiet = replace(cfg.token, sessions=1, lanes=1, health_interval_seconds=3600.0,
-                    stall_seconds=3600.0)  # fmt: skip
+    quiet = replace(
+        cfg.token, sessions=1, lanes=1, health_interval_seconds=3600.0, stall_seconds=3600.0
+    )
     token = Token(quiet, Pin(cfg.token.pin_file))
     store = SQLiteStore(cfg.store.path)
     try:

@@ -110,9 +110,11 @@ class BatchPlan:
 
     def result(self) -> BatchResult:
         return BatchResult(
-            self.version.version, self.alg.name, self.alg.signature_algorithm(self.pad),
+            self.version.version,
+            self.alg.name,
+            self.alg.signature_algorithm(self.pad),
             self.results,
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
