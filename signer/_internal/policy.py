@@ -222,6 +222,10 @@ def parse(data: dict[str, Any], source: str = "", text: str = "") -> Policy:
             if c.startswith("uid:") and not (c[4:].isascii() and c[4:].isdigit()):
                 raise ConfigError(f"{where}: {shown(c)} is not a numeric uid")
         names = _strings(g.get("operations"), f"{where}: operations")
+        # '*' stands for every operation and makes the rest of the list moot: it was so before
+        # the names were checked against Operation, and a file that loaded must keep loading.
+        if ANY in names:
+            names = [ANY]
         wrong = sorted(set(names) - OPERATIONS - {ANY})
         if wrong:
             raise ConfigError(

@@ -98,6 +98,15 @@ def test_star_means_every_operation(tmp_path: Path) -> None:
     assert all(pol.allows(root, op, "k", "s") for op in policy.OPERATIONS)
 
 
+def test_star_makes_the_rest_of_the_list_moot(tmp_path: Path) -> None:
+    """A list with '*' loaded whatever else it held before operations became a type (issue 13);
+    it still does, and grants everything."""
+    path = tmp_path / "p.toml"
+    path.write_text('[[grant]]\ncallers = ["uid:0"]\noperations = ["*", "sgin"]\nscopes = ["*"]\n')
+    pol = policy.load(path)
+    assert pol.grants[0].operations == policy.OPERATIONS
+
+
 def test_operations_are_the_names_policy_files_use(tmp_path: Path) -> None:
     """The file's names, unchanged by the enum (issue 13); a grant holds Operation members."""
     names = {"sign", "verify", "read", "create", "rotate", "import", "disable", "destroy"}
