@@ -20,7 +20,8 @@ itself lives in ``signer._internal`` (``signer[service]``): nothing here imports
 the scanner's engines.
 """
 
-from signer.client import DEFAULT_ADDRESS, ClientTLS, Signature, SignerClient
+from typing import TYPE_CHECKING, Any
+
 from signer.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -34,7 +35,34 @@ from signer.errors import (
     Unauthenticated,
     Unavailable,
 )
-from signer.jose import verify_jwt
+
+if TYPE_CHECKING:
+    from signer.client import DEFAULT_ADDRESS, ClientTLS, Signature, SignerClient
+    from signer.jose import verify_jwt
+
+# The client's names are imported when first used (PEP 562), so that ``import signer.errors``,
+# ``signer.keys`` or the scanner does not load gRPC and the generated code: the short-lived
+# process that holds the PIN while it provisions a key (signer._internal.token.keygen) imports
+# this package too, and should hold no more code than it needs.
+_LAZY = {
+    "DEFAULT_ADDRESS": "signer.client",
+    "ClientTLS": "signer.client",
+    "Signature": "signer.client",
+    "SignerClient": "signer.client",
+    "verify_jwt": "signer.jose",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'signer' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -90,6 +90,20 @@ def test_the_client_imports_neither_the_service_nor_the_scanner() -> None:
     assert done.stdout == "\n"
 
 
+def test_the_package_and_its_errors_load_no_grpc_until_the_client_is_used() -> None:
+    """The keygen child, which holds the PIN, imports signer.errors: it loads neither gRPC nor
+    the generated code; the client's names arrive on first use (PEP 562)."""
+    code = "import sys\nimport signer, signer.errors, signer.keys\n" + loaded(
+        ("grpc", "signer.v1", "signer.client", "jwt")
+    )
+    done = python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "\n"
+    done = python("import signer\nprint(signer.SignerClient.__module__)")
+    assert done.stdout == "signer.client\n", done.stderr
+    assert "no attribute 'nothing'" in python("import signer\nsigner.nothing").stderr
+
+
 def test_the_client_works_without_the_extras() -> None:
     code = WITHOUT_EXTRAS + textwrap.dedent(
         """
