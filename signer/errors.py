@@ -7,8 +7,9 @@ table of its own:
 * PKCS#11 errors become these in :mod:`signer._internal.token` (``_errors.py``), and nowhere else;
 * these become gRPC statuses in the server's interceptor and come back as the same classes in
   :mod:`signer.client`, both through the one table in :mod:`signer._wire`;
-* the ``signer`` command prints them (``error: message``, with the status for an answer from the
-  service) and exits 2.
+* the ``signer`` command prints them and exits 2: ``error: STATUS: message`` for a class the
+  table gives a status (whether the service answered it or the command raised it), ``error:
+  message`` for the local classes below.
 
 Messages name the problem (the parameter, the key, the version, the file) and never carry a
 secret: no PIN, no key material, no payload.

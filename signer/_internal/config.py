@@ -55,8 +55,7 @@ class ServerConfig:
     refusal_window_seconds: float = 60.0
     # Local connections (the Unix socket): how many one uid, and all together, may hold open,
     # and how long one may sit with no traffic before it is closed (signer._internal.relay.Limits).
-    # The
-    # total is also kept within the process's descriptor limit (three per connection).
+    # The total is also kept within the process's descriptor limit (three per connection).
     max_connections_per_uid: int = 64
     max_connections: int = 1024
     idle_connection_seconds: float = 300.0

@@ -198,8 +198,7 @@ def generate_tls_key(root: str | Path, algorithm: str = "ec-p256") -> bytes:
 
     SoftHSM2 is loaded for this in a short-lived child process with core dumps off
     (:mod:`signer._internal.token.keygen`), so no process that lives on, least of all the service,
-    ever
-    maps it. The public key is also written to ``tls-endpoint.pub.pem``.
+    ever maps it. The public key is also written to ``tls-endpoint.pub.pem``.
     """
     paths = HsmPaths(Path(root).absolute())
     if not paths.has_tls_token():

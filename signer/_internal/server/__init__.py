@@ -15,8 +15,8 @@ Its parts, each a module here:
   :data:`UNAUTHENTICATED`.
 - ``_interceptor``: :class:`CallInterceptor`, around every call: admission (a revoked
   certificate, an audit log that cannot record), places in flight, the refusal throttle, the
-  audit record of each outcome (:func:`audit_event`), and the one place our errors become gRPC
-  statuses (:func:`signer._wire.status_of`).
+  audit record of each outcome (:func:`audit_event`), and each error answered with the status
+  the one table gives it (:func:`signer._wire.status_of`).
 - ``_operations``: :data:`OPERATION_OF`, which policy operation each RPC needs, written down
   once: the servicer's authorisation looks it up by the RPC the interceptor names (:data:`RPC`),
   the name the audit log records the call under.

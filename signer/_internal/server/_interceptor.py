@@ -3,8 +3,9 @@
 It names the caller (:mod:`._identity`), admits the call or not (a revoked certificate, an
 audit log that cannot record, a caller throttled for its refusals, no place left in flight),
 runs it in a task its caller cannot cancel, records its outcome in the audit log
-(:func:`audit_event`: never the payload, only its digest) before the answer leaves, and is the
-one place our errors become gRPC statuses (:func:`signer._wire.status_of`).
+(:func:`audit_event`: never the payload, only its digest) before the answer leaves, and answers
+an error with the status :func:`signer._wire.status_of` gives it (the one table, which
+SignBatch's per-item statuses and the CLI read too).
 """
 
 from __future__ import annotations
