@@ -3,8 +3,8 @@ host.
 
 :func:`signer._internal.hsm.generate_tls_key` runs this as a short-lived child with core dumps
 off, so the module that holds the token (SoftHSM2, loaded in-process here) is never mapped by
-a process that lives on. The key is generated in the token, private, sensitive and not extractable; only the
-public key comes out, as a PEM file.
+a process that lives on. The key is generated in the token, private, sensitive and not
+extractable; only the public key comes out, as a PEM file.
 """
 
 from __future__ import annotations
