@@ -10,25 +10,14 @@ Its parts, each a module here:
 - ``_common``: the clock, the CKA_ID length and per-name locks both use.
 """
 
-from signer._internal.keyring._common import KEY_ID_BYTES, Clock, NamedLocks, utcnow
-from signer._internal.keyring._imports import (
-    MAX_WRAPPED_KEY_BYTES,
-    WRAPPING_KEY_LABEL,
-    ImportParameters,
-    ImportTokens,
-)
+from signer._internal.keyring._common import KEY_ID_BYTES, Clock, utcnow
 from signer._internal.keyring._keyring import (
     BATCH_CHUNK,
     DEFAULT_PAGE_SIZE,
-    MAX_BATCH,
     MAX_PAGE_SIZE,
     MAX_WAITING_PERIOD_SECONDS,
-    Authorise,
     BatchPlan,
-    BatchResult,
-    JwtResult,
     Keyring,
-    SignResult,
     adopt_with_config,
     token_label,
 )
@@ -37,21 +26,11 @@ __all__ = [
     "BATCH_CHUNK",
     "DEFAULT_PAGE_SIZE",
     "KEY_ID_BYTES",
-    "MAX_BATCH",
     "MAX_PAGE_SIZE",
     "MAX_WAITING_PERIOD_SECONDS",
-    "MAX_WRAPPED_KEY_BYTES",
-    "WRAPPING_KEY_LABEL",
-    "Authorise",
     "BatchPlan",
-    "BatchResult",
     "Clock",
-    "ImportParameters",
-    "ImportTokens",
-    "JwtResult",
     "Keyring",
-    "NamedLocks",
-    "SignResult",
     "adopt_with_config",
     "token_label",
     "utcnow",

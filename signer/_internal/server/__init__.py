@@ -30,51 +30,32 @@ Its parts, each a module here:
 """
 
 from signer._internal.server._assembly import (
-    ADMIN_SESSIONS,
     SERVICE_NAME,
     Recorder,
     Server,
     harden_process,
-    relay_limits,
     serve,
 )
-from signer._internal.server._identity import (
-    CALLER,
-    UNAUTHENTICATED,
-    Identify,
-    front_caller,
-    local_caller,
-)
+from signer._internal.server._identity import CALLER
 from signer._internal.server._interceptor import (
-    CALLER_GONE,
-    GONE,
     PUBLIC_PREFIXES,
     CallInterceptor,
     audit_event,
 )
-from signer._internal.server._operations import OPERATION_OF, RPC, rpc_name
+from signer._internal.server._operations import OPERATION_OF, rpc_name
 from signer._internal.server._servicer import SignerServicer
 
 __all__ = [
-    "ADMIN_SESSIONS",
     "CALLER",
-    "CALLER_GONE",
-    "GONE",
     "OPERATION_OF",
     "PUBLIC_PREFIXES",
-    "RPC",
     "SERVICE_NAME",
-    "UNAUTHENTICATED",
     "CallInterceptor",
-    "Identify",
     "Recorder",
     "Server",
     "SignerServicer",
     "audit_event",
-    "front_caller",
     "harden_process",
-    "local_caller",
-    "relay_limits",
     "rpc_name",
     "serve",
 ]
