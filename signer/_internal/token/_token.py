@@ -63,20 +63,31 @@ class Token(WrappedImport):
             s = slot.session
             if alg.family is Family.RSA:
                 pub, priv = s.generate_keypair(
-                    KeyType.RSA, alg.bits, id=key_id, label=label, store=True,
-                    capabilities=caps, public_template=pub_t, private_template=priv_t,
+                    KeyType.RSA,
+                    alg.bits,
+                    id=key_id,
+                    label=label,
+                    store=True,
+                    capabilities=caps,
+                    public_template=pub_t,
+                    private_template=priv_t,
                     mechanism=MECHANISMS[alg.family],
-                )  # fmt: skip
+                )
             else:
                 curve = alg.curve if alg.family is Family.EC else "ed25519"
                 assert curve is not None
                 pub_t[Attribute.EC_PARAMS] = CURVE_OIDS[curve]
                 key_type = KeyType.EC if alg.family is Family.EC else KeyType.EC_EDWARDS
                 pub, priv = s.generate_keypair(
-                    key_type, id=key_id, label=label, store=True, capabilities=caps,
-                    public_template=pub_t, private_template=priv_t,
+                    key_type,
+                    id=key_id,
+                    label=label,
+                    store=True,
+                    capabilities=caps,
+                    public_template=pub_t,
+                    private_template=priv_t,
                     mechanism=MECHANISMS[alg.family],
-                )  # fmt: skip
+                )
             slot.keys[key_id] = priv
             return spki(alg, pub)
 
