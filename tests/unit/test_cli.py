@@ -1,4 +1,4 @@
-"""signer.cli.main: the parser's documented forms, exit codes and error printing (fake client)."""
+"""signer.cli: the parser's documented forms, exit codes and error printing (fake client)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from signer.cli import main as cli
+from signer.cli import _calls
+from signer.cli._common import label
 from signer.cli.main import EXIT_ERROR, EXIT_INVALID, EXIT_OK, build_parser, main
 from signer.client import DEFAULT_ADDRESS, ClientTLS, Signature
 from signer.errors import NotFound, Unavailable
@@ -115,7 +116,7 @@ class FakeClient:
 def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
     monkeypatch.setattr(FakeClient, "behaviour", {})
     monkeypatch.setattr(FakeClient, "instances", [])
-    monkeypatch.setattr(cli, "SignerClient", FakeClient)
+    monkeypatch.setattr(_calls, "SignerClient", FakeClient)
     return FakeClient
 
 
@@ -142,7 +143,7 @@ def test_keys_create() -> None:
         "ec-p256",
     )
     assert (a.scope, a.label, a.address) == ("", [], DEFAULT_ADDRESS)
-    assert a.func is cli.cmd_keys_create
+    assert a.func is _calls.cmd_keys_create
     a = parse(
         "keys",
         "create",
@@ -156,7 +157,7 @@ def test_keys_create() -> None:
         "--label",
         "c=d",
     )
-    labels = [x if isinstance(x, tuple) else cli._label(x) for x in a.label]
+    labels = [x if isinstance(x, tuple) else label(x) for x in a.label]
     assert (a.scope, labels) == ("s", [("a", "b"), ("c", "d")])
 
 
@@ -175,13 +176,13 @@ def test_keys_list_show_rotate() -> None:
         "list",
         False,
         DEFAULT_ADDRESS,
-        cli.cmd_keys_list,
+        _calls.cmd_keys_list,
     )
     assert parse("keys", "list", "--json").json is True
     a = parse("keys", "show", "payments")
-    assert (a.name, a.address, a.func) == ("payments", DEFAULT_ADDRESS, cli.cmd_keys_show)
+    assert (a.name, a.address, a.func) == ("payments", DEFAULT_ADDRESS, _calls.cmd_keys_show)
     a = parse("keys", "rotate", "payments", "--address", "10.0.0.1:9")
-    assert (a.name, a.address, a.func) == ("payments", "10.0.0.1:9", cli.cmd_keys_rotate)
+    assert (a.name, a.address, a.func) == ("payments", "10.0.0.1:9", _calls.cmd_keys_rotate)
 
 
 @pytest.mark.parametrize("fmt", ["pem", "jwk"])
@@ -204,9 +205,9 @@ def test_keys_version_ops() -> None:
     assert (a.op, a.name, a.version, a.waiting_period) == ("schedule-destruction", "k", 2, 86400)
     for op in ("disable", "enable", "cancel-destruction"):
         a = parse("keys", op, "k", "3")
-        assert (a.op, a.version, a.waiting_period, a.func) == (op, 3, 0, cli.cmd_keys_version_op)
+        assert (a.op, a.version, a.waiting_period, a.func) == (op, 3, 0, _calls.cmd_keys_version_op)
     a = parse("keys", "set-primary", "k", "4")
-    assert (a.version, a.func) == (4, cli.cmd_keys_set_primary)
+    assert (a.version, a.func) == (4, _calls.cmd_keys_set_primary)
 
 
 def test_sign_forms() -> None:
@@ -219,7 +220,7 @@ def test_sign_forms() -> None:
         "pss",
         DEFAULT_ADDRESS,
     )
-    assert a.func is cli.cmd_sign
+    assert a.func is _calls.cmd_sign
     a = parse(
         "sign",
         "p",
@@ -248,7 +249,12 @@ def test_verify_forms() -> None:
         "msg.bin",
         "sig.der",
     )
-    assert (a.digest, a.version, a.address, a.func) == (False, 0, DEFAULT_ADDRESS, cli.cmd_verify)
+    assert (a.digest, a.version, a.address, a.func) == (
+        False,
+        0,
+        DEFAULT_ADDRESS,
+        _calls.cmd_verify,
+    )
     with pytest.raises(SystemExit):
         parse("verify", "p", "--in", "f")  # --signature is required
 

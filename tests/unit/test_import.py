@@ -21,7 +21,7 @@ from signer._internal import hsm
 from signer._internal.config import Config, KeysConfig, load
 from signer._internal.keyring import Keyring
 from signer._internal.token.pin import Pin
-from signer.cli import main as cli
+from signer.cli import _calls, _host
 from signer.cli.main import EXIT_OK, build_parser, main
 from signer.client import build_import_request
 from signer.errors import (
@@ -636,7 +636,7 @@ def test_cli_forms() -> None:
         "a=b",
     )
     assert (a.func, a.name, a.algorithm, a.infile, a.scope, a.label) == (
-        cli.cmd_keys_import,
+        _calls.cmd_keys_import,
         "k",
         "ec-p256",
         "key.pem",
@@ -644,10 +644,10 @@ def test_cli_forms() -> None:
         [("a", "b")],
     )
     a = parse("keys", "adopt", "k", "--algorithm", "rsa-2048", "--id", "0A0b", "--config", "c.toml")
-    assert (a.func, a.id, a.config, a.scope) == (cli.cmd_keys_adopt, b"\x0a\x0b", "c.toml", "")
+    assert (a.func, a.id, a.config, a.scope) == (_host.cmd_keys_adopt, b"\x0a\x0b", "c.toml", "")
     a = parse("hsm", "import-key", "--dir", "d", "--in", "k.pem", "--label", "l", "--id", "ff")
     assert (a.func, a.dir, a.infile, a.label, a.id, a.token) == (
-        cli.cmd_hsm_import_key,
+        _host.cmd_hsm_import_key,
         "d",
         "k.pem",
         "l",
@@ -683,7 +683,7 @@ def test_keys_import_reads_the_pem_and_calls_import_key(
             calls.append((self.address, args, kwargs))
             return pb.Key(name="k", algorithm="ec-p256", primary_version=1)
 
-    monkeypatch.setattr(cli, "SignerClient", Client)
+    monkeypatch.setattr(_calls, "SignerClient", Client)
     (tmp_path / "key.pem").write_bytes(b"PEM BYTES")
     rc = main(
         [

@@ -1,0 +1,329 @@
+"""The operator's commands, run on the service's host: ``hsm`` init, serve, import-key;
+``serve``, ``run``, ``front serve``; ``audit-log`` verify, archive; ``keys adopt``, ``keys
+reconcile``. Each imports what the ``service`` extra brings only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from signer._internal.reconcile import DEFAULT_GRACE_SECONDS
+from signer.cli._common import EXIT_INVALID, EXIT_OK, label
+from signer.errors import InvalidArgument
+from signer.keys import ALGORITHMS
+
+if TYPE_CHECKING:
+    from signer._internal.config import AuditConfig
+    from signer.cli._common import Subparsers
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_hsm_init(args: argparse.Namespace) -> int:
+    from signer._internal import hsm
+
+    paths = hsm.init(args.dir, args.label)
+    # Where the credentials are, never what they are.
+    where = f"{paths.so_pin.name} and {paths.user_pin.name}"
+    print(f"token {args.label!r} in {paths.root}; credentials in owner-only {where}")
+    print(
+        f"TLS token {hsm.TLS_LABEL!r}: credentials in {paths.tls_so_pin.name} and "
+        f"{paths.tls_pin.name}; the endpoint key pair {hsm.TLS_KEY_LABEL!r} was generated in it, "
+        f"public key in {paths.tls_public_key}"
+    )
+    return EXIT_OK
+
+
+def cmd_hsm_serve(args: argparse.Namespace) -> int:
+    from signer._internal import hsm, logs
+
+    logs.setup(args.log_level)
+    return hsm.serve_forever(args.dir, args.label)
+
+
+def cmd_hsm_import_key(args: argparse.Namespace) -> int:
+    from signer._internal import hsm
+
+    hsm.provision_key(
+        args.dir, Path(args.infile).read_bytes(), args.label, args.id, token=args.token
+    )
+    print(json.dumps({"token": args.token, "label": args.label, "id": args.id.hex()}))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from signer._internal import config, logs, server
+
+    logs.setup(args.log_level)
+    return server.serve(config.load(args.config))
+
+
+def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, AuditConfig]:
+    from signer._internal import config
+
+    cfg = config.load(args.config) if args.config else config.Config()
+    db = Path(args.db or cfg.audit.path)
+    pinned = Path(args.public_key or (f"{db}.key.pem" if args.db else cfg.audit.pinned_key))
+    archives = Path(args.archive_dir or (f"{db}.archive" if args.db else cfg.audit.archives))
+    return db, pinned, archives, cfg.audit
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from signer._internal import audit
+
+    db, pinned, archives, cfg = _audit_config(args)
+    # A young log has no checkpoint yet, so no audit key was made or pinned: the chain alone.
+    key = pinned.read_bytes() if pinned.exists() else None
+    witnessed = [Path(w) for w in args.witness]
+    if not witnessed and cfg.witness_file and not args.db:
+        witnessed = [Path(cfg.witness_file)]
+    verdict = audit.verify_log(
+        db,
+        key,
+        archives if args.archives else None,
+        max_unsigned_records=cfg.max_unsigned_records,
+        witnesses=witnessed,
+    )
+    if verdict.first_bad is not None:
+        seq, what = verdict.first_bad
+        print(f"audit log {db} is NOT whole: first bad record {seq}: {what}")
+        return EXIT_INVALID
+    print(
+        f"audit log {db} is whole: {verdict.records} records, {verdict.checkpoints} signed "
+        f"checkpoints, signed up to record {verdict.last_checkpoint}"
+        + (
+            f"; {verdict.unsigned_tail} newer records not yet under a checkpoint"
+            if verdict.unsigned_tail
+            else ""
+        )
+        + (
+            f"; {verdict.archived} earlier records in archives"
+            + (" (checked)" if args.archives else " (not checked: --archives)")
+            if verdict.archived
+            else ""
+        )
+        + (
+            f"; {verdict.witnessed} checkpoints of {', '.join(map(str, witnessed))} agree"
+            if witnessed
+            else ""
+        )
+    )
+    if key is None:
+        print(
+            f"note: no audit key is pinned ({pinned}): nothing in this log is signed yet. A young "
+            "log is so until its first checkpoint; otherwise the pinned key's file is missing, "
+            "and only "
+            "a witness (--witness) can show that records were not cut from its end."
+        )
+    return EXIT_OK
+
+
+def cmd_audit_archive(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from signer._internal import audit
+
+    db, _, archives, _ = _audit_config(args)
+    before = datetime.now(UTC) - timedelta(days=args.older_than_days)
+    store = audit.SQLiteAuditStore(db)
+    try:
+        segment = audit.archive(store, archives, before)
+    finally:
+        store.close()
+    if segment is None:
+        print(f"nothing to archive: no signed checkpoint older than {args.older_than_days} days")
+    else:
+        print(
+            f"archived records {segment.first_seq} to {segment.last_seq} to "
+            f"{archives / segment.file} (sha256 {segment.sha256})"
+        )
+    return EXIT_OK
+
+
+def cmd_front_serve(args: argparse.Namespace) -> int:
+    from signer._internal import config, front, logs
+
+    logs.setup(args.log_level)
+    return front.serve_forever(config.load(args.config))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from signer._internal import launcher, logs
+
+    logs.setup(args.log_level)
+    return launcher.run(args.dir, args.listen)
+
+
+def _hex_id(text: str) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if not 1 <= len(value) <= 64:
+        raise argparse.ArgumentTypeError(f"id {text!r} must be 1 to 64 bytes in hex")
+    return value
+
+
+def cmd_keys_adopt(args: argparse.Namespace) -> int:
+    from signer._internal import config
+    from signer._internal.keyring import adopt_with_config
+
+    key = adopt_with_config(
+        config.load(args.config), args.name, args.algorithm, args.id, args.scope, dict(args.label)
+    )
+    print(
+        json.dumps(
+            {
+                "name": key.name,
+                "algorithm": key.algorithm,
+                "version": 1,
+                "key_id": args.id.hex(),
+                "scope": key.scope,
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_keys_reconcile(args: argparse.Namespace) -> int:
+    from signer._internal import config
+    from signer._internal.reconcile import reconcile_with_config
+
+    if args.grace < 0:
+        raise InvalidArgument(f"--grace must not be negative, got {args.grace:g}")
+    if args.grace > 0:
+        print(f"reconcile: comparing twice, {args.grace:g} s apart", file=sys.stderr)
+    report = reconcile_with_config(config.load(args.config), args.repair, args.grace)
+    sys.stdout.write(report.to_json() if args.json else report.table())
+    return EXIT_OK if report.consistent else EXIT_INVALID
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def _log_level(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def register(sub: Subparsers) -> None:
+    """``hsm``, ``audit-log``, ``front``, ``serve``, ``run``."""
+    # signer hsm ...
+    hsm_p = sub.add_parser("hsm", help="the token host (SoftHSM2 behind p11-kit server)")
+    hsm_sub = hsm_p.add_subparsers(dest="hsm_command", required=True, metavar="COMMAND")
+    sp = hsm_sub.add_parser("init", help="create a token with random PINs in owner-only files")
+    sp.add_argument("--dir", default="var/hsm", help="token host directory (default var/hsm)")
+    sp.add_argument("--label", default="signer", help="token label (default signer)")
+    sp.set_defaults(func=cmd_hsm_init)
+    sp = hsm_sub.add_parser("serve", help="serve the token on DIR/run/p11-kit.sock, core dumps off")
+    sp.add_argument("--dir", default="var/hsm")
+    sp.add_argument("--label", default="signer")
+    _log_level(sp)
+    sp.set_defaults(func=cmd_hsm_serve)
+    sp = hsm_sub.add_parser(
+        "import-key",
+        help="import a private key with softhsm2-util (PIN typed on its terminal, not on argv)",
+    )
+    sp.add_argument("--dir", default="var/hsm")
+    sp.add_argument("--in", dest="infile", required=True, help="PEM private key")
+    sp.add_argument("--label", required=True, help="CKA_LABEL of the key objects")
+    sp.add_argument("--id", required=True, type=_hex_id, help="CKA_ID in hex")
+    sp.add_argument("--token", default="signer", help="token label (default signer)")
+    sp.set_defaults(func=cmd_hsm_import_key)
+
+    # signer audit-log verify
+    audit_p = sub.add_parser("audit-log", help="the tamper-evident audit log")
+    audit_sub = audit_p.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    sp = audit_sub.add_parser(
+        "verify",
+        help="prove the chain and every checkpoint signature (exit 0 whole, 1 first bad record)",
+    )
+    sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
+    sp.add_argument("--db", help="the audit log file (default: audit.path of the config)")
+    sp.add_argument(
+        "--public-key", help="the pinned audit key PEM (default: the log's path + .key.pem)"
+    )
+    sp.add_argument("--archive-dir", help="archive files (default: the log's path + .archive)")
+    sp.add_argument("--archives", action="store_true", help="check the archive files too")
+    sp.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a witness of the checkpoints: audit.witness_file, the service's log, or syslog "
+        "lines (journalctl -o cat); repeatable (default: audit.witness_file of the config)",
+    )
+    sp.set_defaults(func=cmd_audit_verify)
+    sp = audit_sub.add_parser(
+        "archive",
+        help="move records up to the newest signed checkpoint older than N days to a file",
+    )
+    sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
+    sp.add_argument("--db", help="the audit log file (default: audit.path of the config)")
+    sp.add_argument("--archive-dir", help="where archives go (default: audit.archive_dir)")
+    sp.add_argument("--older-than-days", type=float, required=True)
+    sp.set_defaults(func=cmd_audit_archive, public_key=None)
+
+    # signer front serve
+    front_p = sub.add_parser("front", help="the mTLS front (nginx, its key in the TLS token)")
+    front_sub = front_p.add_subparsers(dest="front_command", required=True, metavar="COMMAND")
+    sp = front_sub.add_parser(
+        "serve", help="serve mTLS in front of the service's Unix socket ([front] of the config)"
+    )
+    sp.add_argument("--config", required=True, help="TOML configuration with a [front] section")
+    _log_level(sp)
+    sp.set_defaults(func=cmd_front_serve)
+
+    # signer serve / run
+    sp = sub.add_parser("serve", help="run the gRPC service (config: TOML plus SIGNER_* overrides)")
+    sp.add_argument("--config", help="TOML configuration file")
+    _log_level(sp)
+    sp.set_defaults(func=cmd_serve)
+    sp = sub.add_parser("run", help="token host + service + demo key in the foreground (make run)")
+    sp.add_argument("--dir", default="var", help="state directory (default var)")
+    sp.add_argument("--listen", default="127.0.0.1:50051")
+    _log_level(sp)
+    sp.set_defaults(func=cmd_run)
+
+
+def register_keys(keys: Subparsers) -> None:
+    """``keys adopt`` and ``keys reconcile``: the key store and the token, on this host."""
+    sp = keys.add_parser(
+        "adopt", help="record a key provisioned with 'signer hsm import-key' (store and token)"
+    )
+    sp.add_argument("name")
+    sp.add_argument("--algorithm", required=True, choices=list(ALGORITHMS))
+    sp.add_argument("--id", required=True, type=_hex_id, help="CKA_ID in hex")
+    sp.add_argument("--config", required=True, help="the service's TOML configuration")
+    sp.add_argument("--scope", default="", help="key scope, fixed at creation")
+    sp.add_argument("--label", action="append", default=[], type=label, metavar="KEY=VALUE")
+    sp.set_defaults(func=cmd_keys_adopt)
+    sp = keys.add_parser(
+        "reconcile",
+        help="compare the key store with the token; --repair removes what a crash left "
+        "(exit 0 consistent, 1 disagreement, 2 error)",
+        description="Every key version not DESTROYED must have its private key object in the "
+        "token, holding the public key the store has; every object the service made must be "
+        "named by a version, a live import token or the audit log; destroyed versions and "
+        "spent import tokens must have none. --repair destroys objects the service made that "
+        "nothing names (a crash between generating and storing) or that the store says are "
+        "gone, and records destructions a crash left half done; a version whose object is "
+        "missing or different is reported, never changed. Objects the service did not make "
+        "are listed and left alone. The token must be this store's alone.",
+    )
+    sp.add_argument("--config", required=True, help="the service's TOML configuration")
+    sp.add_argument("--repair", action="store_true", help="repair what can be (see above)")
+    sp.add_argument("--json", action="store_true", help="the report as JSON")
+    sp.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="compare twice this far apart and keep what both find, for a running service "
+        f"(default {DEFAULT_GRACE_SECONDS:g}); 0 for one pass, refused while the service runs",
+    )
+    sp.set_defaults(func=cmd_keys_reconcile)

@@ -1,0 +1,150 @@
+"""The auditor's tools: ``scan`` (core dumps searched for keys and PINs) and ``crash-test`` (the
+real service crashed over the matrix, every dump scanned). Each imports the scanner (the ``scan``
+extra) or the harness only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from signer.cli._common import EXIT_INVALID, EXIT_OK
+
+if TYPE_CHECKING:
+    from signer.cli._common import Subparsers
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def _marker(text: str) -> tuple[str, Path]:
+    name, sep, file = text.partition("=")
+    if not sep or not name or not file:
+        raise argparse.ArgumentTypeError(f"marker {text!r} must be NAME=FILE")
+    return name, Path(file)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from signer.scan import Scanner, load_public_keys, load_secrets
+    from signer.scan.report import format_table, summary, to_json, to_sarif
+
+    known = load_secrets(args.secrets)
+    public = load_public_keys(args.public_keys) if args.public_keys else None
+    markers = {name: file.read_bytes() for name, file in args.marker}
+    scanner = Scanner(
+        known,
+        args.min_fragment,
+        public_keys=public,
+        blind_budget_seconds=args.blind_budget,
+    )
+    print(
+        f"scan: {len(known)} known, {len(public or {})} public keys: {scanner.pattern_count} "
+        f"patterns compiled in {scanner.compile_seconds:.2f} s",
+        file=sys.stderr,
+    )
+    results = []
+    for dump in args.dumps:
+        result = scanner.scan(dump, maps=args.maps, markers=markers)
+        print(summary(result), file=sys.stderr)
+        for note in result.notes:
+            print(f"  note: {note}", file=sys.stderr)
+        results.append(result)
+    sys.stdout.write(format_table(results))
+    if args.json:
+        Path(args.json).write_text(to_json(results))
+    if args.sarif:
+        Path(args.sarif).write_text(json.dumps(to_sarif(results), indent=2) + "\n")
+    found = sum(len(r.findings) for r in results)
+    print(
+        f"scan: {found} findings in {len(results)} dumps" if found else "scan: clean",
+        file=sys.stderr,
+    )
+    return EXIT_INVALID if found else EXIT_OK
+
+
+def cmd_crash_test(args: argparse.Namespace) -> int:
+    from signer.harness import Campaign, full_matrix, quick_matrix
+
+    cases = quick_matrix() if args.quick else full_matrix()
+    campaign = Campaign(Path(args.report), keep_dumps=args.keep_dumps, progress=print)
+    print(f"crash campaign: {len(cases)} crashes ({'quick' if args.quick else 'full'})", flush=True)
+    ok = campaign.run(cases)
+    s = campaign.summary()
+    print(
+        f"{'PASSED' if ok else 'FAILED'}: {s['crashes']} crashes, {s['dumps_scanned']} dumps, "
+        f"{s['bytes_scanned'] / 2**20:.0f} MiB scanned, {s['service_findings']} findings in the "
+        f"service, controls {s['controls_caught']}/{s['controls_run']}, markers "
+        f"{s['markers_found']}/{s['crashes']}; report: {args.report}/report.md"
+    )
+    return EXIT_OK if ok else EXIT_INVALID
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def register(sub: Subparsers) -> None:
+    """``scan`` and ``crash-test``."""
+    # signer scan
+    sp = sub.add_parser(
+        "scan",
+        help="scan core dumps for keys and PINs (exit 0 clean, 1 findings)",
+        description="Search dumps for every representation of known keys and PINs (--secrets) "
+        "and, blind, for private keys of given public keys (--public-keys). Findings go to "
+        "stdout as a table; progress and a summary to stderr. Exit 0 clean, 1 findings, 2 error.",
+    )
+    sp.add_argument("dumps", nargs="+", metavar="DUMP", help="core dump or any file")
+    sp.add_argument(
+        "--secrets",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="private keys (PEM, DER, OpenSSH, JWK), *.pin files (PINs), other files (raw)",
+    )
+    sp.add_argument(
+        "--public-keys",
+        nargs="+",
+        metavar="FILE",
+        help="public keys, certificates or JWKs: turns on blind mode",
+    )
+    sp.add_argument("--maps", help="/proc/PID/maps snapshot naming the core's anonymous mappings")
+    sp.add_argument("--json", metavar="OUT", help="write the result(s) as JSON")
+    sp.add_argument("--sarif", metavar="OUT", help="write a SARIF 2.1.0 log")
+    sp.add_argument(
+        "--min-fragment",
+        type=int,
+        default=16,
+        metavar="N",
+        help="report fragments carrying N bytes of a secret and more (default 16)",
+    )
+    sp.add_argument(
+        "--blind-budget",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="time for blind mathematical checks per dump (default 60)",
+    )
+    sp.add_argument(
+        "--marker",
+        action="append",
+        default=[],
+        type=_marker,
+        metavar="NAME=FILE",
+        help="count occurrences of FILE's bytes (proves the dump holds known memory)",
+    )
+    sp.set_defaults(func=cmd_scan)
+
+    # signer crash-test
+    sp = sub.add_parser(
+        "crash-test",
+        help="crash the real service over the crash matrix and scan every dump (exit 0 proven)",
+        description="Starts a token host with known keys and a long random PIN, crashes the "
+        "service (signals, native faults, gcore snapshots) at each moment, scans every dump for "
+        "every key and the PIN, and proves each scan with a control and a marker. Writes "
+        "report.md and report.json. Exit 0 all clean and proven, 1 otherwise.",
+    )
+    sp.add_argument("--report", required=True, metavar="DIR", help="where the report goes")
+    sp.add_argument("--quick", action="store_true", help="the CI slice, not the full matrix")
+    sp.add_argument("--keep-dumps", action="store_true", help="keep the cores (they hold no keys)")
+    sp.set_defaults(func=cmd_crash_test)
