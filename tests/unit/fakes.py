@@ -1,4 +1,5 @@
-"""Software fakes of the token and a store whose writes can fail, shared by unit tests."""
+"""Software fakes of the token and a store whose writes can fail, and the token's side of a
+wrapped import in software, shared by unit tests."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
+from signer import wrapping
 from signer._internal.store import SQLiteStore
 from signer._internal.token import TokenAPI, TokenObject
 from signer.errors import FailedPrecondition, NotFound, Unavailable
@@ -36,7 +39,8 @@ def _rsa(bits: int) -> rsa.RSAPrivateKey:
 
 class FakeToken:
     """A software token, a :class:`~signer._internal.token.TokenAPI` (checked below); every call
-    is recorded. It offers no wrapped import (``FakeImportToken`` in test_import.py does)."""
+    is recorded. It offers no wrapped import (keyring/test_imports.py's ``FakeImportToken``
+    does)."""
 
     label = "signer"
     two_step_mechanism: str | None = None
@@ -199,3 +203,47 @@ class FailingStore(SQLiteStore):
         if self.fail_add is not None:
             raise self.fail_add
         super().add_version(version, make_primary, import_token)
+
+
+# --- wrapped import: the token's side, in software ----------------------------------------------
+
+
+@functools.cache
+def wrapping_key(bits: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def wrapping_pem(key: rsa.RSAPrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def pem(key: Any) -> bytes:
+    return bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def spki(key: Any) -> bytes:
+    return bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def unwrap(blob: bytes, key: rsa.RSAPrivateKey) -> bytes:
+    """What the token does, in software: one OAEP block, or OAEP then RFC 5649."""
+    k = key.key_size // 8
+    if len(blob) == k:
+        return key.decrypt(blob, wrapping.oaep_sha1())
+    aes = key.decrypt(blob[:k], wrapping.oaep_sha1())
+    assert len(aes) == wrapping.AES_KEY_BYTES
+    return aes_key_unwrap_with_padding(aes, blob[k:])

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from signer.cli import _calls
+from signer.cli import _calls, _host
 from signer.cli._common import label
 from signer.cli.main import EXIT_ERROR, EXIT_INVALID, EXIT_OK, build_parser, main
 from signer.client import DEFAULT_ADDRESS, ClientTLS, Signature
@@ -508,3 +508,88 @@ def test_address_and_tls_files_default_from_the_environment(
     (client,) = fake.instances
     assert client.address == "unix:/run/signer.sock"
     assert client.tls == ClientTLS("ca.pem", "cert.pem", "key.pem")
+
+
+# --- wrapped import and adoption ------------------------------------------------------------
+
+
+def test_cli_forms() -> None:
+    a = parse(
+        "keys",
+        "import",
+        "k",
+        "--algorithm",
+        "ec-p256",
+        "--in",
+        "key.pem",
+        "--scope",
+        "s",
+        "--label",
+        "a=b",
+    )
+    assert (a.func, a.name, a.algorithm, a.infile, a.scope, a.label) == (
+        _calls.cmd_keys_import,
+        "k",
+        "ec-p256",
+        "key.pem",
+        "s",
+        [("a", "b")],
+    )
+    a = parse("keys", "adopt", "k", "--algorithm", "rsa-2048", "--id", "0A0b", "--config", "c.toml")
+    assert (a.func, a.id, a.config, a.scope) == (_host.cmd_keys_adopt, b"\x0a\x0b", "c.toml", "")
+    a = parse("hsm", "import-key", "--dir", "d", "--in", "k.pem", "--label", "l", "--id", "ff")
+    assert (a.func, a.dir, a.infile, a.label, a.id, a.token) == (
+        _host.cmd_hsm_import_key,
+        "d",
+        "k.pem",
+        "l",
+        b"\xff",
+        "signer",
+    )
+
+
+@pytest.mark.parametrize("bad", ["xyz", "", "0", "00" * 65])
+def test_cli_refuses_a_bad_id(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse("hsm", "import-key", "--in", "k.pem", "--label", "l", "--id", bad)
+    assert exc.value.code == 2
+    assert "must be 1 to 64 bytes in hex" in capsys.readouterr().err
+
+
+def test_keys_import_reads_the_pem_and_calls_import_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    class Client:
+        def __init__(self, address: str, tls: object = None) -> None:
+            self.address = address
+
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def import_key(self, *args: Any, **kwargs: Any) -> pb.Key:
+            calls.append((self.address, args, kwargs))
+            return pb.Key(name="k", algorithm="ec-p256", primary_version=1)
+
+    monkeypatch.setattr(_calls, "SignerClient", Client)
+    (tmp_path / "key.pem").write_bytes(b"PEM BYTES")
+    rc = main(
+        [
+            "keys",
+            "import",
+            "k",
+            "--algorithm",
+            "ec-p256",
+            "--in",
+            str(tmp_path / "key.pem"),
+            "--address",
+            "h:1",
+        ]
+    )
+    assert rc == EXIT_OK
+    assert calls == [("h:1", ("k", "ec-p256", b"PEM BYTES"), {"scope": "", "labels": {}})]
+    assert '"primary_version": 1' in capsys.readouterr().out

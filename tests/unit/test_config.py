@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,16 @@ def test_the_readme_shows_every_setting_with_its_default() -> None:
             if isinstance(value, str) and "/abs/path" in value:
                 continue  # a path make run writes
             assert value == getattr(getattr(defaults, section.name), name), (section.name, name)
+
+
+def test_import_token_lifetime_setting(tmp_path: Path) -> None:
+    assert config.load(env={}).keys.import_token_lifetime_seconds == DAY
+    assert KeysConfig().import_token_lifetime_seconds == DAY
+    path = tmp_path / "c.toml"
+    path.write_text("[keys]\nimport_token_lifetime_seconds = 3600\n")
+    assert config.load(path, env={}).keys.import_token_lifetime_seconds == 3600
+    assert config.load(env={"SIGNER_KEYS_IMPORT_TOKEN_LIFETIME_SECONDS": "60"}).keys == replace(
+        KeysConfig(), import_token_lifetime_seconds=60
+    )
+    with pytest.raises(ConfigError, match="import_token_lifetime_seconds must be positive"):
+        config.load(env={"SIGNER_KEYS_IMPORT_TOKEN_LIFETIME_SECONDS": "0"})

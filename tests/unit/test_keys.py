@@ -28,17 +28,21 @@ from signer.keys import (
     State,
     Version,
     algorithm,
+    algorithm_kind,
     check_labels,
     check_name,
     check_scope,
     check_usable,
     ec_raw_to_der,
     format_signature,
+    load_public_key,
     public_jwk,
     public_jwk_json,
+    public_key_kind,
     public_pem,
     to_be_signed,
     verify,
+    with_article,
 )
 
 EC_ALGS = {"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1(), "ec-p521": ec.SECP521R1()}
@@ -119,7 +123,7 @@ def test_algorithm_properties(
     assert alg.digest_size == size
     assert alg.jws_alg() == jws
     assert alg.signature_algorithm(Padding.PSS) == sigalg
-    assert alg.sign_mechanisms  # the token's names for them: tests/unit/test_token_mechanisms.py
+    assert alg.sign_mechanisms  # the token's names for them: tests/unit/token/test_mechanisms.py
     assert to_be_signed(alg, b"m", None, Padding.PSS)[0] in alg.sign_mechanisms
     assert to_be_signed(alg, b"m", None, Padding.PKCS1V15)[0] in alg.sign_mechanisms
 
@@ -531,3 +535,26 @@ def test_family_of_every_algorithm() -> None:
     assert fams["ed25519"] is Family.ED25519
     assert all(fams[n] is Family.EC for n in EC_ALGS)
     assert all(fams[f"rsa-{b}"] is Family.RSA for b in (2048, 3072, 4096))
+
+
+def test_kinds_and_articles() -> None:
+    assert [algorithm_kind(a) for a in ALGORITHMS.values()] == [
+        "P-256",
+        "P-384",
+        "P-521",
+        "RSA-2048",
+        "RSA-3072",
+        "RSA-4096",
+        "Ed25519",
+    ]
+    p384 = load_public_key(spki(ec.generate_private_key(ec.SECP384R1())))
+    assert public_key_kind(p384) == "P-384"
+    assert public_key_kind(load_public_key(spki(rsa_key()))) == "RSA-2048"
+    assert public_key_kind(load_public_key(spki(ed25519.Ed25519PrivateKey.generate()))) == (
+        "Ed25519"
+    )
+    assert [with_article(k) for k in ("P-384", "RSA-2048", "Ed25519")] == [
+        "a P-384",
+        "an RSA-2048",
+        "an Ed25519",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import pytest
 
 from signer._internal.store import SQLiteStore
 from signer.errors import AlreadyExists, NotFound
-from signer.keys import Key, State, Version
+from signer.keys import ImportToken, Key, State, Version
+from tests.conftest import FakeClock
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -262,5 +264,33 @@ def test_memory_store() -> None:
     try:
         s.create_key(key("mem"))
         assert s.get_key("mem").name == "mem"
+    finally:
+        s.close()
+
+
+def test_store_keeps_import_tokens(tmp_path: Path) -> None:
+    clock = FakeClock()
+    s = SQLiteStore(tmp_path / "s.db")
+    try:
+        a = ImportToken("a" * 43, b"\x01" * 16, b"spki-a", clock.now, clock.now + timedelta(days=1))
+        b = ImportToken("b" * 43, b"\x02" * 16, b"spki-b", clock.now, clock.now + timedelta(days=2))
+        s.add_import_token(a)
+        s.add_import_token(b)
+        assert s.get_import_token(a.token) == a
+        with pytest.raises(NotFound, match="import token not found"):
+            s.get_import_token("c" * 43)
+        assert s.spent_import_tokens(clock.now) == []
+        assert s.spent_import_tokens(a.expires) == [a]
+        assert s.spent_import_tokens(b.expires) == [a, b]
+        assert s.live_import_tokens(clock.now) == [a, b]
+        assert s.live_import_tokens(a.expires) == [b]
+        s.set_import_token_destroyed(a.token)
+        assert s.get_import_token(a.token) == replace(a, destroyed=True)
+        assert s.spent_import_tokens(b.expires) == [b]
+        with pytest.raises(NotFound):
+            s.set_import_token_destroyed("c" * 43)
+        assert a.expired(a.expires)
+        assert not b.expired(a.expires)
+        assert replace(b, destroyed=True).expired(clock.now)
     finally:
         s.close()

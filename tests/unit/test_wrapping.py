@@ -1,7 +1,7 @@
 """signer.wrapping, the caller's side of a wrapped import: keys in (PEM of every form the
 service takes), PKCS#8 out, wrapped so that only the holder of the wrapping key's private half
 (the token; here, cryptography standing in for it) gets the key back. The token's side and the
-service's rules are in tests/unit/test_import.py and tests/integration/test_import.py."""
+service's rules are in tests/unit/keyring/test_imports.py and tests/integration/test_import.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
@@ -117,6 +117,36 @@ def test_wrapping_is_randomised_and_takes_the_pem_as_text_or_bytes() -> None:
     assert unwrap(as_text) == unwrap(as_bytes) == der
     one = wrapping.pkcs8_der(KEYS["ec-p256"]())
     assert wrapping.wrap(one, wrapping_pem()) != wrapping.wrap(one, wrapping_pem())
+
+
+def test_one_block_holds_470_bytes_under_rsa_4096() -> None:
+    assert wrapping.one_step_capacity(512) == 470
+    assert wrapping.one_step_capacity(256) == 214
+
+
+@pytest.mark.parametrize(
+    ("make", "scheme"),
+    [
+        (lambda: ec.generate_private_key(ec.SECP256R1()), wrapping.ONE_STEP),  # 138 bytes
+        (lambda: ec.generate_private_key(ec.SECP384R1()), wrapping.ONE_STEP),  # 185 bytes
+        (lambda: ec.generate_private_key(ec.SECP521R1()), wrapping.TWO_STEP),  # 241 > 214
+        (lambda: ed25519.Ed25519PrivateKey.generate(), wrapping.ONE_STEP),
+        (lambda: rsa_key(2048), wrapping.TWO_STEP),
+    ],
+)
+def test_wrap_round_trips_in_the_scheme_that_fits(
+    make: Callable[[], wrapping.PrivateKeyType], scheme: str
+) -> None:
+    """Under an RSA-2048 wrapping key, whose one block holds 214 bytes."""
+    key = make()
+    der = wrapping.pkcs8_der(key)
+    assert wrapping.scheme_for(len(der), wrapping_pem(2048).decode()) == scheme
+    blob = wrapping.wrap(der, wrapping_pem(2048).decode())
+    assert (len(blob) == 256) == (scheme == wrapping.ONE_STEP)
+    assert unwrap(blob, 2048) == der
+    assert der not in blob
+    # Randomised: wrapping twice gives two different blobs.
+    assert wrapping.wrap(der, wrapping_pem(2048).decode()) != blob
 
 
 # --- PKCS#8 and the forms a key comes in ------------------------------------------------------
@@ -230,3 +260,32 @@ def test_the_wrapping_key_loads_from_text_and_bytes() -> None:
         == as_text.public_numbers()
         == rsa_key(4096).public_key().public_numbers()
     )
+
+
+def test_private_keys_that_cannot_be_imported() -> None:
+    with pytest.raises(InvalidArgument, match="not a PEM private key"):
+        wrapping.load_private_key_pem(
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----"
+        )
+    key = ec.generate_private_key(ec.SECP256R1())
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    with pytest.raises(InvalidArgument, match="missing or wrong password") as exc:
+        wrapping.load_private_key_pem(encrypted)
+    assert "secret" not in str(exc.value)
+    assert isinstance(
+        wrapping.load_private_key_pem(encrypted, b"secret"), ec.EllipticCurvePrivateKey
+    )
+    with pytest.raises(InvalidArgument, match="X25519PrivateKey keys cannot be imported"):
+        wrapping.load_private_key_pem(
+            x25519.X25519PrivateKey.generate().private_bytes(PEM, PKCS8, NOENC)
+        )
+    with pytest.raises(InvalidArgument, match="not an RSA key"):
+        wrapping.load_wrapping_key(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )

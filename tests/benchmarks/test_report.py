@@ -1,4 +1,4 @@
-"""The benchmark report writer, given made-up numbers (nothing is measured here)."""
+"""benchmarks.report: the report writer, given made-up numbers (nothing is measured here)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The key-handle cache of a token session: bounded, least recently used first out."""
+"""signer._internal.token._pool: the key-handle cache of a token session is bounded, least
+recently used first out."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fixtures shared by the unit tests: a store whose writes can fail, and a fake clock."""
+"""Fixtures of the keyring tests: a store whose writes can fail, and a fake clock."""
 
 from __future__ import annotations
 

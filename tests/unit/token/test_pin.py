@@ -1,6 +1,5 @@
 """signer._internal.token.pin: the PIN file is owner-only, bounded, never followed through a
-symlink, and
-its content never shows up in a repr or an error message."""
+symlink, and its content never shows up in a repr or an error message."""
 
 from __future__ import annotations
 

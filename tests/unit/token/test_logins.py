@@ -1,4 +1,5 @@
-"""The login guard: a wrong PIN is tried again only when its file changes, and only so often."""
+"""signer._internal.token._logins: the login guard tries a wrong PIN again only when its file
+changes, and only so often."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from signer.keys import (
     ec_raw_to_der,
 )
 from tests.conftest import FakeClock
-from tests.unit.fakes import PREHASH, FailingStore, FakeToken
+from tests.unit.fakes import PREHASH, FailingStore, FakeToken, spki
 
 DAY = 24 * 3600
 
@@ -57,7 +57,7 @@ def cfg() -> Config:
 
 
 @pytest.fixture
-def signer(cfg: Config, token: FakeToken, store: FailingStore, clock: FakeClock) -> Keyring:
+def keyring(cfg: Config, token: FakeToken, store: FailingStore, clock: FakeClock) -> Keyring:
     return Keyring(cfg, token, store, clock)
 
 
@@ -65,9 +65,9 @@ def signer(cfg: Config, token: FakeToken, store: FailingStore, clock: FakeClock)
 
 
 def test_create_key(
-    signer: Keyring, token: FakeToken, store: SQLiteStore, clock: FakeClock
+    keyring: Keyring, token: FakeToken, store: SQLiteStore, clock: FakeClock
 ) -> None:
-    key = signer.create_key("payments", "ec-p256", "team:pay", {"env": "prod"})
+    key = keyring.create_key("payments", "ec-p256", "team:pay", {"env": "prod"})
     assert key.name == "payments"
     assert key.primary == 1
     assert key.created == clock.now
@@ -89,43 +89,43 @@ def test_create_key(
     ],
 )
 def test_create_key_validation_changes_nothing(
-    signer: Keyring,
+    keyring: Keyring,
     token: FakeToken,
     store: SQLiteStore,
     args: tuple[Any, ...],
     exc: type[Exception],
 ) -> None:
     with pytest.raises(exc):
-        signer.create_key(*args)
+        keyring.create_key(*args)
     assert token.generated == []
     assert store.list_keys("", 10) == []
 
 
-def test_create_duplicate_does_not_generate(signer: Keyring, token: FakeToken) -> None:
-    signer.create_key("dup", "ec-p256")
+def test_create_duplicate_does_not_generate(keyring: Keyring, token: FakeToken) -> None:
+    keyring.create_key("dup", "ec-p256")
     assert len(token.generated) == 1
     with pytest.raises(AlreadyExists, match="'dup' already exists"):
-        signer.create_key("dup", "ed25519")
+        keyring.create_key("dup", "ed25519")
     assert len(token.generated) == 1
     assert token.destroyed == []
 
 
-def test_create_missing_mechanism_does_not_generate(signer: Keyring, token: FakeToken) -> None:
+def test_create_missing_mechanism_does_not_generate(keyring: Keyring, token: FakeToken) -> None:
     token.missing["ed25519"] = ["CKM_EDDSA"]
     with pytest.raises(FailedPrecondition, match="not available"):
-        signer.create_key("ed", "ed25519")
+        keyring.create_key("ed", "ed25519")
     assert token.generated == []
     with pytest.raises(NotFound):
-        signer.get_key("ed")
+        keyring.get_key("ed")
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk on fire"), AlreadyExists("race")])
 def test_create_rollback_destroys_generated_key(
-    signer: Keyring, token: FakeToken, store: FailingStore, error: Exception
+    keyring: Keyring, token: FakeToken, store: FailingStore, error: Exception
 ) -> None:
     store.fail_create = error
     with pytest.raises(type(error)):
-        signer.create_key("orphan", "ec-p256")
+        keyring.create_key("orphan", "ec-p256")
     assert len(token.generated) == 1
     key_id = token.generated[0][1]
     assert token.destroyed == [key_id]  # no orphan left in the token
@@ -136,30 +136,30 @@ def test_create_rollback_destroys_generated_key(
 
 
 def test_create_rollback_survives_destroy_failure(
-    signer: Keyring, token: FakeToken, store: FailingStore
+    keyring: Keyring, token: FakeToken, store: FailingStore
 ) -> None:
     store.fail_create = RuntimeError("store down")
     token.destroy_error = Unavailable("token down too")
     # The original error is what the caller sees, not the clean-up failure.
     with pytest.raises(RuntimeError, match="store down"):
-        signer.create_key("orphan", "ec-p256")
+        keyring.create_key("orphan", "ec-p256")
 
 
-def test_offered_algorithms(signer: Keyring, token: FakeToken) -> None:
-    assert signer.offered_algorithms() == list(ALGORITHMS)
+def test_offered_algorithms(keyring: Keyring, token: FakeToken) -> None:
+    assert keyring.offered_algorithms() == list(ALGORITHMS)
     token.missing["ed25519"] = ["CKM_EDDSA"]
-    assert "ed25519" not in signer.offered_algorithms()
+    assert "ed25519" not in keyring.offered_algorithms()
     token.unavailable = True
-    assert signer.offered_algorithms() == []
+    assert keyring.offered_algorithms() == []
 
 
 # --- rotate and primary --------------------------------------------------------------------------
 
 
-def test_rotate_increments(signer: Keyring, token: FakeToken, clock: FakeClock) -> None:
-    first = signer.create_key("rot", "ec-p256")
+def test_rotate_increments(keyring: Keyring, token: FakeToken, clock: FakeClock) -> None:
+    first = keyring.create_key("rot", "ec-p256")
     clock.advance(hours=1)
-    k2 = signer.rotate("rot")
+    k2 = keyring.rotate("rot")
     assert k2.primary == 2
     assert [v.version for v in k2.versions] == [1, 2]
     assert k2.versions[1].created == clock.now
@@ -167,60 +167,60 @@ def test_rotate_increments(signer: Keyring, token: FakeToken, clock: FakeClock) 
     assert k2.versions[1].public_key_der != first.versions[0].public_key_der
     assert k2.versions[1].key_id != first.versions[0].key_id
     assert [g[2] for g in token.generated] == ["rot/v1", "rot/v2"]
-    k3 = signer.rotate("rot")
+    k3 = keyring.rotate("rot")
     assert (k3.primary, len(k3.versions)) == (3, 3)
 
 
-def test_rotate_numbers_after_highest_version(signer: Keyring) -> None:
-    signer.create_key("hi", "ec-p256")
-    signer.rotate("hi")
-    signer.rotate("hi")
-    signer.set_primary("hi", 1)
-    assert signer.rotate("hi").primary == 4
+def test_rotate_numbers_after_highest_version(keyring: Keyring) -> None:
+    keyring.create_key("hi", "ec-p256")
+    keyring.rotate("hi")
+    keyring.rotate("hi")
+    keyring.set_primary("hi", 1)
+    assert keyring.rotate("hi").primary == 4
 
 
-def test_rotate_unknown_key(signer: Keyring, token: FakeToken) -> None:
+def test_rotate_unknown_key(keyring: Keyring, token: FakeToken) -> None:
     with pytest.raises(NotFound):
-        signer.rotate("ghost")
+        keyring.rotate("ghost")
     assert token.generated == []
 
 
-def test_rotate_rollback(signer: Keyring, token: FakeToken, store: FailingStore) -> None:
-    signer.create_key("rb", "ec-p256")
+def test_rotate_rollback(keyring: Keyring, token: FakeToken, store: FailingStore) -> None:
+    keyring.create_key("rb", "ec-p256")
     store.fail_add = RuntimeError("store down")
     with pytest.raises(RuntimeError):
-        signer.rotate("rb")
+        keyring.rotate("rb")
     assert token.destroyed == [token.generated[1][1]]
     store.fail_add = None
-    assert len(signer.get_key("rb").versions) == 1
+    assert len(keyring.get_key("rb").versions) == 1
 
 
-def test_set_primary(signer: Keyring) -> None:
-    signer.create_key("sp", "ec-p256")
-    signer.rotate("sp")
-    assert signer.set_primary("sp", 1).primary == 1
-    signer.disable("sp", 2)
+def test_set_primary(keyring: Keyring) -> None:
+    keyring.create_key("sp", "ec-p256")
+    keyring.rotate("sp")
+    assert keyring.set_primary("sp", 1).primary == 1
+    keyring.disable("sp", 2)
     with pytest.raises(FailedPrecondition, match="only an enabled version can be primary"):
-        signer.set_primary("sp", 2)
+        keyring.set_primary("sp", 2)
     with pytest.raises(NotFound):
-        signer.set_primary("sp", 7)
+        keyring.set_primary("sp", 7)
     with pytest.raises(InvalidArgument, match="version is required"):
-        signer.set_primary("sp", 0)
+        keyring.set_primary("sp", 0)
 
 
 # --- state machine -------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def two_versions(signer: Keyring) -> Keyring:
+def two_versions(keyring: Keyring) -> Keyring:
     """Key 'lc' with versions 1 (not primary) and 2 (primary)."""
-    signer.create_key("lc", "ec-p256")
-    signer.rotate("lc")
-    return signer
+    keyring.create_key("lc", "ec-p256")
+    keyring.rotate("lc")
+    return keyring
 
 
-def state_of(signer: Keyring, version: int) -> State:
-    return signer.get_key("lc").version(version).state
+def state_of(keyring: Keyring, version: int) -> State:
+    return keyring.get_key("lc").version(version).state
 
 
 def test_disable_enable(two_versions: Keyring) -> None:
@@ -330,49 +330,49 @@ def test_transitions_need_a_version_number(two_versions: Keyring) -> None:
 # --- listing ------------------------------------------------------------------------------------
 
 
-def test_list_keys_paging(signer: Keyring) -> None:
+def test_list_keys_paging(keyring: Keyring) -> None:
     names = [f"k{i:02d}" for i in range(7)]
     for n in reversed(names):
-        signer.create_key(n, "ec-p256")
-    page, token = signer.list_keys(3, "")
+        keyring.create_key(n, "ec-p256")
+    page, token = keyring.list_keys(3, "")
     assert [k.name for k in page] == names[:3]
     assert token
-    page, token = signer.list_keys(3, token)
+    page, token = keyring.list_keys(3, token)
     assert [k.name for k in page] == names[3:6]
-    page, token2 = signer.list_keys(3, token)
+    page, token2 = keyring.list_keys(3, token)
     assert [k.name for k in page] == names[6:]
     assert token2 == ""
     # Exactly a page left: no next token.
-    page, token = signer.list_keys(7, "")
+    page, token = keyring.list_keys(7, "")
     assert (len(page), token) == (7, "")
 
 
-def test_list_keys_default_page_size(signer: Keyring, store: SQLiteStore) -> None:
-    signer.create_key("only", "ec-p256")
-    page, token = signer.list_keys(0, "")
+def test_list_keys_default_page_size(keyring: Keyring, store: SQLiteStore) -> None:
+    keyring.create_key("only", "ec-p256")
+    page, token = keyring.list_keys(0, "")
     assert ([k.name for k in page], token) == (["only"], "")
     assert DEFAULT_PAGE_SIZE == 50
 
 
-def test_list_keys_page_size_limit(signer: Keyring) -> None:
+def test_list_keys_page_size_limit(keyring: Keyring) -> None:
     with pytest.raises(InvalidArgument, match=f"at most {MAX_PAGE_SIZE}"):
-        signer.list_keys(MAX_PAGE_SIZE + 1, "")
-    assert signer.list_keys(MAX_PAGE_SIZE, "") == ([], "")
+        keyring.list_keys(MAX_PAGE_SIZE + 1, "")
+    assert keyring.list_keys(MAX_PAGE_SIZE, "") == ([], "")
 
 
 @pytest.mark.parametrize("bad", ["!!!", "not-base64?", "w6k=", "QUJD", "\u00e9"])
-def test_list_keys_bad_page_token(signer: Keyring, bad: str) -> None:
+def test_list_keys_bad_page_token(keyring: Keyring, bad: str) -> None:
     # "w6k=" is base64 of "é" (not a key name); "QUJD" is "ABC" (upper case, not a key name).
     with pytest.raises(InvalidArgument, match="page_token"):
-        signer.list_keys(10, bad)
+        keyring.list_keys(10, bad)
 
 
 @pytest.mark.parametrize("page_size", [-1, -2])
-def test_list_keys_negative_page_size(signer: Keyring, page_size: int) -> None:
+def test_list_keys_negative_page_size(keyring: Keyring, page_size: int) -> None:
     for n in ("a", "b", "c"):
-        signer.create_key(n, "ec-p256")
+        keyring.create_key(n, "ec-p256")
     with pytest.raises(InvalidArgument, match="page_size"):
-        signer.list_keys(page_size, "")
+        keyring.list_keys(page_size, "")
 
 
 def test_list_and_get_show_effective_state(two_versions: Keyring, clock: FakeClock) -> None:
@@ -409,15 +409,15 @@ def test_public_key(two_versions: Keyring, clock: FakeClock) -> None:
         ("ed25519", Padding.PSS),
     ],
 )
-def test_sign_then_verify(signer: Keyring, token: FakeToken, alg_name: str, pad: Padding) -> None:
-    signer.create_key("sv", alg_name)
-    r = signer.sign("sv", 0, b"hello", None, SigFormat.DER, pad)
+def test_sign_then_verify(keyring: Keyring, token: FakeToken, alg_name: str, pad: Padding) -> None:
+    keyring.create_key("sv", alg_name)
+    r = keyring.sign("sv", 0, b"hello", None, SigFormat.DER, pad)
     assert (r.version, r.algorithm) == (1, alg_name)
     assert r.signature_algorithm == ALGORITHMS[alg_name].signature_algorithm(pad)
-    assert signer.verify("sv", 0, b"hello", None, r.signature, SigFormat.DER, pad) == (True, 1)
-    assert signer.verify("sv", 1, b"hellp", None, r.signature, SigFormat.DER, pad) == (False, 1)
+    assert keyring.verify("sv", 0, b"hello", None, r.signature, SigFormat.DER, pad) == (True, 1)
+    assert keyring.verify("sv", 1, b"hellp", None, r.signature, SigFormat.DER, pad) == (False, 1)
     # Independent check with the software public key.
-    key_id = signer.get_key("sv").version(1).key_id
+    key_id = keyring.get_key("sv").version(1).key_id
     pub = token.keys[key_id].public_key()
     if isinstance(pub, ec.EllipticCurvePublicKey):
         pub.verify(r.signature, b"hello", ec.ECDSA(PREHASH[ALGORITHMS[alg_name].digest_size or 0]))
@@ -433,41 +433,41 @@ def test_sign_then_verify(signer: Keyring, token: FakeToken, alg_name: str, pad:
         pub.verify(r.signature, b"hello")
 
 
-def test_sign_ec_raw_and_digest(signer: Keyring, token: FakeToken) -> None:
-    signer.create_key("raw", "ec-p384")
+def test_sign_ec_raw_and_digest(keyring: Keyring, token: FakeToken) -> None:
+    keyring.create_key("raw", "ec-p384")
     digest = ALGORITHMS["ec-p384"].hash(b"m")
-    r = signer.sign("raw", 0, None, digest, SigFormat.RAW)
+    r = keyring.sign("raw", 0, None, digest, SigFormat.RAW)
     assert len(r.signature) == 96
     assert token.signed[-1][1:] == (SignMechanism.ECDSA, digest)
-    assert signer.verify("raw", 0, b"m", None, r.signature, SigFormat.RAW)[0] is True
-    assert signer.verify("raw", 0, None, digest, ec_raw_to_der(r.signature))[0] is True
+    assert keyring.verify("raw", 0, b"m", None, r.signature, SigFormat.RAW)[0] is True
+    assert keyring.verify("raw", 0, None, digest, ec_raw_to_der(r.signature))[0] is True
 
 
-def test_sign_uses_requested_version(signer: Keyring, token: FakeToken) -> None:
-    signer.create_key("vv", "ec-p256")
-    signer.rotate("vv")
-    key = signer.get_key("vv")
-    assert signer.sign("vv", 0, b"m", None).version == 2
+def test_sign_uses_requested_version(keyring: Keyring, token: FakeToken) -> None:
+    keyring.create_key("vv", "ec-p256")
+    keyring.rotate("vv")
+    key = keyring.get_key("vv")
+    assert keyring.sign("vv", 0, b"m", None).version == 2
     assert token.signed[-1][0] == key.version(2).key_id
-    r1 = signer.sign("vv", 1, b"m", None)
+    r1 = keyring.sign("vv", 1, b"m", None)
     assert r1.version == 1
     assert token.signed[-1][0] == key.version(1).key_id
-    assert signer.verify("vv", 1, b"m", None, r1.signature) == (True, 1)
+    assert keyring.verify("vv", 1, b"m", None, r1.signature) == (True, 1)
     # Version 2's key does not verify version 1's signature.
-    assert signer.verify("vv", 2, b"m", None, r1.signature) == (False, 2)
+    assert keyring.verify("vv", 2, b"m", None, r1.signature) == (False, 2)
     with pytest.raises(NotFound):
-        signer.sign("vv", 3, b"m", None)
+        keyring.sign("vv", 3, b"m", None)
 
 
 @pytest.mark.parametrize("op", ["sign", "verify"])
-def test_input_validation(signer: Keyring, token: FakeToken, cfg: Config, op: str) -> None:
-    signer.create_key("iv", "ec-p256")
+def test_input_validation(keyring: Keyring, token: FakeToken, cfg: Config, op: str) -> None:
+    keyring.create_key("iv", "ec-p256")
     limit = cfg.server.max_message_bytes
 
     def call(message: bytes | None, digest: bytes | None) -> Any:
         if op == "sign":
-            return signer.sign("iv", 0, message, digest)
-        return signer.verify("iv", 0, message, digest, b"\x30\x00")
+            return keyring.sign("iv", 0, message, digest)
+        return keyring.verify("iv", 0, message, digest, b"\x30\x00")
 
     with pytest.raises(InvalidArgument, match="one of message or digest is required"):
         call(None, None)
@@ -480,9 +480,9 @@ def test_input_validation(signer: Keyring, token: FakeToken, cfg: Config, op: st
     with pytest.raises(InvalidArgument, match="digest must be 32 bytes"):
         call(None, b"\x00" * 31)
     bad_name = (
-        (lambda: signer.sign("BAD", 0, b"m", None))
+        (lambda: keyring.sign("BAD", 0, b"m", None))
         if op == "sign"
-        else (lambda: signer.verify("BAD", 0, b"m", None, b"s"))
+        else (lambda: keyring.verify("BAD", 0, b"m", None, b"s"))
     )
     with pytest.raises(InvalidArgument, match="is invalid"):
         bad_name()
@@ -490,18 +490,18 @@ def test_input_validation(signer: Keyring, token: FakeToken, cfg: Config, op: st
     call(b"x" * limit, None)  # exactly at the limit is fine
 
 
-def test_verify_empty_signature(signer: Keyring) -> None:
-    signer.create_key("es", "ec-p256")
+def test_verify_empty_signature(keyring: Keyring) -> None:
+    keyring.create_key("es", "ec-p256")
     with pytest.raises(InvalidArgument, match="signature is empty"):
-        signer.verify("es", 0, b"m", None, b"")
+        keyring.verify("es", 0, b"m", None, b"")
 
 
-def test_input_validated_before_key_lookup(signer: Keyring) -> None:
+def test_input_validated_before_key_lookup(keyring: Keyring) -> None:
     # An empty message is INVALID_ARGUMENT even for a key that does not exist.
     with pytest.raises(InvalidArgument):
-        signer.sign("ghost", 0, b"", None)
+        keyring.sign("ghost", 0, b"", None)
     with pytest.raises(NotFound):
-        signer.sign("ghost", 0, b"m", None)
+        keyring.sign("ghost", 0, b"m", None)
 
 
 def test_sign_refused_unless_enabled(
@@ -523,32 +523,32 @@ def test_sign_refused_unless_enabled(
     assert len(token.signed) == 1
 
 
-def test_sign_token_unavailable(signer: Keyring, token: FakeToken) -> None:
-    signer.create_key("ua", "ec-p256")
+def test_sign_token_unavailable(keyring: Keyring, token: FakeToken) -> None:
+    keyring.create_key("ua", "ec-p256")
     token.unavailable = True
     with pytest.raises(Unavailable):
-        signer.sign("ua", 0, b"m", None)
+        keyring.sign("ua", 0, b"m", None)
     # Verification needs only the public key.
     token.unavailable = False
-    sig = signer.sign("ua", 0, b"m", None).signature
+    sig = keyring.sign("ua", 0, b"m", None).signature
     token.unavailable = True
-    assert signer.verify("ua", 0, b"m", None, sig) == (True, 1)
+    assert keyring.verify("ua", 0, b"m", None, sig) == (True, 1)
 
 
 # --- reaper -------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def reapable(signer: Keyring) -> Keyring:
+def reapable(keyring: Keyring) -> Keyring:
     """Keys 'a' and 'b' with three versions each; a/1 and b/1 scheduled (7 days), a/2 (10 days)."""
     for n in ("a", "b"):
-        signer.create_key(n, "ec-p256")
-        signer.rotate(n)
-        signer.rotate(n)
-    signer.schedule_destruction("a", 1, 0)
-    signer.schedule_destruction("b", 1, 0)
-    signer.schedule_destruction("a", 2, 10 * DAY)
-    return signer
+        keyring.create_key(n, "ec-p256")
+        keyring.rotate(n)
+        keyring.rotate(n)
+    keyring.schedule_destruction("a", 1, 0)
+    keyring.schedule_destruction("b", 1, 0)
+    keyring.schedule_destruction("a", 2, 10 * DAY)
+    return keyring
 
 
 def test_reap_nothing_due(reapable: Keyring, token: FakeToken, clock: FakeClock) -> None:
@@ -647,7 +647,7 @@ def test_reap_failed_destroy_never_marks_destroyed(
 # --- the wall clock jumps (issue 12) ------------------------------------------------------------
 # Destruction follows the wall clock, as in cloud KMSs: these pin down what a jump does. The
 # audit log's checkpoint interval and the throttle's windows use the monotonic clock, which
-# does not jump (tests/unit/test_audit.py).
+# does not jump (tests/unit/audit/test_log.py).
 
 
 def test_a_clock_set_back_neither_brings_forward_nor_undoes_a_destruction(
@@ -686,15 +686,15 @@ def test_a_clock_set_forward_makes_due_what_it_passes_and_nothing_else(
 
 
 def test_a_jwks_reads_the_keys_of_its_scope_only(
-    signer: Keyring, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+    keyring: Keyring, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review of issue 12: GetJWKS paged through every key in the store, of every scope, for
     each call (one read of versions per key): work a caller with a read grant could multiply at
     will. It reads its scope's keys now, by an index."""
     for i in range(30):
-        signer.create_key(f"other-{i:02d}", "ec-p256", "other")
-    signer.create_key("mine-a", "ec-p256", "mine")
-    signer.create_key("mine-b", "ec-p256", "mine")
+        keyring.create_key(f"other-{i:02d}", "ec-p256", "other")
+    keyring.create_key("mine-a", "ec-p256", "mine")
+    keyring.create_key("mine-b", "ec-p256", "mine")
     read: list[str] = []
     listed = store.list_keys
 
@@ -704,6 +704,38 @@ def test_a_jwks_reads_the_keys_of_its_scope_only(
         return keys
 
     monkeypatch.setattr(store, "list_keys", counted)
-    jwks = signer.jwks("mine")
+    jwks = keyring.jwks("mine")
     assert [k["kid"] for k in jwks["keys"]] == ["mine-a/1", "mine-b/1"]
     assert read == ["mine-a", "mine-b"]
+
+
+# --- key locks and adoption --------------------------------------------------------------------
+
+
+def test_key_locks_do_not_outlive_their_use(keyring: Keyring) -> None:
+    for i in range(1000):
+        with pytest.raises(NotFound):
+            keyring.rotate(f"no-such-key-{i}")
+    keyring.create_key("k", "ec-p256")
+    assert len(keyring._locks) == 0
+
+
+def test_adopt_key(keyring: Keyring, token: FakeToken, store: FailingStore) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    token.keys[b"\x0a\x0b"] = key
+    adopted = keyring.adopt_key("admin", "ec-p384", b"\x0a\x0b", "ops")
+    assert (adopted.primary, adopted.scope, adopted.versions[0].key_id) == (1, "ops", b"\x0a\x0b")
+    assert adopted.versions[0].public_key_der == spki(key)
+    assert store.get_key("admin") == adopted
+    assert token.labels == {b"\x0a\x0b": "admin/v1"}
+    with pytest.raises(AlreadyExists, match="key 'admin' already exists"):
+        keyring.adopt_key("admin", "ec-p384", b"\x0a\x0b")
+    # An object another version already stands for is not adopted twice, nor relabelled.
+    with pytest.raises(AlreadyExists, match="another key version already has this token object"):
+        keyring.adopt_key("again", "ec-p384", b"\x0a\x0b")
+    assert token.labels == {b"\x0a\x0b": "admin/v1"}
+    with pytest.raises(NotFound):
+        keyring.adopt_key("other", "ec-p384", b"\x0c")
+    with pytest.raises(InvalidArgument, match="key_id must be 1 to 64 bytes, got 0"):
+        keyring.adopt_key("other", "ec-p384", b"")
+    assert b"\x0a\x0b" not in token.destroyed

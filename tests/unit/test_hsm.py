@@ -1,0 +1,75 @@
+"""signer._internal.hsm's provisioning of a key, with a stand-in tool: the PIN goes to the
+terminal's prompts only, never to an argument; what is wrong is refused before anything runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from signer._internal import hsm
+from signer._internal.token.pin import Pin
+from signer.errors import InvalidArgument
+from tests.unit.fakes import pem
+
+FAKE_TOOL = """
+import sys, termios
+out = sys.argv[1]
+answers = []
+for prompt in ("Please enter user PIN: ", "Please reenter user PIN: "):
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    answers.append(sys.stdin.readline().rstrip("\\n"))
+echo = bool(termios.tcgetattr(0)[3] & termios.ECHO)
+with open(out, "w") as fh:
+    fh.write(repr((answers, echo, sys.stdin.isatty())))
+print("ERROR: pretend failure" if answers[0] != answers[1] else "done")
+sys.exit(0 if answers[0] == answers[1] else 3)
+"""
+
+
+def test_pin_goes_to_the_terminal_prompts_only(tmp_path: Path) -> None:
+    pin_file = tmp_path / "user.pin"
+    pin_file.write_bytes(b"pin-on-a-terminal-1234\n")
+    os.chmod(pin_file, 0o600)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-c", FAKE_TOOL, str(out)]
+    status, errors = hsm._run_on_terminal(argv, {"PATH": "/usr/bin:/bin"}, Pin(pin_file), 30)
+    assert (status, errors) == (0, "")
+    # Both prompts got the PIN, typed with echo off, on a terminal.
+    assert out.read_text() == repr((["pin-on-a-terminal-1234"] * 2, False, True))
+
+
+def test_import_command_has_no_pin() -> None:
+    argv = hsm.import_command(Path("/d/key.p8"), "label", b"\x01\x02", "signer")
+    assert argv == [
+        "softhsm2-util",
+        "--import",
+        "/d/key.p8",
+        "--token",
+        "signer",
+        "--label",
+        "label",
+        "--id",
+        "0102",
+    ]
+
+
+def test_provision_key_validates_before_running_anything(tmp_path: Path) -> None:
+    root = tmp_path / "hsm"
+    (root / "tokens" / "t").mkdir(parents=True)
+    (root / "softhsm2.conf").write_text("")
+    (root / "user.pin").write_text("1234")
+    key = pem(ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(InvalidArgument, match="label must be"):
+        hsm.provision_key(root, key, "", b"\x01")
+    with pytest.raises(InvalidArgument, match="label must be"):
+        hsm.provision_key(root, key, "two\nlines", b"\x01")
+    with pytest.raises(InvalidArgument, match="key id must be 1 to 64 bytes"):
+        hsm.provision_key(root, key, "l", b"")
+    with pytest.raises(InvalidArgument, match="not a PEM private key"):
+        hsm.provision_key(root, b"nope", "l", b"\x01")
+    assert sorted(p.name for p in root.iterdir()) == ["softhsm2.conf", "tokens", "user.pin"]
