@@ -54,7 +54,7 @@ class World:
     cfg: Config
     token: Token
     store: SQLiteStore
-    signer: Keyring
+    keyring: Keyring
 
     def stray(self, label: str) -> bytes:
         """A key pair generated in the token under ``label`` that no row names: its id."""
@@ -118,7 +118,7 @@ def import_token(w: World, label: str, *, used: bool = False, expired: bool = Fa
     key_id = os.urandom(16)
     if label:
         w.token.generate(EC, key_id, label)
-    now = w.signer.now()
+    now = w.keyring.now()
     expires = now - timedelta(seconds=1) if expired else now + timedelta(hours=1)
     w.store.add_import_token(
         ImportToken(
@@ -136,15 +136,15 @@ def import_token(w: World, label: str, *, used: bool = False, expired: bool = Fa
 
 def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world: World) -> None:
     w = world
-    fine = w.signer.create_key("fine", "ec-p256").versions[0].key_id
-    lost = w.signer.create_key("lost", "ec-p256").versions[0].key_id
+    fine = w.keyring.create_key("fine", "ec-p256").versions[0].key_id
+    lost = w.keyring.create_key("lost", "ec-p256").versions[0].key_id
     w.token.destroy(lost)  # behind the store's back: a restored token, the wrong token
-    gone = w.signer.create_key("gone", "ec-p256").versions[0].key_id
-    w.signer.rotate("gone")
+    gone = w.keyring.create_key("gone", "ec-p256").versions[0].key_id
+    w.keyring.rotate("gone")
     w.store.set_state("gone", 1, State.DESTROYED, None)  # recorded destroyed, object still there
-    due = w.signer.create_key("due", "ec-p256").versions[0].key_id
-    w.signer.rotate("due")
-    w.store.set_state("due", 1, State.DESTRUCTION_SCHEDULED, w.signer.now() - timedelta(hours=1))
+    due = w.keyring.create_key("due", "ec-p256").versions[0].key_id
+    w.keyring.rotate("due")
+    w.store.set_state("due", 1, State.DESTRUCTION_SCHEDULED, w.keyring.now() - timedelta(hours=1))
     destroy_half(w, due, ObjectClass.PRIVATE_KEY)  # a destruction half done, then a crash
     ghost = w.stray("ghost/v1")  # CreateKey: generated, then a crash before the commit
     wrapping = w.stray(WRAPPING_KEY_LABEL)  # GetImportParameters: likewise
@@ -154,7 +154,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world: W
     provisioned = bytes.fromhex("0a0b0c0d")  # another, labelled as the service would label it
     w.token.generate(EC, provisioned, "ops/v1")
     swapped = w.stray("swapped/v1")
-    now = w.signer.now()
+    now = w.keyring.now()
     w.store.create_key(
         Key(
             "swapped",
@@ -260,7 +260,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world: W
         assert w.token.exists(key_id)
     assert w.store.get_version("due", 1).state is State.DESTROYED
     assert w.store.get_version("lost", 1).state is State.ENABLED  # the operator's to decide
-    assert w.store.spent_import_tokens(w.signer.now()) == []
+    assert w.store.spent_import_tokens(w.keyring.now()) == []
 
     after = reconcile(w.store, w.token, audit, grace=0)
     assert {(f.kind, f.what) for f in after.findings} == {
@@ -271,7 +271,7 @@ def test_each_disagreement_is_named_and_repair_touches_only_what_it_may(world: W
         (UNMANAGED, "provisioned-for-adoption"),
         (UNMANAGED, "ops/v1"),
     }
-    assert w.signer.sign("fine", 0, b"still signs", None).version == 1
+    assert w.keyring.sign("fine", 0, b"still signs", None).version == 1
 
     # Without an audit log to ask, an audit key is nobody's to destroy.
     unasked = reconcile(w.store, w.token, lambda: AuditKey(known=False), grace=0)
@@ -282,7 +282,7 @@ def test_beside_a_running_service_only_what_both_passes_find_counts(world: World
     w = world
     key_id = os.urandom(16)
     public = w.token.generate(EC, key_id, "late/v1")  # CreateKey, between generation and commit
-    now = w.signer.now()
+    now = w.keyring.now()
     version = Version("late", 1, "ec-p256", State.ENABLED, key_id, public, now, None)
     late = Key("late", "ec-p256", 1, "default", {}, now, (version,))
     waited: list[float] = []
@@ -311,7 +311,7 @@ def test_the_command_reports_repairs_and_refuses_what_it_cannot_do_safely(
     world: World, tmp_path: Path
 ) -> None:
     w = world
-    w.signer.create_key("kept", "ec-p256")
+    w.keyring.create_key("kept", "ec-p256")
     ghost = w.stray("ghost/v1")
     config = str(write_toml(tmp_path / "signer.toml", w.cfg))
 

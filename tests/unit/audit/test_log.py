@@ -1,80 +1,43 @@
-"""signer._internal.audit: the chain, the signed checkpoints, and every kind of tampering named.
-
-The token's signing is stood in for by a software EC key (the integration tests use the real
-token); everything else is the real AuditLog on a real SQLite file.
-"""
+"""signer._internal.audit's AuditLog, the writer: fail-closed writes that resume, a foreign or
+lost audit key, the bound on records left unsigned, what it vouches for at start, and a crash
+inside its first checkpoint."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import socket
 import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
+from cryptography.hazmat.primitives import serialization
 
 from signer._internal.audit import (
-    Archived,
     AuditLog,
     AuditPaused,
     Checkpoint,
-    Event,
     FileWitness,
-    Signing,
     SQLiteAuditStore,
-    SyslogWitness,
     Witness,
-    archive,
-    checkpoint_message,
     read_witness,
-    record_hash,
     verify_log,
 )
 from signer._internal.audit._log import NOT_ANSWERED, AuditKeyMismatch
-from signer.errors import SignerError, Unavailable
+from signer.errors import Unavailable
 from signer.keys import SignMechanism
-
-T0 = datetime(2026, 11, 22, tzinfo=UTC)
-
-
-class SoftKey:
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.public_der = self.key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        self.asked: list[tuple[tuple[bytes, bytes] | None, bytes | None]] = []
-
-    @staticmethod
-    def der_of(pem: bytes) -> bytes:
-        return serialization.load_pem_public_key(pem).public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    def sign(self, key_id: bytes, mech: SignMechanism, digest: bytes) -> bytes:
-        assert mech is SignMechanism.ECDSA
-        r, s = decode_dss_signature(self.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-    def make(
-        self, recorded: tuple[bytes, bytes] | None, pinned: bytes | None
-    ) -> tuple[Signing, bytes] | None:
-        """The token holds this one key: a pinned key that is another is not in it."""
-        self.asked.append((recorded, pinned))
-        if recorded is None and pinned is not None and pinned != self.public_der:
-            return None
-        return Signing(self.sign, b"audit"), self.public_der
+from tests.unit.audit.fakes import (
+    SoftKey,
+    event,
+    pinned,
+    rows,
+    verdict_of,
+    witnessed_log,
+    write,
+)
 
 
 def _pem(public_der: bytes) -> bytes:
@@ -83,170 +46,22 @@ def _pem(public_der: bytes) -> bytes:
     )
 
 
-def write(log: AuditLog, e: Event) -> int:
-    """One record, as the server writes it: awaited on an event loop until committed."""
-    return asyncio.run(asyncio.wait_for(log.record(e), 30))
+class Changes:
+    """Counts the log's change notices; waits for the next one (no sleeping)."""
 
+    def __init__(self, log: AuditLog) -> None:
+        self._cv = threading.Condition()
+        self.count = 0
+        log.on_change(self._seen)
 
-def event(i: int, status: str = "OK") -> Event:
-    return Event(T0 + timedelta(seconds=i), "x509:CN=app", "Sign", "tokens", 1, f"{i:064x}", status)
+    def _seen(self) -> None:
+        with self._cv:
+            self.count += 1
+            self._cv.notify_all()
 
-
-@pytest.fixture
-def soft() -> SoftKey:
-    return SoftKey()
-
-
-@pytest.fixture
-def written(tmp_path: Path, soft: SoftKey) -> Callable[[int], Path]:
-    """``written(n)``: a closed log of ``n`` records, checkpoints every 4."""
-
-    def make(n: int) -> Path:
-        path = tmp_path / "audit.db"
-        log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60)
-        log.start(soft.make, tmp_path / "audit.db.key.pem")
-        for i in range(1, n + 1):
-            assert write(log, event(i)) == i
-        log.close()
-        return path
-
-    return make
-
-
-def pinned(path: Path) -> bytes:
-    return Path(f"{path}.key.pem").read_bytes()
-
-
-def verdict_of(path: Path) -> tuple[int, str] | None:
-    return verify_log(path, pinned(path)).first_bad
-
-
-def rows(path: Path) -> list[list[Any]]:
-    with sqlite3.connect(path) as db:
-        return [list(r) for r in db.execute("SELECT * FROM records ORDER BY seq")]
-
-
-def rewrite(path: Path, new_rows: list[list[Any]]) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM records")
-        db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", new_rows)
-
-
-def test_a_whole_log_verifies(written: Callable[[int], Path]) -> None:
-    path = written(10)
-    v = verify_log(path, pinned(path))
-    assert v.whole
-    assert (v.records, v.last_checkpoint) == (10, 10)  # a last checkpoint at close
-    assert v.checkpoints == 3  # at 4, 8 and the close
-
-
-def test_records_chain_and_keep_only_the_payload_digest(written: Callable[[int], Path]) -> None:
-    path = written(3)
-    r = rows(path)
-    assert r[0][8] == "0" * 64
-    assert r[1][8] == r[0][9]
-    assert r[2][6] == f"{3:064x}"
-    assert r[2][9] == record_hash(3, event(3), str(r[1][9]))
-
-
-def test_a_modified_record_is_named(written: Callable[[int], Path]) -> None:
-    path = written(10)
-    with sqlite3.connect(path) as db:
-        db.execute("UPDATE records SET status = 'PERMISSION_DENIED' WHERE seq = 5")
-    assert verdict_of(path) == (5, "its contents do not match its hash (modified)")
-
-
-def test_a_deleted_record_is_named(written: Callable[[int], Path]) -> None:
-    path = written(10)
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM records WHERE seq = 7")
-    assert verdict_of(path) == (7, "record missing (deleted)")
-
-
-def test_an_inserted_record_is_caught_where_the_chain_breaks(
-    written: Callable[[int], Path],
-) -> None:
-    path = written(10)
-    r = rows(path)
-    forged = event(99, status="OK")
-    fake = [
-        5,
-        forged.time.isoformat(timespec="microseconds"),
-        forged.caller,
-        forged.operation,
-        forged.key,
-        forged.version,
-        forged.payload_sha256,
-        forged.status,
-        r[3][9],
-        record_hash(5, forged, str(r[3][9])),
-    ]
-    shifted = [[row[0] + 1, *row[1:]] if int(row[0]) >= 5 else row for row in r]
-    rewrite(path, [*shifted[:4], fake, *shifted[4:]])
-    assert verdict_of(path) == (6, "does not follow the record before it (inserted or reordered)")
-
-
-def test_reordered_records_are_caught(written: Callable[[int], Path]) -> None:
-    path = written(10)
-    r = rows(path)
-    r[4][1:], r[5][1:] = r[5][1:], r[4][1:]  # swap the contents of records 5 and 6
-    rewrite(path, r)
-    assert verdict_of(path) == (5, "does not follow the record before it (inserted or reordered)")
-
-
-def test_a_truncated_log_is_caught_by_its_checkpoints(written: Callable[[int], Path]) -> None:
-    path = written(10)
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM records WHERE seq > 6")
-    assert verdict_of(path) == (7, "missing: the log ends at 6, a checkpoint signed 8")
-
-
-def test_a_log_rewritten_with_fresh_hashes_disagrees_with_the_signatures(
-    written: Callable[[int], Path],
-) -> None:
-    """The forger recomputes every hash after the change: the chain is consistent again, but
-    the checkpoint at 8 signed the old hash, and the forger has no key to sign a new one."""
-    path = written(10)
-    r = rows(path)
-    prev = str(r[4][8])
-    for row in r[4:]:
-        e = Event(datetime.fromisoformat(str(row[1])), *row[2:8])
-        if row[0] == 5:
-            e = Event(e.time, e.caller, e.operation, e.key, e.version, e.payload_sha256, "OK!")
-            row[7] = "OK!"
-        row[8] = prev
-        row[9] = prev = record_hash(int(row[0]), e, prev)
-    rewrite(path, r)
-    assert verdict_of(path) == (
-        5,
-        "records 5 to 8 differ from what the checkpoint at 8 signed (rewritten, hashes and all)",
-    )
-
-
-def test_a_checkpoint_signed_with_another_key_is_caught(written: Callable[[int], Path]) -> None:
-    path = written(10)
-    forger = SoftKey()
-    with sqlite3.connect(path) as db:
-        query = "SELECT seq, hash, time FROM checkpoints WHERE seq = 4"
-        seq, hash_, at = db.execute(query).fetchone()
-        sig = Signing(forger.sign, b"x")(checkpoint_message(seq, hash_, at))
-        db.execute("UPDATE checkpoints SET signature = ? WHERE seq = 4", (sig,))
-    assert verdict_of(path) == (4, "its checkpoint's signature does not verify")
-
-
-def test_a_log_that_names_another_audit_key_is_refused(written: Callable[[int], Path]) -> None:
-    path = written(4)
-    with sqlite3.connect(path) as db:
-        db.execute("UPDATE audit_key SET public_key = ?", (SoftKey().public_der,))
-    assert verdict_of(path) == (0, "the audit key recorded in the log is not the pinned one")
-
-
-def test_a_missing_log_is_an_error(tmp_path: Path, soft: SoftKey) -> None:
-    pem = serialization.load_der_public_key(soft.public_der).public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    with pytest.raises(SignerError, match="no audit log at"):
-        verify_log(tmp_path / "nope.db", pem)
+    def wait_for(self, pred: Callable[[], bool]) -> bool:
+        with self._cv:
+            return self._cv.wait_for(pred, timeout=10)
 
 
 def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey) -> None:
@@ -314,22 +129,21 @@ def test_a_stopped_log_refuses(tmp_path: Path) -> None:
     log.close()
 
 
-class Changes:
-    """Counts the log's change notices; waits for the next one (no sleeping)."""
-
-    def __init__(self, log: AuditLog) -> None:
-        self._cv = threading.Condition()
-        self.count = 0
-        log.on_change(self._seen)
-
-    def _seen(self) -> None:
-        with self._cv:
-            self.count += 1
-            self._cv.notify_all()
-
-    def wait_for(self, pred: Callable[[], bool]) -> bool:
-        with self._cv:
-            return self._cv.wait_for(pred, timeout=10)
+def test_records_across_wall_clock_jumps_verify_and_checkpoints_keep_their_pace(
+    tmp_path: Path, soft: SoftKey
+) -> None:
+    """Issue 12, clock jumps: records carry the wall clock's time, which may go back or leap
+    forward; the chain does not depend on it (verify passes), and checkpoints are paced by
+    count and by the monotonic clock, so a leap of years neither forces nor skips one."""
+    path = tmp_path / "audit.db"
+    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
+    log.start(soft.make, tmp_path / "audit.db.key.pem")
+    for i, years in enumerate((0, -6, 4, -10, 30)):
+        e = event(i + 1)
+        assert write(log, replace(e, time=e.time + timedelta(days=365 * years))) == i + 1
+    assert log.store.last_checkpoint() == 0  # no leap of the wall clock made one due
+    log.close()  # the last checkpoint, at stop
+    assert verify_log(path, pinned(path)).whole
 
 
 def test_a_foreign_audit_key_stops_the_log_for_good(
@@ -486,202 +300,6 @@ def test_a_batch_that_would_cross_the_bound_is_split_by_a_checkpoint(tmp_path: P
     assert verify_log(path, pinned(path), max_unsigned_records=2).whole
 
 
-def test_deleting_every_checkpoint_and_the_audit_key_is_caught(
-    written: Callable[[int], Path],
-) -> None:
-    """The red team's case: a record rewritten with fresh hashes, then the checkpoints and the
-    audit key deleted. With the pin or without, the log is longer than any the service leaves
-    unsigned (its bound: 8 records here). (Pinned, with neither key nor checkpoint, and within
-    the bound, it would be what a first checkpoint cut short after its pin leaves, which verify
-    accepts: the exposure of any unsigned tail, which only a witness closes. The pin alone
-    named this case before the key was recorded with the first checkpoint.)"""
-    path = written(10)
-    r = rows(path)
-    prev = str(r[0][8])
-    for row in r:
-        e = Event(datetime.fromisoformat(str(row[1])), *row[2:8])
-        if row[0] == 5:
-            e = Event(
-                e.time, e.caller, e.operation, "someone-else", e.version, e.payload_sha256, e.status
-            )
-            row[4] = "someone-else"
-        row[8] = prev
-        row[9] = prev = record_hash(int(row[0]), e, prev)
-    rewrite(path, r)
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM checkpoints")
-        db.execute("DELETE FROM audit_key")
-    for pin in (pinned(path), None):
-        assert verify_log(path, pin, max_unsigned_records=8).first_bad == (
-            1,
-            "records 1 to 10 (10) are under no signed checkpoint; the service leaves at most 8 "
-            "so (checkpoints removed?)",
-        )
-    with sqlite3.connect(path) as db:  # the audit key put back, the checkpoints still gone
-        db.execute("INSERT INTO audit_key VALUES (1, ?, ?)", (b"audit", SoftKey().public_der))
-    assert verify_log(path, pinned(path)).first_bad == (
-        0,
-        "the audit key recorded in the log is not the pinned one",
-    )
-
-
-def test_a_checkpoint_removed_between_two_is_named(written: Callable[[int], Path]) -> None:
-    path = written(10)  # checkpoints at 4, 8, 10
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM checkpoints WHERE seq = 8")
-    assert verdict_of(path) == (
-        5,
-        "the checkpoint at 10 follows one at 8, which the log does not have (checkpoints removed)",
-    )
-
-
-# --- witnesses outside the database --------------------------------------------------------
-
-
-def witnessed_log(tmp_path: Path, soft: SoftKey, n: int) -> tuple[Path, Path]:
-    path = tmp_path / "audit.db"
-    witness = tmp_path / "elsewhere" / "checkpoints.jsonl"
-    witness.parent.mkdir()
-    log = AuditLog(
-        SQLiteAuditStore(path),
-        checkpoint_every=4,
-        checkpoint_interval=60,
-        witnesses=[FileWitness(witness)],
-    )
-    log.start(soft.make, tmp_path / "audit.db.key.pem")
-    for i in range(1, n + 1):
-        write(log, event(i))
-    log.close()
-    return path, witness
-
-
-def test_a_witness_agrees_with_a_whole_log(tmp_path: Path, soft: SoftKey) -> None:
-    path, witness = witnessed_log(tmp_path, soft, 10)
-    assert witness.stat().st_mode & 0o777 == 0o600
-    assert len(witness.read_text().splitlines()) == 3
-    v = verify_log(path, pinned(path), witnesses=[witness])
-    assert (v.whole, v.witnessed) == (True, 3)
-
-
-def test_a_tail_cut_with_its_checkpoints_is_caught_by_the_witness(
-    tmp_path: Path, soft: SoftKey
-) -> None:
-    path, witness = witnessed_log(tmp_path, soft, 10)
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM records WHERE seq > 4")
-        db.execute("DELETE FROM checkpoints WHERE seq > 4")
-    assert verify_log(path, pinned(path)).whole  # the database alone cannot tell
-    assert verify_log(path, pinned(path), witnesses=[witness]).first_bad == (
-        5,
-        "records 5 to 8 are missing: the witness checkpoints.jsonl (line 2) saw a checkpoint at "
-        "8, the log ends at 4 (cut from the end)",
-    )
-
-
-def test_a_rewritten_tail_is_caught_by_the_witness(tmp_path: Path, soft: SoftKey) -> None:
-    path, witness = witnessed_log(tmp_path, soft, 10)
-    r = rows(path)
-    r[9][4] = "someone-else"
-    e = Event(datetime.fromisoformat(str(r[9][1])), *r[9][2:8])
-    r[9][9] = record_hash(10, e, str(r[9][8]))
-    rewrite(path, r)
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM checkpoints WHERE seq = 10")
-    assert verify_log(path, pinned(path)).whole  # a short unsigned tail is allowed
-    assert verify_log(path, pinned(path), witnesses=[witness]).first_bad == (
-        10,
-        "record 10 is not what the witness checkpoints.jsonl (line 3) saw signed (rewritten, "
-        "hashes and all)",
-    )
-
-
-def test_a_forged_witness_line_is_named(tmp_path: Path, soft: SoftKey) -> None:
-    path, witness = witnessed_log(tmp_path, soft, 4)
-    forger = SoftKey()
-    line = json.loads(witness.read_text().splitlines()[0])
-    line["signature"] = base64.b64encode(
-        Signing(forger.sign, b"x")(checkpoint_message(4, line["hash"], line["at"], 0))
-    ).decode()
-    with witness.open("a") as fh:
-        fh.write(json.dumps(line) + "\n")
-    assert verify_log(path, pinned(path), witnesses=[witness]).first_bad == (
-        4,
-        "the witness checkpoints.jsonl (line 2) holds a checkpoint the pinned key did not sign",
-    )
-
-
-def test_the_service_log_and_syslog_lines_are_witnesses_too(tmp_path: Path, soft: SoftKey) -> None:
-    """What the service logs with each checkpoint, and what syslog keeps of the datagram, both
-    read back as witnesses; other lines are skipped."""
-    path, witness = witnessed_log(tmp_path, soft, 8)
-    first, second = witness.read_text().splitlines()
-    service_log = tmp_path / "service.log"
-    service_log.write_text(
-        '{"time":"2026-11-22T00:00:00","level":"info","msg":"service listening"}\n'
-        + "not json at all\n"
-        + json.dumps({"time": "2026-11-22T00:00:01", "level": "info", **json.loads(first)})
-        + "\n"
-        + "Nov 22 00:00:02 host signer-audit[4242]: "
-        + second
-        + "\n"
-    )
-    assert [c.seq for _, c in read_witness(service_log)] == [4, 8]
-    v = verify_log(path, pinned(path), witnesses=[service_log])
-    assert (v.whole, v.witnessed) == (True, 2)
-
-
-def test_a_syslog_witness_sends_one_datagram_per_checkpoint(tmp_path: Path, soft: SoftKey) -> None:
-    address = str(tmp_path / "log.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-        server.bind(address)
-        server.settimeout(10)
-        path = tmp_path / "audit.db"
-        log = AuditLog(
-            SQLiteAuditStore(path),
-            checkpoint_every=2,
-            checkpoint_interval=60,
-            witnesses=[SyslogWitness(address)],
-        )
-        log.start(soft.make, tmp_path / "audit.db.key.pem")
-        for i in range(1, 5):
-            write(log, event(i))
-        log.close()
-        received = [server.recv(65536).decode() for _ in range(2)]
-    assert all(d.startswith("<85>signer-audit[") for d in received)
-    export = tmp_path / "journal.txt"
-    export.write_text("\n".join(received) + "\n")
-    v = verify_log(path, pinned(path), witnesses=[export])
-    assert (v.whole, v.witnessed) == (True, 2)
-
-
-def test_a_witness_that_cannot_be_written_fails_the_checkpoint(
-    tmp_path: Path, soft: SoftKey
-) -> None:
-    class Broken:
-        def write(self, checkpoint: object) -> None:
-            raise OSError("No space left on device")
-
-        def close(self) -> None:
-            pass
-
-    path = tmp_path / "audit.db"
-    log = AuditLog(
-        SQLiteAuditStore(path),
-        checkpoint_every=1,
-        checkpoint_interval=60,
-        max_unsigned_records=2,
-        witnesses=[Broken()],
-    )
-    log.start(soft.make, tmp_path / "audit.db.key.pem")
-    write(log, event(1))
-    write(log, event(2))
-    with pytest.raises(Unavailable, match="No space left on device"):
-        log.check()
-    log.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT COUNT(*) FROM checkpoints").fetchone() == (0,)
-
-
 # --- the writer vouches for what it signs (issue 11's review) ------------------------------
 
 
@@ -787,113 +405,6 @@ def test_a_writer_that_crashes_answers_every_call_and_stops_for_good(
     with pytest.raises(Unavailable, match="writer stopped"):
         log.check()
     log.close()
-
-
-# --- retention ---------------------------------------------------------------------------------
-
-
-def archive_now(path: Path) -> Archived | None:
-    store = SQLiteAuditStore(path)
-    try:
-        return archive(store, Path(f"{path}.archive"), T0 + timedelta(days=1))
-    finally:
-        store.close()
-
-
-def test_archiving_moves_whole_segments_and_the_log_stays_whole(
-    written: Callable[[int], Path], soft: SoftKey, tmp_path: Path
-) -> None:
-    path = written(10)  # checkpoints at 4, 8, 10
-    segment = archive_now(path)
-    assert segment is not None
-    assert (segment.first_seq, segment.last_seq) == (1, 10)
-    assert rows(path) == []
-    archives = Path(f"{path}.archive")
-    v = verify_log(path, pinned(path), archives)
-    assert v.whole, v.first_bad
-    assert v.archived == 10
-    # The log goes on from the archive's anchor.
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60)
-    log.start(soft.make, Path(f"{path}.key.pem"))
-    assert write(log, event(11)) == 11
-    log.close()
-    assert verify_log(path, pinned(path), archives).whole
-    assert verify_log(path, pinned(path)).whole  # archives not read: anchor and live records
-    assert archive_now(path) is not None  # records 11.. up to the close's checkpoint
-    assert verify_log(path, pinned(path), archives).whole
-    assert len(list(archives.iterdir())) == 2
-
-
-def test_a_changed_or_missing_archive_is_named(written: Callable[[int], Path]) -> None:
-    path = written(8)
-    segment = archive_now(path)
-    assert segment is not None
-    archives = Path(f"{path}.archive")
-    file = archives / segment.file
-    file.write_bytes(file.read_bytes().replace(b'"OK"', b'"NO"', 1))
-    assert verify_log(path, pinned(path), archives).first_bad == (
-        1,
-        f"archive {file.name} is not the file that was archived",
-    )
-    file.unlink()
-    assert verify_log(path, pinned(path), archives).first_bad == (
-        1,
-        f"archive {file.name} is missing",
-    )
-
-
-def test_hiding_an_archive_is_caught(written: Callable[[int], Path]) -> None:
-    path = written(8)
-    archive_now(path)
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM archives")
-    # The anchor checkpoint stays: it signed a record the live log no longer explains.
-    assert verify_log(path, pinned(path)).first_bad == (
-        1,
-        "missing: the log ends at 0, a checkpoint signed 8",
-    )
-
-
-def test_nothing_newer_than_the_cutoff_is_archived(written: Callable[[int], Path]) -> None:
-    path = written(8)
-    store = SQLiteAuditStore(path)
-    try:
-        assert archive(store, Path(f"{path}.archive"), T0) is None
-    finally:
-        store.close()
-    assert len(rows(path)) == 8
-
-
-def test_a_young_log_verifies_before_its_first_checkpoint(tmp_path: Path, soft: SoftKey) -> None:
-    path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
-    log.start(soft.make, tmp_path / "audit.db.key.pem")
-    write(log, event(1))
-    v = verify_log(path, None)  # nothing pinned yet, and the log names no key
-    assert v.whole
-    assert (v.records, v.checkpoints, v.unsigned_tail) == (1, 0, 1)
-    log.close()  # a last checkpoint: now the key exists, and a missing pin is refused
-    assert verify_log(path, None).first_bad == (
-        0,
-        "the log has an audit key or checkpoints, but no pinned key was given",
-    )
-
-
-def test_records_across_wall_clock_jumps_verify_and_checkpoints_keep_their_pace(
-    tmp_path: Path, soft: SoftKey
-) -> None:
-    """Issue 12, clock jumps: records carry the wall clock's time, which may go back or leap
-    forward; the chain does not depend on it (verify passes), and checkpoints are paced by
-    count and by the monotonic clock, so a leap of years neither forces nor skips one."""
-    path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
-    log.start(soft.make, tmp_path / "audit.db.key.pem")
-    for i, years in enumerate((0, -6, 4, -10, 30)):
-        e = event(i + 1)
-        assert write(log, replace(e, time=e.time + timedelta(days=365 * years))) == i + 1
-    assert log.store.last_checkpoint() == 0  # no leap of the wall clock made one due
-    log.close()  # the last checkpoint, at stop
-    assert verify_log(path, pinned(path)).whole
 
 
 # --- a crash inside the log's first checkpoint (the SIGKILL tests' defects) ---------------------
