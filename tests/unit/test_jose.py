@@ -153,12 +153,15 @@ def test_claims_at_the_bounds_are_taken() -> None:
 
 # --- the token's shape, and verification by the verifier's rules --------------------------------
 
+# Parameters are built at collection, minutes before a test may run in a full suite: times that
+# must be in the future are a year away, not minutes (a token that expired on the way failed).
 NOW = int(time.time())
+A_YEAR = 365 * 86400
 ISS, AUD = "https://signer.example", "portal"
 
 
 def claims(**changes: object) -> bytes:
-    base: dict[str, object] = {"iss": ISS, "aud": AUD, "sub": "user-42", "exp": NOW + 300}
+    base: dict[str, object] = {"iss": ISS, "aud": AUD, "sub": "user-42", "exp": NOW + A_YEAR}
     base.update(changes)
     return json.dumps({k: v for k, v in base.items() if v is not None}).encode()
 
@@ -228,7 +231,7 @@ def test_a_valid_signature_by_a_key_of_another_scope_is_refused(
         (claims(aud=None), "pay/1", "MissingRequiredClaimError"),
         (claims(iss="https://evil.example"), "pay/1", "InvalidIssuerError"),
         (claims(aud="elsewhere"), "pay/1", "InvalidAudienceError"),
-        (claims(nbf=NOW + 3600), "pay/1", "ImmatureSignatureError"),
+        (claims(nbf=NOW + A_YEAR), "pay/1", "ImmatureSignatureError"),
         (claims(), "nobody/1", "the JWKS has no key(s) with kid 'nobody/1'"),
         (claims(), "ent/1", "InvalidSignatureError"),  # kid of the other key: a forged kid
     ],
@@ -249,10 +252,11 @@ def test_tokens_that_do_not_hold_are_refused_saying_which_rule(
 def test_leeway_admits_a_token_just_expired(
     signing_key: ec.EllipticCurvePrivateKey, jwks: dict[str, object]
 ) -> None:
-    token = es256_token(signing_key, "pay/1", claims(exp=NOW - 5))
+    just_expired = int(time.time()) - 5
+    token = es256_token(signing_key, "pay/1", claims(exp=just_expired))
     with pytest.raises(TokenRejected, match="ExpiredSignatureError"):
         jose.verify_jwt(token, jwks, "consumer", ISS, AUD)
-    assert jose.verify_jwt(token, jwks, "consumer", ISS, AUD, leeway=60)["exp"] == NOW - 5
+    assert jose.verify_jwt(token, jwks, "consumer", ISS, AUD, leeway=60)["exp"] == just_expired
 
 
 def test_a_tampered_token_is_refused(
