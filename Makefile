@@ -69,7 +69,7 @@ test: deps lint typecheck
 	$(MUST_RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 unit: deps
-	$(MUST_RUN) $(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(MUST_RUN) $(PY) -m pytest tests/unit tests/benchmarks $(PYTEST_ARGS)
 
 integration: deps
 	$(MUST_RUN) $(PY) -m pytest tests/integration $(PYTEST_ARGS)
