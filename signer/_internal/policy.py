@@ -239,9 +239,8 @@ def parse(data: dict[str, Any], source: str = "", text: str = "") -> Policy:
             raise ConfigError(f"{where}: give scopes, keys or both ('*' for all)")
         issuers = _strings(g["issuers"], f"{where}: issuers") if "issuers" in g else []
         grants.append(
-            Grant(frozenset(callers), ops, frozenset(scopes), tuple(keys),
-                  frozenset(issuers))
-        )  # fmt: skip
+            Grant(frozenset(callers), ops, frozenset(scopes), tuple(keys), frozenset(issuers))
+        )
     return Policy(tuple(grants), source, _revoked(data.get("revoked", []), source, text))
 
 

@@ -184,9 +184,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     if held is not None:
                         log.info(
                             "rpc failed",
-                            extra={"method": method, "code": status_name(exc),
-                                   "error": exc.message, "like_it_unlogged": held},
-                        )  # fmt: skip
+                            extra={
+                                "method": method,
+                                "code": status_name(exc),
+                                "error": exc.message,
+                                "like_it_unlogged": held,
+                            },
+                        )
                     error = exc
                 except grpc.aio.AbortError:
                     raise
