@@ -19,7 +19,7 @@ secret: no PIN, no key material, no payload.
     ├── NotFound                unknown key or version
     ├── AlreadyExists           duplicate key name
     ├── FailedPrecondition      the state forbids it: disabled/destroyed version, missing mechanism
-    │   └── LoginRefused        the token refuses the service's PIN (waiting will not help)
+    │   └── LoginRefused        the token turns the service away (waiting will not help)
     ├── Unavailable             the token host, the store or the audit log cannot serve now
     │   └── StoreUncertain      a store write failed with an I/O error: it may yet be on disk
     ├── Unauthenticated         no caller identity

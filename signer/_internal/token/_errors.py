@@ -12,8 +12,8 @@ Some answers mean more than their class, so they are written out where their con
   and its UNAVAILABLE says why the token is down (``SessionPool._session``);
 * a stale object handle (``ObjectHandleInvalid``, ``KeyHandleInvalid``): the session's cached
   handles are dropped before the table answers NOT_FOUND (``SessionPool._session``);
-* a refused login (:data:`PIN_REFUSED`): counted against the PIN file (:mod:`._logins`), and the
-  connection attempt fails UNAVAILABLE (``SessionPool._connect``);
+* a refused attempt (:data:`PIN_REFUSED`): counted by :mod:`._logins` against the file it
+  came from, and the connection attempt fails UNAVAILABLE (``SessionPool._connect``);
 * a failed connection attempt: not a call's error; the monitor records why and tries again
   (``SessionPool._try_connect``);
 * a failed C_UnwrapKey (:data:`UNWRAP_ERRORS`): the caller's wrapped key is the likely cause, so

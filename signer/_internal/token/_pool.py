@@ -355,7 +355,7 @@ class SessionPool:
         try:
             first = self._pin.login(token)
         except tuple(PIN_REFUSED) as exc:
-            # Not through the table: a refused login counts against the PIN file (see _logins).
+            # Not through the table: a refused attempt is counted, as _logins says.
             self._logins.failed(PIN_REFUSED[type(exc)])
             log.error(
                 "token login refused",
