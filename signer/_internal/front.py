@@ -42,7 +42,7 @@ from signer._internal.hsm import TLS_KEY_URI, HsmPaths
 from signer._internal.pki import DevCA
 from signer.errors import ConfigError, FailedPrecondition
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.front")  # named for the component: signer._internal.logs
 
 ENGINE_PATH = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
 # Headers the front sets from the verified client certificate. The service believes them only

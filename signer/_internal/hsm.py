@@ -46,7 +46,7 @@ from signer.errors import FailedPrecondition, InvalidArgument
 if TYPE_CHECKING:
     from signer._internal.token.pin import Pin
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.hsm")  # named for the component: signer._internal.logs
 
 DEFAULT_LABEL = "signer"
 SOCKET_NAME = "p11-kit.sock"

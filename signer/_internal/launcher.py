@@ -45,7 +45,7 @@ from signer._internal.server import Server, harden_process
 from signer._internal.supervisor import Supervisor
 from signer.errors import FailedPrecondition, NotFound, Unavailable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.launcher")  # named for the component: signer._internal.logs
 
 DEMO_KEY = "demo"
 DEMO_ALGORITHM = "ec-p256"

@@ -2,6 +2,11 @@
 
 Records carry names, versions, states and sizes; never a payload, a signature input, a PIN,
 key material or a wrapped blob. Values go in ``extra={...}``, so a reviewer can see every field.
+
+Loggers are named for the component, not the module: ``signer.server``, ``signer.keyring``,
+``signer.token``, ``signer.audit``, ``signer.relay``, ``signer.front``, ``signer.hsm``,
+``signer.launcher``, ``signer.supervisor``. Where code sits inside ``signer._internal`` may
+change; what an operator filters the log on should not.
 """
 
 from __future__ import annotations

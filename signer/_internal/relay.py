@@ -27,7 +27,7 @@ from pathlib import Path
 
 from signer._internal import logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.relay")  # named for the component: signer._internal.logs
 
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _PEER = re.compile(r"unix:(?P<dir>.+)/p-(?P<uid>\d+)-(?P<gid>\d+)-(?P<pid>\d+)-\d+")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from signer._internal.children import Child
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.supervisor")  # named for the component: signer._internal.logs
 
 POLL_SECONDS = 0.2
 

@@ -230,14 +230,14 @@ class _Held:
                     held_self.gone.release()
 
         self._watch = Watch()
-        logging.getLogger("signer._internal.server").addHandler(self._watch)
+        logging.getLogger("signer.server").addHandler(self._watch)
 
     def saw_gone(self, calls: int = 1) -> bool:
         return all(self.gone.acquire(timeout=20) for _ in range(calls))
 
     def close(self) -> None:
         self.release.set()
-        logging.getLogger("signer._internal.server").removeHandler(self._watch)
+        logging.getLogger("signer.server").removeHandler(self._watch)
 
 
 def test_a_cancelled_call_still_changes_state_only_with_its_record(

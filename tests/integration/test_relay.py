@@ -75,7 +75,7 @@ def closed_at_once(address: str) -> bool:
 
 @pytest.fixture
 def relay_log() -> Iterator[list[str]]:
-    with log_lines("signer._internal.relay") as lines:
+    with log_lines("signer.relay") as lines:
         yield lines
 
 

@@ -120,7 +120,7 @@ def test_a_start_that_fails_is_retried_and_reported(
 ) -> None:
     host = StandIn(failing_starts=2)
     s = supervise({"host": host}, backoff=QUICK)
-    with caplog.at_level(logging.ERROR, logger="signer._internal.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="signer.supervisor"):
         host.die()
         wait_for(s, lambda r: r["host"].restarts == 1)
     assert host.starts == 3
@@ -135,7 +135,7 @@ def test_a_crash_loop_is_reported_not_hidden(
 ) -> None:
     host = StandIn(dies_at_start=True)  # comes up, dies at once, every time
     s = supervise({"host": host}, backoff=QUICK)
-    with caplog.at_level(logging.ERROR, logger="signer._internal.supervisor"):
+    with caplog.at_level(logging.ERROR, logger="signer.supervisor"):
         host.die(1)
         wait_for(s, lambda r: r["host"].crash_loop)
         wait_for(s, lambda r: r["host"].restarts >= 5)  # and it goes on trying

@@ -32,7 +32,7 @@ from signer._internal.files import FILE_MODE
 from signer._internal.lanes import hand_back
 from signer.errors import SignerError, Unavailable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.audit")  # named for the component: signer._internal.logs
 
 # make_key(recorded, pinned): the audit key, as (how to sign, its public key DER). Given the key
 # the log records (id, public key DER): that one. Else, given the pinned public key (DER): the

@@ -34,7 +34,7 @@ from signer.errors import (
 from signer.keys import ALGORITHMS, Algorithm, ImportToken, load_public_key
 from signer.wrapping import ONE_STEP, TWO_STEP
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.keyring")  # named for the component: signer._internal.logs
 
 IMPORT_TOKEN_BYTES = 32
 WRAPPING_KEY_LABEL = "signer/import-wrapping"

@@ -56,7 +56,7 @@ from signer.keys import (
     verify,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.keyring")  # named for the component: signer._internal.logs
 T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50

@@ -63,7 +63,7 @@ from signer.errors import (
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.server")  # named for the component: signer._internal.logs
 T = TypeVar("T")
 
 # Sessions of the administrative connection: enough for the admin pool's threads to queue on

@@ -38,7 +38,7 @@ from signer.errors import (
 )
 from signer.keys import valid_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.server")  # named for the component: signer._internal.logs
 
 # Callable without an identity: load balancers' health checks and server reflection.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

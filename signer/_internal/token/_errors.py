@@ -33,7 +33,7 @@ import pkcs11.exceptions as p11e
 from signer._internal.token._logins import EXPIRED, INCORRECT, LOCKED
 from signer.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, SignerError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.token")  # named for the component: signer._internal.logs
 
 # A python-pkcs11 exception class -> our error and its message; ``{error}`` is the class's name.
 Table = Mapping[type[Exception], tuple[type[SignerError], str]]

@@ -69,7 +69,7 @@ from signer.keys import (
     with_article,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.token")  # named for the component: signer._internal.logs
 
 WRAPPING_KEY_BITS = 4096
 # What an RSA import lacks when the module offers no key wrap with padding, by name.

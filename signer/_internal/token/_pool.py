@@ -43,7 +43,7 @@ from signer._internal.token.pin import Pin
 from signer._internal.token.uri import TokenURI
 from signer.errors import ConfigError, FailedPrecondition, LoginRefused, SignerError, Unavailable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("signer.token")  # named for the component: signer._internal.logs
 
 
 @dataclass
