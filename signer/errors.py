@@ -30,9 +30,10 @@ secret: no PIN, no key material, no payload.
     ├── TokenRejected           a JWT fails verification (signer.jose, the relying party's side)
     ├── ScanError               the scanner cannot use a dump or a secrets file
     │   └── CoreFormatError     not an ELF core, or a malformed one
-    └── HarnessError            the crash harness could not start, crash or collect a process
+    ├── HarnessError            the crash harness could not start, crash or collect a process
+    └── GateError               the dump gate cannot be installed, uninstalled or run as asked
 
-The last four never travel over gRPC: they are raised in the caller's own process.
+The last five never travel over gRPC: they are raised in the caller's own process.
 
 A value a caller sent goes into a message only through :func:`shown`, which bounds it: a message
 travels in a gRPC trailer (nginx refuses large ones), a log line and an audit record.
@@ -119,6 +120,11 @@ class CoreFormatError(ScanError):
 
 class HarnessError(SignerError):
     """The crash harness could not start, crash or collect a process."""
+
+
+class GateError(SignerError):
+    """The dump gate cannot be installed, uninstalled or run as asked (not root, a path others
+    could write, a core_pattern the kernel would cut short)."""
 
 
 # The most of a caller's value a message shows.

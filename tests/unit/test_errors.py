@@ -10,6 +10,7 @@ from signer._wire import STATUS, status_name, status_of
 from signer.errors import (
     ConfigError,
     CoreFormatError,
+    GateError,
     HarnessError,
     LoginRefused,
     ScanError,
@@ -39,7 +40,7 @@ def all_subclasses(cls: type[object]) -> set[type[object]]:
     return out
 
 
-LOCAL_CLASSES = {ConfigError, TokenRejected, ScanError, CoreFormatError, HarnessError}
+LOCAL_CLASSES = {ConfigError, TokenRejected, ScanError, CoreFormatError, HarnessError, GateError}
 
 
 def test_every_signer_error_subclass_is_accounted_for() -> None:
