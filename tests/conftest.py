@@ -198,6 +198,51 @@ _SOCKETS = Path(tempfile.mkdtemp(prefix="signer-tests-"))
 atexit.register(shutil.rmtree, _SOCKETS, True)
 
 
+class KernelDumpSettings:
+    """The safety net of the tests that really set the kernel's ``core_pattern`` (the dump gate,
+    tests/integration/test_dump_gate.py): each pattern they set is noted here, and if the session
+    ends (or the process exits) with one of them still set, the pattern and pipe limit the session
+    started with are put back. A pattern some other session set is left alone. A test gate left
+    over from a killed run (its wrapper in a ``signer-gate-`` temporary directory) counts as
+    ``core``."""
+
+    PATTERN = Path("/proc/sys/kernel/core_pattern")
+    PIPE_LIMIT = Path("/proc/sys/kernel/core_pipe_limit")
+    TEST_PREFIX = "signer-gate-"
+
+    def __init__(self) -> None:
+        self.ours: set[str] = set()
+        try:
+            self.pattern = self.PATTERN.read_text().rstrip("\n")
+            self.pipe_limit = self.PIPE_LIMIT.read_text().strip()
+        except OSError:
+            self.pattern, self.pipe_limit = "core", "0"
+        if self.left_over(self.pattern):
+            self.ours.add(self.pattern)
+            self.pattern, self.pipe_limit = "core", "0"
+            self.restore()
+
+    def left_over(self, pattern: str) -> bool:
+        return pattern.startswith("|") and f"/{self.TEST_PREFIX}" in pattern.split()[0]
+
+    def note(self, pattern: str) -> None:
+        self.ours.add(pattern)
+
+    def restore(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.PATTERN.read_text().rstrip("\n") in self.ours:
+                self.PIPE_LIMIT.write_text(self.pipe_limit)
+                self.PATTERN.write_text(self.pattern)
+
+
+KERNEL_DUMP_SETTINGS = KernelDumpSettings()
+atexit.register(KERNEL_DUMP_SETTINGS.restore)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    KERNEL_DUMP_SETTINGS.restore()
+
+
 def socket_address() -> str:
     return f"unix:{_SOCKETS}/s{next(_ids)}.sock"
 
