@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from signer._wire import STATUS, status_name
-from signer.cli import _calls, _host, _tools
+from signer.cli import _calls, _gate, _host, _tools
 from signer.cli._common import EXIT_ERROR, EXIT_INVALID, EXIT_OK
 from signer.errors import SignerError
 
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _calls.register_keys(keys)  # keys list, show, public, rotate, set-primary, disable, ...
     _calls.register(sub)  # jwt, jwks, sign, verify
     _tools.register(sub)  # scan, crash-test
+    _gate.register(sub)  # dump-gate install, uninstall, status, handle
     return p
 
 

@@ -1,0 +1,153 @@
+"""The gate's configuration: one TOML file, ``/etc/signer/dump-gate.toml`` by default.
+
+Every problem is a :class:`signer.errors.ConfigError` naming the file and, where the file gives
+the setting, its line. Paths may be relative: to the file's directory (the kernel starts the
+gate in ``/``, where a relative path would mean something else than the operator read).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from signer._internal.config import line_of, parse_toml, read_text
+from signer.errors import ConfigError, shown
+
+DEFAULT_CONFIG = Path("/etc/signer/dump-gate.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/signer-dump-gate")
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """``[gate]`` and ``[detect]`` of the file, paths made absolute. ``release_dir`` None: release
+    to the pattern the gate replaced (``state_dir/state.json``'s ``previous_pattern``)."""
+
+    # [gate]
+    state_dir: Path = DEFAULT_STATE_DIR
+    quarantine_dir: Path = DEFAULT_STATE_DIR / "quarantine"
+    release_dir: Path | None = None
+    max_core_bytes: int = 16 * GIB
+    seconds_per_gib: float = 300.0
+    # Small dumps get at least this: compiling the patterns alone takes a second or more.
+    min_scan_seconds: float = 30.0
+    min_free_bytes: int = GIB
+    notify: tuple[str, ...] = ()
+    # [detect]
+    secrets: tuple[Path, ...] = ()
+    public_keys: tuple[Path, ...] = ()
+    service_configs: tuple[Path, ...] = ()
+    structural: bool = True
+    # Where it was read from (None: the defaults).
+    path: Path | None = None
+
+    def budget_seconds(self, size: int) -> float:
+        """The scan's time budget for a dump of ``size`` bytes."""
+        return max(self.min_scan_seconds, self.seconds_per_gib * size / GIB)
+
+
+_GATE = {
+    "state_dir": "path",
+    "quarantine_dir": "path",
+    "release_dir": "path?",
+    "max_core_bytes": "size",
+    "seconds_per_gib": "seconds",
+    "min_scan_seconds": "seconds",
+    "min_free_bytes": "size",
+    "notify": "argv",
+}
+_DETECT = {
+    "secrets": "paths",
+    "public_keys": "paths",
+    "service_configs": "paths",
+    "structural": "bool",
+}
+_TABLES = {"gate": _GATE, "detect": _DETECT}
+
+
+class _At(ConfigError):
+    def __init__(self, message: str, table: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.table, self.key = table, key
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> GateConfig:
+    """Reads and checks the gate's configuration file. Reads no secrets and no key files: those
+    are read for each dump, by the scan (a file that cannot be read then fails that dump closed)."""
+    path = Path(path)
+    text = read_text(path, "dump gate configuration file")
+    where = f"dump gate configuration file {path}"
+    data = parse_toml(text, where)
+    try:
+        return _build(data, path.absolute().parent, path)
+    except _At as exc:
+        line = line_of(text, exc.table, exc.key)
+        at = f" (line {line})" if line is not None else ""
+        raise ConfigError(f"{where}: {exc.message}{at}") from None
+
+
+def _build(data: dict[str, Any], base: Path, path: Path) -> GateConfig:
+    unknown = sorted(set(data) - set(_TABLES))
+    if unknown:
+        raise _At(f"unknown table [{unknown[0]}] (known: [gate], [detect])", unknown[0])
+    values: dict[str, Any] = {"path": path.absolute()}
+    for table, kinds in _TABLES.items():
+        section = data.get(table, {})
+        if not isinstance(section, dict):
+            raise _At(f"{table} must be a table", table)
+        for key in sorted(set(section) - set(kinds)):
+            raise _At(f"unknown setting {table}.{key}", table, key)
+        for key, kind in kinds.items():
+            if key in section:
+                values[key] = _value(table, key, kind, section[key], base)
+    cfg = GateConfig(**values)
+    if cfg.min_free_bytes < 0:
+        raise _At("gate.min_free_bytes must not be negative", "gate", "min_free_bytes")
+    if cfg.max_core_bytes < 1:
+        raise _At("gate.max_core_bytes must be positive", "gate", "max_core_bytes")
+    for key in ("seconds_per_gib", "min_scan_seconds"):
+        if getattr(cfg, key) <= 0:
+            raise _At(f"gate.{key} must be positive", "gate", key)
+    if not (cfg.secrets or cfg.public_keys or cfg.service_configs or cfg.structural):
+        raise _At(
+            "nothing to search for: give detect.secrets, detect.public_keys or "
+            "detect.service_configs, or leave detect.structural on",
+            "detect",
+        )
+    return cfg
+
+
+def _value(table: str, key: str, kind: str, raw: Any, base: Path) -> Any:
+    name = f"{table}.{key}"
+
+    def wrong(what: str) -> _At:
+        return _At(f"{name} must be {what}, got {shown(raw)}", table, key)
+
+    if kind in ("path", "path?"):
+        if not isinstance(raw, str) or (kind == "path" and not raw):
+            raise wrong("a path" if kind == "path" else 'a path or ""')
+        return (base / raw) if raw else None
+    if kind == "size":
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise wrong("an integer number of bytes")
+        return raw
+    if kind == "seconds":
+        if not isinstance(raw, int | float) or isinstance(raw, bool) or not math.isfinite(raw):
+            raise wrong("a number of seconds")
+        return float(raw)
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise wrong("true or false")
+        return raw
+    if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+        raise wrong("a list of non-empty strings")
+    if kind == "argv":
+        return tuple(raw)
+    return tuple(base / x for x in raw)
+
+
+def config_fields() -> list[str]:
+    """The settings' names, as the file spells them (for documentation and tests)."""
+    return [f.name for f in fields(GateConfig) if f.name != "path"]

@@ -1,0 +1,363 @@
+"""The handler the kernel runs for each core dump: receive, quarantine, scan, decide, release.
+
+It runs as root, with no terminal, standard input the kernel's pipe, ``/`` its working directory,
+and the crashed process held by the kernel until it exits. Whatever goes wrong ends in
+quarantine or in no dump at all, never in a release; ``meta.json`` and the log say why.
+
+    decision               when                                             the core
+    released               scanned clean and whole, within the budget       released, removed
+    quarantined:findings   the scan found key material                      kept (+ sanitised copy)
+    quarantined:too-big    larger than max_core_bytes (the rest not kept)   first part kept
+    quarantined:budget     the scan did not finish within its budget        kept
+    quarantined:error      the config, the scan, a write or the release     kept
+                           failed
+    dropped:no-space       the quarantine would fall below min_free_bytes   not kept
+    dropped:error          no quarantine directory could be made            not kept
+
+``meta.json`` stays in the entry's directory whatever happens (install's status counts them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import resource
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from signer._internal.config import parse_toml, read_text
+from signer.errors import ConfigError
+from signer.gate._config import GateConfig, load_config
+from signer.gate._crash import Crash
+from signer.gate._files import private_dir, write_json
+from signer.gate._log import gate_logger
+from signer.gate._receive import CHUNK, Received, receive
+from signer.gate._release import KERNEL_ENV, ReleaseError, release
+from signer.gate._scan import ScanOutcome, described, scan
+
+NOTIFY_SECONDS = 30.0
+"""How long the notification command may run; then it is killed (the decision is made)."""
+PR_SET_DUMPABLE = 4
+
+DECISIONS = (
+    "released",
+    "quarantined:findings",
+    "quarantined:too-big",
+    "quarantined:budget",
+    "quarantined:error",
+    "dropped:no-space",
+    "dropped:error",
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the gate decided, why, and where its record is (``entry``: the quarantine
+    directory, None when none could be made)."""
+
+    decision: str
+    reason: str
+    entry: Path | None
+    meta: dict[str, Any]
+
+    @property
+    def released(self) -> bool:
+        return self.decision == "released"
+
+
+def decide(received: Received, scanned: ScanOutcome | None) -> tuple[str, str]:
+    """The decision and its reason from what was received and what the scan said (None: no
+    scan was made). Anything but a whole core scanned clean and completely is not released."""
+    if received.no_space:
+        return "dropped:no-space", received.no_space
+    if received.error:
+        return "quarantined:error", received.error
+    if scanned is None:
+        return "quarantined:error", "the core was not scanned"
+    cut = (
+        f"; the core is larger than max_core_bytes: {received.received} bytes, "
+        f"{received.stored} kept"
+        if received.truncated
+        else ""
+    )
+    if scanned.status == "done" and scanned.findings:
+        n = scanned.findings
+        return "quarantined:findings", f"{n} finding{'s' * (n != 1)} (see report.json){cut}"
+    if received.truncated:
+        return "quarantined:too-big", cut[2:].replace("the core", "The core", 1)
+    if scanned.status == "budget":
+        return "quarantined:budget", scanned.reason or "over budget"
+    if scanned.status != "done":
+        return "quarantined:error", scanned.reason or "the scan failed"
+    if scanned.incomplete:
+        if scanned.incomplete.startswith("budget"):
+            return "quarantined:budget", scanned.incomplete.removeprefix("budget: ")
+        return "quarantined:error", scanned.incomplete
+    return "released", "scanned clean"
+
+
+# --- the steps -------------------------------------------------------------------------------
+
+
+def protect_self() -> None:
+    """No core of the gate itself (it holds what it searches for) and no recursion: not
+    dumpable, and RLIMIT_CORE 1, which the kernel reads as 'a pipe handler crashed: no dump'.
+    Descriptors 1 and 2 on /dev/null if the kernel left them closed (a file opened next would
+    otherwise take them, and a stray print write into it)."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    with contextlib.suppress(ValueError, OSError):
+        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (min(1, hard), hard))
+
+
+def _config(path: Path) -> tuple[GateConfig, str | None]:
+    """The configuration, or (when it cannot be read) the defaults with the state and
+    quarantine directories the file names if it parses that far, and the error."""
+    try:
+        return load_config(path), None
+    except ConfigError as exc:
+        error = exc.message
+    fallback = GateConfig(path=path)
+    with contextlib.suppress(ConfigError):
+        gate = parse_toml(read_text(path), str(path)).get("gate", {})
+        for key in ("state_dir", "quarantine_dir"):
+            if isinstance(gate, dict) and isinstance(gate.get(key), str) and gate[key]:
+                fallback = replace(fallback, **{key: path.absolute().parent / gate[key]})
+    return fallback, error
+
+
+def _entry(quarantine: Path, crash: Crash) -> Path:
+    """A new 0700 directory for this dump in the quarantine."""
+    private_dir(quarantine)
+    base = crash.dir_name()
+    for n in range(1000):
+        entry = quarantine / (base if n == 0 else f"{base}.{n}")
+        try:
+            entry.mkdir(mode=0o700)
+            return entry
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{quarantine} holds 1000 entries named {base}")
+
+
+def _drain(src: int) -> int:
+    buf = bytearray(CHUNK)
+    total = 0
+    with contextlib.suppress(OSError):
+        while n := os.readv(src, [buf]):
+            total += n
+    return total
+
+
+def _notify(argv: tuple[str, ...], report: Path) -> dict[str, Any]:
+    """Runs the notification command with the report's path last; bounded in time; its
+    failure is recorded, nothing more."""
+    began = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [*argv, str(report)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+            env=KERNEL_ENV,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return {"ok": False, "error": f"{argv[0]} cannot run: {exc.strerror}"}
+    try:
+        rc = proc.wait(NOTIFY_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return {"ok": False, "error": f"{argv[0]} killed after {NOTIFY_SECONDS:g} s"}
+    out: dict[str, Any] = {"ok": rc == 0, "status": rc}
+    out["seconds"] = round(time.monotonic() - began, 3)
+    return out
+
+
+def _version() -> str:
+    try:
+        return metadata.version("signer")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+# --- the handler -----------------------------------------------------------------------------
+
+
+class _Run:
+    """One dump's way through the gate; ``meta`` is what meta.json says at each step."""
+
+    def __init__(self, config_path: Path, crash: Crash, stdin: int) -> None:
+        self.began = time.monotonic()
+        self.crash, self.stdin = crash, stdin
+        self.cfg, self.config_error = _config(config_path)
+        self.log = gate_logger(self.cfg.state_dir if self._state_dir_ok() else None)
+        self.entry: Path | None = None
+        self.timings: dict[str, float] = {}
+        self.meta: dict[str, Any] = {
+            "gate": _version(),
+            "config": str(config_path.absolute()),
+            **crash.to_dict(),
+            "dir": None,
+            "size": 0,
+            "received": 0,
+            "truncated": False,
+            "stage": "receiving",
+            "decision": None,
+            "reason": None,
+        }
+
+    def _state_dir_ok(self) -> bool:
+        try:
+            private_dir(self.cfg.state_dir)
+            return True
+        except (ConfigError, OSError):
+            return False
+
+    def save(self) -> None:
+        if self.entry is None:
+            return
+        self.meta["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        try:
+            write_json(self.entry / "meta.json", self.meta)
+        except OSError as exc:
+            self.log.error(
+                "meta.json cannot be written",
+                extra={"dir": str(self.entry), "error": exc.strerror},
+            )
+
+    def run(self) -> Outcome:
+        try:
+            decision, reason = self._steps()
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            decision = "quarantined:error" if self.entry is not None else "dropped:error"
+            reason = f"the gate failed: {described(exc)} at {Path(where.filename).name}:"
+            reason += str(where.lineno)
+            self.meta["received"] = self.meta.get("received", 0) + _drain(self.stdin)
+        return self._decided(decision, reason)
+
+    def _steps(self) -> tuple[str, str]:
+        try:
+            self.entry = _entry(self.cfg.quarantine_dir, self.crash)
+        except (ConfigError, OSError) as exc:
+            self.meta["received"] = _drain(self.stdin)
+            what = exc.message if isinstance(exc, ConfigError) else exc.strerror
+            return "dropped:error", f"no quarantine directory: {what}"
+        self.meta["dir"] = self.entry.name
+        self.save()
+        core = self.entry / "core"
+        fd = os.open(
+            core, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            got = receive(
+                self.stdin, fd, max_bytes=self.cfg.max_core_bytes, min_free=self.cfg.min_free_bytes
+            )
+        finally:
+            os.close(fd)
+        self.timings["receive"] = got.seconds
+        self.meta.update(size=got.stored, received=got.received, truncated=got.truncated)
+        if got.no_space:
+            core.unlink()
+        if self.config_error is not None and not got.no_space:
+            return "quarantined:error", f"configuration: {self.config_error}"
+        scanned = None
+        if not (got.no_space or got.error):
+            self.meta["stage"] = "scanning"
+            self.save()
+            scanned = scan(self.cfg, core)
+            self.timings["scan"] = scanned.seconds
+            self.meta["scan"] = {
+                "status": scanned.status,
+                "budget_seconds": round(scanned.budget_seconds, 3),
+                "findings": scanned.findings,
+                "complete": scanned.complete,
+                "notes": scanned.notes,
+            }
+            if scanned.findings:
+                self.meta["sanitised"] = scanned.sanitised
+        decision, reason = decide(got, scanned)
+        if decision == "released":
+            self.meta["stage"] = "releasing"
+            self.save()
+            try:
+                done = release(
+                    self.crash,
+                    core,
+                    self.entry.name,
+                    self.cfg.release_dir,
+                    self.cfg.state_dir,
+                    self.cfg.budget_seconds(got.stored),
+                )
+            except ReleaseError as exc:
+                return "quarantined:error", f"scanned clean, but {exc.message}"
+            self.timings["release"] = done.seconds
+            self.meta["release"] = {"to": done.to, "notes": done.notes}
+            with contextlib.suppress(FileNotFoundError):
+                core.unlink()  # moved already when released to a directory
+        return decision, reason
+
+    def _decided(self, decision: str, reason: str) -> Outcome:
+        self.timings["total"] = time.monotonic() - self.began
+        self.meta.update(
+            stage="done",
+            decision=decision,
+            reason=reason,
+            decided_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        self.save()
+        self.log.log(
+            logging.INFO if decision == "released" else logging.WARNING,
+            f"dump {decision}",
+            extra={
+                "pid": self.crash.pid,
+                "uid": self.crash.uid,
+                "exe": self.crash.exe,
+                "signal": self.crash.signal,
+                "size": self.meta.get("received", 0),
+                "decision": decision,
+                "reason": reason,
+                "seconds": round(self.timings["total"], 3),
+                "dir": str(self.entry) if self.entry else None,
+            },
+        )
+        if decision != "released" and self.cfg.notify:
+            where = self.entry or self.cfg.quarantine_dir
+            report = where / "report.json"
+            notified = _notify(self.cfg.notify, report if report.exists() else where / "meta.json")
+            self.meta["notify"] = notified
+            self.save()
+            if not notified["ok"]:
+                self.log.warning(
+                    "notification failed",
+                    extra={"pid": self.crash.pid, "dir": str(where), **notified},
+                )
+        return Outcome(decision, reason, self.entry, self.meta)
+
+
+def handle(config: str | Path, crash: Crash, stdin: int = 0) -> Outcome:
+    """Takes the core on ``stdin`` (a descriptor: the kernel's pipe) through the gate. Never
+    raises for a problem of the dump, the configuration or the host: the outcome says it."""
+    protect_self()
+    return _Run(Path(config), crash, stdin).run()

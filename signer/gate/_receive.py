@@ -1,0 +1,120 @@
+"""The core from the kernel's pipe into the quarantine: in bounded chunks, never all in memory.
+
+The kernel streams the core on standard input and does not reap the crashed process until the
+gate has read it to the end, so whatever the gate stops storing (a core over ``max_core_bytes``,
+a quarantine file system short of space, a write that fails) it still reads and throws away.
+A chunk of zeros is not written but skipped over, so the copy is as sparse as the kernel's own
+cores (the dumper seeks over zero pages) and the scanner does not read those holes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+
+CHUNK = 1 << 20
+_ZERO = bytes(CHUNK)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class Received:
+    """What came in: ``stored`` bytes are in the file; ``received`` counts every byte read
+    (stored or not). ``truncated``: stopped at max_core_bytes. ``no_space`` and ``error`` say
+    why storing stopped otherwise (None when it did not)."""
+
+    stored: int
+    received: int
+    truncated: bool
+    no_space: str | None
+    error: str | None
+    seconds: float
+
+
+def _fill(src: int, view: memoryview) -> int:
+    """Reads until ``view`` is full or the input ends (a pipe gives at most 64 KiB a read)."""
+    filled = 0
+    while filled < len(view):
+        try:
+            n = os.readv(src, [view[filled:]])
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+            continue
+        if n == 0:
+            break
+        filled += n
+    return filled
+
+
+def _free(fd: int) -> int:
+    st = os.fstatvfs(fd)
+    return st.f_bavail * st.f_frsize
+
+
+def receive(src: int, dst: int, *, max_bytes: int, min_free: int) -> Received:
+    """Copies ``src`` (the pipe) to ``dst`` (the quarantine file, open for writing) until the
+    input ends; stores at most ``max_bytes``, and nothing that would leave the file system with
+    less than ``min_free`` bytes free. Reads errors of the input as the end of it (the kernel
+    has gone); a write error ends storing (``error``), never reading."""
+    began = time.monotonic()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    stored = received = 0
+    truncated = False
+    no_space: str | None = None
+    error: str | None = None
+    storing = True
+    try:
+        while True:
+            try:
+                n = _fill(src, view)
+            except OSError as exc:
+                error = error or f"reading the core failed: {exc.strerror or exc}"
+                break
+            if n == 0:
+                break
+            received += n
+            if not storing:
+                continue
+            keep = min(n, max_bytes - stored)
+            if keep < n:
+                truncated, storing = True, False
+            if keep == 0:
+                continue
+            chunk = view[:keep]
+            if (buf if keep == CHUNK else bytes(chunk)) == _ZERO[:keep]:
+                os.lseek(dst, keep, os.SEEK_CUR)
+                stored += keep
+                continue
+            free = _free(dst)
+            if free - keep < min_free:
+                no_space = (
+                    f"the quarantine file system has {free} bytes free: storing "
+                    f"{keep} more would leave less than min_free_bytes ({min_free})"
+                )
+                storing = False
+                continue
+            try:
+                written = 0
+                while written < keep:
+                    written += os.write(dst, chunk[written:])
+                stored += keep
+            except OSError as exc:
+                storing = False
+                if exc.errno in _NO_SPACE:
+                    no_space = f"writing the core failed: {exc.strerror}"
+                else:
+                    error = f"writing the core failed: {exc.strerror or exc}"
+        if storing or truncated:
+            try:
+                os.ftruncate(dst, stored)  # the holes skipped at the end
+                os.fsync(dst)
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    no_space = no_space or f"syncing the core failed: {exc.strerror}"
+                else:
+                    error = error or f"syncing the core failed: {exc.strerror or exc}"
+    finally:
+        view.release()
+    return Received(stored, received, truncated, no_space, error, time.monotonic() - began)

@@ -1,0 +1,343 @@
+"""The scan of a quarantined core, in a child process the gate can stop at the budget.
+
+The child builds the scanner from the configuration (it reads the secrets and key files, the
+services' public keys from their stores), scans the core, writes ``report.json`` and
+``report.sarif`` beside it and, when there are findings, the sanitised copy. It tells the gate
+how it went in JSON lines on a pipe. The gate waits for it until the budget: past it, the child
+is killed and the dump stays in quarantine. A child that dies (the scanner's native code
+included) or raises is an error, never a clean result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from signer.errors import ScanError, SignerError
+from signer.gate._config import GateConfig
+from signer.gate._files import write_private
+
+if TYPE_CHECKING:
+    from signer.keys import PublicKeyType
+    from signer.scan import Scanner
+
+BLIND_SHARE = 0.5
+"""Of the budget left once the scanner is built, what blind mode's own budget gets: the rest is
+for the literal pass before it. A blind pass the budget cuts short says so in the report (and
+the dump stays quarantined) rather than being killed without one."""
+
+
+# --- what to search for ------------------------------------------------------------------------
+
+
+def _files_in(path: Path) -> list[Path]:
+    """``path`` itself, or the regular files of a directory (not hidden), sorted."""
+    if not path.is_dir():
+        return [path]
+    return sorted(
+        p for p in path.iterdir() if not p.name.startswith(".") and p.is_file() and p.exists()
+    )
+
+
+def public_keys(cfg: GateConfig) -> dict[str, PublicKeyType]:
+    """The public keys of blind mode: each file of ``detect.public_keys`` (a directory: each
+    file in it, named ``DIR/FILE``), then the key versions and live import tokens of each
+    service in ``detect.service_configs``, read from its store (no PIN, no token)."""
+    from signer.scan import load_public_keys
+
+    out: dict[str, PublicKeyType] = {}
+    for entry in cfg.public_keys:
+        for path in _files_in(entry):
+            prefix = f"{entry.name}/" if path != entry else ""
+            for name, key in load_public_keys([path]).items():
+                out[prefix + name] = key
+    for service in cfg.service_configs:
+        out.update(service_public_keys(service))
+    return out
+
+
+def service_public_keys(config: Path) -> dict[str, PublicKeyType]:
+    """A service's public keys, from the store its configuration names, opened read-only: every
+    key version (destroyed ones too: an old dump may hold them) and every import token not yet
+    destroyed (its wrapping key's private half is in the token). Named ``CONFIG:NAME/vN``."""
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    from signer._internal import config as service_config
+
+    cfg = service_config.load(config, env={})
+    store = Path(cfg.store.path)
+    if not store.is_absolute():
+        raise ScanError(
+            f"service configuration {config}: store.path {store} is relative; the gate cannot "
+            "know the service's working directory: give it as an absolute path"
+        )
+    if not store.is_file():
+        raise ScanError(f"service configuration {config}: no key store at {store}")
+    rows: list[tuple[str, bytes]] = []
+    try:
+        db = sqlite3.connect(f"file:{quote(str(store))}?mode=ro", uri=True, timeout=5.0)
+        try:
+            rows += [
+                (f"{name}/v{version}", der)
+                for name, version, der in db.execute(
+                    "SELECT name, version, public_key FROM versions ORDER BY name, version"
+                )
+            ]
+            rows += [
+                (f"import-token/{token}", der)
+                for token, der in db.execute(
+                    "SELECT token, public_key FROM import_tokens WHERE destroyed = 0"
+                )
+            ]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ScanError(f"key store {store} (of {config}) cannot be read: {exc}") from None
+    out: dict[str, PublicKeyType] = {}
+    for name, der in rows:
+        key: Any = load_der_public_key(der)
+        out[f"{config}:{name}"] = key
+    return out
+
+
+def build_scanner(cfg: GateConfig, blind_budget_seconds: float = 60.0) -> Scanner:
+    """The scanner the configuration asks for, built the way ``signer scan`` builds one (the
+    same loaders, the same constructor): known secrets; blind mode (the structural detectors,
+    and the mathematical checks against each public key) when there are public keys or
+    ``detect.structural`` is on. Structural detection cannot be turned off while public keys
+    are given: it is part of blind mode."""
+    from signer.scan import Scanner, load_secrets
+
+    known = load_secrets(cfg.secrets)
+    public = public_keys(cfg)
+    blind = bool(public) or cfg.structural
+    return Scanner(
+        known,
+        public_keys=public if blind else None,
+        blind_budget_seconds=blind_budget_seconds,
+    )
+
+
+# --- the child ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ScanOutcome:
+    """What the scan child said. ``status``: 'done' (``findings``, ``complete``), 'budget' (killed
+    at the deadline), 'error' (``reason``). ``sanitised``: what became of the sanitised copy."""
+
+    status: str
+    budget_seconds: float
+    seconds: float = 0.0
+    findings: int = 0
+    complete: bool = False
+    incomplete: str | None = None  # why a done scan is not complete ('budget: ...' or other)
+    reason: str | None = None
+    sanitised: dict[str, Any] = field(default_factory=lambda: {"state": "not needed"})
+    notes: list[str] = field(default_factory=list)
+
+
+def described(exc: BaseException) -> str:
+    """An exception for the log and meta.json: this project's errors by their message (they
+    never carry a secret), an OSError by its strerror and file, any other by its type only (its
+    message could quote bytes of a key file)."""
+    if isinstance(exc, SignerError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'error'}: {exc.filename or ''}".rstrip(": ")
+    return f"{type(exc).__name__} (details withheld: they could quote the input)"
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
+    """Runs in the child; never returns normally (the caller ``os._exit``-s)."""
+
+    def say(**message: Any) -> None:
+        data = (json.dumps(message) + "\n").encode()
+        while data:
+            data = data[os.write(out, data) :]
+
+    from signer.scan.report import to_json, to_sarif
+
+    began = time.monotonic()
+    scanner = build_scanner(cfg, 60.0)
+    scanner.blind_budget_seconds = max(0.0, (deadline - time.monotonic()) * BLIND_SHARE)
+    result = scanner.scan(core)
+    write_private(core.with_name("report.json"), to_json([result]))
+    write_private(core.with_name("report.sarif"), json.dumps(to_sarif([result]), indent=2) + "\n")
+    incomplete = None
+    if result.blind is not None and not result.blind.complete:
+        incomplete = "budget: blind mode did not finish within the budget"
+    elif not result.complete:
+        incomplete = "the scan stopped at its match limit"
+    say(
+        scan={
+            "findings": len(result.findings),
+            "complete": incomplete is None,
+            "incomplete": incomplete,
+            "notes": result.notes,
+            "seconds": time.monotonic() - began,
+        }
+    )
+    if not result.findings:
+        return
+    try:
+        from signer.scan import sanitize  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        say(sanitised={"state": "unavailable: this signer has no signer.scan.sanitize yet"})
+        return
+    began = time.monotonic()
+    dst = core.with_name("core.sanitised")
+    try:
+        done = sanitize(core, dst, scanner)
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            dst.unlink()
+        say(sanitised={"state": f"failed: {described(exc)}"})
+        return
+    report = _jsonable(done)
+    verified = bool(getattr(done, "verified", False))
+    if not verified:
+        with contextlib.suppress(OSError):
+            dst.rename(dst.with_name("core.sanitised.unverified"))
+    state = "verified" if verified else "not verified by the re-scan: kept as core.sanitised."
+    state += "" if verified else "unverified, not to be released"
+    say(
+        sanitised={
+            "state": state,
+            "seconds": round(time.monotonic() - began, 3),
+            "result": report if isinstance(report, dict) else str(report),
+        }
+    )
+
+
+class _Child:
+    """The scan child: its pid, the read end of its pipe, and whether it has been reaped."""
+
+    def __init__(self, cfg: GateConfig, core: Path, deadline: float) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(r)
+                _child(cfg, core, deadline, w)
+            except BaseException as exc:
+                code = 1
+                with contextlib.suppress(BaseException):
+                    os.write(w, (json.dumps({"error": described(exc)}) + "\n").encode())
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid, self.fd, self.reaped = pid, r, False
+
+    def ended(self) -> str:
+        """Waits for the child (its pipe has ended, so it is ending) and says how it ended."""
+        _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
+        if os.WIFSIGNALED(status):
+            return f"the scan child died of signal {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"the scan child exited with status {os.waitstatus_to_exitcode(status)}"
+
+    def close(self) -> None:
+        """Kills the child if it is still there (killed at the deadline), and reaps it."""
+        os.close(self.fd)
+        if not self.reaped:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.reaped = True
+
+
+def _messages(fd: int, deadline_of: dict[str, float]) -> Iterator[dict[str, Any] | None]:
+    """JSON messages from the child as they come; None when the current deadline passed (the
+    caller may move it: ``deadline_of['t']``). Ends at the end of the pipe."""
+    pending = b""
+    while True:
+        left = deadline_of["t"] - time.monotonic()
+        if left <= 0:
+            yield None
+            return
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        data = os.read(fd, 1 << 16)
+        if not data:
+            return
+        pending += data
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = {"error": "the scan child wrote something unreadable"}
+            yield message if isinstance(message, dict) else {"error": "unreadable message"}
+
+
+def scan(cfg: GateConfig, core: Path) -> ScanOutcome:
+    """Scans the quarantined ``core`` within the budget its size gives; on findings, waits for
+    the sanitised copy as long again twice (a scan, a copy, a re-scan)."""
+    budget = cfg.budget_seconds(os.stat(core).st_size)
+    began = time.monotonic()
+    deadline = {"t": began + budget}
+    out = ScanOutcome("error", budget, reason="the scan child ended without a result")
+    child = _Child(cfg, core, deadline["t"])
+    try:
+        for message in _messages(child.fd, deadline):
+            if message is None:
+                if out.status == "done":
+                    out.sanitised = {"state": "stopped: the sanitiser ran past its budget"}
+                else:
+                    out.status = "budget"
+                    out.reason = f"the scan did not finish within its budget of {budget:.1f} s"
+                break
+            if "error" in message:
+                if out.status == "done":
+                    out.sanitised = {"state": f"failed: {message['error']}"}
+                else:
+                    out.reason = f"the scan failed: {message['error']}"
+                break
+            if "scan" in message:
+                s = message["scan"]
+                out.status, out.reason = "done", None
+                out.seconds = time.monotonic() - began
+                out.findings = int(s["findings"])
+                out.complete = bool(s["complete"])
+                out.incomplete = s["incomplete"]
+                out.notes = [str(n) for n in s["notes"]]
+                if out.findings:
+                    out.sanitised = {"state": "started"}
+                    deadline["t"] = time.monotonic() + 2 * budget
+            if "sanitised" in message:
+                out.sanitised = message["sanitised"]
+        else:  # the pipe ended: how did the child?
+            if out.status != "done":
+                out.reason = f"the scan failed: {child.ended()}"
+            elif out.sanitised.get("state") == "started":
+                out.sanitised = {"state": f"failed: {child.ended()}"}
+    finally:
+        child.close()
+    if out.status != "done":
+        out.seconds = time.monotonic() - began
+    return out
