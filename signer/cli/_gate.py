@@ -2,7 +2,9 @@
 
 ``install``, ``uninstall`` and ``status`` (an operator's, as root) put the gate in and out of
 ``/proc/sys/kernel/core_pattern`` and say what it has done (:mod:`signer.gate._install`);
-``handle`` is what the kernel runs for each dump. Each imports the gate only when it runs.
+``handle`` is what the kernel runs for each dump (:func:`signer.gate.handle`). ``python -m
+signer.gate`` runs the same commands (:func:`register_commands`). Each imports the gate only when
+it runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from signer.cli._common import EXIT_INVALID, EXIT_OK
 
 if TYPE_CHECKING:
     from signer.cli._common import Subparsers
+
+DESCRIPTION = (
+    "The dump gate: the kernel pipes every core dump on the host to it; it keeps the dump in a "
+    "root-only quarantine, scans it, and releases it only if clean."
+)
+
+DESCRIPTION = (
+    "The dump gate: the kernel pipes every core dump on the host to it; it keeps the dump in a "
+    "root-only quarantine, scans it, and releases it only if clean."
+)
+DEFAULT_CONFIG = "/etc/signer/dump-gate.toml"  # signer.gate.DEFAULT_CONFIG, not imported for it
 
 
 # --- install, uninstall, status ---------------------------------------------------------------
@@ -122,7 +135,98 @@ def _register_install(gsub: Subparsers) -> None:
     sp.set_defaults(func=cmd_status)
 
 
+# --- handle (the kernel's) ----------------------------------------------------------------
+
+
+def cmd_handle(args: argparse.Namespace) -> int:
+    from signer.gate import Crash, handle
+
+    crash = Crash(
+        args.pid,
+        args.tid,
+        args.uid,
+        args.gid,
+        args.signal,
+        args.time,
+        args.core_limit,
+        args.hostname,
+        args.exe,
+    )
+    outcome = handle(args.config, crash)
+    return EXIT_OK if outcome.released else EXIT_INVALID
+
+
+def _register_handle(gsub: Subparsers) -> None:
+    sp = gsub.add_parser(
+        "handle",
+        help="take one core dump from stdin through the gate (run by the kernel)",
+        description="Run by the kernel through core_pattern ('|WRAPPER %%P %%i %%u %%g %%s %%t "
+        "%%c %%h %%E'), with the core on stdin: stores it in the quarantine, scans it, releases "
+        "it if clean, and records the decision in the entry's meta.json and the gate's log. "
+        "Exit 0 released, 1 not released (the decision says why).",
+    )
+    sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
+    sp.add_argument("pid", type=int, metavar="PID", help="%%P: the pid (initial namespace)")
+    sp.add_argument("tid", type=int, metavar="TID", help="%%i: the crashing thread")
+    sp.add_argument("uid", type=int, metavar="UID", help="%%u")
+    sp.add_argument("gid", type=int, metavar="GID", help="%%g")
+    sp.add_argument("signal", type=int, metavar="SIGNAL", help="%%s")
+    sp.add_argument("time", type=int, metavar="TIME", help="%%t: seconds since the epoch")
+    sp.add_argument("core_limit", type=int, metavar="CORE_LIMIT", help="%%c: RLIMIT_CORE")
+    sp.add_argument("hostname", metavar="HOSTNAME", help="%%h")
+    sp.add_argument("exe", metavar="EXE", help="%%E: the executable's path, '/' written '!'")
+    sp.set_defaults(func=cmd_handle)
+
+
+# --- handle -----------------------------------------------------------------------------------
+
+
+def cmd_handle(args: argparse.Namespace) -> int:
+    from signer.gate import Crash, handle
+
+    crash = Crash(
+        args.pid,
+        args.tid,
+        args.uid,
+        args.gid,
+        args.signal,
+        args.time,
+        args.core_limit,
+        args.hostname,
+        args.exe,
+    )
+    outcome = handle(args.config, crash, stdin=sys.stdin.fileno())
+    print(
+        f"{outcome.decision}: {outcome.reason}" + (f" ({outcome.entry})" if outcome.entry else "")
+    )
+    return EXIT_OK
+
+
+def _register_handle(gsub: Subparsers) -> None:
+    from signer.gate._install import DEFAULT_CONFIG
+
+    sp = gsub.add_parser(
+        "handle",
+        help="what the kernel runs for each dump (core on stdin); not for hands",
+        description="Takes one core dump on standard input through the gate: quarantine, scan, "
+        "decide, release or keep. The kernel runs it through the wrapper install writes, with "
+        "core_pattern's %%P %%i %%u %%g %%s %%t %%c %%h %%E.",
+    )
+    sp.add_argument("--config", type=Path, default=DEFAULT_CONFIG, metavar="PATH")
+    for name in ("pid", "tid", "uid", "gid", "signal", "time", "core_limit"):
+        sp.add_argument(name, type=int, metavar=name.upper())
+    sp.add_argument("hostname", metavar="HOSTNAME")
+    sp.add_argument("exe", nargs="?", default="", metavar="EXE_PATH", help="%%E: '/' as '!'")
+    sp.set_defaults(func=cmd_handle)
+
+
 # --- parser -----------------------------------------------------------------------------------
+
+
+def register_commands(gsub: Subparsers) -> None:
+    """install, uninstall, status, handle (also ``python -m signer.gate``)."""
+    _register_install(gsub)
+    _register_handle(gsub)
 
 
 def register(sub: Subparsers) -> None:
@@ -130,8 +234,7 @@ def register(sub: Subparsers) -> None:
     gp = sub.add_parser(
         "dump-gate",
         help="scan every core dump on this host as the kernel writes it (install, status, ...)",
-        description="The dump gate: the kernel pipes every core dump on the host to it; it "
-        "keeps the dump in a root-only quarantine, scans it, and releases it only if clean.",
+        description=DESCRIPTION,
     )
     gsub = gp.add_subparsers(dest="gate_command", required=True, metavar="COMMAND")
-    _register_install(gsub)
+    register_commands(gsub)

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from signer.errors import ConfigError
+from signer.errors import GateError
 
 
 def write_private(path: Path, text: str) -> None:
@@ -35,9 +35,9 @@ def private_dir(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{path} is not a directory")
+        raise GateError(f"{path} is not a directory")
     if st.st_uid != os.geteuid():
-        raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by the gate's ({os.geteuid()})")
+        raise GateError(f"{path} is owned by uid {st.st_uid}, not by the gate's ({os.geteuid()})")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from signer._internal.config import parse_toml, read_text
-from signer.errors import ConfigError
+from signer.errors import ConfigError, GateError
 from signer.gate._config import GateConfig, load_config
 from signer.gate._crash import Crash
 from signer.gate._files import private_dir, write_json
@@ -155,7 +155,7 @@ def _entry(quarantine: Path, crash: Crash) -> Path:
             return entry
         except FileExistsError:
             continue
-    raise ConfigError(f"{quarantine} holds 1000 entries named {base}")
+    raise GateError(f"{quarantine} holds 1000 entries named {base}")
 
 
 def _drain(src: int) -> int:
@@ -231,7 +231,7 @@ class _Run:
         try:
             private_dir(self.cfg.state_dir)
             return True
-        except (ConfigError, OSError):
+        except (GateError, OSError):
             return False
 
     def save(self) -> None:
@@ -260,9 +260,9 @@ class _Run:
     def _steps(self) -> tuple[str, str]:
         try:
             self.entry = _entry(self.cfg.quarantine_dir, self.crash)
-        except (ConfigError, OSError) as exc:
+        except (GateError, OSError) as exc:
             self.meta["received"] = _drain(self.stdin)
-            what = exc.message if isinstance(exc, ConfigError) else exc.strerror
+            what = exc.message if isinstance(exc, GateError) else exc.strerror
             return "dropped:error", f"no quarantine directory: {what}"
         self.meta["dir"] = self.entry.name
         self.save()

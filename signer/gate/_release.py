@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from signer.errors import ConfigError, SignerError
+from signer.errors import GateError, SignerError
 from signer.gate._crash import Crash, file_owner, namespace_pid, thread_name
 from signer.gate._files import private_dir
 from signer.gate._receive import CHUNK
@@ -41,7 +41,7 @@ MIN_COREDUMP = 4096
 _ZERO = bytes(CHUNK)
 
 
-class ReleaseError(SignerError):
+class ReleaseError(GateError):
     """The clean core could not be released: it stays in quarantine."""
 
 
@@ -186,7 +186,7 @@ def to_directory(core: Path, dst: Path) -> Released:
     exist; root's, 0600."""
     try:
         private_dir(dst.parent)
-    except ConfigError as exc:
+    except GateError as exc:
         raise ReleaseError(f"release_dir: {exc.message}") from None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     if os.stat(core).st_dev == os.stat(dst.parent).st_dev:
