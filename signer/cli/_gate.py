@@ -24,11 +24,6 @@ DESCRIPTION = (
     "The dump gate: the kernel pipes every core dump on the host to it; it keeps the dump in a "
     "root-only quarantine, scans it, and releases it only if clean."
 )
-
-DESCRIPTION = (
-    "The dump gate: the kernel pipes every core dump on the host to it; it keeps the dump in a "
-    "root-only quarantine, scans it, and releases it only if clean."
-)
 DEFAULT_CONFIG = "/etc/signer/dump-gate.toml"  # signer.gate.DEFAULT_CONFIG, not imported for it
 
 
@@ -48,12 +43,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
     done = uninstall(args.config, state_dir=args.state_dir)
     print("\n".join(done.lines()))
-    # The gate's pattern was replaced by something else since: said, and left; a script notices.
-    return (
-        EXIT_OK
-        if done.restored or done.found_pattern == done.previous_pattern
-        else (EXIT_OK if not done.previous_pattern else EXIT_INVALID)
-    )
+    # Something else set core_pattern since the install: said, and left; a script notices.
+    return EXIT_INVALID if done.left else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -175,48 +166,6 @@ def _register_handle(gsub: Subparsers) -> None:
     sp.add_argument("core_limit", type=int, metavar="CORE_LIMIT", help="%%c: RLIMIT_CORE")
     sp.add_argument("hostname", metavar="HOSTNAME", help="%%h")
     sp.add_argument("exe", metavar="EXE", help="%%E: the executable's path, '/' written '!'")
-    sp.set_defaults(func=cmd_handle)
-
-
-# --- handle -----------------------------------------------------------------------------------
-
-
-def cmd_handle(args: argparse.Namespace) -> int:
-    from signer.gate import Crash, handle
-
-    crash = Crash(
-        args.pid,
-        args.tid,
-        args.uid,
-        args.gid,
-        args.signal,
-        args.time,
-        args.core_limit,
-        args.hostname,
-        args.exe,
-    )
-    outcome = handle(args.config, crash, stdin=sys.stdin.fileno())
-    print(
-        f"{outcome.decision}: {outcome.reason}" + (f" ({outcome.entry})" if outcome.entry else "")
-    )
-    return EXIT_OK
-
-
-def _register_handle(gsub: Subparsers) -> None:
-    from signer.gate._install import DEFAULT_CONFIG
-
-    sp = gsub.add_parser(
-        "handle",
-        help="what the kernel runs for each dump (core on stdin); not for hands",
-        description="Takes one core dump on standard input through the gate: quarantine, scan, "
-        "decide, release or keep. The kernel runs it through the wrapper install writes, with "
-        "core_pattern's %%P %%i %%u %%g %%s %%t %%c %%h %%E.",
-    )
-    sp.add_argument("--config", type=Path, default=DEFAULT_CONFIG, metavar="PATH")
-    for name in ("pid", "tid", "uid", "gid", "signal", "time", "core_limit"):
-        sp.add_argument(name, type=int, metavar=name.upper())
-    sp.add_argument("hostname", metavar="HOSTNAME")
-    sp.add_argument("exe", nargs="?", default="", metavar="EXE_PATH", help="%%E: '/' as '!'")
     sp.set_defaults(func=cmd_handle)
 
 

@@ -143,11 +143,15 @@ class Installed:
 
 @dataclass(frozen=True)
 class Uninstalled:
+    """``restored``: the replaced pattern is back. ``left``: core_pattern was not the gate's
+    (something else set it since the install), so nothing was restored."""
+
     restored: bool
     found_pattern: str
     previous_pattern: str
     previous_pipe_limit: int
     note: str
+    left: bool = False
 
     def lines(self) -> list[str]:
         return [self.note]
@@ -283,7 +287,14 @@ def uninstall(
             f"{state.previous_pattern!r}). The state is marked uninstalled"
         )
     replace(state, installed=False, uninstalled_at=_now(), uninstall_note=note).write(state_dir)
-    return Uninstalled(restored, current, state.previous_pattern, state.previous_pipe_limit, note)
+    return Uninstalled(
+        restored,
+        current,
+        state.previous_pattern,
+        state.previous_pipe_limit,
+        note,
+        left=not restored,
+    )
 
 
 def is_gate_pattern(pattern: str) -> bool:

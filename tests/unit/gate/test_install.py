@@ -182,6 +182,7 @@ def test_uninstall_leaves_a_pattern_someone_else_set(
     kernel.core_pattern.write_text("|/usr/share/apport/apport %p %s %c\n")
     done = uninstall(config, kernel=kernel)
     assert not done.restored
+    assert done.left
     assert "apport" in done.note
     assert "left as it is" in done.note
     assert kernel.pattern() == "|/usr/share/apport/apport %p %s %c"
