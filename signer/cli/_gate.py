@@ -144,6 +144,8 @@ def cmd_handle(args: argparse.Namespace) -> int:
         args.exe,
     )
     outcome = handle(args.config, crash)
+    where = f" ({outcome.entry})" if outcome.entry else ""
+    print(f"{outcome.decision}: {outcome.reason}{where}")  # /dev/null when the kernel runs it
     return EXIT_OK if outcome.released else EXIT_INVALID
 
 

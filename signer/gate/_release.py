@@ -89,7 +89,7 @@ def expand(token: str, values: dict[str, str], lacking: set[str]) -> str | None:
     """One argument (or a file pattern) with its specifiers expanded; None for an argument that
     is nothing but specifiers the gate lacks (``lacking`` collects them). An unknown specifier
     expands to nothing, as in the kernel."""
-    out, i, only_lacking = [], 0, True
+    out, i, only_lacking, lacked = [], 0, True, False
     while i < len(token):
         ch = token[i]
         if ch != "%" or i + 1 == len(token):
@@ -99,12 +99,13 @@ def expand(token: str, values: dict[str, str], lacking: set[str]) -> str | None:
             continue
         spec = token[i + 1]
         i += 2
-        if spec in values:
-            out.append(values[spec])
-            only_lacking = False
-        elif spec in LACKING:
+        if spec in LACKING:
             lacking.add(spec)
-    return None if only_lacking and token else "".join(out)
+            lacked = True
+        else:
+            out.append(values.get(spec, ""))
+            only_lacking = False
+    return None if only_lacking and lacked else "".join(out)
 
 
 def previous_pattern(state_dir: Path) -> str:
@@ -123,7 +124,9 @@ def previous_pattern(state_dir: Path) -> str:
         raise ReleaseError(f"{path} does not give the previous pattern: {exc!r}") from None
     if not isinstance(pattern, str):
         raise ReleaseError(f"{path}: previous_pattern is not a string")
-    if pattern.strip() == (gate or "").strip() or "signer-dump-gate" in pattern:
+    from signer.gate._install import is_gate_pattern
+
+    if pattern.strip() == (gate or "").strip() or is_gate_pattern(pattern):
         raise ReleaseError(f"{path}: the previous pattern is the gate itself: {pattern!r}")
     return pattern
 

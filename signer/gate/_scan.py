@@ -11,7 +11,6 @@ included) or raises is an error, never a clean result.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import select
@@ -154,21 +153,11 @@ def described(exc: BaseException) -> str:
     message could quote bytes of a key file)."""
     if isinstance(exc, SignerError):
         return exc.message
+    if isinstance(exc, ImportError):  # a module's name: the installation is incomplete
+        return f"{type(exc).__name__}: {exc.msg}"
     if isinstance(exc, OSError):
         return f"{type(exc).__name__}: {exc.strerror or 'error'}: {exc.filename or ''}".rstrip(": ")
     return f"{type(exc).__name__} (details withheld: they could quote the input)"
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
@@ -206,31 +195,22 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
     try:
         from signer.scan import sanitize  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
-        say(sanitised={"state": "unavailable: this signer has no signer.scan.sanitize yet"})
+        say(sanitised={"state": "unavailable: this signer has no signer.scan.sanitize"})
         return
-    began = time.monotonic()
     dst = core.with_name("core.sanitised")
     try:
-        done = sanitize(core, dst, scanner)
+        done = sanitize(core, dst, scanner, result=result)
+        if not done.verified:  # sanitize raises rather than return one; kept as a guard
+            raise ScanError("the re-scan did not prove the copy clean")
     except Exception as exc:
         with contextlib.suppress(OSError):
             dst.unlink()
         say(sanitised={"state": f"failed: {described(exc)}"})
         return
-    report = _jsonable(done)
-    verified = bool(getattr(done, "verified", False))
-    if not verified:
-        with contextlib.suppress(OSError):
-            dst.rename(dst.with_name("core.sanitised.unverified"))
-    state = "verified" if verified else "not verified by the re-scan: kept as core.sanitised."
-    state += "" if verified else "unverified, not to be released"
-    say(
-        sanitised={
-            "state": state,
-            "seconds": round(time.monotonic() - began, 3),
-            "result": report if isinstance(report, dict) else str(report),
-        }
-    )
+    report = done.to_dict()
+    write_private(core.with_name("sanitise.json"), json.dumps(report, indent=2) + "\n")
+    summary = ("findings_overwritten", "bytes_overwritten", "verified", "seconds", "notes")
+    say(sanitised={"state": "verified", **{k: report[k] for k in summary}})
 
 
 class _Child:
