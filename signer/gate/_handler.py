@@ -98,9 +98,8 @@ def decide(received: Received, scanned: ScanOutcome | None) -> tuple[str, str]:
     if scanned.status != "done":
         return "quarantined:error", scanned.reason or "the scan failed"
     if scanned.incomplete:
-        if scanned.incomplete.startswith("budget"):
-            return "quarantined:budget", scanned.incomplete.removeprefix("budget: ")
-        return "quarantined:error", scanned.incomplete
+        kind = "budget" if scanned.over_budget else "error"
+        return f"quarantined:{kind}", scanned.incomplete
     return "released", "scanned clean"
 
 
@@ -360,4 +359,9 @@ def handle(config: str | Path, crash: Crash, stdin: int = 0) -> Outcome:
     """Takes the core on ``stdin`` (a descriptor: the kernel's pipe) through the gate. Never
     raises for a problem of the dump, the configuration or the host: the outcome says it."""
     protect_self()
-    return _Run(Path(config), crash, stdin).run()
+    try:
+        run = _Run(Path(config), crash, stdin)
+    except Exception as exc:  # not even a log: the dump is read and not kept
+        _drain(stdin)
+        return Outcome("dropped:error", f"the gate could not start: {described(exc)}", None, {})
+    return run.run()

@@ -141,7 +141,8 @@ class ScanOutcome:
     seconds: float = 0.0
     findings: int = 0
     complete: bool = False
-    incomplete: str | None = None  # why a done scan is not complete ('budget: ...' or other)
+    incomplete: str | None = None  # why a done scan is not complete
+    over_budget: bool = False  # ... because blind mode ran out of its share of the budget
     reason: str | None = None
     sanitised: dict[str, Any] = field(default_factory=lambda: {"state": "not needed"})
     notes: list[str] = field(default_factory=list)
@@ -171,14 +172,14 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
     from signer.scan.report import to_json, to_sarif
 
     began = time.monotonic()
-    scanner = build_scanner(cfg, 60.0)
-    scanner.blind_budget_seconds = max(0.0, (deadline - time.monotonic()) * BLIND_SHARE)
+    scanner = build_scanner(cfg, max(0.0, (deadline - began) * BLIND_SHARE))
     result = scanner.scan(core)
     write_private(core.with_name("report.json"), to_json([result]))
     write_private(core.with_name("report.sarif"), json.dumps(to_sarif([result]), indent=2) + "\n")
     incomplete = None
-    if result.blind is not None and not result.blind.complete:
-        incomplete = "budget: blind mode did not finish within the budget"
+    over_budget = result.blind is not None and not result.blind.complete
+    if over_budget:
+        incomplete = "blind mode did not finish within its share of the budget"
     elif not result.complete:
         incomplete = "the scan stopped at its match limit"
     say(
@@ -186,6 +187,7 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
             "findings": len(result.findings),
             "complete": incomplete is None,
             "incomplete": incomplete,
+            "over_budget": over_budget,
             "notes": result.notes,
             "seconds": time.monotonic() - began,
         }
@@ -305,6 +307,7 @@ def scan(cfg: GateConfig, core: Path) -> ScanOutcome:
                 out.findings = int(s["findings"])
                 out.complete = bool(s["complete"])
                 out.incomplete = s["incomplete"]
+                out.over_budget = bool(s["over_budget"])
                 out.notes = [str(n) for n in s["notes"]]
                 if out.findings:
                     out.sanitised = {"state": "started"}

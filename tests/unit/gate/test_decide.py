@@ -29,7 +29,7 @@ def outcome(**kw: object) -> ScanOutcome:
         (WHOLE, outcome(status="error", reason="died of SIGSEGV"), "quarantined:error", "SIGSEGV"),
         (
             WHOLE,
-            outcome(complete=False, incomplete="budget: blind mode did not finish"),
+            outcome(complete=False, incomplete="blind mode did not finish", over_budget=True),
             "quarantined:budget",
             "blind mode",
         ),
