@@ -162,6 +162,26 @@ def test_a_services_keys_are_read_from_its_store_without_any_pin(gate: Gate) -> 
     assert finding["secret_id"] == f"{service}:payments/v1"
 
 
+def test_a_real_core_of_a_process_holding_the_key(
+    gate: Gate, key: ec.EllipticCurvePrivateKey, tmp_path: Path
+) -> None:
+    """A real process's memory (gcore: the same ELF core the kernel writes, and no core_pattern
+    involved), the key's scalar in a bytes object on its heap."""
+    code = "import sys; k = bytes.fromhex(sys.argv[1]); print('ready', flush=True); input()"
+    argv = [sys.executable, "-c", code, ec_scalar(key).hex()]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as holder:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"ready\n"  # the key is in its memory now
+        gcore = ["gcore", "-o", str(tmp_path / "real"), str(holder.pid)]
+        subprocess.run(gcore, check=True, capture_output=True, timeout=60)
+        holder.kill()
+    run = gate.run((tmp_path / f"real.{holder.pid}").read_bytes(), pid=holder.pid)
+    assert run.decision == "quarantined:findings", run.meta
+    found = {(f["secret_id"], f["representation"]) for f in run.report()["findings"]}
+    assert ("key.pem", "be") in found
+    assert all(f["address"] is not None for f in run.report()["findings"])
+
+
 # --- release ---------------------------------------------------------------------------------
 
 
