@@ -12,6 +12,12 @@ the TLS endpoint's key and both token PINs. A row only counts as evidence with i
 Rows whose subject is ``front`` snapshot the mTLS front (nginx) instead, under the same load: its
 TLS key is in the token, so the key must be absent there too. The front does hold the TLS token's
 PIN (libp11 keeps it to log in again); those findings are reported as expected, not judged.
+
+Rows whose collector is ``gate`` crash the service with the dump gate (:mod:`signer.gate`)
+installed as the kernel's ``core_pattern`` for the row, configured with the same keys and PINs as
+files: the service's dump must be released (found clean by the gate) and is read from where it
+was released; the control's must stay in quarantine with every key and PIN named in the gate's
+own report (the gate's positive control), and is read from the quarantine.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +37,10 @@ from typing import Any
 
 from cryptography import x509
 
+from signer._internal import hsm
 from signer.errors import AlreadyExists, SignerError
 from signer.harness import crash
-from signer.harness.collectors import KernelCollector, gcore
+from signer.harness.collectors import GateCollector, GateDump, KernelCollector, gcore
 from signer.harness.lab import Lab, Load, ServiceProcess, reaped
 from signer.harness.verdicts import NOT_A_CONTROL_ROW, ControlVerdict, judge_control
 from signer.scan import Scanner
@@ -47,7 +55,7 @@ Progress = Callable[[str], None]
 class Case:
     mechanism: str
     moment: str
-    collector: str  # "kernel" or "gcore"/"gcore-a" (snapshots)
+    collector: str  # "kernel", "gate" (the dump gate as core_pattern), "gcore"/"gcore-a"
     # "service"; "inprocess" (SoftHSM2 loaded by the service: the second control); "front"
     subject: str = "service"
 
@@ -73,6 +81,11 @@ class Row:
     activity: str = ""  # what the service was visibly doing when it was crashed
     # Findings of secrets this subject is known to hold (the front: the TLS token's PIN).
     expected_findings: dict[str, int] = field(default_factory=dict)
+    # Gate rows: what the gate decided on the service's dump ("released" expected) and on the
+    # control's ("quarantined:findings", every key and PIN named in its report).
+    gate_decision: str = ""
+    gate_control_decision: str = ""
+    gate_control: ControlVerdict | None = None
     error: str = ""
 
     @property
@@ -81,7 +94,29 @@ class Row:
             return False
         if self.case.subject == "inprocess":
             return True  # the second control: its findings are reported, not judged
+        if self.case.collector == "gate" and not self.gate_ok:
+            return False
         return self.control is not None and self.control.caught and not self.findings
+
+    @property
+    def gate_ok(self) -> bool:
+        """The gate released the clean dump and quarantined the control naming everything."""
+        return (
+            self.gate_decision == "released"
+            and self.gate_control_decision == "quarantined:findings"
+            and self.gate_control is not None
+            and self.gate_control.caught
+        )
+
+    @property
+    def gate_text(self) -> str:
+        """The gate column of the report ("" for rows without the gate)."""
+        if self.case.collector != "gate":
+            return ""
+        return (
+            f"{self.gate_decision or '-'}; control {self.gate_control_decision or '-'} "
+            f"{'' if self.gate_control is None else self.gate_control}"
+        ).strip()
 
     @property
     def control_text(self) -> str:
@@ -106,8 +141,16 @@ def quick_matrix() -> list[Case]:
         Case("SIGSEGV", "load", "kernel", subject="inprocess"),
         Case("gcore", "load", "gcore", subject="front"),
         Case("gcore-a", "load", "gcore-a", subject="front"),
+        # The dump gate as the kernel's collector: one row (about 15 s with its control);
+        # every mechanism in the full matrix.
+        Case("SIGSEGV", "load", "gate"),
     ]
     return cases
+
+
+def gate_matrix() -> list[Case]:
+    """Every fatal mechanism under load with the dump gate as the kernel's collector."""
+    return [Case(m, "load", "gate") for m in crash.FATAL]
 
 
 def full_matrix() -> list[Case]:
@@ -122,6 +165,7 @@ def full_matrix() -> list[Case]:
     cases += [Case(m, "load", "kernel", subject="inprocess") for m in crash.FATAL]
     cases += [Case("gcore-a", "load", "gcore-a", subject="inprocess")]
     cases += [Case(s, "load", s, subject="front") for s in crash.SNAPSHOTS]
+    cases += gate_matrix()
     return cases
 
 
@@ -134,7 +178,9 @@ class Campaign:
         self.kernel = KernelCollector.detect()
         self.lab = Lab(self.work / "lab")
         self.rows: list[Row] = []
+        self.gate: GateCollector | None = None
         self._controls: dict[tuple[str, str], tuple[ControlVerdict, int]] = {}
+        self._gate_controls: dict[str, GateDump] = {}
         self._scanner: Scanner | None = None
         self._secret_ids: set[str] = set()
         self._imported = 0
@@ -162,6 +208,12 @@ class Campaign:
                 f"kernel collector: {self.kernel.name}"
                 + ("" if self.kernel.usable else " (not usable here: gcore stands in)")
             )
+            if any(c.collector == "gate" for c in cases):
+                # A short path: the wrapper's is in core_pattern (127 bytes at most).
+                self.gate = GateCollector(
+                    Path(tempfile.mkdtemp(prefix="signer-gate-harness-")),
+                    self._gate_secret_files(),
+                )
             for i, case in enumerate(cases, 1):
                 row = self._run_case(case)
                 self.rows.append(row)
@@ -174,6 +226,8 @@ class Campaign:
                 )
         finally:
             self.lab.close()
+            if self.gate is not None:
+                shutil.rmtree(self.gate.root, ignore_errors=True)  # the controls' cores
         self.write_report()
         return all(r.ok for r in self.rows)
 
@@ -188,6 +242,8 @@ class Campaign:
                 dump, marker = self._dump_service(case, cwd, row)
             self._scan(dump, marker, row, self._maps_of(cwd))
             row.control, row.control_findings = self._control(case)
+            if case.collector == "gate":
+                self._judge_gate_control(case, row)
         except Exception as exc:  # a row that breaks is a failed row, not a crashed campaign
             row.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -198,6 +254,8 @@ class Campaign:
         return row
 
     def _collector(self, case: Case) -> str:
+        if case.collector == "gate":
+            return "dump-gate (kernel pipe)"
         if case.collector != "kernel":
             return case.collector
         return self.kernel.name if self.kernel.usable else "gcore (kernel pipe not usable)"
@@ -323,6 +381,14 @@ class Campaign:
             sp.proc.wait(30)
             row.exit_status = "killed after snapshot"
             return dump
+        if case.collector == "gate":
+            assert self.gate is not None
+            with self.gate.installed():
+                row.how = crash.deliver(sp.pid, case.mechanism)
+                row.exit_status = _describe_status(sp.proc.wait(60))
+                got = self.gate.fetch(sp.pid, dump)
+            row.gate_decision = got.decision
+            return dump
         if not self.kernel.usable:
             # A pipe collector we cannot read back: take the snapshot gcore would have, then crash.
             gcore(sp.pid, dump)
@@ -375,6 +441,12 @@ class Campaign:
         with reaped(proc):
             if mechanism in crash.SNAPSHOTS:
                 gcore(proc.pid, dump, all_mappings=mechanism == "gcore-a")
+            elif collector == "gate":
+                assert self.gate is not None
+                with self.gate.installed():
+                    crash.deliver(proc.pid, mechanism)
+                    proc.wait(60)
+                    self._gate_controls[mechanism] = self.gate.fetch(proc.pid, dump)
             else:
                 if not self.kernel.usable:
                     gcore(proc.pid, dump)
@@ -390,10 +462,29 @@ class Campaign:
         marker_found = bool(result.markers_found.get("marker"))
         return judge_control(self._secret_ids, found, marker_found), len(result.findings)
 
+    def _gate_secret_files(self) -> tuple[Path, ...]:
+        """The lab's keys and PINs as the files a gate's config names."""
+        paths = hsm.HsmPaths(self.lab.hsm_dir.absolute())
+        keys = sorted(self.lab.keys_dir.absolute().glob("*.pem"))
+        tls = [self.lab.tls_key_file.absolute()] if self.lab.tls_key is not None else []
+        pins = [p for p in (paths.user_pin, paths.tls_pin) if p.exists()]
+        return (*keys, *tls, *pins)
+
+    def _judge_gate_control(self, case: Case, row: Row) -> None:
+        """The gate's positive control: its own scan of the control's dump named every file."""
+        assert self.gate is not None
+        mechanism = "worker-fault" if case.mechanism == "pkcs11-call-fault" else case.mechanism
+        got = self._gate_controls.get(mechanism)
+        if got is None:
+            return
+        row.gate_control_decision = got.decision
+        row.gate_control = judge_control(self.gate.secret_ids, got.found, True)
+
     # --- report ---------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
         service_rows = [r for r in self.rows if r.case.subject == "service"]
+        gate_rows = [r for r in self.rows if r.case.collector == "gate"]
         return {
             "crashes": len(self.rows),
             "dumps_scanned": sum(1 for r in self.rows if r.bytes_scanned),
@@ -408,6 +499,15 @@ class Campaign:
             "markers_found": sum(1 for r in self.rows if r.marker),
             "rows_ok": sum(1 for r in self.rows if r.ok),
             "kernel_collector": self.kernel.name,
+            "gate_rows": sum(1 for r in gate_rows),
+            "gate_released": sum(1 for r in gate_rows if r.gate_decision == "released"),
+            "gate_controls_caught": sum(
+                1
+                for r in gate_rows
+                if r.gate_control_decision == "quarantined:findings"
+                and r.gate_control is not None
+                and r.gate_control.caught
+            ),
             "passed": all(r.ok for r in self.rows),
         }
 
@@ -416,7 +516,14 @@ class Campaign:
         data = {
             "summary": self.summary(),
             "rows": [
-                {**asdict(r), "control": r.control_text, "id": r.case.id, "ok": r.ok}
+                {
+                    **asdict(r),
+                    "control": r.control_text,
+                    "gate_control": "" if r.gate_control is None else str(r.gate_control),
+                    "gate": r.gate_text,
+                    "id": r.case.id,
+                    "ok": r.ok,
+                }
                 for r in self.rows
             ],
         }
@@ -426,6 +533,8 @@ class Campaign:
 
 def render_markdown(data: dict[str, Any]) -> str:
     s = data["summary"]
+    # The gate's column only where the dump gate collected (make audit's gate rows).
+    gated = any(r.get("gate") for r in data["rows"])
     lines = [
         "# Crash-dump audit",
         "",
@@ -442,20 +551,36 @@ def render_markdown(data: dict[str, Any]) -> str:
         "and PINs held in memory by an ordinary process with an ordinary TLS server, crashed the "
         "same way) was caught. The front's findings of its own TLS token PIN are expected "
         "(libp11 keeps it to log in again) and listed apart.",
+        *(
+            [
+                "",
+                f"Gate rows ({s.get('gate_rows', 0)}): the dump gate was the kernel's "
+                "core_pattern for the row, with the same keys and PINs as files in its config. "
+                "A gate row counts only if the gate released the service's dump (scanned clean) "
+                "and kept the control's in quarantine with every key and PIN named in its own "
+                f"report: released {s.get('gate_released', 0)}/{s.get('gate_rows', 0)}, "
+                f"controls quarantined and named {s.get('gate_controls_caught', 0)}/"
+                f"{s.get('gate_rows', 0)}.",
+            ]
+            if gated
+            else []
+        ),
         "",
         "| subject | mechanism | moment | activity | collector | exit | dump MiB | scanned MiB "
-        "| patterns | findings | control | marker | ok |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---|---|---|",
+        f"| patterns | findings | control | marker |{' gate |' if gated else ''} ok |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---|---|---|" + ("---|" if gated else ""),
     ]
     for r in data["rows"]:
         c = r["case"]
+        gate = f" {r.get('gate', '')} |" if gated else ""
         lines.append(
             f"| {c['subject']} | {c['mechanism']} | {c['moment']} | {r['activity']} "
             f"| {r['collector_name']} "
             f"| {r['exit_status']} | {r['dump_size'] / 2**20:.1f} "
             f"| {r['bytes_scanned'] / 2**20:.1f} "
             f"| {r['patterns']} | {len(r['findings'])}{_expected(r)} | {r['control']} "
-            f"| {'yes' if r['marker'] else 'NO'} | {'ok' if r['ok'] else 'FAIL ' + r['error']} |"
+            f"| {'yes' if r['marker'] else 'NO'} |{gate} "
+            f"{'ok' if r['ok'] else 'FAIL ' + r['error']} |"
         )
     findings = [(r["id"], f) for r in data["rows"] for f in r["findings"]]
     if findings:

@@ -107,6 +107,23 @@ def test_report_written(campaign: Campaign) -> None:
     assert "| subject | mechanism | moment | activity | collector |" in md
 
 
+def test_the_dump_gate_released_the_service_and_kept_its_control(campaign: Campaign) -> None:
+    """The gate row: the dump gate was core_pattern; it released the service's dump (which the
+    harness then found clean, with its marker) and kept the control's in quarantine, its own
+    report naming every key and PIN file."""
+    rows = [r for r in campaign.rows if r.case.collector == "gate"]
+    assert rows
+    for r in rows:
+        assert r.gate_decision == "released", (r.case.id, r.gate_text, r.error)
+        assert r.gate_control_decision == "quarantined:findings", r.gate_text
+        assert r.gate_control is not None
+        assert r.gate_control.caught, r.gate_text
+        assert r.marker
+        assert not r.findings
+    assert campaign.summary()["gate_controls_caught"] == len(rows)
+    assert "| gate |" in (campaign.report_dir / "report.md").read_text()
+
+
 def test_inprocess_softhsm_control_is_reported(campaign: Campaign) -> None:
     """The second control: SoftHSM2 loaded by the service itself. Its findings are reported,
     not judged; the figure shows what the process boundary buys."""

@@ -35,12 +35,14 @@ def test_quick_matrix_covers_every_mechanism_and_moment() -> None:
     service = [c for c in quick_matrix() if c.subject == "service"]
     assert {c.mechanism for c in service} == set(crash.MECHANISMS)
     assert {c.moment for c in service} == set(MOMENTS)
-    assert {c.collector for c in service} == {"kernel", "gcore", "gcore-a"}
+    assert {c.collector for c in service} == {"kernel", "gcore", "gcore-a", "gate"}
     assert len({c.id for c in quick_matrix()}) == len(quick_matrix())
 
 
 CAUGHT = ControlVerdict(ControlOutcome.CAUGHT, 9, 9)
 LOAD = Case("SIGSEGV", "load", "kernel")
+GATE = Case("SIGSEGV", "load", "gate")
+KEPT = "quarantined:findings"
 
 
 @pytest.mark.parametrize(
@@ -52,6 +54,52 @@ LOAD = Case("SIGSEGV", "load", "kernel")
         (Row(LOAD, marker=True, control=CAUGHT, findings=[{"secret_id": "k"}]), False),
         (Row(LOAD, marker=True, control=CAUGHT, error="x"), False),
         (Row(LOAD, marker=True), False),  # the control did not run
+        # Gate rows: the service's dump released, the control's kept with everything named.
+        (
+            Row(
+                GATE,
+                marker=True,
+                control=CAUGHT,
+                gate_decision="released",
+                gate_control_decision=KEPT,
+                gate_control=CAUGHT,
+            ),
+            True,
+        ),
+        (Row(GATE, marker=True, control=CAUGHT), False),
+        (
+            Row(
+                GATE,
+                marker=True,
+                control=CAUGHT,
+                gate_decision="quarantined:budget",
+                gate_control_decision=KEPT,
+                gate_control=CAUGHT,
+            ),
+            False,
+        ),
+        (
+            Row(
+                GATE,
+                marker=True,
+                control=CAUGHT,
+                gate_decision="released",
+                gate_control_decision=KEPT,
+                gate_control=judge_control({"k.pem", "user.pin"}, {"k.pem"}, True),
+            ),
+            False,
+        ),
+        (
+            Row(
+                GATE,
+                marker=True,
+                control=CAUGHT,
+                gate_decision="released",
+                gate_control_decision="released",
+                gate_control=CAUGHT,
+            ),
+            False,
+        ),
         # The in-process control reports findings; it is judged on its marker only.
         (
             Row(
@@ -165,3 +213,27 @@ def test_markdown_report_has_a_row_per_crash_and_the_verdict() -> None:
     md = render_markdown(data)
     assert "**PASSED**" in md
     assert "| service | SIGBUS | idle | idle | kernel-file | killed by SIGBUS |" in md
+
+
+def test_the_gate_column_only_where_the_gate_collected(tmp_path: Path) -> None:
+    c = Campaign(tmp_path / "report")
+    c.rows = [Row(Case("SIGBUS", "idle", "kernel"), marker=True, control=CAUGHT)]
+    c.write_report()
+    assert "| gate |" not in (c.report_dir / "report.md").read_text()
+    c.rows.append(
+        Row(
+            GATE,
+            marker=True,
+            control=CAUGHT,
+            gate_decision="released",
+            gate_control_decision=KEPT,
+            gate_control=CAUGHT,
+        )
+    )
+    c.write_report()
+    md = (c.report_dir / "report.md").read_text()
+    assert "| marker | gate | ok |" in md
+    assert "| released; control quarantined:findings caught 9/9 | ok |" in md
+    assert "released 1/1, controls quarantined and named 1/1" in md
+    rows = json.loads((c.report_dir / "report.json").read_text())["rows"]
+    assert rows[1]["gate_control"] == "caught 9/9"
