@@ -8,7 +8,7 @@ gate in ``/``, where a relative path would mean something else than the operator
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,3 @@ def _value(table: str, key: str, kind: str, raw: Any, base: Path) -> Any:
     if kind == "argv":
         return tuple(raw)
     return tuple(base / x for x in raw)
-
-
-def config_fields() -> list[str]:
-    """The settings' names, as the file spells them (for documentation and tests)."""
-    return [f.name for f in fields(GateConfig) if f.name != "path"]

@@ -16,9 +16,9 @@ _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 @dataclass(frozen=True)
 class Crash:
-    """``pid``/``tid`` are the initial namespace's (%P, %I... the kernel's %i for the gate is
-    the thread in the gate's namespace, the initial one); ``exe_escaped`` is %E as given
-    ('/' written '!')."""
+    """What core_pattern gave the gate. ``pid`` is %P (the initial pid namespace's); ``tid`` the
+    crashing thread as the pattern gave it (%i: the same as %I for a process in the initial
+    namespace); ``exe_escaped`` is %E as given ('/' written '!')."""
 
     pid: int
     tid: int

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from signer.errors import GateError, SignerError
 from signer.gate._crash import Crash, file_owner, namespace_pid, thread_name
-from signer.gate._files import private_dir
 from signer.gate._receive import CHUNK
 
 KERNEL_ENV = {"HOME": "/", "PATH": "/sbin:/bin:/usr/sbin:/usr/bin"}
@@ -186,11 +185,11 @@ def _copy(src: int, dst: int, limit: int | None = None) -> int:
 
 def to_directory(core: Path, dst: Path) -> Released:
     """Moved (renamed, or copied and removed across file systems) to ``dst``, which must not
-    exist; root's, 0600."""
-    try:
-        private_dir(dst.parent)
-    except GateError as exc:
-        raise ReleaseError(f"release_dir: {exc.message}") from None
+    exist; root's, 0600. The directory is made 0700 if missing, and left as it is otherwise
+    (the operator's: /var/crash is 1777)."""
+    dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not dst.parent.is_dir():
+        raise ReleaseError(f"release_dir {dst.parent} is not a directory")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     if os.stat(core).st_dev == os.stat(dst.parent).st_dev:
         os.close(os.open(dst, flags, 0o600))  # claims the name, as O_EXCL does below

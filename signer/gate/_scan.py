@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from signer.scan import Scanner
 
 BLIND_SHARE = 0.5
-"""Of the budget left once the scanner is built, what blind mode's own budget gets: the rest is
-for the literal pass before it. A blind pass the budget cuts short says so in the report (and
-the dump stays quarantined) rather than being killed without one."""
+"""Of the scan's budget, what blind mode's own budget gets: the rest is for building the
+scanner and the literal pass before it. A blind pass the budget cuts short says so in the
+report (and the dump stays quarantined) rather than being killed without one."""
 
 
 # --- what to search for ------------------------------------------------------------------------
@@ -44,9 +44,7 @@ def _files_in(path: Path) -> list[Path]:
     """``path`` itself, or the regular files of a directory (not hidden), sorted."""
     if not path.is_dir():
         return [path]
-    return sorted(
-        p for p in path.iterdir() if not p.name.startswith(".") and p.is_file() and p.exists()
-    )
+    return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
 
 
 def public_keys(cfg: GateConfig) -> dict[str, PublicKeyType]:
@@ -70,6 +68,7 @@ def service_public_keys(config: Path) -> dict[str, PublicKeyType]:
     """A service's public keys, from the store its configuration names, opened read-only: every
     key version (destroyed ones too: an old dump may hold them) and every import token not yet
     destroyed (its wrapping key's private half is in the token). Named ``CONFIG:NAME/vN``."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_der_public_key
 
     from signer._internal import config as service_config
@@ -105,7 +104,10 @@ def service_public_keys(config: Path) -> dict[str, PublicKeyType]:
         raise ScanError(f"key store {store} (of {config}) cannot be read: {exc}") from None
     out: dict[str, PublicKeyType] = {}
     for name, der in rows:
-        key: Any = load_der_public_key(der)
+        try:
+            key: Any = load_der_public_key(der)
+        except (ValueError, UnsupportedAlgorithm):
+            raise ScanError(f"key store {store}: the public key of {name} does not load") from None
         out[f"{config}:{name}"] = key
     return out
 
