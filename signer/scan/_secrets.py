@@ -16,6 +16,7 @@ import json
 import os
 import re
 import stat
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ MAX_RSA_EXPONENT_BITS = 64
 
 # Components by how they are represented (see _patterns); any other component is text-like.
 NUMERIC = ("d", "p", "q", "dP", "dQ", "qInv", "private_value", "seed")
-WHOLE_KEY = ("pkcs1-der", "sec1-der", "pkcs8-der")
+WHOLE_KEY = ("pkcs1-der", "sec1-der", "pkcs8-der", "openssh-key", "ppk-private")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -95,8 +96,60 @@ def _der(key: PrivateKey, fmt: serialization.PrivateFormat) -> bytes:
     return key.private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption())
 
 
+def _ssh_string_end(blob: bytes, at: int) -> int:
+    n: int = struct.unpack_from(">I", blob, at)[0]
+    if at + 4 + n > len(blob):
+        raise ValueError("SSH string runs past the end")
+    return at + 4 + n
+
+
+def openssh_fields(blob: bytes) -> tuple[int, int]:
+    """Where the key fields of an ``openssh-key-v1`` blob's private section are: from the key
+    type (after the private section's length and its two check integers) to the end of the last
+    private field (before the comment and the padding)."""
+    at = len(b"openssh-key-v1\0")
+    for _ in range(3):  # cipher, KDF, KDF options
+        at = _ssh_string_end(blob, at)
+    at = _ssh_string_end(blob, at + 4)  # the number of keys (1), then the public key
+    start = at + 4 + 8
+    (n,) = struct.unpack_from(">I", blob, start)
+    keytype = blob[start + 4 : start + 4 + n]
+    # Fields after the type: RSA n e d iqmp p q; Ed25519 public, seed||public; ECDSA curve,
+    # public point, scalar.
+    fields = 6 if keytype == b"ssh-rsa" else 2 if keytype == b"ssh-ed25519" else 3
+    end = _ssh_string_end(blob, start)
+    for _ in range(fields):
+        end = _ssh_string_end(blob, end)
+    return start, end
+
+
+def _openssh_blob(key: PrivateKey) -> dict[str, bytes]:
+    """The key as ssh-keygen writes it unencrypted (``openssh-key-v1``, no comment), with the
+    check integers zeroed: they are random per file, and a Secret is the same each time. Nothing
+    for a key OpenSSH has no format for (an EC key on another curve than P-256/384/521)."""
+    try:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    except (ValueError, UnsupportedAlgorithm):
+        return {}
+    blob = bytearray(base64.b64decode(b"".join(pem.splitlines()[1:-1])))
+    start, _ = openssh_fields(bytes(blob))
+    blob[start - 8 : start] = bytes(8)
+    return {"openssh-key": bytes(blob)}
+
+
+def _mpint(value: int) -> bytes:
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big")  # a 0 first when the top bit is set
+    return struct.pack(">I", len(body)) + body
+
+
 def secret_from_key(key: PrivateKey, id: str) -> Secret:
-    """Every component and whole-key encoding of an RSA, EC or Ed25519 private key."""
+    """Every component and whole-key encoding of an RSA, EC or Ed25519 private key: numbers,
+    DER, the OpenSSH key (``openssh-key``) and, for RSA, PuTTY's private blob
+    (``ppk-private``: mpints d, p, q, iqmp)."""
     pkcs8 = serialization.PrivateFormat.PKCS8
     trad = serialization.PrivateFormat.TraditionalOpenSSL
     if isinstance(key, rsa.RSAPrivateKey):
@@ -113,6 +166,8 @@ def secret_from_key(key: PrivateKey, id: str) -> Secret:
             "qInv": _be(nums.iqmp, half),
             "pkcs1-der": _der(key, trad),
             "pkcs8-der": _der(key, pkcs8),
+            **_openssh_blob(key),
+            "ppk-private": b"".join(map(_mpint, (nums.d, nums.p, nums.q, nums.iqmp))),
         }
         kind = "rsa"
     elif isinstance(key, ec.EllipticCurvePrivateKey):
@@ -121,10 +176,15 @@ def secret_from_key(key: PrivateKey, id: str) -> Secret:
             "private_value": _be(key.private_numbers().private_value, width),
             "sec1-der": _der(key, trad),
             "pkcs8-der": _der(key, pkcs8),
+            **_openssh_blob(key),
         }
         kind = "ec"
     elif isinstance(key, ed25519.Ed25519PrivateKey):
-        comps = {"seed": key.private_bytes_raw(), "pkcs8-der": _der(key, pkcs8)}
+        comps = {
+            "seed": key.private_bytes_raw(),
+            "pkcs8-der": _der(key, pkcs8),
+            **_openssh_blob(key),
+        }
         kind = "ed25519"
     else:
         raise ScanError(

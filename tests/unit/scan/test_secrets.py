@@ -36,7 +36,18 @@ def test_rsa_components(keys: Keys) -> None:
     s = secret_from_key(keys.rsa2048, "k")
     nums = keys.rsa2048.private_numbers()
     assert (s.id, s.kind) == ("k", "rsa")
-    assert list(s.components) == ["d", "p", "q", "dP", "dQ", "qInv", "pkcs1-der", "pkcs8-der"]
+    assert list(s.components) == [
+        "d",
+        "p",
+        "q",
+        "dP",
+        "dQ",
+        "qInv",
+        "pkcs1-der",
+        "pkcs8-der",
+        "openssh-key",
+        "ppk-private",
+    ]
     assert s.components["d"] == nums.d.to_bytes(256, "big")
     assert s.components["qInv"] == nums.iqmp.to_bytes(128, "big")
     assert s.components["pkcs8-der"] == keys.rsa2048.private_bytes(DER, PKCS8, NOENC)
@@ -47,7 +58,7 @@ def test_rsa_components(keys: Keys) -> None:
 
 def test_ec_and_ed25519_components(keys: Keys) -> None:
     s = secret_from_key(keys.p521, "k")
-    assert list(s.components) == ["private_value", "sec1-der", "pkcs8-der"]
+    assert list(s.components) == ["private_value", "sec1-der", "pkcs8-der", "openssh-key"]
     assert len(s.components["private_value"]) == 66
     e = secret_from_key(keys.ed25519, "e")
     assert e.kind == "ed25519"
