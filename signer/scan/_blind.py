@@ -73,6 +73,11 @@ _REPRESENTATION = {
 
 UNKNOWN = "unknown"  # the owner of a private-key structure that could not be loaded
 _MAX_BLOB = 1 << 16  # no key encoding we look for is larger
+CONTEXT_BEFORE = 8192
+"""Bytes before a structural match that :func:`structural_findings` reads (a JWK member's
+object begins up to this far back)."""
+CONTEXT_AFTER = 2 * _MAX_BLOB
+"""Bytes from a structural match on that it reads (a base64 OpenSSH blob, the longest)."""
 _BLOCK = 1 << 20  # math checks read memory in blocks of this size
 _MAX_DUMP_RSA_BITS = 8192
 """A JWK in a dump with a larger modulus is reported, not loaded: recovering its p and q from
@@ -517,9 +522,7 @@ def _run_check(
     findings: list[Finding],
     holes: Holes | None = None,
 ) -> tuple[int, int]:
-    t = check.target
-    L = t.length
-    order: Literal["little", "big"] = "little" if check.little else "big"
+    L = check.target.length
     covered = tested = 0
     for region, pos, own in _blocks(regions, L):
         if time.monotonic() >= stop:
@@ -529,33 +532,142 @@ def _run_check(
             covered += own  # a hole of a sparse file: zeros, not read (a 4 GiB hole is free)
             continue
         block = bytes(buf[at : at + own + L - 1])  # a copy: numpy must not pin the mmap
-        if block.count(0) == len(block):
-            covered += own  # untouched memory (most of a gcore): nothing to test
-            continue
-        a = np.frombuffer(block, dtype=np.uint8)
-        # Limbs: only windows at 8-aligned virtual addresses.
-        idx = np.arange(-(region.address + pos) % 8, own, 8) if check.little else np.arange(own)
-        for k, o in enumerate(_candidates(a, idx, t, check.little).tolist()):
-            if k % 256 == 0 and time.monotonic() >= stop:
-                return covered + o, tested
-            tested += 1
-            key = t.verify(int.from_bytes(block[o : o + L], order))
-            if key is not None:
-                layout = (
-                    "little-endian 64-bit limbs at an 8-aligned address"
-                    if check.little
-                    else "big-endian"
-                )
-                findings.append(
-                    Finding(
-                        key,
-                        t.component,
-                        t.representation,
-                        offset=at + o,
-                        length=L,
-                        detail=f"verified ({layout}): {t.what.format(key=key)}",
-                    )
-                )
+        done, n = _test_block(check, block, at, region.address + pos, own, stop, findings)
+        tested += n
+        if done < own:
+            return covered + done, tested
         covered += own
     # Bytes in regions shorter than a window hold no window: they are covered trivially.
     return sum(r.length for r in regions), tested
+
+
+def _test_block(
+    check: _Check,
+    block: bytes,
+    at: int,
+    address: int,
+    own: int,
+    stop: float,
+    findings: list[Finding],
+) -> tuple[int, int]:
+    """Tests the windows starting in ``block[:own]`` (file offset ``at``, virtual address
+    ``address``): how many bytes of ``own`` it covered before ``stop`` (all of them unless the
+    time ran out), and how many candidates it verified."""
+    t = check.target
+    L = t.length
+    if block.count(0) == len(block):
+        return own, 0  # untouched memory (most of a gcore): nothing to test
+    order: Literal["little", "big"] = "little" if check.little else "big"
+    a = np.frombuffer(block, dtype=np.uint8)
+    # Limbs: only windows at 8-aligned virtual addresses.
+    idx = np.arange(-address % 8, own, 8) if check.little else np.arange(own)
+    tested = 0
+    for k, o in enumerate(_candidates(a, idx, t, check.little).tolist()):
+        if k % 256 == 0 and time.monotonic() >= stop:
+            return o, tested
+        tested += 1
+        key = t.verify(int.from_bytes(block[o : o + L], order))
+        if key is not None:
+            layout = (
+                "little-endian 64-bit limbs at an 8-aligned address"
+                if check.little
+                else "big-endian"
+            )
+            findings.append(
+                Finding(
+                    key,
+                    t.component,
+                    t.representation,
+                    offset=at + o,
+                    length=L,
+                    detail=f"verified ({layout}): {t.what.format(key=key)}",
+                )
+            )
+    return own, tested
+
+
+class StreamChecks:
+    """The mathematical checks over memory that arrives a window at a time (a compressed core
+    read as a stream): the same windows are tested, with the same filters, as
+    :func:`run_checks` tests in a whole file, so the findings and candidate counts are the same.
+
+    The time differs in one way: :func:`run_checks` gives each check in turn an equal share of
+    what is left of the budget over all memory; here each window's checks share what is left
+    in turn, memory in file order. Within the budget both cover everything; past it, this one
+    has covered the start of memory with every check, rather than every check of the first
+    kinds over all memory. A check stopped by the deadline stays stopped (its coverage is a
+    prefix of memory)."""
+
+    def __init__(self, keys: PublicKeys) -> None:
+        self.checks = _checks(keys)
+        self.findings: list[Finding] = []
+        self.window = max((c.target.length for c in self.checks), default=1)
+        """Bytes a window holds at most: feed() needs this many less one past its range."""
+        n = len(self.checks)
+        self._covered, self._tested = [0] * n, [0] * n
+        self._seconds, self._stopped = [0.0] * n, [False] * n
+        self._regions: Sequence[Region] = ()
+        self._starts: list[int] = []
+
+    def feed(
+        self,
+        view: memoryview,
+        origin: int,
+        start: int,
+        end: int,
+        regions: Sequence[Region],
+        deadline: float,
+    ) -> None:
+        """Tests the windows that start at file offsets in [start, end) inside ``regions``
+        (sorted by offset, disjoint), until ``deadline`` (time.monotonic()). ``view`` holds the
+        file's bytes from ``origin`` on, to ``end + window - 1`` or to the end of the file."""
+        limit = origin + len(view)
+        if regions is not self._regions:
+            self._regions, self._starts = regions, [r.offset for r in regions]
+        first = max(0, bisect.bisect_right(self._starts, start) - 1)
+        for i, check in enumerate(self.checks):
+            began = time.monotonic()
+            stop = began + max(0.0, deadline - began) / (len(self.checks) - i)
+            L = check.target.length
+            for r in regions[first:]:
+                if r.offset >= end or self._stopped[i]:
+                    break
+                lo = max(start, r.offset)
+                hi = min(end, r.offset + r.length - L + 1, limit - L + 1)
+                while lo < hi:
+                    own = min(_BLOCK, hi - lo)
+                    if time.monotonic() >= stop:
+                        self._stopped[i] = True
+                        break
+                    block = bytes(view[lo - origin : lo - origin + own + L - 1])
+                    address = r.address + lo - r.offset
+                    done, n = _test_block(check, block, lo, address, own, stop, self.findings)
+                    self._covered[i] += done
+                    self._tested[i] += n
+                    if done < own:
+                        self._stopped[i] = True
+                        break
+                    lo += own
+            self._seconds[i] += time.monotonic() - began
+
+    def reports(self, regions: Sequence[Region]) -> list[BlindCheck]:
+        """What each check covered of ``regions`` (the memory of the whole stream)."""
+        total = sum(r.length for r in regions)
+        return [
+            BlindCheck(
+                c.name,
+                c.target.key_id,
+                total,
+                min(covered, total) if stopped else total,
+                tested,
+                seconds,
+            )
+            for c, covered, tested, seconds, stopped in zip(
+                self.checks,
+                self._covered,
+                self._tested,
+                self._seconds,
+                self._stopped,
+                strict=True,
+            )
+        ]

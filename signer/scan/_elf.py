@@ -59,6 +59,8 @@ class CoreLayout:
     notes: list[NamedRange] = field(default_factory=list)  # note contents, by file offset
     problems: list[str] = field(default_factory=list)
     headers_end: int = 0  # end of the ELF and program headers in the file
+    extent: int = 0  # where the file ends if it is whole: the end of what any header describes
+    head: int = 0  # the file's first bytes that hold every header and note parse_core read
 
     def __post_init__(self) -> None:
         self.pieces = _pieces(self.segments)
@@ -157,9 +159,19 @@ MAX_PROBLEMS = 20
 are all cut short must not print 60000 notes)."""
 
 
+class NeedMore(Exception):
+    """:func:`parse_core`, given the first bytes of a longer file, needs its first ``needed``."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(f"the headers need the first {needed} bytes of the file")
+        self.needed = needed
+
+
 class _Reader:
-    def __init__(self, buf: bytes | memoryview, endian: str, is64: bool) -> None:
+    def __init__(self, buf: bytes | memoryview, endian: str, is64: bool, size: int) -> None:
         self.buf = buf
+        self.size = size
+        self.high = 0  # the end of the furthest structure read
         self.e = endian
         self.word = "Q" if is64 else "I"
         self.wsize = 8 if is64 else 4
@@ -167,8 +179,11 @@ class _Reader:
     def unpack(self, fmt: str, offset: int) -> tuple[int, ...]:
         fmt = self.e + fmt.replace("W", self.word)
         size = struct.calcsize(fmt)
-        if offset < 0 or offset + size > len(self.buf):
+        if offset < 0 or offset + size > self.size:
             raise CoreFormatError(f"ELF structure at {offset:#x} runs past the end of the file")
+        if offset + size > len(self.buf):
+            raise NeedMore(offset + size)
+        self.high = max(self.high, offset + size)
         return struct.unpack_from(fmt, self.buf, offset)
 
 
@@ -201,9 +216,13 @@ class _Problems:
         return self.listed + ([f"... and {self.more} more such problems"] if self.more else [])
 
 
-def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
+def parse_core(buf: bytes | memoryview, size: int | None = None) -> CoreLayout | None:
     """The layout of an ELF core, or None when ``buf`` is not one. Raises CoreFormatError when
     the headers themselves are unreadable (the caller then scans the file as raw bytes).
+
+    ``size``: the file's size when ``buf`` is only its first bytes (a compressed core read as a
+    stream; ``buf`` at least 64 bytes long, or the whole file). The result is then the one the
+    whole file would give, or NeedMore says how many first bytes the headers and notes need.
 
     The headers may have been shaped by an attacker: every count and offset is checked against
     the file before it is used, work is linear in the file's size, and what is kept is bounded
@@ -212,13 +231,19 @@ def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
     if not is_elf_core(buf):
         return None
     is64 = buf[4] == 2
-    r = _Reader(buf, "<" if buf[5] == 1 else ">", is64)
+    size = len(buf) if size is None else size
+    r = _Reader(buf, "<" if buf[5] == 1 else ">", is64, size)
     if is64:
         phoff, shoff = r.unpack("QQ", 32)
         phentsize, phnum = r.unpack("HH", 54)
     else:
         phoff, shoff = r.unpack("II", 28)
         phentsize, phnum = r.unpack("HH", 42)
+    # Section headers (gdb's gcore writes them last; the kernel, only past 65534 segments):
+    # only where the file ends.
+    shentsize, shnum = (
+        r.unpack("HH", 58 if is64 else 46) if size >= (62 if is64 else 50) else (0, 0)
+    )
     if phnum == PN_XNUM:  # more than 65534 headers: the real count is section 0's sh_info
         phnum = r.unpack("I", shoff + (44 if is64 else 28))[0]
     minimum = 56 if is64 else 32
@@ -232,7 +257,6 @@ def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
         raise CoreFormatError(
             f"{phnum} program headers claimed, more than the {MAX_PROGRAM_HEADERS} a core can have"
         )
-    size = len(buf)
     problems = _Problems()
     # Headers whose bytes are all in the file (a core cut short inside them keeps the rest).
     fit = 0
@@ -246,7 +270,10 @@ def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
         problems.add(
             f"{phnum - fit} of {phnum} program headers lie past the end of the file (truncated)"
         )
+    if fit and phoff + (fit - 1) * phentsize + minimum > len(buf):
+        raise NeedMore(phoff + (fit - 1) * phentsize + minimum)
     segments: list[Segment] = []
+    extent = max(phoff + phnum * phentsize, shoff + max(shnum, 1) * shentsize if shoff else 0)
     note_ranges: list[tuple[int, int, int]] = []
     for i in range(fit):
         at = phoff + i * phentsize
@@ -259,6 +286,7 @@ def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
                 "IIIIIIII", at
             )
         present = max(0, min(p_filesz, size - p_offset))
+        extent = max(extent, p_offset + p_filesz)
         if p_type == PT_LOAD:
             if present < p_filesz:
                 problems.add(
@@ -268,11 +296,21 @@ def parse_core(buf: bytes | memoryview) -> CoreLayout | None:
             segments.append(Segment(p_offset, present, p_vaddr, p_memsz, p_flags, p_filesz))
         elif p_type == PT_NOTE and present:
             note_ranges.append((p_offset, present, p_align))
+    needed = max((offset + present for offset, present, _ in note_ranges), default=0)
+    if needed > len(buf):
+        raise NeedMore(needed)
     notes, files = _all_notes(r, note_ranges, problems)
     segments.sort(key=lambda s: s.offset)
     files.sort(key=lambda m: m.start)
     notes.sort(key=lambda m: m.start)
-    layout = CoreLayout(segments, files, notes, headers_end=phoff + fit * phentsize)
+    layout = CoreLayout(
+        segments,
+        files,
+        notes,
+        headers_end=phoff + fit * phentsize,
+        extent=extent,
+        head=max(r.high, needed),
+    )
     if layout.memory_bytes < sum(s.filesz for s in segments):
         problems.add(
             "PT_LOAD segments claim the same file bytes (a corrupt or shaped core): each byte "

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from signer.errors import CoreFormatError, ScanError
 from signer.keys import PublicKeyType
-from signer.scan import _blind
+from signer.scan import _blind, _compressed
 from signer.scan._elf import (
     AddressNamer,
     CoreLayout,
@@ -31,6 +31,8 @@ from signer.scan._result import BlindReport, Finding, ScanResult
 from signer.scan._secrets import MIN_PATTERN, WHOLE_KEY, Secret, reading
 
 DEFAULT_CHUNK = 64 << 20
+DEFAULT_MAX_OUTPUT = 64 << 30
+"""A compressed file may decompress to at most this many bytes (see ``max_output``)."""
 MIN_HOLE = 1 << 20
 """Holes of a sparse file shorter than this are read like data: skipping them saves little, and
 one data range per 4 KiB block of a shaped file would be millions of ranges."""
@@ -54,6 +56,7 @@ class Scanner:
         public_keys: Mapping[str, PublicKeyType] | Sequence[PublicKeyType] | None = None,
         blind_budget_seconds: float = 60.0,
         chunk_size: int = DEFAULT_CHUNK,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> None:
         self.secrets = list(secrets)
         for s in self.secrets:
@@ -69,10 +72,13 @@ class Scanner:
             raise ScanError("chunk_size must be positive")
         if blind_budget_seconds < 0:
             raise ScanError("blind_budget_seconds must not be negative")
+        if max_output < 0:
+            raise ScanError("max_output must not be negative")
         if not self.secrets and public_keys is None:
             raise ScanError("nothing to search for: give secrets, public keys, or both")
         self.min_fragment = min_fragment
         self.chunk_size = chunk_size
+        self.max_output = max_output
         self.blind_budget_seconds = float(blind_budget_seconds)
         self.public_keys = None if public_keys is None else _blind.PublicKeys(public_keys)
 
@@ -86,6 +92,8 @@ class Scanner:
                 table.setdefault(rep.data[at : at + rep.window], []).append((ri, at))
         self._windows = list(table.values())
         self._nlit = len(self._windows)
+        # How far from a window match _extend reads: a representation's length, either way.
+        self._reach = max((len(rep.data) for rep in self._reps), default=0)
         structural = _blind.STRUCTURAL if self.public_keys is not None else ()
         self._kinds = [kind for kind, _, _ in structural]
         self._patterns = PatternSet(list(table), [(rx, n) for _, rx, n in structural])
@@ -108,14 +116,29 @@ class Scanner:
         path: Path | str,
         maps: Path | str | None = None,
         markers: Mapping[str, bytes] | None = None,
+        *,
+        deadline: float | None = None,
     ) -> ScanResult:
         """Scans one file. ``maps``: a ``/proc/PID/maps`` snapshot naming a core's anonymous
         mappings. ``markers``: literals known to be in the dumped memory, counted in the same
-        pass (a dump in which they are missing is not whole)."""
+        pass (a dump in which they are missing is not whole).
+
+        A file compressed with zstd, lz4 or xz (told by its magic bytes: systemd-coredump's
+        ``.zst``, ``.lz4``, ``.xz`` cores) is scanned as the file it decompresses to, read as a
+        stream: the result (offsets, size, findings) is that of the decompressed file, which
+        is never written anywhere. Its output is bounded by ``max_output`` and by the extent
+        the core's headers declare; ``deadline`` (a ``time.monotonic()`` value) bounds its
+        time. Past a bound, or on a stream that is cut short or corrupt: ScanError, and no
+        result (see :mod:`signer.scan._stream`)."""
         path = Path(path)
         marker_set, names = self._markers(markers or {})
         maps_text = _read_maps(Path(maps)) if maps is not None else None
         with self._lock, reading(path, "dump"), _open_regular(path, "dump") as f:
+            codec = _compressed.detect(f)
+            if codec is not None:
+                from signer.scan._stream import scan_stream  # it imports this module
+
+                return scan_stream(self, path, f, codec, maps_text, marker_set, names, deadline)
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 # Nothing to map (mmap refuses 0 bytes), but the same result as any file: a
@@ -182,7 +205,7 @@ class Scanner:
                 "of one secret, or are the secrets degenerate?)"
             )
         literal_hits = [(pid, at) for pid, at in hits[0] if pid < self._nlit]
-        findings = self._resolve(view, literal_hits)
+        findings = self._suppress(self._matches(view, literal_hits))
 
         blind: BlindReport | None = None
         if self.public_keys is not None:
@@ -215,21 +238,48 @@ class Scanner:
                 tuple(checks),
                 examined,
             )
+        counts = Counter(pid for pid, _ in hits[1]) if marker_set is not None else Counter()
+        markers_found = {name: counts[i] for i, name in enumerate(marker_names)}
+        return self._result(
+            path,
+            size,
+            layout,
+            maps_text,
+            findings,
+            blind,
+            markers_found,
+            complete,
+            notes,
+            marker_set,
+        )
+
+    def _result(
+        self,
+        path: Path,
+        size: int,
+        layout: CoreLayout | None,
+        maps_text: str | None,
+        findings: list[Finding],
+        blind: BlindReport | None,
+        markers_found: dict[str, int],
+        complete: bool,
+        notes: list[str],
+        marker_set: PatternSet | None,
+    ) -> ScanResult:
+        """The result of a scan, from what it found: findings located in the core's mappings,
+        the notes a reader needs. Shared by the file and the stream (compressed) scans."""
+        if blind is not None:
             if not blind.structural_complete:
                 notes.append(
-                    f"blind mode confirmed {examined} of {len(structural)} private-key "
-                    f"structures within the budget of {self.blind_budget_seconds:g} s: the "
-                    "result is INCOMPLETE"
+                    f"blind mode confirmed {blind.structural_examined} of "
+                    f"{blind.structural_candidates} private-key structures within the budget "
+                    f"of {self.blind_budget_seconds:g} s: the result is INCOMPLETE"
                 )
             if not all(c.complete for c in blind.checks):
                 notes.append(
                     "blind math checks did not cover all memory within the budget of "
                     f"{self.blind_budget_seconds:g} s (see blind.checks)"
                 )
-
-        counts = Counter(pid for pid, _ in hits[1]) if marker_set is not None else Counter()
-        markers_found = {name: counts[i] for i, name in enumerate(marker_names)}
-
         if layout is not None:
             findings = _locate(findings, layout, parse_maps(maps_text) if maps_text else [])
             notes += _core_notes(layout, size)
@@ -250,34 +300,43 @@ class Scanner:
             blind=blind,
         )
 
-    def _resolve(self, view: memoryview, hits: list[tuple[int, int]]) -> list[Finding]:
-        """Window hits -> maximal matches of each representation -> findings."""
+    def _matches(
+        self, view: memoryview, hits: list[tuple[int, int]], origin: int = 0
+    ) -> set[tuple[int, int, int]]:
+        """Window hits (file offsets) -> maximal matches of each representation, as (rep,
+        start, end) in the file; :meth:`_suppress` makes them findings. ``view`` holds the
+        file's bytes from ``origin`` on: a stream's window, which must reach ``_reach`` bytes
+        either side of every hit (or the file's start and end): the matches are then those of
+        the whole file (a match cut by the window's edge is found whole from either side)."""
         groups: defaultdict[tuple[int, int], list[int]] = defaultdict(list)
         for pid, at in hits:
             for ri, off in self._windows[pid]:
-                groups[(ri, at - off)].append(off)
-        matches: set[tuple[int, int, int]] = set()  # (rep, start, end) in the file
+                groups[(ri, at - origin - off)].append(off)
+        matches: set[tuple[int, int, int]] = set()
         for (ri, base), offs in groups.items():
             w = self._reps[ri].window
             offs.sort()
             a, e = offs[0], offs[0] + w
             for o in offs[1:]:
                 if o > e:
-                    matches.add(self._extend(view, ri, base, a, e))
+                    matches.add(self._extend(view, ri, base, a, e, origin))
                     a = o
                 e = o + w
-            matches.add(self._extend(view, ri, base, a, e))
-        return self._suppress(matches)
+            matches.add(self._extend(view, ri, base, a, e, origin))
+        return matches
 
-    def _extend(self, view: memoryview, ri: int, base: int, a: int, e: int) -> tuple[int, int, int]:
-        """Grows a match of ``rep.data[a:e]`` at ``base + a`` while the bytes go on matching."""
+    def _extend(
+        self, view: memoryview, ri: int, base: int, a: int, e: int, origin: int = 0
+    ) -> tuple[int, int, int]:
+        """Grows a match of ``rep.data[a:e]`` at ``view[base + a]`` while the bytes go on
+        matching; the match in file offsets."""
         data = self._reps[ri].data
         while a > 0 and base + a > 0 and view[base + a - 1] == data[a - 1]:
             a -= 1
         size = len(view)
         while e < len(data) and base + e < size and view[base + e] == data[e]:
             e += 1
-        return ri, base + a, base + e
+        return ri, origin + base + a, origin + base + e
 
     def _suppress(self, matches: set[tuple[int, int, int]]) -> list[Finding]:
         """One finding per piece of key material, not one per nested encoding of it.
@@ -386,8 +445,7 @@ def _open_regular(path: Path, what: str) -> BinaryIO:
         os.close(fd)
         kind = kinds.get(stat.S_IFMT(mode), "not a regular file")
         raise ScanError(
-            f"{what} {path} is {kind}, not a regular file: save it to a file and scan that "
-            "(decompress a compressed core first)"
+            f"{what} {path} is {kind}, not a regular file: save it to a file and scan that"
         )
     return open(fd, "rb")
 

@@ -170,8 +170,7 @@ def test_a_local_file_error_is_printed_without_a_status(
     os.mkfifo(fifo)
     missing = tmp_path / "missing"
     fifo_message = (
-        f"dump {fifo} is a FIFO or pipe, not a regular file: save it to a file and scan that "
-        "(decompress a compressed core first)"
+        f"dump {fifo} is a FIFO or pipe, not a regular file: save it to a file and scan that"
     )
     for dump, message in [
         (fifo, fifo_message),
