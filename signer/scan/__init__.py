@@ -14,9 +14,13 @@ An input the scanner cannot use (a dump, a maps snapshot, a secrets or public-ke
 cannot be read or is not what it should be, a secret too short to search for) is a
 :class:`signer.errors.ScanError` naming the file and the problem; an ELF core whose headers
 cannot be read is scanned as raw bytes, with a note saying so.
+
+:func:`sanitize` writes a copy of a dump with every finding overwritten as its whole encoded
+object (or, ``strict``, only what a backtrace needs), verified by a second scan.
 """
 
 from signer.scan._result import BlindCheck, BlindReport, Finding, ScanResult
+from signer.scan._sanitize import SanitizeResult, sanitize
 from signer.scan._scanner import Scanner, scan_file
 from signer.scan._secrets import (
     MIN_PATTERN,
@@ -34,12 +38,14 @@ __all__ = [
     "BlindCheck",
     "BlindReport",
     "Finding",
+    "SanitizeResult",
     "ScanResult",
     "Scanner",
     "Secret",
     "load_public_keys",
     "load_secrets",
     "public_key_id",
+    "sanitize",
     "scan_file",
     "secret_from_key",
     "secret_from_pin",
