@@ -203,8 +203,8 @@ class KernelDumpSettings:
     tests/integration/test_dump_gate.py): each pattern they set is noted here, and if the session
     ends (or the process exits) with one of them still set, the pattern and pipe limit the session
     started with are put back. A pattern some other session set is left alone. A test gate left
-    over from a killed run (its wrapper in a ``signer-gate-`` temporary directory) counts as
-    ``core``."""
+    over from a killed run (its wrapper in a ``signer-gate-PID-`` temporary directory, PID no
+    longer running) counts as ``core``; one whose session still runs is that session's."""
 
     PATTERN = Path("/proc/sys/kernel/core_pattern")
     PIPE_LIMIT = Path("/proc/sys/kernel/core_pipe_limit")
@@ -222,8 +222,19 @@ class KernelDumpSettings:
             self.pattern, self.pipe_limit = "core", "0"
             self.restore()
 
+    @classmethod
+    def prefix(cls) -> str:
+        """This process's temporary directories for a gate: ``signer-gate-PID-``."""
+        return f"{cls.TEST_PREFIX}{os.getpid()}-"
+
     def left_over(self, pattern: str) -> bool:
-        return pattern.startswith("|") and f"/{self.TEST_PREFIX}" in pattern.split()[0]
+        if not pattern.startswith("|"):
+            return False
+        for part in Path(pattern[1:].split()[0]).parts:
+            if part.startswith(self.TEST_PREFIX):
+                pid = part.removeprefix(self.TEST_PREFIX).split("-")[0]
+                return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+        return False
 
     def note(self, pattern: str) -> None:
         self.ours.add(pattern)

@@ -209,9 +209,10 @@ class Campaign:
                 + ("" if self.kernel.usable else " (not usable here: gcore stands in)")
             )
             if any(c.collector == "gate" for c in cases):
-                # A short path: the wrapper's is in core_pattern (127 bytes at most).
+                # A short path: the wrapper's is in core_pattern (127 bytes at most). The pid
+                # in the name: tests/conftest.py knows a gate left by a killed run by it.
                 self.gate = GateCollector(
-                    Path(tempfile.mkdtemp(prefix="signer-gate-harness-")),
+                    Path(tempfile.mkdtemp(prefix=f"signer-gate-{os.getpid()}-harness-")),
                     self._gate_secret_files(),
                 )
             for i, case in enumerate(cases, 1):

@@ -267,7 +267,7 @@ def _kernel_restored() -> Iterator[tuple[str, int]]:
 def gate_files() -> Iterator[Gate]:
     """The gate's files, not installed; ``core_pattern`` set to the gate's file pattern
     (``.../released/core.%p``), everything restored after."""
-    root = Path(tempfile.mkdtemp(prefix=KERNEL_DUMP_SETTINGS.TEST_PREFIX))
+    root = Path(tempfile.mkdtemp(prefix=KERNEL_DUMP_SETTINGS.prefix()))
     g = Gate(root)
     with _kernel_restored():
         try:
@@ -561,8 +561,9 @@ def test_a_quarantine_that_cannot_be_made_drops_the_dump(gate: Gate, known_key: 
 
 @pytest.mark.parametrize("victim", ["handler", "scan-child"])
 def test_a_gate_killed_while_scanning_never_releases(gate: Gate, victim: str) -> None:
-    """SIGKILL to the handler (no decision is ever made: the entry stays as it was, the core in
-    it) or to its scan child (the handler decides quarantined:error). The dump would have been
+    """SIGKILL to the handler and its scan child (no decision is ever made: the entry stays as
+    it was, the core in it) or to the scan child alone (the handler decides quarantined:error,
+    as for a scanner that crashes). The dump would have been
     released: its process holds nothing, and the scan is blind mode against an unrelated EC
     key, slow enough to be caught at it."""
     public = gate.root / "public-keys"
@@ -577,11 +578,17 @@ def test_a_gate_killed_while_scanning_never_releases(gate: Gate, victim: str) ->
     killed: list[int] = []
 
     def kill(pid: int) -> None:
+        # meta.json says "scanning" just before the handler forks its scan child.
+        assert wait_until(lambda: all(len(x) == 1 for x in gate.handlers(pid)), 30, 0.01), (
+            gate.handlers(pid)
+        )
         handlers, children = gate.handlers(pid)
-        targets = handlers if victim == "handler" else children
-        assert len(targets) == 1, (handlers, children)
-        os.kill(targets[0], signal.SIGKILL)
-        killed.append(targets[0])
+        # The handler: the whole gate goes (as the OOM killer would take it), its scan child
+        # with it (left alone, it would scan on to its deadline for nobody).
+        targets = handlers + children if victim == "handler" else children
+        for target in targets:
+            os.kill(target, signal.SIGKILL)
+        killed.extend(targets)
 
     pid = gate.crash("clean", while_scanning=kill)
     assert killed
