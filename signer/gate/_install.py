@@ -430,9 +430,9 @@ def _settings(cfg: GateConfig) -> dict[str, Any]:
         "state_dir": str(cfg.state_dir),
         "quarantine_dir": f"{cfg.quarantine_dir} ({free(cfg.quarantine_dir)})",
         "release": str(cfg.release_dir) if cfg.release_dir else "to the replaced core_pattern",
-        "budget": f"{cfg.seconds_per_gib:g} s per GiB; bigger than "
-        f"{cfg.max_core_bytes / 2**30:g} GiB: quarantined unread; keeps "
-        f"{cfg.min_free_bytes / 2**30:g} GiB free",
+        "budget": f"{cfg.seconds_per_gib:g} s per GiB (at least {cfg.min_scan_seconds:g} s); "
+        f"bigger than {cfg.max_core_bytes / 2**30:g} GiB: the first part kept, quarantined; "
+        f"keeps {cfg.min_free_bytes / 2**30:g} GiB free",
         "detect": f"{len(cfg.secrets)} secret files, {len(cfg.public_keys)} public-key sets, "
         f"{len(cfg.service_configs)} service configs, structural "
         f"{'on' if cfg.structural else 'off'}",
