@@ -29,13 +29,18 @@ def disable_core_dumps() -> None:
 _prctl = ctypes.CDLL(None).prctl
 
 
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> None:
+    """``sig`` to this process when the thread that started it ends (PR_SET_PDEATHSIG)."""
+    _prctl(PR_SET_PDEATHSIG, sig)
+
+
 def guarded_preexec() -> None:
     """preexec_fn: no core dumps, and SIGTERM if the parent dies without stopping the child.
 
     (PR_SET_PDEATHSIG fires when the *thread* that started the child ends: children are started
     from the main thread or from a supervisor's thread, which live as long as the parent.)"""
     disable_core_dumps()
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 class Child(Protocol):

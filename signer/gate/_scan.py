@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from signer._internal.children import die_with_parent
 from signer.errors import ScanError, SignerError
 from signer.gate._config import GateConfig
 from signer.gate._files import write_private
@@ -222,10 +223,16 @@ class _Child:
 
     def __init__(self, cfg: GateConfig, core: Path, deadline: float) -> None:
         r, w = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                # A handler killed mid-scan (by the kernel's operator, the OOM killer) must not
+                # leave its child scanning on to the deadline: it dies with the handler.
+                die_with_parent(signal.SIGKILL)
+                if os.getppid() != parent:  # the handler died before the line above
+                    os._exit(1)
                 os.close(r)
                 _child(cfg, core, deadline, w)
             except BaseException as exc:

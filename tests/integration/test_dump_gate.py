@@ -559,13 +559,22 @@ def test_a_quarantine_that_cannot_be_made_drops_the_dump(gate: Gate, known_key: 
     assert not gate.release(pid).exists()
 
 
+def _alive(pid: int) -> bool:
+    """Running, or stopped: not gone and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 @pytest.mark.parametrize("victim", ["handler", "scan-child"])
 def test_a_gate_killed_while_scanning_never_releases(gate: Gate, victim: str) -> None:
-    """SIGKILL to the handler and its scan child (no decision is ever made: the entry stays as
-    it was, the core in it) or to the scan child alone (the handler decides quarantined:error,
-    as for a scanner that crashes). The dump would have been
-    released: its process holds nothing, and the scan is blind mode against an unrelated EC
-    key, slow enough to be caught at it."""
+    """SIGKILL to the handler, whose scan child dies with it (no decision is ever made: the
+    entry stays as it was, the core in it) or to the scan child alone (the handler decides
+    quarantined:error, as for a scanner that crashes). The dump would have been released: its
+    process holds nothing, and the scan is blind mode against an unrelated EC key, slow enough
+    to be caught at it."""
     public = gate.root / "public-keys"
     public.mkdir()
     unrelated = ec.generate_private_key(ec.SECP256R1()).public_key()
@@ -583,12 +592,14 @@ def test_a_gate_killed_while_scanning_never_releases(gate: Gate, victim: str) ->
             gate.handlers(pid)
         )
         handlers, children = gate.handlers(pid)
-        # The handler: the whole gate goes (as the OOM killer would take it), its scan child
-        # with it (left alone, it would scan on to its deadline for nobody).
-        targets = handlers + children if victim == "handler" else children
+        # The handler alone (as the OOM killer would take it): its scan child must go with it
+        # by itself (PR_SET_PDEATHSIG; left alone, it would scan on to its deadline for nobody).
+        targets = handlers if victim == "handler" else children
         for target in targets:
             os.kill(target, signal.SIGKILL)
         killed.extend(targets)
+        if victim == "handler":
+            assert wait_until(lambda: not any(_alive(c) for c in children), 10, 0.01), children
 
     pid = gate.crash("clean", while_scanning=kill)
     assert killed
