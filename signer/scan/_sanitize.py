@@ -14,27 +14,31 @@ checked, window by window).
 
 **What is overwritten, per representation** (the finding's bytes, widened to the object):
 
-* DER (``pkcs1-der``, ``sec1-der``, ``pkcs8-der``, blind ``der-*``) and every byte form (``be``,
-  a blind ``verified-*`` window): the outermost DER SEQUENCE around it, within 16 KiB before
-  it, whose bytes load as a private key (PKCS#8 around PKCS#1 or SEC1 around a scalar); where
-  none loads, the representation widened as below.
-* Limb and other byte forms (``le64``, ``le``, ``cpython30``, other runtimes' layouts, ``raw``,
-  ``utf8``, ``seed``): the window the scanner matched, widened to the representation's full
-  length (a fragment is placed where it sits in the whole representation).
-* ``pem``, ``b64`` and blind ``pem-private-key``/``openssh-private``: the maximal run of the
-  base64 alphabet (``=`` and line breaks included: a wrapped block is one object) and, when
-  present, the ``-----BEGIN ...-----`` line (with any ``Proc-Type:`` headers) before it and
-  the ``-----END ...-----`` line after it.
-* ``b64url``, ``jwk``: the maximal base64url run; when the run is the value of a private JWK
-  member (``"d"``, ``"p"``, ``"q"``, ``"dp"``, ``"dq"``, ``"qi"``, ``"k"``) in an object naming
-  ``"kty"``, the whole JSON object (from ``{`` to its ``}``, or to the value's end when it does
-  not parse); the same for a base64 run in that place. Blind ``jwk-private``: its object.
-* ``hex``, ``HEX`` and any hex rendering: the maximal run of hex digits, plus the separators the
-  match itself uses (``:``, spaces, line breaks of ``openssl -text``).
-* ``utf16le``/``utf32le`` (and big-endian forms): the run of 2- or 4-byte code units holding
-  printable ASCII, aligned with the match.
-* A representation not listed here (a new one): by its bytes (hex, base64, UTF-16 text), else
-  as a byte form.
+* DER (``pkcs1-der``, ``sec1-der``, ``pkcs8-der``, blind ``der-*``), ``be`` and blind
+  ``verified-*`` windows: the outermost DER SEQUENCE around it, starting at most 16 KiB before
+  it, whose bytes load as a private key (PKCS#8 around PKCS#1, SEC1 around a scalar); where
+  none loads, as a byte form.
+* Byte forms (``le64``, ``le32``, ``le``, ``java-mag``, ``cpython30``, ``utf8``, ``latin1``,
+  ``raw``, ``ppk-private``): the window the scanner matched, widened to the representation's
+  full length (a fragment placed where it sits in the whole representation).
+  ``openssh-key``: the ``openssh-key-v1`` blob around it.
+* ``pem``, ``pem-crlf``, ``b64`` and blind ``pem-private-key``/``openssh-private``: the maximal
+  base64 run (``=`` included); whole lines of one width (at least 16) around it join, a shorter
+  last line too, so a wrapped block is one object; then the ``-----BEGIN ...-----`` line (and
+  any ``Proc-Type:`` headers) before it and the ``-----END ...-----`` line after it, when there.
+  ``pem-json``: the same with the two characters ``\n`` as line ends (a PEM in a JSON string).
+* ``b64url``, ``jwk``: the maximal base64url run. A base64 or base64url run that is the value of
+  a private JWK member (``"d"``, ``"p"``, ``"q"``, ``"dp"``, ``"dq"``, ``"qi"``, ``"k"``) in an
+  object naming ``"kty"``: the whole JSON object (``{`` to its ``}``; to the value's end when it
+  does not parse). Blind ``jwk-private``: its object, as blind mode delimited it.
+* ``hex``, ``HEX``: the maximal run of hex digits; ``dec``: of decimal digits. ``hex-colon``,
+  ``openssl-text``: the hex pairs around it one by one, each after a ``:`` (and, in
+  ``openssl -text``'s lines, a line break and indentation), so the label before the block stays.
+* ``utf16le``/``utf16be``/``utf32le`` and the ``utf16*-`` forms of text renderings: the string
+  of 2- or 4-byte code units holding printable ASCII (line breaks included) around the match,
+  read little- and big-endian, the longer string taken (little-endian on a tie).
+* A representation not named here (added since): by its bytes (hex, base64, UTF-16/32 text),
+  else as a byte form.
 
 Widening stays inside the PT_LOAD segment(s) the finding lies in, at most 16 MiB each way. The
 ELF header, program headers and PT_NOTE segments are never written: a finding there refuses the
@@ -535,6 +539,10 @@ def _widen(core: _Core, f: Finding, lo: int, hi: int) -> tuple[int, int, str]:
     if kind in ("base64", "base64url", "pem-json"):
         if kind == "pem-json":  # a PEM in a JSON string: lines end in the two characters \n
             a, b = _run(view, start, end, lo, hi, _B64_JSON, _B64_JSON_REVERSED)
+            while a < start and bytes(view[a : a + 2]) in (b"\\n", b"\\r"):
+                a += 2
+            while b > end and bytes(view[b - 2 : b]) in (b"\\n", b"\\r"):
+                b -= 2
         else:
             alphabet = _B64 if kind == "base64" else _B64URL
             a, b = _b64_block(view, start, end, lo, hi, alphabet)
@@ -702,24 +710,26 @@ def _b64_block(
     view: memoryview, start: int, end: int, lo: int, hi: int, alphabet: bytes
 ) -> tuple[int, int]:
     """The maximal run of ``alphabet`` around [start, end). Standard base64 wrapped in lines
-    (PEM's 64 columns, ``base64``'s 76) is one object: whole lines of one width of at least 16
-    characters join, the last one may be shorter. Lines of words do not (their widths vary)."""
+    (PEM's 64 columns, ``base64``'s 76, ssh-keygen's 70) is one object: whole lines of one
+    width of at least 16 characters join, the last one may be shorter. Lines of words do not
+    (their widths vary). A match may itself span lines (a PEM body is searched with its line
+    ends): its first line gives the width."""
     a, b = _class_run(view, start, end, lo, hi, alphabet)
     if alphabet != _B64:
         return a, b
-    own = b - a
-    width = 0
+    inner = re.split(rb"\r?\n", bytes(view[a:b]))
+    width = len(inner[0]) if len(inner) > 1 else 0  # a line the match continues past is whole
     while n := _line_break_before(view, a, lo):
         prev_end = a - n
         pa, _ = _class_run(view, prev_end, prev_end, lo, prev_end, alphabet)
         length = prev_end - pa
         whole = pa == lo or _line_break_before(view, pa, lo) or view[pa - 1] < 0x20
-        if length < max(16, own) or (width and length != width) or not whole:
+        if length < max(16, len(inner[0])) or (width and length != width) or not whole:
             break
         width, a = length, pa
-    width = width or own
-    if own != width or own < 16:
-        return a, b
+    width = width or len(inner[0])
+    if len(inner[-1]) != width or width < 16:
+        return a, b  # the match's last line is the block's last (shorter) line
     while n := _line_break_at(view, b, hi):
         na = b + n
         _, nb = _class_run(view, na, na, na, hi, alphabet)

@@ -22,6 +22,7 @@ from signer.scan import (
     SanitizeResult,
     Scanner,
     load_public_keys,
+    load_secrets,
     sanitize,
     secret_from_pin,
 )
@@ -457,3 +458,36 @@ def test_cli(
     )
     assert "error:" in capsys.readouterr().err
     assert not safe.exists()
+
+
+def test_keys_in_files_as_tools_write_them(
+    keys: Keys, plant_core: PlantCore, tmp_path: Path
+) -> None:
+    """A PEM inside a JSON string (a cloud service-account key), with CRLF line ends, as a
+    UTF-16 string; an OpenSSH key as ssh-keygen's file and as its binary blob: each whole."""
+    pem = _pkcs8(keys.rsa2048, serialization.Encoding.PEM)
+    ossh = keys.ed25519.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    (tmp_path / "rsa.pem").write_bytes(pem)
+    (tmp_path / "id_ed25519").write_bytes(ossh)
+    scanner = Scanner(load_secrets([tmp_path / "rsa.pem", tmp_path / "id_ed25519"]))
+    blob = base64.b64decode(b"".join(ossh.splitlines()[1:-1]))
+    account = json.dumps({"type": "service_account", "private_key": pem.decode()}).encode()
+    in_json = account[account.index(b"-----BEGIN") : account.index(b'\\n"')]
+    crlf = pem.replace(b"\n", b"\r\n").rstrip(b"\r\n")
+    utf16 = pem.decode().encode("utf-16-le")
+    objects = [
+        (0x1000, account, account.index(in_json), len(in_json)),
+        (0x3000, b"\0" + crlf + b"\r\n\0", 1, len(crlf)),
+        (0x4000, b"\0\0" + utf16 + b"\0\0", 2, len(utf16)),
+        (0x8000, b"\0" + ossh + b"\0", 1, len(ossh.rstrip(b"\n"))),
+        (0x9000, b"\0" + blob + b"\0", 1, len(blob)),
+    ]
+    path, heap = plant_core([(at, data) for at, data, _, _ in objects])
+    done = sanitize(path, tmp_path / "safe", scanner)
+    got = [(o.offset - heap, o.length) for o in done.objects]
+    assert got == [(at + rel, length) for at, _, rel, length in objects]
+    assert [o.rule for o in done.objects] == ["pem", "pem", "utf16", "pem", "openssh-key-v1"]
