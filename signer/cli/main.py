@@ -11,7 +11,7 @@ or an error raised here, such as a dump ``scan`` cannot read (``error: message``
 Here: the root parser, :func:`main` and its one ``except SignerError``. Each command's arguments
 and handler live together in one module: :mod:`._calls` the caller's commands over gRPC,
 :mod:`._host` the operator's on the service's host, :mod:`._tools` the auditor's (``scan``,
-``crash-test``).
+``sanitize``, ``crash-test``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _host.register_keys(keys)  # keys adopt, reconcile
     _calls.register_keys(keys)  # keys list, show, public, rotate, set-primary, disable, ...
     _calls.register(sub)  # jwt, jwks, sign, verify
-    _tools.register(sub)  # scan, crash-test
+    _tools.register(sub)  # scan, sanitize, crash-test
     _gate.register(sub)  # dump-gate install, uninstall, status, handle
     return p
 
