@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the token host, the mTLS front (nginx + libp11's engine), the tests and the
-# crash tooling need (strace injects the I/O errors of tests/integration/test_io_errors.py).
-APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl strace openssh-client
+# crash tooling need (strace injects the I/O errors of tests/integration/test_io_errors.py;
+# zstd, lz4 and xz compress a real core as systemd-coredump does, for the scanner's tests).
+APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl strace openssh-client zstd lz4 xz-utils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import base64
 import json
+import lzma
 import re
 import sys
 from pathlib import Path
 
+import lz4.frame
+import zstandard
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
@@ -96,6 +99,12 @@ def seeds() -> dict[str, dict[str, bytes]]:
     ssh = serialization.PrivateFormat.OpenSSH
     known = _cores([d, PIN, seed[::-1], PIN.decode().encode("utf-16-le")])
     known["raw-pem"] = b"\0" * 64 + _pem(pkcs8, EC_KEY) + b"\0" * 64
+    compressed = {}
+    for name, core in known.items():
+        if name.startswith("core"):
+            compressed[f"{name}.zst"] = zstandard.ZstdCompressor(write_checksum=True).compress(core)
+            compressed[f"{name}.lz4"] = bytes(lz4.frame.compress(core, content_checksum=True))
+            compressed[f"{name}.xz"] = lzma.compress(core, preset=0)
     blind = _cores([_der(pkcs8, EC_KEY), _der(trad, EC_KEY), json.dumps(_private_jwk()).encode()])
     blind["raw-pem-openssh"] = (
         b"\0" * 32
@@ -166,6 +175,7 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "elf": cores,
         "maps": maps,
         "scan_known": known,
+        "scan_compressed": compressed,
         "scan_blind": blind,
         "policy": pol,
         "config": cfg,

@@ -48,6 +48,9 @@ PIN = b"fuzz-pin-7f3a9c1e5b2d8f4a"
 BLIND_BUDGET = 0.05
 """Seconds of blind work per input: enough to confirm a planted key, little enough that an
 input full of decoys ends well inside the driver's timeout, as the budget promises."""
+MAX_OUTPUT = 64 << 20
+"""What a compressed input may decompress to here: a bomb among the inputs is refused after
+64 MiB, in well under the driver's timeout."""
 
 
 @cache
@@ -78,6 +81,15 @@ def known_scanner() -> Scanner:
     """Known-secret mode: an EC key, an Ed25519 key and a PIN (the seeds plant them)."""
     return Scanner(
         [secret_from_key(EC_KEY, "ec"), secret_from_key(ED_KEY, "ed"), pin_secret(PIN, "pin")]
+    )
+
+
+@cache
+def compressed_scanner() -> Scanner:
+    """The known-secret scanner's secrets, with the decompressed output bounded."""
+    return Scanner(
+        [secret_from_key(EC_KEY, "ec"), secret_from_key(ED_KEY, "ed"), pin_secret(PIN, "pin")],
+        max_output=MAX_OUTPUT,
     )
 
 
@@ -147,6 +159,20 @@ def scan_known(data: bytes) -> None:
     except SignerError:
         return
     _check_result(result, len(data))
+
+
+def scan_compressed(data: bytes) -> None:
+    """Scanner.scan of a compressed core (the seeds are the scan_known cores compressed with
+    zstd, lz4 and xz; the fuzzer bends the compressed bytes): a result as for the file it
+    decompresses to, within the output bound, or our error (ScanError: cut short, corrupt,
+    too large)."""
+    path = _file(data, "dump.compressed")
+    try:
+        result = compressed_scanner().scan(path)
+    except SignerError:
+        return
+    assert result.size <= max(MAX_OUTPUT, len(data))
+    _check_result(result, result.size)
 
 
 def scan_blind(data: bytes) -> None:
@@ -243,6 +269,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "elf": elf,
     "maps": maps,
     "scan_known": scan_known,
+    "scan_compressed": scan_compressed,
     "scan_blind": scan_blind,
     "policy": policy_file,
     "config": config_file,

@@ -231,32 +231,3 @@ def _framed(f: BinaryIO, at: _Position) -> Iterator[bytes]:
         if out:
             at.out += len(out)
             yield out
-
-
-class Decompressed:
-    """A compressed file read as its decompressed bytes, ``read(n)`` at a time, for a caller
-    that copies a core out of it (the sanitiser writes its safe copy so)::
-
-        with open(path, "rb") as f:
-            codec = detect(f)
-            reader = Decompressed(f, codec, path)
-            shutil.copyfileobj(reader, out)
-    """
-
-    def __init__(self, f: BinaryIO, codec: str, path: Path) -> None:
-        self._pieces = pieces(f, codec, path)
-        self._buf = b""
-        self._at = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            raise ValueError("read the stream in pieces: read(n) with n >= 0")
-        while len(self._buf) - self._at < n:
-            more = next(self._pieces, None)
-            if more is None:
-                break
-            self._buf = self._buf[self._at :] + more
-            self._at = 0
-        out = self._buf[self._at : self._at + n]
-        self._at += len(out)
-        return out

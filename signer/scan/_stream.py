@@ -99,11 +99,16 @@ class _Window:
                 self.ended = True
                 return
             self.buf += piece
-            if self.end > self.limit:
-                raise ScanError(
-                    f"dump {self._path}: the decompressed stream goes on past {self.limit} bytes "
-                    f"({self.why}): a decompression bomb, or not one core; nothing was scanned"
-                )
+            self.bound(self.limit, self.why)
+
+    def bound(self, limit: int, why: str) -> None:
+        """At most ``limit`` bytes of output (``why``: where the bound comes from)."""
+        self.limit, self.why = limit, why
+        if self.end > limit:
+            raise ScanError(
+                f"dump {self._path}: the decompressed stream goes on past {limit} bytes "
+                f"({why}): a decompression bomb, or not one core; nothing was scanned"
+            )
 
     def drop(self, before: int) -> None:
         """Forgets the bytes before file offset ``before``."""
@@ -166,8 +171,9 @@ def scan_stream(
     w = _Window(_compressed.pieces(f, codec, path), path, scanner.max_output, deadline)
     provisional, head, head_note = _headers(w)
     if provisional is not None and provisional.extent + EXTENT_SLACK < w.limit:
-        w.limit = provisional.extent + EXTENT_SLACK
-        w.why = f"the core's headers declare {provisional.extent}"
+        w.bound(
+            provisional.extent + EXTENT_SLACK, f"the core's headers declare {provisional.extent}"
+        )
 
     keys = scanner.public_keys
     checks = _blind.StreamChecks(keys) if keys is not None else None
@@ -203,7 +209,9 @@ def scan_stream(
         if end <= pos:
             break
         origin = w.origin
-        with memoryview(w.buf) as view:
+        # The window is the chunk and its context, no more (the buffer may hold more of the
+        # stream): what is found does not depend on how the decoder cut its pieces.
+        with memoryview(w.buf)[: end + after - origin] as view:
             if complete:
                 marks = [len(h) for h in hits]
                 with view[pos - origin : min(w.end, end + share) - origin] as block:
