@@ -24,9 +24,12 @@ dQ, qInv; an EC scalar; an Ed25519 seed), by the name a finding carries:
 * ``b64`` / ``b64url``: base64 of the big-endian bytes at each of the 3 byte alignments within a
   longer base64 text, trimmed to the characters the secret alone determines;
 * ``jwk``: unpadded base64url of the big-endian value (minimal and padded), as in a JWK;
-* ``utf16le-X`` / ``utf16be-X``: the text form X (hex, HEX, dec, b64, b64url, jwk) as a string
-  of a runtime with two-byte characters (Java ``char[]`` and non-compact strings, .NET, V8
-  two-byte strings, Windows APIs; big-endian: Java serialisation, network protocols).
+* ``utf16le-X`` / ``utf16be-X``: the text form X (hex, HEX, dec, jwk; b64 and b64url at
+  alignment 0: a base64 string of the value itself) as a string of a runtime with two-byte
+  characters (Java ``char[]`` and non-compact strings, .NET, V8 two-byte strings, Windows
+  APIs; big-endian: Java serialisation, network protocols). UTF-16BE of ASCII text is UTF-16LE
+  one byte on: a big-endian finding leaves out the first character's 0 byte, and text followed
+  by another character reads as either (the little-endian name is reported).
 
 Latin-1 "compact" strings (Java 9+, V8 one-byte strings, CPython's 1-byte kind) hold text forms
 as the same bytes as ASCII: the plain forms find them. CPython keeps a str as UTF-32 only when it
@@ -46,19 +49,25 @@ and as its ``Private-Lines`` (``pem``/``pem-crlf``: 64-character lines).
 
 A PIN is ``utf8``, ``latin1`` (a Latin-1 compact string, when the PIN has non-ASCII characters
 Latin-1 can hold), ``utf16le``, ``utf16be``, ``utf32le``, ``hex``, ``HEX``, ``b64`` and
-``b64url``, and the UTF-16 forms of the last four; a raw secret the same, with ``raw`` for its
-bytes.
+``b64url``, and the UTF-16 forms of the last four (base64 at alignment 0); a raw secret the
+same, with ``raw`` for its bytes.
 
 Fragments: a representation is searched as all its windows that carry ``min_fragment`` bytes of
 the secret: ``min_fragment`` units for byte forms, twice that for hex and UTF-16, 4/3 for base64,
 2.41 for decimal, and so on; windows start where a unit starts (a character of UTF-16 text, a
 byte's first hex digit of colon hex). Windows of a whole-key encoding that cover only public
 bytes (the modulus, the curve parameters, the public point) are left out: a public key in memory
-is not a leak. The UTF-16 forms of text forms are searched as windows every half window: a
-whole rendering is found, and a fragment of 1.5 times ``min_fragment`` (they would otherwise
-double the patterns compiled, see README "Scanning a dump yourself"). The scanner joins window
-hits and extends them byte by byte, so a whole representation is recognised from its windows
-and a partial one is reported with its exact extent.
+is not a leak.
+
+Cost: the forms added for other runtimes are searched sparsely, so the pattern database grows by
+a sixth, not threefold: ``dec``, ``hex-colon``, ``openssl-text``, ``pem-crlf``, ``pem-json`` and
+the OpenSSH and PuTTY base64 with a window every half window (a whole rendering is always found,
+a fragment from 1.5 x ``min_fragment``; a hit within a line is extended across the other line
+ends), the UTF-16 forms with a window every window (fragments from 2 x ``min_fragment``). The
+UTF-16 patterns are what costs scan time, and only in memory full of UTF-16 text (README,
+"Scanning a dump yourself"). The scanner joins window hits and extends them byte by byte, so a
+whole representation is recognised from its windows and a partial one is reported with its
+exact extent.
 """
 
 from __future__ import annotations
@@ -83,6 +92,8 @@ _MIN_DISTINCT = 4  # a window of fewer distinct byte values matches filler (zero
 _ONE, _TWO, _FOUR, _B64 = Fraction(1), Fraction(2), Fraction(4), Fraction(4, 3)
 _DEC = Fraction(240824, 100000)  # decimal digits per byte: log10(256), rounded up
 _WIDE = (("utf-16-le", "utf16le"), ("utf-16-be", "utf16be"))
+_SPARSE = Fraction(1, 2)  # new text forms: whole, and fragments of 1.5 windows
+_SPARSER = Fraction(1)  # UTF-16 forms of text forms: whole, and fragments of 2 windows
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +198,7 @@ class _Form:
     mask: bytes | None = None  # one flag per unit: 1 = derived only from secret bytes
     starts: Sequence[int] | None = None  # where windows may start (None: anywhere)
     window: int | None = None  # a window fixed by the form (then ``expansion`` is not used)
-    sparse: bool = False  # windows every half window only
+    spacing: Fraction = Fraction(0)  # windows every this many windows (0: at every start)
 
 
 def _wide(form: _Form, codec: str, prefix: str) -> _Form:
@@ -210,7 +221,7 @@ def _wide(form: _Form, codec: str, prefix: str) -> _Form:
         mask,
         range(0, len(data), unit) if form.starts is None else [unit * s for s in form.starts],
         None if form.window is None else unit * form.window,
-        sparse=True,
+        spacing=_SPARSER,
     )
 
 
@@ -219,7 +230,7 @@ def _colon_forms(padded: bytes, minimal: bytes, min_fragment: int) -> Iterator[_
     ``min_fragment`` bytes whatever the line breaks inside them."""
     for raw in (minimal, padded):
         text, starts = colon_hex(raw)
-        yield _Form("hex-colon", text, Fraction(3), None, starts, 3 * min_fragment - 1, True)
+        yield _Form("hex-colon", text, Fraction(3), None, starts, 3 * min_fragment - 1, _SPARSE)
     # print_labeled_bignum (RSA): minimal, '00' first when the top bit is set; the padded
     # buffer as is (EC and Ed25519 private keys).
     for raw, lead in ((minimal, minimal[0] >= 0x80), (padded, False)):
@@ -228,7 +239,7 @@ def _colon_forms(padded: bytes, minimal: bytes, min_fragment: int) -> Iterator[_
             starts = starts[1:]  # a window from the '00' would hold one byte too few
         k = min(min_fragment, len(starts))
         window = max(starts[i + k - 1] + 2 - starts[i] for i in range(len(starts) - k + 1))
-        yield _Form("openssl-text", text, Fraction(3), None, starts, window, True)
+        yield _Form("openssl-text", text, Fraction(3), None, starts, window, _SPARSE)
 
 
 def _numeric_forms(padded: bytes, min_fragment: int) -> Iterator[_Form]:
@@ -245,17 +256,23 @@ def _numeric_forms(padded: bytes, min_fragment: int) -> Iterator[_Form]:
     for h in (padded.hex(), format(value, "x")):
         text.append(_Form("hex", h.encode(), _TWO))
         text.append(_Form("HEX", h.upper().encode(), _TWO))
-    text.append(_Form("dec", str(value).encode(), _DEC, sparse=True))
+    text.append(_Form("dec", str(value).encode(), _DEC, spacing=_SPARSE))
+    first_b64 = set()
     for urlsafe in (False, True):
         for shift in range(3):
             name = "b64url" if urlsafe else "b64"
             text.append(_Form(name, b64_aligned(minimal, shift, urlsafe)[0], _B64))
+            if shift == 0:
+                first_b64.add(text[-1].data)
     text.append(_Form("jwk", b64url_nopad(minimal), _B64))
     text.append(_Form("jwk", b64url_nopad(padded), _B64))
     yield from text
     yield from _colon_forms(padded, minimal, min_fragment)
+    # Two-byte strings of the value's own texts: base64 at alignment 0 only (a base64 string of
+    # the value; a key's base64 inside a longer text is its PEM, searched as UTF-16 too).
+    wide = [f for f in text if not f.name.startswith("b64") or f.data in first_b64]
     for codec, prefix in _WIDE:
-        for form in text:
+        for form in wide:
             yield _wide(form, codec, prefix)
 
 
@@ -287,7 +304,7 @@ def _text_forms(value: bytes, first: str) -> Iterator[_Form]:
             forms.append(_Form(name, b64_aligned(value, shift, urlsafe)[0], _B64))
     yield from forms
     for codec, prefix in _WIDE:
-        for form in forms:
+        for form in forms[:4]:  # hex, HEX, base64 and base64url at alignment 0
             yield _wide(form, codec, prefix)
 
 
@@ -313,13 +330,14 @@ def _pem_forms(
     line: int,
     ends: Sequence[tuple[bytes, str]],
     wide: bool,
-    sparse: bool = False,
+    spacing: Fraction = Fraction(0),
 ) -> Iterator[_Form]:
     for eol, name in ends:
         body, src = pem_body(blob, line, eol)
         # Only the first line end of the list is searched densely: the others' windows within
         # a line are its windows, and a hit there is extended across their line ends.
-        form = _Form(name, body, _B64, _mask(src, secret), sparse=eol != ends[0][0] or sparse)
+        first = eol == ends[0][0]
+        form = _Form(name, body, _B64, _mask(src, secret), spacing=spacing if first else _SPARSE)
         yield form
         if wide and eol != b"\\n":
             for codec, prefix in _WIDE:
@@ -332,7 +350,7 @@ def _whole_key_forms(name: str, der: bytes, secret_parts: Sequence[bytes]) -> It
         return
     yield _Form(name, der, _ONE, bytes(secret))
     if name == "ppk-private":
-        yield from _pem_forms(der, secret, _LINE, _PEM_ENDS[:2], False, sparse=True)
+        yield from _pem_forms(der, secret, _LINE, _PEM_ENDS[:2], False, spacing=_SPARSE)
         return
     yield from _pem_forms(der, secret, _LINE, _PEM_ENDS, True)
     for urlsafe in (False, True):
@@ -355,15 +373,20 @@ def _openssh_forms(blob: bytes, secret_parts: Sequence[bytes]) -> Iterator[_Form
         body, src = pem_body(blob, line)
         inside = [j for j, r in enumerate(src) if r is not None and lo <= r[0] <= r[1] < hi]
         a, b = inside[0], inside[-1] + 1
-        yield _Form("pem", body[a:b], _B64, _mask(src[a:b], secret), sparse=True)
+        yield _Form("pem", body[a:b], _B64, _mask(src[a:b], secret), spacing=_SPARSE)
 
 
 def _window_starts(
-    data: bytes, window: int, mask: bytes | None, allowed: Sequence[int] | None, sparse: bool
+    data: bytes,
+    window: int,
+    mask: bytes | None,
+    allowed: Sequence[int] | None,
+    spacing: Fraction,
 ) -> tuple[int, ...]:
     """Where windows of ``window`` units start: at an allowed start, covering only secret units
-    (mask), with enough distinct byte values; when ``sparse``, about every half window, and the
-    last one (a whole occurrence is always hit, a fragment of 1.5 windows too)."""
+    (mask), with enough distinct byte values; with a ``spacing``, about every ``spacing``
+    windows and the last one (a whole occurrence is always hit, and a fragment of 1 +
+    ``spacing`` windows)."""
     secret = None if mask is None else list(itertools.accumulate(mask, initial=0))
 
     def fits(s: int) -> bool:
@@ -373,9 +396,9 @@ def _window_starts(
 
     last = len(data) - window
     candidates = range(last + 1) if allowed is None else [s for s in allowed if s <= last]
-    if not sparse:
+    if not spacing:
         return tuple(s for s in candidates if fits(s))
-    step = max(1, window // 2)
+    step = max(1, int(window * spacing))
     out: list[int] = []
     for s in candidates:
         if (not out or s - out[-1] >= step) and fits(s):
@@ -407,7 +430,7 @@ def representations(secret: Secret, index: int, min_fragment: int) -> list[Repre
             seen.add(data)
             window = min(len(data), form.window or math.ceil(min_fragment * form.expansion))
             allowed = [0] if window == len(data) else form.starts
-            starts = _window_starts(data, window, form.mask, allowed, form.sparse)
+            starts = _window_starts(data, window, form.mask, allowed, form.spacing)
             if not starts and form.mask is None:  # not searching would pass for a clean result
                 raise ScanError(
                     f"secret {secret.id!r}: component {comp!r} as {form.name} is too uniform "

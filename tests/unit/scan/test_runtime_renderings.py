@@ -566,30 +566,31 @@ def guarded(data: bytes, start: int, length: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("form", "render", "per_byte"),
+    ("form", "render", "unit", "per_byte", "worth"),
     [
-        ("dec", lambda v: str(v).encode(), 2.41),
-        ("utf16le-hex", lambda v: f"{v:x}".encode("utf-16-le"), 4),
-        ("hex-colon", lambda v: v.to_bytes(256, "big").hex(":").encode(), 3),
+        ("dec", lambda v: str(v).encode(), 1, 2.41, 24),
+        ("hex-colon", lambda v: v.to_bytes(256, "big").hex(":").encode(), 3, 3, 24),
+        ("utf16le-hex", lambda v: f"{v:x}".encode("utf-16-le"), 2, 4, 32),
     ],
 )
-def test_fragment_of_one_and_a_half_windows_found_shorter_not(
+def test_fragment_of_a_sparse_form_found_shorter_not(
     scanner: Scanner,
     keys: Keys,
     plant: Plant,
     form: str,
     render: Callable[[int], bytes],
+    unit: int,
     per_byte: float,
+    worth: int,
 ) -> None:
-    """Sparse forms: any 24 bytes' worth of d (1.5 x min_fragment) is found at any offset, with
-    its exact extent; 15 bytes' worth (under min_fragment) never is."""
+    """Sparsely searched forms: a fragment carrying ``worth`` bytes of d (1.5 x min_fragment
+    for the new text forms, 2 x for UTF-16 forms) is found at every offset (in whole units:
+    characters, a byte's hex pair), with its exact extent; 15 bytes' worth never is."""
     text = render(keys.rsa2048.private_numbers().d)
-    long, short = round(24 * per_byte), int(15 * per_byte)
-    if form == "hex-colon":
-        long, short = 3 * 24 - 1, 3 * 15 - 1
-    for start in (30, 31, 32, 33, 36, 45):
-        if form != "dec":
-            start -= start % (2 if form == "utf16le-hex" else 3)  # whole characters, bytes
+    long, short = round(worth * per_byte), int(15 * per_byte)
+    if form == "hex-colon":  # pairs and the colons between them
+        long, short = 3 * worth - 1, 3 * 15 - 1
+    for start in range(30, 130, unit):
         result = scanner.scan(plant([(AT, guarded(text, start, long))], None))
         assert [(f.representation, f.offset, f.length) for f in result.findings] == [
             (f"fragment:{form}", AT + 1, long)
