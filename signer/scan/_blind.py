@@ -1,9 +1,10 @@
 """Blind mode: private keys found without knowing them, given only public keys.
 
 Structural detectors (compiled into the scanner's one Hyperscan pass, so they cover the whole
-dump): PEM private-key blocks, DER SEQUENCEs shaped like PKCS#8, PKCS#1 and SEC1 private keys
-(loaded with cryptography to confirm), OpenSSH ``openssh-key-v1`` blobs (binary and base64), and
-JWK objects with a ``"d"`` member. A structure that loads is matched against the public keys.
+dump): PEM private-key blocks (also in UTF-16 strings), DER SEQUENCEs shaped like PKCS#8, PKCS#1
+and SEC1 private keys (loaded with cryptography to confirm), OpenSSH ``openssh-key-v1`` blobs
+(binary and base64), and JWK objects with a ``"d"`` member. A structure that loads is matched
+against the public keys.
 
 Mathematical checks, within a time budget: windows of the dump's memory read as an RSA prime
 (does it divide N?), an EC scalar (is d*G == Q?) or an Ed25519 seed (does it give the public
@@ -43,6 +44,15 @@ STRUCTURAL: tuple[tuple[str, bytes, int], ...] = (
         rb"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY-----\r?\n(?:[A-Za-z0-9+/]{40}|Proc-Type:)",
         128,
     ),
+    # The same in a string of two-byte characters (.NET, Java char[] and non-compact strings):
+    # UTF-16LE; UTF-16BE text matches it one byte on (see _patterns._wide).
+    (
+        "pem-utf16",
+        rb"(?:-\x00){5}B\x00E\x00G\x00I\x00N\x00 \x00(?:[A-Z0-9 ]\x00){0,40}"
+        rb"P\x00R\x00I\x00V\x00A\x00T\x00E\x00 \x00K\x00E\x00Y\x00(?:-\x00){5}(?:\r\x00)?\n\x00"
+        rb"(?:(?:[A-Za-z0-9+/]\x00){40}|P\x00r\x00o\x00c\x00-\x00T\x00y\x00p\x00e\x00:\x00)",
+        256,
+    ),
     ("openssh-bin", rb"openssh-key-v1\x00", 15),
     ("openssh-b64", rb"b3BlbnNzaC1rZXktdjE", 19),
     (
@@ -63,6 +73,7 @@ STRUCTURAL: tuple[tuple[str, bytes, int], ...] = (
 
 _REPRESENTATION = {
     "pem": "pem-private-key",
+    "pem-utf16": "utf16-pem-private-key",
     "openssh-bin": "openssh-private",
     "openssh-b64": "openssh-private",
     "der-pkcs8": "der-pkcs8",
@@ -157,24 +168,32 @@ _PEM_END = re.compile(rb"-----END [A-Z0-9 ]{0,40}PRIVATE KEY-----")
 _PEM_BODY = re.compile(rb"-----BEGIN [^\n]*\n(?:[A-Za-z0-9+/=]+\r?\n|[A-Za-z-]+:[^\n]*\n)*")
 
 
-def _load_pem(buf: memoryview, at: int) -> _Loaded:
-    text = bytes(buf[at : at + _MAX_BLOB])
+def _load_pem(buf: memoryview, at: int, wide: bool = False) -> _Loaded:
+    """A PEM private-key block at ``at``; ``wide``: in UTF-16 (two bytes a character, read as
+    their ASCII characters; any other character ends the block)."""
+    if wide:
+        raw = bytes(buf[at : at + 2 * _MAX_BLOB])
+        text = raw[: len(raw) // 2 * 2].decode("utf-16-le", "replace").encode("ascii", "replace")
+    else:
+        text = bytes(buf[at : at + _MAX_BLOB])
+    unit = 2 if wide else 1
     end = _PEM_END.search(text)
     if end is None:
         m = _PEM_BODY.match(text)
         stop = m.end() if m else text.index(b"\n") + 1
-        return at, at + stop, None, "PEM private-key block without an END line"
+        return at, at + unit * stop, None, "PEM private-key block without an END line"
     block = text[: end.end()]
+    stop = at + unit * end.end()
     try:
         if b"OPENSSH" in block[:40]:
             key: Any = serialization.load_ssh_private_key(block, None)
         else:
             key = serialization.load_pem_private_key(block, None)
     except TypeError:
-        return at, at + end.end(), None, "encrypted PEM private key (not verified)"
+        return at, stop, None, "encrypted PEM private key (not verified)"
     except (ValueError, UnsupportedAlgorithm):
-        return at, at + end.end(), None, "PEM private-key block that does not parse"
-    return at, at + end.end(), key, ""
+        return at, stop, None, "PEM private-key block that does not parse"
+    return at, stop, key, ""
 
 
 def _ssh_string(blob: bytes, at: int, limit: int) -> tuple[bytes, int]:
@@ -289,6 +308,8 @@ def structural_findings(
         loaded: _Loaded | None
         if kind == "pem":
             loaded = _load_pem(buf, at)
+        elif kind == "pem-utf16":
+            loaded = _load_pem(buf, at, wide=True)
         elif kind == "openssh-bin":
             loaded = _load_openssh(bytes(buf[at : at + _MAX_BLOB]), at, None)
         elif kind == "openssh-b64":
@@ -303,6 +324,10 @@ def structural_findings(
         representation = _REPRESENTATION[kind]
         if kind == "pem" and b"OPENSSH" in bytes(buf[start : start + 40]):
             representation = "openssh-private"
+        elif kind == "pem-utf16" and "OPENSSH" in bytes(buf[start : start + 80]).decode(
+            "utf-16-le", "replace"
+        ):
+            representation = "utf16-openssh-private"
         owner, detail = keys.identify(key) if key is not None else (UNKNOWN, detail)
         out.append(Finding(owner, "private-key", representation, start, end - start, detail=detail))
     return out, len(hits)

@@ -30,6 +30,19 @@ _RULE_TEXT = {
     "sec1-der": "A whole EC private key as SEC1 DER",
     "pkcs8-der": "A whole private key as PKCS#8 DER",
     "pem": "A whole private key as PEM",
+    "le32": "Little-endian 32-bit words of a key component (.NET BigInteger, 32-bit BIGNUM)",
+    "java-mag": "A key component as a Java BigInteger (int[] mag)",
+    "dec": "Decimal text of a key component",
+    "hex-colon": "Colon-separated hex of a key component",
+    "openssl-text": "A key component as openssl pkey -text prints it",
+    "pem-crlf": "A whole private key as PEM with CRLF line ends",
+    "pem-json": "A whole private key as PEM in a JSON string",
+    "openssh-key": "The key fields of an OpenSSH private key",
+    "ppk-private": "The private blob of a PuTTY .ppk key",
+    "latin1": "A PIN or secret as Latin-1 text",
+    "utf16be": "A PIN or secret as UTF-16BE text",
+    "utf16-pem-private-key": "A PEM private-key block in a UTF-16 string (blind)",
+    "utf16-openssh-private": "An OpenSSH private key in a UTF-16 string (blind)",
     "utf8": "A PIN as UTF-8 text",
     "utf16le": "A PIN or secret as UTF-16LE text",
     "utf32le": "A PIN or secret as UTF-32LE text",
@@ -44,6 +57,18 @@ _RULE_TEXT = {
     "verified-ec-scalar": "The private scalar of a given EC public key (blind, verified)",
     "verified-ed25519-seed": "The seed of a given Ed25519 public key (blind, verified)",
 }
+
+
+def _rule_text(name: str) -> str:
+    """A representation's description; a UTF-16 string of a text form (``utf16le-hex``) is
+    described as its text form."""
+    if name in _RULE_TEXT:
+        return _RULE_TEXT[name]
+    encoding, _, form = name.partition("-")
+    if encoding in ("utf16le", "utf16be") and form in _RULE_TEXT:
+        order = "UTF-16LE" if encoding == "utf16le" else "UTF-16BE"
+        return f"{_RULE_TEXT[form]}, in a {order} string"
+    return f"Key material as {name}"
 
 
 def _hex(value: int | None) -> str:
@@ -109,7 +134,7 @@ def to_sarif(results: Sequence[ScanResult]) -> dict[str, Any]:
         {
             "id": name,
             "name": name,
-            "shortDescription": {"text": _RULE_TEXT.get(name, f"Key material as {name}")},
+            "shortDescription": {"text": _rule_text(name)},
             "defaultConfiguration": {"level": "error"},
         }
         for name in families

@@ -696,3 +696,65 @@ def test_openssh_component_is_deterministic(keys: Keys) -> None:
         "sec1-der",
         "pkcs8-der",
     }  # no OpenSSH format for that curve: no component, no error
+
+
+# --- blind mode: a PEM private key in a UTF-16 string ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blind(keys: Keys) -> Scanner:
+    return Scanner(
+        [],
+        public_keys={"rsa": keys.rsa2048.public_key(), "ed": keys.ed25519.public_key()},
+        blind_budget_seconds=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key_id", "fmt", "codec", "representation"),
+    [
+        ("rsa", PKCS8, "utf-16-le", "utf16-pem-private-key"),
+        ("rsa", TRAD, "utf-16-le", "utf16-pem-private-key"),
+        ("ed", serialization.PrivateFormat.OpenSSH, "utf-16-le", "utf16-openssh-private"),
+        ("rsa", PKCS8, "utf-16-be", "utf16-pem-private-key"),
+    ],
+)
+def test_blind_finds_a_pem_key_in_a_utf16_string(
+    blind: Scanner,
+    keys: Keys,
+    plant: Plant,
+    key_id: str,
+    fmt: serialization.PrivateFormat,
+    codec: str,
+    representation: str,
+) -> None:
+    """A .NET or Java string holding a PEM private key, with only the public key known: loaded
+    and verified. Big-endian text is read one byte on, as UTF-16LE: the finding leaves out the
+    first character's 0 byte and takes the next character's."""
+    key = keys.rsa2048 if key_id == "rsa" else keys.ed25519
+    pem = key.private_bytes(PEM, fmt, NOENC).decode().replace("\n", "\r\n")
+    data = pem.encode(codec)
+    lead = 1 if codec == "utf-16-be" else 0
+    result = blind.scan(plant([(AT, data)], memory_like(64 << 10, seed=21)))
+    got = [(f.secret_id, f.representation, f.offset, f.length) for f in result.findings]
+    end = 2 * (pem.rindex("-----") + 5)
+    assert got == [(key_id, representation, AT + lead, end)]
+    assert result.findings[0].detail.startswith("verified")
+
+
+def test_blind_utf16_pem_header_without_a_key_is_unverified(blind: Scanner, plant: Plant) -> None:
+    """A UTF-16 PEM private-key header over a body that is not a key: reported as unknown, not
+    attributed to a given public key."""
+    fake = "-----BEGIN PRIVATE KEY-----\n" + "QUJD" * 40 + "\n-----END PRIVATE KEY-----\n"
+    result = blind.scan(plant([(AT, fake.encode("utf-16-le"))], memory_like(64 << 10, seed=22)))
+    assert [(f.secret_id, f.representation) for f in result.findings] == [
+        ("unknown", "utf16-pem-private-key")
+    ]
+
+
+def test_sarif_rules_describe_the_new_representations() -> None:
+    from signer.scan.report import _rule_text
+
+    assert _rule_text("java-mag") == "A key component as a Java BigInteger (int[] mag)"
+    assert _rule_text("utf16le-dec") == "Decimal text of a key component, in a UTF-16LE string"
+    assert _rule_text("utf16be-pem-crlf").endswith("CRLF line ends, in a UTF-16BE string")
