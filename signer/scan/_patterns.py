@@ -43,9 +43,10 @@ key); ``utf16le-pem``/``utf16be-pem`` and the same of ``pem-crlf``; and base64/b
 alignments. An OpenSSH private key (component ``openssh-key``) is searched as the key fields of
 its ``openssh-key-v1`` private section (``openssh-key``: key type, public and private fields; the
 random check integers before them and the comment after them are left out) and as the base64 of
-those fields in an ``ssh-keygen`` file (``pem``: 70-character lines). A PuTTY ``.ppk`` RSA key's
-private blob (component ``ppk-private``: mpints d, p, q, iqmp) is searched as ``ppk-private``
-and as its ``Private-Lines`` (``pem``/``pem-crlf``: 64-character lines).
+those fields in an ``ssh-keygen`` file (``pem``: 70-character lines; 64 as pyca writes them;
+and both in UTF-16). A PuTTY ``.ppk`` RSA key's private blob (component ``ppk-private``:
+mpints d, p, q, iqmp) is searched as ``ppk-private`` and as its ``Private-Lines``
+(``pem``/``pem-crlf``: 64-character lines).
 
 A PIN is ``utf8``, ``latin1`` (a Latin-1 compact string, when the PIN has non-ASCII characters
 Latin-1 can hold), ``utf16le``, ``utf16be``, ``utf32le``, ``hex``, ``HEX``, ``b64`` and
@@ -373,7 +374,10 @@ def _openssh_forms(blob: bytes, secret_parts: Sequence[bytes]) -> Iterator[_Form
         body, src = pem_body(blob, line)
         inside = [j for j, r in enumerate(src) if r is not None and lo <= r[0] <= r[1] < hi]
         a, b = inside[0], inside[-1] + 1
-        yield _Form("pem", body[a:b], _B64, _mask(src[a:b], secret), spacing=_SPARSE)
+        form = _Form("pem", body[a:b], _B64, _mask(src[a:b], secret), spacing=_SPARSE)
+        yield form
+        for codec, prefix in _WIDE:
+            yield _wide(form, codec, prefix)
 
 
 def _window_starts(

@@ -465,6 +465,21 @@ def test_ssh_keygen_private_key_found(
     ]
 
 
+@pytest.mark.parametrize("secret_id", ["rsa-2048", "ed25519"])
+def test_ssh_keygen_private_key_in_a_utf16_string_found(
+    scanner: Scanner, keys: Keys, plant: Plant, tmp_path: Path, secret_id: str
+) -> None:
+    text = ssh_keygen_file(key_of(keys, secret_id), tmp_path)
+    lines = text.splitlines()
+    blob = base64.b64decode(b"".join(lines[1:-1]))
+    first, last = chars_within(len(blob), *openssh_key_fields(blob, b"ops@build-7"), 70)
+    body = len(lines[0]) + 1
+    result = scanner.scan(plant([(AT, text.decode().encode("utf-16-le"))], None))
+    assert [(f.component, f.representation, f.offset - AT, f.length) for f in result.findings] == [
+        ("openssh-key", "utf16le-pem", 2 * (body + first), 2 * (last - first))
+    ]
+
+
 def mpint(value: int) -> bytes:
     body = value.to_bytes(value.bit_length() // 8 + 1, "big")
     return struct.pack(">I", len(body)) + body
