@@ -45,7 +45,8 @@ class Scanner:
     keys, for private keys it does not know (blind mode).
 
     The pattern database is compiled once here; :meth:`scan` may be called for many files. A
-    scanner scans one file at a time (calls from several threads take turns).
+    scanner scans one file at a time (calls from several threads take turns). ``max_output``
+    bounds what a compressed file may decompress to (:mod:`signer.scan._stream`).
     """
 
     def __init__(
