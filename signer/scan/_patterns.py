@@ -363,8 +363,12 @@ def _whole_key_forms(name: str, der: bytes, secret_parts: Sequence[bytes]) -> It
 def _openssh_forms(blob: bytes, secret_parts: Sequence[bytes]) -> Iterator[_Form]:
     """The key fields of an ``openssh-key-v1`` blob, and their base64 in ssh-keygen's lines:
     only the characters the fields alone determine (the check integers before them are random,
-    the comment after them is the owner's)."""
+    the comment after them is the owner's). The fields are taken with the two 0 bytes that
+    begin the comment's length (any comment under 64 KiB): the base64 character across the
+    last field's end is then the key's too (a base64 form of the last number, whose last
+    character those 0 bits complete, would otherwise be a second finding beside the key)."""
     lo, hi = openssh_fields(blob)
+    hi = min(len(blob), hi + 2)
     secret = _secret_map(blob, secret_parts)
     secret[:lo] = bytes(lo)
     if not any(secret):

@@ -418,15 +418,15 @@ def ssh_string(blob: bytes, at: int) -> int:
 
 
 def openssh_key_fields(blob: bytes, comment: bytes) -> tuple[int, int]:
-    """[start, end) of the private section's key fields: after the check integers (the key
-    type's second occurrence, the first being in the public key), up to the comment."""
+    """[start, end) of the private section's key fields: after the check integers, up to the
+    comment, with the first two (zero) bytes of the comment's length."""
     pub_at = 15
     for _ in range(3):
         pub_at = ssh_string(blob, pub_at)
     after_pub = ssh_string(blob, pub_at + 4)
     start = after_pub + 4 + 8
     end = blob.rindex(struct.pack(">I", len(comment)) + comment)
-    return start, end
+    return start, end + 2
 
 
 def chars_within(blob_len: int, lo: int, hi: int, line: int) -> tuple[int, int]:
