@@ -10,6 +10,8 @@ into ``var/bench/latest.json`` (``ratios`` on top, ``scenarios`` below) and thei
   literal patterns for all three (:mod:`benchmarks.scan`).
 * ``blind``: recall of blind mode for private keys planted in a copy of that core
   (:mod:`benchmarks.blind`).
+* ``gate``: the dump gate end to end (stream in, scan, decide, release) per GiB of core, by
+  detection mode, against ``cat`` to disk (:mod:`benchmarks.gate`).
 * ``transport``: the mTLS front, the relay, authorisation and the audit log, each against the
   same service without it (:mod:`benchmarks.transport`).
 * ``signing``: the service's throughput and latency (1, 16, 64 callers; ec-p256, rsa-2048,

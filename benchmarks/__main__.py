@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import blind, report, scan, signing, steady, transport
+from benchmarks import blind, gate, report, scan, signing, steady, transport
 from benchmarks.context import Context
 from benchmarks.machine import machine_info
 
@@ -20,6 +20,7 @@ from benchmarks.machine import machine_info
 SCENARIOS: dict[str, Callable[[Context], report.ScenarioResult]] = {
     scan.NAME: scan.run,
     blind.NAME: blind.run,
+    gate.NAME: gate.run,
     transport.NAME: transport.run,
     signing.NAME: signing.run,
     steady.NAME: steady.run,
