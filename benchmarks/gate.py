@@ -17,7 +17,7 @@ blind mode always runs them). The cores are clean, so every run should end ``rel
 Cores: the real service under load (shared with ``scan`` and ``blind``), a process holding
 about 1 GiB of records, text and random blobs (:mod:`benchmarks.heap_process`), and, for blind
 mode only, a small process of the same kind without the random blobs: blind mode verifies
-candidate windows one by one (about 2 MB/s on heap-like memory, far less on random bytes), so
+candidate windows one by one (under 1 MB/s on heap-like memory, far less on random bytes), so
 on the big cores it would not finish in this scenario's time. One more run shows what happens
 past the budget: blind mode on the 1 GiB core with a budget it cannot meet.
 
