@@ -18,6 +18,7 @@ See :mod:`signer.gate._handler` for the decision table.
 from signer.gate._config import DEFAULT_CONFIG, GateConfig, load_config
 from signer.gate._crash import Crash
 from signer.gate._handler import DECISIONS, Outcome, decide, handle
+from signer.gate._layout import GateRoot
 from signer.gate._scan import build_scanner
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "Crash",
     "GateConfig",
+    "GateRoot",
     "Outcome",
     "build_scanner",
     "decide",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from signer.errors import HarnessError, SignerError
+from signer.gate import GateRoot
 
 CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
 
@@ -112,40 +113,18 @@ class GateDump:
 
 
 @dataclass
-class GateCollector:
+class GateCollector(GateRoot):
     """The dump gate as the kernel's collector. :meth:`installed` makes it ``core_pattern`` for
     the length of a row, over a file pattern in ``root/released`` (the destination it replaces,
     so a release is a file there), and puts back what was there before, whatever happens.
     :meth:`fetch` waits for the gate's decision on a pid and moves its core out: from where it
     was released, or from the quarantine (kept: findings, budget, error)."""
 
-    root: Path
-    """A root-only directory with a short path (the wrapper's path is in core_pattern)."""
     secrets: tuple[Path, ...]
     """The known-secret files the gate's config names (keys, ``*.pin`` files)."""
     name: str = "dump-gate"
     timeout: float = 300.0
     _ready: bool = field(default=False, repr=False)
-
-    @property
-    def config(self) -> Path:
-        return self.root / "dump-gate.toml"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def released(self) -> Path:
-        return self.root / "released"
-
-    @property
-    def wrapper(self) -> Path:
-        return self.root / "sbin" / "signer-dump-gate"
 
     @property
     def secret_ids(self) -> frozenset[str]:

@@ -30,6 +30,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from signer.gate import GateRoot
 from signer.gate._install import (
     GateState,
     Kernel,
@@ -79,33 +80,12 @@ os.kill(os.getpid(), sig)
 
 
 @dataclass
-class Gate:
+class Gate(GateRoot):
     """A gate's files in a root-only temporary directory, the file pattern it replaces, and the
     ways to crash a process under it and read what the gate did."""
 
-    root: Path
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     mounts: list[Path] = field(default_factory=list)
-
-    @property
-    def config(self) -> Path:
-        return self.root / "dump-gate.toml"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def released(self) -> Path:
-        return self.root / "released"
-
-    @property
-    def wrapper(self) -> Path:
-        return self.root / "sbin" / "signer-dump-gate"
 
     @property
     def previous_pattern(self) -> str:
