@@ -183,7 +183,10 @@ def wrapper_text(python: str, config: Path) -> str:
         "#!/bin/sh\n"
         f"{WRAPPER_TAG}\n"
         f"exec {shlex.quote(python)} -I -m signer.gate handle "
-        f'--config {shlex.quote(str(config))} "$@"\n'
+        # '--': what the kernel passes is never an option, whatever a crashing process made of
+        # its hostname (%h; any user can set it in a user namespace): '-x' or '--config=...'
+        # would otherwise end the gate before it read the dump, or choose its config.
+        f'--config {shlex.quote(str(config))} -- "$@"\n'
     )
 
 

@@ -73,7 +73,7 @@ def test_install_records_the_replaced_pattern_then_sets_both(
     assert text.startswith("#!/bin/sh\n")
     assert WRAPPER_TAG in text
     assert f"exec {sys.executable} -I -m signer.gate handle --config {config} " in text
-    assert '"$@"' in text
+    assert text.endswith(' -- "$@"\n')
     assert "installed" in done.lines()[0]
     assert "'core'" in done.lines()[1]
 
@@ -265,3 +265,26 @@ def test_status_without_a_log_counts_the_quarantine(
     config.write_text("[gate]\nbogus = 1\n")
     st = status(config, kernel=kernel)
     assert "bogus" in st.config_error
+
+
+@pytest.mark.parametrize("hostname", ["--config=/tmp/evil.toml", "-x"])
+def test_what_the_kernel_passes_is_never_an_option(hostname: str) -> None:
+    """A crashing process chooses its hostname (%h) in a user namespace: after the wrapper's
+    '--' it stays the hostname, and neither picks the gate's config nor ends it (review)."""
+    import argparse
+
+    from signer.cli import _gate
+
+    parser = argparse.ArgumentParser()
+    _gate.register_commands(parser.add_subparsers(dest="gate_command", required=True))
+    args = parser.parse_args(
+        [
+            *("handle", "--config", "/etc/good.toml", "--"),
+            *("42", "42", "1000", "1000", "11", "1700000000", "0", hostname, "!usr!bin!victim"),
+        ]
+    )
+    assert (str(args.config), args.hostname, args.exe) == (
+        "/etc/good.toml",
+        hostname,
+        "!usr!bin!victim",
+    )
