@@ -7,6 +7,7 @@ namespace, the thread's name, its working directory) is read there.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,23 @@ def file_owner(crash: Crash) -> tuple[int, int]:
     uid = int(uids[3]) if uids and len(uids) == 4 else crash.uid
     gid = int(gids[3]) if gids and len(gids) == 4 else crash.gid
     return uid, gid
+
+
+def changed_ids(crash: Crash) -> bool:
+    """Whether the process runs with ids other than its real one (set-user-ID or set-group-ID,
+    file capabilities, or made non-dumpable: /proc/PID is then root's), or ``/proc`` cannot say.
+    The kernel writes such a dump only to an absolute path, as root (suid_dumpable 2); a gate
+    that wrote it as that id into the working directory the caller chose would hand an
+    unprivileged user a root-owned file anywhere (review)."""
+    uids = _status_field(crash.proc / "status", "Uid")
+    gids = _status_field(crash.proc / "status", "Gid")
+    if not uids or not gids or len(uids) != 4 or len(gids) != 4:
+        return True
+    try:
+        owner = os.stat(crash.proc).st_uid
+    except OSError:
+        return True
+    return len(set(uids)) != 1 or len(set(gids)) != 1 or owner != int(uids[0])
 
 
 def thread_name(crash: Crash) -> str | None:

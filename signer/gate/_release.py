@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from signer.errors import GateError, SignerError
-from signer.gate._crash import Crash, file_owner, namespace_pid, thread_name
+from signer.gate._crash import Crash, changed_ids, file_owner, namespace_pid, thread_name
 from signer.gate._receive import CHUNK
 
 KERNEL_ENV = {"HOME": "/", "PATH": "/sbin:/bin:/usr/sbin:/usr/bin"}
@@ -283,6 +283,11 @@ def to_pipe(crash: Crash, core: Path, command: str, budget: float) -> Released:
 def _write_as(crash: Crash, core: Path, path: str, limit: int) -> None:
     """In a child: into the process's root and working directory, as its filesystem uid and gid,
     the file created as the kernel creates it. Raises ReleaseError with what went wrong."""
+    if changed_ids(crash):
+        raise ReleaseError(
+            "the process ran with other ids than its own (set-user-ID, capabilities, or not "
+            "dumpable): its dump is not written into a directory it chose; it stays in quarantine"
+        )
     uid, gid = file_owner(crash)
     try:
         root = os.open(crash.proc / "root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
