@@ -43,6 +43,34 @@ def write_private(path: str | Path, text: str) -> None:
     private_file(path).write_text(text)
 
 
+def write_atomic(path: str | Path, data: bytes | str, mode: int = FILE_MODE) -> None:
+    """``data`` in ``path`` with ``mode``, whole or not at all, durably: written to a file beside
+    it (never through a link) and synced, renamed over it, and the directory synced. A crash
+    leaves the old file or the new one, never a part (at most the temporary file, overwritten
+    next time). The audit pin, the gate's state, wrapper and reports are written so."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # one left behind by another umask or hand
+            view = memoryview(data.encode() if isinstance(data, str) else data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def state_dir(path: str | Path, mode: int = DIR_MODE) -> Path:
     """``path`` (and its parents) created if missing, its own mode set to ``mode``."""
     path = Path(path)

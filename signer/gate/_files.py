@@ -8,25 +8,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from signer._internal.files import write_atomic
 from signer.errors import GateError
 
 
-def write_private(path: Path, text: str) -> None:
-    """``text`` to ``path`` atomically (a temporary file renamed over it), 0600, synced."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        data = text.encode()
-        while data:
-            data = data[os.write(fd, data) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    write_private(path, json.dumps(doc, indent=2) + "\n")
+    """``doc`` at ``path``, 0600, whole or not at all (:func:`write_atomic`)."""
+    write_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 def private_dir(path: Path) -> Path:

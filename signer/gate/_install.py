@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from signer._internal.files import write_atomic
 from signer.errors import ConfigError, GateError
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class GateState:
     def write(self, state_dir: Path) -> Path:
         """Atomically (a new file renamed over the old), 0600."""
         path = state_dir / STATE_FILE
-        _write_atomic(path, json.dumps(asdict(self), indent=2) + "\n", 0o600)
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n", 0o600)
         return path
 
 
@@ -227,7 +228,7 @@ def install(
 
     for d in (cfg.state_dir, cfg.quarantine_dir):
         _root_dir(d)
-    _write_atomic(wrapper, wrapper_text(python, config), 0o755)
+    write_atomic(wrapper, wrapper_text(python, config), 0o755)
     new = GateState(
         installed=True,
         previous_pattern=previous,
@@ -574,26 +575,3 @@ def _root_dir(path: Path) -> None:
         raise GateError(f"{path} belongs to uid {st.st_uid}, not root: not installed")
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
-
-
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    """``text`` at ``path``, whole or not at all: a new file in the same directory, synced,
-    renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

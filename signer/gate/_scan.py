@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from signer._internal.children import die_with_parent
+from signer._internal.files import write_atomic
 from signer.errors import ScanError, SignerError
 from signer.gate._config import GateConfig
-from signer.gate._files import write_private
 
 if TYPE_CHECKING:
     from signer.keys import PublicKeyType
@@ -177,8 +177,8 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
     began = time.monotonic()
     scanner = build_scanner(cfg, max(0.0, (deadline - began) * BLIND_SHARE))
     result = scanner.scan(core)
-    write_private(core.with_name("report.json"), to_json([result]))
-    write_private(core.with_name("report.sarif"), json.dumps(to_sarif([result]), indent=2) + "\n")
+    write_atomic(core.with_name("report.json"), to_json([result]))
+    write_atomic(core.with_name("report.sarif"), json.dumps(to_sarif([result]), indent=2) + "\n")
     incomplete = None
     over_budget = result.blind is not None and not result.blind.complete
     if over_budget:
@@ -213,7 +213,7 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
         say(sanitised={"state": f"failed: {described(exc)}"})
         return
     report = done.to_dict()
-    write_private(core.with_name("sanitise.json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(core.with_name("sanitise.json"), json.dumps(report, indent=2) + "\n")
     summary = ("findings_overwritten", "bytes_overwritten", "verified", "seconds", "notes")
     say(sanitised={"state": "verified", **{k: report[k] for k in summary}})
 

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from signer._internal.files import private_database, private_file, state_dir, write_private
+from signer._internal.files import (
+    private_database,
+    private_file,
+    state_dir,
+    write_atomic,
+    write_private,
+)
 
 
 def mode(path: Path) -> int:
@@ -68,3 +74,26 @@ def test_state_directories_can_be_passed_through_not_listed(tmp_path: Path) -> N
     assert mode(state_dir(tmp_path / "var" / "deep")) == 0o711
     (tmp_path / "var").chmod(0o755)
     assert mode(state_dir(tmp_path / "var")) == 0o711
+
+
+def test_write_atomic_replaces_whole_with_its_mode_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    write_atomic(path, "new", 0o600)
+    assert path.read_text() == "new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    write_atomic(path, b"\x00bytes", 0o755)
+    assert path.read_bytes() == b"\x00bytes"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_write_atomic_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_text("untouched")
+    (tmp_path / ".pin.tmp").symlink_to(target)
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "pin", "data")
+    assert target.read_text() == "untouched"
+    assert not (tmp_path / "pin").exists()

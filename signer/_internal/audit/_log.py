@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,7 +27,7 @@ from signer._internal.audit._chain import (
 from signer._internal.audit._store import AuditStore, left_behind
 from signer._internal.audit._verify import pinned_der, unsigned_tail_fault
 from signer._internal.audit._witness import MESSAGE, FileWitness, Witness, fields
-from signer._internal.files import FILE_MODE
+from signer._internal.files import write_atomic
 from signer._internal.lanes import hand_back
 from signer.errors import SignerError, Unavailable
 
@@ -470,7 +469,7 @@ class AuditLog:
             if made is None:
                 raise Unavailable("the token gave no audit key")
             self._made = made
-            _write_pin(self._pin_to, _pem(made[1]))
+            write_atomic(self._pin_to, _pem(made[1]))
             log.info(
                 "audit key pinned", extra={"key_id": made[0].key_id.hex(), "pin": str(self._pin_to)}
             )
@@ -515,30 +514,6 @@ def _pem(public_der: bytes) -> bytes:
     return serialization.load_der_public_key(public_der).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def _write_pin(path: Path, data: bytes) -> None:
-    """``data`` in ``path``, owner-only, whole or not at all, durably: written to a file
-    beside it and synced, renamed over it, and the directory synced. A crash leaves no pin or
-    this one (and perhaps the temporary file, overwritten next time), never a part of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(
-        tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
-    )
-    try:
-        os.fchmod(fd, FILE_MODE)  # one left behind by another umask or hand
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class AuditKeyMismatch(Unavailable):

@@ -486,7 +486,7 @@ def test_a_crash_before_the_pin_leaves_no_pin_and_a_young_log(
     def killed(src: object, dst: object) -> None:
         raise Killed
 
-    monkeypatch.setattr("signer._internal.audit._log.os.replace", killed)
+    monkeypatch.setattr("signer._internal.files.os.replace", killed)
     first_checkpoint_killed(path, SQLiteAuditStore(path), soft)
     monkeypatch.undo()
     assert not Path(f"{path}.key.pem").exists()
@@ -544,7 +544,7 @@ def test_a_first_checkpoint_that_failed_retries_with_the_same_key(
     def full(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("signer._internal.audit._log.os.replace", full)
+    monkeypatch.setattr("signer._internal.files.os.replace", full)
     for _ in range(3):
         with pytest.raises(OSError, match="No space"):
             log.checkpoint()
