@@ -34,10 +34,10 @@ from fuzz.elfcore import Load, build
 from signer.errors import ScanError
 from signer.scan import Scanner, ScanResult, secret_from_key, secret_from_pin
 from signer.scan._stream import EXTENT_SLACK, STREAM_CHUNK
+from tests.unit.scan.cli import run_cli
 
 from .conftest import PIN, Keys, memory_like
 
-SIGNER = Path(sys.executable).parent / "signer"
 HEAP, LIB = 0x5555_5555_0000, 0x7F00_0000_0000
 CHUNK = 64 << 10  # forced small: many chunk boundaries in a 2 MiB core
 RSS_BOUND_MIB = 256  # as tests/unit/scan/test_hostile_cores.py holds `signer scan`
@@ -459,7 +459,7 @@ def test_a_gib_core_is_scanned_in_bounded_memory(tmp_path: Path) -> None:
     pin_file = tmp_path / "user.pin"
     pin_file.write_bytes(PIN)
     began = time.monotonic()
-    code, err, rss = _run_cli(packed, "--secrets", pin_file, "--json", tmp_path / "out.json")
+    code, err, rss = run_cli(packed, "--secrets", pin_file, "--json", tmp_path / "out.json")
     seconds = time.monotonic() - began
     assert code == 1, err
     assert "3 findings" in err
@@ -468,26 +468,6 @@ def test_a_gib_core_is_scanned_in_bounded_memory(tmp_path: Path) -> None:
     assert offsets == places
     assert rss < RSS_BOUND_MIB, rss
     assert seconds < 60
-
-
-def _run_cli(*args: str | Path) -> tuple[int, str, int]:
-    """``signer scan ...`` in a child: exit code, stderr, its peak RSS in MiB (getrusage of the
-    child's child, run alone)."""
-    code = (
-        "import resource, subprocess, sys\n"
-        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-        "sys.stderr.write(p.stderr)\n"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-        "sys.exit(p.returncode)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(SIGNER), "scan", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    return proc.returncode, proc.stderr, int(proc.stdout.split()[-1]) // 1024
 
 
 # --- properties ----------------------------------------------------------------------------------

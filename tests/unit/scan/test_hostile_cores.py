@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import resource
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,10 +26,10 @@ from fuzz.elfcore import Core, Load, build
 from signer.errors import CoreFormatError, ScanError
 from signer.scan import Scanner, ScanResult, secret_from_key, secret_from_pin
 from signer.scan._elf import MAX_PROBLEMS, parse_core
+from tests.unit.scan.cli import run_cli
 
 from .conftest import PIN, random_bytes
 
-SIGNER = Path(sys.executable).parent / "signer"
 RSS_BOUND_MIB = 256
 """What a ``signer scan`` process of these hostile files may hold: Python, Hyperscan, numpy and
 cryptography take about 80 MiB; the rest is room, not a budget the scanner grows into."""
@@ -75,26 +73,6 @@ def _write(tmp_path: Path, data: bytes, name: str = "core.bin") -> Path:
 
 def _found(result: ScanResult) -> set[str]:
     return {f.secret_id for f in result.findings}
-
-
-def run_cli(*args: str | Path) -> tuple[int, str, int]:
-    """``signer scan ...`` in a process of its own: exit code, stderr, and its peak RSS (MiB),
-    measured by the kernel (getrusage of the child; run alone, so the peak is this child's)."""
-    code = (
-        "import resource, subprocess, sys\n"
-        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-        "sys.stderr.write(p.stderr)\n"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-        "sys.exit(p.returncode)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(SIGNER), "scan", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    return proc.returncode, proc.stderr, int(proc.stdout.split()[-1]) // 1024
 
 
 @pytest.fixture(scope="module")
