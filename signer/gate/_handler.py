@@ -40,7 +40,7 @@ from signer.gate._crash import Crash
 from signer.gate._files import private_dir, write_json
 from signer.gate._log import gate_logger
 from signer.gate._receive import CHUNK, Received, receive
-from signer.gate._release import KERNEL_ENV, ReleaseError, release
+from signer.gate._release import ReleaseError, release, run_as_kernel
 from signer.gate._scan import ScanOutcome, described, scan
 
 NOTIFY_SECONDS = 30.0
@@ -171,15 +171,7 @@ def _notify(argv: tuple[str, ...], report: Path) -> dict[str, Any]:
     failure is recorded, nothing more."""
     began = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            [*argv, str(report)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd="/",
-            env=KERNEL_ENV,
-            start_new_session=True,
-        )
+        proc = run_as_kernel([*argv, str(report)], subprocess.DEVNULL)
     except OSError as exc:
         return {"ok": False, "error": f"{argv[0]} cannot run: {exc.strerror}"}
     try:

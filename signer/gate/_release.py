@@ -33,6 +33,22 @@ from signer.gate._crash import Crash, changed_ids, file_owner, namespace_pid, th
 from signer.gate._receive import CHUNK
 
 KERNEL_ENV = {"HOME": "/", "PATH": "/sbin:/bin:/usr/sbin:/usr/bin"}
+
+
+def run_as_kernel(argv: list[str], stdin: int) -> subprocess.Popen[bytes]:
+    """``argv`` started as the kernel starts a core_pattern helper: from /, with its fixed
+    environment, no output, in a session of its own (the chained handler, the notifier)."""
+    return subprocess.Popen(
+        argv,
+        stdin=stdin,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        env=KERNEL_ENV,
+        start_new_session=True,
+    )
+
+
 """What the kernel gives a usermode helper (and so the gate, and what it chains to)."""
 LACKING = {"d": "the dump mode", "F": "a pidfd of the process", "C": "the CPU it ran on"}
 MIN_COREDUMP = 4096
@@ -248,15 +264,7 @@ def to_pipe(crash: Crash, core: Path, command: str, budget: float) -> Released:
     notes += [f"%{s} ({LACKING[s]}) is not known to the gate: left out" for s in sorted(lacking)]
     deadline = time.monotonic() + max(60.0, budget)
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd="/",
-            env=KERNEL_ENV,
-            start_new_session=True,
-        )
+        proc = run_as_kernel(argv, subprocess.PIPE)
     except OSError as exc:
         raise ReleaseError(f"the chained handler {argv[0]} cannot run: {exc.strerror}") from None
     try:
