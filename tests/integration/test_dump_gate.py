@@ -38,6 +38,7 @@ from signer.gate._install import (
     install,
     uninstall,
 )
+from signer.scan import Scanner, load_secrets
 from tests.conftest import (
     KERNEL_DUMP_SETTINGS,
     SIGNER_BIN,
@@ -407,7 +408,6 @@ def test_a_key_only_blind_detection_finds_stays_in_quarantine(gate: Gate) -> Non
 
 
 def test_the_sanitised_copy_is_clean_and_gdb_still_reads_it(gate: Gate, known_key: Path) -> None:
-    from signer.scan import Scanner, load_secrets
 
     gate.configure(secrets=[str(known_key)])
     pid = gate.crash("known", known_key)
@@ -460,9 +460,10 @@ def test_the_real_service_crashes_and_its_dump_is_released(
     core_unlimited: None,
 ) -> None:
     sp = service_process_factory()
+    payload = b"gate marker " + os.urandom(16).hex().encode()
     with sp.client() as c:
         c.create_key("gate-service-key", "ec-p256")
-        c.sign("gate-service-key", message=b"a payload before the crash")
+        c.sign("gate-service-key", message=payload)
     # The token's PIN and the structural detectors; blind mode over the service's own keys
     # (service_configs) is test_a_key_only_blind_detection_finds' subject, on a smaller core.
     gate.configure(secrets=[str(token_host.paths.user_pin)])
@@ -474,6 +475,14 @@ def test_the_real_service_crashes_and_its_dump_is_released(
     core = gate.release(sp.pid)
     assert core.read_bytes()[:4] == b"\x7fELF"
     assert core.stat().st_size > 10_000_000
+    # What was released is the whole dump (the payload the service just signed is in it) and
+    # holds no PIN by a second look; that the gate would have kept it otherwise is the known-key
+    # tests' subject, with the same scanner.
+    again = Scanner(load_secrets([token_host.paths.user_pin])).scan(
+        core, markers={"payload": payload}
+    )
+    assert again.markers_found.get("payload", 0) > 0, again.markers_found
+    assert again.findings == []
     held = gate.held(sp.pid)
     assert held is None or not (held / "core").exists()
 
