@@ -132,18 +132,8 @@ def _register_install(gsub: Subparsers) -> None:
 def cmd_handle(args: argparse.Namespace) -> int:
     from signer.gate import Crash, handle
 
-    crash = Crash(
-        args.pid,
-        args.tid,
-        args.uid,
-        args.gid,
-        args.signal,
-        args.time,
-        args.core_limit,
-        args.hostname,
-        args.exe,
-    )
-    outcome = handle(args.config, crash)
+    crash, problem = Crash.from_kernel(args.kernel)
+    outcome = handle(args.config, crash, problem=problem)
     where = f" ({outcome.entry})" if outcome.entry else ""
     print(f"{outcome.decision}: {outcome.reason}{where}")  # /dev/null when the kernel runs it
     return EXIT_OK if outcome.released else EXIT_INVALID
@@ -153,21 +143,19 @@ def _register_handle(gsub: Subparsers) -> None:
     sp = gsub.add_parser(
         "handle",
         help="take one core dump from stdin through the gate (run by the kernel)",
-        description="Run by the kernel through core_pattern ('|WRAPPER %%P %%i %%u %%g %%s %%t "
+        usage="%(prog)s [--config PATH] -- PID TID UID GID SIGNAL TIME CORE_LIMIT HOSTNAME EXE",
+        description="Run by the kernel through core_pattern ('|WRAPPER %%P %%I %%u %%g %%s %%t "
         "%%c %%h %%E'), with the core on stdin: stores it in the quarantine, scans it, releases "
         "it if clean, and records the decision in the entry's meta.json and the gate's log. "
+        "PID and TID as the initial pid namespace sees them, EXE with '/' written '!'. "
+        "Arguments that are not these nine keep the dump in quarantine (quarantined:error). "
         "Exit 0 released, 1 not released (the decision says why).",
     )
     sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
-    sp.add_argument("pid", type=int, metavar="PID", help="%%P: the pid (initial namespace)")
-    sp.add_argument("tid", type=int, metavar="TID", help="%%i: the crashing thread")
-    sp.add_argument("uid", type=int, metavar="UID", help="%%u")
-    sp.add_argument("gid", type=int, metavar="GID", help="%%g")
-    sp.add_argument("signal", type=int, metavar="SIGNAL", help="%%s")
-    sp.add_argument("time", type=int, metavar="TIME", help="%%t: seconds since the epoch")
-    sp.add_argument("core_limit", type=int, metavar="CORE_LIMIT", help="%%c: RLIMIT_CORE")
-    sp.add_argument("hostname", metavar="HOSTNAME", help="%%h")
-    sp.add_argument("exe", metavar="EXE", help="%%E: the executable's path, '/' written '!'")
+    # Everything after --config, as given: the handler reads the kernel's values itself (a
+    # hostname may be '--' or '-h'), and a wrong count is a quarantined dump, not a usage error
+    # that leaves the kernel's pipe unread.
+    sp.add_argument("kernel", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_handle)
 
 

@@ -39,7 +39,7 @@ from signer.gate._config import GateConfig, load_config
 from signer.gate._crash import Crash
 from signer.gate._files import private_dir, write_json
 from signer.gate._log import gate_logger
-from signer.gate._receive import CHUNK, Received, receive
+from signer.gate._receive import CHUNK, IDLE_SECONDS, Received, fill, receive
 from signer.gate._release import ReleaseError, release, run_as_kernel
 from signer.gate._scan import ScanOutcome, described, scan
 
@@ -158,10 +158,12 @@ def _entry(quarantine: Path, crash: Crash) -> Path:
 
 
 def _drain(src: int) -> int:
+    """The rest of the core read and thrown away (the kernel holds the process until the gate
+    has read it all, or gone), as long as it keeps coming."""
     buf = bytearray(CHUNK)
     total = 0
     with contextlib.suppress(OSError):
-        while n := os.readv(src, [buf]):
+        while n := fill(src, memoryview(buf), IDLE_SECONDS):
             total += n
     return total
 
@@ -237,9 +239,9 @@ class _Run:
                 extra={"dir": str(self.entry), "error": exc.strerror},
             )
 
-    def run(self) -> Outcome:
+    def run(self, problem: str | None = None) -> Outcome:
         try:
-            decision, reason = self._steps()
+            decision, reason = self._steps(problem)
         except Exception as exc:
             where = traceback.extract_tb(exc.__traceback__)[-1]
             decision = "quarantined:error" if self.entry is not None else "dropped:error"
@@ -248,7 +250,7 @@ class _Run:
             self.meta["received"] = self.meta.get("received", 0) + _drain(self.stdin)
         return self._decided(decision, reason)
 
-    def _steps(self) -> tuple[str, str]:
+    def _steps(self, problem: str | None) -> tuple[str, str]:
         try:
             self.entry = _entry(self.cfg.quarantine_dir, self.crash)
         except (GateError, OSError) as exc:
@@ -271,6 +273,8 @@ class _Run:
         self.meta.update(size=got.stored, received=got.received, truncated=got.truncated)
         if got.no_space:
             core.unlink()
+        if problem is not None and not got.no_space:
+            return "quarantined:error", problem
         if self.config_error is not None and not got.no_space:
             return "quarantined:error", f"configuration: {self.config_error}"
         scanned = None
@@ -347,13 +351,25 @@ class _Run:
         return Outcome(decision, reason, self.entry, self.meta)
 
 
-def handle(config: str | Path, crash: Crash, stdin: int = 0) -> Outcome:
+def handle(
+    config: str | Path, crash: Crash, stdin: int = 0, *, problem: str | None = None
+) -> Outcome:
     """Takes the core on ``stdin`` (a descriptor: the kernel's pipe) through the gate. Never
-    raises for a problem of the dump, the configuration or the host: the outcome says it."""
+    raises for a problem of the dump, the configuration or the host: the outcome says it.
+    ``problem``: why the kernel's arguments could not be read (the dump is then kept in
+    quarantine and neither scanned nor released)."""
     protect_self()
+    # /proc/PID first, before anything slow: the pid names the crashing process only while
+    # the kernel holds it (see signer.gate._crash).
+    crash, unattached = crash.attached() if problem is None else (crash, None)
     try:
         run = _Run(Path(config), crash, stdin)
     except Exception as exc:  # not even a log: the dump is read and not kept
         _drain(stdin)
         return Outcome("dropped:error", f"the gate could not start: {described(exc)}", None, {})
-    return run.run()
+    run.meta["proc"] = unattached or "held"
+    try:
+        return run.run(problem)
+    finally:
+        if crash.process is not None:
+            crash.process.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import time
 from dataclasses import dataclass
 
@@ -33,10 +34,28 @@ class Received:
     seconds: float
 
 
-def _fill(src: int, view: memoryview) -> int:
-    """Reads until ``view`` is full or the input ends (a pipe gives at most 64 KiB a read)."""
+IDLE_SECONDS = 300.0
+"""How long the kernel may send nothing before the gate stops reading: a dump stalled on a hung
+mapping (a dead NFS or FUSE file) must not hold a core_pipe_limit slot for ever."""
+
+
+class Stalled(OSError):
+    """Nothing came for the idle limit; ``filled`` bytes had come before."""
+
+    def __init__(self, idle: float, filled: int) -> None:
+        super().__init__(errno.ETIMEDOUT, f"nothing came for {idle:g} s")
+        self.filled = filled
+
+
+def fill(src: int, view: memoryview, idle: float) -> int:
+    """Reads until ``view`` is full or the input ends (a pipe gives at most 64 KiB a read);
+    raises Stalled when nothing comes for ``idle`` seconds."""
     filled = 0
+    poll = select.poll()
+    poll.register(src, select.POLLIN)
     while filled < len(view):
+        if not poll.poll(int(idle * 1000)):
+            raise Stalled(idle, filled)
         try:
             n = os.readv(src, [view[filled:]])
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
@@ -52,11 +71,14 @@ def _free(fd: int) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def receive(src: int, dst: int, *, max_bytes: int, min_free: int) -> Received:
+def receive(
+    src: int, dst: int, *, max_bytes: int, min_free: int, idle: float = IDLE_SECONDS
+) -> Received:
     """Copies ``src`` (the pipe) to ``dst`` (the quarantine file, open for writing) until the
     input ends; stores at most ``max_bytes``, and nothing that would leave the file system with
     less than ``min_free`` bytes free. Reads errors of the input as the end of it (the kernel
-    has gone); a write error ends storing (``error``), never reading."""
+    has gone), and so a pipe silent for ``idle`` seconds (``error`` says so); a write error ends
+    storing (``error``), never reading."""
     began = time.monotonic()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -65,10 +87,13 @@ def receive(src: int, dst: int, *, max_bytes: int, min_free: int) -> Received:
     no_space: str | None = None
     error: str | None = None
     storing = True
+    stalled: str | None = None
     try:
-        while True:
+        while stalled is None:
             try:
-                n = _fill(src, view)
+                n = fill(src, view, idle)
+            except Stalled as exc:  # what came before the silence is kept
+                n, stalled = exc.filled, f"reading the core failed: {exc.strerror}"
             except OSError as exc:
                 error = error or f"reading the core failed: {exc.strerror or exc}"
                 break
@@ -106,6 +131,7 @@ def receive(src: int, dst: int, *, max_bytes: int, min_free: int) -> Received:
                     no_space = f"writing the core failed: {exc.strerror}"
                 else:
                     error = f"writing the core failed: {exc.strerror or exc}"
+        error = error or stalled
         if storing or truncated:
             try:
                 os.ftruncate(dst, stored)  # the holes skipped at the end

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import select
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,12 @@ MIN_COREDUMP = 4096
 _ZERO = bytes(CHUNK)
 
 
+def release_seconds(budget: float) -> float:
+    """How long a release may take: the scan's budget (it is proportional to the core's size),
+    and at least a minute."""
+    return max(60.0, budget)
+
+
 class ReleaseError(GateError):
     """The clean core could not be released: it stays in quarantine."""
 
@@ -79,7 +86,10 @@ def _values(crash: Crash) -> tuple[dict[str, str], list[str]]:
     ns_tid = namespace_pid(crash, thread=True)
     comm = thread_name(crash)
     if ns_pid is None or ns_tid is None:
-        notes.append(f"/proc/{crash.pid} is gone: %p and %i given as the initial namespace's ids")
+        notes.append(
+            f"/proc/{crash.pid} does not show the crashing process: %p and %i given as the "
+            "initial namespace's ids"
+        )
     if comm is None:
         notes.append("the thread's name is unknown: %e given as the executable's name")
     return {
@@ -157,10 +167,11 @@ def release(
             done = to_directory(core, release_dir / f"{name}.core")
         else:
             pattern = previous_pattern(state_dir)
+            seconds = release_seconds(budget)
             if pattern.startswith("|"):
-                done = to_pipe(crash, core, pattern[1:], budget)
+                done = to_pipe(crash, core, pattern[1:], seconds)
             else:
-                done = to_file(crash, core, pattern or "core")
+                done = to_file(crash, core, pattern or "core", seconds)
     except ReleaseError:
         raise
     except (OSError, SignerError) as exc:
@@ -254,15 +265,27 @@ def _feed(proc: subprocess.Popen[bytes], core: Path, deadline: float) -> tuple[i
     return sent, True
 
 
-def to_pipe(crash: Crash, core: Path, command: str, budget: float) -> Released:
-    """Runs the previous pipe handler with the core on its stdin; it must exit 0 in time."""
+def _still_dumping(crash: Crash, why: str) -> None:
+    """Refuses a release that needs ``/proc/PID`` unless the directory the gate opened first
+    is still the process being dumped (it reads nothing once the process has gone)."""
+    if crash.process is None or not crash.process.dumping():
+        raise ReleaseError(
+            f"/proc/{crash.pid} is not (or no longer) the crashing process, and {why}: the "
+            "process was killed during its dump, or the gate was not run by the kernel"
+        )
+
+
+def to_pipe(crash: Crash, core: Path, command: str, seconds: float) -> Released:
+    """Runs the previous pipe handler with the core on its stdin; it must read it and exit 0
+    within ``seconds``, or it is killed and the core stays in quarantine."""
+    _still_dumping(crash, "a chained handler reads /proc/PID")
     values, notes = _values(crash)
     lacking: set[str] = set()
     argv = [a for a in (expand(t, values, lacking) for t in command.split(" ") if t) if a]
     if not argv:
         raise ReleaseError("the previous pattern is an empty pipe")
     notes += [f"%{s} ({LACKING[s]}) is not known to the gate: left out" for s in sorted(lacking)]
-    deadline = time.monotonic() + max(60.0, budget)
+    deadline = time.monotonic() + seconds
     try:
         proc = run_as_kernel(argv, subprocess.PIPE)
     except OSError as exc:
@@ -288,22 +311,27 @@ def to_pipe(crash: Crash, core: Path, command: str, budget: float) -> Released:
 # --- a file ------------------------------------------------------------------------------------
 
 
-def _write_as(crash: Crash, core: Path, path: str, limit: int) -> None:
+def _write_as(crash: Crash, core: Path, path: str, limit: int, deadline: float) -> None:
     """In a child: into the process's root and working directory, as its filesystem uid and gid,
-    the file created as the kernel creates it. Raises ReleaseError with what went wrong."""
+    the file created as the kernel creates it; killed at ``deadline`` (a working directory on a
+    hung file system must not hold one of the kernel's core_pipe_limit slots for ever). Raises
+    ReleaseError with what went wrong."""
+    _still_dumping(crash, "the file goes into its root and working directory")
     if changed_ids(crash):
         raise ReleaseError(
             "the process ran with other ids than its own (set-user-ID, capabilities, or not "
-            "dumpable): its dump is not written into a directory it chose; it stays in quarantine"
+            "dumpable), or /proc does not show it: its dump is not written into a directory "
+            "it chose; it stays in quarantine"
         )
+    assert crash.process is not None
     uid, gid = file_owner(crash)
     try:
-        root = os.open(crash.proc / "root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        cwd = os.open(crash.proc / "cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        root = crash.process.open_dir("root")
+        cwd = crash.process.open_dir("cwd")
     except OSError as exc:
         raise ReleaseError(
             f"the process's root or working directory cannot be opened ({exc.strerror}): is "
-            f"{crash.proc} gone (core_pipe_limit 0)?"
+            f"/proc/{crash.pid} gone?"
         ) from None
     src = os.open(core, os.O_RDONLY | os.O_CLOEXEC)
     r, w = os.pipe()
@@ -311,7 +339,9 @@ def _write_as(crash: Crash, core: Path, path: str, limit: int) -> None:
     if pid == 0:
         code = 0
         try:
-            os.close(r)
+            # Nothing of root's is kept past the switch to the user's ids: not the kernel's
+            # pipe, the gate's log, the quarantine (only what the write needs).
+            _keep_only((src, w, root, cwd))
             os.fchdir(root)
             os.chroot(".")
             os.fchdir(cwd)
@@ -332,13 +362,44 @@ def _write_as(crash: Crash, core: Path, path: str, limit: int) -> None:
             os._exit(code)
     for fd in (w, src, root, cwd):
         os.close(fd)
-    try:
-        with os.fdopen(r, "rb") as f:
-            said = f.read(4096).decode(errors="replace")
-    finally:
-        _, status = os.waitpid(pid, 0)
+    said, status = _wait_child(pid, r, deadline)
+    if status is None:
+        raise ReleaseError(f"writing {path} as uid {uid} did not end in time: killed")
     if status != 0:
         raise ReleaseError(f"writing {path} as uid {uid} failed: {said or f'status {status}'}")
+
+
+def _keep_only(keep: tuple[int, ...]) -> None:
+    """Every descriptor but ``keep`` closed; 0, 1 and 2 on /dev/null (in a forked child)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _wait_child(pid: int, r: int, deadline: float) -> tuple[str, int | None]:
+    """What the child wrote on ``r`` (closed here) and its wait status; status None when it was
+    killed at ``deadline``."""
+    said = b""
+    try:
+        while len(said) < 4096:
+            ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return said.decode(errors="replace"), None
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    return said.decode(errors="replace"), status
 
 
 def _core_uses_pid() -> bool:
@@ -348,8 +409,9 @@ def _core_uses_pid() -> bool:
         return False
 
 
-def to_file(crash: Crash, core: Path, pattern: str) -> Released:
-    """Writes the core where the file pattern says, as the kernel would have."""
+def to_file(crash: Crash, core: Path, pattern: str, seconds: float) -> Released:
+    """Writes the core where the file pattern says, as the kernel would have, within
+    ``seconds``."""
     values, notes = _values(crash)
     lacking: set[str] = set()
     path = expand(pattern, values, lacking) or ""
@@ -367,6 +429,6 @@ def to_file(crash: Crash, core: Path, pattern: str) -> Released:
     size = os.stat(core).st_size
     if crash.core_limit < size:
         notes.append(f"cut at the process's core limit ({crash.core_limit} of {size} bytes)")
-    _write_as(crash, core, path, min(size, crash.core_limit))
+    _write_as(crash, core, path, min(size, crash.core_limit), time.monotonic() + seconds)
     where = path if path.startswith("/") else f"{path} in the working directory of {crash.pid}"
     return Released(where, notes=notes)

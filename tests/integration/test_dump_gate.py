@@ -442,6 +442,41 @@ def test_a_clean_dump_is_released_to_the_replaced_pattern(gate: Gate, known_key:
     assert core.stat().st_size > 1_000_000
 
 
+def test_a_clean_dump_is_chained_to_a_replaced_pipe_handler_that_reads_proc(
+    gate: Gate, known_key: Path
+) -> None:
+    """Chained as to systemd-coredump, which reads /proc/PID while it runs: the gate chains
+    only while /proc/PID is still the process being dumped, and the chained handler finds it
+    so (the kernel's own dumping state, which no unit test can make)."""
+    record = gate.root / "chained"
+    script = gate.root / "sbin" / "previous-handler"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > {record}.argv\n'
+        f"grep -E '^(CoreDumping|Tgid):' /proc/$1/status > {record}.status\n"
+        f"wc -c > {record}.size\n"
+    )
+    script.chmod(0o700)
+    state = json.loads((gate.state_dir / "state.json").read_text())
+    state["previous_pattern"] = f"|{script} %P %e %s"  # the handler reads it per dump
+    (gate.state_dir / "state.json").write_text(json.dumps(state))
+    gate.configure(secrets=[str(known_key)])
+    pid = gate.crash("clean")
+    decision = gate.decision(pid)
+    assert decision.get("decision") == "released", decision
+    argv = record.with_suffix(".argv").read_text().split()
+    assert (argv[0], argv[2]) == (str(pid), "11")
+    assert argv[1].startswith("python")  # %e, the thread's name, read through the held /proc
+    assert record.with_suffix(".status").read_text().split() == [
+        *("Tgid:", str(pid), "CoreDumping:", "1")
+    ]
+    assert int(record.with_suffix(".size").read_text()) > 1_000_000
+    held = gate.held(pid)
+    assert held is not None
+    assert json.loads((held / "meta.json").read_text())["proc"] == "held"
+    assert not (held / "core").exists()
+
+
 @pytest.fixture
 def core_unlimited() -> Iterator[None]:
     """Children started meanwhile may dump cores of any size (the service inherits it)."""

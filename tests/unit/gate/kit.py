@@ -149,17 +149,23 @@ class Gate:
         core_limit: int = 2**64 - 1,
         exe: str = "/usr/bin/victim",
         command: list[str] | None = None,
+        kernel: list[str] | None = None,
     ) -> Run:
         """The handler with ``data`` (or what ``feeder`` writes) on a pipe, started by
-        :data:`_LAUNCHER` for its peak RSS (its children's included)."""
+        :data:`_LAUNCHER` for its peak RSS (its children's included); ``kernel``: the
+        arguments after ``--config``, instead of those made of the others."""
         if data is not None:
             src = self.root / "input.core"
             src.write_bytes(data)
             feeder = ["cat", str(src)]
         assert feeder is not None
         argv = command or [sys.executable, "-m", "signer.gate", "handle"]
-        argv += ["--config", str(self.config), str(pid), str(pid), str(uid), str(gid), "11"]
-        argv += [str(T), str(core_limit), "host", exe.replace("/", "!")]
+        argv += ["--config", str(self.config)]
+        if kernel is not None:
+            argv += kernel
+        else:
+            argv += ["--", str(pid), str(pid), str(uid), str(gid), "11"]
+            argv += [str(T), str(core_limit), "host", exe.replace("/", "!")]
         out, err = self.root / "stdout", self.root / "stderr"
         rss = self.root / "maxrss"
         began = time.monotonic()
