@@ -4,9 +4,29 @@ Installing writes a small wrapper (root's, 0755, in a directory only root can wr
 ``/usr/local/sbin/signer-dump-gate``) that runs ``python -I -m signer.gate handle --config FILE``
 with this virtualenv's interpreter, records what it replaces in ``state_dir/state.json`` and only
 then points ``/proc/sys/kernel/core_pattern`` at it (and sets ``core_pipe_limit``, so the kernel
-keeps ``/proc/PID`` until the handler exits). Everything the kernel will run as root for every
-crash on the host (the wrapper, the interpreter, this package, the config whose ``notify`` names
-a command) must be writable by root alone: install refuses otherwise, naming the path.
+keeps ``/proc/PID`` until the handler exits).
+
+Everything the handler runs, reads or writes as root for every crash on the host must be root's
+alone (``_files.not_root_only``: the path and everything on the way to it, links included, root's
+and writable by no one else; sticky directories only on the way). Install refuses otherwise,
+naming the path and why, before it writes anything:
+
+* what runs: the wrapper, ``/bin/sh``, the interpreter and its ``pyvenv.cfg``, every file of
+  this package, the config (its ``notify`` command runs) and the notify command; and each entry
+  of the interpreter's ``sys.path`` as the wrapper runs it (``python -I``), with what is directly
+  in it (a module planted there would be imported as root). The stdlib and site-packages are
+  checked first from ``python -I -S`` (no ``.pth`` file runs), then the full ``-I`` path, so
+  install never runs a ``.pth`` file it has not checked;
+* what the scan reads: ``detect.secrets``, ``detect.public_keys`` (a directory and each file in
+  it) and ``detect.service_configs`` (whoever could change one could make the gate release a
+  dump with a key in it, or read a file as root through a link);
+* where it writes: ``state_dir`` and ``quarantine_dir`` (checked again at each dump by
+  ``_files.private_dir``), and ``release_dir``. The release directory alone may be open to
+  others if it is root's and sticky (``/var/crash``, 1777): the gate creates each released core
+  there as root with ``O_EXCL | O_NOFOLLOW`` (a name planted first, a link included, fails the
+  release: the dump stays in quarantine; a name is never followed), and in a sticky directory no
+  one else may rename or remove root's file. A release directory that does not exist yet must
+  be in one only root can write (else someone could make it first, theirs).
 
 The kernel gives a pipe helper no environment (no ``PATH``: every path in the wrapper is absolute)
 and at most 127 bytes of pattern (``CORENAME_MAX_SIZE`` with its NUL); a longer one would be cut
@@ -25,7 +45,6 @@ import contextlib
 import json
 import os
 import shlex
-import stat
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from signer._internal.files import write_atomic
 from signer.errors import ConfigError, GateError
+from signer.gate._files import not_root_only, private_dir
 
 if TYPE_CHECKING:
     from signer.gate._config import GateConfig
@@ -45,8 +65,10 @@ DEFAULT_WRAPPER = Path("/usr/local/sbin/signer-dump-gate")
 DEFAULT_PIPE_LIMIT = 16
 # CORENAME_MAX_SIZE is 128 with the terminating NUL.
 PATTERN_LIMIT = 127
-# What the handler is given (gate.md, interface 3): PID TID UID GID SIGNAL TIME CORE_LIMIT HOST EXE.
-SPECIFIERS = "%P %i %u %g %s %t %c %h %E"
+# What the handler is given (gate.md, interface 3): PID TID UID GID SIGNAL TIME CORE_LIMIT HOST EXE,
+# the pid and tid as the initial pid namespace sees them (%P, %I: /proc/PID/task/TID is read
+# there; %i would be the thread's id inside a container).
+SPECIFIERS = "%P %I %u %g %s %t %c %h %E"
 WRAPPER_TAG = "# signer dump-gate: the kernel's core_pattern runs this for every crash on the host"
 STATE_FILE = "state.json"
 GATE_LOG = "gate.log"
@@ -227,7 +249,7 @@ def install(
         previous, previous_limit = current, kernel.pipe_limit()
 
     for d in (cfg.state_dir, cfg.quarantine_dir):
-        _root_dir(d)
+        private_dir(d)
     write_atomic(wrapper, wrapper_text(python, config), 0o755)
     new = GateState(
         installed=True,
@@ -527,51 +549,145 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def not_root_only(path: Path) -> str | None:
-    """Why someone other than root could change what ``path`` names, or None: ``path`` and each
-    directory above it must be root's and writable by no one else (a sticky directory such as
-    /tmp is fine: no one else may rename root's entries in it). Checked for the path as given and
-    for where its symlinks lead."""
-    for p in dict.fromkeys((path, Path(os.path.realpath(path)))):
-        for q in (p, *p.parents):
-            try:
-                st = os.stat(q)
-            except FileNotFoundError:
-                continue  # created by install, as root
-            if st.st_uid != 0:
-                return f"{q} belongs to uid {st.st_uid}"
-            sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
-            if st.st_mode & 0o022 and not (sticky and q != p):
-                return f"{q} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
-    return None
-
-
 def _check_trusted(config: Path, python: str, wrapper: Path, cfg: GateConfig) -> None:
-    """Everything the kernel runs as root on every crash, root's alone."""
+    """Everything the handler runs, reads or writes as root on every crash, root's alone
+    (:func:`not_root_only`); each refusal names the path and why."""
     import signer
 
-    checks = [
+    package = Path(signer.__file__).parent
+    runs = [
         (wrapper, "the wrapper"),
+        (Path("/bin/sh"), "the wrapper's shell"),
         (config, "the config (its notify command runs as root)"),
         (Path(python), "the interpreter"),
-        (Path(signer.__file__).parent, "the signer package"),
+        *((p, "the interpreter's venv configuration") for p in _pyvenv_cfg(Path(python))),
+        (package, "the signer package"),
+        *((p, "a file of the signer package") for p in _tree(package)),
     ]
     if cfg.notify and Path(cfg.notify[0]).is_absolute():
-        checks.append((Path(cfg.notify[0]), "the notify command"))
-    for path, what in checks:
-        why = not_root_only(path)
+        runs.append((Path(cfg.notify[0]), "the notify command"))
+    _refuse_open(runs, "the kernel runs it as root for every crash on the host")
+    _refuse_open(
+        [(cfg.state_dir, "state_dir"), (cfg.quarantine_dir, "quarantine_dir")],
+        "the gate writes its state and every dump there as root (a directory others could "
+        "change is one they could swap for a link, or read the dumps from)",
+        make=True,  # as the handler makes them: private_dir
+    )
+    if cfg.release_dir is not None:
+        why = not_root_only(cfg.release_dir, sticky=True)
         if why is not None:
             raise GateError(
-                f"{what} {path}: {why}; the kernel runs it as root for every crash on the "
-                "host, so it must be writable by root alone. Not installed"
+                f"release_dir {cfg.release_dir}: {why}; the gate creates released dumps in it "
+                "as root, so it must be root's and, if others may write it, sticky (as "
+                "/var/crash, 1777), and every directory above it root's alone. Not installed"
+            )
+    read = [
+        *((p, "detect.secrets file") for p in cfg.secrets),
+        *((p, "detect.public_keys entry") for p in cfg.public_keys),
+        *((p, "detect.service_configs file") for p in cfg.service_configs),
+    ]
+    read += [(f, f"a file in {d}") for d, _ in read if d.is_dir() for f in _listed(d)]
+    _refuse_open(
+        read,
+        "the scan reads it as root for every dump (whoever could change it could make the gate "
+        "release a dump with a key in it, or read any file through a link)",
+    )
+    # The stdlib and site-packages first, before the interpreter runs their .pth files.
+    base, site_dirs = _probe(python, _BASE_PROBE, "-S")
+    _check_import_path(python, [*base, *site_dirs])
+    _check_import_path(python, _probe(python, _PATH_PROBE))
+
+
+def _refuse_open(checks: list[tuple[Path, str]], because: str, make: bool = False) -> None:
+    for path, what in checks:
+        why = not_root_only(path, make=make)
+        if why is not None:
+            raise GateError(
+                f"{what} {path}: {why}; {because}, so it must be writable by root alone. "
+                "Not installed"
             )
 
 
-def _root_dir(path: Path) -> None:
-    """A root-only (0700) directory, created if missing."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid != 0:
-        raise GateError(f"{path} belongs to uid {st.st_uid}, not root: not installed")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+# sys.path as the wrapper's ``python -I`` has it, with the .pth files of site-packages done.
+_PATH_PROBE = "import sys, json; print(json.dumps(sys.path))"
+# Without site (-S: no .pth file runs): the stdlib's entries and the site-packages directories
+# site would add (the venv's, and the base's unless pyvenv.cfg leaves them out).
+_BASE_PROBE = """
+import json, os, site, sys
+exe = os.path.dirname(os.path.abspath(sys.executable))
+prefixes = list(site.PREFIXES)
+for cfg in (os.path.join(exe, "pyvenv.cfg"), os.path.join(os.path.dirname(exe), "pyvenv.cfg")):
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            lines = [line.partition("=") for line in f]
+        system = {k.strip().lower(): v.strip().lower() for k, _, v in lines}
+        include = system.get("include-system-site-packages") == "true"
+        prefixes = [os.path.dirname(exe), *(prefixes if include else [])]
+        break
+print(json.dumps([sys.path, site.getsitepackages(prefixes)]))
+"""
+PROBE_SECONDS = 30.0
+
+
+def _probe(python: str, code: str, *flags: str) -> Any:
+    """What ``code`` prints (JSON), run by ``python -I`` (and ``flags``) as the wrapper runs
+    it: from /, with no environment."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [python, "-I", *flags, "-c", code],
+            capture_output=True,
+            cwd="/",
+            env={},
+            timeout=PROBE_SECONDS,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise GateError(f"exit status {done.returncode}: {done.stderr.decode()[-300:]}")
+        return json.loads(done.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired, GateError) as exc:
+        raise GateError(
+            f"the interpreter {python} did not say its import path ({exc}); the gate cannot "
+            "check what it would import as root. Not installed"
+        ) from None
+
+
+def _check_import_path(python: str, entries: list[str]) -> None:
+    """Each existing entry of the import path, and each module or package directly in it,
+    root's alone: whoever could write one could plant a module the root handler imports."""
+    for entry in dict.fromkeys(e for e in entries if e):
+        path = Path(entry)
+        # A missing entry (python311.zip) too: no one else may make it either.
+        checks = [path, *_listed(path)]
+        for p in checks:
+            why = not_root_only(p)
+            if why is not None:
+                raise GateError(
+                    f"the interpreter's import path entry {entry} ({python} -I): {why}; the "
+                    "handler imports from it as root for every crash on the host, so it must "
+                    "be writable by root alone. Not installed"
+                )
+
+
+def _pyvenv_cfg(python: Path) -> list[Path]:
+    """The pyvenv.cfg the interpreter reads at start (it names its home and site-packages)."""
+    exe = Path(os.path.abspath(python)).parent
+    return [p for p in (exe / "pyvenv.cfg", exe.parent / "pyvenv.cfg") if p.is_file()]
+
+
+def _listed(directory: Path) -> list[Path]:
+    """The entries directly in ``directory``, sorted ([] when it cannot be listed)."""
+    try:
+        return sorted(directory.iterdir())
+    except OSError:
+        return []
+
+
+def _tree(directory: Path) -> list[Path]:
+    """Every file and directory under ``directory`` (``__pycache__`` included: a .pyc others
+    could write runs as the module it caches)."""
+    out: list[Path] = []
+    for top, dirs, files in os.walk(directory):
+        out += [Path(top, n) for n in (*dirs, *files)]
+    return sorted(out)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from signer.errors import ConfigError, GateError
+from signer.gate._files import not_root_only
 from signer.gate._install import (
     PATTERN_LIMIT,
     WRAPPER_TAG,
@@ -21,7 +22,6 @@ from signer.gate._install import (
     gate_pattern,
     install,
     is_gate_pattern,
-    not_root_only,
     status,
     uninstall,
 )
@@ -56,7 +56,7 @@ def test_install_records_the_replaced_pattern_then_sets_both(
     kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
 ) -> None:
     done = install(config, pipe_limit=8, wrapper=wrapper, kernel=kernel)
-    pattern = f"|{wrapper} %P %i %u %g %s %t %c %h %E"
+    pattern = f"|{wrapper} %P %I %u %g %s %t %c %h %E"
     assert kernel.pattern() == pattern == done.pattern
     assert kernel.pipe_limit() == 8
     state = json.loads((tmp_path / "state" / "state.json").read_text())
@@ -132,6 +132,173 @@ def test_refuses_what_others_could_write(
         install(config, wrapper=wrapper, kernel=kernel)
     assert kernel.pattern() == "core"
     assert not wrapper.exists()
+
+
+NOBODY = 65534
+
+
+def _refused(match: str, kernel: Kernel, config: Path, wrapper: Path) -> str:
+    """install refuses, with ``match`` and "Not installed", and changes nothing."""
+    with pytest.raises(GateError, match=match) as err:
+        install(config, wrapper=wrapper, kernel=kernel)
+    assert err.value.message.endswith("Not installed")
+    assert kernel.pattern() == "core"
+    assert not wrapper.exists()
+    return err.value.message
+
+
+def _configure(config: Path, gate: str = "", detect: str = "") -> None:
+    base = config.parent
+    config.write_text(
+        f'[gate]\nstate_dir = "{base}/state"\nquarantine_dir = "{base}/q"\n{gate}\n'
+        f"[detect]\nstructural = true\n{detect}\n"
+    )
+
+
+@pytest.mark.parametrize("setting", ["state_dir", "quarantine_dir"])
+def test_refuses_a_state_or_quarantine_dir_others_could_change(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path, setting: str
+) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    config.write_text(
+        config.read_text().replace(
+            f"{tmp_path}/{'state' if setting == 'state_dir' else 'q'}", f"{theirs}/d"
+        )
+    )
+    said = _refused(
+        f"{setting} {theirs}/d: {theirs} belongs to uid {NOBODY}", kernel, config, wrapper
+    )
+    assert "as root" in said
+    assert not (theirs / "d").exists()
+    os.chown(theirs, 0, 0)
+    theirs.chmod(0o775)
+    _refused(f"{setting} .*writable by group or others \\(mode 775\\)", kernel, config, wrapper)
+
+
+def test_release_dir_may_be_a_sticky_directory_of_roots_but_nothing_looser(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    crash.chmod(0o1777)  # as /var/crash
+    _configure(config, f'release_dir = "{crash}"')
+    install(config, wrapper=wrapper, kernel=kernel)
+    uninstall(config, kernel=kernel)
+    kernel.core_pattern.write_text("core\n")
+    crash.chmod(0o777)  # not sticky: others could rename the gate's files in it
+    said = _refused(f"release_dir {crash}: {crash} is writable by group", kernel, config, wrapper)
+    assert "sticky" in said
+    crash.chmod(0o1777)
+    os.chown(crash, NOBODY, NOBODY)
+    _refused(f"release_dir {crash}: {crash} belongs to uid {NOBODY}", kernel, config, wrapper)
+    os.chown(crash, 0, 0)
+    above = tmp_path / "above"
+    above.mkdir()
+    above.chmod(0o1777)  # sticky above is fine, but a missing release_dir in it is not
+    _configure(config, f'release_dir = "{above}/crash"')
+    _refused(f"{above}/crash does not exist and {above}", kernel, config, wrapper)
+    _configure(config, f'release_dir = "{tmp_path}/g/crash"')
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g").chmod(0o770)
+    _refused(f"release_dir .*{tmp_path}/g is writable by group", kernel, config, wrapper)
+
+
+def test_refuses_files_the_scan_reads_that_others_could_change(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("not read at install")
+    _configure(config, detect=f'secrets = ["{key}"]')
+    install(config, wrapper=wrapper, kernel=kernel)
+    uninstall(config, kernel=kernel)
+    kernel.core_pattern.write_text("core\n")
+    os.chown(key, NOBODY, NOBODY)
+    said = _refused(
+        f"detect.secrets file {key}: {key} belongs to uid {NOBODY}", kernel, config, wrapper
+    )
+    assert "release a dump with a key in it" in said
+    # A link to a file someone else may rewrite, from a directory of public keys.
+    keys = tmp_path / "public-keys"
+    keys.mkdir()
+    (keys / "a.pem").write_text("x")
+    (keys / "b.pem").symlink_to(key)
+    _configure(config, detect=f'public_keys = ["{keys}"]')
+    _refused(
+        f"a file in {keys} {keys}/b.pem: {key} belongs to uid {NOBODY}", kernel, config, wrapper
+    )
+    service = tmp_path / "svc" / "signer.toml"
+    service.parent.mkdir()
+    service.write_text("")
+    service.parent.chmod(0o777)
+    _configure(config, detect=f'service_configs = ["{service}"]')
+    _refused(
+        f"detect.service_configs file {service}: .* writable by group", kernel, config, wrapper
+    )
+
+
+def _venv(tmp_path: Path) -> Path:
+    """A bare virtualenv of this interpreter (no pip): its python and site-packages."""
+    import subprocess
+
+    env = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    (site,) = env.glob("lib/python3*/site-packages")
+    return site
+
+
+def test_refuses_an_import_path_entry_others_could_write(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """A .pth file puts a directory uid 65534 owns on ``python -I``'s sys.path: the handler
+    would import from it as root."""
+    site = _venv(tmp_path)
+    python = str(site.parents[2] / "bin" / "python")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    (site / "extra.pth").write_text(f"{theirs}\n")
+    with pytest.raises(GateError, match=f"import path entry {theirs} .*belongs to uid {NOBODY}"):
+        install(config, wrapper=wrapper, python=python, kernel=kernel)
+    assert kernel.pattern() == "core"
+    (site / "extra.pth").unlink()
+    os.chown(theirs, 0, 0)
+    done = install(config, wrapper=wrapper, python=python, kernel=kernel)
+    assert done.pattern == kernel.pattern()
+
+
+def test_a_site_packages_others_could_write_is_refused_before_its_pth_files_run(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    site = _venv(tmp_path)
+    python = str(site.parents[2] / "bin" / "python")
+    ran = tmp_path / "ran"
+    (site / "planted.pth").write_text(f"import pathlib; pathlib.Path({str(ran)!r}).touch()\n")
+    os.chown(site / "planted.pth", NOBODY, NOBODY)
+    with pytest.raises(GateError, match=f"planted.pth belongs to uid {NOBODY}"):
+        install(config, wrapper=wrapper, python=python, kernel=kernel)
+    assert not ran.exists()  # install did not run it as root to learn sys.path
+    os.chown(site / "planted.pth", 0, 0)
+    site.chmod(0o777)
+    with pytest.raises(GateError, match=f"import path entry {site} .*writable by group"):
+        install(config, wrapper=wrapper, python=python, kernel=kernel)
+    assert not ran.exists()
+    assert kernel.pattern() == "core"
+
+
+def test_refuses_a_file_of_the_signer_package_others_could_write(
+    kernel: Kernel, config: Path, wrapper: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import signer
+
+    fake = tmp_path / "pkg" / "signer"
+    (fake / "gate").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "gate" / "_handler.py").write_text("")
+    os.chown(fake / "gate" / "_handler.py", NOBODY, NOBODY)
+    monkeypatch.setattr(signer, "__file__", str(fake / "__init__.py"))
+    _refused(f"a file of the signer package {fake}/gate/_handler.py", kernel, config, wrapper)
 
 
 def test_a_sticky_directory_above_is_fine(tmp_path: Path) -> None:
@@ -267,13 +434,14 @@ def test_status_without_a_log_counts_the_quarantine(
     assert "bogus" in st.config_error
 
 
-@pytest.mark.parametrize("hostname", ["--config=/tmp/evil.toml", "-x"])
+@pytest.mark.parametrize("hostname", ["--config=/tmp/evil.toml", "-x", "--", "-h"])
 def test_what_the_kernel_passes_is_never_an_option(hostname: str) -> None:
     """A crashing process chooses its hostname (%h) in a user namespace: after the wrapper's
     '--' it stays the hostname, and neither picks the gate's config nor ends it (review)."""
     import argparse
 
     from signer.cli import _gate
+    from signer.gate import Crash
 
     parser = argparse.ArgumentParser()
     _gate.register_commands(parser.add_subparsers(dest="gate_command", required=True))
@@ -283,8 +451,10 @@ def test_what_the_kernel_passes_is_never_an_option(hostname: str) -> None:
             *("42", "42", "1000", "1000", "11", "1700000000", "0", hostname, "!usr!bin!victim"),
         ]
     )
-    assert (str(args.config), args.hostname, args.exe) == (
+    crash, problem = Crash.from_kernel(args.kernel)
+    assert (str(args.config), crash.hostname, crash.exe_escaped, problem) == (
         "/etc/good.toml",
         hostname,
         "!usr!bin!victim",
+        None,
     )
