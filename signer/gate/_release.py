@@ -31,6 +31,7 @@ from pathlib import Path
 
 from signer.errors import GateError, SignerError
 from signer.gate._crash import Crash, changed_ids, file_owner, namespace_pid, thread_name
+from signer.gate._files import not_root_only
 from signer.gate._receive import CHUNK
 
 KERNEL_ENV = {"HOME": "/", "PATH": "/sbin:/bin:/usr/sbin:/usr/bin"}
@@ -214,6 +215,9 @@ def to_directory(core: Path, dst: Path) -> Released:
     """Moved (renamed, or copied and removed across file systems) to ``dst``, which must not
     exist; root's, 0600. The directory is made 0700 if missing, and left as it is otherwise
     (the operator's: /var/crash is 1777)."""
+    why = not_root_only(dst.parent, sticky=True)  # again for each dump: install checked once
+    if why is not None:
+        raise ReleaseError(f"release_dir {dst.parent}: {why}")
     dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not dst.parent.is_dir():
         raise ReleaseError(f"release_dir {dst.parent} is not a directory")

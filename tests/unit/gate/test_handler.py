@@ -6,6 +6,7 @@ the notification say, and that nothing but a clean, whole, scanned core is ever 
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -198,6 +199,22 @@ def test_a_clean_core_is_released_to_release_dir_and_leaves_its_record(gate: Gat
     assert run.meta["release"]["to"] == str(out)
     assert [line["decision"] for line in log_lines(gate)] == ["released"]
     assert run.stdout.startswith("released: scanned clean")
+
+
+def test_a_release_dir_someone_else_could_redirect_is_not_released_to(gate: Gate) -> None:
+    """Checked again for each dump (install checked it once): a directory above it that
+    another user owns could be swapped for a link to anywhere root can write."""
+    theirs = gate.root / "theirs"
+    (theirs / "released").mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)
+    gate.configure({"secrets": ["key.pem"]}, release_dir=str(theirs / "released"))
+    run = gate.run(core())
+    assert run.decision == "quarantined:error"
+    assert f"release_dir {theirs / 'released'}" in run.meta["reason"]
+    assert "65534" in run.meta["reason"]
+    assert list((theirs / "released").iterdir()) == []
+    assert run.entry is not None
+    assert (run.entry / "core").exists()
 
 
 def test_signer_dump_gate_handle_is_the_same_command(gate: Gate) -> None:
