@@ -23,15 +23,27 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class GateConfig:
     """``[gate]`` and ``[detect]`` of the file, paths made absolute. ``release_dir`` None: release
-    to the pattern the gate replaced (``state_dir/state.json``'s ``previous_pattern``)."""
+    to the pattern the gate replaced (``state_dir/state.json``'s ``previous_pattern``). The
+    budget's defaults (``seconds_per_gib`` 30, ``min_scan_seconds`` 30) are the gate
+    benchmark's slowest figures four times over: the comments below give them."""
 
     # [gate]
     state_dir: Path = DEFAULT_STATE_DIR
     quarantine_dir: Path = DEFAULT_STATE_DIR / "quarantine"
     release_dir: Path | None = None
     max_core_bytes: int = 16 * GIB
-    seconds_per_gib: float = 300.0
-    # Small dumps get at least this: compiling the patterns alone takes a second or more.
+    # The scan's budget per GiB of data (see budget_seconds). The gate benchmark (2 shared
+    # cores, 16 keys and 2 PINs; docs/benchmarks.md) takes 5.7 s per GiB known-secret on a
+    # 1 GiB core (7.5 s on a heap-like one), most of it the ~5.5 s of building the scanner that
+    # every dump pays, then about 0.5 s per further GiB; 0.8 to 1.7 s structural. 30 is four
+    # times the slowest, room for a loaded host, while the crashed process (which the kernel
+    # keeps until the gate exits) waits at most 8 minutes for a 16 GiB core; it was 300, 80
+    # minutes, and bought blind mode nothing. Blind mode (public keys) runs at ~0.8 MB/s on a
+    # heap: its half of any budget a crashed process can wait for clears dumps of about 12 MiB;
+    # larger ones stay quarantined for budget (README, "The dump gate").
+    seconds_per_gib: float = 30.0
+    # Small dumps get at least this: building the scanner alone (compiling the secrets'
+    # patterns) takes about 5 to 6 s for 16 keys and 2 PINs.
     min_scan_seconds: float = 30.0
     min_free_bytes: int = GIB
     notify: tuple[str, ...] = ()
@@ -44,7 +56,10 @@ class GateConfig:
     path: Path | None = None
 
     def budget_seconds(self, size: int) -> float:
-        """The scan's time budget for a dump of ``size`` bytes."""
+        """The scan's time budget for ``size`` bytes of dump to read. The gate passes the bytes
+        of the core that hold data (:func:`signer.gate._scan.data_bytes`), not its length: the
+        scanner skips the holes of a sparse core, so a 16 GiB core holding 10 MB of data is
+        scanned in the time of 10 MB and gets the budget of 10 MB, not of 16 GiB."""
         return max(self.min_scan_seconds, self.seconds_per_gib * size / GIB)
 
 

@@ -17,8 +17,8 @@ import select
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -30,7 +30,7 @@ from signer.gate._config import GateConfig
 
 if TYPE_CHECKING:
     from signer.keys import PublicKeyType
-    from signer.scan import Scanner
+    from signer.scan import Scanner, ScanResult
 
 BLIND_SHARE = 0.5
 """Of the scan's budget, what blind mode's own budget gets: the rest is for building the
@@ -50,19 +50,40 @@ def _files_in(path: Path) -> list[Path]:
 
 def public_keys(cfg: GateConfig) -> dict[str, PublicKeyType]:
     """The public keys of blind mode: each file of ``detect.public_keys`` (a directory: each
-    file in it, named ``DIR/FILE``), then the key versions and live import tokens of each
-    service in ``detect.service_configs``, read from its store (no PIN, no token)."""
+    file in it), then the key versions and live import tokens of each service in
+    ``detect.service_configs``, read from its store (no PIN, no token).
+
+    A key is named by its file's full path (``#i`` after it for the i-th of several in one
+    file), a service's by its config's (``CONFIG:NAME/vN``): unique, and what a reader of the
+    report can open. Named by the directory's base name and the file's, two directories both
+    called ``keys`` collided, and the keys of one silently replaced the other's, which blind
+    mode then never looked for. Two names that still meet (a file listed twice) must hold the
+    same key; otherwise the scan fails (closed) rather than drop one."""
     from signer.scan import load_public_keys
 
     out: dict[str, PublicKeyType] = {}
+
+    def add(name: str, key: PublicKeyType) -> None:
+        if name in out and _spki(out[name]) != _spki(key):
+            raise ScanError(f"two different public keys are both named {name}")
+        out[name] = key
+
     for entry in cfg.public_keys:
         for path in _files_in(entry):
-            prefix = f"{entry.name}/" if path != entry else ""
             for name, key in load_public_keys([path]).items():
-                out[prefix + name] = key
+                add(str(path.parent / name), key)  # the loader names a key by the file's name
     for service in cfg.service_configs:
-        out.update(service_public_keys(service))
+        for name, key in service_public_keys(service).items():
+            add(name, key)
     return out
+
+
+def _spki(key: PublicKeyType) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def service_public_keys(config: Path) -> dict[str, PublicKeyType]:
@@ -115,20 +136,60 @@ def service_public_keys(config: Path) -> dict[str, PublicKeyType]:
 
 def build_scanner(cfg: GateConfig, blind_budget_seconds: float = 60.0) -> Scanner:
     """The scanner the configuration asks for, built the way ``signer scan`` builds one (the
-    same loaders, the same constructor): known secrets; blind mode (the structural detectors,
-    and the mathematical checks against each public key) when there are public keys or
-    ``detect.structural`` is on. Structural detection cannot be turned off while public keys
-    are given: it is part of blind mode."""
+    same loaders, the same constructor): known secrets, and blind mode when there are public
+    keys or ``detect.structural`` is on.
+
+    Blind mode's structural detectors (PEM, DER, PKCS#8, SEC1, OpenSSH, JWK private keys) are
+    how it finds a configured key in an encoded form that the math checks, which read raw
+    numbers, cannot see (a PEM block's base64): with public keys they always run. What
+    ``detect.structural = false`` turns off is the rest of what they find: a private key that
+    matches none of the configured public keys (``unknown:...``, or a structure that does not
+    load) is not reported, does not quarantine the dump and is not overwritten in the
+    sanitised copy; the scan's notes count them. Before, it turned nothing off when public
+    keys were given."""
     from signer.scan import Scanner, load_secrets
 
     known = load_secrets(cfg.secrets)
     public = public_keys(cfg)
     blind = bool(public) or cfg.structural
-    return Scanner(
-        known,
-        public_keys=public if blind else None,
-        blind_budget_seconds=blind_budget_seconds,
+    if not blind or cfg.structural:
+        return Scanner(
+            known,
+            public_keys=public if blind else None,
+            blind_budget_seconds=blind_budget_seconds,
+        )
+    owners = {s.id for s in known} | set(public)
+
+    class ConfiguredOnly(Scanner):
+        """A scanner whose every scan (the sanitiser's re-scan of its copy too, which must
+        agree with the first) reports only the configured secrets and keys."""
+
+        def scan(
+            self,
+            path: Path | str,
+            maps: Path | str | None = None,
+            markers: Mapping[str, bytes] | None = None,
+            *,
+            deadline: float | None = None,
+        ) -> ScanResult:
+            result = super().scan(path, maps, markers, deadline=deadline)
+            return _configured_only(result, owners)
+
+    return ConfiguredOnly(known, public_keys=public, blind_budget_seconds=blind_budget_seconds)
+
+
+def _configured_only(result: ScanResult, owners: set[str]) -> ScanResult:
+    """``result`` without the findings of secrets and keys not in ``owners`` (the structural
+    detectors' private keys of no configured public key), and a note counting them."""
+    kept = [f for f in result.findings if f.secret_id in owners]
+    dropped = len(result.findings) - len(kept)
+    if not dropped:
+        return result
+    note = (
+        f"detect.structural is off: {dropped} private-key structure{'s' * (dropped != 1)} "
+        "matching none of the configured public keys not reported"
     )
+    return replace(result, findings=kept, notes=[*result.notes, note])
 
 
 # --- the child ---------------------------------------------------------------------------------
@@ -203,6 +264,10 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
         say(sanitised={"state": "unavailable: this signer has no signer.scan.sanitize"})
         return
     dst = core.with_name("core.sanitised")
+    room = _room_for_copy(core, cfg.min_free_bytes)
+    if room is not None:
+        say(sanitised={"state": f"skipped: {room}"})
+        return
     try:
         done = sanitize(core, dst, scanner, result=result)
         if not done.verified:  # sanitize raises rather than return one; kept as a guard
@@ -216,6 +281,45 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
     write_atomic(core.with_name("sanitise.json"), json.dumps(report, indent=2) + "\n")
     summary = ("findings_overwritten", "bytes_overwritten", "verified", "seconds", "notes")
     say(sanitised={"state": "verified", **{k: report[k] for k in summary}})
+
+
+def _room_for_copy(core: Path, min_free: int) -> str | None:
+    """Why the sanitised copy of ``core`` is not to be written (None: it may be): it takes about
+    the disk space the core takes (it is written as sparse as the core, with the same data),
+    and a 10 GiB core with findings must not take the quarantine's file system below
+    ``min_free_bytes``, which the core itself was stored within. The sanitiser's own writes
+    may still meet a full disk (other dumps arrive meanwhile): that fails the copy, not the
+    decision."""
+    st = os.stat(core)
+    need = min(st.st_size, st.st_blocks * 512)
+    fs = os.statvfs(core.parent)
+    free = fs.f_bavail * fs.f_frsize
+    if free - need >= min_free:
+        return None
+    return (
+        f"the quarantine file system has {free} bytes free: a copy of about {need} bytes "
+        f"would leave less than min_free_bytes ({min_free}); the core is kept, sanitise it "
+        "by hand elsewhere (signer sanitize)"
+    )
+
+
+def data_bytes(core: Path) -> int:
+    """The bytes of ``core`` the scanner reads: its data, not the holes of a sparse file (the
+    gate stores every MiB of zeros as a hole, as the kernel does). From SEEK_DATA/SEEK_HOLE, as
+    the scanner finds them, and not from ``st_blocks``, which a compressing file system (ZFS,
+    btrfs) makes smaller than the data the scanner reads. The file's length where the file
+    system cannot say. (The scanner reads the holes too if a pattern can match zeros, which no
+    key, PIN or structure of usable length does; such a scan would run out of budget and stay
+    quarantined.)"""
+    from signer.scan._scanner import _data_ranges
+
+    fd = os.open(core, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        ranges = _data_ranges(fd, size)
+    finally:
+        os.close(fd)
+    return size if ranges is None else sum(end - start for start, end in ranges)
 
 
 class _Child:
@@ -287,9 +391,10 @@ def _messages(fd: int, deadline_of: dict[str, float]) -> Iterator[dict[str, Any]
 
 
 def scan(cfg: GateConfig, core: Path) -> ScanOutcome:
-    """Scans the quarantined ``core`` within the budget its size gives; on findings, waits for
-    the sanitised copy as long again twice (a scan, a copy, a re-scan)."""
-    budget = cfg.budget_seconds(os.stat(core).st_size)
+    """Scans the quarantined ``core`` within the budget its data gives (:func:`data_bytes`:
+    a sparse core's holes are not read, so they buy no time); on findings, waits for the
+    sanitised copy as long again twice (a scan, a copy, a re-scan)."""
+    budget = cfg.budget_seconds(data_bytes(core))
     began = time.monotonic()
     deadline = {"t": began + budget}
     out = ScanOutcome("error", budget, reason="the scan child ended without a result")

@@ -25,7 +25,8 @@ def test_an_empty_file_is_the_defaults(tmp_path: Path) -> None:
     assert cfg.quarantine_dir == Path("/var/lib/signer-dump-gate/quarantine")
     assert cfg.release_dir is None  # chain to the replaced pattern
     assert (cfg.max_core_bytes, cfg.min_free_bytes) == (16 * GIB, GIB)
-    assert (cfg.seconds_per_gib, cfg.structural, cfg.notify) == (300.0, True, ())
+    assert (cfg.seconds_per_gib, cfg.min_scan_seconds) == (30.0, 30.0)
+    assert (cfg.structural, cfg.notify) == (True, ())
 
 
 def test_every_key_and_relative_paths_from_the_files_directory(tmp_path: Path) -> None:
