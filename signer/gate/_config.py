@@ -7,7 +7,9 @@ gate in ``/``, where a relative path would mean something else than the operator
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,9 @@ class GateConfig:
     # patterns) takes about 5 to 6 s for 16 keys and 2 PINs.
     min_scan_seconds: float = 30.0
     min_free_bytes: int = GIB
+    # What the quarantine may hold on disk, all entries' files together (0: no limit beyond
+    # min_free_bytes). A dump that would take it past is read and not kept (dropped:no-space).
+    max_quarantine_bytes: int = 0
     notify: tuple[str, ...] = ()
     # [detect]
     secrets: tuple[Path, ...] = ()
@@ -71,6 +76,7 @@ _GATE = {
     "seconds_per_gib": "seconds",
     "min_scan_seconds": "seconds",
     "min_free_bytes": "size",
+    "max_quarantine_bytes": "size",
     "notify": "argv",
 }
 _DETECT = {
@@ -118,8 +124,9 @@ def _build(data: dict[str, Any], base: Path, path: Path) -> GateConfig:
             if key in section:
                 values[key] = _value(table, key, kind, section[key], base)
     cfg = GateConfig(**values)
-    if cfg.min_free_bytes < 0:
-        raise _At("gate.min_free_bytes must not be negative", "gate", "min_free_bytes")
+    for key in ("min_free_bytes", "max_quarantine_bytes"):
+        if getattr(cfg, key) < 0:
+            raise _At(f"gate.{key} must not be negative", "gate", key)
     if cfg.max_core_bytes < 1:
         raise _At("gate.max_core_bytes must be positive", "gate", "max_core_bytes")
     for key in ("seconds_per_gib", "min_scan_seconds"):
@@ -161,3 +168,28 @@ def _value(table: str, key: str, kind: str, raw: Any, base: Path) -> Any:
     if kind == "argv":
         return tuple(raw)
     return tuple(base / x for x in raw)
+
+
+def quarantine_bytes(quarantine: Path) -> int:
+    """The disk space the quarantine's entries take (their files' allocated blocks). Entries
+    that vanish meanwhile (an operator's review) count for nothing."""
+    total = 0
+    try:
+        entries = list(os.scandir(quarantine))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                for f in os.scandir(entry.path):
+                    with contextlib.suppress(OSError):
+                        if f.is_file(follow_symlinks=False):
+                            total += f.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
+def quarantine_room(cfg: GateConfig) -> int | None:
+    """Bytes the quarantine may still take under max_quarantine_bytes (None: no limit)."""
+    if not cfg.max_quarantine_bytes:
+        return None
+    return max(0, cfg.max_quarantine_bytes - quarantine_bytes(cfg.quarantine_dir))

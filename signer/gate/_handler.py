@@ -12,6 +12,7 @@ quarantine or in no dump at all, never in a release; ``meta.json`` and the log s
     quarantined:error      the config, the scan, a write or the release     kept
                            failed
     dropped:no-space       the quarantine would fall below min_free_bytes   not kept
+                           or grow past max_quarantine_bytes
     dropped:error          no quarantine directory could be made            not kept
 
 ``meta.json`` stays in the entry's directory whatever happens (install's status counts them).
@@ -35,7 +36,7 @@ from typing import Any
 
 from signer._internal.config import parse_toml, read_text
 from signer.errors import ConfigError, GateError
-from signer.gate._config import GateConfig, load_config
+from signer.gate._config import GateConfig, load_config, quarantine_room
 from signer.gate._crash import Crash
 from signer.gate._files import private_dir, write_json
 from signer.gate._log import gate_logger
@@ -265,7 +266,11 @@ class _Run:
         )
         try:
             got = receive(
-                self.stdin, fd, max_bytes=self.cfg.max_core_bytes, min_free=self.cfg.min_free_bytes
+                self.stdin,
+                fd,
+                max_bytes=self.cfg.max_core_bytes,
+                min_free=self.cfg.min_free_bytes,
+                room=quarantine_room(self.cfg),
             )
         finally:
             os.close(fd)

@@ -72,17 +72,24 @@ def _free(fd: int) -> int:
 
 
 def receive(
-    src: int, dst: int, *, max_bytes: int, min_free: int, idle: float = IDLE_SECONDS
+    src: int,
+    dst: int,
+    *,
+    max_bytes: int,
+    min_free: int,
+    idle: float = IDLE_SECONDS,
+    room: int | None = None,
 ) -> Received:
     """Copies ``src`` (the pipe) to ``dst`` (the quarantine file, open for writing) until the
     input ends; stores at most ``max_bytes``, and nothing that would leave the file system with
-    less than ``min_free`` bytes free. Reads errors of the input as the end of it (the kernel
-    has gone), and so a pipe silent for ``idle`` seconds (``error`` says so); a write error ends
-    storing (``error``), never reading."""
+    less than ``min_free`` bytes free, nor more than ``room`` bytes of data (what the quarantine
+    may still hold under max_quarantine_bytes; None: no limit). Reads errors of the input as the
+    end of it (the kernel has gone), and so a pipe silent for ``idle`` seconds (``error`` says
+    so); a write error ends storing (``error``), never reading."""
     began = time.monotonic()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    stored = received = 0
+    stored = received = written_total = 0
     truncated = False
     no_space: str | None = None
     error: str | None = None
@@ -112,6 +119,13 @@ def receive(
                 os.lseek(dst, keep, os.SEEK_CUR)
                 stored += keep
                 continue
+            if room is not None and written_total + keep > room:
+                no_space = (
+                    f"the quarantine is full: storing {written_total + keep} bytes would take it "
+                    "past max_quarantine_bytes"
+                )
+                storing = False
+                continue
             free = _free(dst)
             if free - keep < min_free:
                 no_space = (
@@ -125,6 +139,7 @@ def receive(
                 while written < keep:
                     written += os.write(dst, chunk[written:])
                 stored += keep
+                written_total += keep
             except OSError as exc:
                 storing = False
                 if exc.errno in _NO_SPACE:

@@ -264,7 +264,7 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
         say(sanitised={"state": "unavailable: this signer has no signer.scan.sanitize"})
         return
     dst = core.with_name("core.sanitised")
-    room = _room_for_copy(core, cfg.min_free_bytes)
+    room = _room_for_copy(core, cfg)
     if room is not None:
         say(sanitised={"state": f"skipped: {room}"})
         return
@@ -283,24 +283,32 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
     say(sanitised={"state": "verified", **{k: report[k] for k in summary}})
 
 
-def _room_for_copy(core: Path, min_free: int) -> str | None:
+def _room_for_copy(core: Path, cfg: GateConfig) -> str | None:
     """Why the sanitised copy of ``core`` is not to be written (None: it may be): it takes about
     the disk space the core takes (it is written as sparse as the core, with the same data),
     and a 10 GiB core with findings must not take the quarantine's file system below
-    ``min_free_bytes``, which the core itself was stored within. The sanitiser's own writes
-    may still meet a full disk (other dumps arrive meanwhile): that fails the copy, not the
-    decision."""
+    ``min_free_bytes``, nor the quarantine past ``max_quarantine_bytes``, which the core itself
+    was stored within. The sanitiser's own writes may still meet a full disk (other dumps
+    arrive meanwhile): that fails the copy, not the decision."""
+    from signer.gate._config import quarantine_room
+
     st = os.stat(core)
     need = min(st.st_size, st.st_blocks * 512)
     fs = os.statvfs(core.parent)
     free = fs.f_bavail * fs.f_frsize
-    if free - need >= min_free:
-        return None
-    return (
-        f"the quarantine file system has {free} bytes free: a copy of about {need} bytes "
-        f"would leave less than min_free_bytes ({min_free}); the core is kept, sanitise it "
-        "by hand elsewhere (signer sanitize)"
-    )
+    later = "the core is kept: sanitise it by hand elsewhere (signer sanitize)"
+    if free - need < cfg.min_free_bytes:
+        return (
+            f"the quarantine file system has {free} bytes free: a copy of about {need} bytes "
+            f"would leave less than min_free_bytes ({cfg.min_free_bytes}); {later}"
+        )
+    room = quarantine_room(cfg)
+    if room is not None and need > room:
+        return (
+            f"a copy of about {need} bytes would take the quarantine past "
+            f"max_quarantine_bytes ({cfg.max_quarantine_bytes}); {later}"
+        )
+    return None
 
 
 def data_bytes(core: Path) -> int:

@@ -26,7 +26,7 @@ def test_an_empty_file_is_the_defaults(tmp_path: Path) -> None:
     assert cfg.release_dir is None  # chain to the replaced pattern
     assert (cfg.max_core_bytes, cfg.min_free_bytes) == (16 * GIB, GIB)
     assert (cfg.seconds_per_gib, cfg.min_scan_seconds) == (30.0, 30.0)
-    assert (cfg.structural, cfg.notify) == (True, ())
+    assert (cfg.structural, cfg.notify, cfg.max_quarantine_bytes) == (True, (), 0)
 
 
 def test_every_key_and_relative_paths_from_the_files_directory(tmp_path: Path) -> None:
@@ -78,6 +78,7 @@ def test_the_budget_grows_with_the_dump_from_a_floor() -> None:
         ("[gate]\nmax_core_bytes = '1G'\n", "must be an integer number of bytes", 2),
         ("[gate]\nseconds_per_gib = -1\n", "gate.seconds_per_gib must be positive", 2),
         ("[gate]\nmin_free_bytes = -1\n", "must not be negative", 2),
+        ("[gate]\nmax_quarantine_bytes = -1\n", "gate.max_quarantine_bytes must not be", 2),
         ("[gate]\nnotify = ['']\n", "gate.notify must be a list of non-empty strings", 2),
         ("[gate]\nquarantine_dir = ''\n", "gate.quarantine_dir must be a path", 2),
         ("[detect]\nstructural = 'yes'\n", "detect.structural must be true or false", 2),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_blind_detection_against_a_directory_of_public_keys(
     run = gate.run(core(ec_scalar(other)))
     assert run.decision == "quarantined:findings", run.meta
     (finding,) = run.report()["findings"]
-    assert finding["secret_id"] == "service-keys/signing.pem"
+    assert finding["secret_id"] == str(keys / "signing.pem")
     assert finding["representation"].startswith("verified-ec-scalar")
 
 
@@ -400,3 +401,16 @@ def test_a_gib_core_streams_through_in_bounded_memory(gate: Gate) -> None:
     (out,) = released(gate)
     assert out.stat().st_size == size
     assert out.stat().st_blocks == 0  # zero chunks stay holes
+
+
+def test_a_quarantine_at_its_quota_drops_the_dump_and_never_releases(gate: Gate) -> None:
+    gate.configure({"structural": True}, release_dir="released", max_quarantine_bytes=1 << 20)
+    run = gate.run(core(size=4 << 20))
+    assert run.decision == "dropped:no-space", run.meta
+    assert "max_quarantine_bytes" in run.meta["reason"]
+    assert run.entry is not None
+    assert not (run.entry / "core").exists()
+    assert released(gate) == []
+    shutil.rmtree(run.entry)
+    gate.configure({"structural": True}, release_dir="released", max_quarantine_bytes=64 << 20)
+    assert gate.run(core(size=4 << 20)).decision == "released"
