@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import struct
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,10 +369,14 @@ def read_key_file(path: Path, what: str = "key file") -> bytes:
 def load_secrets(paths: Iterable[Path | str]) -> list[Secret]:
     """Secrets from files: PEM/DER private keys (PKCS#8, PKCS#1, SEC1, OpenSSH), JWK JSON (a key
     or a JWK Set), a ``*.pin`` file (a PIN) or any other file (a raw secret; one trailing newline
-    stripped). The id is the file name, with ``#i`` when a file holds several keys."""
+    stripped). The id is the file name, with ``#i`` when a file holds several keys; the path as
+    given when two files share a name (``/etc/a/key.pem``, ``/etc/b/key.pem``: neither shadows
+    the other, and the scanner's refusal of two secrets under one id is not hit)."""
     out: list[Secret] = []
-    for raw_path in paths:
-        path = Path(raw_path)
+    given = [Path(p) for p in paths]
+    names = Counter(p.name for p in given)
+    for path in given:
+        name = path.name if names[path.name] == 1 else str(path)
         data = read_key_file(path, "secrets file")
         where = str(path)
         keys: list[PrivateKey] | None = _pem_private_keys(data, where)
@@ -391,13 +396,13 @@ def load_secrets(paths: Iterable[Path | str]) -> list[Secret]:
             if not keys:
                 raise ScanError(f"{where}: holds no key")
             for i, k in enumerate(keys):
-                out.append(secret_from_key(k, path.name if len(keys) == 1 else f"{path.name}#{i}"))
+                out.append(secret_from_key(k, name if len(keys) == 1 else f"{name}#{i}"))
             continue
         value = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
         if path.suffix == ".pin":
-            out.append(secret_from_pin(value, path.name))
+            out.append(secret_from_pin(value, name))
         else:
-            out.append(secret_from_raw(value, path.name))
+            out.append(secret_from_raw(value, name))
     return out
 
 

@@ -124,6 +124,19 @@ def test_load_every_private_key_format(tmp_path: Path, keys: Keys) -> None:
     assert got == expected
 
 
+def test_files_sharing_a_name_are_told_apart_by_their_paths(tmp_path: Path, keys: Keys) -> None:
+    """Two services' key.pem: each searched, under its own id (the gate's configs list such
+    files; with ids by name alone the scanner refused the pair and every dump failed closed)."""
+    a, b = tmp_path / "a" / "key.pem", tmp_path / "b" / "key.pem"
+    for path, key in ((a, keys.p256), (b, keys.p384)):
+        path.parent.mkdir()
+        path.write_bytes(key.private_bytes(PEM, PKCS8, NOENC))
+    (tmp_path / "user.pin").write_bytes(PIN + b"\n")
+    got = load_secrets([a, b, tmp_path / "user.pin"])
+    assert [s.id for s in got] == [str(a), str(b), "user.pin"]
+    assert got[:2] == [secret_from_key(keys.p256, str(a)), secret_from_key(keys.p384, str(b))]
+
+
 def test_load_jwk_and_jwk_set(tmp_path: Path, keys: Keys) -> None:
     rn = keys.rsa2048.private_numbers()
     rsa_jwk = {"kty": "RSA", "n": b64u(rn.public_numbers.n, 256), "e": "AQAB", "d": b64u(rn.d, 256)}
