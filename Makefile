@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the token host, the mTLS front (nginx + libp11's engine), the tests and the
 # crash tooling need (strace injects the I/O errors of tests/integration/test_io_errors.py;
-# zstd, lz4 and xz compress a real core as systemd-coredump does, for the scanner's tests).
-APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl strace openssh-client zstd lz4 xz-utils
+# zstd, lz4 and xz compress a real core as systemd-coredump does, for the scanner's tests;
+# prometheus scrapes the service's metrics listener in tests/integration/test_metrics.py).
+APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl strace openssh-client zstd lz4 xz-utils prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=
@@ -51,7 +52,7 @@ $(GEN) &: proto/signer/v1/signer.proto $(VENV)/.installed
 	  --python_out=. --grpc_python_out=. --pyi_out=. proto/signer/v1/signer.proto
 
 # Token host, service (unix:var/run/signer.sock) and mTLS front (127.0.0.1:50051) in the
-# foreground; Ctrl-C stops all three.
+# foreground, metrics on http://127.0.0.1:9464/metrics; Ctrl-C stops all three.
 run: deps
 	$(VENV)/bin/signer run --dir var
 

@@ -285,6 +285,7 @@ def make_config(
         store=config_mod.StoreConfig(path=str(tmp_path / f"signer-{n}.db")),
         keys=config_mod.KeysConfig(**keys),
         audit=config_mod.AuditConfig(**audit),
+        metrics=config_mod.MetricsConfig(**sections.get("metrics", {})),
     )
 
 

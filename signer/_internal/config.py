@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from signer._internal.metrics import parse_address
 from signer.errors import ConfigError, shown
 
 P11KIT_CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
@@ -198,6 +199,16 @@ class FrontConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics (signer._internal.metrics), on a TCP listener of their own, never the
+    signing socket."""
+
+    # host:port ("127.0.0.1:9464", "[::1]:9464"); empty: no metrics, no listener. Off unless
+    # set, so a deployment that listens on Unix sockets only opens no TCP port of its own accord.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     token: TokenConfig = field(default_factory=TokenConfig)
@@ -205,6 +216,7 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     front: FrontConfig = field(default_factory=FrontConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 T = TypeVar("T")
@@ -392,7 +404,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         raise ConfigError(f"{exc.message} ({path} line {line})") from None
 
 
-_SETTING = re.compile(r"\b(server|token|store|keys|audit|front)\.([a-z_]+)\b|\[(\w+)\]")
+_SETTING = re.compile(r"\b(server|token|store|keys|audit|front|metrics)\.([a-z_]+)\b|\[(\w+)\]")
 
 
 class _Named(ConfigError):
@@ -432,6 +444,7 @@ def _load(path: str | Path | None, data: dict[str, Any], env: Mapping[str, str])
         "keys": KeysConfig,
         "audit": AuditConfig,
         "front": FrontConfig,
+        "metrics": MetricsConfig,
     }
     unknown = set(data) - set(sections)
     if unknown:
@@ -518,6 +531,8 @@ def _validate(cfg: Config) -> None:
             f"four times server.max_calls_in_flight ({cfg.server.max_calls_in_flight}): calls "
             "already running when the log stops taking new ones must fit under it"
         )
+    if cfg.metrics.listen:
+        parse_address(cfg.metrics.listen)
     if cfg.server.refused_calls_budget < 0:
         raise ConfigError("server.refused_calls_budget must not be negative (0 turns it off)")
     if cfg.server.max_message_bytes < 1:

@@ -53,6 +53,11 @@ class Lanes:
         for t in self._threads:
             t.start()
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a lane (read without the lock: for a gauge, a moment's value)."""
+        return len(self._jobs)
+
     async def run(self, fn: Callable[[], T], *, quick: bool = False) -> T:
         """``fn()`` on a lane. ``quick``: it takes well under a millisecond and may share a
         lane's batch with other quick jobs."""

@@ -13,7 +13,10 @@ First use creates, under DIR (default ``var``):
     run/front/signer.sock  the socket only the TLS front connects to
 
 Then it starts the token host, the service (in this process) on the Unix socket, and the mTLS
-front (nginx) on ``--listen``, and makes sure a demo key exists. A token host or front that
+front (nginx) on ``--listen``, and makes sure a demo key exists. Its metrics are on
+``--metrics-listen`` (127.0.0.1:9464 unless told otherwise: on loopback, they show counts and
+timings, never a key name, caller or secret; a newcomer can look at them at once, and a second
+``signer run`` beside the first passes another port or ''). A token host or front that
 dies is restarted with back-off (:mod:`signer._internal.supervisor`). Ctrl-C stops all three.
 """
 
@@ -56,7 +59,9 @@ TOKEN_HOST = "token host"  # noqa: S105 (a name, not a password)
 TLS_FRONT = "TLS front"
 
 
-def write_config(root: Path, listen: str, world: FrontWorld | None = None) -> Path:
+def write_config(
+    root: Path, listen: str, world: FrontWorld | None = None, metrics: str = ""
+) -> Path:
     """The configuration of the service and of its TLS front, for the state in ``root``;
     ``world``: the front runs as its own user, with everything it reaches there."""
     root = root.absolute()
@@ -91,6 +96,7 @@ def write_config(root: Path, listen: str, world: FrontWorld | None = None) -> Pa
         store=config_mod.StoreConfig(path=str(root / "signer.db")),
         audit=config_mod.AuditConfig(path=str(root / "audit.db")),
         front=front,
+        metrics=config_mod.MetricsConfig(listen=metrics),
     )
     path = root / "signer.toml"
     write_private(
@@ -234,19 +240,19 @@ def _certifies(cert: Path, public_pem: bytes) -> bool:
     return certified == serialization.load_pem_public_key(public_pem).public_bytes(*der)
 
 
-async def _run(root: Path, listen: str) -> None:
+async def _run(root: Path, listen: str, metrics: str) -> None:
     prepare(root)
     user = front_user()
     world = FrontWorld.make(root.absolute(), user) if user is not None else None
     try:
-        await _serve(root, listen, world)
+        await _serve(root, listen, world, metrics)
     finally:
         if world is not None:
             shutil.rmtree(world.root, ignore_errors=True)
 
 
-async def _serve(root: Path, listen: str, world: FrontWorld | None) -> None:
-    cfg = config_mod.load(write_config(root, listen, world))
+async def _serve(root: Path, listen: str, world: FrontWorld | None, metrics: str) -> None:
+    cfg = config_mod.load(write_config(root, listen, world, metrics))
     harden_process(cfg)
     host = hsm.TokenHost(
         root / "hsm",
@@ -279,7 +285,8 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None) -> None:
             f"  try: {sys.argv[0]} sign {DEMO_KEY} --in README.md --out /tmp/sig.der\n"
             f"  mTLS: {sys.argv[0]} keys list --address {listen} --tls-ca {root / 'tls' / 'ca.pem'}"
             f" --tls-cert {cert} --tls-key {key}\n"
-            "  Ctrl-C stops everything.",
+            + (f"  metrics: http://{metrics}/metrics\n" if metrics else "")
+            + "  Ctrl-C stops everything.",
             flush=True,
         )
         stop = asyncio.Event()
@@ -303,6 +310,6 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None) -> None:
         host.stop()
 
 
-def run(root: str | Path, listen: str = "127.0.0.1:50051") -> int:
-    asyncio.run(_run(Path(root), listen))
+def run(root: str | Path, listen: str = "127.0.0.1:50051", metrics: str = "") -> int:
+    asyncio.run(_run(Path(root), listen, metrics))
     return 0

@@ -155,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from signer._internal import launcher, logs
 
     logs.setup(args.log_level)
-    return launcher.run(args.dir, args.listen)
+    return launcher.run(args.dir, args.listen, args.metrics_listen)
 
 
 def _hex_id(text: str) -> bytes:
@@ -286,6 +286,11 @@ def register(sub: Subparsers) -> None:
     sp = sub.add_parser("run", help="token host + service + demo key in the foreground (make run)")
     sp.add_argument("--dir", default="var", help="state directory (default var)")
     sp.add_argument("--listen", default="127.0.0.1:50051")
+    sp.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:9464",
+        help="Prometheus metrics, host:port ('' for none; default 127.0.0.1:9464)",
+    )
     _log_level(sp)
     sp.set_defaults(func=cmd_run)
 

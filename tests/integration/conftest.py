@@ -44,11 +44,13 @@ def own_session(token_host: TokenHostHandle, monkeypatch: pytest.MonkeyPatch) ->
 
 @dataclass
 class SignerRun:
-    """A running ``signer run``: its state directory, its mTLS port, what it has printed."""
+    """A running ``signer run``: its state directory, its mTLS port, its metrics listener,
+    what it has printed."""
 
     root: Path
     port: int
     proc: subprocess.Popen[str]
+    metrics: str  # its metrics listener, host:port
     lines: list[str] = field(default_factory=list)
 
     @property
@@ -63,14 +65,24 @@ def signer_run() -> Iterator[SignerRun]:
     base = Path(tempfile.mkdtemp(prefix="signer-run-"))
     base.chmod(0o711)
     root, port = base / "var", free_port()
+    metrics = f"127.0.0.1:{free_port()}"  # not make run's 9464, which a developer may be using
     proc = subprocess.Popen(
-        [str(SIGNER_BIN), "run", "--dir", str(root), "--listen", f"127.0.0.1:{port}"],
+        [
+            str(SIGNER_BIN),
+            "run",
+            "--dir",
+            str(root),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            metrics,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    run = SignerRun(root, port, proc)
+    run = SignerRun(root, port, proc, metrics)
     ready = threading.Event()
 
     def watch() -> None:

@@ -172,16 +172,34 @@ def test_signer_help_lists_every_command() -> None:
 
 
 @pytest.mark.slow
+def _scrape(address: str) -> dict[tuple[str, str, str], float]:
+    """signer_rpc_calls_total from the metrics listener at ``address``, by (rpc, code, caller)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.labels["rpc"], s.labels["code"], s.labels["caller"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "signer_rpc_calls_total"
+    }
+
+
 def test_signer_run_starts_everything_and_ctrl_c_stops_it(
     tmp_path: Path, token_host: TokenHostHandle
 ) -> None:
     """`make run` in miniature: fresh directory; token host, service on its Unix socket, mTLS
     front, demo key; both ways in work; then SIGINT stops all of it."""
     addr = f"127.0.0.1:{free_port()}"
+    # Not make run's 127.0.0.1:9464, which a developer's own make run may hold.
+    metrics = ["--metrics-listen", f"127.0.0.1:{free_port()}"]
     state = tmp_path / "var"
     local = f"unix:{state / 'run' / 'signer.sock'}"
     proc = subprocess.Popen(
-        [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
+        [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr, *metrics],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -209,6 +227,10 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
             "verify", "demo", "--in", "m", "--signature", "s", *mtls, address=addr, cwd=tmp_path
         )
         assert r.returncode == 0, r.stderr
+        # Its metrics count each way in by its kind, never by who called.
+        scraped = _scrape(metrics[1])
+        assert scraped[("Sign", "OK", "local")] == 1
+        assert scraped[("Verify", "OK", "mtls")] == 1
         hosts = _processes_mentioning(str(state / "hsm"))
         assert hosts, "the token host should be running"
         # As root the front runs as its own user, with its own directory outside var/.
@@ -226,7 +248,7 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
     assert not Path(front).exists()  # the front's directory goes with it
     # A second start reuses the tokens, the certificates and the demo key.
     again = subprocess.Popen(
-        [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr],
+        [str(SIGNER_BIN), "run", "--dir", str(state), "--listen", addr, *metrics],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

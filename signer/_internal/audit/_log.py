@@ -29,6 +29,7 @@ from signer._internal.audit._verify import pinned_der, unsigned_tail_fault
 from signer._internal.audit._witness import MESSAGE, FileWitness, Witness, fields
 from signer._internal.files import write_atomic
 from signer._internal.lanes import hand_back
+from signer._internal.metrics import OFF, Metrics
 from signer.errors import SignerError, Unavailable
 
 log = logging.getLogger("signer.audit")  # named for the component: signer._internal.logs
@@ -95,8 +96,10 @@ class AuditLog:
         max_unsigned_records: int | None = None,
         witnesses: Sequence[Witness] = (),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: Metrics = OFF,
     ) -> None:
         self.store = store
+        self._metrics = metrics  # commits and checkpoints; the queue is read when scraped
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.max_unsigned_records = max_unsigned_records or 2 * checkpoint_every
@@ -180,6 +183,11 @@ class AuditLog:
                 f"near audit.max_unsigned_records ({self.max_unsigned_records}): calls are "
                 "refused until one is signed"
             )
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for the writer (and wake-ups; a moment's value, for a gauge)."""
+        return self._queue.qsize()
 
     def paused(self) -> None:
         """Counts a call :meth:`check` refused, for one record once a checkpoint is signed."""
@@ -351,6 +359,7 @@ class AuditLog:
             seq += 1
             records.append(chain(seq, event, prev))
             prev = records[-1].hash
+        began = time.perf_counter()
         try:
             self.store.append(records)
         except Exception as exc:  # the store's own error type: sqlite3.Error, psycopg.Error...
@@ -361,6 +370,7 @@ class AuditLog:
             if newly:
                 self._changed()
             return None
+        self._metrics.audit_committed(len(records), time.perf_counter() - began)
         self._seq, self._hash = seq, prev
         if self._write_failing is not None:
             self._write_failing = None
@@ -382,8 +392,10 @@ class AuditLog:
         try:
             self.checkpoint()
         except AuditKeyMismatch as exc:
+            self._metrics.checkpoint(False)
             self._stop_for_good(exc.message)
         except Exception as exc:  # a token host away, a store or a witness that refuses
+            self._metrics.checkpoint(False)
             self._failing = exc.message if isinstance(exc, SignerError) else str(exc)
             log.error("audit checkpoint failed; retried", extra={"error": self._failing})
             self._changed()
@@ -409,6 +421,7 @@ class AuditLog:
             return
         event = Event(self._clock(), "signer", "AuditPaused", "", count, "", "UNAVAILABLE")
         record = chain(self._seq + 1, event, self._hash)
+        began = time.perf_counter()
         try:
             self.store.append([record])
         except Exception as exc:
@@ -416,6 +429,7 @@ class AuditLog:
             with self._paused_lock:
                 self._paused += count  # the next checkpoint tries again
             return
+        self._metrics.audit_committed(1, time.perf_counter() - began)
         self._seq, self._hash = record.seq, record.hash
 
     def _stop_for_good(self, why: str) -> None:
@@ -444,6 +458,7 @@ class AuditLog:
         # The first checkpoint records the key with it, in one transaction: a log that names
         # its key always has a checkpoint (a crash before leaves the pin alone: adopted).
         self.store.add_checkpoint(c, self._unrecorded)
+        self._metrics.checkpoint(True)
         self._unrecorded = None
         self._checkpointed = seq
         log.info(MESSAGE, extra=fields(c))

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from signer._internal import metrics as metrics_mod
 from signer._internal import policy as policy_mod
 from signer._internal.audit import (
     AUDIT_ALGORITHM,
@@ -110,13 +111,27 @@ class Server:
         *,
         policy: Policy | None = None,
         audit: Recorder | None = None,
+        metrics: metrics_mod.Metrics | None = None,
     ) -> None:
         """``policy`` and ``audit``: parts given rather than built from ``cfg`` (the policy
         file, the audit log). Nothing in the service passes them; the benchmarks do, to measure
-        what authorisation and the audit log cost. A given policy is kept on SIGHUP."""
+        what authorisation and the audit log cost. A given policy is kept on SIGHUP.
+        ``metrics``: where the parts record (tests read it); by default an
+        :class:`~signer._internal.metrics.Exported` of this server's own when
+        ``metrics.listen`` is set (served there from :meth:`start`), else nothing is
+        recorded."""
         self.cfg = cfg
         self.policy_from_file = policy is None
-        self.token = Token(cfg.token, Pin(cfg.token.pin_file))
+        self.metrics = (
+            metrics if metrics is not None else metrics_mod.for_address(cfg.metrics.listen)
+        )
+        self.metrics_listener: metrics_mod.Listener | None = None
+        self.token = Token(
+            cfg.token,
+            Pin(cfg.token.pin_file),
+            metrics=self.metrics,
+            connection=metrics_mod.SIGNING,
+        )
         # Slow token work (key generation, wrapping keys, unwrapping) on a connection of its
         # own where the module gives one, so that it never holds up a signature.
         self.admin_token = (
@@ -124,6 +139,8 @@ class Server:
                 replace(cfg.token, sessions=ADMIN_SESSIONS),
                 Pin(cfg.token.pin_file),
                 follows=self.token,
+                metrics=self.metrics,
+                connection=metrics_mod.ADMIN,
             )
             if cfg.token.admin_connection
             else self.token
@@ -133,6 +150,7 @@ class Server:
         # The signing path's blocking work runs on lanes; the executor takes the administrative
         # calls (see SignerServicer._run), start-up, the reaper and shutdown.
         self.lanes = Lanes(cfg.token.lanes, name="token")
+        self.metrics.watch_lanes(lambda: self.lanes.queued)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="signer")
         self.changes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="change")
         self.health = health_aio.HealthServicer()
@@ -145,10 +163,14 @@ class Server:
                 cfg.audit.max_unsigned_records,
                 witnesses(cfg.audit),
                 clock=self.keyring.now,
+                metrics=self.metrics,
             )
             if audit is None
             else audit
         )
+        if isinstance(self.audit, AuditLog):
+            log_ = self.audit
+            self.metrics.watch_audit(lambda: log_.queued)
         self.relay = PeerRelay(
             Path(_unix_path(cfg.server.listen)),
             int(cfg.server.socket_mode, 8),
@@ -187,12 +209,14 @@ class Server:
             new = self._load_policy()
         except ConfigError as exc:
             log.error("policy not reloaded; the previous one stays", extra={"error": exc.message})
+            self.metrics.policy_reload(False)
             return False
         self.policy = new
+        self.metrics.policy_reload(True)
         log.info("policy reloaded", extra={"grants": len(new.grants), "file": new.source})
         return True
 
-    def _grpc_server(self, identify: Identify, how: str) -> grpc.aio.Server:
+    def _grpc_server(self, identify: Identify, how: str, kind: str) -> grpc.aio.Server:
         limit = self.cfg.server.max_message_bytes
         # gRPC's own limit sits above ours, so an oversized message gets our INVALID_ARGUMENT
         # naming the limit rather than a bare RESOURCE_EXHAUSTED. Answers are not limited: their
@@ -212,6 +236,8 @@ class Server:
                     self._admit,
                     self.in_flight,
                     self._check_recording,
+                    self.metrics,
+                    kind,
                 )
             ],
             options=[
@@ -280,16 +306,26 @@ class Server:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.cfg.metrics.listen and isinstance(self.metrics, metrics_mod.Exported):
+            # First: a listener that cannot bind stops the start before anything else runs.
+            self.metrics_listener = metrics_mod.Listener(
+                self.cfg.metrics.listen, self.metrics.registry
+            )
+            log.info("metrics listening", extra={"address": self.metrics_listener.address})
         self.audit.on_change(lambda: self._availability_changed(True))
         self.audit.start(self._audit_key, self.cfg.audit.pinned_key)
         local = self._grpc_server(
-            local_caller(self.relay), f"connect to {self.cfg.server.listen} (a local user)"
+            local_caller(self.relay),
+            f"connect to {self.cfg.server.listen} (a local user)",
+            metrics_mod.LOCAL,
         )
         _listen(local, self.relay.address, 0o600)
         self._servers.append(local)
         if self.cfg.server.front_socket:
             front = self._grpc_server(
-                front_caller, "the TLS front gave no verified client certificate"
+                front_caller,
+                "the TLS front gave no verified client certificate",
+                metrics_mod.MTLS,
             )
             front_mode = int(self.cfg.server.front_socket_mode, 8)
             _listen(
@@ -488,6 +524,10 @@ class Server:
             self.admin_token.close()
         self.token.close()
         self.store.close()
+        if self.metrics_listener is not None:
+            # Last: what the service did up to its stop can still be scraped meanwhile.
+            self.metrics_listener.stop()
+            self.metrics_listener = None
         log.info("service stopped")
 
     async def wait(self) -> None:

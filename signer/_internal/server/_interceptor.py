@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,7 @@ import grpc
 
 from signer._internal.audit import AuditPaused, Event
 from signer._internal.logs import Every
+from signer._internal.metrics import ANONYMOUS, LOCAL, OFF, Metrics
 from signer._internal.policy import Caller
 from signer._internal.server._identity import CALLER, UNAUTHENTICATED, Identify
 from signer._internal.server._operations import RPC, rpc_name
@@ -106,7 +108,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     whose caller went away (a cancelled call, a deadline that passed), but work already handed
     to a thread goes on and may create, change or use a key: so the call finishes regardless and
     its outcome is recorded, marked as one its caller did not receive (issue 11). ``calls``
-    holds every call still running, for a shutdown that waits for them."""
+    holds every call still running, for a shutdown that waits for them. ``metrics`` counts
+    each call's outcome once it is recorded, its caller counted as ``kind`` (the listener's:
+    local, mtls) or anonymous when there is none."""
 
     def __init__(
         self,
@@ -118,6 +122,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         gate: Callable[[Caller], None] | None = None,
         in_flight: InFlight | None = None,
         paused: Callable[[], None] | None = None,
+        metrics: Metrics = OFF,
+        kind: str = LOCAL,
     ) -> None:
         self._identify = identify
         self._how = how  # for the UNAUTHENTICATED message
@@ -131,6 +137,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._paused = paused
         self._in_flight = in_flight
         self._said = Every(LOG_EVERY_SECONDS)
+        self._metrics = metrics
+        self._kind = kind
 
     async def intercept_service(
         self,
@@ -146,7 +154,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         public = method.startswith(PUBLIC_PREFIXES)
         parse = handler.request_deserializer
 
-        async def outcome(raw: Any, context: Any, gone: _Gone) -> tuple[Any, SignerError | None]:
+        async def outcome(
+            raw: Any, context: Any, gone: _Gone
+        ) -> tuple[Any, SignerError | None, Caller | None]:
             GONE.set(gone)
             RPC.set(rpc)
             request, malformed = _parsed(parse, raw)
@@ -165,7 +175,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         # Throttled, or the log cannot record: not recorded one by one.
                         refused = self._refused_before_running(identity, caller)
                         if refused is not None:
-                            return None, refused  # counted, for one record later
+                            return None, refused, caller  # counted, for one record later
                         # Every call that will be recorded holds a place first, refused ones
                         # too (a revoked certificate, no caller at all): what a burst can make
                         # the log write is bounded by the places and the refusal budget.
@@ -208,11 +218,24 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         await self._audit(method, caller, request, response, error, gone.gone)
                     except SignerError as exc:
                         error = exc
+            return response, error, caller
+
+        async def measured(raw: Any, context: Any, gone: _Gone) -> tuple[Any, SignerError | None]:
+            """The call's outcome, counted (after its record: the status it is answered)."""
+            began = time.perf_counter()
+            response, error, caller = await outcome(raw, context, gone)
+            self._metrics.call(
+                rpc,
+                "OK" if error is None else status_name(error),
+                ANONYMOUS if caller is None else self._kind,
+                time.perf_counter() - began,
+                response,
+            )
             return response, error
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             gone = _Gone()
-            call = asyncio.ensure_future(outcome(request, context, gone))
+            call = asyncio.ensure_future(measured(request, context, gone))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
             try:

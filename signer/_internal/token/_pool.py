@@ -37,6 +37,7 @@ import pkcs11.exceptions as p11e
 from pkcs11 import _pkcs11 as _p11
 
 from signer._internal.config import TokenConfig
+from signer._internal.metrics import OFF, SIGNING, Metrics
 from signer._internal.token._errors import CONNECTION_LOST, PIN_REFUSED, STALE_HANDLE, map_errors
 from signer._internal.token._logins import LoginGuard
 from signer._internal.token.pin import Pin
@@ -98,10 +99,25 @@ class SessionPool:
 
     ``follows``: another connection to the same token; this one logs in only while that one is
     up. A second connection (the service's administrative one) then never adds failed logins
-    of its own to an HSM that counts them and locks the user out after a few."""
+    of its own to an HSM that counts them and locks the user out after a few.
 
-    def __init__(self, cfg: TokenConfig, pin: Pin, follows: SessionPool | None = None) -> None:
+    ``metrics``: where logins and reconnects are counted, as connection ``connection``
+    (:data:`signer._internal.metrics.SIGNING` or ``ADMIN``); whether it is up is read from
+    :attr:`available` when scraped."""
+
+    def __init__(
+        self,
+        cfg: TokenConfig,
+        pin: Pin,
+        follows: SessionPool | None = None,
+        *,
+        metrics: Metrics = OFF,
+        connection: str = SIGNING,
+    ) -> None:
         self._cfg = cfg
+        self._metrics, self._connection = metrics, connection
+        self._connected_before = False
+        metrics.watch_token(connection, lambda: self.available)
         self._pin = pin
         self._follows = follows
         self._uri = TokenURI.parse(cfg.uri)
@@ -312,6 +328,8 @@ class SessionPool:
                 return False
             self._conn = conn
             self._connect_failures = 0
+            again, self._connected_before = self._connected_before, True
+        self._metrics.token_connected(self._connection, again)
         log.info("token connected", extra={"token": conn.label, "sessions": len(conn.slots)})
         self._notify(True)
         return True
@@ -357,12 +375,14 @@ class SessionPool:
         except tuple(PIN_REFUSED) as exc:
             # Not through the table: a refused attempt is counted, as _logins says.
             self._logins.failed(PIN_REFUSED[type(exc)])
+            self._metrics.login(self._connection, PIN_REFUSED[type(exc)])
             log.error(
                 "token login refused",
                 extra={"error": type(exc).__name__, "failed_logins": self._logins.failures},
             )
             raise Unavailable(f"the token refused the login ({type(exc).__name__})") from None
         self._logins.succeeded()
+        self._metrics.login(self._connection, "ok")
         try:
             slots.append(Slot(first))
             for _ in range(self._pool_size - 1):
