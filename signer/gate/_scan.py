@@ -330,6 +330,18 @@ def data_bytes(core: Path) -> int:
     return size if ranges is None else sum(end - start for start, end in ranges)
 
 
+OOM_SCORE_ADJ = Path("/proc/self/oom_score_adj")
+
+
+def _first_to_go() -> None:
+    """Makes the scan child the OOM killer's first choice (1000, the most): it runs as root,
+    whose default score would let a hostile core's memory pressure take the signer service or
+    the host's daemons instead. Killed, the scan is an error and the dump stays in quarantine.
+    Best effort: a child that cannot say it (no /proc) scans all the same."""
+    with contextlib.suppress(OSError):
+        OOM_SCORE_ADJ.write_text("1000\n")
+
+
 class _Child:
     """The scan child: its pid, the read end of its pipe, and whether it has been reaped."""
 
@@ -339,6 +351,7 @@ class _Child:
         pid = os.fork()
         if pid == 0:
             code = 0
+            _first_to_go()
             try:
                 # A handler killed mid-scan (by the kernel's operator, the OOM killer) must not
                 # leave its child scanning on to the deadline: it dies with the handler.

@@ -162,3 +162,28 @@ def test_the_sanitised_copy_keeps_min_free_bytes(
     if state == "skipped":
         assert "min_free_bytes" in out.sanitised["state"]
         assert path.exists()  # the core itself is kept: the decision is the scan's
+
+
+# --- the child ---------------------------------------------------------------------------------
+
+
+def test_the_scan_child_is_the_oom_killers_first_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile core's memory pressure takes the scan child (the dump stays in quarantine),
+    not the signer service: the child's oom_score_adj is 1000 from its start; the handler's is
+    left as it was."""
+    from signer.gate import _scan
+
+    def child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
+        seen = Path("/proc/self/oom_score_adj").read_text().strip()
+        message = {"findings": 0, "complete": True, "incomplete": None, "over_budget": False}
+        os.write(
+            out, (json.dumps({"scan": {**message, "notes": [seen], "seconds": 0}}) + "\n").encode()
+        )
+
+    monkeypatch.setattr(_scan, "_child", child)  # the forked child runs this in its place
+    mine = Path("/proc/self/oom_score_adj").read_text()
+    done = scan(config(), quarantined(tmp_path, b"\1" * 4096))
+    assert (done.status, done.notes) == ("done", ["1000"])
+    assert Path("/proc/self/oom_score_adj").read_text() == mine
