@@ -12,11 +12,13 @@ and writable by no one else; sticky directories only on the way). Install refuse
 naming the path and why, before it writes anything:
 
 * what runs: the wrapper, ``/bin/sh``, the interpreter and its ``pyvenv.cfg``, every file of
-  this package, the config (its ``notify`` command runs) and the notify command; and each entry
-  of the interpreter's ``sys.path`` as the wrapper runs it (``python -I``), with what is directly
-  in it (a module planted there would be imported as root). The stdlib and site-packages are
-  checked first from ``python -I -S`` (no ``.pth`` file runs), then the full ``-I`` path, so
-  install never runs a ``.pth`` file it has not checked;
+  this package, the config (its ``notify`` command runs) and the notify command (found as the
+  handler finds it, by the kernel's PATH) with every argument naming a path (a script); and each
+  entry of the interpreter's ``sys.path`` as the wrapper runs it (``python -I``), with everything
+  under it, every level (a module, a .pyc or a shared library planted anywhere in it would be
+  imported as root: about 70,000 entries, half a second, for this project's venv). The stdlib
+  and site-packages are checked first from ``python -I -S`` (no ``.pth`` file runs), then the
+  full ``-I`` path, so install never runs a ``.pth`` file it has not checked;
 * what the scan reads: ``detect.secrets``, ``detect.public_keys`` (a directory and each file in
   it) and ``detect.service_configs`` (whoever could change one could make the gate release a
   dump with a key in it, or read a file as root through a link);
@@ -45,6 +47,7 @@ import contextlib
 import json
 import os
 import shlex
+import stat
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -65,10 +68,15 @@ DEFAULT_WRAPPER = Path("/usr/local/sbin/signer-dump-gate")
 DEFAULT_PIPE_LIMIT = 16
 # CORENAME_MAX_SIZE is 128 with the terminating NUL.
 PATTERN_LIMIT = 127
-# What the handler is given (gate.md, interface 3): PID TID UID GID SIGNAL TIME CORE_LIMIT HOST EXE,
-# the pid and tid as the initial pid namespace sees them (%P, %I: /proc/PID/task/TID is read
-# there; %i would be the thread's id inside a container).
-SPECIFIERS = "%P %I %u %g %s %t %c %h %E"
+# What the handler is given (gate.md, interface 3): PID TID UID GID SIGNAL TIME CORE_LIMIT
+# DUMP_MODE HOST EXE, the pid and tid as the initial pid namespace sees them (%P, %I:
+# /proc/PID/task/TID is read there; %i would be the thread's id inside a container), and %d the
+# dump mode (0 not dumpable, 1 normal, 2 suid_dumpable: a setuid program's core, root's).
+SPECIFIERS = "%P %I %u %g %s %t %c %d %h %E"
+# What earlier installs passed: a gate they set is still the gate's (is_gate_pattern, which goes
+# by the program, not its arguments); its state file records the exact pattern, which is what
+# uninstall, status and a re-install compare core_pattern with.
+OLD_SPECIFIERS = ("%P %I %u %g %s %t %c %h %E", "%P %i %u %g %s %t %c %h %E")
 WRAPPER_TAG = "# signer dump-gate: the kernel's core_pattern runs this for every crash on the host"
 STATE_FILE = "state.json"
 GATE_LOG = "gate.log"
@@ -403,7 +411,16 @@ class GateStatus:
                     + (f": {r['reason']}" if r.get("reason") else "")
                 )
         out += [f"note: {n}" for n in self.notes]
-        return out
+        # Executable names, reasons and directory names come from whoever crashed: shown raw,
+        # an escape sequence in one could rewrite or hide what root's terminal shows.
+        return [printable(line) for line in out]
+
+
+def printable(text: str) -> str:
+    """``text`` with each character a terminal would act on rather than show (ESC, CR,
+    newline, other controls, bidi and other format characters) written as its escape
+    (``\\x1b``, ``\\r``, ``\\u202e``), as ``repr`` writes it; the rest as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def status(
@@ -564,8 +581,7 @@ def _check_trusted(config: Path, python: str, wrapper: Path, cfg: GateConfig) ->
         (package, "the signer package"),
         *((p, "a file of the signer package") for p in _tree(package)),
     ]
-    if cfg.notify and Path(cfg.notify[0]).is_absolute():
-        runs.append((Path(cfg.notify[0]), "the notify command"))
+    runs += _notify_paths(cfg.notify)
     _refuse_open(runs, "the kernel runs it as root for every crash on the host")
     _refuse_open(
         [(cfg.state_dir, "state_dir"), (cfg.quarantine_dir, "quarantine_dir")],
@@ -594,8 +610,57 @@ def _check_trusted(config: Path, python: str, wrapper: Path, cfg: GateConfig) ->
     )
     # The stdlib and site-packages first, before the interpreter runs their .pth files.
     base, site_dirs = _probe(python, _BASE_PROBE, "-S")
-    _check_import_path(python, [*base, *site_dirs])
-    _check_import_path(python, _probe(python, _PATH_PROBE))
+    checked: set[str] = set()
+    _check_import_path(python, [*base, *site_dirs], checked)
+    _check_import_path(python, _probe(python, _PATH_PROBE), checked)
+
+
+def _notify_paths(notify: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """What the notify command runs and reads, as the handler starts it (``run_as_kernel``:
+    from /, with the kernel's PATH): the program (a bare name: each place PATH looks for it, up
+    to the one it finds; none found is refused) and every argument naming a path (absolute,
+    or relative to /, the command's working directory; an absolute one that does not exist
+    too, as no one else may make it). An interpreter's script (``python3 page.py``) runs as
+    root as much as the interpreter. Devices (``/dev/null``) are open by design: only the way
+    to them is checked."""
+    from signer.gate._release import KERNEL_ENV
+
+    if not notify:
+        return []
+    out: list[tuple[Path, str]] = []
+    program = notify[0]
+    if "/" in program:
+        out.append((Path("/", program), "the notify command"))
+    else:
+        found = None
+        for d in KERNEL_ENV["PATH"].split(":"):
+            candidate = Path(d, program)
+            # Every place looked at before it too: one others could make would come first.
+            out.append(
+                (candidate, f"the notify command {program!r} (by PATH {KERNEL_ENV['PATH']})")
+            )
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                found = candidate
+                break
+        if found is None:
+            raise GateError(
+                f"the notify command {program!r} is not in the PATH the gate runs it with "
+                f"({KERNEL_ENV['PATH']}): give its absolute path. Not installed"
+            )
+    for arg in notify[1:]:
+        if "\0" in arg:  # not a path, and no command is run with it (exec refuses it)
+            continue
+        path = Path("/", arg)
+        if not (arg.startswith("/") or os.path.lexists(path)):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            path = path.parent
+        out.append((path, "an argument of the notify command"))
+    return out
 
 
 def _refuse_open(checks: list[tuple[Path, str]], because: str, make: bool = False) -> None:
@@ -653,21 +718,67 @@ def _probe(python: str, code: str, *flags: str) -> Any:
         ) from None
 
 
-def _check_import_path(python: str, entries: list[str]) -> None:
-    """Each existing entry of the import path, and each module or package directly in it,
-    root's alone: whoever could write one could plant a module the root handler imports."""
+def _check_import_path(python: str, entries: list[str], seen: set[str] | None = None) -> None:
+    """Each entry of the import path and everything under it, root's alone: whoever could
+    write one could plant a module the root handler imports. Every level, not the first only:
+    ``cryptography/hazmat/...``, an extension's shared libraries (``hyperscan/*.so``,
+    ``numpy.libs``) and ``__pycache__`` are imported or loaded as root as much as a top-level
+    module. ``seen``: what an earlier call checked (the stdlib and site-packages, checked
+    before their .pth files run, are in the full path again)."""
+    seen = set() if seen is None else seen
     for entry in dict.fromkeys(e for e in entries if e):
-        path = Path(entry)
         # A missing entry (python311.zip) too: no one else may make it either.
-        checks = [path, *_listed(path)]
-        for p in checks:
-            why = not_root_only(p)
+        why = not_root_only(Path(entry)) or _tree_problem(entry, seen)
+        if why is not None:
+            raise GateError(
+                f"the interpreter's import path entry {entry} ({python} -I): {why}; the "
+                "handler imports from it as root for every crash on the host, so it must "
+                "be writable by root alone. Not installed"
+            )
+
+
+def _tree_problem(top: str, seen: set[str]) -> str | None:
+    """Why something under the directory ``top`` (itself checked by :func:`not_root_only`) is
+    not root's alone, or None. Each entry is checked on its own (one ``lstat``): the way to it
+    is ``top`` and the directories above it in the tree, each checked in turn, so the walk from
+    / that :func:`not_root_only` makes for every path (70,000 of them in this project's venv:
+    7 s) is needed only for symbolic links, whose targets lie elsewhere. Links to directories
+    are followed (each directory once: a link to one above ends there)."""
+    visited: set[tuple[int, int]] = set()
+    todo = [top]
+    while todo:
+        d = todo.pop()
+        try:
+            st = os.stat(d)
+            if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) in visited:
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            listing = list(os.scandir(d))
+        except OSError:
+            continue  # gone, or not a directory: nothing under it is imported
+        for e in listing:
+            if e.path in seen:
+                continue
+            seen.add(e.path)
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                why = not_root_only(Path(e.path))  # the link's owner, and all the way to it
+                if why is None:
+                    todo.append(e.path)  # a directory's contents, if it leads to one
+            elif st.st_uid != 0:
+                why = f"{e.path} belongs to uid {st.st_uid}"
+            elif st.st_mode & 0o022:
+                why = f"{e.path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+            else:
+                why = None
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append(e.path)
             if why is not None:
-                raise GateError(
-                    f"the interpreter's import path entry {entry} ({python} -I): {why}; the "
-                    "handler imports from it as root for every crash on the host, so it must "
-                    "be writable by root alone. Not installed"
-                )
+                return why
+    return None
 
 
 def _pyvenv_cfg(python: Path) -> list[Path]:

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,17 @@ import pytest
 from signer.errors import ConfigError, GateError
 from signer.gate._files import not_root_only
 from signer.gate._install import (
+    DEFAULT_WRAPPER,
+    OLD_SPECIFIERS,
     PATTERN_LIMIT,
+    SPECIFIERS,
     WRAPPER_TAG,
     GateState,
     Kernel,
     gate_pattern,
     install,
     is_gate_pattern,
+    printable,
     status,
     uninstall,
 )
@@ -56,7 +61,7 @@ def test_install_records_the_replaced_pattern_then_sets_both(
     kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
 ) -> None:
     done = install(config, pipe_limit=8, wrapper=wrapper, kernel=kernel)
-    pattern = f"|{wrapper} %P %I %u %g %s %t %c %h %E"
+    pattern = f"|{wrapper} %P %I %u %g %s %t %c %d %h %E"
     assert kernel.pattern() == pattern == done.pattern
     assert kernel.pipe_limit() == 8
     state = json.loads((tmp_path / "state" / "state.json").read_text())
@@ -287,6 +292,66 @@ def test_a_site_packages_others_could_write_is_refused_before_its_pth_files_run(
     assert kernel.pattern() == "core"
 
 
+def test_refuses_a_file_deep_in_site_packages_others_could_write(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """Two levels down (as cryptography/hazmat/..., hyperscan's .so, a __pycache__): imported
+    as root as much as a top-level module (review: only one level was checked)."""
+    site = _venv(tmp_path)
+    python = str(site.parents[2] / "bin" / "python")
+    deep = site / "pkg" / "sub" / "mod.py"
+    deep.parent.mkdir(parents=True)
+    deep.write_text("")
+    os.chown(deep, NOBODY, NOBODY)
+    with pytest.raises(GateError, match=f"{site} .*{deep} belongs to uid {NOBODY}"):
+        install(config, wrapper=wrapper, python=python, kernel=kernel)
+    assert kernel.pattern() == "core"
+    os.chown(deep, 0, 0)
+    assert install(config, wrapper=wrapper, python=python, kernel=kernel).pattern
+
+
+def test_refuses_a_notify_script_others_could_write(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """Every argument naming a path: ``python3 page.py`` runs page.py as root."""
+    page = tmp_path / "page.py"
+    page.write_text("")
+    os.chown(page, NOBODY, NOBODY)
+    _configure(config, f'notify = ["/usr/bin/python3", "{page}", "-s", "tmp/x"]')
+    said = _refused(
+        f"an argument of the notify command {page}: {page} belongs to uid {NOBODY}",
+        kernel,
+        config,
+        wrapper,
+    )
+    assert "as root" in said
+    os.chown(page, 0, 0)
+    install(config, wrapper=wrapper, kernel=kernel)
+    uninstall(config, kernel=kernel)
+    kernel.core_pattern.write_text("core\n")
+    # One that does not exist yet, where others could make it first.
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o1777)
+    _configure(config, f'notify = ["/usr/bin/python3", "{open_dir}/later.py"]')
+    _refused(f"{open_dir}/later.py does not exist and {open_dir}", kernel, config, wrapper)
+    # A device is open by design; only the way to it is checked.
+    _configure(config, 'notify = ["/usr/bin/logger", "-f", "/dev/null"]')
+    install(config, wrapper=wrapper, kernel=kernel)
+
+
+def test_a_bare_notify_command_is_checked_where_the_kernels_path_finds_it(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    from signer.gate._release import KERNEL_ENV
+
+    _configure(config, 'notify = ["no-such-command-for-the-gate", "x"]')
+    said = _refused("is not in the PATH the gate runs it with", kernel, config, wrapper)
+    assert KERNEL_ENV["PATH"] in said
+    _configure(config, 'notify = ["true"]')  # in /usr/bin (or /bin), root's
+    install(config, wrapper=wrapper, kernel=kernel)
+
+
 def test_refuses_a_file_of_the_signer_package_others_could_write(
     kernel: Kernel, config: Path, wrapper: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -370,6 +435,37 @@ def test_uninstall_with_a_broken_config_needs_the_state_dir(
     assert kernel.pattern() == "core"
 
 
+def test_the_default_pattern_passes_the_dump_mode_within_the_kernels_limit() -> None:
+    pattern = gate_pattern(DEFAULT_WRAPPER)
+    assert pattern == f"|{DEFAULT_WRAPPER} %P %I %u %g %s %t %c %d %h %E"
+    assert len(pattern.encode()) <= PATTERN_LIMIT
+
+
+@pytest.mark.parametrize("specifiers", [SPECIFIERS, *OLD_SPECIFIERS])
+def test_a_gate_installed_with_older_specifiers_is_still_the_gates(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path, specifiers: str
+) -> None:
+    """An install from before %d: still recognised as a gate, and uninstall, status and a
+    re-install (which moves it to the new pattern) go by what its state file recorded."""
+    old = f"|{wrapper} {specifiers}"
+    assert is_gate_pattern(old)
+    assert is_gate_pattern(f"|{DEFAULT_WRAPPER} {specifiers}")
+    install(config, wrapper=wrapper, kernel=kernel)
+    state = GateState.read(tmp_path / "state")
+    assert state is not None
+    replace(state, gate_pattern=old).write(tmp_path / "state")
+    kernel.core_pattern.write_text(old + "\n")
+    assert status(config, kernel=kernel).installed
+    again = install(config, wrapper=wrapper, kernel=kernel)
+    assert again.reinstall
+    assert kernel.pattern() == gate_pattern(wrapper)
+    assert again.previous_pattern == "core"
+    replace(state, gate_pattern=old).write(tmp_path / "state")
+    kernel.core_pattern.write_text(old + "\n")
+    assert uninstall(config, kernel=kernel).restored
+    assert kernel.pattern() == "core"
+
+
 def test_is_gate_pattern() -> None:
     assert is_gate_pattern("|/usr/local/sbin/signer-dump-gate %P")
     assert not is_gate_pattern("core")
@@ -434,6 +530,32 @@ def test_status_without_a_log_counts_the_quarantine(
     assert "bogus" in st.config_error
 
 
+def test_status_shows_what_crashed_processes_named_escaped(
+    kernel: Kernel, config: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """An executable's name, a reason and a directory name are chosen by whoever crashed: an
+    ESC or OSC sequence, a carriage return or a bidi override in them, printed raw, would
+    rewrite or hide lines on root's terminal."""
+    install(config, wrapper=wrapper, kernel=kernel)
+    evil = "/tmp/x\x1b[2K\rreleased: all clean\x1b]0;title\x07\u202eexe\nnote: fake"
+    q = tmp_path / "q"
+    _dump(q, "1-42-x\x1b[1A", "quarantined:findings", f"found in {evil}")
+    meta = json.loads((q / "1-42-x\x1b[1A" / "meta.json").read_text())
+    (q / "1-42-x\x1b[1A" / "meta.json").write_text(json.dumps({**meta, "exe": evil}))
+    (tmp_path / "state" / "gate.log").write_text(
+        json.dumps({"time": "t1", "pid": 42, "exe": evil, "decision": "released"}) + "\n"
+    )
+    st = status(config, kernel=kernel)
+    lines = st.lines()
+    text = "\n".join(lines)
+    assert all(c.isprintable() for line in lines for c in line)
+    assert "\\x1b[2K\\rreleased: all clean\\x1b]0;title\\x07\\u202eexe\\nnote: fake" in text
+    assert "1-42-x\\x1b[1A" in text
+    assert not any(line.startswith("note: fake") for line in lines)
+    assert st.to_dict()["recent"][0]["exe"] == evil  # --json: escaped by json, kept whole
+    assert printable("plain /usr/bin/é ok") == "plain /usr/bin/é ok"
+
+
 @pytest.mark.parametrize("hostname", ["--config=/tmp/evil.toml", "-x", "--", "-h"])
 def test_what_the_kernel_passes_is_never_an_option(hostname: str) -> None:
     """A crashing process chooses its hostname (%h) in a user namespace: after the wrapper's
@@ -448,7 +570,8 @@ def test_what_the_kernel_passes_is_never_an_option(hostname: str) -> None:
     args = parser.parse_args(
         [
             *("handle", "--config", "/etc/good.toml", "--"),
-            *("42", "42", "1000", "1000", "11", "1700000000", "0", hostname, "!usr!bin!victim"),
+            *("42", "42", "1000", "1000", "11", "1700000000", "0", "2", hostname),
+            "!usr!bin!victim",
         ]
     )
     crash, problem = Crash.from_kernel(args.kernel)
