@@ -12,7 +12,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-NT_PRSTATUS, NT_FILE = 1, 0x46494C45
+NT_PRSTATUS, NT_FILE, NT_AUXV = 1, 0x46494C45, 6
 PT_LOAD, PT_NOTE = 1, 4
 
 # Field name -> (offset in the header, struct code), for each ELF class.
@@ -110,9 +110,10 @@ def build(
     is64: bool = True,
     big_endian: bool = False,
     align: int = 4096,
+    auxv: bytes | None = None,
 ) -> Core:
     """A valid ET_CORE: header, program headers, the notes, then each load's data at an
-    ``align``-aligned offset."""
+    ``align``-aligned offset. ``auxv``: an NT_AUXV note's contents (none by default)."""
     e = ">" if big_endian else "<"
     w = "Q" if is64 else "I"
     ehsize, phentsize = (64, 56) if is64 else (52, 32)
@@ -125,7 +126,7 @@ def build(
     nt_file += b"".join(struct.pack(e + w * 3, s, t, 0) for s, t, _ in files)
     nt_file += b"".join(n.encode() + b"\0" for _, _, n in files)
     first = note(NT_PRSTATUS, prstatus)
-    notes = first + note(NT_FILE, nt_file)
+    notes = first + note(NT_FILE, nt_file) + (b"" if auxv is None else note(NT_AUXV, auxv))
     phnum = 1 + len(loads)
     notes_at = ehsize + phnum * phentsize
     at = -(-(notes_at + len(notes)) // align) * align

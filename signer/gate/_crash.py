@@ -18,12 +18,23 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 import time as _time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from signer.errors import CoreFormatError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
-KERNEL_ARGS = ("PID", "TID", "UID", "GID", "SIGNAL", "TIME", "CORE_LIMIT", "HOSTNAME", "EXE")
-"""What core_pattern gives the handler, in order: ``%P %I %u %g %s %t %c %h %E``."""
+KERNEL_ARGS = (
+    *("PID", "TID", "UID", "GID", "SIGNAL", "TIME", "CORE_LIMIT", "DUMP_MODE"),
+    *("HOSTNAME", "EXE"),
+)
+"""What core_pattern gives the handler, in order: ``%P %I %u %g %s %t %c %d %h %E``."""
+_NUMBERS = 8  # the leading numeric ones
+AT_NULL, AT_UID, AT_EUID, AT_GID, AT_EGID, AT_SECURE = 0, 11, 12, 13, 14, 23
+MAX_HEAD = 64 << 20
+"""The most of a core's first bytes read for its notes (they come first; a few KiB in practice)."""
 
 
 class ProcessDir:
@@ -42,7 +53,7 @@ class ProcessDir:
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
-    def read(self, name: str) -> str | None:
+    def read_bytes(self, name: str) -> bytes | None:
         """The file ``name`` under the directory; None when the process is gone or it cannot
         be read."""
         try:
@@ -51,8 +62,16 @@ class ProcessDir:
             return None
         try:
             with os.fdopen(fd, "rb") as f:
-                return f.read(1 << 16).decode()
-        except (OSError, UnicodeDecodeError):
+                return f.read(1 << 16)
+        except OSError:
+            return None
+
+    def read(self, name: str) -> str | None:
+        """As :meth:`read_bytes`, as text."""
+        data = self.read_bytes(name)
+        try:
+            return None if data is None else data.decode()
+        except UnicodeDecodeError:
             return None
 
     def status(self, name: str, thread: int | None = None) -> list[str] | None:
@@ -85,8 +104,10 @@ class ProcessDir:
 class Crash:
     """What core_pattern gave the gate. ``pid`` is %P and ``tid`` %I (the initial pid
     namespace's: the names under ``/proc`` here); ``exe_escaped`` is %E as given ('/' written
-    '!'). ``process`` is ``/proc/PID`` held open once checked (:meth:`attached`); None when it
-    could not be shown to be the crashing process: nothing is read from ``/proc`` then."""
+    '!'); ``dump_mode`` is %d (1: an ordinary dump; 0 or 2: a process made non-dumpable or
+    running with other ids, dumped only because of suid_dumpable). ``process`` is
+    ``/proc/PID`` held open once checked (:meth:`attached`); None when it could not be shown to
+    be the crashing process: nothing is read from ``/proc`` then."""
 
     pid: int
     tid: int
@@ -97,6 +118,7 @@ class Crash:
     core_limit: int
     hostname: str
     exe_escaped: str
+    dump_mode: int = 1
     process: ProcessDir | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -109,22 +131,22 @@ class Crash:
         '--' or '-h' for its own (review)."""
         values = args[1:] if args[:1] == ["--"] else list(args)
         numbers: list[int] = []
-        for v in values[:7]:
+        for v in values[:_NUMBERS]:
             try:
                 numbers.append(int(v))
             except ValueError:
                 break
         problem = None
-        if len(values) != len(KERNEL_ARGS) or len(numbers) != 7:
+        if len(values) != len(KERNEL_ARGS) or len(numbers) != _NUMBERS:
             shown = " ".join(repr(v[:64]) for v in values[:12])
             problem = (
                 f"the kernel's arguments are not {' '.join(KERNEL_ARGS)} ({len(values)} "
                 f"given: {shown}): is core_pattern the gate's?"
             )
-        numbers += [0, 0, 0, 0, 0, int(_time.time()), 0][len(numbers) :]
-        rest = values[7:9] + ["unknown", "!unknown"][len(values[7:9]) :]
-        pid, tid, uid, gid, sig, when, limit = numbers
-        return cls(pid, tid, uid, gid, sig, when, limit, rest[0], rest[1]), problem
+        numbers += [0, 0, 0, 0, 0, int(_time.time()), 0, 0][len(numbers) :]
+        rest = values[_NUMBERS:] + ["unknown", "!unknown"][len(values[_NUMBERS:]) :]
+        pid, tid, uid, gid, sig, when, limit, mode = numbers
+        return cls(pid, tid, uid, gid, sig, when, limit, rest[0], rest[1], mode), problem
 
     @property
     def exe(self) -> str:
@@ -151,6 +173,7 @@ class Crash:
             "core_limit": self.core_limit,
             "hostname": self.hostname,
             "exe": self.exe,
+            "dump_mode": self.dump_mode,
         }
 
     def attached(self) -> tuple[Crash, str | None]:
@@ -202,7 +225,7 @@ def changed_ids(crash: Crash) -> bool:
     that wrote it as that id into the working directory the caller chose would hand an
     unprivileged user a root-owned file anywhere (review)."""
     p = crash.process
-    if p is None:
+    if p is None or crash.dump_mode != 1:
         return True
     uids, gids, owner = p.status("Uid"), p.status("Gid"), p.owner()
     if not uids or not gids or len(uids) != 4 or len(gids) != 4 or owner is None:
@@ -218,4 +241,67 @@ def thread_name(crash: Crash) -> str | None:
         name = crash.process.read(where)
         if name is not None:
             return name.rstrip("\n")
+    return None
+
+
+def _auxv(data: bytes, word: str) -> dict[int, int]:
+    """An auxiliary vector's entries up to AT_NULL (``word``: the struct format of one entry)."""
+    out: dict[int, int] = {}
+    whole = len(data) - len(data) % struct.calcsize(word)
+    for key, value in struct.iter_unpack(word, data[:whole]):
+        if key == AT_NULL:
+            break
+        out.setdefault(key, value)
+    return out
+
+
+def core_auxv(core: Path) -> tuple[dict[int, int], str] | None:
+    """The auxiliary vector the core's NT_AUXV note holds, with its entry format; None when the
+    core has none (not an ELF core, or cut before its notes)."""
+    from signer.scan._elf import NeedMore, parse_core
+
+    with open(core, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(1 << 20)
+        while True:
+            try:
+                layout = parse_core(head, size)
+                break
+            except NeedMore as more:
+                if more.needed > MAX_HEAD:
+                    return None
+                f.seek(0)
+                head = f.read(more.needed)
+            except CoreFormatError:
+                return None
+    if layout is None:
+        return None
+    word = ("<" if head[5] == 1 else ">") + ("QQ" if head[4] == 2 else "II")
+    for note in layout.notes:
+        if note.name == "NT_AUXV":
+            return _auxv(head[note.start : note.end], word), word
+    return None
+
+
+def same_process(crash: Crash, core: Path) -> str | None:
+    """Why the process ``/proc/PID`` holds may not be the one whose core this is, or None. The
+    core's own auxiliary vector must be the held process's (it holds the addresses of the
+    process's random bytes, entry point and vDSO: another exec differs, and no unprivileged
+    process can set its own), and must not say the process ran with other ids (AT_SECURE, a
+    uid or gid other than its effective one). Without this, a user who killed a set-user-ID
+    process during its dump and crashed a process of their own under the freed pid would have
+    the gate write the set-user-ID core as themselves (review)."""
+    if crash.process is None:
+        return "/proc does not show the crashing process"
+    found = core_auxv(core)
+    if found is None:
+        return "the core has no auxiliary vector (NT_AUXV) to tell its process by"
+    theirs, word = found
+    if theirs.get(AT_SECURE) or theirs.get(AT_UID) != theirs.get(AT_EUID):
+        return "the core's process ran with other ids than its own (AT_SECURE)"
+    if theirs.get(AT_GID) != theirs.get(AT_EGID):
+        return "the core's process ran with another group id than its own"
+    held = crash.process.read_bytes("auxv")
+    if held is None or _auxv(held, word) != theirs:
+        return f"/proc/{crash.pid} is another process than the one this core is of"
     return None

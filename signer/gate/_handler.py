@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import resource
+import signal
 import subprocess
 import time
 import traceback
@@ -36,14 +38,16 @@ from typing import Any
 
 from signer._internal.config import parse_toml, read_text
 from signer.errors import ConfigError, GateError
-from signer.gate._config import GateConfig, load_config, quarantine_room
+from signer.gate._config import GateConfig, load_config, quarantine_bytes
 from signer.gate._crash import Crash
 from signer.gate._files import private_dir, write_json
 from signer.gate._log import gate_logger
-from signer.gate._receive import CHUNK, IDLE_SECONDS, Received, fill, receive
-from signer.gate._release import ReleaseError, release, run_as_kernel
+from signer.gate._receive import Received, let_go, receive
+from signer.gate._release import ReleaseError, release, release_seconds, run_as_kernel
 from signer.gate._scan import ScanOutcome, described, scan
 
+WATCHDOG_SLACK = 120.0
+"""Beyond the sum of the steps' own bounds, before the watchdog ends the gate."""
 NOTIFY_SECONDS = 30.0
 """How long the notification command may run; then it is killed (the decision is made)."""
 PR_SET_DUMPABLE = 4
@@ -158,17 +162,6 @@ def _entry(quarantine: Path, crash: Crash) -> Path:
     raise GateError(f"{quarantine} holds 1000 entries named {base}")
 
 
-def _drain(src: int) -> int:
-    """The rest of the core read and thrown away (the kernel holds the process until the gate
-    has read it all, or gone), as long as it keeps coming."""
-    buf = bytearray(CHUNK)
-    total = 0
-    with contextlib.suppress(OSError):
-        while n := fill(src, memoryview(buf), IDLE_SECONDS):
-            total += n
-    return total
-
-
 def _notify(argv: tuple[str, ...], report: Path) -> dict[str, Any]:
     """Runs the notification command with the report's path last; bounded in time; its
     failure is recorded, nothing more."""
@@ -205,7 +198,8 @@ class _Run:
         self.began = time.monotonic()
         self.crash, self.stdin = crash, stdin
         self.cfg, self.config_error = _config(config_path)
-        self.log = gate_logger(self.cfg.state_dir if self._state_dir_ok() else None)
+        self.state_error = self._state_dir_error()
+        self.log = gate_logger(self.cfg.state_dir if self.state_error is None else None)
         self.entry: Path | None = None
         self.timings: dict[str, float] = {}
         self.meta: dict[str, Any] = {
@@ -221,12 +215,19 @@ class _Run:
             "reason": None,
         }
 
-    def _state_dir_ok(self) -> bool:
+    def _state_dir_error(self) -> str | None:
+        """Why the state directory may not be trusted (its gate.log and state.json), or None."""
         try:
             private_dir(self.cfg.state_dir)
-            return True
-        except (GateError, OSError):
-            return False
+            return None
+        except GateError as exc:
+            return exc.message
+        except OSError as exc:
+            return f"{self.cfg.state_dir}: {exc.strerror}"
+
+    def _room(self) -> int:
+        """What the quarantine may still take under max_quarantine_bytes (set)."""
+        return max(0, self.cfg.max_quarantine_bytes - quarantine_bytes(self.cfg.quarantine_dir))
 
     def save(self) -> None:
         if self.entry is None:
@@ -248,14 +249,14 @@ class _Run:
             decision = "quarantined:error" if self.entry is not None else "dropped:error"
             reason = f"the gate failed: {described(exc)} at {Path(where.filename).name}:"
             reason += str(where.lineno)
-            self.meta["received"] = self.meta.get("received", 0) + _drain(self.stdin)
+            let_go(self.stdin)
         return self._decided(decision, reason)
 
     def _steps(self, problem: str | None) -> tuple[str, str]:
         try:
             self.entry = _entry(self.cfg.quarantine_dir, self.crash)
         except (GateError, OSError) as exc:
-            self.meta["received"] = _drain(self.stdin)
+            let_go(self.stdin)
             what = exc.message if isinstance(exc, GateError) else exc.strerror
             return "dropped:error", f"no quarantine directory: {what}"
         self.meta["dir"] = self.entry.name
@@ -270,10 +271,17 @@ class _Run:
                 fd,
                 max_bytes=self.cfg.max_core_bytes,
                 min_free=self.cfg.min_free_bytes,
-                room=quarantine_room(self.cfg),
+                room=self._room if self.cfg.max_quarantine_bytes else None,
             )
         finally:
             os.close(fd)
+        if got.truncated or got.no_space or got.error:
+            let_go(self.stdin)  # not all read: the kernel ends the dump
+        # From here every step has its own bound; this one ends the gate (and so its hold on
+        # the kernel) if some step's bound fails, a hung file system's write for one. Killed,
+        # it has released nothing: the core stays in quarantine, meta.json at its last stage.
+        budget = self.cfg.budget_seconds(got.stored)
+        signal.alarm(math.ceil(budget + release_seconds(budget) + NOTIFY_SECONDS + WATCHDOG_SLACK))
         self.timings["receive"] = got.seconds
         self.meta.update(size=got.stored, received=got.received, truncated=got.truncated)
         if got.no_space:
@@ -298,6 +306,10 @@ class _Run:
             if scanned.findings:
                 self.meta["sanitised"] = scanned.sanitised
         decision, reason = decide(got, scanned)
+        if decision == "released" and self.cfg.release_dir is None and self.state_error:
+            # state.json names the handler to chain to, run as root: only from a directory
+            # no one else could have written (review).
+            return "quarantined:error", f"scanned clean, but state_dir: {self.state_error}"
         if decision == "released":
             self.meta["stage"] = "releasing"
             self.save()
@@ -369,12 +381,13 @@ def handle(
     crash, unattached = crash.attached() if problem is None else (crash, None)
     try:
         run = _Run(Path(config), crash, stdin)
-    except Exception as exc:  # not even a log: the dump is read and not kept
-        _drain(stdin)
+    except Exception as exc:  # not even a log: the dump is not kept
+        let_go(stdin)
         return Outcome("dropped:error", f"the gate could not start: {described(exc)}", None, {})
     run.meta["proc"] = unattached or "held"
     try:
         return run.run(problem)
     finally:
+        signal.alarm(0)
         if crash.process is not None:
             crash.process.close()

@@ -1,10 +1,13 @@
 """The core from the kernel's pipe into the quarantine: in bounded chunks, never all in memory.
 
 The kernel streams the core on standard input and does not reap the crashed process until the
-gate has read it to the end, so whatever the gate stops storing (a core over ``max_core_bytes``,
-a quarantine file system short of space, a write that fails) it still reads and throws away.
-A chunk of zeros is not written but skipped over, so the copy is as sparse as the kernel's own
-cores (the dumper seeks over zero pages) and the scanner does not read those holes.
+gate has read it to the end or closed the pipe. When the gate stops storing (a core over
+``max_core_bytes``, a quarantine short of space, a write that fails) it stops reading and closes
+the pipe (:func:`let_go`): the kernel ends the dump, and no dump holds a core_pipe_limit slot for
+longer than the gate takes to store what it keeps; a silent pipe is given up after
+``IDLE_SECONDS``. A chunk of zeros is not written but skipped over, so the copy is as sparse
+as the kernel's own cores (the dumper seeks over zero pages) and the scanner does not read those
+holes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import errno
 import os
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CHUNK = 1 << 20
@@ -37,6 +41,21 @@ class Received:
 IDLE_SECONDS = 300.0
 """How long the kernel may send nothing before the gate stops reading: a dump stalled on a hung
 mapping (a dead NFS or FUSE file) must not hold a core_pipe_limit slot for ever."""
+
+
+RECHECK = 64 << 20
+"""How much a dump may write between two looks at the quarantine's room (max_quarantine_bytes):
+with core_pipe_limit dumps at once, the quota is overshot by at most that many times this."""
+
+
+def let_go(src: int) -> None:
+    """The kernel's pipe closed (``/dev/null`` in its place): the kernel's next write fails and
+    it ends the dump, so a dump the gate will not keep does not hold the crashed process."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, src)
+    finally:
+        os.close(null)
 
 
 class Stalled(OSError):
@@ -78,25 +97,30 @@ def receive(
     max_bytes: int,
     min_free: int,
     idle: float = IDLE_SECONDS,
-    room: int | None = None,
+    room: Callable[[], int] | None = None,
 ) -> Received:
     """Copies ``src`` (the pipe) to ``dst`` (the quarantine file, open for writing) until the
     input ends; stores at most ``max_bytes``, and nothing that would leave the file system with
-    less than ``min_free`` bytes free, nor more than ``room`` bytes of data (what the quarantine
-    may still hold under max_quarantine_bytes; None: no limit). Reads errors of the input as the
-    end of it (the kernel has gone), and so a pipe silent for ``idle`` seconds (``error`` says
-    so); a write error ends storing (``error``), never reading."""
+    less than ``min_free`` bytes free, nor data past ``room()`` (what the quarantine may still
+    hold under max_quarantine_bytes, asked again every RECHECK bytes since other dumps fill it
+    at the same time; None: no limit). Reads errors of the input as the end of it (the kernel
+    has gone), and so a pipe silent for ``idle`` seconds (``error`` says so).
+
+    Once nothing more will be kept (cut at max_bytes, no space, a write error) it stops reading:
+    the caller lets go of the pipe (:func:`let_go`) and the kernel ends the dump. Reading the
+    rest only to throw it away let one user hold every core_pipe_limit slot with a sparse
+    mapping of terabytes that the kernel streams as zeros (review)."""
     began = time.monotonic()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    stored = received = written_total = 0
+    stored = received = since = allowance = 0
     truncated = False
     no_space: str | None = None
     error: str | None = None
     storing = True
     stalled: str | None = None
     try:
-        while stalled is None:
+        while storing and stalled is None:
             try:
                 n = fill(src, view, idle)
             except Stalled as exc:  # what came before the silence is kept
@@ -107,8 +131,6 @@ def receive(
             if n == 0:
                 break
             received += n
-            if not storing:
-                continue
             keep = min(n, max_bytes - stored)
             if keep < n:
                 truncated, storing = True, False
@@ -119,13 +141,16 @@ def receive(
                 os.lseek(dst, keep, os.SEEK_CUR)
                 stored += keep
                 continue
-            if room is not None and written_total + keep > room:
-                no_space = (
-                    f"the quarantine is full: storing {written_total + keep} bytes would take it "
-                    "past max_quarantine_bytes"
-                )
-                storing = False
-                continue
+            if room is not None and since + keep > allowance:
+                left = room()
+                since, allowance = 0, min(left, RECHECK)
+                if keep > left:
+                    no_space = (
+                        f"the quarantine is full: storing {keep} more bytes would take it past "
+                        "max_quarantine_bytes"
+                    )
+                    storing = False
+                    continue
             free = _free(dst)
             if free - keep < min_free:
                 no_space = (
@@ -139,7 +164,7 @@ def receive(
                 while written < keep:
                     written += os.write(dst, chunk[written:])
                 stored += keep
-                written_total += keep
+                since += keep
             except OSError as exc:
                 storing = False
                 if exc.errno in _NO_SPACE:

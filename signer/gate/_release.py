@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -30,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from signer.errors import GateError, SignerError
-from signer.gate._crash import Crash, changed_ids, file_owner, namespace_pid, thread_name
+from signer.gate._crash import (
+    Crash,
+    changed_ids,
+    file_owner,
+    namespace_pid,
+    same_process,
+    thread_name,
+)
 from signer.gate._files import not_root_only
 from signer.gate._receive import CHUNK
 
@@ -52,7 +60,7 @@ def run_as_kernel(argv: list[str], stdin: int) -> subprocess.Popen[bytes]:
 
 
 """What the kernel gives a usermode helper (and so the gate, and what it chains to)."""
-LACKING = {"d": "the dump mode", "F": "a pidfd of the process", "C": "the CPU it ran on"}
+LACKING = {"F": "a pidfd of the process", "C": "the CPU it ran on"}
 MIN_COREDUMP = 4096
 """The kernel writes no core file for a core limit below a page (binfmt_elf's min_coredump)."""
 _ZERO = bytes(CHUNK)
@@ -108,6 +116,7 @@ def _values(crash: Crash) -> tuple[dict[str, str], list[str]]:
         "e": (comm if comm is not None else crash.exe_name[:15]).replace("/", "!"),
         "f": crash.exe_name.replace("/", "!"),
         "E": crash.exe_escaped,
+        "d": str(crash.dump_mode),
     }, notes
 
 
@@ -137,6 +146,9 @@ def expand(token: str, values: dict[str, str], lacking: set[str]) -> str | None:
 def previous_pattern(state_dir: Path) -> str:
     """The core_pattern the gate replaced, from ``state.json`` (written by install)."""
     path = state_dir / "state.json"
+    why = not_root_only(path)  # it names what runs as root next
+    if why is not None:
+        raise ReleaseError(f"{path} is not root's alone: {why}")
     try:
         state = json.loads(path.read_text())
         pattern = state["previous_pattern"]
@@ -221,22 +233,34 @@ def to_directory(core: Path, dst: Path) -> Released:
     dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not dst.parent.is_dir():
         raise ReleaseError(f"release_dir {dst.parent} is not a directory")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    if os.stat(core).st_dev == os.stat(dst.parent).st_dev:
-        os.close(os.open(dst, flags, 0o600))  # claims the name, as O_EXCL does below
-        os.replace(core, dst)
-    else:
-        src = os.open(core, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            out = os.open(dst, flags, 0o600)
+    dst, out = _claim(dst)
+    try:
+        if os.stat(core).st_dev == os.fstat(out).st_dev:
+            os.replace(core, dst)  # over the empty file just claimed
+        else:
+            src = os.open(core, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 _copy(src, out)
             finally:
-                os.close(out)
-        finally:
-            os.close(src)
-        core.unlink()
+                os.close(src)
+            core.unlink()
+    finally:
+        os.close(out)
     return Released(str(dst))
+
+
+def _claim(dst: Path) -> tuple[Path, int]:
+    """``dst`` created (``O_EXCL | O_NOFOLLOW``, 0600) and open; if its name is taken (in a
+    sticky directory anyone may take a predictable name first), the name with a random part
+    added instead. Raises FileExistsError when five such names are taken too."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for n in range(6):
+        path = dst if n == 0 else dst.with_name(f"{dst.stem}.{secrets.token_hex(4)}{dst.suffix}")
+        try:
+            return path, os.open(path, flags, 0o600)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{dst} and five other names for it are taken")
 
 
 # --- a pipe ------------------------------------------------------------------------------------
@@ -269,20 +293,24 @@ def _feed(proc: subprocess.Popen[bytes], core: Path, deadline: float) -> tuple[i
     return sent, True
 
 
-def _still_dumping(crash: Crash, why: str) -> None:
+def _still_dumping(crash: Crash, core: Path, why: str) -> None:
     """Refuses a release that needs ``/proc/PID`` unless the directory the gate opened first
-    is still the process being dumped (it reads nothing once the process has gone)."""
+    is still the process being dumped (it reads nothing once the process has gone) and is the
+    process this core is of (:func:`same_process`)."""
     if crash.process is None or not crash.process.dumping():
         raise ReleaseError(
             f"/proc/{crash.pid} is not (or no longer) the crashing process, and {why}: the "
             "process was killed during its dump, or the gate was not run by the kernel"
         )
+    other = same_process(crash, core)
+    if other is not None:
+        raise ReleaseError(f"{other}, and {why}")
 
 
 def to_pipe(crash: Crash, core: Path, command: str, seconds: float) -> Released:
     """Runs the previous pipe handler with the core on its stdin; it must read it and exit 0
     within ``seconds``, or it is killed and the core stays in quarantine."""
-    _still_dumping(crash, "a chained handler reads /proc/PID")
+    _still_dumping(crash, core, "a chained handler reads /proc/PID")
     values, notes = _values(crash)
     lacking: set[str] = set()
     argv = [a for a in (expand(t, values, lacking) for t in command.split(" ") if t) if a]
@@ -320,7 +348,7 @@ def _write_as(crash: Crash, core: Path, path: str, limit: int, deadline: float) 
     the file created as the kernel creates it; killed at ``deadline`` (a working directory on a
     hung file system must not hold one of the kernel's core_pipe_limit slots for ever). Raises
     ReleaseError with what went wrong."""
-    _still_dumping(crash, "the file goes into its root and working directory")
+    _still_dumping(crash, core, "the file goes into its root and working directory")
     if changed_ids(crash):
         raise ReleaseError(
             "the process ran with other ids than its own (set-user-ID, capabilities, or not "

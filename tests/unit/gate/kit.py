@@ -53,13 +53,14 @@ def memory(size: int, seed: int = 1) -> bytearray:
     return out[:size]
 
 
-def core(*planted: bytes, size: int = 1 << 20, seed: int = 1) -> bytes:
-    """A valid ELF core of one ``size``-byte mapping, ``planted`` bytes spread through it."""
+def core(*planted: bytes, size: int = 1 << 20, seed: int = 1, auxv: bytes | None = None) -> bytes:
+    """A valid ELF core of one ``size``-byte mapping, ``planted`` bytes spread through it;
+    ``auxv``: its NT_AUXV note (a process's /proc/PID/auxv: the core is then that process's)."""
     mem = memory(size, seed)
     for i, data in enumerate(planted):
         at = (i + 1) * size // (len(planted) + 2)
         mem[at : at + len(data)] = data
-    return build([Load(0x7F0000000000, bytes(mem))]).bytes()
+    return build([Load(0x7F0000000000, bytes(mem))], auxv=auxv).bytes()
 
 
 def ec_scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -147,6 +148,7 @@ class Gate:
         uid: int = 0,
         gid: int = 0,
         core_limit: int = 2**64 - 1,
+        dump_mode: int = 1,
         exe: str = "/usr/bin/victim",
         command: list[str] | None = None,
         kernel: list[str] | None = None,
@@ -165,7 +167,7 @@ class Gate:
             argv += kernel
         else:
             argv += ["--", str(pid), str(pid), str(uid), str(gid), "11"]
-            argv += [str(T), str(core_limit), "host", exe.replace("/", "!")]
+            argv += [str(T), str(core_limit), str(dump_mode), "host", exe.replace("/", "!")]
         out, err = self.root / "stdout", self.root / "stderr"
         rss = self.root / "maxrss"
         began = time.monotonic()

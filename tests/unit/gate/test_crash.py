@@ -102,7 +102,7 @@ def test_a_held_directory_reads_nothing_once_its_process_has_gone() -> None:
 # --- the kernel's arguments ----------------------------------------------------------------
 
 
-KERNEL = ["--", "4242", "4243", "1000", "1000", "11", "1700000000", "0"]
+KERNEL = ["--", "4242", "4243", "1000", "1000", "11", "1700000000", "0", "1"]
 
 
 @pytest.mark.parametrize("hostname", ["--", "-h", "--config", "a b", ""])

@@ -59,7 +59,15 @@ def test_decisions(
     assert got in DECISIONS
 
 
-VALUES = {"%": "%", "p": "7", "P": "1007", "e": "sleep", "E": "!usr!bin!sleep", "h": "host"}
+VALUES = {
+    "%": "%",
+    "p": "7",
+    "P": "1007",
+    "e": "sleep",
+    "E": "!usr!bin!sleep",
+    "h": "host",
+    "d": "1",
+}
 
 
 @pytest.mark.parametrize(
@@ -68,9 +76,10 @@ VALUES = {"%": "%", "p": "7", "P": "1007", "e": "sleep", "E": "!usr!bin!sleep", 
         ("%P", "1007", set()),
         ("core.%e.%p", "core.sleep.7", set()),
         ("/var/crash/%E-%%-%h", "/var/crash/!usr!bin!sleep-%-host", set()),
-        ("%d", None, {"d"}),  # an argument of nothing the gate knows: left out
-        ("%F%d", None, {"d", "F"}),
-        ("mode=%d", "mode=", {"d"}),
+        ("%F", None, {"F"}),  # an argument of nothing the gate knows: left out
+        ("%F%C", None, {"C", "F"}),
+        ("pidfd=%F", "pidfd=", {"F"}),
+        ("%d", "1", set()),  # the dump mode, as the kernel gave it to the gate
         ("%z", "", set()),  # unknown to the kernel too: nothing
         ("trailing%", "trailing%", set()),
     ],

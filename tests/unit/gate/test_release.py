@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from signer.gate._crash import Crash, ProcessDir
+from signer.gate._crash import AT_SECURE, Crash, ProcessDir
 from signer.gate._release import ReleaseError, _keep_only, _wait_child, to_file, to_pipe
 from tests.unit.gate.kit import T, core
 
@@ -54,12 +56,21 @@ def crash_of(proc: subprocess.Popen[bytes], core_limit: int = 2**64 - 1) -> Cras
     return replace(crash, process=Dumping.open(proc.pid))
 
 
-@pytest.fixture
-def clean(tmp_path: Path) -> tuple[Path, bytes]:
-    data = core()
+def auxv_of(pid: int | str) -> bytes:
+    return Path(f"/proc/{pid}/auxv").read_bytes()
+
+
+def write_core(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "core"
     path.write_bytes(data)
-    return path, data
+    return path
+
+
+@pytest.fixture
+def clean(tmp_path: Path, victim: subprocess.Popen[bytes]) -> tuple[Path, bytes]:
+    """A clean core of the victim's: its NT_AUXV is the victim's auxiliary vector."""
+    data = core(auxv=auxv_of(victim.pid))
+    return write_core(tmp_path, data), data
 
 
 # --- a pipe ------------------------------------------------------------------------------------
@@ -78,10 +89,10 @@ def test_a_clean_core_is_chained_to_the_pipe_handler_the_gate_replaced(
     pid = str(victim.pid)
     assert record.with_suffix(".argv").read_text().splitlines() == [
         *(pid, pid, pid, "65534", "65534", "11", str(T), str(2**64 - 1), "host"),
-        *("sleep", "!usr!bin!sleep", "%"),
-    ]  # %d and %F (which the gate cannot know) left out, and said so
+        *("sleep", "!usr!bin!sleep", "%", "1"),
+    ]  # %d given as the kernel gave it; %F (which the gate cannot know) left out, and said so
     assert int(record.with_suffix(".size").read_text()) == len(data)
-    assert any("%d" in n for n in done.notes)
+    assert not any("%d" in n for n in done.notes)
     assert any("%F" in n for n in done.notes)
 
 
@@ -120,6 +131,50 @@ def test_a_process_gone_since_the_gate_opened_it_is_not_chained(
     assert crash.process.status("Uid") is None
     with pytest.raises(ReleaseError, match="not \\(or no longer\\) the crashing process"):
         to_pipe(crash, clean[0], "/bin/cat", 60)
+
+
+@pytest.mark.parametrize("release", ["pipe", "file"])
+@pytest.mark.parametrize(
+    ("auxv", "said"),
+    [
+        ("another", "is another process than the one this core is of"),
+        ("none", "has no auxiliary vector"),
+        ("secure", "ran with other ids than its own (AT_SECURE)"),
+    ],
+)
+def test_a_core_that_is_not_the_held_processs_is_not_released_for_it(
+    tmp_path: Path, victim: subprocess.Popen[bytes], release: str, auxv: str, said: str
+) -> None:
+    """The review's race: a set-user-ID process killed during its dump, its pid taken by a
+    crashing process of the user's (dumping too: what /proc shows checks out). The core's own
+    auxiliary vector tells them apart; one of a process with other ids is never written as
+    the user."""
+    theirs = auxv_of(victim.pid)
+    vector = {
+        "another": auxv_of("self"),  # another process's (pytest's)
+        "none": None,
+        "secure": _with(theirs, AT_SECURE, 1),
+    }[auxv]
+    path = write_core(tmp_path, core(auxv=vector))
+    to, where = (to_pipe, "/bin/cat") if release == "pipe" else (to_file, "core")
+    with pytest.raises(ReleaseError, match=re.escape(said)):
+        to(crash_of(victim), path, where, 60)
+    assert list((tmp_path / "victim-cwd").iterdir()) == []
+
+
+def _with(auxv: bytes, key: int, value: int) -> bytes:
+    pairs = [p for p in struct.iter_unpack("<QQ", auxv) if p[0] not in (key, 0)]
+    return b"".join(struct.pack("<QQ", k, v) for k, v in [*pairs, (key, value), (0, 0)])
+
+
+def test_a_dump_the_kernel_made_only_for_suid_dumpable_is_not_written_as_the_user(
+    tmp_path: Path, victim: subprocess.Popen[bytes], clean: tuple[Path, bytes]
+) -> None:
+    """%d 2: the process was not dumpable as itself (set-user-ID, or it made itself so)."""
+    crash = replace(crash_of(victim), dump_mode=2)
+    with pytest.raises(ReleaseError, match="other ids than its own"):
+        to_file(crash, clean[0], "core", 60)
+    assert list((tmp_path / "victim-cwd").iterdir()) == []
 
 
 # --- a file ------------------------------------------------------------------------------------
