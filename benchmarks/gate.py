@@ -143,11 +143,12 @@ def gate_config(gate: dict[str, Any], detect: dict[str, Any]) -> str:
 
 
 def handler_argv(python: str, config: Path, pid: int, exe: str, when: int) -> list[str]:
-    """The handler as the installed wrapper runs it for the kernel's ``%P %i %u %g %s %t %c %h
-    %E``: a SIGSEGV of root's process ``pid`` (%E: its executable, '/' written '!')."""
+    """The handler as the installed wrapper runs it for the kernel's ``%P %I %u %g %s %t %c %d
+    %h %E``: a SIGSEGV of root's process ``pid``, an ordinary dump (%d 1; %E: its executable,
+    '/' written '!')."""
     return [
-        *(python, "-I", "-m", "signer.gate", "handle", "--config", str(config)),
-        *(str(pid), str(pid), "0", "0", "11", str(when), str(CORE_LIMIT), "bench"),
+        *(python, "-I", "-m", "signer.gate", "handle", "--config", str(config), "--"),
+        *(str(pid), str(pid), "0", "0", "11", str(when), str(CORE_LIMIT), "1", "bench"),
         exe.replace("/", "!"),
     ]
 

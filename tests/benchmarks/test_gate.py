@@ -21,7 +21,7 @@ from benchmarks.gate import (
     toml_value,
 )
 from signer.cli import _gate
-from signer.gate import load_config
+from signer.gate import Crash, load_config
 
 STATUS = """Name:\tpython3
 VmPeak:\t  500000 kB
@@ -112,12 +112,14 @@ def test_gate_config_is_what_the_gate_reads(tmp_path: Path) -> None:
 def test_handler_argv_is_the_kernels_pattern() -> None:
     argv = handler_argv("/venv/bin/python", Path("/etc/g.toml"), 4242, "/usr/bin/my app", 17)
     assert argv[:4] == ["/venv/bin/python", "-I", "-m", "signer.gate"]
-    # read back by the handler's own parser: %P %i %u %g %s %t %c %h %E
+    # read back by the handler's own parser: %P %I %u %g %s %t %c %d %h %E
     parser = argparse.ArgumentParser()
     _gate.register_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv[4:])
     assert args.func is _gate.cmd_handle
     assert args.config == "/etc/g.toml"
-    got = (args.pid, args.tid, args.uid, args.gid, args.signal, args.time, args.core_limit)
+    crash, problem = Crash.from_kernel(args.kernel)
+    assert problem is None
+    got = (crash.pid, crash.tid, crash.uid, crash.gid, crash.signal, crash.time, crash.core_limit)
     assert got == (4242, 4242, 0, 0, 11, 17, CORE_LIMIT)
-    assert (args.hostname, args.exe) == ("bench", "!usr!bin!my app")
+    assert (crash.dump_mode, crash.hostname, crash.exe_escaped) == (1, "bench", "!usr!bin!my app")
