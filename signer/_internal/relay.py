@@ -193,6 +193,10 @@ class _Side(asyncio.Protocol):
     peer: _Side | None = None
     caller: _Caller | None = None  # whose activity this side's data counts as
     ended = False  # this side sent EOF (it will send nothing more)
+    # What came before link(): CPython before 3.11.3 (Debian 12's python3 is 3.11.2) starts
+    # reading an accepted socket even though connection_made paused it, so data (and EOF) can
+    # arrive before there is anywhere to send them. Kept here, sent on at link().
+    early = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -203,16 +207,33 @@ class _Side(asyncio.Protocol):
         self.out, other.out = other.transport, self.transport
         self.peer, other.peer = other, self
         other.caller = self.caller
-        self.transport.resume_reading()
-        other.transport.resume_reading()
+        for side in (self, other):
+            if side.early:
+                assert side.out is not None
+                side.out.write(side.early)
+                side.early = b""
+        for side in (self, other):
+            if side.ended:
+                side.send_eof()
+        for side in (self, other):
+            if not side.ended:
+                side.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        self.out.write(data)  # type: ignore[union-attr]  # reading starts once out is set
+        if self.out is None:  # before link(): see ``early``
+            self.transport.pause_reading()
+            self.early += data
+            return
+        self.out.write(data)
         if self.caller is not None:
             self.caller.last_active = self.caller.loop.time()
 
     def eof_received(self) -> bool:
         self.ended = True
+        return self.send_eof()
+
+    def send_eof(self) -> bool:
+        """This side's EOF passed on (once linked); whether to keep its transport open."""
         if self.out is not None:
             if self.peer is not None and self.peer.ended:
                 # Both ends have said all they will: close both, or the two sockets would sit

@@ -4,6 +4,7 @@ local users, is tests/integration/test_relay.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from signer._internal.relay import PeerRelay, created_with_mode
+from signer._internal.relay import PeerRelay, _Side, created_with_mode
 
 
 @pytest.fixture
@@ -125,3 +126,44 @@ def test_sockets_are_created_with_their_mode_and_the_umask_is_put_back(tmp_path:
         assert os.umask(0o022) == 0o022
     finally:
         os.umask(before)
+
+
+def test_what_arrives_before_both_sides_are_up_is_passed_on_once_they_are() -> None:
+    """CPython before 3.11.3 (Debian 12's python3) reads an accepted socket even though the
+    protocol paused it in connection_made: data and EOF then reach a side with nowhere to send
+    them (an AttributeError that failed every local call in the service's container). Driven
+    here as that loop drives it: the callbacks before link()."""
+
+    async def main() -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        caller_end, caller_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        service_end, service_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        caller_t, caller = await loop.connect_accepted_socket(_Side, caller_relay)
+        service_t, service = await loop.connect_accepted_socket(_Side, service_relay)
+        try:
+            caller.data_received(b"PRI * HTTP/2.0")  # the caller's first bytes, and its EOF
+            caller.eof_received()
+            service.data_received(b"SETTINGS")  # the server speaks first in HTTP/2
+            caller.link(service)
+            for end in (caller_end, service_end):
+                end.setblocking(False)
+            got_service = await _read_to_eof(loop, service_end)
+            got_caller = await loop.sock_recv(caller_end, 100)
+            return got_service, got_caller
+        finally:
+            for t in (caller_t, service_t):
+                t.close()
+            for end in (caller_end, service_end):
+                end.close()
+            await asyncio.sleep(0)  # the transports' close callbacks run
+
+    to_service, to_caller = asyncio.run(main())
+    assert to_service == b"PRI * HTTP/2.0"  # then EOF: the read ended
+    assert to_caller == b"SETTINGS"
+
+
+async def _read_to_eof(loop: asyncio.AbstractEventLoop, end: socket.socket) -> bytes:
+    out = b""
+    while chunk := await asyncio.wait_for(loop.sock_recv(end, 100), 10):
+        out += chunk
+    return out
