@@ -294,10 +294,15 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None, metrics: str
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, server.reload_policy)
-        supervisor = Supervisor(
-            {TOKEN_HOST: host, TLS_FRONT: tls_front},
-            on_restart=lambda name: server.token.wake() if name == TOKEN_HOST else None,
-        )
+
+        def after_restart(name: str) -> None:
+            if name == TOKEN_HOST:
+                server.token.wake()  # at once, not at its next back-off
+                # nginx's engine holds a session of the old token host for the front's key
+                # and does not open another: every handshake failed until it was restarted.
+                supervisor.restart_soon(TLS_FRONT)
+
+        supervisor = Supervisor({TOKEN_HOST: host, TLS_FRONT: tls_front}, on_restart=after_restart)
         supervisor.start()
         try:
             await stop.wait()

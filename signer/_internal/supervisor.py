@@ -7,7 +7,9 @@ is back to ``first`` once a child has stayed up ``stable_after`` seconds. A chil
 ``loop_exits`` times within ``loop_window`` seconds is in a crash loop: that is logged as an
 error (once per loop) and kept in :meth:`Supervisor.report`, never hidden behind the retries,
 which go on at the longest delay. ``on_restart(name)`` runs after each restart (the service
-then looks for its token at once rather than at its next back-off).
+then looks for its token at once rather than at its next back-off), and may ask for another
+child to be restarted too (:meth:`Supervisor.restart_soon`: the TLS front, whose key's token
+session died with the token host).
 
 This is not a retry-around-a-call (tenacity and the like): what matters here is the
 accounting across a child's whole life (how long it stayed up, how often it died lately), and
@@ -31,6 +33,8 @@ from signer._internal.children import Child
 log = logging.getLogger("signer.supervisor")  # named for the component: signer._internal.logs
 
 POLL_SECONDS = 0.2
+RESTART_ASKED = -1
+"""The status recorded for a child restarted because :meth:`Supervisor.restart_soon` asked."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Supervisor:
         self._lock = threading.RLock()
         self._reports = {name: ChildReport() for name in children}
         self._thread: threading.Thread | None = None
+        self._asked: set[str] = set()
         self.restarted = threading.Condition(self._lock)
 
     def start(self) -> None:
@@ -86,6 +91,12 @@ class Supervisor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def restart_soon(self, name: str) -> None:
+        """Restarts ``name`` at the thread's next look, though it runs: it depends on a child
+        that was just restarted. A failed start is retried with back-off, as after an exit."""
+        with self._lock:
+            self._asked.add(name)
 
     def report(self) -> dict[str, ChildReport]:
         with self._lock:
@@ -102,6 +113,15 @@ class Supervisor:
         while not self._stop.wait(POLL_SECONDS):
             for name, child in self._children.items():
                 status = child.poll()
+                with self._lock:
+                    asked = name in self._asked
+                    self._asked.discard(name)
+                if asked and status is None and not self._stop.is_set():
+                    log.warning("restarting child as asked", extra={"child": name})
+                    if self._restart(name, child):
+                        up_since[name] = self._clock()
+                        continue
+                    status = RESTART_ASKED  # stopped and not back: retried as after an exit
                 if status is None or self._stop.is_set():
                     if self._clock() - up_since[name] >= self._backoff.stable_after:
                         self._stable(name)

@@ -11,7 +11,7 @@ from typing import Protocol
 import pytest
 
 from signer._internal.children import Child
-from signer._internal.supervisor import Backoff, ChildReport, Supervisor
+from signer._internal.supervisor import RESTART_ASKED, Backoff, ChildReport, Supervisor
 
 QUICK = Backoff(first=0.01, most=0.04, stable_after=60.0, loop_exits=3, loop_window=60.0)
 
@@ -113,6 +113,28 @@ def test_a_child_that_dies_is_restarted_and_the_hook_runs(supervise: Supervise) 
     assert not report["host"].crash_loop
     assert report["front"].restarts == 0  # the other child is left alone
     assert front.starts == 0
+
+
+def test_a_hook_may_have_a_running_child_restarted_with_the_one_it_depends_on(
+    supervise: Supervise,
+) -> None:
+    """The TLS front's key session dies with the token host: restarting the host restarts the
+    front too, though the front still runs; a failed start of it is retried as after an exit."""
+    host, front = StandIn(), StandIn(failing_starts=1)
+    holder: list[Supervisor] = []
+
+    def hook(name: str) -> None:
+        if name == "host":
+            holder[0].restart_soon("front")
+
+    s = supervise({"host": host, "front": front}, backoff=QUICK, on_restart=hook)
+    holder.append(s)
+    host.die()
+    wait_for(s, lambda r: r["front"].restarts == 1)
+    assert (front.stops, front.starts) == (2, 2)  # stopped though running; the first start failed
+    report = s.report()
+    assert report["host"].restarts == 1
+    assert report["front"].last_status == RESTART_ASKED  # no exit of its own
 
 
 def test_a_start_that_fails_is_retried_and_reported(
