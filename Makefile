@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 # zstd, lz4 and xz compress a real core as systemd-coredump does, for the scanner's tests;
 # prometheus scrapes the service's metrics listener in tests/integration/test_metrics.py).
 APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl strace openssh-client zstd lz4 xz-utils prometheus
+APT_PACKAGES += systemd  # systemd-analyze verify/security checks the units in systemd/ (tests/units)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=

@@ -401,7 +401,9 @@ class TokenHost:
     """Runs one ``p11-kit server`` per token in ``root`` (signing, and TLS if there is one).
 
     ``tls_socket``, ``tls_group``: where the TLS token is served instead, to that group too
-    (0660): the TLS front's own, when it runs as its own user outside ``root``."""
+    (0660): the TLS front's own, when it runs as its own user outside ``root``. ``socket``,
+    ``group``: the same for the signing token (the service's user's group, when the token host
+    runs as a user of its own, as its systemd unit does)."""
 
     def __init__(
         self,
@@ -410,16 +412,20 @@ class TokenHost:
         module: str = SOFTHSM_MODULE,
         tls_socket: Path | None = None,
         tls_group: int | None = None,
+        socket: Path | None = None,
+        group: int | None = None,
     ) -> None:
         self.paths = HsmPaths(Path(root).absolute())
         self.label = label
         self.module = module
+        self.socket = socket or self.paths.socket
+        self.group = group
         self.tls_socket = tls_socket or self.paths.tls_socket
         self.tls_group = tls_group
         self._procs: list[subprocess.Popen[bytes]] = []
 
     def _exports(self) -> list[tuple[str, Path]]:
-        exports = [(self.label, self.paths.socket)]
+        exports = [(self.label, self.socket)]
         if self.paths.has_tls_token():
             exports.append((TLS_LABEL, self.tls_socket))
         return exports
@@ -472,9 +478,11 @@ class TokenHost:
                 time.sleep(0.02)
             with contextlib.suppress(FileNotFoundError):  # stopped meanwhile
                 os.chmod(socket, 0o600)
+        if self.group is not None:
+            _share_socket(self.socket, self.group)
         if self.tls_group is not None and self.paths.has_tls_token():
-            share_with_group(self.tls_socket, self.tls_group, 0o660)
-        log.info("token host serving", extra={"socket": str(self.paths.socket), "pid": self.pid})
+            _share_socket(self.tls_socket, self.tls_group)
+        log.info("token host serving", extra={"socket": str(self.socket), "pid": self.pid})
 
     @property
     def pid(self) -> int | None:
@@ -525,6 +533,17 @@ class TokenHost:
         return 0
 
 
+def _share_socket(path: Path, gid: int) -> None:
+    """``path`` 0660 to group ``gid``; chowned only when its directory (setgid, as the systemd
+    unit makes it) did not already give it that group: the unit's system call filter refuses
+    chown to the token host."""
+    with contextlib.suppress(FileNotFoundError):  # stopped meanwhile
+        if os.stat(path).st_gid == gid:
+            os.chmod(path, 0o660)
+        else:
+            share_with_group(path, gid, 0o660)
+
+
 def _accepts(path: Path) -> bool:
     with contextlib.suppress(OSError), socket_mod.socket(socket_mod.AF_UNIX) as s:
         s.connect(str(path))
@@ -532,11 +551,22 @@ def _accepts(path: Path) -> bool:
     return False
 
 
-def serve_forever(root: str | Path, label: str = DEFAULT_LABEL) -> int:
-    """``signer hsm serve``: runs the token host in the foreground; SIGTERM/SIGINT stop it."""
+def serve_forever(
+    root: str | Path,
+    label: str = DEFAULT_LABEL,
+    *,
+    socket: Path | None = None,
+    group: int | None = None,
+    tls_socket: Path | None = None,
+    tls_group: int | None = None,
+) -> int:
+    """``signer hsm serve``: runs the token host in the foreground; SIGTERM/SIGINT stop it.
+    ``socket``/``tls_socket`` and their groups: as :class:`TokenHost`'s."""
     disable_core_dumps()
-    host = TokenHost(root, label)
-    lines = [f"token host serving {host.paths.server_address}"]
+    host = TokenHost(
+        root, label, socket=socket, group=group, tls_socket=tls_socket, tls_group=tls_group
+    )
+    lines = [f"token host serving unix:path={host.socket}"]
     if host.paths.has_tls_token():
-        lines.append(f"TLS token served on {host.paths.tls_server_address}")
+        lines.append(f"TLS token served on unix:path={host.tls_socket}")
     return run_in_foreground(host, "\n".join(lines), "p11-kit server")

@@ -42,7 +42,26 @@ def cmd_hsm_serve(args: argparse.Namespace) -> int:
     from signer._internal import hsm, logs
 
     logs.setup(args.log_level)
-    return hsm.serve_forever(args.dir, args.label)
+    return hsm.serve_forever(
+        args.dir,
+        args.label,
+        socket=args.socket,
+        group=_group_id(args.socket_group),
+        tls_socket=args.tls_socket,
+        tls_group=_group_id(args.tls_socket_group),
+    )
+
+
+def _group_id(name: str | None) -> int | None:
+    """The gid of group ``name`` (None: none given)."""
+    import grp
+
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise InvalidArgument(f"no group {name!r}") from None
 
 
 def cmd_hsm_import_key(args: argparse.Namespace) -> int:
@@ -222,6 +241,14 @@ def register(sub: Subparsers) -> None:
     sp = hsm_sub.add_parser("serve", help="serve the token on DIR/run/p11-kit.sock, core dumps off")
     sp.add_argument("--dir", default="var/hsm")
     sp.add_argument("--label", default="signer")
+    # A token host running as a user of its own (systemd/signer-token-host.service): each
+    # socket where its one client's user can reach it, 0660 to that user's group.
+    sp.add_argument("--socket", type=Path, help="the signing token's socket (DIR/run/p11-kit.sock)")
+    sp.add_argument("--socket-group", metavar="GROUP", help="make it 0660 to GROUP (else 0600)")
+    sp.add_argument(
+        "--tls-socket", type=Path, help="the TLS token's socket (DIR/run/p11-kit-tls.sock)"
+    )
+    sp.add_argument("--tls-socket-group", metavar="GROUP", help="make it 0660 to GROUP")
     _log_level(sp)
     sp.set_defaults(func=cmd_hsm_serve)
     sp = hsm_sub.add_parser(
