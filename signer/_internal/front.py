@@ -59,11 +59,11 @@ _WRITE_NO_LINK = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CL
 _UNSAFE = set(";?&\"'\\ \n\t{}$")
 
 
-def _check(cfg: FrontConfig) -> None:
+def _check(cfg: FrontConfig, *, files: bool = True) -> None:
     for name in ("certificate", "pin_file", "server_address", "client_ca", "upstream"):
         if not getattr(cfg, name):
             raise ConfigError(f"front.{name} must be set")
-    for name in ("certificate", "client_ca", "pin_file"):
+    for name in ("certificate", "client_ca", "pin_file") if files else ():
         if not Path(getattr(cfg, name)).is_file():
             raise ConfigError(f"front.{name}: no such file: {getattr(cfg, name)}")
     if not cfg.upstream.startswith("unix:"):
@@ -118,11 +118,21 @@ def openssl_conf() -> str:
     )
 
 
-def nginx_conf(cfg: Config, state: Path) -> str:
+def nginx_conf(
+    cfg: Config, state: Path, *, error_log: str | None = None, check_files: bool = True
+) -> str:
     """nginx.conf of the front; ``state``: the one directory nginx writes (its error log, its
-    pid file, its temporary files)."""
+    pid file, its temporary files).
+
+    For a configuration rendered on one machine and used on another (the front's image,
+    docker/front/render.py: the certificate, client CA and PIN file arrive only as volumes when
+    the container starts), ``check_files=False`` leaves out the check that those files exist,
+    and ``error_log="stderr"`` sends nginx's log where the container engine collects it.
+    """
     front = cfg.front
-    _check(front)
+    _check(front, files=check_files)
+    if error_log is not None and (not error_log or set(error_log) & _UNSAFE):
+        raise ConfigError(f"error_log: unsupported value {error_log!r}")
     upstream = front.upstream.removeprefix("unix://").removeprefix("unix:")
     key = f"engine:pkcs11:{front.key_uri}?pin-source=file:{Path(front.pin_file).absolute()}"
     # Room for the largest message the service accepts, plus gRPC framing.
@@ -131,7 +141,7 @@ def nginx_conf(cfg: Config, state: Path) -> str:
     return f"""# Written by signer._internal.front; regenerated on every start.
 daemon off;
 master_process off;  # libp11 0.4.12 hangs forked workers; see signer/_internal/front.py
-error_log {state / "error.log"} warn;
+error_log {error_log or state / "error.log"} warn;
 pid {state / "nginx.pid"};
 env P11_KIT_SERVER_ADDRESS;
 env OPENSSL_CONF;

@@ -68,6 +68,28 @@ def test_bad_front_settings_are_refused_by_name(
         nginx_conf(front_config(tmp_path, **overrides), tmp_path)
 
 
+def test_a_config_for_another_machine_renders_without_its_files(tmp_path: Path) -> None:
+    """The front's image renders nginx.conf at build (docker/front/render.py), where the
+    certificate, client CA and PIN file do not exist yet: they arrive as volumes at run time."""
+    cfg = front_config(tmp_path, certificate="/etc/tls/server.pem", pin_file="/run/pins/tls.pin")
+    with pytest.raises(ConfigError, match=r"front\.certificate: no such file"):
+        nginx_conf(cfg, tmp_path)
+    text = nginx_conf(cfg, Path("/run/nginx"), check_files=False, error_log="stderr")
+    assert "ssl_certificate /etc/tls/server.pem;" in text
+    assert "pin-source=file:/run/pins/tls.pin" in text
+    assert "error_log stderr warn;" in text
+    assert "error.log" not in text
+    # Everything else is still checked, and the log's name too.
+    with pytest.raises(ConfigError, match=r"front\.upstream must be"):
+        nginx_conf(front_config(tmp_path, upstream="x"), tmp_path, check_files=False)
+    with pytest.raises(ConfigError, match="error_log: unsupported value"):
+        nginx_conf(cfg, tmp_path, check_files=False, error_log="stderr; evil")
+    # By default the log is a file in the state directory, as make run wants it.
+    assert f"error_log {tmp_path / 'error.log'} warn;" in nginx_conf(
+        front_config(tmp_path), tmp_path
+    )
+
+
 def test_the_front_section_loads_from_toml(tmp_path: Path) -> None:
     path = tmp_path / "signer.toml"
     path.write_text('[front]\nlisten = "0.0.0.0:443"\nupstream = "unix:/run/s.sock"\n')
