@@ -3,7 +3,7 @@
 It stands in for an HSM appliance. Its directory holds everything the tokens are::
 
     DIR/                     0700
-      softhsm2.conf          points SoftHSM2 at DIR/tokens
+      softhsm2.conf          softhsm/softhsm2.conf, pointing SoftHSM2 at DIR/tokens
       tokens/                SoftHSM2's object files (private objects encrypted under the PIN)
       so.pin, user.pin       0600, generated at random, never printed: the signing token
       tls-so.pin, tls.pin    0600, the same for the TLS token
@@ -117,6 +117,25 @@ class HsmPaths:
         return self.tls_pin.exists()
 
 
+# softhsm/softhsm2.conf, which the token host's image uses as it is (a link in the package, so
+# that the wheel carries the file and make run and the image read the same one).
+SOFTHSM_CONF_TEMPLATE = Path(__file__).with_name("softhsm2.conf")
+_TOKENDIR = "directories.tokendir"
+
+
+def softhsm_conf(tokens: Path) -> str:
+    """SoftHSM2's configuration for a token host whose tokens are in ``tokens``: the template
+    with its token directory replaced, every other setting as it is."""
+    lines = SOFTHSM_CONF_TEMPLATE.read_text().splitlines()
+    keys = [line.partition("=")[0].strip() for line in lines]
+    if keys.count(_TOKENDIR) != 1:
+        raise FailedPrecondition(f"{SOFTHSM_CONF_TEMPLATE}: one {_TOKENDIR} line is needed")
+    return "".join(
+        f"{_TOKENDIR} = {tokens}\n" if key == _TOKENDIR else f"{line}\n"
+        for key, line in zip(keys, lines, strict=True)
+    )
+
+
 def _write_secret(path: Path, value: bytes | bytearray) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -153,12 +172,7 @@ def init(
     os.chmod(paths.root, 0o700)
     paths.tokens.mkdir(mode=0o700, exist_ok=True)
     paths.run.mkdir(mode=0o700, exist_ok=True)
-    paths.conf.write_text(
-        f"directories.tokendir = {paths.tokens}\n"
-        "objectstore.backend = file\n"
-        "log.level = ERROR\n"
-        "slots.removable = false\n"
-    )
+    paths.conf.write_text(softhsm_conf(paths.tokens))
     # 32 characters from a 64-symbol alphabet: 192 bits.
     _new_token(paths, module, label, paths.so_pin, paths.user_pin, 24)
     if tls:

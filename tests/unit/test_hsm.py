@@ -73,3 +73,23 @@ def test_provision_key_validates_before_running_anything(tmp_path: Path) -> None
     with pytest.raises(InvalidArgument, match="not a PEM private key"):
         hsm.provision_key(root, b"nope", "l", b"\x01")
     assert sorted(p.name for p in root.iterdir()) == ["softhsm2.conf", "tokens", "user.pin"]
+
+
+def test_the_softhsm_configuration_is_softhsm_folders_with_the_token_directory_set(
+    tmp_path: Path,
+) -> None:
+    """make run's token host and the token host's image read one file (softhsm/softhsm2.conf);
+    make run's sets only its own token directory."""
+    repo = Path(__file__).resolve().parents[2]
+    template = (repo / "softhsm" / "softhsm2.conf").read_text()
+    assert hsm.SOFTHSM_CONF_TEMPLATE.resolve() == (repo / "softhsm" / "softhsm2.conf")
+    text = hsm.softhsm_conf(tmp_path / "tokens")
+    settings = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert settings == [
+        f"directories.tokendir = {tmp_path / 'tokens'}",
+        "objectstore.backend = file",
+        "log.level = ERROR",
+        "slots.removable = false",
+    ]
+    assert "directories.tokendir = /var/lib/signer/hsm/tokens" in template  # the image's
+    assert text.count("\n") == template.count("\n")
