@@ -140,9 +140,12 @@ $(VENV)/.fuzz-installed: pyproject.toml $(VENV)/.installed
 TAG ?= dev
 DOCKER ?= docker
 COMPOSE ?= docker-compose
+# The images' base: made here (base-image), or BASE=debian:bookworm-slim where a registry is
+# reachable (README, "Deploying").
+BASE ?= signer-base:bookworm
 # --network host: an engine started with --bridge=none gives RUN steps no network otherwise.
 # --force-rm: the legacy builder keeps a failed step's container.
-BUILD = $(DOCKER) build --network host --force-rm -q $(DOCKER_BUILD_ARGS)
+BUILD = $(DOCKER) build --network host --force-rm -q --build-arg BASE=$(BASE) $(DOCKER_BUILD_ARGS)
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 WHEEL := dist/signer-$(VERSION)-py3-none-any.whl
 WHEELHOUSE := wheels/.complete
@@ -181,7 +184,7 @@ $(WHEELHOUSE): docker/service/requirements.txt $(VENV)/.installed
 
 # The build stages are tagged too (signer-*-stage): untagged, the prune below would take them,
 # and with them the layer cache of the next build.
-images: base-image $(WHEEL) $(WHEELHOUSE)
+images: $(if $(filter signer-base:bookworm,$(BASE)),base-image,docker-engine) $(WHEEL) $(WHEELHOUSE)
 	$(BUILD) -f softhsm/Dockerfile -t signer-token-host:$(TAG) .
 	$(BUILD) -f docker/service/Dockerfile --target build -t signer-service-stage:$(TAG) .
 	$(BUILD) -f docker/service/Dockerfile -t signer-service:$(TAG) .

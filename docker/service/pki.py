@@ -1,6 +1,7 @@
 """The compose stack's development PKI (as `signer run` makes it): a dev CA, the front's
 certificate for the TLS key the token host generated, a `dev` client certificate."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,11 @@ front = Path("/etc/signer-front/tls")  # volume front-tls, read by the front
 for src, dst in ((server, front / "server.pem"), (ca.cert, front / "ca.pem")):
     shutil.copyfile(src, dst)
     dst.chmod(0o644)
-clients = Path("/var/lib/signer/clients")  # bind mount var/compose/clients: the host's tests
+# Bind mount (var/compose/clients, or the tests' directory): the files go to whoever owns it.
+clients = Path("/var/lib/signer/clients")
+owner = clients.stat()
 for src in (ca.cert, cert, key):
     shutil.copyfile(src, clients / src.name)
+    os.chown(clients / src.name, owner.st_uid, owner.st_gid)
     (clients / src.name).chmod(0o600 if src.suffix == ".key" else 0o644)
 print(f"dev CA ready; front certificate {server}; client certificate dev in {clients}")

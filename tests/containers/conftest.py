@@ -31,7 +31,8 @@ COMPOSE_FILE = ROOT / "compose.yaml"
 PROJECT = f"signertest{os.getpid()}"
 TAG = os.environ.get("SIGNER_TAG", "dev")
 IMAGES = [f"signer-{name}:{TAG}" for name in ("token-host", "service", "front", "prometheus")]
-BASE_IMAGE = "signer-base:bookworm"
+# Throwaway containers that read the volumes (make images BASE=...: the same base).
+BASE_IMAGE = os.environ.get("SIGNER_BASE_IMAGE", "signer-base:bookworm")
 # Long-running services and their health checks (the one-shot jobs hsm-init and pki excepted).
 SERVICES = ("token-host", "service", "front", "prometheus")
 HEALTHY_WITHIN_SECONDS = 120.0
