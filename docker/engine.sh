@@ -9,14 +9,17 @@ set -eu
 state=${SIGNER_DOCKER_STATE:-$(pwd)/var/docker}
 data_root=${SIGNER_DOCKER_DATA_ROOT:-/var/lib/docker}
 
+# Called in a condition, where set -e does not apply: every step checks its own failure, so
+# that an empty $probe can never name directories under /.
 overlay_works() {
-  mkdir -p "$data_root"
-  probe=$(mktemp -d "$data_root/.overlay-probe.XXXXXX")
-  mkdir "$probe/lower" "$probe/upper" "$probe/work" "$probe/merged"
+  mkdir -p "$data_root" || return 1
+  probe=$(mktemp -d "$data_root/.overlay-probe.XXXXXX") || return 1
+  [ -n "$probe" ] && [ -d "$probe" ] || return 1
+  mkdir "$probe/lower" "$probe/upper" "$probe/work" "$probe/merged" || { rm -rf "$probe"; return 1; }
   ok=1
   if mount -t overlay overlay -o "lowerdir=$probe/lower,upperdir=$probe/upper,workdir=$probe/work" \
       "$probe/merged" 2>/dev/null; then
-    umount "$probe/merged"; ok=0
+    umount "$probe/merged" && ok=0
   fi
   rm -rf "$probe"
   return $ok
