@@ -7,9 +7,11 @@ PY := $(VENV)/bin/python
 # crash tooling need (strace injects the I/O errors of tests/integration/test_io_errors.py;
 # zstd, lz4 and xz compress a real core as systemd-coredump does, for the scanner's tests;
 # prometheus scrapes the service's metrics listener in tests/integration/test_metrics.py;
-# docker.io, docker-compose and debootstrap build the images and run tests/containers' stack:
+# docker.io, docker-compose and debootstrap build the images and run tests/containers' stack,
+# and apparmor, which docker.io only recommends: Debian 12's kernel enables AppArmor, and its
+# dockerd 20.10 starts no container without apparmor_parser (fixed in 23.0, moby/moby#44902);
 # make run needs none of them).
-APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl strace openssh-client zstd lz4 xz-utils prometheus docker.io docker-compose debootstrap
+APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl strace openssh-client zstd lz4 xz-utils prometheus docker.io docker-compose debootstrap apparmor
 APT_PACKAGES += systemd  # systemd-analyze verify/security checks the units in systemd/ (tests/units)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
