@@ -207,6 +207,12 @@ class _Side(asyncio.Protocol):
         self.out, other.out = other.transport, self.transport
         self.peer, other.peer = other, self
         other.caller = self.caller
+        # Reading resumes first: writing what came early may fill the other side's buffer,
+        # whose pause_writing then pauses this side again; resumed after, that pause was lost.
+        # No data is read before this returns, so the bytes keep their order.
+        for side in (self, other):
+            if not side.ended:
+                side.transport.resume_reading()
         for side in (self, other):
             if side.early:
                 assert side.out is not None
@@ -215,12 +221,13 @@ class _Side(asyncio.Protocol):
         for side in (self, other):
             if side.ended:
                 side.send_eof()
-        for side in (self, other):
-            if not side.ended:
-                side.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.out is None:  # before link(): see ``early``
+            # The transport believes it is paused already, so pause_reading() alone would do
+            # nothing there: resumed and paused again, its reader is really removed, and what
+            # is kept here is one read (at most 256 KiB), not all the caller sends meanwhile.
+            self.transport.resume_reading()
             self.transport.pause_reading()
             self.early += data
             return

@@ -9,8 +9,9 @@ import os
 import shutil
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,42 +129,93 @@ def test_sockets_are_created_with_their_mode_and_the_umask_is_put_back(tmp_path:
         os.umask(before)
 
 
-def test_what_arrives_before_both_sides_are_up_is_passed_on_once_they_are() -> None:
-    """CPython before 3.11.3 (Debian 12's python3) reads an accepted socket even though the
-    protocol paused it in connection_made: data and EOF then reach a side with nowhere to send
-    them (an AttributeError that failed every local call in the service's container). Driven
-    here as that loop drives it: the callbacks before link()."""
+@pytest.fixture
+def python_3_11_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio as in CPython before 3.11.3 (Debian 12's python3): a new socket transport starts
+    reading after connection_made even if the protocol paused it there (its _add_reader did
+    not look whether the transport was paused)."""
 
-    async def main() -> tuple[bytes, bytes]:
+    def add_reader(self: Any, fd: int, callback: Callable[..., None], *args: Any) -> None:
+        self._loop._add_reader(fd, callback, *args)
+
+    monkeypatch.setattr("asyncio.selector_events._SelectorTransport._add_reader", add_reader)
+
+
+def test_what_arrives_before_both_sides_are_up_is_kept_bounded_and_passed_on(
+    python_3_11_2: None,
+) -> None:
+    """Data and EOF reach a side before it has anywhere to send them (an AttributeError that
+    failed every local call in the service's container). What is kept is one read, however
+    much the caller sends meanwhile; at link() it goes on in order, the EOF after it, and the
+    flow control its write starts holds (the other end reads nothing yet: reading stays paused)."""
+    sent = bytes(range(256)) * 4096  # 1 MiB, more than one read (256 KiB) and any buffer
+
+    async def main() -> tuple[int, bool, bytes, bytes]:
         loop = asyncio.get_running_loop()
         caller_end, caller_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         service_end, service_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (caller_end, service_end):
+            end.setblocking(False)
+        service_relay.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills at once
         caller_t, caller = await loop.connect_accepted_socket(_Side, caller_relay)
         service_t, service = await loop.connect_accepted_socket(_Side, service_relay)
+        service_t.set_write_buffer_limits(high=1024)
+        writer = asyncio.ensure_future(loop.sock_sendall(caller_end, sent))
         try:
-            caller.data_received(b"PRI * HTTP/2.0")  # the caller's first bytes, and its EOF
-            caller.eof_received()
+            assert nothing_readable(service_end)  # nothing passes before link
+            await wait_for_state(lambda: bool(caller.early))
+            for _ in range(50):  # turns of the loop: a reader still there would read on
+                await asyncio.sleep(0)
+            kept = len(caller.early)
             service.data_received(b"SETTINGS")  # the server speaks first in HTTP/2
             caller.link(service)
-            for end in (caller_end, service_end):
-                end.setblocking(False)
-            got_service = await _read_to_eof(loop, service_end)
-            got_caller = await loop.sock_recv(caller_end, 100)
-            return got_service, got_caller
+            paused = not caller_t.is_reading()  # the early write filled the service's side
+            got = await read_exactly(loop, service_end, len(sent))
+            await writer
+            caller_end.shutdown(socket.SHUT_WR)
+            got += await read_to_eof(loop, service_end)
+            return kept, paused, got, await loop.sock_recv(caller_end, 100)
         finally:
+            writer.cancel()
             for t in (caller_t, service_t):
                 t.close()
             for end in (caller_end, service_end):
                 end.close()
             await asyncio.sleep(0)  # the transports' close callbacks run
 
-    to_service, to_caller = asyncio.run(main())
-    assert to_service == b"PRI * HTTP/2.0"  # then EOF: the read ended
+    kept, paused, to_service, to_caller = asyncio.run(main())
+    assert 0 < kept <= 256 * 1024, kept
+    assert paused
+    assert to_service == sent
     assert to_caller == b"SETTINGS"
 
 
-async def _read_to_eof(loop: asyncio.AbstractEventLoop, end: socket.socket) -> bytes:
+def nothing_readable(end: socket.socket) -> bool:
+    try:
+        return end.recv(100) == b""  # EOF: nothing either
+    except BlockingIOError:
+        return True
+
+
+async def wait_for_state(predicate: Callable[[], bool]) -> None:
+    for _ in range(10_000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the state never came")
+
+
+async def read_exactly(loop: asyncio.AbstractEventLoop, end: socket.socket, n: int) -> bytes:
     out = b""
-    while chunk := await asyncio.wait_for(loop.sock_recv(end, 100), 10):
+    while len(out) < n:
+        chunk = await asyncio.wait_for(loop.sock_recv(end, n - len(out)), 10)
+        assert chunk, "EOF before all the data"
+        out += chunk
+    return out
+
+
+async def read_to_eof(loop: asyncio.AbstractEventLoop, end: socket.socket) -> bytes:
+    out = b""
+    while chunk := await asyncio.wait_for(loop.sock_recv(end, 65536), 10):
         out += chunk
     return out
