@@ -108,21 +108,40 @@ class Supervisor:
     # --- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Each child on its own clock: one backing off between failed starts is only skipped
+        # until its next try, never waited for, so the others are watched and restarted
+        # meanwhile (a front that cannot start while its token host is down must not keep the
+        # token host from being restarted; review).
         up_since = {name: self._clock() for name in self._children}
         in_a_row = dict.fromkeys(self._children, 0)
+        retry_at: dict[str, float] = {}  # the children that are down: when to try again
+        status_of: dict[str, int] = {}
         while not self._stop.wait(POLL_SECONDS):
             for name, child in self._children.items():
+                if self._stop.is_set():
+                    return
+                if name in retry_at:
+                    if self._clock() < retry_at[name]:
+                        continue
+                    if self._restart(name, child):
+                        del retry_at[name]
+                        up_since[name] = self._clock()
+                    else:
+                        in_a_row[name] += 1
+                        self._exited(name, status_of[name], self._clock())
+                        retry_at[name] = self._retry(name, status_of[name], in_a_row[name])
+                    continue
                 status = child.poll()
                 with self._lock:
                     asked = name in self._asked
                     self._asked.discard(name)
-                if asked and status is None and not self._stop.is_set():
+                if asked and status is None:
                     log.warning("restarting child as asked", extra={"child": name})
                     if self._restart(name, child):
                         up_since[name] = self._clock()
                         continue
                     status = RESTART_ASKED  # stopped and not back: retried as after an exit
-                if status is None or self._stop.is_set():
+                if status is None:
                     if self._clock() - up_since[name] >= self._backoff.stable_after:
                         self._stable(name)
                     continue
@@ -130,21 +149,18 @@ class Supervisor:
                 if now - up_since[name] >= self._backoff.stable_after:
                     in_a_row[name] = 0
                 in_a_row[name] += 1
+                status_of[name] = status
                 self._exited(name, status, now)
-                # Until it is back: each failed start counts as another exit in a row.
-                while not self._stop.is_set():
-                    delay = self._backoff.delay(in_a_row[name])
-                    log.error(
-                        "child exited; restarting it",
-                        extra={"child": name, "status": status, "in_seconds": delay},
-                    )
-                    if self._stop.wait(delay):
-                        return
-                    if self._restart(name, child):
-                        up_since[name] = self._clock()
-                        break
-                    in_a_row[name] += 1
-                    self._exited(name, status, self._clock())
+                retry_at[name] = self._retry(name, status, in_a_row[name])
+
+    def _retry(self, name: str, status: int, exits_in_a_row: int) -> float:
+        """When to try to start ``name`` again; said in the log."""
+        delay = self._backoff.delay(exits_in_a_row)
+        log.error(
+            "child exited; restarting it",
+            extra={"child": name, "status": status, "in_seconds": delay},
+        )
+        return self._clock() + delay
 
     def _exited(self, name: str, status: int, now: float) -> None:
         b = self._backoff

@@ -137,6 +137,50 @@ def test_a_hook_may_have_a_running_child_restarted_with_the_one_it_depends_on(
     assert report["front"].last_status == RESTART_ASKED  # no exit of its own
 
 
+def test_a_child_backing_off_does_not_keep_another_from_being_restarted(
+    supervise: Supervise,
+) -> None:
+    """A token host that dies again right after its restart (flapping): the front asked to
+    restart with it cannot start while the host is down. The front's retries must not hold
+    the watch: the host is restarted meanwhile, then the front comes up (review: one thread
+    looping on the front's back-off left the host dead for good)."""
+    host = StandIn()
+    front = Needs(host)
+    holder: list[Supervisor] = []
+    flapped = threading.Event()
+
+    def hook(name: str) -> None:
+        if name == "host":
+            holder[0].restart_soon("front")
+            if not flapped.is_set():
+                flapped.set()
+                host.die()  # gone again before the front's start
+
+    slow_front = Backoff(first=0.05, most=0.05, stable_after=60.0, loop_exits=99)
+    s = supervise({"host": host, "front": front}, backoff=slow_front, on_restart=hook)
+    holder.append(s)
+    host.die()
+    wait_for(s, lambda r: r["host"].restarts == 2 and r["front"].restarts == 1)
+    assert front.failed >= 1  # it did try while the host was down
+
+
+class Needs(StandIn):
+    """A child that cannot start while ``needed`` is down (nginx and its key's token)."""
+
+    def __init__(self, needed: StandIn) -> None:
+        super().__init__()
+        self.needed = needed
+        self.failed = 0
+
+    def start(self) -> None:
+        if self.needed.poll() is not None:
+            with self.lock:
+                self.starts += 1
+                self.failed += 1
+            raise RuntimeError("the token host is down")
+        super().start()
+
+
 def test_a_start_that_fails_is_retried_and_reported(
     supervise: Supervise, caplog: pytest.LogCaptureFixture
 ) -> None:
