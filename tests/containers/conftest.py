@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pytest_docker.plugin import get_docker_services
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -128,7 +129,11 @@ def docker_engine() -> None:
         pytest.skip(f"images {missing} missing: `make images` builds them")
 
 
-@pytest.fixture(scope="session")
+# The stack lives as long as this package's tests, not the session (pytest-docker's own
+# docker_services is session-scoped): left up, it held its ports, memory and CPU through every
+# later test, and a port it had freed while its front restarted was taken back from under the
+# integration tests' nginx (clean-clone CI: "Address already in use").
+@pytest.fixture(scope="package")
 def stack_env(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Free ports and a clients directory, as the variables compose.yaml reads."""
     stack = Stack(
@@ -171,18 +176,27 @@ def docker_compose_project_name() -> str:
 
 
 @pytest.fixture(scope="session")
-def docker_setup(stack_env: Stack) -> list[str]:
-    return ["up -d"]  # v1 has no --wait: stack waits for the health checks
-
-
-@pytest.fixture(scope="session")
 def docker_cleanup() -> list[str]:
     return ["down -v --remove-orphans"]  # the project's volumes (tokens, PINs, cores) too
 
 
-@pytest.fixture(scope="session")
-def stack(stack_env: Stack, docker_services: object) -> Stack:
-    """The stack, up and healthy (token host, service, front through mTLS, Prometheus)."""
-    took = stack_env.wait_healthy()
-    print(f"stack {stack_env.project} healthy {took:.1f} s after up -d")
-    return stack_env
+@pytest.fixture(scope="package")
+def stack(
+    stack_env: Stack,
+    docker_compose_command: str,
+    docker_compose_file: str,
+    docker_compose_project_name: str,
+    docker_cleanup: list[str],
+) -> Iterator[Stack]:
+    """The stack, up and healthy (token host, service, front through mTLS, Prometheus); down
+    (volumes too) once this package's tests are done."""
+    with get_docker_services(
+        docker_compose_command,
+        docker_compose_file,
+        docker_compose_project_name,
+        ["up -d"],  # v1 has no --wait: wait_healthy waits for the health checks
+        docker_cleanup,
+    ):
+        took = stack_env.wait_healthy()
+        print(f"stack {stack_env.project} healthy {took:.1f} s after up -d")
+        yield stack_env
