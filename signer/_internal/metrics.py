@@ -36,17 +36,21 @@ where to count them per caller. Nothing here carries a secret.
 
 The listener (:class:`Listener`) is its own TCP socket (``[metrics] listen``, host:port),
 never the signing socket: one thread serving one scrape at a time, each connection given
-``SCRAPE_TIMEOUT_SECONDS``, so a client that connects and says nothing (or many such) holds one
-thread for a while, not a thread each.
+``SCRAPE_TIMEOUT_SECONDS`` in all from its accept (not per read: a client sending a byte now and
+then is cut off at the same time as one that says nothing), so a slow or silent client (or many
+such) holds one thread for a while, not a thread each, and never for good. :meth:`Listener.stop`
+cuts off the connection being served and waits for the thread ``STOP_SECONDS`` at most.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from signer.errors import ConfigError, SignerError, shown
@@ -84,7 +88,12 @@ LATENCY_BUCKETS = (
 COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
 # The RPCs whose latency is a histogram.
 TIMED = frozenset({"Sign", "SignBatch"})
+# A scrape connection's whole time, from its accept to its close (read when a Listener starts).
 SCRAPE_TIMEOUT_SECONDS = 5.0
+# How often the serving thread looks whether it is to stop, between connections; how long
+# Listener.stop waits for it at most (it is a daemon thread: a process exiting does not wait).
+POLL_SECONDS = 0.25
+STOP_SECONDS = 2.0
 
 
 class Metrics:
@@ -331,17 +340,81 @@ def parse_address(listen: str) -> tuple[str, int]:
 
 
 class _Quiet(WSGIRequestHandler):
-    """No line on stderr per scrape; a connection that says nothing is dropped after a while."""
+    """No line on stderr per scrape; each read bounded by the connection's deadline too."""
 
-    timeout = SCRAPE_TIMEOUT_SECONDS
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(cast(_Server, self.server).deadline)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
 class _Server(WSGIServer):
+    """Serves one connection at a time (:meth:`handle_request`, in :class:`Listener`'s thread),
+    each shut down ``deadline`` seconds after its accept whatever it is doing (a timer)."""
+
     # A restarted service binds again at once, whatever its last connections left in TIME_WAIT.
     allow_reuse_address = True
+    # handle_request waits this long for a connection, then returns (to look at the stop flag).
+    timeout = POLL_SECONDS
+    deadline = SCRAPE_TIMEOUT_SECONDS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lock = threading.Lock()
+        self._serving: socket.socket | None = None  # the connection being served
+        self.stopping = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """HTTPServer's, less its ``socket.getfqdn(host)`` (a DNS lookup that can hold up the
+        service's start, for a name nothing here uses) and, for IPv6, with ``IPV6_V6ONLY``:
+        ``[::]`` means IPv6 only, not IPv4 as well, whatever the host's bindv6only."""
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.socket.getsockname()[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+        self.setup_environ()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if self.stopping.is_set():  # accepted as the listener stops: not served
+                super().shutdown_request(request)
+                return
+            self._serving = request
+        timer = threading.Timer(self.deadline, self.cut, (request,))
+        timer.daemon = True
+        timer.start()
+        try:
+            super().process_request(request, client_address)  # served, then shut and closed
+        finally:
+            timer.cancel()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            # Before it is closed: a timer firing late must not shut down a reused descriptor.
+            self._serving = None
+        super().shutdown_request(request)
+
+    def stop(self) -> None:
+        """No connection served from now on, the one being served cut off."""
+        with self._lock:
+            self.stopping.set()
+        self.cut()
+
+    def cut(self, request: socket.socket | None = None) -> None:
+        """Shut down the connection being served (``request``, if it still is; any if None):
+        its blocked reads and writes return at once, and the handler ends."""
+        with self._lock:
+            serving = self._serving
+            if serving is not None and (request is None or serving is request):
+                with contextlib.suppress(OSError):
+                    serving.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection cut off (or reset by its client) while served: nothing to report."""
 
 
 class _Server6(_Server):
@@ -365,14 +438,26 @@ class Listener:
             raise SignerError(
                 f"cannot listen on metrics.listen {listen}: {exc.strerror or exc}"
             ) from None
+        self._httpd.deadline = SCRAPE_TIMEOUT_SECONDS
         self.port: int = self._httpd.server_port
         self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="metrics", daemon=True
-        )
+        self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
         self._thread.start()
 
+    def _serve(self) -> None:
+        while not self._httpd.stopping.is_set():
+            try:
+                self._httpd.handle_request()  # one connection, or none within POLL_SECONDS
+            except (OSError, ValueError):
+                # The listening socket closed under it (a stop that did not wait for it).
+                if self._httpd.stopping.is_set():
+                    return
+                raise
+
     def stop(self) -> None:
-        self._httpd.shutdown()  # waits for serve_forever to return
+        """Stops serving within ``STOP_SECONDS``, a client in the middle of a scrape or not:
+        the connection being served is cut off, the thread waited for that long at most, and
+        the listening socket closed (the port free again)."""
+        self._httpd.stop()
+        self._thread.join(timeout=STOP_SECONDS)
         self._httpd.server_close()
-        self._thread.join(timeout=SCRAPE_TIMEOUT_SECONDS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -213,6 +214,46 @@ def test_a_call_the_audit_log_could_not_record_counts_as_answered() -> None:
     assert m.value(CALLS, rpc="Sign", code="OK", caller="local") is None
 
 
+def test_a_call_whose_caller_has_gone_counts_as_cancelled() -> None:
+    """The call finishes (and is recorded with its own outcome), but its caller was told
+    CANCELLED (or DEADLINE_EXCEEDED), not OK: it is counted CANCELLED, its batch items not at
+    all."""
+    m = Exported()
+    calls: set[asyncio.Task[Any]] = set()
+
+    async def run() -> None:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def inner(request: object, context: object) -> object:
+            started.set()
+            await release.wait()
+            return pb.SignBatchResponse(results=[pb.SignBatchResult(signature=b"s")])
+
+        async def continuation(_details: object) -> object:
+            return grpc.unary_unary_rpc_method_handler(inner)
+
+        interceptor = CallInterceptor(
+            lambda c: Caller.unix(1000, "alice"), "how", calls=calls, metrics=m
+        )
+        handler = await interceptor.intercept_service(
+            continuation, _Details("/signer.v1.SignerService/SignBatch")
+        )
+        waiting = asyncio.ensure_future(handler.unary_unary("request", _Context()))
+        await started.wait()
+        waiting.cancel()  # as gRPC does when the caller cancels or its deadline passes
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert calls  # the call itself goes on
+        release.set()
+        await asyncio.gather(*calls)
+
+    asyncio.run(run())
+    assert m.value(CALLS, rpc="SignBatch", code="CANCELLED", caller="local") == 1
+    assert m.value(CALLS, rpc="SignBatch", code="OK", caller="local") is None
+    assert m.value("signer_sign_duration_seconds_count", rpc="SignBatch") == 1
+    assert m.value("signer_sign_batch_items_total", code="OK") is None
+
+
 # --- the audit writer ------------------------------------------------------------------------
 
 
@@ -292,7 +333,7 @@ def test_a_silent_client_holds_the_listener_for_its_timeout_only(
     """One thread serves scrapes one at a time: a client that connects and says nothing is
     dropped after the timeout (else one such connection would end all scraping, and a
     thread per connection would let any local user grow the service's threads)."""
-    monkeypatch.setattr(metrics._Quiet, "timeout", 0.3)
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_SECONDS", 0.3)
     address = f"127.0.0.1:{free_port()}"
     listener = Listener(address, Exported().registry)
     try:
@@ -300,6 +341,126 @@ def test_a_silent_client_holds_the_listener_for_its_timeout_only(
             t0 = time.monotonic()
             assert "signer_rpc_calls" in scrape(address)
             assert time.monotonic() - t0 < 5
+    finally:
+        listener.stop()
+
+
+def _served(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once the listener's thread has begun serving a connection."""
+    serving = threading.Event()
+    setup = metrics._Quiet.setup
+
+    def noted(handler: metrics._Quiet) -> None:
+        serving.set()
+        setup(handler)
+
+    monkeypatch.setattr(metrics._Quiet, "setup", noted)
+    return serving
+
+
+def test_a_slow_drip_client_is_cut_off_after_the_deadline_in_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deadline counts from the accept, not per read: a client that sends a byte of its
+    request line every 50 ms (each read well within any per-read timeout) is cut off after
+    SCRAPE_TIMEOUT_SECONDS, and a scrape waiting behind it is then served. (A timeout per read
+    let such a client hold the one serving thread for as long as it liked.)"""
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_SECONDS", 0.5)
+    serving = _served(monkeypatch)
+    address = f"127.0.0.1:{free_port()}"
+    listener = Listener(address, Exported().registry)
+    done, cut = threading.Event(), threading.Event()
+
+    def drip() -> None:
+        with socket.create_connection(("127.0.0.1", listener.port)) as s:
+            try:
+                s.sendall(b"G")
+                while not done.wait(0.05):
+                    s.sendall(b"E")
+            except OSError:  # reset or broken pipe: the listener cut it off
+                cut.set()
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        assert serving.wait(5)  # the dripper's connection is the one being served
+        t0 = time.monotonic()
+        assert "signer_rpc_calls" in scrape(address)
+        assert time.monotonic() - t0 < 4
+        assert cut.wait(5)
+    finally:
+        done.set()
+        dripper.join(5)
+        listener.stop()
+
+
+def test_stop_returns_at_once_while_a_client_is_connected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The service's stop (Server.stop, on the event loop) calls Listener.stop: it cuts off the
+    connection being served rather than waiting for it, and frees the port. The client here
+    sends one byte and then nothing, for longer than the test runs."""
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT_SECONDS", 60.0)
+    serving = _served(monkeypatch)
+    listener = Listener(f"127.0.0.1:{free_port()}", Exported().registry)
+    with socket.create_connection(("127.0.0.1", listener.port)) as client:
+        client.sendall(b"G")
+        assert serving.wait(5)
+        t0 = time.monotonic()
+        listener.stop()
+        assert time.monotonic() - t0 < 3
+        client.settimeout(5)
+        assert client.recv(100) == b""  # closed by the listener
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", listener.port))
+
+
+def test_the_listener_makes_no_dns_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """http.server's bind asks socket.getfqdn for the host's name, which can wait on DNS (and so
+    hold up the service's start) for a name nothing uses."""
+
+    def getfqdn(name: str = "") -> str:
+        raise AssertionError(f"getfqdn({name!r})")
+
+    monkeypatch.setattr(socket, "getfqdn", getfqdn)
+    address = f"127.0.0.1:{free_port()}"
+    listener = Listener(address, Exported().registry)
+    try:
+        assert "signer_rpc_calls" in scrape(address)
+    finally:
+        listener.stop()
+
+
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6(), reason="no IPv6 loopback on this machine")
+def test_an_ipv6_listener_is_ipv6_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[::]:port`` must not take IPv4 connections as well (net.ipv6.bindv6only is 0 by
+    default): IPV6_V6ONLY is set before the bind. (Linux reports it set once bound to a
+    specific address such as ::1 whatever was asked, so the option is read as the bind is
+    made; the test binds ::1 instead of [::], to open no port on every interface.)"""
+    v6only: list[int] = []
+    bind = socket.socket.bind
+
+    def to_loopback(self: socket.socket, address: Any) -> None:
+        if self.family == socket.AF_INET6:
+            v6only.append(self.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            address = ("::1", *address[1:])
+        bind(self, address)
+
+    monkeypatch.setattr(socket.socket, "bind", to_loopback)
+    listener = Listener(f"[::]:{free_port()}", Exported().registry)
+    try:
+        assert v6only == [1]
+        assert "signer_rpc_calls" in scrape(f"[::1]:{listener.port}")
     finally:
         listener.stop()
 

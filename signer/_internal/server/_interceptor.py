@@ -109,8 +109,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     to a thread goes on and may create, change or use a key: so the call finishes regardless and
     its outcome is recorded, marked as one its caller did not receive (issue 11). ``calls``
     holds every call still running, for a shutdown that waits for them. ``metrics`` counts
-    each call's outcome once it is recorded, its caller counted as ``kind`` (the listener's:
-    local, mtls) or anonymous when there is none."""
+    each call's outcome once it is recorded, with the status its caller was answered, its caller
+    counted as ``kind`` (the listener's: local, mtls) or anonymous when there is none. A call
+    whose caller stopped waiting is counted CANCELLED, whatever its own outcome (the audit log
+    has that): its caller got no answer from the service (it saw CANCELLED, or
+    DEADLINE_EXCEEDED when its deadline passed). Not counted: calls gRPC answers before this
+    interceptor runs (an unknown method, a message over the size limit), and a handler's own
+    ``context.abort`` (re-raised as it is; the service's handlers raise SignerError instead)."""
 
     def __init__(
         self,
@@ -224,12 +229,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             """The call's outcome, counted (after its record: the status it is answered)."""
             began = time.perf_counter()
             response, error, caller = await outcome(raw, context, gone)
+            # A caller gone was told CANCELLED (or DEADLINE_EXCEEDED), not the service's answer.
+            answered = "OK" if error is None else status_name(error)
+            code = "CANCELLED" if gone.gone else answered
             self._metrics.call(
                 rpc,
-                "OK" if error is None else status_name(error),
+                code,
                 ANONYMOUS if caller is None else self._kind,
                 time.perf_counter() - began,
-                response,
+                None if gone.gone else response,  # a batch's items: only if they were answered
             )
             return response, error
 
