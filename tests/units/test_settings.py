@@ -140,8 +140,8 @@ def test_pins_are_credentials_from_the_token_hosts_files() -> None:
 
 def test_ordering_and_restarts() -> None:
     """The service survives a token host restart (it reconnects): Wants, not Requires. The
-    front is bound to the token host: stopped with it and restarted with it (also when systemd
-    restarts it after a crash), because nginx's engine keeps the dead host's session."""
+    front is bound to the token host: stopped whenever it stops or dies, because nginx's engine
+    keeps the dead host's session and must start afresh."""
     host, service, front = _unit(TOKEN_HOST), _unit(SERVICE), _unit(FRONT)
     assert words(service, "Wants", "Unit") == [TOKEN_HOST]
     assert "Requires" not in service["Unit"]
@@ -153,6 +153,24 @@ def test_ordering_and_restarts() -> None:
     for unit in (host, service, front):
         assert one(unit, "Restart") == "on-failure"
         assert one(unit, "WantedBy", "Install") == "multi-user.target"
+
+
+def test_the_token_host_upholds_the_front() -> None:
+    """After a crash, systemd 252 puts the token host in "failed" before its automatic restart:
+    the bound front is stopped then, and the restart job's try-restart leaves a stopped front
+    stopped, so mTLS stayed down. The token host's Upholds= (systemd >= 249; Debian 12 has 252)
+    starts the front whenever the token host is active and the front is not; the front keeps
+    BindsTo= and After= (stopped with the host, started after it, with a fresh PKCS#11
+    session). Upholds= is a [Unit] setting: in [Service] systemd would ignore it, with a
+    warning."""
+    host, service, front = _unit(TOKEN_HOST), _unit(SERVICE), _unit(FRONT)
+    assert words(host, "Upholds", "Unit") == [FRONT]
+    assert "Upholds" not in host["Service"]
+    assert "Upholds" not in service["Unit"]  # the service reconnects by itself
+    assert "Upholds" not in front["Unit"]
+    assert FRONT in words(host, "Before", "Unit")
+    assert words(front, "BindsTo", "Unit") == [TOKEN_HOST]
+    assert TOKEN_HOST in words(front, "After", "Unit")
 
 
 def _socket_dirs(unit: Unit) -> dict[str, tuple[str, str, str]]:
