@@ -13,6 +13,7 @@ PY := $(VENV)/bin/python
 # make run needs none of them).
 APT_PACKAGES := softhsm2 p11-kit p11-kit-modules opensc gdb openssl nginx libengine-pkcs11-openssl strace openssh-client zstd lz4 xz-utils prometheus docker.io docker-compose debootstrap apparmor
 APT_PACKAGES += systemd  # systemd-analyze verify/security checks the units in systemd/ (tests/units)
+APT_PACKAGES += postgresql-15  # a throwaway cluster per test session for the PostgreSQL store (tests/postgres.py)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=
