@@ -93,8 +93,9 @@ class LoginRefused(FailedPrecondition):
 
 class StoreUncertain(Unavailable):
     """A store write failed with an I/O error: it was rolled back for this process, but what
-    it wrote may come back at the recovery after a crash (a COMMIT whose fsync failed). Code
-    that would undo what the write stood for must not: a crash may leave it on record."""
+    it wrote may come back at the recovery after a crash (a COMMIT whose fsync failed); or, on
+    PostgreSQL, its connection was lost during COMMIT, which the server may have done. Code
+    that would undo what the write stood for must not: it may be on record."""
 
 
 # What "the token cannot be used now" looks like to code that would otherwise try again later.

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from signer._internal.metrics import parse_address
 from signer.errors import ConfigError, shown
@@ -122,8 +123,13 @@ class TokenConfig:
         return self.thread_safe == "true"
 
 
+# What [store] path accepts besides a file (signer._internal.store.POSTGRES_SCHEMES).
+STORE_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
+    # An SQLite file (one machine), or "postgresql://..." (replicas sharing a database).
     path: str = "var/signer.db"
 
 
@@ -521,6 +527,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"server.{name} must be octal permissions such as 0660, got {value!r}"
             ) from None
+    _validate_store(cfg.store.path)
     if cfg.audit.checkpoint_every < 1 or cfg.audit.checkpoint_interval_seconds <= 0:
         raise ConfigError(
             "audit.checkpoint_every and audit.checkpoint_interval_seconds must be positive"
@@ -544,4 +551,23 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "keys.destruction_waiting_period_seconds is shorter than "
             "keys.min_destruction_waiting_period_seconds"
+        )
+
+
+def _validate_store(location: str) -> None:
+    """``store.path``: an SQLite file, or a PostgreSQL database as a libpq URL (issue 16). A
+    URL carries no password: the service reads secrets from owner-only files (DESIGN.md 9),
+    here libpq's ``passfile``, never from the configuration or the environment."""
+    if "://" not in location:
+        return
+    scheme = location.split("://", 1)[0]
+    if f"{scheme}://" not in STORE_URL_SCHEMES:
+        raise ConfigError(
+            f"store.path must be a file or a postgresql:// URL, got a {shown(scheme)}:// URL"
+        )
+    parts = urlsplit(location)
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise ConfigError(
+            "store.path must not carry the database's password: give it in an owner-only "
+            "file with libpq's passfile=/path (or a client certificate)"
         )

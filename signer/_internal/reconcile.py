@@ -451,10 +451,10 @@ def reconcile_with_config(
     """:func:`reconcile` against the store, token and audit log ``cfg`` names, on a token
     connection and store connection of its own (SQLite and the token host take a second
     client)."""
-    from signer._internal.store import SQLiteStore
+    from signer._internal.store import is_postgres, open_store
     from signer._internal.token import Pin, Token
 
-    if not Path(cfg.store.path).exists():
+    if not is_postgres(cfg.store.path) and not Path(cfg.store.path).exists():
         raise FailedPrecondition(
             f"no key store at {cfg.store.path}: is this the service's configuration?"
         )
@@ -471,7 +471,7 @@ def reconcile_with_config(
         cfg.token, sessions=1, lanes=1, health_interval_seconds=3600.0, stall_seconds=3600.0
     )
     token = Token(quiet, Pin(cfg.token.pin_file))
-    store = SQLiteStore(cfg.store.path)
+    store = open_store(cfg.store.path)
     try:
         token.start(wait=True)
         audit = audit_key_reader(cfg.audit.path, cfg.audit.pinned_key)

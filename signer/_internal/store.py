@@ -1,7 +1,9 @@
 """Key metadata: names, versions, states, public keys. SQLite by default.
 
 The token holds the private keys; this holds everything else the service needs to know about
-them. :class:`Store` is the small interface a PostgreSQL store would implement too.
+them. :class:`Store` is the small interface both stores implement: :class:`SQLiteStore` here,
+:class:`~signer._internal.pgstore.PostgresStore` for replicas sharing a database (issue 16).
+:func:`open_store` picks one from ``[store] path``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
 
+from signer._internal.config import STORE_URL_SCHEMES
 from signer._internal.files import private_database
 from signer.errors import (
     AlreadyExists,
@@ -105,6 +108,24 @@ class Store(Protocol):
     def spent_import_tokens(self, now: datetime) -> list[ImportToken]: ...
     def set_import_token_destroyed(self, token: str) -> None: ...
     def close(self) -> None: ...
+
+
+POSTGRES_SCHEMES = STORE_URL_SCHEMES
+
+
+def is_postgres(location: str) -> bool:
+    """Whether ``[store] path`` names a PostgreSQL database (a libpq URL) rather than a file."""
+    return location.startswith(POSTGRES_SCHEMES)
+
+
+def open_store(location: str) -> Store:
+    """The store ``[store] path`` names: a ``postgresql://`` URL, else an SQLite file. psycopg
+    is imported only for the first: a single-machine service does not load it."""
+    if is_postgres(location):
+        from signer._internal.pgstore import PostgresStore
+
+        return PostgresStore(location)
+    return SQLiteStore(location)
 
 
 P = ParamSpec("P")

@@ -40,6 +40,9 @@ EXTRAS: dict[str, str] = {
     "pkcs11": "service",
     "grpc_health": "service",
     "grpc_reflection": "service",
+    # [store] path = "postgresql://..." (signer._internal.pgstore).
+    "psycopg": "service",
+    "psycopg_pool": "service",
     "hyperscan": "scan",
     "numpy": "scan",
 }

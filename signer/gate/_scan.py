@@ -96,6 +96,13 @@ def service_public_keys(config: Path) -> dict[str, PublicKeyType]:
     from signer._internal import config as service_config
 
     cfg = service_config.load(config, env={})
+    if "://" in cfg.store.path:
+        # Fail closed: the dump stays quarantined. (Issue 16 plans a public-keys snapshot file
+        # the service writes, so that the gate stays off the network.)
+        raise ScanError(
+            f"service configuration {config}: store.path is a database URL; the gate reads "
+            "public keys from an SQLite store file only"
+        )
     store = Path(cfg.store.path)
     if not store.is_absolute():
         raise ScanError(

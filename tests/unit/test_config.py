@@ -360,3 +360,18 @@ def test_import_token_lifetime_setting(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="import_token_lifetime_seconds must be positive"):
         config.load(env={"SIGNER_KEYS_IMPORT_TOKEN_LIFETIME_SECONDS": "0"})
+
+
+def test_store_path_is_a_file_or_a_postgresql_url(tmp_path: Path) -> None:
+    for location in ("var/signer.db", "postgresql:///signer?host=/run/pg&passfile=/etc/pgpass"):
+        cfg = config.load(write(tmp_path, f"[store]\npath = {location!r}\n"), env={})
+        assert cfg.store.path == location
+    cases = [
+        ("mysql://db/signer", "must be a file or a postgresql:// URL, got a 'mysql':// URL"),
+        ("postgresql://signer:hunter2@db/signer", "must not carry the database's password"),
+        ("postgres:///signer?password=hunter2", "must not carry the database's password"),
+    ]
+    for location, fragment in cases:
+        with pytest.raises(ConfigError, match=f"{fragment}.*signer.toml line 3") as err:
+            config.load(write(tmp_path, f"[server]\n[store]\npath = {location!r}\n"), env={})
+        assert "hunter2" not in str(err.value)

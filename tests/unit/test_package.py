@@ -17,7 +17,15 @@ from signer import client, errors, jose
 from signer._wire import STATUS
 from signer.cli.main import EXIT_ERROR, missing_extra
 
-EXTRA_MODULES = ("pkcs11", "hyperscan", "numpy", "grpc_health", "grpc_reflection")
+EXTRA_MODULES = (
+    "pkcs11",
+    "hyperscan",
+    "numpy",
+    "grpc_health",
+    "grpc_reflection",
+    "psycopg",
+    "psycopg_pool",
+)
 # As if none of the extras were installed: an import of one of these raises ModuleNotFoundError.
 WITHOUT_EXTRAS = f"import sys\nfor name in {EXTRA_MODULES!r}:\n    sys.modules[name] = None\n"
 # The service's inside and the scanner: what only the commands that need them may import.

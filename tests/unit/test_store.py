@@ -1,4 +1,7 @@
-"""signer._internal.store.SQLiteStore on a temporary file."""
+"""The key store's contract, on both stores: SQLiteStore on a temporary file and PostgresStore
+in a schema of the session's throwaway cluster (tests/postgres.py; ICU en-US collation, so that
+paging that relies on byte order by accident fails here). The few tests of what only a file
+store has say so. PostgreSQL's own (migrations, its errors) are in test_pgstore.py."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from signer._internal.store import SQLiteStore
+from signer._internal.store import SQLiteStore, Store, open_store
 from signer.errors import AlreadyExists, NotFound
 from signer.keys import ImportToken, Key, State, Version
 from tests.conftest import FakeClock
@@ -50,19 +53,36 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "sub" / "signer.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """Where a store is: ``[store] path``, a file or a ``postgresql://`` URL."""
+    if request.param == "sqlite":
+        return str(db_path)
+    dsn: str = request.getfixturevalue("pg_dsn")
+    return dsn
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
-    s = SQLiteStore(db_path)
+def store(location: str) -> Iterator[Store]:
+    s = open_store(location)
     yield s
     s.close()
 
 
-def test_creates_parent_directory(db_path: Path, store: SQLiteStore) -> None:
+def test_open_store_picks_by_location(location: str, store: Store) -> None:
+    assert type(store).__name__ == (
+        "PostgresStore" if location.startswith("postgresql://") else "SQLiteStore"
+    )
+
+
+def test_creates_parent_directory(db_path: Path) -> None:
+    # SQLite only: a file store makes its directory; a database has none.
+    SQLiteStore(db_path).close()
     assert db_path.parent.is_dir()
     assert db_path.exists()
 
 
-def test_create_and_get_round_trip(store: SQLiteStore) -> None:
+def test_create_and_get_round_trip(store: Store) -> None:
     k = key("payments", labels={"env": "prod", "team": "x"}, scope="team:pay")
     store.create_key(k)
     got = store.get_key("payments")
@@ -73,12 +93,12 @@ def test_create_and_get_round_trip(store: SQLiteStore) -> None:
     assert got.versions[0].state is State.ENABLED
 
 
-def test_get_missing_is_not_found(store: SQLiteStore) -> None:
+def test_get_missing_is_not_found(store: Store) -> None:
     with pytest.raises(NotFound, match="'nope' not found"):
         store.get_key("nope")
 
 
-def test_duplicate_name_is_already_exists(store: SQLiteStore) -> None:
+def test_duplicate_name_is_already_exists(store: Store) -> None:
     store.create_key(key("dup"))
     with pytest.raises(AlreadyExists, match="'dup' already exists"):
         store.create_key(key("dup"))
@@ -87,7 +107,7 @@ def test_duplicate_name_is_already_exists(store: SQLiteStore) -> None:
     assert [k.name for k in store.list_keys("", 10)] == ["dup"]
 
 
-def test_failed_create_leaves_nothing_behind(store: SQLiteStore) -> None:
+def test_failed_create_leaves_nothing_behind(store: Store) -> None:
     shared_id = os.urandom(16)
     store.create_key(key("a", version("a", key_id=shared_id)))
     # A version whose key_id collides violates UNIQUE: the whole create is rolled back.
@@ -97,7 +117,7 @@ def test_failed_create_leaves_nothing_behind(store: SQLiteStore) -> None:
         store.get_key("b")
 
 
-def test_list_ordering_and_paging(store: SQLiteStore) -> None:
+def test_list_ordering_and_paging(store: Store) -> None:
     names = ["m", "a", "z", "b0", "b", "k.1", "k-1", "k_1"]
     for n in names:
         store.create_key(key(n))
@@ -115,14 +135,26 @@ def test_list_ordering_and_paging(store: SQLiteStore) -> None:
     assert seen == sorted(names)
 
 
-def test_list_includes_versions(store: SQLiteStore) -> None:
+def test_list_order_is_byte_order(store: Store) -> None:
+    """As SQLite's BINARY collation, whatever the database's: under ICU en-US (the test
+    cluster's) ORDER BY would give a, B, k-2, K0, k1 and paging would skip or repeat keys."""
+    names = ["a", "B", "k-2", "K0", "k1", "k_1", "Z", "é"]
+    for n in names:
+        store.create_key(key(n))
+    in_bytes = sorted(names, key=str.encode)
+    assert [k.name for k in store.list_keys("", 100)] == in_bytes
+    assert [k.name for k in store.list_keys("B", 2)] == in_bytes[1:3]
+    assert [k.name for k in store.list_keys("K0", 100, scope="")] == in_bytes[2:]
+
+
+def test_list_includes_versions(store: Store) -> None:
     store.create_key(key("x", version("x", 1), version("x", 2), primary=2))
     (k,) = store.list_keys("", 10)
     assert [v.version for v in k.versions] == [1, 2]
     assert k.primary == 2
 
 
-def test_get_version(store: SQLiteStore) -> None:
+def test_get_version(store: Store) -> None:
     k = key("gv", version("gv", 1), version("gv", 2), version("gv", 3), primary=2)
     store.create_key(k)
     assert store.get_version("gv", 0) == k.versions[1]  # 0 means the primary
@@ -138,7 +170,7 @@ def test_get_version(store: SQLiteStore) -> None:
         store.get_version("nope", 1)
 
 
-def test_get_version_does_not_cross_keys(store: SQLiteStore) -> None:
+def test_get_version_does_not_cross_keys(store: Store) -> None:
     store.create_key(key("one", version("one", 1)))
     store.create_key(key("two", version("two", 1), version("two", 2), primary=2))
     assert store.get_version("two", 2).name == "two"
@@ -146,7 +178,7 @@ def test_get_version_does_not_cross_keys(store: SQLiteStore) -> None:
         store.get_version("one", 2)
 
 
-def test_add_version(store: SQLiteStore) -> None:
+def test_add_version(store: Store) -> None:
     store.create_key(key("r"))
     store.add_version(version("r", 2), make_primary=False)
     k = store.get_key("r")
@@ -158,7 +190,7 @@ def test_add_version(store: SQLiteStore) -> None:
     assert k.primary == 3
 
 
-def test_set_primary(store: SQLiteStore) -> None:
+def test_set_primary(store: Store) -> None:
     store.create_key(key("p", version("p", 1), version("p", 2)))
     store.set_primary("p", 2)
     assert store.get_key("p").primary == 2
@@ -166,7 +198,7 @@ def test_set_primary(store: SQLiteStore) -> None:
         store.set_primary("q", 1)
 
 
-def test_set_state(store: SQLiteStore) -> None:
+def test_set_state(store: Store) -> None:
     store.create_key(key("s", version("s", 1), version("s", 2)))
     at = T0 + timedelta(days=7)
     store.set_state("s", 2, State.DESTRUCTION_SCHEDULED, at)
@@ -179,7 +211,7 @@ def test_set_state(store: SQLiteStore) -> None:
     assert (v.state, v.destroy_at) == (State.DISABLED, None)
 
 
-def test_set_state_not_found(store: SQLiteStore) -> None:
+def test_set_state_not_found(store: Store) -> None:
     store.create_key(key("s"))
     with pytest.raises(NotFound, match="no version 9"):
         store.set_state("s", 9, State.DISABLED, None)
@@ -187,7 +219,7 @@ def test_set_state_not_found(store: SQLiteStore) -> None:
         store.set_state("other", 1, State.DISABLED, None)
 
 
-def test_due_for_destruction_respects_time(store: SQLiteStore) -> None:
+def test_due_for_destruction_respects_time(store: Store) -> None:
     d1, d2 = T0 + timedelta(days=1), T0 + timedelta(days=2)
     store.create_key(
         key(
@@ -208,13 +240,13 @@ def test_due_for_destruction_respects_time(store: SQLiteStore) -> None:
     assert store.due_for_destruction(d2 + timedelta(days=100)) == []
 
 
-def test_data_survives_reopen(db_path: Path) -> None:
-    s = SQLiteStore(db_path)
+def test_data_survives_reopen(location: str) -> None:
+    s = open_store(location)
     k = key("persist", version("persist", 1), version("persist", 2), primary=2, labels={"a": "b"})
     s.create_key(k)
     s.set_state("persist", 1, State.DISABLED, None)
     s.close()
-    s2 = SQLiteStore(db_path)
+    s2 = open_store(location)
     try:
         got = s2.get_key("persist")
         assert got.primary == 2
@@ -227,7 +259,7 @@ def test_data_survives_reopen(db_path: Path) -> None:
         s2.close()
 
 
-def test_concurrent_writes_from_threads(store: SQLiteStore) -> None:
+def test_concurrent_writes_from_threads(store: Store) -> None:
     threads_n, per_thread = 8, 10
     errors: list[BaseException] = []
     barrier = threading.Barrier(threads_n)
@@ -260,6 +292,7 @@ def test_concurrent_writes_from_threads(store: SQLiteStore) -> None:
 
 
 def test_memory_store() -> None:
+    # SQLite only: an in-memory store (":memory:"), which PostgreSQL has no counterpart of.
     s = SQLiteStore(":memory:")
     try:
         s.create_key(key("mem"))
@@ -268,29 +301,26 @@ def test_memory_store() -> None:
         s.close()
 
 
-def test_store_keeps_import_tokens(tmp_path: Path) -> None:
+def test_store_keeps_import_tokens(store: Store) -> None:
     clock = FakeClock()
-    s = SQLiteStore(tmp_path / "s.db")
-    try:
-        a = ImportToken("a" * 43, b"\x01" * 16, b"spki-a", clock.now, clock.now + timedelta(days=1))
-        b = ImportToken("b" * 43, b"\x02" * 16, b"spki-b", clock.now, clock.now + timedelta(days=2))
-        s.add_import_token(a)
-        s.add_import_token(b)
-        assert s.get_import_token(a.token) == a
-        with pytest.raises(NotFound, match="import token not found"):
-            s.get_import_token("c" * 43)
-        assert s.spent_import_tokens(clock.now) == []
-        assert s.spent_import_tokens(a.expires) == [a]
-        assert s.spent_import_tokens(b.expires) == [a, b]
-        assert s.live_import_tokens(clock.now) == [a, b]
-        assert s.live_import_tokens(a.expires) == [b]
-        s.set_import_token_destroyed(a.token)
-        assert s.get_import_token(a.token) == replace(a, destroyed=True)
-        assert s.spent_import_tokens(b.expires) == [b]
-        with pytest.raises(NotFound):
-            s.set_import_token_destroyed("c" * 43)
-        assert a.expired(a.expires)
-        assert not b.expired(a.expires)
-        assert replace(b, destroyed=True).expired(clock.now)
-    finally:
-        s.close()
+    s = store
+    a = ImportToken("a" * 43, b"\x01" * 16, b"spki-a", clock.now, clock.now + timedelta(days=1))
+    b = ImportToken("b" * 43, b"\x02" * 16, b"spki-b", clock.now, clock.now + timedelta(days=2))
+    s.add_import_token(a)
+    s.add_import_token(b)
+    assert s.get_import_token(a.token) == a
+    with pytest.raises(NotFound, match="import token not found"):
+        s.get_import_token("c" * 43)
+    assert s.spent_import_tokens(clock.now) == []
+    assert s.spent_import_tokens(a.expires) == [a]
+    assert s.spent_import_tokens(b.expires) == [a, b]
+    assert s.live_import_tokens(clock.now) == [a, b]
+    assert s.live_import_tokens(a.expires) == [b]
+    s.set_import_token_destroyed(a.token)
+    assert s.get_import_token(a.token) == replace(a, destroyed=True)
+    assert s.spent_import_tokens(b.expires) == [b]
+    with pytest.raises(NotFound):
+        s.set_import_token_destroyed("c" * 43)
+    assert a.expired(a.expires)
+    assert not b.expired(a.expires)
+    assert replace(b, destroyed=True).expired(clock.now)

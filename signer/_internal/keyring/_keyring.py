@@ -747,11 +747,11 @@ def adopt_with_config(
 ) -> Key:
     """:meth:`Keyring.adopt_key` against the token and store ``cfg`` names, without a server
     (``signer keys adopt``; SQLite and the token host both take a second client)."""
-    from signer._internal.store import SQLiteStore
+    from signer._internal.store import open_store
     from signer._internal.token import Pin
 
     token = Token(cfg.token, Pin(cfg.token.pin_file))
-    store = SQLiteStore(cfg.store.path)
+    store = open_store(cfg.store.path)
     try:
         token.start(wait=True)
         return Keyring(cfg, token, store).adopt_key(name, alg_name, key_id, scope, labels)

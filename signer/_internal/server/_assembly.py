@@ -49,7 +49,7 @@ from signer._internal.relay import Limits, PeerRelay, created_with_mode
 from signer._internal.server._identity import Identify, front_caller, local_caller
 from signer._internal.server._interceptor import CallInterceptor, audit_event
 from signer._internal.server._servicer import SignerServicer
-from signer._internal.store import SQLiteStore
+from signer._internal.store import open_store
 from signer._internal.throttle import InFlight, RefusalThrottle
 from signer._internal.token import Pin, Token
 from signer._internal.token.pin import perturb_freed_memory
@@ -145,7 +145,7 @@ class Server:
             if cfg.token.admin_connection
             else self.token
         )
-        self.store = SQLiteStore(cfg.store.path)
+        self.store = open_store(cfg.store.path)
         self.keyring = Keyring(cfg, self.token, self.store, clock, self.admin_token)
         # The signing path's blocking work runs on lanes; the executor takes the administrative
         # calls (see SignerServicer._run), start-up, the reaper and shutdown.
