@@ -528,15 +528,6 @@ def _validate(cfg: Config) -> None:
                 f"server.{name} must be octal permissions such as 0660, got {value!r}"
             ) from None
     _validate_store(cfg.store.path)
-    _validate_store(cfg.audit.path, "audit.path")
-    if "://" in cfg.audit.path and not (cfg.audit.public_key_file and cfg.audit.archive_dir):
-        # Beside a file they default to PATH.key.pem and PATH.archive/; beside a URL there is
-        # no such place, and the pin is the trust anchor outside the database (every replica
-        # needs the same one).
-        raise ConfigError(
-            "audit.path is a database URL: audit.public_key_file and audit.archive_dir must be "
-            "given (files, outside the database)"
-        )
     if cfg.audit.checkpoint_every < 1 or cfg.audit.checkpoint_interval_seconds <= 0:
         raise ConfigError(
             "audit.checkpoint_every and audit.checkpoint_interval_seconds must be positive"
@@ -563,20 +554,20 @@ def _validate(cfg: Config) -> None:
         )
 
 
-def _validate_store(location: str, setting: str = "store.path") -> None:
-    """``store.path`` (and ``audit.path``): an SQLite file, or a PostgreSQL database as a libpq
-    URL (issue 16). A URL carries no password: the service reads secrets from owner-only files
-    (DESIGN.md 9), here libpq's ``passfile``, never from the configuration or the environment."""
+def _validate_store(location: str) -> None:
+    """``store.path``: an SQLite file, or a PostgreSQL database as a libpq URL (issue 16). A
+    URL carries no password: the service reads secrets from owner-only files (DESIGN.md 9),
+    here libpq's ``passfile``, never from the configuration or the environment."""
     if "://" not in location:
         return
     scheme = location.split("://", 1)[0]
     if f"{scheme}://" not in STORE_URL_SCHEMES:
         raise ConfigError(
-            f"{setting} must be a file or a postgresql:// URL, got a {shown(scheme)}:// URL"
+            f"store.path must be a file or a postgresql:// URL, got a {shown(scheme)}:// URL"
         )
     parts = urlsplit(location)
     if parts.password is not None or "password" in parse_qs(parts.query):
         raise ConfigError(
-            f"{setting} must not carry the database's password: give it in an owner-only "
+            "store.path must not carry the database's password: give it in an owner-only "
             "file with libpq's passfile=/path (or a client certificate)"
         )

@@ -81,21 +81,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.serve(config.load(args.config))
 
 
-def _audit_config(args: argparse.Namespace) -> tuple[str | Path, Path, Path, AuditConfig]:
-    from signer._internal import audit, config
+def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, AuditConfig]:
+    from signer._internal import config
 
     cfg = config.load(args.config) if args.config else config.Config()
-    location: str = args.db or cfg.audit.path
-    verifying = args.func is cmd_audit_verify
-    missing = not args.archive_dir or (verifying and not args.public_key)
-    if args.db and audit.is_database(location) and missing:
-        raise InvalidArgument(
-            "--db is a database URL: give --archive-dir"
-            + (" and --public-key" if verifying else "")
-            + " too (files, outside the database)"
-        )
-    # A URL stays a string (Path would fold its '//').
-    db = location if audit.is_database(location) else Path(location)
+    db = Path(args.db or cfg.audit.path)
     pinned = Path(args.public_key or (f"{db}.key.pem" if args.db else cfg.audit.pinned_key))
     archives = Path(args.archive_dir or (f"{db}.archive" if args.db else cfg.audit.archives))
     return db, pinned, archives, cfg.audit
@@ -158,7 +148,7 @@ def cmd_audit_archive(args: argparse.Namespace) -> int:
 
     db, _, archives, _ = _audit_config(args)
     before = datetime.now(UTC) - timedelta(days=args.older_than_days)
-    store = audit.open_audit_store(db)
+    store = audit.SQLiteAuditStore(db)
     try:
         segment = audit.archive(store, archives, before)
     finally:
@@ -280,10 +270,7 @@ def register(sub: Subparsers) -> None:
         help="prove the chain and every checkpoint signature (exit 0 whole, 1 first bad record)",
     )
     sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
-    sp.add_argument(
-        "--db",
-        help="the audit log file or postgresql:// URL (default: audit.path of the config)",
-    )
+    sp.add_argument("--db", help="the audit log file (default: audit.path of the config)")
     sp.add_argument(
         "--public-key", help="the pinned audit key PEM (default: the log's path + .key.pem)"
     )
@@ -303,10 +290,7 @@ def register(sub: Subparsers) -> None:
         help="move records up to the newest signed checkpoint older than N days to a file",
     )
     sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
-    sp.add_argument(
-        "--db",
-        help="the audit log file or postgresql:// URL (default: audit.path of the config)",
-    )
+    sp.add_argument("--db", help="the audit log file (default: audit.path of the config)")
     sp.add_argument("--archive-dir", help="where archives go (default: audit.archive_dir)")
     sp.add_argument("--older-than-days", type=float, required=True)
     sp.set_defaults(func=cmd_audit_archive, public_key=None)

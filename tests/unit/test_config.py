@@ -375,22 +375,3 @@ def test_store_path_is_a_file_or_a_postgresql_url(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"{fragment}.*signer.toml line 3") as err:
             config.load(write(tmp_path, f"[server]\n[store]\npath = {location!r}\n"), env={})
         assert "hunter2" not in str(err.value)
-
-
-def test_audit_path_is_a_file_or_a_postgresql_url_with_its_files_named(tmp_path: Path) -> None:
-    """Beside a database URL there is no PATH.key.pem nor PATH.archive/: the pin (the trust
-    anchor outside the database, the same file for every replica) and the archives are named."""
-    url = "postgresql:///signer?host=/run/pg&passfile=/etc/pgpass"
-    text = (
-        f"[audit]\npath = {url!r}\npublic_key_file = '/etc/signer/audit.pem'\n"
-        "archive_dir = '/var/lib/signer/archive'\n"
-    )
-    cfg = config.load(write(tmp_path, text), env={})
-    assert cfg.audit.path == url
-    assert cfg.audit.pinned_key == Path("/etc/signer/audit.pem")
-    with pytest.raises(ConfigError, match=r"audit\.public_key_file and audit\.archive_dir must be"):
-        config.load(write(tmp_path, f"[audit]\npath = {url!r}\n"), env={})
-    with pytest.raises(ConfigError, match=r"audit\.path must not carry the database's password"):
-        config.load(write(tmp_path, "[audit]\npath = 'postgresql://a:hunter2@db/x'\n"), env={})
-    with pytest.raises(ConfigError, match=r"audit\.path must be a file or a postgresql:// URL"):
-        config.load(write(tmp_path, "[audit]\npath = 'mysql://db/x'\n"), env={})

@@ -20,6 +20,7 @@ from signer._internal.audit._chain import (
     Event,
     Record,
     Signing,
+    chain,
     checkpoint_message,
     iso,
 )
@@ -353,10 +354,14 @@ class AuditLog:
     def _write(self, events: list[Event]) -> list[Record] | None:
         """Chains and commits ``events``; None (and the log marked unwritable) if the store
         refuses them."""
+        records, seq, prev = [], self._seq, self._hash
+        for event in events:
+            seq += 1
+            records.append(chain(seq, event, prev))
+            prev = records[-1].hash
         began = time.perf_counter()
         try:
-            # The store chains them after its head, read under the chain's lock.
-            records = self.store.append_events(events)
+            self.store.append(records)
         except Exception as exc:  # the store's own error type: sqlite3.Error, psycopg.Error...
             log.error("audit log write failed", extra={"error": str(exc), "records": len(events)})
             newly = self._write_failing is None
@@ -366,7 +371,7 @@ class AuditLog:
                 self._changed()
             return None
         self._metrics.audit_committed(len(records), time.perf_counter() - began)
-        self._seq, self._hash = records[-1].seq, records[-1].hash
+        self._seq, self._hash = seq, prev
         if self._write_failing is not None:
             self._write_failing = None
             self._changed()
@@ -415,9 +420,10 @@ class AuditLog:
             )
             return
         event = Event(self._clock(), "signer", "AuditPaused", "", count, "", "UNAVAILABLE")
+        record = chain(self._seq + 1, event, self._hash)
         began = time.perf_counter()
         try:
-            (record,) = self.store.append_events([event])
+            self.store.append([record])
         except Exception as exc:
             log.error("audit log write failed", extra={"error": str(exc), "records": 1})
             with self._paused_lock:

@@ -1,5 +1,5 @@
-"""Where the audit log lives: one small interface, SQLite behind it, and PostgreSQL
-(signer._internal.audit._pgstore, issue 16) chosen by a ``postgresql://`` location."""
+"""Where the audit log lives: one small interface, and SQLite behind it (PostgreSQL can follow
+by implementing :class:`AuditStore`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from signer._internal.audit._chain import GENESIS, Checkpoint, Event, Record, chain, iso
+from signer._internal.audit._chain import GENESIS, Checkpoint, Event, Record, iso
 from signer._internal.files import private_database
 
 _SCHEMA = """
@@ -61,10 +61,7 @@ def left_behind(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error):  # the module's own (a closed connection) carry no code
         code: int | None = getattr(exc, "sqlite_errorcode", None)
         return code is not None and code & 0xFF == sqlite3.SQLITE_IOERR
-    # PostgreSQL rolls back a transaction whose COMMIT it did not acknowledge, unless the
-    # connection broke during COMMIT: its store's errors say which (may_be_written). Another
-    # store's error: assume the worst.
-    return bool(getattr(exc, "may_be_written", True))
+    return True  # another store's error: assume the worst
 
 
 @dataclass(frozen=True)
@@ -84,14 +81,8 @@ class AuditStore(Protocol):
         (0, GENESIS) for an empty log)."""
         ...
 
-    def append_events(self, events: Sequence[Event]) -> list[Record]:
-        """Chains ``events`` after the log's head, read under the chain's lock in the
-        transaction that inserts them (several writers serialise on it, and none forks the
-        chain), all or none, durably; returns the records."""
-        ...
-
     def append(self, records: Sequence[Record]) -> None:
-        """Records chained already, all or none, durably."""
+        """All or none, durably."""
         ...
 
     def add_checkpoint(
@@ -146,32 +137,7 @@ class SQLiteAuditStore:
         archives = self.archives()
         return (archives[-1].last_seq, archives[-1].last_hash) if archives else (0, GENESIS)
 
-    def append_events(self, events: Sequence[Event]) -> list[Record]:
-        self._db.execute("BEGIN IMMEDIATE")  # the chain's lock: every writer of the file
-        try:
-            seq, prev = self.head()
-            records = []
-            for event in events:
-                seq += 1
-                records.append(chain(seq, event, prev))
-                prev = records[-1].hash
-            self._insert(records)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._roll_back()
-            raise
-        return records
-
     def append(self, records: Sequence[Record]) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._insert(records)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._roll_back()
-            raise
-
-    def _insert(self, records: Sequence[Record]) -> None:
         rows = [
             (
                 r.seq,
@@ -187,7 +153,13 @@ class SQLiteAuditStore:
             )
             for r in records
         ]
-        self._db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._roll_back()
+            raise
 
     def add_checkpoint(
         self, checkpoint: Checkpoint, audit_key: tuple[bytes, bytes] | None = None
@@ -265,21 +237,3 @@ class SQLiteAuditStore:
 
     def close(self) -> None:
         self._db.close()
-
-
-def is_database(location: str | Path) -> bool:
-    """Whether an audit log location is a PostgreSQL database (a libpq URL), not a file."""
-    from signer._internal.store import is_postgres
-
-    return isinstance(location, str) and is_postgres(location)
-
-
-def open_audit_store(location: str | Path, read_only: bool = False) -> AuditStore:
-    """The audit log ``[audit] path`` names: a ``postgresql://`` URL, else an SQLite file (as
-    :func:`signer._internal.store.open_store`; psycopg is imported only for the first). Read
-    only: FileNotFoundError where there is no log."""
-    if is_database(location):
-        from signer._internal.audit._pgstore import PostgresAuditStore
-
-        return PostgresAuditStore(str(location), read_only=read_only)
-    return SQLiteAuditStore(location, read_only=read_only)

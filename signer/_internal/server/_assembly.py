@@ -37,7 +37,7 @@ from signer._internal.audit import (
     Event,
     MakeKey,
     Signing,
-    open_audit_store,
+    SQLiteAuditStore,
     witnesses,
 )
 from signer._internal.config import Config
@@ -157,7 +157,7 @@ class Server:
         self.policy: Policy = self._load_policy() if policy is None else policy
         self.audit: Recorder = (
             AuditLog(
-                open_audit_store(cfg.audit.path),
+                SQLiteAuditStore(cfg.audit.path),
                 cfg.audit.checkpoint_every,
                 cfg.audit.checkpoint_interval_seconds,
                 cfg.audit.max_unsigned_records,
