@@ -41,7 +41,7 @@ import psycopg_pool
 import psycopg_pool.pool
 from psycopg_pool.base import AttemptWithBackoff
 
-from signer._internal.store import _dt, _import_token, _version
+from signer._internal.store import _dt, _import_token, _version, translating
 from signer.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -157,13 +157,6 @@ def _translated(fn: Callable[P, R]) -> Callable[P, R]:
     return call
 
 
-def _translating(cls: type[R]) -> type[R]:
-    for name, member in list(vars(cls).items()):
-        if callable(member) and not name.startswith("_"):
-            setattr(cls, name, _translated(member))
-    return cls
-
-
 class _CappedBackoff(AttemptWithBackoff):
     """psycopg_pool's reconnect attempt, its delay capped at :data:`RECONNECT_MAX_SECONDS`."""
 
@@ -254,7 +247,7 @@ _LIST_SCOPE_KEYS = (
 )
 
 
-@_translating
+@translating(_translated)
 class PostgresStore:
     """The key store in a PostgreSQL database (the schema on the DSN's search_path)."""
 

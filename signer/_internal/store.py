@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from signer._internal.config import STORE_URL_SCHEMES
 from signer._internal.files import private_database
@@ -130,6 +130,7 @@ def open_store(location: str) -> Store:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def _unavailable_on_failure(fn: Callable[P, R]) -> Callable[P, R]:
@@ -160,14 +161,20 @@ def _unavailable_on_failure(fn: Callable[P, R]) -> Callable[P, R]:
     return translated
 
 
-def _translating(cls: type[R]) -> type[R]:
-    for name, member in list(vars(cls).items()):
-        if callable(member) and not name.startswith("_"):
-            setattr(cls, name, _unavailable_on_failure(member))
-    return cls
+def translating(wrap: Callable[[Any], Any]) -> Callable[[type[T]], type[T]]:
+    """A class decorator: every public method of a store wrapped in ``wrap``, its backend's
+    translation of faults into the project's errors (SQLite's here, PostgreSQL's in pgstore)."""
+
+    def decorate(cls: type[T]) -> type[T]:
+        for name, member in list(vars(cls).items()):
+            if callable(member) and not name.startswith("_"):
+                setattr(cls, name, wrap(member))
+        return cls
+
+    return decorate
 
 
-@_translating
+@translating(_unavailable_on_failure)
 class SQLiteStore:
     """One SQLite file in WAL mode; one connection per thread."""
 
