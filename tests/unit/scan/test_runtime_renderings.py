@@ -683,13 +683,17 @@ def test_near_misses_of_the_layouts_find_nothing(
         str(d).encode()[100:138],  # 38 digits: under 16 bytes' worth
         d.to_bytes(256, "big").hex(":").encode()[30 : 30 + 3 * 15 - 1],
         f"{d:x}".encode("utf-16-le")[64 : 64 + 4 * 15],
-        java_mag(d)[40:55],
         ssh_public(keys.rsa2048),
         ssh_public(keys.ed25519),
     ]
+    fenced = [b"\xfe" + data + b"\xfe" for data in items]
+    # A fixed fence equals the binary form's neighbour byte once in 128 keys and turns the
+    # 15-byte slice into a 16-byte match: fence it with the neighbours' complements.
+    mag = java_mag(d)
+    fenced.append(bytes([mag[39] ^ 0xFF]) + mag[40:55] + bytes([mag[55] ^ 0xFF]))
     at, placed = 101, []
-    for data in items:
-        placed.append((at, b"\xfe" + data + b"\xfe"))
+    for data in fenced:
+        placed.append((at, data))
         at += len(data) + 64
     assert scanner.scan(plant(placed, random_bytes(at + 4096, seed=14))).findings == []
 
