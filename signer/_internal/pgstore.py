@@ -95,8 +95,21 @@ CREATE INDEX import_tokens_live ON import_tokens(expires) WHERE destroyed = 0;
     ),
 )
 
-# pg_advisory_xact_lock's key for schema migrations: one migrator at a time, in any schema.
-MIGRATION_LOCK = 0x5167_0016
+# Advisory locks are the database's, the service's tables the schema's: every lock is named by
+# this namespace and a hash of (schema, purpose), so that two deployments (or staging and
+# production) in one database never serialise each other (REVIEW.md 4).
+LOCK_NAMESPACE = 0x5167
+# Its SQL: one argument, the purpose (e.g. "migrate", "audit-chain").
+XACT_LOCK = (
+    "SELECT pg_advisory_xact_lock(%s, hashtext(coalesce(current_schema(), '') || ':' || %s))"
+)
+
+
+def xact_lock(conn: Connection, purpose: str) -> None:
+    """Takes ``purpose``'s transaction-scoped lock in this connection's schema: released at
+    COMMIT or ROLLBACK, or when the connection is lost, so never held by a holder that is gone."""
+    conn.execute(XACT_LOCK, (LOCK_NAMESPACE, purpose))
+
 # Per connection, as the SQLite store's busy_timeout: a lock held too long fails the call
 # (UNAVAILABLE), it does not hang it. synchronous_commit is raised to on where the server's
 # default is weaker: an OK answer stands for a durable write.
@@ -174,11 +187,11 @@ psycopg_pool.pool.AttemptWithBackoff = _CappedBackoff  # type: ignore[attr-defin
 
 def migrate(conn: Connection, component: str, steps: tuple[tuple[int, str], ...]) -> int:
     """Brings ``component``'s schema to the newest of ``steps`` and returns that version, in
-    one transaction under :data:`MIGRATION_LOCK`: a second migrator waits, then finds nothing
+    one transaction under the schema's ``migrate`` lock: a second migrator waits, then finds nothing
     left to do. A database newer than this code (a replica not yet upgraded) is refused."""
     newest = steps[-1][0]
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        xact_lock(conn, "migrate")
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_version "
             '(component TEXT COLLATE "C" PRIMARY KEY, version INTEGER NOT NULL)'

@@ -16,11 +16,11 @@ from psycopg_pool.base import AttemptWithBackoff
 
 from signer._internal import pgstore
 from signer._internal.pgstore import (
-    MIGRATION_LOCK,
     RECONNECT_MAX_SECONDS,
     STORE_MIGRATIONS,
     PostgresStore,
     migrate,
+    xact_lock,
 )
 from signer._internal.store import open_store
 from signer.errors import FailedPrecondition, StoreUncertain, Unavailable
@@ -97,7 +97,7 @@ def test_a_second_migrator_waits_for_the_first(pg_dsn: str, connect: Callable[[]
             done.append(exc)
 
     with first.transaction():
-        first.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        xact_lock(first, "migrate")
         thread = threading.Thread(target=second)
         thread.start()
         # The second store's migration waits on the lock the first holds.
