@@ -421,11 +421,11 @@ def audit_key_reader(path: str | Path, pin: str | Path) -> Callable[[], AuditKey
     second argument) say of the audit key, read anew at each call."""
     from cryptography.hazmat.primitives import serialization
 
-    from signer._internal.audit import SQLiteAuditStore
+    from signer._internal.audit import open_audit_store
 
     def read() -> AuditKey:
         try:
-            log = SQLiteAuditStore(path, read_only=True)
+            log = open_audit_store(path, read_only=True)
         except FileNotFoundError:
             return AuditKey(known=False)
         try:

@@ -166,7 +166,11 @@ def translating(wrap: Callable[[Any], Any]) -> Callable[[type[T]], type[T]]:
     translation of faults into the project's errors (SQLite's here, PostgreSQL's in pgstore)."""
 
     def decorate(cls: type[T]) -> type[T]:
-        for name, member in list(vars(cls).items()):
+        # Its own methods and those it inherits (the audit stores' shared Tables).
+        members: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__[:-1]):
+            members.update(vars(klass))
+        for name, member in members.items():
             if callable(member) and not name.startswith("_"):
                 setattr(cls, name, wrap(member))
         return cls

@@ -34,7 +34,13 @@ from signer._internal.audit._chain import (
     record_hash,
 )
 from signer._internal.audit._log import AuditLog, AuditPaused, MakeKey
-from signer._internal.audit._store import Archived, AuditStore, SQLiteAuditStore
+from signer._internal.audit._store import (
+    Archived,
+    AuditStore,
+    SQLiteAuditStore,
+    is_database,
+    open_audit_store,
+)
 from signer._internal.audit._verify import Verdict, verify_log
 from signer._internal.audit._witness import FileWitness, SyslogWitness, Witness, read_witness
 from signer._internal.config import AuditConfig
@@ -69,6 +75,8 @@ __all__ = [
     "Witness",
     "archive",
     "checkpoint_message",
+    "is_database",
+    "open_audit_store",
     "read_archive",
     "read_witness",
     "record_hash",

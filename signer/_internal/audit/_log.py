@@ -24,7 +24,7 @@ from signer._internal.audit._chain import (
     checkpoint_message,
     iso,
 )
-from signer._internal.audit._store import AuditStore, left_behind
+from signer._internal.audit._store import AuditStore, ChainMoved, CommitUnknown, left_behind
 from signer._internal.audit._verify import pinned_der, unsigned_tail_fault
 from signer._internal.audit._witness import MESSAGE, FileWitness, Witness, fields
 from signer._internal.files import write_atomic
@@ -123,6 +123,8 @@ class AuditLog:
         self._make_key: MakeKey | None = None
         self._pin_to: Path | None = None
         self._writer: threading.Thread | None = None
+        self._stopping = threading.Event()  # close() called: stop waiting on the store
+        self._moved = False  # the log is not where this writer left it: write nothing more
         self.failure: str | None = None  # why the log refuses everything, for good
         self._failing: str | None = None  # why the last checkpoint could not be signed
         self._paused = 0  # calls refused by check() since the last checkpoint, to be recorded
@@ -144,12 +146,15 @@ class AuditLog:
         first."""
         self._make_key, self._pin_to = make_key, pin_to
         pinned = pin_to.read_bytes() if pin_to.exists() else None
-        bad = unsigned_tail_fault(
-            self.store,
-            pinned,
-            self.max_unsigned_records,
-            [w.path for w in self._witnesses if isinstance(w, FileWitness)],
-        )
+        with self.store.snapshot():  # an archive job meanwhile must not tear what is read
+            self._seq, self._hash = self.store.head()
+            self._checkpointed = max(self.store.last_checkpoint(), 0)
+            bad = unsigned_tail_fault(
+                self.store,
+                pinned,
+                self.max_unsigned_records,
+                [w.path for w in self._witnesses if isinstance(w, FileWitness)],
+            )
         if bad is not None:
             self._stop_for_good(
                 f"the audit log does not verify ({bad}); no checkpoint will be signed over it: "
@@ -214,6 +219,7 @@ class AuditLog:
 
     def close(self) -> None:
         """Writes what is queued, a last checkpoint, and stops."""
+        self._stopping.set()
         if self._writer is not None and self._writer.is_alive():
             self._queue.put(None)
             self._writer.join(timeout=30)
@@ -359,16 +365,26 @@ class AuditLog:
             seq += 1
             records.append(chain(seq, event, prev))
             prev = records[-1].hash
+        if self._moved:
+            return None  # nothing is chained after a head this writer did not leave
         began = time.perf_counter()
         try:
-            self.store.append(records)
+            try:
+                self.store.append(records)
+            except CommitUnknown as exc:
+                self._failed(exc)
+                if not self._landed(records):
+                    raise
+        except ChainMoved as exc:
+            self._failed(exc)
+            self._moved = True
+            self._stop_for_good(
+                f"{exc.message}; nothing more is written or signed: an operator must look "
+                "(signer audit-log verify; see the README)"
+            )
+            return None
         except Exception as exc:  # the store's own error type: sqlite3.Error, psycopg.Error...
-            log.error("audit log write failed", extra={"error": str(exc), "records": len(events)})
-            newly = self._write_failing is None
-            self._write_failing = str(exc)
-            self._left_behind = left_behind(exc)
-            if newly:
-                self._changed()
+            self._failed(exc)
             return None
         self._metrics.audit_committed(len(records), time.perf_counter() - began)
         self._seq, self._hash = seq, prev
@@ -377,13 +393,55 @@ class AuditLog:
             self._changed()
         return records
 
+    def _failed(self, exc: Exception) -> None:
+        why = exc.message if isinstance(exc, SignerError) else str(exc)
+        log.error("audit log write failed", extra={"error": why})
+        newly = self._write_failing is None
+        self._write_failing = why
+        self._left_behind = left_behind(exc)
+        if newly:
+            self._changed()
+
+    def _landed(self, records: list[Record]) -> bool:
+        """After a COMMIT cut off: whether ``records`` are in the log after all, read back
+        before their calls are answered, every RETRY_SECONDS while the store cannot say (the
+        writer holds everything meanwhile; health says NOT_SERVING). In: their calls are
+        answered as if the COMMIT had said so, and the log is true. Not in: answered UNAVAILABLE,
+        their records kept to write as such. Still unknown at the stop: answered UNAVAILABLE,
+        and the log may say otherwise (logged; REVIEW.md 3). ChainMoved if another record is
+        where they would be."""
+        last = records[-1]
+        while True:
+            try:
+                found = self.store.record(last.seq)
+                if found is not None and found.hash == last.hash:
+                    log.warning("audit commit cut off had landed", extra={"records": len(records)})
+                    return True
+                if found is None and self.store.head() == (self._seq, self._hash):
+                    return False
+                raise ChainMoved(
+                    f"record {last.seq} is not the one whose COMMIT was cut off: another "
+                    "writer, or a change made to the log"
+                )
+            except ChainMoved:
+                raise
+            except Exception as exc:
+                log.warning("audit commit outcome not known yet", extra={"error": str(exc)})
+            if self._stopping.wait(RETRY_SECONDS):
+                log.critical(
+                    "audit records may say OK for calls answered UNAVAILABLE: a COMMIT was cut "
+                    "off and the store could not say before the stop whether it landed",
+                    extra={"first": records[0].seq, "last": last.seq},
+                )
+                return False
+
     def _append(self, batch: list[tuple[Event, asyncio.Future[int]]]) -> Unavailable | None:
         """Commits ``batch`` and answers its calls; or the error to answer them with."""
         records = self._write([event for event, _ in batch])
         if records is None:
             return Unavailable(
-                f"the audit log cannot be written ({self._write_failing}); refusing the call "
-                "until it can"
+                f"the audit log cannot be written ({self.failure or self._write_failing}); "
+                "refusing the call until it can"
             )
         hand_back([(fut, True, r.seq) for (_, fut), r in zip(batch, records, strict=True)])
         return None
@@ -391,7 +449,7 @@ class AuditLog:
     def _checkpoint_quietly(self) -> None:
         try:
             self.checkpoint()
-        except AuditKeyMismatch as exc:
+        except (AuditKeyMismatch, ChainMoved) as exc:
             self._metrics.checkpoint(False)
             self._stop_for_good(exc.message)
         except Exception as exc:  # a token host away, a store or a witness that refuses
@@ -424,6 +482,9 @@ class AuditLog:
         began = time.perf_counter()
         try:
             self.store.append([record])
+        except ChainMoved as exc:
+            self._stop_for_good(exc.message)
+            return
         except Exception as exc:
             log.error("audit log write failed", extra={"error": str(exc), "records": 1})
             with self._paused_lock:

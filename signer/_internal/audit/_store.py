@@ -1,18 +1,20 @@
-"""Where the audit log lives: one small interface, and SQLite behind it (PostgreSQL can follow
-by implementing :class:`AuditStore`)."""
+"""Where the audit log lives: one small interface, SQLite behind it, and PostgreSQL
+(signer._internal.audit._pgstore, issue 16) chosen by a ``postgresql://`` location."""
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from signer._internal.audit._chain import GENESIS, Checkpoint, Event, Record, iso
 from signer._internal.files import private_database
+from signer.errors import FailedPrecondition, SignerError, Unavailable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -57,11 +59,34 @@ def left_behind(exc: BaseException) -> bool:
     EIO injected into fdatasync: tests/integration/test_io_errors.py; or the WAL index that
     could not be updated after them). Only an I/O error can be that: a lock never taken writes
     nothing, and on a full disk the frame that ran out of room is at the latest the commit
-    frame, written last, without which nothing is replayed."""
+    frame, written last, without which nothing is replayed. (PostgreSQL's one such case, a
+    COMMIT cut off, is :class:`CommitUnknown`: its outcome is read back, not written over.)"""
     if isinstance(exc, sqlite3.Error):  # the module's own (a closed connection) carry no code
         code: int | None = getattr(exc, "sqlite_errorcode", None)
         return code is not None and code & 0xFF == sqlite3.SQLITE_IOERR
-    return True  # another store's error: assume the worst
+    # A store that says (PostgreSQL's: nothing is written unless COMMIT was acknowledged);
+    # another store's error: assume the worst.
+    return bool(getattr(exc, "may_be_written", True))
+
+
+class StoreUnavailable(Unavailable):
+    """The log's database cannot be used (gone, shutting down, read-only, a lock or statement
+    timeout, a full disk), in one line: it goes into refused calls' statuses and health."""
+
+    may_be_written = False
+
+
+class CommitUnknown(Unavailable):
+    """The connection broke during COMMIT: the records may or may not be in the log. The
+    writer reads back which before it answers their calls (a log in a database cannot be
+    written over, as SQLite's WAL is by :func:`left_behind`'s rewrite)."""
+
+    may_be_written = False
+
+
+class ChainMoved(SignerError):
+    """The log is not where its one writer left it (its head, or its newest checkpoint): a
+    second writer, or a change made underneath. Nothing is chained or signed over it."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +107,9 @@ class AuditStore(Protocol):
         ...
 
     def append(self, records: Sequence[Record]) -> None:
-        """All or none, durably."""
+        """All or none, durably; :class:`ChainMoved` unless they follow the head, read under
+        the chain's lock in the transaction that inserts them (the writer chained them after
+        the head it left: anything else there it did not write, and will not sign)."""
         ...
 
     def add_checkpoint(
@@ -90,7 +117,13 @@ class AuditStore(Protocol):
     ) -> None:
         """Stores ``checkpoint``, durably; with the log's first, ``audit_key`` (key id, public
         key DER) too, in the same transaction: a log never names its key without a checkpoint
-        the key signed (a crash between the two would leave what a removal leaves)."""
+        the key signed (a crash between the two would leave what a removal leaves).
+        :class:`ChainMoved` unless it follows the newest checkpoint and signs a record as it is."""
+        ...
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Reads within are of one moment (a writer's start-up checks: an archive job running
+        meanwhile must not make the log look broken)."""
         ...
 
     def last_checkpoint(self) -> int: ...
@@ -101,15 +134,164 @@ class AuditStore(Protocol):
     def archives(self) -> list[Archived]: ...
     def archived(self, segment: Archived) -> None:
         """Records ``segment`` and removes its records, and the checkpoints before its last
-        (the one at ``last_seq`` stays: it anchors the live records)."""
+        (the one at ``last_seq`` stays: it anchors the live records); refused unless the
+        segment starts where the live log does (two archive jobs must not overlap)."""
         ...
 
     def close(self) -> None: ...
 
 
-class SQLiteAuditStore:
+class Tables:
+    """The audit log's reads and writes, written once for every store in DB-API terms (SQL with
+    ``%s`` placeholders; SQLite's ``?`` substituted). A store gives the connection to read from
+    and the write transaction that holds the chain's lock."""
+
+    PLACEHOLDER = "%s"
+
+    def _sql(self, query: str) -> str:
+        return query if self.PLACEHOLDER == "%s" else query.replace("%s", self.PLACEHOLDER)
+
+    def _read(self) -> Any:
+        raise NotImplementedError
+
+    def _write(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _head(self, conn: Any) -> tuple[int, str]:
+        row = conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        if row:
+            return int(row[0]), str(row[1])
+        row = conn.execute(
+            "SELECT last_seq, last_hash FROM archives ORDER BY last_seq DESC LIMIT 1"
+        ).fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
+
+    def head(self) -> tuple[int, str]:
+        return self._head(self._read())
+
+    def append(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        rows = [
+            (
+                r.seq,
+                iso(r.event.time),
+                r.event.caller,
+                r.event.operation,
+                r.event.key,
+                r.event.version,
+                r.event.payload_sha256,
+                r.event.status,
+                r.prev_hash,
+                r.hash,
+            )
+            for r in records
+        ]
+        with self._write() as conn:
+            head = self._head(conn)
+            if head != (records[0].seq - 1, records[0].prev_hash):
+                raise ChainMoved(
+                    f"the audit log's newest record is {head[0]}, not the one its writer "
+                    f"chained record {records[0].seq} after: another writer, or a change made "
+                    "to the log"
+                )
+            cur = conn.cursor()
+            cur.executemany(self._sql("INSERT INTO records VALUES (" + "%s, " * 9 + "%s)"), rows)
+            cur.close()
+
+    def add_checkpoint(
+        self, checkpoint: Checkpoint, audit_key: tuple[bytes, bytes] | None = None
+    ) -> None:
+        c = checkpoint
+        with self._write() as conn:
+            row = conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
+            newest = int(row[0] or 0)
+            signed = conn.execute(
+                self._sql("SELECT hash FROM records WHERE seq = %s"), (c.seq,)
+            ).fetchone()
+            if c.prev != newest or c.seq <= newest or signed is None or signed[0] != c.hash:
+                raise ChainMoved(
+                    f"the checkpoint at {c.seq} does not follow the log's newest ({newest}) or "
+                    "sign its record as it is: another writer, or a change made to the log"
+                )
+            if audit_key is not None:
+                conn.execute(
+                    self._sql("INSERT INTO audit_key (id, key_id, public_key) VALUES (1, %s, %s)"),
+                    audit_key,
+                )
+            conn.execute(
+                self._sql(
+                    "INSERT INTO checkpoints (seq, hash, time, signature, prev) "
+                    "VALUES (%s, %s, %s, %s, %s)"
+                ),
+                (c.seq, c.hash, c.time, c.signature, c.prev),
+            )
+
+    def last_checkpoint(self) -> int:
+        row = self._read().execute("SELECT MAX(seq) FROM checkpoints").fetchone()
+        return int(row[0] or 0) if row else 0
+
+    def checkpoints(self) -> list[Checkpoint]:
+        rows = self._read().execute(
+            "SELECT seq, hash, time, signature, prev FROM checkpoints ORDER BY seq"
+        )
+        return [Checkpoint(int(r[0]), r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+
+    def record(self, seq: int) -> Record | None:
+        return next(self.records(first=seq, upto=seq), None)
+
+    def records(self, upto: int | None = None, first: int = 0) -> Iterator[Record]:
+        query = (
+            "SELECT seq, time, caller, operation, key, version, payload_sha256, status, "
+            "prev_hash, hash FROM records WHERE seq >= %s AND seq <= %s ORDER BY seq"
+        )
+        params = (first, upto if upto is not None else 2**62)
+        # Read whole, here: a store's faults are raised (and translated) by this call, not by
+        # a later step of an iteration (every caller lists them anyway).
+        rows = self._read().execute(self._sql(query), params).fetchall()
+        return iter(
+            [
+                Record(int(r[0]), Event(datetime.fromisoformat(r[1]), *r[2:8]), r[8], r[9])
+                for r in rows
+            ]
+        )
+
+    def audit_key(self) -> tuple[bytes, bytes] | None:
+        row = self._read().execute("SELECT key_id, public_key FROM audit_key").fetchone()
+        return (bytes(row[0]), bytes(row[1])) if row else None
+
+    def archives(self) -> list[Archived]:
+        rows = self._read().execute(
+            "SELECT first_seq, last_seq, last_hash, file, sha256 FROM archives ORDER BY last_seq"
+        )
+        return [Archived(*r) for r in rows]
+
+    def archived(self, segment: Archived) -> None:
+        s = segment
+        with self._write() as conn:
+            row = conn.execute("SELECT MIN(seq) FROM records").fetchone()
+            if row is None or row[0] is None or int(row[0]) != s.first_seq:
+                raise FailedPrecondition(
+                    f"the segment {s.first_seq}..{s.last_seq} does not start where the live "
+                    "log does: another archive job moved it meanwhile"
+                )
+            conn.execute(
+                self._sql(
+                    "INSERT INTO archives (last_seq, first_seq, last_hash, file, sha256) "
+                    "VALUES (%s, %s, %s, %s, %s)"
+                ),
+                (s.last_seq, s.first_seq, s.last_hash, s.file, s.sha256),
+            )
+            conn.execute(self._sql("DELETE FROM records WHERE seq <= %s"), (s.last_seq,))
+            conn.execute(self._sql("DELETE FROM checkpoints WHERE seq < %s"), (s.last_seq,))
+
+
+class SQLiteAuditStore(Tables):
     """One SQLite file, WAL, ``synchronous=FULL``: a committed record survives a crash and a
-    power cut. ``timeout``: how long a write waits for a lock before failing (closed)."""
+    power cut. ``timeout``: how long a write waits for a lock before failing (closed). The
+    chain's lock is the file's write lock (BEGIN IMMEDIATE)."""
+
+    PLACEHOLDER = "?"
 
     def __init__(self, path: str | Path, read_only: bool = False, timeout: float = 2.0) -> None:
         self.path = str(path)
@@ -130,103 +312,29 @@ class SQLiteAuditStore:
         if "prev" not in columns:  # a log from before checkpoints chained
             self._db.execute("ALTER TABLE checkpoints ADD COLUMN prev INTEGER")
 
-    def head(self) -> tuple[int, str]:
-        row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
-        if row:
-            return int(row[0]), str(row[1])
-        archives = self.archives()
-        return (archives[-1].last_seq, archives[-1].last_hash) if archives else (0, GENESIS)
+    def _read(self) -> sqlite3.Connection:
+        return self._db
 
-    def append(self, records: Sequence[Record]) -> None:
-        rows = [
-            (
-                r.seq,
-                iso(r.event.time),
-                r.event.caller,
-                r.event.operation,
-                r.event.key,
-                r.event.version,
-                r.event.payload_sha256,
-                r.event.status,
-                r.prev_hash,
-                r.hash,
-            )
-            for r in records
-        ]
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            yield self._db
             self._db.execute("COMMIT")
         except BaseException:
             self._roll_back()
             raise
 
-    def add_checkpoint(
-        self, checkpoint: Checkpoint, audit_key: tuple[bytes, bytes] | None = None
-    ) -> None:
-        c = checkpoint
-        self._db.execute("BEGIN IMMEDIATE")
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")  # deferred: the first read fixes the snapshot
         try:
-            if audit_key is not None:
-                self._db.execute(
-                    "INSERT INTO audit_key (id, key_id, public_key) VALUES (1, ?, ?)", audit_key
-                )
-            self._db.execute(
-                "INSERT INTO checkpoints (seq, hash, time, signature, prev) VALUES (?,?,?,?,?)",
-                (c.seq, c.hash, c.time, c.signature, c.prev),
-            )
-            self._db.execute("COMMIT")
-        except BaseException:
+            yield
+        finally:
             self._roll_back()
-            raise
-
-    def last_checkpoint(self) -> int:
-        row = self._db.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
-        return int(row[0] or 0)
-
-    def checkpoints(self) -> list[Checkpoint]:
-        rows = self._db.execute(
-            "SELECT seq, hash, time, signature, prev FROM checkpoints ORDER BY seq"
-        )
-        return [Checkpoint(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
-
-    def record(self, seq: int) -> Record | None:
-        return next(self.records(first=seq, upto=seq), None)
-
-    def records(self, upto: int | None = None, first: int = 0) -> Iterator[Record]:
-        query = (
-            "SELECT seq, time, caller, operation, key, version, payload_sha256, status, "
-            "prev_hash, hash FROM records WHERE seq >= ? AND seq <= ? ORDER BY seq"
-        )
-        params = (first, upto if upto is not None else 2**62)
-        for row in self._db.execute(query, params):
-            event = Event(datetime.fromisoformat(row[1]), *row[2:8])
-            yield Record(row[0], event, row[8], row[9])
-
-    def audit_key(self) -> tuple[bytes, bytes] | None:
-        row = self._db.execute("SELECT key_id, public_key FROM audit_key").fetchone()
-        return (bytes(row[0]), bytes(row[1])) if row else None
-
-    def archives(self) -> list[Archived]:
-        rows = self._db.execute(
-            "SELECT first_seq, last_seq, last_hash, file, sha256 FROM archives ORDER BY last_seq"
-        )
-        return [Archived(*r) for r in rows]
-
-    def archived(self, segment: Archived) -> None:
-        s = segment
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute(
-                "INSERT INTO archives VALUES (?,?,?,?,?)",
-                (s.last_seq, s.first_seq, s.last_hash, s.file, s.sha256),
-            )
-            self._db.execute("DELETE FROM records WHERE seq <= ?", (s.last_seq,))
-            self._db.execute("DELETE FROM checkpoints WHERE seq < ?", (s.last_seq,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._roll_back()
-            raise
 
     def _roll_back(self) -> None:
         """After a failed write: SQLite may have rolled back already (a full disk at COMMIT),
@@ -237,3 +345,21 @@ class SQLiteAuditStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def is_database(location: str | Path) -> bool:
+    """Whether an audit log location is a PostgreSQL database (a libpq URL), not a file."""
+    from signer._internal.store import is_postgres
+
+    return isinstance(location, str) and is_postgres(location)
+
+
+def open_audit_store(location: str | Path, read_only: bool = False) -> AuditStore:
+    """The audit log ``[audit] path`` names: a ``postgresql://`` URL, else an SQLite file (as
+    :func:`signer._internal.store.open_store`; psycopg is imported only for the first). Read
+    only: FileNotFoundError where there is no log."""
+    if is_database(location):
+        from signer._internal.audit._pgstore import PostgresAuditStore
+
+        return PostgresAuditStore(str(location), read_only=read_only)
+    return SQLiteAuditStore(location, read_only=read_only)

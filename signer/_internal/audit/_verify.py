@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 
 from signer._internal.audit._archive import read_archive
 from signer._internal.audit._chain import GENESIS, Checkpoint, Record, record_hash
-from signer._internal.audit._store import AuditStore, SQLiteAuditStore
+from signer._internal.audit._store import AuditStore, open_audit_store
 from signer._internal.audit._witness import WitnessError, read_witness
 from signer._internal.config import AuditConfig
 from signer.errors import SignerError
@@ -95,7 +95,7 @@ def _signed(
 
 
 def verify_log(
-    path: str | Path,
+    location: str | Path,
     public_key_pem: bytes | None,
     archive_dir: Path | None = None,
     *,
@@ -110,13 +110,14 @@ def verify_log(
     a young log (no checkpoint so far, no audit key recorded) may be. A log with a pinned key
     but neither a checkpoint nor the key recorded is one whose first checkpoint never completed
     (the service pins its key first, then records it with that checkpoint): whole if the rest
-    holds (its records within the bound, and what a witness saw of it borne out)."""
+    holds (its records within the bound, and what a witness saw of it borne out).
+    ``location``: the SQLite file, or the ``postgresql://`` URL, of the log."""
     pin = b"" if public_key_pem is None else pinned_der(public_key_pem)
     public_der = pin or b""
     try:
-        store = SQLiteAuditStore(path, read_only=True)
+        store = open_audit_store(location, read_only=True)  # a file, or a database's snapshot
     except FileNotFoundError:
-        raise SignerError(f"no audit log at {path}") from None
+        raise SignerError(f"no audit log at {location}") from None
     try:
         recorded = store.audit_key()
         archives = store.archives()

@@ -37,7 +37,7 @@ from signer._internal.audit import (
     Event,
     MakeKey,
     Signing,
-    SQLiteAuditStore,
+    open_audit_store,
     witnesses,
 )
 from signer._internal.config import Config
@@ -157,7 +157,7 @@ class Server:
         self.policy: Policy = self._load_policy() if policy is None else policy
         self.audit: Recorder = (
             AuditLog(
-                SQLiteAuditStore(cfg.audit.path),
+                open_audit_store(cfg.audit.path),
                 cfg.audit.checkpoint_every,
                 cfg.audit.checkpoint_interval_seconds,
                 cfg.audit.max_unsigned_records,

@@ -1,17 +1,22 @@
 """The audit key in software, and what the audit log's tests do to a log.
 
 The token's signing is stood in for by a software EC key (the integration tests use the real
-token); everything else is the real AuditLog on a real SQLite file. ``write`` records an event
-as the server does; ``rows`` and ``rewrite`` read and tamper with the file underneath.
+token); everything else is the real AuditLog on a real store: an SQLite file, or a schema of the
+session's throwaway PostgreSQL cluster (:class:`Backend`; every test runs on both). ``write``
+records an event as the server does; ``rows`` and ``rewrite`` read and tamper with the store
+underneath.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import sqlite3
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -19,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 
 from signer._internal.audit import (
     AuditLog,
+    AuditStore,
     Event,
     FileWitness,
     Signing,
@@ -28,6 +34,104 @@ from signer._internal.audit import (
 from signer.keys import SignMechanism
 
 T0 = datetime(2026, 11, 22, tzinfo=UTC)
+_schemas = itertools.count(1)
+
+
+class Cursor(Protocol):
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Tamper(Protocol):
+    """What a test does to the store underneath: SQL with ``?`` placeholders, on both."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+class _PgTamper:
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        cur: Cursor = self._conn.execute(sql.replace("?", "%s"), params)
+        return cur
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
+
+
+class Backend:
+    """Where a test's audit log lives. A test names its logs by paths under tmp_path, as on
+    SQLite; on PostgreSQL each path is a schema of its own in the session's cluster
+    (:meth:`location`: its DSN). Pinned keys, witnesses and archives stay files under tmp_path
+    on both (they are outside the database by design)."""
+
+    def __init__(self, name: str, dsn: Callable[[str], str] | None = None) -> None:
+        self.name = name
+        self._dsn = dsn  # PostgreSQL: a schema's DSN by its name
+        self._schemas: dict[str, str] = {}  # path -> schema
+        self.store_class: type[Any] = SQLiteAuditStore
+        # What a write held off by a lock fails with.
+        self.locked = "database is locked"
+        if name == "postgresql":
+            from signer._internal.audit._pgstore import PostgresAuditStore
+
+            self.store_class = PostgresAuditStore
+            self.locked = r"the audit database cannot be used \(LockNotAvailable, SQLSTATE 55P03"
+
+    @property
+    def schemas(self) -> list[str]:
+        return list(self._schemas.values())
+
+    def location(self, path: Path) -> str | Path:
+        """The log's location as the service and verify take it: the path, or a DSN."""
+        if self._dsn is None:
+            return path
+        schema = self._schemas.setdefault(str(path), f"a{next(_schemas)}")
+        return self._dsn(schema)
+
+    def store(self, path: Path, read_only: bool = False) -> AuditStore:
+        store: AuditStore = self.store_class(self.location(path), read_only=read_only)
+        return store
+
+    @contextlib.contextmanager
+    def sql(self, path: Path) -> Iterator[Tamper]:
+        """A connection to the store underneath, committed at the end."""
+        if self._dsn is None:
+            db = sqlite3.connect(path)
+            try:
+                with db:
+                    yield db  # type: ignore[misc]
+            finally:
+                db.close()
+            return
+        import psycopg
+
+        with psycopg.connect(str(self.location(path))) as conn:  # commits unless it raised
+            yield _PgTamper(conn)
+
+    @contextlib.contextmanager
+    def locked_out(self, path: Path) -> Iterator[None]:
+        """Another process holds the store (SQLite: the file's lock; PostgreSQL: the tables')
+        until the block ends."""
+        if self._dsn is None:
+            db = sqlite3.connect(path, isolation_level=None)
+            try:
+                db.execute("BEGIN EXCLUSIVE")
+                yield
+                db.execute("ROLLBACK")
+            finally:
+                db.close()
+            return
+        import psycopg
+
+        with psycopg.connect(str(self.location(path))) as conn:
+            conn.execute("LOCK TABLE records, checkpoints IN ACCESS EXCLUSIVE MODE")
+            yield
+            conn.rollback()
 
 
 class SoftKey:
@@ -72,27 +176,27 @@ def pinned(path: Path) -> bytes:
     return Path(f"{path}.key.pem").read_bytes()
 
 
-def verdict_of(path: Path) -> tuple[int, str] | None:
-    return verify_log(path, pinned(path)).first_bad
+def verdict_of(backend: Backend, path: Path) -> tuple[int, str] | None:
+    return verify_log(backend.location(path), pinned(path)).first_bad
 
 
-def rows(path: Path) -> list[list[Any]]:
-    with sqlite3.connect(path) as db:
+def rows(backend: Backend, path: Path) -> list[list[Any]]:
+    with backend.sql(path) as db:
         return [list(r) for r in db.execute("SELECT * FROM records ORDER BY seq")]
 
 
-def rewrite(path: Path, new_rows: list[list[Any]]) -> None:
-    with sqlite3.connect(path) as db:
+def rewrite(backend: Backend, path: Path, new_rows: list[list[Any]]) -> None:
+    with backend.sql(path) as db:
         db.execute("DELETE FROM records")
         db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", new_rows)
 
 
-def witnessed_log(tmp_path: Path, soft: SoftKey, n: int) -> tuple[Path, Path]:
+def witnessed_log(backend: Backend, tmp_path: Path, soft: SoftKey, n: int) -> tuple[Path, Path]:
     path = tmp_path / "audit.db"
     witness = tmp_path / "elsewhere" / "checkpoints.jsonl"
     witness.parent.mkdir()
     log = AuditLog(
-        SQLiteAuditStore(path),
+        backend.store(path),
         checkpoint_every=4,
         checkpoint_interval=60,
         witnesses=[FileWitness(witness)],

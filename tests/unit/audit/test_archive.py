@@ -3,7 +3,6 @@ changed, missing or hidden is named."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -11,12 +10,12 @@ from pathlib import Path
 from signer._internal.audit import (
     Archived,
     AuditLog,
-    SQLiteAuditStore,
     archive,
     verify_log,
 )
 from tests.unit.audit.fakes import (
     T0,
+    Backend,
     SoftKey,
     event,
     pinned,
@@ -25,8 +24,8 @@ from tests.unit.audit.fakes import (
 )
 
 
-def archive_now(path: Path) -> Archived | None:
-    store = SQLiteAuditStore(path)
+def archive_now(backend: Backend, path: Path) -> Archived | None:
+    store = backend.store(path)
     try:
         return archive(store, Path(f"{path}.archive"), T0 + timedelta(days=1))
     finally:
@@ -34,64 +33,73 @@ def archive_now(path: Path) -> Archived | None:
 
 
 def test_archiving_moves_whole_segments_and_the_log_stays_whole(
-    written: Callable[[int], Path], soft: SoftKey, tmp_path: Path
+    written: Callable[[int], Path],
+    soft: SoftKey,
+    tmp_path: Path,
+    backend: Backend,
 ) -> None:
     path = written(10)  # checkpoints at 4, 8, 10
-    segment = archive_now(path)
+    segment = archive_now(backend, path)
     assert segment is not None
     assert (segment.first_seq, segment.last_seq) == (1, 10)
-    assert rows(path) == []
+    assert rows(backend, path) == []
     archives = Path(f"{path}.archive")
-    v = verify_log(path, pinned(path), archives)
+    v = verify_log(backend.location(path), pinned(path), archives)
     assert v.whole, v.first_bad
     assert v.archived == 10
     # The log goes on from the archive's anchor.
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60)
+    log = AuditLog(backend.store(path), checkpoint_every=4, checkpoint_interval=60)
     log.start(soft.make, Path(f"{path}.key.pem"))
     assert write(log, event(11)) == 11
     log.close()
-    assert verify_log(path, pinned(path), archives).whole
-    assert verify_log(path, pinned(path)).whole  # archives not read: anchor and live records
-    assert archive_now(path) is not None  # records 11.. up to the close's checkpoint
-    assert verify_log(path, pinned(path), archives).whole
+    assert verify_log(backend.location(path), pinned(path), archives).whole
+    assert verify_log(
+        backend.location(path), pinned(path)
+    ).whole  # archives not read: anchor and live records
+    assert archive_now(backend, path) is not None  # records 11.. up to the close's checkpoint
+    assert verify_log(backend.location(path), pinned(path), archives).whole
     assert len(list(archives.iterdir())) == 2
 
 
-def test_a_changed_or_missing_archive_is_named(written: Callable[[int], Path]) -> None:
+def test_a_changed_or_missing_archive_is_named(
+    written: Callable[[int], Path], backend: Backend
+) -> None:
     path = written(8)
-    segment = archive_now(path)
+    segment = archive_now(backend, path)
     assert segment is not None
     archives = Path(f"{path}.archive")
     file = archives / segment.file
     file.write_bytes(file.read_bytes().replace(b'"OK"', b'"NO"', 1))
-    assert verify_log(path, pinned(path), archives).first_bad == (
+    assert verify_log(backend.location(path), pinned(path), archives).first_bad == (
         1,
         f"archive {file.name} is not the file that was archived",
     )
     file.unlink()
-    assert verify_log(path, pinned(path), archives).first_bad == (
+    assert verify_log(backend.location(path), pinned(path), archives).first_bad == (
         1,
         f"archive {file.name} is missing",
     )
 
 
-def test_hiding_an_archive_is_caught(written: Callable[[int], Path]) -> None:
+def test_hiding_an_archive_is_caught(written: Callable[[int], Path], backend: Backend) -> None:
     path = written(8)
-    archive_now(path)
-    with sqlite3.connect(path) as db:
+    archive_now(backend, path)
+    with backend.sql(path) as db:
         db.execute("DELETE FROM archives")
     # The anchor checkpoint stays: it signed a record the live log no longer explains.
-    assert verify_log(path, pinned(path)).first_bad == (
+    assert verify_log(backend.location(path), pinned(path)).first_bad == (
         1,
         "missing: the log ends at 0, a checkpoint signed 8",
     )
 
 
-def test_nothing_newer_than_the_cutoff_is_archived(written: Callable[[int], Path]) -> None:
+def test_nothing_newer_than_the_cutoff_is_archived(
+    written: Callable[[int], Path], backend: Backend
+) -> None:
     path = written(8)
-    store = SQLiteAuditStore(path)
+    store = backend.store(path)
     try:
         assert archive(store, Path(f"{path}.archive"), T0) is None
     finally:
         store.close()
-    assert len(rows(path)) == 8
+    assert len(rows(backend, path)) == 8

@@ -5,7 +5,6 @@ inside its first checkpoint."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Sequence
@@ -19,9 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from signer._internal.audit import (
     AuditLog,
     AuditPaused,
+    AuditStore,
     Checkpoint,
     FileWitness,
-    SQLiteAuditStore,
     Witness,
     read_witness,
     verify_log,
@@ -30,6 +29,7 @@ from signer._internal.audit._log import NOT_ANSWERED, AuditKeyMismatch
 from signer.errors import Unavailable
 from signer.keys import SignMechanism
 from tests.unit.audit.fakes import (
+    Backend,
     SoftKey,
     event,
     pinned,
@@ -64,38 +64,41 @@ class Changes:
             return self._cv.wait_for(pred, timeout=10)
 
 
-def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey) -> None:
+def test_writes_fail_closed_and_resume(tmp_path: Path, soft: SoftKey, backend: Backend) -> None:
     """Another process holds the database: the call gets UNAVAILABLE naming why, new calls are
     refused while it lasts (health follows), nothing is half-written, and once the lock goes
     the writer writes the record it kept, by itself, and the chain continues."""
     path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
+    log = AuditLog(backend.store(path), checkpoint_every=100, checkpoint_interval=60)
     changes = Changes(log)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
     assert write(log, event(1)) == 1
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
-    with pytest.raises(Unavailable, match=r"the audit log cannot be written \(database is locked"):
-        write(log, event(2))
-    with pytest.raises(AuditPaused, match=r"cannot be written .* calls are refused until it can"):
-        log.check()
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    with backend.locked_out(path):
+        with pytest.raises(
+            Unavailable, match=rf"the audit log cannot be written \({backend.locked}"
+        ):
+            write(log, event(2))
+        with pytest.raises(
+            AuditPaused, match=r"cannot be written .* calls are refused until it can"
+        ):
+            log.check()
     assert changes.wait_for(lambda: log._write_failing is None)  # retried without a new call
     log.check()
     assert write(log, event(3)) == 3
     log.close()
-    assert verify_log(path, pinned(path)).whole
-    statuses = [(r[0], r[7]) for r in rows(path)]
+    assert verify_log(backend.location(path), pinned(path)).whole
+    statuses = [(r[0], r[7]) for r in rows(backend, path)]
     assert statuses == [(1, "OK"), (2, "OK" + NOT_ANSWERED), (3, "OK")]
 
 
-def test_coroutines_wait_for_their_own_records_and_failures(tmp_path: Path, soft: SoftKey) -> None:
+def test_coroutines_wait_for_their_own_records_and_failures(
+    tmp_path: Path, soft: SoftKey, backend: Backend
+) -> None:
     """``record`` (what the server awaits): 50 concurrent calls get 50 distinct sequence
     numbers once committed; with the database locked, each gets UNAVAILABLE, and their records
     are written when it is free again, saying so."""
     path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=1000, checkpoint_interval=60)
+    log = AuditLog(backend.store(path), checkpoint_every=1000, checkpoint_interval=60)
     changes = Changes(log)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
 
@@ -106,54 +109,55 @@ def test_coroutines_wait_for_their_own_records_and_failures(tmp_path: Path, soft
 
     got = asyncio.run(many(1))
     assert sorted(n for n in got if isinstance(n, int)) == list(range(1, 51)), got
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
-    failed = asyncio.run(many(51))
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    with backend.locked_out(path):
+        failed = asyncio.run(many(51))
     assert all(isinstance(f, Unavailable) for f in failed)
     assert changes.wait_for(lambda: log._write_failing is None and not log._kept)
     log.close()
-    written = rows(path)
+    written = rows(backend, path)
     assert len(written) == 100
     assert all(r[7] == "OK" + NOT_ANSWERED for r in written[50:])
-    assert verify_log(path, pinned(path)).whole
+    assert verify_log(backend.location(path), pinned(path)).whole
     with pytest.raises(Unavailable, match="the audit log is not running"):
         asyncio.run(log.record(event(101)))
 
 
-def test_a_stopped_log_refuses(tmp_path: Path) -> None:
-    log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"))
+def test_a_stopped_log_refuses(tmp_path: Path, backend: Backend) -> None:
+    log = AuditLog(backend.store(tmp_path / "audit.db"))
     with pytest.raises(Unavailable, match="the audit log is not running"):
         write(log, event(1))
     log.close()
 
 
 def test_records_across_wall_clock_jumps_verify_and_checkpoints_keep_their_pace(
-    tmp_path: Path, soft: SoftKey
+    tmp_path: Path,
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """Issue 12, clock jumps: records carry the wall clock's time, which may go back or leap
     forward; the chain does not depend on it (verify passes), and checkpoints are paced by
     count and by the monotonic clock, so a leap of years neither forces nor skips one."""
     path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
+    log = AuditLog(backend.store(path), checkpoint_every=100, checkpoint_interval=60)
     log.start(soft.make, tmp_path / "audit.db.key.pem")
     for i, years in enumerate((0, -6, 4, -10, 30)):
         e = event(i + 1)
         assert write(log, replace(e, time=e.time + timedelta(days=365 * years))) == i + 1
     assert log.store.last_checkpoint() == 0  # no leap of the wall clock made one due
     log.close()  # the last checkpoint, at stop
-    assert verify_log(path, pinned(path)).whole
+    assert verify_log(backend.location(path), pinned(path)).whole
 
 
 def test_a_foreign_audit_key_stops_the_log_for_good(
-    written: Callable[[int], Path], soft: SoftKey
+    written: Callable[[int], Path],
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """A checkpoint key that is not the pinned one is a tamper signal (issue 12): not a log line
     and a retry, but every record refused, saying why, until an operator restarts."""
     path = written(4)
     other = SoftKey()  # the token hands over another key than the one pinned
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=1)
+    log = AuditLog(backend.store(path), checkpoint_every=1)
     changes = Changes(log)
     log.start(other.make, Path(f"{path}.key.pem"))
     write(log, event(5))  # committed; its checkpoint then finds the foreign key
@@ -162,13 +166,15 @@ def test_a_foreign_audit_key_stops_the_log_for_good(
         log.check()  # no new call starts
     assert write(log, event(6)) == 6  # a call that was already running is still recorded
     log.close()
-    assert [r[0] for r in rows(path)] == [1, 2, 3, 4, 5, 6]
-    with sqlite3.connect(path) as db:  # nothing was signed with the foreign key
+    assert [r[0] for r in rows(backend, path)] == [1, 2, 3, 4, 5, 6]
+    with backend.sql(path) as db:  # nothing was signed with the foreign key
         assert db.execute("SELECT MAX(seq) FROM checkpoints").fetchone() == (4,)
 
 
 def test_a_pinned_key_the_token_does_not_hold_stops_the_log_at_its_first_checkpoint(
-    tmp_path: Path, soft: SoftKey
+    tmp_path: Path,
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """A pin the log does not record, and no checkpoint: what a first checkpoint cut short after
     its pin leaves, so the start accepts it (it used to stop at once: that was the crash's
@@ -177,7 +183,7 @@ def test_a_pinned_key_the_token_does_not_hold_stops_the_log_at_its_first_checkpo
     pin = tmp_path / "audit.db.key.pem"
     foreign = SoftKey()
     pin.write_bytes(_pem(foreign.public_der))
-    log = AuditLog(SQLiteAuditStore(tmp_path / "audit.db"), checkpoint_every=1)
+    log = AuditLog(backend.store(tmp_path / "audit.db"), checkpoint_every=1)
     changes = Changes(log)
     log.start(soft.make, pin)
     assert log.failure is None
@@ -188,7 +194,7 @@ def test_a_pinned_key_the_token_does_not_hold_stops_the_log_at_its_first_checkpo
     log.close()
     assert soft.asked == [(None, foreign.public_der)]  # adopt, never generate
     assert pin.read_bytes() == _pem(foreign.public_der)
-    with sqlite3.connect(tmp_path / "audit.db") as db:
+    with backend.sql(tmp_path / "audit.db") as db:
         assert db.execute("SELECT COUNT(*) FROM checkpoints").fetchone() == (0,)
         assert db.execute("SELECT COUNT(*) FROM audit_key").fetchone() == (0,)
 
@@ -211,6 +217,7 @@ class FlakyKey(SoftKey):
 
 def test_calls_are_refused_before_records_would_go_unsigned_beyond_the_bound(
     tmp_path: Path,
+    backend: Backend,
 ) -> None:
     """The token is away: records of calls that ran are committed all the same (what they did
     must be on record), while check() refuses new calls from three quarters of the bound; those
@@ -218,7 +225,7 @@ def test_calls_are_refused_before_records_would_go_unsigned_beyond_the_bound(
     key = FlakyKey()
     path = tmp_path / "audit.db"
     log = AuditLog(
-        SQLiteAuditStore(path),
+        backend.store(path),
         checkpoint_every=100,
         checkpoint_interval=0.05,
         max_unsigned_records=4,
@@ -239,11 +246,17 @@ def test_calls_are_refused_before_records_would_go_unsigned_beyond_the_bound(
     assert changes.wait_for(lambda: log._failing is None)
     log.check()
     log.close()
-    assert [(r[3], r[5], r[7]) for r in rows(path)][-1] == ("AuditPaused", 7, "UNAVAILABLE")
-    assert verify_log(path, pinned(path), max_unsigned_records=4).whole
+    assert [(r[3], r[5], r[7]) for r in rows(backend, path)][-1] == (
+        "AuditPaused",
+        7,
+        "UNAVAILABLE",
+    )
+    assert verify_log(backend.location(path), pinned(path), max_unsigned_records=4).whole
 
 
-def test_an_outage_then_a_restart_leaves_a_genuine_log_that_starts(tmp_path: Path) -> None:
+def test_an_outage_then_a_restart_leaves_a_genuine_log_that_starts(
+    tmp_path: Path, backend: Backend
+) -> None:
     """The second review's case: the token host away, calls refused by the gate, a restart
     while it is still away. The tail stays within the bound (the refused calls are counted, not
     recorded), so the restarted log is not taken for a tampered one; once the token is back,
@@ -253,7 +266,7 @@ def test_an_outage_then_a_restart_leaves_a_genuine_log_that_starts(tmp_path: Pat
 
     def open_log() -> tuple[AuditLog, Changes]:
         log = AuditLog(
-            SQLiteAuditStore(path),
+            backend.store(path),
             checkpoint_every=100,
             checkpoint_interval=0.05,
             max_unsigned_records=4,
@@ -278,15 +291,17 @@ def test_an_outage_then_a_restart_leaves_a_genuine_log_that_starts(tmp_path: Pat
     key.down = False
     assert changes.wait_for(lambda: log._unsigned == 0)
     log.close()
-    assert [(r[3], r[5]) for r in rows(path)][-1] == ("AuditPaused", 100)
-    assert verify_log(path, pinned(path), max_unsigned_records=4).whole
+    assert [(r[3], r[5]) for r in rows(backend, path)][-1] == ("AuditPaused", 100)
+    assert verify_log(backend.location(path), pinned(path), max_unsigned_records=4).whole
 
 
-def test_a_batch_that_would_cross_the_bound_is_split_by_a_checkpoint(tmp_path: Path) -> None:
+def test_a_batch_that_would_cross_the_bound_is_split_by_a_checkpoint(
+    tmp_path: Path, backend: Backend
+) -> None:
     path = tmp_path / "audit.db"
     soft = SoftKey()
     log = AuditLog(
-        SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60, max_unsigned_records=2
+        backend.store(path), checkpoint_every=100, checkpoint_interval=60, max_unsigned_records=2
     )
     log.start(soft.make, tmp_path / "audit.db.key.pem")
 
@@ -295,102 +310,115 @@ def test_a_batch_that_would_cross_the_bound_is_split_by_a_checkpoint(tmp_path: P
 
     assert asyncio.run(together()) == [1, 2, 3]  # queued at once: one batch of three
     log.close()
-    with sqlite3.connect(path) as db:
+    with backend.sql(path) as db:
         assert [r[0] for r in db.execute("SELECT seq FROM checkpoints")] == [2, 3]
-    assert verify_log(path, pinned(path), max_unsigned_records=2).whole
+    assert verify_log(backend.location(path), pinned(path), max_unsigned_records=2).whole
 
 
 # --- the writer vouches for what it signs (issue 11's review) ------------------------------
 
 
-def restarted(path: Path, soft: SoftKey, witnesses: Sequence[Witness] = ()) -> AuditLog:
+def restarted(
+    backend: Backend, path: Path, soft: SoftKey, witnesses: Sequence[Witness] = ()
+) -> AuditLog:
     log = AuditLog(
-        SQLiteAuditStore(path), checkpoint_every=4, checkpoint_interval=60, witnesses=witnesses
+        backend.store(path), checkpoint_every=4, checkpoint_interval=60, witnesses=witnesses
     )
     log.start(soft.make, Path(f"{path}.key.pem"))
     return log
 
 
 def test_a_restart_does_not_sign_over_a_tail_longer_than_the_bound(
-    written: Callable[[int], Path], soft: SoftKey
+    written: Callable[[int], Path],
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """The reviewer's attack: checkpoints after 4 deleted and the records after it rewritten
     (any number, hashes recomputed). A restart used to sign all of it at its first checkpoint,
     and verify passed after. Now the writer finds a tail no writer of its own would leave."""
     path = written(13)
-    with sqlite3.connect(path) as db:
+    with backend.sql(path) as db:
         db.execute("DELETE FROM checkpoints WHERE seq > 4")
-    log = restarted(path, soft)  # the bound: 8 records (two checkpoints' worth)
+    log = restarted(backend, path, soft)  # the bound: 8 records (two checkpoints' worth)
     assert log.failure is not None
     assert "record 5: records 5 to 13 (9) are under no signed checkpoint" in log.failure
     with pytest.raises(AuditPaused, match="the audit log does not verify"):
         log.check()
     write(log, event(14))  # were a call already running, its record would go in: unsigned
     log.close()
-    with sqlite3.connect(path) as db:
+    with backend.sql(path) as db:
         assert db.execute("SELECT MAX(seq) FROM checkpoints").fetchone() == (4,)
 
 
 def test_a_restart_does_not_sign_over_a_tail_the_witness_contradicts(
-    tmp_path: Path, soft: SoftKey
+    tmp_path: Path,
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
-    path, witness = witnessed_log(tmp_path, soft, 10)  # checkpoints 4, 8, 10
-    with sqlite3.connect(path) as db:
+    path, witness = witnessed_log(backend, tmp_path, soft, 10)  # checkpoints 4, 8, 10
+    with backend.sql(path) as db:
         db.execute("DELETE FROM checkpoints WHERE seq > 4")
         db.execute("DELETE FROM records WHERE seq > 6")  # cut: short enough for the bound
-    log = restarted(path, soft, witnesses=[FileWitness(witness)])
+    log = restarted(backend, path, soft, witnesses=[FileWitness(witness)])
     assert log.failure is not None
     assert "saw a checkpoint at it that the log does not bear out" in log.failure
     log.close()
 
 
 def test_a_restart_does_not_sign_a_log_whose_pinned_key_it_lost(
-    written: Callable[[int], Path], soft: SoftKey
+    written: Callable[[int], Path],
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     path = written(6)
-    with sqlite3.connect(path) as db:
+    with backend.sql(path) as db:
         db.execute("DELETE FROM audit_key")
-    log = restarted(path, soft)
+    log = restarted(backend, path, soft)
     assert log.failure is not None
     assert "an audit key is pinned, but the log carries none" in log.failure
     log.close()
 
 
 def test_a_restart_does_not_pin_a_key_only_the_log_names(
-    written: Callable[[int], Path], soft: SoftKey
+    written: Callable[[int], Path], soft: SoftKey, backend: Backend
 ) -> None:
     """The pin removed: the key the log records may be whoever removed it's. Nothing is pinned
     anew, and nothing signed (review)."""
     path = written(6)
     Path(f"{path}.key.pem").unlink()
-    log = restarted(path, soft)
+    log = restarted(backend, path, soft)
     assert log.failure is not None
     assert "the log has an audit key or checkpoints, but none is pinned" in log.failure
     log.close()
     assert not Path(f"{path}.key.pem").exists()
 
 
-def test_a_genuine_log_restarts_and_goes_on(tmp_path: Path, soft: SoftKey) -> None:
+def test_a_genuine_log_restarts_and_goes_on(
+    tmp_path: Path, soft: SoftKey, backend: Backend
+) -> None:
     """The positive control of the start check, on a real tail: a crash came after the
     checkpoint at 10 reached the witness and before it reached the store, so records 9 and 10
     are unsigned in the log, and the witness has a newer checkpoint than the log: all genuine."""
-    path, witness = witnessed_log(tmp_path, soft, 10)  # checkpoints 4, 8, 10
-    with sqlite3.connect(path) as db:
+    path, witness = witnessed_log(backend, tmp_path, soft, 10)  # checkpoints 4, 8, 10
+    with backend.sql(path) as db:
         db.execute("DELETE FROM checkpoints WHERE seq = 10")
-    log = restarted(path, soft, witnesses=[FileWitness(witness)])
+    log = restarted(backend, path, soft, witnesses=[FileWitness(witness)])
     assert log.failure is None
     assert write(log, event(11)) == 11
     log.close()
-    assert verify_log(path, pinned(path), witnesses=[witness]).whole
+    assert verify_log(backend.location(path), pinned(path), witnesses=[witness]).whole
 
 
 def test_a_writer_that_crashes_answers_every_call_and_stops_for_good(
-    tmp_path: Path, soft: SoftKey, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    soft: SoftKey,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: Backend,
 ) -> None:
     class Boom(BaseException):
         pass
 
-    store = SQLiteAuditStore(tmp_path / "audit.db")
+    store = backend.store(tmp_path / "audit.db")
     log = AuditLog(store, checkpoint_every=100, checkpoint_interval=60)
     log.on_change(lambda: (_ for _ in ()).throw(RuntimeError("a listener that fails")))
     log.start(soft.make, tmp_path / "audit.db.key.pem")
@@ -414,13 +442,17 @@ class Killed(BaseException):
     """The process dies here (raised where a SIGKILL would land; nothing after it runs)."""
 
 
-class KilledStore(SQLiteAuditStore):
+def killed_store(backend: Backend, path: Path) -> AuditStore:
     """A store whose process dies as it would store a checkpoint (before its transaction)."""
 
     def add_checkpoint(
-        self, checkpoint: Checkpoint, audit_key: tuple[bytes, bytes] | None = None
+        self: object, checkpoint: Checkpoint, audit_key: tuple[bytes, bytes] | None = None
     ) -> None:
         raise Killed
+
+    cls = type("KilledStore", (backend.store_class,), {"add_checkpoint": add_checkpoint})
+    store: AuditStore = cls(backend.location(path))
+    return store
 
 
 class KilledKey(SoftKey):
@@ -431,7 +463,7 @@ class KilledKey(SoftKey):
 
 
 def first_checkpoint_killed(
-    path: Path, store: SQLiteAuditStore, key: SoftKey, witness: Path | None = None
+    path: Path, store: AuditStore, key: SoftKey, witness: Path | None = None
 ) -> None:
     """Three records, then the log's first checkpoint, in which the process dies; what is on
     disk stays as the kill left it (the dead log writes nothing more)."""
@@ -450,13 +482,15 @@ def first_checkpoint_killed(
     log.close()
 
 
-def restart_and_go_on(path: Path, key: SoftKey, witness: Path | None = None) -> None:
+def restart_and_go_on(
+    backend: Backend, path: Path, key: SoftKey, witness: Path | None = None
+) -> None:
     """The next start: it vouches for the log, and its first checkpoint is signed with the
     pinned key (adopted, never generated anew: the token is asked for the pinned one)."""
     pin = Path(f"{path}.key.pem")
     before = pin.read_bytes() if pin.exists() else None
     log = AuditLog(
-        SQLiteAuditStore(path),
+        backend.store(path),
         checkpoint_every=100,
         checkpoint_interval=60,
         witnesses=[FileWitness(witness)] if witness else [],
@@ -469,14 +503,19 @@ def restart_and_go_on(path: Path, key: SoftKey, witness: Path | None = None) -> 
     if before is not None:
         assert pin.read_bytes() == before
         assert key.asked[-1] == (None, SoftKey.der_of(before))
-    assert verify_log(path, pin.read_bytes(), witnesses=[witness] if witness else []).whole
-    with sqlite3.connect(path) as db:
+    assert verify_log(
+        backend.location(path), pin.read_bytes(), witnesses=[witness] if witness else []
+    ).whole
+    with backend.sql(path) as db:
         assert db.execute("SELECT seq FROM checkpoints").fetchall() == [(4,)]
         assert db.execute("SELECT public_key FROM audit_key").fetchone() == (key.public_der,)
 
 
 def test_a_crash_before_the_pin_leaves_no_pin_and_a_young_log(
-    tmp_path: Path, soft: SoftKey, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    soft: SoftKey,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: Backend,
 ) -> None:
     """The key generated, its pin written to the file beside the pin but not yet renamed into
     place: no pin (nor a part of one), the log naming no key. The token's object is an orphan
@@ -487,57 +526,63 @@ def test_a_crash_before_the_pin_leaves_no_pin_and_a_young_log(
         raise Killed
 
     monkeypatch.setattr("signer._internal.files.os.replace", killed)
-    first_checkpoint_killed(path, SQLiteAuditStore(path), soft)
+    first_checkpoint_killed(path, backend.store(path), soft)
     monkeypatch.undo()
     assert not Path(f"{path}.key.pem").exists()
-    assert verify_log(path, None).whole  # a young log, nothing pinned
-    restart_and_go_on(path, soft)
+    assert verify_log(backend.location(path), None).whole  # a young log, nothing pinned
+    restart_and_go_on(backend, path, soft)
     assert soft.asked == [(None, None), (None, None)]  # a new key each time: nothing pinned
     assert stat.S_IMODE(Path(f"{path}.key.pem").stat().st_mode) == 0o600
 
 
 def test_a_crash_after_the_pin_before_the_signature_is_adopted(
-    tmp_path: Path, soft: SoftKey
+    tmp_path: Path,
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """Pinned, the token killed inside the signature: a pin the log does not record, no
     checkpoint. verify calls it a log whose first checkpoint never completed; the next start
     adopts the pinned key and records it with its first checkpoint."""
     path = tmp_path / "audit.db"
     dying = KilledKey()
-    first_checkpoint_killed(path, SQLiteAuditStore(path), dying)
+    first_checkpoint_killed(path, backend.store(path), dying)
     pin = Path(f"{path}.key.pem")
     assert pin.read_bytes() == _pem(dying.public_der)
-    assert verify_log(path, pin.read_bytes()).whole
-    with sqlite3.connect(path) as db:
+    assert verify_log(backend.location(path), pin.read_bytes()).whole
+    with backend.sql(path) as db:
         assert db.execute("SELECT COUNT(*) FROM audit_key").fetchone() == (0,)
     same = SoftKey()
     same.key, same.public_der = dying.key, dying.public_der  # the token's key, alive again
-    restart_and_go_on(path, same)
+    restart_and_go_on(backend, path, same)
 
 
 def test_a_crash_after_the_witness_before_the_store_is_adopted(
-    tmp_path: Path, soft: SoftKey
+    tmp_path: Path,
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """Signed and witnessed, killed before the store's transaction (which records the key and
     the checkpoint together): the witness has a first checkpoint the log does not; the records
     bear it out, so verify and the start accept it, and the next start adopts the key."""
     path, witness = tmp_path / "audit.db", tmp_path / "witness.jsonl"
-    first_checkpoint_killed(path, KilledStore(path), soft, witness)
+    first_checkpoint_killed(path, killed_store(backend, path), soft, witness)
     assert [c.seq for _, c in read_witness(witness)] == [3]
     pin = Path(f"{path}.key.pem").read_bytes()
-    assert verify_log(path, pin, witnesses=[witness]).whole
-    restart_and_go_on(path, soft, witness)
+    assert verify_log(backend.location(path), pin, witnesses=[witness]).whole
+    restart_and_go_on(backend, path, soft, witness)
     assert [(c.seq, c.prev) for _, c in read_witness(witness)] == [(3, 0), (4, 0)]
 
 
 def test_a_first_checkpoint_that_failed_retries_with_the_same_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: Backend,
 ) -> None:
     """A pin that cannot be written (a full disk) fails the checkpoint, which is retried with
     the key already generated, not with a new one each time (orphans every retry)."""
     key = SoftKey()
     path = tmp_path / "audit.db"
-    log = AuditLog(SQLiteAuditStore(path), checkpoint_every=100, checkpoint_interval=60)
+    log = AuditLog(backend.store(path), checkpoint_every=100, checkpoint_interval=60)
     log.start(key.make, Path(f"{path}.key.pem"))
     write(log, event(1))
 
@@ -552,27 +597,30 @@ def test_a_first_checkpoint_that_failed_retries_with_the_same_key(
     log.checkpoint()
     log.close()
     assert key.asked == [(None, None)]
-    assert verify_log(path, pinned(path)).whole
+    assert verify_log(backend.location(path), pinned(path)).whole
 
 
 def test_a_pin_emptied_or_damaged_is_refused_by_name(
-    written: Callable[[int], Path], tmp_path: Path, soft: SoftKey
+    written: Callable[[int], Path],
+    tmp_path: Path,
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """What a pin written in place (truncate, then write) left after a kill: no traceback, a
     refusal naming the pin, by the start and by verify; and a young log's too."""
     path = written(6)
     for damaged in (b"", b"-----BEGIN PUBLIC KEY-----\nMFkw\n"):
         Path(f"{path}.key.pem").write_bytes(damaged)
-        assert verify_log(path, damaged).first_bad == (
+        assert verify_log(backend.location(path), damaged).first_bad == (
             0,
             "the pinned audit key is no public key (its file emptied or damaged): restore it",
         )
-        log = restarted(path, soft)
+        log = restarted(backend, path, soft)
         assert log.failure is not None
         assert "the pinned audit key is no public key" in log.failure
         log.close()
     young = tmp_path / "young.db"
-    log = AuditLog(SQLiteAuditStore(young), checkpoint_every=100, checkpoint_interval=60)
+    log = AuditLog(backend.store(young), checkpoint_every=100, checkpoint_interval=60)
     log.start(soft.make, Path(f"{young}.key.pem"))
     write(log, event(1))
     Path(f"{young}.key.pem").write_bytes(b"")  # emptied after the start
@@ -584,35 +632,42 @@ def test_a_pin_emptied_or_damaged_is_refused_by_name(
 
 
 def test_a_log_that_names_its_key_without_a_checkpoint_is_tampered(
-    written: Callable[[int], Path], soft: SoftKey
+    written: Callable[[int], Path],
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """The key is recorded with the first checkpoint, in one transaction: a log that names it
     and has no checkpoint had them removed, for verify and (now) for the start alike."""
     path = written(6)
-    with sqlite3.connect(path) as db:
+    with backend.sql(path) as db:
         db.execute("DELETE FROM checkpoints")
-    assert verdict_of(path) == (1, "the log names its audit key, but has no checkpoint (removed)")
-    log = restarted(path, soft)
+    assert verdict_of(backend, path) == (
+        1,
+        "the log names its audit key, but has no checkpoint (removed)",
+    )
+    log = restarted(backend, path, soft)
     assert log.failure is not None
     assert "the log names its audit key, but has no checkpoint (removed)" in log.failure
     log.close()
 
 
 def test_checkpoints_and_key_removed_are_caught_by_a_witness_after_a_stored_one(
-    tmp_path: Path, soft: SoftKey
+    tmp_path: Path,
+    soft: SoftKey,
+    backend: Backend,
 ) -> None:
     """Checkpoints and key removed from a log short enough for the bound: it looks like a first
     checkpoint cut short, but the witness saw one that follows a stored checkpoint."""
-    path, witness = witnessed_log(tmp_path, soft, 6)  # checkpoints 4, 6
-    with sqlite3.connect(path) as db:
+    path, witness = witnessed_log(backend, tmp_path, soft, 6)  # checkpoints 4, 6
+    with backend.sql(path) as db:
         db.execute("DELETE FROM checkpoints")
         db.execute("DELETE FROM audit_key")
-    assert verify_log(path, pinned(path), witnesses=[witness]).first_bad == (
+    assert verify_log(backend.location(path), pinned(path), witnesses=[witness]).first_bad == (
         6,
         f"the witness {witness.name} (line 2) saw a checkpoint at 6 that follows a stored one, "
         "and the log has neither a checkpoint nor its audit key (removed)",
     )
-    log = restarted(path, soft, witnesses=[FileWitness(witness)])
+    log = restarted(backend, path, soft, witnesses=[FileWitness(witness)])
     assert log.failure is not None
     assert "saw a checkpoint at 6 that follows a stored one" in log.failure
     log.close()
@@ -620,6 +675,7 @@ def test_checkpoints_and_key_removed_are_caught_by_a_witness_after_a_stored_one(
 
 def test_a_failed_checkpoint_is_tried_again_as_soon_as_the_writer_is_woken(
     tmp_path: Path,
+    backend: Backend,
 ) -> None:
     """The soak: after the token host came back, calls stayed refused for up to the checkpoint
     interval, since nothing made the writer try the failed checkpoint again. The service wakes
@@ -627,7 +683,7 @@ def test_a_failed_checkpoint_is_tried_again_as_soon_as_the_writer_is_woken(
     key = FlakyKey()
     path = tmp_path / "audit.db"
     log = AuditLog(
-        SQLiteAuditStore(path), checkpoint_every=2, checkpoint_interval=3600, max_unsigned_records=8
+        backend.store(path), checkpoint_every=2, checkpoint_interval=3600, max_unsigned_records=8
     )
     changes = Changes(log)
     log.start(key.make, tmp_path / "audit.db.key.pem")
@@ -638,4 +694,4 @@ def test_a_failed_checkpoint_is_tried_again_as_soon_as_the_writer_is_woken(
     log.wake()
     assert changes.wait_for(lambda: log._failing is None)
     log.close()
-    assert verify_log(path, pinned(path), max_unsigned_records=8).whole
+    assert verify_log(backend.location(path), pinned(path), max_unsigned_records=8).whole

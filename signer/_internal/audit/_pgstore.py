@@ -1,0 +1,253 @@
+"""The audit log on PostgreSQL (issue 16): :class:`PostgresAuditStore`, the same hash chain as
+the SQLite store's in a database's schema. Chosen by ``[audit] path = "postgresql://..."``
+(:func:`signer._internal.audit._store.open_audit_store`); SQLite stays the default. Its reads
+and writes are :class:`~signer._internal.audit._store.Tables`', shared with SQLite.
+
+* **One writer, which vouches for what it signs.** The writer chains its records in memory;
+  the append checks, under the chain's transaction-scoped lock and in the transaction that
+  inserts them, that the log's head is where the writer left it, and a checkpoint that it
+  follows the newest one: a record forged into a running log, or a second writer, stops the log
+  (:class:`~signer._internal.audit._store.ChainMoved`) rather than being signed over (REVIEW.md
+  1 and 2: an append that chained after whatever head it found did that). The writer's
+  connection holds a session lock, so a second service on the same log is refused at start.
+* **The schema is the service's**, through the key store's ``schema_version`` mechanism
+  (:func:`signer._internal.pgstore.migrate`, component ``audit``). Locks are named per schema.
+* **Fail closed, not hang**: ``lock_timeout`` (the SQLite store's busy timeout) fails a write
+  whose lock is held too long; ``synchronous_commit`` is raised to ``on`` where weaker; a
+  read-only server (a standby behind the same name) is refused by ``target_session_attrs``.
+  Every psycopg fault is one line, class and SQLSTATE: callers' statuses carry no host or role.
+* **A COMMIT whose connection broke** has an unknown outcome:
+  :class:`~signer._internal.audit._store.CommitUnknown`; the writer reads back whether its
+  records are there before it answers their calls.
+* **verify reads one snapshot**: a read-only store is one REPEATABLE READ, read-only
+  transaction, so records, checkpoints and archives are of one moment while the writer goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeAlias, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
+
+from signer._internal.audit._store import CommitUnknown, StoreUnavailable, Tables
+from signer._internal.pgstore import LOCK_NAMESPACE, migrate, xact_lock
+from signer._internal.store import translating
+from signer.errors import FailedPrecondition
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Connection: TypeAlias = psycopg.Connection[tuple[Any, ...]]
+
+# (version, SQL): applied in order, never edited once released, only appended to.
+AUDIT_MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+CREATE TABLE records (
+    seq BIGINT PRIMARY KEY,
+    time TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    status TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE checkpoints (
+    seq BIGINT PRIMARY KEY,
+    hash TEXT NOT NULL,
+    time TEXT NOT NULL,
+    signature BYTEA NOT NULL,
+    prev BIGINT
+);
+CREATE TABLE audit_key (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    key_id BYTEA NOT NULL,
+    public_key BYTEA NOT NULL
+);
+CREATE TABLE archives (
+    last_seq BIGINT PRIMARY KEY,
+    first_seq BIGINT NOT NULL,
+    last_hash TEXT NOT NULL,
+    file TEXT NOT NULL,
+    sha256 TEXT NOT NULL
+);
+""",
+    ),
+)
+
+_SYNCHRONOUS = (
+    "SELECT set_config('synchronous_commit', 'on', false) "
+    "WHERE current_setting('synchronous_commit') IN ('off', 'local')"
+)
+# The writer's session lock: held by its connection for as long as it lives, so a second
+# service writing the same log is refused at its start, by name (the head check in every append
+# would stop one of them anyway, later and less clearly). Released by the server when the
+# connection goes, so a writer that died holds nothing. Connecting again (after a cut), the
+# writer waits for it up to lock_timeout: its old session may not be gone yet.
+_WRITER_LOCK = (
+    "SELECT pg_{}advisory_lock(%s, hashtext(coalesce(current_schema(), '') || ':' || %s))"
+)
+
+log = logging.getLogger("signer.audit")
+
+
+def _mapped(fn: Callable[P, R]) -> Callable[P, R]:
+    """Every psycopg fault as one line naming its class and SQLSTATE (the log puts it in refused
+    calls' statuses and health, which must not carry the server's host, port or role); the
+    whole message goes to the service's log."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from None
+
+    return call
+
+
+def _unavailable(exc: psycopg.Error) -> StoreUnavailable:
+    log.warning("audit database error", extra={"error": _why(exc)})
+    code = f", SQLSTATE {exc.sqlstate}" if exc.sqlstate else ""
+    return StoreUnavailable(f"the audit database cannot be used ({type(exc).__name__}{code})")
+
+
+def _why(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@translating(_mapped)
+class PostgresAuditStore(Tables):
+    """The audit log in a PostgreSQL database (the schema on the DSN's search_path). One
+    connection (the log's writer is one thread), opened again after it breaks; it holds the
+    log's writer lock. ``timeout``: how long a write waits for a lock before failing (closed)."""
+
+    def __init__(self, dsn: str, read_only: bool = False, timeout: float = 2.0) -> None:
+        self._read_only = read_only
+        # Added to the DSN's own options (a search_path, say), not in their place.
+        ours = f"-c lock_timeout={int(timeout * 1000)} -c statement_timeout=30000"
+        theirs = str(conninfo_to_dict(dsn).get("options") or "")
+        self._conninfo = make_conninfo(
+            dsn, options=f"{theirs} {ours}".strip(), target_session_attrs="read-write"
+        )
+        if read_only:  # verify may read a standby
+            self._conninfo = make_conninfo(self._conninfo, target_session_attrs="any")
+        self._conn: Connection | None = None
+        self._connected = False  # the writer lock was ours once: wait for it when connecting again
+        try:
+            conn = self._connection()
+            if read_only:
+                if not self._has_log(conn):
+                    raise FileNotFoundError("no audit log in this database")
+            else:
+                migrate(conn, "audit", AUDIT_MIGRATIONS)
+        except psycopg.Error as exc:
+            self.close()
+            raise _unavailable(exc) from None
+        except BaseException:  # a newer database refused, no log, another writer
+            self.close()
+            raise
+
+    def _connection(self) -> Connection:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._read_only:
+            # One snapshot for everything verify reads (the transaction ends at close).
+            conn = psycopg.connect(self._conninfo, autocommit=False)
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+        else:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+            try:
+                conn.execute(_SYNCHRONOUS)
+                first = not self._connected
+                lock = _WRITER_LOCK.format("try_" if first else "")
+                row = conn.execute(lock, (LOCK_NAMESPACE, "audit-writer")).fetchone()
+            except BaseException:
+                conn.close()
+                raise
+            if first and not (row and row[0]):
+                conn.close()
+                raise FailedPrecondition(
+                    "another service is writing this audit log (its writer lock is held): one "
+                    "writer per log"
+                )
+            self._connected = True
+        self._conn = conn
+        return conn
+
+    @staticmethod
+    def _has_log(conn: Connection) -> bool:
+        row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return False
+        row = conn.execute(
+            "SELECT version FROM schema_version WHERE component = 'audit'"
+        ).fetchone()
+        if row is None:
+            return False
+        if int(row[0]) > AUDIT_MIGRATIONS[-1][0]:
+            raise FailedPrecondition(
+                f"the database's audit schema is version {row[0]}, newer than this code's "
+                f"{AUDIT_MIGRATIONS[-1][0]}: upgrade signer"
+            )
+        return True
+
+    def _read(self) -> Connection:
+        return self._connection()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """BEGIN ... COMMIT holding the chain's lock. Lost before COMMIT was sent: nothing
+        written (the server rolls back). Lost during it: :class:`CommitUnknown`."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            xact_lock(conn, "audit-chain")
+            yield conn
+        except BaseException:
+            if not conn.broken:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except psycopg.Error as exc:
+            if conn.broken:
+                log.warning("audit database error at COMMIT", extra={"error": _why(exc)})
+                raise CommitUnknown(
+                    "the audit database's connection broke during COMMIT: its outcome is "
+                    f"unknown ({type(exc).__name__})"
+                ) from None
+            raise
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        conn = self._connection()
+        if self._read_only or conn.info.transaction_status != TransactionStatus.IDLE:
+            yield  # verify's connection is one snapshot already
+            return
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            yield
+        finally:
+            if not conn.broken:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,133 @@
+"""A PostgreSQL connection cut exactly where a test wants it: at COMMIT.
+
+:class:`CommitCutter` listens on a socket of its own and relays every connection to the test
+cluster's socket, byte for byte. Armed (:meth:`CommitCutter.cut`), the next client message that
+carries ``COMMIT`` ends its connection: with ``landed=True`` after the server has answered it
+(the transaction is committed, the client never hears so), with ``landed=False`` before the
+server sees it (the server rolls back when the connection goes). Either way the client's COMMIT
+fails on a broken connection: the one case whose outcome it cannot know. Later connections are
+relayed untouched. Real sockets and a real server; only the timing is the test's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+_SOCKET = ".s.PGSQL.5432"
+
+
+class CommitCutter:
+    def __init__(self, dsn: str) -> None:
+        parts = urlsplit(dsn)
+        query = dict(parse_qsl(parts.query))
+        self._server = str(Path(query["host"]) / _SOCKET)
+        self._dir = Path(tempfile.mkdtemp(prefix="pgcut-"))
+        query["host"] = str(self._dir)
+        # (urlunsplit drops the '//' of an empty host: "postgresql:/db".)
+        self.dsn = (
+            f"{parts.scheme}://{parts.netloc}{parts.path}?{urlencode(query, quote_via=quote)}"
+        )
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self._dir / _SOCKET))
+        self._listener.listen(16)
+        self._armed: bool | None = None  # None: relay; else cut the next COMMIT, landed or not
+        self._lock = threading.Lock()
+        self.cuts = 0
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, landed: bool) -> None:
+        with self._lock:
+            self._armed = landed
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(self._server)
+            self._open += [client, server]
+            link = _Link(client, server)
+            threading.Thread(target=self._upstream, args=(link,), daemon=True).start()
+            threading.Thread(target=link.downstream, daemon=True).start()
+
+    def _upstream(self, link: _Link) -> None:
+        while data := _recv(link.client):
+            with self._lock:
+                armed = self._armed if b"COMMIT\x00" in data else None
+                if armed is not None:
+                    self._armed = None
+            if armed is None:
+                link.server.sendall(data)
+                continue
+            if armed:
+                link.held.set()  # the server's answer is not passed on from here
+                link.server.sendall(data)
+                link.answered.wait(5)  # ReadyForQuery: committed
+            _close(link.client, link.server)
+            self.cuts += 1
+            return
+        _close(link.client, link.server)
+
+    def close(self) -> None:
+        self._listener.close()
+        for s in list(self._open):
+            _close(s)
+        with contextlib.suppress(OSError):
+            os.unlink(self._dir / _SOCKET)
+            os.rmdir(self._dir)
+
+
+class _Link:
+    """One relayed connection; the server's bytes go on to the client until ``held``."""
+
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.client, self.server = client, server
+        self.held = threading.Event()
+        self.answered = threading.Event()  # held, and the server said ReadyForQuery since
+
+    def downstream(self) -> None:
+        seen = b""
+        while data := _recv(self.server):
+            if self.held.is_set():
+                seen = seen[-8:] + data
+                if b"Z\x00\x00\x00\x05" in seen:
+                    self.answered.set()
+                continue
+            try:
+                self.client.sendall(data)
+            except OSError:
+                break
+        _close(self.server, self.client)
+
+
+def _recv(s: socket.socket) -> bytes:
+    try:
+        return s.recv(65536)
+    except OSError:
+        return b""
+
+
+def _close(*sockets: socket.socket) -> None:
+    for s in sockets:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+
+@contextlib.contextmanager
+def commit_cutter(dsn: str) -> Iterator[CommitCutter]:
+    cutter = CommitCutter(dsn)
+    try:
+        yield cutter
+    finally:
+        cutter.close()
