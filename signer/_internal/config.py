@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from signer._internal.metrics import parse_address
 from signer.errors import ConfigError, shown
@@ -554,20 +554,134 @@ def _validate(cfg: Config) -> None:
         )
 
 
-def _validate_store(location: str) -> None:
-    """``store.path``: an SQLite file, or a PostgreSQL database as a libpq URL (issue 16). A
-    URL carries no password: the service reads secrets from owner-only files (DESIGN.md 9),
-    here libpq's ``passfile``, never from the configuration or the environment."""
+# libpq parameters a store URL must not carry: secrets (DESIGN.md 9: from owner-only files, never
+# the configuration), and a service file, which can hold any of them out of the configuration's
+# sight.
+STORE_SECRET_PARAMETERS = ("password", "sslpassword")
+STORE_REFUSED_PARAMETERS = (*STORE_SECRET_PARAMETERS, "service", "servicefile")
+# A TCP connection must prove the server's identity: anything weaker (libpq's default "prefer"
+# included) lets a network attacker downgrade it and rewrite rows in flight.
+STORE_TLS_MODES = ("verify-full", "verify-ca")
+# The schema of the service's tables, named in the URL (options=-csearch_path=NAME): an unquoted
+# identifier, so that current_schema() returns it as written.
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_$]{0,62}")
+_SEARCH_PATH = re.compile(r"^(?:-c|--)search_path=(.*)$")
+
+
+def _validate_store(location: str, name: str = "store.path") -> None:
+    """``store.path`` (or the CLI's ``--db``, ``name``): an SQLite file, or a PostgreSQL
+    database as a libpq URL (issue 16). A URL carries no secret: the service reads them from
+    owner-only files (DESIGN.md 9), here libpq's ``passfile``, never from the configuration or
+    the environment. Messages name the parameter, never a secret's value (REVIEW.md 7)."""
     if "://" not in location:
+        if "=" in location:
+            # "host=db dbname=keys password=..." would otherwise be an SQLite file of that name.
+            raise ConfigError(
+                f"{name} looks like a libpq key=value string, which is taken for an SQLite file: "
+                "give a PostgreSQL database as a postgresql:// URL"
+            )
         return
     scheme = location.split("://", 1)[0]
     if f"{scheme}://" not in STORE_URL_SCHEMES:
         raise ConfigError(
-            f"store.path must be a file or a postgresql:// URL, got a {shown(scheme)}:// URL"
+            f"{name} must be a file or a postgresql:// URL, got a {shown(scheme)}:// URL"
         )
-    parts = urlsplit(location)
-    if parts.password is not None or "password" in parse_qs(parts.query):
+    params = store_parameters(location, name)
+    if "password" in params:
         raise ConfigError(
-            "store.path must not carry the database's password: give it in an owner-only "
+            f"{name} must not carry the database's password: give it in an owner-only "
             "file with libpq's passfile=/path (or a client certificate)"
         )
+    for refused in STORE_REFUSED_PARAMETERS:
+        if refused in params:
+            raise ConfigError(
+                f"{name} must not carry {refused}=: the service takes every connection parameter "
+                "from the URL, and secrets from owner-only files (passfile=, sslkey=)"
+            )
+    hosts = [h for h in params.get("host", "").split(",") if h]
+    tcp = bool(params.get("hostaddr")) or any(not h.startswith(("/", "@")) for h in hosts)
+    if tcp and params.get("sslmode") not in STORE_TLS_MODES:
+        raise ConfigError(
+            f"{name} names a host over TCP: it needs sslmode=verify-full (or verify-ca), lest a "
+            "network attacker read or rewrite the key store's rows in flight"
+        )
+    if "passfile" in params:
+        _check_passfile(params["passfile"], name)
+    store_schema(params, name)
+
+
+def store_parameters(location: str, name: str = "store.path") -> dict[str, str]:
+    """The libpq parameters of a ``postgresql://`` URL, as libpq itself parses them."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ConfigError(
+            f"{name} is a PostgreSQL URL, and psycopg is not installed (the service extra)"
+        ) from None
+    try:
+        parsed = conninfo_to_dict(location)
+    except Exception:
+        # libpq's message quotes the URL, password and all.
+        raise ConfigError(f"{name} is not a valid PostgreSQL URL (libpq cannot parse it)") from None
+    return {k: str(v) for k, v in parsed.items() if v is not None}
+
+
+def store_schema(params: Mapping[str, str], name: str = "store.path") -> str:
+    """The one schema a store URL names (``options=-csearch_path=NAME``): never the default
+    ``"$user",public``, where a role that can create a schema named after the service's moves
+    it onto fresh, empty tables (REVIEW.md 12)."""
+    # libpq passes options to the server as words: "-c search_path=x" is two of them.
+    words = re.sub(r"-c\s+", "-c", params.get("options", "")).split()
+    found = [m.group(1) for word in words if (m := _SEARCH_PATH.match(word))]
+    if len(found) != 1 or not _SCHEMA_NAME.fullmatch(found[0]):
+        raise ConfigError(
+            f"{name} must name the key store's schema, one lower-case unquoted identifier, as "
+            "options=-csearch_path=NAME: the default search path lets a schema named after "
+            "the role take the store's place"
+        )
+    return found[0]
+
+
+def _check_passfile(path: str, name: str) -> None:
+    """libpq ignores a passfile that group or others can read (a warning on stderr only), and
+    the failure shows later as "no password supplied": refused here, at start, by name."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"{name}: passfile {shown(path)} cannot be read ({exc.strerror})"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{name}: passfile {shown(path)} is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"{name}: passfile {shown(path)} is not owned by this service's user")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{name}: passfile {shown(path)} is open to group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}): make it owner-only (chmod 600)"
+        )
+
+
+def redacted(location: str) -> str:
+    """``location`` as it may be shown (a message, a log line, the CLI's output): a URL without
+    its password or any secret parameter, a libpq key=value string not at all."""
+    if "://" not in location:
+        return "(a libpq key=value string, not shown)" if "=" in location else location
+    try:
+        parts = urlsplit(location)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, hosts = netloc.rpartition("@")
+            netloc = f"{user.split(':', 1)[0]}:***@{hosts}"
+        query = "&".join(
+            f"{k}=***" if unquote(k) in STORE_SECRET_PARAMETERS else f"{k}={v}" if v else k
+            for k, _, v in (pair.partition("=") for pair in parts.query.split("&") if pair)
+        )
+    except ValueError:
+        return f"{location.split('://', 1)[0]}://(not shown: not a valid URL)"
+    # Not urlunsplit: it drops the empty host of postgresql:///db (libpq's default socket).
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -362,8 +363,30 @@ def test_import_token_lifetime_setting(tmp_path: Path) -> None:
         config.load(env={"SIGNER_KEYS_IMPORT_TOKEN_LIFETIME_SECONDS": "0"})
 
 
-def test_store_path_is_a_file_or_a_postgresql_url(tmp_path: Path) -> None:
-    for location in ("var/signer.db", "postgresql:///signer?host=/run/pg&passfile=/etc/pgpass"):
+# A database on a socket, its schema named, as the service's URL must give it.
+PG_SOCKET = "postgresql:///signer?host=/run/postgresql&options=-csearch_path%3Dsigner"
+
+
+@pytest.fixture
+def passfile(tmp_path: Path) -> Path:
+    """An owner-only passfile of this process's user, as libpq wants it."""
+    p = tmp_path / "pgpass"
+    p.write_text("*:*:*:signer:hunter2\n")
+    p.chmod(0o600)
+    return p
+
+
+def test_store_path_is_a_file_or_a_postgresql_url(tmp_path: Path, passfile: Path) -> None:
+    """What store.path accepts: a file, a database on a socket (libpq's default one too), one
+    over TCP with a verified server certificate, with an owner-only passfile."""
+    for location in (
+        "var/signer.db",
+        PG_SOCKET,
+        "postgresql:///signer?options=-c%20search_path%3Dsigner",
+        "postgresql://db.example:5432/signer?sslmode=verify-full&options=--search_path%3Ds",
+        f"postgres://signer@db/signer?sslmode=verify-ca&passfile={passfile}"
+        "&options=-csearch_path%3Dsigner",
+    ):
         cfg = config.load(write(tmp_path, f"[store]\npath = {location!r}\n"), env={})
         assert cfg.store.path == location
     cases = [
@@ -375,3 +398,88 @@ def test_store_path_is_a_file_or_a_postgresql_url(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"{fragment}.*signer.toml line 3") as err:
             config.load(write(tmp_path, f"[server]\n[store]\npath = {location!r}\n"), env={})
         assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("location", "fragment"),
+    [
+        # A libpq key=value string would be taken as an SQLite file named by it, password and all.
+        ("host=db dbname=keys password=hunter2", "looks like a libpq key=value string"),
+        (f"{PG_SOCKET}&sslpassword=hunter2", "must not carry sslpassword="),
+        (f"{PG_SOCKET}&service=hunter2", "must not carry service="),
+        # libpq before 18 does not know servicefile at all.
+        (f"{PG_SOCKET}&servicefile=/hunter2", "must not carry servicefile=|not a valid"),
+        # Over TCP, a server that does not prove itself can be impersonated, or downgraded.
+        ("postgresql://db/signer?options=-csearch_path%3Dsigner", "needs sslmode=verify-full"),
+        (
+            "postgresql://db/signer?sslmode=require&options=-csearch_path%3Dsigner",
+            "needs sslmode=verify-full",
+        ),
+        (
+            "postgresql:///signer?hostaddr=10.0.0.1&sslmode=prefer&options=-csearch_path%3Ds",
+            "needs sslmode=verify-full",
+        ),
+        (
+            "postgresql:///signer?host=/run/pg,db&options=-csearch_path%3Dsigner",
+            "needs sslmode=verify-full",
+        ),
+        # The schema named, one of them, as current_schema() will return it.
+        ("postgresql:///signer?host=/run/pg", "must name the key store's schema"),
+        ("postgresql:///signer?options=-csearch_path%3Da,b", "must name the key store's schema"),
+        ("postgresql:///signer?options=-csearch_path%3DSigner", "must name the key store's schema"),
+        (
+            "postgresql:///signer?options=-csearch_path%3Da%20-csearch_path%3Db",
+            "must name the key store's schema",
+        ),
+        ("postgresql://u:hunter2@[db/x", "not a valid PostgreSQL URL"),
+    ],
+)
+def test_store_urls_that_are_refused(location: str, fragment: str) -> None:
+    """Each gap of REVIEW.md 7 and 12 is a ConfigError naming the parameter, never the value
+    of a secret (before: all but the password ones were accepted)."""
+    with pytest.raises(ConfigError, match=fragment) as err:
+        config._validate_store(location)
+    assert "hunter2" not in str(err.value)
+    assert str(err.value).startswith("store.path ")
+
+
+def test_store_passfile_must_be_owner_only(tmp_path: Path, passfile: Path) -> None:
+    """libpq ignores a passfile group or others can read, and the failure shows later as "no
+    password supplied": it is refused at start, as a missing one or a directory is."""
+    url = f"{PG_SOCKET}&passfile={{}}"
+    config._validate_store(url.format(passfile))
+    for path, fragment in (
+        (tmp_path / "missing", "cannot be read"),
+        (tmp_path, "not a regular file"),
+    ):
+        with pytest.raises(ConfigError, match=fragment):
+            config._validate_store(url.format(path))
+    for mode in (0o640, 0o604):
+        passfile.chmod(mode)
+        with pytest.raises(ConfigError, match="open to group or others") as err:
+            config._validate_store(url.format(passfile))
+        assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_store_passfile_must_be_the_services(passfile: Path) -> None:
+    """A passfile of another user's (one who could rewrite it) is refused."""
+    os.chown(passfile, 65534, 65534)
+    with pytest.raises(ConfigError, match="not owned by this service's user"):
+        config._validate_store(f"{PG_SOCKET}&passfile={passfile}")
+
+
+def test_redacted_shows_no_secret() -> None:
+    """What the CLI and messages show of a location: the URL without its password or secret
+    parameters (percent-encoded names too), a key=value string not at all, a file as it is."""
+    assert config.redacted("var/signer.db") == "var/signer.db"
+    assert config.redacted(PG_SOCKET) == PG_SOCKET
+    shown = config.redacted(
+        "postgresql://signer:hunter2@db:5432/k?sslpassword=hunter2&pass%77ord=hunter2"
+        "&options=-csearch_path%3Ds"
+    )
+    assert shown == (
+        "postgresql://signer:***@db:5432/k?sslpassword=***&pass%77ord=***&options=-csearch_path%3Ds"
+    )
+    assert "hunter2" not in config.redacted("host=db password=hunter2")
+    assert "hunter2" not in config.redacted("postgresql://u:hunter2@[db/x")
