@@ -19,11 +19,16 @@ What differs from the SQLite store, and why:
   BEGIN ... COMMIT. Its reconnect backoff is capped (:class:`_CappedBackoff`): psycopg_pool's
   doubles without bound, and after an 8 s outage it took 5.7 s to serve again; capped at
   0.5 s, 0.33 s (PLAN.md 6).
-* **Faults map through one table**, :data:`ERRORS`: every ``psycopg.OperationalError`` (the
-  server gone or shutting down, a pool timeout, a lock or statement timeout, a full disk) is
-  UNAVAILABLE naming why; a COMMIT whose connection broke has an unknown outcome, and is
-  :class:`~signer.errors.StoreUncertain`, as the SQLite store's COMMIT that failed with an I/O
-  error.
+* **Faults map through one table**, :data:`ERRORS`, by SQLSTATE class (the server gone or
+  shutting down, a read-only database, a lock or statement timeout, a full disk, a pool
+  timeout): UNAVAILABLE with a one-line reason and the SQLSTATE, never libpq's text, which
+  names the host, port and role (that goes to the service log); a COMMIT whose connection broke
+  has an unknown outcome, and is :class:`~signer.errors.StoreUncertain`, as the SQLite store's
+  COMMIT that failed with an I/O error.
+* **The connection is the URL's alone** (:func:`service_conninfo`): ``target_session_attrs=
+  read-write`` (a standby behind the primary's name is refused at connect, not written to), no
+  ``PG*`` variable from the environment, and the schema named in the URL, checked on every
+  connection (REVIEW.md 5, 7, 12).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
+import os
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -39,8 +47,10 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar
 import psycopg
 import psycopg_pool
 import psycopg_pool.pool
+from psycopg.conninfo import make_conninfo
 from psycopg_pool.base import AttemptWithBackoff
 
+from signer._internal.config import _validate_store, store_parameters, store_schema
 from signer._internal.store import _dt, _import_token, _version, translating
 from signer.errors import (
     AlreadyExists,
@@ -51,6 +61,8 @@ from signer.errors import (
     Unavailable,
 )
 from signer.keys import ImportToken, Key, State, Version
+
+log = logging.getLogger("signer.store")  # named for the component: signer._internal.logs
 
 Connection: TypeAlias = psycopg.Connection[tuple[Any, ...]]
 
@@ -110,6 +122,27 @@ def xact_lock(conn: Connection, purpose: str) -> None:
     COMMIT or ROLLBACK, or when the connection is lost, so never held by a holder that is gone."""
     conn.execute(XACT_LOCK, (LOCK_NAMESPACE, purpose))
 
+
+def service_conninfo(dsn: str) -> str:
+    """The conninfo the service connects to ``dsn`` with (both stores): a primary only
+    (``target_session_attrs=read-write``: after a failover onto a standby behind the same name,
+    or with several hosts, a read-only server is refused at connect rather than pooled and
+    failing every write, REVIEW.md 5).
+
+    It also removes every ``PG*`` variable from this process's environment: libpq reads
+    PGPASSWORD, PGSERVICE, PGSSLMODE, PGHOST... for any parameter the URL leaves out, and
+    DESIGN.md 9 keeps secrets and settings out of the environment (REVIEW.md 7). Removing them
+    rather than spelling out every parameter in the conninfo also covers the variables a newer
+    libpq adds (PGREQUIREAUTH, PGLOADBALANCEHOSTS came in 16); and the service has nothing else
+    that should read them."""
+    for name in [n for n in os.environ if n.startswith("PG")]:
+        log.warning(
+            "ignoring %s from the environment: the store URL alone says how to connect", name
+        )
+        del os.environ[name]
+    return make_conninfo(dsn, target_session_attrs="read-write")
+
+
 # Per connection, as the SQLite store's busy_timeout: a lock held too long fails the call
 # (UNAVAILABLE), it does not hang it. synchronous_commit is raised to on where the server's
 # default is weaker: an OK answer stands for a durable write.
@@ -127,34 +160,89 @@ class _CommitUnknown(Exception):
     """The connection broke during COMMIT: the write may or may not be on record."""
 
 
+# What a fault is matched by: a class of exception, or an SQLSTATE or its two-character class.
+Match: TypeAlias = "type[BaseException] | str"
+
 # The one table between psycopg's errors and ours, most specific first (as httpx's
-# HTTPCORE_EXC_MAP). IntegrityError is not here: each write names its own conflict.
-# ProgrammingError and DataError are bugs, left to answer INTERNAL.
-ERRORS: tuple[tuple[type[BaseException], type[SignerError]], ...] = (
-    (_CommitUnknown, StoreUncertain),
-    # The server gone, shutting down or refusing (57P0x, 08xxx), PoolTimeout, lock_timeout
-    # (55P03), statement_timeout (57014), a full disk (53100), an I/O error (58030), a
-    # serialization failure or deadlock (40xxx): all subclass OperationalError.
-    (psycopg.OperationalError, Unavailable),
+# HTTPCORE_EXC_MAP), with the reason a caller is given. By SQLSTATE, not psycopg's classes:
+# a read-only database's 25006 is an InternalError, a deadlock's 40P01 an OperationalError.
+# IntegrityError is not here: each write names its own conflict. The rest (a syntax or data
+# error, a program limit) are bugs, left to answer INTERNAL.
+ERRORS: tuple[tuple[Match, type[SignerError], str], ...] = (
+    (
+        _CommitUnknown,
+        StoreUncertain,
+        "the connection broke during COMMIT: the write may be on record",
+    ),
+    ("25006", Unavailable, "the database is read-only: a standby?"),
+    ("55P03", Unavailable, "a lock was held too long"),
+    ("57014", Unavailable, "a statement ran too long"),
+    ("08", Unavailable, "the connection failed"),
+    ("40", Unavailable, "a serialization failure or deadlock"),
+    ("53", Unavailable, "the database server is out of resources"),
+    ("57", Unavailable, "the database server is shutting down or restarting"),
+    ("58", Unavailable, "a system error on the database server"),
+    (psycopg_pool.PoolTimeout, Unavailable, "no database connection in time"),
+    # Failures to connect have no SQLSTATE (libpq's own): by their class.
+    (psycopg.OperationalError, Unavailable, "the database cannot be reached"),
     # "the connection is closed": one the pool handed out as the server went away.
-    (psycopg.InterfaceError, Unavailable),
+    (psycopg.InterfaceError, Unavailable, "the connection is closed"),
 )
+
+
+# libpq refuses a read-only server at connect (target_session_attrs=read-write) in its own
+# words, with no SQLSTATE: taken as the 25006 a write on it would get.
+_READ_ONLY_AT_CONNECT = ("session is read-only", "server is in hot standby mode")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate
+    if isinstance(exc, psycopg.OperationalError) and any(
+        words in str(exc) for words in _READ_ONLY_AT_CONNECT
+    ):
+        return "25006"
+    return None
+
+
+def _matches(exc: BaseException, theirs: Match) -> bool:
+    if isinstance(theirs, str):
+        sqlstate = _sqlstate(exc)
+        return sqlstate is not None and sqlstate.startswith(theirs)
+    if theirs is psycopg.OperationalError:
+        # Only a failure to connect (no SQLSTATE): one from the server is matched above or left.
+        return isinstance(exc, theirs) and _sqlstate(exc) is None
+    return isinstance(exc, theirs)
+
+
+def fault(exc: BaseException) -> SignerError | None:
+    """``exc`` as :data:`ERRORS` maps it, in one line: the reason and the SQLSTATE, never
+    libpq's text, which names the host, port and role (that goes to the service log only);
+    None if unmapped."""
+    for theirs, ours, reason in ERRORS:
+        if _matches(exc, theirs):
+            log.warning(
+                "key store: %s: %s: %s", reason, type(exc).__name__, " ".join(str(exc).split())
+            )
+            sqlstate = getattr(exc, "sqlstate", None)
+            code = f", SQLSTATE {sqlstate}" if sqlstate else ""
+            return ours(f"the key store cannot be used ({reason}{code})")
+    return None
 
 
 @contextmanager
 def mapped_errors() -> Iterator[None]:
-    """Translates what :data:`ERRORS` lists, naming why (the first line of the error: never
-    the DSN's password, which libpq's messages do not carry)."""
+    """Translates what :data:`ERRORS` lists (:func:`fault`); the rest goes on."""
     try:
         yield
     except psycopg.IntegrityError:
         raise
     except Exception as exc:
-        for theirs, ours in ERRORS:
-            if isinstance(exc, theirs):
-                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ours(f"the key store cannot be used ({why})") from None
-        raise
+        ours = fault(exc)
+        if ours is None:
+            raise
+        raise ours from None
 
 
 P = ParamSpec("P")
@@ -177,7 +265,9 @@ class _CappedBackoff(AttemptWithBackoff):
 
     def update_delay(self, now: float) -> None:
         super().update_delay(now)
-        self.delay = min(self.delay, RECONNECT_MAX_SECONDS)
+        # Jittered under the cap (psycopg_pool jitters its first delay only): N replicas back
+        # from one outage do not retry in lockstep.
+        self.delay = min(self.delay, RECONNECT_MAX_SECONDS * random.uniform(0.8, 1.0))  # noqa: S311 (a delay)
 
 
 # psycopg_pool has no public setting for it: its pool module's name is replaced (a private
@@ -185,21 +275,49 @@ class _CappedBackoff(AttemptWithBackoff):
 psycopg_pool.pool.AttemptWithBackoff = _CappedBackoff  # type: ignore[attr-defined]
 
 
+# How long a migration may wait for another replica's, and run: minutes, not the session's
+# seconds, lest every replica starting during a long migration fail (REVIEW.md 11).
+MIGRATION_TIMEOUT = "10min"
+
+
+def _schema_version(conn: Connection, component: str) -> int:
+    """``component``'s version in this schema, 0 without a ``schema_version`` table: read,
+    never created, so that a migrated database needs no CREATE privilege, nor a writable one."""
+    row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return 0
+    row = conn.execute(
+        "SELECT version FROM schema_version WHERE component = %s", (component,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def migrate(conn: Connection, component: str, steps: tuple[tuple[int, str], ...]) -> int:
     """Brings ``component``'s schema to the newest of ``steps`` and returns that version, in
-    one transaction under the schema's ``migrate`` lock: a second migrator waits, then finds nothing
-    left to do. A database newer than this code (a replica not yet upgraded) is refused."""
+    one transaction under the schema's ``migrate`` lock: a second migrator waits, then finds
+    nothing left to do. A database newer than this code (a replica not yet upgraded) is refused.
+
+    The version is read before any lock or DDL: a schema already at the newest version is used
+    as it is (by a role without CREATE, on a read-only database); one that needs migrating on
+    a read-only database (a standby) is refused in one line, UNAVAILABLE (REVIEW.md 5)."""
     newest = steps[-1][0]
     with conn.transaction():
-        xact_lock(conn, "migrate")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version "
-            '(component TEXT COLLATE "C" PRIMARY KEY, version INTEGER NOT NULL)'
-        )
-        row = conn.execute(
-            "SELECT version FROM schema_version WHERE component = %s", (component,)
-        ).fetchone()
-        have = 0 if row is None else int(row[0])
+        have = _schema_version(conn, component)
+        if have < newest:
+            row = conn.execute("SELECT current_setting('transaction_read_only')").fetchone()
+            if row is not None and row[0] == "on":
+                raise Unavailable(
+                    f"the database is read-only (a standby?): the {component} schema is at "
+                    f"version {have}, this service needs {newest}, and it cannot be migrated"
+                )
+            conn.execute(f"SET LOCAL lock_timeout = '{MIGRATION_TIMEOUT}'")
+            conn.execute(f"SET LOCAL statement_timeout = '{MIGRATION_TIMEOUT}'")
+            xact_lock(conn, "migrate")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                '(component TEXT COLLATE "C" PRIMARY KEY, version INTEGER NOT NULL)'
+            )
+            have = _schema_version(conn, component)
         if have > newest:
             raise FailedPrecondition(
                 f"the database's {component} schema is version {have}, newer than this "
@@ -217,22 +335,38 @@ def migrate(conn: Connection, component: str, steps: tuple[tuple[int, str], ...]
     return newest
 
 
-def _configure(conn: Connection) -> None:
+def check_schema(conn: Connection, schema: str) -> None:
+    """Fails closed unless the connection's schema is the one the URL names: a schema dropped
+    or renamed leaves ``current_schema()`` NULL, and nothing is then created elsewhere
+    (REVIEW.md 12)."""
+    row = conn.execute("SELECT current_schema()").fetchone()
+    current = None if row is None else row[0]
+    if current != schema:
+        raise FailedPrecondition(
+            f"the store's schema {schema!r} (options=-csearch_path= in its URL) "
+            + ("does not exist" if current is None else f"is not the connection's ({current!r})")
+            + ": create it, or correct the URL"
+        )
+
+
+def _configure(conn: Connection, schema: str) -> None:
     conn.execute(_SESSION)
+    check_schema(conn, schema)
 
 
 def make_pool(
-    dsn: str, min_size: int = 2, max_size: int = 8, timeout: float = 2.0
+    conninfo: str, schema: str, min_size: int = 2, max_size: int = 8, timeout: float = 2.0
 ) -> psycopg_pool.ConnectionPool[Connection]:
-    """An open pool of autocommit connections to ``dsn``, each checked at checkout; a caller
-    that waits ``timeout`` for one gets PoolTimeout (UNAVAILABLE)."""
+    """An open pool of autocommit connections to ``conninfo`` (:func:`service_conninfo`), on
+    ``schema`` (:func:`check_schema`), each checked at checkout; a caller that waits
+    ``timeout`` for one gets PoolTimeout (UNAVAILABLE)."""
     return psycopg_pool.ConnectionPool(
-        dsn,
+        conninfo,
         min_size=min_size,
         max_size=max_size,
         timeout=timeout,
         kwargs={"autocommit": True},
-        configure=_configure,
+        configure=functools.partial(_configure, schema=schema),
         check=psycopg_pool.ConnectionPool.check_connection,
         name="store",
         open=True,
@@ -262,16 +396,20 @@ _LIST_SCOPE_KEYS = (
 
 @translating(_translated)
 class PostgresStore:
-    """The key store in a PostgreSQL database (the schema on the DSN's search_path)."""
+    """The key store in a PostgreSQL database, in the schema its URL names."""
 
     def __init__(self, dsn: str) -> None:
-        self._pool = make_pool(dsn)
-        try:
-            with mapped_errors(), self._pool.connection() as conn:
-                migrate(conn, "store", STORE_MIGRATIONS)
-        except BaseException:
-            self._pool.close()
-            raise
+        # As the configuration checks it: a store never connects with a URL it would refuse.
+        _validate_store(dsn)
+        schema = store_schema(store_parameters(dsn))
+        conninfo = service_conninfo(dsn)
+        # The first connection is the pool's peer, not its own: a server that refuses it (a
+        # standby, a bad password) fails the start saying why, not with a pool timeout.
+        with mapped_errors(), psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(_SESSION)
+            check_schema(conn, schema)
+            migrate(conn, "store", STORE_MIGRATIONS)
+        self._pool = make_pool(conninfo, schema)
 
     def close(self) -> None:
         self._pool.close()
