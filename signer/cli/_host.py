@@ -85,6 +85,10 @@ def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, AuditConf
     from signer._internal import config
 
     cfg = config.load(args.config) if args.config else config.Config()
+    if args.db:
+        # As store.path is checked: a password on the command line is in ps and the shell's
+        # history, and would be echoed back (REVIEW.md 8).
+        config._validate_store(args.db, "--db")
     db = Path(args.db or cfg.audit.path)
     pinned = Path(args.public_key or (f"{db}.key.pem" if args.db else cfg.audit.pinned_key))
     archives = Path(args.archive_dir or (f"{db}.archive" if args.db else cfg.audit.archives))
@@ -93,6 +97,7 @@ def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, AuditConf
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from signer._internal import audit
+    from signer._internal.config import redacted
 
     db, pinned, archives, cfg = _audit_config(args)
     # A young log has no checkpoint yet, so no audit key was made or pinned: the chain alone.
@@ -109,11 +114,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     )
     if verdict.first_bad is not None:
         seq, what = verdict.first_bad
-        print(f"audit log {db} is NOT whole: first bad record {seq}: {what}")
+        print(f"audit log {redacted(str(db))} is NOT whole: first bad record {seq}: {what}")
         return EXIT_INVALID
     print(
-        f"audit log {db} is whole: {verdict.records} records, {verdict.checkpoints} signed "
-        f"checkpoints, signed up to record {verdict.last_checkpoint}"
+        f"audit log {redacted(str(db))} is whole: {verdict.records} records, "
+        f"{verdict.checkpoints} signed checkpoints, signed up to record {verdict.last_checkpoint}"
         + (
             f"; {verdict.unsigned_tail} newer records not yet under a checkpoint"
             if verdict.unsigned_tail

@@ -593,3 +593,24 @@ def test_keys_import_reads_the_pem_and_calls_import_key(
     assert rc == EXIT_OK
     assert calls == [("h:1", ("k", "ec-p256", b"PEM BYTES"), {"scope": "", "labels": {}})]
     assert '"primary_version": 1' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["verify", "archive"])
+@pytest.mark.parametrize(
+    ("db", "why"),
+    [
+        ("postgresql://signer:hunter2@db/audit", "--db must not carry the database's password"),
+        ("host=db dbname=audit password=hunter2", "--db looks like a libpq key=value string"),
+    ],
+)
+def test_audit_log_db_is_checked_as_store_path_is(
+    command: str, db: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--db goes through the check store.path does (REVIEW.md 8): a password given on the
+    command line is refused, naming --db, and never echoed back (before: accepted, the key=value
+    string taken as a file, and the location printed whole)."""
+    extra = ["--older-than-days", "1"] if command == "archive" else []
+    assert main(["audit-log", command, "--db", db, *extra]) == EXIT_ERROR
+    out = capsys.readouterr()
+    assert why in out.err
+    assert "hunter2" not in out.err + out.out
