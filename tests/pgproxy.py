@@ -61,21 +61,23 @@ class CommitCutter:
             threading.Thread(target=link.downstream, daemon=True).start()
 
     def _upstream(self, link: _Link) -> None:
-        while data := _recv(link.client):
-            with self._lock:
-                armed = self._armed if b"COMMIT\x00" in data else None
-                if armed is not None:
-                    self._armed = None
-            if armed is None:
-                link.server.sendall(data)
-                continue
-            if armed:
-                link.held.set()  # the server's answer is not passed on from here
-                link.server.sendall(data)
-                link.answered.wait(5)  # ReadyForQuery: committed
-            _close(link.client, link.server)
-            self.cuts += 1
-            return
+        # A socket the other direction closed (the server ended the session) ends this one:
+        # OSError, as EOF does.
+        with contextlib.suppress(OSError):
+            while data := _recv(link.client):
+                with self._lock:
+                    armed = self._armed if b"COMMIT\x00" in data else None
+                    if armed is not None:
+                        self._armed = None
+                if armed is None:
+                    link.server.sendall(data)
+                    continue
+                if armed:
+                    link.held.set()  # the server's answer is not passed on from here
+                    link.server.sendall(data)
+                    link.answered.wait(5)  # ReadyForQuery: committed
+                self.cuts += 1
+                break
         _close(link.client, link.server)
 
     def close(self) -> None:

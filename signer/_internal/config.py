@@ -123,6 +123,9 @@ class TokenConfig:
         return self.thread_safe == "true"
 
 
+# audit.chain: a replica's name in its database's audit log (file names and lock names too).
+CHAIN_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
 # What [store] path accepts besides a file (signer._internal.store.POSTGRES_SCHEMES).
 STORE_URL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -168,6 +171,10 @@ class AuditConfig:
     public_key_file: str = ""
     # Where 'signer audit-log archive' moves old segments; "" means PATH.archive/.
     archive_dir: str = ""
+    # With a postgresql:// path: this service's chain of the database's log. Replicas sharing
+    # one database each write their own chain (its own audit key, pin and witness), whose
+    # checkpoints name the others' (README "Replicas"). "" for a database with one writer.
+    chain: str = ""
 
     @property
     def pinned_key(self) -> Path:
@@ -528,6 +535,22 @@ def _validate(cfg: Config) -> None:
                 f"server.{name} must be octal permissions such as 0660, got {value!r}"
             ) from None
     _validate_store(cfg.store.path)
+    _validate_store(cfg.audit.path, "audit.path")
+    database = "://" in cfg.audit.path
+    if database and not (cfg.audit.public_key_file and cfg.audit.archive_dir):
+        # Beside a file they default to PATH.key.pem and PATH.archive/; beside a URL there is
+        # no such place, and the pin is the trust anchor outside the database.
+        raise ConfigError(
+            "audit.path is a database URL: audit.public_key_file and audit.archive_dir must be "
+            "given (files, outside the database)"
+        )
+    if cfg.audit.chain and not database:
+        raise ConfigError("audit.chain names a chain of a database: audit.path must be a URL")
+    if cfg.audit.chain and not CHAIN_NAME.fullmatch(cfg.audit.chain):
+        raise ConfigError(
+            f"audit.chain must be 1 to 32 of a-z, 0-9 and '-', starting with a letter or digit, "
+            f"got {shown(cfg.audit.chain)}"
+        )
     if cfg.audit.checkpoint_every < 1 or cfg.audit.checkpoint_interval_seconds <= 0:
         raise ConfigError(
             "audit.checkpoint_every and audit.checkpoint_interval_seconds must be positive"

@@ -416,16 +416,17 @@ def service_answers(cfg: Config) -> bool:
     return True
 
 
-def audit_key_reader(path: str | Path, pin: str | Path) -> Callable[[], AuditKey]:
-    """For :func:`reconcile`: what the audit log at ``path`` and its pinned key's file (the
-    second argument) say of the audit key, read anew at each call."""
+def audit_key_reader(path: str | Path, pin: str | Path, chain: str = "") -> Callable[[], AuditKey]:
+    """For :func:`reconcile`: what the audit log at ``path`` (its ``chain``: this replica's)
+    and its pinned key's file (the second argument) say of the audit key, read anew at each
+    call."""
     from cryptography.hazmat.primitives import serialization
 
     from signer._internal.audit import open_audit_store
 
     def read() -> AuditKey:
         try:
-            log = open_audit_store(path, read_only=True)
+            log = open_audit_store(path, read_only=True, chain=chain)
         except FileNotFoundError:
             return AuditKey(known=False)
         try:
@@ -474,7 +475,7 @@ def reconcile_with_config(
     store = open_store(cfg.store.path)
     try:
         token.start(wait=True)
-        audit = audit_key_reader(cfg.audit.path, cfg.audit.pinned_key)
+        audit = audit_key_reader(cfg.audit.path, cfg.audit.pinned_key, cfg.audit.chain)
         return reconcile(store, token, audit, repair=repair, grace=grace)
     finally:
         token.close()

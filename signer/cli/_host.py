@@ -81,25 +81,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.serve(config.load(args.config))
 
 
-def _audit_config(args: argparse.Namespace) -> tuple[Path, Path, Path, AuditConfig]:
-    from signer._internal import config
+def _audit_config(
+    args: argparse.Namespace,
+) -> tuple[str | Path, Path, Path, str, AuditConfig]:
+    from signer._internal import audit, config
 
     cfg = config.load(args.config) if args.config else config.Config()
     if args.db:
         # As store.path is checked: a password on the command line is in ps and the shell's
         # history, and would be echoed back (REVIEW.md 8).
         config._validate_store(args.db, "--db")
-    db = Path(args.db or cfg.audit.path)
+    location: str = args.db or cfg.audit.path
+    chain: str = cfg.audit.chain if args.chain is None else args.chain
+    if audit.is_database(location):
+        verifying = args.func is cmd_audit_verify
+        if args.db and (not args.archive_dir or (verifying and not args.public_key)):
+            raise InvalidArgument(
+                "--db is a database URL: give --archive-dir"
+                + (" and --public-key" if verifying else "")
+                + " too (files, outside the database)"
+            )
+        if chain and not config.CHAIN_NAME.fullmatch(chain):
+            raise InvalidArgument("--chain must be 1 to 32 of a-z, 0-9 and '-'")
+    elif chain:
+        raise InvalidArgument("--chain names a chain of a database: the log here is a file")
+    # A URL stays a string (Path would fold its '//').
+    db = location if audit.is_database(location) else Path(location)
     pinned = Path(args.public_key or (f"{db}.key.pem" if args.db else cfg.audit.pinned_key))
     archives = Path(args.archive_dir or (f"{db}.archive" if args.db else cfg.audit.archives))
-    return db, pinned, archives, cfg.audit
+    return db, pinned, archives, chain, cfg.audit
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from signer._internal import audit
     from signer._internal.config import redacted
 
-    db, pinned, archives, cfg = _audit_config(args)
+    db, pinned, archives, chain, cfg = _audit_config(args)
     # A young log has no checkpoint yet, so no audit key was made or pinned: the chain alone.
     key = pinned.read_bytes() if pinned.exists() else None
     witnessed = [Path(w) for w in args.witness]
@@ -111,13 +128,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         archives if args.archives else None,
         max_unsigned_records=cfg.max_unsigned_records,
         witnesses=witnessed,
+        chain=chain,
     )
+    name = redacted(str(db)) + (f" (chain {chain})" if chain else "")
     if verdict.first_bad is not None:
         seq, what = verdict.first_bad
-        print(f"audit log {redacted(str(db))} is NOT whole: first bad record {seq}: {what}")
+        print(f"audit log {name} is NOT whole: first bad record {seq}: {what}")
         return EXIT_INVALID
     print(
-        f"audit log {redacted(str(db))} is whole: {verdict.records} records, "
+        f"audit log {name} is whole: {verdict.records} records, "
         f"{verdict.checkpoints} signed checkpoints, signed up to record {verdict.last_checkpoint}"
         + (
             f"; {verdict.unsigned_tail} newer records not yet under a checkpoint"
@@ -133,6 +152,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         + (
             f"; {verdict.witnessed} checkpoints of {', '.join(map(str, witnessed))} agree"
             if witnessed
+            else ""
+        )
+        + (
+            f"; the records of chains {', '.join(verdict.cross_checked)} its checkpoints "
+            "named are as signed"
+            if verdict.cross_checked
             else ""
         )
     )
@@ -151,9 +176,10 @@ def cmd_audit_archive(args: argparse.Namespace) -> int:
 
     from signer._internal import audit
 
-    db, _, archives, _ = _audit_config(args)
+    db, _, archives, chain, _ = _audit_config(args)
     before = datetime.now(UTC) - timedelta(days=args.older_than_days)
-    store = audit.SQLiteAuditStore(db)
+    # Not the writer: beside a running service, serialised with it on the chain's lock.
+    store = audit.open_audit_store(db, chain=chain, writer=False)
     try:
         segment = audit.archive(store, archives, before)
     finally:
@@ -275,7 +301,14 @@ def register(sub: Subparsers) -> None:
         help="prove the chain and every checkpoint signature (exit 0 whole, 1 first bad record)",
     )
     sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
-    sp.add_argument("--db", help="the audit log file (default: audit.path of the config)")
+    sp.add_argument(
+        "--db",
+        help="the audit log file or postgresql:// URL (default: audit.path of the config)",
+    )
+    sp.add_argument(
+        "--chain",
+        help="a database's chain, a replica's (default: audit.chain of the config; '' the one)",
+    )
     sp.add_argument(
         "--public-key", help="the pinned audit key PEM (default: the log's path + .key.pem)"
     )
@@ -295,7 +328,14 @@ def register(sub: Subparsers) -> None:
         help="move records up to the newest signed checkpoint older than N days to a file",
     )
     sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
-    sp.add_argument("--db", help="the audit log file (default: audit.path of the config)")
+    sp.add_argument(
+        "--db",
+        help="the audit log file or postgresql:// URL (default: audit.path of the config)",
+    )
+    sp.add_argument(
+        "--chain",
+        help="a database's chain, a replica's (default: audit.chain of the config; '' the one)",
+    )
     sp.add_argument("--archive-dir", help="where archives go (default: audit.archive_dir)")
     sp.add_argument("--older-than-days", type=float, required=True)
     sp.set_defaults(func=cmd_audit_archive, public_key=None)

@@ -483,3 +483,26 @@ def test_redacted_shows_no_secret() -> None:
     )
     assert "hunter2" not in config.redacted("host=db password=hunter2")
     assert "hunter2" not in config.redacted("postgresql://u:hunter2@[db/x")
+
+
+def test_audit_path_is_a_file_or_a_url_with_its_files_named_and_its_chain(tmp_path: Path) -> None:
+    """Beside a database URL there is no PATH.key.pem nor PATH.archive/: the pin (the trust
+    anchor outside the database) and the archives are named. audit.chain (a replica's chain)
+    only with a URL, and a name fit for file and lock names."""
+    files = "public_key_file = '/etc/signer/audit.pem'\narchive_dir = '/var/lib/signer/archive'\n"
+    cfg = config.load(write(tmp_path, f"[audit]\npath = {PG_SOCKET!r}\nchain = 'r1'\n{files}"))
+    assert (cfg.audit.path, cfg.audit.chain) == (PG_SOCKET, "r1")
+    assert cfg.audit.pinned_key == Path("/etc/signer/audit.pem")
+    with pytest.raises(ConfigError, match=r"audit\.public_key_file and audit\.archive_dir must"):
+        config.load(write(tmp_path, f"[audit]\npath = {PG_SOCKET!r}\n"), env={})
+    with pytest.raises(ConfigError, match=r"audit\.path must not carry") as err:
+        config.load(write(tmp_path, f"[audit]\npath = 'postgresql://a:hunter2@/x'\n{files}"))
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"audit\.chain names a chain of a database"):
+        config.load(write(tmp_path, "[audit]\nchain = 'r1'\n"), env={})
+    for bad in ("R1", "-r1", "r" * 33, "r 1", "r/1"):
+        with pytest.raises(ConfigError, match=r"audit\.chain must be 1 to 32"):
+            config.load(
+                write(tmp_path, f"[audit]\npath = {PG_SOCKET!r}\nchain = {bad!r}\n{files}"),
+                env={},
+            )

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from signer._internal.audit._chain import Checkpoint, Event, Record, iso
+from signer._internal.audit._chain import Checkpoint, Event, Record, iso, refs_of, refs_text
 from signer._internal.audit._store import Archived, AuditStore
 from signer._internal.files import private_file
 
@@ -33,7 +33,9 @@ def archive(store: AuditStore, directory: Path, before: datetime) -> Archived | 
     records = list(store.records(upto=upto))
     first = records[0]
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / f"audit-{first.seq:012d}-{upto:012d}.jsonl"
+    # A database's chains (replicas) archive into one directory, each under its own name.
+    chain = f"{store.chain}-" if store.chain else ""
+    path = directory / f"audit-{chain}{first.seq:012d}-{upto:012d}.jsonl"
     tmp = path.with_suffix(".tmp")
     digest = hashlib.sha256()
     with open(private_file(tmp), "wb") as fh:
@@ -76,8 +78,12 @@ def _lines(
             ]
         }
     for c in checkpoints:
-        line = [c.seq, c.hash, c.time, base64.b64encode(c.signature).decode()]
-        yield {"checkpoint": line if c.prev is None else [*line, c.prev]}
+        line: list[Any] = [c.seq, c.hash, c.time, base64.b64encode(c.signature).decode()]
+        if c.prev is not None:
+            line.append(c.prev)
+        if c.refs:
+            line.append(refs_text(c.refs))
+        yield {"checkpoint": line}
 
 
 def read_archive(path: Path) -> tuple[dict[str, Any], list[Record], list[Checkpoint]]:
@@ -93,8 +99,8 @@ def read_archive(path: Path) -> tuple[dict[str, Any], list[Record], list[Checkpo
                 seq, at, *fields, prev, h = item["record"]
                 records.append(Record(seq, Event(datetime.fromisoformat(at), *fields), prev, h))
             elif "checkpoint" in item:
-                seq, h, at, sig, *prev = item["checkpoint"]
-                checkpoints.append(
-                    Checkpoint(seq, h, at, base64.b64decode(sig), prev[0] if prev else None)
-                )
+                seq, h, at, sig, *more = item["checkpoint"]
+                prev = more[0] if more else None
+                refs = refs_of(more[1]) if len(more) > 1 else ()
+                checkpoints.append(Checkpoint(seq, h, at, base64.b64decode(sig), prev, refs))
     return header, records, checkpoints

@@ -20,6 +20,8 @@ from signer.keys import (
 
 AUDIT_ALGORITHM = ALGORITHMS["ec-p256"]
 GENESIS = "0" * 64
+# Another chain's newest checkpoint, as a checkpoint saw it: (chain, seq, hash).
+Ref = tuple[str, int, str]
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,16 @@ class Checkpoint:
     # checkpoints chain, so one deleted between two is named. None: a checkpoint written before
     # they chained (its signature covers seq, hash and time only).
     prev: int | None = None
+    # What the writer saw of the other chains of its database when it signed (replicas, one
+    # chain each): their newest checkpoints as (chain, seq, hash), signed with it, so that a
+    # chain removed whole, or rewritten, is named by another's checkpoint. Empty: one chain.
+    refs: tuple[Ref, ...] = ()
+    # The chain it signs ("": the one chain of a log that has one). Not signed: each chain has
+    # its own audit key, which binds its checkpoints to it.
+    chain: str = ""
 
     def verifies(self, public_der: bytes) -> bool:
-        message = checkpoint_message(self.seq, self.hash, self.time, self.prev)
+        message = checkpoint_message(self.seq, self.hash, self.time, self.prev, self.refs)
         return verify(
             public_der,
             AUDIT_ALGORITHM,
@@ -81,10 +90,25 @@ def chain(seq: int, event: Event, prev_hash: str) -> Record:
     return Record(seq, event, prev_hash, record_hash(seq, event, prev_hash))
 
 
-def checkpoint_message(seq: int, hash_: str, at: str, prev: int | None = None) -> bytes:
+def checkpoint_message(
+    seq: int, hash_: str, at: str, prev: int | None = None, refs: tuple[Ref, ...] = ()
+) -> bytes:
     if prev is None:
         return f"signer-audit-checkpoint:{seq}:{hash_}:{at}".encode()
-    return f"signer-audit-checkpoint:v2:{seq}:{hash_}:{at}:{prev}".encode()
+    if not refs:
+        return f"signer-audit-checkpoint:v2:{seq}:{hash_}:{at}:{prev}".encode()
+    return f"signer-audit-checkpoint:v3:{seq}:{hash_}:{at}:{prev}:{refs_text(refs)}".encode()
+
+
+def refs_text(refs: tuple[Ref, ...]) -> str:
+    """The one text of a checkpoint's references (signed, and stored as such)."""
+    return json.dumps(sorted(map(list, refs)), separators=(",", ":"), ensure_ascii=True)
+
+
+def refs_of(text: str | None) -> tuple[Ref, ...]:
+    if not text:
+        return ()
+    return tuple((str(c), int(s), str(h)) for c, s, h in json.loads(text))
 
 
 class Signing:

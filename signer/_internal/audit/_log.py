@@ -513,7 +513,10 @@ class AuditLog:
             return
         signing = self._ensure_key()
         seq, hash_, at, prev = self._seq, self._hash, iso(datetime.now(UTC)), self._checkpointed
-        c = Checkpoint(seq, hash_, at, signing(checkpoint_message(seq, hash_, at, prev)), prev)
+        # The other chains' newest checkpoints (replicas: each its own chain), signed with it.
+        refs = tuple(self.store.others())
+        message = checkpoint_message(seq, hash_, at, prev, refs)
+        c = Checkpoint(seq, hash_, at, signing(message), prev, refs, self.store.chain)
         for witness in self._witnesses:
             witness.write(c)
         # The first checkpoint records the key with it, in one transaction: a log that names

@@ -36,7 +36,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from signer._internal.audit._store import CommitUnknown, StoreUnavailable, Tables
-from signer._internal.pgstore import LOCK_NAMESPACE, migrate, xact_lock
+from signer._internal.config import _validate_store, store_parameters, store_schema
+from signer._internal.pgstore import (
+    LOCK_NAMESPACE,
+    check_schema,
+    migrate,
+    service_conninfo,
+    xact_lock,
+)
 from signer._internal.store import translating
 from signer.errors import FailedPrecondition
 
@@ -50,7 +57,7 @@ AUDIT_MIGRATIONS: tuple[tuple[int, str], ...] = (
         1,
         """
 CREATE TABLE records (
-    seq BIGINT PRIMARY KEY,
+    seq BIGINT NOT NULL,
     time TEXT NOT NULL,
     caller TEXT NOT NULL,
     operation TEXT NOT NULL,
@@ -59,26 +66,35 @@ CREATE TABLE records (
     payload_sha256 TEXT NOT NULL,
     status TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
+    hash TEXT NOT NULL,
+    chain TEXT COLLATE "C" NOT NULL DEFAULT '',
+    PRIMARY KEY (chain, seq)
 );
 CREATE TABLE checkpoints (
-    seq BIGINT PRIMARY KEY,
+    seq BIGINT NOT NULL,
     hash TEXT NOT NULL,
     time TEXT NOT NULL,
     signature BYTEA NOT NULL,
-    prev BIGINT
+    prev BIGINT,
+    refs TEXT NOT NULL DEFAULT '',
+    chain TEXT COLLATE "C" NOT NULL DEFAULT '',
+    PRIMARY KEY (chain, seq)
 );
 CREATE TABLE audit_key (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
+    id INTEGER NOT NULL CHECK (id = 1),
     key_id BYTEA NOT NULL,
-    public_key BYTEA NOT NULL
+    public_key BYTEA NOT NULL,
+    chain TEXT COLLATE "C" NOT NULL DEFAULT '',
+    PRIMARY KEY (chain, id)
 );
 CREATE TABLE archives (
-    last_seq BIGINT PRIMARY KEY,
+    last_seq BIGINT NOT NULL,
     first_seq BIGINT NOT NULL,
     last_hash TEXT NOT NULL,
     file TEXT NOT NULL,
-    sha256 TEXT NOT NULL
+    sha256 TEXT NOT NULL,
+    chain TEXT COLLATE "C" NOT NULL DEFAULT '',
+    PRIMARY KEY (chain, last_seq)
 );
 """,
     ),
@@ -121,6 +137,15 @@ def _unavailable(exc: psycopg.Error) -> StoreUnavailable:
     return StoreUnavailable(f"the audit database cannot be used ({type(exc).__name__}{code})")
 
 
+def _checked(conn: Connection, schema: str) -> Connection:
+    try:
+        check_schema(conn, schema)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _why(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -131,16 +156,29 @@ class PostgresAuditStore(Tables):
     connection (the log's writer is one thread), opened again after it breaks; it holds the
     log's writer lock. ``timeout``: how long a write waits for a lock before failing (closed)."""
 
-    def __init__(self, dsn: str, read_only: bool = False, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        read_only: bool = False,
+        timeout: float = 2.0,
+        chain: str = "",
+        writer: bool = True,
+    ) -> None:
+        self.chain = chain
         self._read_only = read_only
-        # Added to the DSN's own options (a search_path, say), not in their place.
+        self._writer = writer and not read_only
+        # As the configuration checks it, and as the key store connects: the schema the URL
+        # names, checked on every connection; a primary only (verify may read a standby).
+        _validate_store(dsn, "audit.path")
+        self._schema = store_schema(store_parameters(dsn, "audit.path"), "audit.path")
+        # Added to the DSN's own options (its search_path), not in their place.
         ours = f"-c lock_timeout={int(timeout * 1000)} -c statement_timeout=30000"
         theirs = str(conninfo_to_dict(dsn).get("options") or "")
         self._conninfo = make_conninfo(
-            dsn, options=f"{theirs} {ours}".strip(), target_session_attrs="read-write"
+            service_conninfo(dsn),
+            options=f"{theirs} {ours}".strip(),
+            target_session_attrs="any" if read_only else "read-write",
         )
-        if read_only:  # verify may read a standby
-            self._conninfo = make_conninfo(self._conninfo, target_session_attrs="any")
         self._conn: Connection | None = None
         self._connected = False  # the writer lock was ours once: wait for it when connecting again
         try:
@@ -168,13 +206,18 @@ class PostgresAuditStore(Tables):
             conn = psycopg.connect(self._conninfo, autocommit=False)
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
+            _checked(conn, self._schema)
         else:
-            conn = psycopg.connect(self._conninfo, autocommit=True)
+            conn = _checked(psycopg.connect(self._conninfo, autocommit=True), self._schema)
+            if not self._writer:
+                conn.execute(_SYNCHRONOUS)
+                self._conn = conn
+                return conn
             try:
                 conn.execute(_SYNCHRONOUS)
                 first = not self._connected
                 lock = _WRITER_LOCK.format("try_" if first else "")
-                row = conn.execute(lock, (LOCK_NAMESPACE, "audit-writer")).fetchone()
+                row = conn.execute(lock, (LOCK_NAMESPACE, f"audit-writer:{self.chain}")).fetchone()
             except BaseException:
                 conn.close()
                 raise
@@ -215,7 +258,7 @@ class PostgresAuditStore(Tables):
         conn = self._connection()
         conn.execute("BEGIN")
         try:
-            xact_lock(conn, "audit-chain")
+            xact_lock(conn, f"audit-chain:{self.chain}")
             yield conn
         except BaseException:
             if not conn.broken:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import re
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -12,7 +14,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from signer._internal.audit._chain import GENESIS, Checkpoint, Event, Record, iso
+from signer._internal.audit._chain import (
+    GENESIS,
+    Checkpoint,
+    Event,
+    Record,
+    Ref,
+    iso,
+    refs_of,
+    refs_text,
+)
 from signer._internal.files import private_database
 from signer.errors import FailedPrecondition, SignerError, Unavailable
 
@@ -34,7 +45,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     hash TEXT NOT NULL,
     time TEXT NOT NULL,
     signature BLOB NOT NULL,
-    prev INTEGER
+    prev INTEGER,
+    refs TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS audit_key (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -101,6 +113,9 @@ class Archived:
 
 
 class AuditStore(Protocol):
+    # The chain this store reads and writes ("": a log's one chain; replicas: each its own).
+    chain: str
+
     def head(self) -> tuple[int, str]:
         """The newest record's sequence and hash (of the archived one if none is live;
         (0, GENESIS) for an empty log)."""
@@ -138,18 +153,50 @@ class AuditStore(Protocol):
         segment starts where the live log does (two archive jobs must not overlap)."""
         ...
 
+    def others(self) -> list[Ref]:
+        """The newest checkpoint of every other chain in the store, (chain, seq, hash): what
+        this chain's next checkpoint refers to (none in a file: it holds one chain)."""
+        ...
+
+    def chains(self) -> list[str]:
+        """Every chain the store holds anything of."""
+        ...
+
+    def on_chain(self, chain: str) -> AuditStore:
+        """This store's connection, reading ``chain`` (verify's view of another chain)."""
+        ...
+
     def close(self) -> None: ...
 
 
 class Tables:
-    """The audit log's reads and writes, written once for every store in DB-API terms (SQL with
-    ``%s`` placeholders; SQLite's ``?`` substituted). A store gives the connection to read from
-    and the write transaction that holds the chain's lock."""
+    """The audit log's reads and writes, written once for every store in DB-API terms: SQL with
+    ``%(name)s`` parameters (SQLite's ``:name`` substituted), on the store's one chain. A store
+    gives the connection to read from and the write transaction that holds the chain's lock.
 
-    PLACEHOLDER = "%s"
+    A database holds several chains (replicas: :attr:`chain` names the store's), each with its
+    own records, checkpoints, archives and audit key; a file holds one, named ``""``, and no
+    ``chain`` column (:attr:`CHAINED`)."""
+
+    CHAINED = True
+    chain = ""
+    _refs = "refs"  # the column; "''" in a file from before it (read only: not added)
 
     def _sql(self, query: str) -> str:
-        return query if self.PLACEHOLDER == "%s" else query.replace("%s", self.PLACEHOLDER)
+        """``query`` in the store's terms: ``[chain]`` its condition on the chain, ``[, x]``
+        what a chained store inserts besides, ``[refs]`` that column, in its parameter style."""
+        query = query.replace("[refs]", self._refs)
+        if self.CHAINED:
+            return (
+                query.replace("[chain]", "chain = %(chain)s")
+                .replace("[, ", ", ")
+                .replace("])", ")")
+            )
+        query = re.sub(r"\[, [^\]]*\]", "", query.replace("[chain]", "TRUE"))
+        return _NAMED.sub(r":\1", query)
+
+    def _args(self, **values: Any) -> dict[str, Any]:
+        return {"chain": self.chain, **values}
 
     def _read(self) -> Any:
         raise NotImplementedError
@@ -157,13 +204,22 @@ class Tables:
     def _write(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
 
+    def _one(self, conn: Any, query: str, **values: Any) -> Any:
+        return conn.execute(self._sql(query), self._args(**values)).fetchone()
+
+    def _all(self, conn: Any, query: str, **values: Any) -> list[Any]:
+        return list(conn.execute(self._sql(query), self._args(**values)).fetchall())
+
     def _head(self, conn: Any) -> tuple[int, str]:
-        row = conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        row = self._one(
+            conn, "SELECT seq, hash FROM records WHERE [chain] ORDER BY seq DESC LIMIT 1"
+        )
         if row:
             return int(row[0]), str(row[1])
-        row = conn.execute(
-            "SELECT last_seq, last_hash FROM archives ORDER BY last_seq DESC LIMIT 1"
-        ).fetchone()
+        row = self._one(
+            conn,
+            "SELECT last_seq, last_hash FROM archives WHERE [chain] ORDER BY last_seq DESC LIMIT 1",
+        )
         return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
     def head(self) -> tuple[int, str]:
@@ -173,20 +229,26 @@ class Tables:
         if not records:
             return
         rows = [
-            (
-                r.seq,
-                iso(r.event.time),
-                r.event.caller,
-                r.event.operation,
-                r.event.key,
-                r.event.version,
-                r.event.payload_sha256,
-                r.event.status,
-                r.prev_hash,
-                r.hash,
+            self._args(
+                seq=r.seq,
+                time=iso(r.event.time),
+                caller=r.event.caller,
+                operation=r.event.operation,
+                key=r.event.key,
+                version=r.event.version,
+                payload=r.event.payload_sha256,
+                status=r.event.status,
+                prev=r.prev_hash,
+                hash=r.hash,
             )
             for r in records
         ]
+        insert = self._sql(
+            "INSERT INTO records (seq, time, caller, operation, key, version, payload_sha256, "
+            "status, prev_hash, hash[, chain]) VALUES (%(seq)s, %(time)s, %(caller)s, "
+            "%(operation)s, %(key)s, %(version)s, %(payload)s, %(status)s, %(prev)s, %(hash)s"
+            "[, %(chain)s])"
+        )
         with self._write() as conn:
             head = self._head(conn)
             if head != (records[0].seq - 1, records[0].prev_hash):
@@ -196,7 +258,7 @@ class Tables:
                     "to the log"
                 )
             cur = conn.cursor()
-            cur.executemany(self._sql("INSERT INTO records VALUES (" + "%s, " * 9 + "%s)"), rows)
+            cur.executemany(insert, rows)
             cur.close()
 
     def add_checkpoint(
@@ -204,11 +266,11 @@ class Tables:
     ) -> None:
         c = checkpoint
         with self._write() as conn:
-            row = conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
+            row = self._one(conn, "SELECT MAX(seq) FROM checkpoints WHERE [chain]")
             newest = int(row[0] or 0)
-            signed = conn.execute(
-                self._sql("SELECT hash FROM records WHERE seq = %s"), (c.seq,)
-            ).fetchone()
+            signed = self._one(
+                conn, "SELECT hash FROM records WHERE [chain] AND seq = %(s)s", s=c.seq
+            )
             if c.prev != newest or c.seq <= newest or signed is None or signed[0] != c.hash:
                 raise ChainMoved(
                     f"the checkpoint at {c.seq} does not follow the log's newest ({newest}) or "
@@ -216,39 +278,57 @@ class Tables:
                 )
             if audit_key is not None:
                 conn.execute(
-                    self._sql("INSERT INTO audit_key (id, key_id, public_key) VALUES (1, %s, %s)"),
-                    audit_key,
+                    self._sql(
+                        "INSERT INTO audit_key (id, key_id, public_key[, chain]) "
+                        "VALUES (1, %(key_id)s, %(public_key)s[, %(chain)s])"
+                    ),
+                    self._args(key_id=audit_key[0], public_key=audit_key[1]),
                 )
             conn.execute(
                 self._sql(
-                    "INSERT INTO checkpoints (seq, hash, time, signature, prev) "
-                    "VALUES (%s, %s, %s, %s, %s)"
+                    "INSERT INTO checkpoints (seq, hash, time, signature, prev, refs[, chain]) "
+                    "VALUES (%(seq)s, %(hash)s, %(time)s, %(signature)s, %(prev)s, %(refs)s"
+                    "[, %(chain)s])"
                 ),
-                (c.seq, c.hash, c.time, c.signature, c.prev),
+                self._args(
+                    seq=c.seq,
+                    hash=c.hash,
+                    time=c.time,
+                    signature=c.signature,
+                    prev=c.prev,
+                    refs=refs_text(c.refs) if c.refs else "",
+                ),
             )
 
     def last_checkpoint(self) -> int:
-        row = self._read().execute("SELECT MAX(seq) FROM checkpoints").fetchone()
+        row = self._one(self._read(), "SELECT MAX(seq) FROM checkpoints WHERE [chain]")
         return int(row[0] or 0) if row else 0
 
     def checkpoints(self) -> list[Checkpoint]:
-        rows = self._read().execute(
-            "SELECT seq, hash, time, signature, prev FROM checkpoints ORDER BY seq"
+        rows = self._all(
+            self._read(),
+            "SELECT seq, hash, time, signature, prev, [refs] FROM checkpoints "
+            "WHERE [chain] ORDER BY seq",
         )
-        return [Checkpoint(int(r[0]), r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+        return [
+            Checkpoint(int(r[0]), r[1], r[2], bytes(r[3]), r[4], refs_of(r[5]), self.chain)
+            for r in rows
+        ]
 
     def record(self, seq: int) -> Record | None:
         return next(self.records(first=seq, upto=seq), None)
 
     def records(self, upto: int | None = None, first: int = 0) -> Iterator[Record]:
-        query = (
-            "SELECT seq, time, caller, operation, key, version, payload_sha256, status, "
-            "prev_hash, hash FROM records WHERE seq >= %s AND seq <= %s ORDER BY seq"
-        )
-        params = (first, upto if upto is not None else 2**62)
         # Read whole, here: a store's faults are raised (and translated) by this call, not by
         # a later step of an iteration (every caller lists them anyway).
-        rows = self._read().execute(self._sql(query), params).fetchall()
+        rows = self._all(
+            self._read(),
+            "SELECT seq, time, caller, operation, key, version, payload_sha256, status, "
+            "prev_hash, hash FROM records WHERE [chain] AND seq >= %(first)s "
+            "AND seq <= %(upto)s ORDER BY seq",
+            first=first,
+            upto=upto if upto is not None else 2**62,
+        )
         return iter(
             [
                 Record(int(r[0]), Event(datetime.fromisoformat(r[1]), *r[2:8]), r[8], r[9])
@@ -257,19 +337,21 @@ class Tables:
         )
 
     def audit_key(self) -> tuple[bytes, bytes] | None:
-        row = self._read().execute("SELECT key_id, public_key FROM audit_key").fetchone()
+        row = self._one(self._read(), "SELECT key_id, public_key FROM audit_key WHERE [chain]")
         return (bytes(row[0]), bytes(row[1])) if row else None
 
     def archives(self) -> list[Archived]:
-        rows = self._read().execute(
-            "SELECT first_seq, last_seq, last_hash, file, sha256 FROM archives ORDER BY last_seq"
+        rows = self._all(
+            self._read(),
+            "SELECT first_seq, last_seq, last_hash, file, sha256 FROM archives WHERE [chain] "
+            "ORDER BY last_seq",
         )
         return [Archived(*r) for r in rows]
 
     def archived(self, segment: Archived) -> None:
         s = segment
         with self._write() as conn:
-            row = conn.execute("SELECT MIN(seq) FROM records").fetchone()
+            row = self._one(conn, "SELECT MIN(seq) FROM records WHERE [chain]")
             if row is None or row[0] is None or int(row[0]) != s.first_seq:
                 raise FailedPrecondition(
                     f"the segment {s.first_seq}..{s.last_seq} does not start where the live "
@@ -277,13 +359,50 @@ class Tables:
                 )
             conn.execute(
                 self._sql(
-                    "INSERT INTO archives (last_seq, first_seq, last_hash, file, sha256) "
-                    "VALUES (%s, %s, %s, %s, %s)"
+                    "INSERT INTO archives (last_seq, first_seq, last_hash, file, sha256[, chain]) "
+                    "VALUES (%(last)s, %(first)s, %(hash)s, %(file)s, %(sha256)s[, %(chain)s])"
                 ),
-                (s.last_seq, s.first_seq, s.last_hash, s.file, s.sha256),
+                self._args(
+                    last=s.last_seq,
+                    first=s.first_seq,
+                    hash=s.last_hash,
+                    file=s.file,
+                    sha256=s.sha256,
+                ),
             )
-            conn.execute(self._sql("DELETE FROM records WHERE seq <= %s"), (s.last_seq,))
-            conn.execute(self._sql("DELETE FROM checkpoints WHERE seq < %s"), (s.last_seq,))
+            args = self._args(last=s.last_seq)
+            conn.execute(self._sql("DELETE FROM records WHERE [chain] AND seq <= %(last)s"), args)
+            conn.execute(
+                self._sql("DELETE FROM checkpoints WHERE [chain] AND seq < %(last)s"), args
+            )
+
+    def others(self) -> list[Ref]:
+        if not self.CHAINED:
+            return []
+        rows = self._all(
+            self._read(),
+            "SELECT DISTINCT ON (chain) chain, seq, hash FROM checkpoints "
+            "WHERE chain <> %(chain)s ORDER BY chain, seq DESC",
+        )
+        return [(str(r[0]), int(r[1]), str(r[2])) for r in rows]
+
+    def on_chain(self, chain: str) -> Any:
+        view = copy.copy(self)
+        view.chain = chain
+        return view
+
+    def chains(self) -> list[str]:
+        if not self.CHAINED:
+            return [""]
+        rows = self._all(
+            self._read(),
+            "SELECT chain FROM records UNION SELECT chain FROM checkpoints "
+            "UNION SELECT chain FROM archives UNION SELECT chain FROM audit_key ORDER BY 1",
+        )
+        return [str(r[0]) for r in rows]
+
+
+_NAMED = re.compile(r"%\((\w+)\)s")
 
 
 class SQLiteAuditStore(Tables):
@@ -291,7 +410,7 @@ class SQLiteAuditStore(Tables):
     power cut. ``timeout``: how long a write waits for a lock before failing (closed). The
     chain's lock is the file's write lock (BEGIN IMMEDIATE)."""
 
-    PLACEHOLDER = "?"
+    CHAINED = False
 
     def __init__(self, path: str | Path, read_only: bool = False, timeout: float = 2.0) -> None:
         self.path = str(path)
@@ -299,6 +418,8 @@ class SQLiteAuditStore(Tables):
             if not Path(self.path).exists():
                 raise FileNotFoundError(self.path)
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            if "refs" not in self._columns("checkpoints"):
+                self._refs = "''"
             return
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         private_database(self.path)
@@ -308,9 +429,14 @@ class SQLiteAuditStore(Tables):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(checkpoints)")}
+        columns = self._columns("checkpoints")
         if "prev" not in columns:  # a log from before checkpoints chained
             self._db.execute("ALTER TABLE checkpoints ADD COLUMN prev INTEGER")
+        if "refs" not in columns:  # from before a checkpoint could name other chains
+            self._db.execute("ALTER TABLE checkpoints ADD COLUMN refs TEXT NOT NULL DEFAULT ''")
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
 
     def _read(self) -> sqlite3.Connection:
         return self._db
@@ -354,12 +480,18 @@ def is_database(location: str | Path) -> bool:
     return isinstance(location, str) and is_postgres(location)
 
 
-def open_audit_store(location: str | Path, read_only: bool = False) -> AuditStore:
+def open_audit_store(
+    location: str | Path, read_only: bool = False, chain: str = "", writer: bool = True
+) -> AuditStore:
     """The audit log ``[audit] path`` names: a ``postgresql://`` URL, else an SQLite file (as
     :func:`signer._internal.store.open_store`; psycopg is imported only for the first). Read
-    only: FileNotFoundError where there is no log."""
+    only: FileNotFoundError where there is no log. ``chain``: a database's chain (replicas);
+    ``writer`` False: not the service's writer (an archive job: it leaves the writer's lock
+    alone, and serialises with it on the chain's)."""
     if is_database(location):
         from signer._internal.audit._pgstore import PostgresAuditStore
 
-        return PostgresAuditStore(str(location), read_only=read_only)
+        return PostgresAuditStore(str(location), read_only=read_only, chain=chain, writer=writer)
+    if chain:
+        raise FailedPrecondition("an audit log in a file has one chain: name none")
     return SQLiteAuditStore(location, read_only=read_only)

@@ -11,10 +11,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from signer._internal.audit._archive import read_archive
-from signer._internal.audit._chain import GENESIS, Checkpoint, Record, record_hash
+from signer._internal.audit._chain import GENESIS, Checkpoint, Record, Ref, record_hash
 from signer._internal.audit._store import AuditStore, open_audit_store
 from signer._internal.audit._witness import WitnessError, read_witness
-from signer._internal.config import AuditConfig
+from signer._internal.config import AuditConfig, redacted
 from signer.errors import SignerError
 
 
@@ -27,6 +27,9 @@ class Verdict:
     archived: int  # records in archive segments (checked only with their files)
     first_bad: tuple[int, str] | None  # (seq, what is wrong)
     witnessed: int = 0  # checkpoints of the witnesses checked against the records
+    # Other chains of the database (replicas) whose records this chain's checkpoints named,
+    # and were found as signed.
+    cross_checked: tuple[str, ...] = ()
 
     @property
     def whole(self) -> bool:
@@ -101,6 +104,7 @@ def verify_log(
     *,
     max_unsigned_records: int = AuditConfig.max_unsigned_records,
     witnesses: Sequence[Path] = (),
+    chain: str = "",
 ) -> Verdict:
     """Checks the live chain record by record; every checkpoint's signature with the pinned
     audit key, and that each follows the one before; the anchor each archive left behind and,
@@ -111,20 +115,26 @@ def verify_log(
     but neither a checkpoint nor the key recorded is one whose first checkpoint never completed
     (the service pins its key first, then records it with that checkpoint): whole if the rest
     holds (its records within the bound, and what a witness saw of it borne out).
-    ``location``: the SQLite file, or the ``postgresql://`` URL, of the log."""
+    ``location``: the SQLite file, or the ``postgresql://`` URL, of the log; in a database,
+    ``chain`` names the chain (a replica's: each has its own audit key, so its own pin), and
+    the records of the other chains that its checkpoints name are checked to be as signed: a
+    chain removed whole, or rewritten, is named by the checkpoints of every other."""
     pin = b"" if public_key_pem is None else pinned_der(public_key_pem)
     public_der = pin or b""
     try:
-        store = open_audit_store(location, read_only=True)  # a file, or a database's snapshot
+        # A file, or a database's snapshot (one REPEATABLE READ transaction).
+        base = open_audit_store(location, read_only=True)
     except FileNotFoundError:
-        raise SignerError(f"no audit log at {location}") from None
+        raise SignerError(f"no audit log at {redacted(str(location))}") from None
     try:
+        store = base.on_chain(chain) if chain else base
         recorded = store.audit_key()
         archives = store.archives()
         checkpoints = store.checkpoints()
         records = list(store.records())
+        named = _named(base, checkpoints)
     finally:
-        store.close()
+        base.close()
     archived = sum(a.last_seq - a.first_seq + 1 for a in archives)
     hashes: dict[int, str] = {}
     seq, prev, last, signed, witnessed = 0, GENESIS, 0, 0, 0
@@ -156,12 +166,49 @@ def verify_log(
         _within_bound(records, signed, max_unsigned_records)
         for witness in witnesses:
             witnessed += _witnessed(
-                Path(witness), public_der, hashes, last, seq, first=recorded is None
+                Path(witness), public_der, hashes, last, seq, first=recorded is None, chain=chain
             )
+        _cross_checked(named)
         bad = None
     except _Bad as exc:
         bad = (exc.seq, exc.what)
-    return Verdict(len(records), len(checkpoints), signed, last, archived, bad, witnessed)
+    others = tuple(sorted({other for (_, (other, _, _)), _ in named}))
+    return Verdict(len(records), len(checkpoints), signed, last, archived, bad, witnessed, others)
+
+
+# (checkpoint seq, the ref it signed) -> what the other chain holds there: its record's hash,
+# ARCHIVED (inside a segment moved out of its live log), or None (nothing).
+_Named = list[tuple[tuple[int, Ref], str | None]]
+ARCHIVED = "archived"
+
+
+def _named(store: AuditStore, checkpoints: list[Checkpoint]) -> _Named:
+    """What the other chains hold where ``checkpoints`` say they saw their newest checkpoints,
+    read in the same snapshot as the rest."""
+    found: _Named = []
+    for c in checkpoints:
+        for ref in c.refs:
+            other, seq, _ = ref
+            view = store.on_chain(other)
+            record = view.record(seq)
+            held: str | None = record.hash if record is not None else None
+            if held is None:
+                for a in view.archives():
+                    if a.first_seq <= seq <= a.last_seq:
+                        held = a.last_hash if seq == a.last_seq else ARCHIVED
+            found.append(((c.seq, ref), held))
+    return found
+
+
+def _cross_checked(named: _Named) -> None:
+    for (at, (other, seq, hash_)), held in named:
+        if held != hash_ and held != ARCHIVED:
+            what = "does not hold it" if held is None else "holds another"
+            raise _Bad(
+                at,
+                f"its checkpoint saw chain {other!r}'s record {seq} signed, and that chain "
+                f"{what} (removed or rewritten)",
+            )
 
 
 def _within_bound(records: list[Record], signed: int, most: int) -> None:
@@ -183,6 +230,7 @@ def _witnessed(
     last: int,
     archived_to: int,
     first: bool = False,
+    chain: str = "",
 ) -> int:
     """Checks the log against every checkpoint in a witness; returns how many were checked
     (those inside archives not read with ``--archives`` are not). ``first``: the log's first
@@ -192,7 +240,7 @@ def _witnessed(
         raise _Bad(0, f"witness {path} does not exist")
     checked = 0
     try:
-        entries = list(read_witness(path))
+        entries = list(read_witness(path, chain))
     except WitnessError as exc:
         raise _Bad(0, f"witness {exc}") from None
     for line, c in entries:
@@ -272,7 +320,7 @@ def unsigned_tail_fault(
         _within_bound(tail, seq, most)
         for path in witness_files:
             if Path(path).exists():
-                newer = [(n, c) for n, c in read_witness(path) if c.seq > seq]
+                newer = [(n, c) for n, c in read_witness(path, store.chain) if c.seq > seq]
                 for line, c in newer:
                     if recorded is None and c.prev != 0:
                         where = f"the witness {path} (line {line})"

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from signer._internal.audit._chain import Checkpoint
+from signer._internal.audit._chain import Checkpoint, refs_of, refs_text
 
 MESSAGE = "audit checkpoint"
 # syslog priority: facility LOG_AUTHPRIV (10), severity LOG_NOTICE (5).
@@ -35,13 +35,18 @@ _SYSLOG_PRIORITY = 10 * 8 + 5
 
 def fields(c: Checkpoint) -> dict[str, Any]:
     """What a witness keeps of a checkpoint (and what the service logs with it)."""
-    return {
+    kept: dict[str, Any] = {
         "seq": c.seq,
         "hash": c.hash,
         "at": c.time,
         "prev": c.prev,
         "signature": base64.b64encode(c.signature).decode(),
     }
+    if c.chain:  # a database's chains (replicas) may share one collector
+        kept["chain"] = c.chain
+    if c.refs:
+        kept["refs"] = refs_text(c.refs)
+    return kept
 
 
 def _line(c: Checkpoint) -> str:
@@ -96,9 +101,10 @@ class WitnessError(ValueError):
     """A line that says it is a checkpoint but is not a well-formed one."""
 
 
-def read_witness(path: str | Path) -> Iterator[tuple[int, Checkpoint]]:
-    """The checkpoints in a witness, a service log or a syslog export, with their line numbers.
-    Lines that are not checkpoints are skipped; a malformed checkpoint is a WitnessError."""
+def read_witness(path: str | Path, chain: str = "") -> Iterator[tuple[int, Checkpoint]]:
+    """The checkpoints of ``chain`` in a witness, a service log or a syslog export, with their
+    line numbers. Lines that are not checkpoints, or are another chain's, are skipped; a
+    malformed checkpoint is a WitnessError."""
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             start = line.find("{")
@@ -112,6 +118,8 @@ def read_witness(path: str | Path) -> Iterator[tuple[int, Checkpoint]]:
                 continue
             try:
                 prev = item["prev"]
+                if str(item.get("chain", "")) != chain:
+                    continue  # another chain's (replica's), in a shared collector
                 yield (
                     number,
                     Checkpoint(
@@ -120,6 +128,8 @@ def read_witness(path: str | Path) -> Iterator[tuple[int, Checkpoint]]:
                         str(item["at"]),
                         base64.b64decode(item["signature"], validate=True),
                         None if prev is None else int(prev),
+                        refs_of(item.get("refs")),
+                        chain,
                     ),
                 )
             except (KeyError, TypeError, ValueError) as exc:

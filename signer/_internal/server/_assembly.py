@@ -157,7 +157,7 @@ class Server:
         self.policy: Policy = self._load_policy() if policy is None else policy
         self.audit: Recorder = (
             AuditLog(
-                open_audit_store(cfg.audit.path),
+                open_audit_store(cfg.audit.path, chain=cfg.audit.chain),
                 cfg.audit.checkpoint_every,
                 cfg.audit.checkpoint_interval_seconds,
                 cfg.audit.max_unsigned_records,

@@ -182,7 +182,13 @@ def verdict_of(backend: Backend, path: Path) -> tuple[int, str] | None:
 
 def rows(backend: Backend, path: Path) -> list[list[Any]]:
     with backend.sql(path) as db:
-        return [list(r) for r in db.execute("SELECT * FROM records ORDER BY seq")]
+        return [
+            list(r)
+            for r in db.execute(
+                "SELECT seq, time, caller, operation, key, version, payload_sha256, status, "
+                "prev_hash, hash FROM records ORDER BY seq"
+            )
+        ]
 
 
 def rewrite(backend: Backend, path: Path, new_rows: list[list[Any]]) -> None:

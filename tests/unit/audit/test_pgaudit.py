@@ -147,3 +147,26 @@ def test_a_read_only_server_is_refused_in_one_line(
         open_audit_store(pg_dsn, read_only=True).close()
     finally:
         conn.execute("ALTER DATABASE postgres RESET default_transaction_read_only")
+
+
+def test_signer_audit_log_verify_takes_a_database_url(
+    pg_dsn: str, tmp_path: Path, soft: SoftKey, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same command on the database: --db a URL, the pin and archives named (files)."""
+    from signer.cli.main import main
+
+    log = AuditLog(PostgresAuditStore(pg_dsn), checkpoint_every=4, checkpoint_interval=60)
+    pin = tmp_path / "audit.key.pem"
+    log.start(soft.make, pin)
+    for i in range(1, 7):
+        write(log, event(i))
+    log.close()
+    args = ["audit-log", "verify", "--db", pg_dsn, "--archive-dir", str(tmp_path / "archive")]
+    assert main([*args, "--public-key", str(pin)]) == 0
+    assert "is whole: 6 records, 2 signed checkpoints" in capsys.readouterr().out
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE records SET status = 'PERMISSION_DENIED' WHERE seq = 5")
+    assert main([*args, "--public-key", str(pin)]) != 0
+    assert "first bad record 5: its contents do not match its hash" in capsys.readouterr().out
+    assert main(args) != 0  # no --public-key beside a URL
+    assert "give --archive-dir and --public-key" in capsys.readouterr().err
