@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -115,6 +116,25 @@ LOCK_NAMESPACE = 0x5167
 XACT_LOCK = (
     "SELECT pg_advisory_xact_lock(%s, hashtext(coalesce(current_schema(), '') || ':' || %s))"
 )
+
+
+# locked(): a session lock, released explicitly (pg_advisory_unlock), or by the server when
+# the connection goes. Its key as xact_lock's: namespace, hash of (schema, purpose).
+_SESSION_LOCK = "SELECT pg_advisory_lock(%s, hashtext(coalesce(current_schema(), '') || ':' || %s))"
+_SESSION_UNLOCK = (
+    "SELECT pg_advisory_unlock(%s, hashtext(coalesce(current_schema(), '') || ':' || %s))"
+)
+
+
+def _unlock(conn: Connection, args: tuple[int, str]) -> None:
+    """Releases a session lock before its connection goes back to the pool; a connection that
+    cannot say it did is closed (the pool then drops it, and the server releases the lock)."""
+    if conn.broken or conn.closed:
+        return
+    try:
+        conn.execute(_SESSION_UNLOCK, args)
+    except psycopg.Error:
+        conn.close()
 
 
 def xact_lock(conn: Connection, purpose: str) -> None:
@@ -410,12 +430,46 @@ class PostgresStore:
             check_schema(conn, schema)
             migrate(conn, "store", STORE_MIGRATIONS)
         self._pool = make_pool(conninfo, schema)
+        self._held = threading.local()  # the connection holding this thread's locked()
 
     def close(self) -> None:
         self._pool.close()
 
     @contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """``name``'s lock in the database, so replicas sharing it serialise their
+        read-decide-writes on a key (or import token): a session advisory lock on one pooled
+        connection, which this thread's store calls then use (each still its own transaction,
+        committed as it returns). If that connection is lost, so is the lock, and so does every
+        later write of the block fail: nothing is written by a holder that no longer holds.
+        Waits up to the session's lock_timeout (UNAVAILABLE after). Nested locks ride on the
+        same connection."""
+        held: Connection | None = getattr(self._held, "conn", None)
+        args = (LOCK_NAMESPACE, name)
+        if held is not None:
+            with mapped_errors():
+                held.execute(_SESSION_LOCK, args)
+            try:
+                yield
+            finally:
+                _unlock(held, args)
+            return
+        with self._pool.connection() as conn:
+            with mapped_errors():
+                conn.execute(_SESSION_LOCK, args)
+            self._held.conn = conn
+            try:
+                yield
+            finally:
+                self._held.conn = None
+                _unlock(conn, args)
+
+    @contextmanager
     def _conn(self) -> Iterator[Connection]:
+        held: Connection | None = getattr(self._held, "conn", None)
+        if held is not None:
+            yield held
+            return
         with self._pool.connection() as conn:
             yield conn
 

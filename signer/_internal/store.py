@@ -14,13 +14,14 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from signer._internal.config import STORE_URL_SCHEMES
 from signer._internal.files import private_database
+from signer._internal.locks import NamedLocks
 from signer.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -107,6 +108,12 @@ class Store(Protocol):
     def live_import_tokens(self, now: datetime) -> list[ImportToken]: ...
     def spent_import_tokens(self, now: datetime) -> list[ImportToken]: ...
     def set_import_token_destroyed(self, token: str) -> None: ...
+    def locked(self, name: str) -> AbstractContextManager[None]:
+        """Holds ``name``'s lock (a key's ``key:NAME``, an import token's ``import:TOKEN``)
+        for a read-decide-write: every process sharing the store waits for it (replicas on
+        one database), so what is decided under it is about the state it acts on."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -190,6 +197,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._named = NamedLocks()  # one process owns an SQLite store: its locks are its own
         # executescript manages its own transaction; every statement is IF NOT EXISTS.
         db = self._db()
         db.executescript(_SCHEMA)
@@ -233,6 +241,9 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             raise
+
+    def locked(self, name: str) -> AbstractContextManager[None]:
+        return self._named.hold(name)
 
     def close(self) -> None:
         with self._lock:

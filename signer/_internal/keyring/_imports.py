@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from signer._internal.config import Config
-from signer._internal.keyring._common import KEY_ID_BYTES, Clock, NamedLocks
+from signer._internal.keyring._common import KEY_ID_BYTES, Clock
 from signer._internal.store import Store
 from signer._internal.token import TokenAPI
 from signer.errors import (
@@ -76,7 +76,6 @@ class ImportTokens:
         # the count it adds to (and wrapping keys are generated one at a time anyway).
         self._guard = threading.Lock()
         # Per import token: an import using it and the reaper destroying its wrapping key.
-        self._locks = NamedLocks()
 
     def importable_algorithms(self) -> list[str]:
         try:
@@ -160,7 +159,7 @@ class ImportTokens:
         unexpired (INVALID_ARGUMENT, FAILED_PRECONDITION if not). When the block completes, the
         token is used (the block's store write says so) and its wrapping key is destroyed; when
         the block raises, the token stays as it was."""
-        with self._locks.hold(import_token):
+        with self._store.locked(f"import:{import_token}"):
             record = self._live_import_token(import_token, caller)
             yield record
             self._destroy_wrapping_key(record)
@@ -220,8 +219,13 @@ class ImportTokens:
     def reap(self) -> bool:
         """Destroys the wrapping keys of used and expired import tokens; False when the token is
         unavailable (the caller stops too)."""
-        for t in self._store.spent_import_tokens(self._clock()):
-            with self._locks.hold(t.token):
+        for spent in self._store.spent_import_tokens(self._clock()):
+            with self._store.locked(f"import:{spent.token}"):
+                # Read again under the lock: another replica's reaper may have destroyed it
+                # since the list was read (a token is spent for good, so only that changes).
+                t = self._store.get_import_token(spent.token)
+                if t.destroyed:
+                    continue
                 if not self._destroy_wrapping_key(t):
                     return False
         return True

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from signer import jose
 from signer._internal.config import Config
-from signer._internal.keyring._common import KEY_ID_BYTES, Clock, NamedLocks, utcnow
+from signer._internal.keyring._common import KEY_ID_BYTES, Clock, utcnow
 from signer._internal.keyring._imports import ImportParameters, ImportTokens
 from signer._internal.logs import Every
 from signer._internal.store import Store
@@ -161,7 +161,6 @@ class Keyring:
         self._store = store
         self._clock = clock
         # Per key name: one change to a key at a time.
-        self._locks = NamedLocks()
         self._imports = ImportTokens(cfg, token, store, clock, self.slow_token)
         # Scopes are fixed at creation, so a key's scope, once read, is read for good.
         self._scopes: dict[str, str] = {}
@@ -209,7 +208,7 @@ class Keyring:
         alg = algorithm(alg_name)
         check_scope(scope)
         labels = check_labels(dict(labels or {}))
-        with self._locks.hold(name):
+        with self._store.locked(f"key:{name}"):
             self._require_absent(name)
             self._token.require(alg)
             now = self.now()
@@ -293,7 +292,7 @@ class Keyring:
         check_scope(scope)
         labels = check_labels(dict(labels or {}))
         self._imports.check_request(import_token, wrapped_key, public_key_der)
-        with self._locks.hold(name):
+        with self._store.locked(f"key:{name}"):
             existing = self._find(name)
             if authorise is not None:
                 authorise(existing)
@@ -377,7 +376,7 @@ class Keyring:
         labels = check_labels(dict(labels or {}))
         if not 1 <= len(key_id) <= 64:
             raise InvalidArgument(f"key_id must be 1 to 64 bytes, got {len(key_id)}")
-        with self._locks.hold(name):
+        with self._store.locked(f"key:{name}"):
             self._require_absent(name)
             public = self._token.adopt(alg, key_id)
             now = self.now()
@@ -602,7 +601,7 @@ class Keyring:
 
     def rotate(self, name: str) -> Key:
         check_name(name)
-        with self._locks.hold(name):
+        with self._store.locked(f"key:{name}"):
             key = self._store.get_key(name)
             alg = algorithm(key.algorithm)
             self._token.require(alg)
@@ -619,7 +618,7 @@ class Keyring:
     def set_primary(self, name: str, version: int) -> Key:
         check_name(name)
         self._require_version_number(version)
-        with self._locks.hold(name):
+        with self._store.locked(f"key:{name}"):
             key = self._store.get_key(name)
             v = key.version(version)
             state = v.effective_state(self.now())
@@ -659,7 +658,7 @@ class Keyring:
             )
         check_name(name)
         self._require_version_number(version)
-        with self._locks.hold(name):
+        with self._store.locked(f"key:{name}"):
             key = self._store.get_key(name)
             v = key.version(version)
             if v.version == key.primary:
@@ -678,7 +677,7 @@ class Keyring:
     def _transition(self, name: str, version: int, allowed: set[State], to: State) -> Version:
         check_name(name)
         self._require_version_number(version)
-        with self._locks.hold(name):
+        with self._store.locked(f"key:{name}"):
             key = self._store.get_key(name)
             return self._transition_locked(key, key.version(version), allowed, to, None)
 
@@ -712,7 +711,7 @@ class Keyring:
             return 0
         done = 0
         for due in self._store.due_for_destruction(self.now()):
-            with self._locks.hold(due.name):
+            with self._store.locked(f"key:{due.name}"):
                 # Decided again under the lock, on the version as it is now: a cancel (or a
                 # new schedule) may have committed since the list was read, and destruction
                 # cannot be undone.
