@@ -147,6 +147,24 @@ def pg_dsn(pg_cluster: postgres.Cluster) -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema))
 
 
+@pytest.fixture
+def pg_connect(pg_dsn: str) -> Iterator[Callable[[], Any]]:
+    """``pg_connect()``: an autocommit connection to the test's schema (a psycopg
+    Connection), closed after the test: what a test does underneath the service."""
+    import psycopg
+
+    opened: list[Any] = []
+
+    def make() -> Any:
+        conn = psycopg.connect(pg_dsn, autocommit=True)
+        opened.append(conn)
+        return conn
+
+    yield make
+    for conn in opened:
+        conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -137,6 +137,32 @@ def _unlock(conn: Connection, args: tuple[int, str]) -> None:
         conn.close()
 
 
+class CommitCutOff(Exception):
+    """The connection broke during COMMIT: the write may or may not be on record. Each store
+    says so in its own terms (the key store: StoreUncertain; the audit log: CommitUnknown)."""
+
+
+@contextmanager
+def transaction(conn: Connection) -> Iterator[None]:
+    """BEGIN ... COMMIT on an autocommit connection (one round trip fewer for a lone read than
+    psycopg's implicit transactions). A connection lost before COMMIT was sent leaves nothing
+    (the server rolls back); lost during COMMIT: :class:`CommitCutOff`."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        if not conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("COMMIT")
+    except psycopg.Error as exc:
+        if conn.broken:
+            raise CommitCutOff(str(exc).strip()) from None
+        raise
+
+
 def xact_lock(conn: Connection, purpose: str) -> None:
     """Takes ``purpose``'s transaction-scoped lock in this connection's schema: released at
     COMMIT or ROLLBACK, or when the connection is lost, so never held by a holder that is gone."""
@@ -176,10 +202,6 @@ _SESSION = (
 RECONNECT_MAX_SECONDS = 0.5
 
 
-class _CommitUnknown(Exception):
-    """The connection broke during COMMIT: the write may or may not be on record."""
-
-
 # What a fault is matched by: a class of exception, or an SQLSTATE or its two-character class.
 Match: TypeAlias = "type[BaseException] | str"
 
@@ -190,7 +212,7 @@ Match: TypeAlias = "type[BaseException] | str"
 # error, a program limit) are bugs, left to answer INTERNAL.
 ERRORS: tuple[tuple[Match, type[SignerError], str], ...] = (
     (
-        _CommitUnknown,
+        CommitCutOff,
         StoreUncertain,
         "the connection broke during COMMIT: the write may be on record",
     ),
@@ -475,23 +497,8 @@ class PostgresStore:
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        """BEGIN ... COMMIT on one pooled connection. A connection lost before COMMIT was sent
-        leaves nothing (the server rolls back); lost during COMMIT, the outcome is unknown."""
-        with self._conn() as conn:
-            conn.execute("BEGIN")
-            try:
-                yield conn
-            except BaseException:
-                if not conn.broken:
-                    with contextlib.suppress(psycopg.Error):
-                        conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-            except psycopg.Error as exc:
-                if conn.broken:
-                    raise _CommitUnknown(str(exc).strip()) from None
-                raise
+        with self._conn() as conn, transaction(conn):
+            yield conn
 
     # --- reads --------------------------------------------------------------------------------
 

@@ -36,21 +36,6 @@ from tests.unit.test_store import key
 NEWEST = STORE_MIGRATIONS[-1][0]
 
 
-@pytest.fixture
-def connect(pg_dsn: str) -> Iterator[Callable[[], psycopg.Connection[tuple[Any, ...]]]]:
-    """``connect()``: an autocommit connection to the test's schema, closed after the test."""
-    opened: list[psycopg.Connection[tuple[Any, ...]]] = []
-
-    def make() -> psycopg.Connection[tuple[Any, ...]]:
-        conn = psycopg.connect(pg_dsn, autocommit=True)
-        opened.append(conn)
-        return conn
-
-    yield make
-    for conn in opened:
-        conn.close()
-
-
 def tables(conn: psycopg.Connection[tuple[Any, ...]]) -> set[str]:
     rows = conn.execute(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
@@ -62,8 +47,8 @@ def versions(conn: psycopg.Connection[tuple[Any, ...]]) -> list[tuple[Any, ...]]
     return conn.execute("SELECT component, version FROM schema_version").fetchall()
 
 
-def test_migrates_an_empty_database(pg_dsn: str, connect: Callable[[], Any]) -> None:
-    conn = connect()
+def test_migrates_an_empty_database(pg_dsn: str, pg_connect: Callable[[], Any]) -> None:
+    conn = pg_connect()
     assert tables(conn) == set()
     PostgresStore(pg_dsn).close()
     assert tables(conn) == {"schema_version", "keys", "versions", "import_tokens"}
@@ -76,11 +61,11 @@ def test_migrates_an_empty_database(pg_dsn: str, connect: Callable[[], Any]) -> 
     assert {("keys", "name"), ("keys", "scope"), ("versions", "name")} <= set(collations)
 
 
-def test_migrating_again_changes_nothing(pg_dsn: str, connect: Callable[[], Any]) -> None:
+def test_migrating_again_changes_nothing(pg_dsn: str, pg_connect: Callable[[], Any]) -> None:
     s = PostgresStore(pg_dsn)
     s.create_key(key("kept"))
     s.close()
-    conn = connect()
+    conn = pg_connect()
     assert migrate(conn, "store", STORE_MIGRATIONS) == NEWEST
     assert migrate(conn, "store", STORE_MIGRATIONS) == NEWEST
     assert versions(conn) == [("store", NEWEST)]
@@ -91,8 +76,8 @@ def test_migrating_again_changes_nothing(pg_dsn: str, connect: Callable[[], Any]
         s.close()
 
 
-def test_a_second_migrator_waits_for_the_first(pg_dsn: str, connect: Callable[[], Any]) -> None:
-    first = connect()
+def test_a_second_migrator_waits_for_the_first(pg_dsn: str, pg_connect: Callable[[], Any]) -> None:
+    first = pg_connect()
     done: list[PostgresStore | BaseException] = []
 
     def second() -> None:
@@ -107,9 +92,9 @@ def test_a_second_migrator_waits_for_the_first(pg_dsn: str, connect: Callable[[]
         thread.start()
         # The second store's migration waits on the lock the first holds.
         deadline = time.monotonic() + 10
-        while not _waiting_for_lock(connect()) and time.monotonic() < deadline:
+        while not _waiting_for_lock(pg_connect()) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert _waiting_for_lock(connect())
+        assert _waiting_for_lock(pg_connect())
         assert done == []
         assert migrate(first, "store", STORE_MIGRATIONS) == NEWEST
     thread.join(10)
@@ -129,7 +114,9 @@ def _waiting_for_lock(conn: psycopg.Connection[tuple[Any, ...]]) -> bool:
     return bool(row and row[0])
 
 
-def test_replicas_starting_together_migrate_once(pg_dsn: str, connect: Callable[[], Any]) -> None:
+def test_replicas_starting_together_migrate_once(
+    pg_dsn: str, pg_connect: Callable[[], Any]
+) -> None:
     n = 4
     barrier = threading.Barrier(n)
     results: list[PostgresStore | BaseException] = []
@@ -149,15 +136,15 @@ def test_replicas_starting_together_migrate_once(pg_dsn: str, connect: Callable[
     stores = [r for r in results if isinstance(r, PostgresStore)]
     try:
         assert len(stores) == n, results
-        assert versions(connect()) == [("store", NEWEST)]
+        assert versions(pg_connect()) == [("store", NEWEST)]
     finally:
         for s in stores:
             s.close()
 
 
-def test_a_newer_database_is_refused(pg_dsn: str, connect: Callable[[], Any]) -> None:
+def test_a_newer_database_is_refused(pg_dsn: str, pg_connect: Callable[[], Any]) -> None:
     PostgresStore(pg_dsn).close()
-    connect().execute("UPDATE schema_version SET version = %s", (NEWEST + 1,))
+    pg_connect().execute("UPDATE schema_version SET version = %s", (NEWEST + 1,))
     with pytest.raises(FailedPrecondition, match=f"version {NEWEST + 1}, newer than this"):
         PostgresStore(pg_dsn)
 
@@ -280,7 +267,7 @@ def test_failures_without_sqlstate_map_to_unavailable_without_libpq_text() -> No
         assert "\n" not in str(err.value)
         assert "10.1.2.3" not in str(err.value)
     with pytest.raises(StoreUncertain, match="may be on record"), pgstore.mapped_errors():
-        raise pgstore._CommitUnknown(LIBPQ_TEXT)
+        raise pgstore.CommitCutOff(LIBPQ_TEXT)
 
 
 def test_bugs_and_conflicts_are_left_unmapped() -> None:
@@ -296,12 +283,12 @@ def test_bugs_and_conflicts_are_left_unmapped() -> None:
 
 
 def test_a_commit_whose_connection_broke_is_uncertain(
-    pg_dsn: str, connect: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
+    pg_dsn: str, pg_connect: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The connection lost during COMMIT: whether the write is on record is unknown, as for the
     SQLite store's COMMIT that failed with an I/O error."""
     store = PostgresStore(pg_dsn)
-    killer = connect()
+    killer = pg_connect()
     real = psycopg.Connection.execute
 
     def execute(self: psycopg.Connection[Any], query: Any, *args: Any, **kw: Any) -> Any:
@@ -354,11 +341,11 @@ def test_calls_fail_unavailable_while_the_server_is_down_and_recover(
 
 
 @pytest.fixture
-def role(pg_dsn: str, connect: Callable[[], Any]) -> Iterator[Callable[..., str]]:
+def role(pg_dsn: str, pg_connect: Callable[[], Any]) -> Iterator[Callable[..., str]]:
     """``role(suffix, *grants)``: a login role of this test's own (roles are the cluster's,
     schemas the test's), set up by the SQL in ``grants`` ({role}, {schema} filled in); returns
     the test's DSN as that role. Dropped after the test."""
-    admin = connect()
+    admin = pg_connect()
     schema = store_schema(store_parameters(pg_dsn))
     made: list[str] = []
 
@@ -397,7 +384,7 @@ def test_a_fresh_start_on_a_read_only_database_fails_in_one_line(
 
 
 def test_migrate_reads_the_version_before_any_ddl(
-    pg_dsn: str, role: Callable[..., str], connect: Callable[[], Any]
+    pg_dsn: str, role: Callable[..., str], pg_connect: Callable[[], Any]
 ) -> None:
     """On a read-only session (a standby, where libpq's check is not asked for): a schema at the
     newest version is used as it is, no DDL nor lock; an empty one is refused, one line,
@@ -408,7 +395,7 @@ def test_migrate_reads_the_version_before_any_ddl(
         migrate(conn, "store", STORE_MIGRATIONS)
     PostgresStore(pg_dsn).close()
     schema = store_schema(store_parameters(pg_dsn))
-    connect().execute(
+    pg_connect().execute(
         sql.SQL(USES_TABLES).format(
             schema=sql.Identifier(schema), role=sql.Identifier(f"{schema}_ro")
         )
@@ -433,13 +420,13 @@ def test_a_migrated_schema_starts_without_create_privilege(
 
 
 def test_a_database_turned_read_only_answers_writes_unavailable(
-    pg_dsn: str, connect: Callable[[], Any]
+    pg_dsn: str, pg_connect: Callable[[], Any]
 ) -> None:
     """A database turned read-only under a running store (the server's default changed and
     reloaded, as the pooled connections see it): writes answer UNAVAILABLE naming 25006, not a
     raw ReadOnlySqlTransaction (INTERNAL); reads go on."""
     store = PostgresStore(pg_dsn)
-    admin = connect()
+    admin = pg_connect()
     admin.execute("SET default_transaction_read_only = off")
     try:
         store.create_key(key("k"))
@@ -463,12 +450,12 @@ def test_a_database_turned_read_only_answers_writes_unavailable(
 
 
 def test_the_migration_waits_minutes_not_the_sessions_seconds(
-    pg_dsn: str, connect: Callable[[], Any]
+    pg_dsn: str, pg_connect: Callable[[], Any]
 ) -> None:
     """The migration's transaction waits and runs under a 10 min lock and statement timeout,
     not the session's 5 s and 30 s, lest a long migration fail every other replica's start
     (REVIEW.md 11): the migration step records what it ran under."""
-    conn = connect()
+    conn = pg_connect()
     conn.execute(pgstore._SESSION)
     steps = (
         (
@@ -490,10 +477,10 @@ def test_the_url_must_name_the_schema(pg_cluster: Cluster) -> None:
         PostgresStore(pg_cluster.dsn())
 
 
-def test_a_missing_schema_fails_closed(pg_cluster: Cluster, connect: Callable[[], Any]) -> None:
+def test_a_missing_schema_fails_closed(pg_cluster: Cluster, pg_connect: Callable[[], Any]) -> None:
     """The schema the URL names does not exist: the start fails saying so, and creates nothing
     anywhere (before: CREATE TABLE failed with "no schema has been selected", INTERNAL)."""
-    conn = connect()
+    conn = pg_connect()
     before = conn.execute("SELECT count(*) FROM pg_tables").fetchone()
     with pytest.raises(FailedPrecondition, match=r"'nowhere' .* does not exist"):
         PostgresStore(pg_cluster.dsn(search_path="nowhere"))
@@ -501,13 +488,13 @@ def test_a_missing_schema_fails_closed(pg_cluster: Cluster, connect: Callable[[]
 
 
 def test_a_schema_dropped_under_the_store_is_not_replaced(
-    pg_dsn: str, connect: Callable[[], Any]
+    pg_dsn: str, pg_connect: Callable[[], Any]
 ) -> None:
     """New pooled connections check current_schema() too: once the schema is renamed away, a
     call answers UNAVAILABLE, and no fresh, empty store appears in its place."""
     store = PostgresStore(pg_dsn)
     schema = store_schema(store_parameters(pg_dsn))
-    conn = connect()
+    conn = pg_connect()
     try:
         store.create_key(key("k"))
         conn.execute(
@@ -533,7 +520,7 @@ def test_a_schema_dropped_under_the_store_is_not_replaced(
 
 def test_the_environments_pg_variables_are_not_used(
     pg_dsn: str,
-    connect: Callable[[], Any],
+    pg_connect: Callable[[], Any],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -546,7 +533,7 @@ def test_the_environments_pg_variables_are_not_used(
     try:
         store.create_key(key("k"))
         assert "PGAPPNAME" not in os.environ
-        names = connect().execute("SELECT application_name FROM pg_stat_activity").fetchall()
+        names = pg_connect().execute("SELECT application_name FROM pg_stat_activity").fetchall()
         assert ("from-the-environment",) not in names
         assert "PGAPPNAME" in caplog.text
         assert "from-the-environment" not in caplog.text

@@ -39,9 +39,11 @@ from signer._internal.audit._store import CommitUnknown, StoreUnavailable, Table
 from signer._internal.config import _validate_store, store_parameters, store_schema
 from signer._internal.pgstore import (
     LOCK_NAMESPACE,
+    CommitCutOff,
     check_schema,
     migrate,
     service_conninfo,
+    transaction,
     xact_lock,
 )
 from signer._internal.store import translating
@@ -256,25 +258,15 @@ class PostgresAuditStore(Tables):
         """BEGIN ... COMMIT holding the chain's lock. Lost before COMMIT was sent: nothing
         written (the server rolls back). Lost during it: :class:`CommitUnknown`."""
         conn = self._connection()
-        conn.execute("BEGIN")
         try:
-            xact_lock(conn, f"audit-chain:{self.chain}")
-            yield conn
-        except BaseException:
-            if not conn.broken:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except psycopg.Error as exc:
-            if conn.broken:
-                log.warning("audit database error at COMMIT", extra={"error": _why(exc)})
-                raise CommitUnknown(
-                    "the audit database's connection broke during COMMIT: its outcome is "
-                    f"unknown ({type(exc).__name__})"
-                ) from None
-            raise
+            with transaction(conn):
+                xact_lock(conn, f"audit-chain:{self.chain}")
+                yield conn
+        except CommitCutOff as exc:
+            log.warning("audit database error at COMMIT", extra={"error": _why(exc)})
+            raise CommitUnknown(
+                "the audit database's connection broke during COMMIT: its outcome is unknown"
+            ) from None
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:

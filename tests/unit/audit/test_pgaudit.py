@@ -6,7 +6,7 @@ log's contract itself, tamper cases first, is tested on both stores by every oth
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,8 @@ from tests.postgres import Cluster
 from tests.unit.audit.fakes import SoftKey, event, write
 
 
-@pytest.fixture
-def connect(pg_dsn: str) -> Iterator[Callable[[], psycopg.Connection[tuple[Any, ...]]]]:
-    opened: list[psycopg.Connection[tuple[Any, ...]]] = []
-
-    def make() -> psycopg.Connection[tuple[Any, ...]]:
-        conn = psycopg.connect(pg_dsn, autocommit=True)
-        opened.append(conn)
-        return conn
-
-    yield make
-    for conn in opened:
-        conn.close()
-
-
 def test_the_schema_is_migrated_through_schema_version(
-    pg_dsn: str, connect: Callable[[], Any]
+    pg_dsn: str, pg_connect: Callable[[], Any]
 ) -> None:
     """Created by the service, beside the key store's, in the same version table; a second
     start changes nothing; a database newer than the code is refused, by the writer and by
@@ -46,7 +32,7 @@ def test_the_schema_is_migrated_through_schema_version(
     PostgresAuditStore(pg_dsn).close()
     PostgresStore(pg_dsn).close()
     PostgresAuditStore(pg_dsn).close()
-    conn = connect()
+    conn = pg_connect()
     rows = conn.execute("SELECT component, version FROM schema_version ORDER BY 1").fetchall()
     assert rows == [("audit", AUDIT_MIGRATIONS[-1][0]), ("store", rows[1][1])]
     conn.execute("UPDATE schema_version SET version = version + 1 WHERE component = 'audit'")
@@ -64,7 +50,7 @@ def test_a_database_without_a_log_is_no_log(pg_dsn: str) -> None:
 
 
 def test_a_lost_connection_fails_closed_and_the_log_recovers(
-    pg_dsn: str, connect: Callable[[], Any], tmp_path: Path, soft: SoftKey
+    pg_dsn: str, pg_connect: Callable[[], Any], tmp_path: Path, soft: SoftKey
 ) -> None:
     """The writer's connection killed (the server restarted, a network cut): the call whose
     record could not be written is answered UNAVAILABLE, its record kept; the writer connects
@@ -75,7 +61,7 @@ def test_a_lost_connection_fails_closed_and_the_log_recovers(
     log.start(soft.make, pin)
     assert write(log, event(1)) == 1
     pid = store._connection().info.backend_pid
-    connect().execute("SELECT pg_terminate_backend(%s)", (pid,))
+    pg_connect().execute("SELECT pg_terminate_backend(%s)", (pid,))
     with pytest.raises(Unavailable, match="the audit log cannot be written"):
         write(log, event(2))
     for _ in range(100):  # retried every RETRY_SECONDS
@@ -127,14 +113,14 @@ def test_a_commit_cut_off_is_read_back_before_its_calls_are_answered(
 
 
 def test_a_read_only_server_is_refused_in_one_line(
-    pg_cluster: Cluster, pg_dsn: str, connect: Callable[[], Any]
+    pg_cluster: Cluster, pg_dsn: str, pg_connect: Callable[[], Any]
 ) -> None:
     """A standby, or a database made read-only, behind the log's name: the writer does not
     connect (target_session_attrs=read-write), and says so in one line naming the class and
     SQLSTATE, never the server's host, port or role (it goes into refused calls' statuses).
     verify still reads it."""
     PostgresAuditStore(pg_dsn).close()
-    conn = connect()
+    conn = pg_connect()
     conn.execute("ALTER DATABASE postgres SET default_transaction_read_only = on")
     try:
         with pytest.raises(Unavailable) as err:
