@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The order of the calls is the order of `signer --help` and `signer keys --help`.
-    _host.register(sub)  # hsm, audit-log, front, serve, run
+    _host.register(sub)  # hsm, audit-log, store, front, serve, run
     keys_p = sub.add_parser("keys", help="create, inspect, rotate and retire keys")
     keys = keys_p.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     _calls.register_new_keys(keys)  # keys create, import

@@ -300,6 +300,72 @@ class Tables:
                 ),
             )
 
+    def restore(
+        self,
+        archives: Sequence[Archived] = (),
+        checkpoint: Checkpoint | None = None,
+        audit_key: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        """For ``signer store migrate`` alone (signer._internal.transfer): what a log being
+        copied holds that :meth:`append` and :meth:`add_checkpoint` rightly refuse, inserted as
+        it is, in one transaction: ``archives``' rows into a chain that holds nothing yet, with
+        the checkpoint that anchors them (its record is archived, not live); a checkpoint from
+        before checkpoints chained (``prev`` None); ``audit_key`` with the first checkpoint.
+        Only the order is checked here (a checkpoint after the newest): no writer vouches for
+        these rows, so the migration verifies the source before (verify_log) and the copy
+        after, and nothing else may call this."""
+        with self._write() as conn:
+            if archives:
+                held = self._one(conn, "SELECT 1 FROM records WHERE [chain] LIMIT 1") or self._one(
+                    conn, "SELECT 1 FROM archives WHERE [chain] LIMIT 1"
+                )
+                if held:
+                    raise ChainMoved("archives are restored into an empty chain only")
+                for s in archives:
+                    conn.execute(
+                        self._sql(
+                            "INSERT INTO archives (last_seq, first_seq, last_hash, file, sha256"
+                            "[, chain]) VALUES (%(last)s, %(first)s, %(hash)s, %(file)s, "
+                            "%(sha256)s[, %(chain)s])"
+                        ),
+                        self._args(
+                            last=s.last_seq,
+                            first=s.first_seq,
+                            hash=s.last_hash,
+                            file=s.file,
+                            sha256=s.sha256,
+                        ),
+                    )
+            if checkpoint is None:
+                return
+            c = checkpoint
+            row = self._one(conn, "SELECT MAX(seq) FROM checkpoints WHERE [chain]")
+            if c.seq <= int(row[0] or 0):
+                raise ChainMoved(f"the checkpoint at {c.seq} is not after the chain's newest")
+            if audit_key is not None:
+                conn.execute(
+                    self._sql(
+                        "INSERT INTO audit_key (id, key_id, public_key[, chain]) "
+                        "VALUES (1, %(key_id)s, %(public_key)s[, %(chain)s])"
+                    ),
+                    self._args(key_id=audit_key[0], public_key=audit_key[1]),
+                )
+            conn.execute(
+                self._sql(
+                    "INSERT INTO checkpoints (seq, hash, time, signature, prev, refs[, chain]) "
+                    "VALUES (%(seq)s, %(hash)s, %(time)s, %(signature)s, %(prev)s, %(refs)s"
+                    "[, %(chain)s])"
+                ),
+                self._args(
+                    seq=c.seq,
+                    hash=c.hash,
+                    time=c.time,
+                    signature=c.signature,
+                    prev=c.prev,
+                    refs=refs_text(c.refs) if c.refs else "",
+                ),
+            )
+
     def last_checkpoint(self) -> int:
         row = self._one(self._read(), "SELECT MAX(seq) FROM checkpoints WHERE [chain]")
         return int(row[0] or 0) if row else 0
