@@ -53,7 +53,10 @@ from signer._internal.store import SQLiteStore, Store, is_postgres, open_store
 from signer.errors import SignerError
 from signer.keys import ImportToken, Key
 
-# Records per append: one transaction each (10 000 records of the SQLite log in 0.3 s).
+# Records per append, one transaction each (a checkpoint ends a batch sooner: every 1000
+# records by default). Measured here (fsync on, keys 100): 300 000 records copied in 9.5 s, and
+# verified on both sides in 7.9 s more; 1 000 000 in 83 s all told, 1.4 GB at most (verify_log
+# holds a log's records in memory).
 BATCH = 5000
 _PAGE = 500  # keys per list_keys page
 
@@ -197,6 +200,10 @@ def migrate(
         raise MigrationError("--chain must be 1 to 32 of a-z, 0-9 and '-'")
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
+        # Opened first: a store from before a column was added gets it, as at the service's
+        # start (under the lock below, that ALTER would wait for the lock this holds).
+        source_store = SQLiteStore(src.store)
+        stack.callback(source_store.close)
         stack.enter_context(_holding_writes(src.audit, "audit log"))
         if src.store.resolve() != src.audit.resolve():
             stack.enter_context(_holding_writes(src.store, "key store"))
@@ -210,8 +217,6 @@ def migrate(
                 f"the source audit log {src.audit} does not verify (record {seq}: {what}): "
                 "nothing copied"
             )
-        source_store = SQLiteStore(src.store)
-        stack.callback(source_store.close)
         source_log = SQLiteAuditStore(src.audit, read_only=True)
         stack.callback(source_log.close)
         keys = _keys(source_store)
