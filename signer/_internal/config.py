@@ -199,7 +199,10 @@ class FrontConfig:
     server_address: str = ""
     # CA certificate(s) a client certificate must chain to; there is no way in without one.
     client_ca: str = ""
-    # The service's Unix socket, "unix:/path".
+    # The service's Unix socket, "unix:/path"; with replicas, every replica's front socket,
+    # separated by commas ("unix:/run/signer/r1/front.sock, unix:/run/signer/r2/front.sock"):
+    # one nginx upstream, passive health, retries where the RPC allows (README "Replicas").
+    # A string, not a TOML array, so that SIGNER_FRONT_UPSTREAM overrides it like any setting.
     upstream: str = ""
     # nginx.conf, openssl.cnf, the error log and nginx's temporary files go here.
     workdir: str = "var/front"
@@ -209,6 +212,11 @@ class FrontConfig:
     # internet-facing process can read no PIN but the TLS token's and reach no socket but the
     # front's and the TLS token's.
     user: str = ""
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        """Each replica's socket as given in ``upstream`` ("unix:/path"), in order."""
+        return tuple(part.strip() for part in self.upstream.split(",") if part.strip())
 
 
 @dataclass(frozen=True)

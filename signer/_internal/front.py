@@ -34,6 +34,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from signer._internal.children import guarded_preexec, run_in_foreground
@@ -58,6 +59,41 @@ _WRITE_NO_LINK = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CL
 # Characters that would end a PKCS#11 URI attribute or an nginx string.
 _UNSAFE = set(";?&\"'\\ \n\t{}$")
 
+# Replicas (README "Replicas"). A call that reached no replica (its socket missing, refused) is
+# sent to the next one whatever the RPC: nothing was done. A call whose replica died holding it
+# (connection reset or closed before the answer) may have been done there: it is sent again
+# only for these RPCs, which may be done twice.
+SERVICE_PATH = "/signer.v1.SignerService/"
+# Reads, and transitions to a fixed target (the same version disabled, enabled, made primary
+# again is the same state and the same answer).
+IDEMPOTENT_RPCS = (
+    "GetKey",
+    "ListKeys",
+    "GetPublicKey",
+    "Verify",
+    "GetJWKS",
+    "SetPrimaryVersion",
+    "DisableKeyVersion",
+    "EnableKeyVersion",
+)
+# No state changes; a retry makes another valid signature (the first was never released) and
+# records it too: the log then holds one signature more than the caller received, which is
+# true of what the token did. Retried on a replica's death only, never on a timeout (a slow
+# token is not given the work twice).
+SIGNING_RPCS = ("Sign", "SignBatch", "SignJWT")
+# Never sent again once a replica had them: CreateKey (a second answers ALREADY_EXISTS for the
+# caller's own key), RotateKey (a second version), GetImportParameters (a second wrapping key,
+# the token's slowest job, counted against the caller), ImportKeyVersion (its token is single
+# use), ScheduleKeyVersionDestruction and CancelKeyVersionDestruction (a second finds the new
+# state and answers FAILED_PRECONDITION).
+# Passive health, per replica: one failed connect or reset takes it out of rotation for 5 s,
+# then one call tries it again. nginx ignores both with a single server.
+PASSIVE_HEALTH = "max_fails=1 fail_timeout=5s"
+
+
+def _socket_path(upstream: str) -> str:
+    return upstream.removeprefix("unix://").removeprefix("unix:")
+
 
 def _check(cfg: FrontConfig, *, files: bool = True) -> None:
     for name in ("certificate", "pin_file", "server_address", "client_ca", "upstream"):
@@ -66,14 +102,25 @@ def _check(cfg: FrontConfig, *, files: bool = True) -> None:
     for name in ("certificate", "client_ca", "pin_file") if files else ():
         if not Path(getattr(cfg, name)).is_file():
             raise ConfigError(f"front.{name}: no such file: {getattr(cfg, name)}")
-    if not cfg.upstream.startswith("unix:"):
-        raise ConfigError(f"front.upstream must be the service's unix:/path, got {cfg.upstream!r}")
+    for upstream in cfg.upstream.split(","):
+        if not upstream.strip().startswith("unix:"):
+            raise ConfigError(
+                f"front.upstream must be the service's unix:/path (replicas: several, separated "
+                f"by commas), got {upstream.strip()!r}"
+            )
+    sockets = [_socket_path(u) for u in cfg.upstreams]
+    if len(set(sockets)) != len(sockets):
+        raise ConfigError("front.upstream names the same socket twice")
     if not cfg.key_uri.startswith("pkcs11:") or "pin-" in cfg.key_uri:
         raise ConfigError("front.key_uri must be a pkcs11: URI without a PIN in it")
+    values = {
+        name: getattr(cfg, name) for name in ("certificate", "client_ca", "pin_file", "key_uri")
+    }
+    values |= {"upstream": "".join(cfg.upstreams), "workdir": cfg.workdir}
     unsafe = {
         name
-        for name in ("certificate", "client_ca", "pin_file", "upstream", "key_uri", "workdir")
-        if set(getattr(cfg, name)) & (_UNSAFE - ({";"} if name == "key_uri" else set()))
+        for name, value in values.items()
+        if set(value) & (_UNSAFE - ({";"} if name == "key_uri" else set()))
     }
     if unsafe:
         raise ConfigError(f"front.{', front.'.join(sorted(unsafe))}: unsupported characters")
@@ -87,12 +134,14 @@ def front_config(
     ca: DevCA,
     *,
     listen: str,
-    upstream: Path,
+    upstream: Path | Sequence[Path],
     workdir: Path,
     certificate: Path | None = None,
 ) -> FrontConfig:
     """The front of the token host in ``paths``: its key in the TLS token, its certificate and
-    the client CA from ``ca``, proxying to the service's front socket ``upstream``."""
+    the client CA from ``ca``, proxying to the service's front socket ``upstream`` (or to each
+    replica's, given several)."""
+    sockets = [upstream] if isinstance(upstream, Path) else list(upstream)
     return FrontConfig(
         listen=listen,
         certificate=str(certificate or ca.server_cert),
@@ -100,7 +149,7 @@ def front_config(
         pin_file=str(paths.tls_pin),
         server_address=paths.tls_server_address,
         client_ca=str(ca.cert),
-        upstream=f"unix:{upstream}",
+        upstream=", ".join(f"unix:{s}" for s in sockets),
         workdir=str(workdir),
     )
 
@@ -133,7 +182,9 @@ def nginx_conf(
     _check(front, files=check_files)
     if error_log is not None and (not error_log or set(error_log) & _UNSAFE):
         raise ConfigError(f"error_log: unsupported value {error_log!r}")
-    upstream = front.upstream.removeprefix("unix://").removeprefix("unix:")
+    sockets = [_socket_path(u) for u in front.upstreams]
+    health = f" {PASSIVE_HEALTH}" if len(sockets) > 1 else ""
+    servers = "".join(f"    server unix:{s}{health};\n" for s in sockets)
     key = f"engine:pkcs11:{front.key_uri}?pin-source=file:{Path(front.pin_file).absolute()}"
     # Room for the largest message the service accepts, plus gRPC framing.
     body = 2 * cfg.server.max_message_bytes + 64 * 1024
@@ -158,8 +209,7 @@ http {{
   keepalive_timeout 600s;
   http2_max_concurrent_streams 256;
   upstream signer {{
-    server unix:{upstream};
-    keepalive 64;  # reuse HTTP/2 connections to the service
+{servers}    keepalive 64;  # reuse HTTP/2 connections to the service
   }}
   server {{
     listen {front.listen} ssl http2;
@@ -172,13 +222,14 @@ http {{
     ssl_session_cache shared:signer:4m;
     # 495: the client certificate did not verify; 496: there was none. Answered in gRPC's terms.
     error_page 495 496 = @unauthenticated;
+    grpc_read_timeout 600s;
+    grpc_send_timeout 600s;
+    grpc_set_header {SUBJECT_HEADER} $ssl_client_s_dn;
+    grpc_set_header {ISSUER_HEADER} $ssl_client_i_dn;
+    grpc_set_header {SERIAL_HEADER} $ssl_client_serial;
+{_retries(len(sockets), body)}
     location / {{
-      grpc_pass grpc://signer;
-      grpc_read_timeout 600s;
-      grpc_send_timeout 600s;
-      grpc_set_header {SUBJECT_HEADER} $ssl_client_s_dn;
-      grpc_set_header {ISSUER_HEADER} $ssl_client_i_dn;
-      grpc_set_header {SERIAL_HEADER} $ssl_client_serial;
+      grpc_pass grpc://signer;  # every other RPC: never sent again once a replica had it
     }}
     location @unauthenticated {{
       default_type application/grpc;
@@ -189,6 +240,44 @@ http {{
   }}
 }}
 """
+
+
+def _retries(replicas: int, body: int) -> str:
+    """The retry policy of nginx.conf (README "Replicas"): nothing but the default with one
+    service; with replicas, the RPCs that may run twice are retried on another replica after
+    the first died holding them."""
+    if replicas < 2:
+        return "    # One service: nothing to retry on."
+    idempotent = "|".join(IDEMPOTENT_RPCS)
+    signing = "|".join(SIGNING_RPCS)
+    path = SERVICE_PATH.replace(".", "\\.")
+    # nginx's gRPC proxy streams the request body, and never sends a request again once a
+    # streamed body went out, whatever grpc_next_upstream says. A mirror subrequest makes it
+    # read the whole body first; the buffer holds the largest message so that no payload is
+    # written to a temporary file.
+    buffered = (
+        f"      mirror /_buffer;\n"
+        f"      client_body_buffer_size {body};\n"
+        f"      client_body_in_single_buffer on;\n"
+        f"      grpc_pass grpc://signer;\n"
+    )
+    return f"""    # Replicas: a call that reached none (a connect failure) goes to the next, any
+    # RPC. A call whose replica died holding it goes to another only below, for the RPCs that may
+    # run twice: reads, transitions to a fixed target, and signing (a second signature, also
+    # recorded; the first was never released). Never: CreateKey, RotateKey,
+    # GetImportParameters, ImportKeyVersion, Schedule/CancelKeyVersionDestruction.
+    grpc_next_upstream error timeout;
+    grpc_next_upstream_tries {replicas};
+    location = /_buffer {{
+      internal;
+      return 204;
+    }}
+    location ~ ^{path}({idempotent})$ {{
+      grpc_next_upstream error timeout non_idempotent;
+{buffered}    }}
+    location ~ ^{path}({signing})$ {{
+      grpc_next_upstream error non_idempotent;  # not on a timeout: a slow token, not twice
+{buffered}    }}"""
 
 
 def _require_free(host: str, port: int) -> None:

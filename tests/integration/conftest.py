@@ -104,3 +104,7 @@ def signer_run() -> Iterator[SignerRun]:
         assert proc.stdout is not None
         proc.stdout.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+# Replicas behind the front (issue 16): their fixtures live in tests/integration/replicas.py.
+from tests.integration.replicas import replica_pki, replica_set  # noqa: E402, F401
