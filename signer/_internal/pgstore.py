@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import random
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any, ParamSpec, TypeAlias, TypeVar
 
 import psycopg
@@ -52,16 +50,13 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool.base import AttemptWithBackoff
 
 from signer._internal.config import _validate_store, store_parameters, store_schema
-from signer._internal.store import _dt, _import_token, _version, translating
+from signer._internal.store import KeyTables, translating
 from signer.errors import (
-    AlreadyExists,
     FailedPrecondition,
-    NotFound,
     SignerError,
     StoreUncertain,
     Unavailable,
 )
-from signer.keys import ImportToken, Key, State, Version
 
 log = logging.getLogger("signer.store")  # named for the component: signer._internal.logs
 
@@ -415,30 +410,11 @@ def make_pool(
     )
 
 
-# A key and its versions in one statement, one snapshot (under READ COMMITTED, two statements
-# could mix two states of one key): the key's columns, then its versions' (none: NULLs).
-_GET_KEY = (
-    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
-    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
-    "FROM keys k LEFT JOIN versions v ON v.name = k.name WHERE k.name = %s ORDER BY v.version"
-)
-_LIST_KEYS = (
-    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
-    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
-    "FROM (SELECT * FROM keys WHERE name > %s ORDER BY name LIMIT %s) k "
-    "LEFT JOIN versions v ON v.name = k.name ORDER BY k.name, v.version"
-)
-_LIST_SCOPE_KEYS = (
-    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
-    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
-    "FROM (SELECT * FROM keys WHERE scope = %s AND name > %s ORDER BY name LIMIT %s) k "
-    "LEFT JOIN versions v ON v.name = k.name ORDER BY k.name, v.version"
-)
-
-
 @translating(_translated)
-class PostgresStore:
+class PostgresStore(KeyTables):
     """The key store in a PostgreSQL database, in the schema its URL names."""
+
+    INTEGRITY = psycopg.IntegrityError
 
     def __init__(self, dsn: str) -> None:
         # As the configuration checks it: a store never connects with a URL it would refuse.
@@ -499,230 +475,3 @@ class PostgresStore:
     def _tx(self) -> Iterator[Connection]:
         with self._conn() as conn, transaction(conn):
             yield conn
-
-    # --- reads --------------------------------------------------------------------------------
-
-    def _keys(self, conn: Connection, query: str, args: tuple[Any, ...]) -> list[Key]:
-        rows = conn.execute(query, args)
-        found: dict[str, tuple[tuple[Any, ...], list[Version]]] = {}
-        for row in rows:
-            key_row, version_row = row[:6], row[6:]
-            _, versions = found.setdefault(key_row[0], (key_row, []))
-            if version_row[0] is not None:
-                versions.append(_version(version_row))
-        keys = []
-        for (name, alg, primary, scope, labels, created), versions in found.values():
-            created_dt = _dt(created)
-            assert created_dt is not None
-            keys.append(
-                Key(name, alg, primary, scope, json.loads(labels), created_dt, tuple(versions))
-            )
-        return keys
-
-    def get_key(self, name: str) -> Key:
-        with self._conn() as conn:
-            keys = self._keys(conn, _GET_KEY, (name,))
-        if not keys:
-            raise NotFound(f"key {name!r} not found")
-        return keys[0]
-
-    def get_version(self, name: str, version: int) -> Version:
-        """One version (0: the primary) in one query: this is on every signature's path."""
-        with self._conn() as conn:
-            row = conn.execute(
-                "SELECT v.name, v.version, v.algorithm, v.state, v.key_id, v.public_key, "
-                "v.created, v.destroy_at FROM keys k JOIN versions v ON v.name = k.name "
-                "AND v.version = (CASE WHEN %(v)s = 0 THEN k.primary_version ELSE %(v)s END) "
-                "WHERE k.name = %(n)s",
-                {"n": name, "v": version},
-            ).fetchone()
-            if row is not None:
-                return _version(row)
-            if conn.execute("SELECT 1 FROM keys WHERE name = %s", (name,)).fetchone() is None:
-                raise NotFound(f"key {name!r} not found")
-        raise NotFound(f"key {name!r} has no version {version}")
-
-    def list_keys(self, after: str, limit: int, scope: str | None = None) -> list[Key]:
-        """Keys after ``after`` in name order (byte order: the columns are COLLATE "C"); with
-        ``scope``, that scope's only, by its index."""
-        args: tuple[str | int, ...] = (after, limit)
-        query = _LIST_KEYS
-        if scope is not None:
-            query, args = _LIST_SCOPE_KEYS, (scope, after, limit)
-        with self._conn() as conn:
-            return self._keys(conn, query, args)
-
-    def due_for_destruction(self, now: datetime) -> list[Version]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT name, version, algorithm, state, key_id, public_key, created, destroy_at "
-                "FROM versions WHERE state = %s AND destroy_at <= %s ORDER BY destroy_at",
-                (State.DESTRUCTION_SCHEDULED.value, now.timestamp()),
-            ).fetchall()
-        return [_version(r) for r in rows]
-
-    def get_import_token(self, token: str) -> ImportToken:
-        with self._conn() as conn:
-            row = conn.execute(
-                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
-                "FROM import_tokens WHERE token = %s",
-                (token,),
-            ).fetchone()
-        if row is None:
-            raise NotFound("import token not found")
-        return _import_token(row)
-
-    def spent_import_tokens(self, now: datetime) -> list[ImportToken]:
-        """Used or expired tokens whose wrapping keys are still in the token."""
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
-                "FROM import_tokens WHERE destroyed = 0 AND (used = 1 OR expires <= %s) "
-                "ORDER BY expires",
-                (now.timestamp(),),
-            ).fetchall()
-        return [_import_token(r) for r in rows]
-
-    def live_import_tokens(self, now: datetime) -> list[ImportToken]:
-        """Tokens still usable for an import, oldest first."""
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
-                "FROM import_tokens WHERE destroyed = 0 AND used = 0 AND expires > %s "
-                "ORDER BY created",
-                (now.timestamp(),),
-            ).fetchall()
-        return [_import_token(r) for r in rows]
-
-    # --- writes -------------------------------------------------------------------------------
-
-    def add_import_token(self, token: ImportToken) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO import_tokens "
-                "(token, key_id, public_key, created, expires, destroyed, caller, used) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    token.token,
-                    token.key_id,
-                    token.public_key_der,
-                    token.created.timestamp(),
-                    token.expires.timestamp(),
-                    int(token.destroyed),
-                    token.caller,
-                    int(token.used),
-                ),
-            )
-
-    def set_import_token_destroyed(self, token: str) -> None:
-        with self._tx() as conn:
-            cur = conn.execute("UPDATE import_tokens SET destroyed = 1 WHERE token = %s", (token,))
-            if cur.rowcount != 1:
-                raise NotFound("import token not found")
-
-    def create_key(self, key: Key, import_token: str | None = None) -> None:
-        try:
-            with self._tx() as conn:
-                if import_token is not None:
-                    _use_import_token(conn, import_token)
-                conn.execute(
-                    "INSERT INTO keys (name, algorithm, primary_version, scope, labels, created) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)",
-                    (
-                        key.name,
-                        key.algorithm,
-                        key.primary,
-                        key.scope,
-                        json.dumps(key.labels, sort_keys=True),
-                        key.created.timestamp(),
-                    ),
-                )
-                for v in key.versions:
-                    _insert_version(conn, v)
-        except psycopg.IntegrityError as exc:
-            raise _already(exc, f"key {key.name!r} already exists") from None
-
-    def add_version(
-        self, version: Version, make_primary: bool, import_token: str | None = None
-    ) -> None:
-        try:
-            with self._tx() as conn:
-                if import_token is not None:
-                    _use_import_token(conn, import_token)
-                _insert_version(conn, version)
-                if make_primary:
-                    conn.execute(
-                        "UPDATE keys SET primary_version = %s WHERE name = %s",
-                        (version.version, version.name),
-                    )
-        except psycopg.IntegrityError as exc:
-            raise _already(
-                exc, f"key {version.name!r} already has version {version.version}"
-            ) from None
-
-    def set_primary(self, name: str, version: int) -> None:
-        with self._tx() as conn:
-            cur = conn.execute(
-                "UPDATE keys SET primary_version = %s WHERE name = %s", (version, name)
-            )
-            if cur.rowcount != 1:
-                raise NotFound(f"key {name!r} not found")
-
-    def set_state(self, name: str, version: int, state: State, destroy_at: datetime | None) -> None:
-        with self._tx() as conn:
-            cur = conn.execute(
-                "UPDATE versions SET state = %s, destroy_at = %s WHERE name = %s AND version = %s",
-                (
-                    state.value,
-                    None if destroy_at is None else destroy_at.timestamp(),
-                    name,
-                    version,
-                ),
-            )
-            if cur.rowcount != 1:
-                raise NotFound(f"key {name!r} has no version {version}")
-
-
-def _already(exc: psycopg.IntegrityError, otherwise: str) -> AlreadyExists:
-    """By the constraint's name, not the message's text (the SQLite store has only the text)."""
-    constraint = exc.diag.constraint_name or ""
-    if constraint == "versions_key_id":
-        return AlreadyExists("another key version already has this token object id")
-    if constraint == "versions_public_key":
-        return AlreadyExists(
-            "this key pair is already a key version in this service: a key pair is imported "
-            "once (import a new key pair instead)"
-        )
-    return AlreadyExists(otherwise)
-
-
-def _use_import_token(conn: Connection, token: str) -> None:
-    """Marks ``token`` used, in the transaction that stores what it imported: single use (the
-    UPDATE re-checks ``used = 0`` under the row's lock, so two replicas cannot both use it)."""
-    cur = conn.execute("UPDATE import_tokens SET used = 1 WHERE token = %s AND used = 0", (token,))
-    if cur.rowcount != 1:
-        raise FailedPrecondition(
-            "import_token was already used: each import needs its own (call GetImportParameters)"
-        )
-
-
-def _insert_version(conn: Connection, v: Version) -> None:
-    # Named before the insert, as the SQLite store does: a second version of one token object
-    # also repeats its public key, and the object is the more telling of the two.
-    if conn.execute("SELECT 1 FROM versions WHERE key_id = %s", (v.key_id,)).fetchone():
-        raise AlreadyExists("another key version already has this token object id")
-    conn.execute(
-        "INSERT INTO versions "
-        "(name, version, algorithm, state, key_id, public_key, created, destroy_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            v.name,
-            v.version,
-            v.algorithm,
-            v.state.value,
-            v.key_id,
-            v.public_key_der,
-            v.created.timestamp(),
-            None if v.destroy_at is None else v.destroy_at.timestamp(),
-        ),
-    )

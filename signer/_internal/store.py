@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import sqlite3
 import threading
@@ -178,16 +179,298 @@ def translating(wrap: Callable[[Any], Any]) -> Callable[[type[T]], type[T]]:
         for klass in reversed(cls.__mro__[:-1]):
             members.update(vars(klass))
         for name, member in members.items():
-            if callable(member) and not name.startswith("_"):
+            if inspect.isfunction(member) and not name.startswith("_"):
                 setattr(cls, name, wrap(member))
         return cls
 
     return decorate
 
 
+# A key and its versions in one statement, one snapshot (under PostgreSQL's READ COMMITTED, two
+# statements could mix two states of one key): the key's columns, then its versions' (none:
+# NULLs). Name order is byte order on both (SQLite's BINARY; PostgreSQL's columns COLLATE "C").
+_GET_KEY = (
+    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
+    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
+    "FROM keys k LEFT JOIN versions v ON v.name = k.name WHERE k.name = %s "
+    "ORDER BY v.version"
+)
+_LIST_KEYS = (
+    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
+    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
+    "FROM (SELECT * FROM keys WHERE name > %s ORDER BY name LIMIT %s) k "
+    "LEFT JOIN versions v ON v.name = k.name ORDER BY k.name, v.version"
+)
+_LIST_SCOPE_KEYS = (
+    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
+    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
+    "FROM (SELECT * FROM keys WHERE scope = %s AND name > %s ORDER BY name "
+    "LIMIT %s) k LEFT JOIN versions v ON v.name = k.name ORDER BY k.name, v.version"
+)
+
+
+class KeyTables:
+    """The key store's reads and writes, written once for both stores in DB-API terms (SQL with
+    ``%s``; SQLite's ``?`` substituted). A store gives the connection to read with
+    (:meth:`_conn`), the write transaction (:meth:`_tx`) and its integrity error's class."""
+
+    PLACEHOLDER = "%s"
+    INTEGRITY: type[Exception] = sqlite3.IntegrityError
+
+    def _sql(self, query: str) -> str:
+        return query if self.PLACEHOLDER == "%s" else query.replace("%s", self.PLACEHOLDER)
+
+    def _conn(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _tx(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def _keys(self, conn: Any, query: str, args: tuple[Any, ...]) -> list[Key]:
+        found: dict[str, tuple[tuple[Any, ...], list[Version]]] = {}
+        for row in conn.execute(self._sql(query), args).fetchall():
+            key_row, version_row = tuple(row[:6]), tuple(row[6:])
+            _, versions = found.setdefault(key_row[0], (key_row, []))
+            if version_row[0] is not None:
+                versions.append(_version(version_row))
+        keys = []
+        for (name, alg, primary, scope, labels, created), versions in found.values():
+            created_dt = _dt(created)
+            assert created_dt is not None
+            keys.append(
+                Key(name, alg, primary, scope, json.loads(labels), created_dt, tuple(versions))
+            )
+        return keys
+
+    def get_key(self, name: str) -> Key:
+        with self._conn() as conn:
+            keys = self._keys(conn, _GET_KEY, (name,))
+        if not keys:
+            raise NotFound(f"key {name!r} not found")
+        return keys[0]
+
+    def get_version(self, name: str, version: int) -> Version:
+        """One version (0: the primary) in one query: this is on every signature's path."""
+        with self._conn() as conn:
+            row = conn.execute(
+                self._sql(
+                    "SELECT v.name, v.version, v.algorithm, v.state, v.key_id, v.public_key, "
+                    "v.created, v.destroy_at FROM keys k JOIN versions v ON v.name = k.name "
+                    "AND v.version = (CASE WHEN %s = 0 THEN k.primary_version ELSE %s END) "
+                    "WHERE k.name = %s"
+                ),
+                (version, version, name),
+            ).fetchone()
+            if row is not None:
+                return _version(tuple(row))
+            known = conn.execute(self._sql("SELECT 1 FROM keys WHERE name = %s"), (name,))
+            if known.fetchone() is None:
+                raise NotFound(f"key {name!r} not found")
+        raise NotFound(f"key {name!r} has no version {version}")
+
+    def list_keys(self, after: str, limit: int, scope: str | None = None) -> list[Key]:
+        """Keys after ``after`` in name order; with ``scope``, that scope's only (by its index:
+        a JWKS costs the keys of its scope, not of the whole store)."""
+        args: tuple[str | int, ...] = (after, limit)
+        query = _LIST_KEYS
+        if scope is not None:
+            query, args = _LIST_SCOPE_KEYS, (scope, after, limit)
+        with self._conn() as conn:
+            return self._keys(conn, query, args)
+
+    def _rows(self, query: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._conn() as conn:
+            return [tuple(r) for r in conn.execute(self._sql(query), args).fetchall()]
+
+    def due_for_destruction(self, now: datetime) -> list[Version]:
+        rows = self._rows(
+            "SELECT name, version, algorithm, state, key_id, public_key, created, destroy_at "
+            "FROM versions WHERE state = %s AND destroy_at <= %s ORDER BY destroy_at",
+            (State.DESTRUCTION_SCHEDULED.value, _ts(now)),
+        )
+        return [_version(r) for r in rows]
+
+    def get_import_token(self, token: str) -> ImportToken:
+        rows = self._rows(
+            "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
+            "FROM import_tokens WHERE token = %s",
+            (token,),
+        )
+        if not rows:
+            raise NotFound("import token not found")
+        return _import_token(rows[0])
+
+    def spent_import_tokens(self, now: datetime) -> list[ImportToken]:
+        """Used or expired tokens whose wrapping keys are still in the token."""
+        rows = self._rows(
+            "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
+            "FROM import_tokens WHERE destroyed = 0 AND (used = 1 OR expires <= %s) "
+            "ORDER BY expires",
+            (_ts(now),),
+        )
+        return [_import_token(r) for r in rows]
+
+    def live_import_tokens(self, now: datetime) -> list[ImportToken]:
+        """Tokens still usable for an import, oldest first."""
+        rows = self._rows(
+            "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
+            "FROM import_tokens WHERE destroyed = 0 AND used = 0 AND expires > %s "
+            "ORDER BY created",
+            (_ts(now),),
+        )
+        return [_import_token(r) for r in rows]
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def add_import_token(self, token: ImportToken) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                self._sql(
+                    "INSERT INTO import_tokens (token, key_id, public_key, created, expires, "
+                    "destroyed, caller, used) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                ),
+                (
+                    token.token,
+                    token.key_id,
+                    token.public_key_der,
+                    _ts(token.created),
+                    _ts(token.expires),
+                    int(token.destroyed),
+                    token.caller,
+                    int(token.used),
+                ),
+            )
+
+    def set_import_token_destroyed(self, token: str) -> None:
+        with self._tx() as conn:
+            cur = conn.execute(
+                self._sql("UPDATE import_tokens SET destroyed = 1 WHERE token = %s"), (token,)
+            )
+            if cur.rowcount != 1:
+                raise NotFound("import token not found")
+
+    def create_key(self, key: Key, import_token: str | None = None) -> None:
+        try:
+            with self._tx() as conn:
+                if import_token is not None:
+                    self._use_import_token(conn, import_token)
+                conn.execute(
+                    self._sql(
+                        "INSERT INTO keys (name, algorithm, primary_version, scope, labels, "
+                        "created) VALUES (%s, %s, %s, %s, %s, %s)"
+                    ),
+                    (
+                        key.name,
+                        key.algorithm,
+                        key.primary,
+                        key.scope,
+                        json.dumps(key.labels, sort_keys=True),
+                        _ts(key.created),
+                    ),
+                )
+                for v in key.versions:
+                    self._insert_version(conn, v)
+        except self.INTEGRITY as exc:
+            raise _already(exc, f"key {key.name!r} already exists") from None
+
+    def add_version(
+        self, version: Version, make_primary: bool, import_token: str | None = None
+    ) -> None:
+        try:
+            with self._tx() as conn:
+                if import_token is not None:
+                    self._use_import_token(conn, import_token)
+                self._insert_version(conn, version)
+                if make_primary:
+                    conn.execute(
+                        self._sql("UPDATE keys SET primary_version = %s WHERE name = %s"),
+                        (version.version, version.name),
+                    )
+        except self.INTEGRITY as exc:
+            raise _already(
+                exc, f"key {version.name!r} already has version {version.version}"
+            ) from None
+
+    def set_primary(self, name: str, version: int) -> None:
+        with self._tx() as conn:
+            cur = conn.execute(
+                self._sql("UPDATE keys SET primary_version = %s WHERE name = %s"), (version, name)
+            )
+            if cur.rowcount != 1:
+                raise NotFound(f"key {name!r} not found")
+
+    def set_state(self, name: str, version: int, state: State, destroy_at: datetime | None) -> None:
+        with self._tx() as conn:
+            cur = conn.execute(
+                self._sql(
+                    "UPDATE versions SET state = %s, destroy_at = %s WHERE name = %s "
+                    "AND version = %s"
+                ),
+                (state.value, None if destroy_at is None else _ts(destroy_at), name, version),
+            )
+            if cur.rowcount != 1:
+                raise NotFound(f"key {name!r} has no version {version}")
+
+    def _use_import_token(self, conn: Any, token: str) -> None:
+        """Marks ``token`` used, in the transaction that stores what it imported: single use
+        (the UPDATE re-checks ``used = 0`` under the row's lock, so two replicas cannot both
+        use it)."""
+        cur = conn.execute(
+            self._sql("UPDATE import_tokens SET used = 1 WHERE token = %s AND used = 0"), (token,)
+        )
+        if cur.rowcount != 1:
+            raise FailedPrecondition(
+                "import_token was already used: each import needs its own (call "
+                "GetImportParameters)"
+            )
+
+    def _insert_version(self, conn: Any, v: Version) -> None:
+        # Named before the insert: a second version of one token object also repeats its
+        # public key, and the object is the more telling of the two.
+        taken = conn.execute(self._sql("SELECT 1 FROM versions WHERE key_id = %s"), (v.key_id,))
+        if taken.fetchone():
+            raise AlreadyExists("another key version already has this token object id")
+        conn.execute(
+            self._sql(
+                "INSERT INTO versions (name, version, algorithm, state, key_id, public_key, "
+                "created, destroy_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            ),
+            (
+                v.name,
+                v.version,
+                v.algorithm,
+                v.state.value,
+                v.key_id,
+                v.public_key_der,
+                _ts(v.created),
+                None if v.destroy_at is None else _ts(v.destroy_at),
+            ),
+        )
+
+
+def _already(exc: Exception, otherwise: str) -> AlreadyExists:
+    """Which uniqueness a write broke: PostgreSQL names the constraint (versions_key_id,
+    versions_public_key), SQLite the columns in its message."""
+    diag = getattr(exc, "diag", None)
+    what = (getattr(diag, "constraint_name", None) or "") + " " + str(exc)
+    if "key_id" in what:
+        return AlreadyExists("another key version already has this token object id")
+    if "public_key" in what:
+        return AlreadyExists(
+            "this key pair is already a key version in this service: a key pair is imported "
+            "once (import a new key pair instead)"
+        )
+    return AlreadyExists(otherwise)
+
+
 @translating(_unavailable_on_failure)
-class SQLiteStore:
+class SQLiteStore(KeyTables):
     """One SQLite file in WAL mode; one connection per thread."""
+
+    PLACEHOLDER = "?"
+    INTEGRITY = sqlite3.IntegrityError
 
     def __init__(self, path: str | Path) -> None:
         self._path = str(path)
@@ -228,6 +511,10 @@ class SQLiteStore:
         return db
 
     @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        yield self._db()
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
@@ -251,240 +538,6 @@ class SQLiteStore:
                 db.close()
             self._all.clear()
         self._local = threading.local()
-
-    # --- reads --------------------------------------------------------------------------------
-
-    def _versions(self, db: sqlite3.Connection, name: str) -> tuple[Version, ...]:
-        rows = db.execute(
-            "SELECT name, version, algorithm, state, key_id, public_key, created, destroy_at "
-            "FROM versions WHERE name = ? ORDER BY version",
-            (name,),
-        ).fetchall()
-        return tuple(_version(r) for r in rows)
-
-    def _key(self, db: sqlite3.Connection, row: tuple[str, str, int, str, str, float]) -> Key:
-        name, alg, primary, scope, labels, created = row
-        created_dt = _dt(created)
-        assert created_dt is not None
-        return Key(
-            name, alg, primary, scope, json.loads(labels), created_dt, self._versions(db, name)
-        )
-
-    def get_key(self, name: str) -> Key:
-        db = self._db()
-        row = db.execute(
-            "SELECT name, algorithm, primary_version, scope, labels, created "
-            "FROM keys WHERE name = ?",
-            (name,),
-        ).fetchone()
-        if row is None:
-            raise NotFound(f"key {name!r} not found")
-        return self._key(db, row)
-
-    def get_version(self, name: str, version: int) -> Version:
-        """One version (0: the primary) in one query: this is on every signature's path."""
-        db = self._db()
-        row = db.execute(
-            "SELECT v.name, v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, "
-            "v.destroy_at FROM keys k JOIN versions v ON v.name = k.name "
-            "AND v.version = (CASE WHEN ?2 = 0 THEN k.primary_version ELSE ?2 END) "
-            "WHERE k.name = ?1",
-            (name, version),
-        ).fetchone()
-        if row is not None:
-            return _version(row)
-        if db.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone() is None:
-            raise NotFound(f"key {name!r} not found")
-        raise NotFound(f"key {name!r} has no version {version}")
-
-    def list_keys(self, after: str, limit: int, scope: str | None = None) -> list[Key]:
-        """Keys after ``after`` in name order; with ``scope``, that scope's only (by its index:
-        a JWKS costs the keys of its scope, not of the whole store)."""
-        db = self._db()
-        columns = "SELECT name, algorithm, primary_version, scope, labels, created FROM keys "
-        args: tuple[str | int, ...] = (after, limit)
-        query = columns + "WHERE name > ? ORDER BY name LIMIT ?"
-        if scope is not None:
-            query = columns + "WHERE scope = ? AND name > ? ORDER BY name LIMIT ?"
-            args = (scope, *args)
-        return [self._key(db, r) for r in db.execute(query, args).fetchall()]
-
-    def due_for_destruction(self, now: datetime) -> list[Version]:
-        rows = (
-            self._db()
-            .execute(
-                "SELECT name, version, algorithm, state, key_id, public_key, created, destroy_at "
-                "FROM versions WHERE state = ? AND destroy_at <= ? ORDER BY destroy_at",
-                (State.DESTRUCTION_SCHEDULED.value, _ts(now)),
-            )
-            .fetchall()
-        )
-        return [_version(r) for r in rows]
-
-    def get_import_token(self, token: str) -> ImportToken:
-        row = (
-            self._db()
-            .execute(
-                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
-                "FROM import_tokens WHERE token = ?",
-                (token,),
-            )
-            .fetchone()
-        )
-        if row is None:
-            raise NotFound("import token not found")
-        return _import_token(row)
-
-    def spent_import_tokens(self, now: datetime) -> list[ImportToken]:
-        """Used or expired tokens whose wrapping keys are still in the token."""
-        rows = (
-            self._db()
-            .execute(
-                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
-                "FROM import_tokens WHERE destroyed = 0 AND (used = 1 OR expires <= ?) "
-                "ORDER BY expires",
-                (_ts(now),),
-            )
-            .fetchall()
-        )
-        return [_import_token(r) for r in rows]
-
-    def live_import_tokens(self, now: datetime) -> list[ImportToken]:
-        """Tokens still usable for an import, oldest first."""
-        rows = (
-            self._db()
-            .execute(
-                "SELECT token, key_id, public_key, created, expires, destroyed, caller, used "
-                "FROM import_tokens WHERE destroyed = 0 AND used = 0 AND expires > ? "
-                "ORDER BY created",
-                (_ts(now),),
-            )
-            .fetchall()
-        )
-        return [_import_token(r) for r in rows]
-
-    # --- writes -------------------------------------------------------------------------------
-
-    def add_import_token(self, token: ImportToken) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO import_tokens "
-                "(token, key_id, public_key, created, expires, destroyed, caller, used) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    token.token,
-                    token.key_id,
-                    token.public_key_der,
-                    _ts(token.created),
-                    _ts(token.expires),
-                    int(token.destroyed),
-                    token.caller,
-                    int(token.used),
-                ),
-            )
-
-    def set_import_token_destroyed(self, token: str) -> None:
-        with self._tx() as db:
-            cur = db.execute("UPDATE import_tokens SET destroyed = 1 WHERE token = ?", (token,))
-            if cur.rowcount != 1:
-                raise NotFound("import token not found")
-
-    def create_key(self, key: Key, import_token: str | None = None) -> None:
-        try:
-            with self._tx() as db:
-                if import_token is not None:
-                    _use_import_token(db, import_token)
-                db.execute(
-                    "INSERT INTO keys (name, algorithm, primary_version, scope, labels, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        key.name,
-                        key.algorithm,
-                        key.primary,
-                        key.scope,
-                        json.dumps(key.labels, sort_keys=True),
-                        _ts(key.created),
-                    ),
-                )
-                for v in key.versions:
-                    _insert_version(db, v)
-        except sqlite3.IntegrityError as exc:
-            raise _already(exc, f"key {key.name!r} already exists") from None
-
-    def add_version(
-        self, version: Version, make_primary: bool, import_token: str | None = None
-    ) -> None:
-        try:
-            with self._tx() as db:
-                if import_token is not None:
-                    _use_import_token(db, import_token)
-                _insert_version(db, version)
-                if make_primary:
-                    db.execute(
-                        "UPDATE keys SET primary_version = ? WHERE name = ?",
-                        (version.version, version.name),
-                    )
-        except sqlite3.IntegrityError as exc:
-            raise _already(
-                exc, f"key {version.name!r} already has version {version.version}"
-            ) from None
-
-    def set_primary(self, name: str, version: int) -> None:
-        with self._tx() as db:
-            cur = db.execute("UPDATE keys SET primary_version = ? WHERE name = ?", (version, name))
-            if cur.rowcount != 1:
-                raise NotFound(f"key {name!r} not found")
-
-    def set_state(self, name: str, version: int, state: State, destroy_at: datetime | None) -> None:
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE versions SET state = ?, destroy_at = ? WHERE name = ? AND version = ?",
-                (state.value, None if destroy_at is None else _ts(destroy_at), name, version),
-            )
-            if cur.rowcount != 1:
-                raise NotFound(f"key {name!r} has no version {version}")
-
-
-def _already(exc: sqlite3.IntegrityError, otherwise: str) -> AlreadyExists:
-    if "key_id" in str(exc):
-        return AlreadyExists("another key version already has this token object id")
-    if "public_key" in str(exc):
-        return AlreadyExists(
-            "this key pair is already a key version in this service: a key pair is imported "
-            "once (import a new key pair instead)"
-        )
-    return AlreadyExists(otherwise)
-
-
-def _use_import_token(db: sqlite3.Connection, token: str) -> None:
-    """Marks ``token`` used, in the transaction that stores what it imported: single use."""
-    cur = db.execute("UPDATE import_tokens SET used = 1 WHERE token = ? AND used = 0", (token,))
-    if cur.rowcount != 1:
-        raise FailedPrecondition(
-            "import_token was already used: each import needs its own (call GetImportParameters)"
-        )
-
-
-def _insert_version(db: sqlite3.Connection, v: Version) -> None:
-    # Named before the insert: a second version of one token object also repeats its public key,
-    # and the object is the more telling of the two.
-    if db.execute("SELECT 1 FROM versions WHERE key_id = ?", (v.key_id,)).fetchone():
-        raise AlreadyExists("another key version already has this token object id")
-    db.execute(
-        "INSERT INTO versions "
-        "(name, version, algorithm, state, key_id, public_key, created, destroy_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            v.name,
-            v.version,
-            v.algorithm,
-            v.state.value,
-            v.key_id,
-            v.public_key_der,
-            _ts(v.created),
-            None if v.destroy_at is None else _ts(v.destroy_at),
-        ),
-    )
 
 
 def _version(row: tuple[str, int, str, str, bytes, bytes, float, float | None]) -> Version:
