@@ -294,6 +294,19 @@ def _log_level(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _audit_log_arguments(sp: argparse.ArgumentParser) -> None:
+    """Where the audit log is: what ``audit-log`` commands share."""
+    sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
+    sp.add_argument(
+        "--db",
+        help="the audit log file or postgresql:// URL (default: audit.path of the config)",
+    )
+    sp.add_argument(
+        "--chain",
+        help="a database's chain, a replica's (default: audit.chain of the config; '' the one)",
+    )
+
+
 def register(sub: Subparsers) -> None:
     """``hsm``, ``audit-log``, ``store``, ``front``, ``serve``, ``run``."""
     # signer hsm ...
@@ -334,15 +347,7 @@ def register(sub: Subparsers) -> None:
         "verify",
         help="prove the chain and every checkpoint signature (exit 0 whole, 1 first bad record)",
     )
-    sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
-    sp.add_argument(
-        "--db",
-        help="the audit log file or postgresql:// URL (default: audit.path of the config)",
-    )
-    sp.add_argument(
-        "--chain",
-        help="a database's chain, a replica's (default: audit.chain of the config; '' the one)",
-    )
+    _audit_log_arguments(sp)
     sp.add_argument(
         "--public-key", help="the pinned audit key PEM (default: the log's path + .key.pem)"
     )
@@ -361,15 +366,7 @@ def register(sub: Subparsers) -> None:
         "archive",
         help="move records up to the newest signed checkpoint older than N days to a file",
     )
-    sp.add_argument("--config", help="the service's TOML configuration (for [audit])")
-    sp.add_argument(
-        "--db",
-        help="the audit log file or postgresql:// URL (default: audit.path of the config)",
-    )
-    sp.add_argument(
-        "--chain",
-        help="a database's chain, a replica's (default: audit.chain of the config; '' the one)",
-    )
+    _audit_log_arguments(sp)
     sp.add_argument("--archive-dir", help="where archives go (default: audit.archive_dir)")
     sp.add_argument("--older-than-days", type=float, required=True)
     sp.set_defaults(func=cmd_audit_archive, public_key=None)

@@ -276,29 +276,7 @@ class Tables:
                     f"the checkpoint at {c.seq} does not follow the log's newest ({newest}) or "
                     "sign its record as it is: another writer, or a change made to the log"
                 )
-            if audit_key is not None:
-                conn.execute(
-                    self._sql(
-                        "INSERT INTO audit_key (id, key_id, public_key[, chain]) "
-                        "VALUES (1, %(key_id)s, %(public_key)s[, %(chain)s])"
-                    ),
-                    self._args(key_id=audit_key[0], public_key=audit_key[1]),
-                )
-            conn.execute(
-                self._sql(
-                    "INSERT INTO checkpoints (seq, hash, time, signature, prev, refs[, chain]) "
-                    "VALUES (%(seq)s, %(hash)s, %(time)s, %(signature)s, %(prev)s, %(refs)s"
-                    "[, %(chain)s])"
-                ),
-                self._args(
-                    seq=c.seq,
-                    hash=c.hash,
-                    time=c.time,
-                    signature=c.signature,
-                    prev=c.prev,
-                    refs=refs_text(c.refs) if c.refs else "",
-                ),
-            )
+            self._insert_checkpoint(conn, c, audit_key)
 
     def restore(
         self,
@@ -321,50 +299,53 @@ class Tables:
                 )
                 if held:
                     raise ChainMoved("archives are restored into an empty chain only")
-                for s in archives:
-                    conn.execute(
-                        self._sql(
-                            "INSERT INTO archives (last_seq, first_seq, last_hash, file, sha256"
-                            "[, chain]) VALUES (%(last)s, %(first)s, %(hash)s, %(file)s, "
-                            "%(sha256)s[, %(chain)s])"
-                        ),
-                        self._args(
-                            last=s.last_seq,
-                            first=s.first_seq,
-                            hash=s.last_hash,
-                            file=s.file,
-                            sha256=s.sha256,
-                        ),
-                    )
+                for segment in archives:
+                    self._insert_archive(conn, segment)
             if checkpoint is None:
                 return
             c = checkpoint
             row = self._one(conn, "SELECT MAX(seq) FROM checkpoints WHERE [chain]")
             if c.seq <= int(row[0] or 0):
                 raise ChainMoved(f"the checkpoint at {c.seq} is not after the chain's newest")
-            if audit_key is not None:
-                conn.execute(
-                    self._sql(
-                        "INSERT INTO audit_key (id, key_id, public_key[, chain]) "
-                        "VALUES (1, %(key_id)s, %(public_key)s[, %(chain)s])"
-                    ),
-                    self._args(key_id=audit_key[0], public_key=audit_key[1]),
-                )
+            self._insert_checkpoint(conn, c, audit_key)
+
+    def _insert_checkpoint(
+        self, conn: Any, c: Checkpoint, audit_key: tuple[bytes, bytes] | None
+    ) -> None:
+        if audit_key is not None:
             conn.execute(
                 self._sql(
-                    "INSERT INTO checkpoints (seq, hash, time, signature, prev, refs[, chain]) "
-                    "VALUES (%(seq)s, %(hash)s, %(time)s, %(signature)s, %(prev)s, %(refs)s"
-                    "[, %(chain)s])"
+                    "INSERT INTO audit_key (id, key_id, public_key[, chain]) "
+                    "VALUES (1, %(key_id)s, %(public_key)s[, %(chain)s])"
                 ),
-                self._args(
-                    seq=c.seq,
-                    hash=c.hash,
-                    time=c.time,
-                    signature=c.signature,
-                    prev=c.prev,
-                    refs=refs_text(c.refs) if c.refs else "",
-                ),
+                self._args(key_id=audit_key[0], public_key=audit_key[1]),
             )
+        conn.execute(
+            self._sql(
+                "INSERT INTO checkpoints (seq, hash, time, signature, prev, refs[, chain]) "
+                "VALUES (%(seq)s, %(hash)s, %(time)s, %(signature)s, %(prev)s, %(refs)s"
+                "[, %(chain)s])"
+            ),
+            self._args(
+                seq=c.seq,
+                hash=c.hash,
+                time=c.time,
+                signature=c.signature,
+                prev=c.prev,
+                refs=refs_text(c.refs) if c.refs else "",
+            ),
+        )
+
+    def _insert_archive(self, conn: Any, s: Archived) -> None:
+        conn.execute(
+            self._sql(
+                "INSERT INTO archives (last_seq, first_seq, last_hash, file, sha256[, chain]) "
+                "VALUES (%(last)s, %(first)s, %(hash)s, %(file)s, %(sha256)s[, %(chain)s])"
+            ),
+            self._args(
+                last=s.last_seq, first=s.first_seq, hash=s.last_hash, file=s.file, sha256=s.sha256
+            ),
+        )
 
     def last_checkpoint(self) -> int:
         row = self._one(self._read(), "SELECT MAX(seq) FROM checkpoints WHERE [chain]")
@@ -423,19 +404,7 @@ class Tables:
                     f"the segment {s.first_seq}..{s.last_seq} does not start where the live "
                     "log does: another archive job moved it meanwhile"
                 )
-            conn.execute(
-                self._sql(
-                    "INSERT INTO archives (last_seq, first_seq, last_hash, file, sha256[, chain]) "
-                    "VALUES (%(last)s, %(first)s, %(hash)s, %(file)s, %(sha256)s[, %(chain)s])"
-                ),
-                self._args(
-                    last=s.last_seq,
-                    first=s.first_seq,
-                    hash=s.last_hash,
-                    file=s.file,
-                    sha256=s.sha256,
-                ),
-            )
+            self._insert_archive(conn, s)
             args = self._args(last=s.last_seq)
             conn.execute(self._sql("DELETE FROM records WHERE [chain] AND seq <= %(last)s"), args)
             conn.execute(
