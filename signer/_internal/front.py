@@ -61,12 +61,12 @@ _UNSAFE = set(";?&\"'\\ \n\t{}$")
 
 # Replicas (README "Replicas"). A call that reached no replica (its socket missing, refused) is
 # sent to the next one whatever the RPC: nothing was done. A call whose replica died holding it
-# (connection reset or closed before the answer) may have been done there: it is sent again
-# only for these RPCs, which may be done twice.
-SERVICE_PATH = "/signer.v1.SignerService/"
+# (connection reset or closed before the answer) is never sent again by the front: it fails
+# UNAVAILABLE, and the caller may retry it if the RPC is one of these, which may be done twice.
 # Reads, and transitions to a fixed target (the same version disabled, enabled, made primary
-# again is the same state and the same answer).
-IDEMPOTENT_RPCS = (
+# again is the same state and the same answer); and signing, which changes no state (another
+# valid signature, recorded too; the first was never released).
+RETRY_SAFE_RPCS = (
     "GetKey",
     "ListKeys",
     "GetPublicKey",
@@ -75,17 +75,23 @@ IDEMPOTENT_RPCS = (
     "SetPrimaryVersion",
     "DisableKeyVersion",
     "EnableKeyVersion",
+    "Sign",
+    "SignBatch",
+    "SignJWT",
 )
-# No state changes; a retry makes another valid signature (the first was never released) and
-# records it too: the log then holds one signature more than the caller received, which is
-# true of what the token did. Retried on a replica's death only, never on a timeout (a slow
-# token is not given the work twice).
-SIGNING_RPCS = ("Sign", "SignBatch", "SignJWT")
-# Never sent again once a replica had them: CreateKey (a second answers ALREADY_EXISTS for the
-# caller's own key), RotateKey (a second version), GetImportParameters (a second wrapping key,
-# the token's slowest job, counted against the caller), ImportKeyVersion (its token is single
-# use), ScheduleKeyVersionDestruction and CancelKeyVersionDestruction (a second finds the new
-# state and answers FAILED_PRECONDITION).
+# Never to be sent twice: CreateKey (a second answers ALREADY_EXISTS for the caller's own key),
+# RotateKey (a second version), GetImportParameters (a second wrapping key, the token's slowest
+# job, counted against the caller), ImportKeyVersion (its token is single use),
+# ScheduleKeyVersionDestruction and CancelKeyVersionDestruction (a second finds the new state
+# and answers FAILED_PRECONDITION).
+#
+# Why the front does not retry even the safe ones: nginx's gRPC proxy streams the request body
+# and never resends a request whose body went out, whatever grpc_next_upstream non_idempotent
+# says. A mirror subrequest to an internal location makes it read the body first, and then it
+# does resend (10 to 15 us of nginx CPU a call, measured), but with nginx 1.22 about one run
+# in seven of tests/integration/test_replicas.py's kill left a resent Sign unanswered until
+# the caller's deadline (20 s), with no record in any chain: a call that hangs is worse than
+# one that fails UNAVAILABLE at once.
 # Passive health, per replica: one failed connect or reset takes it out of rotation for 5 s,
 # then one call tries it again. nginx ignores both with a single server.
 PASSIVE_HEALTH = "max_fails=1 fail_timeout=5s"
@@ -227,9 +233,9 @@ http {{
     grpc_set_header {SUBJECT_HEADER} $ssl_client_s_dn;
     grpc_set_header {ISSUER_HEADER} $ssl_client_i_dn;
     grpc_set_header {SERIAL_HEADER} $ssl_client_serial;
-{_retries(len(sockets), body)}
+{_retries(len(sockets))}
     location / {{
-      grpc_pass grpc://signer;  # every other RPC: never sent again once a replica had it
+      grpc_pass grpc://signer;
     }}
     location @unauthenticated {{
       default_type application/grpc;
@@ -242,42 +248,20 @@ http {{
 """
 
 
-def _retries(replicas: int, body: int) -> str:
-    """The retry policy of nginx.conf (README "Replicas"): nothing but the default with one
-    service; with replicas, the RPCs that may run twice are retried on another replica after
-    the first died holding them."""
+def _retries(replicas: int) -> str:
+    """The retry policy of nginx.conf (README "Replicas"): the next replica only for a call
+    that reached none."""
     if replicas < 2:
         return "    # One service: nothing to retry on."
-    idempotent = "|".join(IDEMPOTENT_RPCS)
-    signing = "|".join(SIGNING_RPCS)
-    path = SERVICE_PATH.replace(".", "\\.")
-    # nginx's gRPC proxy streams the request body, and never sends a request again once a
-    # streamed body went out, whatever grpc_next_upstream says. A mirror subrequest makes it
-    # read the whole body first; the buffer holds the largest message so that no payload is
-    # written to a temporary file.
-    buffered = (
-        f"      mirror /_buffer;\n"
-        f"      client_body_buffer_size {body};\n"
-        f"      client_body_in_single_buffer on;\n"
-        f"      grpc_pass grpc://signer;\n"
-    )
-    return f"""    # Replicas: a call that reached none (a connect failure) goes to the next, any
-    # RPC. A call whose replica died holding it goes to another only below, for the RPCs that may
-    # run twice: reads, transitions to a fixed target, and signing (a second signature, also
-    # recorded; the first was never released). Never: CreateKey, RotateKey,
-    # GetImportParameters, ImportKeyVersion, Schedule/CancelKeyVersionDestruction.
+    safe = ", ".join(RETRY_SAFE_RPCS)
+    return f"""    # Replicas: a call that reached none (connect failed) goes to the next, whatever
+    # the RPC. A call whose replica died holding it fails UNAVAILABLE and is not sent again here
+    # (nginx resends a gRPC body only when buffered, and a buffered resend was seen to hang;
+    # signer/_internal/front.py). Callers may retry these on UNAVAILABLE: {safe}.
+    # Never twice: CreateKey, RotateKey, GetImportParameters, ImportKeyVersion,
+    # ScheduleKeyVersionDestruction, CancelKeyVersionDestruction.
     grpc_next_upstream error timeout;
-    grpc_next_upstream_tries {replicas};
-    location = /_buffer {{
-      internal;
-      return 204;
-    }}
-    location ~ ^{path}({idempotent})$ {{
-      grpc_next_upstream error timeout non_idempotent;
-{buffered}    }}
-    location ~ ^{path}({signing})$ {{
-      grpc_next_upstream error non_idempotent;  # not on a timeout: a slow token, not twice
-{buffered}    }}"""
+    grpc_next_upstream_tries {replicas};"""
 
 
 def _require_free(host: str, port: int) -> None:
