@@ -121,6 +121,22 @@ _SESSION_UNLOCK = (
 )
 
 
+# How long a read-decide-write waits for its key's lock: longer than the session's lock_timeout,
+# since its holder may be waiting on the token (a key generated: an RSA-4096 pair takes
+# seconds), and an emergency DisableKeyVersion must wait that out rather than fail (the
+# review's finding 6: it failed after 5 s; SQLite's in-process lock waits).
+KEY_LOCK_WAIT = "30s"
+
+
+def _lock(conn: Connection, args: tuple[int, str]) -> None:
+    """Takes a session lock, waiting up to :data:`KEY_LOCK_WAIT` (SET LOCAL: the session's
+    own timeout is back after it, whether the lock was taken or not; a session lock outlives
+    the transaction that took it)."""
+    with transaction(conn):
+        conn.execute(f"SET LOCAL lock_timeout = '{KEY_LOCK_WAIT}'")
+        conn.execute(_SESSION_LOCK, args)
+
+
 def _unlock(conn: Connection, args: tuple[int, str]) -> None:
     """Releases a session lock before its connection goes back to the pool; a connection that
     cannot say it did is closed (the pool then drops it, and the server releases the lock)."""
@@ -446,15 +462,15 @@ class PostgresStore(KeyTables):
         args = (LOCK_NAMESPACE, name)
         if held is not None:
             with mapped_errors():
-                held.execute(_SESSION_LOCK, args)
+                _lock(held, args)
             try:
                 yield
             finally:
                 _unlock(held, args)
             return
-        with self._pool.connection() as conn:
-            with mapped_errors():
-                conn.execute(_SESSION_LOCK, args)
+        # The checkout too: a pool with no connection free in time is UNAVAILABLE, as a call's.
+        with mapped_errors(), self._pool.connection() as conn:
+            _lock(conn, args)
             self._held.conn = conn
             try:
                 yield

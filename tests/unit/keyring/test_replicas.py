@@ -5,6 +5,7 @@ stand for two replicas; the interleavings are forced with events, never sleeps."
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -13,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from signer._internal import pgstore
 from signer._internal.config import Config
 from signer._internal.keyring import Keyring
 from signer._internal.pgstore import PostgresStore
@@ -188,3 +190,33 @@ def test_a_version_due_is_destroyed_once_whichever_replicas_reap(
     assert first_out == [0]
     assert len(token.destroyed) == 1
     assert b.get_key("k").version(1).state is State.DESTROYED
+
+
+def test_a_key_lock_not_had_in_time_is_unavailable(
+    pg_dsn: str, stores: tuple[PausingStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its own wait (KEY_LOCK_WAIT, made short here), not the session's: past it, UNAVAILABLE
+    naming the lock, never a raw psycopg error; and the connection serves calls after."""
+    monkeypatch.setattr(pgstore, "KEY_LOCK_WAIT", "200ms")
+    first, second = stores
+    with first.locked("key:k"):
+        with pytest.raises(Unavailable, match="a lock was held too long"), second.locked("key:k"):
+            pass
+        with second.locked("key:j"):  # another key: at once
+            pass
+
+
+def test_no_connection_for_a_key_lock_in_time_is_unavailable(
+    stores: tuple[PausingStore, PostgresStore],
+) -> None:
+    """Every pooled connection busy: the lock's checkout times out UNAVAILABLE (it was a raw
+    PoolTimeout, an INTERNAL with a traceback)."""
+    store = stores[1]
+    with contextlib.ExitStack() as busy:
+        for _ in range(store._pool.max_size):
+            busy.enter_context(store._pool.connection())
+        with (
+            pytest.raises(Unavailable, match="no database connection in time"),
+            store.locked("key:k"),
+        ):
+            pass
