@@ -1,4 +1,4 @@
-"""A PostgreSQL connection cut exactly where a test wants it: at COMMIT.
+"""A PostgreSQL connection cut exactly where a test wants it: at COMMIT, or made half-open.
 
 :class:`CommitCutter` listens on a socket of its own and relays every connection to the test
 cluster's socket, byte for byte. Armed (:meth:`CommitCutter.cut`), the next client message that
@@ -41,11 +41,22 @@ class CommitCutter:
         self._lock = threading.Lock()
         self.cuts = 0
         self._open: list[socket.socket] = []
+        self._links: list[_Link] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def cut(self, landed: bool) -> None:
         with self._lock:
             self._armed = landed
+
+    def strand(self) -> None:
+        """Every connection open now made half-open: gone for its client, while the server
+        sees a peer that says nothing (a network cut: the server's session, and its locks,
+        live on until a keepalive gives up)."""
+        with self._lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.stranded = True
+            _close(link.client)
 
     def _accept(self) -> None:
         while True:
@@ -57,6 +68,8 @@ class CommitCutter:
             server.connect(self._server)
             self._open += [client, server]
             link = _Link(client, server)
+            with self._lock:
+                self._links.append(link)
             threading.Thread(target=self._upstream, args=(link,), daemon=True).start()
             threading.Thread(target=link.downstream, daemon=True).start()
 
@@ -78,7 +91,9 @@ class CommitCutter:
                     link.answered.wait(5)  # ReadyForQuery: committed
                 self.cuts += 1
                 break
-        _close(link.client, link.server)
+        _close(link.client)
+        if not link.stranded:
+            _close(link.server)
 
     def close(self) -> None:
         self._listener.close()
@@ -96,6 +111,7 @@ class _Link:
         self.client, self.server = client, server
         self.held = threading.Event()
         self.answered = threading.Event()  # held, and the server said ReadyForQuery since
+        self.stranded = False  # its server side is left open (CommitCutter.strand)
 
     def downstream(self) -> None:
         seen = b""

@@ -515,7 +515,7 @@ class AuditLog:
         seq, hash_, at, prev = self._seq, self._hash, iso(datetime.now(UTC)), self._checkpointed
         # The other chains' newest checkpoints (replicas: each its own chain), signed with it.
         refs = tuple(self.store.others())
-        message = checkpoint_message(seq, hash_, at, prev, refs)
+        message = checkpoint_message(seq, hash_, at, prev, refs, self.store.chain)
         c = Checkpoint(seq, hash_, at, signing(message), prev, refs, self.store.chain)
         for witness in self._witnesses:
             witness.write(c)

@@ -114,6 +114,26 @@ _SYNCHRONOUS = (
 _WRITER_LOCK = (
     "SELECT pg_{}advisory_lock(%s, hashtext(coalesce(current_schema(), '') || ':' || %s))"
 )
+# Ends the server process given if it holds that writer lock still (a two-int advisory lock
+# shows as classid, objid as an unsigned oid, objsubid 2): this writer's old session, never
+# another's, whatever became of its pid.
+_END_OLD_SESSION = (
+    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND pid = %s AND classid = %s AND objsubid = 2 AND objid = "
+    "((hashtext(coalesce(current_schema(), '') || ':' || %s))::bigint & 4294967295)::oid"
+)
+# A lost peer noticed in seconds over TCP, on both sides (the server's keepalives end a session
+# whose client is gone, and with it the writer lock; none of this applies to a Unix socket).
+_KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "connect_timeout": "10",
+}
+_SERVER_KEEPALIVES = (
+    "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+)
 
 log = logging.getLogger("signer.audit")
 
@@ -175,14 +195,18 @@ class PostgresAuditStore(Tables):
         self._schema = store_schema(store_parameters(dsn, "audit.path"), "audit.path")
         # Added to the DSN's own options (its search_path), not in their place.
         ours = f"-c lock_timeout={int(timeout * 1000)} -c statement_timeout=30000"
-        theirs = str(conninfo_to_dict(dsn).get("options") or "")
+        given = conninfo_to_dict(dsn)
+        theirs = str(given.get("options") or "")
         self._conninfo = make_conninfo(
             service_conninfo(dsn),
-            options=f"{theirs} {ours}".strip(),
+            options=f"{theirs} {ours} {_SERVER_KEEPALIVES}".strip(),
             target_session_attrs="any" if read_only else "read-write",
+            **{k: v for k, v in _KEEPALIVES.items() if k not in given},
         )
         self._conn: Connection | None = None
-        self._connected = False  # the writer lock was ours once: wait for it when connecting again
+        # The server process of the session holding this writer's lock (None: never held):
+        # connecting again, the writer waits for the lock, after ending that session.
+        self._backend: int | None = None
         try:
             conn = self._connection()
             if read_only:
@@ -215,11 +239,17 @@ class PostgresAuditStore(Tables):
                 conn.execute(_SYNCHRONOUS)
                 self._conn = conn
                 return conn
+            purpose = (LOCK_NAMESPACE, f"audit-writer:{self.chain}")
             try:
                 conn.execute(_SYNCHRONOUS)
-                first = not self._connected
+                first = self._backend is None
+                if not first:
+                    # The session this writer lost may live on at the server, lock and all,
+                    # until its TCP keepalive gives up (hours by default on a half-open
+                    # connection): ended here if it still holds this writer's lock.
+                    conn.execute(_END_OLD_SESSION, (self._backend, *purpose))
                 lock = _WRITER_LOCK.format("try_" if first else "")
-                row = conn.execute(lock, (LOCK_NAMESPACE, f"audit-writer:{self.chain}")).fetchone()
+                row = conn.execute(lock, purpose).fetchone()
             except BaseException:
                 conn.close()
                 raise
@@ -229,7 +259,7 @@ class PostgresAuditStore(Tables):
                     "another service is writing this audit log (its writer lock is held): one "
                     "writer per log"
                 )
-            self._connected = True
+            self._backend = conn.info.backend_pid
         self._conn = conn
         return conn
 

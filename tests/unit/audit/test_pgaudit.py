@@ -156,3 +156,40 @@ def test_signer_audit_log_verify_takes_a_database_url(
     assert "first bad record 5: its contents do not match its hash" in capsys.readouterr().out
     assert main(args) != 0  # no --public-key beside a URL
     assert "give --archive-dir and --public-key" in capsys.readouterr().err
+
+
+def test_a_writer_whose_connection_went_half_open_takes_its_lock_back(
+    pg_dsn: str, pg_connect: Callable[[], Any], tmp_path: Path, soft: SoftKey
+) -> None:
+    """The writer's connection lost without the server noticing (a network cut: its session,
+    writer lock and all, lives on until a keepalive gives up, hours by default). Connecting
+    again, the writer ends that session of its own, takes its lock back and writes what it
+    kept; it used to wait for the lock, fail, and wait again, refusing every call meanwhile
+    (the review's finding 2)."""
+    with commit_cutter(pg_dsn) as cutter:
+        store = PostgresAuditStore(cutter.dsn)
+        log = AuditLog(store, checkpoint_every=100)
+        pin = tmp_path / "audit.key.pem"
+        log.start(soft.make, pin)
+        assert write(log, event(1)) == 1
+        old = store._backend
+        cutter.strand()
+        with pytest.raises(Unavailable, match="the audit log cannot be written"):
+            write(log, event(2))
+        done = threading.Event()
+        for _ in range(200):  # the writer retries every RETRY_SECONDS
+            if log._write_failing is None:
+                break
+            done.wait(0.05)
+        assert log._write_failing is None
+        assert write(log, event(3)) == 3
+        assert store._backend != old
+        gone = (
+            pg_connect()
+            .execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (old,))
+            .fetchone()
+        )
+        assert gone == (0,)
+        log.close()
+    assert verify_log(pg_dsn, pin.read_bytes()).whole
+    assert statuses(pg_dsn) == [(1, "OK"), (2, "OK" + NOT_ANSWERED), (3, "OK")]
