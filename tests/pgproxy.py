@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -79,7 +80,7 @@ class CommitCutter:
         with contextlib.suppress(OSError):
             while data := _recv(link.client):
                 with self._lock:
-                    armed = self._armed if b"COMMIT\x00" in data else None
+                    armed = self._armed if link.commits(data) else None
                     if armed is not None:
                         self._armed = None
                 if armed is None:
@@ -112,6 +113,17 @@ class _Link:
         self.held = threading.Event()
         self.answered = threading.Event()  # held, and the server said ReadyForQuery since
         self.stranded = False  # its server side is left open (CommitCutter.strand)
+        self._prepared: set[bytes] = set()  # names of statements this client prepared as COMMIT
+
+    def commits(self, data: bytes) -> bool:
+        """Whether the client's bytes carry a COMMIT: its text, or, once psycopg has prepared
+        it (after prepare_threshold uses), a Bind of the statement a Parse named for it."""
+        for name in _PARSED_COMMIT.findall(data):
+            if name:
+                self._prepared.add(name)
+        if b"COMMIT\x00" in data:
+            return True
+        return any(_bound(name).search(data) for name in self._prepared)
 
     def downstream(self) -> None:
         seen = b""
@@ -126,6 +138,15 @@ class _Link:
             except OSError:
                 break
         _close(self.server, self.client)
+
+
+# A Parse message (type, length, statement name, query) of COMMIT; and a Bind of a statement by
+# name (type, length, unnamed portal, statement name).
+_PARSED_COMMIT = re.compile(rb"P.{4}([^\x00]*)\x00COMMIT\x00", re.DOTALL)
+
+
+def _bound(name: bytes) -> re.Pattern[bytes]:
+    return re.compile(rb"B.{4}\x00" + re.escape(name) + rb"\x00", re.DOTALL)
 
 
 def _recv(s: socket.socket) -> bytes:

@@ -4,6 +4,7 @@ checkpoints with the audit key in the token."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -125,6 +126,7 @@ class AuditLog:
         self._writer: threading.Thread | None = None
         self._stopping = threading.Event()  # close() called: stop waiting on the store
         self._moved = False  # the log is not where this writer left it: write nothing more
+        self._cut: Checkpoint | None = None  # a checkpoint whose COMMIT was cut off
         self.failure: str | None = None  # why the log refuses everything, for good
         self._failing: str | None = None  # why the last checkpoint could not be signed
         self._paused = 0  # calls refused by check() since the last checkpoint, to be recorded
@@ -145,6 +147,13 @@ class AuditLog:
         that differs from the pinned one is refused. The unsigned part of the log is checked
         first."""
         self._make_key, self._pin_to = make_key, pin_to
+        if self.halted is not None and self.halted.exists():
+            self._moved = True
+            self._stop_for_good(
+                f"the audit log was stopped for good ({_halt_reason(self.halted)}): nothing is "
+                f"written or signed until an operator has looked (signer audit-log verify) and "
+                f"removed {self.halted}"
+            )
         pinned = pin_to.read_bytes() if pin_to.exists() else None
         with self.store.snapshot():  # an archive job meanwhile must not tear what is read
             self._seq, self._hash = self.store.head()
@@ -377,11 +386,7 @@ class AuditLog:
                     raise
         except ChainMoved as exc:
             self._failed(exc)
-            self._moved = True
-            self._stop_for_good(
-                f"{exc.message}; nothing more is written or signed: an operator must look "
-                "(signer audit-log verify; see the README)"
-            )
+            self._halt(exc)
             return None
         except Exception as exc:  # the store's own error type: sqlite3.Error, psycopg.Error...
             self._failed(exc)
@@ -449,9 +454,12 @@ class AuditLog:
     def _checkpoint_quietly(self) -> None:
         try:
             self.checkpoint()
-        except (AuditKeyMismatch, ChainMoved) as exc:
+        except AuditKeyMismatch as exc:
             self._metrics.checkpoint(False)
             self._stop_for_good(exc.message)
+        except ChainMoved as exc:
+            self._metrics.checkpoint(False)
+            self._halt(exc)
         except Exception as exc:  # a token host away, a store or a witness that refuses
             self._metrics.checkpoint(False)
             self._failing = exc.message if isinstance(exc, SignerError) else str(exc)
@@ -478,20 +486,34 @@ class AuditLog:
             )
             return
         event = Event(self._clock(), "signer", "AuditPaused", "", count, "", "UNAVAILABLE")
-        record = chain(self._seq + 1, event, self._hash)
-        began = time.perf_counter()
-        try:
-            self.store.append([record])
-        except ChainMoved as exc:
-            self._stop_for_good(exc.message)
-            return
-        except Exception as exc:
-            log.error("audit log write failed", extra={"error": str(exc), "records": 1})
-            with self._paused_lock:
-                self._paused += count  # the next checkpoint tries again
-            return
-        self._metrics.audit_committed(1, time.perf_counter() - began)
-        self._seq, self._hash = record.seq, record.hash
+        # Through the one write path (a COMMIT cut off read back, a moved head stopping the
+        # log); not written, it is kept as an answered call's record is, and retried with them.
+        if self._write([event]) is None and not self._moved:
+            self._kept.append(event)
+
+    def _halt(self, exc: ChainMoved) -> None:
+        """Stops for good on a tamper signal the start-up checks could not see again: a record
+        or checkpoint in the log that this writer did not write, chained as it would have
+        been, passes them, and a restart would sign it. So the stop is also written down, in
+        the :attr:`halted` file beside the pin (outside the database), and the log does not
+        start while it is there (the review's finding 3)."""
+        self._moved = True
+        why = (
+            f"{exc.message}; nothing more is written or signed: an operator must look "
+            "(signer audit-log verify; see the README)"
+        )
+        if self.halted is not None and not self.halted.exists():
+            note = {"time": iso(datetime.now(UTC)), "why": exc.message, "head": self._seq}
+            try:
+                write_atomic(self.halted, json.dumps(note).encode() + b"\n")
+            except OSError as error:
+                log.critical("audit stop not written down", extra={"error": str(error)})
+        self._stop_for_good(why)
+
+    @property
+    def halted(self) -> Path | None:
+        """Where a stop for good on a moved chain is written down: beside the pin."""
+        return None if self._pin_to is None else Path(f"{self._pin_to}.halted")
 
     def _stop_for_good(self, why: str) -> None:
         if self.failure is None:
@@ -509,7 +531,10 @@ class AuditLog:
     def checkpoint(self) -> None:
         """Signs the newest record's (sequence, hash), with the previous checkpoint's sequence,
         in the token, if there are new records; writes it to every witness, then the store."""
-        if self._unsigned <= 0 or self.failure is not None:
+        if self.failure is not None:
+            return
+        self._settle_cut_checkpoint()
+        if self._unsigned <= 0:
             return
         signing = self._ensure_key()
         seq, hash_, at, prev = self._seq, self._hash, iso(datetime.now(UTC)), self._checkpointed
@@ -521,11 +546,43 @@ class AuditLog:
             witness.write(c)
         # The first checkpoint records the key with it, in one transaction: a log that names
         # its key always has a checkpoint (a crash before leaves the pin alone: adopted).
-        self.store.add_checkpoint(c, self._unrecorded)
+        try:
+            self.store.add_checkpoint(c, self._unrecorded)
+        except CommitUnknown:
+            self._cut = c  # in or not: read back before the next one
+            raise
+        self._signed(c)
+
+    def _signed(self, c: Checkpoint) -> None:
         self._metrics.checkpoint(True)
         self._unrecorded = None
-        self._checkpointed = seq
+        self._checkpointed = c.seq
         log.info(MESSAGE, extra=fields(c))
+
+    def _settle_cut_checkpoint(self) -> None:
+        """A checkpoint whose COMMIT was cut off (the review's finding 1): if it is the log's
+        newest, it is this writer's and stands; if the newest is still the one before, it never
+        landed; anything else is ChainMoved. (Signing the next one after the wrong one was
+        refused as another writer's, and stopped the log for good over a network blip.)"""
+        c = self._cut
+        if c is None:
+            return
+        newest = self.store.last_checkpoint()
+        if newest == c.seq:
+            stored = [x for x in self.store.checkpoints() if x.seq == c.seq]
+            if not stored or (stored[0].hash, stored[0].signature) != (c.hash, c.signature):
+                raise ChainMoved(
+                    f"the checkpoint at {c.seq} is not the one whose COMMIT was cut off: "
+                    "another writer, or a change made to the log"
+                )
+            log.warning("audit checkpoint cut off had landed", extra={"seq": c.seq})
+            self._signed(c)
+        elif newest != self._checkpointed:
+            raise ChainMoved(
+                f"the log's newest checkpoint is {newest}, neither the one this writer signed "
+                f"last ({self._checkpointed}) nor the one whose COMMIT was cut off ({c.seq})"
+            )
+        self._cut = None
 
     def _ensure_key(self) -> Signing:
         """The audit key, the pinned one. A new key is pinned (atomically, synced) before
@@ -587,6 +644,14 @@ class AuditLog:
             f"the audit key is not the one pinned in {self._pin_to} ({why}): the log or its key "
             "was replaced; signing stops until an operator has looked (see the README)"
         )
+
+
+def _halt_reason(path: Path) -> str:
+    try:
+        note = json.loads(path.read_text())
+        return f"{note['why']}, at {note['time']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path} says so"
 
 
 def _pem(public_der: bytes) -> bytes:

@@ -35,8 +35,9 @@ def test_a_record_forged_into_a_running_log_stops_it_and_is_never_signed(
     """Someone who can write the store adds record 3, correctly chained, while the service runs.
     The next call's record would follow it: the append refuses (its head is not where the
     writer left it), the call is answered UNAVAILABLE, the log stops for good saying why, and
-    no checkpoint signs the forged record. (Chaining after whatever head the store showed, the
-    reverted 460acdc signed it at the next checkpoint and verify said whole.)"""
+    no checkpoint signs the forged record, not even after a restart. (Chaining after whatever
+    head the store showed, the reverted 460acdc signed it at the next checkpoint and verify
+    said whole.)"""
     path = tmp_path / "audit.db"
     log = started(backend, path, soft, every=100)
     changes = Changes(log)
@@ -50,6 +51,20 @@ def test_a_record_forged_into_a_running_log_stops_it_and_is_never_signed(
     log.close()  # its last checkpoint is not signed over the forged record either
     assert newest_checkpoint(backend, path) <= 2
     assert [r[0] for r in rows(backend, path)] == [1, 2, 3]
+    # A restart does not sign it either: the start-up checks cannot tell the forged record
+    # from the writer's own, so the stop was written down beside the pin (the review's
+    # finding 3: it went under the next start's first checkpoint).
+    halted = Path(f"{path}.key.pem.halted")
+    assert "another writer, or a change made" in halted.read_text()
+    again = started(backend, path, soft, every=1)
+    assert again.failure is not None
+    assert f"removed {halted}" in again.failure
+    with pytest.raises(Unavailable, match="stopped for good"):
+        write(again, event(4))
+    again.close()
+    assert newest_checkpoint(backend, path) <= 2
+    halted.unlink()  # an operator looked, and decided
+    started(backend, path, soft).close()
 
 
 def test_a_second_writer_on_a_log_stops_one_of_them_and_forks_nothing(

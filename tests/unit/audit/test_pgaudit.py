@@ -14,11 +14,12 @@ import psycopg
 import pytest
 
 from signer._internal.audit import AuditLog, open_audit_store, verify_log
+from signer._internal.audit._chain import Checkpoint
 from signer._internal.audit._log import NOT_ANSWERED
 from signer._internal.audit._pgstore import AUDIT_MIGRATIONS, PostgresAuditStore
 from signer._internal.pgstore import PostgresStore
 from signer.errors import FailedPrecondition, Unavailable
-from tests.pgproxy import commit_cutter
+from tests.pgproxy import CommitCutter, commit_cutter
 from tests.postgres import Cluster
 from tests.unit.audit.fakes import SoftKey, event, write
 
@@ -193,3 +194,50 @@ def test_a_writer_whose_connection_went_half_open_takes_its_lock_back(
         log.close()
     assert verify_log(pg_dsn, pin.read_bytes()).whole
     assert statuses(pg_dsn) == [(1, "OK"), (2, "OK" + NOT_ANSWERED), (3, "OK")]
+
+
+class ArmingWitness:
+    """A witness that arms the relay as a checkpoint is about to be stored: the next COMMIT
+    cut is the checkpoint's (the witness is written just before the store)."""
+
+    def __init__(self, cutter: CommitCutter, landed: bool) -> None:
+        self.cutter, self.landed, self.armed = cutter, landed, False
+
+    def write(self, checkpoint: Checkpoint) -> None:
+        if not self.armed:
+            self.armed = True
+            self.cutter.cut(self.landed)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "rolled-back"])
+def test_a_checkpoint_cut_off_is_read_back_before_the_next(
+    pg_dsn: str, tmp_path: Path, soft: SoftKey, landed: bool
+) -> None:
+    """A checkpoint's COMMIT cut: it fails (retried), and before the next the writer reads
+    back whether it is the log's newest. Landed: it stands, and the next follows it. Rolled
+    back: signed again. Either way the log goes on and verifies; the next checkpoint used to
+    follow the one before the cut one, was refused as another writer's, and stopped the log
+    for good over a network blip (the review's finding 1)."""
+    with commit_cutter(pg_dsn) as cutter:
+        witness = ArmingWitness(cutter, landed)
+        log = AuditLog(PostgresAuditStore(cutter.dsn), checkpoint_every=2, witnesses=[witness])
+        pin = tmp_path / "audit.key.pem"
+        log.start(soft.make, pin)
+        assert write(log, event(1)) == 1
+        assert write(log, event(2)) == 2  # then its checkpoint's COMMIT is cut
+        done = threading.Event()
+        for _ in range(200):
+            if cutter.cuts:
+                break
+            done.wait(0.02)
+        assert cutter.cuts == 1
+        for i in range(3, 7):
+            assert write(log, event(i)) == i
+        log.close()
+        assert log.failure is None
+    v = verify_log(pg_dsn, pin.read_bytes())
+    assert v.whole, v.first_bad
+    assert v.last_checkpoint == 6
