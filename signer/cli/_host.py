@@ -160,6 +160,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             if verdict.cross_checked
             else ""
         )
+        + (
+            f"; {verdict.cross_unchecked} references into other chains' archives not checked: "
+            "--archives"
+            if verdict.cross_unchecked
+            else ""
+        )
     )
     if key is None:
         print(

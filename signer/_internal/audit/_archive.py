@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def archive(store: AuditStore, directory: Path, before: datetime) -> Archived | 
     digest = hashlib.sha256()
     with open(private_file(tmp), "wb") as fh:
         covering = [c for c in checkpoints if first.seq <= c.seq <= upto]
-        for line in _lines(first.prev_hash, records, covering):
+        for line in _lines(first.prev_hash, records, covering, store.chain):
             data = json.dumps(line, separators=(",", ":"), sort_keys=True).encode() + b"\n"
             digest.update(data)
             fh.write(data)
@@ -58,9 +59,16 @@ def archive(store: AuditStore, directory: Path, before: datetime) -> Archived | 
 
 
 def _lines(
-    prev_hash: str, records: list[Record], checkpoints: list[Checkpoint]
+    prev_hash: str, records: list[Record], checkpoints: list[Checkpoint], chain: str = ""
 ) -> Iterator[dict[str, Any]]:
-    yield {"segment": {"first": records[0].seq, "last": records[-1].seq, "prev_hash": prev_hash}}
+    segment: dict[str, Any] = {
+        "first": records[0].seq,
+        "last": records[-1].seq,
+        "prev_hash": prev_hash,
+    }
+    if chain:  # a database's chain (replicas); its checkpoints are signed as that chain's
+        segment["chain"] = chain
+    yield {"segment": segment}
     for r in records:
         e = r.event
         yield {
@@ -87,6 +95,9 @@ def _lines(
 
 
 def read_archive(path: Path) -> tuple[dict[str, Any], list[Record], list[Checkpoint]]:
+    """The header, records and checkpoints of an archive file; its checkpoints are of the
+    chain its header names ("": an archive of a log's one chain, or one from before archives
+    named their chain)."""
     header: dict[str, Any] = {}
     records: list[Record] = []
     checkpoints: list[Checkpoint] = []
@@ -103,4 +114,5 @@ def read_archive(path: Path) -> tuple[dict[str, Any], list[Record], list[Checkpo
                 prev = more[0] if more else None
                 refs = refs_of(more[1]) if len(more) > 1 else ()
                 checkpoints.append(Checkpoint(seq, h, at, base64.b64decode(sig), prev, refs))
-    return header, records, checkpoints
+    chain = str(header.get("chain", ""))
+    return header, records, [replace(c, chain=chain) for c in checkpoints]

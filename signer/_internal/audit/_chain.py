@@ -59,12 +59,22 @@ class Checkpoint:
     # chain each): their newest checkpoints as (chain, seq, hash), signed with it, so that a
     # chain removed whole, or rewritten, is named by another's checkpoint. Empty: one chain.
     refs: tuple[Ref, ...] = ()
-    # The chain it signs ("": the one chain of a log that has one). Not signed: each chain has
-    # its own audit key, which binds its checkpoints to it.
+    # The chain it signs ("": the one chain of a log that has one), signed with it (v3): with
+    # one pin shared by replicas, a chain's rows relabelled as another's do not verify.
     chain: str = ""
 
     def verifies(self, public_der: bytes) -> bool:
-        message = checkpoint_message(self.seq, self.hash, self.time, self.prev, self.refs)
+        """Signed by ``public_der`` as a checkpoint of :attr:`chain`."""
+        return self._verifies(public_der, self.chain)
+
+    def verifies_unbound(self, public_der: bytes) -> bool:
+        """Signed by ``public_der`` without naming a chain, although it is a named chain's: one
+        signed before checkpoints named their chain (a log migrated into the chain, or a replica
+        of before), which verify accepts only before the chain's first bound one."""
+        return bool(self.chain) and self._verifies(public_der, "")
+
+    def _verifies(self, public_der: bytes, chain: str) -> bool:
+        message = checkpoint_message(self.seq, self.hash, self.time, self.prev, self.refs, chain)
         return verify(
             public_der,
             AUDIT_ALGORITHM,
@@ -91,13 +101,23 @@ def chain(seq: int, event: Event, prev_hash: str) -> Record:
 
 
 def checkpoint_message(
-    seq: int, hash_: str, at: str, prev: int | None = None, refs: tuple[Ref, ...] = ()
+    seq: int,
+    hash_: str,
+    at: str,
+    prev: int | None = None,
+    refs: tuple[Ref, ...] = (),
+    chain: str = "",
 ) -> bytes:
+    """What a checkpoint's signature covers. v1 (``prev`` None) and v2 (chain "" and no refs)
+    are those of logs before refs and chain names; v3 signs the refs and, for a named chain,
+    the chain's name after them (``:name``: the refs' text ends in ``]``, a name never does,
+    so no v3 message of one chain is another's, or one of chain "")."""
     if prev is None:
         return f"signer-audit-checkpoint:{seq}:{hash_}:{at}".encode()
-    if not refs:
+    if not refs and not chain:
         return f"signer-audit-checkpoint:v2:{seq}:{hash_}:{at}:{prev}".encode()
-    return f"signer-audit-checkpoint:v3:{seq}:{hash_}:{at}:{prev}:{refs_text(refs)}".encode()
+    named = f":{chain}" if chain else ""
+    return f"signer-audit-checkpoint:v3:{seq}:{hash_}:{at}:{prev}:{refs_text(refs)}{named}".encode()
 
 
 def refs_text(refs: tuple[Ref, ...]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 
 from signer._internal.audit._archive import read_archive
 from signer._internal.audit._chain import GENESIS, Checkpoint, Record, Ref, record_hash
-from signer._internal.audit._store import AuditStore, open_audit_store
+from signer._internal.audit._store import Archived, AuditStore, open_audit_store
 from signer._internal.audit._witness import WitnessError, read_witness
 from signer._internal.config import AuditConfig, redacted
 from signer.errors import SignerError
@@ -30,6 +30,9 @@ class Verdict:
     # Other chains of the database (replicas) whose records this chain's checkpoints named,
     # and were found as signed.
     cross_checked: tuple[str, ...] = ()
+    # References to other chains' records that are in those chains' archives, not checked:
+    # their files were not read (no ``archive_dir``).
+    cross_unchecked: int = 0
 
     @property
     def whole(self) -> bool:
@@ -61,9 +64,38 @@ def _walk(records: Iterable[Record], seq: int, prev: str, hashes: dict[int, str]
     return seq
 
 
+class _Bound:
+    """The pinned key, and which checkpoints of a named chain it may have signed without the
+    chain's name (before checkpoints named their chain: a log migrated into the chain, or a
+    replica's of before): only those before the chain's first one signed with its name."""
+
+    def __init__(self, public_der: bytes) -> None:
+        self.key = public_der
+        self.first: int | None = None  # the first checkpoint signed with the chain's name
+
+    def check(
+        self, c: Checkpoint, what: str = "its checkpoint's signature does not verify"
+    ) -> None:
+        if c.verifies(self.key):
+            if c.chain and (self.first is None or c.seq < self.first):
+                self.first = c.seq
+            return
+        if c.verifies_unbound(self.key):
+            if self.first is None or c.seq < self.first:
+                return
+            raise _Bad(
+                c.seq,
+                f"its checkpoint does not name chain {c.chain!r}, and one before it "
+                f"({self.first}) does (a checkpoint of another log's, relabelled?)",
+            )
+        if c.chain:
+            what += f" as one of chain {c.chain!r}"
+        raise _Bad(c.seq, what)
+
+
 def _signed(
     checkpoints: list[Checkpoint],
-    public_der: bytes,
+    bound: _Bound,
     hashes: dict[int, str],
     last: int,
     since: int = 0,
@@ -73,8 +105,7 @@ def _signed(
     (``anchor``: the first one's predecessor is in an archive, not here); returns the newest."""
     signed, before, chained = since, since, False
     for c in sorted(checkpoints, key=lambda c: c.seq):
-        if not c.verifies(public_der):
-            raise _Bad(c.seq, "its checkpoint's signature does not verify")
+        bound.check(c)
         if c.seq > last:
             raise _Bad(last + 1, f"missing: the log ends at {last}, a checkpoint signed {c.seq}")
         if hashes.get(c.seq) != c.hash:
@@ -118,7 +149,12 @@ def verify_log(
     ``location``: the SQLite file, or the ``postgresql://`` URL, of the log; in a database,
     ``chain`` names the chain (a replica's: each has its own audit key, so its own pin), and
     the records of the other chains that its checkpoints name are checked to be as signed: a
-    chain removed whole, or rewritten, is named by the checkpoints of every other."""
+    chain removed whole, or rewritten, is named by the checkpoints of every other (those in
+    another chain's archives against its archive files, in ``archive_dir``; without it they
+    are counted, :attr:`Verdict.cross_unchecked`). A ``chain`` the database holds nothing of
+    is bad: a mistyped name, or a chain removed whole. Every checkpoint is checked as signed
+    for ``chain`` (its name is signed with it), but those before the chain's first so signed,
+    which come from before checkpoints named their chain."""
     pin = b"" if public_key_pem is None else pinned_der(public_key_pem)
     public_der = pin or b""
     try:
@@ -127,18 +163,26 @@ def verify_log(
     except FileNotFoundError:
         raise SignerError(f"no audit log at {redacted(str(location))}") from None
     try:
+        held = base.chains() if chain else []
         store = base.on_chain(chain) if chain else base
         recorded = store.audit_key()
         archives = store.archives()
         checkpoints = store.checkpoints()
         records = list(store.records())
-        named = _named(base, checkpoints)
+        named = _named(base, checkpoints, archive_dir)
     finally:
         base.close()
     archived = sum(a.last_seq - a.first_seq + 1 for a in archives)
     hashes: dict[int, str] = {}
     seq, prev, last, signed, witnessed = 0, GENESIS, 0, 0, 0
+    bound = _Bound(public_der)
     try:
+        if chain and chain not in held:
+            raise _Bad(
+                0,
+                f"the database holds no chain {chain!r} (a mistyped name, or the chain removed "
+                f"whole); it holds {', '.join(repr(c) for c in held) or 'none'}",
+            )
         if pin is None:
             raise _Bad(0, _UNREADABLE_PIN)
         if public_key_pem is None and (recorded is not None or checkpoints or archives):
@@ -149,66 +193,111 @@ def verify_log(
             raise _Bad(0, "the audit key recorded in the log is not the pinned one")
         for a in archives:
             if archive_dir is not None:
-                _check_archive(archive_dir / a.file, a.sha256, public_der, a.first_seq - 1, prev)
+                _check_archive(archive_dir / a.file, a.sha256, bound, a.first_seq - 1, prev, chain)
             elif a.first_seq != seq + 1:
                 raise _Bad(seq + 1, f"records {seq + 1} to {a.first_seq - 1} are in no archive")
             seq, prev = a.last_seq, a.last_hash
             hashes[seq] = prev
             signed = seq
         anchor = [c for c in checkpoints if c.seq == seq] if archives else []
-        if archives and not (anchor and anchor[0].verifies(public_der) and anchor[0].hash == prev):
-            raise _Bad(seq, "the last archive's anchor is not a signed checkpoint of the log")
+        if archives:
+            not_anchor = "the last archive's anchor is not a signed checkpoint of the log"
+            if not (anchor and anchor[0].hash == prev):
+                raise _Bad(seq, not_anchor)
+            bound.check(anchor[0], not_anchor)
         last = _walk(records, seq, prev, hashes)
-        signed = _signed(checkpoints, public_der, hashes, last, signed, seq if archives else None)
+        signed = _signed(checkpoints, bound, hashes, last, signed, seq if archives else None)
         if recorded is not None and not checkpoints:
             # It is recorded with the first checkpoint, in one transaction.
             raise _Bad(1, "the log names its audit key, but has no checkpoint (removed)")
         _within_bound(records, signed, max_unsigned_records)
         for witness in witnesses:
             witnessed += _witnessed(
-                Path(witness), public_der, hashes, last, seq, first=recorded is None, chain=chain
+                Path(witness), bound, hashes, last, seq, first=recorded is None, chain=chain
             )
         _cross_checked(named)
         bad = None
     except _Bad as exc:
         bad = (exc.seq, exc.what)
-    others = tuple(sorted({other for (_, (other, _, _)), _ in named}))
-    return Verdict(len(records), len(checkpoints), signed, last, archived, bad, witnessed, others)
+    others = tuple(sorted({n.ref[0] for n in named}))
+    unchecked = sum(n.unchecked for n in named)
+    return Verdict(
+        len(records), len(checkpoints), signed, last, archived, bad, witnessed, others, unchecked
+    )
 
 
-# (checkpoint seq, the ref it signed) -> what the other chain holds there: its record's hash,
-# ARCHIVED (inside a segment moved out of its live log), or None (nothing).
-_Named = list[tuple[tuple[int, Ref], str | None]]
-ARCHIVED = "archived"
+@dataclass(frozen=True)
+class _Seen:
+    """What another chain holds where a checkpoint (at ``at``) says it saw ``ref``."""
+
+    at: int
+    ref: Ref
+    held: str | None  # the hash of its record there; None: nothing (or see ``fault``)
+    unchecked: bool = False  # in one of its archives, whose file was not read
+    fault: str | None = None  # what is wrong with the archive file that holds it
 
 
-def _named(store: AuditStore, checkpoints: list[Checkpoint]) -> _Named:
+def _named(
+    store: AuditStore, checkpoints: list[Checkpoint], archive_dir: Path | None
+) -> list[_Seen]:
     """What the other chains hold where ``checkpoints`` say they saw their newest checkpoints,
-    read in the same snapshot as the rest."""
-    found: _Named = []
+    read in the same snapshot as the rest; a record in another chain's archive is read from
+    its file in ``archive_dir`` (an archives row alone is no evidence: whoever can write the
+    database can insert one, with the hash the ref names), and not checked without it."""
+    found: list[_Seen] = []
+    files: dict[str, tuple[dict[int, Record], str | None]] = {}
     for c in checkpoints:
         for ref in c.refs:
             other, seq, _ = ref
             view = store.on_chain(other)
             record = view.record(seq)
-            held: str | None = record.hash if record is not None else None
-            if held is None:
-                for a in view.archives():
-                    if a.first_seq <= seq <= a.last_seq:
-                        held = a.last_hash if seq == a.last_seq else ARCHIVED
-            found.append(((c.seq, ref), held))
+            if record is not None:
+                found.append(_Seen(c.seq, ref, record.hash))
+                continue
+            segment = next((a for a in view.archives() if a.first_seq <= seq <= a.last_seq), None)
+            if segment is None:
+                found.append(_Seen(c.seq, ref, None))
+            elif archive_dir is None:
+                found.append(_Seen(c.seq, ref, None, unchecked=True))
+            else:
+                if segment.file not in files:
+                    files[segment.file] = _archived_records(archive_dir, segment, other)
+                held, fault = files[segment.file]
+                kept = held.get(seq)
+                found.append(_Seen(c.seq, ref, kept.hash if kept else None, fault=fault))
     return found
 
 
-def _cross_checked(named: _Named) -> None:
-    for (at, (other, seq, hash_)), held in named:
-        if held != hash_ and held != ARCHIVED:
-            what = "does not hold it" if held is None else "holds another"
-            raise _Bad(
-                at,
-                f"its checkpoint saw chain {other!r}'s record {seq} signed, and that chain "
-                f"{what} (removed or rewritten)",
-            )
+def _archived_records(
+    archive_dir: Path, segment: Archived, chain: str
+) -> tuple[dict[int, Record], str | None]:
+    """The records of another chain's archive file, by sequence number, each one's hash
+    recomputed; or what is wrong with the file."""
+    path = archive_dir / segment.file
+    if not path.exists():
+        return {}, f"its archive {segment.file} is missing"
+    if hashlib.sha256(path.read_bytes()).hexdigest() != segment.sha256:
+        return {}, f"its archive {segment.file} is not the file that was archived"
+    header, records, _ = read_archive(path)
+    if header.get("chain", "") not in ("", chain):
+        return {}, f"its archive {segment.file} is chain {header.get('chain')!r}'s"
+    return {r.seq: r for r in records if record_hash(r.seq, r.event, r.prev_hash) == r.hash}, None
+
+
+def _cross_checked(named: list[_Seen]) -> None:
+    for n in named:
+        other, seq, hash_ = n.ref
+        if n.unchecked or n.held == hash_:
+            continue
+        if n.fault is not None:
+            what = f"holds it in an archive, and {n.fault}"
+        else:
+            what = "does not hold it" if n.held is None else "holds another"
+        raise _Bad(
+            n.at,
+            f"its checkpoint saw chain {other!r}'s record {seq} signed, and that chain "
+            f"{what} (removed or rewritten)",
+        )
 
 
 def _within_bound(records: list[Record], signed: int, most: int) -> None:
@@ -225,7 +314,7 @@ def _within_bound(records: list[Record], signed: int, most: int) -> None:
 
 def _witnessed(
     path: Path,
-    public_der: bytes,
+    bound: _Bound,
     hashes: dict[int, str],
     last: int,
     archived_to: int,
@@ -245,14 +334,13 @@ def _witnessed(
         raise _Bad(0, f"witness {exc}") from None
     for line, c in entries:
         where = f"the witness {path.name} (line {line})"
-        if not public_der:
+        if not bound.key:
             raise _Bad(
                 c.seq,
                 f"{where} saw a checkpoint at {c.seq}, but the log has no audit key and none is "
                 "pinned (removed?)",
             )
-        if not c.verifies(public_der):
-            raise _Bad(c.seq, f"{where} holds a checkpoint the pinned key did not sign")
+        bound.check(c, f"{where} holds a checkpoint the pinned key did not sign")
         if first and c.prev != 0:
             raise _Bad(c.seq, _AFTER_A_STORED_ONE.format(where=where, seq=c.seq))
         if c.seq > last:
@@ -303,7 +391,7 @@ def unsigned_tail_fault(
         seq, prev = 0, GENESIS
         if checkpoints:
             last = checkpoints[-1]
-            if key is None or not last.verifies(key):
+            if key is None or not (last.verifies(key) or last.verifies_unbound(key)):
                 raise _Bad(last.seq, "the newest checkpoint is not signed by the audit key")
             record = store.record(last.seq)
             signed = record.hash if record is not None else None
@@ -325,7 +413,8 @@ def unsigned_tail_fault(
                     if recorded is None and c.prev != 0:
                         where = f"the witness {path} (line {line})"
                         raise _Bad(c.seq, _AFTER_A_STORED_ONE.format(where=where, seq=c.seq))
-                    if key is None or not c.verifies(key) or c.seq > end or hashes[c.seq] != c.hash:
+                    signed_ = key is not None and (c.verifies(key) or c.verifies_unbound(key))
+                    if not signed_ or c.seq > end or hashes[c.seq] != c.hash:
                         raise _Bad(
                             c.seq,
                             f"the witness {path} (line {line}) saw a checkpoint "
@@ -357,15 +446,22 @@ def pinned_der(pem: bytes) -> bytes | None:
     )
 
 
-def _check_archive(path: Path, sha256: str, public_der: bytes, seq: int, prev: str) -> None:
+def _check_archive(
+    path: Path, sha256: str, bound: _Bound, seq: int, prev: str, chain: str = ""
+) -> None:
     if not path.exists():
         raise _Bad(seq + 1, f"archive {path.name} is missing")
     if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
         raise _Bad(seq + 1, f"archive {path.name} is not the file that was archived")
     header, records, checkpoints = read_archive(path)
+    # An archive names its chain (one without a name: of a log's one chain, or from before
+    # archives named it); its checkpoints are checked as signed for the chain verified.
+    if header.get("chain", "") not in ("", chain):
+        raise _Bad(seq + 1, f"archive {path.name} is chain {header.get('chain')!r}'s")
+    checkpoints = [replace(c, chain=chain) for c in checkpoints]
     if header.get("prev_hash") != prev:
         raise _Bad(seq + 1, f"archive {path.name} does not follow the one before it")
     hashes: dict[int, str] = {}
     last = _walk(records, seq, prev, hashes)
-    if _signed(checkpoints, public_der, hashes, last, seq) != last:
+    if _signed(checkpoints, bound, hashes, last, seq) != last:
         raise _Bad(last, f"archive {path.name} does not end at a signed checkpoint")

@@ -3,6 +3,8 @@ changed, missing or hidden is named."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +13,7 @@ from signer._internal.audit import (
     Archived,
     AuditLog,
     archive,
+    read_archive,
     verify_log,
 )
 from tests.unit.audit.fakes import (
@@ -78,6 +81,38 @@ def test_a_changed_or_missing_archive_is_named(
     assert verify_log(backend.location(path), pinned(path), archives).first_bad == (
         1,
         f"archive {file.name} is missing",
+    )
+
+
+def test_an_archive_names_its_chain_and_one_naming_another_is_refused(
+    written: Callable[[int], Path], backend: Backend
+) -> None:
+    """An archive of a log's one chain names none, as those of before (its checkpoints read as
+    chain ""); a database's chains name theirs (tests/unit/audit/test_chains.py). One whose
+    header names another chain, its digest updated in the row as whoever rewrote it would, is
+    refused: its checkpoints are signed as that chain's. Fails without the fix of review
+    NOTE N2 (archives did not carry their chain)."""
+    path = written(8)
+    segment = archive_now(backend, path)
+    assert segment is not None
+    archives = Path(f"{path}.archive")
+    file = archives / segment.file
+    header, _, checkpoints = read_archive(file)
+    assert "chain" not in header
+    assert checkpoints
+    assert {c.chain for c in checkpoints} == {""}
+    lines = file.read_text().splitlines(keepends=True)
+    first = json.loads(lines[0])
+    first["segment"]["chain"] = "r1"
+    lines[0] = json.dumps(first, separators=(",", ":"), sort_keys=True) + "\n"
+    file.write_text("".join(lines))
+    assert {c.chain for c in read_archive(file)[2]} == {"r1"}
+    with backend.sql(path) as db:
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        db.execute("UPDATE archives SET sha256 = ?", (digest,))
+    assert verify_log(backend.location(path), pinned(path), archives).first_bad == (
+        1,
+        f"archive {file.name} is chain 'r1''s",
     )
 
 

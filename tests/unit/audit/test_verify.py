@@ -160,6 +160,39 @@ def test_a_log_that_names_another_audit_key_is_refused(
     )
 
 
+def test_a_chain_the_log_does_not_hold_is_named(
+    written: Callable[[int], Path], backend: Backend
+) -> None:
+    """``verify --chain`` with a name the store holds nothing of (a file's one chain is "", a
+    database's are its replicas'): bad, not an empty chain's "whole: 0 records". Fails without
+    the fix of review finding 4."""
+    path = written(4)
+    v = verify_log(backend.location(path), pinned(path), chain="r1")
+    assert v.first_bad == (
+        0,
+        "the database holds no chain 'r1' (a mistyped name, or the chain removed whole); "
+        "it holds ''",
+    )
+
+
+def test_the_checkpoint_message_names_the_chain_and_is_as_before_without_one() -> None:
+    """v1 and v2 (chain "", no refs) are what logs of before signed, byte for byte; v3 with a
+    named chain signs the name after the refs, so no chain's message is another's. Fails
+    without the fix of review NOTE N2 (the name was not signed)."""
+    h, at = "ab" * 32, "2026-11-22T00:00:00.000000+00:00"
+    assert checkpoint_message(4, h, at) == f"signer-audit-checkpoint:4:{h}:{at}".encode()
+    assert checkpoint_message(4, h, at, 0) == f"signer-audit-checkpoint:v2:4:{h}:{at}:0".encode()
+    refs = (("r2", 3, "cd" * 32),)
+    old_v3 = f'signer-audit-checkpoint:v3:4:{h}:{at}:0:[["r2",3,"{"cd" * 32}"]]'.encode()
+    assert checkpoint_message(4, h, at, 0, refs) == old_v3
+    assert checkpoint_message(4, h, at, 0, refs, "r1") == old_v3 + b":r1"
+    assert checkpoint_message(4, h, at, 0, (), "r1") == (
+        f"signer-audit-checkpoint:v3:4:{h}:{at}:0:[]:r1".encode()
+    )
+    messages = {checkpoint_message(4, h, at, 0, r, c) for r in ((), refs) for c in ("", "r1", "r9")}
+    assert len(messages) == 6
+
+
 def test_a_missing_log_is_an_error(tmp_path: Path, soft: SoftKey, backend: Backend) -> None:
     pem = serialization.load_der_public_key(soft.public_der).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

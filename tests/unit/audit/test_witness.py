@@ -95,6 +95,26 @@ def test_a_forged_witness_line_is_named(tmp_path: Path, soft: SoftKey, backend: 
     )
 
 
+def test_a_witness_line_signed_for_another_chain_is_named(
+    tmp_path: Path, soft: SoftKey, backend: Backend
+) -> None:
+    """A line the pinned key signed as chain r1's (a replica sharing the pin), its ``chain``
+    field removed to pass as this log's (chain ""): its signature names r1, so it does not
+    verify as this log's. Fails without the fix of review NOTE N2 (the chain was not signed)."""
+    path, witness = witnessed_log(backend, tmp_path, soft, 4)
+    line = json.loads(witness.read_text().splitlines()[0])
+    assert "chain" not in line
+    message = checkpoint_message(4, line["hash"], line["at"], 0, (), "r1")
+    line["signature"] = base64.b64encode(Signing(soft.sign, b"x")(message)).decode()
+    with witness.open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    assert verify_log(backend.location(path), pinned(path), witnesses=[witness]).first_bad == (
+        4,
+        "the witness checkpoints.jsonl (line 2) holds a checkpoint the pinned key did not sign",
+    )
+    assert [c.chain for _, c in read_witness(witness)] == ["", ""]
+
+
 def test_the_service_log_and_syslog_lines_are_witnesses_too(
     tmp_path: Path, soft: SoftKey, backend: Backend
 ) -> None:
