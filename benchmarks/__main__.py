@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import blind, gate, report, scan, signing, steady, transport
+from benchmarks import blind, gate, replicas, report, scan, signing, steady, transport
 from benchmarks.context import Context
 from benchmarks.machine import machine_info
 
@@ -24,6 +24,7 @@ SCENARIOS: dict[str, Callable[[Context], report.ScenarioResult]] = {
     transport.NAME: transport.run,
     signing.NAME: signing.run,
     steady.NAME: steady.run,
+    replicas.NAME: replicas.run,
 }
 
 
@@ -49,6 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=600.0,
         help="length of the steady-state run at peak load, seconds (at least 30)",
     )
+    p.add_argument(
+        "--replicas-rounds",
+        type=int,
+        default=replicas.DEFAULT_ROUNDS,
+        help="replicas: interleaved windows per configuration (each round about 25 s)",
+    )
     p.add_argument("--seed", type=int, default=20240601, help="placement and sampling seed")
     p.add_argument("--keep", action="store_true", help="keep the work directory (cores)")
     args = p.parse_args(argv)
@@ -58,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown scenario(s): {', '.join(unknown) or '(none given)'}")
     if args.steady_seconds < 30:
         p.error("--steady-seconds must be at least 30")
+    if args.replicas_rounds < 1:
+        p.error("--replicas-rounds must be at least 1")
     if args.runs < 1:
         p.error("--runs must be at least 1")
     args.names = names
@@ -75,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         load_seconds=args.load_seconds,
         blind_budget_seconds=args.blind_budget,
         steady_seconds=args.steady_seconds,
+        replicas_rounds=args.replicas_rounds,
         seed=args.seed,
     )
     generated = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
