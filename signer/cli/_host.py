@@ -386,7 +386,8 @@ def register(sub: Subparsers) -> None:
         description="Copies the key store and the audit log (its records, checkpoints, archive "
         "rows and audit key) of a stopped single-machine service into a PostgreSQL database "
         "whose schema holds neither yet, after verifying the log with its pin and archives, "
-        "and verifies the copy with the same. The SQLite files are only read.",
+        "and verifies the copy with the same. The SQLite files are only read (an older key store's "
+        "schema is brought up to date first, as the service's start would).",
     )
     sp.add_argument(
         "--from",
