@@ -118,10 +118,13 @@ class _Link:
     def commits(self, data: bytes) -> bool:
         """Whether the client's bytes carry a COMMIT: its text, or, once psycopg has prepared
         it (after prepare_threshold uses), a Bind of the statement a Parse named for it."""
+        unnamed = False
         for name in _PARSED_COMMIT.findall(data):
             if name:
-                self._prepared.add(name)
-        if b"COMMIT\x00" in data:
+                self._prepared.add(name)  # prepared now, executed by a Bind (maybe later)
+            else:
+                unnamed = True  # parsed, bound and executed at once
+        if unnamed or _QUERIED_COMMIT.search(data):
             return True
         return any(_bound(name).search(data) for name in self._prepared)
 
@@ -143,6 +146,7 @@ class _Link:
 # A Parse message (type, length, statement name, query) of COMMIT; and a Bind of a statement by
 # name (type, length, unnamed portal, statement name).
 _PARSED_COMMIT = re.compile(rb"P.{4}([^\x00]*)\x00COMMIT\x00", re.DOTALL)
+_QUERIED_COMMIT = re.compile(rb"Q.{4}COMMIT\x00", re.DOTALL)  # a simple Query
 
 
 def _bound(name: bytes) -> re.Pattern[bytes]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -147,6 +148,13 @@ class AuditLog:
         that differs from the pinned one is refused. The unsigned part of the log is checked
         first."""
         self._make_key, self._pin_to = make_key, pin_to
+        unwritable = _can_write_beside(pin_to)
+        if unwritable is not None:
+            self._stop_for_good(
+                f"the audit log's halt file cannot be written beside its pin {pin_to} "
+                f"({unwritable}): the pin's directory must be the service's to write, or a "
+                "stop for good on tampering would be forgotten by the next start"
+            )
         if self.halted is not None and self.halted.exists():
             self._moved = True
             self._stop_for_good(
@@ -647,11 +655,26 @@ class AuditLog:
 
 
 def _halt_reason(path: Path) -> str:
+    """What the halt file says, in one bounded line (it goes into refused calls' statuses)."""
     try:
-        note = json.loads(path.read_text())
-        return f"{note['why']}, at {note['time']}"
+        note = json.loads(path.read_bytes()[:4096])
+        why = " ".join(str(note["why"]).split())[:300]
+        return f"{why}, at {str(note['time'])[:40]}"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path} says so"
+
+
+def _can_write_beside(path: Path) -> str | None:
+    """Why a file cannot be created beside ``path`` (None: it can): a halt must be able to be
+    written down, or a restart would sign what it refused."""
+    probe = Path(f"{path}.halted.probe")
+    try:
+        probe.unlink(missing_ok=True)  # one a crash left
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 def _pem(public_der: bytes) -> bytes:

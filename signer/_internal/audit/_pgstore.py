@@ -119,6 +119,7 @@ _WRITER_LOCK = (
 # another's, whatever became of its pid.
 _END_OLD_SESSION = (
     "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
     "AND pid = %s AND classid = %s AND objsubid = 2 AND objid = "
     "((hashtext(coalesce(current_schema(), '') || ':' || %s))::bigint & 4294967295)::oid"
 )

@@ -189,6 +189,8 @@ def verify_log(
             raise _Bad(0, "the log has an audit key or checkpoints, but no pinned key was given")
         if public_key_pem is not None and recorded is None and (checkpoints or archives):
             raise _Bad(0, "an audit key is pinned, but the log carries none (removed)")
+        if public_key_pem is not None and not (recorded or checkpoints or archives or records):
+            raise _Bad(0, _PINNED_BUT_EMPTY)
         if recorded is not None and recorded[1] != public_der:
             raise _Bad(0, "the audit key recorded in the log is not the pinned one")
         for a in archives:
@@ -378,6 +380,8 @@ def unsigned_tail_fault(
     try:
         if pinned_pem is not None and key is None:
             raise _Bad(0, _UNREADABLE_PIN)
+        if key is not None and not (recorded or checkpoints or archives or store.head()[0]):
+            raise _Bad(0, _PINNED_BUT_EMPTY)
         if key is not None and recorded is None and (checkpoints or archives):
             raise _Bad(0, "an audit key is pinned, but the log carries none (removed)")
         if recorded is not None and not checkpoints:
@@ -430,6 +434,13 @@ def unsigned_tail_fault(
 _AFTER_A_STORED_ONE = (
     "{where} saw a checkpoint at {seq} that follows a stored one, and the log has neither a "
     "checkpoint nor its audit key (removed)"
+)
+# A key is pinned at a log's first checkpoint, which is attempted only once it has records, and
+# records are durable before it: a pinned log that holds nothing had everything removed (the
+# review of issue 16: a chain emptied whole, then begun anew at 1 by the next start).
+_PINNED_BUT_EMPTY = (
+    "an audit key is pinned, but the log holds nothing: no record, checkpoint, archive or key "
+    "(removed whole)"
 )
 _UNREADABLE_PIN = "the pinned audit key is no public key (its file emptied or damaged): restore it"
 

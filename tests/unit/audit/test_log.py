@@ -25,6 +25,7 @@ from signer._internal.audit import (
     read_witness,
     verify_log,
 )
+from signer._internal.audit._chain import GENESIS, chain
 from signer._internal.audit._log import NOT_ANSWERED, AuditKeyMismatch
 from signer.errors import Unavailable
 from signer.keys import SignMechanism
@@ -179,15 +180,19 @@ def test_a_pinned_key_the_token_does_not_hold_stops_the_log_at_its_first_checkpo
     """A pin the log does not record, and no checkpoint: what a first checkpoint cut short after
     its pin leaves, so the start accepts it (it used to stop at once: that was the crash's
     defect). Its first checkpoint adopts the pinned key from the token; the token holds no such
-    key here (the pin was replaced): every call refused, nothing signed, nothing pinned anew."""
+    key here (the pin was replaced): every call refused, nothing signed, nothing pinned anew.
+    (The cut-short checkpoint left records: they are durable before it. A pinned log that holds
+    nothing is refused at start: everything was removed.)"""
     pin = tmp_path / "audit.db.key.pem"
+    store = backend.store(tmp_path / "audit.db")
+    store.append([chain(1, event(1), GENESIS)])  # what came before the cut-short checkpoint
     foreign = SoftKey()
     pin.write_bytes(_pem(foreign.public_der))
-    log = AuditLog(backend.store(tmp_path / "audit.db"), checkpoint_every=1)
+    log = AuditLog(store, checkpoint_every=1)
     changes = Changes(log)
     log.start(soft.make, pin)
     assert log.failure is None
-    write(log, event(1))
+    write(log, event(2))
     assert changes.wait_for(lambda: log.failure is not None)
     with pytest.raises(AuditPaused, match="the pinned audit key is not in the token"):
         log.check()
@@ -695,3 +700,44 @@ def test_a_failed_checkpoint_is_tried_again_as_soon_as_the_writer_is_woken(
     assert changes.wait_for(lambda: log._failing is None)
     log.close()
     assert verify_log(backend.location(path), pinned(path), max_unsigned_records=8).whole
+
+
+def test_a_pinned_log_that_holds_nothing_is_refused_at_start(
+    tmp_path: Path, soft: SoftKey, backend: Backend
+) -> None:
+    """Everything of a log removed (records, checkpoints, archives, its key), its pin left: a
+    pin is written at a first checkpoint, after records, so this is no young log. The start
+    refuses, and verify says why; begun anew at 1, the next start's records would have passed
+    for the whole history (the second review of issue 16)."""
+    path = tmp_path / "audit.db"
+    log = AuditLog(backend.store(path), checkpoint_every=2, checkpoint_interval=60)
+    log.start(soft.make, Path(f"{path}.key.pem"))
+    for i in range(1, 4):
+        write(log, event(i))
+    log.close()
+    with backend.sql(path) as db:
+        for table in ("records", "checkpoints", "audit_key", "archives"):
+            db.execute(f"DELETE FROM {table}")
+    again = AuditLog(backend.store(path), checkpoint_every=2, checkpoint_interval=60)
+    again.start(soft.make, Path(f"{path}.key.pem"))
+    assert "the log holds nothing" in (again.failure or "")
+    again.close()
+    verdict = verify_log(backend.location(path), pinned(path))
+    assert verdict.first_bad is not None
+    assert "the log holds nothing" in verdict.first_bad[1]
+
+
+def test_a_pin_whose_directory_cannot_take_the_halt_file_is_refused(
+    tmp_path: Path, soft: SoftKey, backend: Backend
+) -> None:
+    """A stop for good on tampering is written down beside the pin; where it cannot be (a
+    read-only mount), it would be forgotten by the next start, which would sign what was
+    refused: the start refuses instead, saying why (the second review of issue 16)."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    log = AuditLog(backend.store(tmp_path / "audit.db"), checkpoint_every=2)
+    log.start(soft.make, blocked / "audit.key.pem")
+    assert "halt file cannot be written beside its pin" in (log.failure or "")
+    with pytest.raises(AuditPaused, match="halt file cannot be written"):
+        log.check()
+    log.close()

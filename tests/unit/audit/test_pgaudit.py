@@ -212,9 +212,10 @@ class ArmingWitness:
         pass
 
 
+@pytest.mark.parametrize("every", [2, 6], ids=["early", "prepared"])
 @pytest.mark.parametrize("landed", [True, False], ids=["landed", "rolled-back"])
 def test_a_checkpoint_cut_off_is_read_back_before_the_next(
-    pg_dsn: str, tmp_path: Path, soft: SoftKey, landed: bool
+    pg_dsn: str, tmp_path: Path, soft: SoftKey, landed: bool, every: int
 ) -> None:
     """A checkpoint's COMMIT cut: it fails (retried), and before the next the writer reads
     back whether it is the log's newest. Landed: it stands, and the next follows it. Rolled
@@ -223,21 +224,31 @@ def test_a_checkpoint_cut_off_is_read_back_before_the_next(
     for good over a network blip (the review's finding 1)."""
     with commit_cutter(pg_dsn) as cutter:
         witness = ArmingWitness(cutter, landed)
-        log = AuditLog(PostgresAuditStore(cutter.dsn), checkpoint_every=2, witnesses=[witness])
+        store = PostgresAuditStore(cutter.dsn)
+        log = AuditLog(store, checkpoint_every=every, witnesses=[witness])
         pin = tmp_path / "audit.key.pem"
         log.start(soft.make, pin)
-        assert write(log, event(1)) == 1
-        assert write(log, event(2)) == 2  # then its checkpoint's COMMIT is cut
+        # After psycopg's prepare_threshold (5) uses, COMMIT goes as a prepared statement: the
+        # relay must cut that too ("prepared").
+        for i in range(1, every + 1):
+            assert write(log, event(i)) == i  # the last one's checkpoint's COMMIT is cut
         done = threading.Event()
         for _ in range(200):
             if cutter.cuts:
                 break
             done.wait(0.02)
         assert cutter.cuts == 1
-        for i in range(3, 7):
+        for i in range(every + 1, 2 * every + 3):
             assert write(log, event(i)) == i
         log.close()
         assert log.failure is None
     v = verify_log(pg_dsn, pin.read_bytes())
     assert v.whole, v.first_bad
-    assert v.last_checkpoint == 6
+    assert v.last_checkpoint == 2 * every + 2
+    reader = open_audit_store(pg_dsn, read_only=True)
+    try:
+        signed = [c.seq for c in reader.checkpoints()]
+    finally:
+        reader.close()
+    # Landed: the cut one stands, and the next followed it. Not: it is not there.
+    assert (every in signed) is landed, signed
