@@ -10,8 +10,9 @@ or an error raised here, such as a dump ``scan`` cannot read (``error: message``
 
 Here: the root parser, :func:`main` and its one ``except SignerError``. Each command's arguments
 and handler live together in one module: :mod:`._calls` the caller's commands over gRPC,
-:mod:`._host` the operator's on the service's host, :mod:`._tools` the auditor's (``scan``,
-``sanitize``, ``crash-test``).
+:mod:`._certs` the caller's ``keys csr`` and ``keys certificate``, :mod:`._host` the
+operator's on the service's host, :mod:`._tools` the auditor's (``scan``, ``sanitize``,
+``crash-test``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from signer._wire import STATUS, status_name
-from signer.cli import _calls, _gate, _host, _tools
+from signer.cli import _calls, _certs, _gate, _host, _tools
 from signer.cli._common import EXIT_ERROR, EXIT_INVALID, EXIT_OK
 from signer.errors import SignerError
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _calls.register_new_keys(keys)  # keys create, import
     _host.register_keys(keys)  # keys adopt, reconcile
     _calls.register_keys(keys)  # keys list, show, public, rotate, set-primary, disable, ...
+    _certs.register_keys(keys)  # keys csr, certificate
     _calls.register(sub)  # jwt, jwks, sign, verify
     _tools.register(sub)  # scan, sanitize, crash-test
     _gate.register(sub)  # dump-gate install, uninstall, status, handle
