@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
@@ -328,7 +328,7 @@ def load_csr(data: bytes, source: str) -> x509.CertificateSigningRequest:
         else:
             csr = x509.load_der_x509_csr(data)
         valid = csr.is_signature_valid
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise InvalidArgument(f"{source}: not a readable PKCS#10 CSR ({exc})") from None
     if not valid:
         raise InvalidArgument(
@@ -343,7 +343,7 @@ def load_certificate(data: bytes, source: str) -> x509.Certificate:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise InvalidArgument(f"{source}: not a readable X.509 certificate ({exc})") from None
 
 

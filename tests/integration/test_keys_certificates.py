@@ -64,7 +64,13 @@ def spki(cert_or_csr: x509.Certificate | x509.CertificateSigningRequest) -> byte
 
 
 def make_ca(
-    client: SignerClient, name: str, cn: str, addr: str, cwd: Path, out: str = "ca.pem"
+    client: SignerClient,
+    name: str,
+    cn: str,
+    addr: str,
+    cwd: Path,
+    out: str = "ca.pem",
+    path_length: int = 0,
 ) -> x509.Certificate:
     """The two-step flow of the README: the CA key's CSR, then its self-signed CA certificate."""
     client.create_key(name, "ec-p256")
@@ -90,7 +96,7 @@ def make_ca(
             f"{name}.csr",
             "--ca",
             "--path-length",
-            "0",
+            str(path_length),
             "--days",
             "30",
             "--out",
@@ -463,6 +469,119 @@ def test_ca_certificate_found_across_a_rotation(
     assert '"issuer_version": 1' in r.stderr
     ok(openssl("verify", "-CAfile", "ca.pem", "leaf.pem", cwd=tmp_path))
     refused(signer(*args, "--version", "2", address=addr, cwd=tmp_path), "is not a certificate")
+
+
+def test_rsa_intermediate_ca_signs_with_pss_under_the_root(
+    client: SignerClient, service: RunningService, unique_name: UniqueName, tmp_path: Path
+) -> None:
+    """A chain of three keys in the token: an ec-p256 root of path length 1 certifies an
+    rsa-2048 intermediate CA (its path length 0, derived from the root's), which issues a leaf
+    signed with RSASSA-PSS (--pss); ``openssl verify -CAfile root -untrusted intermediate``
+    passes and the leaf's signature algorithm is PSS. The intermediate, of path length 0, may
+    not certify a further CA (refused)."""
+    addr = service.address
+    root = unique_name("root")
+    make_ca(client, root, "Root", addr, tmp_path, out="root.pem", path_length=1)
+    inter = unique_name("inter")
+    client.create_key(inter, "rsa-2048")
+    ok(
+        signer(
+            "keys",
+            "csr",
+            inter,
+            "--subject",
+            "CN=Issuing CA,O=Example",
+            "--out",
+            "inter.csr",
+            address=addr,
+            cwd=tmp_path,
+        )
+    )
+    ok(
+        signer(
+            "keys",
+            "certificate",
+            root,
+            "--csr",
+            "inter.csr",
+            "--ca-cert",
+            "root.pem",
+            "--ca",
+            "--days",
+            "10",
+            "--out",
+            "inter.pem",
+            address=addr,
+            cwd=tmp_path,
+        )
+    )
+    inter_cert = x509.load_pem_x509_certificate((tmp_path / "inter.pem").read_bytes())
+    assert inter_cert.extensions.get_extension_for_class(x509.BasicConstraints).value == (
+        x509.BasicConstraints(ca=True, path_length=0)
+    )
+    leaf = unique_name("leaf")
+    client.create_key(leaf, "ec-p384")
+    ok(
+        signer(
+            "keys",
+            "csr",
+            leaf,
+            "--subject",
+            "CN=sign.example",
+            "--san",
+            "DNS:sign.example",
+            "--out",
+            "leaf.csr",
+            address=addr,
+            cwd=tmp_path,
+        )
+    )
+    ok(
+        signer(
+            "keys",
+            "certificate",
+            inter,
+            "--csr",
+            "leaf.csr",
+            "--ca-cert",
+            "inter.pem",
+            "--pss",
+            "--days",
+            "5",
+            "--extended-key-usage",
+            "codeSigning",
+            "--out",
+            "leaf.pem",
+            address=addr,
+            cwd=tmp_path,
+        )
+    )
+    cert = x509.load_pem_x509_certificate((tmp_path / "leaf.pem").read_bytes())
+    assert cert.signature_algorithm_oid == SignatureAlgorithmOID.RSASSA_PSS
+    alone = openssl("verify", "-CAfile", "root.pem", "leaf.pem", cwd=tmp_path)
+    assert alone.returncode != 0  # the intermediate is needed: the chain is what verifies
+    ok(
+        openssl(
+            "verify", "-CAfile", "root.pem", "-untrusted", "inter.pem", "leaf.pem", cwd=tmp_path
+        )
+    )
+    refused(
+        signer(
+            "keys",
+            "certificate",
+            inter,
+            "--csr",
+            "leaf.csr",
+            "--ca-cert",
+            "inter.pem",
+            "--ca",
+            "--days",
+            "1",
+            address=addr,
+            cwd=tmp_path,
+        ),
+        "path length 0",
+    )
 
 
 @pytest.mark.parametrize(
