@@ -30,14 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pwd
-import shutil
 import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,8 +49,10 @@ from benchmarks.report import ScenarioResult, Table, fmt_ratio
 from signer._internal import config, hsm
 from signer._internal.policy import grant_everything
 from signer.client import SignerClient
+from signer.errors import Unavailable
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
+from tests.postgres import Cluster, bindir
 
 NAME = "replicas"
 CALLERS = 64  # the signing scenario's peak for the service (ec-p256, unary)
@@ -68,106 +67,38 @@ _TICK = os.sysconf("SC_CLK_TCK")
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 
-def _pg_bindir() -> Path:
-    found = sorted(
-        Path(p).parent
-        for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")
-        if p.parts[-3].isdigit()
-    )
-    if not found:
+def _cluster() -> Cluster:
+    """A durable throwaway cluster (tests/postgres.py's: socket only, in its own 0700 directory,
+    fsync and synchronous commits on as the service requires), with pg_stat_statements loaded
+    but not tracking until the counting run turns it on."""
+    bin_dir = bindir()
+    if bin_dir is None:
         raise RuntimeError("no PostgreSQL (Debian's postgresql-15: make deps)")
-    return max(found, key=lambda p: int(p.parts[-2]))
+    cluster = Cluster(bin_dir, durable=True)
+    cluster.init(
+        max_connections="200",
+        shared_buffers="128MB",
+        shared_preload_libraries="'pg_stat_statements'",
+        **{"pg_stat_statements.track": "none"},
+    )
+    return cluster
 
 
-class Cluster:
-    """A durable throwaway cluster: socket only, in its own 0700 directory under /tmp (run as
-    ``postgres`` when we are root), fsync and synchronous commits on as the service requires,
-    ``pg_stat_statements`` loaded but not tracking until :meth:`track` turns it on. Its tools
-    run through ``setpriv`` (no fork of this process with gRPC's threads in it)."""
-
-    def __init__(self) -> None:
-        self.bin = _pg_bindir()
-        self.user = "postgres" if os.geteuid() == 0 else None
-        self.dir = Path(tempfile.mkdtemp(prefix="bench-pg-", dir="/tmp"))
-        self.data = self.dir / "data"
-        self.log = self.dir / "log"
-        if self.user is not None:
-            pw = pwd.getpwnam(self.user)
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        os.chmod(self.dir, 0o700)
-
-    def _run(self, tool: str, *args: str) -> None:
-        prefix: list[str] = []
-        if self.user is not None:
-            pw = pwd.getpwnam(self.user)
-            prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
-        done = subprocess.run(
-            [*prefix, str(self.bin / tool), *args],
-            cwd=self.dir,
-            env={k: v for k, v in os.environ.items() if not k.startswith("PG")},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"{tool} failed: {done.stdout}{done.stderr}{log}")
-
-    def init_and_start(self) -> None:
-        self._run(
-            "initdb",
-            *("-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8"),
-            "--locale=C.UTF-8",
-            "--no-sync",  # the cluster's files before it starts; its commits are durable
-            "--no-instructions",
-        )
-        settings = {
-            "listen_addresses": "''",
-            "unix_socket_directories": f"'{self.dir}'",
-            "unix_socket_permissions": "0700",
-            "max_connections": "200",
-            "shared_buffers": "128MB",
-            "logging_collector": "off",
-            # The service's guarantees: a commit is on disk before the call is answered.
-            "fsync": "on",
-            "synchronous_commit": "on",
-            "full_page_writes": "on",
-            "shared_preload_libraries": "'pg_stat_statements'",
-            "pg_stat_statements.track": "none",
-        }
-        with (self.data / "postgresql.conf").open("a") as f:
-            f.writelines(f"{k} = {v}\n" for k, v in settings.items())
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
-
-    def dsn(self, schema: str | None = None) -> str:
-        query = f"host={self.dir}&user=postgres"
-        if schema:
-            query += f"&options=-csearch_path%3D{schema}"
-        return f"postgresql:///postgres?{query}"
-
-    def pids(self) -> list[int]:
-        """The postmaster and its children (backends, WAL writer, checkpointer, ...)."""
+def _create_key(address: str, name: str, deadline: float) -> None:
+    """The configuration's key, once its service reaches the token: seven services starting
+    at once against one SoftHSM token host (a p11-kit-remote, so a SoftHSM, per connection,
+    all on one token directory while each generates its audit key) see it away for moments
+    (UNAVAILABLE, 'shows no token': one start in three here), and answer health before then;
+    the service tries the token again by itself, so the bench does too, until ``deadline``."""
+    while True:
         try:
-            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return []
-        pids = [postmaster]
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, IndexError, ValueError):
-                    stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                    if int(stat[1]) == postmaster:
-                        pids.append(int(entry.name))
-        return pids
-
-    def remove(self) -> None:
-        """Stops the server (immediately: its data is thrown away) and removes the directory."""
-        if (self.data / "postmaster.pid").exists():
-            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.dir, ignore_errors=True)
+            with SignerClient(address, timeout=60) as c:
+                c.create_key(name, "ec-p256", scope="bench")
+            return
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 # --- services ---------------------------------------------------------------------------------
@@ -479,9 +410,9 @@ def _lab(
         host = hsm.TokenHost(paths.root)
         stack.callback(host.stop)
         host.start()
-        cluster = Cluster()
+        cluster = _cluster()
         stack.callback(cluster.remove)
-        cluster.init_and_start()
+        cluster.start()
         db = _pg_connect(cluster.dsn())
         stack.callback(db.close)
         db.execute("CREATE EXTENSION pg_stat_statements")
@@ -505,7 +436,7 @@ def _lab(
         for n in REPLICAS:
             schema = f"pg{n}"
             db.execute(f'CREATE SCHEMA "{schema}"')
-            dsn = cluster.dsn(schema)
+            dsn = cluster.dsn(search_path=schema)
             services = []
             for i in range(1, n + 1):
                 d = root / f"{schema}-r{i}"
@@ -530,8 +461,7 @@ def _lab(
                         log = s.log_path.read_text(errors="replace")[-3000:]
                         raise RuntimeError(f"{cfg.name}/{s.name} did not start:\n{log}")
                     time.sleep(0.2)
-            with SignerClient(cfg.services[0].address, timeout=60) as c:
-                c.create_key(cfg.key, "ec-p256", scope="bench")
+            _create_key(cfg.services[0].address, cfg.key, deadline)
         token_pgid = os.getpgid(host.pid) if host.pid else 0
         yield configs, Probe(cluster, token_pgid, db)
 

@@ -81,7 +81,9 @@ class Cluster:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"{tool} {' '.join(args)} failed: {done.stdout}{log}")
 
-    def init(self) -> None:
+    def init(self, **extra: str) -> None:
+        """``extra``: postgresql.conf settings of the caller's, after the cluster's own (the
+        benchmark's shared_preload_libraries, say)."""
         self._run(
             "initdb",
             *("-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8"),
@@ -99,6 +101,7 @@ class Cluster:
         }
         if not self.durable:
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        settings |= extra
         with (self.data / "postgresql.conf").open("a") as f:
             f.writelines(f"{k} = {v}\n" for k, v in settings.items())
 
@@ -116,6 +119,21 @@ class Cluster:
             settings = " ".join(f"-c {k}={v}" for k, v in options.items())
             query += "&options=" + settings.replace(" ", "%20").replace("=", "%3D")
         return f"postgresql:///{database}?{query}"
+
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, WAL writer, checkpointer...): its CPU."""
+        try:
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        pids = [postmaster]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    if int(stat[1]) == postmaster:
+                        pids.append(int(entry.name))
+        return pids
 
     def remove(self) -> None:
         """Stops the server if it runs (immediately: its data is thrown away) and removes the
