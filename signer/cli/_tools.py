@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signer.cli._common import EXIT_INVALID, EXIT_OK
+from signer.cli._common import EXIT_ERROR, EXIT_INVALID, EXIT_OK
 
 if TYPE_CHECKING:
     from signer.cli._common import Subparsers
@@ -58,11 +58,20 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if args.sarif:
         Path(args.sarif).write_text(json.dumps(to_sarif(results), indent=2) + "\n")
     found = sum(len(r.findings) for r in results)
-    print(
-        f"scan: {found} findings in {len(results)} dumps" if found else "scan: clean",
-        file=sys.stderr,
-    )
-    return EXIT_INVALID if found else EXIT_OK
+    unfinished = [str(r.path) for r in results if not r.finished]
+    if found:
+        print(f"scan: {found} findings in {len(results)} dumps", file=sys.stderr)
+        return EXIT_INVALID
+    if unfinished:
+        # Fail closed: no finding in what was searched is not "clean" for what was not.
+        print(
+            f"scan: no findings, but INCOMPLETE for {', '.join(unfinished)} (a bound was "
+            "reached: see the notes; give blind mode more --blind-budget): not shown clean",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    print("scan: clean", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_sanitize(args: argparse.Namespace) -> int:
@@ -123,7 +132,8 @@ def register(sub: Subparsers) -> None:
     # signer scan
     sp = sub.add_parser(
         "scan",
-        help="scan core dumps for keys and PINs (exit 0 clean, 1 findings)",
+        help="scan core dumps for keys and PINs (exit 0 clean, 1 findings, 2 an error or a "
+        "scan that did not finish: INCOMPLETE)",
         description="Search dumps for every representation of known keys and PINs (--secrets) "
         "and, blind, for private keys of given public keys (--public-keys). Findings go to "
         "stdout as a table; progress and a summary to stderr. Exit 0 clean, 1 findings, 2 error.",

@@ -125,6 +125,13 @@ class ScanResult:
     def clean(self) -> bool:
         return not self.findings
 
+    @property
+    def finished(self) -> bool:
+        """Every search ran to its end: no match limit reached, and blind mode (if asked) covered
+        all it was to within its budget. A clean result that is not finished proves nothing for
+        what was not reached."""
+        return self.complete and (self.blind is None or self.blind.complete)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path),

@@ -204,7 +204,7 @@ def summary(r: ScanResult) -> str:
     ]
     if r.markers_found:
         parts.append("markers " + ", ".join(f"{k}={v}" for k, v in r.markers_found.items()))
-    if not r.complete:
+    if not r.finished:
         parts.append("INCOMPLETE")
     if r.blind is not None:
         covered = sum(c.bytes_covered for c in r.blind.checks)

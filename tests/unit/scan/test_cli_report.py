@@ -243,3 +243,21 @@ def test_scan_file_convenience(files: dict[str, Path]) -> None:
     secrets = scan_api.load_secrets([files["pin"]])
     result = scan_api.scan_file(files["dirty"], secrets)
     assert [(f.secret_id, f.offset) for f in result.findings] == [("user.pin", 3001)]
+
+
+def test_a_clean_scan_that_did_not_finish_is_not_clean(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Blind mode out of its budget before it covered the dump: no finding in what it reached,
+    but it proves nothing for the rest, so not "clean" and not exit 0: INCOMPLETE, exit 2 (it
+    said "clean" and exited 0, the gate and sanitize already refusing such a result). The same
+    dump with the budget it needs is clean, exit 0."""
+    big = tmp_path / "big.raw"
+    big.write_bytes(memory_like(16 << 20))
+    args = ["scan", str(big), "--public-keys", str(files["pub"]), "--blind-budget"]
+    assert main([*args, "0.001"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "INCOMPLETE" in err
+    assert "scan: clean" not in err
+    assert main([*args, "120"]) == EXIT_OK
+    assert "scan: clean" in capsys.readouterr().err
