@@ -165,6 +165,25 @@ def pg_connect(pg_dsn: str) -> Iterator[Callable[[], Any]]:
         conn.close()
 
 
+def signer_cli(*args: str, address: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The ``signer`` command, as a caller runs it, against the service at ``address``."""
+    return subprocess.run(
+        [str(SIGNER_BIN), *args, "--address", address],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def need_tool(tool: str) -> str:
+    """Where ``tool`` is, or a loud skip naming what installs it (make test does)."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is needed to take real cores: run 'make test', which installs gdb")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

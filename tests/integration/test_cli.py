@@ -18,20 +18,11 @@ from tests.conftest import (
     UniqueName,
     free_port,
     health_status,
+    signer_cli,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def signer(*args: str, address: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SIGNER_BIN), *args, "--address", address],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_readme_round_trip_with_cli_and_openssl(
@@ -40,19 +31,21 @@ def test_readme_round_trip_with_cli_and_openssl(
     """The README's sign/verify walk-through, command by command."""
     name = unique_name("cli")
     addr = service.address
-    r = signer("keys", "create", name, "--algorithm", "ec-p256", address=addr, cwd=tmp_path)
+    r = signer_cli("keys", "create", name, "--algorithm", "ec-p256", address=addr, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["primary_version"] == 1
 
     (tmp_path / "hello.txt").write_text("hello, signer\n")
-    r = signer("sign", name, "--in", "hello.txt", "--out", "hello.sig", address=addr, cwd=tmp_path)
+    r = signer_cli(
+        "sign", name, "--in", "hello.txt", "--out", "hello.sig", address=addr, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
-    r = signer(
+    r = signer_cli(
         "verify", name, "--in", "hello.txt", "--signature", "hello.sig", address=addr, cwd=tmp_path
     )
     assert r.returncode == 0, r.stderr
 
-    r = signer("keys", "public", name, "--out", "pub.pem", address=addr, cwd=tmp_path)
+    r = signer_cli("keys", "public", name, "--out", "pub.pem", address=addr, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ossl = subprocess.run(
         [
@@ -74,7 +67,7 @@ def test_readme_round_trip_with_cli_and_openssl(
 
     # A tampered message: exit 1, not an error.
     (tmp_path / "evil.txt").write_text("hello, signer!\n")
-    r = signer(
+    r = signer_cli(
         "verify", name, "--in", "evil.txt", "--signature", "hello.sig", address=addr, cwd=tmp_path
     )
     assert r.returncode == 1
@@ -89,15 +82,15 @@ def test_cli_digest_version_rotate_list_show_jwk(
     name = unique_name("cli")
     addr = service.address
     assert (
-        signer(
+        signer_cli(
             "keys", "create", name, "--algorithm", "ec-p384", address=addr, cwd=tmp_path
         ).returncode
         == 0
     )
-    r = signer("keys", "rotate", name, address=addr, cwd=tmp_path)
+    r = signer_cli("keys", "rotate", name, address=addr, cwd=tmp_path)
     assert json.loads(r.stdout)["primary_version"] == 2
     (tmp_path / "d.bin").write_bytes(hashlib.sha384(b"x").digest())
-    r = signer(
+    r = signer_cli(
         "sign",
         name,
         "--in",
@@ -112,7 +105,7 @@ def test_cli_digest_version_rotate_list_show_jwk(
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stderr)["version"] == 1
-    r = signer(
+    r = signer_cli(
         "verify",
         name,
         "--in",
@@ -127,7 +120,7 @@ def test_cli_digest_version_rotate_list_show_jwk(
     )
     assert r.returncode == 0, r.stderr
     # Version 2 did not make that signature.
-    r = signer(
+    r = signer_cli(
         "verify",
         name,
         "--in",
@@ -140,25 +133,25 @@ def test_cli_digest_version_rotate_list_show_jwk(
     )
     assert r.returncode == 1
 
-    r = signer("keys", "list", address=addr, cwd=tmp_path)
+    r = signer_cli("keys", "list", address=addr, cwd=tmp_path)
     assert name in r.stdout
-    shown = json.loads(signer("keys", "show", name, address=addr, cwd=tmp_path).stdout)
+    shown = json.loads(signer_cli("keys", "show", name, address=addr, cwd=tmp_path).stdout)
     assert [v["state"] for v in shown["versions"]] == ["enabled", "enabled"]
     assert shown["versions"][0]["pkcs11_uri"].startswith("pkcs11:token=signer;object=")
     jwk = json.loads(
-        signer("keys", "public", name, "--format", "jwk", address=addr, cwd=tmp_path).stdout
+        signer_cli("keys", "public", name, "--format", "jwk", address=addr, cwd=tmp_path).stdout
     )
     assert (jwk["kty"], jwk["crv"], jwk["kid"]) == ("EC", "P-384", f"{name}/2")
 
 
 def test_cli_errors_exit_2_with_status_and_message(service: RunningService, tmp_path: Path) -> None:
     (tmp_path / "m").write_text("m")
-    r = signer(
+    r = signer_cli(
         "sign", "no-such-key", "--in", "m", "--out", "s", address=service.address, cwd=tmp_path
     )
     assert r.returncode == 2
     assert r.stderr.strip() == "error: NOT_FOUND: key 'no-such-key' not found"
-    r = signer(
+    r = signer_cli(
         "sign", "k", "--in", "missing-file", "--out", "s", address=service.address, cwd=tmp_path
     )
     assert r.returncode == 2
@@ -212,7 +205,7 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
         assert (state / "hsm" / "tls.pin").stat().st_mode & 0o777 == 0o600
         assert "pin_file" in (state / "signer.toml").read_text()
         (tmp_path / "m").write_text("demo")
-        r = signer("sign", "demo", "--in", "m", "--out", "s", address=local, cwd=tmp_path)
+        r = signer_cli("sign", "demo", "--in", "m", "--out", "s", address=local, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         tls = state / "tls"
         mtls = [
@@ -223,7 +216,7 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
             "--tls-key",
             str(tls / "clients" / "dev.key"),
         ]
-        r = signer(
+        r = signer_cli(
             "verify", "demo", "--in", "m", "--signature", "s", *mtls, address=addr, cwd=tmp_path
         )
         assert r.returncode == 0, r.stderr
@@ -254,7 +247,7 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
     )
     try:
         assert wait_until(lambda: _serving(local) or again.poll() is not None, 60)
-        r = signer(
+        r = signer_cli(
             "verify", "demo", "--in", "m", "--signature", "s", *mtls, address=addr, cwd=tmp_path
         )
         assert r.returncode == 0, r.stderr

@@ -16,19 +16,32 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from signer.client import SignerClient
-from tests.conftest import SIGNER_BIN, RunningService, UniqueName
+from tests.conftest import RunningService, UniqueName, signer_cli
 
 pytestmark = pytest.mark.integration
 
 
-def signer(*args: str, address: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SIGNER_BIN), *args, "--address", address],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def make_csr(*args: str, address: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``signer keys csr ARGS``, which must succeed."""
+    return ok(signer_cli("keys", "csr", *args, address=address, cwd=cwd))
+
+
+def leaf_csr(
+    client: SignerClient,
+    unique_name: UniqueName,
+    addr: str,
+    cwd: Path,
+    subject: str,
+    *sans: str,
+    alg: str = "ec-p256",
+) -> str:
+    """A new key ``leaf-*`` and its CSR in ``cwd/leaf.csr`` (``sans``: "DNS:..." and the like);
+    its name."""
+    leaf = unique_name("leaf")
+    client.create_key(leaf, alg)
+    flags = [f for san in sans for f in ("--san", san)]
+    make_csr(leaf, "--subject", subject, *flags, "--out", "leaf.csr", address=addr, cwd=cwd)
+    return leaf
 
 
 def openssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -74,21 +87,17 @@ def make_ca(
 ) -> x509.Certificate:
     """The two-step flow of the README: the CA key's CSR, then its self-signed CA certificate."""
     client.create_key(name, "ec-p256")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            name,
-            "--subject",
-            f"CN={cn},O=Example",
-            "--out",
-            f"{name}.csr",
-            address=addr,
-            cwd=cwd,
-        )
+    make_csr(
+        name,
+        "--subject",
+        f"CN={cn},O=Example",
+        "--out",
+        f"{name}.csr",
+        address=addr,
+        cwd=cwd,
     )
     ok(
-        signer(
+        signer_cli(
             "keys",
             "certificate",
             name,
@@ -158,24 +167,14 @@ def test_ec_leaf_csr_and_server_certificate_verify_with_openssl(
     check is the certificate's SANs, not a formality). The certificate carries the leaf key's
     published public key and the CA certificate's subject as issuer."""
     addr = service.address
-    leaf = unique_name("leaf")
-    client.create_key(leaf, "ec-p256")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            leaf,
-            "--subject",
-            "CN=api.example,O=Example",
-            "--san",
-            "DNS:api.example",
-            "--san",
-            "IP:10.0.0.1",
-            "--out",
-            "leaf.csr",
-            address=addr,
-            cwd=tmp_path,
-        )
+    leaf = leaf_csr(
+        client,
+        unique_name,
+        addr,
+        tmp_path,
+        "CN=api.example,O=Example",
+        "DNS:api.example",
+        "IP:10.0.0.1",
     )
     r = ok(openssl("req", "-verify", "-noout", "-in", "leaf.csr", cwd=tmp_path))
     assert "verify OK" in r.stdout + r.stderr
@@ -183,7 +182,7 @@ def test_ec_leaf_csr_and_server_certificate_verify_with_openssl(
     assert spki(csr) == published(client, leaf)
 
     r = ok(
-        signer(
+        signer_cli(
             "keys",
             "certificate",
             ca,
@@ -276,19 +275,15 @@ def test_rsa_leaf_csr_pkcs1v15_and_pss_and_client_certificate(
         ((), "v15.csr", SignatureAlgorithmOID.RSA_WITH_SHA256),
         (("--pss",), "pss.csr", SignatureAlgorithmOID.RSASSA_PSS),
     ):
-        ok(
-            signer(
-                "keys",
-                "csr",
-                leaf,
-                "--subject",
-                "CN=batch-7,OU=Payments,O=Example",
-                *flags,
-                "--out",
-                out,
-                address=addr,
-                cwd=tmp_path,
-            )
+        make_csr(
+            leaf,
+            "--subject",
+            "CN=batch-7,OU=Payments,O=Example",
+            *flags,
+            "--out",
+            out,
+            address=addr,
+            cwd=tmp_path,
         )
         r = ok(openssl("req", "-verify", "-noout", "-in", out, cwd=tmp_path))
         assert "verify OK" in r.stdout + r.stderr
@@ -307,7 +302,7 @@ def test_rsa_leaf_csr_pkcs1v15_and_pss_and_client_certificate(
     )
 
     ok(
-        signer(
+        signer_cli(
             "keys",
             "certificate",
             ca,
@@ -352,23 +347,7 @@ def test_tampered_csr_is_refused(
     parses) is refused before any certificate is made, and nothing is written; the untouched CSR
     passes the same command, so it is the alteration that is refused."""
     addr = service.address
-    leaf = unique_name("leaf")
-    client.create_key(leaf, "ec-p256")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            leaf,
-            "--subject",
-            "CN=api.example",
-            "--san",
-            "DNS:api.example",
-            "--out",
-            "leaf.csr",
-            address=addr,
-            cwd=tmp_path,
-        )
-    )
+    leaf_csr(client, unique_name, addr, tmp_path, "CN=api.example", "DNS:api.example")
     der = x509.load_pem_x509_csr((tmp_path / "leaf.csr").read_bytes()).public_bytes(
         serialization.Encoding.DER
     )
@@ -382,12 +361,12 @@ def test_tampered_csr_is_refused(
 
     args = ("keys", "certificate", ca, "--ca-cert", "ca.pem", "--days", "1")
     refused(
-        signer(*args, "--csr", "evil.csr", "--out", "evil.pem", address=addr, cwd=tmp_path),
+        signer_cli(*args, "--csr", "evil.csr", "--out", "evil.pem", address=addr, cwd=tmp_path),
         "evil.csr",
         "signature does not verify",
     )
     assert not (tmp_path / "evil.pem").exists()
-    ok(signer(*args, "--csr", "leaf.csr", "--out", "leaf.pem", address=addr, cwd=tmp_path))
+    ok(signer_cli(*args, "--csr", "leaf.csr", "--out", "leaf.pem", address=addr, cwd=tmp_path))
     ok(openssl("verify", "-CAfile", "ca.pem", "leaf.pem", cwd=tmp_path))
 
 
@@ -406,33 +385,19 @@ def test_ca_certificate_of_another_key_is_refused(
     addr = service.address
     other = unique_name("other-ca")
     make_ca(client, other, "Other CA", addr, tmp_path, out="other.pem")
-    leaf = unique_name("leaf")
-    client.create_key(leaf, "ec-p256")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            leaf,
-            "--subject",
-            "CN=api.example",
-            "--out",
-            "leaf.csr",
-            address=addr,
-            cwd=tmp_path,
-        )
-    )
+    leaf_csr(client, unique_name, addr, tmp_path, "CN=api.example")
 
     args = ("keys", "certificate", ca, "--csr", "leaf.csr", "--days", "1", "--out", "x.pem")
     for extra in ((), ("--version", "1")):
         refused(
-            signer(*args, "--ca-cert", "other.pem", *extra, address=addr, cwd=tmp_path),
+            signer_cli(*args, "--ca-cert", "other.pem", *extra, address=addr, cwd=tmp_path),
             "CN=Other CA",
             "is not a certificate of",
         )
-    refused(signer(*args, address=addr, cwd=tmp_path), "no --ca-cert", "another key")
-    refused(signer(*args, "--ca", address=addr, cwd=tmp_path), "no --ca-cert", "another key")
+    refused(signer_cli(*args, address=addr, cwd=tmp_path), "no --ca-cert", "another key")
+    refused(signer_cli(*args, "--ca", address=addr, cwd=tmp_path), "no --ca-cert", "another key")
     assert not (tmp_path / "x.pem").exists()
-    ok(signer(*args, "--ca-cert", "ca.pem", address=addr, cwd=tmp_path))
+    ok(signer_cli(*args, "--ca-cert", "ca.pem", address=addr, cwd=tmp_path))
     ok(openssl("verify", "-CAfile", "ca.pem", "x.pem", cwd=tmp_path))
 
 
@@ -449,26 +414,12 @@ def test_ca_certificate_found_across_a_rotation(
     refused."""
     addr = service.address
     client.rotate(ca)
-    leaf = unique_name("leaf")
-    client.create_key(leaf, "ec-p256")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            leaf,
-            "--subject",
-            "CN=api.example",
-            "--out",
-            "leaf.csr",
-            address=addr,
-            cwd=tmp_path,
-        )
-    )
+    leaf_csr(client, unique_name, addr, tmp_path, "CN=api.example")
     args = ("keys", "certificate", ca, "--csr", "leaf.csr", "--ca-cert", "ca.pem", "--days", "1")
-    r = ok(signer(*args, "--out", "leaf.pem", address=addr, cwd=tmp_path))
+    r = ok(signer_cli(*args, "--out", "leaf.pem", address=addr, cwd=tmp_path))
     assert '"issuer_version": 1' in r.stderr
     ok(openssl("verify", "-CAfile", "ca.pem", "leaf.pem", cwd=tmp_path))
-    refused(signer(*args, "--version", "2", address=addr, cwd=tmp_path), "is not a certificate")
+    refused(signer_cli(*args, "--version", "2", address=addr, cwd=tmp_path), "is not a certificate")
 
 
 def test_rsa_intermediate_ca_signs_with_pss_under_the_root(
@@ -484,21 +435,17 @@ def test_rsa_intermediate_ca_signs_with_pss_under_the_root(
     make_ca(client, root, "Root", addr, tmp_path, out="root.pem", path_length=1)
     inter = unique_name("inter")
     client.create_key(inter, "rsa-2048")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            inter,
-            "--subject",
-            "CN=Issuing CA,O=Example",
-            "--out",
-            "inter.csr",
-            address=addr,
-            cwd=tmp_path,
-        )
+    make_csr(
+        inter,
+        "--subject",
+        "CN=Issuing CA,O=Example",
+        "--out",
+        "inter.csr",
+        address=addr,
+        cwd=tmp_path,
     )
     ok(
-        signer(
+        signer_cli(
             "keys",
             "certificate",
             root,
@@ -519,25 +466,11 @@ def test_rsa_intermediate_ca_signs_with_pss_under_the_root(
     assert inter_cert.extensions.get_extension_for_class(x509.BasicConstraints).value == (
         x509.BasicConstraints(ca=True, path_length=0)
     )
-    leaf = unique_name("leaf")
-    client.create_key(leaf, "ec-p384")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            leaf,
-            "--subject",
-            "CN=sign.example",
-            "--san",
-            "DNS:sign.example",
-            "--out",
-            "leaf.csr",
-            address=addr,
-            cwd=tmp_path,
-        )
+    leaf_csr(
+        client, unique_name, addr, tmp_path, "CN=sign.example", "DNS:sign.example", alg="ec-p384"
     )
     ok(
-        signer(
+        signer_cli(
             "keys",
             "certificate",
             inter,
@@ -566,7 +499,7 @@ def test_rsa_intermediate_ca_signs_with_pss_under_the_root(
         )
     )
     refused(
-        signer(
+        signer_cli(
             "keys",
             "certificate",
             inter,
@@ -617,27 +550,23 @@ def test_csr_refuses_malformed_subjects_and_sans(
     makes a CSR with a well-formed one (first, as a control)."""
     name = unique_name("k")
     client.create_key(name, "ec-p256")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            name,
-            "--subject",
-            "CN=x",
-            "--san",
-            "DNS:x.example",
-            "--san",
-            "email:ops@x.example",
-            "--san",
-            "URI:spiffe://x.example/api",
-            "--san",
-            "IP:2001:db8::1",
-            address=service.address,
-            cwd=tmp_path,
-        )
+    make_csr(
+        name,
+        "--subject",
+        "CN=x",
+        "--san",
+        "DNS:x.example",
+        "--san",
+        "email:ops@x.example",
+        "--san",
+        "URI:spiffe://x.example/api",
+        "--san",
+        "IP:2001:db8::1",
+        address=service.address,
+        cwd=tmp_path,
     )
     refused(
-        signer(
+        signer_cli(
             "keys", "csr", name, *flags, "--out", "x.csr", address=service.address, cwd=tmp_path
         ),
         *words,
@@ -657,21 +586,7 @@ def test_certificate_refuses_bad_options(
     or extended key usage, a bad serial, --pss for an EC issuer: each refused with what is
     wrong, nothing written; the same command with sane options (the control, last) passes."""
     addr = service.address
-    leaf = unique_name("leaf")
-    client.create_key(leaf, "ec-p256")
-    ok(
-        signer(
-            "keys",
-            "csr",
-            leaf,
-            "--subject",
-            "CN=leaf",
-            "--out",
-            "leaf.csr",
-            address=addr,
-            cwd=tmp_path,
-        )
-    )
+    leaf_csr(client, unique_name, addr, tmp_path, "CN=leaf")
     base = ("keys", "certificate", ca, "--csr", "leaf.csr", "--ca-cert", "ca.pem")
     for flags, words in (
         (("--days", "0"), ("--days 0: must be from 1 to",)),
@@ -687,10 +602,10 @@ def test_certificate_refuses_bad_options(
         (("--days", "1", "--serial", "12ab"), ("serial '12ab'",)),
         (("--days", "1", "--pss"), ("--pss is for RSA keys",)),
     ):
-        refused(signer(*base, *flags, "--out", "x.pem", address=addr, cwd=tmp_path), *words)
+        refused(signer_cli(*base, *flags, "--out", "x.pem", address=addr, cwd=tmp_path), *words)
         assert not (tmp_path / "x.pem").exists()
     r = ok(
-        signer(
+        signer_cli(
             *base,
             "--days",
             "1",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,18 +40,11 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import SIGNER_BIN, ServiceProcessFactory, UniqueName
+from tests.conftest import SIGNER_BIN, ServiceProcessFactory, UniqueName, need_tool
 
 pytestmark = pytest.mark.integration
 
 SERVICE = Path(__file__).with_name("migration_guide_service.py")
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is needed to take real cores: run 'make test', which installs gdb")
-    return path
 
 
 @dataclass
@@ -110,7 +102,7 @@ def _gcore(pid: int, prefix: Path) -> tuple[Path, Path]:
     maps = prefix.with_suffix(".maps")
     maps.write_text(Path(f"/proc/{pid}/maps").read_text())
     subprocess.run(
-        [_need("gcore"), "-o", str(prefix), str(pid)],
+        [need_tool("gcore"), "-o", str(prefix), str(pid)],
         check=True,
         capture_output=True,
         timeout=120,
@@ -175,7 +167,7 @@ def test_migration_guide_step_by_step(
     """The guide, in its order: the old process holds the key (its scan finds it); the import;
     the service and the new process hold none of it (their scans are clean, on whole cores),
     and the new process signs with the same key pair."""
-    _need("gcore")
+    need_tool("gcore")
     # What the team has today: payments.pem, an EC P-256 key the service loads at start.
     original = ec.generate_private_key(ec.SECP256R1())
     pem = tmp_path / "payments.pem"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signer.scan import Scanner, ScanResult, load_secrets
+from tests.conftest import need_tool
 
 pytestmark = pytest.mark.integration
 
@@ -47,13 +47,6 @@ if len(sys.argv) > 2:
 print("ready", flush=True)
 sys.stdin.read()
 """
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is needed to take real cores: run 'make test', which installs gdb")
-    return path
 
 
 @dataclass
@@ -92,7 +85,7 @@ MARKER = os.urandom(32)
 @contextlib.contextmanager
 def _dump(workdir: Path, args: list[str]) -> Iterator[Dumped]:
     """Starts the child, snapshots its maps, dumps it with gcore; the child lives until exit."""
-    gcore = _need("gcore")
+    gcore = need_tool("gcore")
     with subprocess.Popen(
         [sys.executable, "-c", CHILD, MARKER.hex(), *args],
         stdin=subprocess.PIPE,
