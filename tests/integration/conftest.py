@@ -16,8 +16,14 @@ import pkcs11
 import pytest
 
 from signer._internal import hsm
-from signer._internal.config import P11KIT_CLIENT_MODULE
-from tests.conftest import SIGNER_BIN, TokenHostHandle, free_port
+from signer._internal.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE, TokenConfig
+from tests.conftest import (
+    SIGNER_BIN,
+    RunningService,
+    ServiceFactory,
+    TokenHostHandle,
+    free_port,
+)
 
 
 @pytest.fixture
@@ -104,6 +110,22 @@ def signer_run() -> Iterator[SignerRun]:
         assert proc.stdout is not None
         proc.stdout.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def inprocess_service(
+    service_factory: ServiceFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> RunningService:
+    """The service with SoftHSM2 loaded in its own process, not behind p11-kit (Debian's p11-kit
+    does not pass CKM_EDDSA through): for Ed25519 alone (tests marked ``inprocess``)."""
+    paths = hsm.init(tmp_path / "hsm-inprocess")
+    # SoftHSM2 reads its configuration from the environment in C_Initialize.
+    monkeypatch.setenv("SOFTHSM2_CONF", str(paths.conf))
+    token = TokenConfig(
+        module=SOFTHSM_MODULE, uri="pkcs11:token=signer", pin_file=str(paths.user_pin), sessions=8
+    )
+    assert not token.concurrent, "an in-process SoftHSM2 must get a serialised pool"
+    return service_factory(token=token)
 
 
 # Replicas behind the front (issue 16): their fixtures live in tests/integration/replicas.py.

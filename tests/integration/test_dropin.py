@@ -24,8 +24,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, utils
 from cryptography.x509.oid import NameOID
 
-from signer._internal import hsm
-from signer._internal.config import SOFTHSM_MODULE, TokenConfig
 from signer.client import SignerClient
 from signer.dropin import (
     KeyURI,
@@ -39,7 +37,7 @@ from signer.dropin import (
     parse_uri,
 )
 from signer.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.conftest import RunningService, ServiceFactory, UniqueName
+from tests.conftest import RunningService, UniqueName
 
 pytestmark = pytest.mark.integration
 
@@ -413,18 +411,6 @@ def test_load_by_address_and_async(service: RunningService, unique_name: UniqueN
 
 
 # --- Ed25519, where the module carries CKM_EDDSA (in-process; see test_ed25519_inprocess.py) -
-
-
-@pytest.fixture
-def inprocess_service(
-    service_factory: ServiceFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> RunningService:
-    paths = hsm.init(tmp_path / "hsm-inprocess")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(paths.conf))
-    token = TokenConfig(
-        module=SOFTHSM_MODULE, uri="pkcs11:token=signer", pin_file=str(paths.user_pin), sessions=8
-    )
-    return service_factory(token=token)
 
 
 @pytest.mark.inprocess

@@ -20,26 +20,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from signer._internal import hsm
-from signer._internal.config import SOFTHSM_MODULE, TokenConfig
 from signer.errors import InvalidArgument
-from tests.conftest import RunningService, ServiceFactory
+from tests.conftest import RunningService
 
 pytestmark = [pytest.mark.integration, pytest.mark.inprocess]
-
-
-@pytest.fixture
-def inprocess_service(
-    service_factory: ServiceFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> RunningService:
-    paths = hsm.init(tmp_path / "hsm-inprocess")
-    # SoftHSM2 reads its configuration from the environment in C_Initialize.
-    monkeypatch.setenv("SOFTHSM2_CONF", str(paths.conf))
-    token = TokenConfig(
-        module=SOFTHSM_MODULE, uri="pkcs11:token=signer", pin_file=str(paths.user_pin), sessions=8
-    )
-    assert not token.concurrent, "an in-process SoftHSM2 must get a serialised pool"
-    return service_factory(token=token)
 
 
 def test_ed25519_sign_verifies_with_cryptography_and_openssl(
