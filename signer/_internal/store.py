@@ -209,6 +209,12 @@ _LIST_SCOPE_KEYS = (
 )
 
 
+@functools.lru_cache(maxsize=64)
+def _placeholders(query: str, placeholder: str) -> str:
+    """``query`` with ``placeholder`` for ``%s``: once per statement, not on every signature."""
+    return query.replace("%s", placeholder)
+
+
 class KeyTables:
     """The key store's reads and writes, written once for both stores in DB-API terms (SQL with
     ``%s``; SQLite's ``?`` substituted). A store gives the connection to read with
@@ -218,7 +224,7 @@ class KeyTables:
     INTEGRITY: type[Exception] = sqlite3.IntegrityError
 
     def _sql(self, query: str) -> str:
-        return query if self.PLACEHOLDER == "%s" else query.replace("%s", self.PLACEHOLDER)
+        return query if self.PLACEHOLDER == "%s" else _placeholders(query, self.PLACEHOLDER)
 
     def _conn(self) -> AbstractContextManager[Any]:
         raise NotImplementedError

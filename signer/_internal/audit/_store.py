@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -184,16 +185,9 @@ class Tables:
 
     def _sql(self, query: str) -> str:
         """``query`` in the store's terms: ``[chain]`` its condition on the chain, ``[, x]``
-        what a chained store inserts besides, ``[refs]`` that column, in its parameter style."""
-        query = query.replace("[refs]", self._refs)
-        if self.CHAINED:
-            return (
-                query.replace("[chain]", "chain = %(chain)s")
-                .replace("[, ", ", ")
-                .replace("])", ")")
-            )
-        query = re.sub(r"\[, [^\]]*\]", "", query.replace("[chain]", "TRUE"))
-        return _NAMED.sub(r":\1", query)
+        what a chained store inserts besides, ``[refs]`` that column, in its parameter style
+        (worked out once per statement and store kind)."""
+        return _rendered(query, self.CHAINED, self._refs)
 
     def _args(self, **values: Any) -> dict[str, Any]:
         return {"chain": self.chain, **values}
@@ -438,6 +432,15 @@ class Tables:
 
 
 _NAMED = re.compile(r"%\((\w+)\)s")
+
+
+@functools.lru_cache(maxsize=128)
+def _rendered(query: str, chained: bool, refs: str) -> str:
+    query = query.replace("[refs]", refs)
+    if chained:
+        return query.replace("[chain]", "chain = %(chain)s").replace("[, ", ", ").replace("])", ")")
+    query = re.sub(r"\[, [^\]]*\]", "", query.replace("[chain]", "TRUE"))
+    return _NAMED.sub(r":\1", query)
 
 
 class SQLiteAuditStore(Tables):
