@@ -127,7 +127,7 @@ PSS_SALT_LENGTH = 32
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
-_SCOPE = re.compile(r"[a-z0-9][a-z0-9:._-]{0,62}")
+SCOPE_NAME = re.compile(r"[a-z0-9][a-z0-9:._-]{0,62}")
 
 
 def algorithm(name: str) -> Algorithm:
@@ -159,7 +159,7 @@ DEFAULT_SCOPE = "default"
 
 
 def check_scope(scope: str) -> str:
-    if scope and not _SCOPE.fullmatch(scope):
+    if scope and not SCOPE_NAME.fullmatch(scope):
         raise InvalidArgument(
             f"scope {shown(scope)} is invalid: use 1-63 characters of a-z, 0-9, ':', '.', '_' "
             "or '-'"

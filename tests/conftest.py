@@ -377,6 +377,7 @@ def make_config(
         keys=config_mod.KeysConfig(**keys),
         audit=config_mod.AuditConfig(**audit),
         metrics=config_mod.MetricsConfig(**sections.get("metrics", {})),
+        jwt=config_mod.JwtConfig(**sections.get("jwt", {})),
     )
 
 

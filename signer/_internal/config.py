@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from signer._internal.metrics import parse_address
 from signer.errors import ConfigError, shown
+from signer.keys import SCOPE_NAME
 
 P11KIT_CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -229,6 +230,45 @@ class MetricsConfig:
     listen: str = ""
 
 
+# An issuer's URL: https, a host (and port), one path segment naming the issuer's directory
+# under jwt.issuers_dir, which the front serves at /<segment>/ (README "Issuers").
+ISSUER_URL = re.compile(
+    r"https://([a-z0-9.-]+|\[[0-9a-f:]+\])(:[0-9]{1,5})?/([a-z0-9][a-z0-9-]{0,62})"
+)
+
+
+@dataclass(frozen=True)
+class JwtConfig:
+    """Issuers (README "Issuers over HTTPS"): one issuer URL per key scope, whose JWKS and
+    OpenID configuration the service publishes as files for the front to serve to relying
+    parties. The lead time, grace and token lifetime rules apply to the scopes named here."""
+
+    # "SCOPE=https://HOST[:PORT]/SLUG" pairs separated by commas; each scope at most once, each
+    # URL (and slug) at most once. A string, not a TOML table, so that SIGNER_JWT_ISSUERS
+    # overrides it like any setting. "" publishes nothing.
+    issuers: str = ""
+    # Where the service writes SLUG/jwks.json and SLUG/.well-known/openid-configuration; the
+    # front's issuers_dir (read-only there).
+    issuers_dir: str = "var/issuers"
+    # The service rewrites changed documents this often, and at once after a key change it made.
+    publish_interval_seconds: float = 10.0
+    # RotateKey on an issuer's scope publishes the new version this long before it becomes
+    # primary: at least publish_interval_seconds plus the longest a verifier caches a JWKS
+    # (Cache-Control max-age 300 s; PyJWKClient 300 s; Node's jose 600 s by default).
+    rotation_lead_seconds: float = 3600.0
+    # A version that stopped being primary stays in its issuer's JWKS this long: at least
+    # max_token_lifetime_seconds plus the verifiers' leeway and publish_interval_seconds.
+    retired_grace_seconds: float = 7200.0
+    # SignJWT with an issuer's key refuses claims without "exp" or with "exp" further ahead.
+    max_token_lifetime_seconds: float = 3600.0
+
+    @property
+    def issuer_of(self) -> dict[str, str]:
+        """scope -> issuer URL, as configured (checked by load)."""
+        pairs = (part.split("=", 1) for part in self.issuers.split(",") if part.strip())
+        return {scope.strip(): url.strip() for scope, url in pairs}
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -238,6 +278,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     front: FrontConfig = field(default_factory=FrontConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    jwt: JwtConfig = field(default_factory=JwtConfig)
 
 
 T = TypeVar("T")
@@ -425,7 +466,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         raise ConfigError(f"{exc.message} ({path} line {line})") from None
 
 
-_SETTING = re.compile(r"\b(server|token|store|keys|audit|front|metrics)\.([a-z_]+)\b|\[(\w+)\]")
+_SETTING = re.compile(r"\b(server|token|store|keys|audit|front|metrics|jwt)\.([a-z_]+)\b|\[(\w+)\]")
 
 
 class _Named(ConfigError):
@@ -466,6 +507,7 @@ def _load(path: str | Path | None, data: dict[str, Any], env: Mapping[str, str])
         "audit": AuditConfig,
         "front": FrontConfig,
         "metrics": MetricsConfig,
+        "jwt": JwtConfig,
     }
     unknown = set(data) - set(sections)
     if unknown:
@@ -575,6 +617,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("server.refused_calls_budget must not be negative (0 turns it off)")
     if cfg.server.max_message_bytes < 1:
         raise ConfigError("server.max_message_bytes must be positive")
+    _validate_jwt(cfg.jwt)
     if (
         cfg.keys.destruction_waiting_period_seconds
         < cfg.keys.min_destruction_waiting_period_seconds
@@ -583,6 +626,50 @@ def _validate(cfg: Config) -> None:
             "keys.destruction_waiting_period_seconds is shorter than "
             "keys.min_destruction_waiting_period_seconds"
         )
+
+
+def _validate_jwt(jwt: JwtConfig) -> None:
+    for name in (
+        "publish_interval_seconds",
+        "max_token_lifetime_seconds",
+    ):
+        if getattr(jwt, name) <= 0:
+            raise ConfigError(f"jwt.{name} must be positive, got {getattr(jwt, name)}")
+    for name in ("rotation_lead_seconds", "retired_grace_seconds"):
+        if getattr(jwt, name) < 0:
+            raise ConfigError(f"jwt.{name} must not be negative, got {getattr(jwt, name)}")
+    if jwt.retired_grace_seconds < jwt.max_token_lifetime_seconds:
+        raise ConfigError(
+            f"jwt.retired_grace_seconds ({jwt.retired_grace_seconds:g}) is shorter than "
+            f"jwt.max_token_lifetime_seconds ({jwt.max_token_lifetime_seconds:g}): a token "
+            "signed just before a rotation would outlive its key's place in the JWKS"
+        )
+    scopes: set[str] = set()
+    slugs: set[str] = set()
+    for part in (p.strip() for p in jwt.issuers.split(",")):
+        if not part:
+            continue
+        scope, eq, url = (x.strip() for x in part.partition("="))
+        if not eq or not scope:
+            raise ConfigError(
+                f"jwt.issuers: each entry is SCOPE=https://HOST/NAME, got {shown(part)}"
+            )
+        m = ISSUER_URL.fullmatch(url)
+        if m is None:
+            raise ConfigError(
+                f"jwt.issuers: the issuer of scope {shown(scope)} must be https://HOST[:PORT]/NAME "
+                f"(NAME: 1 to 63 of a-z, 0-9 and '-'; no query, no final slash), got {shown(url)}"
+            )
+        if not SCOPE_NAME.fullmatch(scope):
+            raise ConfigError(f"jwt.issuers: {shown(scope)} is not a scope name")
+        if scope in scopes:
+            raise ConfigError(f"jwt.issuers binds scope {shown(scope)} to two issuers")
+        if m.group(3) in slugs:
+            raise ConfigError(
+                f"jwt.issuers: two issuers end in /{m.group(3)}: each needs its own directory"
+            )
+        scopes.add(scope)
+        slugs.add(m.group(3))
 
 
 # libpq parameters a store URL must not carry: secrets (DESIGN.md 9: from owner-only files, never
