@@ -18,12 +18,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 GEN := signer/v1/signer_pb2.py signer/v1/signer_pb2_grpc.py signer/v1/signer_pb2.pyi
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv proto run test unit integration crash audit bench soak fuzz lint typecheck clean
+.PHONY: all deps apt venv proto node run test unit integration crash audit bench soak fuzz lint typecheck clean
 .PHONY: docker-engine docker-engine-stop base-image wheel wheelhouse images compose-up compose-down containers
 
 all: deps
 
-deps: apt venv proto
+deps: apt venv proto node
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -46,6 +46,19 @@ $(VENV)/.installed: pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,scan,service]'
+	@touch $@
+
+# Node's jose, a relying party with no code of ours, verifies the issuers' tokens in
+# tests/integration/test_issuers.py. Not in APT_PACKAGES: a Node from elsewhere (NodeSource's
+# nodejs, which conflicts with Debian's npm package) is used as it is; Debian 12's own is
+# Node 18, hence jose 5 (jose 6 needs Node 20's global crypto).
+NODE_DIR := tests/node
+node: $(NODE_DIR)/node_modules/.installed
+
+$(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 proto: $(GEN)
@@ -215,4 +228,4 @@ containers: deps images
 	$(MUST_RUN) $(PY) -m pytest tests/containers $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(GEN) .mypy_cache .ruff_cache .pytest_cache dist build wheels
+	rm -rf $(VENV) $(GEN) $(NODE_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache dist build wheels

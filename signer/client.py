@@ -248,11 +248,15 @@ class SignerClient:
 
     # --- JWT --------------------------------------------------------------------------------
 
-    def sign_jwt(self, name: str, claims: Mapping[str, Any] | bytes) -> str:
+    def sign_jwt(
+        self, name: str, claims: Mapping[str, Any] | bytes, *, set_issuer: bool = False
+    ) -> str:
         """A compact JWT over ``claims`` (a mapping, serialised here, or JSON bytes as given),
-        signed in the token with the key's primary version."""
+        signed in the token with the key's primary version. ``set_issuer``: the service puts
+        ``iss``, the issuer of the key's scope (README "Issuers over HTTPS")."""
         body = claims if isinstance(claims, bytes) else json.dumps(dict(claims)).encode()
-        resp: pb.SignJWTResponse = self._call("SignJWT", pb.SignJWTRequest(name=name, claims=body))
+        req = pb.SignJWTRequest(name=name, claims=body, set_issuer=set_issuer)
+        resp: pb.SignJWTResponse = self._call("SignJWT", req)
         return resp.token
 
     def jwks(self, scope: str) -> dict[str, Any]:

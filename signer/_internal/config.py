@@ -213,6 +213,15 @@ class FrontConfig:
     # internet-facing process can read no PIN but the TLS token's and reach no socket but the
     # front's and the TLS token's.
     user: str = ""
+    # Issuers (README "Issuers over HTTPS"): host:port of a second TLS server for relying
+    # parties, with the same key and certificate but no client certificate asked and no way to
+    # the service: it serves only issuers_dir's JWKS and OpenID configuration files (the
+    # service's jwt.issuers_dir, read-only here). "" for none.
+    issuers_listen: str = ""
+    issuers_dir: str = ""
+    # Cache-Control max-age of those documents, in seconds: keep jwt.rotation_lead_seconds
+    # above it plus the publish interval.
+    issuers_max_age: int = 300
 
     @property
     def upstreams(self) -> tuple[str, ...]:

@@ -57,6 +57,9 @@ _TAIL_BYTES = 1 << 20
 # How the starter opens its files in the workdir: created or truncated, never through a link.
 _WRITE_NO_LINK = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 # Characters that would end a PKCS#11 URI attribute or an nginx string.
+# What the issuers' server serves: SLUG/jwks.json and SLUG/.well-known/openid-configuration
+# (signer._internal.issuers), nothing else (no listing, no temporary file of the publisher).
+ISSUER_DOCUMENT = r"[a-z0-9][a-z0-9-]{0,62}/(jwks\.json|\.well-known/openid-configuration)"
 _UNSAFE = set(";?&\"'\\ \n\t{}$")
 
 # Replicas (README "Replicas"). A call that reached no replica (its socket missing, refused) is
@@ -130,9 +133,20 @@ def _check(cfg: FrontConfig, *, files: bool = True) -> None:
     }
     if unsafe:
         raise ConfigError(f"front.{', front.'.join(sorted(unsafe))}: unsupported characters")
-    host, _, port = cfg.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"front.listen must be host:port, got {cfg.listen!r}")
+    for name in ("listen", "issuers_listen") if cfg.issuers_listen else ("listen",):
+        host, _, port = getattr(cfg, name).rpartition(":")
+        if not host or not port.isdigit() or set(host) & _UNSAFE:
+            raise ConfigError(f"front.{name} must be host:port, got {getattr(cfg, name)!r}")
+    if cfg.issuers_listen:
+        if cfg.issuers_listen == cfg.listen:
+            raise ConfigError("front.issuers_listen must be another address than front.listen")
+        if not cfg.issuers_dir or set(cfg.issuers_dir) & _UNSAFE:
+            raise ConfigError(
+                "front.issuers_dir must be set (the service's jwt.issuers_dir), without spaces, "
+                "quotes or ;{}$"
+            )
+        if not 0 <= cfg.issuers_max_age <= 86400:
+            raise ConfigError("front.issuers_max_age must be 0 to 86400 seconds")
 
 
 def front_config(
@@ -244,7 +258,44 @@ http {{
       return 200 "";
     }}
   }}
-}}
+{_issuers_server(front, key)}}}
+"""
+
+
+def _issuers_server(front: FrontConfig, key: str) -> str:
+    """The relying parties' server (README "Issuers over HTTPS"), when ``issuers_listen`` is
+    set. A server and port of its own, not ``ssl_verify_client optional`` on the gRPC one:
+    there, a relying party whose HTTP stack presents a certificate of another CA was answered
+    with the gRPC refusal instead of the JWKS (measured), every handshake would advertise the
+    client CA, and mTLS would hang on an ``if`` in each location rather than on the handshake.
+    Here there is no upstream and no proxying: static files of ``issuers_dir``, two names per
+    issuer, everything else 404."""
+    if not front.issuers_listen:
+        return ""
+    age = front.issuers_max_age
+    return f"""  server {{
+    listen {front.issuers_listen} ssl http2;
+    ssl_certificate {Path(front.certificate).absolute()};
+    ssl_certificate_key "{key}";
+    ssl_protocols TLSv1.3;
+    ssl_verify_client off;
+    server_tokens off;
+    root {Path(front.issuers_dir).absolute()};
+    disable_symlinks on;
+    types {{ }}
+    default_type application/json;
+    etag on;
+    if_modified_since off;  # one validator, the ETag (the publisher keeps it unique per file)
+    location ~ "^/{ISSUER_DOCUMENT}$" {{
+      limit_except GET {{ deny all; }}  # and HEAD
+      add_header Cache-Control "public, max-age={age}" always;
+      add_header Access-Control-Allow-Origin "*" always;  # browsers' JOSE libraries
+      add_header X-Content-Type-Options nosniff always;
+    }}
+    location / {{
+      return 404;
+    }}
+  }}
 """
 
 
@@ -346,6 +397,9 @@ class Front:
         }
         host, _, port = self.cfg.front.listen.rpartition(":")
         _require_free(host, int(port))
+        if self.cfg.front.issuers_listen:
+            public, _, public_port = self.cfg.front.issuers_listen.rpartition(":")
+            _require_free(public, int(public_port))
         log_file = self.workdir / "nginx.out"
         with os.fdopen(os.open(log_file, _WRITE_NO_LINK, 0o600), "wb") as out:
             try:

@@ -52,6 +52,7 @@ log = logging.getLogger("signer.launcher")  # named for the component: signer._i
 
 DEMO_KEY = "demo"
 DEMO_ALGORITHM = "ec-p256"
+DEMO_SCOPE = "demo"
 DEV_CLIENT = "dev"
 FRONT_USER = "signer-front"
 # The children 'signer run' restarts when they die (signer/_internal/supervisor.py).
@@ -60,16 +61,24 @@ TLS_FRONT = "TLS front"
 
 
 def write_config(
-    root: Path, listen: str, world: FrontWorld | None = None, metrics: str = ""
+    root: Path,
+    listen: str,
+    world: FrontWorld | None = None,
+    metrics: str = "",
+    issuers: str = "",
 ) -> Path:
     """The configuration of the service and of its TLS front, for the state in ``root``;
-    ``world``: the front runs as its own user, with everything it reaches there."""
+    ``world``: the front runs as its own user, with everything it reaches there; ``issuers``:
+    host:port of the front's issuers server, where the demo scope's issuer is published."""
     root = root.absolute()
+    issuers_dir = world.issuers_dir if world else root / "issuers"
     paths = hsm.HsmPaths(root / "hsm")
     front_socket = world.front_socket if world else root / "run" / "front" / "signer.sock"
     front = front_config(
         paths, DevCA(root / "tls"), listen=listen, upstream=front_socket, workdir=root / "front"
     )
+    if issuers:
+        front = replace(front, issuers_listen=issuers, issuers_dir=str(issuers_dir))
     if world is not None:
         front = replace(
             front,
@@ -97,6 +106,10 @@ def write_config(
         audit=config_mod.AuditConfig(path=str(root / "audit.db")),
         front=front,
         metrics=config_mod.MetricsConfig(listen=metrics),
+        jwt=config_mod.JwtConfig(
+            issuers=f"{DEMO_SCOPE}={issuer_url(issuers)}" if issuers else "",
+            issuers_dir=str(issuers_dir),
+        ),
     )
     path = root / "signer.toml"
     write_private(
@@ -204,6 +217,11 @@ class FrontWorld:
         return self.root / "tls.pin"
 
     @property
+    def issuers_dir(self) -> Path:
+        """The issuers' documents: the service writes, the front reads."""
+        return self.root / "issuers"
+
+    @property
     def tls_socket(self) -> Path:
         return self.root / "p11-kit-tls.sock"
 
@@ -229,6 +247,8 @@ class FrontWorld:
             # Copied in the kernel (sendfile): the PIN passes through no buffer of this process.
             shutil.copyfile(source, private_file(copy))
             share_with_group(copy, world.gid, 0o640)
+        world.issuers_dir.mkdir()
+        share_with_group(world.issuers_dir, world.gid, 0o750)
         return world
 
 
@@ -240,19 +260,21 @@ def _certifies(cert: Path, public_pem: bytes) -> bool:
     return certified == serialization.load_pem_public_key(public_pem).public_bytes(*der)
 
 
-async def _run(root: Path, listen: str, metrics: str) -> None:
+async def _run(root: Path, listen: str, metrics: str, issuers: str) -> None:
     prepare(root)
     user = front_user()
     world = FrontWorld.make(root.absolute(), user) if user is not None else None
     try:
-        await _serve(root, listen, world, metrics)
+        await _serve(root, listen, world, metrics, issuers)
     finally:
         if world is not None:
             shutil.rmtree(world.root, ignore_errors=True)
 
 
-async def _serve(root: Path, listen: str, world: FrontWorld | None, metrics: str) -> None:
-    cfg = config_mod.load(write_config(root, listen, world, metrics))
+async def _serve(
+    root: Path, listen: str, world: FrontWorld | None, metrics: str, issuers: str
+) -> None:
+    cfg = config_mod.load(write_config(root, listen, world, metrics, issuers))
     harden_process(cfg)
     host = hsm.TokenHost(
         root / "hsm",
@@ -271,7 +293,7 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None, metrics: str
             await server.run_blocking(lambda: server.keyring.get_key(DEMO_KEY))
         except NotFound:
             demo = await server.run_blocking(
-                lambda: server.keyring.create_key(DEMO_KEY, DEMO_ALGORITHM, scope="demo")
+                lambda: server.keyring.create_key(DEMO_KEY, DEMO_ALGORITHM, scope=DEMO_SCOPE)
             )
             # A key made outside any call is on record too.
             await server.audit.record(
@@ -286,6 +308,12 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None, metrics: str
             f"  mTLS: {sys.argv[0]} keys list --address {listen} --tls-ca {root / 'tls' / 'ca.pem'}"
             f" --tls-cert {cert} --tls-key {key}\n"
             + (f"  metrics: http://{metrics}/metrics\n" if metrics else "")
+            + (
+                f"  issuer of scope {DEMO_SCOPE}: {issuer_url(issuers)}/.well-known/"
+                f"openid-configuration (JWTs: {sys.argv[0]} jwt sign {DEMO_KEY} --set-issuer)\n"
+                if issuers
+                else ""
+            )
             + "  Ctrl-C stops everything.",
             flush=True,
         )
@@ -315,6 +343,14 @@ async def _serve(root: Path, listen: str, world: FrontWorld | None, metrics: str
         host.stop()
 
 
-def run(root: str | Path, listen: str = "127.0.0.1:50051", metrics: str = "") -> int:
-    asyncio.run(_run(Path(root), listen, metrics))
+def issuer_url(issuers: str) -> str:
+    """The demo scope's issuer on the front's issuers server ``issuers`` (host:port): named
+    localhost, which the development certificate covers."""
+    return f"https://localhost:{issuers.rpartition(':')[2]}/{DEMO_SCOPE}"
+
+
+def run(
+    root: str | Path, listen: str = "127.0.0.1:50051", metrics: str = "", issuers: str = ""
+) -> int:
+    asyncio.run(_run(Path(root), listen, metrics, issuers))
     return 0

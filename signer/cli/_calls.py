@@ -153,7 +153,7 @@ def _read_input(args: argparse.Namespace) -> dict[str, bytes]:
 def cmd_jwt_sign(args: argparse.Namespace) -> int:
     claims = sys.stdin.buffer.read() if args.claims == "-" else Path(args.claims).read_bytes()
     with _client(args) as c:
-        print(c.sign_jwt(args.name, claims.strip()))
+        print(c.sign_jwt(args.name, claims.strip(), set_issuer=args.set_issuer))
     return EXIT_OK
 
 
@@ -293,6 +293,11 @@ def register(sub: Subparsers) -> None:
     sp = _client_parser(jwt_sub, "sign", "sign a JWT with KEY's primary version; prints the token")
     sp.add_argument("name", help="key name")
     sp.add_argument("--claims", required=True, help="JSON claims file ('-' for stdin)")
+    sp.add_argument(
+        "--set-issuer",
+        action="store_true",
+        help="put iss: the issuer of the key's scope ([jwt] issuers) in the claims",
+    )
     sp.set_defaults(func=cmd_jwt_sign)
     sp = _client_parser(sub, "jwks", "print the JWKS of a scope (each JWK carries its scope)")
     sp.add_argument("--scope", required=True)

@@ -245,7 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from signer._internal import launcher, logs
 
     logs.setup(args.log_level)
-    return launcher.run(args.dir, args.listen, args.metrics_listen)
+    return launcher.run(args.dir, args.listen, args.metrics_listen, args.issuers_listen)
 
 
 def _hex_id(text: str) -> bytes:
@@ -430,6 +430,12 @@ def register(sub: Subparsers) -> None:
         "--metrics-listen",
         default="127.0.0.1:9464",
         help="Prometheus metrics, host:port ('' for none; default 127.0.0.1:9464)",
+    )
+    sp.add_argument(
+        "--issuers-listen",
+        default="127.0.0.1:8443",
+        help="the front's issuers server (JWKS and OpenID configuration of the demo scope's "
+        "issuer, no client certificate), host:port ('' for none; default 127.0.0.1:8443)",
     )
     _log_level(sp)
     sp.set_defaults(func=cmd_run)

@@ -17,6 +17,7 @@ import pytest
 
 from signer._internal import hsm
 from signer._internal.config import P11KIT_CLIENT_MODULE, SOFTHSM_MODULE, TokenConfig
+from signer._internal.pki import DevCA
 from tests.conftest import (
     SIGNER_BIN,
     RunningService,
@@ -24,6 +25,7 @@ from tests.conftest import (
     TokenHostHandle,
     free_port,
 )
+from tests.integration.fronts import Deployment, deploy, dev_pki
 
 
 @pytest.fixture
@@ -130,3 +132,18 @@ def inprocess_service(
 
 # Replicas behind the front (issue 16): their fixtures live in tests/integration/replicas.py.
 from tests.integration.replicas import replica_pki, replica_set  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def pki(token_host: TokenHostHandle, tmp_path_factory: pytest.TempPathFactory) -> DevCA:
+    """A development CA, the front's certificate over the TLS token's key, a client's."""
+    return dev_pki(token_host, tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def deployment(
+    service_factory: ServiceFactory, token_host: TokenHostHandle, pki: DevCA, tmp_path: Path
+) -> Iterator[Deployment]:
+    """The production shape: service on a Unix socket, nginx with mTLS in front of it."""
+    with deploy(service_factory, token_host, pki, tmp_path) as d:
+        yield d

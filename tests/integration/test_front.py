@@ -7,7 +7,6 @@ through libp11 and p11-kit-client.so.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sqlite3
@@ -15,7 +14,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,79 +26,20 @@ from pkcs11 import Attribute, ObjectClass
 from signer._internal import config as config_mod
 from signer._internal import hsm
 from signer._internal.front import ISSUER_HEADER, SERIAL_HEADER, SUBJECT_HEADER, Front
-from signer._internal.front import front_config as make_front_config
 from signer._internal.pki import DevCA
 from signer.client import ClientTLS, SignerClient
 from signer.errors import PermissionDenied, SignerError, Unauthenticated, Unavailable
 from tests.conftest import (
     SIGNER_BIN,
-    RunningService,
     ServiceFactory,
     TokenHostHandle,
     UniqueName,
-    free_port,
     gone_soon,
     wait_until,
 )
+from tests.integration.fronts import Deployment, front_config
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def pki(token_host: TokenHostHandle, tmp_path_factory: pytest.TempPathFactory) -> DevCA:
-    ca = DevCA.ensure(tmp_path_factory.mktemp("tls"))
-    ca.issue_server(token_host.paths.tls_public_key.read_bytes(), ["localhost", "127.0.0.1"])
-    ca.issue_client("payments", "acme")
-    return ca
-
-
-def front_config(
-    token_host: TokenHostHandle, pki: DevCA, upstream: Path, workdir: Path
-) -> config_mod.FrontConfig:
-    return make_front_config(
-        token_host.paths,
-        pki,
-        listen=f"127.0.0.1:{free_port()}",
-        upstream=upstream,
-        workdir=workdir,
-    )
-
-
-@dataclass
-class Deployment:
-    service: RunningService
-    front: Front
-    pki: DevCA
-
-    @property
-    def address(self) -> str:
-        return self.front.cfg.front.listen
-
-    def client(self, name: str = "payments") -> SignerClient:
-        cert, key = self.pki.client_files(name)
-        return SignerClient(self.address, tls=ClientTLS(self.pki.cert, cert, key), timeout=10)
-
-
-@pytest.fixture
-def deployment(
-    service_factory: ServiceFactory, token_host: TokenHostHandle, pki: DevCA, tmp_path: Path
-) -> Iterator[Deployment]:
-    """The production shape: service on a Unix socket, nginx with mTLS in front of it."""
-    socket = tmp_path / "run" / "front.sock"
-    policy = tmp_path / "policy.toml"
-    policy.write_text(
-        '[[grant]]\ncallers = ["x509:O=acme,CN=payments"]\noperations = ["*"]\nscopes = ["*"]\n'
-    )
-    svc = service_factory(server={"front_socket": str(socket), "policy_file": str(policy)})
-    cfg = dataclasses.replace(
-        svc.server.cfg, front=front_config(token_host, pki, socket, tmp_path / "front")
-    )
-    front = Front(cfg)
-    front.start()
-    try:
-        yield Deployment(svc, front, pki)
-    finally:
-        front.stop()
 
 
 def test_sign_over_mtls_and_verify_with_openssl(

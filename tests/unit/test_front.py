@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from signer._internal.front import SUBJECT_HEADER, nginx_conf, openssl_conf
 from signer.errors import ConfigError
 
 
-def front_config(tmp_path: Path, **overrides: str) -> config_mod.Config:
+def front_config(tmp_path: Path, **overrides: Any) -> config_mod.Config:
     for name in ("server.pem", "ca.pem", "tls.pin"):
         (tmp_path / name).write_text("x")
     front = config_mod.FrontConfig(
@@ -97,3 +98,68 @@ def test_the_front_section_loads_from_toml(tmp_path: Path) -> None:
     assert cfg.front.listen == "0.0.0.0:443"
     assert cfg.front.upstream == "unix:/run/s.sock"
     assert cfg.front.workdir == "/var/lib/signer/front"
+
+
+def _servers(text: str) -> list[str]:
+    """The ``server { ... }`` blocks of an nginx.conf, by brace depth."""
+    blocks, depth, start = [], 0, -1
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+            if depth == 2 and text[:i].rstrip().endswith("server"):
+                start = text.rindex("server", 0, i)
+        elif ch == "}":
+            if depth == 2 and start >= 0:
+                blocks.append(text[start : i + 1])
+                start = -1
+            depth -= 1
+    return blocks
+
+
+def test_without_issuers_listen_there_is_one_server(tmp_path: Path) -> None:
+    assert len(_servers(nginx_conf(front_config(tmp_path), tmp_path))) == 1
+
+
+def test_the_issuers_server_serves_files_only_and_asks_no_certificate(tmp_path: Path) -> None:
+    plain = nginx_conf(front_config(tmp_path), tmp_path)
+    text = nginx_conf(
+        front_config(
+            tmp_path, issuers_listen="127.0.0.1:8443", issuers_dir=str(tmp_path / "issuers")
+        ),
+        tmp_path,
+    )
+    grpc, public = _servers(text)
+    assert grpc == _servers(plain)[0], "the gRPC server must not change"
+    assert "listen 127.0.0.1:8443 ssl http2;" in public
+    assert "ssl_verify_client off;" in public
+    assert f"root {tmp_path / 'issuers'};" in public
+    # Nothing in it reaches the service: no upstream, no proxying of any kind.
+    for directive in ("grpc_pass", "proxy_pass", "fastcgi_pass", "uwsgi_pass", "scgi_pass"):
+        assert directive not in public
+    assert "disable_symlinks on;" in public
+    assert "location / {\n      return 404;" in public
+    assert 'add_header Cache-Control "public, max-age=300" always;' in public
+    assert "limit_except GET { deny all; }" in public
+    # Same key, in the token, as the gRPC server's.
+    assert public.count("engine:pkcs11:") == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"issuers_listen": "127.0.0.1:8443"}, "front.issuers_dir"),
+        ({"issuers_listen": "127.0.0.1:8443", "issuers_dir": "/srv/a b"}, "front.issuers_dir"),
+        ({"issuers_listen": "127.0.0.1:50051", "issuers_dir": "/srv/i"}, "front.issuers_listen"),
+        ({"issuers_listen": "8443", "issuers_dir": "/srv/i"}, "front.issuers_listen"),
+        ({"issuers_listen": "h;x:1", "issuers_dir": "/srv/i"}, "front.issuers_listen"),
+        (
+            {"issuers_listen": "127.0.0.1:8443", "issuers_dir": "/srv/i", "issuers_max_age": -1},
+            "front.issuers_max_age",
+        ),
+    ],
+)
+def test_bad_issuers_settings_are_refused_by_name(
+    tmp_path: Path, overrides: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        nginx_conf(front_config(tmp_path, **overrides), tmp_path)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from signer import jose
 from signer._internal.config import Config
+from signer._internal.issuers import claims_for
 from signer._internal.keyring._common import KEY_ID_BYTES, Clock, utcnow
 from signer._internal.keyring._imports import ImportParameters, ImportTokens
 from signer._internal.logs import Every
@@ -123,6 +124,7 @@ class JwtResult:
     kid: str
     alg: str
     version: int
+    issuer: str = ""
 
 
 def token_label(name: str, version: int) -> str:
@@ -165,6 +167,16 @@ class Keyring:
         # Scopes are fixed at creation, so a key's scope, once read, is read for good.
         self._scopes: dict[str, str] = {}
         self._said = Every(60.0)
+        self._changes: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Calls ``listener`` (from the thread that made it) after each change of a key's
+        versions or states: the issuers' publisher then writes the JWKS at once."""
+        self._changes.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._changes:
+            listener()
 
     def slow_token(self) -> TokenAPI:
         """Where slow work goes: the administrative connection, or the signing one while that
@@ -219,6 +231,7 @@ class Keyring:
             except Exception as exc:
                 self._discard(version, exc)
                 raise
+        self._changed()
         log.info("key created", extra={"key": name, "algorithm": alg.name, "scope": scope})
         return key
 
@@ -329,6 +342,7 @@ class Keyring:
                 except Exception as exc:
                     self._discard(version, exc)
                     raise
+        self._changed()
         log.info(
             "key version imported", extra={"key": name, "algorithm": alg.name, "version": number}
         )
@@ -389,6 +403,7 @@ class Keyring:
                 self._token.relabel(key_id, token_label(name, 1))
             except SignerError as exc:
                 log.warning("adopted key not relabelled", extra={"key": name, "error": exc.message})
+        self._changed()
         log.info("key adopted", extra={"key": name, "algorithm": alg.name})
         return self.get_key(name)
 
@@ -539,20 +554,26 @@ class Keyring:
         for i, raw in zip(plan.slots[start:end], raws, strict=True):
             plan.results[i] = format_signature(plan.alg, raw, plan.fmt)
 
-    def sign_jwt(self, name: str, claims: bytes) -> JwtResult:
-        """A JWT over ``claims`` (used as given, once checked to be a JSON object), signed with
-        the primary version; RSA keys sign PS256, as their JWK says."""
+    def sign_jwt(self, name: str, claims: bytes, *, set_issuer: bool = False) -> JwtResult:
+        """A JWT over ``claims`` (used as given, once checked to be a JSON object, and held to
+        the key's scope's issuer: :func:`signer._internal.issuers.claims_for`), signed with the
+        primary version; RSA keys sign PS256, as their JWK says."""
         check_name(name)
-        jose.check_claims(claims)
+        parsed = jose.check_claims(claims)
         v = self._store.get_version(name, 0)
-        check_usable(v, self.now())
+        now = self.now()
+        check_usable(v, now)
+        scope = self.scope_of(name) or ""
+        claims, issuer = claims_for(
+            claims, parsed, scope, self._cfg.jwt, now.timestamp(), set_issuer=set_issuer
+        )
         alg = algorithm(v.algorithm)
         kid, jws_alg = f"{name}/{v.version}", alg.jws_alg(Padding.PSS)
         data = jose.signing_input(jws_alg, kid, claims)
         mech, tbs = to_be_signed(alg, data, None, Padding.PSS)
         raw = self._on_a_token_that_sees_it(lambda t: t.sign(v.key_id, mech, tbs))
         token = jose.compact(data, format_signature(alg, raw, SigFormat.RAW))
-        return JwtResult(token, kid, jws_alg, v.version)
+        return JwtResult(token, kid, jws_alg, v.version, issuer)
 
     def jwks(self, scope: str, visible: Callable[[Key], bool] | None = None) -> dict[str, Any]:
         """The JWKS of ``scope``: every enabled version of its keys (that ``visible`` lets
@@ -612,6 +633,7 @@ class Keyring:
             except Exception as exc:
                 self._discard(version, exc)
                 raise
+        self._changed()
         log.info("key rotated", extra={"key": name, "version": number})
         return self.get_key(name)
 
@@ -628,6 +650,7 @@ class Keyring:
                     "only an enabled version can be primary"
                 )
             self._store.set_primary(name, version)
+        self._changed()
         log.info("primary version set", extra={"key": name, "version": version})
         return self.get_key(name)
 
@@ -692,6 +715,7 @@ class Keyring:
             )
         if state is not to:
             self._store.set_state(key.name, v.version, to, destroy_at)
+            self._changed()
             log.info(
                 "key version state changed",
                 extra={"key": key.name, "version": v.version, "state": to.value},
@@ -731,6 +755,7 @@ class Keyring:
                     )
                     continue
                 self._store.set_state(v.name, v.version, State.DESTROYED, v.destroy_at)
+            self._changed()
             log.info("key version destroyed", extra={"key": v.name, "version": v.version})
             done += 1
         return done

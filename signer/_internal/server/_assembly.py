@@ -11,6 +11,7 @@ reaper and the throttle's summaries, and shuts down draining calls in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import grp
 import logging
@@ -42,6 +43,7 @@ from signer._internal.audit import (
 )
 from signer._internal.config import Config
 from signer._internal.files import share_with_group
+from signer._internal.issuers import Publisher
 from signer._internal.keyring import Clock, Keyring, utcnow
 from signer._internal.lanes import Lanes
 from signer._internal.policy import Caller, Policy
@@ -147,6 +149,7 @@ class Server:
         )
         self.store = open_store(cfg.store.path)
         self.keyring = Keyring(cfg, self.token, self.store, clock, self.admin_token)
+        self.publisher = Publisher(cfg.jwt, self.keyring.jwks)
         # The signing path's blocking work runs on lanes; the executor takes the administrative
         # calls (see SignerServicer._run), start-up, the reaper and shutdown.
         self.lanes = Lanes(cfg.token.lanes, name="token")
@@ -187,6 +190,8 @@ class Server:
         self.in_flight = InFlight(cfg.server.max_calls_per_caller, cfg.server.max_calls_in_flight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._publishing: asyncio.Task[None] | None = None
+        self._publish_now = asyncio.Event()
         self._health_lock = asyncio.Lock()
         self._stopping = False
         self._serving: bool | None = None
@@ -355,6 +360,9 @@ class Server:
         await self.relay.start()
         self._reaper = asyncio.create_task(self._reap_forever())
         self._summaries = asyncio.create_task(self._record_throttled_forever())
+        if self.publisher.enabled:
+            self.keyring.on_change(self._key_changed)
+            self._publishing = asyncio.create_task(self._publish_forever())
         log.info(
             "algorithms offered", extra={"algorithms": ",".join(self.keyring.offered_algorithms())}
         )
@@ -486,10 +494,38 @@ class Server:
                 log.exception("reaper crashed")
             await asyncio.sleep(interval)
 
+    def _key_changed(self) -> None:
+        # From the thread that changed the key; the publisher runs on the event loop.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._publish_now.set)
+
+    async def _publish_forever(self) -> None:
+        """The issuers' documents, at start, every publish interval (which also catches what
+        time alone changes: a next version becoming primary, a retired one's grace ending, a
+        change made by another replica) and at once after a key change made here."""
+        interval = self.cfg.jwt.publish_interval_seconds
+        while True:
+            self._publish_now.clear()
+            try:
+                await self.run_blocking(self.publisher.publish)
+            except SignerError as exc:
+                log.warning("issuer documents not published", extra={"error": exc.message})
+            except OSError as exc:
+                # The files already there stay served; the next tick tries again.
+                log.error(
+                    "issuer documents not written",
+                    extra={"error": exc.strerror or str(exc), "path": str(exc.filename or "")},
+                )
+            except Exception:
+                log.exception("publisher crashed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._publish_now.wait(), interval)
+
     async def stop(self) -> None:
         """Refuses new calls, drains in-flight ones (up to ``grace_seconds``), then closes."""
         self._stopping = True
-        for task in (self._reaper, self._summaries):
+        for task in (self._reaper, self._summaries, self._publishing):
             if task is not None:
                 task.cancel()
         if self._servers:

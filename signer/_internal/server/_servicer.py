@@ -290,8 +290,14 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     async def SignJWT(self, request: pb.SignJWTRequest, context: Any) -> pb.SignJWTResponse:
         await self._allow(request.name)
-        r = await self._run_quick(self._keyring.sign_jwt, request.name, request.claims)
-        return pb.SignJWTResponse(token=r.token, kid=r.kid, alg=r.alg, version=r.version)
+        r = await self._run_quick(
+            functools.partial(self._keyring.sign_jwt, set_issuer=request.set_issuer),
+            request.name,
+            request.claims,
+        )
+        return pb.SignJWTResponse(
+            token=r.token, kid=r.kid, alg=r.alg, version=r.version, issuer=r.issuer
+        )
 
     async def GetJWKS(self, request: pb.GetJWKSRequest, context: Any) -> pb.GetJWKSResponse:
         visible = self._may_read_any()
