@@ -6,9 +6,12 @@
 # restart policy to start a fresh one, which logs in to the new token host.
 ulimit -c 0
 LISTEN=${SIGNER_FRONT_LISTEN:-127.0.0.1:50051}
+ISSUERS=${SIGNER_ISSUERS_LISTEN:-127.0.0.1:8443}
 mkdir -p /run/nginx/tmp
-# The address is the one setting chosen at run time (host networking: tests pick a free port).
-sed "s|listen 127.0.0.1:50051 ssl|listen $LISTEN ssl|" /etc/signer-front/nginx.conf > /run/nginx/nginx.conf
+# The addresses are the settings chosen at run time (host networking: tests pick free ports).
+sed -e "s|listen 127.0.0.1:50051 ssl|listen $LISTEN ssl|" \
+    -e "s|listen 127.0.0.1:8443 ssl|listen $ISSUERS ssl|" \
+    /etc/signer-front/nginx.conf > /run/nginx/nginx.conf
 nginx -c /run/nginx/nginx.conf -p /run/nginx -e stderr &
 pid=$!
 trap 'kill -QUIT $pid 2>/dev/null' TERM INT QUIT

@@ -18,6 +18,9 @@ front = config.FrontConfig(
     client_ca=str(TLS / "ca.pem"),
     upstream="unix:/run/signer/front/signer.sock",
     workdir="/run/nginx",
+    # Relying parties' HTTPS: the issuers' files, which the service writes (volume issuers).
+    issuers_listen="127.0.0.1:8443",  # docker/front/entrypoint.sh puts SIGNER_ISSUERS_LISTEN here
+    issuers_dir="/var/lib/signer/issuers",
 )
 out = Path(sys.argv[1])
 text = nginx_conf(

@@ -64,6 +64,7 @@ class Stack:
     prometheus: str
     metrics: str
     clients: Path
+    issuers: str  # the front's issuers server, host:port
 
     def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -142,6 +143,7 @@ def stack_env(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> 
         prometheus=f"127.0.0.1:{free_port()}",
         metrics=f"127.0.0.1:{free_port()}",
         clients=tmp_path_factory.mktemp("clients"),
+        issuers=f"127.0.0.1:{free_port()}",
     )
     env = {
         "SIGNER_TAG": TAG,
@@ -149,6 +151,8 @@ def stack_env(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> 
         "PROMETHEUS_LISTEN": stack.prometheus,
         "SIGNER_METRICS": stack.metrics,
         "SIGNER_CLIENTS_DIR": str(stack.clients),
+        "SIGNER_ISSUERS_LISTEN": stack.issuers,
+        "SIGNER_ISSUERS": f"demo=https://localhost:{stack.issuers.rpartition(':')[2]}/demo",
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

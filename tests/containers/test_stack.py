@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import threading
 import time
@@ -19,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -128,6 +130,41 @@ def test_sign_verify_round_trip_with_openssl(
         check=False,
     )
     assert done.stdout.strip() == "Verified OK", done
+
+
+def test_the_demo_issuer_is_served_to_a_standard_verifier(
+    stack: Stack, signer: SignerClient
+) -> None:
+    """The issuers' port (no client certificate): the service's published files through the
+    volume issuers, read by PyJWT's PyJWKClient from the issuer's URL alone."""
+    ctx = ssl.create_default_context(cafile=str(stack.clients / "ca.pem"))
+    issuer = f"https://localhost:{stack.issuers.rpartition(':')[2]}/demo"
+    token = signer.sign_jwt(KEY, {"aud": "portal", "exp": int(time.time()) + 300}, set_issuer=True)
+
+    def discovery() -> dict[str, str] | None:
+        try:
+            with urllib.request.urlopen(
+                f"{issuer}/.well-known/openid-configuration", context=ctx, timeout=5
+            ) as reply:
+                meta: dict[str, str] = json.load(reply)
+                return meta
+        except OSError:
+            return None
+
+    deadline = time.monotonic() + 30
+    while (meta := discovery()) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert meta is not None
+    assert meta["issuer"] == issuer
+    keys = jwt.PyJWKClient(meta["jwks_uri"], ssl_context=ctx)
+    claims = jwt.decode(
+        token,
+        keys.get_signing_key_from_jwt(token).key,
+        algorithms=["ES256"],
+        audience="portal",
+        issuer=issuer,
+    )
+    assert claims["iss"] == issuer
 
 
 def _query(stack: Stack, expr: str) -> list[dict[str, object]]:
