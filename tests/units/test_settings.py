@@ -219,7 +219,11 @@ def test_the_configurations_name_what_the_units_make() -> None:
     assert _socket_dirs(service)[str(front_socket.parent)] == ("signer", shared, "2750")
     assert shared in words(service, "SupplementaryGroups")
     assert shared in words(front, "SupplementaryGroups")
-    assert words(service, "ReadWritePaths") == [str(front_socket.parent)]
+    # The issuers' documents: the service writes them, 0755 for the front to read.
+    issuers = svc.jwt.issuers_dir
+    assert fr.front.issuers_dir == issuers
+    assert _socket_dirs(service)[issuers] == ("signer", "signer", "0755")
+    assert words(service, "ReadWritePaths") == [str(front_socket.parent), issuers]
 
     # The local socket in the service's runtime directory; state in its state directory.
     run = Path("/run") / one(service, "RuntimeDirectory")
