@@ -120,6 +120,10 @@ class Metrics:
     def policy_reload(self, ok: bool) -> None:
         """A SIGHUP reload: the new policy taken, or refused (the old one kept)."""
 
+    def issuers_published(self, ok: bool, files: int) -> None:
+        """A publication of the issuers' documents: ``files`` rewritten, or it failed (the old
+        ones stay served)."""
+
     def watch_token(self, connection: str, available: Callable[[], bool]) -> None:
         """``available()`` is read at each scrape as ``signer_token_up``."""
 
@@ -230,6 +234,17 @@ class Exported(Metrics):
             ("result",),
             registry=r,
         )
+        self._publications = Counter(
+            "signer_issuer_publications",
+            "Publications of the issuers' documents: ok, or failed (the old files stay served).",
+            ("result",),
+            registry=r,
+        )
+        self._published = Counter(
+            "signer_issuer_documents_written",
+            "Issuer documents (JWKS, OpenID configuration) rewritten because they changed.",
+            registry=r,
+        )
         # Label children by their values, filled as seen: a dict lookup per call rather than
         # prometheus_client's labels() (a lock and a tuple check each time). Bounded, as the
         # labels are.
@@ -242,6 +257,8 @@ class Exported(Metrics):
             self._checkpoints.labels(result)
         for result in ("ok", "refused"):
             self._reloads.labels(result)
+        for result in ("ok", "failed"):
+            self._publications.labels(result)
 
     def call(self, rpc: str, code: str, caller: str, seconds: float, response: Any) -> None:
         if rpc not in self._rpcs:
@@ -285,6 +302,10 @@ class Exported(Metrics):
 
     def policy_reload(self, ok: bool) -> None:
         self._reloads.labels("ok" if ok else "refused").inc()
+
+    def issuers_published(self, ok: bool, files: int) -> None:
+        self._publications.labels("ok" if ok else "failed").inc()
+        self._published.inc(files)
 
     def watch_token(self, connection: str, available: Callable[[], bool]) -> None:
         self._up.labels(connection).set_function(lambda: 1.0 if available() else 0.0)

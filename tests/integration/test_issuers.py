@@ -350,3 +350,28 @@ def test_standard_verifiers_of_the_enterprise_issuer_accept_only_enterprise_toke
         assert PyJWTVerifier(issuers, issuers.issuer("consumer")).verify(other)[0]
     finally:
         node.close()
+
+
+def test_a_publication_that_fails_is_retried_and_never_stops_the_service(
+    service_factory: ServiceFactory, tmp_path: Path, unique_name: UniqueName
+) -> None:
+    """The issuers' directory cannot be made (a file is in the way): the service starts and
+    signs all the same, and the next key change after it is cleared publishes."""
+    root = tmp_path / "issuers"
+    root.write_text("in the way")
+    svc = service_factory(
+        jwt={
+            "issuers": "enterprise=https://localhost:8443/enterprise",
+            "issuers_dir": str(root),
+            "publish_interval_seconds": 3600.0,
+        }
+    )
+    name = unique_name()
+    with svc.client() as c:
+        c.create_key(name, "ec-p256", scope="enterprise")
+        assert c.sign_jwt(name, claims(), set_issuer=True)
+        root.unlink()
+        c.rotate(name)
+    jwks = root / "enterprise" / "jwks.json"
+    assert wait_until(jwks.exists, timeout=5)
+    assert f"{name}/1" in jwks.read_text()

@@ -46,6 +46,7 @@ def test_off_records_nothing_and_needs_no_prometheus_client() -> None:
     OFF.audit_committed(3, 0.001)
     OFF.checkpoint(True)
     OFF.policy_reload(False)
+    OFF.issuers_published(True, 1)
     OFF.watch_token("signing", lambda: True)
     OFF.watch_lanes(lambda: 1)
     OFF.watch_audit(lambda: 1)
@@ -131,6 +132,12 @@ def test_events_and_levels() -> None:
     assert m.value("signer_audit_checkpoints_total", result="failed") == 1
     m.policy_reload(True)
     assert m.value("signer_policy_reloads_total", result="ok") == 1
+    assert m.value("signer_issuer_publications_total", result="failed") == 0
+    m.issuers_published(True, 2)
+    m.issuers_published(False, 0)
+    assert m.value("signer_issuer_publications_total", result="ok") == 1
+    assert m.value("signer_issuer_publications_total", result="failed") == 1
+    assert m.value("signer_issuer_documents_written_total") == 2
     assert m.value("signer_policy_reloads_total", result="refused") == 0
 
 

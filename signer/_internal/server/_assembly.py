@@ -507,8 +507,10 @@ class Server:
         interval = self.cfg.jwt.publish_interval_seconds
         while True:
             self._publish_now.clear()
+            ok, written = False, 0
             try:
-                await self.run_blocking(self.publisher.publish)
+                written = await self.run_blocking(self.publisher.publish)
+                ok = True
             except SignerError as exc:
                 log.warning("issuer documents not published", extra={"error": exc.message})
             except OSError as exc:
@@ -519,6 +521,7 @@ class Server:
                 )
             except Exception:
                 log.exception("publisher crashed")
+            self.metrics.issuers_published(ok, written)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publish_now.wait(), interval)
 
