@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="length of the steady-state run at peak load, seconds (at least 30)",
     )
     p.add_argument(
+        "--tail-seconds",
+        type=float,
+        default=30.0,
+        help="signing: each paced tail run at half the peak, seconds (3 rounds per subject)",
+    )
+    p.add_argument(
         "--replicas-rounds",
         type=int,
         default=replicas.DEFAULT_ROUNDS,
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         load_seconds=args.load_seconds,
         blind_budget_seconds=args.blind_budget,
         steady_seconds=args.steady_seconds,
+        tail_seconds=args.tail_seconds,
         replicas_rounds=args.replicas_rounds,
         seed=args.seed,
     )

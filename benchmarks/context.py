@@ -84,6 +84,7 @@ class Context:
     load_threads: int = 8
     blind_budget_seconds: float = 240.0
     steady_seconds: float = 600.0
+    tail_seconds: float = 30.0
     replicas_rounds: int = 5
     seed: int = 20240601
     progress: Callable[[str], None] = _stderr

@@ -30,6 +30,11 @@ class LoadResult:
     latencies_ms: list[float]
     # Signatures completed in each ``window`` seconds of the measured period, when asked for.
     windows: list[int] = field(default_factory=list)
+    # When each measured call began, in seconds from the start of the measured period (same
+    # order as latencies_ms), and that start as wall-clock time: stalls are placed in time, to be
+    # set beside the service's log (benchmarks/tail.py).
+    starts_s: list[float] = field(default_factory=list)
+    began_wall: float = 0.0
 
     @property
     def per_second(self) -> float:
@@ -74,6 +79,8 @@ async def _drive(
     )
     stub = pb_grpc.SignerServiceStub(channel)
     latencies: list[float] = []
+    starts: list[float] = []
+    origin = {"perf": 0.0}
     counts = {"calls": 0, "errors": 0}
     state = {"measuring": False, "stop": False}
     # An open-loop pace when ``rate`` is given (calls per second over all callers).
@@ -100,6 +107,7 @@ async def _drive(
                 continue
             if state["measuring"]:
                 latencies.append((time.perf_counter() - began) * 1000)
+                starts.append(began - origin["perf"])
                 counts["calls"] += max(batch, 1)  # signatures, not calls
 
     windows: list[int] = []
@@ -115,7 +123,8 @@ async def _drive(
     tasks = [asyncio.create_task(caller(i)) for i in range(concurrency)]
     await asyncio.sleep(warmup)
     state["measuring"] = True
-    began = time.perf_counter()
+    began = origin["perf"] = time.perf_counter()
+    began_wall = time.time()
     counter = asyncio.create_task(count_windows(window)) if window else None
     await asyncio.sleep(seconds)
     state["measuring"] = False
@@ -127,7 +136,16 @@ async def _drive(
     state["stop"] = True
     await asyncio.gather(*tasks, return_exceptions=True)
     await channel.close()
-    return LoadResult(concurrency, elapsed, counts["calls"], counts["errors"], latencies, windows)
+    return LoadResult(
+        concurrency,
+        elapsed,
+        counts["calls"],
+        counts["errors"],
+        latencies,
+        windows,
+        starts,
+        began_wall,
+    )
 
 
 def run_load(
