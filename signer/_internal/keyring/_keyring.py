@@ -426,8 +426,9 @@ class Keyring:
 
     @staticmethod
     def _refuse_while_pending(key: Key, now: datetime) -> None:
-        """FAILED_PRECONDITION while a rotation's new version waits to become primary: a second
-        one would publish a version verifiers may not have fetched before it signs."""
+        """FAILED_PRECONDITION while a rotation's new version waits to become primary: a key has
+        one next version at a time, and which way out (SetPrimaryVersion now, or a rotation
+        once it is primary) is the caller's to choose, not a second rotation's to guess."""
         pending = key.pending_primary(now)
         if pending is not None:
             assert key.next_primary_at is not None
@@ -592,7 +593,7 @@ class Keyring:
     def jwks(self, scope: str, visible: Callable[[Key], bool] | None = None) -> dict[str, Any]:
         """The JWKS of ``scope``: every enabled version of its keys (that ``visible`` lets
         through), each JWK with the key's scope. An issuer's scope leaves out the versions
-        retired ([jwt] retired_grace_seconds) or more ago; a rotation's next version is in it
+        retired [jwt] retired_grace_seconds or more ago; a rotation's next version is in it
         from the rotation on."""
         if not scope:
             raise InvalidArgument("scope is required: a JWKS is per scope")
@@ -657,7 +658,8 @@ class Keyring:
             self._token.require(alg)
             number = max(v.version for v in key.versions) + 1
             version = self._new_version(name, number, alg, at)
-            # A next version that has become primary is folded in by the write.
+            # The version the new one replaces: a next one that has become primary (the write
+            # folds it into primary_version), else the primary.
             replaced = key.effective_primary(at)
             primary_at = None
             if self._issuer_bound(key) and not now:
