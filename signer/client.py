@@ -169,8 +169,11 @@ class SignerClient:
         )
         return resp
 
-    def rotate(self, name: str) -> pb.Key:
-        key: pb.Key = self._call("RotateKey", pb.RotateKeyRequest(name=name))
+    def rotate(self, name: str, *, now: bool = False) -> pb.Key:
+        """A new version; for a key in an issuer's scope it becomes primary after the lead
+        time, unless ``now`` (verifiers with a cached JWKS then reject its tokens until they
+        refetch)."""
+        key: pb.Key = self._call("RotateKey", pb.RotateKeyRequest(name=name, now=now))
         return key
 
     def set_primary(self, name: str, version: int) -> pb.Key:

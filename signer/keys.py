@@ -198,6 +198,10 @@ class Version:
     public_key_der: bytes  # SubjectPublicKeyInfo
     created: datetime
     destroy_at: datetime | None
+    # When it stopped, or stops, being primary (a scheduled rotation sets it ahead): an issuer's
+    # JWKS keeps it for [jwt] retired_grace_seconds after. None: never retired, or retired
+    # before the store kept the time.
+    retired_at: datetime | None = None
 
     def effective_state(self, now: datetime) -> State:
         """DESTRUCTION_SCHEDULED turns into DESTROYED the moment its time passes, whether or not
@@ -220,9 +224,31 @@ class Key:
     labels: dict[str, str]
     created: datetime
     versions: tuple[Version, ...]
+    # A rotation of an issuer's key (README "Issuers over HTTPS") publishes the new version
+    # first and makes it primary at next_primary_at: from then it is, without any write
+    # (:meth:`effective_primary`); the next change to the key folds it into ``primary``.
+    next_primary: int | None = None
+    next_primary_at: datetime | None = None
+
+    def effective_primary(self, now: datetime) -> int:
+        """The primary version at ``now``: the scheduled next one once its time has come."""
+        if (
+            self.next_primary is not None
+            and self.next_primary_at is not None
+            and self.next_primary_at <= now
+        ):
+            return self.next_primary
+        return self.primary
+
+    def pending_primary(self, now: datetime) -> int | None:
+        """The version scheduled to become primary after ``now``, if any."""
+        if self.next_primary_at is not None and self.next_primary_at > now:
+            return self.next_primary
+        return None
 
     def version(self, number: int) -> Version:
-        """``number`` 0 means the primary version."""
+        """``number`` 0 means ``primary``, which a scheduled next version may have replaced
+        since (the keyring's keys have it folded in: :meth:`effective_primary`)."""
         wanted = number or self.primary
         for v in self.versions:
             if v.version == wanted:

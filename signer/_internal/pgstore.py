@@ -101,6 +101,16 @@ CREATE TABLE import_tokens (
 CREATE INDEX import_tokens_live ON import_tokens(expires) WHERE destroyed = 0;
 """,
     ),
+    # Issue 17: a key's next primary version and when it becomes primary (a rotation with a
+    # lead time), and when a version stopped or stops being primary (an issuer's JWKS keeps it
+    # for a grace period after). Nullable, without a default: no row is rewritten.
+    (
+        2,
+        """
+ALTER TABLE keys ADD COLUMN next_primary INTEGER, ADD COLUMN next_primary_at DOUBLE PRECISION;
+ALTER TABLE versions ADD COLUMN retired_at DOUBLE PRECISION;
+""",
+    ),
 )
 
 # Advisory locks are the database's, the service's tables the schema's: every lock is named by

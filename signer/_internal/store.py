@@ -64,13 +64,20 @@ CREATE TABLE IF NOT EXISTS import_tokens (
 );
 CREATE INDEX IF NOT EXISTS import_tokens_live ON import_tokens(expires) WHERE destroyed = 0;
 """
-# Columns added since the first schema, for stores made before them (issue 11): an import token
-# is bound to the caller who asked for it and is used once.
+# Columns added since the first schema, for stores made before them. Issue 11: an import token
+# is bound to the caller who asked for it and is used once. Issue 17: a key's next primary
+# version and when it becomes primary (a rotation with a lead time), and when a version stopped
+# or stops being primary (an issuer's JWKS keeps it for a grace period after).
 _ADDED_COLUMNS = {
     "import_tokens": (
         ("caller", "TEXT NOT NULL DEFAULT ''"),
         ("used", "INTEGER NOT NULL DEFAULT 0"),
     ),
+    "keys": (
+        ("next_primary", "INTEGER"),
+        ("next_primary_at", "REAL"),
+    ),
+    "versions": (("retired_at", "REAL"),),
 }
 # One key pair, one key version: the same private key imported twice (into two keys, two
 # scopes) would let one scope's signatures verify as another's (issue 11).
@@ -87,17 +94,31 @@ def _dt(x: float | None) -> datetime | None:
     return None if x is None else datetime.fromtimestamp(x, UTC)
 
 
+def _ts_or_none(t: datetime | None) -> float | None:
+    return None if t is None else t.timestamp()
+
+
+# (version, retired_at) pairs a primary change writes in its transaction; None clears it.
+Retirements = tuple[tuple[int, datetime | None], ...]
+
+
 class Store(Protocol):
     # ``import_token``: the import token a key or version was imported with, marked used in
     # the same transaction (FAILED_PRECONDITION if it already was).
     def create_key(self, key: Key, import_token: str | None = None) -> None: ...
     def get_key(self, name: str) -> Key: ...
     def list_keys(self, after: str, limit: int, scope: str | None = None) -> list[Key]: ...
-    def get_version(self, name: str, version: int) -> Version: ...
+    def get_version(self, name: str, version: int, now: datetime | None = None) -> Version: ...
     def add_version(
-        self, version: Version, make_primary: bool, import_token: str | None = None
+        self,
+        version: Version,
+        make_primary: bool,
+        import_token: str | None = None,
+        *,
+        primary_at: datetime | None = None,
+        retire: Retirements = (),
     ) -> None: ...
-    def set_primary(self, name: str, version: int) -> None: ...
+    def set_primary(self, name: str, version: int, *, retire: Retirements = ()) -> None: ...
     def set_state(
         self, name: str, version: int, state: State, destroy_at: datetime | None
     ) -> None: ...
@@ -190,20 +211,23 @@ def translating(wrap: Callable[[Any], Any]) -> Callable[[type[T]], type[T]]:
 # statements could mix two states of one key): the key's columns, then its versions' (none:
 # NULLs). Name order is byte order on both (SQLite's BINARY; PostgreSQL's columns COLLATE "C").
 _GET_KEY = (
-    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
-    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
+    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, "
+    "k.next_primary, k.next_primary_at, v.name, v.version, v.algorithm, v.state, v.key_id, "
+    "v.public_key, v.created, v.destroy_at, v.retired_at "
     "FROM keys k LEFT JOIN versions v ON v.name = k.name WHERE k.name = %s "
     "ORDER BY v.version"
 )
 _LIST_KEYS = (
-    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
-    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
+    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, "
+    "k.next_primary, k.next_primary_at, v.name, v.version, v.algorithm, v.state, v.key_id, "
+    "v.public_key, v.created, v.destroy_at, v.retired_at "
     "FROM (SELECT * FROM keys WHERE name > %s ORDER BY name LIMIT %s) k "
     "LEFT JOIN versions v ON v.name = k.name ORDER BY k.name, v.version"
 )
 _LIST_SCOPE_KEYS = (
-    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, v.name, "
-    "v.version, v.algorithm, v.state, v.key_id, v.public_key, v.created, v.destroy_at "
+    "SELECT k.name, k.algorithm, k.primary_version, k.scope, k.labels, k.created, "
+    "k.next_primary, k.next_primary_at, v.name, v.version, v.algorithm, v.state, v.key_id, "
+    "v.public_key, v.created, v.destroy_at, v.retired_at "
     "FROM (SELECT * FROM keys WHERE scope = %s AND name > %s ORDER BY name "
     "LIMIT %s) k LEFT JOIN versions v ON v.name = k.name ORDER BY k.name, v.version"
 )
@@ -237,16 +261,27 @@ class KeyTables:
     def _keys(self, conn: Any, query: str, args: tuple[Any, ...]) -> list[Key]:
         found: dict[str, tuple[tuple[Any, ...], list[Version]]] = {}
         for row in conn.execute(self._sql(query), args).fetchall():
-            key_row, version_row = tuple(row[:6]), tuple(row[6:])
+            key_row, version_row = tuple(row[:8]), tuple(row[8:])
             _, versions = found.setdefault(key_row[0], (key_row, []))
             if version_row[0] is not None:
                 versions.append(_version(version_row))
         keys = []
-        for (name, alg, primary, scope, labels, created), versions in found.values():
+        for key_row, versions in found.values():
+            name, alg, primary, scope, labels, created, next_primary, next_at = key_row
             created_dt = _dt(created)
             assert created_dt is not None
             keys.append(
-                Key(name, alg, primary, scope, json.loads(labels), created_dt, tuple(versions))
+                Key(
+                    name,
+                    alg,
+                    primary,
+                    scope,
+                    json.loads(labels),
+                    created_dt,
+                    tuple(versions),
+                    next_primary,
+                    _dt(next_at),
+                )
             )
         return keys
 
@@ -257,17 +292,21 @@ class KeyTables:
             raise NotFound(f"key {name!r} not found")
         return keys[0]
 
-    def get_version(self, name: str, version: int) -> Version:
-        """One version (0: the primary) in one query: this is on every signature's path."""
+    def get_version(self, name: str, version: int, now: datetime | None = None) -> Version:
+        """One version (0: the primary at ``now``, the wall clock's by default: a scheduled
+        next version once its time has come) in one query: this is on every signature's
+        path."""
+        at = _ts(now or datetime.now(UTC))
         with self._conn() as conn:
             row = conn.execute(
                 self._sql(
                     "SELECT v.name, v.version, v.algorithm, v.state, v.key_id, v.public_key, "
-                    "v.created, v.destroy_at FROM keys k JOIN versions v ON v.name = k.name "
-                    "AND v.version = (CASE WHEN %s = 0 THEN k.primary_version ELSE %s END) "
-                    "WHERE k.name = %s"
+                    "v.created, v.destroy_at, v.retired_at FROM keys k JOIN versions v "
+                    "ON v.name = k.name AND v.version = (CASE WHEN %s <> 0 THEN %s "
+                    "WHEN k.next_primary_at <= %s THEN k.next_primary "
+                    "ELSE k.primary_version END) WHERE k.name = %s"
                 ),
-                (version, version, name),
+                (version, version, at, name),
             ).fetchone()
             if row is not None:
                 return _version(tuple(row))
@@ -292,8 +331,8 @@ class KeyTables:
 
     def due_for_destruction(self, now: datetime) -> list[Version]:
         rows = self._rows(
-            "SELECT name, version, algorithm, state, key_id, public_key, created, destroy_at "
-            "FROM versions WHERE state = %s AND destroy_at <= %s ORDER BY destroy_at",
+            "SELECT name, version, algorithm, state, key_id, public_key, created, destroy_at, "
+            "retired_at FROM versions WHERE state = %s AND destroy_at <= %s ORDER BY destroy_at",
             (State.DESTRUCTION_SCHEDULED.value, _ts(now)),
         )
         return [_version(r) for r in rows]
@@ -365,7 +404,8 @@ class KeyTables:
                 conn.execute(
                     self._sql(
                         "INSERT INTO keys (name, algorithm, primary_version, scope, labels, "
-                        "created) VALUES (%s, %s, %s, %s, %s, %s)"
+                        "created, next_primary, next_primary_at) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                     ),
                     (
                         key.name,
@@ -374,6 +414,8 @@ class KeyTables:
                         key.scope,
                         json.dumps(key.labels, sort_keys=True),
                         _ts(key.created),
+                        key.next_primary,
+                        _ts_or_none(key.next_primary_at),
                     ),
                 )
                 for v in key.versions:
@@ -382,30 +424,65 @@ class KeyTables:
             raise _already(exc, f"key {key.name!r} already exists") from None
 
     def add_version(
-        self, version: Version, make_primary: bool, import_token: str | None = None
+        self,
+        version: Version,
+        make_primary: bool,
+        import_token: str | None = None,
+        *,
+        primary_at: datetime | None = None,
+        retire: Retirements = (),
     ) -> None:
+        """Adds ``version``; with ``make_primary``, it becomes primary at once (a scheduled next
+        is dropped), or with ``primary_at`` too, from then: it is scheduled as the key's next
+        primary. A next scheduled before must have become primary by then (the keyring refuses
+        a rotation while one is pending): it is folded into ``primary_version`` here. ``retire``
+        sets versions' ``retired_at`` in the same transaction."""
         try:
             with self._tx() as conn:
                 if import_token is not None:
                     self._use_import_token(conn, import_token)
                 self._insert_version(conn, version)
-                if make_primary:
+                if make_primary and primary_at is not None:
                     conn.execute(
-                        self._sql("UPDATE keys SET primary_version = %s WHERE name = %s"),
-                        (version.version, version.name),
+                        self._sql(
+                            "UPDATE keys SET primary_version = COALESCE(next_primary, "
+                            "primary_version), next_primary = %s, next_primary_at = %s "
+                            "WHERE name = %s"
+                        ),
+                        (version.version, _ts(primary_at), version.name),
                     )
+                elif make_primary:
+                    self._make_primary(conn, version.name, version.version)
+                self._retire(conn, version.name, retire)
         except self.INTEGRITY as exc:
             raise _already(
                 exc, f"key {version.name!r} already has version {version.version}"
             ) from None
 
-    def set_primary(self, name: str, version: int) -> None:
+    def set_primary(self, name: str, version: int, *, retire: Retirements = ()) -> None:
+        """Makes ``version`` primary at once, dropping a scheduled next; ``retire`` as in
+        :meth:`add_version`."""
         with self._tx() as conn:
-            cur = conn.execute(
-                self._sql("UPDATE keys SET primary_version = %s WHERE name = %s"), (version, name)
+            self._make_primary(conn, name, version)
+            self._retire(conn, name, retire)
+
+    def _make_primary(self, conn: Any, name: str, version: int) -> None:
+        cur = conn.execute(
+            self._sql(
+                "UPDATE keys SET primary_version = %s, next_primary = NULL, "
+                "next_primary_at = NULL WHERE name = %s"
+            ),
+            (version, name),
+        )
+        if cur.rowcount != 1:
+            raise NotFound(f"key {name!r} not found")
+
+    def _retire(self, conn: Any, name: str, retire: Retirements) -> None:
+        for number, at in retire:
+            conn.execute(
+                self._sql("UPDATE versions SET retired_at = %s WHERE name = %s AND version = %s"),
+                (_ts_or_none(at), name, number),
             )
-            if cur.rowcount != 1:
-                raise NotFound(f"key {name!r} not found")
 
     def set_state(self, name: str, version: int, state: State, destroy_at: datetime | None) -> None:
         with self._tx() as conn:
@@ -441,7 +518,7 @@ class KeyTables:
         conn.execute(
             self._sql(
                 "INSERT INTO versions (name, version, algorithm, state, key_id, public_key, "
-                "created, destroy_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                "created, destroy_at, retired_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
             ),
             (
                 v.name,
@@ -451,7 +528,8 @@ class KeyTables:
                 v.key_id,
                 v.public_key_der,
                 _ts(v.created),
-                None if v.destroy_at is None else _ts(v.destroy_at),
+                _ts_or_none(v.destroy_at),
+                _ts_or_none(v.retired_at),
             ),
         )
 
@@ -546,11 +624,23 @@ class SQLiteStore(KeyTables):
         self._local = threading.local()
 
 
-def _version(row: tuple[str, int, str, str, bytes, bytes, float, float | None]) -> Version:
-    name, version, alg, state, key_id, pub, created, destroy_at = row
+def _version(
+    row: tuple[str, int, str, str, bytes, bytes, float, float | None, float | None],
+) -> Version:
+    name, version, alg, state, key_id, pub, created, destroy_at, retired_at = row
     created_dt = _dt(created)
     assert created_dt is not None
-    return Version(name, version, alg, State(state), key_id, pub, created_dt, _dt(destroy_at))
+    return Version(
+        name,
+        version,
+        alg,
+        State(state),
+        key_id,
+        pub,
+        created_dt,
+        _dt(destroy_at),
+        _dt(retired_at),
+    )
 
 
 def _import_token(row: tuple[str, bytes, bytes, float, float, int, str, int]) -> ImportToken:

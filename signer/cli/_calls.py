@@ -40,6 +40,14 @@ def _key_dict(k: pb.Key) -> dict[str, Any]:
         "scope": k.scope,
         "labels": dict(k.labels),
         "primary_version": k.primary_version,
+        **(
+            {
+                "next_primary_version": k.next_primary_version,
+                "next_primary_time": k.next_primary_time.ToDatetime().isoformat() + "Z",
+            }
+            if k.next_primary_version
+            else {}
+        ),
         "created": k.create_time.ToDatetime().isoformat() + "Z",
         "versions": [
             {
@@ -111,7 +119,7 @@ def cmd_keys_public(args: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        _print_key(c.rotate(args.name))
+        _print_key(c.rotate(args.name, now=args.now))
     return EXIT_OK
 
 
@@ -257,8 +265,19 @@ def register_keys(keys: Subparsers) -> None:
     sp.add_argument("--version", type=int, default=0, help="default: the primary version")
     sp.add_argument("--out", help="write to this file instead of stdout")
     sp.set_defaults(func=cmd_keys_public)
-    sp = _client_parser(keys, "rotate", "add a new version and make it primary")
+    sp = _client_parser(
+        keys,
+        "rotate",
+        "add a new version and make it primary (in an issuer's scope: publish it now, make it "
+        "primary after [jwt] rotation_lead_seconds)",
+    )
     sp.add_argument("name")
+    sp.add_argument(
+        "--now",
+        action="store_true",
+        help="in an issuer's scope, make it primary at once: verifiers holding a cached JWKS "
+        "reject its tokens until they refetch",
+    )
     sp.set_defaults(func=cmd_keys_rotate)
     sp = _client_parser(keys, "set-primary", "make a version primary")
     sp.add_argument("name")

@@ -198,11 +198,11 @@ class FailingStore(SQLiteStore):
         super().create_key(key, import_token)
 
     def add_version(
-        self, version: Any, make_primary: bool, import_token: str | None = None
+        self, version: Any, make_primary: bool, import_token: str | None = None, **kw: Any
     ) -> None:
         if self.fail_add is not None:
             raise self.fail_add
-        super().add_version(version, make_primary, import_token)
+        super().add_version(version, make_primary, import_token, **kw)
 
 
 # --- wrapped import: the token's side, in software ----------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -378,6 +378,37 @@ def test_keys_public_output(
     assert main(["keys", "public", "k", "--format", fmt, "--out", str(out)]) == EXIT_OK
     assert out.read_text() == expected
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("now", [False, True])
+def test_keys_rotate_prints_the_pending_next_version(
+    fake: type[FakeClient], capsys: pytest.CaptureFixture[str], now: bool
+) -> None:
+    """Issue 17: in an issuer's scope the new version becomes primary after a lead time; the key
+    printed says which and when (and --now asks for it at once)."""
+    key = pb_key()
+    key.versions.add(name="payments", version=2, algorithm="ec-p256", state=pb.ENABLED)
+    key.next_primary_version = 2
+    key.next_primary_time.CopyFrom(ts(T0 + timedelta(hours=1)))
+    fake.behaviour["rotate"] = key
+    assert main(["keys", "rotate", "payments", *(["--now"] if now else [])]) == EXIT_OK
+    assert only_call(fake) == ("rotate", ("payments",), {"now": now})
+    out = json.loads(capsys.readouterr().out)
+    assert (out["primary_version"], out["next_primary_version"], out["next_primary_time"]) == (
+        1,
+        2,
+        "2026-01-01T01:00:00Z",
+    )
+
+
+def test_keys_show_has_no_next_version_without_one(
+    fake: type[FakeClient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.behaviour["get_key"] = pb_key()
+    assert main(["keys", "show", "payments"]) == EXIT_OK
+    out = json.loads(capsys.readouterr().out)
+    assert "next_primary_version" not in out
+    assert "next_primary_time" not in out
 
 
 def test_keys_version_op_calls(fake: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:

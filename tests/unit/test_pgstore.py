@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -31,7 +32,7 @@ from signer._internal.store import open_store
 from signer.errors import ConfigError, FailedPrecondition, StoreUncertain, Unavailable
 from signer.keys import State
 from tests.postgres import Cluster
-from tests.unit.test_store import key
+from tests.unit.test_store import T0, key
 
 NEWEST = STORE_MIGRATIONS[-1][0]
 
@@ -72,6 +73,53 @@ def test_migrating_again_changes_nothing(pg_dsn: str, pg_connect: Callable[[], A
     s = PostgresStore(pg_dsn)
     try:
         assert s.get_key("kept").name == "kept"
+    finally:
+        s.close()
+
+
+def test_a_version_1_database_gets_the_rotation_columns(
+    pg_dsn: str, pg_connect: Callable[[], Any]
+) -> None:
+    """Issue 17's step 2 on a database a release with schema version 1 made and used."""
+    conn = pg_connect()
+    assert migrate(conn, "store", STORE_MIGRATIONS[:1]) == 1
+    conn.execute(
+        "INSERT INTO keys (name, algorithm, primary_version, scope, created) "
+        "VALUES ('old', 'ec-p256', 1, 'iss', 1767268800.0)"
+    )
+    conn.execute(
+        "INSERT INTO versions (name, version, algorithm, state, key_id, public_key, created) "
+        "VALUES ('old', 1, 'ec-p256', 'enabled', '\\x01', '\\x0a', 1767268800.0)"
+    )
+    s = PostgresStore(pg_dsn)
+    try:
+        assert versions(conn) == [("store", NEWEST)]
+        columns = set(
+            conn.execute(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = current_schema()"
+            ).fetchall()
+        )
+        assert {
+            ("keys", "next_primary", "integer"),
+            ("keys", "next_primary_at", "double precision"),
+            ("versions", "retired_at", "double precision"),
+        } <= columns
+        k = s.get_key("old")
+        assert (k.primary, k.next_primary, k.next_primary_at, k.versions[0].retired_at) == (
+            1,
+            None,
+            None,
+            None,
+        )
+        s.add_version(
+            replace(k.versions[0], version=2, key_id=b"\x02", public_key_der=b"\x0b"),
+            make_primary=True,
+            primary_at=T0,
+            retire=((1, T0),),
+        )
+        assert s.get_version("old", 0, T0).version == 2
+        assert s.get_key("old").version(1).retired_at == T0
     finally:
         s.close()
 

@@ -6,6 +6,7 @@ store has say so. PostgreSQL's own (migrations, its errors) are in test_pgstore.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -198,6 +199,68 @@ def test_set_primary(store: Store) -> None:
         store.set_primary("q", 1)
 
 
+def test_a_scheduled_next_primary_round_trips(store: Store) -> None:
+    at = T0 + timedelta(hours=1)
+    k = replace(
+        key("n", version("n", 1, retired_at=at), version("n", 2)),
+        next_primary=2,
+        next_primary_at=at,
+    )
+    store.create_key(k)
+    assert store.get_key("n") == k
+    assert store.list_keys("", 10) == [k]
+    assert store.get_version("n", 1).retired_at == at
+
+
+def test_get_version_0_is_the_next_primary_from_its_time_on(store: Store) -> None:
+    """Issue 17: no write makes a scheduled version primary; the one query that resolves
+    version 0 for every signature says which it is at the time it is given."""
+    at = T0 + timedelta(hours=1)
+    store.create_key(
+        replace(key("gn", version("gn", 1), version("gn", 2)), next_primary=2, next_primary_at=at)
+    )
+    assert store.get_version("gn", 0, T0).version == 1
+    assert store.get_version("gn", 0, at - timedelta(microseconds=1)).version == 1
+    assert store.get_version("gn", 0, at).version == 2
+    assert store.get_version("gn", 0, at + timedelta(days=1)).version == 2
+    # A version asked for by number is that version, whatever the time.
+    assert store.get_version("gn", 1, at).version == 1
+    # Without a time: the wall clock's (long past T0 + 1 h).
+    assert store.get_version("gn", 0).version == 2
+
+
+def test_add_version_scheduled_and_retirements(store: Store) -> None:
+    at = T0 + timedelta(hours=1)
+    store.create_key(key("sch"))
+    store.add_version(version("sch", 2), make_primary=True, primary_at=at, retire=((1, at),))
+    k = store.get_key("sch")
+    assert (k.primary, k.next_primary, k.next_primary_at) == (1, 2, at)
+    assert [v.retired_at for v in k.versions] == [at, None]
+    # The next rotation, after the first's time: the first's version is folded into
+    # primary_version as the new one is scheduled.
+    later = at + timedelta(hours=1)
+    store.add_version(version("sch", 3), make_primary=True, primary_at=later, retire=((2, later),))
+    k = store.get_key("sch")
+    assert (k.primary, k.next_primary, k.next_primary_at) == (2, 3, later)
+    assert [v.retired_at for v in k.versions] == [at, later, None]
+    # At once: the schedule is dropped.
+    store.add_version(version("sch", 4), make_primary=True, retire=((2, T0), (3, T0)))
+    k = store.get_key("sch")
+    assert (k.primary, k.next_primary, k.next_primary_at) == (4, None, None)
+    assert [v.retired_at for v in k.versions] == [at, T0, T0, None]
+
+
+def test_set_primary_drops_a_scheduled_next(store: Store) -> None:
+    at = T0 + timedelta(hours=1)
+    store.create_key(key("sp"))
+    store.add_version(version("sp", 2), make_primary=True, primary_at=at, retire=((1, at),))
+    store.set_primary("sp", 1, retire=((2, T0), (1, None)))
+    k = store.get_key("sp")
+    assert (k.primary, k.next_primary, k.next_primary_at) == (1, None, None)
+    assert [v.retired_at for v in k.versions] == [None, T0]
+    assert store.get_version("sp", 0, at + timedelta(days=1)).version == 1
+
+
 def test_set_state(store: Store) -> None:
     store.create_key(key("s", version("s", 1), version("s", 2)))
     at = T0 + timedelta(days=7)
@@ -257,6 +320,73 @@ def test_data_survives_reopen(location: str) -> None:
             s2.create_key(key("persist"))
     finally:
         s2.close()
+
+
+# The first release's schema (before issue 11's import token columns and issue 17's rotation
+# columns), as a store made then has it on disk.
+_FIRST_SQLITE_SCHEMA = """
+CREATE TABLE keys (
+    name            TEXT PRIMARY KEY,
+    algorithm       TEXT NOT NULL,
+    primary_version INTEGER NOT NULL,
+    scope           TEXT NOT NULL DEFAULT '',
+    labels          TEXT NOT NULL DEFAULT '{}',
+    created         REAL NOT NULL
+);
+CREATE TABLE versions (
+    name        TEXT NOT NULL REFERENCES keys(name),
+    version     INTEGER NOT NULL,
+    algorithm   TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    key_id      BLOB NOT NULL UNIQUE,
+    public_key  BLOB NOT NULL,
+    created     REAL NOT NULL,
+    destroy_at  REAL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE import_tokens (
+    token       TEXT PRIMARY KEY,
+    key_id      BLOB NOT NULL UNIQUE,
+    public_key  BLOB NOT NULL,
+    created     REAL NOT NULL,
+    expires     REAL NOT NULL,
+    destroyed   INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO keys VALUES ('old', 'ec-p256', 2, 'iss', '{}', 1767268800.0);
+INSERT INTO versions VALUES ('old', 1, 'ec-p256', 'enabled', x'01', x'0a', 1767268800.0, NULL);
+INSERT INTO versions VALUES ('old', 2, 'ec-p256', 'enabled', x'02', x'0b', 1767268801.0, NULL);
+"""
+
+
+def test_an_older_sqlite_store_gets_the_new_columns(db_path: Path) -> None:
+    # SQLite only (PostgreSQL's migrations: test_pgstore.py).
+    db_path.parent.mkdir(parents=True)
+    old = sqlite3.connect(db_path)
+    old.executescript(_FIRST_SQLITE_SCHEMA)
+    old.close()
+    s = SQLiteStore(db_path)
+    try:
+        db = sqlite3.connect(db_path)
+        columns = {
+            table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for table in ("keys", "versions", "import_tokens")
+        }
+        db.close()
+        assert {"next_primary", "next_primary_at"} <= columns["keys"]
+        assert "retired_at" in columns["versions"]
+        assert {"caller", "used"} <= columns["import_tokens"]
+        k = s.get_key("old")
+        assert (k.primary, k.next_primary, k.next_primary_at) == (2, None, None)
+        assert [v.retired_at for v in k.versions] == [None, None]
+        assert s.get_version("old", 0).version == 2
+        at = T0 + timedelta(hours=1)
+        s.add_version(version("old", 3), make_primary=True, primary_at=at, retire=((2, at),))
+        assert s.get_version("old", 0, at).version == 3
+        assert s.get_key("old").version(2).retired_at == at
+    finally:
+        s.close()
+    # Opening it again adds nothing twice.
+    SQLiteStore(db_path).close()
 
 
 def test_concurrent_writes_from_threads(store: Store) -> None:

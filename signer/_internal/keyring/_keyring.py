@@ -296,8 +296,9 @@ class Keyring:
 
         Statuses: INVALID_ARGUMENT for bad input, an unknown import token (or another caller's),
         a blob the token will not unwrap, a key of another type or curve, or a public key that
-        does not match; FAILED_PRECONDITION for an expired or used import token or a module
-        that cannot import the algorithm; ALREADY_EXISTS for a key pair already imported.
+        does not match; FAILED_PRECONDITION for an expired or used import token, a module
+        that cannot import the algorithm or a key whose rotation's next version is still waiting
+        to become primary (:meth:`rotate`); ALREADY_EXISTS for a key pair already imported.
         Whatever fails, nothing is left in the token or the store.
         """
         check_name(name)
@@ -311,6 +312,7 @@ class Keyring:
                 authorise(existing)
             if existing is not None:
                 alg = self._check_import_into(existing, alg, scope, labels)
+                self._refuse_while_pending(existing, self.now())
             elif alg is None:
                 raise InvalidArgument(f"algorithm is required: key {name!r} does not exist yet")
             self.slow_token().require_import(alg)
@@ -336,8 +338,12 @@ class Keyring:
                         )
                         self._store.create_key(key, import_token=import_token)
                     else:
+                        # Primary at once, as RotateKey with now: an import has no lead time.
                         self._store.add_version(
-                            version, make_primary=True, import_token=import_token
+                            version,
+                            make_primary=True,
+                            import_token=import_token,
+                            retire=((existing.effective_primary(now), now),),
                         )
                 except Exception as exc:
                     self._discard(version, exc)
@@ -414,12 +420,38 @@ class Keyring:
         return self._with_effective_states(self._store.get_key(name))
 
     def _with_effective_states(self, key: Key) -> Key:
+        """``key`` as it is now: its versions' effective states, and a scheduled next version
+        whose time has come folded into ``primary`` (the store still has it as next until the
+        key's next change)."""
         now = self.now()
         versions = tuple(
             replace(v, state=v.effective_state(now)) if v.effective_state(now) != v.state else v
             for v in key.versions
         )
+        if key.pending_primary(now) is None and key.next_primary is not None:
+            key = replace(
+                key, primary=key.effective_primary(now), next_primary=None, next_primary_at=None
+            )
         return replace(key, versions=versions)
+
+    def _issuer_bound(self, key: Key) -> bool:
+        """Whether ``key``'s scope has an issuer ([jwt] issuers): its rotations have a lead
+        time and its JWKS drops retired versions after a grace period."""
+        return key.scope in self._cfg.jwt.issuer_of
+
+    @staticmethod
+    def _refuse_while_pending(key: Key, now: datetime) -> None:
+        """FAILED_PRECONDITION while a rotation's new version waits to become primary: a key has
+        one next version at a time, and which way out (SetPrimaryVersion now, or a rotation
+        once it is primary) is the caller's to choose, not a second rotation's to guess."""
+        pending = key.pending_primary(now)
+        if pending is not None:
+            assert key.next_primary_at is not None
+            raise FailedPrecondition(
+                f"key {key.name!r} version {pending} becomes primary at "
+                f"{key.next_primary_at.isoformat()}: rotate again after it, or set the primary "
+                "version now"
+            )
 
     def scope_of(self, name: str) -> str | None:
         """The key's scope, or None if there is no such key (or the name is not a name)."""
@@ -493,8 +525,9 @@ class Keyring:
     ) -> SignResult:
         check_name(name)
         self._check_input(message, digest)
-        v = self._store.get_version(name, version)
-        check_usable(v, self.now())
+        now = self.now()
+        v = self._store.get_version(name, version, now)
+        check_usable(v, now)
         alg = algorithm(v.algorithm)
         mech, data = to_be_signed(alg, message, digest, pad)
         raw = self._on_a_token_that_sees_it(lambda t: t.sign(v.key_id, mech, data))
@@ -518,8 +551,9 @@ class Keyring:
             raise InvalidArgument("items is empty: send 1 to 1000 messages or digests")
         if len(items) > MAX_BATCH:
             raise InvalidArgument(f"{len(items)} items; at most {MAX_BATCH} per call")
-        v = self._store.get_version(name, version)
-        check_usable(v, self.now())
+        now = self.now()
+        v = self._store.get_version(name, version, now)
+        check_usable(v, now)
         alg = algorithm(v.algorithm)
         plan = BatchPlan(v, alg, fmt, pad, [], [], [])
         for i, (message, digest) in enumerate(items):
@@ -557,11 +591,12 @@ class Keyring:
     def sign_jwt(self, name: str, claims: bytes, *, set_issuer: bool = False) -> JwtResult:
         """A JWT over ``claims`` (used as given, once checked to be a JSON object, and held to
         the key's scope's issuer: :func:`signer._internal.issuers.claims_for`), signed with the
-        primary version; RSA keys sign PS256, as their JWK says."""
+        primary version (a scheduled next one once its time has come); RSA keys sign PS256, as
+        their JWK says."""
         check_name(name)
         parsed = jose.check_claims(claims)
-        v = self._store.get_version(name, 0)
         now = self.now()
+        v = self._store.get_version(name, 0, now)
         check_usable(v, now)
         scope = self.scope_of(name) or ""
         claims, issuer = claims_for(
@@ -577,10 +612,15 @@ class Keyring:
 
     def jwks(self, scope: str, visible: Callable[[Key], bool] | None = None) -> dict[str, Any]:
         """The JWKS of ``scope``: every enabled version of its keys (that ``visible`` lets
-        through), each JWK with the key's scope."""
+        through), each JWK with the key's scope. An issuer's scope leaves out the versions
+        retired [jwt] retired_grace_seconds or more ago; a rotation's next version is in it
+        from the rotation on."""
         if not scope:
             raise InvalidArgument("scope is required: a JWKS is per scope")
         check_scope(scope)
+        now = self.now()
+        grace = timedelta(seconds=self._cfg.jwt.retired_grace_seconds)
+        bound = scope in self._cfg.jwt.issuer_of
         keys: list[dict[str, Any]] = []
         after = ""
         while True:
@@ -589,6 +629,8 @@ class Keyring:
                 if visible is not None and not visible(key):
                     continue
                 for v in key.versions:
+                    if bound and v.retired_at is not None and now >= v.retired_at + grace:
+                        continue
                     if v.state is State.ENABLED:
                         jwk = public_jwk(
                             v.public_key_der, algorithm(key.algorithm), f"{key.name}/{v.version}"
@@ -613,43 +655,79 @@ class Keyring:
         self._check_input(message, digest)
         if not signature:
             raise InvalidArgument("signature is empty")
-        v = self._store.get_version(name, version)
-        check_usable(v, self.now())
+        now = self.now()
+        v = self._store.get_version(name, version, now)
+        check_usable(v, now)
         alg = algorithm(v.algorithm)
         return verify(v.public_key_der, alg, signature, message, digest, pad, fmt), v.version
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    def rotate(self, name: str) -> Key:
+    def rotate(self, name: str, *, now: bool = False) -> Key:
+        """A new version. For a key in an issuer's scope it is published at once and becomes
+        primary [jwt] rotation_lead_seconds later, when the version it replaces is retired
+        (verifiers that cached the JWKS before the rotation have refetched it by then);
+        FAILED_PRECONDITION while a version so scheduled is still waiting. Other keys, or
+        ``now``: the new version is primary at once."""
         check_name(name)
         with self._store.locked(f"key:{name}"):
             key = self._store.get_key(name)
+            at = self.now()
+            self._refuse_while_pending(key, at)
             alg = algorithm(key.algorithm)
             self._token.require(alg)
             number = max(v.version for v in key.versions) + 1
-            version = self._new_version(name, number, alg, self.now())
+            version = self._new_version(name, number, alg, at)
+            # The version the new one replaces: a next one that has become primary (the write
+            # folds it into primary_version), else the primary.
+            replaced = key.effective_primary(at)
+            primary_at = None
+            if self._issuer_bound(key) and not now:
+                primary_at = at + timedelta(seconds=self._cfg.jwt.rotation_lead_seconds)
             try:
-                self._store.add_version(version, make_primary=True)
+                self._store.add_version(
+                    version,
+                    make_primary=True,
+                    primary_at=primary_at,
+                    retire=((replaced, primary_at or at),),
+                )
             except Exception as exc:
                 self._discard(version, exc)
                 raise
         self._changed()
-        log.info("key rotated", extra={"key": name, "version": number})
+        log.info(
+            "key rotated",
+            extra={
+                "key": name,
+                "version": number,
+                **({} if primary_at is None else {"primary_at": primary_at.isoformat()}),
+            },
+        )
         return self.get_key(name)
 
     def set_primary(self, name: str, version: int) -> Key:
+        """Makes ``version`` primary at once (the emergency path: it does not wait for
+        verifiers' caches), cancelling a rotation's pending next version, which is retired
+        with the version that was primary."""
         check_name(name)
         self._require_version_number(version)
         with self._store.locked(f"key:{name}"):
             key = self._store.get_key(name)
             v = key.version(version)
-            state = v.effective_state(self.now())
+            at = self.now()
+            state = v.effective_state(at)
             if state is not State.ENABLED:
                 raise FailedPrecondition(
                     f"key {name!r} version {version} is {_state_words(state)}; "
                     "only an enabled version can be primary"
                 )
-            self._store.set_primary(name, version)
+            retire: list[tuple[int, datetime | None]] = [
+                (n, at)
+                for n in (key.effective_primary(at), key.pending_primary(at))
+                if n is not None and n != version
+            ]
+            retire.append((version, None))
+            self._store.set_primary(name, version, retire=tuple(retire))
         self._changed()
         log.info("primary version set", extra={"key": name, "version": version})
         return self.get_key(name)
@@ -684,9 +762,15 @@ class Keyring:
         with self._store.locked(f"key:{name}"):
             key = self._store.get_key(name)
             v = key.version(version)
-            if v.version == key.primary:
+            now = self.now()
+            if v.version == key.effective_primary(now):
                 raise FailedPrecondition(
                     f"key {name!r} version {version} is the primary version; "
+                    "make another version primary first"
+                )
+            if v.version == key.pending_primary(now):
+                raise FailedPrecondition(
+                    f"key {name!r} version {version} is to become the primary version; "
                     "make another version primary first"
                 )
             return self._transition_locked(

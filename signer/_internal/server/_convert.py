@@ -44,6 +44,8 @@ def version_pb(v: Version, token_label: str) -> pb.KeyVersion:
 
 
 def key_pb(k: Key, token_label: str) -> pb.Key:
+    """A key as the keyring gives it: ``primary`` the effective primary, ``next_primary`` set
+    only while one is pending."""
     return pb.Key(
         name=k.name,
         algorithm=k.algorithm,
@@ -52,6 +54,8 @@ def key_pb(k: Key, token_label: str) -> pb.Key:
         create_time=ts(k.created),
         scope=k.scope,
         labels=k.labels,
+        next_primary_version=k.next_primary or 0,
+        next_primary_time=ts(k.next_primary_at),
     )
 
 

@@ -75,10 +75,15 @@ def audit_event(
         # A batch: the digest of the items' digests, in order (a caller can recompute it).
         payload = b"".join(hashlib.sha256(item.message or item.digest).digest() for item in items)
     # The version the call used or made: a signature's, or a key's primary (a rotation, an
-    # import, a creation), else the one the request named.
+    # import, a creation) or, while one waits to become primary, its next (an issuer's key's
+    # rotation made that one), else the one the request named.
     version = 0
     if response is not None:
-        version = getattr(response, "version", 0) or getattr(response, "primary_version", 0)
+        version = (
+            getattr(response, "version", 0)
+            or getattr(response, "next_primary_version", 0)
+            or getattr(response, "primary_version", 0)
+        )
     return Event(
         time=now,
         caller=caller.identity if caller is not None else "unauthenticated",

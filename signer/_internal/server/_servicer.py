@@ -213,7 +213,9 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     async def RotateKey(self, request: pb.RotateKeyRequest, context: Any) -> pb.Key:
         await self._allow(request.name)
-        return self._key(await self._run(self._keyring.rotate, request.name))
+        return self._key(
+            await self._run(functools.partial(self._keyring.rotate, now=request.now), request.name)
+        )
 
     async def SetPrimaryVersion(self, request: pb.SetPrimaryVersionRequest, context: Any) -> pb.Key:
         await self._allow(request.name)

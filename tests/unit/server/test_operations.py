@@ -84,3 +84,20 @@ def test_the_audit_log_records_a_call_under_the_tables_name() -> None:
     )
     assert event.operation == rpc_name(method) == "SetPrimaryVersion"
     assert event.operation in OPERATION_OF
+
+
+@pytest.mark.parametrize(("next_version", "recorded"), [(0, 3), (4, 4)])
+def test_the_audit_log_records_the_version_a_rotation_made(
+    next_version: int, recorded: int
+) -> None:
+    """Issue 17: a rotation in an issuer's scope makes a version that is primary only later; the
+    record names it, not the primary that still signs."""
+    event = audit_event(
+        datetime(2026, 1, 1, tzinfo=UTC),
+        f"/{SERVICE.full_name}/RotateKey",
+        Caller.unix(1000, "alice"),
+        pb.RotateKeyRequest(name="k"),
+        pb.Key(name="k", primary_version=3, next_primary_version=next_version),
+        None,
+    )
+    assert event.version == recorded
