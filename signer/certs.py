@@ -347,12 +347,41 @@ def load_certificate(data: bytes, source: str) -> x509.Certificate:
         raise InvalidArgument(f"{source}: not a readable X.509 certificate ({exc})") from None
 
 
+# The SAN types a CSR may carry into a certificate, as `signer keys csr --san` writes them.
+_SAN_PREFIX: dict[type[x509.GeneralName], str] = {
+    x509.DNSName: "DNS",
+    x509.IPAddress: "IP",
+    x509.RFC822Name: "email",
+    x509.UniformResourceIdentifier: "URI",
+}
+
+
 def _requested_sans(csr: x509.CertificateSigningRequest) -> x509.SubjectAlternativeName | None:
+    """The CSR's SANs, each checked as ``--san`` checks one: a CSR comes from whoever asked,
+    and another type (an otherName such as a Windows UPN, which smart-card logon trusts; a
+    directoryName) would go into a certificate the operator never read. Refused, naming it."""
     try:
         ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return None
+    for name in ext.value:
+        prefix = _SAN_PREFIX.get(type(name))
+        if prefix is None:
+            raise InvalidArgument(
+                f"the CSR asks for a {type(name).__name__} SAN; only DNS, IP, email and URI "
+                "names are certified (issue the certificate from a CSR without it)"
+            )
+        parse_san(f"{prefix}:{name.value}")
     return ext.value
+
+
+def san_strings(cert: x509.Certificate) -> list[str]:
+    """The certificate's SANs as TYPE:VALUE, for the operator to read."""
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [f"{_SAN_PREFIX.get(type(n), type(n).__name__)}:{n.value}" for n in ext.value]
 
 
 # --- certificates ------------------------------------------------------------------------------

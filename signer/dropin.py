@@ -161,6 +161,14 @@ def parse_uri(uri: str) -> KeyURI:
     return KeyURI(name, version)
 
 
+def _bytes_like(data: object) -> bytes:
+    """``data`` as bytes, if it is bytes-like, as cryptography's keys require: ``bytes(32)``
+    would make 32 zero bytes of an int, and sign them."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
+    return bytes(data)
+
+
 def _loaded(resp: pb.PublicKey) -> Any:
     """The public key of a GetPublicKey answer, checked as the service checks its own."""
     pem = serialization.load_pem_public_key(resp.pem.encode())
@@ -265,14 +273,20 @@ class _ServiceKey:
                 f"{self._alg.name}: load it again"
             )
         if sig.version != self._current:
+            if self.fixed_version:
+                # Asked for one version, answered by another: the caller's public_key() would
+                # not verify what it signed.
+                raise NotOffered(
+                    f"key {self._ref.name!r} is loaded at version {self._ref.version}; the "
+                    f"service signed with version {sig.version}"
+                )
             self._public_of(sig.version)
             self._current = sig.version
         return sig.signature
 
-    def _digest(self, data: bytes, algorithm: object) -> bytes:
+    def _digest(self, data: object, algorithm: object) -> bytes:
         """The digest of ``data`` under the key's own hash, or NotOffered for another hash."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError("data must be bytes-like")
+        data = _bytes_like(data)
         prehashed = isinstance(algorithm, utils.Prehashed)
         h = algorithm._algorithm if isinstance(algorithm, utils.Prehashed) else algorithm
         if not isinstance(h, hashes.HashAlgorithm) or h.name != self._alg.hash_name:
@@ -351,7 +365,7 @@ class ServiceECPrivateKey(_ServiceKey, ec.EllipticCurvePrivateKey):
                 f"key {self.name!r}: the token signs ECDSA with a random k; deterministic "
                 "signing (RFC 6979) is not offered"
             )
-        digest = self._digest(bytes(data), signature_algorithm.algorithm)
+        digest = self._digest(data, signature_algorithm.algorithm)
         return self._sign_remote(digest=digest)
 
     async def asign(
@@ -413,7 +427,7 @@ class ServiceRSAPrivateKey(_ServiceKey, rsa.RSAPrivateKey):
     ) -> bytes:
         """RSASSA with SHA-256: the digest is computed here and only it is sent."""
         pad = self._padding(padding)
-        digest = self._digest(bytes(data), algorithm)
+        digest = self._digest(data, algorithm)
         return self._sign_remote(digest=digest, rsa_padding=pad)
 
     async def asign(
@@ -442,7 +456,7 @@ class ServiceEd25519PrivateKey(_ServiceKey, ed25519.Ed25519PrivateKey):
 
     def sign(self, data: Buffer) -> bytes:
         """PureEdDSA signs the message itself: the whole of ``data`` is sent to the service."""
-        return self._sign_remote(message=bytes(data))
+        return self._sign_remote(message=_bytes_like(data))
 
     async def asign(self, data: Buffer) -> bytes:
         return await asyncio.to_thread(self.sign, data)

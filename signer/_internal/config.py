@@ -8,6 +8,7 @@ token PIN is read from the file named by ``token.pin_file``, by :mod:`signer._in
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -241,8 +242,10 @@ class MetricsConfig:
 
 # An issuer's URL: https, a host (and port), one path segment naming the issuer's directory
 # under jwt.issuers_dir, which the front serves at /<segment>/ (README "Issuers").
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 ISSUER_URL = re.compile(
-    r"https://([a-z0-9.-]+|\[[0-9a-f:]+\])(:[0-9]{1,5})?/([a-z0-9][a-z0-9-]{0,62})"
+    rf"https://({_LABEL}(?:\.{_LABEL})*|\[([0-9a-f:.]+)\])(?::([1-9][0-9]{{0,4}}))?"
+    r"/([a-z0-9][a-z0-9-]{0,62})"
 )
 
 
@@ -664,6 +667,8 @@ def _validate_jwt(jwt: JwtConfig) -> None:
                 f"jwt.issuers: each entry is SCOPE=https://HOST/NAME, got {shown(part)}"
             )
         m = ISSUER_URL.fullmatch(url)
+        if m is not None and not _issuer_host_and_port(m):
+            m = None
         if m is None:
             raise ConfigError(
                 f"jwt.issuers: the issuer of scope {shown(scope)} must be https://HOST[:PORT]/NAME "
@@ -673,12 +678,23 @@ def _validate_jwt(jwt: JwtConfig) -> None:
             raise ConfigError(f"jwt.issuers: {shown(scope)} is not a scope name")
         if scope in scopes:
             raise ConfigError(f"jwt.issuers binds scope {shown(scope)} to two issuers")
-        if m.group(3) in slugs:
+        if m.group(4) in slugs:
             raise ConfigError(
-                f"jwt.issuers: two issuers end in /{m.group(3)}: each needs its own directory"
+                f"jwt.issuers: two issuers end in /{m.group(4)}: each needs its own directory"
             )
         scopes.add(scope)
-        slugs.add(m.group(3))
+        slugs.add(m.group(4))
+
+
+def _issuer_host_and_port(m: re.Match[str]) -> bool:
+    if m.group(3) is not None and not 1 <= int(m.group(3)) <= 65535:
+        return False
+    if m.group(2) is not None:
+        try:
+            ipaddress.IPv6Address(m.group(2))
+        except ValueError:
+            return False
+    return True
 
 
 # libpq parameters a store URL must not carry: secrets (DESIGN.md 9: from owner-only files, never

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -57,10 +58,11 @@ _TAIL_BYTES = 1 << 20
 # How the starter opens its files in the workdir: created or truncated, never through a link.
 _WRITE_NO_LINK = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 # Characters that would end a PKCS#11 URI attribute or an nginx string.
+_PORT = re.compile(r"[1-9][0-9]{0,4}")  # ASCII digits only: str.isdigit() takes '²' too
 # What the issuers' server serves: SLUG/jwks.json and SLUG/.well-known/openid-configuration
 # (signer._internal.issuers), nothing else (no listing, no temporary file of the publisher).
 ISSUER_DOCUMENT = r"[a-z0-9][a-z0-9-]{0,62}/(jwks\.json|\.well-known/openid-configuration)"
-_UNSAFE = set(";?&\"'\\ \n\t{}$")
+_UNSAFE = set(";?&\"'\\ \n\r\t{}$")
 
 # Replicas (README "Replicas"). A call that reached no replica (its socket missing, refused) is
 # sent to the next one whatever the RPC: nothing was done. A call whose replica died holding it
@@ -133,13 +135,16 @@ def _check(cfg: FrontConfig, *, files: bool = True) -> None:
     }
     if unsafe:
         raise ConfigError(f"front.{', front.'.join(sorted(unsafe))}: unsupported characters")
+    ports = {}
     for name in ("listen", "issuers_listen") if cfg.issuers_listen else ("listen",):
         host, _, port = getattr(cfg, name).rpartition(":")
-        if not host or not port.isdigit() or set(host) & _UNSAFE:
+        if not host or not _PORT.fullmatch(port) or set(host) & _UNSAFE:
             raise ConfigError(f"front.{name} must be host:port, got {getattr(cfg, name)!r}")
+        ports[name] = int(port)
     if cfg.issuers_listen:
-        if cfg.issuers_listen == cfg.listen:
-            raise ConfigError("front.issuers_listen must be another address than front.listen")
+        if ports["issuers_listen"] == ports["listen"]:
+            # By port: 0.0.0.0:50051 and 127.0.0.1:50051 are one socket to nginx's eyes.
+            raise ConfigError("front.issuers_listen must be another port than front.listen's")
         if not cfg.issuers_dir or set(cfg.issuers_dir) & _UNSAFE:
             raise ConfigError(
                 "front.issuers_dir must be set (the service's jwt.issuers_dir), without spaces, "
@@ -273,7 +278,12 @@ def _issuers_server(front: FrontConfig, key: str) -> str:
     if not front.issuers_listen:
         return ""
     age = front.issuers_max_age
-    return f"""  server {{
+    return f"""  # A relying party fetches two small files a few times an hour: bounds per address
+  # on requests and connections keep a flood from the internet off the event loop that also
+  # carries the signing calls (each new TLS connection is a signature in the TLS token).
+  limit_req_zone $binary_remote_addr zone=issuers:1m rate=10r/s;
+  limit_conn_zone $binary_remote_addr zone=issuers_conn:1m;
+  server {{
     listen {front.issuers_listen} ssl http2;
     ssl_certificate {Path(front.certificate).absolute()};
     ssl_certificate_key "{key}";
@@ -286,9 +296,14 @@ def _issuers_server(front: FrontConfig, key: str) -> str:
     default_type application/json;
     etag on;
     if_modified_since off;  # one validator, the ETag (the publisher keeps it unique per file)
+    limit_req zone=issuers burst=20 nodelay;
+    limit_conn issuers_conn 8;
+    limit_req_status 429;
+    limit_conn_status 429;
     location ~ "^/{ISSUER_DOCUMENT}$" {{
       limit_except GET {{ deny all; }}  # and HEAD
-      add_header Cache-Control "public, max-age={age}" always;
+      # Not "always": a 404 (an issuer not yet published) must not be cached for max-age.
+      add_header Cache-Control "public, max-age={age}";
       add_header Access-Control-Allow-Origin "*" always;  # browsers' JOSE libraries
       add_header X-Content-Type-Options nosniff always;
     }}

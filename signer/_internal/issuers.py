@@ -15,15 +15,18 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from signer._internal.config import JwtConfig
-from signer.errors import FailedPrecondition, InvalidArgument, shown
+from signer._internal.logs import Every
+from signer.errors import FailedPrecondition, InvalidArgument, SignerError, shown
 
 log = logging.getLogger("signer.issuers")
 
@@ -47,19 +50,20 @@ def claims_for(
     kept as given."""
     issuers = jwt.issuer_of
     issuer = issuers.get(scope)
+    named = "iss" in parsed  # "iss": null is named too: a second "iss" must never be added
     given = parsed.get("iss")
     if issuer is None:
         if set_issuer:
             raise FailedPrecondition(
                 f"scope {shown(scope)} has no issuer ([jwt] issuers): there is no iss to set"
             )
-        if isinstance(given, str) and given in issuers.values():
+        if isinstance(given, str) and _same_url(given) in {_same_url(u) for u in issuers.values()}:
             raise InvalidArgument(
                 f"claims name issuer {shown(given)}, which speaks for another scope "
                 f"than this key's ({shown(scope)})"
             )
         return claims, given if isinstance(given, str) else ""
-    if given is not None and given != issuer:
+    if named and given != issuer:
         raise InvalidArgument(
             f"claims name issuer {shown(given)}; a key of scope {shown(scope)} signs only "
             f"for {issuer}"
@@ -76,13 +80,19 @@ def claims_for(
             f'"exp" is {exp - now:.0f} s ahead; tokens of scope {shown(scope)} may live at '
             f"most {limit:g} s (jwt.max_token_lifetime_seconds)"
         )
-    if set_issuer and given is None:
+    if set_issuer and not named:
         member = json.dumps({"iss": issuer}, separators=(",", ":"))[1:-1].encode()
         start = claims.index(b"{") + 1  # check_claims parsed an object: '{' comes first
         rest = claims[start:]
         sep = b"," if parsed else b""
         claims = claims[:start] + member + sep + rest
-    return claims, issuer if given is not None or set_issuer else ""
+    return claims, issuer if named or set_issuer else ""
+
+
+def _same_url(url: str) -> str:
+    """An issuer URL as verifiers are likely to compare it: case-insensitive scheme and host,
+    no final slash (the configured ones have no uppercase and no final slash)."""
+    return url.strip().rstrip("/").lower()
 
 
 def slug(issuer: str) -> str:
@@ -105,6 +115,16 @@ def documents(issuer: str, jwks: Mapping[str, Any]) -> dict[str, bytes]:
         JWKS_FILE: json.dumps(jwks, sort_keys=True).encode(),
         DISCOVERY_FILE: json.dumps(discovery, sort_keys=True).encode(),
     }
+
+
+# What the publisher may find in an issuer's directory: its two documents and its temporary
+# files. A directory holding anything else is not the publisher's to remove.
+_DOCUMENTS = {JWKS_FILE, DISCOVERY_FILE}
+_TMP = ".tmp-"
+# A temporary file older than this is a write that died (a crash between mkstemp and rename);
+# younger ones may be another replica's write in flight, in a directory replicas share.
+STALE_TMP_SECONDS = 300.0
+SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:
@@ -134,16 +154,42 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_dir(path.parent)
     return True
 
 
-def _public_dir(path: Path, *, parents: bool = False) -> None:
-    """A directory the front (another user, when run as root) may enter and read: 0755 whatever
-    the umask (the service's is owner-only)."""
+def _sync_dir(path: Path) -> None:
+    """The rename made durable: after a power cut the new file is served, not the old."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _public_dir(path: Path) -> None:
+    """``path`` and its missing parents, directories the front (another user, when run as root)
+    may enter and read: 0755 whatever the umask (the service's is owner-only)."""
     if path.is_dir() and not path.is_symlink():
         return
-    path.mkdir(parents=parents)
+    if not path.parent.is_dir():
+        _public_dir(path.parent)
+    path.mkdir()
     os.chmod(path, 0o755)  # noqa: S103 (public documents, read by the front)
+
+
+def _files(directory: Path) -> set[str]:
+    """Every non-directory under ``directory``, relative, without following links."""
+    found: set[str] = set()
+    for parent, dirs, files in os.walk(directory):
+        rel = Path(parent).relative_to(directory)
+        found.update(str(rel / name) for name in files)
+        found.update(str(rel / name) for name in dirs if (Path(parent) / name).is_symlink())
+    return found
+
+
+def _is_tmp(rel: str) -> bool:
+    return Path(rel).name.startswith(_TMP)
 
 
 class Publisher:
@@ -156,27 +202,95 @@ class Publisher:
         self._jwt = jwt
         self._jwks = jwks
         self.root = Path(jwt.issuers_dir).absolute()
+        self._said = Every(3600.0)  # a directory left alone is said once an hour, not each tick
 
     @property
     def enabled(self) -> bool:
         return bool(self._jwt.issuer_of)
 
-    def publish(self) -> int:
-        """Writes what changed; returns how many files were written. A failure leaves the old
-        files served and raises (the caller logs it and tries again at the next tick)."""
+    def publish(self) -> Publication:
+        """Writes what changed, issuer by issuer (one that fails holds up no other: a disabled
+        key must leave the other issuers' sets all the same), then removes what no configured
+        issuer owns. A failure is logged and counted; the old files stay served and the next
+        tick tries again."""
+        done = Publication()
+        issuers = self._jwt.issuer_of
+        for scope, issuer in issuers.items():
+            try:
+                done.written += self._publish_one(scope, issuer)
+            except (OSError, SignerError) as exc:
+                done.failed += 1
+                log.error(
+                    "issuer documents not published",
+                    extra={"issuer": issuer, "scope": scope, "error": _reason(exc)},
+                )
+        try:
+            self._prune({slug(i) for i in issuers.values()})
+        except OSError as exc:
+            done.failed += 1
+            log.error("old issuer documents not removed", extra={"error": _reason(exc)})
+        return done
+
+    def _publish_one(self, scope: str, issuer: str) -> int:
         written = 0
-        if not self.root.is_dir():
-            _public_dir(self.root, parents=True)
-        for scope, issuer in self._jwt.issuer_of.items():
-            directory = self.root / slug(issuer)
-            for name, data in documents(issuer, self._jwks(scope)).items():
-                path = directory / name
-                for parent in reversed(path.relative_to(self.root).parents[:-1]):
-                    _public_dir(self.root / parent)
-                if write_if_changed(path, data):
-                    written += 1
-                    log.info(
-                        "issuer document published",
-                        extra={"issuer": issuer, "scope": scope, "document": name},
-                    )
+        directory = self.root / slug(issuer)
+        for name, data in documents(issuer, self._jwks(scope)).items():
+            path = directory / name
+            _public_dir(path.parent)
+            if write_if_changed(path, data):
+                written += 1
+                log.info(
+                    "issuer document published",
+                    extra={"issuer": issuer, "scope": scope, "document": name},
+                )
         return written
+
+    def _prune(self, configured: set[str]) -> None:
+        """Directories of issuers no longer configured (one removed because its scope was
+        compromised must not stay online), and temporary files of writes that died. Only what
+        the publisher writes is removed: a directory holding anything else is left, and said."""
+        if not self.root.is_dir():
+            return
+        now = time.time()
+        for entry in self.root.iterdir():
+            if entry.is_symlink() or not entry.is_dir() or not SLUG.fullmatch(entry.name):
+                continue
+            files = _files(entry)
+            stale = {
+                rel
+                for rel in files
+                if _is_tmp(rel) and now - (entry / rel).lstat().st_mtime > STALE_TMP_SECONDS
+            }
+            if entry.name in configured:
+                for rel in stale:
+                    (entry / rel).unlink(missing_ok=True)
+                continue
+            if not files <= _DOCUMENTS | stale:
+                if self._said.due(entry.name) is not None:
+                    log.warning(
+                        "not removing an unconfigured issuer directory: it holds other files",
+                        extra={"path": str(entry)},
+                    )
+                continue
+            for rel in files:
+                (entry / rel).unlink(missing_ok=True)
+            for sub in (entry / ".well-known", entry):
+                if sub.is_dir() and not sub.is_symlink():
+                    sub.rmdir()
+            log.info("issuer documents removed", extra={"path": str(entry)})
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, SignerError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror)
+    return type(exc).__name__
+
+
+@dataclass
+class Publication:
+    """What one publication did."""
+
+    written: int = 0
+    failed: int = 0

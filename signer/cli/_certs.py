@@ -139,6 +139,7 @@ def cmd_keys_certificate(args: argparse.Namespace) -> int:
         "issuer_key": args.issuer,
         "issuer_version": issuer.version,
         "subject": cert.subject.rfc4514_string(),
+        "sans": certs.san_strings(cert),  # copied from the CSR: what the operator certified
         "issuer": cert.issuer.rfc4514_string(),
         "serial": f"{cert.serial_number:x}",
         "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),

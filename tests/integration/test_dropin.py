@@ -207,6 +207,10 @@ def test_ec_refuses_what_the_service_does_not_sign(
         key.sign(b"m", ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     with pytest.raises(NotOffered, match="ECDH"):
         key.exchange(ec.ECDH(), ec.generate_private_key(ec.SECP256R1()).public_key())
+    # As cryptography's own keys: an int is not data (bytes(32) would sign 32 zero bytes).
+    for data in (32, "m"):
+        with pytest.raises(TypeError, match="bytes-like"):
+            key.sign(data, ec.ECDSA(utils.Prehashed(hashes.SHA256())))  # type: ignore[arg-type]
 
 
 # --- RSA -----------------------------------------------------------------------------------
@@ -335,6 +339,15 @@ def test_disabled_fixed_version_refused_with_failed_precondition(
     assert isinstance(pinned, ServiceECPrivateKey)
     sig = pinned.sign(b"m", ec.ECDSA(hashes.SHA256()))
     v1.verify(sig, b"m", ec.ECDSA(hashes.SHA256()))
+    assert pinned.version == 1
+
+    # A service answering with another version than the pinned one is refused, not followed:
+    # the caller's public_key() would not verify the signature.
+    real_sign = client.sign
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(client, "sign", lambda *a, **kw: real_sign(*a, **(kw | {"version": 0})))
+        with pytest.raises(NotOffered, match="version 1; the service signed with version 2"):
+            pinned.sign(b"m", ec.ECDSA(hashes.SHA256()))
     assert pinned.version == 1
 
     client.disable(name, 1)

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from signer import jose
 from signer._internal.pki import DevCA
 from signer.client import SignerClient
-from signer.errors import InvalidArgument
+from signer.errors import FailedPrecondition, InvalidArgument
 from tests.conftest import (
     ServiceFactory,
     TokenHostHandle,
@@ -227,6 +227,18 @@ def test_grpc_on_the_issuers_port_reaches_no_service(issuers: Issuers) -> None:
 # --- SignJWT and iss ------------------------------------------------------------------------
 
 
+def test_an_issuers_keys_sign_jwts_only(issuers: Issuers, unique_name: UniqueName) -> None:
+    """Raw Sign with an enterprise key would mint a token the enterprise verifiers accept with
+    any iss and no bounded exp (hostile review of issue 17): refused, batch too."""
+    enterprise, consumer = make_keys(issuers, unique_name)
+    with issuers.client() as c:
+        for name in (enterprise, consumer):
+            with pytest.raises(FailedPrecondition, match="signs JWTs only"):
+                c.sign(name, message=b"header.payload")
+            with pytest.raises(FailedPrecondition, match="signs JWTs only"):
+                c.sign_batch(name, messages=[b"a", b"b"])
+
+
 def test_set_issuer_puts_the_scopes_issuer(issuers: Issuers, unique_name: UniqueName) -> None:
     enterprise, consumer = make_keys(issuers, unique_name)
     with issuers.client() as c:
@@ -317,8 +329,9 @@ class NodeVerifier:
 
 
 def forged(c: SignerClient, name: str, kid: str, payload: dict[str, Any]) -> str:
-    """A JWT whose claims name the enterprise issuer, signed with ``name`` through raw Sign:
-    what SignJWT refuses to make, made anyway, to show the verifiers refuse it on their own."""
+    """A JWT whose claims name the enterprise issuer, signed through raw Sign with ``name``, a
+    key of a scope without an issuer (an issuer's keys sign through SignJWT only): what SignJWT
+    refuses to make, made anyway, to show the verifiers refuse it on their own."""
     data = jose.signing_input("ES256", kid, json.dumps(payload).encode())
     sig = c.sign(name, message=data, signature_format="raw").signature
     return jose.compact(data, sig)
@@ -332,9 +345,11 @@ def test_standard_verifiers_of_the_enterprise_issuer_accept_only_enterprise_toke
     with issuers.client() as c:
         good = c.sign_jwt(enterprise, claims(), set_issuer=True)
         other = c.sign_jwt(consumer, claims(), set_issuer=True)
-        forgery = forged(c, consumer, f"{consumer}/1", claims(iss=issuer))
-        # The forger guesses an enterprise kid: the consumer key's signature does not verify.
-        spoof = forged(c, consumer, f"{enterprise}/1", claims(iss=issuer))
+        outsider = unique_name()
+        c.create_key(outsider, "ec-p256", scope="payments")
+        forgery = forged(c, outsider, f"{outsider}/1", claims(iss=issuer))
+        # The forger guesses an enterprise kid: the other key's signature does not verify.
+        spoof = forged(c, outsider, f"{enterprise}/1", claims(iss=issuer))
     assert wait_until(lambda: f"{enterprise}/1" in issuers.kids("enterprise"), timeout=5)
     node = NodeVerifier(issuers, issuer)
     try:

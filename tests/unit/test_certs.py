@@ -81,3 +81,36 @@ def test_issue_refuses_what_would_mislead_a_verifier() -> None:
     # An empty subject: the SANs are the identity, so their extension is critical (RFC 5280).
     assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
     assert cert.not_valid_before_utc < datetime.datetime.now(datetime.UTC)
+
+
+def test_a_csrs_sans_are_checked_as_the_operators_would_be() -> None:
+    """Review of issue 17: a CSR's otherName (a Windows UPN, trusted by smart-card logon) or
+    directoryName went into the certificate unread. Only DNS, IP, email and URI names that
+    --san would accept are certified; the summary lists them."""
+    ca_key, leaf_key = _key(), _key()
+    ca_cert = _ca(ca_key)
+    req = certs.CertificateRequest(days=1)
+    upn = x509.OtherName(x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3"), b"\x0c\x05admin")
+    for name, message in (
+        (upn, "OtherName SAN"),
+        (x509.DirectoryName(x509.Name([])), "DirectoryName SAN"),
+        (x509.DNSName("bad name"), "not a DNS name"),
+    ):
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "leaf")]))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("a.example"), name]), critical=False
+            )
+            .sign(leaf_key, certs.signing_hash(leaf_key, "sha256"))
+        )
+        with pytest.raises(InvalidArgument, match=message):
+            certs.issue(csr, ca_key, req, hash_name="sha256", ca_cert=ca_cert)
+    good = certs.build_csr(
+        leaf_key,
+        x509.Name([]),
+        [certs.parse_san("DNS:a.example"), certs.parse_san("IP:10.0.0.1")],
+        hash_name="sha256",
+    )
+    cert = certs.issue(good, ca_key, req, hash_name="sha256", ca_cert=ca_cert)
+    assert certs.san_strings(cert) == ["DNS:a.example", "IP:10.0.0.1"]

@@ -138,7 +138,11 @@ def test_the_issuers_server_serves_files_only_and_asks_no_certificate(tmp_path: 
         assert directive not in public
     assert "disable_symlinks on;" in public
     assert "location / {\n      return 404;" in public
-    assert 'add_header Cache-Control "public, max-age=300" always;' in public
+    # Cached when found; a 404 (an issuer not published yet) is not.
+    assert 'add_header Cache-Control "public, max-age=300";' in public
+    # A flood from the internet is bounded per address.
+    assert "limit_req zone=issuers burst=20 nodelay;" in public
+    assert "limit_conn issuers_conn 8;" in public
     assert "limit_except GET { deny all; }" in public
     # Same key, in the token, as the gRPC server's.
     assert public.count("engine:pkcs11:") == 1
@@ -150,6 +154,10 @@ def test_the_issuers_server_serves_files_only_and_asks_no_certificate(tmp_path: 
         ({"issuers_listen": "127.0.0.1:8443"}, "front.issuers_dir"),
         ({"issuers_listen": "127.0.0.1:8443", "issuers_dir": "/srv/a b"}, "front.issuers_dir"),
         ({"issuers_listen": "127.0.0.1:50051", "issuers_dir": "/srv/i"}, "front.issuers_listen"),
+        ({"issuers_listen": "0.0.0.0:50051", "issuers_dir": "/srv/i"}, "another port"),
+        ({"issuers_listen": "127.0.0.1:8\u00b2", "issuers_dir": "/srv/i"}, "host:port"),
+        ({"issuers_listen": "127.0.0.1:9\rx", "issuers_dir": "/srv/i"}, "host:port"),
+        ({"issuers_listen": "127.0.0.1:0", "issuers_dir": "/srv/i"}, "host:port"),
         ({"issuers_listen": "8443", "issuers_dir": "/srv/i"}, "front.issuers_listen"),
         ({"issuers_listen": "h;x:1", "issuers_dir": "/srv/i"}, "front.issuers_listen"),
         (

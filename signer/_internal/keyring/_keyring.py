@@ -166,6 +166,7 @@ class Keyring:
         self._imports = ImportTokens(cfg, token, store, clock, self.slow_token)
         # Scopes are fixed at creation, so a key's scope, once read, is read for good.
         self._scopes: dict[str, str] = {}
+        self._issuers = cfg.jwt.issuer_of
         self._said = Every(60.0)
         self._changes: list[Callable[[], None]] = []
 
@@ -528,6 +529,7 @@ class Keyring:
         now = self.now()
         v = self._store.get_version(name, version, now)
         check_usable(v, now)
+        self._refuse_if_jwt_only(name)
         alg = algorithm(v.algorithm)
         mech, data = to_be_signed(alg, message, digest, pad)
         raw = self._on_a_token_that_sees_it(lambda t: t.sign(v.key_id, mech, data))
@@ -554,6 +556,7 @@ class Keyring:
         now = self.now()
         v = self._store.get_version(name, version, now)
         check_usable(v, now)
+        self._refuse_if_jwt_only(name)
         alg = algorithm(v.algorithm)
         plan = BatchPlan(v, alg, fmt, pad, [], [], [])
         for i, (message, digest) in enumerate(items):
@@ -587,6 +590,19 @@ class Keyring:
         raws = self._on_a_token_that_sees_it(lambda t: t.sign_many(plan.version.key_id, jobs))
         for i, raw in zip(plan.slots[start:end], raws, strict=True):
             plan.results[i] = format_signature(plan.alg, raw, plan.fmt)
+
+    def _refuse_if_jwt_only(self, name: str) -> None:
+        """A key of an issuer's scope signs JWTs only (SignJWT): raw Sign would let a caller
+        mint tokens its issuer's verifiers accept with any iss and no bounded exp, and the
+        grace after a rotation holds only for tokens that expire within
+        jwt.max_token_lifetime_seconds. The scope is cached after the first read."""
+        scope = self.scope_of(name)
+        if scope is not None and scope in self._issuers:
+            raise FailedPrecondition(
+                f"key {name!r} is in scope {scope!r}, published by issuer "
+                f"{self._issuers[scope]}: it signs JWTs only (SignJWT), whose iss and exp rules "
+                "keep its rotations safe for verifiers"
+            )
 
     def sign_jwt(self, name: str, claims: bytes, *, set_issuer: bool = False) -> JwtResult:
         """A JWT over ``claims`` (used as given, once checked to be a JSON object, and held to

@@ -507,21 +507,14 @@ class Server:
         interval = self.cfg.jwt.publish_interval_seconds
         while True:
             self._publish_now.clear()
-            ok, written = False, 0
             try:
-                written = await self.run_blocking(self.publisher.publish)
-                ok = True
-            except SignerError as exc:
-                log.warning("issuer documents not published", extra={"error": exc.message})
-            except OSError as exc:
-                # The files already there stay served; the next tick tries again.
-                log.error(
-                    "issuer documents not written",
-                    extra={"error": exc.strerror or str(exc), "path": str(exc.filename or "")},
-                )
+                # Failures are the publisher's to log, issuer by issuer; the files already
+                # there stay served and the next tick tries again.
+                done = await self.run_blocking(self.publisher.publish)
+                self.metrics.issuers_published(done.failed == 0, done.written)
             except Exception:
                 log.exception("publisher crashed")
-            self.metrics.issuers_published(ok, written)
+                self.metrics.issuers_published(False, 0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publish_now.wait(), interval)
 

@@ -6,6 +6,7 @@ FakeToken, a real SQLiteStore and a FakeClock; keys of other scopes rotate as be
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -18,7 +19,7 @@ from signer import jose
 from signer._internal.config import Config, JwtConfig
 from signer._internal.keyring import Keyring
 from signer.errors import FailedPrecondition, TokenRejected
-from signer.keys import Padding, SignMechanism
+from signer.keys import Padding, SigFormat, SignMechanism
 from tests.conftest import FakeClock
 from tests.unit.fakes import FailingStore, FakeToken
 
@@ -92,11 +93,9 @@ def test_rotation_publishes_the_next_version_and_the_old_one_keeps_signing(
     assert [v.version for v in key.versions] == [1, 2]
     # Published at once, so that verifiers have it before it signs anything.
     assert kids(keyring) == ["api/1", "api/2"]
-    # Version 1 still signs: the JWT's kid, Sign and GetPublicKey's version 0.
+    # Version 1 still signs: the JWT's kid, the token object, GetPublicKey's version 0.
     assert signed_kid(keyring) == "api/1"
     v1, v2 = key.versions
-    signed = keyring.sign("api", 0, b"message", None)
-    assert signed.version == 1
     assert token.signed[-1][:2] == (v1.key_id, SignMechanism.ECDSA)
     assert keyring.public_key("api", 0)[0].version == 1
     # Version 1 is retired when version 2 becomes primary, not now.
@@ -116,7 +115,6 @@ def test_the_next_version_becomes_primary_at_the_lead_time_without_a_write(
     assert keyring.get_key("api").primary == 1
     at(clock, t0, LEAD)
     assert signed_kid(keyring) == "api/2"
-    assert keyring.sign("api", 0, b"message", None).version == 2
     assert token.signed[-1][0] == v2.key_id
     assert keyring.public_key("api", 0)[0].version == 2
     key = keyring.get_key("api")
@@ -275,7 +273,20 @@ def test_verify_with_version_0_uses_the_effective_primary(
     t0 = clock.now
     keyring.rotate("api")
     at(clock, t0, LEAD)
-    signature = keyring.sign("api", 2, b"message", None).signature
-    assert keyring.verify("api", 0, b"message", None, signature) == (True, 2)
-    plan = keyring.plan_batch("api", 0, [(b"message", None)], pad=Padding.PSS)
-    assert plan.version.version == 2
+    data, _, signature = keyring.sign_jwt("api", claims()).token.rpartition(".")
+    raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    assert keyring.verify("api", 0, data.encode(), None, raw, SigFormat.RAW) == (True, 2)
+
+
+def test_an_issuers_key_signs_jwts_only(keyring: Keyring) -> None:
+    """Raw Sign would mint tokens the issuer's verifiers accept with any iss and no bounded
+    exp (review of issue 17): a key of an issuer's scope signs through SignJWT alone."""
+    keyring.create_key("api", "ec-p256", "iss")
+    keyring.create_key("plain", "ec-p256", "other")
+    for sign in (
+        lambda name: keyring.sign(name, 0, b"message", None),
+        lambda name: keyring.plan_batch(name, 0, [(b"message", None)], pad=Padding.PSS),
+    ):
+        with pytest.raises(FailedPrecondition, match="signs JWTs only"):
+            sign("api")
+        assert sign("plain")
