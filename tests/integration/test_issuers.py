@@ -13,7 +13,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Generator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from signer._internal.pki import DevCA
 from signer.client import SignerClient
 from signer.errors import FailedPrecondition, InvalidArgument
 from tests.conftest import (
+    FakeClock,
     ServiceFactory,
     TokenHostHandle,
     UniqueName,
@@ -74,6 +76,13 @@ class Issuers:
     def kids(self, scope: str) -> set[str]:
         return {k["kid"] for k in self.jwks(scope)["keys"]}
 
+    def published(self, scope: str, kids: set[str]) -> bool:
+        """Whether ``scope``'s JWKS holds ``kids`` and its discovery document, written after
+        it, names their algorithm (a verifier made earlier would be told of none)."""
+        status, _, body = self.get(f"/{scope}/.well-known/openid-configuration")
+        algs = json.loads(body)["id_token_signing_alg_values_supported"] if status == 200 else []
+        return self.kids(scope) == kids and algs == ["ES256"]
+
     def client(self) -> SignerClient:
         return self.deployment.client()
 
@@ -83,8 +92,9 @@ def deploy_issuers(
     token_host: TokenHostHandle,
     pki: DevCA,
     tmp_path: Path,
+    clock: FakeClock | None = None,
     **jwt_settings: Any,
-) -> Iterator[Issuers]:
+) -> Generator[Issuers, None, None]:
     port = free_port()
     root = tmp_path / "issuers"
     base = f"https://localhost:{port}"
@@ -100,6 +110,7 @@ def deploy_issuers(
         pki,
         tmp_path,
         front={"issuers_listen": f"127.0.0.1:{port}", "issuers_dir": str(root)},
+        clock=clock,
         jwt=settings,
     ) as d:
         issuers = Issuers(d, port, root)
@@ -110,7 +121,7 @@ def deploy_issuers(
 @pytest.fixture
 def issuers(
     service_factory: ServiceFactory, token_host: TokenHostHandle, pki: DevCA, tmp_path: Path
-) -> Iterator[Issuers]:
+) -> Generator[Issuers, None, None]:
     yield from deploy_issuers(service_factory, token_host, pki, tmp_path)
 
 
@@ -350,7 +361,8 @@ def test_standard_verifiers_of_the_enterprise_issuer_accept_only_enterprise_toke
         forgery = forged(c, outsider, f"{outsider}/1", claims(iss=issuer))
         # The forger guesses an enterprise kid: the other key's signature does not verify.
         spoof = forged(c, outsider, f"{enterprise}/1", claims(iss=issuer))
-    assert wait_until(lambda: f"{enterprise}/1" in issuers.kids("enterprise"), timeout=5)
+    assert wait_until(lambda: issuers.published("enterprise", {f"{enterprise}/1"}), timeout=5)
+    assert wait_until(lambda: issuers.published("consumer", {f"{consumer}/1"}), timeout=5)
     node = NodeVerifier(issuers, issuer)
     try:
         for verifier in (PyJWTVerifier(issuers, issuer), node):
@@ -390,3 +402,96 @@ def test_a_publication_that_fails_is_retried_and_never_stops_the_service(
     jwks = root / "enterprise" / "jwks.json"
     assert wait_until(jwks.exists, timeout=5)
     assert f"{name}/1" in jwks.read_text()
+
+
+# --- rotation under the verifiers' caches ----------------------------------------------------
+
+LEAD, GRACE = 3600.0, 7200.0  # the service's time (a FakeClock, advanced by the test)
+CACHE = 4.0  # the verifiers' JWKS cache, real seconds (PyJWKClient lifespan, jose cacheMaxAge)
+COOLDOWN = 120.0  # no refetch for an unknown kid within this: only the cache's age refetches
+
+
+def test_rotation_under_the_verifiers_caches_rejects_no_valid_token(
+    service_factory: ServiceFactory,
+    token_host: TokenHostHandle,
+    pki: DevCA,
+    tmp_path: Path,
+    unique_name: UniqueName,
+) -> None:
+    """PyJWKClient and Node's jose, each with its own cache, verify every token of a key across
+    a rotation: the next version is published before it signs (lead), the replaced one stays
+    published after (grace). Time is the service's FakeClock, moved past the lead and the grace;
+    between the rotation and the switch the verifiers' caches run out, as a lead longer than any
+    cache makes them. The control, a rotation with no lead, is rejected by both: the verifiers'
+    caches are real, so the test could fail."""
+    clock = FakeClock(datetime.now(UTC))
+    gen = deploy_issuers(
+        service_factory,
+        token_host,
+        pki,
+        tmp_path,
+        clock,
+        publish_interval_seconds=0.2,  # the time-driven changes (grace ending) show quickly
+        rotation_lead_seconds=LEAD,
+        retired_grace_seconds=GRACE,
+    )
+    issuers = next(gen)
+    name = unique_name()
+    issuer = issuers.issuer("enterprise")
+    with issuers.client() as c:
+        c.create_key(name, "ec-p256", scope="enterprise")
+        assert wait_until(lambda: issuers.published("enterprise", {f"{name}/1"}), timeout=5)
+        py = PyJWTVerifier(issuers, issuer, lifespan=CACHE, cooldown_duration=COOLDOWN)
+        node = NodeVerifier(issuers, issuer, int(CACHE * 1000), int(COOLDOWN * 1000))
+        verifiers: list[PyJWTVerifier | NodeVerifier] = [py, node]
+
+        def token() -> tuple[str, str]:
+            t = c.sign_jwt(name, claims(), set_issuer=True)
+            return t, str(jwt.get_unverified_header(t)["kid"])
+
+        def accepted(t: str, when: str) -> None:
+            for v in verifiers:
+                ok, why = v.verify(t)
+                assert ok, f"{type(v).__name__} rejected a valid token {when}: {why}"
+
+        def caches_run_out() -> None:
+            time.sleep(CACHE + 0.5)  # a cache's lifetime: what is waited for is time itself
+
+        try:
+            first, kid = token()
+            assert kid == f"{name}/1"
+            accepted(first, "before the rotation")  # both caches now hold version 1 only
+            c.rotate(name)
+            assert wait_until(
+                lambda: issuers.kids("enterprise") == {f"{name}/1", f"{name}/2"}, timeout=5
+            )
+            before, kid = token()
+            assert kid == f"{name}/1", "the next version must not sign before the lead"
+            accepted(before, "during the lead, from the cache of before the rotation")
+            caches_run_out()
+            accepted(before, "during the lead, after a refetch")
+            clock.advance(seconds=LEAD)
+            after, kid = token()
+            assert kid == f"{name}/2"
+            accepted(after, "right after the switch")
+            accepted(before, "right after the switch (the retired version)")
+            clock.advance(seconds=GRACE - 60)
+            caches_run_out()
+            assert issuers.kids("enterprise") == {f"{name}/1", f"{name}/2"}
+            accepted(before, "within the grace, after a refetch")
+            clock.advance(seconds=61)
+            assert wait_until(lambda: issuers.kids("enterprise") == {f"{name}/2"}, timeout=5)
+
+            # The control: no lead. The caches are fresh (refetched just now) and hold version
+            # 2 only; version 3 signs at once, and both verifiers reject it.
+            caches_run_out()
+            accepted(after, "before the control")
+            c.rotate(name, now=True)
+            control, kid = token()
+            assert kid == f"{name}/3"
+            for v in verifiers:
+                ok, _ = v.verify(control)
+                assert not ok, f"{type(v).__name__} accepted a key it had not fetched yet"
+        finally:
+            node.close()
+            gen.close()
