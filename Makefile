@@ -72,8 +72,8 @@ $(GEN) &: proto/signer/v1/signer.proto $(VENV)/.installed
 	  --python_out=. --grpc_python_out=. --pyi_out=. proto/signer/v1/signer.proto
 
 # Token host, service (unix:var/run/signer.sock) and mTLS front (127.0.0.1:50051) in the
-# foreground, metrics on http://127.0.0.1:9464/metrics, the demo scope's issuer on
-# https://localhost:8443/demo; Ctrl-C stops all three.
+# foreground, metrics on http://127.0.0.1:9464/metrics, the tokens scope's issuer on
+# https://localhost:8443/tokens; Ctrl-C stops all three.
 run: deps
 	$(VENV)/bin/signer run --dir var
 

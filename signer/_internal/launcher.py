@@ -13,7 +13,8 @@ First use creates, under DIR (default ``var``):
     run/front/signer.sock  the socket only the TLS front connects to
 
 Then it starts the token host, the service (in this process) on the Unix socket, and the mTLS
-front (nginx) on ``--listen``, and makes sure a demo key exists. Its metrics are on
+front (nginx) on ``--listen``, and makes sure the demo keys exist (``demo``, and ``demo-tokens`` of
+the issuer https://localhost:8443/tokens, whose keys sign JWTs only). Its metrics are on
 ``--metrics-listen`` (127.0.0.1:9464 unless told otherwise: on loopback, they show counts and
 timings, never a key name, caller or secret; a newcomer can look at them at once, and a second
 ``signer run`` beside the first passes another port or ''). A token host or front that
@@ -53,6 +54,10 @@ log = logging.getLogger("signer.launcher")  # named for the component: signer._i
 DEMO_KEY = "demo"
 DEMO_ALGORITHM = "ec-p256"
 DEMO_SCOPE = "demo"
+# The demo issuer's scope and key: a key of an issuer's scope signs JWTs only (SignJWT), so the
+# demo key, which signs anything, is in a scope of its own.
+TOKENS_SCOPE = "tokens"
+TOKENS_KEY = "demo-tokens"
 DEV_CLIENT = "dev"
 FRONT_USER = "signer-front"
 # The children 'signer run' restarts when they die (signer/_internal/supervisor.py).
@@ -69,7 +74,7 @@ def write_config(
 ) -> Path:
     """The configuration of the service and of its TLS front, for the state in ``root``;
     ``world``: the front runs as its own user, with everything it reaches there; ``issuers``:
-    host:port of the front's issuers server, where the demo scope's issuer is published."""
+    host:port of the front's issuers server, where the issuer of the tokens scope is published."""
     root = root.absolute()
     issuers_dir = world.issuers_dir if world else root / "issuers"
     paths = hsm.HsmPaths(root / "hsm")
@@ -107,7 +112,7 @@ def write_config(
         front=front,
         metrics=config_mod.MetricsConfig(listen=metrics),
         jwt=config_mod.JwtConfig(
-            issuers=f"{DEMO_SCOPE}={issuer_url(issuers)}" if issuers else "",
+            issuers=f"{TOKENS_SCOPE}={issuer_url(issuers)}" if issuers else "",
             issuers_dir=str(issuers_dir),
         ),
     )
@@ -289,16 +294,8 @@ async def _serve(
         await server.start()
         if not server.token.available:
             raise Unavailable("the token host did not answer; see the log above")
-        try:
-            await server.run_blocking(lambda: server.keyring.get_key(DEMO_KEY))
-        except NotFound:
-            demo = await server.run_blocking(
-                lambda: server.keyring.create_key(DEMO_KEY, DEMO_ALGORITHM, scope=DEMO_SCOPE)
-            )
-            # A key made outside any call is on record too.
-            await server.audit.record(
-                Event(server.keyring.now(), "signer run", "CreateKey", demo.name, 1, "", "OK")
-            )
+        for name, scope in ((DEMO_KEY, DEMO_SCOPE), (TOKENS_KEY, TOKENS_SCOPE)):
+            await _ensure_key(server, name, scope)
         cert, key = DevCA(root / "tls").client_files(DEV_CLIENT)
         print(
             f"signer serving local callers on unix:{root / 'run' / 'signer.sock'}\n"
@@ -309,8 +306,9 @@ async def _serve(
             f" --tls-cert {cert} --tls-key {key}\n"
             + (f"  metrics: http://{metrics}/metrics\n" if metrics else "")
             + (
-                f"  issuer of scope {DEMO_SCOPE}: {issuer_url(issuers)}/.well-known/"
-                f"openid-configuration (JWTs: {sys.argv[0]} jwt sign {DEMO_KEY} --set-issuer)\n"
+                f"  issuer of scope {TOKENS_SCOPE}: {issuer_url(issuers)}/.well-known/"
+                f"openid-configuration (JWTs: {sys.argv[0]} jwt sign {TOKENS_KEY} --set-issuer "
+                "--claims FILE)\n"
                 if issuers
                 else ""
             )
@@ -344,9 +342,22 @@ async def _serve(
 
 
 def issuer_url(issuers: str) -> str:
-    """The demo scope's issuer on the front's issuers server ``issuers`` (host:port): named
+    """The tokens scope's issuer on the front's issuers server ``issuers`` (host:port): named
     localhost, which the development certificate covers."""
-    return f"https://localhost:{issuers.rpartition(':')[2]}/{DEMO_SCOPE}"
+    return f"https://localhost:{issuers.rpartition(':')[2]}/{TOKENS_SCOPE}"
+
+
+async def _ensure_key(server: Server, name: str, scope: str) -> None:
+    try:
+        await server.run_blocking(lambda: server.keyring.get_key(name))
+    except NotFound:
+        made = await server.run_blocking(
+            lambda: server.keyring.create_key(name, DEMO_ALGORITHM, scope=scope)
+        )
+        # A key made outside any call is on record too.
+        await server.audit.record(
+            Event(server.keyring.now(), "signer run", "CreateKey", made.name, 1, "", "OK")
+        )
 
 
 def run(

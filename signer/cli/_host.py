@@ -434,7 +434,7 @@ def register(sub: Subparsers) -> None:
     sp.add_argument(
         "--issuers-listen",
         default="127.0.0.1:8443",
-        help="the front's issuers server (JWKS and OpenID configuration of the demo scope's "
+        help="the front's issuers server (JWKS and OpenID configuration of the tokens scope's "
         "issuer, no client certificate), host:port ('' for none; default 127.0.0.1:8443)",
     )
     _log_level(sp)

@@ -152,7 +152,7 @@ def stack_env(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> 
         "SIGNER_METRICS": stack.metrics,
         "SIGNER_CLIENTS_DIR": str(stack.clients),
         "SIGNER_ISSUERS_LISTEN": stack.issuers,
-        "SIGNER_ISSUERS": f"demo=https://localhost:{stack.issuers.rpartition(':')[2]}/demo",
+        "SIGNER_ISSUERS": f"tokens=https://localhost:{stack.issuers.rpartition(':')[2]}/tokens",
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

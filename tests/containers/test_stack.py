@@ -132,14 +132,16 @@ def test_sign_verify_round_trip_with_openssl(
     assert done.stdout.strip() == "Verified OK", done
 
 
-def test_the_demo_issuer_is_served_to_a_standard_verifier(
-    stack: Stack, signer: SignerClient
-) -> None:
+def test_the_issuer_is_served_to_a_standard_verifier(stack: Stack, signer: SignerClient) -> None:
     """The issuers' port (no client certificate): the service's published files through the
-    volume issuers, read by PyJWT's PyJWKClient from the issuer's URL alone."""
+    volume issuers, read by PyJWT's PyJWKClient from the issuer's URL alone. (The issuer's own
+    key: an issuer's keys sign JWTs only, so not the key the other tests sign with.)"""
     ctx = ssl.create_default_context(cafile=str(stack.clients / "ca.pem"))
-    issuer = f"https://localhost:{stack.issuers.rpartition(':')[2]}/demo"
-    token = signer.sign_jwt(KEY, {"aud": "portal", "exp": int(time.time()) + 300}, set_issuer=True)
+    issuer = f"https://localhost:{stack.issuers.rpartition(':')[2]}/tokens"
+    signer.create_key("issuer-tokens", "ec-p256", scope="tokens")
+    token = signer.sign_jwt(
+        "issuer-tokens", {"aud": "portal", "exp": int(time.time()) + 300}, set_issuer=True
+    )
 
     def discovery() -> dict[str, str] | None:
         try:
@@ -147,9 +149,10 @@ def test_the_demo_issuer_is_served_to_a_standard_verifier(
                 f"{issuer}/.well-known/openid-configuration", context=ctx, timeout=5
             ) as reply:
                 meta: dict[str, str] = json.load(reply)
-                return meta
         except OSError:
             return None
+        # Written after the JWKS: once it names the key's algorithm, the JWKS holds the key.
+        return meta if meta["id_token_signing_alg_values_supported"] else None
 
     deadline = time.monotonic() + 30
     while (meta := discovery()) is None and time.monotonic() < deadline:

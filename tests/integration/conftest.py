@@ -74,6 +74,7 @@ def signer_run() -> Iterator[SignerRun]:
     base.chmod(0o711)
     root, port = base / "var", free_port()
     metrics = f"127.0.0.1:{free_port()}"  # not make run's 9464, which a developer may be using
+    issuers = f"127.0.0.1:{free_port()}"  # nor its 8443
     proc = subprocess.Popen(
         [
             str(SIGNER_BIN),
@@ -84,6 +85,8 @@ def signer_run() -> Iterator[SignerRun]:
             f"127.0.0.1:{port}",
             "--metrics-listen",
             metrics,
+            "--issuers-listen",
+            issuers,
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

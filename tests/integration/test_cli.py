@@ -187,8 +187,9 @@ def test_signer_run_starts_everything_and_ctrl_c_stops_it(
     """`make run` in miniature: fresh directory; token host, service on its Unix socket, mTLS
     front, demo key; both ways in work; then SIGINT stops all of it."""
     addr = f"127.0.0.1:{free_port()}"
-    # Not make run's 127.0.0.1:9464, which a developer's own make run may hold.
+    # Not make run's 127.0.0.1:9464 and 8443, which a developer's own make run may hold.
     metrics = ["--metrics-listen", f"127.0.0.1:{free_port()}"]
+    metrics += ["--issuers-listen", f"127.0.0.1:{free_port()}"]
     state = tmp_path / "var"
     local = f"unix:{state / 'run' / 'signer.sock'}"
     proc = subprocess.Popen(

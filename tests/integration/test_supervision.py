@@ -79,7 +79,8 @@ def test_a_killed_token_host_is_restarted_and_signing_resumes(signer_run: Signer
     root = signer_run.root
     with sqlite3.connect(f"file:{root / 'audit.db'}?mode=ro", uri=True) as db:
         made = db.execute("SELECT caller, key FROM records WHERE operation = 'CreateKey'")
-        assert made.fetchall() == [("signer run", "demo")]  # the demo key is on record too
+        # The demo keys are on record too.
+        assert made.fetchall() == [("signer run", "demo"), ("signer run", "demo-tokens")]
     with SignerClient(f"unix:{root / 'run' / 'signer.sock'}", timeout=5) as c:
         assert signs(c)
         for kill in range(2):  # more than once: the first recovery is not all it can do
