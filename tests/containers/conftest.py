@@ -128,6 +128,26 @@ def docker_engine() -> None:
     ]
     if missing:
         pytest.skip(f"images {missing} missing: `make images` builds them")
+    remove_abandoned_stacks()
+
+
+def remove_abandoned_stacks() -> None:
+    """Stacks of earlier test runs whose process is gone (killed before its teardown): their
+    restart policies bring them back whenever the engine starts, holding CPU, memory and ports
+    (one from a killed run came back 2 hours later when `make images` started the engine)."""
+    listed = docker(
+        "ps", "-a", "--format", '{{.Label "com.docker.compose.project"}}', check=False
+    ).stdout.split()
+    for project in sorted(set(listed)):
+        pid = project.removeprefix("signertest")
+        if project == PROJECT or not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        subprocess.run(
+            ["docker-compose", "-p", project, "-f", str(COMPOSE_FILE), "down", "-v", "-t", "5"],
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
 
 
 # The stack lives as long as this package's tests, not the session (pytest-docker's own
