@@ -7,8 +7,8 @@ pages: a key sits among live data). Blind mode then scans the copy with only the
 finding attributed to its key overlaps it.
 
 The structural detectors (DER, PEM) cover the whole file in the Hyperscan pass; the mathematical
-checks (RSA factor, EC scalar) share a time budget, one equal share per check and per public key,
-in file order. So each item is also reported as *reached* or not: whether the check that can
+checks (RSA factor, EC scalar) share a time budget, one equal share per check (one per kind of
+key, size and layout, for all the public keys of that kind and size), in file order. So each item is also reported as *reached* or not: whether the check that can
 find it had got as far as its offset when its share of the budget ran out.
 """
 
@@ -163,7 +163,8 @@ def evaluate(
     items: Sequence[Item], findings: Sequence[Finding], checks: Sequence[BlindCheck]
 ) -> list[Finding]:
     """Marks items found and reached; returns the findings that match no planted item."""
-    by_check = {(c.name, c.key_id): c for c in checks}
+    # A check serves every key of its kind and size: its key_id joins their ids with ",".
+    by_check = {(c.name, k): c for c in checks for k in c.key_id.split(",")}
     matched: set[int] = set()
     for item in items:
         end = item.offset + len(item.data)

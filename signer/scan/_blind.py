@@ -347,13 +347,13 @@ class Region:
 
 @dataclass(frozen=True)
 class _Target:
-    key_id: str
+    key_id: str  # the keys it can find, joined by ","
     component: str
     representation: str
     length: int
     top_min: int  # bounds of the most significant byte
     top_max: int
-    odd: bool
+    odd: bool  # an odd prime: also no small odd prime factor (see _sieve)
     verify: Callable[[int], str | None]  # the window as an integer -> the key it belongs to
     what: str  # for the detail, with {key}: "divides N of public key {key}"
 
@@ -365,9 +365,18 @@ class _Check:
     little: bool  # little-endian 64-bit limbs at 8-aligned addresses; else big-endian anywhere
 
 
-def _rsa_verifier(n: int, name: str) -> Callable[[int], str | None]:
+def _rsa_verifier(moduli: Mapping[str, int]) -> Callable[[int], str | None]:
+    """A division per key: one Python division of N by the 1024-bit candidate costs about 3 us,
+    less than a division of the product of all the N (its cost grows with the product)."""
+    pairs = list(moduli.items())
+
     def verify(c: int) -> str | None:
-        return name if 1 < c < n and n % c == 0 else None
+        if c <= 1:
+            return None
+        for name, n in pairs:
+            if c < n and n % c == 0:
+                return name
+        return None
 
     return verify
 
@@ -388,57 +397,68 @@ def _ec_verifier(keys: Mapping[str, ec.EllipticCurvePublicKey]) -> Callable[[int
     return verify
 
 
-def _ed25519_verifier(key: ed25519.Ed25519PublicKey, name: str) -> Callable[[int], str | None]:
-    raw = key.public_bytes_raw()
+def _ed25519_verifier(keys: Mapping[str, ed25519.Ed25519PublicKey]) -> Callable[[int], str | None]:
+    """One derivation per candidate, looked up among every Ed25519 public key."""
+    raws = {key.public_bytes_raw(): name for name, key in keys.items()}
 
     def verify(seed: int) -> str | None:
         priv = ed25519.Ed25519PrivateKey.from_private_bytes(seed.to_bytes(32, "big"))
-        return name if priv.public_key().public_bytes_raw() == raw else None
+        return raws.get(priv.public_key().public_bytes_raw())
 
     return verify
 
 
 def _targets(keys: PublicKeys) -> list[_Target]:
+    """One target per kind of secret and size, whatever the number of keys: the keys of one
+    size share the pre-filter pass over memory, and each survivor is verified against all of
+    them (RSA: a division per N; EC: one scalar multiplication, then a lookup of the point;
+    Ed25519: one derivation, then a lookup)."""
     out: list[_Target] = []
-    # EC keys on one curve share a check: each candidate costs one scalar multiplication,
-    # whatever the number of keys.
+    rsa_by_len: dict[int, dict[str, int]] = {}
+    tops: dict[int, int] = {}
     by_curve: dict[str, dict[str, ec.EllipticCurvePublicKey]] = {}
+    eds: dict[str, ed25519.Ed25519PublicKey] = {}
     for name, key in keys.keys.items():
         if isinstance(key, rsa.RSAPublicKey):
             n = key.public_numbers().n
             plen = (n.bit_length() // 2 + 7) // 8
             # Both primes have at most 8*plen bits, so p > N / 2^(8*plen): a lower bound on its
-            # top byte (one less, for rounding).
+            # top byte (one less, for rounding). Keys of one length share the lowest bound.
             top = (n >> (8 * plen)) >> (8 * (plen - 1))
-            out.append(
-                _Target(
-                    key_id=name,
-                    component="factor",
-                    representation="verified-rsa-factor",
-                    length=plen,
-                    top_min=max(0, top - 1),
-                    top_max=255,
-                    odd=True,
-                    verify=_rsa_verifier(n, name),
-                    what="divides N of public key {key}",
-                )
-            )
+            rsa_by_len.setdefault(plen, {})[name] = n
+            tops[plen] = min(tops.get(plen, 255), max(0, top - 1))
         elif isinstance(key, ec.EllipticCurvePublicKey):
             by_curve.setdefault(key.curve.name, {})[name] = key
         else:
-            out.append(
-                _Target(
-                    key_id=name,
-                    component="seed",
-                    representation="verified-ed25519-seed",
-                    length=32,
-                    top_min=0,
-                    top_max=255,
-                    odd=False,
-                    verify=_ed25519_verifier(key, name),
-                    what="derives public key {key}",
-                )
+            eds[name] = key
+    for plen, moduli in rsa_by_len.items():
+        out.append(
+            _Target(
+                key_id=",".join(moduli),
+                component="factor",
+                representation="verified-rsa-factor",
+                length=plen,
+                top_min=tops[plen],
+                top_max=255,
+                odd=True,
+                verify=_rsa_verifier(moduli),
+                what="divides N of public key {key}",
             )
+        )
+    if eds:
+        out.append(
+            _Target(
+                key_id=",".join(eds),
+                component="seed",
+                representation="verified-ed25519-seed",
+                length=32,
+                top_min=0,
+                top_max=255,
+                odd=False,
+                verify=_ed25519_verifier(eds),
+                what="derives public key {key}",
+            )
+        )
     for group in by_curve.values():
         curve = next(iter(group.values())).curve
         width = (curve.key_size + 7) // 8
@@ -472,21 +492,108 @@ def _checks(keys: PublicKeys) -> list[_Check]:
     return aligned + every
 
 
+MISS = 1e-6
+"""Each statistical filter drops a uniformly random window (a true key) with a probability
+below this (``tests/unit/scan/test_blind.py`` measures it)."""
+
+_LAGS = (1, 2, 4, 8)
+"""Byte repeats counted at these distances: random bytes repeat with probability 1/256 at any
+distance; fill patterns (0xa5 of a freed malloc chunk, 0xff runs), arrays of small records,
+tables and text repeat far more often."""
+
+_SIEVE = (3 * 5 * 7 * 11 * 13 * 17 * 19 * 23, 29 * 31 * 37 * 41 * 43 * 47)
+"""Products of the odd primes an RSA prime candidate must not be divisible by (about 72% of
+odd windows are). Each is below 2^32, so a window's residue sum stays below 2^63 in int64."""
+
+
+def _binomial_cut(trials: int, p: float, miss: float = MISS) -> int:
+    """The smallest t with P(X > t) < ``miss`` for X ~ Binomial(trials, p)."""
+    term = (1 - p) ** trials  # P(X = 0)
+    cdf, k = term, 0
+    while 1 - cdf >= miss and k < trials:
+        term *= (trials - k) / (k + 1) * p / (1 - p)
+        k += 1
+        cdf += term
+    return k
+
+
+_REPEATS: dict[int, int] = {}
+
+
+def _max_repeats(L: int) -> int:
+    """Most byte repeats (at the distances of ``_LAGS``, both bytes in the window) a random
+    window of ``L`` bytes shows but with probability below ``MISS``."""
+    if L not in _REPEATS:
+        _REPEATS[L] = _binomial_cut(len(_LAGS) * max(0, L - _LAGS[-1]), 1 / 256)
+    return _REPEATS[L]
+
+
+_WEIGHTS: dict[tuple[int, bool], np.ndarray[Any, Any]] = {}
+
+
+def _weights(m: int, little: bool, n: int) -> np.ndarray[Any, Any]:
+    """256^j (little-endian) or 256^-j (big-endian) mod ``m`` for j < n, int64: periodic, with
+    the period of 256 mod m (495 and 7,245 for the two products of ``_SIEVE``)."""
+    key = (m, little)
+    if key not in _WEIGHTS:
+        base = 256 if little else pow(256, -1, m)
+        period, x = [1], base
+        while x != 1:
+            period.append(x)
+            x = x * base % m
+        _WEIGHTS[key] = np.array(period, dtype=np.int64)
+    return np.resize(_WEIGHTS[key], n)
+
+
+def _sieve(a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], L: int, little: bool) -> Any:
+    """The windows of ``idx`` whose value has none of the primes of ``_SIEVE`` as a factor.
+
+    With w_j = 256^-j mod m, the sum of a[j]*w_j over a big-endian window's bytes is its value
+    times a power of 256, a unit mod m (m is odd): both are divisible by the same primes of m.
+    The sums come from one prefix sum over the block, in exact int64 arithmetic."""
+    for m in _SIEVE:
+        if not len(idx):
+            break
+        prefix = np.concatenate(([0], np.cumsum(a * _weights(m, little, len(a)))))
+        idx = idx[np.gcd((prefix[idx + L] - prefix[idx]) % m, m) == 1]
+    return idx
+
+
+def _prefix(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return np.concatenate(([0], np.cumsum(x, dtype=np.int32)))
+
+
 def _candidates(
     a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], t: _Target, little: bool
 ) -> Any:
-    """The window starts in ``idx`` whose bytes could be the target's secret."""
+    """The window starts in ``idx`` whose bytes could be the target's secret: point tests
+    first (the top byte's range, parity), then counts over each window from prefix sums (few
+    zero bytes, enough high bytes, few repeated bytes), then the small-prime sieve for RSA."""
     L = t.length
-    top = a[idx + (L - 1 if little else 0)]
-    low = a[idx + (0 if little else L - 1)]
-    keep = (top >= t.top_min) & (top <= t.top_max)
+    if t.top_min > 0 or t.top_max < 255:
+        top = a[idx + (L - 1 if little else 0)]
+        idx = idx[(top >= t.top_min) & (top <= t.top_max)]
     if t.odd:
-        keep &= (low & 1).astype(bool)
-    zeros = np.concatenate(([0], np.cumsum(a == 0, dtype=np.int32)))
-    highs = np.concatenate(([0], np.cumsum(a >= 0x80, dtype=np.int32)))
-    keep &= (zeros[idx + L] - zeros[idx]) <= 2 + L // 32
-    keep &= (highs[idx + L] - highs[idx]) >= L // 8
-    return idx[keep]
+        idx = idx[(a[idx + (0 if little else L - 1)] & 1).astype(bool)]
+    if not len(idx):
+        return idx
+    zeros = _prefix(a == 0)
+    idx = idx[(zeros[idx + L] - zeros[idx]) <= 2 + L // 32]
+    highs = _prefix(a >= 0x80)
+    idx = idx[(highs[idx + L] - highs[idx]) >= L // 8]
+    if not len(idx):
+        return idx
+    # Repeats: r[j] counts the lags k with a[j] == a[j-k]; summed over j >= start + 8, every
+    # pair counted lies inside the window.
+    r = np.zeros(len(a), dtype=np.int8)
+    for k in _LAGS:
+        r[k:] += a[k:] == a[:-k]
+    repeats = _prefix(r)
+    first = min(_LAGS[-1], L)
+    idx = idx[(repeats[idx + L] - repeats[idx + first]) <= _max_repeats(L)]
+    if t.odd:
+        idx = _sieve(a, idx, L, little)
+    return idx
 
 
 def _blocks(regions: Sequence[Region], L: int) -> Iterator[tuple[Region, int, int]]:
