@@ -8,8 +8,9 @@ finding attributed to its key overlaps it.
 
 The structural detectors (DER, PEM) cover the whole file in the Hyperscan pass; the mathematical
 checks (RSA factor, EC scalar) share a time budget, one equal share per check (one per kind of
-key, size and layout, for all the public keys of that kind and size), in file order. So each item is also reported as *reached* or not: whether the check that can
-find it had got as far as its offset when its share of the budget ran out.
+key, size and layout, for all the public keys of that kind and size), in file order. So each
+item is also reported as *reached* or not: whether the check that can find it had got as far as
+its offset when its share of the budget ran out.
 """
 
 from __future__ import annotations

@@ -19,10 +19,13 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import ctypes
+import ctypes.util
 import json
 import re
 import struct
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -381,20 +384,99 @@ def _rsa_verifier(moduli: Mapping[str, int]) -> Callable[[int], str | None]:
     return verify
 
 
-def _ec_verifier(keys: Mapping[str, ec.EllipticCurvePublicKey]) -> Callable[[int], str | None]:
-    """One scalar multiplication per candidate, checked against every key on the curve."""
+def _ec_verifier(
+    keys: Mapping[str, ec.EllipticCurvePublicKey], fast: bool = True
+) -> Callable[[int], str | None]:
+    """One scalar multiplication per candidate, checked against every key on the curve.
+
+    The multiplication goes through libcrypto's EC_POINT_mul by ctypes when it is there and
+    agrees with cryptography (:func:`_libcrypto_multiplier`): about 13 us a P-256 candidate
+    against 41 us through ``ec.derive_private_key`` (most of which is building key objects).
+    A match is confirmed through cryptography, which also refuses 0 and d >= the order."""
     curve = next(iter(keys.values())).curve
     x962, uncompressed = serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     points = {key.public_bytes(x962, uncompressed): name for name, key in keys.items()}
 
-    def verify(d: int) -> str | None:
+    def slow(d: int) -> str | None:
         try:  # refuses 0 and d >= the group order
             derived = ec.derive_private_key(d, curve)
         except ValueError:
             return None
         return points.get(derived.public_key().public_bytes(x962, uncompressed))
 
+    multiply = _libcrypto_multiplier(curve) if fast else None
+    if multiply is None:
+        return slow
+    width = (curve.key_size + 7) // 8
+    mul = multiply
+
+    def verify(d: int) -> str | None:
+        if d.bit_length() > 8 * width or mul(d.to_bytes(width, "big")) not in points:
+            return None
+        return slow(d)
+
     return verify
+
+
+_NIDS = {"secp256r1": 415, "secp384r1": 715, "secp521r1": 716, "secp256k1": 714}
+"""OpenSSL's NIDs of the curves (stable: part of its ABI, obj_mac.h)."""
+
+
+def _libcrypto_multiplier(curve: ec.EllipticCurve) -> Callable[[bytes], bytes] | None:
+    """d (big-endian, the curve's width) -> d*G, X9.62 uncompressed, through the system's
+    libcrypto (OpenSSL 3, which the interpreter's ssl module loads too); None when it cannot be
+    loaded or when it does not agree with cryptography on a random scalar."""
+    nid = _NIDS.get(curve.name)
+    if nid is None:
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+        vp, size = ctypes.c_void_p, ctypes.c_size_t
+        for fn, res, args in (
+            ("EC_GROUP_new_by_curve_name", vp, [ctypes.c_int]),
+            ("EC_GROUP_free", None, [vp]),
+            ("EC_POINT_new", vp, [vp]),
+            ("EC_POINT_free", None, [vp]),
+            ("BN_new", vp, []),
+            ("BN_free", None, [vp]),
+            ("BN_CTX_new", vp, []),
+            ("BN_CTX_free", None, [vp]),
+            ("BN_bin2bn", vp, [ctypes.c_char_p, ctypes.c_int, vp]),
+            ("EC_POINT_mul", ctypes.c_int, [vp, vp, vp, vp, vp, vp]),
+            ("EC_POINT_point2oct", size, [vp, vp, ctypes.c_int, ctypes.c_char_p, size, vp]),
+        ):
+            f = getattr(lib, fn)
+            f.restype, f.argtypes = res, args
+    except (OSError, AttributeError):
+        return None
+    group = lib.EC_GROUP_new_by_curve_name(nid)
+    point, bn, bnctx = lib.EC_POINT_new(group), lib.BN_new(), lib.BN_CTX_new()
+    if not (group and point and bn and bnctx):
+        return None
+    width = (curve.key_size + 7) // 8
+    out = ctypes.create_string_buffer(1 + 2 * width)
+    bin2bn, mul, point2oct = lib.BN_bin2bn, lib.EC_POINT_mul, lib.EC_POINT_point2oct
+
+    def multiply(d: bytes) -> bytes:
+        bin2bn(d, len(d), bn)
+        if mul(group, point, bn, None, None, bnctx) != 1:
+            return b""
+        n = point2oct(group, point, 4, out, len(out), bnctx)  # 4: uncompressed
+        return out.raw[:n]
+
+    def free() -> None:
+        lib.EC_POINT_free(point)
+        lib.BN_free(bn)
+        lib.BN_CTX_free(bnctx)
+        lib.EC_GROUP_free(group)
+
+    weakref.finalize(multiply, free)
+    probe = ec.generate_private_key(curve)
+    d = probe.private_numbers().private_value.to_bytes(width, "big")
+    expected = probe.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return multiply if multiply(d) == expected else None
 
 
 def _ed25519_verifier(keys: Mapping[str, ed25519.Ed25519PublicKey]) -> Callable[[int], str | None]:
@@ -687,7 +769,7 @@ def _test_block(
     time ran out), and how many candidates it verified."""
     t = check.target
     L = t.length
-    if block.count(0) == len(block):
+    if block == bytes(len(block)):  # a memcmp: 8x faster than counting the zeros
         return own, 0  # untouched memory (most of a gcore): nothing to test
     order: Literal["little", "big"] = "little" if check.little else "big"
     a = np.frombuffer(block, dtype=np.uint8)
