@@ -21,9 +21,11 @@ import binascii
 import bisect
 import ctypes
 import ctypes.util
+import functools
 import json
 import re
 import struct
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -404,7 +406,7 @@ def _ec_verifier(
             return None
         return points.get(derived.public_key().public_bytes(x962, uncompressed))
 
-    multiply = _libcrypto_multiplier(curve) if fast else None
+    multiply = _libcrypto_multiplier(curve.name) if fast else None
     if multiply is None:
         return slow
     width = (curve.key_size + 7) // 8
@@ -420,15 +422,47 @@ def _ec_verifier(
 
 _NIDS = {"secp256r1": 415, "secp384r1": 715, "secp521r1": 716, "secp256k1": 714}
 """OpenSSL's NIDs of the curves (stable: part of its ABI, obj_mac.h)."""
+_CURVE_OIDS = {
+    "secp256r1": ec.EllipticCurveOID.SECP256R1,
+    "secp384r1": ec.EllipticCurveOID.SECP384R1,
+    "secp521r1": ec.EllipticCurveOID.SECP521R1,
+    "secp256k1": ec.EllipticCurveOID.SECP256K1,
+}
 
 
-def _libcrypto_multiplier(curve: ec.EllipticCurve) -> Callable[[bytes], bytes] | None:
+class _EcState:
+    """One thread's libcrypto objects for a curve: a BN_CTX, a point or a BIGNUM must not be
+    shared between threads."""
+
+    def __init__(self, lib: Any, nid: int, width: int) -> None:
+        self.group = lib.EC_GROUP_new_by_curve_name(nid)
+        self.point = lib.EC_POINT_new(self.group) if self.group else None
+        self.bn, self.bnctx = lib.BN_new(), lib.BN_CTX_new()
+        self.out = ctypes.create_string_buffer(1 + 2 * width)
+        self.ok = bool(self.group and self.point and self.bn and self.bnctx)
+        weakref.finalize(self, _EcState._free, lib, self.group, self.point, self.bn, self.bnctx)
+
+    @staticmethod
+    def _free(
+        lib: Any, group: int | None, point: int | None, bn: int | None, bnctx: int | None
+    ) -> None:
+        lib.EC_POINT_free(point)  # each accepts NULL
+        lib.BN_free(bn)
+        lib.BN_CTX_free(bnctx)
+        lib.EC_GROUP_free(group)
+
+
+@functools.cache
+def _libcrypto_multiplier(curve_name: str) -> Callable[[bytes], bytes] | None:
     """d (big-endian, the curve's width) -> d*G, X9.62 uncompressed, through the system's
     libcrypto (OpenSSL 3, which the interpreter's ssl module loads too); None when it cannot be
-    loaded or when it does not agree with cryptography on a random scalar."""
-    nid = _NIDS.get(curve.name)
+    loaded or when it does not agree with cryptography on a random scalar. Made once a
+    process, for every scan; safe to call from several threads (each gets its own libcrypto
+    objects)."""
+    nid = _NIDS.get(curve_name)
     if nid is None:
         return None
+    curve = ec.get_curve_for_oid(_CURVE_OIDS[curve_name])()
     try:
         lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
         vp, size = ctypes.c_void_p, ctypes.c_size_t
@@ -449,34 +483,31 @@ def _libcrypto_multiplier(curve: ec.EllipticCurve) -> Callable[[bytes], bytes] |
             f.restype, f.argtypes = res, args
     except (OSError, AttributeError):
         return None
-    group = lib.EC_GROUP_new_by_curve_name(nid)
-    point, bn, bnctx = lib.EC_POINT_new(group), lib.BN_new(), lib.BN_CTX_new()
-    if not (group and point and bn and bnctx):
-        return None
     width = (curve.key_size + 7) // 8
-    out = ctypes.create_string_buffer(1 + 2 * width)
     bin2bn, mul, point2oct = lib.BN_bin2bn, lib.EC_POINT_mul, lib.EC_POINT_point2oct
+    local = threading.local()
 
     def multiply(d: bytes) -> bytes:
-        bin2bn(d, len(d), bn)
-        if mul(group, point, bn, None, None, bnctx) != 1:
+        st: _EcState | None = getattr(local, "state", None)
+        if st is None:
+            st = local.state = _EcState(lib, nid, width)
+        if not st.ok:
+            raise ScanError("libcrypto could not allocate an EC point")
+        bin2bn(d, len(d), st.bn)
+        if mul(st.group, st.point, st.bn, None, None, st.bnctx) != 1:
             return b""
-        n = point2oct(group, point, 4, out, len(out), bnctx)  # 4: uncompressed
-        return out.raw[:n]
+        n = point2oct(st.group, st.point, 4, st.out, len(st.out), st.bnctx)  # 4: uncompressed
+        return st.out.raw[:n]
 
-    def free() -> None:
-        lib.EC_POINT_free(point)
-        lib.BN_free(bn)
-        lib.BN_CTX_free(bnctx)
-        lib.EC_GROUP_free(group)
-
-    weakref.finalize(multiply, free)
     probe = ec.generate_private_key(curve)
     d = probe.private_numbers().private_value.to_bytes(width, "big")
     expected = probe.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    return multiply if multiply(d) == expected else None
+    try:
+        return multiply if multiply(d) == expected else None
+    except ScanError:
+        return None
 
 
 def _ed25519_verifier(keys: Mapping[str, ed25519.Ed25519PublicKey]) -> Callable[[int], str | None]:
@@ -778,29 +809,38 @@ def _test_block(
     a = np.frombuffer(block, dtype=np.uint8)
     # Limbs: only windows at 8-aligned virtual addresses.
     idx = np.arange(-address % 8, own, 8) if check.little else np.arange(own)
-    tested = 0
-    for k, o in enumerate(_candidates(a, idx, t, check.little).tolist()):
+    stopped, tested, hits = _verify_run(
+        t, block, _candidates(a, idx, t, check.little).tolist(), order, stop
+    )
+    layout = "little-endian 64-bit limbs at an 8-aligned address" if check.little else "big-endian"
+    findings += [
+        Finding(
+            key,
+            t.component,
+            t.representation,
+            offset=at + o,
+            length=L,
+            detail=f"verified ({layout}): {t.what.format(key=key)}",
+        )
+        for o, key in hits
+    ]
+    return (own if stopped is None else stopped), tested
+
+
+def _verify_run(
+    t: _Target, block: bytes, offsets: list[int], order: Literal["little", "big"], stop: float
+) -> tuple[int | None, int, list[tuple[int, str]]]:
+    """Verifies the windows at ``offsets`` of ``block`` until ``stop``: (the first offset left
+    unverified or None, how many were verified, (offset, key) of those that verified)."""
+    L = t.length
+    hits: list[tuple[int, str]] = []
+    for k, o in enumerate(offsets):
         if k % 256 == 0 and time.monotonic() >= stop:
-            return o, tested
-        tested += 1
+            return o, k, hits
         key = t.verify(int.from_bytes(block[o : o + L], order))
         if key is not None:
-            layout = (
-                "little-endian 64-bit limbs at an 8-aligned address"
-                if check.little
-                else "big-endian"
-            )
-            findings.append(
-                Finding(
-                    key,
-                    t.component,
-                    t.representation,
-                    offset=at + o,
-                    length=L,
-                    detail=f"verified ({layout}): {t.what.format(key=key)}",
-                )
-            )
-    return own, tested
+            hits.append((o, key))
+    return None, len(offsets), hits
 
 
 class StreamChecks:

@@ -177,7 +177,7 @@ def test_rsa_keys_of_other_sizes_get_checks_of_their_own() -> None:
 def test_libcrypto_multiplication_agrees_and_matches_are_confirmed(
     curve: ec.EllipticCurve,
 ) -> None:
-    assert _libcrypto_multiplier(curve) is not None  # the system's libcrypto loads here
+    assert _libcrypto_multiplier(curve.name) is not None  # the system's libcrypto loads here
     keys = [ec.generate_private_key(curve) for _ in range(2)]
     named = {f"k{i}": k.public_key() for i, k in enumerate(keys)}
     fast, slow = _ec_verifier(named, fast=True), _ec_verifier(named, fast=False)
@@ -198,3 +198,26 @@ def test_libcrypto_multiplication_agrees_and_matches_are_confirmed(
             assert slow(d + order) is None
     assert fast(0) is None
     assert slow(0) is None
+
+
+def test_libcrypto_multiplier_is_made_once_and_safe_from_threads() -> None:
+    """A Scanner may scan from several threads: each gets its own libcrypto objects (a BN_CTX
+    shared between threads gives wrong points or crashes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cryptography.hazmat.primitives import serialization
+
+    multiply = _libcrypto_multiplier("secp256r1")
+    assert multiply is not None
+    assert _libcrypto_multiplier("secp256r1") is multiply
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(32)]
+    x962 = serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    expected = [k.public_key().public_bytes(*x962) for k in keys]
+    scalars = [k.private_numbers().private_value.to_bytes(32, "big") for k in keys]
+
+    def run(_: int) -> list[bytes]:
+        return [multiply(d) for _ in range(20) for d in scalars][-len(scalars) :]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    assert all(r == expected for r in results)
