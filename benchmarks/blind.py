@@ -308,7 +308,7 @@ def run(ctx: Context) -> ScenarioResult:
         f"({fmt_bytes(result.size)}); scanned with their public keys only, budget "
         f"{ctx.blind_budget_seconds:g}s; took {result.seconds:.1f}s "
         f"(compile {scanner.compile_seconds:.2f}s).",
-        f"Math checks: {len(checks)} (one per public key and layout), {complete} complete, "
+        f"Math checks: {len(checks)} (one per kind of key, size and layout), {complete} complete, "
         f"{covered / total if total else 0:.1%} of their memory covered; {candidates:,} "
         "candidate windows verified. The budget is split evenly between checks, in the order "
         "of the table below; each works through the memory in file order.",
