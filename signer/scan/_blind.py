@@ -9,9 +9,12 @@ against the public keys.
 Mathematical checks, within a time budget: windows of the dump's memory read as an RSA prime
 (does it divide N?), an EC scalar (is d*G == Q?) or an Ed25519 seed (does it give the public
 key?), big-endian at every offset and little-endian in 64-bit limbs at 8-aligned addresses
-(an OpenSSL BIGNUM). numpy pre-filters windows cheaply (range of the top byte, parity, few zero
-bytes, enough high bytes: random key material has them, pointers, text and zero pages do not);
-only survivors are verified. Each check reports how much of the memory it covered.
+(an OpenSSL BIGNUM). One check per kind of key, size and layout serves all the public keys of
+that kind and size. numpy pre-filters windows cheaply (range of the top byte, parity, few zero
+bytes, enough high bytes, few repeated bytes: random key material has them, pointers, text,
+tables, fill patterns and zero pages do not; RSA primes also have no odd prime factor up to 47);
+only survivors are verified (EC scalars through libcrypto when it loads, see _ec_verifier).
+Each check reports how much of the memory it covered.
 """
 
 from __future__ import annotations
