@@ -7,9 +7,10 @@ pages: a key sits among live data). Blind mode then scans the copy with only the
 finding attributed to its key overlaps it.
 
 The structural detectors (DER, PEM) cover the whole file in the Hyperscan pass; the mathematical
-checks (RSA factor, EC scalar) share a time budget, one equal share per check and per public key,
-in file order. So each item is also reported as *reached* or not: whether the check that can
-find it had got as far as its offset when its share of the budget ran out.
+checks (RSA factor, EC scalar) share a time budget, one equal share per check (one per kind of
+key, size and layout, for all the public keys of that kind and size), in file order. So each
+item is also reported as *reached* or not: whether the check that can find it had got as far as
+its offset when its share of the budget ran out.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def evaluate(
     items: Sequence[Item], findings: Sequence[Finding], checks: Sequence[BlindCheck]
 ) -> list[Finding]:
     """Marks items found and reached; returns the findings that match no planted item."""
-    by_check = {(c.name, c.key_id): c for c in checks}
+    # A check serves every key of its kind and size: its key_id joins their ids with ",".
+    by_check = {(c.name, k): c for c in checks for k in c.key_id.split(",")}
     matched: set[int] = set()
     for item in items:
         end = item.offset + len(item.data)
@@ -306,7 +308,7 @@ def run(ctx: Context) -> ScenarioResult:
         f"({fmt_bytes(result.size)}); scanned with their public keys only, budget "
         f"{ctx.blind_budget_seconds:g}s; took {result.seconds:.1f}s "
         f"(compile {scanner.compile_seconds:.2f}s).",
-        f"Math checks: {len(checks)} (one per public key and layout), {complete} complete, "
+        f"Math checks: {len(checks)} (one per kind of key, size and layout), {complete} complete, "
         f"{covered / total if total else 0:.1%} of their memory covered; {candidates:,} "
         "candidate windows verified. The budget is split evenly between checks, in the order "
         "of the table below; each works through the memory in file order.",

@@ -9,9 +9,12 @@ against the public keys.
 Mathematical checks, within a time budget: windows of the dump's memory read as an RSA prime
 (does it divide N?), an EC scalar (is d*G == Q?) or an Ed25519 seed (does it give the public
 key?), big-endian at every offset and little-endian in 64-bit limbs at 8-aligned addresses
-(an OpenSSL BIGNUM). numpy pre-filters windows cheaply (range of the top byte, parity, few zero
-bytes, enough high bytes: random key material has them, pointers, text and zero pages do not);
-only survivors are verified. Each check reports how much of the memory it covered.
+(an OpenSSL BIGNUM). One check per kind of key, size and layout serves all the public keys of
+that kind and size. numpy pre-filters windows cheaply (range of the top byte, parity, few zero
+bytes, enough high bytes, few repeated bytes: random key material has them, pointers, text,
+tables, fill patterns and zero pages do not; RSA primes also have no odd prime factor up to 47);
+only survivors are verified (EC scalars through libcrypto when it loads, see _ec_verifier).
+Each check reports how much of the memory it covered.
 """
 
 from __future__ import annotations
@@ -19,10 +22,15 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import ctypes
+import ctypes.util
+import functools
 import json
 import re
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -347,13 +355,13 @@ class Region:
 
 @dataclass(frozen=True)
 class _Target:
-    key_id: str
+    key_id: str  # the keys it can find, joined by ","
     component: str
     representation: str
     length: int
     top_min: int  # bounds of the most significant byte
     top_max: int
-    odd: bool
+    odd: bool  # an odd prime: also no small odd prime factor (see _sieve)
     verify: Callable[[int], str | None]  # the window as an integer -> the key it belongs to
     what: str  # for the detail, with {key}: "divides N of public key {key}"
 
@@ -365,80 +373,208 @@ class _Check:
     little: bool  # little-endian 64-bit limbs at 8-aligned addresses; else big-endian anywhere
 
 
-def _rsa_verifier(n: int, name: str) -> Callable[[int], str | None]:
+def _rsa_verifier(moduli: Mapping[str, int]) -> Callable[[int], str | None]:
+    """A division per key: one Python division of N by the 1024-bit candidate costs about 3 us,
+    less than a division of the product of all the N (its cost grows with the product)."""
+    pairs = list(moduli.items())
+
     def verify(c: int) -> str | None:
-        return name if 1 < c < n and n % c == 0 else None
+        if c <= 1:
+            return None
+        for name, n in pairs:
+            if c < n and n % c == 0:
+                return name
+        return None
 
     return verify
 
 
-def _ec_verifier(keys: Mapping[str, ec.EllipticCurvePublicKey]) -> Callable[[int], str | None]:
-    """One scalar multiplication per candidate, checked against every key on the curve."""
+def _ec_verifier(
+    keys: Mapping[str, ec.EllipticCurvePublicKey], fast: bool = True
+) -> Callable[[int], str | None]:
+    """One scalar multiplication per candidate, checked against every key on the curve.
+
+    The multiplication goes through libcrypto's EC_POINT_mul by ctypes when it is there and
+    agrees with cryptography (:func:`_libcrypto_multiplier`): about 13 us a P-256 candidate
+    against 41 us through ``ec.derive_private_key`` (most of which is building key objects).
+    A match is confirmed through cryptography, which also refuses 0 and d >= the order."""
     curve = next(iter(keys.values())).curve
     x962, uncompressed = serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     points = {key.public_bytes(x962, uncompressed): name for name, key in keys.items()}
 
-    def verify(d: int) -> str | None:
+    def slow(d: int) -> str | None:
         try:  # refuses 0 and d >= the group order
             derived = ec.derive_private_key(d, curve)
         except ValueError:
             return None
         return points.get(derived.public_key().public_bytes(x962, uncompressed))
 
+    multiply = _libcrypto_multiplier(curve.name) if fast else None
+    if multiply is None:
+        return slow
+    width = (curve.key_size + 7) // 8
+    mul = multiply
+
+    def verify(d: int) -> str | None:
+        if d.bit_length() > 8 * width or mul(d.to_bytes(width, "big")) not in points:
+            return None
+        return slow(d)
+
     return verify
 
 
-def _ed25519_verifier(key: ed25519.Ed25519PublicKey, name: str) -> Callable[[int], str | None]:
-    raw = key.public_bytes_raw()
+_NIDS = {"secp256r1": 415, "secp384r1": 715, "secp521r1": 716, "secp256k1": 714}
+"""OpenSSL's NIDs of the curves (stable: part of its ABI, obj_mac.h)."""
+_CURVE_OIDS = {
+    "secp256r1": ec.EllipticCurveOID.SECP256R1,
+    "secp384r1": ec.EllipticCurveOID.SECP384R1,
+    "secp521r1": ec.EllipticCurveOID.SECP521R1,
+    "secp256k1": ec.EllipticCurveOID.SECP256K1,
+}
+
+
+class _EcState:
+    """One thread's libcrypto objects for a curve: a BN_CTX, a point or a BIGNUM must not be
+    shared between threads."""
+
+    def __init__(self, lib: Any, nid: int, width: int) -> None:
+        self.group = lib.EC_GROUP_new_by_curve_name(nid)
+        self.point = lib.EC_POINT_new(self.group) if self.group else None
+        self.bn, self.bnctx = lib.BN_new(), lib.BN_CTX_new()
+        self.out = ctypes.create_string_buffer(1 + 2 * width)
+        self.ok = bool(self.group and self.point and self.bn and self.bnctx)
+        weakref.finalize(self, _EcState._free, lib, self.group, self.point, self.bn, self.bnctx)
+
+    @staticmethod
+    def _free(
+        lib: Any, group: int | None, point: int | None, bn: int | None, bnctx: int | None
+    ) -> None:
+        lib.EC_POINT_free(point)  # each accepts NULL
+        lib.BN_free(bn)
+        lib.BN_CTX_free(bnctx)
+        lib.EC_GROUP_free(group)
+
+
+@functools.cache
+def _libcrypto_multiplier(curve_name: str) -> Callable[[bytes], bytes] | None:
+    """d (big-endian, the curve's width) -> d*G, X9.62 uncompressed, through the system's
+    libcrypto (OpenSSL 3, which the interpreter's ssl module loads too); None when it cannot be
+    loaded or when it does not agree with cryptography on a random scalar. Made once a
+    process, for every scan; safe to call from several threads (each gets its own libcrypto
+    objects)."""
+    nid = _NIDS.get(curve_name)
+    if nid is None:
+        return None
+    curve = ec.get_curve_for_oid(_CURVE_OIDS[curve_name])()
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+        vp, size = ctypes.c_void_p, ctypes.c_size_t
+        for fn, res, args in (
+            ("EC_GROUP_new_by_curve_name", vp, [ctypes.c_int]),
+            ("EC_GROUP_free", None, [vp]),
+            ("EC_POINT_new", vp, [vp]),
+            ("EC_POINT_free", None, [vp]),
+            ("BN_new", vp, []),
+            ("BN_free", None, [vp]),
+            ("BN_CTX_new", vp, []),
+            ("BN_CTX_free", None, [vp]),
+            ("BN_bin2bn", vp, [ctypes.c_char_p, ctypes.c_int, vp]),
+            ("EC_POINT_mul", ctypes.c_int, [vp, vp, vp, vp, vp, vp]),
+            ("EC_POINT_point2oct", size, [vp, vp, ctypes.c_int, ctypes.c_char_p, size, vp]),
+        ):
+            f = getattr(lib, fn)
+            f.restype, f.argtypes = res, args
+    except (OSError, AttributeError):
+        return None
+    width = (curve.key_size + 7) // 8
+    bin2bn, mul, point2oct = lib.BN_bin2bn, lib.EC_POINT_mul, lib.EC_POINT_point2oct
+    local = threading.local()
+
+    def multiply(d: bytes) -> bytes:
+        st: _EcState | None = getattr(local, "state", None)
+        if st is None:
+            st = local.state = _EcState(lib, nid, width)
+        if not st.ok:
+            raise ScanError("libcrypto could not allocate an EC point")
+        bin2bn(d, len(d), st.bn)
+        if mul(st.group, st.point, st.bn, None, None, st.bnctx) != 1:
+            return b""
+        n = point2oct(st.group, st.point, 4, st.out, len(st.out), st.bnctx)  # 4: uncompressed
+        return st.out.raw[:n]
+
+    probe = ec.generate_private_key(curve)
+    d = probe.private_numbers().private_value.to_bytes(width, "big")
+    expected = probe.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    try:
+        return multiply if multiply(d) == expected else None
+    except ScanError:
+        return None
+
+
+def _ed25519_verifier(keys: Mapping[str, ed25519.Ed25519PublicKey]) -> Callable[[int], str | None]:
+    """One derivation per candidate, looked up among every Ed25519 public key."""
+    raws = {key.public_bytes_raw(): name for name, key in keys.items()}
 
     def verify(seed: int) -> str | None:
         priv = ed25519.Ed25519PrivateKey.from_private_bytes(seed.to_bytes(32, "big"))
-        return name if priv.public_key().public_bytes_raw() == raw else None
+        return raws.get(priv.public_key().public_bytes_raw())
 
     return verify
 
 
 def _targets(keys: PublicKeys) -> list[_Target]:
+    """One target per kind of secret and size, whatever the number of keys: the keys of one
+    size share the pre-filter pass over memory, and each survivor is verified against all of
+    them (RSA: a division per N; EC: one scalar multiplication, then a lookup of the point;
+    Ed25519: one derivation, then a lookup)."""
     out: list[_Target] = []
-    # EC keys on one curve share a check: each candidate costs one scalar multiplication,
-    # whatever the number of keys.
+    rsa_by_len: dict[int, dict[str, int]] = {}
+    tops: dict[int, int] = {}
     by_curve: dict[str, dict[str, ec.EllipticCurvePublicKey]] = {}
+    eds: dict[str, ed25519.Ed25519PublicKey] = {}
     for name, key in keys.keys.items():
         if isinstance(key, rsa.RSAPublicKey):
             n = key.public_numbers().n
             plen = (n.bit_length() // 2 + 7) // 8
             # Both primes have at most 8*plen bits, so p > N / 2^(8*plen): a lower bound on its
-            # top byte (one less, for rounding).
+            # top byte (one less, for rounding). Keys of one length share the lowest bound.
             top = (n >> (8 * plen)) >> (8 * (plen - 1))
-            out.append(
-                _Target(
-                    key_id=name,
-                    component="factor",
-                    representation="verified-rsa-factor",
-                    length=plen,
-                    top_min=max(0, top - 1),
-                    top_max=255,
-                    odd=True,
-                    verify=_rsa_verifier(n, name),
-                    what="divides N of public key {key}",
-                )
-            )
+            rsa_by_len.setdefault(plen, {})[name] = n
+            tops[plen] = min(tops.get(plen, 255), max(0, top - 1))
         elif isinstance(key, ec.EllipticCurvePublicKey):
             by_curve.setdefault(key.curve.name, {})[name] = key
         else:
-            out.append(
-                _Target(
-                    key_id=name,
-                    component="seed",
-                    representation="verified-ed25519-seed",
-                    length=32,
-                    top_min=0,
-                    top_max=255,
-                    odd=False,
-                    verify=_ed25519_verifier(key, name),
-                    what="derives public key {key}",
-                )
+            eds[name] = key
+    for plen, moduli in rsa_by_len.items():
+        out.append(
+            _Target(
+                key_id=",".join(moduli),
+                component="factor",
+                representation="verified-rsa-factor",
+                length=plen,
+                top_min=tops[plen],
+                top_max=255,
+                odd=True,
+                verify=_rsa_verifier(moduli),
+                what="divides N of public key {key}",
             )
+        )
+    if eds:
+        out.append(
+            _Target(
+                key_id=",".join(eds),
+                component="seed",
+                representation="verified-ed25519-seed",
+                length=32,
+                top_min=0,
+                top_max=255,
+                odd=False,
+                verify=_ed25519_verifier(eds),
+                what="derives public key {key}",
+            )
+        )
     for group in by_curve.values():
         curve = next(iter(group.values())).curve
         width = (curve.key_size + 7) // 8
@@ -472,21 +608,111 @@ def _checks(keys: PublicKeys) -> list[_Check]:
     return aligned + every
 
 
+MISS = 1e-8
+"""The repeated-bytes filter is cut where a binomial tail falls below this. Repeats at the
+eight distances are not independent (a run of one byte repeats at several), so the rate
+measured on random windows is higher, below 1e-6 (``tests/unit/scan/test_blind_filters.py``);
+the older zero-byte cut drops about 5e-6 of them."""
+
+_LAGS = (1, 2, 3, 4, 5, 6, 7, 8)
+"""Byte repeats counted at these distances: random bytes repeat with probability 1/256 at any
+distance; fill patterns (0xa5 of a freed malloc chunk, 0xff runs), arrays of small records,
+tables and text repeat far more often."""
+
+_SIEVE = (3 * 5 * 7 * 11 * 13 * 17 * 19 * 23, 29 * 31 * 37 * 41 * 43 * 47)
+"""Products of the odd primes an RSA prime candidate must not be divisible by (about 72% of
+odd windows are). Each is below 2^32, so a window's residue sum stays below 2^63 in int64."""
+
+
+def _binomial_cut(trials: int, p: float, miss: float = MISS) -> int:
+    """The smallest t with P(X > t) < ``miss`` for X ~ Binomial(trials, p)."""
+    term = (1 - p) ** trials  # P(X = 0)
+    cdf, k = term, 0
+    while 1 - cdf >= miss and k < trials:
+        term *= (trials - k) / (k + 1) * p / (1 - p)
+        k += 1
+        cdf += term
+    return k
+
+
+_REPEATS: dict[int, int] = {}
+
+
+def _max_repeats(L: int) -> int:
+    """Most byte repeats (at the distances of ``_LAGS``, both bytes in the window) a random
+    window of ``L`` bytes shows but with probability below ``MISS``."""
+    if L not in _REPEATS:
+        _REPEATS[L] = _binomial_cut(len(_LAGS) * max(0, L - _LAGS[-1]), 1 / 256)
+    return _REPEATS[L]
+
+
+_WEIGHTS: dict[tuple[int, bool], np.ndarray[Any, Any]] = {}
+
+
+def _weights(m: int, little: bool, n: int) -> np.ndarray[Any, Any]:
+    """256^j (little-endian) or 256^-j (big-endian) mod ``m`` for j < n, int64: periodic, with
+    the period of 256 mod m (495 and 7,245 for the two products of ``_SIEVE``)."""
+    key = (m, little)
+    if key not in _WEIGHTS:
+        base = 256 if little else pow(256, -1, m)
+        period, x = [1], base
+        while x != 1:
+            period.append(x)
+            x = x * base % m
+        _WEIGHTS[key] = np.array(period, dtype=np.int64)
+    return np.resize(_WEIGHTS[key], n)
+
+
+def _sieve(a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], L: int, little: bool) -> Any:
+    """The windows of ``idx`` whose value has none of the primes of ``_SIEVE`` as a factor.
+
+    With w_j = 256^-j mod m, the sum of a[j]*w_j over a big-endian window's bytes is its value
+    times a power of 256, a unit mod m (m is odd): both are divisible by the same primes of m.
+    The sums come from one prefix sum over the block, in exact int64 arithmetic."""
+    for m in _SIEVE:
+        if not len(idx):
+            break
+        prefix = np.concatenate(([0], np.cumsum(a * _weights(m, little, len(a)))))
+        idx = idx[np.gcd((prefix[idx + L] - prefix[idx]) % m, m) == 1]
+    return idx
+
+
+def _prefix(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return np.concatenate(([0], np.cumsum(x, dtype=np.int32)))
+
+
 def _candidates(
     a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], t: _Target, little: bool
 ) -> Any:
-    """The window starts in ``idx`` whose bytes could be the target's secret."""
+    """The window starts in ``idx`` whose bytes could be the target's secret: point tests
+    first (the top byte's range, parity), then counts over each window from prefix sums (few
+    zero bytes, enough high bytes, few repeated bytes), then the small-prime sieve for RSA."""
     L = t.length
-    top = a[idx + (L - 1 if little else 0)]
-    low = a[idx + (0 if little else L - 1)]
-    keep = (top >= t.top_min) & (top <= t.top_max)
+    if t.top_min > 0 or t.top_max < 255:
+        top = a[idx + (L - 1 if little else 0)]
+        idx = idx[(top >= t.top_min) & (top <= t.top_max)]
     if t.odd:
-        keep &= (low & 1).astype(bool)
-    zeros = np.concatenate(([0], np.cumsum(a == 0, dtype=np.int32)))
-    highs = np.concatenate(([0], np.cumsum(a >= 0x80, dtype=np.int32)))
-    keep &= (zeros[idx + L] - zeros[idx]) <= 2 + L // 32
-    keep &= (highs[idx + L] - highs[idx]) >= L // 8
-    return idx[keep]
+        idx = idx[(a[idx + (0 if little else L - 1)] & 1).astype(bool)]
+    if not len(idx):
+        return idx
+    zeros = _prefix(a == 0)
+    idx = idx[(zeros[idx + L] - zeros[idx]) <= 2 + L // 32]
+    highs = _prefix(a >= 0x80)
+    idx = idx[(highs[idx + L] - highs[idx]) >= L // 8]
+    if not len(idx):
+        return idx
+    # Repeats: r[j] counts the lags k with a[j] == a[j-k]; summed over j >= start + 8, every
+    # pair counted lies inside the window. Lags 1 to 8 catch records of any width up to 8
+    # (1.6 times fewer EC candidates on the bench's core than lags 1, 2, 4 and 8 alone).
+    r = np.zeros(len(a), dtype=np.int8)
+    for k in _LAGS:
+        r[k:] += a[k:] == a[:-k]
+    repeats = _prefix(r)
+    first = min(_LAGS[-1], L)
+    idx = idx[(repeats[idx + L] - repeats[idx + first]) <= _max_repeats(L)]
+    if t.odd:
+        idx = _sieve(a, idx, L, little)
+    return idx
 
 
 def _blocks(regions: Sequence[Region], L: int) -> Iterator[tuple[Region, int, int]]:
@@ -580,35 +806,44 @@ def _test_block(
     time ran out), and how many candidates it verified."""
     t = check.target
     L = t.length
-    if block.count(0) == len(block):
+    if block == bytes(len(block)):  # a memcmp: 8x faster than counting the zeros
         return own, 0  # untouched memory (most of a gcore): nothing to test
     order: Literal["little", "big"] = "little" if check.little else "big"
     a = np.frombuffer(block, dtype=np.uint8)
     # Limbs: only windows at 8-aligned virtual addresses.
     idx = np.arange(-address % 8, own, 8) if check.little else np.arange(own)
-    tested = 0
-    for k, o in enumerate(_candidates(a, idx, t, check.little).tolist()):
+    stopped, tested, hits = _verify_run(
+        t, block, _candidates(a, idx, t, check.little).tolist(), order, stop
+    )
+    layout = "little-endian 64-bit limbs at an 8-aligned address" if check.little else "big-endian"
+    findings += [
+        Finding(
+            key,
+            t.component,
+            t.representation,
+            offset=at + o,
+            length=L,
+            detail=f"verified ({layout}): {t.what.format(key=key)}",
+        )
+        for o, key in hits
+    ]
+    return (own if stopped is None else stopped), tested
+
+
+def _verify_run(
+    t: _Target, block: bytes, offsets: list[int], order: Literal["little", "big"], stop: float
+) -> tuple[int | None, int, list[tuple[int, str]]]:
+    """Verifies the windows at ``offsets`` of ``block`` until ``stop``: (the first offset left
+    unverified or None, how many were verified, (offset, key) of those that verified)."""
+    L = t.length
+    hits: list[tuple[int, str]] = []
+    for k, o in enumerate(offsets):
         if k % 256 == 0 and time.monotonic() >= stop:
-            return o, tested
-        tested += 1
+            return o, k, hits
         key = t.verify(int.from_bytes(block[o : o + L], order))
         if key is not None:
-            layout = (
-                "little-endian 64-bit limbs at an 8-aligned address"
-                if check.little
-                else "big-endian"
-            )
-            findings.append(
-                Finding(
-                    key,
-                    t.component,
-                    t.representation,
-                    offset=at + o,
-                    length=L,
-                    detail=f"verified ({layout}): {t.what.format(key=key)}",
-                )
-            )
-    return own, tested
+            hits.append((o, key))
+    return None, len(offsets), hits
 
 
 class StreamChecks:
