@@ -455,6 +455,15 @@ class _EcState:
         lib.EC_GROUP_free(group)
 
 
+def _load_libcrypto() -> Any:
+    """OpenSSL 3's libcrypto by its soname first: ``find_library`` runs ``ldconfig -p`` (a
+    child process, in the dump gate too, which the kernel runs with a bare environment)."""
+    try:
+        return ctypes.CDLL("libcrypto.so.3")
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so")
+
+
 @functools.cache
 def _libcrypto_multiplier(curve_name: str) -> Callable[[bytes], bytes] | None:
     """d (big-endian, the curve's width) -> d*G, X9.62 uncompressed, through the system's
@@ -467,7 +476,7 @@ def _libcrypto_multiplier(curve_name: str) -> Callable[[bytes], bytes] | None:
         return None
     curve = ec.get_curve_for_oid(_CURVE_OIDS[curve_name])()
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+        lib = _load_libcrypto()
         vp, size = ctypes.c_void_p, ctypes.c_size_t
         for fn, res, args in (
             ("EC_GROUP_new_by_curve_name", vp, [ctypes.c_int]),
