@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import grp
 import logging
 import resource
@@ -363,6 +364,11 @@ class Server:
         if self.publisher.enabled:
             self.keyring.on_change(self._key_changed)
             self._publishing = asyncio.create_task(self._publish_forever())
+        # Everything made to start (modules, gRPC, the keyring, the policy) moves to the
+        # collector's permanent generation: a full collection then walks only what calls make.
+        # Measured at 666 sig/s paced: the full collection every 20 to 30 s took 14 ms (every
+        # call in flight waited on it), 0.3 to 0.4 ms after the freeze (issue 18).
+        gc.freeze()
         log.info(
             "algorithms offered", extra={"algorithms": ",".join(self.keyring.offered_algorithms())}
         )
