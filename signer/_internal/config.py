@@ -8,6 +8,7 @@ token PIN is read from the file named by ``token.pin_file``, by :mod:`signer._in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import math
@@ -16,6 +17,7 @@ import re
 import stat
 import threading
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,10 +277,16 @@ class JwtConfig:
     max_token_lifetime_seconds: float = 3600.0
 
     @property
-    def issuer_of(self) -> dict[str, str]:
-        """scope -> issuer URL, as configured (checked by load)."""
-        pairs = (part.split("=", 1) for part in self.issuers.split(",") if part.strip())
-        return {scope.strip(): url.strip() for scope, url in pairs}
+    def issuer_of(self) -> Mapping[str, str]:
+        """scope -> issuer URL, as configured (checked by load); parsed once per setting, as
+        SignJWT reads it on every call."""
+        return _issuers(self.issuers)
+
+
+@functools.lru_cache(maxsize=8)
+def _issuers(setting: str) -> Mapping[str, str]:
+    pairs = (part.split("=", 1) for part in setting.split(",") if part.strip())
+    return types.MappingProxyType({scope.strip(): url.strip() for scope, url in pairs})
 
 
 @dataclass(frozen=True)

@@ -438,7 +438,7 @@ class Keyring:
     def _issuer_bound(self, key: Key) -> bool:
         """Whether ``key``'s scope has an issuer ([jwt] issuers): its rotations have a lead
         time and its JWKS drops retired versions after a grace period."""
-        return key.scope in self._cfg.jwt.issuer_of
+        return key.scope in self._issuers
 
     @staticmethod
     def _refuse_while_pending(key: Key, now: datetime) -> None:
@@ -636,7 +636,7 @@ class Keyring:
         check_scope(scope)
         now = self.now()
         grace = timedelta(seconds=self._cfg.jwt.retired_grace_seconds)
-        bound = scope in self._cfg.jwt.issuer_of
+        bound = scope in self._issuers
         keys: list[dict[str, Any]] = []
         after = ""
         while True:
