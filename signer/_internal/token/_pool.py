@@ -89,9 +89,20 @@ class _Handles(OrderedDict[bytes, Any]):
 class _Connection:
     token: Any
     slots: list[Slot]
-    free: queue.Queue[Slot]
+    # The sessions not in a thread's hands, and, once the connection is given up, GONE.
+    free: queue.Queue[Slot | None]
     mechanisms: frozenset[int]
     label: str
+
+    def give_up(self) -> None:
+        """Wakes every thread waiting for one of this connection's sessions, now and later,
+        with GONE: it answers UNAVAILABLE rather than wait for a session nobody gives back."""
+        self.free.put(GONE)
+
+
+# In a connection's queue of free sessions: the connection is given up (its sessions taken
+# back for good, or abandoned to a stuck thread). Each waiter that takes it puts it back.
+GONE = None
 
 
 class SessionPool:
@@ -252,6 +263,9 @@ class SessionPool:
             raise self._why_down()
         self.check_answering()
         slot = conn.free.get()
+        if slot is GONE:
+            conn.give_up()  # for the next waiter
+            raise Unavailable(f"token unavailable: {self._down_reason}")
         try:
             with map_errors():
                 try:
@@ -287,8 +301,12 @@ class SessionPool:
                 log.exception("availability listener failed")
 
     def _drain(self, conn: _Connection, timeout: float = 10.0) -> bool:
-        """Takes every session of ``conn`` back (calls on a dead connection fail fast)."""
-        taken: list[Slot] = []
+        """Takes every session of ``conn`` back for good (calls on a dead connection fail fast)
+        and gives the connection up. A thread that had taken ``conn`` and was about to borrow a
+        session (or was queued for one) then answers UNAVAILABLE instead of waiting for ever:
+        the soak's RotateKey, queued for one of the administrative connection's two sessions
+        when the token host was killed, never returned, and SIGTERM then hung on its thread."""
+        taken: list[Slot | None] = []
         try:
             for _ in conn.slots:
                 taken.append(conn.free.get(timeout=timeout))
@@ -296,6 +314,7 @@ class SessionPool:
             for slot in taken:
                 conn.free.put(slot)
             return False
+        conn.give_up()
         return True
 
     def _try_connect(self) -> bool:
@@ -350,6 +369,7 @@ class SessionPool:
             extra={"sessions_held": held, "seconds": round(time.monotonic() - self._dead_since)},
         )
         self._abandoned.append((self._lib, self._dead))
+        self._dead.give_up()
         died = self._dead_since
         self._lib, self._dead = None, None
         if self._ping is not None and self._ping.thread.is_alive():
@@ -392,7 +412,7 @@ class SessionPool:
             for slot in slots:
                 self._quietly(slot.session.close)
             raise
-        free: queue.Queue[Slot] = queue.Queue()
+        free: queue.Queue[Slot | None] = queue.Queue()
         for slot in slots:
             free.put(slot)
         return _Connection(token, slots, free, mechs, token.label)
