@@ -111,6 +111,10 @@ class TokenConfig:
     # HSM locks its user after a few (three is common); after one failure the service tries
     # again only when pin_file changes (signer/_internal/token/_logins.py).
     max_failed_logins: int = 2
+    # Sign in two PKCS#11 calls (C_SignInit, C_Sign into a buffer large enough) rather than
+    # python-pkcs11's three, where its module instance can be reached safely
+    # (signer/_internal/token/_direct.py): one round trip fewer to the token per signature.
+    direct_sign: bool = True
 
     @property
     def admin_connection(self) -> bool:

@@ -32,6 +32,7 @@ from signer._internal import config as config_mod
 from signer._internal import hsm
 from signer._internal.files import private_file
 from signer._internal.server import SERVICE_NAME
+from signer._internal.token._pool import Slot
 from signer._wire import status_name
 from signer.client import Signature, SignerClient
 from signer.errors import FailedPrecondition, NotFound, SignerError, Unavailable
@@ -606,7 +607,7 @@ def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_do
     host: the service gives that connection up after 5 s, answers the stuck call
     UNAVAILABLE, replaces its lane, connects afresh and signs; the stuck thread, let go at the
     end, leaves quietly."""
-    from signer._internal.token import _mechanisms, _token
+    from signer._internal.token import _token
 
     cfg = replace(host.token_config(), stall_seconds=0.3, **QUICK_CHECKS)
     svc = service_factory(token=cfg)
@@ -614,15 +615,15 @@ def test_a_call_stuck_for_good_on_a_dead_connection_does_not_keep_the_service_do
     name = unique_name()
     c.create_key(name, "ec-p256")
     held, release = threading.Event(), threading.Event()
-    original = _mechanisms.sign_with  # Token.sign calls it by _token's name
+    original = _token._sign_on  # Token.sign's one call into the module
 
-    def stuck_once(key: Any, mech: SignMechanism, data: bytes) -> bytes:
+    def stuck_once(slot: Slot, key: Any, mech: SignMechanism, data: bytes) -> bytes:
         if not held.is_set():
             held.set()
             release.wait(120)  # as p11-kit-client's waiter: nobody wakes it (until the end)
-        return original(key, mech, data)
+        return original(slot, key, mech, data)
 
-    monkeypatch.setattr(_token, "sign_with", stuck_once)
+    monkeypatch.setattr(_token, "_sign_on", stuck_once)
     try:
         with ThreadPoolExecutor(1) as pool:
             victim = pool.submit(c.sign, name, message=b"stuck")

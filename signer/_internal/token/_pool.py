@@ -38,6 +38,7 @@ from pkcs11 import _pkcs11 as _p11
 
 from signer._internal.config import TokenConfig
 from signer._internal.metrics import OFF, SIGNING, Metrics
+from signer._internal.token._direct import DirectSign
 from signer._internal.token._errors import CONNECTION_LOST, PIN_REFUSED, STALE_HANDLE, map_errors
 from signer._internal.token._logins import LoginGuard
 from signer._internal.token.pin import Pin
@@ -56,6 +57,8 @@ class Slot:
 
     session: Any
     keys: _Handles = field(default_factory=lambda: _Handles(_KEYS_PER_SESSION))
+    # Signs on this connection in two calls, or None: python-pkcs11 signs (:mod:`._direct`).
+    direct: DirectSign | None = None
 
 
 _KEYS_PER_SESSION = 256
@@ -156,6 +159,8 @@ class SessionPool:
         # A health check that has not come back, and whether it has been out too long.
         self._ping: _Ping | None = None
         self._stalled = False
+        # Why the connection signs through python-pkcs11 rather than directly ("" if directly).
+        self._direct_off = ""
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -349,7 +354,15 @@ class SessionPool:
             self._connect_failures = 0
             again, self._connected_before = self._connected_before, True
         self._metrics.token_connected(self._connection, again)
-        log.info("token connected", extra={"token": conn.label, "sessions": len(conn.slots)})
+        log.info(
+            "token connected",
+            extra={
+                "token": conn.label,
+                "sessions": len(conn.slots),
+                # two PKCS#11 calls per signature, or why python-pkcs11's three
+                "signing": self._direct_off or "direct",
+            },
+        )
         self._notify(True)
         return True
 
@@ -403,10 +416,13 @@ class SessionPool:
             raise Unavailable(f"the token refused the login ({type(exc).__name__})") from None
         self._logins.succeeded()
         self._metrics.login(self._connection, "ok")
+        found = DirectSign.of(first) if self._cfg.direct_sign else "turned off (token.direct_sign)"
+        direct = found if isinstance(found, DirectSign) else None
+        self._direct_off = found if isinstance(found, str) else ""
         try:
-            slots.append(Slot(first))
+            slots.append(Slot(first, direct=direct))
             for _ in range(self._pool_size - 1):
-                slots.append(Slot(token.open(rw=True)))
+                slots.append(Slot(token.open(rw=True), direct=direct))
             mechs = frozenset(token.slot.get_mechanisms())
         except BaseException:
             for slot in slots:

@@ -33,6 +33,13 @@ from signer.errors import FailedPrecondition, Internal, InvalidArgument, NotFoun
 from signer.keys import Algorithm, Family, SignMechanism, algorithm_kind
 
 
+def _sign_on(slot: Slot, key: Any, mech: SignMechanism, data: bytes) -> bytes:
+    """Two PKCS#11 calls where the connection allows it (:mod:`._direct`), else python-pkcs11's."""
+    if slot.direct is not None and slot.direct.covers(mech):
+        return slot.direct.sign(key, mech, data)
+    return sign_with(key, mech, data)
+
+
 class Token(WrappedImport):
     """A logged-in PKCS#11 token with a session pool; thread-safe. Its connection, session pool
     and health monitor: :class:`SessionPool`; wrapped import and adoption:
@@ -96,7 +103,7 @@ class Token(WrappedImport):
             key = slot.keys.get(key_id)
             if key is None:
                 key = self._find_private(slot, key_id)
-            return sign_with(key, mech, data)
+            return _sign_on(slot, key, mech, data)
 
     def sign_many(self, key_id: bytes, jobs: list[tuple[SignMechanism, bytes]]) -> list[bytes]:
         """Several signatures with one key on one borrowed session (inputs already checked:
@@ -105,7 +112,7 @@ class Token(WrappedImport):
             key = slot.keys.get(key_id)
             if key is None:
                 key = self._find_private(slot, key_id)
-            return [sign_with(key, mech, data) for mech, data in jobs]
+            return [_sign_on(slot, key, mech, data) for mech, data in jobs]
 
     def destroy(self, key_id: bytes) -> int:
         """Destroys every object with this CKA_ID; returns how many there were."""
