@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pkcs11.exceptions as p11e
 import pytest
@@ -56,15 +57,25 @@ def test_the_connection_signs_directly(token: Token) -> None:
 
 
 @pytest.mark.parametrize(("name", "pad"), CASES)
-def test_every_algorithm_signs_directly_and_verifies(token: Token, name: str, pad: Padding) -> None:
+def test_every_algorithm_signs_directly_and_verifies(
+    token: Token, name: str, pad: Padding, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct_calls: list[SignMechanism] = []
+    original = DirectSign.sign
+
+    def counted(self: DirectSign, key: Any, mech: SignMechanism, data: bytes | bytearray) -> bytes:
+        direct_calls.append(mech)
+        return original(self, key, mech, data)
+
+    monkeypatch.setattr(DirectSign, "sign", counted)
     alg = algorithm(name)
     key_id = os.urandom(16)
     public = token.generate(alg, key_id, f"direct-{name}")
     try:
         message = os.urandom(100)
         mech, data = to_be_signed(alg, message, None, pad)
-        assert DirectSign.covers(mech)
         signature = token.sign(key_id, mech, data)
+        assert direct_calls == [mech]  # signed directly, not by python-pkcs11
         fmt = SigFormat.RAW if alg.family.name == "EC" else SigFormat.DER
         assert verify(public, alg, signature, message, None, pad, fmt)
         assert not verify(public, alg, signature, message + b"!", None, pad, fmt)
@@ -89,12 +100,13 @@ def test_a_token_error_is_python_pkcs11s_exception(token: Token) -> None:
 
     with pytest.raises(STALE_HANDLE):
         direct.sign(NoSuchKey(), SignMechanism.ECDSA, b"\x00" * 32)
-    # The session is not left with an operation active: a real signature follows.
+    # The session is not left with an operation active: a real signature on the same one.
     alg = algorithm("ec-p256")
     key_id = os.urandom(16)
     token.generate(alg, key_id, "after-error")
     try:
-        assert len(token.sign(key_id, SignMechanism.ECDSA, b"\x01" * 32)) == 64
+        key = token._find_private(slot, key_id)
+        assert len(direct.sign(key, SignMechanism.ECDSA, b"\x01" * 32)) == 64
     finally:
         token.destroy(key_id)
 
@@ -118,13 +130,10 @@ def test_data_too_long_fails_as_it_does_through_python_pkcs11(token: Token) -> N
                 sign(key, SignMechanism.RSA_PKCS, b"\x00" * 300)
             raised.append(type(info.value))
         assert raised[0] is raised[1]
-        assert signs(token, key_id)  # the session goes on
+        # the same session goes on signing
+        assert len(direct.sign(key, SignMechanism.RSA_PKCS_PSS, b"\x02" * 32)) == 256
     finally:
         token.destroy(key_id)
-
-
-def signs(tok: Token, key_id: bytes) -> bool:
-    return len(tok.sign(key_id, SignMechanism.RSA_PKCS_PSS, b"\x02" * 32)) == 256
 
 
 def test_turned_off_the_connection_signs_through_python_pkcs11_and_says_so(

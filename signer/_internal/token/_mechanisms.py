@@ -26,9 +26,8 @@ MECHANISMS: dict[Family | SignMechanism, Mechanism] = {
 }
 
 # The parameters of those that take some: PSS over a SHA-256 digest, MGF1-SHA-256, 32-byte salt.
-_PARAMS: dict[SignMechanism, Any] = {
-    SignMechanism.RSA_PKCS_PSS: (Mechanism.SHA256, pkcs11.MGF.SHA256, 32),
-}
+PSS_PARAMS = (Mechanism.SHA256, pkcs11.MGF.SHA256, 32)
+_PARAMS: dict[SignMechanism, Any] = {SignMechanism.RSA_PKCS_PSS: PSS_PARAMS}
 
 # --- wrapped import ---------------------------------------------------------------------------
 

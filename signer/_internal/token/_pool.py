@@ -66,6 +66,8 @@ _KEYS_PER_SESSION = 256
 # A dead connection's calls fail at once (its socket is gone): a session not back this long
 # after is held by a thread stuck in the module for good (see SessionPool._abandon_dead).
 ABANDON_AFTER_SECONDS = 5.0
+# How often a call waiting for a session looks whether its connection is still the one.
+_BORROW_CHECK_SECONDS = 0.5
 
 
 class _Handles(OrderedDict[bytes, Any]):
@@ -97,9 +99,12 @@ class _Connection:
     mechanisms: frozenset[int]
     label: str
 
+    gone: bool = False
+
     def give_up(self) -> None:
         """Wakes every thread waiting for one of this connection's sessions, now and later,
         with GONE: it answers UNAVAILABLE rather than wait for a session nobody gives back."""
+        self.gone = True
         self.free.put(GONE)
 
 
@@ -186,8 +191,11 @@ class SessionPool:
             self._monitor.join(timeout=5)
         with self._state_lock:
             conn, self._conn = self._conn, None
+            if self._dead is not None:
+                self._dead.give_up()  # calls still waiting on it end now, not never
             if conn is not None:
-                self._drain(conn)
+                if not self._drain(conn):
+                    conn.give_up()
                 for slot in conn.slots:
                     self._quietly(slot.session.close)
             if self._lib is not None:
@@ -261,16 +269,38 @@ class SessionPool:
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _borrow(self, conn: _Connection) -> tuple[_Connection, Slot]:
+        """A free session of ``conn``, waiting as long as ``conn`` is the connection. A
+        connection given up (GONE) or replaced while this waits answers UNAVAILABLE, or, if a
+        new connection is up by then, the wait goes on there once (nothing has reached the
+        token yet). The bounded waits are a backstop for a connection that goes away without
+        being given up (down, with its sessions still held)."""
+        moved = False
+        while True:
+            try:
+                slot = conn.free.get(timeout=_BORROW_CHECK_SECONDS)
+            except queue.Empty:
+                if self._conn is conn:
+                    continue
+                slot = GONE
+            if slot is not GONE:
+                return conn, slot
+            if conn.gone:
+                conn.give_up()  # for the next waiter
+            fresh = self._conn
+            if fresh is None:
+                raise self._why_down()
+            if fresh is conn or moved:
+                raise Unavailable(f"token unavailable: {self._down_reason}")
+            conn, moved = fresh, True
+
     @contextmanager
     def _session(self) -> Iterator[Slot]:
         conn = self._conn
         if conn is None:
             raise self._why_down()
         self.check_answering()
-        slot = conn.free.get()
-        if slot is GONE:
-            conn.give_up()  # for the next waiter
-            raise Unavailable(f"token unavailable: {self._down_reason}")
+        conn, slot = self._borrow(conn)
         try:
             with map_errors():
                 try:
@@ -416,7 +446,11 @@ class SessionPool:
             raise Unavailable(f"the token refused the login ({type(exc).__name__})") from None
         self._logins.succeeded()
         self._metrics.login(self._connection, "ok")
-        found = DirectSign.of(first) if self._cfg.direct_sign else "turned off (token.direct_sign)"
+        found = (
+            DirectSign.of(first, self._lib)
+            if self._cfg.direct_sign
+            else "turned off (token.direct_sign)"
+        )
         direct = found if isinstance(found, DirectSign) else None
         self._direct_off = found if isinstance(found, str) else ""
         try:

@@ -35,7 +35,7 @@ from signer.keys import Algorithm, Family, SignMechanism, algorithm_kind
 
 def _sign_on(slot: Slot, key: Any, mech: SignMechanism, data: bytes) -> bytes:
     """Two PKCS#11 calls where the connection allows it (:mod:`._direct`), else python-pkcs11's."""
-    if slot.direct is not None and slot.direct.covers(mech):
+    if slot.direct is not None and slot.direct.covers(mech, key):
         return slot.direct.sign(key, mech, data)
     return sign_with(key, mech, data)
 

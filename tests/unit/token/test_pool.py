@@ -32,6 +32,18 @@ def test_the_handle_cache_keeps_its_most_recently_used() -> None:
 LOST = "lost the token host (DeviceError)"
 
 
+class _Queue(queue.Queue[Slot | None]):
+    """A queue of free sessions that says when a thread has come to wait on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Slot | None:
+        self.waiting.set()
+        return super().get(block, timeout)
+
+
 class _Session:
     """Stands in for a python-pkcs11 session: the pool only hands it out and takes it back."""
 
@@ -46,12 +58,28 @@ def _pool_with(tmp_path: Path, sessions: int) -> tuple[SessionPool, _Connection]
     pin.write_bytes(b"1234")
     pool = SessionPool(TokenConfig(sessions=sessions), Pin(pin))
     slots = [Slot(_Session()) for _ in range(sessions)]
-    free: queue.Queue[Slot | None] = queue.Queue()
+    free = _Queue()
     for slot in slots:
         free.put(slot)
     conn = _Connection(token=None, slots=slots, free=free, mechanisms=frozenset(), label="t")
     pool._conn = conn
     return pool, conn
+
+
+def _hold(conn: _Connection) -> Slot | None:
+    """One of ``conn``'s sessions, taken as a call in the module holds it."""
+    free = conn.free
+    assert isinstance(free, _Queue)
+    slot = free.get()
+    free.waiting.clear()  # this was not a waiter
+    return slot
+
+
+def _waiting(conn: _Connection) -> bool:
+    """Whether a thread came to wait for one of ``conn``'s sessions (within 10 s)."""
+    free = conn.free
+    assert isinstance(free, _Queue)
+    return free.waiting.wait(10)
 
 
 def _borrow(pool: SessionPool, outcome: queue.Queue[str]) -> threading.Thread:
@@ -94,17 +122,19 @@ def test_a_thread_about_to_borrow_when_the_connection_is_taken_back_answers_unav
     assert outcome.get_nowait() == f"UNAVAILABLE: token unavailable: {LOST}"
 
 
-def test_every_thread_queued_for_a_session_of_a_connection_given_up_answers(
+def test_every_thread_queued_for_a_session_of_an_abandoned_connection_answers(
     tmp_path: Path,
 ) -> None:
     """Several calls queued for the one session (more admin threads than admin sessions) when
-    the connection is given up: each answers, none is left waiting (GONE is passed on)."""
+    the connection is abandoned (a thread stuck in the module holds the session for good):
+    each answers, none is left waiting (GONE is passed on)."""
     pool, conn = _pool_with(tmp_path, sessions=1)
-    held = conn.free.get()  # a call in the module holds the only session
+    held = _hold(conn)  # a call in the module holds the only session
     outcome: queue.Queue[str] = queue.Queue()
     threads = [_borrow(pool, outcome) for _ in range(3)]
+    assert _waiting(conn)
     pool._mark_down(conn, LOST)
-    conn.give_up()  # as _abandon_dead does: the held session never comes back
+    pool._abandon_dead()
     for thread in threads:
         thread.join(10)
         assert not thread.is_alive()
@@ -113,11 +143,62 @@ def test_every_thread_queued_for_a_session_of_a_connection_given_up_answers(
     assert held is not None
 
 
+def test_a_waiter_moves_to_a_new_connection_once(tmp_path: Path) -> None:
+    """Waiting on the old connection when it was given up, with a new one up by then: the call
+    borrows from the new one (nothing had reached the token yet) rather than failing."""
+    pool, old = _pool_with(tmp_path, sessions=1)
+    held = _hold(old)
+    outcome: queue.Queue[str] = queue.Queue()
+    thread = _borrow(pool, outcome)
+    assert _waiting(old)
+    pool._mark_down(old, LOST)
+    _, new = _pool_with(tmp_path, sessions=1)
+    pool._conn = new  # as _try_connect leaves it after a reconnect
+    old.give_up()
+    thread.join(10)
+    assert outcome.get_nowait() == "borrowed"
+    assert held is not None
+
+
+def test_close_wakes_waiters_of_a_dead_connection(tmp_path: Path) -> None:
+    """The review's path: the token host gone, a session held for good by a stuck thread, a
+    call queued; the monitor never drains (the main connection stays down); SIGTERM closes
+    the pool: the queued call answers instead of holding shutdown for ever."""
+    pool, conn = _pool_with(tmp_path, sessions=1)
+    held = _hold(conn)
+    outcome: queue.Queue[str] = queue.Queue()
+    thread = _borrow(pool, outcome)
+    assert _waiting(conn)
+    pool._mark_down(conn, LOST)
+    pool.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert outcome.get_nowait().startswith("UNAVAILABLE: ")
+    assert held is not None
+
+
+def test_a_waiter_notices_its_connection_went_down_without_being_given_up(
+    tmp_path: Path,
+) -> None:
+    """The backstop: a connection marked down whose sessions are all held (no drain yet, no
+    abandon): a call waiting for one answers within the borrow check, not never."""
+    pool, conn = _pool_with(tmp_path, sessions=1)
+    held = _hold(conn)
+    outcome: queue.Queue[str] = queue.Queue()
+    thread = _borrow(pool, outcome)
+    assert _waiting(conn)
+    pool._mark_down(conn, LOST)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert outcome.get_nowait() == f"UNAVAILABLE: token unavailable: {LOST}"
+    assert held is not None
+
+
 def test_a_drain_that_times_out_gives_the_sessions_back(tmp_path: Path) -> None:
     """A session still held: the drain fails, what it took goes back, the connection is not
     given up, and the next borrower gets a session (not GONE)."""
     pool, conn = _pool_with(tmp_path, sessions=2)
-    held = conn.free.get()
+    held = _hold(conn)
     assert not pool._drain(conn, timeout=0.05)
     conn.free.put(held)
     outcome: queue.Queue[str] = queue.Queue()
