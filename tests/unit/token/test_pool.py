@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from signer._internal.config import TokenConfig
@@ -122,59 +123,60 @@ def test_a_thread_about_to_borrow_when_the_connection_is_taken_back_answers_unav
     assert outcome.get_nowait() == f"UNAVAILABLE: token unavailable: {LOST}"
 
 
+@dataclass
+class _Queued:
+    """Calls queued for the one session of a connection, which a call in the module holds
+    (for good, as a thread stuck in p11-kit-client), when the connection is marked down."""
+
+    pool: SessionPool
+    conn: _Connection
+    outcome: queue.Queue[str]
+    threads: list[threading.Thread]
+
+    def answers(self) -> list[str]:
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive(), "a call waits for ever for a session"
+        return [self.outcome.get_nowait() for _ in self.threads]
+
+
+def _queued(tmp_path: Path, calls: int = 1) -> _Queued:
+    pool, conn = _pool_with(tmp_path, sessions=1)
+    assert _hold(conn) is not None
+    outcome: queue.Queue[str] = queue.Queue()
+    threads = [_borrow(pool, outcome) for _ in range(calls)]
+    assert _waiting(conn)
+    pool._mark_down(conn, LOST)
+    return _Queued(pool, conn, outcome, threads)
+
+
 def test_every_thread_queued_for_a_session_of_an_abandoned_connection_answers(
     tmp_path: Path,
 ) -> None:
     """Several calls queued for the one session (more admin threads than admin sessions) when
-    the connection is abandoned (a thread stuck in the module holds the session for good):
-    each answers, none is left waiting (GONE is passed on)."""
-    pool, conn = _pool_with(tmp_path, sessions=1)
-    held = _hold(conn)  # a call in the module holds the only session
-    outcome: queue.Queue[str] = queue.Queue()
-    threads = [_borrow(pool, outcome) for _ in range(3)]
-    assert _waiting(conn)
-    pool._mark_down(conn, LOST)
-    pool._abandon_dead()
-    for thread in threads:
-        thread.join(10)
-        assert not thread.is_alive()
-    answers = [outcome.get_nowait() for _ in threads]
-    assert answers == [f"UNAVAILABLE: token unavailable: {LOST}"] * 3
-    assert held is not None
+    the connection is abandoned: each answers, none is left waiting (GONE is passed on)."""
+    queued = _queued(tmp_path, calls=3)
+    queued.pool._abandon_dead()
+    assert queued.answers() == [f"UNAVAILABLE: token unavailable: {LOST}"] * 3
 
 
 def test_a_waiter_moves_to_a_new_connection_once(tmp_path: Path) -> None:
     """Waiting on the old connection when it was given up, with a new one up by then: the call
     borrows from the new one (nothing had reached the token yet) rather than failing."""
-    pool, old = _pool_with(tmp_path, sessions=1)
-    held = _hold(old)
-    outcome: queue.Queue[str] = queue.Queue()
-    thread = _borrow(pool, outcome)
-    assert _waiting(old)
-    pool._mark_down(old, LOST)
+    queued = _queued(tmp_path)
     _, new = _pool_with(tmp_path, sessions=1)
-    pool._conn = new  # as _try_connect leaves it after a reconnect
-    old.give_up()
-    thread.join(10)
-    assert outcome.get_nowait() == "borrowed"
-    assert held is not None
+    queued.pool._conn = new  # as _try_connect leaves it after a reconnect
+    queued.conn.give_up()
+    assert queued.answers() == ["borrowed"]
 
 
 def test_close_wakes_waiters_of_a_dead_connection(tmp_path: Path) -> None:
     """The review's path: the token host gone, a session held for good by a stuck thread, a
     call queued; the monitor never drains (the main connection stays down); SIGTERM closes
     the pool: the queued call answers instead of holding shutdown for ever."""
-    pool, conn = _pool_with(tmp_path, sessions=1)
-    held = _hold(conn)
-    outcome: queue.Queue[str] = queue.Queue()
-    thread = _borrow(pool, outcome)
-    assert _waiting(conn)
-    pool._mark_down(conn, LOST)
-    pool.close()
-    thread.join(10)
-    assert not thread.is_alive()
-    assert outcome.get_nowait().startswith("UNAVAILABLE: ")
-    assert held is not None
+    queued = _queued(tmp_path)
+    queued.pool.close()
+    assert queued.answers() == [f"UNAVAILABLE: token unavailable: {LOST}"]
 
 
 def test_a_waiter_notices_its_connection_went_down_without_being_given_up(
@@ -182,16 +184,8 @@ def test_a_waiter_notices_its_connection_went_down_without_being_given_up(
 ) -> None:
     """The backstop: a connection marked down whose sessions are all held (no drain yet, no
     abandon): a call waiting for one answers within the borrow check, not never."""
-    pool, conn = _pool_with(tmp_path, sessions=1)
-    held = _hold(conn)
-    outcome: queue.Queue[str] = queue.Queue()
-    thread = _borrow(pool, outcome)
-    assert _waiting(conn)
-    pool._mark_down(conn, LOST)
-    thread.join(10)
-    assert not thread.is_alive()
-    assert outcome.get_nowait() == f"UNAVAILABLE: token unavailable: {LOST}"
-    assert held is not None
+    queued = _queued(tmp_path)
+    assert queued.answers() == [f"UNAVAILABLE: token unavailable: {LOST}"]
 
 
 def test_a_drain_that_times_out_gives_the_sessions_back(tmp_path: Path) -> None:
