@@ -39,6 +39,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         args.min_fragment,
         public_keys=public,
         blind_budget_seconds=args.blind_budget,
+        blind_offsets=args.blind_offsets,
     )
     print(
         f"scan: {len(known)} known, {len(public or {})} public keys: {scanner.pattern_count} "
@@ -80,7 +81,11 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     known = load_secrets(args.secrets)
     public = load_public_keys(args.public_keys) if args.public_keys else None
     scanner = Scanner(
-        known, args.min_fragment, public_keys=public, blind_budget_seconds=args.blind_budget
+        known,
+        args.min_fragment,
+        public_keys=public,
+        blind_budget_seconds=args.blind_budget,
+        blind_offsets=args.blind_offsets,
     )
     done = sanitize(args.core, args.out, scanner, strict=args.strict)
     print(
@@ -170,6 +175,14 @@ def register(sub: Subparsers) -> None:
         help="time for blind mathematical checks per dump (default 60)",
     )
     sp.add_argument(
+        "--blind-offsets",
+        choices=("every", "likely"),
+        default="every",
+        help="where blind mode looks for big-endian private numbers: at every byte offset "
+        "(default), or only at 8-aligned addresses and after a length or pad byte (about 4x "
+        "faster on EC keys; what the dump gate uses)",
+    )
+    sp.add_argument(
         "--marker",
         action="append",
         default=[],
@@ -205,6 +218,9 @@ def register(sub: Subparsers) -> None:
     sp.add_argument("--min-fragment", type=int, default=16, metavar="N", help="as for scan")
     sp.add_argument(
         "--blind-budget", type=float, default=60.0, metavar="SECONDS", help="as for scan"
+    )
+    sp.add_argument(
+        "--blind-offsets", choices=("every", "likely"), default="every", help="as for scan"
     )
     sp.set_defaults(func=cmd_sanitize)
 

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from signer._internal.config import line_of, parse_toml, read_text
 from signer.errors import ConfigError, shown
@@ -57,6 +57,11 @@ class GateConfig:
     public_keys: tuple[Path, ...] = ()
     service_configs: tuple[Path, ...] = ()
     structural: bool = True
+    # Where blind mode's big-endian checks look ("every" byte offset, or the "likely" ones:
+    # 8-aligned addresses and offsets after a length or pad byte). "likely" clears a dump of
+    # EC keys about four times sooner; a key at an unaligned, unframed offset is then not
+    # looked for (README, "The dump gate").
+    blind_offsets: Literal["every", "likely"] = "likely"
     # Where it was read from (None: the defaults).
     path: Path | None = None
 
@@ -84,6 +89,7 @@ _DETECT = {
     "public_keys": "paths",
     "service_configs": "paths",
     "structural": "bool",
+    "blind_offsets": "offsets",
 }
 _TABLES = {"gate": _GATE, "detect": _DETECT}
 
@@ -162,6 +168,10 @@ def _value(table: str, key: str, kind: str, raw: Any, base: Path) -> Any:
     if kind == "bool":
         if not isinstance(raw, bool):
             raise wrong("true or false")
+        return raw
+    if kind == "offsets":
+        if raw not in ("every", "likely"):  # signer.scan's Offsets (not imported: numpy)
+            raise wrong('"every" or "likely"')
         return raw
     if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
         raise wrong("a list of non-empty strings")

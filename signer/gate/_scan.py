@@ -164,6 +164,7 @@ def build_scanner(cfg: GateConfig, blind_budget_seconds: float = 60.0) -> Scanne
             known,
             public_keys=public if blind else None,
             blind_budget_seconds=blind_budget_seconds,
+            blind_offsets=cfg.blind_offsets,
         )
     owners = {s.id for s in known} | set(public)
 
@@ -182,7 +183,12 @@ def build_scanner(cfg: GateConfig, blind_budget_seconds: float = 60.0) -> Scanne
             result = super().scan(path, maps, markers, deadline=deadline)
             return _configured_only(result, owners)
 
-    return ConfiguredOnly(known, public_keys=public, blind_budget_seconds=blind_budget_seconds)
+    return ConfiguredOnly(
+        known,
+        public_keys=public,
+        blind_budget_seconds=blind_budget_seconds,
+        blind_offsets=cfg.blind_offsets,
+    )
 
 
 def _configured_only(result: ScanResult, owners: set[str]) -> ScanResult:

@@ -366,11 +366,20 @@ class _Target:
     what: str  # for the detail, with {key}: "divides N of public key {key}"
 
 
+Offsets = Literal["every", "likely"]
+"""Where the big-endian checks look: at ``every`` byte offset, or at the ``likely`` ones only:
+8-aligned addresses (where every allocator, language runtime and stack frame puts a buffer)
+and offsets framed by a length or pad byte (where serialisations put a key: see
+:func:`_framed`). Little-endian limbs are always looked for at 8-aligned addresses only."""
+OFFSETS: tuple[Offsets, ...] = ("every", "likely")
+
+
 @dataclass(frozen=True)
 class _Check:
     name: str
     target: _Target
-    little: bool  # little-endian 64-bit limbs at 8-aligned addresses; else big-endian anywhere
+    little: bool  # little-endian 64-bit limbs at 8-aligned addresses; else big-endian
+    likely: bool = False  # big-endian at the likely offsets only (see Offsets); else at every one
 
 
 def _rsa_verifier(moduli: Mapping[str, int]) -> Callable[[int], str | None]:
@@ -604,17 +613,24 @@ def _targets(keys: PublicKeys) -> list[_Target]:
     return out
 
 
-def _checks(keys: PublicKeys) -> list[_Check]:
-    """Cheapest first: 8-aligned limbs, then every offset (RSA division before EC multiplies)."""
+def _checks(keys: PublicKeys, offsets: Offsets = "every") -> list[_Check]:
+    """Cheapest first: 8-aligned limbs, then big-endian (RSA division before EC multiplies)."""
+    if offsets not in OFFSETS:
+        raise ScanError(f"blind offsets must be one of {', '.join(OFFSETS)}, not {offsets!r}")
     targets = _targets(keys)
     aligned = [
         _Check(f"{t.representation.removeprefix('verified-')}-le64-aligned", t, True)
         for t in targets
         if t.component != "seed"
     ]
-    every = [_Check(f"{t.representation.removeprefix('verified-')}-be", t, False) for t in targets]
-    every.sort(key=lambda c: c.target.component != "factor")
-    return aligned + every
+    likely = offsets == "likely"
+    suffix = "-be-aligned-or-framed" if likely else "-be"
+    big = [
+        _Check(f"{t.representation.removeprefix('verified-')}{suffix}", t, False, likely)
+        for t in targets
+    ]
+    big.sort(key=lambda c: c.target.component != "factor")
+    return aligned + big
 
 
 MISS = 1e-8
@@ -724,6 +740,24 @@ def _candidates(
     return idx
 
 
+def _framed(a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], L: int, address: int) -> Any:
+    """The window starts of ``idx`` (of a block at virtual ``address``) at an 8-aligned address
+    or right after the bytes that frame an ``L``-byte number in a serialisation: its length
+    (DER's short form and the low byte of its long form, protobuf, CBOR, MessagePack, Java's
+    and SSH's 32-bit lengths), twice its length (an Ed25519 seed followed by its public key, as
+    OpenSSH and libsodium keep them), or a zero pad after a length one larger (a DER or SSH
+    integer whose top bit is set: ``02 21 00``, ``81 81 00``, ``00 00 00 21 00``). A random
+    byte frames with probability about 2/256, so about 1 in 128 unaligned windows is kept.
+    Windows whose framing bytes fall before the block are kept."""
+    lo, twice, padded = L & 0xFF, (2 * L) & 0xFF, (L + 1) & 0xFF
+    keep = ((address + idx) % 8 == 0) | (idx < 2)
+    inner = idx >= 2
+    at = idx[inner]
+    p1, p2 = a[at - 1], a[at - 2]
+    keep[inner] |= (p1 == lo) | (p1 == twice) | ((p1 == 0) & (p2 == padded))
+    return idx[keep]
+
+
 def _blocks(regions: Sequence[Region], L: int) -> Iterator[tuple[Region, int, int]]:
     """(region, block start, own length): windows start in [start, start+own)."""
     for r in regions:
@@ -755,9 +789,10 @@ def run_checks(
     keys: PublicKeys,
     budget: float,
     holes: Holes | None = None,
+    offsets: Offsets = "every",
 ) -> tuple[list[Finding], list[BlindCheck]]:
     """Every check over every region, each given an equal share of what is left of ``budget``."""
-    checks = _checks(keys)
+    checks = _checks(keys, offsets)
     total = sum(r.length for r in regions)
     findings: list[Finding] = []
     reports: list[BlindCheck] = []
@@ -821,10 +856,18 @@ def _test_block(
     a = np.frombuffer(block, dtype=np.uint8)
     # Limbs: only windows at 8-aligned virtual addresses.
     idx = np.arange(-address % 8, own, 8) if check.little else np.arange(own)
+    if check.likely:
+        idx = _framed(a, idx, L, address)
     stopped, tested, hits = _verify_run(
         t, block, _candidates(a, idx, t, check.little).tolist(), order, stop
     )
-    layout = "little-endian 64-bit limbs at an 8-aligned address" if check.little else "big-endian"
+    layout = (
+        "little-endian 64-bit limbs at an 8-aligned address"
+        if check.little
+        else "big-endian, at an 8-aligned or framed offset"
+        if check.likely
+        else "big-endian"
+    )
     findings += [
         Finding(
             key,
@@ -867,8 +910,8 @@ class StreamChecks:
     kinds over all memory. A check stopped by the deadline stays stopped (its coverage is a
     prefix of memory)."""
 
-    def __init__(self, keys: PublicKeys) -> None:
-        self.checks = _checks(keys)
+    def __init__(self, keys: PublicKeys, offsets: Offsets = "every") -> None:
+        self.checks = _checks(keys, offsets)
         self.findings: list[Finding] = []
         self.window = max((c.target.length for c in self.checks), default=1)
         """Bytes a window holds at most: feed() needs this many less one past its range."""

@@ -76,6 +76,7 @@ class BlindReport:
     structural_candidates: int  # header/DER/JWK matches found
     checks: tuple[BlindCheck, ...]
     structural_examined: int | None = None  # of those, confirmed within the budget (None: all)
+    offsets: str = "every"  # where the big-endian checks looked (signer.scan._blind.Offsets)
 
     @property
     def structural_complete(self) -> bool:
@@ -98,6 +99,7 @@ class BlindReport:
                 else self.structural_examined
             ),
             "complete": self.complete,
+            "offsets": self.offsets,
             "checks": [c.to_dict() for c in self.checks],
         }
 

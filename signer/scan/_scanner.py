@@ -56,6 +56,7 @@ class Scanner:
         *,
         public_keys: Mapping[str, PublicKeyType] | Sequence[PublicKeyType] | None = None,
         blind_budget_seconds: float = 60.0,
+        blind_offsets: _blind.Offsets = "every",
         chunk_size: int = DEFAULT_CHUNK,
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> None:
@@ -73,6 +74,10 @@ class Scanner:
             raise ScanError("chunk_size must be positive")
         if blind_budget_seconds < 0:
             raise ScanError("blind_budget_seconds must not be negative")
+        if blind_offsets not in _blind.OFFSETS:
+            raise ScanError(
+                f"blind_offsets must be one of {', '.join(_blind.OFFSETS)}, not {blind_offsets!r}"
+            )
         if max_output < 0:
             raise ScanError("max_output must not be negative")
         if not self.secrets and public_keys is None:
@@ -81,6 +86,7 @@ class Scanner:
         self.chunk_size = chunk_size
         self.max_output = max_output
         self.blind_budget_seconds = float(blind_budget_seconds)
+        self.blind_offsets: _blind.Offsets = blind_offsets
         self.public_keys = None if public_keys is None else _blind.PublicKeys(public_keys)
 
         began = time.monotonic()
@@ -230,6 +236,7 @@ class Scanner:
                 self.public_keys,
                 max(0.0, deadline - time.monotonic()),
                 None if data is None else _blind.Holes(data),
+                self.blind_offsets,
             )
             findings += _drop_contained(found + verified, findings)
             blind = BlindReport(
@@ -238,6 +245,7 @@ class Scanner:
                 len(structural),
                 tuple(checks),
                 examined,
+                self.blind_offsets,
             )
         counts = Counter(pid for pid, _ in hits[1]) if marker_set is not None else Counter()
         markers_found = {name: counts[i] for i, name in enumerate(marker_names)}

@@ -176,7 +176,7 @@ def scan_stream(
         )
 
     keys = scanner.public_keys
-    checks = _blind.StreamChecks(keys) if keys is not None else None
+    checks = _blind.StreamChecks(keys, scanner.blind_offsets) if keys is not None else None
     # One budget for all blind work, as in the file scan: the time spent in it, chunk after
     # chunk (the decompression and the Hyperscan pass do not count).
     blind_seconds = 0.0
@@ -276,6 +276,7 @@ def scan_stream(
             candidates,
             tuple(checks.reports(final)),
             examined,
+            scanner.blind_offsets,
         )
     counts = Counter(pid for pid, _ in hits[1]) if marker_set is not None else Counter()
     markers_found = {name: counts[i] for i, name in enumerate(marker_names)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,15 @@ def test_structural_off_and_no_public_keys_is_no_blind_mode(tmp_path: Path) -> N
     pin.write_text("8412-7730-5519\n")
     assert build_scanner(config(secrets=(pin,), structural=False)).public_keys is None
     assert build_scanner(config(secrets=(pin,), structural=True)).public_keys is not None
+
+
+def test_blind_offsets_reach_the_scanner(tmp_path: Path) -> None:
+    pin = tmp_path / "user.pin"
+    pin.write_bytes(b"0123456789abcdef0123456789abcdef")
+    assert build_scanner(config(secrets=(pin,))).blind_offsets == "likely"  # the gate's default
+    every = config(secrets=(pin,), blind_offsets="every")
+    assert build_scanner(every).blind_offsets == "every"
+    assert build_scanner(replace(every, structural=False)).blind_offsets == "every"
 
 
 # --- the sanitised copy ------------------------------------------------------------------------

@@ -34,6 +34,17 @@ def blind(keys: Keys) -> Scanner:
     return Scanner([], public_keys=pubs, blind_budget_seconds=30)
 
 
+@pytest.fixture(scope="module")
+def likely(keys: Keys) -> Scanner:
+    """The dump gate's default: big-endian numbers at aligned and framed offsets only."""
+    pubs: dict[str, PublicKeyType] = {
+        "rsa": keys.rsa2048.public_key(),
+        "p256": keys.p256.public_key(),
+        "ed": keys.ed25519.public_key(),
+    }
+    return Scanner([], public_keys=pubs, blind_budget_seconds=30, blind_offsets="likely")
+
+
 def heap(size: int = 256 << 10) -> bytearray:
     return memory_like(size)
 
@@ -288,3 +299,65 @@ def test_zero_pages_count_as_covered_without_testing(plant: Plant) -> None:
     assert result.blind is not None
     assert result.blind.complete
     assert all(c.candidates == 0 for c in result.blind.checks)
+
+
+# --- blind_offsets="likely" ------------------------------------------------------------------
+
+
+def _framed_items(keys: Keys) -> list[tuple[str, bytes, bytes]]:
+    """(key, framing before it, the number) as serialisations hold them, unaligned."""
+    p = keys.rsa2048.private_numbers().p.to_bytes(128, "big")
+    d = keys.p256.private_numbers().private_value.to_bytes(32, "big")
+    seed = keys.ed25519.private_bytes_raw()
+    pub = keys.ed25519.public_key().public_bytes_raw()
+    return [
+        ("rsa", b"\x02\x81\x81\x00", p),  # a DER INTEGER with its pad byte
+        ("p256", b"\x30\x77\x02\x01\x01\x04\x20", d),  # SEC1's OCTET STRING
+        ("p256", b"\x12\x20", d),  # a protobuf bytes field
+        ("p256", b"\x00\x00\x00\x21\x00", d),  # an SSH mpint with its pad
+        ("ed", b"\x00\x00\x00\x40", seed + pub),  # OpenSSH's seed || public key
+    ]
+
+
+@pytest.mark.parametrize("which", range(5))
+def test_likely_offsets_find_a_number_framed_by_its_serialisation(
+    likely: Scanner, keys: Keys, plant: Plant, which: int
+) -> None:
+    owner, framing, number = _framed_items(keys)[which]
+    at = 8 * 2001 + 3  # unaligned
+    assert at % 8 != 0
+    path = plant([(at - len(framing), framing + number)], heap())
+    result = likely.scan(path)
+    assert result.blind is not None
+    assert result.blind.offsets == "likely"
+    assert result.blind.complete
+    assert [(f.secret_id, f.offset) for f in result.findings] == [(owner, at)]
+    assert "at an 8-aligned or framed offset" in result.findings[0].detail
+
+
+def test_likely_offsets_find_aligned_numbers_and_skip_unframed_unaligned_ones(
+    likely: Scanner, blind: Scanner, keys: Keys, plant: Plant
+) -> None:
+    """What "likely" gives up, shown: the same scalar at an unaligned offset after a byte that
+    frames nothing is found at every offset, not at the likely ones; 8-aligned, it is."""
+    d = keys.p256.private_numbers().private_value.to_bytes(32, "big")
+    unframed = plant([(30000, b"\x77" + d)], heap())
+    assert [f.offset for f in blind.scan(unframed).findings] == [30001]
+    skipped = likely.scan(unframed)
+    assert skipped.findings == []
+    assert skipped.blind is not None
+    assert skipped.blind.complete
+    assert [c.name for c in skipped.blind.checks] == [
+        "rsa-factor-le64-aligned",
+        "ec-scalar-le64-aligned",
+        "rsa-factor-be-aligned-or-framed",
+        "ed25519-seed-be-aligned-or-framed",
+        "ec-scalar-be-aligned-or-framed",
+    ]
+    aligned = plant([(30000, b"\x77" * 8 + d)], heap())
+    assert [f.offset for f in likely.scan(aligned).findings] == [30008]
+
+
+def test_blind_offsets_must_be_known(keys: Keys) -> None:
+    with pytest.raises(ScanError, match="blind_offsets must be one of every, likely"):
+        Scanner([], public_keys=[keys.p256.public_key()], blind_offsets="some")  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from signer.scan._blind import (
     MISS,
     _candidates,
     _ec_verifier,
+    _framed,
     _libcrypto_multiplier,
     _max_repeats,
     _sieve,
@@ -221,3 +222,27 @@ def test_libcrypto_multiplier_is_made_once_and_safe_from_threads() -> None:
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(run, range(4)))
     assert all(r == expected for r in results)
+
+
+@pytest.mark.parametrize("length", [32, 66, 128, 256])
+@pytest.mark.parametrize("address", [0x1000, 0x1003])
+def test_likely_offsets_are_the_aligned_and_the_framed_ones(length: int, address: int) -> None:
+    """Every window at an 8-aligned address is kept, and an unaligned one exactly when the bytes
+    before it frame a number of ``length`` bytes; windows whose framing would start before the
+    block are kept."""
+    rng = random.Random(length + address)
+    raw = bytearray(rng.randbytes(1 << 16))
+    for at in rng.sample(range(2, len(raw)), 2000):  # pads after a length one larger, too
+        raw[at - 2 : at] = bytes([(length + 1) & 0xFF, 0])
+    a = np.frombuffer(bytes(raw), dtype=np.uint8)
+    idx = np.arange(len(raw) - 300)
+
+    def framed(i: int) -> bool:
+        p1, p2 = int(a[i - 1]), int(a[i - 2])
+        return p1 in {length & 0xFF, (2 * length) & 0xFF} or (p1, p2) == (0, (length + 1) & 0xFF)
+
+    want = [int(i) for i in idx if i < 2 or (address + i) % 8 == 0 or framed(int(i))]
+    got = _framed(a, idx, length, address).tolist()
+    assert got == want
+    # About 1/8 aligned, 2/256 of the rest after one framing byte, and the planted pads.
+    assert len(idx) // 8 < len(got) < len(idx) // 8 + len(idx) // 100 + 2000

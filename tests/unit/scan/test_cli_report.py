@@ -135,6 +135,19 @@ def test_blind_via_public_keys(files: dict[str, Path], capsys: pytest.CaptureFix
     assert "d*G == Q of public key key.pub" in out
 
 
+def test_blind_offsets_option(files: dict[str, Path], tmp_path: Path) -> None:
+    report = tmp_path / "out.json"
+    pub = str(files["pub"])
+    args = ["--public-keys", pub, "--blind-offsets", "likely", "--json", str(report)]
+    main(["scan", str(files["dirty"]), *args])
+    blind = json.loads(report.read_text())["blind"]
+    assert blind["offsets"] == "likely"
+    assert [c["name"] for c in blind["checks"]] == [
+        "ec-scalar-le64-aligned",
+        "ec-scalar-be-aligned-or-framed",
+    ]
+
+
 @pytest.mark.parametrize(
     "args",
     [
