@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import random
 import shutil
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -342,38 +343,60 @@ def run(ctx: Context) -> ScenarioResult:
             for name, k in by_kind.items()
         ],
     )
-    # The dump gate's setting, on the same copy: big-endian numbers at aligned and framed
-    # offsets only (the planted ones are all 8-aligned, so recall must not change).
+    # The same copy scanned again: in one process (the baseline of the workers), and at the
+    # likely offsets only (what the dump gate may be set to; the planted items are all
+    # 8-aligned, so recall must not change).
     nonzero = placed["used_pages"] * PAGE
-    likely = Scanner(
-        [], public_keys=keys, blind_budget_seconds=ctx.blind_budget_seconds, blind_offsets="likely"
-    )
-    ctx.progress("blind: again with blind_offsets='likely' (the dump gate's) ...")
-    r2 = likely.scan(copy)
-    assert r2.blind is not None
-    again = [replace(i, found=False, reached=False) for i in items]
-    stray2 = evaluate(again, r2.findings, r2.blind.checks, "likely")
-    found2 = sum(i.found for i in again)
-    ctx.progress(f"blind: likely offsets: {found2}/{len(items)} found in {r2.seconds:.1f}s")
     data["nonzero_bytes"] = nonzero
+    data["threads"] = threading.active_count()  # workers are forked only from one thread
+    data["workers"] = scanner.blind_workers if data["threads"] == 1 else 1
     data["nonzero_mb_per_s"] = round(nonzero / 1e6 / result.seconds, 2)
-    data["likely"] = {
-        "scan_seconds": round(r2.seconds, 2),
-        "found_items": found2,
-        "recall": round(found2 / len(items), 3),
-        "complete": r2.blind.complete,
-        "candidates_verified": sum(c.candidates for c in r2.blind.checks),
-        "unmatched_findings_count": len(stray2),
-        "nonzero_mb_per_s": round(nonzero / 1e6 / r2.seconds, 2),
-        "per_check": [c.to_dict() for c in r2.blind.checks],
-    }
-    data["ratio_every_vs_likely_seconds"] = round(result.seconds / r2.seconds, 2)
-    notes.append(
-        f"Offsets: every byte offset {result.seconds:.1f}s ({nonzero / 1e6 / result.seconds:.2f}"
-        f" MB/s of the {nonzero / 2**20:.1f} MiB in used pages); aligned-or-framed only (the "
-        f"dump gate's default) {r2.seconds:.1f}s ({nonzero / 1e6 / r2.seconds:.2f} MB/s), "
-        f"{found2}/{len(items)} found, {sum(c.candidates for c in r2.blind.checks):,} "
-        f"candidates verified, {len(stray2)} findings not on a planted item."
+    variants: dict[str, Any] = {}
+    for label, offsets, workers in (("every-1-worker", "every", 1), ("likely", "likely", None)):
+        other = Scanner(
+            [],
+            public_keys=keys,
+            blind_budget_seconds=ctx.blind_budget_seconds,
+            blind_offsets=offsets,  # type: ignore[arg-type]
+            blind_workers=workers,
+        )
+        ctx.progress(f"blind: again, {label} ...")
+        r2 = other.scan(copy)
+        assert r2.blind is not None
+        again = [replace(i, found=False, reached=False) for i in items]
+        stray2 = evaluate(again, r2.findings, r2.blind.checks, offsets)
+        found2 = sum(i.found for i in again)
+        ctx.progress(f"blind: {label}: {found2}/{len(items)} found in {r2.seconds:.1f}s")
+        variants[label] = {
+            "offsets": offsets,
+            "workers": other.blind_workers if data["threads"] == 1 else 1,
+            "scan_seconds": round(r2.seconds, 2),
+            "found_items": found2,
+            "recall": round(found2 / len(items), 3),
+            "complete": r2.blind.complete,
+            "candidates_verified": sum(c.candidates for c in r2.blind.checks),
+            "unmatched_findings_count": len(stray2),
+            "nonzero_mb_per_s": round(nonzero / 1e6 / r2.seconds, 2),
+            "per_check": [c.to_dict() for c in r2.blind.checks],
+        }
+        notes.append(
+            f"Again {label} ({offsets} offsets, {variants[label]['workers']} process(es)): "
+            f"{r2.seconds:.1f}s ({nonzero / 1e6 / r2.seconds:.2f} MB/s of the "
+            f"{nonzero / 2**20:.1f} MiB in used pages), {found2}/{len(items)} found, "
+            f"{variants[label]['candidates_verified']:,} candidates verified, {len(stray2)} "
+            "findings not on a planted item."
+        )
+    data["variants"] = variants
+    data["ratio_workers_vs_one"] = round(
+        variants["every-1-worker"]["scan_seconds"] / result.seconds, 2
+    )
+    data["ratio_likely_vs_every_one_worker"] = round(
+        variants["every-1-worker"]["scan_seconds"] / variants["likely"]["scan_seconds"], 2
+    )
+    notes.insert(
+        0,
+        f"The main scan: every offset, {data['workers']} process(es), {result.seconds:.1f}s "
+        f"({data['nonzero_mb_per_s']} MB/s of memory in used pages).",
     )
     copy.unlink(missing_ok=True)
     return ScenarioResult(NAME, data, {}, [table, check_table], notes)

@@ -27,6 +27,16 @@ def _marker(text: str) -> tuple[str, Path]:
     return name, Path(file)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     from signer.scan import Scanner, load_public_keys, load_secrets
     from signer.scan.report import format_table, summary, to_json, to_sarif
@@ -40,6 +50,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         public_keys=public,
         blind_budget_seconds=args.blind_budget,
         blind_offsets=args.blind_offsets,
+        blind_workers=args.blind_workers,
     )
     print(
         f"scan: {len(known)} known, {len(public or {})} public keys: {scanner.pattern_count} "
@@ -86,6 +97,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
         public_keys=public,
         blind_budget_seconds=args.blind_budget,
         blind_offsets=args.blind_offsets,
+        blind_workers=args.blind_workers,
     )
     done = sanitize(args.core, args.out, scanner, strict=args.strict)
     print(
@@ -183,6 +195,14 @@ def register(sub: Subparsers) -> None:
         "faster on EC keys; what the dump gate uses)",
     )
     sp.add_argument(
+        "--blind-workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="processes for blind mode's math checks on an uncompressed dump (default: the "
+        "CPUs this process may use, at most 4)",
+    )
+    sp.add_argument(
         "--marker",
         action="append",
         default=[],
@@ -221,6 +241,9 @@ def register(sub: Subparsers) -> None:
     )
     sp.add_argument(
         "--blind-offsets", choices=("every", "likely"), default="every", help="as for scan"
+    )
+    sp.add_argument(
+        "--blind-workers", type=_positive_int, default=None, metavar="N", help="as for scan"
     )
     sp.set_defaults(func=cmd_sanitize)
 

@@ -57,11 +57,15 @@ class GateConfig:
     public_keys: tuple[Path, ...] = ()
     service_configs: tuple[Path, ...] = ()
     structural: bool = True
-    # Where blind mode's big-endian checks look ("every" byte offset, or the "likely" ones:
-    # 8-aligned addresses and offsets after a length or pad byte). "likely" clears a dump of
-    # EC keys about four times sooner; a key at an unaligned, unframed offset is then not
-    # looked for (README, "The dump gate").
-    blind_offsets: Literal["every", "likely"] = "likely"
+    # Where blind mode's big-endian checks look: at "every" byte offset, or at the "likely"
+    # ones (8-aligned addresses and offsets after a length or pad byte), which clears a dump
+    # of EC keys about twice as soon but does not look for a key at an unaligned offset that
+    # no serialisation frames. "every" by default: the narrower search is an operator's choice
+    # (README, "The dump gate").
+    blind_offsets: Literal["every", "likely"] = "every"
+    # Processes for blind mode's math checks (0: the CPUs the gate may use, at most 4). The
+    # kernel holds the crashed process until the gate exits, so the gate uses the CPUs it can.
+    blind_workers: int = 0
     # Where it was read from (None: the defaults).
     path: Path | None = None
 
@@ -90,6 +94,7 @@ _DETECT = {
     "service_configs": "paths",
     "structural": "bool",
     "blind_offsets": "offsets",
+    "blind_workers": "count",
 }
 _TABLES = {"gate": _GATE, "detect": _DETECT}
 
@@ -133,6 +138,8 @@ def _build(data: dict[str, Any], base: Path, path: Path) -> GateConfig:
     for key in ("min_free_bytes", "max_quarantine_bytes"):
         if getattr(cfg, key) < 0:
             raise _At(f"gate.{key} must not be negative", "gate", key)
+    if cfg.blind_workers < 0:
+        raise _At("detect.blind_workers must not be negative", "detect", "blind_workers")
     if cfg.max_core_bytes < 1:
         raise _At("gate.max_core_bytes must be positive", "gate", "max_core_bytes")
     for key in ("seconds_per_gib", "min_scan_seconds"):
@@ -160,6 +167,10 @@ def _value(table: str, key: str, kind: str, raw: Any, base: Path) -> Any:
     if kind == "size":
         if not isinstance(raw, int) or isinstance(raw, bool):
             raise wrong("an integer number of bytes")
+        return raw
+    if kind == "count":
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise wrong("an integer")
         return raw
     if kind == "seconds":
         if not isinstance(raw, int | float) or isinstance(raw, bool) or not math.isfinite(raw):

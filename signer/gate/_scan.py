@@ -165,6 +165,7 @@ def build_scanner(cfg: GateConfig, blind_budget_seconds: float = 60.0) -> Scanne
             public_keys=public if blind else None,
             blind_budget_seconds=blind_budget_seconds,
             blind_offsets=cfg.blind_offsets,
+            blind_workers=cfg.blind_workers or None,
         )
     owners = {s.id for s in known} | set(public)
 
@@ -188,6 +189,7 @@ def build_scanner(cfg: GateConfig, blind_budget_seconds: float = 60.0) -> Scanne
         public_keys=public,
         blind_budget_seconds=blind_budget_seconds,
         blind_offsets=cfg.blind_offsets,
+        blind_workers=cfg.blind_workers or None,
     )
 
 

@@ -22,24 +22,30 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import json
+import os
+import pickle
 import re
+import select
+import signal
 import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from signer._internal.children import die_with_parent, disable_core_dumps
 from signer.errors import ScanError
 from signer.keys import PublicKeyType
 from signer.scan._result import BlindCheck, Finding
@@ -674,9 +680,13 @@ def _max_repeats(L: int) -> int:
 _WEIGHTS: dict[tuple[int, bool], np.ndarray[Any, Any]] = {}
 
 
+_RESIZED: dict[tuple[int, bool], np.ndarray[Any, Any]] = {}
+
+
 def _weights(m: int, little: bool, n: int) -> np.ndarray[Any, Any]:
     """256^j (little-endian) or 256^-j (big-endian) mod ``m`` for j < n, int64: periodic, with
-    the period of 256 mod m (495 and 7,245 for the two products of ``_SIEVE``)."""
+    the period of 256 mod m (495 and 7,245 for the two products of ``_SIEVE``). The last length
+    asked for is kept: nearly every block has the same."""
     key = (m, little)
     if key not in _WEIGHTS:
         base = 256 if little else pow(256, -1, m)
@@ -685,7 +695,11 @@ def _weights(m: int, little: bool, n: int) -> np.ndarray[Any, Any]:
             period.append(x)
             x = x * base % m
         _WEIGHTS[key] = np.array(period, dtype=np.int64)
-    return np.resize(_WEIGHTS[key], n)
+    resized = _RESIZED.get(key)
+    if resized is None or len(resized) != n:
+        resized = _RESIZED[key] = np.resize(_WEIGHTS[key], n)
+        resized.flags.writeable = False
+    return resized
 
 
 def _sieve(a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], L: int, little: bool) -> Any:
@@ -750,12 +764,14 @@ def _framed(a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], L: int, address:
     byte frames with probability about 2/256, so about 1 in 128 unaligned windows is kept.
     Windows whose framing bytes fall before the block are kept."""
     lo, twice, padded = L & 0xFF, (2 * L) & 0xFF, (L + 1) & 0xFF
-    keep = ((address + idx) % 8 == 0) | (idx < 2)
-    inner = idx >= 2
-    at = idx[inner]
-    p1, p2 = a[at - 1], a[at - 2]
-    keep[inner] |= (p1 == lo) | (p1 == twice) | ((p1 == 0) & (p2 == padded))
-    return idx[keep]
+    # A mask over the block's window starts, from byte comparisons (no index arithmetic).
+    n = len(a)
+    keep = np.zeros(n, dtype=bool)
+    keep[-address % 8 :: 8] = True
+    keep[:2] = True
+    p1, p2 = a[1 : n - 1], a[: n - 2]
+    keep[2:] |= (p1 == lo) | (p1 == twice) | ((p1 == 0) & (p2 == padded))
+    return idx[keep[idx]]
 
 
 def _blocks(regions: Sequence[Region], L: int) -> Iterator[tuple[Region, int, int]]:
@@ -777,10 +793,28 @@ class Holes:
         self._data = list(data)
         self._starts = [a for a, _ in self._data]
 
+    def data_bytes(self) -> int:
+        """Bytes of the file that hold data."""
+        return sum(end - start for start, end in self._data)
+
     def empty(self, start: int, end: int) -> bool:
         """Whether [start, end) holds no data."""
         i = bisect.bisect_left(self._starts, end) - 1  # the last extent starting before end
         return i < 0 or self._data[i][1] <= start
+
+
+def default_workers() -> int:
+    """Processes the math checks of one file scan use by default: the CPUs this process may run
+    on, at most 4 (a dump gate shares the host with what crashed)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+_MIN_BLOCKS_PER_WORKER = 4
+"""A worker is forked only for at least this many blocks of data (4 MiB): below, the fork and
+the pipe cost more than the share of work they take."""
+_WORKER_GRACE = 10.0
+"""Seconds past the deadline a worker has to report before it is killed (its share then counts
+as not covered)."""
 
 
 def run_checks(
@@ -790,23 +824,172 @@ def run_checks(
     budget: float,
     holes: Holes | None = None,
     offsets: Offsets = "every",
+    workers: int = 1,
 ) -> tuple[list[Finding], list[BlindCheck]]:
-    """Every check over every region, each given an equal share of what is left of ``budget``."""
+    """Every check over every region, each given an equal share of what is left of ``budget``.
+
+    With ``workers`` > 1 and enough data, the memory's blocks are dealt out in turn to that many
+    processes (this one and children forked here, which see the same mapping; only from a
+    process of one thread): each runs every check over its blocks, in the same order, against
+    the same deadline. A check is complete
+    when every share of it is; a share whose process died or did not report counts as not
+    covered."""
     checks = _checks(keys, offsets)
     total = sum(r.length for r in regions)
-    findings: list[Finding] = []
-    reports: list[BlindCheck] = []
     deadline = time.monotonic() + budget
+    data = total if holes is None else holes.data_bytes()
+    n = max(1, min(workers, data // (_MIN_BLOCKS_PER_WORKER * _BLOCK)))
+    if threading.active_count() > 1:
+        # A fork copies only this thread: a lock another thread holds (libcrypto's, the
+        # allocator's, logging's) would stay held in the child for ever, and its share would
+        # be lost to the deadline. The dump gate and `signer scan` scan in one thread.
+        n = 1
+    if n == 1:
+        findings, shares = _run_share(buf, regions, checks, deadline, holes, 0, 1)
+        per = [shares]
+    else:
+        findings, per = _in_processes(buf, regions, checks, deadline, holes, n)
+    reports = []
     for i, check in enumerate(checks):
-        began = time.monotonic()
-        stop = began + max(0.0, deadline - began) / (len(checks) - i)
-        covered, tested = _run_check(buf, regions, check, stop, findings, holes)
+        parts = [share[i] for share in per]
+        done = len(per) == n and all(p.done for p in parts)
         reports.append(
             BlindCheck(
-                check.name, check.target.key_id, total, covered, tested, time.monotonic() - began
+                check.name,
+                check.target.key_id,
+                total,
+                total if done else min(total, sum(p.covered for p in parts)),
+                sum(p.tested for p in parts),
+                max(p.seconds for p in parts),
             )
         )
     return findings, reports
+
+
+@dataclass(frozen=True)
+class _Share:
+    """One process's part of one check: bytes of its blocks covered, whether it did them all,
+    candidates verified, seconds."""
+
+    covered: int
+    done: bool
+    tested: int
+    seconds: float
+
+
+def _run_share(
+    buf: memoryview,
+    regions: Sequence[Region],
+    checks: Sequence[_Check],
+    deadline: float,
+    holes: Holes | None,
+    k: int,
+    n: int,
+) -> tuple[list[Finding], list[_Share]]:
+    """Every check over blocks k, k+n, k+2n, ... of memory, each check given an equal share of
+    the time left to ``deadline``."""
+    findings: list[Finding] = []
+    out: list[_Share] = []
+    for i, check in enumerate(checks):
+        began = time.monotonic()
+        stop = began + max(0.0, deadline - began) / (len(checks) - i)
+        covered, done, tested = _run_check(buf, regions, check, stop, findings, holes, k, n)
+        out.append(_Share(covered, done, tested, time.monotonic() - began))
+    return findings, out
+
+
+def _in_processes(
+    buf: memoryview,
+    regions: Sequence[Region],
+    checks: Sequence[_Check],
+    deadline: float,
+    holes: Holes | None,
+    n: int,
+) -> tuple[list[Finding], list[list[_Share]]]:
+    """Shares 1 to n-1 in forked children, share 0 here. A child dumps no core (it holds the
+    dump's memory), dies with this process, and sends its result by a pipe as a pickle (a
+    copy of this process sends it to this process: nothing from the dump is unpickled)."""
+    children: list[tuple[int, int]] = []
+    try:
+        for k in range(1, n):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                os.close(r)
+                _worker(w, buf, regions, checks, deadline, holes, k, n)
+            os.close(w)
+            children.append((pid, r))
+        findings, mine = _run_share(buf, regions, checks, deadline, holes, 0, n)
+        per = [mine]
+        for reply in _collect(children, deadline + _WORKER_GRACE):
+            if reply is None:
+                continue  # died or timed out: its share is not covered
+            status, value = reply
+            if status != "ok":
+                raise ScanError(f"a blind-mode worker failed: {value}")
+            got, share = value
+            findings += got
+            per.append(share)
+        return findings, per
+    finally:
+        for pid, _ in children:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _worker(
+    w: int,
+    buf: memoryview,
+    regions: Sequence[Region],
+    checks: Sequence[_Check],
+    deadline: float,
+    holes: Holes | None,
+    k: int,
+    n: int,
+) -> NoReturn:
+    reply: tuple[str, Any]
+    try:
+        disable_core_dumps()
+        die_with_parent(signal.SIGKILL)
+        reply = ("ok", _run_share(buf, regions, checks, deadline, holes, k, n))
+    except BaseException as exc:  # reported to the parent, which raises
+        reply = ("error", f"{type(exc).__name__}: {exc}")
+    try:
+        with os.fdopen(w, "wb") as out:
+            pickle.dump(reply, out)
+    finally:
+        os._exit(0)
+
+
+def _collect(children: Sequence[tuple[int, int]], until: float) -> list[Any]:
+    """Each child's unpickled reply, in order, or None for one that closed its pipe without a
+    whole reply or had not by ``until``. Closes the pipes."""
+    chunks: dict[int, list[bytes]] = {r: [] for _, r in children}
+    open_fds = set(chunks)
+    try:
+        while open_fds:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select(list(open_fds), [], [], left)
+            for r in ready:
+                data = os.read(r, 1 << 20)
+                if data:
+                    chunks[r].append(data)
+                else:
+                    open_fds.discard(r)
+    finally:
+        for r in chunks:
+            os.close(r)
+    replies: list[Any] = []
+    for _, r in children:
+        try:
+            replies.append(None if r in open_fds else pickle.loads(b"".join(chunks[r])))  # noqa: S301
+        except (pickle.UnpicklingError, EOFError):
+            replies.append(None)
+    return replies
 
 
 def _run_check(
@@ -816,24 +999,29 @@ def _run_check(
     stop: float,
     findings: list[Finding],
     holes: Holes | None = None,
-) -> tuple[int, int]:
+    k: int = 0,
+    n: int = 1,
+) -> tuple[int, bool, int]:
+    """Blocks k, k+n, ... of the check's: bytes covered, whether all of them, candidates."""
     L = check.target.length
     covered = tested = 0
-    for region, pos, own in _blocks(regions, L):
+    for j, (region, pos, own) in enumerate(_blocks(regions, L)):
+        if j % n != k:
+            continue
         if time.monotonic() >= stop:
-            return covered, tested
+            return covered, False, tested
         at = region.offset + pos
         if holes is not None and holes.empty(at, at + own + L - 1):
             covered += own  # a hole of a sparse file: zeros, not read (a 4 GiB hole is free)
             continue
         block = bytes(buf[at : at + own + L - 1])  # a copy: numpy must not pin the mmap
-        done, n = _test_block(check, block, at, region.address + pos, own, stop, findings)
-        tested += n
+        done, tests = _test_block(check, block, at, region.address + pos, own, stop, findings)
+        tested += tests
         if done < own:
-            return covered + done, tested
+            return covered + done, False, tested
         covered += own
-    # Bytes in regions shorter than a window hold no window: they are covered trivially.
-    return sum(r.length for r in regions), tested
+    # Bytes in regions shorter than a window hold no window: done means covered trivially.
+    return covered, True, tested
 
 
 def _test_block(

@@ -57,6 +57,7 @@ class Scanner:
         public_keys: Mapping[str, PublicKeyType] | Sequence[PublicKeyType] | None = None,
         blind_budget_seconds: float = 60.0,
         blind_offsets: _blind.Offsets = "every",
+        blind_workers: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> None:
@@ -78,6 +79,12 @@ class Scanner:
             raise ScanError(
                 f"blind_offsets must be one of {', '.join(_blind.OFFSETS)}, not {blind_offsets!r}"
             )
+        if blind_workers is not None and (
+            not isinstance(blind_workers, int)
+            or isinstance(blind_workers, bool)
+            or blind_workers < 1
+        ):
+            raise ScanError("blind_workers must be a positive integer (or None: the CPUs, up to 4)")
         if max_output < 0:
             raise ScanError("max_output must not be negative")
         if not self.secrets and public_keys is None:
@@ -87,6 +94,8 @@ class Scanner:
         self.max_output = max_output
         self.blind_budget_seconds = float(blind_budget_seconds)
         self.blind_offsets: _blind.Offsets = blind_offsets
+        # Processes for the math checks of a file scan (a compressed stream's run in this one).
+        self.blind_workers = _blind.default_workers() if blind_workers is None else blind_workers
         self.public_keys = None if public_keys is None else _blind.PublicKeys(public_keys)
 
         began = time.monotonic()
@@ -237,6 +246,7 @@ class Scanner:
                 max(0.0, deadline - time.monotonic()),
                 None if data is None else _blind.Holes(data),
                 self.blind_offsets,
+                self.blind_workers,
             )
             findings += _drop_contained(found + verified, findings)
             blind = BlindReport(

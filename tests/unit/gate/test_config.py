@@ -27,7 +27,7 @@ def test_an_empty_file_is_the_defaults(tmp_path: Path) -> None:
     assert (cfg.max_core_bytes, cfg.min_free_bytes) == (16 * GIB, GIB)
     assert (cfg.seconds_per_gib, cfg.min_scan_seconds) == (30.0, 30.0)
     assert (cfg.structural, cfg.notify, cfg.max_quarantine_bytes) == (True, (), 0)
-    assert cfg.blind_offsets == "likely"
+    assert (cfg.blind_offsets, cfg.blind_workers) == ("every", 0)
 
 
 def test_every_key_and_relative_paths_from_the_files_directory(tmp_path: Path) -> None:
@@ -49,7 +49,8 @@ def test_every_key_and_relative_paths_from_the_files_directory(tmp_path: Path) -
             public_keys = ["jwks"]
             service_configs = ["/etc/signer/signer.toml"]
             structural = false
-            blind_offsets = "every"
+            blind_offsets = "likely"
+            blind_workers = 2
             """,
         )
     )
@@ -60,7 +61,7 @@ def test_every_key_and_relative_paths_from_the_files_directory(tmp_path: Path) -
     assert cfg.notify == ("/usr/local/bin/page", "--team", "crypto")
     assert cfg.secrets == (tmp_path / "keys/a.pem", Path("/etc/signer/user.pin"))
     assert cfg.public_keys == (tmp_path / "jwks",)
-    assert cfg.blind_offsets == "every"
+    assert (cfg.blind_offsets, cfg.blind_workers) == ("likely", 2)
     assert cfg.service_configs == (Path("/etc/signer/signer.toml"),)
     assert cfg.structural is False
 
@@ -86,6 +87,7 @@ def test_the_budget_grows_with_the_dump_from_a_floor() -> None:
         ("[gate]\nquarantine_dir = ''\n", "gate.quarantine_dir must be a path", 2),
         ("[detect]\nstructural = 'yes'\n", "detect.structural must be true or false", 2),
         ("[detect]\nblind_offsets = 'all'\n", 'detect.blind_offsets must be "every" or', 2),
+        ("[detect]\nblind_workers = -1\n", "detect.blind_workers must not be negative", 2),
         ("\n[detect]\nstructural = false\n", "nothing to search for", 2),
         ("[gates]\n", "unknown table [gates]", 1),
         ("[gate]\nstate_dir = \n", "is not valid TOML", 2),

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from signer.gate import GateConfig, build_scanner
 from signer.gate._config import GIB
 from signer.gate._scan import data_bytes, public_keys, scan
+from signer.scan._blind import default_workers
 from tests.unit.gate.kit import core, ec_scalar, pem, public_pem
 
 MB = 10**6
@@ -150,10 +151,11 @@ def test_structural_off_and_no_public_keys_is_no_blind_mode(tmp_path: Path) -> N
 def test_blind_offsets_reach_the_scanner(tmp_path: Path) -> None:
     pin = tmp_path / "user.pin"
     pin.write_bytes(b"0123456789abcdef0123456789abcdef")
-    assert build_scanner(config(secrets=(pin,))).blind_offsets == "likely"  # the gate's default
-    every = config(secrets=(pin,), blind_offsets="every")
-    assert build_scanner(every).blind_offsets == "every"
-    assert build_scanner(replace(every, structural=False)).blind_offsets == "every"
+    default = build_scanner(config(secrets=(pin,)))
+    assert (default.blind_offsets, default.blind_workers) == ("every", default_workers())
+    likely = config(secrets=(pin,), blind_offsets="likely", blind_workers=3)
+    for cfg in (likely, replace(likely, structural=False)):
+        assert (build_scanner(cfg).blind_offsets, build_scanner(cfg).blind_workers) == ("likely", 3)
 
 
 # --- the sanitised copy ------------------------------------------------------------------------
