@@ -11,6 +11,11 @@ checks (RSA factor, EC scalar) share a time budget, one equal share per check (o
 key, size and layout, for all the public keys of that kind and size), in file order. So each
 item is also reported as *reached* or not: whether the check that can find it had got as far as
 its offset when its share of the budget ran out.
+
+The main scan uses the default workers (forked processes, the CPUs up to 4) at every offset;
+the same copy is then scanned in one process (the workers' baseline) and at the likely offsets
+with the default workers (``blind_offsets="likely"``), each with its time, recall and
+candidates (``variants``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ FILE``: what the kernel's pipe costs with nothing done but storing the core (not
 Detection modes (one gate configuration each, fresh key files): ``known`` (16 private-key PEM
 files and 2 PIN files, ``structural = false``), ``structural`` (no keys: the private-key
 structure detectors only), ``blind`` (the 16 public keys, with the structural detectors, as
-blind mode always runs them). The cores are clean, so every run should end ``released``.
+blind mode always runs them), ``blind-likely`` (the same with ``blind_offsets = "likely"``).
+The gate forks blind-mode workers as it does in production (the CPUs, up to 4). The cores are
+clean, so every run should end ``released``.
 
 Cores: the real service under load (shared with ``scan`` and ``blind``), a process holding
 about 1 GiB of records, text and random blobs (:mod:`benchmarks.heap_process`), and, for blind
@@ -57,7 +59,7 @@ NAME = "gate"
 GIB = 1 << 30
 MIB = 1 << 20
 RUNS = 3
-MODES = ("cat", "known", "structural", "blind")
+MODES = ("cat", "known", "structural", "blind", "blind-likely")
 RSA_KEYS, EC_KEYS, PINS = 8, 8, 2
 # benchmarks.heap_process's records, text and random blobs, MiB
 LARGE_HEAP = (340, 340, 300)
@@ -409,12 +411,17 @@ def run(ctx: Context) -> ScenarioResult:
         "known": {"secrets": keys.secrets, "structural": False},
         "structural": {"structural": True},
         "blind": {"public_keys": [keys.public_dir], "structural": True},
+        "blind-likely": {
+            "public_keys": [keys.public_dir],
+            "structural": True,
+            "blind_offsets": "likely",
+        },
     }
     gates = {m: Gate(work / f"gate-{m}", d) for m, d in detect.items()}
     plan = {
         "service": ("cat", "known", "structural"),
         "heap-1g": ("cat", "known", "structural"),
-        "heap-small": ("cat", "known", "structural", "blind"),
+        "heap-small": ("cat", "known", "structural", "blind", "blind-likely"),
     }
     results: dict[tuple[str, str], list[Run]] = {(c, m): [] for c, ms in plan.items() for m in ms}
     for cname, modes in plan.items():
