@@ -184,7 +184,7 @@ def evaluate(
                 item.representation = f.representation
                 matched.add(k)
         check_name = GROUPS[item.group][2]
-        if check_name is not None and offsets == "likely" and check_name.endswith("-be"):
+        if check_name == "ec-scalar-be" and offsets == "likely":
             check_name += "-aligned-or-framed"
         if check_name is None:
             item.reached = True  # structural: the Hyperscan pass covers the whole file

@@ -7,6 +7,7 @@ so a killed run leaves neither behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import resource
 import signal
@@ -16,11 +17,27 @@ from typing import Protocol
 from signer.errors import FailedPrecondition
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 
 
 def disable_core_dumps() -> None:
     """RLIMIT_CORE 0, inherited by every process the child starts."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def never_dump() -> None:
+    """No core of this process whatever ``core_pattern`` is: not dumpable, and RLIMIT_CORE 1.
+    A limit of 0 stops file cores only: a pipe handler (the dump gate, systemd-coredump)
+    ignores it, except for 1, which the kernel reads as "a pipe handler crashed: no dump"
+    (and which is below the smallest file core). For processes that hold what dumps must not:
+    the dump gate and the scanner's workers."""
+    with contextlib.suppress(OSError, AttributeError):
+        _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    with contextlib.suppress(ValueError, OSError):
+        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        # RLIM_INFINITY is -1 here: min(1, hard) would ask for no limit at all.
+        soft = 1 if hard == resource.RLIM_INFINITY else min(1, hard)
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
 
 
 # Looked up once, here: a supervisor restarts children from a process full of threads, and the

@@ -139,8 +139,8 @@ def _build(data: dict[str, Any], base: Path, path: Path) -> GateConfig:
     for key in ("min_free_bytes", "max_quarantine_bytes"):
         if getattr(cfg, key) < 0:
             raise _At(f"gate.{key} must not be negative", "gate", key)
-    if cfg.blind_workers < 0:
-        raise _At("detect.blind_workers must not be negative", "detect", "blind_workers")
+    if not 0 <= cfg.blind_workers <= 64:  # signer.scan's MAX_WORKERS (not imported: numpy)
+        raise _At("detect.blind_workers must be 0 (the CPUs) to 64", "detect", "blind_workers")
     if cfg.max_core_bytes < 1:
         raise _At("gate.max_core_bytes must be positive", "gate", "max_core_bytes")
     for key in ("seconds_per_gib", "min_scan_seconds"):

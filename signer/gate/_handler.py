@@ -21,11 +21,9 @@ quarantine or in no dump at all, never in a release; ``meta.json`` and the log s
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
 import os
-import resource
 import signal
 import subprocess
 import time
@@ -36,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from signer._internal.children import never_dump
 from signer._internal.config import parse_toml, read_text
 from signer.errors import ConfigError, GateError
 from signer.gate._config import GateConfig, load_config, quarantine_bytes
@@ -50,7 +49,6 @@ WATCHDOG_SLACK = 120.0
 """Beyond the sum of the steps' own bounds, before the watchdog ends the gate."""
 NOTIFY_SECONDS = 30.0
 """How long the notification command may run; then it is killed (the decision is made)."""
-PR_SET_DUMPABLE = 4
 
 DECISIONS = (
     "released",
@@ -124,12 +122,7 @@ def protect_self() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    with contextlib.suppress(ValueError, OSError):
-        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
-        resource.setrlimit(resource.RLIMIT_CORE, (min(1, hard), hard))
+    never_dump()
 
 
 def _config(path: Path) -> tuple[GateConfig, str | None]:

@@ -478,7 +478,8 @@ def _settings(cfg: GateConfig) -> dict[str, Any]:
         f"keeps {cfg.min_free_bytes / 2**30:g} GiB free",
         "detect": f"{len(cfg.secrets)} secret files, {len(cfg.public_keys)} public-key sets, "
         f"{len(cfg.service_configs)} service configs, structural "
-        f"{'on' if cfg.structural else 'off'}, blind offsets {cfg.blind_offsets}",
+        f"{'on' if cfg.structural else 'off'}, blind offsets {cfg.blind_offsets}, "
+        f"blind workers {cfg.blind_workers or 'the CPUs, up to 4'}",
         "notify": shlex.join(cfg.notify) if cfg.notify else "(none)",
     }
 

@@ -256,8 +256,11 @@ def _child(cfg: GateConfig, core: Path, deadline: float, out: int) -> None:
     write_atomic(core.with_name("report.json"), to_json([result]))
     write_atomic(core.with_name("report.sarif"), json.dumps(to_sarif([result]), indent=2) + "\n")
     incomplete = None
-    over_budget = result.blind is not None and not result.blind.complete
-    if over_budget:
+    lost = result.blind.lost if result.blind is not None else ()
+    over_budget = result.blind is not None and not result.blind.complete and not lost
+    if lost:  # an error (quarantined:error), not the budget: a worker died or hung
+        incomplete = f"blind mode lost part of its memory: {lost[0]}"
+    elif over_budget:
         incomplete = "blind mode did not finish within its share of the budget"
     elif not result.complete:
         incomplete = "the scan stopped at its match limit"

@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import io
 import json
 import os
 import pickle
@@ -35,18 +36,19 @@ import signal
 import struct
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any, ClassVar, Literal, NoReturn
 
 import numpy as np
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from signer._internal.children import die_with_parent, disable_core_dumps
-from signer.errors import ScanError
+from signer._internal.children import die_with_parent, never_dump
+from signer.errors import ScanError, SignerError
 from signer.keys import PublicKeyType
 from signer.scan._result import BlindCheck, Finding
 from signer.scan._secrets import jwk_private_key, public_key_id
@@ -629,11 +631,13 @@ def _checks(keys: PublicKeys, offsets: Offsets = "every") -> list[_Check]:
         for t in targets
         if t.component != "seed"
     ]
-    likely = offsets == "likely"
-    suffix = "-be-aligned-or-framed" if likely else "-be"
+    # RSA keeps every offset: its candidates are few (a prime's top byte and the small-prime
+    # sieve drop nearly all windows) and the lengths that frame a prime vary more.
     big = [
         _Check(f"{t.representation.removeprefix('verified-')}{suffix}", t, False, likely)
         for t in targets
+        for likely in [offsets == "likely" and t.component != "factor"]
+        for suffix in ["-be-aligned-or-framed" if likely else "-be"]
     ]
     big.sort(key=lambda c: c.target.component != "factor")
     return aligned + big
@@ -756,13 +760,14 @@ def _candidates(
 
 def _framed(a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], L: int, address: int) -> Any:
     """The window starts of ``idx`` (of a block at virtual ``address``) at an 8-aligned address
-    or right after the bytes that frame an ``L``-byte number in a serialisation: its length
-    (DER's short form and the low byte of its long form, protobuf, CBOR, MessagePack, Java's
-    and SSH's 32-bit lengths), twice its length (an Ed25519 seed followed by its public key, as
-    OpenSSH and libsodium keep them), or a zero pad after a length one larger (a DER or SSH
-    integer whose top bit is set: ``02 21 00``, ``81 81 00``, ``00 00 00 21 00``). A random
-    byte frames with probability about 2/256, so about 1 in 128 unaligned windows is kept.
-    Windows whose framing bytes fall before the block are kept."""
+    or right after the bytes that frame an ``L``-byte number (EC scalars and Ed25519 seeds: 32
+    to 66 bytes): its length (DER's short form, protobuf, CBOR, MessagePack, Java's and SSH's
+    32-bit lengths), twice its length (an Ed25519 seed followed by its public key, as OpenSSH
+    and libsodium keep them), a zero pad after a length one larger (a DER or SSH integer whose
+    top bit is set: ``02 21 00``, ``00 00 00 21 00``), or a zero pad at an 8-aligned address
+    (Java's ``BigInteger.toByteArray()``, an aligned array that starts with its sign byte). A
+    random byte frames with probability about 2/256, so about 1 in 128 unaligned windows is
+    kept. Windows whose framing bytes fall before the block are kept."""
     lo, twice, padded = L & 0xFF, (2 * L) & 0xFF, (L + 1) & 0xFF
     # A mask over the block's window starts, from byte comparisons (no index arithmetic).
     n = len(a)
@@ -771,6 +776,8 @@ def _framed(a: np.ndarray[Any, Any], idx: np.ndarray[Any, Any], L: int, address:
     keep[:2] = True
     p1, p2 = a[1 : n - 1], a[: n - 2]
     keep[2:] |= (p1 == lo) | (p1 == twice) | ((p1 == 0) & (p2 == padded))
+    after_pad = (1 - address) % 8 or 8  # windows at addresses 1 mod 8, their byte before
+    keep[after_pad::8] |= a[after_pad - 1 : n - 1 : 8] == 0
     return idx[keep[idx]]
 
 
@@ -803,18 +810,38 @@ class Holes:
         return i < 0 or self._data[i][1] <= start
 
 
+MAX_WORKERS = 64
+"""The most processes a scan's math checks may be asked to use (a mistyped setting must not
+fork thousands of root processes beside a crashed service)."""
+
+
 def default_workers() -> int:
     """Processes the math checks of one file scan use by default: the CPUs this process may run
     on, at most 4 (a dump gate shares the host with what crashed)."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    return max(1, min(4, _cpus()))
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 _MIN_BLOCKS_PER_WORKER = 4
 """A worker is forked only for at least this many blocks of data (4 MiB): below, the fork and
 the pipe cost more than the share of work they take."""
 _WORKER_GRACE = 10.0
-"""Seconds past the deadline a worker has to report before it is killed (its share then counts
-as not covered)."""
+"""Seconds past the deadline a worker has at most to report before it is killed (its share then
+counts as not covered); a tenth of the budget when that is less, at least 1 s."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the math checks found, how far each got, in how many processes, and why a share
+    is missing (a worker that died, failed to report or was killed at the deadline)."""
+
+    findings: list[Finding]
+    reports: list[BlindCheck]
+    workers: int
+    lost: list[str]
 
 
 def run_checks(
@@ -825,30 +852,32 @@ def run_checks(
     holes: Holes | None = None,
     offsets: Offsets = "every",
     workers: int = 1,
-) -> tuple[list[Finding], list[BlindCheck]]:
+) -> Checked:
     """Every check over every region, each given an equal share of what is left of ``budget``.
 
     With ``workers`` > 1 and enough data, the memory's blocks are dealt out in turn to that many
-    processes (this one and children forked here, which see the same mapping; only from a
-    process of one thread): each runs every check over its blocks, in the same order, against
-    the same deadline. A check is complete
-    when every share of it is; a share whose process died or did not report counts as not
-    covered."""
+    processes (at most the CPUs; this one and children forked here, which see the same
+    mapping): each runs every check over its blocks, in the same order, against the same
+    deadline. A check is complete when every share of it is; a share whose process died, failed
+    to report or was killed counts as not covered, and ``lost`` says why."""
     checks = _checks(keys, offsets)
     total = sum(r.length for r in regions)
     deadline = time.monotonic() + budget
     data = total if holes is None else holes.data_bytes()
-    n = max(1, min(workers, data // (_MIN_BLOCKS_PER_WORKER * _BLOCK)))
+    n = max(1, min(workers, _cpus(), data // (_MIN_BLOCKS_PER_WORKER * _BLOCK)))
     if threading.active_count() > 1:
-        # A fork copies only this thread: a lock another thread holds (libcrypto's, the
-        # allocator's, logging's) would stay held in the child for ever, and its share would
-        # be lost to the deadline. The dump gate and `signer scan` scan in one thread.
+        # A fork copies only this thread: a lock another Python thread holds (logging's, a
+        # pool's) would stay held in the child for ever. The dump gate's scan child and
+        # `signer scan` scan in one thread. (numpy's BLAS pool, native threads this does not
+        # count, takes no part in these checks and has its own fork handlers.)
         n = 1
+    lost: list[str] = []
     if n == 1:
         findings, shares = _run_share(buf, regions, checks, deadline, holes, 0, 1)
         per = [shares]
     else:
-        findings, per = _in_processes(buf, regions, checks, deadline, holes, n)
+        grace = max(1.0, min(_WORKER_GRACE, budget / 10))
+        findings, per, lost = _in_processes(buf, regions, checks, deadline, grace, holes, n)
     reports = []
     for i, check in enumerate(checks):
         parts = [share[i] for share in per]
@@ -863,7 +892,7 @@ def run_checks(
                 max(p.seconds for p in parts),
             )
         )
-    return findings, reports
+    return Checked(findings, reports, n, lost)
 
 
 @dataclass(frozen=True)
@@ -898,49 +927,83 @@ def _run_share(
     return findings, out
 
 
+_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def _in_processes(
     buf: memoryview,
     regions: Sequence[Region],
     checks: Sequence[_Check],
     deadline: float,
+    grace: float,
     holes: Holes | None,
     n: int,
-) -> tuple[list[Finding], list[list[_Share]]]:
+) -> tuple[list[Finding], list[list[_Share]], list[str]]:
     """Shares 1 to n-1 in forked children, share 0 here. A child dumps no core (it holds the
-    dump's memory), dies with this process, and sends its result by a pipe as a pickle (a
-    copy of this process sends it to this process: nothing from the dump is unpickled)."""
+    dump's memory), dies with this process, and sends its result by a pipe as a pickle that
+    only findings and shares may be unpickled from. Whatever happens here, every child is
+    killed and reaped before this returns or raises."""
     children: list[tuple[int, int]] = []
+    parent = os.getpid()
     try:
         for k in range(1, n):
             r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
+            # Signals that stop a scan are held across the fork, so that neither process is
+            # interrupted between the fork and the child's own handling or its registration.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+            try:
+                pid = _fork()
+            except BaseException:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 os.close(r)
-                _worker(w, buf, regions, checks, deadline, holes, k, n)
-            os.close(w)
+                os.close(w)
+                raise
+            if pid == 0:  # the child: never returns into the caller's code
+                try:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                    os.close(r)
+                    _worker(w, parent, buf, regions, checks, deadline, holes, k, n)
+                finally:
+                    os._exit(70)
             children.append((pid, r))
+            os.close(w)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         findings, mine = _run_share(buf, regions, checks, deadline, holes, 0, n)
-        per = [mine]
-        for reply in _collect(children, deadline + _WORKER_GRACE):
-            if reply is None:
-                continue  # died or timed out: its share is not covered
+        per, lost = [mine], []
+        fds = [r for _, r in children]
+        children = [(pid, -1) for pid, _ in children]  # _collect closes the pipes
+        for k, reply in enumerate(_collect(fds, deadline + grace), start=1):
+            if isinstance(reply, str):
+                lost.append(f"blind-mode worker {k} of {n}: {reply}: its share is not covered")
+                continue
             status, value = reply
             if status != "ok":
                 raise ScanError(f"a blind-mode worker failed: {value}")
             got, share = value
             findings += got
             per.append(share)
-        return findings, per
+        return findings, per, lost
     finally:
-        for pid, _ in children:
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+        for pid, r in children:
+            if r >= 0:
+                os.close(r)
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
 
 
+def _fork() -> int:
+    # Python 3.12 warns of a fork from a process with several threads: run_checks forks only
+    # when it has one Python thread, and the native ones (numpy's pool) have fork handlers.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
 def _worker(
     w: int,
+    parent: int,
     buf: memoryview,
     regions: Sequence[Region],
     checks: Sequence[_Check],
@@ -951,11 +1014,15 @@ def _worker(
 ) -> NoReturn:
     reply: tuple[str, Any]
     try:
-        disable_core_dumps()
+        never_dump()
         die_with_parent(signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
         reply = ("ok", _run_share(buf, regions, checks, deadline, holes, k, n))
-    except BaseException as exc:  # reported to the parent, which raises
-        reply = ("error", f"{type(exc).__name__}: {exc}")
+    except SignerError as exc:  # our own messages never carry a secret
+        reply = ("error", f"{type(exc).__name__}: {exc.message}")
+    except BaseException as exc:  # others might quote the memory scanned: the type only
+        reply = ("error", f"{type(exc).__name__} (message withheld)")
     try:
         with os.fdopen(w, "wb") as out:
             pickle.dump(reply, out)
@@ -963,32 +1030,56 @@ def _worker(
         os._exit(0)
 
 
-def _collect(children: Sequence[tuple[int, int]], until: float) -> list[Any]:
-    """Each child's unpickled reply, in order, or None for one that closed its pipe without a
-    whole reply or had not by ``until``. Closes the pipes."""
-    chunks: dict[int, list[bytes]] = {r: [] for _, r in children}
-    open_fds = set(chunks)
+class _Replies(pickle.Unpickler):
+    """A worker's reply holds findings and shares, in tuples and lists of plain values: any
+    other class is refused (the worker read hostile memory; its reply is still ours, but a
+    pickle that can name any callable is one bug away from running it)."""
+
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("signer.scan._result", "Finding"),
+        (__name__, "_Share"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a worker's reply")
+        return super().find_class(module, name)
+
+
+def _collect(fds: Sequence[int], until: float) -> list[Any]:
+    """Each pipe's unpickled reply, in order, or a string saying why there is none (the
+    worker ended without a whole reply, or had not ended by ``until``). Closes the pipes."""
+    chunks: dict[int, list[bytes]] = {r: [] for r in fds}
+    open_fds = set(fds)
+    poll = select.poll()
+    for r in fds:
+        poll.register(r, select.POLLIN)
     try:
         while open_fds:
             left = until - time.monotonic()
-            if left <= 0:
+            # Past ``until``, one look without waiting: replies already in the pipes count.
+            ready = poll.poll(max(0.0, left) * 1000)
+            if not ready and left <= 0:
                 break
-            ready, _, _ = select.select(list(open_fds), [], [], left)
-            for r in ready:
+            for r, _ in ready:
                 data = os.read(r, 1 << 20)
                 if data:
                     chunks[r].append(data)
                 else:
                     open_fds.discard(r)
+                    poll.unregister(r)
     finally:
-        for r in chunks:
+        for r in fds:
             os.close(r)
     replies: list[Any] = []
-    for _, r in children:
+    for r in fds:
+        if r in open_fds:
+            replies.append("no reply by the deadline, killed")
+            continue
         try:
-            replies.append(None if r in open_fds else pickle.loads(b"".join(chunks[r])))  # noqa: S301
-        except (pickle.UnpicklingError, EOFError):
-            replies.append(None)
+            replies.append(_Replies(io.BytesIO(b"".join(chunks[r]))).load())
+        except Exception:  # any damaged reply is a lost share
+            replies.append("ended without a whole reply (it died)")
     return replies
 
 

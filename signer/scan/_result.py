@@ -77,6 +77,8 @@ class BlindReport:
     checks: tuple[BlindCheck, ...]
     structural_examined: int | None = None  # of those, confirmed within the budget (None: all)
     offsets: str = "every"  # where the big-endian checks looked (signer.scan._blind.Offsets)
+    workers: int = 1  # processes the math checks ran in
+    lost: tuple[str, ...] = ()  # workers whose share is not covered, and why (also in notes)
 
     @property
     def structural_complete(self) -> bool:
@@ -100,6 +102,8 @@ class BlindReport:
             ),
             "complete": self.complete,
             "offsets": self.offsets,
+            "workers": self.workers,
+            "lost": list(self.lost),
             "checks": [c.to_dict() for c in self.checks],
         }
 

@@ -82,9 +82,12 @@ class Scanner:
         if blind_workers is not None and (
             not isinstance(blind_workers, int)
             or isinstance(blind_workers, bool)
-            or blind_workers < 1
+            or not 1 <= blind_workers <= _blind.MAX_WORKERS
         ):
-            raise ScanError("blind_workers must be a positive integer (or None: the CPUs, up to 4)")
+            raise ScanError(
+                f"blind_workers must be a positive integer up to {_blind.MAX_WORKERS} (or None: "
+                "the CPUs, up to 4)"
+            )
         if max_output < 0:
             raise ScanError("max_output must not be negative")
         if not self.secrets and public_keys is None:
@@ -239,7 +242,7 @@ class Scanner:
                 if layout is not None
                 else [_blind.Region(0, size, 0)]
             )
-            verified, checks = _blind.run_checks(
+            checked = _blind.run_checks(
                 view,
                 regions,
                 self.public_keys,
@@ -248,14 +251,17 @@ class Scanner:
                 self.blind_offsets,
                 self.blind_workers,
             )
-            findings += _drop_contained(found + verified, findings)
+            findings += _drop_contained(found + checked.findings, findings)
+            notes += checked.lost
             blind = BlindReport(
                 self.blind_budget_seconds,
                 tuple(self.public_keys.keys),
                 len(structural),
-                tuple(checks),
+                tuple(checked.reports),
                 examined,
                 self.blind_offsets,
+                checked.workers,
+                tuple(checked.lost),
             )
         counts = Counter(pid for pid, _ in hits[1]) if marker_set is not None else Counter()
         markers_found = {name: counts[i] for i, name in enumerate(marker_names)}

@@ -143,6 +143,22 @@ def test_blind_detection_against_a_directory_of_public_keys(
     assert finding["representation"].startswith("verified-ec-scalar")
 
 
+def test_blind_workers_run_in_the_gates_scan_child(gate: Gate) -> None:
+    """The scan child (one thread) forks its workers: a 9 MiB core is checked in two processes
+    on a machine of two CPUs, and the key found all the same."""
+    other = ec.generate_private_key(ec.SECP256R1())
+    keys = gate.root / "service-keys"
+    keys.mkdir()
+    (keys / "signing.pem").write_bytes(public_pem(other))
+    gate.configure({"public_keys": ["service-keys"], "blind_workers": 2}, release_dir="released")
+    run = gate.run(core(ec_scalar(other), size=9 << 20))
+    assert run.decision == "quarantined:findings", run.meta
+    blind = run.report()["blind"]
+    assert blind["workers"] == min(2, len(os.sched_getaffinity(0)))
+    assert (blind["complete"], blind["lost"]) == (True, [])
+    assert [f["secret_id"] for f in run.report()["findings"]] == [str(keys / "signing.pem")]
+
+
 def test_a_services_keys_are_read_from_its_store_without_any_pin(gate: Gate) -> None:
     svc_key = ec.generate_private_key(ec.SECP256R1())
     spki = svc_key.public_key().public_bytes(

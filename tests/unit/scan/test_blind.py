@@ -36,7 +36,7 @@ def blind(keys: Keys) -> Scanner:
 
 @pytest.fixture(scope="module")
 def likely(keys: Keys) -> Scanner:
-    """The dump gate's default: big-endian numbers at aligned and framed offsets only."""
+    """Big-endian EC scalars and Ed25519 seeds at aligned and framed offsets only."""
     pubs: dict[str, PublicKeyType] = {
         "rsa": keys.rsa2048.public_key(),
         "p256": keys.p256.public_key(),
@@ -304,35 +304,36 @@ def test_zero_pages_count_as_covered_without_testing(plant: Plant) -> None:
 # --- blind_offsets="likely" ------------------------------------------------------------------
 
 
-def _framed_items(keys: Keys) -> list[tuple[str, bytes, bytes]]:
-    """(key, framing before it, the number) as serialisations hold them, unaligned."""
+def _framed_items(keys: Keys) -> list[tuple[str, bytes, bytes, int]]:
+    """(key, framing before it, the number, its address mod 8) as serialisations hold them,
+    unaligned."""
     p = keys.rsa2048.private_numbers().p.to_bytes(128, "big")
     d = keys.p256.private_numbers().private_value.to_bytes(32, "big")
     seed = keys.ed25519.private_bytes_raw()
     pub = keys.ed25519.public_key().public_bytes_raw()
     return [
-        ("rsa", b"\x02\x81\x81\x00", p),  # a DER INTEGER with its pad byte
-        ("p256", b"\x30\x77\x02\x01\x01\x04\x20", d),  # SEC1's OCTET STRING
-        ("p256", b"\x12\x20", d),  # a protobuf bytes field
-        ("p256", b"\x00\x00\x00\x21\x00", d),  # an SSH mpint with its pad
-        ("ed", b"\x00\x00\x00\x40", seed + pub),  # OpenSSH's seed || public key
+        ("rsa", b"\x02\x81\x81\x00", p, 3),  # RSA: every offset, whatever the offsets
+        ("p256", b"\x30\x77\x02\x01\x01\x04\x20", d, 3),  # SEC1's OCTET STRING
+        ("p256", b"\x12\x20", d, 5),  # a protobuf bytes field
+        ("p256", b"\x00\x00\x00\x21\x00", d, 3),  # an SSH mpint with its pad
+        ("p256", b"\x21\x00\x00\x00\x00", d, 1),  # a Java byte[]: length, then a sign pad
+        ("ed", b"\x00\x00\x00\x40", seed + pub, 7),  # OpenSSH's seed || public key
     ]
 
 
-@pytest.mark.parametrize("which", range(5))
+@pytest.mark.parametrize("which", range(6))
 def test_likely_offsets_find_a_number_framed_by_its_serialisation(
     likely: Scanner, keys: Keys, plant: Plant, which: int
 ) -> None:
-    owner, framing, number = _framed_items(keys)[which]
-    at = 8 * 2001 + 3  # unaligned
-    assert at % 8 != 0
+    owner, framing, number, residue = _framed_items(keys)[which]
+    at = 8 * 2001 + residue  # unaligned (the file is the memory: its offsets are addresses)
     path = plant([(at - len(framing), framing + number)], heap())
     result = likely.scan(path)
     assert result.blind is not None
     assert result.blind.offsets == "likely"
     assert result.blind.complete
     assert [(f.secret_id, f.offset) for f in result.findings] == [(owner, at)]
-    assert "at an 8-aligned or framed offset" in result.findings[0].detail
+    assert "verified (big-endian" in result.findings[0].detail
 
 
 def test_likely_offsets_find_aligned_numbers_and_skip_unframed_unaligned_ones(
@@ -350,7 +351,7 @@ def test_likely_offsets_find_aligned_numbers_and_skip_unframed_unaligned_ones(
     assert [c.name for c in skipped.blind.checks] == [
         "rsa-factor-le64-aligned",
         "ec-scalar-le64-aligned",
-        "rsa-factor-be-aligned-or-framed",
+        "rsa-factor-be",
         "ed25519-seed-be-aligned-or-framed",
         "ec-scalar-be-aligned-or-framed",
     ]

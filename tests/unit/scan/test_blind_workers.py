@@ -5,6 +5,7 @@ worker dumps no core."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import threading
@@ -149,6 +150,7 @@ def test_a_worker_that_dies_leaves_its_share_not_covered(
     assert not result.blind.complete
     assert all(c.bytes_covered < c.bytes_total for c in result.blind.checks)
     assert any("did not cover all memory" in n for n in result.notes)
+    assert any("worker 1 of 2: ended without a whole reply (it died)" in n for n in result.notes)
     # Share 0 (even blocks) still reported what it found.
     assert found(result) == [("ec", at) for at in offsets[0:8:2]]
 
@@ -158,13 +160,19 @@ def test_a_worker_that_does_not_report_in_time_is_killed(
     keys: dict[str, Any], dump: tuple[Path, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _ = dump
-    r, _w = os.pipe()  # never written: the worker blocks until it is killed
+    r, w = os.pipe()  # never written: the worker blocks until it is killed
     _in_worker(monkeypatch, lambda *_: os.read(r, 1))
-    monkeypatch.setattr(_blind, "_WORKER_GRACE", 0.5)
     before = children()
-    result = scan(keys, path, 2, budget=3)
+    try:
+        result = scan(keys, path, 2, budget=3)  # the worker's grace: 1 s (a tenth, at least 1)
+    finally:
+        os.close(r)
+        os.close(w)
     assert result.blind is not None
     assert not result.blind.complete
+    assert result.blind.lost == (
+        "blind-mode worker 1 of 2: no reply by the deadline, killed: its share is not covered",
+    )
     assert children() == before  # killed and reaped: no child left behind
 
 
@@ -194,20 +202,80 @@ def test_a_worker_that_fails_fails_the_scan(
 def test_a_worker_dumps_no_core(
     keys: dict[str, Any], dump: tuple[Path, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """It holds the dump's memory: its RLIMIT_CORE is 0 (reported back as a finding's detail)."""
+    """It holds the dump's memory: not dumpable, and RLIMIT_CORE 1, which a pipe handler (the
+    dump gate itself) also honours, where 0 stops file cores only (reported back as a
+    finding's detail)."""
     path, _ = dump
 
     def report(original: Any, args: Sequence[Any]) -> Any:
         findings, shares = original(*args)
-        limit = resource.getrlimit(resource.RLIMIT_CORE)
-        return [*findings, Finding("rlimit", "core", "-", 0, 0, detail=repr(limit))], shares
+        soft = resource.getrlimit(resource.RLIMIT_CORE)[0]
+        dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+        return [
+            *findings,
+            Finding("rlimit", "core", "-", 0, 0, detail=f"{soft} {dumpable}"),
+        ], shares
 
     _in_worker(monkeypatch, report)
     result = scan(keys, path, 2)
-    assert [f.detail for f in result.findings if f.secret_id == "rlimit"] == ["(0, 0)"]
+    assert [f.detail for f in result.findings if f.secret_id == "rlimit"] == ["1 0"]
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+@pytest.mark.usefixtures("one_thread")
+def test_a_workers_foreign_exception_is_named_not_quoted(
+    keys: dict[str, Any], dump: tuple[Path, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception not our own might quote the memory scanned: only its type crosses."""
+    path, _ = dump
+
+    def fail(*_: object) -> Any:
+        raise ValueError("0123456789abcdef-from-the-dump")
+
+    _in_worker(monkeypatch, fail)
+    with pytest.raises(ScanError) as err:
+        scan(keys, path, 2)
+    assert "ValueError (message withheld)" in str(err.value)
+    assert "from-the-dump" not in str(err.value)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_when_this_process_fails_the_workers_are_killed_and_reaped(
+    keys: dict[str, Any], dump: tuple[Path, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = dump
+    r, w = os.pipe()
+    original = _blind._run_share
+    parent = os.getpid()
+
+    def share(*args: Any) -> Any:
+        if os.getpid() != parent:
+            os.read(r, 1)  # the worker waits for ever
+        raise ScanError("share 0 failed")
+
+    monkeypatch.setattr(_blind, "_run_share", share)
+    before = children()
+    try:
+        with pytest.raises(ScanError, match="share 0 failed"):
+            scan(keys, path, 2)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert children() == before
+    assert original is not share
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_likely_offsets_in_workers(keys: dict[str, Any], dump: tuple[Path, list[int]]) -> None:
+    path, offsets = dump
+    public = {name: k.public_key() for name, k in keys.items()}
+    sc = Scanner([], public_keys=public, blind_offsets="likely", blind_workers=2)
+    result = sc.scan(path)
+    assert result.blind is not None
+    assert (result.blind.workers, result.blind.complete) == (2, True)
+    assert found(result) == sorted([("ec", at) for at in offsets[:-1]] + [("rsa", offsets[-1])])
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, 65])
 def test_blind_workers_must_be_a_positive_integer(keys: dict[str, Any], bad: Any) -> None:
-    with pytest.raises(ScanError, match="blind_workers must be a positive integer"):
+    with pytest.raises(ScanError, match="blind_workers must be a positive integer up to 64"):
         Scanner([], public_keys=[keys["ec"].public_key()], blind_workers=bad)

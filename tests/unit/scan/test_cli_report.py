@@ -135,6 +135,17 @@ def test_blind_via_public_keys(files: dict[str, Path], capsys: pytest.CaptureFix
     assert "d*G == Q of public key key.pub" in out
 
 
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_blind_workers_option_is_checked(
+    files: dict[str, Path], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["scan", str(files["dirty"]), "--public-keys", str(files["pub"])]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--blind-workers", value])
+    assert exc.value.code == 2
+    assert f"{value!r} is not an integer from 1 to 64" in capsys.readouterr().err
+
+
 def test_blind_offsets_option(files: dict[str, Path], tmp_path: Path) -> None:
     report = tmp_path / "out.json"
     pub = str(files["pub"])
