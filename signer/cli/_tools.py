@@ -15,6 +15,8 @@ from signer.cli._common import EXIT_ERROR, EXIT_INVALID, EXIT_OK
 
 if TYPE_CHECKING:
     from signer.cli._common import Subparsers
+    from signer.keys import PublicKeyType
+    from signer.scan import Scanner, Secret
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -37,13 +39,14 @@ def _workers(text: str) -> int:
     return value
 
 
-def cmd_scan(args: argparse.Namespace) -> int:
+def _scanner(
+    args: argparse.Namespace,
+) -> tuple[Scanner, list[Secret], dict[str, PublicKeyType] | None]:
+    """The scanner scan and sanitize build from their shared options, with what it was given."""
     from signer.scan import Scanner, load_public_keys, load_secrets
-    from signer.scan.report import format_table, summary, to_json, to_sarif
 
     known = load_secrets(args.secrets)
     public = load_public_keys(args.public_keys) if args.public_keys else None
-    markers = {name: file.read_bytes() for name, file in args.marker}
     scanner = Scanner(
         known,
         args.min_fragment,
@@ -52,6 +55,14 @@ def cmd_scan(args: argparse.Namespace) -> int:
         blind_offsets=args.blind_offsets,
         blind_workers=args.blind_workers,
     )
+    return scanner, known, public
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from signer.scan.report import format_table, summary, to_json, to_sarif
+
+    markers = {name: file.read_bytes() for name, file in args.marker}
+    scanner, known, public = _scanner(args)
     print(
         f"scan: {len(known)} known, {len(public or {})} public keys: {scanner.pattern_count} "
         f"patterns compiled in {scanner.compile_seconds:.2f} s",
@@ -87,18 +98,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_sanitize(args: argparse.Namespace) -> int:
-    from signer.scan import Scanner, load_public_keys, load_secrets, sanitize
+    from signer.scan import sanitize
 
-    known = load_secrets(args.secrets)
-    public = load_public_keys(args.public_keys) if args.public_keys else None
-    scanner = Scanner(
-        known,
-        args.min_fragment,
-        public_keys=public,
-        blind_budget_seconds=args.blind_budget,
-        blind_offsets=args.blind_offsets,
-        blind_workers=args.blind_workers,
-    )
+    scanner, _, _ = _scanner(args)
     done = sanitize(args.core, args.out, scanner, strict=args.strict)
     print(
         f"sanitize: {done.findings_overwritten} findings in {len(done.objects)} objects, "

@@ -872,12 +872,13 @@ def run_checks(
         # count, takes no part in these checks and has its own fork handlers.)
         n = 1
     lost: list[str] = []
+    work = _Work(buf, regions, checks, deadline, holes)
     if n == 1:
-        findings, shares = _run_share(buf, regions, checks, deadline, holes, 0, 1)
+        findings, shares = _run_share(work, 0, 1)
         per = [shares]
     else:
         grace = max(1.0, min(_WORKER_GRACE, budget / 10))
-        findings, per, lost = _in_processes(buf, regions, checks, deadline, grace, holes, n)
+        findings, per, lost = _in_processes(work, grace, n)
     reports = []
     for i, check in enumerate(checks):
         parts = [share[i] for share in per]
@@ -896,6 +897,17 @@ def run_checks(
 
 
 @dataclass(frozen=True)
+class _Work:
+    """What every process of one scan's math checks works on (a child gets it by the fork)."""
+
+    buf: memoryview
+    regions: Sequence[Region]
+    checks: Sequence[_Check]
+    deadline: float
+    holes: Holes | None
+
+
+@dataclass(frozen=True)
 class _Share:
     """One process's part of one check: bytes of its blocks covered, whether it did them all,
     candidates verified, seconds."""
@@ -906,23 +918,18 @@ class _Share:
     seconds: float
 
 
-def _run_share(
-    buf: memoryview,
-    regions: Sequence[Region],
-    checks: Sequence[_Check],
-    deadline: float,
-    holes: Holes | None,
-    k: int,
-    n: int,
-) -> tuple[list[Finding], list[_Share]]:
+def _run_share(work: _Work, k: int, n: int) -> tuple[list[Finding], list[_Share]]:
     """Every check over blocks k, k+n, k+2n, ... of memory, each check given an equal share of
-    the time left to ``deadline``."""
+    the time left to the deadline."""
     findings: list[Finding] = []
     out: list[_Share] = []
+    checks = work.checks
     for i, check in enumerate(checks):
         began = time.monotonic()
-        stop = began + max(0.0, deadline - began) / (len(checks) - i)
-        covered, done, tested = _run_check(buf, regions, check, stop, findings, holes, k, n)
+        stop = began + max(0.0, work.deadline - began) / (len(checks) - i)
+        covered, done, tested = _run_check(
+            work.buf, work.regions, check, stop, findings, work.holes, k, n
+        )
         out.append(_Share(covered, done, tested, time.monotonic() - began))
     return findings, out
 
@@ -931,13 +938,7 @@ _STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def _in_processes(
-    buf: memoryview,
-    regions: Sequence[Region],
-    checks: Sequence[_Check],
-    deadline: float,
-    grace: float,
-    holes: Holes | None,
-    n: int,
+    work: _Work, grace: float, n: int
 ) -> tuple[list[Finding], list[list[_Share]], list[str]]:
     """Shares 1 to n-1 in forked children, share 0 here. A child dumps no core (it holds the
     dump's memory), dies with this process, and sends its result by a pipe as a pickle that
@@ -962,17 +963,17 @@ def _in_processes(
                 try:
                     signal.pthread_sigmask(signal.SIG_SETMASK, held)
                     os.close(r)
-                    _worker(w, parent, buf, regions, checks, deadline, holes, k, n)
+                    _worker(w, parent, work, k, n)
                 finally:
                     os._exit(70)
             children.append((pid, r))
             os.close(w)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        findings, mine = _run_share(buf, regions, checks, deadline, holes, 0, n)
+        findings, mine = _run_share(work, 0, n)
         per, lost = [mine], []
         fds = [r for _, r in children]
         children = [(pid, -1) for pid, _ in children]  # _collect closes the pipes
-        for k, reply in enumerate(_collect(fds, deadline + grace), start=1):
+        for k, reply in enumerate(_collect(fds, work.deadline + grace), start=1):
             if isinstance(reply, str):
                 lost.append(f"blind-mode worker {k} of {n}: {reply}: its share is not covered")
                 continue
@@ -1001,24 +1002,14 @@ def _fork() -> int:
         return os.fork()
 
 
-def _worker(
-    w: int,
-    parent: int,
-    buf: memoryview,
-    regions: Sequence[Region],
-    checks: Sequence[_Check],
-    deadline: float,
-    holes: Holes | None,
-    k: int,
-    n: int,
-) -> NoReturn:
+def _worker(w: int, parent: int, work: _Work, k: int, n: int) -> NoReturn:
     reply: tuple[str, Any]
     try:
         never_dump()
         die_with_parent(signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the line above
             os._exit(1)
-        reply = ("ok", _run_share(buf, regions, checks, deadline, holes, k, n))
+        reply = ("ok", _run_share(work, k, n))
     except SignerError as exc:  # our own messages never carry a secret
         reply = ("error", f"{type(exc).__name__}: {exc.message}")
     except BaseException as exc:  # others might quote the memory scanned: the type only
