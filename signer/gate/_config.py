@@ -40,8 +40,8 @@ class GateConfig:
     # every dump pays, then about 0.5 s per further GiB; 0.8 to 1.7 s structural. 30 is four
     # times the slowest, room for a loaded host, while the crashed process (which the kernel
     # keeps until the gate exits) waits at most 8 minutes for a 16 GiB core; it was 300, 80
-    # minutes, and bought blind mode nothing. Blind mode (public keys) runs at about 160 s per
-    # GiB of heap on 2 cores (80 at the likely offsets): its half of any budget a crashed
+    # minutes, and bought blind mode nothing. Blind mode (public keys) runs at 160 to 190 s per
+    # GiB of heap on 2 cores (80 to 100 at the likely offsets): its half of any budget a crashed
     # process can wait for clears dumps of about 100 MiB; larger ones stay quarantined for
     # budget (README, "The dump gate").
     seconds_per_gib: float = 30.0
