@@ -31,13 +31,14 @@ def never_dump() -> None:
     ignores it, except for 1, which the kernel reads as "a pipe handler crashed: no dump"
     (and which is below the smallest file core). For processes that hold what dumps must not:
     the dump gate and the scanner's workers."""
-    with contextlib.suppress(OSError, AttributeError):
-        _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     with contextlib.suppress(ValueError, OSError):
         _, hard = resource.getrlimit(resource.RLIMIT_CORE)
         # RLIM_INFINITY is -1 here: min(1, hard) would ask for no limit at all.
         soft = 1 if hard == resource.RLIM_INFINITY else min(1, hard)
         resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+    # Not dumpable as well (it cannot fail for this process's own flag; if it did, the limit
+    # above would still stop file and pipe cores).
+    _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 # Looked up once, here: a supervisor restarts children from a process full of threads, and the

@@ -948,27 +948,31 @@ def _in_processes(
     parent = os.getpid()
     try:
         for k in range(1, n):
-            r, w = os.pipe()
             # Signals that stop a scan are held across the fork, so that neither process is
             # interrupted between the fork and the child's own handling or its registration.
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+            # (pthread_sigmask runs pending Python handlers: the first call blocks nothing,
+            # so one that raises leaves the mask as it was.)
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+            pipe: tuple[int, int] | None = None
             try:
+                signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+                pipe = os.pipe()
                 pid = _fork()
-            except BaseException:
+                if pid == 0:  # the child: never returns into the caller's code
+                    try:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                        os.close(pipe[0])
+                        _worker(pipe[1], parent, work, k, n)
+                    finally:
+                        os._exit(70)
+                children.append((pid, pipe[0]))
+                os.close(pipe[1])
+                pipe = None
+            finally:
+                if pipe is not None:  # no child took it
+                    for fd in pipe:
+                        os.close(fd)
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                os.close(r)
-                os.close(w)
-                raise
-            if pid == 0:  # the child: never returns into the caller's code
-                try:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                    os.close(r)
-                    _worker(w, parent, work, k, n)
-                finally:
-                    os._exit(70)
-            children.append((pid, r))
-            os.close(w)
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         findings, mine = _run_share(work, 0, n)
         per, lost = [mine], []
         fds = [r for _, r in children]
@@ -987,7 +991,8 @@ def _in_processes(
     finally:
         for pid, r in children:
             if r >= 0:
-                os.close(r)
+                with contextlib.suppress(OSError):
+                    os.close(r)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
@@ -1016,7 +1021,7 @@ def _worker(w: int, parent: int, work: _Work, k: int, n: int) -> NoReturn:
         reply = ("error", f"{type(exc).__name__} (message withheld)")
     try:
         with os.fdopen(w, "wb") as out:
-            pickle.dump(reply, out)
+            pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)  # 0 and 1 need copyreg
     finally:
         os._exit(0)
 
@@ -1042,10 +1047,10 @@ def _collect(fds: Sequence[int], until: float) -> list[Any]:
     worker ended without a whole reply, or had not ended by ``until``). Closes the pipes."""
     chunks: dict[int, list[bytes]] = {r: [] for r in fds}
     open_fds = set(fds)
-    poll = select.poll()
-    for r in fds:
-        poll.register(r, select.POLLIN)
     try:
+        poll = select.poll()
+        for r in fds:
+            poll.register(r, select.POLLIN)
         while open_fds:
             left = until - time.monotonic()
             # Past ``until``, one look without waiting: replies already in the pipes count.

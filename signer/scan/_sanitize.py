@@ -319,6 +319,8 @@ def sanitize(
 def _must_be_complete(result: ScanResult, what: str) -> None:
     if not result.complete:
         raise ScanError(f"sanitize: {what} stopped at the match limit: it cannot prove a copy")
+    if result.blind is not None and result.blind.lost:
+        raise ScanError(f"sanitize: {what}: {result.blind.lost[0]}: it cannot prove a copy")
     if result.blind is not None and not result.blind.complete:
         raise ScanError(
             f"sanitize: {what} did not finish blind mode within its budget of "

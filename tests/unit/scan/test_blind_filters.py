@@ -225,7 +225,7 @@ def test_libcrypto_multiplier_is_made_once_and_safe_from_threads() -> None:
 
 
 @pytest.mark.parametrize("length", [32, 66])
-@pytest.mark.parametrize("address", [0x1000, 0x1003, 0x1007])
+@pytest.mark.parametrize("address", [0x1000, 0x1001, 0x1003, 0x1007])
 def test_likely_offsets_are_the_aligned_and_the_framed_ones(length: int, address: int) -> None:
     """Every window at an 8-aligned address is kept, and an unaligned one exactly when the bytes
     before it frame a number of ``length`` bytes; windows whose framing would start before the

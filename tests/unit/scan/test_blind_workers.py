@@ -5,6 +5,7 @@ worker dumps no core."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import resource
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from signer.errors import ScanError
+from signer.cli._tools import _workers
+from signer.errors import ConfigError, ScanError
+from signer.gate import load_config
 from signer.scan import Scanner, _blind
 from signer.scan._result import Finding, ScanResult
 
@@ -31,6 +34,7 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     threads other tests left (gRPC's, pools'). The workers here run only numpy and libcrypto,
     which take no lock those threads hold, so these tests let them fork all the same."""
     monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setattr(_blind, "_cpus", lambda: 4)  # a worker per CPU: fork on one CPU too
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +222,9 @@ def test_a_worker_dumps_no_core(
 
     _in_worker(monkeypatch, report)
     result = scan(keys, path, 2)
-    assert [f.detail for f in result.findings if f.secret_id == "rlimit"] == ["1 0"]
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    soft = 1 if hard == resource.RLIM_INFINITY else min(1, hard)
+    assert [f.detail for f in result.findings if f.secret_id == "rlimit"] == [f"{soft} 0"]
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -244,12 +250,17 @@ def test_when_this_process_fails_the_workers_are_killed_and_reaped(
 ) -> None:
     path, _ = dump
     r, w = os.pipe()
-    original = _blind._run_share
+    said, say = os.pipe()
     parent = os.getpid()
+    workers: list[int] = []
 
     def share(*args: Any) -> Any:
         if os.getpid() != parent:
+            os.write(say, str(os.getpid()).encode())  # one write under PIPE_BUF: whole
             os.read(r, 1)  # the worker waits for ever
+        else:
+            workers.append(int(os.read(said, 32)))  # the worker is there: now this one fails
+            assert workers[0] in children()
         raise ScanError("share 0 failed")
 
     monkeypatch.setattr(_blind, "_run_share", share)
@@ -258,10 +269,11 @@ def test_when_this_process_fails_the_workers_are_killed_and_reaped(
         with pytest.raises(ScanError, match="share 0 failed"):
             scan(keys, path, 2)
     finally:
-        os.close(r)
-        os.close(w)
+        for fd in (r, w, said, say):
+            os.close(fd)
+    assert len(workers) == 1
+    assert workers[0] not in children()  # killed and reaped
     assert children() == before
-    assert original is not share
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -279,3 +291,16 @@ def test_likely_offsets_in_workers(keys: dict[str, Any], dump: tuple[Path, list[
 def test_blind_workers_must_be_a_positive_integer(keys: dict[str, Any], bad: Any) -> None:
     with pytest.raises(ScanError, match="blind_workers must be a positive integer up to 64"):
         Scanner([], public_keys=[keys["ec"].public_key()], blind_workers=bad)
+
+
+def test_the_workers_bound_is_the_same_everywhere(tmp_path: Path) -> None:
+    """The CLI and the gate's configuration say 64 without importing the scanner (numpy)."""
+    assert _workers(str(_blind.MAX_WORKERS)) == _blind.MAX_WORKERS
+    with pytest.raises(argparse.ArgumentTypeError):
+        _workers(str(_blind.MAX_WORKERS + 1))
+    toml = tmp_path / "gate.toml"
+    toml.write_text(f"[detect]\nblind_workers = {_blind.MAX_WORKERS}\n")
+    assert load_config(toml).blind_workers == _blind.MAX_WORKERS
+    toml.write_text(f"[detect]\nblind_workers = {_blind.MAX_WORKERS + 1}\n")
+    with pytest.raises(ConfigError):
+        load_config(toml)
