@@ -59,7 +59,6 @@ NAME = "gate"
 GIB = 1 << 30
 MIB = 1 << 20
 RUNS = 3
-MODES = ("cat", "known", "structural", "blind", "blind-likely")
 RSA_KEYS, EC_KEYS, PINS = 8, 8, 2
 # benchmarks.heap_process's records, text and random blobs, MiB
 LARGE_HEAP = (340, 340, 300)

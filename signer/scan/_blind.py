@@ -1085,9 +1085,9 @@ def _run_check(
     check: _Check,
     stop: float,
     findings: list[Finding],
-    holes: Holes | None = None,
-    k: int = 0,
-    n: int = 1,
+    holes: Holes | None,
+    k: int,
+    n: int,
 ) -> tuple[int, bool, int]:
     """Blocks k, k+n, ... of the check's: bytes covered, whether all of them, candidates."""
     L = check.target.length

@@ -23,25 +23,26 @@ PKCS8, TRAD = serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.Tra
 NOENC = serialization.NoEncryption()
 
 
-@pytest.fixture(scope="module")
-def blind(keys: Keys) -> Scanner:
-    pubs: dict[str, PublicKeyType] = {
+def public(keys: Keys, *names: str) -> dict[str, PublicKeyType]:
+    every: dict[str, PublicKeyType] = {
         "rsa": keys.rsa2048.public_key(),
         "p256": keys.p256.public_key(),
         "p521": keys.p521.public_key(),
         "ed": keys.ed25519.public_key(),
     }
+    return {name: every[name] for name in names}
+
+
+@pytest.fixture(scope="module")
+def blind(keys: Keys) -> Scanner:
+    pubs = public(keys, "rsa", "p256", "p521", "ed")
     return Scanner([], public_keys=pubs, blind_budget_seconds=30)
 
 
 @pytest.fixture(scope="module")
 def likely(keys: Keys) -> Scanner:
     """Big-endian EC scalars and Ed25519 seeds at aligned and framed offsets only."""
-    pubs: dict[str, PublicKeyType] = {
-        "rsa": keys.rsa2048.public_key(),
-        "p256": keys.p256.public_key(),
-        "ed": keys.ed25519.public_key(),
-    }
+    pubs = public(keys, "rsa", "p256", "ed")
     return Scanner([], public_keys=pubs, blind_budget_seconds=30, blind_offsets="likely")
 
 
